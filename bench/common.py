@@ -1,0 +1,227 @@
+"""Shared helpers for the benchmarks: the benchmark model folder, prompts, the server process.
+
+Nothing here is imported by genserve; the benchmarks drive the server only over HTTP, the way
+a caller would, so what they measure includes the API edge and the SSE stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# var/ is gitignored: a built model folder (~540 MB of fp32 weights) is reused between runs.
+DEFAULT_MODEL_DIR = REPO_ROOT / "var" / "bench-models" / "smollm2-135m-random"
+SPEC_FILE = "bench-spec.json"
+EOS_TOKEN = "<|endoftext|>"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """Shape of SmolLM2-135M; random weights are enough because we time compute, not quality."""
+
+    hidden_size: int = 576
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    intermediate_size: int = 1536
+    vocab_size: int = 49152
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PromptSet:
+    """Prompts of exactly `tokens` tokens each, as text and as the ids the server will see."""
+
+    tokens: int
+    texts: list[str] = field(default_factory=list)
+    ids: list[list[int]] = field(default_factory=list)
+
+
+def ensure_model_dir(model_dir: Path, spec: ModelSpec) -> Path:
+    """Build the random model folder unless one built from the same spec is already there."""
+    marker = model_dir / SPEC_FILE
+    if marker.exists() and json.loads(marker.read_text()) == asdict(spec):
+        return model_dir
+    model_dir.mkdir(parents=True, exist_ok=True)
+    _save_model(model_dir, spec)
+    _build_tokenizer(spec.vocab_size).save_pretrained(str(model_dir))
+    # The marker goes last, so an interrupted build is rebuilt rather than half reused.
+    marker.write_text(json.dumps(asdict(spec), indent=2))
+    return model_dir
+
+
+def _save_model(model_dir: Path, spec: ModelSpec) -> None:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    fields = {k: v for k, v in asdict(spec).items() if k != "seed"}
+    config = LlamaConfig(
+        **fields, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+
+
+def _build_tokenizer(vocab_size: int):
+    """A byte-level BPE that covers every id, built from synthetic merges in well under a second.
+
+    Training a BPE on real text up to 49152 entries costs tens of seconds and may fall short of
+    the size; synthetic merges give the exact size. Every id past the 256 bytes is printable
+    ASCII, so a random model's output decodes to text almost always (a lone byte token is rare).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    byte_chars.sort()
+    ascii_chars = [_byte_char(b) for b in range(32, 127)]
+    vocab = {EOS_TOKEN: 0}
+    for ch in byte_chars:
+        vocab[ch] = len(vocab)
+    merges = _synthetic_merges(ascii_chars, vocab_size - len(vocab))
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN)
+
+
+def _byte_char(byte: int) -> str:
+    # ByteLevel shows printable ASCII as itself and the space as "Ġ" (U+0120).
+    return "\u0120" if byte == 32 else chr(byte)
+
+
+def _synthetic_merges(chars: list[str], count: int) -> list[tuple[str, str]]:
+    """All ASCII pairs first (so any ASCII text merges), then pair+char triples up to `count`."""
+    pairs = [(a, b) for a in chars for b in chars]
+    merges = pairs[:count]
+    for left, right in pairs:
+        for ch in chars:
+            if len(merges) >= count:
+                return merges
+            merges.append((left + right, ch))
+    return merges
+
+
+def build_prompts(tokenizer, count: int, tokens: int, seed: int = 0) -> PromptSet:
+    """`count` different prompts of exactly `tokens` tokens each.
+
+    Different prompts keep a prefix cache from turning the benchmark into a cache benchmark.
+    Every word is " " + letters, which the ByteLevel pre-tokenizer keeps as one piece, so the
+    prompt's length is the sum of its words' lengths and can be filled exactly.
+    """
+    rng = random.Random(seed)
+    texts: list[str] = []
+    ids: list[list[int]] = []
+    for _ in range(count):
+        text = _prompt_text(tokenizer, rng, tokens)
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) != tokens:
+            raise RuntimeError(f"prompt has {len(encoded)} tokens, wanted {tokens}")
+        texts.append(text)
+        ids.append(encoded)
+    return PromptSet(tokens=tokens, texts=texts, ids=ids)
+
+
+def _prompt_text(tokenizer, rng: random.Random, tokens: int) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words: list[str] = []
+    total = 0
+    while total < tokens:
+        word = " " + "".join(rng.choices(letters, k=rng.randint(1, 7)))
+        size = len(tokenizer.encode(word, add_special_tokens=False))
+        if total + size > tokens:
+            # " x" is a single token (every space+ASCII pair is a merge), so this always fits.
+            word, size = " " + rng.choice(letters), 1
+        words.append(word)
+        total += size
+    return "".join(words)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(slots=True)
+class ServerProcess:
+    """`genserve serve` as a child process; its output goes to a log file, shown on failure."""
+
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("wb")
+        # A new session, so stopping the server also reaches any workers it spawns.
+        self.proc = subprocess.Popen(
+            self.args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True
+        )
+        log.close()
+
+    def wait_healthy(self, base_url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not healthy after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM for a graceful shutdown, SIGKILL if it does not come."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no server log)"
+
+
+def serve_command(model_dir: Path, port: int, max_batch: int, extra: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "genserve.cli", "serve",
+        "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+        "--max-batch-size", str(max_batch), "--dtype", "float32", *extra,
+    ]  # fmt: skip

@@ -1,0 +1,1 @@
+"""HTTP edge: FastAPI and pydantic. Never imports torch."""

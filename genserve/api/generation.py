@@ -1,0 +1,171 @@
+"""What chat and completions share: body -> engine requests -> merged choice deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request as HTTPRequest
+
+from genserve.api.errors import APIError, bad_request
+from genserve.api.schemas import SamplingFields
+from genserve.engine.client import AsyncEngine, ContextLengthError, EngineError
+from genserve.engine.scheduler import QueueFullError
+from genserve.engine.types import Request, SamplingParams, TokenDelta
+
+SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of a call's n choices apart
+SEED_MASK = (1 << 63) - 1
+RETRY_AFTER_S = 1  # a step takes milliseconds; slots free up quickly
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    index: int
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceDelta:
+    index: int
+    text: str
+    finish_reason: str | None
+    delta: TokenDelta
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def reject_unsupported(body: SamplingFields) -> None:
+    """Parameters we accept on the wire but do not honour yet give 400, never silent ignoring."""
+    checks = {
+        "presence_penalty": body.presence_penalty not in (None, 0),
+        "frequency_penalty": body.frequency_penalty not in (None, 0),
+        "logit_bias": bool(body.logit_bias),
+        "min_p": body.min_p not in (None, 0),
+        "repetition_penalty": body.repetition_penalty not in (None, 1),
+    }
+    for param, used in checks.items():
+        if used:
+            raise bad_request(f"`{param}` is not supported by this server yet", param=param)
+
+
+def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(body.top_k or 0, 0),  # vLLM's -1 and 0 both mean "off"
+            max_tokens=max_tokens,
+            stop=body.stop_list(),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            seed=body.seed,
+            ignore_eos=bool(body.ignore_eos),
+            min_tokens=body.min_tokens or 0,
+        )
+    except ValueError as e:
+        raise bad_request(str(e)) from e
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice 0 uses the caller's seed as given; the others derive their own from it."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * SEED_STRIDE) & SEED_MASK
+
+
+def build_requests(
+    prompts: list[list[int]], params: SamplingParams, n: int, prefix: str
+) -> list[Request]:
+    out = []
+    for p, ids in enumerate(prompts):
+        for i in range(n):
+            seeded = SamplingParams(**{**_fields(params), "seed": choice_seed(params.seed, i)})
+            out.append(Request(f"{prefix}-{p * n + i}", list(ids), seeded))
+    return out
+
+
+def _fields(params: SamplingParams) -> dict:
+    return {name: getattr(params, name) for name in SamplingParams.__slots__}
+
+
+def open_streams(engine: AsyncEngine, requests: list[Request]) -> list[AsyncIterator[TokenDelta]]:
+    try:
+        return engine.open(requests)
+    except ContextLengthError as e:
+        raise bad_request(str(e), param="messages", code="context_length_exceeded") from e
+    except QueueFullError as e:
+        raise APIError(
+            429,
+            f"{e}; retry shortly",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from e
+
+
+async def merged(streams: list[AsyncIterator[TokenDelta]]) -> AsyncIterator[ChoiceDelta]:
+    """Deltas of all choices in arrival order. Closing this closes (and aborts) every stream."""
+    queue: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[TokenDelta]) -> None:
+        try:
+            async for d in stream:
+                reason = d.finish_reason.value if d.finish_reason else None
+                queue.put_nowait(ChoiceDelta(index, d.text, reason, d))
+            queue.put_nowait(None)
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait(e)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:  # a stream whose task never started still has to be released
+            with contextlib.suppress(Exception):
+                await s.aclose()
+
+
+async def collect(http: HTTPRequest, streams: list[AsyncIterator[TokenDelta]]) -> list[ChoiceState]:
+    """All choices to the end; aborted at once if the client disconnects while we wait."""
+    choices = [ChoiceState(i) for i in range(len(streams))]
+
+    async def run() -> None:
+        async for d in merged(streams):
+            c = choices[d.index]
+            c.text.append(d.text)
+            c.finish_reason = d.finish_reason or c.finish_reason
+            c.completion_tokens = d.delta.completion_tokens
+
+    task = asyncio.create_task(run())
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.5)
+        if not task.done() and await http.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise APIError(499, "client closed the request")
+    translate_engine_errors(task)
+    return choices
+
+
+def translate_engine_errors(task: asyncio.Task) -> None:
+    exc = task.exception()
+    if isinstance(exc, EngineError):
+        raise APIError(500, str(exc)) from exc
+    if exc is not None:
+        raise exc

@@ -1,0 +1,68 @@
+"""Server settings: frozen dataclasses, validated once, the one reader of GENSERVE_* env."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_MODEL = "genserve-starter"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How the engine batches and how much KV cache it may hold."""
+
+    max_batch_size: int = 32
+    max_model_len: int | None = None  # None: the model's context, capped at 2048
+    kv_cache_tokens: int | None = None  # None: max_batch_size * max_model_len
+    max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
+    max_waiting: int = 256  # bounded queue: beyond this, 429
+    fast_path: bool = True  # our Llama-family runner when the architecture allows it
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ValueError("max_model_len must be >= 16")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 16:
+            raise ValueError("kv_cache_tokens must be >= 16")
+        if self.max_num_batched_tokens < 16:
+            raise ValueError("max_num_batched_tokens must be >= 16")
+        if self.max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which model to serve and how to place it."""
+
+    ref: str = DEFAULT_MODEL
+    served_name: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False  # refused unless the operator opts in
+    allow_pickle: bool = False  # .bin/.pt checkpoints are refused unless opted in
+
+    def __post_init__(self) -> None:
+        if not self.ref:
+            raise ValueError("model ref must not be empty")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    retry_after_s: int = 1  # Retry-After sent with 429 when the queue is full
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be in 0..65535")
+        if self.retry_after_s < 0:
+            raise ValueError("retry_after_s must be >= 0")

@@ -1,0 +1,1 @@
+"""Request lifecycle: scheduling, batching, detokenizing. Plain Python, no torch import."""

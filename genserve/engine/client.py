@@ -1,0 +1,100 @@
+"""AsyncEngine: the asyncio face of the engine thread. submit -> AsyncIterator[TokenDelta]."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from genserve.engine.core import EngineCore
+from genserve.engine.scheduler import QueueFullError
+from genserve.engine.types import EngineStats, FinishReason, Request, TokenDelta
+
+
+class ContextLengthError(ValueError):
+    """Prompt plus max_tokens do not fit in the model's context."""
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, max_len: int, capacity: int) -> None:
+        self.core = core
+        self.max_len = max_len
+        self.capacity = capacity  # running slots + waiting queue: more in flight gets 429
+        self._streams: dict[str, asyncio.Queue[TokenDelta]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.core.publish = self._publish
+        self.core.start()
+
+    def stop(self) -> None:
+        self.core.stop()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def check_context(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len + max_tokens > self.max_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_len} tokens. However, you "
+                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
+                f"{max_tokens} for the completion). Please reduce the prompt or max_tokens."
+            )
+
+    def open(self, requests: Sequence[Request]) -> list[AsyncIterator[TokenDelta]]:
+        """Admit a group (the n choices of one call) whole or not at all, then stream each.
+
+        Synchronous on purpose: the capacity check and the registration happen in one tick of
+        the event loop, so concurrent calls cannot overshoot the bound.
+        """
+        for r in requests:
+            self.check_context(len(r.prompt_token_ids), r.params.max_tokens)
+        if len(self._streams) + len(requests) > self.capacity:
+            raise QueueFullError(f"the server is at capacity ({self.capacity} requests in flight)")
+        streams = []
+        for r in requests:
+            self._streams[r.request_id] = asyncio.Queue()
+            self.core.submit(r)
+            streams.append(self._follow(r.request_id))
+        return streams
+
+    async def _follow(self, rid: str) -> AsyncIterator[TokenDelta]:
+        """One request's deltas; leaving early (client gone) aborts it in the engine."""
+        stream = self._streams[rid]
+        try:
+            while True:
+                delta = await stream.get()
+                if delta.finished:
+                    self._streams.pop(rid, None)
+                if delta.finish_reason is FinishReason.ABORT:
+                    raise EngineError("the engine dropped this request; see the server log")
+                yield delta
+                if delta.finished:
+                    return
+        finally:
+            self.release(rid)
+
+    def release(self, rid: str) -> None:
+        """Forget a request and abort it in the engine, unless it already finished. Idempotent."""
+        if self._streams.pop(rid, None) is not None:
+            self.core.abort(rid)
+
+    # -- called on the engine thread ---------------------------------------------------------
+    def _publish(self, deltas: Sequence[TokenDelta]) -> None:
+        # One hop to the event loop per step, not per token.
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._dispatch, deltas)
+
+    def _dispatch(self, deltas: Sequence[TokenDelta]) -> None:
+        for d in deltas:
+            stream = self._streams.get(d.request_id)
+            if stream is not None:
+                stream.put_nowait(d)
+
+
+class EngineError(RuntimeError):
+    """The engine failed a request (a bug or an out-of-memory); the API answers 500."""

@@ -1,0 +1,217 @@
+"""The engine loop, on its own thread: step() = schedule -> execute -> update -> publish."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from genserve.engine.detokenizer import Decoder, IncrementalDetokenizer
+from genserve.engine.scheduler import (
+    ScheduledChunk,
+    Scheduler,
+    SchedulerOutput,
+    SeqStatus,
+)
+from genserve.engine.scheduler import (
+    Sequence as Seq,
+)
+from genserve.engine.types import (
+    ChunkInput,
+    EngineStats,
+    FinishReason,
+    Request,
+    StepInput,
+    TokenDelta,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Worker(Protocol):
+    """What the engine needs of the model side (genserve.model.worker.ModelWorker)."""
+
+    eos_ids: tuple[int, ...]
+
+    def start(self, request_id: str, seed: int | None) -> None: ...
+
+    def release(self, request_id: str, slot: int) -> None: ...
+
+    def execute(self, step: StepInput) -> list[int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(slots=True)
+class Live:
+    """Engine-side state of one request beyond what the scheduler tracks."""
+
+    seq: Seq
+    detok: IncrementalDetokenizer
+
+
+Publish = Callable[[Sequence[TokenDelta]], None]
+
+
+class EngineCore:
+    def __init__(
+        self,
+        worker: Worker,
+        decoder: Decoder,
+        num_slots: int,
+        token_budget: int,
+        max_waiting: int,
+        publish: Publish,
+    ) -> None:
+        self.worker = worker
+        self.decoder = decoder
+        # Every running sequence must be able to decode each step, whatever the budget says.
+        self.scheduler = Scheduler(num_slots, max(token_budget, num_slots), max_waiting)
+        self.publish = publish
+        self.inbox: queue.SimpleQueue[Request | Abort | None] = queue.SimpleQueue()
+        self.live: dict[str, Live] = {}
+        self.steps = 0
+        self._thread: threading.Thread | None = None
+
+    # -- called from any thread -------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        self.inbox.put(request)
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(Abort(request_id))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="genserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        used = s.slots.num_slots - s.slots.num_free
+        return EngineStats(len(s.running), len(s.waiting), used, s.slots.num_slots, self.steps)
+
+    # -- engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            if not self._drain_inbox(block=not self.scheduler.has_work):
+                return
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a failed step must not kill the server
+                log.exception("engine step failed; failing the requests in it")
+                self._fail_all()
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued submits and aborts; False when asked to stop."""
+        while True:
+            try:
+                item = self.inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if item is None:
+                return False
+            if isinstance(item, Abort):
+                self._abort(item.request_id)
+            else:
+                self._add(item)
+
+    def _add(self, request: Request) -> None:
+        seq = self.scheduler.add(request)
+        tail = request.prompt_token_ids[-5:]
+        self.live[request.request_id] = Live(
+            seq, IncrementalDetokenizer(self.decoder, tail, request.params.stop)
+        )
+        self.worker.start(request.request_id, request.params.seed)
+
+    def _abort(self, request_id: str) -> None:
+        live = self.live.get(request_id)
+        if live is not None:
+            self._finish(live, FinishReason.ABORT, "")
+
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            return
+        tokens = self.worker.execute(self._model_input(batch))
+        deltas = self._update(batch, tokens)
+        self.steps += 1
+        if deltas:
+            self.publish(deltas)
+
+    @staticmethod
+    def _model_input(batch: SchedulerOutput) -> StepInput:
+        return StepInput(
+            tuple(
+                ChunkInput(
+                    request_id=c.seq.request_id,
+                    slot=c.seq.slot,
+                    token_ids=tuple(c.seq.token_slice(c.start, c.end)),
+                    start=c.start,
+                    sample=c.sample,
+                    params=c.seq.request.params,
+                    num_generated=len(c.seq.output_ids),
+                )
+                for c in batch.chunks
+            )
+        )
+
+    def _update(self, batch: SchedulerOutput, tokens: list[int]) -> list[TokenDelta]:
+        sampled = iter(tokens)
+        deltas = []
+        for chunk in batch.chunks:
+            self.scheduler.commit(chunk)
+            if chunk.sample:
+                deltas.append(self._append(chunk, next(sampled)))
+        return deltas
+
+    def _append(self, chunk: ScheduledChunk, token: int) -> TokenDelta:
+        seq = chunk.seq
+        live = self.live[seq.request_id]
+        params = seq.request.params
+        seq.output_ids.append(token)
+        ids = (token,)
+        eos = token in self.worker.eos_ids and not params.ignore_eos
+        if eos or token in params.stop_token_ids:
+            # The stop token's own text is not part of the answer; held-back text is.
+            return self._finish(live, FinishReason.STOP, live.detok.flush(), ids)
+        out = live.detok.push(token)
+        if out.stopped:
+            return self._finish(live, FinishReason.STOP, out.text, ids)
+        if len(seq.output_ids) >= params.max_tokens:
+            return self._finish(live, FinishReason.LENGTH, out.text + live.detok.flush(), ids)
+        return self._delta(seq, ids, out.text, None)
+
+    def _finish(
+        self, live: Live, reason: FinishReason, text: str, token_ids: tuple[int, ...] = ()
+    ) -> TokenDelta:
+        seq = live.seq
+        slot = seq.slot if seq.status is SeqStatus.RUNNING else -1
+        self.scheduler.finish(seq)
+        self.worker.release(seq.request_id, slot)
+        del self.live[seq.request_id]
+        delta = self._delta(seq, token_ids, text, reason)
+        if reason is FinishReason.ABORT:
+            self.publish([delta])  # aborts happen outside a step's batch of deltas
+        return delta
+
+    @staticmethod
+    def _delta(
+        seq: Seq, ids: tuple[int, ...], text: str, reason: FinishReason | None
+    ) -> TokenDelta:
+        prompt = len(seq.request.prompt_token_ids)
+        return TokenDelta(seq.request_id, ids, text, reason, prompt, len(seq.output_ids))
+
+    def _fail_all(self) -> None:
+        for live in list(self.live.values()):
+            self._finish(live, FinishReason.ABORT, "")

@@ -1,0 +1,149 @@
+"""Continuous batching: who runs this step, and how many of their tokens.
+
+Plain Python, testable without a model. The KV cache is a set of static slots, one per running
+sequence, each able to hold `max_model_len` tokens; a sequence never outgrows its slot, so the
+scheduler never has to preempt. Every step it spends a token budget: first one token for every
+decoding sequence (latency of running streams comes first), then prefill chunks for sequences
+still reading their prompt, then new sequences from the waiting queue while slots are free.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+from genserve.engine.types import Request
+
+
+class QueueFullError(Exception):
+    """The waiting queue is at its bound; the API answers 429."""
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class Sequence:
+    request: Request
+    slot: int = -1
+    num_computed: int = 0  # tokens whose keys/values are in the cache
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        prompt = self.request.prompt_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        return (prompt + self.output_ids)[start:end]
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    """Tokens [start, end) of `seq` run this step; `sample` when a new token follows them."""
+
+    seq: Sequence
+    start: int
+    end: int
+
+    @property
+    def sample(self) -> bool:
+        return self.end == self.seq.num_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.end - c.start for c in self.chunks)
+
+
+class SlotPool:
+    """Free KV slots, lowest first, so the live slots stay packed at the front of the cache."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self._free = list(range(num_slots))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int:
+        return heapq.heappop(self._free)
+
+    def give(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, token_budget: int, max_waiting: int) -> None:
+        if token_budget < 1:
+            raise ValueError("token_budget must be >= 1")
+        self.slots = SlotPool(num_slots)
+        self.token_budget = token_budget
+        self.max_waiting = max_waiting
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> Sequence:
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"waiting queue is full ({self.max_waiting})")
+        seq = Sequence(request)
+        self.waiting.append(seq)
+        return seq
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.token_budget
+        chunks: list[ScheduledChunk] = []
+        decoding = [s for s in self.running if s.num_computed == s.num_tokens - 1]
+        for seq in decoding[:budget]:
+            chunks.append(ScheduledChunk(seq, seq.num_computed, seq.num_tokens))
+        budget -= len(chunks)
+        for seq in self.running:
+            if budget > 0 and seq.num_computed < seq.num_tokens - 1:
+                budget -= self._prefill(seq, budget, chunks)
+        while budget > 0 and self.waiting and self.slots.num_free:
+            seq = self.waiting.popleft()
+            seq.slot = self.slots.take()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            budget -= self._prefill(seq, budget, chunks)
+        return SchedulerOutput(tuple(chunks))
+
+    @staticmethod
+    def _prefill(seq: Sequence, budget: int, chunks: list[ScheduledChunk]) -> int:
+        end = min(seq.num_tokens, seq.num_computed + budget)
+        chunks.append(ScheduledChunk(seq, seq.num_computed, end))
+        return end - seq.num_computed
+
+    def commit(self, chunk: ScheduledChunk) -> None:
+        """The chunk's keys/values are now in the cache."""
+        chunk.seq.num_computed = chunk.end
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence (finished or aborted) and free its slot for the next step."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self.slots.give(seq.slot)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED

@@ -1,0 +1,187 @@
+"""Model refs -> weights, tokenizer and chat template.
+
+A ref is a bundled name (shipped inside the package), a local Hugging Face folder, or a hub
+id (only when the hub is reachable). Weights load from safetensors; pickle checkpoints and
+`trust_remote_code` are refused unless the operator opts in, because both run code from
+the checkpoint's author.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+# Used when a tokenizer ships no chat template: ChatML, the format of Qwen, SmolLM and our
+# starter model. Documented in the README.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelLoadError(Exception):
+    """The ref cannot be served; the message says what to do instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    name: str
+    path: Path
+    model: Any  # transformers PreTrainedModel, in eval mode
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    chat_template: str
+    eos_token_ids: tuple[int, ...]
+    max_context: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def bundled_names() -> list[str]:
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_model_ref(ref: str) -> Path:
+    """The local folder that holds `ref`, downloading a hub id only when the hub answers."""
+    if ref in bundled_names():
+        return BUNDLED_DIR / ref
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+        return path.resolve()
+    if HUB_ID.match(ref):
+        return _download(ref)
+    raise ModelLoadError(
+        f"model {ref!r} is not a bundled model ({', '.join(bundled_names()) or 'none'}), "
+        "a local folder, or a hub id"
+    )
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:  # already in the local cache: no network needed
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any miss means "not cached"
+        pass
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"{repo_id!r} looks like a Hugging Face hub id, but the hub cannot be reached "
+            "(offline). Download it elsewhere and pass the local folder: --model /path/to/model"
+        )
+    return Path(snapshot_download(repo_id, allow_patterns=patterns))
+
+
+def check_weights(path: Path, allow_pickle: bool) -> bool:
+    """True when safetensors weights exist; pickle-only folders are refused unless opted in."""
+    if any(path.glob("*.safetensors")):
+        return True
+    if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+        if allow_pickle:
+            log.warning("loading pickle weights from %s (operator opted in)", path)
+            return False
+        raise ModelLoadError(
+            f"{path} holds only pickle weights (.bin/.pt), which can run arbitrary code; "
+            "convert them to safetensors, or start the server with --allow-pickle"
+        )
+    raise ModelLoadError(f"{path} has no weights (*.safetensors)")
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device, config: Any) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        return torch.float32  # bf16 matmuls are slower than fp32 on CPUs without AMX
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if declared in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def load_model(
+    ref: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    name: str | None = None,
+) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_ref(ref)
+    safetensors = check_weights(path, allow_pickle)
+    dev = pick_device(device)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    torch_dtype = pick_dtype(dtype, dev, config)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, use_safetensors=safetensors, trust_remote_code=trust_remote_code
+    )
+    model.to(dev).eval()
+    return LoadedModel(
+        name=name or default_name(ref, path),
+        path=path,
+        model=model,
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
+        eos_token_ids=eos_ids(model, tokenizer),
+        max_context=int(getattr(config, "max_position_embeddings", 2048) or 2048),
+        device=dev,
+        dtype=torch_dtype,
+    )
+
+
+def default_name(ref: str, path: Path) -> str:
+    if ref in bundled_names() or HUB_ID.match(ref) and not Path(ref).is_dir():
+        return ref
+    return path.name
+
+
+def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """EOS ids from the generation config (which may list several) and the tokenizer."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    declared = getattr(gen, "eos_token_id", None)
+    if isinstance(declared, int):
+        ids.add(declared)
+    elif declared:
+        ids.update(int(i) for i in declared)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))

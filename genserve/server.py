@@ -1,0 +1,73 @@
+"""Wiring: a ServerConfig -> a loaded model behind a running engine, ready for the API."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from genserve.api.models import ServedModel
+from genserve.config import EngineConfig, ServerConfig
+from genserve.engine.client import AsyncEngine
+from genserve.engine.core import EngineCore
+from genserve.model.loading import LoadedModel, ModelLoadError, load_model
+from genserve.model.runner import kv_bytes_per_token
+from genserve.model.worker import ModelWorker
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_LEN = 2048  # per-sequence context when the operator does not say
+
+
+def cache_shape(cfg: EngineConfig, model_context: int) -> tuple[int, int]:
+    """(slots, tokens per slot) that fit the KV-cache budget."""
+    max_len = min(cfg.max_model_len or DEFAULT_MAX_LEN, model_context)
+    budget = cfg.kv_cache_tokens or cfg.max_batch_size * max_len
+    slots = min(cfg.max_batch_size, budget // max_len)
+    if slots < 1:
+        raise ModelLoadError(
+            f"--kv-cache-tokens {budget} cannot hold one sequence of {max_len} tokens; "
+            "raise it or lower --max-model-len"
+        )
+    return slots, max_len
+
+
+def build_served_model(cfg: ServerConfig) -> ServedModel:
+    """Load the model and build (but do not start) its engine. Runs off the event loop."""
+    mc = cfg.model
+    loaded = load_model(
+        mc.ref, mc.dtype, mc.device, mc.trust_remote_code, mc.allow_pickle, mc.served_name
+    )
+    slots, max_len = cache_shape(cfg.engine, loaded.max_context)
+    worker = ModelWorker(loaded, slots, max_len, cfg.engine.fast_path)
+    _log_cache(loaded, slots, max_len, type(worker.runner).__name__)
+    core = EngineCore(
+        worker,
+        loaded.tokenizer,
+        num_slots=slots,
+        token_budget=cfg.engine.max_num_batched_tokens,
+        max_waiting=cfg.engine.max_waiting,
+        publish=lambda _: None,  # replaced by AsyncEngine.start
+    )
+    engine = AsyncEngine(core, max_len=max_len, capacity=slots + cfg.engine.max_waiting)
+    return ServedModel(
+        id=loaded.name,
+        created=int(time.time()),
+        engine=engine,
+        tokenizer=loaded.tokenizer,
+        chat_template=loaded.chat_template,
+        max_len=max_len,
+    )
+
+
+def _log_cache(loaded: LoadedModel, slots: int, max_len: int, runner: str) -> None:
+    gib = kv_bytes_per_token(loaded.model.config, loaded.dtype) * slots * max_len / 2**30
+    log.info(
+        "serving %s from %s on %s (%s, %s): %d KV slots x %d tokens = %.2f GiB",
+        loaded.name,
+        loaded.path,
+        loaded.device,
+        loaded.dtype,
+        runner,
+        slots,
+        max_len,
+        gib,
+    )
