@@ -44,7 +44,6 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         loaded.tokenizer,
         num_slots=slots,
         token_budget=cfg.engine.max_num_batched_tokens,
-        max_waiting=cfg.engine.max_waiting,
         publish=lambda _: None,  # replaced by AsyncEngine.start
     )
     engine = AsyncEngine(core, max_len=max_len, capacity=slots + cfg.engine.max_waiting)

@@ -66,13 +66,12 @@ class EngineCore:
         decoder: Decoder,
         num_slots: int,
         token_budget: int,
-        max_waiting: int,
         publish: Publish,
     ) -> None:
         self.worker = worker
         self.decoder = decoder
         # Every running sequence must be able to decode each step, whatever the budget says.
-        self.scheduler = Scheduler(num_slots, max(token_budget, num_slots), max_waiting)
+        self.scheduler = Scheduler(num_slots, max(token_budget, num_slots))
         self.publish = publish
         self.inbox: queue.SimpleQueue[Request | Abort | None] = queue.SimpleQueue()
         self.live: dict[str, Live] = {}
@@ -103,9 +102,9 @@ class EngineCore:
     # -- engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            if not self._drain_inbox(block=not self.scheduler.has_work):
-                return
             try:
+                if not self._drain_inbox(block=not self.scheduler.has_work):
+                    return
                 self.step()
             except Exception:  # noqa: BLE001 - a failed step must not kill the server
                 log.exception("engine step failed; failing the requests in it")

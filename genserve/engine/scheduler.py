@@ -18,7 +18,7 @@ from genserve.engine.types import Request
 
 
 class QueueFullError(Exception):
-    """The waiting queue is at its bound; the API answers 429."""
+    """The engine is at capacity (running + waiting); the API answers 429."""
 
 
 class SeqStatus(enum.Enum):
@@ -57,10 +57,11 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     end: int
+    sample: bool  # fixed when scheduled: the chunk reaches the sequence's last token
 
-    @property
-    def sample(self) -> bool:
-        return self.end == self.seq.num_tokens
+    @classmethod
+    def of(cls, seq: Sequence, start: int, end: int) -> ScheduledChunk:
+        return cls(seq, start, end, end == seq.num_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,12 +92,11 @@ class SlotPool:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, token_budget: int, max_waiting: int) -> None:
+    def __init__(self, num_slots: int, token_budget: int) -> None:
         if token_budget < 1:
             raise ValueError("token_budget must be >= 1")
         self.slots = SlotPool(num_slots)
         self.token_budget = token_budget
-        self.max_waiting = max_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -105,8 +105,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, request: Request) -> Sequence:
-        if len(self.waiting) >= self.max_waiting:
-            raise QueueFullError(f"waiting queue is full ({self.max_waiting})")
+        # The queue's bound is enforced where requests arrive (AsyncEngine.open), on the event
+        # loop, so that a full queue is a 429 there and never an error on the engine thread.
         seq = Sequence(request)
         self.waiting.append(seq)
         return seq
@@ -116,7 +116,7 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         decoding = [s for s in self.running if s.num_computed == s.num_tokens - 1]
         for seq in decoding[:budget]:
-            chunks.append(ScheduledChunk(seq, seq.num_computed, seq.num_tokens))
+            chunks.append(ScheduledChunk.of(seq, seq.num_computed, seq.num_tokens))
         budget -= len(chunks)
         for seq in self.running:
             if budget > 0 and seq.num_computed < seq.num_tokens - 1:
@@ -132,7 +132,7 @@ class Scheduler:
     @staticmethod
     def _prefill(seq: Sequence, budget: int, chunks: list[ScheduledChunk]) -> int:
         end = min(seq.num_tokens, seq.num_computed + budget)
-        chunks.append(ScheduledChunk(seq, seq.num_computed, end))
+        chunks.append(ScheduledChunk.of(seq, seq.num_computed, end))
         return end - seq.num_computed
 
     def commit(self, chunk: ScheduledChunk) -> None:

@@ -84,7 +84,7 @@ def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     uniforms = draw_uniforms(rows, logits.device)
     if all(r.top_k == 0 and r.top_p >= 1.0 for r in rows):
         return sample_from_probs(logits.softmax(-1), uniforms)  # no sort needed
-    sorted_logits, order = logits.sort(-1, descending=True, stable=True)
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     sorted_logits = sorted_logits.masked_fill(top_k_top_p_mask(sorted_logits, rows), float("-inf"))
     picked = sample_from_probs(sorted_logits.softmax(-1), uniforms)
     return order.gather(-1, picked[:, None])[:, 0]

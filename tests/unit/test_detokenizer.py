@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import pytest
+
+from genserve.engine.detokenizer import IncrementalDetokenizer
+from tests.tiny_model import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory):
+    return build_tokenizer(Path(tmp_path_factory.mktemp("tok")))
+
+
+def stream(tok, text: str, stop=()) -> tuple[str, bool]:
+    d = IncrementalDetokenizer(tok, [], tuple(stop))
+    out, stopped = [], False
+    for t in tok.encode(text):
+        r = d.push(t)
+        out.append(r.text)
+        if r.stopped:
+            stopped = True
+            break
+    if not stopped:
+        out.append(d.flush())
+    return "".join(out), stopped
+
+
+@pytest.mark.parametrize("text", ["hello world", "naïve café — ünïcödé ✓ 日本語", "a\n\tb  c"])
+def test_incremental_text_equals_whole_decode(tok, text: str) -> None:
+    assert stream(tok, text) == (tok.decode(tok.encode(text)), False)
+
+
+def test_multibyte_character_is_never_split(tok) -> None:
+    d = IncrementalDetokenizer(tok, [], ())
+    pieces = [d.push(t).text for t in tok.encode("日本語")]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + d.flush() == "日本語"
+
+
+def test_stop_string_spanning_tokens_is_cut_exactly(tok) -> None:
+    text = "the quick brown fox jumps"
+    stop = "ck bro"  # spans token boundaries
+    assert stream(tok, text, [stop]) == ("the qui", True)
+
+
+def test_text_that_only_looks_like_a_stop_start_is_released(tok) -> None:
+    out, stopped = stream(tok, "abc ab", ["abx"])
+    assert (out, stopped) == ("abc ab", False)
+
+
+def test_earliest_of_several_stops_wins(tok) -> None:
+    assert stream(tok, "one two three", ["three", "two"]) == ("one ", True)

@@ -1,0 +1,81 @@
+"""The fast-path runner's logits match transformers' own forward."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from genserve.engine.types import ChunkInput, SamplingParams, StepInput
+from genserve.model.runner import HFRunner, LlamaRunner
+
+P = SamplingParams()
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=300,
+    max_position_embeddings=256,
+)
+
+
+def llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SMALL)).eval()
+
+
+def qwen2():
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(**SMALL)).eval()  # q/k/v projections have biases
+
+
+def llama3_rope():
+    torch.manual_seed(0)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    }
+    return LlamaForCausalLM(LlamaConfig(**SMALL, rope_parameters=scaling)).eval()
+
+
+def reference(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1]
+
+
+def chunk(rid: str, slot: int, ids: list[int], start: int, sample: bool = True) -> ChunkInput:
+    return ChunkInput(rid, slot, tuple(ids), start, sample, P, 0)
+
+
+@pytest.mark.parametrize("make", [llama, qwen2, llama3_rope])
+@pytest.mark.parametrize("runner_cls", [LlamaRunner, HFRunner])
+def test_mixed_prefill_chunks_and_decodes_match_transformers(make, runner_cls) -> None:
+    model = make()
+    runner = runner_cls(model, 4, 128)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 300, (40,), generator=g).tolist()
+    b = torch.randint(0, 300, (9,), generator=g).tolist()
+    # step 1: first chunk of a (no sample) and all of b, in different slots
+    out = runner.execute(StepInput((chunk("a", 3, a[:25], 0, False), chunk("b", 1, b, 0))))
+    torch.testing.assert_close(out[0], reference(model, b), atol=1e-4, rtol=1e-4)
+    # step 2: b decodes while a finishes its prompt
+    out = runner.execute(StepInput((chunk("b", 1, [7], 9), chunk("a", 3, a[25:], 25))))
+    torch.testing.assert_close(out[0], reference(model, b + [7]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], reference(model, a), atol=1e-4, rtol=1e-4)
+    # step 3: both decode
+    out = runner.execute(StepInput((chunk("a", 3, [11], 40), chunk("b", 1, [13], 10))))
+    torch.testing.assert_close(out[0], reference(model, a + [11]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], reference(model, b + [7, 13]), atol=1e-4, rtol=1e-4)
+
+
+def test_reused_slot_does_not_see_the_previous_sequence() -> None:
+    model = llama()
+    runner = LlamaRunner(model, 2, 64)
+    runner.execute(StepInput((chunk("old", 0, list(range(30)), 0),)))
+    runner.release(0)
+    out = runner.execute(StepInput((chunk("new", 0, [5, 6, 7], 0),)))
+    torch.testing.assert_close(out[0], reference(model, [5, 6, 7]), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,63 @@
+from genserve.engine.scheduler import Scheduler, SeqStatus
+from genserve.engine.types import Request, SamplingParams
+
+
+def req(rid: str, prompt_len: int, max_tokens: int = 4) -> Request:
+    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens))
+
+
+def run_step(s: Scheduler, token: int = 7):
+    out = s.schedule()
+    for c in out.chunks:
+        s.commit(c)
+        if c.sample:
+            c.seq.output_ids.append(token)
+    return out
+
+
+def test_new_request_joins_running_batch_next_step() -> None:
+    s = Scheduler(num_slots=4, token_budget=64)
+    a = s.add(req("a", 5))
+    run_step(s)  # a prefills and samples its first token
+    b = s.add(req("b", 3))
+    out = run_step(s)
+    assert [(c.seq.request_id, c.end - c.start) for c in out.chunks] == [("a", 1), ("b", 3)]
+    assert a.status is b.status is SeqStatus.RUNNING
+
+
+def test_prefill_is_chunked_under_the_token_budget_and_decodes_go_first() -> None:
+    s = Scheduler(num_slots=4, token_budget=8)
+    s.add(req("a", 2))
+    run_step(s)
+    s.add(req("long", 20))
+    out = run_step(s)
+    assert [(c.seq.request_id, c.start, c.end, c.sample) for c in out.chunks] == [
+        ("a", 2, 3, True),
+        ("long", 0, 7, False),
+    ]
+    out = run_step(s)
+    assert [(c.seq.request_id, c.start, c.end) for c in out.chunks] == [
+        ("a", 3, 4),
+        ("long", 7, 14),
+    ]
+
+
+def test_slots_are_bounded_and_freed_on_finish() -> None:
+    s = Scheduler(num_slots=2, token_budget=64)
+    seqs = [s.add(req(str(i), 2)) for i in range(3)]
+    run_step(s)
+    assert [q.status for q in seqs] == [SeqStatus.RUNNING, SeqStatus.RUNNING, SeqStatus.WAITING]
+    s.finish(seqs[0])
+    assert s.slots.num_free == 1
+    run_step(s)
+    assert seqs[2].status is SeqStatus.RUNNING
+    assert seqs[2].slot == 0  # lowest free slot: live slots stay packed
+
+
+def test_abort_of_waiting_request_removes_it() -> None:
+    s = Scheduler(num_slots=1, token_budget=64)
+    s.add(req("a", 2))
+    b = s.add(req("b", 2))
+    run_step(s)
+    s.finish(b)
+    assert not s.waiting and b.status is SeqStatus.FINISHED
