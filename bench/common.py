@@ -178,13 +178,19 @@ class ServerProcess:
 
     args: list[str]
     log_path: Path
+    env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         log = self.log_path.open("wb")
         # A new session, so stopping the server also reaches any workers it spawns.
         self.proc = subprocess.Popen(
-            self.args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True
+            self.args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=self.env,
+            start_new_session=True,
         )
         log.close()
 
@@ -217,6 +223,24 @@ class ServerProcess:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return "(no server log)"
+
+
+def thread_env(threads: int | None) -> dict[str, str] | None:
+    """Environment that pins the server's intra-op threads to what the baselines used."""
+    if threads is None:
+        return None
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def busy_warning() -> str | None:
+    """A note when other work already loads the CPU: both sides of a ratio then run slower,
+    and not by the same factor (a busy core stalls every synchronising thread of a small op).
+    """
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    if load < 0.5:
+        return None
+    return f"warning: load average {load:.1f} on {cpus} CPUs before the run; numbers are noisy"
 
 
 def serve_command(model_dir: Path, port: int, max_batch: int, extra: list[str]) -> list[str]:

@@ -29,10 +29,12 @@ from common import (
     PromptSet,
     ServerProcess,
     build_prompts,
+    busy_warning,
     ensure_model_dir,
     free_port,
     percentile,
     serve_command,
+    thread_env,
 )
 
 # Sequential requests per client: fewer clients get more rounds so every level runs long
@@ -59,6 +61,7 @@ class BenchConfig:
     server: bool
     json_path: Path | None
     health_timeout_s: float
+    threads: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +142,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     mode.add_argument("--server-only", action="store_true")
     p.add_argument("--json", type=Path, dest="json_path", help="also write the results here")
     p.add_argument("--health-timeout", type=float, default=300.0)
+    p.add_argument("--threads", type=int, help="torch threads here and in the server")
     a = p.parse_args(argv)
     if min(a.prompt_tokens, a.max_tokens, *a.concurrency) < 1:
         p.error("--prompt-tokens, --max-tokens and --concurrency must be positive")
@@ -149,6 +153,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         server_args=tuple(a.server_arg), api_key=a.api_key, model_id=a.model_id,
         baselines=not a.server_only,
         server=not a.baselines_only, json_path=a.json_path, health_timeout_s=a.health_timeout,
+        threads=a.threads,
     )  # fmt: skip
 
 
@@ -170,6 +175,8 @@ def run_baselines(cfg: BenchConfig, prompts: PromptSet) -> tuple[Rate, Rate]:
     import torch
     from transformers import LlamaForCausalLM
 
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     model = LlamaForCausalLM.from_pretrained(str(cfg.model_dir), dtype=torch.float32).eval()
     with torch.inference_mode():
         single = torch.tensor(prompts.ids[:1])
@@ -312,8 +319,11 @@ def run_server(cfg: BenchConfig, prompts: PromptSet) -> list[LevelResult]:
         return asyncio.run(drive_server(cfg, cfg.server_url.rstrip("/"), prompts))
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="genserve-bench-") as tmp:
-        args = serve_command(cfg.model_dir, port, max(cfg.concurrency), list(cfg.server_args))
-        server = ServerProcess(args=args, log_path=Path(tmp) / "server.log")
+        # The same batch limit whatever levels run, so a subset run measures the same server.
+        max_batch = max(RAW_BATCH, *cfg.concurrency)
+        args = serve_command(cfg.model_dir, port, max_batch, list(cfg.server_args))
+        log_path = Path(tmp) / "server.log"
+        server = ServerProcess(args=args, log_path=log_path, env=thread_env(cfg.threads))
         server.start()
         try:
             base_url = f"http://127.0.0.1:{port}"
@@ -404,6 +414,8 @@ def _settings_line(report: Report) -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     started = time.perf_counter()
+    if warning := busy_warning():
+        print(warning, flush=True)
     print(f"model folder: {ensure_model_dir(cfg.model_dir, ModelSpec())}", flush=True)
     from transformers import AutoTokenizer
 

@@ -386,7 +386,13 @@ def main() -> None:
     ckpt = REPO / cfg.ckpt_dir
     ckpt.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, ckpt, console)
-    model, state, history, n_params = train(cfg, data, ckpt, console)
+    try:
+        model, state, history, n_params = train(cfg, data, ckpt, console)
+    except KeyboardInterrupt:
+        # Not saved here: the step in flight may be half applied. The periodic checkpoint
+        # is consistent, and the batch order depends only on the step, so resuming from it
+        # replays exactly what the uninterrupted run would have done.
+        raise SystemExit(f"interrupted; rerun the same command to resume from {ckpt}") from None
     export(cfg, model, data, state, history, n_params)
     console.log(f"exported to {REPO / cfg.out_dir}; next: python scripts/eval_starter.py")
 

@@ -48,12 +48,14 @@ async def test_request_joins_running_batch(server: LiveServer, model_id: str) ->
 
 async def test_disconnect_frees_slot(server: LiveServer, model_id: str) -> None:
     body = {"model": model_id, "prompt": "a", "max_tokens": 450, "ignore_eos": True}
-    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-        async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
-            async for line in r.aiter_lines():
-                if line.startswith("data: {"):
-                    break
-            assert running(server) == 1
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r,
+    ):
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                break
+        assert running(server) == 1
     closed = time.monotonic()
     while running(server) and time.monotonic() - closed < 1.0:
         await asyncio.sleep(0.02)
