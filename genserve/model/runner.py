@@ -58,39 +58,60 @@ def make_runner(model: Any, num_slots: int, max_len: int, fast_path: bool = True
     return HFRunner(model, num_slots, max_len)
 
 
+class Linear:
+    """y = x W^T + b. On CPU the weight is prepacked for oneDNN, whose fp32 kernels run
+    2-2.5x faster than the default BLAS at the row counts of a decode step (measured on this
+    project's 2-core AVX-512 machine). Elsewhere, plain F.linear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> None:
+        self.bias = bias
+        self.weight: torch.Tensor | None = weight
+        self.packed: torch.Tensor | None = None
+        if _onednn_ok(weight):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=batch_hint)
+            self.weight = None  # the packed copy is the one we use; do not hold two
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _onednn_ok(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # q, k and v projections stacked: one matmul instead of three
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Linear  # q, k and v projections stacked: one matmul instead of three
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # gate and up projections stacked
-    down: torch.Tensor
+    gate_up: Linear  # gate and up projections stacked
+    down: Linear
 
 
-def _stack_layer(layer: Any) -> LayerWeights:
+def _stack_layer(layer: Any, batch_hint: int) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    biases = [p.bias for p in projs]
     qkv_bias = None
-    if any(b is not None for b in biases):
+    if any(p.bias is not None for p in projs):
         qkv_bias = torch.cat(
-            [
-                b if b is not None else torch.zeros(p.out_features)
-                for p, b in zip(projs, biases, strict=True)
-            ]
+            [p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projs]
         )
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
     return LayerWeights(
         input_norm=layer.input_layernorm.weight,
-        qkv=torch.cat([p.weight for p in projs]).contiguous(),
-        qkv_bias=qkv_bias,
-        o=attn.o_proj.weight,
-        o_bias=attn.o_proj.bias,
+        qkv=Linear(torch.cat([p.weight for p in projs]).contiguous(), qkv_bias, batch_hint),
+        o=Linear(attn.o_proj.weight, attn.o_proj.bias, batch_hint),
         post_norm=layer.post_attention_layernorm.weight,
-        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
-        down=mlp.down_proj.weight,
+        gate_up=Linear(gate_up, None, batch_hint),
+        down=Linear(mlp.down_proj.weight, mlp.down_proj.bias, batch_hint),
     )
 
 
@@ -120,10 +141,10 @@ class LlamaRunner:
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight
         self.rotary = inner.rotary_emb  # transformers' own RoPE, so every rope_scaling works
         with torch.no_grad():
-            self.layers = [_stack_layer(layer) for layer in inner.layers]
+            self.lm_head = Linear(model.lm_head.weight, None, num_slots)
+            self.layers = [_stack_layer(layer, num_slots) for layer in inner.layers]
         shape = (len(self.layers), num_slots, self.num_kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -140,7 +161,7 @@ class LlamaRunner:
         for i, layer in enumerate(self.layers):
             x = self._layer(i, layer, x, cos[0], sin[0], plan)
         x = self._norm(x[sample_rows], self.final_norm)
-        return (x @ self.lm_head.T).float()
+        return self.lm_head(x).float()
 
     def _flatten(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens: list[int] = []
@@ -200,7 +221,7 @@ class LlamaRunner:
 
     def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, cos, sin, plan) -> torch.Tensor:
         h = self._norm(x, w.input_norm)
-        qkv = F.linear(h, w.qkv, w.qkv_bias)
+        qkv = w.qkv(h)
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -210,10 +231,10 @@ class LlamaRunner:
         self.k_cache[i, plan.write_slots, :, plan.write_pos] = k
         self.v_cache[i, plan.write_slots, :, plan.write_pos] = v
         attn = self._attention(i, q, plan)
-        x = x + F.linear(attn.reshape(-1, q_size), w.o, w.o_bias)
+        x = x + w.o(attn.reshape(-1, q_size))
         h = self._norm(x, w.post_norm)
-        gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, w.down)
+        gate, up = w.gate_up(h).chunk(2, dim=-1)
+        return x + w.down(F.silu(gate) * up)
 
     def _attention(self, i: int, q: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         out = torch.empty_like(q)
