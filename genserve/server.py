@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
+from genserve import __version__
 from genserve.api.models import ServedModel
 from genserve.config import EngineConfig, ServerConfig
 from genserve.engine.client import AsyncEngine
@@ -54,7 +56,18 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         tokenizer=loaded.tokenizer,
         chat_template=loaded.chat_template,
         max_len=max_len,
+        fingerprint=fingerprint(loaded, type(worker.runner).__name__),
     )
+
+
+def fingerprint(loaded: LoadedModel, runner: str) -> str:
+    """Names the configuration that determines outputs, as OpenAI's system_fingerprint does."""
+    import torch
+
+    weights = sorted((p.name, p.stat().st_size) for p in loaded.path.glob("*.safetensors"))
+    parts = [__version__, torch.__version__, runner, str(loaded.dtype), loaded.device.type]
+    digest = hashlib.sha256(repr((parts, weights, loaded.name)).encode()).hexdigest()
+    return f"fp_{digest[:10]}"
 
 
 def _log_cache(loaded: LoadedModel, slots: int, max_len: int, runner: str) -> None:

@@ -74,7 +74,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     params = sampling_params(body, max_new_tokens(served, body, len(prompt)))
     cid, created = new_id("chatcmpl"), int(time.time())
     streams = open_streams(served.engine, build_requests([prompt], params, body.n or 1, cid))
-    base = {"id": cid, "created": created, "model": served.id, "system_fingerprint": None}
+    base = {
+        "id": cid,
+        "created": created,
+        "model": served.id,
+        "system_fingerprint": served.fingerprint,
+    }
     if body.stream:
         return stream_chat(body, base, streams, len(prompt))
     choices = await collect(request, streams)

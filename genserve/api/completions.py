@@ -64,7 +64,13 @@ async def create_completion(body: CompletionRequest, request: Request):
     cid, created = new_id("cmpl"), int(time.time())
     streams = open_streams(served.engine, build_requests(prompts, params, n, cid))
     prompt_tokens = sum(len(p) for p in prompts)
-    base = {"id": cid, "object": "text_completion", "created": created, "model": served.id}
+    base = {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": served.id,
+        "system_fingerprint": served.fingerprint,
+    }
     if body.stream:
         return stream_completion(body, base, streams, prompt_tokens)
     choices = await collect(request, streams)

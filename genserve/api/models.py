@@ -19,6 +19,7 @@ class ServedModel:
     tokenizer: Any  # a transformers tokenizer: encode, decode, apply_chat_template
     chat_template: str
     max_len: int
+    fingerprint: str  # build + weights + dtype + device: same fingerprint, same seeded output
     owned_by: str = "genserve"
 
     def card(self) -> dict:
