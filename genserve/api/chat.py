@@ -73,7 +73,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     prompt = chat_prompt(served, body)
     params = sampling_params(body, max_new_tokens(served, body, len(prompt)))
     cid, created = new_id("chatcmpl"), int(time.time())
-    streams = open_streams(served.engine, build_requests([prompt], params, body.n or 1, cid))
+    streams = open_streams(
+        served.engine, build_requests([prompt], params, body.n or 1, cid), "messages"
+    )
     base = {
         "id": cid,
         "created": created,

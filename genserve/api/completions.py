@@ -62,7 +62,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     params = sampling_params(body, body.max_tokens or 16)
     n = body.n or 1
     cid, created = new_id("cmpl"), int(time.time())
-    streams = open_streams(served.engine, build_requests(prompts, params, n, cid))
+    streams = open_streams(served.engine, build_requests(prompts, params, n, cid), "prompt")
     prompt_tokens = sum(len(p) for p in prompts)
     base = {
         "id": cid,

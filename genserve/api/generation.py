@@ -94,11 +94,13 @@ def _fields(params: SamplingParams) -> dict:
     return {name: getattr(params, name) for name in SamplingParams.__slots__}
 
 
-def open_streams(engine: AsyncEngine, requests: list[Request]) -> list[AsyncIterator[TokenDelta]]:
+def open_streams(
+    engine: AsyncEngine, requests: list[Request], prompt_param: str
+) -> list[AsyncIterator[TokenDelta]]:
     try:
         return engine.open(requests)
     except ContextLengthError as e:
-        raise bad_request(str(e), param="messages", code="context_length_exceeded") from e
+        raise bad_request(str(e), param=prompt_param, code="context_length_exceeded") from e
     except QueueFullError as e:
         raise APIError(
             429,

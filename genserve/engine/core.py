@@ -71,7 +71,7 @@ class EngineCore:
         self.worker = worker
         self.decoder = decoder
         # Every running sequence must be able to decode each step, whatever the budget says.
-        self.scheduler = Scheduler(num_slots, max(token_budget, num_slots))
+        self.scheduler = Scheduler(num_slots, max(token_budget, num_slots + 16))
         self.publish = publish
         self.inbox: queue.SimpleQueue[Request | Abort | None] = queue.SimpleQueue()
         self.live: dict[str, Live] = {}

@@ -93,10 +93,15 @@ class SlotPool:
 
 class Scheduler:
     def __init__(self, num_slots: int, token_budget: int) -> None:
-        if token_budget < 1:
-            raise ValueError("token_budget must be >= 1")
+        if token_budget < num_slots + 1:
+            raise ValueError("token_budget must exceed num_slots (every slot decodes each step)")
         self.slots = SlotPool(num_slots)
         self.token_budget = token_budget
+        # Prompts are cut at fixed multiples of chunk_size, never where the budget happens to
+        # run out: the same prompt then runs as the same chunks whatever else is in flight,
+        # which keeps seeded outputs identical alone or under load. A chunk always fits in
+        # what the decodes leave of the budget.
+        self.chunk_size = token_budget - num_slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -119,19 +124,24 @@ class Scheduler:
             chunks.append(ScheduledChunk.of(seq, seq.num_computed, seq.num_tokens))
         budget -= len(chunks)
         for seq in self.running:
-            if budget > 0 and seq.num_computed < seq.num_tokens - 1:
-                budget -= self._prefill(seq, budget, chunks)
-        while budget > 0 and self.waiting and self.slots.num_free:
+            if seq.num_computed < seq.num_tokens - 1 and self._next_chunk(seq) <= budget:
+                budget -= self._prefill(seq, chunks)
+        while self.waiting and self.slots.num_free and self._next_chunk(self.waiting[0]) <= budget:
             seq = self.waiting.popleft()
             seq.slot = self.slots.take()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            budget -= self._prefill(seq, budget, chunks)
+            budget -= self._prefill(seq, chunks)
         return SchedulerOutput(tuple(chunks))
 
-    @staticmethod
-    def _prefill(seq: Sequence, budget: int, chunks: list[ScheduledChunk]) -> int:
-        end = min(seq.num_tokens, seq.num_computed + budget)
+    def _chunk_end(self, seq: Sequence) -> int:
+        return min(seq.num_tokens, (seq.num_computed // self.chunk_size + 1) * self.chunk_size)
+
+    def _next_chunk(self, seq: Sequence) -> int:
+        return self._chunk_end(seq) - seq.num_computed
+
+    def _prefill(self, seq: Sequence, chunks: list[ScheduledChunk]) -> int:
+        end = self._chunk_end(seq)
         chunks.append(ScheduledChunk.of(seq, seq.num_computed, end))
         return end - seq.num_computed
 

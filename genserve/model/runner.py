@@ -72,9 +72,17 @@ class Linear:
             self.weight = None  # the packed copy is the one we use; do not hold two
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.shape[0] == 1:
+            # oneDNN takes a different kernel for a single row, whose sums round differently;
+            # from two rows up a row's result does not depend on the others (tested), so a
+            # lone row is padded to two and sampling stays the same alone or batched.
+            return self._onednn(x.repeat(2, 1))[:1]
+        return self._onednn(x)
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def _onednn_ok(weight: torch.Tensor) -> bool:
@@ -116,17 +124,23 @@ def _stack_layer(layer: Any, batch_hint: int) -> LayerWeights:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkSpan:
+    """One sequence's rows in the flat batch: rows [row0, row0+n) at positions start..start+n-1."""
+
+    row0: int
+    n: int
+    slot: int
+    start: int
+    mask: torch.Tensor | None  # causal mask over the cached prefix, for later prompt chunks
+
+
+@dataclass(frozen=True, slots=True)
 class AttentionPlan:
     """Per-step attention metadata, built once and shared by every layer."""
 
     write_slots: torch.Tensor  # [T] slot of each token
     write_pos: torch.Tensor  # [T] position of each token
-    decode_rows: torch.Tensor  # rows of the flat batch that are single-token decodes
-    decode_slots: torch.Tensor  # their slots
-    decode_span: int  # attention reads slots [0, decode_span) ...
-    decode_len: int  # ... and positions [0, decode_len)
-    decode_mask: torch.Tensor | None  # [decode_span, 1, 1, decode_len]
-    prefills: tuple[tuple[int, int, int, int], ...]  # (row0, n, slot, start) per chunk
+    spans: tuple[ChunkSpan, ...]
 
 
 class LlamaRunner:
@@ -180,38 +194,21 @@ class LlamaRunner:
         )
 
     def _plan(self, step: StepInput, positions: torch.Tensor) -> AttentionPlan:
-        slots, rows, dslots, dpos, prefills = [], [], [], [], []
+        slots, spans = [], []
         row = 0
         for c in step.chunks:
             n = len(c.token_ids)
             slots.extend([c.slot] * n)
-            if n == 1 and c.start > 0:
-                rows.append(row)
-                dslots.append(c.slot)
-                dpos.append(c.start)
-            else:
-                prefills.append((row, n, c.slot, c.start))
+            mask = None
+            if c.start and n > 1:  # a later prompt chunk sees the whole cached prefix
+                mask = torch.ones(n, c.start + n, dtype=torch.bool, device=self.device)
+                mask = mask.tril(c.start)
+            spans.append(ChunkSpan(row, n, c.slot, c.start, mask))
             row += n
-        dev = self.device
-        span = max(dslots) + 1 if dslots else 0
-        length = max(dpos) + 1 if dpos else 0
-        mask = None
-        if dslots:
-            # Slots in [0, span) that do not decode this step see only position 0: harmless,
-            # their rows are dropped, and no row is fully masked (that would give NaN).
-            limit = torch.zeros(span, dtype=torch.long, device=dev)
-            limit[torch.tensor(dslots, device=dev)] = torch.tensor(dpos, device=dev)
-            mask = torch.arange(length, device=dev)[None, :] <= limit[:, None]
-            mask = mask[:, None, None, :]
         return AttentionPlan(
-            write_slots=torch.tensor(slots, device=dev),
+            write_slots=torch.tensor(slots, device=self.device),
             write_pos=positions,
-            decode_rows=torch.tensor(rows, device=dev, dtype=torch.long),
-            decode_slots=torch.tensor(dslots, device=dev, dtype=torch.long),
-            decode_span=span,
-            decode_len=length,
-            decode_mask=mask,
-            prefills=tuple(prefills),
+            spans=tuple(spans),
         )
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -237,30 +234,25 @@ class LlamaRunner:
         return x + w.down(F.silu(gate) * up)
 
     def _attention(self, i: int, q: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """Each sequence attends over exactly its own cached length, through views of its slot.
+
+        One call per sequence costs about what one padded, masked call over all slots costs
+        at decode sizes (measured), and it makes a row's result independent of its batch:
+        a padded call's kernel blocks its reduction by the longest sequence present.
+        """
         out = torch.empty_like(q)
-        if plan.decode_span:
-            span, length = plan.decode_span, plan.decode_len
-            qd = q.new_zeros(span, self.num_heads, 1, self.head_dim)
-            qd[plan.decode_slots] = q[plan.decode_rows][:, :, None, :]
+        kc, vc = self.k_cache[i], self.v_cache[i]
+        for sp in plan.spans:
+            end = sp.start + sp.n
             o = F.scaled_dot_product_attention(
-                qd,
-                self.k_cache[i, :span, :, :length],
-                self.v_cache[i, :span, :, :length],
-                attn_mask=plan.decode_mask,
+                q[sp.row0 : sp.row0 + sp.n].transpose(0, 1)[None],
+                kc[sp.slot : sp.slot + 1, :, :end],
+                vc[sp.slot : sp.slot + 1, :, :end],
+                attn_mask=sp.mask,
+                is_causal=sp.start == 0 and sp.n > 1,
                 enable_gqa=True,
             )
-            out[plan.decode_rows] = o[plan.decode_slots, :, 0, :]
-        for row0, n, slot, start in plan.prefills:
-            qp = q[row0 : row0 + n].transpose(0, 1)[None]
-            k = self.k_cache[i, slot : slot + 1, :, : start + n]
-            v = self.v_cache[i, slot : slot + 1, :, : start + n]
-            mask = None
-            if start:  # a later chunk also sees the whole cached prefix
-                mask = torch.ones(n, start + n, dtype=torch.bool, device=q.device).tril(start)
-            o = F.scaled_dot_product_attention(
-                qp, k, v, attn_mask=mask, is_causal=not start, enable_gqa=True
-            )
-            out[row0 : row0 + n] = o[0].transpose(0, 1)
+            out[sp.row0 : sp.row0 + sp.n] = o[0].transpose(0, 1)
         return out
 
 

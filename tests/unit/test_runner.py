@@ -79,3 +79,37 @@ def test_reused_slot_does_not_see_the_previous_sequence() -> None:
     runner.release(0)
     out = runner.execute(StepInput((chunk("new", 0, [5, 6, 7], 0),)))
     torch.testing.assert_close(out[0], reference(model, [5, 6, 7]), atol=1e-4, rtol=1e-4)
+
+
+def test_a_sequence_gets_bitwise_identical_logits_alone_or_batched() -> None:
+    """Batch invariance: what others share the step with, and which slot, changes nothing."""
+    torch.manual_seed(0)
+    cfg = dict(SMALL, hidden_size=256, intermediate_size=1536, num_attention_heads=8)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 300, (37,), generator=g).tolist()
+    steps = [[int(t)] for t in torch.randint(0, 300, (6,), generator=g)]
+
+    alone = LlamaRunner(model, 8, 128)
+    want = [alone.execute(StepInput((chunk("x", 0, x, 0),)))[0]]
+    pos = len(x)
+    for s in steps:
+        want.append(alone.execute(StepInput((chunk("x", 0, s, pos),)))[0])
+        pos += 1
+
+    batched = LlamaRunner(model, 8, 128)
+    others = {
+        slot: torch.randint(0, 300, (int(n),), generator=g).tolist()
+        for slot, n in [(0, 50), (1, 3), (2, 90), (4, 11)]
+    }
+    first = [chunk(str(s), s, ids, 0) for s, ids in others.items()]
+    got = [batched.execute(StepInput((*first[:2], chunk("x", 5, x, 0), *first[2:])))[2]]
+    lengths = {s: len(ids) for s, ids in others.items()}
+    pos = len(x)
+    for s in steps:
+        mates = [chunk(str(k), k, [1], n) for k, n in lengths.items()]
+        got.append(batched.execute(StepInput((*mates[:3], chunk("x", 5, s, pos), *mates[3:])))[3])
+        lengths = {k: n + 1 for k, n in lengths.items()}
+        pos += 1
+    for w, o in zip(want, got, strict=True):
+        assert torch.equal(w, o)

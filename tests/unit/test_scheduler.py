@@ -25,21 +25,36 @@ def test_new_request_joins_running_batch_next_step() -> None:
     assert a.status is b.status is SeqStatus.RUNNING
 
 
-def test_prefill_is_chunked_under_the_token_budget_and_decodes_go_first() -> None:
-    s = Scheduler(num_slots=4, token_budget=8)
+def test_prefill_is_chunked_at_fixed_boundaries_and_decodes_go_first() -> None:
+    s = Scheduler(num_slots=4, token_budget=12)  # chunk size 8
     s.add(req("a", 2))
     run_step(s)
     s.add(req("long", 20))
     out = run_step(s)
     assert [(c.seq.request_id, c.start, c.end, c.sample) for c in out.chunks] == [
         ("a", 2, 3, True),
-        ("long", 0, 7, False),
+        ("long", 0, 8, False),
     ]
     out = run_step(s)
     assert [(c.seq.request_id, c.start, c.end) for c in out.chunks] == [
         ("a", 3, 4),
-        ("long", 7, 14),
+        ("long", 8, 16),
     ]
+    out = run_step(s)
+    assert [(c.seq.request_id, c.start, c.end, c.sample) for c in out.chunks] == [
+        ("a", 4, 5, True),
+        ("long", 16, 20, True),
+    ]
+
+
+def test_a_chunk_that_does_not_fit_waits_rather_than_splitting() -> None:
+    s = Scheduler(num_slots=2, token_budget=10)  # chunk size 8
+    s.add(req("a", 8))
+    s.add(req("b", 8))
+    out = run_step(s)
+    assert [(c.seq.request_id, c.start, c.end) for c in out.chunks] == [("a", 0, 8)]
+    out = run_step(s)
+    assert [(c.seq.request_id, c.start, c.end) for c in out.chunks] == [("a", 8, 9), ("b", 0, 8)]
 
 
 def test_slots_are_bounded_and_freed_on_finish() -> None:
