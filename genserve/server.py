@@ -7,6 +7,7 @@ import logging
 import time
 
 from genserve import __version__
+from genserve.api.logprobs import TokenText
 from genserve.api.models import ServedModel
 from genserve.config import EngineConfig, ServerConfig
 from genserve.engine.client import AsyncEngine
@@ -57,6 +58,8 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         chat_template=loaded.chat_template,
         max_len=max_len,
         fingerprint=fingerprint(loaded, type(worker.runner).__name__),
+        vocab_size=worker.vocab_size,
+        token_text=TokenText(loaded.tokenizer),
     )
 
 

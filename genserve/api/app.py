@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from genserve import __version__
-from genserve.api import chat, completions, errors, models
+from genserve.api import chat, completions, errors, models, tokenize
 from genserve.api.models import ServedModel, Services
 from genserve.config import ServerConfig
 
@@ -43,6 +43,7 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(completions.router)
     app.include_router(chat.router)
+    app.include_router(tokenize.router)
     app.add_api_route("/health", health, methods=["GET"])
     return app
 

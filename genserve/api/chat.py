@@ -14,20 +14,19 @@ from genserve.api.generation import (
     collect,
     new_id,
     open_streams,
-    reject_unsupported,
     sampling_params,
 )
+from genserve.api.logprobs import chat_logprobs, namer
 from genserve.api.models import ServedModel, services
-from genserve.api.schemas import ChatCompletionRequest
+from genserve.api.schemas import ChatCompletionRequest, ChatMessage
 from genserve.api.stream import sse_response, usage
 
 router = APIRouter()
 
 
-def reject_chat_extras(body: ChatCompletionRequest) -> None:
-    reject_unsupported(body)
-    if body.logprobs:
-        raise bad_request("`logprobs` is not supported by this server yet", param="logprobs")
+def check_chat_body(body: ChatCompletionRequest) -> None:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
     if body.response_format is not None and body.response_format.type != "text":
         raise bad_request(
             f"response_format {body.response_format.type!r} is not supported yet",
@@ -37,21 +36,25 @@ def reject_chat_extras(body: ChatCompletionRequest) -> None:
         raise bad_request("tool calling is not supported by this server", param="tools")
 
 
-def chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
+def render_chat(served: ServedModel, messages: list[ChatMessage], generation_prompt: bool) -> str:
     # Templates know "system"; OpenAI's newer "developer" role means the same to them.
-    messages = [
+    plain = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
+        for m in messages
     ]
     try:
-        text = served.tokenizer.apply_chat_template(
-            messages,
+        return served.tokenizer.apply_chat_template(
+            plain,
             chat_template=served.chat_template,
             tokenize=False,
-            add_generation_prompt=True,
+            add_generation_prompt=generation_prompt,
         )
     except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the caller's
         raise bad_request(f"the chat template rejected these messages: {e}", "messages") from e
+
+
+def chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
+    text = render_chat(served, body.messages, generation_prompt=True)
     # The template writes any BOS itself; adding special tokens again would double it.
     return served.tokenizer.encode(text, add_special_tokens=False)
 
@@ -69,9 +72,11 @@ def max_new_tokens(served: ServedModel, body: ChatCompletionRequest, prompt_len:
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     served = services(request).get(body.model)
-    reject_chat_extras(body)
+    check_chat_body(body)
     prompt = chat_prompt(served, body)
-    params = sampling_params(body, max_new_tokens(served, body, len(prompt)))
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = max_new_tokens(served, body, len(prompt))
+    params = sampling_params(body, max_tokens, served.vocab_size, logprobs)
     cid, created = new_id("chatcmpl"), int(time.time())
     streams = open_streams(
         served.engine, build_requests([prompt], params, body.n or 1, cid), "messages"
@@ -83,7 +88,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         "system_fingerprint": served.fingerprint,
     }
     if body.stream:
-        return stream_chat(body, base, streams, len(prompt))
+        return stream_chat(body, served, base, streams, len(prompt))
     choices = await collect(request, streams)
     return JSONResponse(
         {
@@ -93,7 +98,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 {
                     "index": c.index,
                     "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(
+                        c.logprobs, namer(served.token_text, body.return_tokens_as_token_ids)
+                    )
+                    if body.logprobs
+                    else None,
                     "finish_reason": c.finish_reason,
                 }
                 for c in choices
@@ -103,7 +112,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     )
 
 
-def stream_chat(body: ChatCompletionRequest, base: dict, streams: list, prompt_tokens: int):
+def stream_chat(
+    body: ChatCompletionRequest, served: ServedModel, base: dict, streams: list, prompt_tokens: int
+):
     base = {**base, "object": "chat.completion.chunk"}
     # OpenAI opens every choice with a role-only delta.
     first = [
@@ -122,10 +133,17 @@ def stream_chat(body: ChatCompletionRequest, base: dict, streams: list, prompt_t
     ]
 
     def frame(d: ChoiceDelta) -> dict | None:
-        if not d.text and d.finish_reason is None:
+        if not d.text and d.finish_reason is None and not d.delta.logprobs:
             return None
-        delta = {"content": d.text} if d.text else {}
-        choice = {"index": d.index, "delta": delta, "logprobs": None}
+        delta = {"content": d.text} if d.text or d.delta.logprobs else {}
+        logprobs = (
+            chat_logprobs(
+                d.delta.logprobs, namer(served.token_text, body.return_tokens_as_token_ids)
+            )
+            if body.logprobs
+            else None
+        )
+        choice = {"index": d.index, "delta": delta, "logprobs": logprobs}
         choice["finish_reason"] = d.finish_reason
         return {**base, "choices": [choice]}
 

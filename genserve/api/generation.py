@@ -14,7 +14,7 @@ from genserve.api.errors import APIError, bad_request
 from genserve.api.schemas import SamplingFields
 from genserve.engine.client import AsyncEngine, ContextLengthError, EngineError
 from genserve.engine.scheduler import QueueFullError
-from genserve.engine.types import Request, SamplingParams, TokenDelta
+from genserve.engine.types import GrammarSpec, Request, SamplingParams, TokenDelta, TokenLogprob
 
 SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of a call's n choices apart
 SEED_MASK = (1 << 63) - 1
@@ -27,6 +27,21 @@ class ChoiceState:
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+
+    def add(self, d: TokenDelta) -> None:
+        self.text.append(d.text)
+        self.finish_reason = d.finish_reason.value if d.finish_reason else self.finish_reason
+        self.completion_tokens = d.completion_tokens
+        self.token_ids.extend(d.token_ids)
+        self.logprobs.extend(d.logprobs)
+        self.prompt_logprobs = self.prompt_logprobs or d.prompt_logprobs
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,32 +56,51 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def reject_unsupported(body: SamplingFields) -> None:
-    """Parameters we accept on the wire but do not honour yet give 400, never silent ignoring."""
-    checks = {
-        "presence_penalty": body.presence_penalty not in (None, 0),
-        "frequency_penalty": body.frequency_penalty not in (None, 0),
-        "logit_bias": bool(body.logit_bias),
-        "min_p": body.min_p not in (None, 0),
-        "repetition_penalty": body.repetition_penalty not in (None, 1),
-    }
-    for param, used in checks.items():
-        if used:
-            raise bad_request(f"`{param}` is not supported by this server yet", param=param)
+def parse_logit_bias(
+    bias: dict[str, float] | None, vocab_size: int
+) -> tuple[tuple[int, float], ...]:
+    out = []
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            msg = f"logit_bias keys must be token ids, got {key!r}"
+            raise bad_request(msg, "logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise bad_request(f"logit_bias token {token} is not in [0, {vocab_size})", "logit_bias")
+        out.append((token, float(value)))
+    return tuple(sorted(out))
 
 
-def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
+def sampling_params(
+    body: SamplingFields,
+    max_tokens: int,
+    vocab_size: int,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    grammar: GrammarSpec | None = None,
+) -> SamplingParams:
+    if body.stop_token_ids and any(t >= vocab_size for t in body.stop_token_ids):
+        raise bad_request(f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")
     try:
         return SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=max(body.top_k or 0, 0),  # vLLM's -1 and 0 both mean "off"
+            min_p=body.min_p or 0.0,
             max_tokens=max_tokens,
             stop=body.stop_list(),
             stop_token_ids=tuple(body.stop_token_ids or ()),
             seed=body.seed,
             ignore_eos=bool(body.ignore_eos),
             min_tokens=body.min_tokens or 0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            logit_bias=parse_logit_bias(body.logit_bias, vocab_size),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            grammar=grammar,
         )
     except ValueError as e:
         raise bad_request(str(e)) from e
@@ -148,10 +182,7 @@ async def collect(http: HTTPRequest, streams: list[AsyncIterator[TokenDelta]]) -
 
     async def run() -> None:
         async for d in merged(streams):
-            c = choices[d.index]
-            c.text.append(d.text)
-            c.finish_reason = d.finish_reason or c.finish_reason
-            c.completion_tokens = d.delta.completion_tokens
+            choices[d.index].add(d.delta)
 
     task = asyncio.create_task(run())
     while not task.done():

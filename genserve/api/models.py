@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from genserve.api.errors import APIError, model_not_found
+from genserve.api.logprobs import TokenText
 from genserve.engine.client import AsyncEngine
 
 
@@ -20,6 +21,8 @@ class ServedModel:
     chat_template: str
     max_len: int
     fingerprint: str  # build + weights + dtype + device: same fingerprint, same seeded output
+    vocab_size: int  # width of the model's logits (may exceed the tokenizer's length)
+    token_text: TokenText
     owned_by: str = "genserve"
 
     def card(self) -> dict:

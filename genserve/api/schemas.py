@@ -45,6 +45,7 @@ class SamplingFields(BaseModel):
     min_tokens: Annotated[int, Field(ge=0)] | None = None
     ignore_eos: bool | None = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    return_tokens_as_token_ids: bool | None = False
 
     @field_validator("stop")
     @classmethod

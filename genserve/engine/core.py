@@ -11,7 +11,6 @@ from typing import Protocol
 
 from genserve.engine.detokenizer import Decoder, IncrementalDetokenizer
 from genserve.engine.scheduler import (
-    ScheduledChunk,
     Scheduler,
     SchedulerOutput,
     SeqStatus,
@@ -24,8 +23,10 @@ from genserve.engine.types import (
     EngineStats,
     FinishReason,
     Request,
+    SampledToken,
     StepInput,
     TokenDelta,
+    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,13 @@ class Worker(Protocol):
 
     eos_ids: tuple[int, ...]
 
-    def start(self, request_id: str, seed: int | None) -> None: ...
+    def start(self, request: Request) -> None: ...
+
+    def prompt_logprobs(self, request_id: str) -> list[TokenLogprob | None] | None: ...
 
     def release(self, request_id: str, slot: int) -> None: ...
 
-    def execute(self, step: StepInput) -> list[int]: ...
+    def execute(self, step: StepInput) -> list[SampledToken]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +134,7 @@ class EngineCore:
         self.live[request.request_id] = Live(
             seq, IncrementalDetokenizer(self.decoder, tail, request.params.stop)
         )
-        self.worker.start(request.request_id, request.params.seed)
-
-    def _abort(self, request_id: str) -> None:
-        live = self.live.get(request_id)
-        if live is not None:
-            self._finish(live, FinishReason.ABORT, "")
+        self.worker.start(request)
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
@@ -165,52 +163,73 @@ class EngineCore:
             )
         )
 
-    def _update(self, batch: SchedulerOutput, tokens: list[int]) -> list[TokenDelta]:
+    def _update(self, batch: SchedulerOutput, tokens: list[SampledToken]) -> list[TokenDelta]:
         sampled = iter(tokens)
         deltas = []
         for chunk in batch.chunks:
             self.scheduler.commit(chunk)
             if chunk.sample:
-                deltas.append(self._append(chunk, next(sampled)))
+                deltas.append(self._append(chunk.seq, next(sampled)))
         return deltas
 
-    def _append(self, chunk: ScheduledChunk, token: int) -> TokenDelta:
-        seq = chunk.seq
+    def _append(self, seq: Seq, sampled: SampledToken) -> TokenDelta:
         live = self.live[seq.request_id]
+        seq.output_ids.append(sampled.token_id)
+        reason, text = self._outcome(live, sampled)
         params = seq.request.params
-        seq.output_ids.append(token)
-        ids = (token,)
+        prompt_lps = ()
+        if len(seq.output_ids) == 1 and params.prompt_logprobs is not None:
+            prompt_lps = tuple(self.worker.prompt_logprobs(seq.request_id) or ())
+        delta = TokenDelta(
+            seq.request_id,
+            (sampled.token_id,),
+            text,
+            reason,
+            len(seq.request.prompt_token_ids),
+            len(seq.output_ids),
+            logprobs=(sampled.logprob,) if sampled.logprob is not None else (),
+            prompt_logprobs=prompt_lps,
+        )
+        if reason is not None:
+            self._release(live)
+        return delta
+
+    def _outcome(self, live: Live, sampled: SampledToken) -> tuple[FinishReason | None, str]:
+        """Why the sequence ends with this token (None: it goes on), and the text to send."""
+        seq, token = live.seq, sampled.token_id
+        params = seq.request.params
         eos = token in self.worker.eos_ids and not params.ignore_eos
         if eos or token in params.stop_token_ids:
             # The stop token's own text is not part of the answer; held-back text is.
-            return self._finish(live, FinishReason.STOP, live.detok.flush(), ids)
+            return FinishReason.STOP, live.detok.flush()
         out = live.detok.push(token)
         if out.stopped:
-            return self._finish(live, FinishReason.STOP, out.text, ids)
+            return FinishReason.STOP, out.text
+        if sampled.grammar_done:  # the structured output is complete
+            return FinishReason.STOP, out.text + live.detok.flush()
         if len(seq.output_ids) >= params.max_tokens:
-            return self._finish(live, FinishReason.LENGTH, out.text + live.detok.flush(), ids)
-        return self._delta(seq, ids, out.text, None)
+            return FinishReason.LENGTH, out.text + live.detok.flush()
+        return None, out.text
 
-    def _finish(
-        self, live: Live, reason: FinishReason, text: str, token_ids: tuple[int, ...] = ()
-    ) -> TokenDelta:
+    def _release(self, live: Live) -> None:
         seq = live.seq
         slot = seq.slot if seq.status is SeqStatus.RUNNING else -1
         self.scheduler.finish(seq)
         self.worker.release(seq.request_id, slot)
         del self.live[seq.request_id]
-        delta = self._delta(seq, token_ids, text, reason)
-        if reason is FinishReason.ABORT:
-            self.publish([delta])  # aborts happen outside a step's batch of deltas
-        return delta
 
-    @staticmethod
-    def _delta(
-        seq: Seq, ids: tuple[int, ...], text: str, reason: FinishReason | None
-    ) -> TokenDelta:
+    def _abort(self, request_id: str) -> None:
+        """Drop a request (client gone, or a failed step); its stream, if any, sees ABORT."""
+        live = self.live.get(request_id)
+        if live is None:
+            return
+        self._release(live)
+        seq = live.seq
         prompt = len(seq.request.prompt_token_ids)
-        return TokenDelta(seq.request_id, ids, text, reason, prompt, len(seq.output_ids))
+        self.publish(
+            [TokenDelta(seq.request_id, (), "", FinishReason.ABORT, prompt, len(seq.output_ids))]
+        )
 
     def _fail_all(self) -> None:
-        for live in list(self.live.values()):
-            self._finish(live, FinishReason.ABORT, "")
+        for request_id in list(self.live):
+            self._abort(request_id)

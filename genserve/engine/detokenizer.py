@@ -54,7 +54,13 @@ class IncrementalDetokenizer:
         return self._emit(final=False)
 
     def flush(self) -> str:
-        """At the end of generation: everything not yet sent, up to any stop string."""
+        """At the end of generation: everything not yet sent, up to any stop string, including
+        a character whose bytes never completed (as U+FFFD, as a whole decode would give)."""
+        if self._read < len(self._ids):
+            prefix_text = self.decoder.decode(self._ids[self._prefix : self._read], True)
+            full = self.decoder.decode(self._ids[self._prefix :], True)
+            self._text += full[len(prefix_text) :]
+            self._read = len(self._ids)
         return self._emit(final=True).text
 
     def _emit(self, final: bool) -> DetokenizeResult:

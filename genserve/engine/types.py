@@ -14,32 +14,59 @@ class FinishReason(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class GrammarSpec:
+    """A constraint on the output: any JSON object, or JSON matching a schema."""
+
+    kind: str  # "json_object" | "json_schema"
+    schema_json: str | None = None  # canonical JSON text of the schema
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Per-request decoding controls. temperature 0 means greedy."""
+    """Per-request decoding controls, with OpenAI's and vLLM's meanings. temperature 0 is greedy."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    min_p: float = 0.0
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # None: none; k: the sampled token's and the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token (echo + logprobs)
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError("temperature must be in [0, 2]")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError("min_tokens must be in [0, max_tokens]")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+        checks = [
+            (0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
+            (all(self.stop), "stop strings must not be empty"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
+            (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias must be in ±100"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
 
     @property
     def greedy(self) -> bool:
@@ -57,6 +84,24 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """log p of one token, and the k most likely alternatives at its position (best first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    """What the model worker returns per sampling row."""
+
+    token_id: int
+    logprob: TokenLogprob | None = None
+    grammar_done: bool = False  # the grammar accepts nothing more: the output is complete
+
+
+@dataclass(frozen=True, slots=True)
 class TokenDelta:
     """What one engine step produced for one request: new tokens and the text they complete."""
 
@@ -66,6 +111,8 @@ class TokenDelta:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token in token_ids, when asked for
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # once, first delta, when asked for
 
     @property
     def finished(self) -> bool:
@@ -94,6 +141,14 @@ class ChunkInput:
     sample: bool  # a new token is sampled after the last of these
     params: SamplingParams
     num_generated: int  # tokens generated so far (min_tokens suppresses EOS until reached)
+
+    @property
+    def num_logit_rows(self) -> int:
+        """Rows of logits the model returns for this chunk: every row when prompt logprobs
+        are wanted, else the last row when a token is sampled after it, else none."""
+        if self.params.prompt_logprobs is not None:
+            return len(self.token_ids)
+        return 1 if self.sample else 0
 
 
 @dataclass(frozen=True, slots=True)

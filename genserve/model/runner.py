@@ -184,8 +184,7 @@ class LlamaRunner:
         for c in step.chunks:
             tokens.extend(c.token_ids)
             positions.extend(range(c.start, c.start + len(c.token_ids)))
-            if c.sample:
-                sample_rows.append(len(tokens) - 1)
+            sample_rows.extend(range(len(tokens) - c.num_logit_rows, len(tokens)))
         dev = self.device
         return (
             torch.tensor(tokens, device=dev),
@@ -289,6 +288,6 @@ class HFRunner:
             ids = torch.tensor([c.token_ids], device=self.model.device)
             kwargs = {self.cache_kw: self.caches[c.slot]}
             out = self.model(input_ids=ids, use_cache=True, **kwargs)
-            if c.sample:
-                rows.append(out.logits[0, -1].float())
-        return torch.stack(rows) if rows else torch.empty(0)
+            if c.num_logit_rows:
+                rows.append(out.logits[0, -c.num_logit_rows :].float())
+        return torch.cat(rows) if rows else torch.empty(0)

@@ -1,43 +1,92 @@
-"""The engine's one handle on the model: run a step, sample, keep per-request generators."""
+"""The engine's one handle on the model: run a step, sample, keep per-request state."""
 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from genserve.engine.types import ChunkInput, StepInput
+from genserve.engine.types import (
+    ChunkInput,
+    Request,
+    SampledToken,
+    SamplingParams,
+    StepInput,
+    TokenLogprob,
+)
 from genserve.model.loading import LoadedModel
 from genserve.model.runner import Runner, make_runner
-from genserve.model.sampler import SamplingRow, sample
+from genserve.model.sampler import SamplingRow, sample, token_logprob
+
+
+@dataclass(slots=True)
+class RequestState:
+    params: SamplingParams
+    prompt: list[int]
+    generator: torch.Generator
+    counts: torch.Tensor | None = None  # generated-token counts, for presence/frequency
+    seen: torch.Tensor | None = None  # prompt and generated tokens, for repetition_penalty
+    grammar: Any = None  # genserve.model.grammar.GrammarMatcher
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class ModelWorker:
-    def __init__(self, loaded: LoadedModel, num_slots: int, max_len: int, fast_path: bool) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        num_slots: int,
+        max_len: int,
+        fast_path: bool,
+        grammars: Any = None,  # genserve.model.grammar.GrammarCompiler
+    ) -> None:
         self.loaded = loaded
         self.runner: Runner = make_runner(loaded.model, num_slots, max_len, fast_path)
+        self.vocab_size = loaded.model.config.vocab_size
         self.eos_ids = loaded.eos_token_ids
-        self._generators: dict[str, torch.Generator] = {}
+        self.grammars = grammars
+        self._state: dict[str, RequestState] = {}
 
-    def start(self, request_id: str, seed: int | None) -> None:
+    def start(self, request: Request) -> None:
         """Every request gets its own generator; an unseeded one gets a fresh random seed."""
+        p = request.params
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed if seed is not None else secrets.randbits(63))
-        self._generators[request_id] = gen
+        gen.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+        state = RequestState(p, request.prompt_token_ids, gen)
+        if p.presence_penalty or p.frequency_penalty:
+            state.counts = torch.zeros(self.vocab_size)
+        if p.repetition_penalty != 1.0:
+            state.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
+            state.seen[request.prompt_token_ids] = True
+        if p.grammar is not None:
+            state.grammar = self.grammars.matcher(p.grammar)
+        if p.prompt_logprobs is not None:
+            state.prompt_logprobs = [None]  # the first prompt token has no context
+        self._state[request.request_id] = state
 
     def release(self, request_id: str, slot: int) -> None:
-        self._generators.pop(request_id, None)
+        self._state.pop(request_id, None)
         if slot >= 0:
             self.runner.release(slot)
 
-    def execute(self, step: StepInput) -> list[int]:
-        """Token ids sampled for the chunks with `sample`, in their order."""
+    def prompt_logprobs(self, request_id: str) -> list[TokenLogprob | None] | None:
+        return self._state[request_id].prompt_logprobs
+
+    def execute(self, step: StepInput) -> list[SampledToken]:
+        """One SampledToken per chunk with `sample`, in chunk order."""
         logits = self.runner.execute(step)
-        rows = [self._row(c) for c in step.chunks if c.sample]
-        return sample(logits, rows)
+        sampling = [c for c in step.chunks if c.sample]
+        self._collect_prompt_logprobs(step, logits)
+        last = logits[self._last_rows(step)] if _has_prompt_rows(step) else logits
+        rows = [self._row(c) for c in sampling]
+        out = sample(last, rows)
+        picked = zip(sampling, out.tokens, out.logprobs, strict=True)
+        return [self._record(c, t, lp) for c, t, lp in picked]
 
     def _row(self, chunk: ChunkInput) -> SamplingRow:
         p = chunk.params
+        state = self._state[chunk.request_id]
         suppress: tuple[int, ...] = ()
         if chunk.num_generated < p.min_tokens:
             suppress = self.eos_ids + p.stop_token_ids
@@ -45,6 +94,57 @@ class ModelWorker:
             temperature=p.temperature,
             top_p=p.top_p,
             top_k=p.top_k,
-            generator=self._generators[chunk.request_id],
+            min_p=p.min_p,
+            generator=state.generator,
             suppress=suppress,
+            logit_bias=p.logit_bias,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
+            counts=state.counts,
+            seen=state.seen,
+            allowed=state.grammar.allowed() if state.grammar is not None else None,
+            logprobs=p.logprobs,
         )
+
+    def _record(self, chunk: ChunkInput, token: int, logprob: TokenLogprob | None) -> SampledToken:
+        state = self._state[chunk.request_id]
+        if state.counts is not None:
+            state.counts[token] += 1
+        if state.seen is not None:
+            state.seen[token] = True
+        done = False
+        if state.grammar is not None and token not in self.eos_ids:
+            state.grammar.advance(token)
+            done = state.grammar.done
+        return SampledToken(token, logprob, grammar_done=done)
+
+    # -- prompt logprobs (echo with logprobs) ----------------------------------------------
+    @staticmethod
+    def _last_rows(step: StepInput) -> list[int]:
+        """Index, among the returned logit rows, of each sampling chunk's last row."""
+        rows, row = [], 0
+        for c in step.chunks:
+            row += c.num_logit_rows
+            if c.sample:
+                rows.append(row - 1)
+        return rows
+
+    def _collect_prompt_logprobs(self, step: StepInput, logits: torch.Tensor) -> None:
+        """Row j of a chunk predicts prompt token start+j+1, which the prompt already holds."""
+        row = 0
+        for c in step.chunks:
+            if c.params.prompt_logprobs is not None:
+                state = self._state[c.request_id]
+                for j in range(len(c.token_ids)):
+                    nxt = c.start + j + 1
+                    if nxt < len(state.prompt):
+                        k = c.params.prompt_logprobs
+                        state.prompt_logprobs.append(
+                            token_logprob(logits[row + j], state.prompt[nxt], k)
+                        )
+            row += c.num_logit_rows
+
+
+def _has_prompt_rows(step: StepInput) -> bool:
+    return any(c.params.prompt_logprobs is not None for c in step.chunks)

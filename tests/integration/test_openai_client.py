@@ -150,7 +150,10 @@ def test_context_length_exceeded(client: openai.OpenAI, model_id: str) -> None:
     assert e.value.code == "context_length_exceeded"
 
 
-def test_unsupported_parameter_is_refused_not_ignored(client: openai.OpenAI, model_id: str) -> None:
+def test_unsupported_feature_is_refused_not_ignored(client: openai.OpenAI, model_id: str) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=model_id, prompt="x", logit_bias={"1": 5})
-    assert e.value.param == "logit_bias"
+        client.chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": "x"}], tools=[tool]
+        )
+    assert e.value.param == "tools"

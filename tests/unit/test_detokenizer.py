@@ -50,3 +50,10 @@ def test_text_that_only_looks_like_a_stop_start_is_released(tok) -> None:
 
 def test_earliest_of_several_stops_wins(tok) -> None:
     assert stream(tok, "one two three", ["three", "two"]) == ("one ", True)
+
+
+def test_unfinished_character_is_flushed_as_replacement(tok) -> None:
+    ids = tok.encode("日")
+    d = IncrementalDetokenizer(tok, [], ())
+    text = "".join(d.push(t).text for t in ids[:-1]) + d.flush()
+    assert text == tok.decode(ids[:-1])

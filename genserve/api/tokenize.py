@@ -1,0 +1,53 @@
+"""POST /tokenize and POST /detokenize, in vLLM's shape."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from genserve.api.chat import render_chat
+from genserve.api.errors import bad_request
+from genserve.api.models import services
+from genserve.api.schemas import ChatMessage
+
+router = APIRouter()
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    served = services(request).get(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("give exactly one of `prompt` and `messages`", "prompt")
+    if body.messages is not None:
+        text = render_chat(served, body.messages, body.add_generation_prompt)
+        ids = served.tokenizer.encode(text, add_special_tokens=False)
+    else:
+        ids = served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return {"count": len(ids), "max_model_len": served.max_len, "tokens": ids}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+    served = services(request).get(body.model)
+    if any(t >= served.vocab_size for t in body.tokens):
+        raise bad_request(f"token ids must be in [0, {served.vocab_size})", "tokens")
+    return {"prompt": served.tokenizer.decode(body.tokens)}

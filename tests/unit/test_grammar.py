@@ -1,0 +1,236 @@
+"""Grammar-constrained decoding: a random model under the mask always yields valid JSON."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from genserve.model.grammar import (
+    GrammarCompiler,
+    GrammarMatcher,
+    GrammarSpec,
+    UnsupportedSchemaError,
+)
+from tests.tiny_model import build_tokenizer
+
+MAX_TOKENS = 400
+PADDING = 13  # model heads are often wider than the tokenizer; those ids must never be allowed
+
+# Every string, array and integer is bounded, so every path through it ends.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 1, "maximum": 500},
+        "status": {"enum": ["active", "inactive", "banned"]},
+        "address": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            },
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
+        "orders": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 3,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "sku": {"type": "string", "minLength": 1, "maxLength": 8},
+                    "qty": {"type": "integer", "minimum": -5, "maximum": 99},
+                },
+                "required": ["sku", "qty"],
+                "additionalProperties": False,
+            },
+        },
+        "vip": {"type": "boolean"},
+    },
+    "required": ["id", "status", "address", "orders", "vip"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("grammar-tok"))
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer) -> GrammarCompiler:
+    return GrammarCompiler(tokenizer, len(tokenizer) + PADDING)
+
+
+def vocab(tokenizer) -> int:
+    return len(tokenizer) + PADDING
+
+
+def sample_under_mask(matcher: GrammarMatcher, size: int, seed: int) -> list[int]:
+    """A flat random model: uniform over whatever the mask allows, as the sampler would see."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens: list[int] = []
+    while not matcher.done and len(tokens) < MAX_TOKENS:
+        logits = torch.zeros(size)
+        matcher.apply(logits)
+        token = int(torch.multinomial(torch.softmax(logits, 0), 1, generator=gen))
+        matcher.advance(token)
+        tokens.append(token)
+    return tokens
+
+
+def feed(matcher: GrammarMatcher, tokenizer, text: str) -> None:
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        matcher.advance(token)
+
+
+def test_random_model_under_schema_mask_always_yields_valid_documents(compiler, tokenizer):
+    spec = GrammarSpec.json_schema(SCHEMA)
+    compiler.validate(spec)
+    eos = tokenizer.eos_token_id
+    for seed in range(100):
+        matcher = compiler.matcher(spec)
+        tokens = sample_under_mask(matcher, vocab(tokenizer), seed)
+        assert matcher.done, f"seed {seed}: not finished in {MAX_TOKENS} tokens"
+        assert eos not in tokens  # EOS cannot come before the value is complete
+        doc = json.loads(tokenizer.decode(tokens))
+        jsonschema.validate(doc, SCHEMA)
+        # Properties come in the order the schema lists them, as OpenAI returns them.
+        assert list(doc) == list(SCHEMA["properties"])
+        # Once done only EOS remains, and it is accepted.
+        assert matcher.allowed().nonzero().flatten().tolist() == [eos]
+        matcher.advance(eos)
+
+
+def test_json_object_allows_any_object_and_only_an_object(compiler, tokenizer):
+    spec = GrammarSpec.json_object()
+    text = '{"a":[1,-2.5e3,{"b":null}],"c":"x y","d":{},"e":true}'
+    matcher = compiler.matcher(spec)
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        assert not matcher.done
+        assert not matcher.allowed()[tokenizer.eos_token_id]
+        matcher.advance(token)
+    assert matcher.done
+    assert matcher.allowed()[tokenizer.eos_token_id]
+    for not_an_object in ("[1]", '"x"', "1", " {}"):
+        with pytest.raises(ValueError, match="not allowed"):
+            feed(compiler.matcher(spec), tokenizer, not_an_object)
+
+
+def test_json_object_random_runs_that_finish_are_objects(compiler, tokenizer):
+    spec = GrammarSpec.json_object()
+    for seed in range(10):
+        matcher = compiler.matcher(spec)
+        tokens = sample_under_mask(matcher, vocab(tokenizer), seed)
+        if matcher.done:  # free-form JSON may legitimately run past the cap
+            assert isinstance(json.loads(tokenizer.decode(tokens)), dict)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "sub"),
+    [
+        ("uniqueItems", {"type": "array", "uniqueItems": True}),
+        ("not", {"not": {"type": "string"}}),
+        ("if", {"if": {"minimum": 1}, "then": {"maximum": 3}}),
+        ("contains", {"type": "array", "contains": {"const": 1}}),
+        ("propertyNames", {"type": "object", "propertyNames": {"maxLength": 3}}),
+        ("dependentRequired", {"type": "object", "dependentRequired": {"a": ["b"]}}),
+        ("nullable", {"type": "integer", "nullable": True}),
+        ("additionalItems", {"type": "array", "items": [{"type": "integer"}],
+                             "additionalItems": False}),
+        ("contentEncoding", {"type": "string", "contentEncoding": "base64"}),
+        ("x-guidance", {"type": "integer", "x-guidance": {"lenient": True}}),
+        ("int32", {"type": "integer", "format": "int32"}),
+        ("format", {"type": "string", "format": ["date"]}),
+        ("oneOf", {"oneOf": [{"type": "integer"}, {"type": "number"}]}),  # overlap: not exclusive
+    ],
+)
+def test_unenforceable_schema_is_refused_naming_the_keyword(compiler, keyword, sub):
+    schema = {"type": "object", "properties": {"v": {"type": "array", "items": sub}}}
+    spec = GrammarSpec.json_schema(schema)
+    with pytest.raises(UnsupportedSchemaError, match=keyword):
+        compiler.validate(spec)
+    with pytest.raises(ValueError, match=keyword):  # the API maps ValueError to 400 too
+        compiler.matcher(spec)
+
+
+def test_unsupported_keyword_message_says_where(compiler):
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(UnsupportedSchemaError) as info:
+        compiler.validate(GrammarSpec.json_schema(schema))
+    assert "'uniqueItems' at #/properties/tags" in str(info.value)
+
+
+def test_disallowed_token_makes_advance_raise_and_leaves_state(compiler, tokenizer):
+    spec = GrammarSpec.json_schema(SCHEMA)
+    matcher = compiler.matcher(spec)
+    feed(matcher, tokenizer, '{"id":')
+    allowed = matcher.allowed()
+    letter = tokenizer.encode("x", add_special_tokens=False)[0]
+    assert not allowed[letter]
+    for bad in (letter, tokenizer.eos_token_id, len(tokenizer) + 1, vocab(tokenizer), -1):
+        with pytest.raises(ValueError, match="not allowed"):
+            matcher.advance(bad)
+    # The refused tokens changed nothing: the document continues where it was.
+    feed(matcher, tokenizer, '42,"status":"banned","address":{"city":"","zip":"01234"},')
+    feed(matcher, tokenizer, '"orders":[{"sku":"a","qty":-5}],"vip":false}')
+    assert matcher.done
+
+
+def test_integer_bounds_are_enforced_digit_by_digit(compiler, tokenizer):
+    matcher = compiler.matcher(GrammarSpec.json_schema(SCHEMA))
+    feed(matcher, tokenizer, '{"id":50')
+    with pytest.raises(ValueError):
+        feed(matcher, tokenizer, "1")  # 501 > maximum 500
+
+
+def test_apply_sets_exactly_the_disallowed_logits_to_minus_inf(compiler, tokenizer):
+    matcher = compiler.matcher(GrammarSpec.json_schema(SCHEMA))
+    feed(matcher, tokenizer, '{"id":7,"status":"')
+    allowed = matcher.allowed()
+    assert allowed.dtype == torch.bool and allowed.shape == (vocab(tokenizer),)
+    assert not allowed[len(tokenizer):].any()
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(vocab(tokenizer)).to(dtype)
+        before = logits.clone()
+        matcher.apply(logits)
+        assert torch.equal(logits[allowed], before[allowed])
+        assert torch.equal(logits[~allowed], torch.full_like(logits[~allowed], float("-inf")))
+    with pytest.raises(ValueError):
+        matcher.apply(torch.zeros(len(tokenizer)))
+
+
+def test_specs_are_hashable_and_compiled_once(compiler):
+    a = GrammarSpec.json_schema({"type": "object", "properties": {"x": {"type": "integer"}}})
+    b = GrammarSpec.json_schema({"type": "object", "properties": {"x": {"type": "integer"}}})
+    assert a == b and hash(a) == hash(b) and a != GrammarSpec.json_object()
+    assert compiler.matcher(a) is not compiler.matcher(b)  # separate states, one grammar
+    with pytest.raises(ValueError):
+        GrammarSpec("json_schema", None)
+    with pytest.raises(ValueError):
+        GrammarSpec("regex", "a+")
+
+
+def test_spec_from_openai_response_format():
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    body = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    spec = GrammarSpec.from_response_format(body)
+    assert spec == GrammarSpec.json_schema(schema)
+    assert spec.schema_json.index('"b"') < spec.schema_json.index('"a"')  # order kept
+    assert GrammarSpec.from_response_format({"type": "json_object"}) == GrammarSpec.json_object()
+    assert GrammarSpec.from_response_format({"type": "text"}) is None
+    assert GrammarSpec.from_response_format(None) is None
+    with pytest.raises(UnsupportedSchemaError, match="schema"):
+        GrammarSpec.from_response_format({"type": "json_schema", "json_schema": {"name": "x"}})
+    with pytest.raises(UnsupportedSchemaError, match="grammar"):
+        GrammarSpec.from_response_format({"type": "grammar"})
+
+
+def test_schema_that_is_not_an_object_is_refused(compiler):
+    with pytest.raises(UnsupportedSchemaError, match="JSON object"):
+        compiler.validate(GrammarSpec("json_schema", "[1, 2]"))
+    with pytest.raises(UnsupportedSchemaError, match="not JSON"):
+        compiler.validate(GrammarSpec("json_schema", "{"))
