@@ -91,7 +91,7 @@ _JSON_OPTIONS = {
 }
 _ANY_OBJECT = '{"type":"object"}'
 _MAX_ERROR_CHARS = 300
-# -inf as float32 bits: (allowed - 1) & this gives 0.0 for allowed tokens and -inf otherwise.
+# -inf as float32 bits: (allowed - 1) & this is 0.0 for an allowed token and -inf otherwise.
 _NEG_INF_BITS = -8388608  # 0xFF800000
 
 
@@ -214,28 +214,33 @@ class GrammarMatcher:
         self._inner = inner
         self._vocab_size = vocab_size
         self._bitmask = torch.zeros((width + 31) // 32, dtype=torch.int32)
-        self._bits: torch.Tensor | None = None  # uint8 0/1 per token, for the current state
+        self._bits: np.ndarray | None = None  # uint8 0/1 per token, for the current state
 
     def allowed(self) -> torch.Tensor:
         """bool [vocab_size]: tokens allowed next. Shared with the matcher: do not modify."""
-        return self._allowed_u8().view(torch.bool)
+        return torch.from_numpy(self._mask_bits()).view(torch.bool)
 
     def apply(self, logits_row: torch.Tensor) -> None:
         """Set the logits of disallowed tokens to -inf, in place."""
         if logits_row.shape != (self._vocab_size,):
             raise ValueError(f"logits row {tuple(logits_row.shape)} != ({self._vocab_size},)")
-        bits = self._allowed_u8()
+        bits = self._mask_bits()
         if logits_row.device.type != "cpu":
-            allowed = bits.view(torch.bool).to(logits_row.device, non_blocking=True)
+            allowed = torch.from_numpy(bits).view(torch.bool).to(logits_row.device)
             logits_row.masked_fill_(~allowed, float("-inf"))
             return
-        # Adding a 0/-inf row is branch-free: 3-10x faster on CPU than masked_fill_.
-        bias = bits.to(torch.int32).sub_(1).bitwise_and_(_NEG_INF_BITS).view(torch.float32)
-        logits_row.add_(bias)
+        # Adding a 0/-inf row is branch-free, 3-10x faster than masked_fill_ on CPU; numpy runs
+        # it on this thread, where torch would hand a 50k row to OpenMP (ms when cores are busy).
+        bias = ((bits.astype(np.int32) - 1) & np.int32(_NEG_INF_BITS)).view(np.float32)
+        if logits_row.dtype == torch.float32:
+            row = logits_row.detach().numpy()
+            np.add(row, bias, out=row)
+        else:
+            logits_row.add_(torch.from_numpy(bias))
 
     def advance(self, token_id: int) -> None:
         """Consume the sampled token; ValueError (state unchanged) if it was not allowed."""
-        if not 0 <= token_id < self._vocab_size or not self._allowed_u8()[token_id]:
+        if not 0 <= token_id < self._vocab_size or not self._mask_bits()[token_id]:
             raise ValueError(f"token {token_id} is not allowed by the response_format grammar")
         self._inner.consume_token(token_id)
         self._raise_if_failed()
@@ -246,15 +251,14 @@ class GrammarMatcher:
         """The value is complete and nothing but EOS may follow."""
         return self._inner.is_stopped() and not self._inner.is_error()
 
-    def _allowed_u8(self) -> torch.Tensor:
+    def _mask_bits(self) -> np.ndarray:
         if self._bits is None:
             self._inner.unsafe_compute_mask_ptr(self._bitmask.data_ptr(), self._bitmask.numel() * 4)
             self._raise_if_failed()
             # Bit i of word w is token 32*w+i: little-endian bytes, little bit order.
-            unpacked = np.unpackbits(
+            self._bits = np.unpackbits(
                 self._bitmask.numpy().view(np.uint8), count=self._vocab_size, bitorder="little"
             )
-            self._bits = torch.from_numpy(unpacked)
         return self._bits
 
     def _raise_if_failed(self) -> None:
