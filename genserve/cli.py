@@ -40,6 +40,9 @@ def serve(
     max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step.")] = 512,
     max_waiting: Annotated[int, typer.Option(help="Queue bound; beyond it, 429.")] = 256,
     fast_path: Annotated[bool, typer.Option(help="Use the Llama-family runner.")] = True,
+    batch_invariant: Annotated[
+        bool, typer.Option(help="Seeded outputs identical alone or under load.")
+    ] = True,
     trust_remote_code: Annotated[bool, typer.Option(help="Run code shipped with a model.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Load .bin/.pt pickle weights.")] = False,
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
@@ -66,6 +69,7 @@ def serve(
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_waiting=max_waiting,
                 fast_path=fast_path,
+                batch_invariant=batch_invariant,
             ),
         )
     except ValueError as e:

@@ -19,6 +19,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
     max_waiting: int = 256  # bounded queue: beyond this, 429
     fast_path: bool = True  # our Llama-family runner when the architecture allows it
+    batch_invariant: bool = True  # a row's numbers never depend on its batch (seeds reproduce)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

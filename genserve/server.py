@@ -40,7 +40,7 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         mc.ref, mc.dtype, mc.device, mc.trust_remote_code, mc.allow_pickle, mc.served_name
     )
     slots, max_len = cache_shape(cfg.engine, loaded.max_context)
-    worker = ModelWorker(loaded, slots, max_len, cfg.engine.fast_path)
+    worker = ModelWorker(loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant)
     _log_cache(loaded, slots, max_len, type(worker.runner).__name__)
     core = EngineCore(
         worker,
@@ -48,6 +48,7 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         num_slots=slots,
         token_budget=cfg.engine.max_num_batched_tokens,
         publish=lambda _: None,  # replaced by AsyncEngine.start
+        batch_invariant=cfg.engine.batch_invariant,
     )
     engine = AsyncEngine(core, max_len=max_len, capacity=slots + cfg.engine.max_waiting)
     return ServedModel(

@@ -70,11 +70,14 @@ class EngineCore:
         num_slots: int,
         token_budget: int,
         publish: Publish,
+        batch_invariant: bool = True,
     ) -> None:
         self.worker = worker
         self.decoder = decoder
         # Every running sequence must be able to decode each step, whatever the budget says.
-        self.scheduler = Scheduler(num_slots, max(token_budget, num_slots + 16))
+        self.scheduler = Scheduler(
+            num_slots, max(token_budget, num_slots + 16), aligned_chunks=batch_invariant
+        )
         self.publish = publish
         self.inbox: queue.SimpleQueue[Request | Abort | None] = queue.SimpleQueue()
         self.live: dict[str, Live] = {}

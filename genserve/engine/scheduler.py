@@ -92,7 +92,7 @@ class SlotPool:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, token_budget: int) -> None:
+    def __init__(self, num_slots: int, token_budget: int, aligned_chunks: bool = True) -> None:
         if token_budget < num_slots + 1:
             raise ValueError("token_budget must exceed num_slots (every slot decodes each step)")
         self.slots = SlotPool(num_slots)
@@ -102,6 +102,7 @@ class Scheduler:
         # which keeps seeded outputs identical alone or under load. A chunk always fits in
         # what the decodes leave of the budget.
         self.chunk_size = token_budget - num_slots
+        self.aligned_chunks = aligned_chunks  # off: fill the budget (--no-batch-invariant)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -124,24 +125,26 @@ class Scheduler:
             chunks.append(ScheduledChunk.of(seq, seq.num_computed, seq.num_tokens))
         budget -= len(chunks)
         for seq in self.running:
-            if seq.num_computed < seq.num_tokens - 1 and self._next_chunk(seq) <= budget:
-                budget -= self._prefill(seq, chunks)
-        while self.waiting and self.slots.num_free and self._next_chunk(self.waiting[0]) <= budget:
+            if seq.num_computed < seq.num_tokens - 1 and self._fits(seq, budget):
+                budget -= self._prefill(seq, budget, chunks)
+        while self.waiting and self.slots.num_free and self._fits(self.waiting[0], budget):
             seq = self.waiting.popleft()
             seq.slot = self.slots.take()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            budget -= self._prefill(seq, chunks)
+            budget -= self._prefill(seq, budget, chunks)
         return SchedulerOutput(tuple(chunks))
 
-    def _chunk_end(self, seq: Sequence) -> int:
+    def _chunk_end(self, seq: Sequence, budget: int) -> int:
+        if not self.aligned_chunks:
+            return min(seq.num_tokens, seq.num_computed + budget)
         return min(seq.num_tokens, (seq.num_computed // self.chunk_size + 1) * self.chunk_size)
 
-    def _next_chunk(self, seq: Sequence) -> int:
-        return self._chunk_end(seq) - seq.num_computed
+    def _fits(self, seq: Sequence, budget: int) -> bool:
+        return budget > 0 and self._chunk_end(seq, budget) - seq.num_computed <= budget
 
-    def _prefill(self, seq: Sequence, chunks: list[ScheduledChunk]) -> int:
-        end = self._chunk_end(seq)
+    def _prefill(self, seq: Sequence, budget: int, chunks: list[ScheduledChunk]) -> int:
+        end = self._chunk_end(seq, budget)
         chunks.append(ScheduledChunk.of(seq, seq.num_computed, end))
         return end - seq.num_computed
 

@@ -5,22 +5,24 @@ The API edge turns `response_format` into a `GrammarSpec` and calls `GrammarComp
 `GrammarMatcher` per request, the sampler calls `apply(logits_row)` before it samples, and the
 engine calls `advance(token)` after, and stops with finish_reason "stop" once `done`.
 
-Why llguidance. `python bench/grammar_masks.py` on the 2-core dev CPU (load 2.4: another job
+Why llguidance. `python bench/grammar_masks.py` on the 2-core dev CPU (load 2.7: another job
 held one core), one thread, llguidance 1.9.1 vs xgrammar 0.2.9; a nested schema (required keys,
-enum, array of objects, integer bounds, nested object, pattern) fed a valid document token by
-token; mask time per token in microseconds; "cold" = first pass after compiling; rare 4-8 ms
-preemption outliers inflate the means, so p50/p95 are the numbers to read:
+enum, array of objects, integer bounds, nested object, pattern) fed a valid 115-151 token
+document ("doc": warm passes) and walked by 10 seeded uniform-random samplers under the mask
+("rand"); mask time per token in microseconds, compile in ms; rare 4-8 ms preemption outliers
+inflate means, so medians and p95 are quoted:
 
-    tokenizer (vocab)        library      compile ms  cold mean  warm p50  warm p95  1st mask
-    stdlib BPE (8192)        llguidance       0.85        79        5.0      13.7      1208
-    stdlib BPE (8192)        xgrammar         3.3          4.8      1.6       8.1       144
-    stdlib BPE (49152)       llguidance       0.78        97       11.9     191        108
-    stdlib BPE (49152)       xgrammar         9.2         54        2.2      56          52
-    smollm2-random (49152)   llguidance       0.66        25        9.8      40         117
-    smollm2-random (49152)   xgrammar         9.1          6.8      1.6      18          48
-    smollm2-random (49152)   this module      1.2         55       34       132         382
+    tokenizer (vocab)        library      compile  doc p50  doc p95  rand mean  rand p95  1st mask
+    stdlib BPE (8192)        llguidance     0.86      5.2     12.9      11.9       59      1195
+    stdlib BPE (8192)        xgrammar       2.3       1.6      8.2       3.1        8.5     150
+    stdlib BPE (49152)       llguidance     0.66      9.6    198        56        229       126
+    stdlib BPE (49152)       xgrammar      10.3       1.9     58        28         63        61
+    smollm2-random (49152)   llguidance     0.80      9.7     25        49        137       132
+    smollm2-random (49152)   xgrammar       8.7       1.7     16         8.9       18        59
+    smollm2-random (49152)   this module    1.2      32      130        84        172       350
 
-("this module" is `apply()`: mask, unpack and the -inf fill of a float32 logits row.)
+("this module" = `apply()`: mask, unpack and -inf fill of a float32 logits row; tokenizer setup
+is 0.3-0.6 s for 49152 ids, once per model.)
 
 xgrammar is faster per token and llguidance compiles faster; either costs far less than one
 forward pass of even a 135M model on this CPU (milliseconds), so coverage decides. xgrammar
@@ -38,36 +40,85 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import llguidance
-import llguidance.hf
-import numpy as np
-import torch
+# torch, numpy and llguidance are imported where they are used: api/ and engine/ import
+# GrammarSpec and UnsupportedSchemaError from here and must stay free of torch (DESIGN.md).
+if TYPE_CHECKING:
+    import llguidance
+    import numpy as np
+    import torch
 
 JSON_OBJECT = "json_object"
 JSON_SCHEMA = "json_schema"
 
 # Keywords llguidance enforces (each checked against violating documents by the bench).
-_ENFORCED = frozenset({
-    "type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref",
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
-    "minLength", "maxLength", "pattern", "format",
-    "items", "prefixItems", "minItems", "maxItems",
-    "properties", "additionalProperties", "patternProperties", "required",
-    "minProperties", "maxProperties",
-})
+_ENFORCED = frozenset(
+    {
+        "type",
+        "enum",
+        "const",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "$ref",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "format",
+        "items",
+        "prefixItems",
+        "minItems",
+        "maxItems",
+        "properties",
+        "additionalProperties",
+        "patternProperties",
+        "required",
+        "minProperties",
+        "maxProperties",
+    }
+)
 # Keywords that constrain nothing by themselves ($defs are checked where they are walked into;
 # a discriminator only names the property its oneOf already constrains).
-_ANNOTATIONS = frozenset({
-    "$schema", "$id", "$anchor", "$comment", "$defs", "definitions", "title", "description",
-    "default", "examples", "deprecated", "readOnly", "writeOnly", "discriminator",
-})
+_ANNOTATIONS = frozenset(
+    {
+        "$schema",
+        "$id",
+        "$anchor",
+        "$comment",
+        "$defs",
+        "definitions",
+        "title",
+        "description",
+        "default",
+        "examples",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "discriminator",
+    }
+)
 # llguidance enforces these formats and refuses other names, but ignores any format on a
 # non-string (e.g. OpenAPI's "int32"), so the name is checked here whatever the type.
-_FORMATS = frozenset({
-    "date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri",
-})
+_FORMATS = frozenset(
+    {
+        "date-time",
+        "time",
+        "date",
+        "duration",
+        "email",
+        "hostname",
+        "ipv4",
+        "ipv6",
+        "uuid",
+        "uri",
+    }
+)
 _HINTS = {
     "nullable": '; use "type": [..., "null"] (nullable is OpenAPI 3.0)',
     "additionalItems": '; use "prefixItems" with "items" (additionalItems is draft 7)',
@@ -155,6 +206,9 @@ class GrammarCompiler:
         stop_token_ids: Sequence[int] | None = None,
         cache_size: int = 64,
     ) -> None:
+        import llguidance
+        import llguidance.hf
+
         stops = list(stop_token_ids or [tokenizer.eos_token_id])
         if None in stops:
             raise ValueError("the tokenizer has no EOS token, which ends a constrained output")
@@ -194,6 +248,8 @@ class GrammarCompiler:
         return hit
 
     def _compile(self, spec: GrammarSpec) -> llguidance.LLMatcher | str:
+        import llguidance
+
         try:
             text = _ANY_OBJECT if spec.kind == JSON_OBJECT else _checked(spec.schema_json)
             grammar = llguidance.LLMatcher.grammar_from_json_schema(text, overrides=_JSON_OPTIONS)
@@ -211,6 +267,8 @@ class GrammarMatcher:
     """One request's position in its grammar. Not thread-safe: the engine loop owns it."""
 
     def __init__(self, inner: llguidance.LLMatcher, vocab_size: int, width: int) -> None:
+        import torch
+
         self._inner = inner
         self._vocab_size = vocab_size
         self._bitmask = torch.zeros((width + 31) // 32, dtype=torch.int32)
@@ -218,10 +276,15 @@ class GrammarMatcher:
 
     def allowed(self) -> torch.Tensor:
         """bool [vocab_size]: tokens allowed next. Shared with the matcher: do not modify."""
+        import torch
+
         return torch.from_numpy(self._mask_bits()).view(torch.bool)
 
     def apply(self, logits_row: torch.Tensor) -> None:
         """Set the logits of disallowed tokens to -inf, in place."""
+        import numpy as np
+        import torch
+
         if logits_row.shape != (self._vocab_size,):
             raise ValueError(f"logits row {tuple(logits_row.shape)} != ({self._vocab_size},)")
         bits = self._mask_bits()
@@ -252,6 +315,8 @@ class GrammarMatcher:
         return self._inner.is_stopped() and not self._inner.is_error()
 
     def _mask_bits(self) -> np.ndarray:
+        import numpy as np
+
         if self._bits is None:
             self._inner.unsafe_compute_mask_ptr(self._bitmask.data_ptr(), self._bitmask.numel() * 4)
             self._raise_if_failed()

@@ -51,9 +51,11 @@ def fast_path_supported(config: Any, max_len: int) -> bool:
     return getattr(config, "hidden_act", "silu") == "silu"
 
 
-def make_runner(model: Any, num_slots: int, max_len: int, fast_path: bool = True) -> Runner:
+def make_runner(
+    model: Any, num_slots: int, max_len: int, fast_path: bool = True, batch_invariant: bool = True
+) -> Runner:
     if fast_path and fast_path_supported(model.config, max_len):
-        return LlamaRunner(model, num_slots, max_len)
+        return LlamaRunner(model, num_slots, max_len, batch_invariant)
     log.info("model type %s: using the generic transformers runner", model.config.model_type)
     return HFRunner(model, num_slots, max_len)
 
@@ -63,8 +65,11 @@ class Linear:
     2-2.5x faster than the default BLAS at the row counts of a decode step (measured on this
     project's 2-core AVX-512 machine). Elsewhere, plain F.linear."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int, pad_single: bool
+    ) -> None:
         self.bias = bias
+        self.pad_single = pad_single
         self.weight: torch.Tensor | None = weight
         self.packed: torch.Tensor | None = None
         if _onednn_ok(weight):
@@ -74,7 +79,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 and self.pad_single:
             # oneDNN takes a different kernel for a single row, whose sums round differently;
             # from two rows up a row's result does not depend on the others (tested), so a
             # lone row is padded to two and sampling stays the same alone or batched.
@@ -104,7 +109,7 @@ class LayerWeights:
     down: Linear
 
 
-def _stack_layer(layer: Any, batch_hint: int) -> LayerWeights:
+def _stack_layer(layer: Any, batch_hint: int, pad: bool) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     qkv_bias = None
@@ -115,11 +120,11 @@ def _stack_layer(layer: Any, batch_hint: int) -> LayerWeights:
     gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
     return LayerWeights(
         input_norm=layer.input_layernorm.weight,
-        qkv=Linear(torch.cat([p.weight for p in projs]).contiguous(), qkv_bias, batch_hint),
-        o=Linear(attn.o_proj.weight, attn.o_proj.bias, batch_hint),
+        qkv=Linear(torch.cat([p.weight for p in projs]).contiguous(), qkv_bias, batch_hint, pad),
+        o=Linear(attn.o_proj.weight, attn.o_proj.bias, batch_hint, pad),
         post_norm=layer.post_attention_layernorm.weight,
-        gate_up=Linear(gate_up, None, batch_hint),
-        down=Linear(mlp.down_proj.weight, mlp.down_proj.bias, batch_hint),
+        gate_up=Linear(gate_up, None, batch_hint, pad),
+        down=Linear(mlp.down_proj.weight, mlp.down_proj.bias, batch_hint, pad),
     )
 
 
@@ -144,8 +149,11 @@ class AttentionPlan:
 
 
 class LlamaRunner:
-    def __init__(self, model: Any, num_slots: int, max_len: int) -> None:
+    def __init__(
+        self, model: Any, num_slots: int, max_len: int, batch_invariant: bool = True
+    ) -> None:
         cfg = model.config
+        self.batch_invariant = batch_invariant
         self.num_slots, self.max_len = num_slots, max_len
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -157,8 +165,9 @@ class LlamaRunner:
         self.final_norm = inner.norm.weight
         self.rotary = inner.rotary_emb  # transformers' own RoPE, so every rope_scaling works
         with torch.no_grad():
-            self.lm_head = Linear(model.lm_head.weight, None, num_slots)
-            self.layers = [_stack_layer(layer, num_slots) for layer in inner.layers]
+            pad = batch_invariant
+            self.lm_head = Linear(model.lm_head.weight, None, num_slots, pad)
+            self.layers = [_stack_layer(layer, num_slots, pad) for layer in inner.layers]
         shape = (len(self.layers), num_slots, self.num_kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -240,8 +249,11 @@ class LlamaRunner:
         a padded call's kernel blocks its reduction by the longest sequence present.
         """
         out = torch.empty_like(q)
+        spans = plan.spans
+        if not self.batch_invariant:
+            spans = self._decode_padded(i, q, plan, out)
         kc, vc = self.k_cache[i], self.v_cache[i]
-        for sp in plan.spans:
+        for sp in spans:
             end = sp.start + sp.n
             o = F.scaled_dot_product_attention(
                 q[sp.row0 : sp.row0 + sp.n].transpose(0, 1)[None],
@@ -253,6 +265,28 @@ class LlamaRunner:
             )
             out[sp.row0 : sp.row0 + sp.n] = o[0].transpose(0, 1)
         return out
+
+    def _decode_padded(
+        self, i: int, q: torch.Tensor, plan: AttentionPlan, out: torch.Tensor
+    ) -> tuple[ChunkSpan, ...]:
+        """The plain path (--no-batch-invariant): all single-token decodes in one call over
+        the leading slots, padded to the longest and masked. Returns the spans left to do."""
+        decodes = [sp for sp in plan.spans if sp.n == 1 and sp.start > 0]
+        if not decodes:
+            return plan.spans
+        dev = q.device
+        rows = torch.tensor([sp.row0 for sp in decodes], device=dev)
+        slots = torch.tensor([sp.slot for sp in decodes], device=dev)
+        span, length = max(sp.slot for sp in decodes) + 1, max(sp.start for sp in decodes) + 1
+        limit = torch.zeros(span, dtype=torch.long, device=dev)  # idle slots see position 0
+        limit[slots] = torch.tensor([sp.start for sp in decodes], device=dev)
+        mask = (torch.arange(length, device=dev)[None, :] <= limit[:, None])[:, None, None, :]
+        qd = q.new_zeros(span, self.num_heads, 1, self.head_dim)
+        qd[slots] = q[rows][:, :, None, :]
+        kc, vc = self.k_cache[i, :span, :, :length], self.v_cache[i, :span, :, :length]
+        o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=mask, enable_gqa=True)
+        out[rows] = o[slots, :, 0, :]
+        return tuple(sp for sp in plan.spans if not (sp.n == 1 and sp.start > 0))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

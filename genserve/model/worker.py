@@ -39,10 +39,13 @@ class ModelWorker:
         num_slots: int,
         max_len: int,
         fast_path: bool,
+        batch_invariant: bool = True,
         grammars: Any = None,  # genserve.model.grammar.GrammarCompiler
     ) -> None:
         self.loaded = loaded
-        self.runner: Runner = make_runner(loaded.model, num_slots, max_len, fast_path)
+        self.runner: Runner = make_runner(
+            loaded.model, num_slots, max_len, fast_path, batch_invariant
+        )
         self.vocab_size = loaded.model.config.vocab_size
         self.eos_ids = loaded.eos_token_ids
         self.grammars = grammars

@@ -1,5 +1,7 @@
 """The fast-path runner's logits match transformers' own forward."""
 
+from functools import partial
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -52,7 +54,9 @@ def chunk(rid: str, slot: int, ids: list[int], start: int, sample: bool = True) 
 
 
 @pytest.mark.parametrize("make", [llama, qwen2, llama3_rope])
-@pytest.mark.parametrize("runner_cls", [LlamaRunner, HFRunner])
+@pytest.mark.parametrize(
+    "runner_cls", [LlamaRunner, partial(LlamaRunner, batch_invariant=False), HFRunner]
+)
 def test_mixed_prefill_chunks_and_decodes_match_transformers(make, runner_cls) -> None:
     model = make()
     runner = runner_cls(model, 4, 128)

@@ -76,3 +76,11 @@ def test_abort_of_waiting_request_removes_it() -> None:
     run_step(s)
     s.finish(b)
     assert not s.waiting and b.status is SeqStatus.FINISHED
+
+
+def test_without_batch_invariance_prefill_fills_the_budget() -> None:
+    s = Scheduler(num_slots=2, token_budget=10, aligned_chunks=False)
+    s.add(req("a", 8))
+    s.add(req("b", 8))
+    out = run_step(s)
+    assert [(c.seq.request_id, c.start, c.end) for c in out.chunks] == [("a", 0, 8), ("b", 0, 2)]
