@@ -55,12 +55,40 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """Where uploads, jobs and adapters live. SQLite holds metadata; bytes are plain files."""
+
+    data_dir: str = "var/genserve"
+    max_file_bytes: int = 512 * 2**20  # larger uploads are refused with 400, param "file"
+
+    def __post_init__(self) -> None:
+        if not self.data_dir:
+            raise ValueError("data_dir must not be empty")
+        if self.max_file_bytes < 1:
+            raise ValueError("max_file_bytes must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingConfig:
+    """Fine-tuning runs in worker processes beside the serving engine, one job at a time."""
+
+    threads: int = 1  # torch threads of the training worker: its share of the CPU
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError("training threads must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     retry_after_s: int = 1  # Retry-After sent with 429 when the queue is full
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

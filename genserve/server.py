@@ -12,6 +12,7 @@ from genserve.api.models import ServedModel
 from genserve.config import EngineConfig, ServerConfig
 from genserve.engine.client import AsyncEngine
 from genserve.engine.core import EngineCore
+from genserve.model.grammar import GrammarCompiler
 from genserve.model.loading import LoadedModel, ModelLoadError, load_model
 from genserve.model.runner import kv_bytes_per_token
 from genserve.model.worker import ModelWorker
@@ -40,7 +41,11 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         mc.ref, mc.dtype, mc.device, mc.trust_remote_code, mc.allow_pickle, mc.served_name
     )
     slots, max_len = cache_shape(cfg.engine, loaded.max_context)
-    worker = ModelWorker(loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant)
+    vocab = loaded.model.config.vocab_size
+    grammars = GrammarCompiler(loaded.tokenizer, vocab, stop_token_ids=loaded.eos_token_ids)
+    worker = ModelWorker(
+        loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant, grammars
+    )
     _log_cache(loaded, slots, max_len, type(worker.runner).__name__)
     core = EngineCore(
         worker,
@@ -55,12 +60,14 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         id=loaded.name,
         created=int(time.time()),
         engine=engine,
+        path=loaded.path,
         tokenizer=loaded.tokenizer,
         chat_template=loaded.chat_template,
         max_len=max_len,
         fingerprint=fingerprint(loaded, type(worker.runner).__name__),
         vocab_size=worker.vocab_size,
         token_text=TokenText(loaded.tokenizer),
+        grammars=grammars,
     )
 
 

@@ -12,6 +12,7 @@ from genserve.api.generation import (
     ChoiceDelta,
     build_requests,
     collect,
+    grammar_spec,
     new_id,
     open_streams,
     sampling_params,
@@ -27,11 +28,6 @@ router = APIRouter()
 def check_chat_body(body: ChatCompletionRequest) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise bad_request(
-            f"response_format {body.response_format.type!r} is not supported yet",
-            param="response_format",
-        )
     if body.tools:
         raise bad_request("tool calling is not supported by this server", param="tools")
 
@@ -71,20 +67,24 @@ def max_new_tokens(served: ServedModel, body: ChatCompletionRequest, prompt_len:
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    served = services(request).get(body.model)
+    target = services(request).get(body.model)
+    served = target.served
     check_chat_body(body)
     prompt = chat_prompt(served, body)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = max_new_tokens(served, body, len(prompt))
-    params = sampling_params(body, max_tokens, served.vocab_size, logprobs)
+    grammar = grammar_spec(body, served.grammars)
+    params = sampling_params(body, max_tokens, served.vocab_size, logprobs, grammar=grammar)
     cid, created = new_id("chatcmpl"), int(time.time())
     streams = open_streams(
-        served.engine, build_requests([prompt], params, body.n or 1, cid), "messages"
+        served.engine,
+        build_requests([prompt], params, body.n or 1, cid, target.adapter),
+        "messages",
     )
     base = {
         "id": cid,
         "created": created,
-        "model": served.id,
+        "model": target.id,
         "system_fingerprint": served.fingerprint,
     }
     if body.stream:

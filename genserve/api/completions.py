@@ -13,6 +13,7 @@ from genserve.api.generation import (
     ChoiceState,
     build_requests,
     collect,
+    grammar_spec,
     new_id,
     open_streams,
     sampling_params,
@@ -54,7 +55,8 @@ def prompt_ids(served: ServedModel, prompt) -> list[list[int]]:  # noqa: ANN001 
 
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request):
-    served = services(request).get(body.model)
+    target = services(request).get(body.model)
+    served = target.served
     check_completion_body(body)
     prompts = prompt_ids(served, body.prompt)
     n = body.n or 1
@@ -62,15 +64,17 @@ async def create_completion(body: CompletionRequest, request: Request):
     # best_of ranks candidates by cumulative logprob, so it needs them even when not shown.
     logprobs = body.logprobs if body.logprobs is not None else (0 if best_of > n else None)
     echo_lps = body.logprobs if body.echo else None
-    params = sampling_params(body, body.max_tokens or 16, served.vocab_size, logprobs, echo_lps)
+    grammar = grammar_spec(body, served.grammars)
+    max_tokens = body.max_tokens or 16
+    params = sampling_params(body, max_tokens, served.vocab_size, logprobs, echo_lps, grammar)
     cid, created = new_id("cmpl"), int(time.time())
-    requests = build_requests(prompts, params, best_of, cid)
+    requests = build_requests(prompts, params, best_of, cid, target.adapter)
     streams = open_streams(served.engine, requests, "prompt")
     base = {
         "id": cid,
         "object": "text_completion",
         "created": created,
-        "model": served.id,
+        "model": target.id,
         "system_fingerprint": served.fingerprint,
     }
     prompt_tokens = sum(len(p) for p in prompts)

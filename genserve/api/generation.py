@@ -7,6 +7,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request as HTTPRequest
 
@@ -14,7 +15,15 @@ from genserve.api.errors import APIError, bad_request
 from genserve.api.schemas import SamplingFields
 from genserve.engine.client import AsyncEngine, ContextLengthError, EngineError
 from genserve.engine.scheduler import QueueFullError
-from genserve.engine.types import GrammarSpec, Request, SamplingParams, TokenDelta, TokenLogprob
+from genserve.engine.types import (
+    JSON_OBJECT,
+    GrammarSpec,
+    Request,
+    SamplingParams,
+    TokenDelta,
+    TokenLogprob,
+    UnsupportedSchemaError,
+)
 
 SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of a call's n choices apart
 SEED_MASK = (1 << 63) - 1
@@ -72,6 +81,24 @@ def parse_logit_bias(
     return tuple(sorted(out))
 
 
+def grammar_spec(body: SamplingFields, grammars: Any) -> GrammarSpec | None:
+    """response_format -> a grammar the engine enforces; 400 for what cannot be enforced."""
+    rf = body.response_format
+    if rf is None or rf.type == "text":
+        return None
+    try:
+        if rf.type == JSON_OBJECT:
+            spec = GrammarSpec.json_object()
+        elif rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise UnsupportedSchemaError("response_format.json_schema.schema is required")
+        else:
+            spec = GrammarSpec.json_schema(rf.json_schema.schema_)
+        grammars.validate(spec)
+    except UnsupportedSchemaError as e:
+        raise bad_request(str(e), "response_format") from e
+    return spec
+
+
 def sampling_params(
     body: SamplingFields,
     max_tokens: int,
@@ -114,13 +141,17 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 
 
 def build_requests(
-    prompts: list[list[int]], params: SamplingParams, n: int, prefix: str
+    prompts: list[list[int]],
+    params: SamplingParams,
+    n: int,
+    prefix: str,
+    adapter: str | None = None,
 ) -> list[Request]:
     out = []
     for p, ids in enumerate(prompts):
         for i in range(n):
             seeded = SamplingParams(**{**_fields(params), "seed": choice_seed(params.seed, i)})
-            out.append(Request(f"{prefix}-{p * n + i}", list(ids), seeded))
+            out.append(Request(f"{prefix}-{p * n + i}", list(ids), seeded, adapter))
     return out
 
 

@@ -34,7 +34,7 @@ class DetokenizeRequest(BaseModel):
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
-    served = services(request).get(body.model)
+    served = services(request).get(body.model).served
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of `prompt` and `messages`", "prompt")
     if body.messages is not None:
@@ -47,7 +47,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
-    served = services(request).get(body.model)
+    served = services(request).get(body.model).served
     if any(t >= served.vocab_size for t in body.tokens):
         raise bad_request(f"token ids must be in [0, {served.vocab_size})", "tokens")
     return {"prompt": served.tokenizer.decode(body.tokens)}

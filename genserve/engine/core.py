@@ -161,6 +161,7 @@ class EngineCore:
                     sample=c.sample,
                     params=c.seq.request.params,
                     num_generated=len(c.seq.output_ids),
+                    adapter=c.seq.request.adapter,
                 )
                 for c in batch.chunks
             )

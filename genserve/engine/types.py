@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class FinishReason(enum.StrEnum):
@@ -13,12 +16,57 @@ class FinishReason(enum.StrEnum):
     ABORT = "abort"  # the client went away; never sent to a client
 
 
+JSON_OBJECT = "json_object"
+JSON_SCHEMA = "json_schema"
+
+
+class UnsupportedSchemaError(ValueError):
+    """A response_format the server cannot enforce; the message names what and where."""
+
+
 @dataclass(frozen=True, slots=True)
 class GrammarSpec:
-    """A constraint on the output: any JSON object, or JSON matching a schema."""
+    """What a request's output must match; hashable, so compiled grammars are cached by it."""
 
     kind: str  # "json_object" | "json_schema"
-    schema_json: str | None = None  # canonical JSON text of the schema
+    schema_json: str | None = None  # JSON text of the schema, for kind "json_schema"
+
+    def __post_init__(self) -> None:
+        if self.kind == JSON_OBJECT and self.schema_json is not None:
+            raise ValueError("a json_object grammar takes no schema")
+        if self.kind == JSON_SCHEMA and not isinstance(self.schema_json, str):
+            raise ValueError("a json_schema grammar needs the schema's JSON text")
+        if self.kind not in (JSON_OBJECT, JSON_SCHEMA):
+            raise ValueError(f"unknown grammar kind {self.kind!r}")
+
+    @classmethod
+    def from_response_format(cls, response_format: Mapping[str, Any] | None) -> GrammarSpec | None:
+        """OpenAI's `response_format` body field (as plain data); None means free text."""
+        kind = (response_format or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == JSON_OBJECT:
+            return cls.json_object()
+        if kind != JSON_SCHEMA:
+            raise UnsupportedSchemaError(f"response_format type {kind!r} is not supported")
+        schema = ((response_format or {}).get("json_schema") or {}).get("schema")
+        if not isinstance(schema, Mapping):
+            raise UnsupportedSchemaError("response_format.json_schema.schema must be an object")
+        return cls.json_schema(schema)
+
+    @classmethod
+    def json_object(cls) -> GrammarSpec:
+        return cls(JSON_OBJECT)
+
+    @classmethod
+    def json_schema(cls, schema: Mapping[str, Any]) -> GrammarSpec:
+        """Compact text, keys NOT sorted: llguidance emits properties in the order the schema
+        lists them (as OpenAI does), so sorting would reorder every generated object."""
+        try:
+            text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise UnsupportedSchemaError(f"response_format schema is not JSON: {exc}") from exc
+        return cls(JSON_SCHEMA, text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +128,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    adapter: str | None = None  # LoRA adapter id; None: the base model
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -141,6 +190,7 @@ class ChunkInput:
     sample: bool  # a new token is sampled after the last of these
     params: SamplingParams
     num_generated: int  # tokens generated so far (min_tokens suppresses EOS until reached)
+    adapter: str | None = None  # LoRA adapter applied to this chunk's rows
 
     @property
     def num_logit_rows(self) -> int:

@@ -38,9 +38,15 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+
+from genserve.engine.types import (  # noqa: F401 - re-exported
+    JSON_OBJECT,
+    JSON_SCHEMA,
+    GrammarSpec,
+    UnsupportedSchemaError,
+)
 
 # torch, numpy and llguidance are imported where they are used: api/ and engine/ import
 # GrammarSpec and UnsupportedSchemaError from here and must stay free of torch (DESIGN.md).
@@ -49,8 +55,6 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-JSON_OBJECT = "json_object"
-JSON_SCHEMA = "json_schema"
 
 # Keywords llguidance enforces (each checked against violating documents by the bench).
 _ENFORCED = frozenset(
@@ -144,55 +148,6 @@ _ANY_OBJECT = '{"type":"object"}'
 _MAX_ERROR_CHARS = 300
 # -inf as float32 bits: (allowed - 1) & this is 0.0 for an allowed token and -inf otherwise.
 _NEG_INF_BITS = -8388608  # 0xFF800000
-
-
-class UnsupportedSchemaError(ValueError):
-    """A response_format the server cannot enforce; the message names what and where."""
-
-
-@dataclass(frozen=True, slots=True)
-class GrammarSpec:
-    """What a request's output must match; hashable, so compiled grammars are cached by it."""
-
-    kind: str  # "json_object" | "json_schema"
-    schema_json: str | None = None  # JSON text of the schema, for kind "json_schema"
-
-    def __post_init__(self) -> None:
-        if self.kind == JSON_OBJECT and self.schema_json is not None:
-            raise ValueError("a json_object grammar takes no schema")
-        if self.kind == JSON_SCHEMA and not isinstance(self.schema_json, str):
-            raise ValueError("a json_schema grammar needs the schema's JSON text")
-        if self.kind not in (JSON_OBJECT, JSON_SCHEMA):
-            raise ValueError(f"unknown grammar kind {self.kind!r}")
-
-    @classmethod
-    def from_response_format(cls, response_format: Mapping[str, Any] | None) -> GrammarSpec | None:
-        """OpenAI's `response_format` body field (as plain data); None means free text."""
-        kind = (response_format or {}).get("type", "text")
-        if kind == "text":
-            return None
-        if kind == JSON_OBJECT:
-            return cls.json_object()
-        if kind != JSON_SCHEMA:
-            raise UnsupportedSchemaError(f"response_format type {kind!r} is not supported")
-        schema = ((response_format or {}).get("json_schema") or {}).get("schema")
-        if not isinstance(schema, Mapping):
-            raise UnsupportedSchemaError("response_format.json_schema.schema must be an object")
-        return cls.json_schema(schema)
-
-    @classmethod
-    def json_object(cls) -> GrammarSpec:
-        return cls(JSON_OBJECT)
-
-    @classmethod
-    def json_schema(cls, schema: Mapping[str, Any]) -> GrammarSpec:
-        """Compact text, keys NOT sorted: llguidance emits properties in the order the schema
-        lists them (as OpenAI does), so sorting would reorder every generated object."""
-        try:
-            text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise UnsupportedSchemaError(f"response_format schema is not JSON: {exc}") from exc
-        return cls(JSON_SCHEMA, text)
 
 
 class GrammarCompiler:

@@ -10,12 +10,18 @@ token depends only on its own logits and generator, never on the rows beside it 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from genserve.engine.types import TokenLogprob
 
 NEG_INF = float("-inf")
+
+
+class Constraint(Protocol):
+    def apply(self, logits_row: torch.Tensor) -> None:
+        """Set the logits of tokens that may not come next to -inf, in place."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +38,7 @@ class SamplingRow:
     repetition_penalty: float = 1.0
     counts: torch.Tensor | None = None  # [V] how often each token was generated so far
     seen: torch.Tensor | None = None  # [V] bool: in the prompt or generated so far
-    allowed: torch.Tensor | None = None  # [V] bool: what a grammar allows next
+    constraint: Constraint | None = None  # a grammar: what may come next
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top k
 
     @property
@@ -66,8 +72,8 @@ def apply_penalties(row: torch.Tensor, r: SamplingRow) -> None:
 def apply_masks(row: torch.Tensor, r: SamplingRow) -> None:
     if r.suppress:
         row[list(r.suppress)] = NEG_INF
-    if r.allowed is not None:
-        row.masked_fill_(~r.allowed, NEG_INF)
+    if r.constraint is not None:
+        r.constraint.apply(row)
 
 
 def process(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

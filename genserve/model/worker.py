@@ -106,7 +106,7 @@ class ModelWorker:
             repetition_penalty=p.repetition_penalty,
             counts=state.counts,
             seen=state.seen,
-            allowed=state.grammar.allowed() if state.grammar is not None else None,
+            constraint=state.grammar,
             logprobs=p.logprobs,
         )
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jsonschema
 import pytest
@@ -139,8 +141,10 @@ def test_json_object_random_runs_that_finish_are_objects(compiler, tokenizer):
         ("propertyNames", {"type": "object", "propertyNames": {"maxLength": 3}}),
         ("dependentRequired", {"type": "object", "dependentRequired": {"a": ["b"]}}),
         ("nullable", {"type": "integer", "nullable": True}),
-        ("additionalItems", {"type": "array", "items": [{"type": "integer"}],
-                             "additionalItems": False}),
+        (
+            "additionalItems",
+            {"type": "array", "items": [{"type": "integer"}], "additionalItems": False},
+        ),
         ("contentEncoding", {"type": "string", "contentEncoding": "base64"}),
         ("x-guidance", {"type": "integer", "x-guidance": {"lenient": True}}),
         ("int32", {"type": "integer", "format": "int32"}),
@@ -192,7 +196,7 @@ def test_apply_sets_exactly_the_disallowed_logits_to_minus_inf(compiler, tokeniz
     feed(matcher, tokenizer, '{"id":7,"status":"')
     allowed = matcher.allowed()
     assert allowed.dtype == torch.bool and allowed.shape == (vocab(tokenizer),)
-    assert not allowed[len(tokenizer):].any()
+    assert not allowed[len(tokenizer) :].any()
     for dtype in (torch.float32, torch.bfloat16):
         logits = torch.randn(vocab(tokenizer)).to(dtype)
         before = logits.clone()
@@ -234,3 +238,12 @@ def test_schema_that_is_not_an_object_is_refused(compiler):
         compiler.validate(GrammarSpec("json_schema", "[1, 2]"))
     with pytest.raises(UnsupportedSchemaError, match="not JSON"):
         compiler.validate(GrammarSpec("json_schema", "{"))
+
+
+def test_spec_and_error_import_without_torch():
+    # api/ and engine/ build GrammarSpec and catch UnsupportedSchemaError; they never load torch.
+    code = (
+        "import sys; from genserve.model.grammar import GrammarSpec, UnsupportedSchemaError; "
+        "GrammarSpec.json_object(); assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

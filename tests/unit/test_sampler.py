@@ -90,8 +90,12 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative() -> None:
 
 def test_suppressed_and_grammar_masked_tokens_are_never_drawn() -> None:
     assert sample(LOGITS, [row(temperature=0, suppress=(0,))]).tokens == [1]
-    allowed = torch.tensor([False, False, True, True])
-    assert tokens(LOGITS, allowed=allowed) == {2, 3}
+
+    class OnlyTwoAndThree:
+        def apply(self, row: torch.Tensor) -> None:
+            row[:2] = float("-inf")
+
+    assert tokens(LOGITS, constraint=OnlyTwoAndThree()) == {2, 3}
 
 
 def test_logprobs_are_the_models_sorted_and_normalised() -> None:
