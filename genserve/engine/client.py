@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future
+from pathlib import Path
 
-from genserve.engine.core import EngineCore
+from genserve.engine.core import AdapterOp, EngineCore
 from genserve.engine.scheduler import QueueFullError
 from genserve.engine.types import EngineStats, FinishReason, Request, TokenDelta
 
@@ -36,6 +38,18 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self.core.stats()
+
+    async def add_adapter(self, name: str, path: Path) -> None:
+        """Load a LoRA adapter between two engine steps; raises what loading raised."""
+        await self._adapter_op(name, path)
+
+    async def remove_adapter(self, name: str) -> None:
+        await self._adapter_op(name, None)
+
+    async def _adapter_op(self, name: str, path: Path | None) -> None:
+        done: Future[None] = Future()
+        self.core.submit_adapter_op(AdapterOp(name, path, done))
+        await asyncio.wrap_future(done)
 
     def check_context(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len + max_tokens > self.max_len:

@@ -6,7 +6,9 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from genserve.engine.detokenizer import Decoder, IncrementalDetokenizer
@@ -36,6 +38,7 @@ class Worker(Protocol):
     """What the engine needs of the model side (genserve.model.worker.ModelWorker)."""
 
     eos_ids: tuple[int, ...]
+    adapters: set[str]
 
     def start(self, request: Request) -> None: ...
 
@@ -43,12 +46,25 @@ class Worker(Protocol):
 
     def release(self, request_id: str, slot: int) -> None: ...
 
+    def add_adapter(self, name: str, path: Path) -> None: ...
+
+    def remove_adapter(self, name: str) -> None: ...
+
     def execute(self, step: StepInput) -> list[SampledToken]: ...
 
 
 @dataclass(frozen=True, slots=True)
 class Abort:
     request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterOp:
+    """Load (path set) or unload (path None) a LoRA adapter between two steps."""
+
+    name: str
+    path: Path | None
+    done: Future  # concurrent.futures.Future: the caller awaits the outcome
 
 
 @dataclass(slots=True)
@@ -128,10 +144,35 @@ class EngineCore:
                 return False
             if isinstance(item, Abort):
                 self._abort(item.request_id)
+            elif isinstance(item, AdapterOp):
+                self._adapter_op(item)
             else:
                 self._add(item)
 
+    def submit_adapter_op(self, op: AdapterOp) -> None:
+        self.inbox.put(op)
+
+    def _adapter_op(self, op: AdapterOp) -> None:
+        try:
+            if op.path is None:
+                # Requests still using it end now (their clients see an error), never mid-swap.
+                for rid, live in list(self.live.items()):
+                    if live.seq.request.adapter == op.name:
+                        self._abort(rid)
+                self.worker.remove_adapter(op.name)
+            else:
+                self.worker.add_adapter(op.name, op.path)
+        except Exception as e:  # noqa: BLE001 - the caller gets it, the engine goes on
+            op.done.set_exception(e)
+        else:
+            op.done.set_result(None)
+
     def _add(self, request: Request) -> None:
+        if request.adapter is not None and request.adapter not in self.worker.adapters:
+            # Its adapter was removed after the API accepted it: end it alone, not the step.
+            prompt = len(request.prompt_token_ids)
+            self.publish([TokenDelta(request.request_id, (), "", FinishReason.ABORT, prompt, 0)])
+            return
         seq = self.scheduler.add(request)
         tail = request.prompt_token_ids[-5:]
         self.live[request.request_id] = Live(

@@ -14,12 +14,14 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from genserve.engine.types import StepInput
+from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,10 @@ class Runner(Protocol):
     def execute(self, step: StepInput) -> torch.Tensor: ...
 
     def release(self, slot: int) -> None: ...
+
+    def add_adapter(self, name: str, path: Path) -> None: ...
+
+    def remove_adapter(self, name: str) -> None: ...
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -146,6 +152,7 @@ class AttentionPlan:
     write_slots: torch.Tensor  # [T] slot of each token
     write_pos: torch.Tensor  # [T] position of each token
     spans: tuple[ChunkSpan, ...]
+    lora_rows: dict[str, torch.Tensor]  # adapter -> its rows in the flat batch
 
 
 class LlamaRunner:
@@ -168,6 +175,8 @@ class LlamaRunner:
             pad = batch_invariant
             self.lm_head = Linear(model.lm_head.weight, None, num_slots, pad)
             self.layers = [_stack_layer(layer, num_slots, pad) for layer in inner.layers]
+        self.lora = LoraSet()
+        self.base_shape = _base_shape(cfg, self.num_heads, self.num_kv_heads, self.head_dim)
         shape = (len(self.layers), num_slots, self.num_kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -203,10 +212,13 @@ class LlamaRunner:
 
     def _plan(self, step: StepInput, positions: torch.Tensor) -> AttentionPlan:
         slots, spans = [], []
+        lora: dict[str, list[int]] = {}
         row = 0
         for c in step.chunks:
             n = len(c.token_ids)
             slots.extend([c.slot] * n)
+            if c.adapter is not None:
+                lora.setdefault(c.adapter, []).extend(range(row, row + n))
             mask = None
             if c.start and n > 1:  # a later prompt chunk sees the whole cached prefix
                 mask = torch.ones(n, c.start + n, dtype=torch.bool, device=self.device)
@@ -217,6 +229,7 @@ class LlamaRunner:
             write_slots=torch.tensor(slots, device=self.device),
             write_pos=positions,
             spans=tuple(spans),
+            lora_rows={k: torch.tensor(v, device=self.device) for k, v in lora.items()},
         )
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -226,7 +239,7 @@ class LlamaRunner:
 
     def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, cos, sin, plan) -> torch.Tensor:
         h = self._norm(x, w.input_norm)
-        qkv = w.qkv(h)
+        qkv = self._project(i, "qkv", w.qkv, h, plan)
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -236,10 +249,27 @@ class LlamaRunner:
         self.k_cache[i, plan.write_slots, :, plan.write_pos] = k
         self.v_cache[i, plan.write_slots, :, plan.write_pos] = v
         attn = self._attention(i, q, plan)
-        x = x + w.o(attn.reshape(-1, q_size))
+        x = x + self._project(i, "o", w.o, attn.reshape(-1, q_size), plan)
         h = self._norm(x, w.post_norm)
-        gate, up = w.gate_up(h).chunk(2, dim=-1)
-        return x + w.down(F.silu(gate) * up)
+        gate, up = self._project(i, "gate_up", w.gate_up, h, plan).chunk(2, dim=-1)
+        return x + self._project(i, "down", w.down, F.silu(gate) * up, plan)
+
+    def _project(self, i: int, stack: str, lin: Linear, h: torch.Tensor, plan) -> torch.Tensor:
+        y = lin(h)
+        if plan.lora_rows:
+            self.lora.apply(i, stack, h, y, plan.lora_rows)
+        return y
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        adapter = load_adapter(name, path, self.base_shape, self._pack)
+        self.lora.add(adapter)
+
+    def remove_adapter(self, name: str) -> None:
+        self.lora.remove(name)
+
+    def _pack(self, weight: torch.Tensor) -> Linear:
+        w = weight.to(device=self.device, dtype=self.dtype).contiguous()
+        return Linear(w, None, self.num_slots, self.batch_invariant)
 
     def _attention(self, i: int, q: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """Each sequence attends over exactly its own cached length, through views of its slot.
@@ -289,6 +319,23 @@ class LlamaRunner:
         return tuple(sp for sp in plan.spans if not (sp.n == 1 and sp.start > 0))
 
 
+def _base_shape(cfg: Any, heads: int, kv_heads: int, head_dim: int) -> BaseShape:
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return BaseShape(
+        num_layers=cfg.num_hidden_layers,
+        in_features={
+            "q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": q,
+            "gate_proj": hidden, "up_proj": hidden, "down_proj": inter,
+        },
+        slices={
+            "q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv),
+            "o_proj": slice(0, hidden), "gate_proj": slice(0, inter),
+            "up_proj": slice(inter, 2 * inter), "down_proj": slice(0, hidden),
+        },
+    )  # fmt: skip
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding in transformers' rotate-half layout; x is [T, heads, head_dim]."""
     cos, sin = cos[:, None, :], sin[:, None, :]
@@ -310,6 +357,15 @@ class HFRunner:
 
     def release(self, slot: int) -> None:
         self.caches.pop(slot, None)
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        raise AdapterError(
+            f"LoRA adapters are served on the Llama-family fast path only; "
+            f"{self.model.config.model_type} runs on the generic runner"
+        )
+
+    def remove_adapter(self, name: str) -> None:
+        """Nothing was ever added."""
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ class ModelWorker:
         self.eos_ids = loaded.eos_token_ids
         self.grammars = grammars
         self._state: dict[str, RequestState] = {}
+        self.adapters: set[str] = set()
 
     def start(self, request: Request) -> None:
         """Every request gets its own generator; an unseeded one gets a fresh random seed."""
@@ -67,6 +69,14 @@ class ModelWorker:
         if p.prompt_logprobs is not None:
             state.prompt_logprobs = [None]  # the first prompt token has no context
         self._state[request.request_id] = state
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        self.runner.add_adapter(name, path)
+        self.adapters.add(name)
+
+    def remove_adapter(self, name: str) -> None:
+        self.runner.remove_adapter(name)
+        self.adapters.discard(name)
 
     def release(self, request_id: str, slot: int) -> None:
         self._state.pop(request_id, None)

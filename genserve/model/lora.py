@@ -1,0 +1,132 @@
+"""LoRA adapters served beside their base model, applied per row (as LoRAX does).
+
+A step's rows may each use a different adapter, or none: the base projections run once for
+all rows, then each adapter adds B(A(h)) * scale to its own rows only. Adapters are read from
+peft's format (adapter_config.json + adapter_model.safetensors), safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file
+
+if TYPE_CHECKING:
+    from genserve.model.runner import Linear
+
+# peft module name -> (our stacked projection, index of its slice in that stack)
+TARGETS = {
+    "q_proj": ("qkv", 0),
+    "k_proj": ("qkv", 1),
+    "v_proj": ("qkv", 2),
+    "o_proj": ("o", 0),
+    "gate_proj": ("gate_up", 0),
+    "up_proj": ("gate_up", 1),
+    "down_proj": ("down", 0),
+}
+KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+class AdapterError(ValueError):
+    """The adapter cannot be served on this base model; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoraPair:
+    a: Linear  # [r, in]
+    b: Linear  # [out, r]
+    scale: float
+    out: slice  # where its output lands in the stacked projection
+
+
+@dataclass(frozen=True, slots=True)
+class Adapter:
+    name: str
+    layers: tuple[dict[str, tuple[LoraPair, ...]], ...]  # per layer: stack name -> pairs
+
+
+@dataclass(frozen=True, slots=True)
+class BaseShape:
+    """What an adapter must fit: layer count and each projection's in/out sizes and slices."""
+
+    num_layers: int
+    in_features: dict[str, int]  # peft module name -> input width
+    slices: dict[str, slice]  # peft module name -> output slice within its stack
+
+
+def read_config(path: Path) -> dict:
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: no readable adapter_config.json ({e})") from e
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: only LoRA adapters are served, not {cfg.get('peft_type')}")
+    if cfg.get("bias", "none") != "none" or cfg.get("fan_in_fan_out"):
+        raise AdapterError(f"{path}: LoRA bias and fan_in_fan_out are not supported")
+    return cfg
+
+
+def load_adapter(name: str, path: Path, base: BaseShape, make_linear) -> Adapter:  # noqa: ANN001
+    """Read, check against the base model, and pack the weights (make_linear packs one)."""
+    cfg = read_config(path)
+    weights_file = path / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise AdapterError(f"{path}: adapter_model.safetensors is missing (pickle is refused)")
+    r = int(cfg["r"])
+    alpha = float(cfg.get("lora_alpha", r))
+    scale = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
+    tensors = _pairs(load_file(str(weights_file)), base)
+    layers: list[dict[str, list[LoraPair]]] = [{} for _ in range(base.num_layers)]
+    for (layer, module), (a, b) in sorted(tensors.items()):
+        stack = TARGETS[module][0]
+        pair = LoraPair(make_linear(a), make_linear(b), scale, base.slices[module])
+        layers[layer].setdefault(stack, []).append(pair)
+    return Adapter(name, tuple({k: tuple(v) for k, v in d.items()} for d in layers))
+
+
+def _pairs(raw: dict[str, torch.Tensor], base: BaseShape) -> dict:
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in raw.items():
+        m = KEY.search(key)
+        if m is None or m.group(2) not in TARGETS:
+            raise AdapterError(f"unexpected adapter weight {key!r}")
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= base.num_layers:
+            raise AdapterError(f"adapter has layer {layer}; the base model has {base.num_layers}")
+        found.setdefault((layer, module), {})[ab] = tensor.float()
+    out = {}
+    for (layer, module), ab in found.items():
+        a, b = ab.get("A"), ab.get("B")
+        if a is None or b is None:
+            raise AdapterError(f"layer {layer} {module}: lora_A or lora_B is missing")
+        sl = base.slices[module]
+        if a.shape[1] != base.in_features[module] or b.shape[0] != sl.stop - sl.start:
+            raise AdapterError(f"layer {layer} {module}: shapes do not fit the base model")
+        out[(layer, module)] = (a, b)
+    return out
+
+
+@dataclass(slots=True)
+class LoraSet:
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+
+    def add(self, adapter: Adapter) -> None:
+        self.adapters[adapter.name] = adapter
+
+    def remove(self, name: str) -> None:
+        self.adapters.pop(name, None)
+
+    def apply(self, layer: int, stack: str, h: torch.Tensor, y: torch.Tensor, groups: dict) -> None:
+        """y[rows] += B(A(h[rows])) * scale, for each adapter's own rows."""
+        for name, rows in groups.items():
+            pairs = self.adapters[name].layers[layer].get(stack, ())
+            if not pairs:
+                continue
+            hr = h[rows]
+            for p in pairs:
+                y[rows, p.out] += p.b(p.a(hr)) * p.scale
