@@ -18,6 +18,16 @@ def main() -> None:
     """genserve command line."""
 
 
+def parse_lora_modules(items: list[str]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"--lora-modules wants NAME=PATH, got {item!r}")
+        pairs.append((name, path))
+    return tuple(pairs)
+
+
 @app.command()
 def serve(
     model: Annotated[
@@ -45,6 +55,10 @@ def serve(
     ] = True,
     trust_remote_code: Annotated[bool, typer.Option(help="Run code shipped with a model.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Load .bin/.pt pickle weights.")] = False,
+    lora_modules: Annotated[
+        list[str] | None,
+        typer.Option(help="Serve a LoRA adapter folder as NAME=PATH (repeatable)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
 ) -> None:
     """Serve a model with the OpenAI-compatible API."""
@@ -60,7 +74,13 @@ def serve(
             host=host,
             port=port,
             model=ModelConfig(
-                model, served_model_name, dtype, device, trust_remote_code, allow_pickle
+                model,
+                served_model_name,
+                dtype,
+                device,
+                trust_remote_code,
+                allow_pickle,
+                parse_lora_modules(lora_modules or []),
             ),
             engine=EngineConfig(
                 max_batch_size=max_batch_size,

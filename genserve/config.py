@@ -44,6 +44,7 @@ class ModelConfig:
     device: str = "auto"
     trust_remote_code: bool = False  # refused unless the operator opts in
     allow_pickle: bool = False  # .bin/.pt checkpoints are refused unless opted in
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (model id, adapter folder) served at start
 
     def __post_init__(self) -> None:
         if not self.ref:

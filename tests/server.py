@@ -63,10 +63,14 @@ def wait_healthy(server: LiveServer, timeout: float) -> None:
         if server.proc.poll() is not None:
             raise RuntimeError(f"server exited early:\n{server.log()}")
         try:
-            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                return
+            r = httpx.get(server.url + "/health", timeout=2)
         except httpx.HTTPError:
-            pass
+            r = None
+        if r is not None and r.status_code == 200:
+            return
+        if r is not None and r.json().get("status") == "failed":
+            server.stop()
+            raise RuntimeError(f"server failed to load: {r.json().get('error')}")
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"server not healthy after {timeout}s:\n{server.log()}")

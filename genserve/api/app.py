@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from genserve import __version__
 from genserve.api import chat, completions, errors, models, tokenize
-from genserve.api.models import ServedModel, Services
+from genserve.api.models import AdapterSpec, ServedModel, Services
+from genserve.bundled import bundled_adapters
 from genserve.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,23 @@ async def _load(svc: Services, config: ServerConfig, loader: Loader) -> None:
         return
     served.engine.start()
     svc.models[served.id] = served
+    try:
+        await _serve_adapters(svc, served, config)
+    except Exception as e:  # noqa: BLE001 - an adapter the operator asked for must not be skipped
+        log.exception("adapter failed to load")
+        svc.load_error = f"adapter failed to load: {e}"
+        return
     svc.ready = True
-    log.info("ready: %s", served.id)
+    log.info("ready: %s", ", ".join(m["id"] for m in svc.cards()))
+
+
+async def _serve_adapters(svc: Services, served: ServedModel, config: ServerConfig) -> None:
+    """--lora-modules, plus adapters bundled for a bundled base (genserve-starter-chat)."""
+    modules = [(name, Path(path)) for name, path in config.model.lora_modules]
+    modules += bundled_adapters(config.model.ref)
+    for name, path in modules:
+        spec = AdapterSpec(id=name, base=served.id, path=path, created=int(time.time()))
+        await svc.register_adapter(spec)
 
 
 async def health(request: Request) -> JSONResponse:

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from genserve.bundled import BUNDLED_DIR, bundled_names
+
 log = logging.getLogger(__name__)
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -49,12 +50,6 @@ class LoadedModel:
     max_context: int
     device: torch.device
     dtype: torch.dtype
-
-
-def bundled_names() -> list[str]:
-    if not BUNDLED_DIR.is_dir():
-        return []
-    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())
 
 
 def resolve_model_ref(ref: str) -> Path:
