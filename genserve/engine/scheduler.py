@@ -133,6 +133,10 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             budget -= self._prefill(seq, budget, chunks)
+        # Sequences of one adapter side by side: the model applies each adapter to one
+        # contiguous block of rows (views, no gathers). Rows are independent, so the order
+        # changes no result.
+        chunks.sort(key=lambda c: c.seq.request.adapter or "")
         return SchedulerOutput(tuple(chunks))
 
     def _chunk_end(self, seq: Sequence, budget: int) -> int:

@@ -37,17 +37,25 @@ class AdapterError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class LoraPair:
-    a: Linear  # [r, in]
-    b: Linear  # [out, r]
-    scale: float
+class LoraB:
+    b: Linear  # [out, r], the adapter's scale folded in
+    a_cols: slice  # its rank's columns in the stacked A output
     out: slice  # where its output lands in the stacked projection
+
+
+@dataclass(frozen=True, slots=True)
+class LoraStack:
+    """One stacked projection (qkv, o, gate_up, down) of one layer: a single matmul for all
+    its A matrices, then one small B matmul per targeted module."""
+
+    a: Linear  # [sum of ranks, in]
+    bs: tuple[LoraB, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Adapter:
     name: str
-    layers: tuple[dict[str, tuple[LoraPair, ...]], ...]  # per layer: stack name -> pairs
+    layers: tuple[dict[str, LoraStack], ...]  # per layer: stack name -> its LoRA
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +88,23 @@ def load_adapter(name: str, path: Path, base: BaseShape, make_linear) -> Adapter
     r = int(cfg["r"])
     alpha = float(cfg.get("lora_alpha", r))
     scale = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
-    tensors = _pairs(load_file(str(weights_file)), base)
-    layers: list[dict[str, list[LoraPair]]] = [{} for _ in range(base.num_layers)]
-    for (layer, module), (a, b) in sorted(tensors.items()):
-        stack = TARGETS[module][0]
-        pair = LoraPair(make_linear(a), make_linear(b), scale, base.slices[module])
-        layers[layer].setdefault(stack, []).append(pair)
-    return Adapter(name, tuple({k: tuple(v) for k, v in d.items()} for d in layers))
+    grouped: list[dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]]] = [
+        {} for _ in range(base.num_layers)
+    ]
+    for (layer, module), (a, b) in sorted(_pairs(load_file(str(weights_file)), base).items()):
+        grouped[layer].setdefault(TARGETS[module][0], []).append((module, a, b * scale))
+    layers = tuple(
+        {stack: _stack(mods, base, make_linear) for stack, mods in d.items()} for d in grouped
+    )
+    return Adapter(name, layers)
+
+
+def _stack(mods: list, base: BaseShape, make_linear) -> LoraStack:  # noqa: ANN001
+    bs, col = [], 0
+    for module, a, b in mods:
+        bs.append(LoraB(make_linear(b), slice(col, col + a.shape[0]), base.slices[module]))
+        col += a.shape[0]
+    return LoraStack(make_linear(torch.cat([a for _, a, _ in mods])), tuple(bs))
 
 
 def _pairs(raw: dict[str, torch.Tensor], base: BaseShape) -> dict:
@@ -122,11 +140,13 @@ class LoraSet:
         self.adapters.pop(name, None)
 
     def apply(self, layer: int, stack: str, h: torch.Tensor, y: torch.Tensor, groups: dict) -> None:
-        """y[rows] += B(A(h[rows])) * scale, for each adapter's own rows."""
-        for name, rows in groups.items():
-            pairs = self.adapters[name].layers[layer].get(stack, ())
-            if not pairs:
+        """y[rows] += B(A(h[rows])) for each adapter's rows: contiguous (start, end) ranges,
+        since the scheduler orders a step's sequences by adapter, so these are views."""
+        for name, ranges in groups.items():
+            lora = self.adapters[name].layers[layer].get(stack)
+            if lora is None:
                 continue
-            hr = h[rows]
-            for p in pairs:
-                y[rows, p.out] += p.b(p.a(hr)) * p.scale
+            for start, end in ranges:
+                low = lora.a(h[start:end])
+                for b in lora.bs:
+                    y[start:end, b.out] += b.b(low[:, b.a_cols].contiguous())

@@ -152,7 +152,7 @@ class AttentionPlan:
     write_slots: torch.Tensor  # [T] slot of each token
     write_pos: torch.Tensor  # [T] position of each token
     spans: tuple[ChunkSpan, ...]
-    lora_rows: dict[str, torch.Tensor]  # adapter -> its rows in the flat batch
+    lora_rows: dict[str, list[tuple[int, int]]]  # adapter -> its row ranges in the flat batch
 
 
 class LlamaRunner:
@@ -212,13 +212,13 @@ class LlamaRunner:
 
     def _plan(self, step: StepInput, positions: torch.Tensor) -> AttentionPlan:
         slots, spans = [], []
-        lora: dict[str, list[int]] = {}
+        lora: dict[str, list[tuple[int, int]]] = {}
         row = 0
         for c in step.chunks:
             n = len(c.token_ids)
             slots.extend([c.slot] * n)
             if c.adapter is not None:
-                lora.setdefault(c.adapter, []).extend(range(row, row + n))
+                _extend_range(lora.setdefault(c.adapter, []), row, row + n)
             mask = None
             if c.start and n > 1:  # a later prompt chunk sees the whole cached prefix
                 mask = torch.ones(n, c.start + n, dtype=torch.bool, device=self.device)
@@ -229,7 +229,7 @@ class LlamaRunner:
             write_slots=torch.tensor(slots, device=self.device),
             write_pos=positions,
             spans=tuple(spans),
-            lora_rows={k: torch.tensor(v, device=self.device) for k, v in lora.items()},
+            lora_rows=lora,
         )
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -317,6 +317,13 @@ class LlamaRunner:
         o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=mask, enable_gqa=True)
         out[rows] = o[slots, :, 0, :]
         return tuple(sp for sp in plan.spans if not (sp.n == 1 and sp.start > 0))
+
+
+def _extend_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
+    if ranges and ranges[-1][1] == start:
+        ranges[-1] = (ranges[-1][0], end)
+    else:
+        ranges.append((start, end))
 
 
 def _base_shape(cfg: Any, heads: int, kv_heads: int, head_dim: int) -> BaseShape:

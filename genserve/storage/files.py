@@ -1,0 +1,147 @@
+"""Uploaded files: bytes under <data_dir>/files/<id>, metadata in the `files` table.
+
+An upload is staged in a temporary file beside its final place, fsynced, renamed into place
+and the directory fsynced before its row is committed: once an upload has been answered,
+neither its bytes nor its row can be lost or seen half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from genserve.storage.db import Database, new_id
+
+CHUNK = 1 << 20
+STAGING_SUFFIX = ".part"
+
+
+class FileTooLargeError(ValueError):
+    """The upload is over the server's size limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    id: str
+    filename: str
+    purpose: str
+    bytes: int
+    sha256: str
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class StagedUpload:
+    """Bytes written and fsynced, not yet visible: commit() or discard() it."""
+
+    path: Path
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class FilePage:
+    data: list[FileRecord]
+    has_more: bool
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _record(row) -> FileRecord:
+    return FileRecord(
+        row["id"], row["filename"], row["purpose"], row["bytes"], row["sha256"], row["created_at"]
+    )
+
+
+class FileStore:
+    def __init__(self, db: Database, root: Path) -> None:
+        self.db = db
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def sweep(self) -> None:
+        """Staged uploads left by a crash were never answered: they can go."""
+        for part in self.root.glob(f"*{STAGING_SUFFIX}"):
+            part.unlink(missing_ok=True)
+
+    def stage(self, src: BinaryIO, max_bytes: int) -> StagedUpload:
+        """Copy src to a staging file, refusing more than max_bytes. Blocking: run in a thread."""
+        path = self.root / f".{new_id('upload')}{STAGING_SUFFIX}"
+        digest, size = hashlib.sha256(), 0
+        try:
+            with path.open("wb") as out:
+                while chunk := src.read(CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise FileTooLargeError(f"the file is larger than {max_bytes} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return StagedUpload(path, size, digest.hexdigest())
+
+    def commit(self, staged: StagedUpload, filename: str, purpose: str) -> FileRecord:
+        record = FileRecord(
+            new_id("file"), filename, purpose, staged.bytes, staged.sha256, int(time.time())
+        )
+        final = self.path(record.id)
+        os.replace(staged.path, final)
+        _fsync_dir(self.root)
+        try:
+            self.db.execute(
+                "INSERT INTO files (id, filename, purpose, bytes, sha256, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (record.id, filename, purpose, record.bytes, record.sha256, record.created_at),
+            )
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+        return record
+
+    def discard(self, staged: StagedUpload) -> None:
+        staged.path.unlink(missing_ok=True)
+
+    def path(self, file_id: str) -> Path:
+        return self.root / file_id
+
+    def get(self, file_id: str) -> FileRecord | None:
+        rows = self.db.query("SELECT * FROM files WHERE id = ?", (file_id,))
+        return _record(rows[0]) if rows else None
+
+    def list(
+        self, purpose: str | None, limit: int, order: str = "desc", after: str | None = None
+    ) -> FilePage:
+        where, args = ["1"], []
+        if purpose:
+            where.append("purpose = ?")
+            args.append(purpose)
+        if after:
+            rows = self.db.query("SELECT seq FROM files WHERE id = ?", (after,))
+            if not rows:
+                return FilePage([], False)  # a deleted cursor: nothing can follow it
+            where.append("seq < ?" if order == "desc" else "seq > ?")
+            args.append(rows[0]["seq"])
+        direction = "DESC" if order == "desc" else "ASC"
+        sql = f"SELECT * FROM files WHERE {' AND '.join(where)} ORDER BY seq {direction} LIMIT ?"
+        rows = self.db.query(sql, (*args, limit + 1))
+        return FilePage([_record(r) for r in rows[:limit]], len(rows) > limit)
+
+    def delete(self, file_id: str) -> bool:
+        # The row goes first: a crash in between leaves an orphan file, never a row without bytes.
+        if not self.db.execute("DELETE FROM files WHERE id = ?", (file_id,)):
+            return False
+        self.path(file_id).unlink(missing_ok=True)
+        return True

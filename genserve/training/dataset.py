@@ -1,0 +1,254 @@
+"""Fine-tuning data: JSONL checks with line numbers, and examples -> token ids + loss labels.
+
+Two formats, as OpenAI accepts them: chat (`{"messages": [...]}`, roles system/user/assistant,
+string content, at least one assistant message; an assistant message may carry `weight` 0 to
+be shown but not learned) and completion (`{"prompt": str, "completion": str}`). One file uses
+one format. Loss is taken on assistant turns / on the completion only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+MAX_REPORTED = 5  # line errors named in one message
+IGNORE = -100  # label of a token that carries no loss (the convention of HF's loss)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+    weight: int = 1  # assistant turns only: 0 shows the turn without learning it
+
+
+@dataclass(frozen=True, slots=True)
+class ChatExample:
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionExample:
+    prompt: str
+    completion: str
+
+
+Example = ChatExample | CompletionExample
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    line: int  # 1-based, as an editor shows it
+    message: str
+
+
+class DatasetError(ValueError):
+    """The file is not fine-tuning data; the message names the first bad lines."""
+
+    def __init__(self, errors: list[LineError], total: int | None = None) -> None:
+        self.errors = errors
+        parts = [f"line {e.line}: {e.message}" if e.line else e.message for e in errors]
+        more = (total or len(errors)) - len(errors)
+        tail = f" (and {more} more bad lines)" if more > 0 else ""
+        super().__init__("Invalid fine-tuning file: " + "; ".join(parts) + tail)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    examples: int
+    format: str  # "chat" | "completion"
+
+
+def _message(i: int, raw: Any) -> Message:
+    where = f"messages[{i}]"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be an object")
+    role, content = raw.get("role"), raw.get("content")
+    if role not in ROLES:
+        raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
+    if not isinstance(content, str):
+        raise ValueError(f"{where}.content must be a string")
+    weight = raw.get("weight", 1)
+    if (
+        weight not in (0, 1)
+        or isinstance(weight, bool)
+        or (role != "assistant" and "weight" in raw)
+    ):
+        raise ValueError(f"{where}.weight must be 0 or 1, and only on assistant messages")
+    return Message(role, content, int(weight))
+
+
+def _chat(raw: Any) -> ChatExample:
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("`messages` must be a non-empty list")
+    messages = tuple(_message(i, m) for i, m in enumerate(raw))
+    if not any(m.role == "assistant" for m in messages):
+        raise ValueError("`messages` needs at least one assistant message")
+    return ChatExample(messages)
+
+
+def parse_example(text: str) -> Example:
+    """One JSONL line -> an example; ValueError says what is wrong with it."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("each line must be a JSON object")
+    if "messages" in obj:
+        return _chat(obj["messages"])
+    prompt, completion = obj.get("prompt"), obj.get("completion")
+    if "prompt" in obj or "completion" in obj:
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError("`prompt` and `completion` must both be strings")
+        if not completion:
+            raise ValueError("`completion` must not be empty")
+        return CompletionExample(prompt, completion)
+    raise ValueError("expected `messages` (chat format) or `prompt` and `completion`")
+
+
+def _kind(example: Example) -> str:
+    return "chat" if isinstance(example, ChatExample) else "completion"
+
+
+def iter_examples(lines: Iterable[bytes]) -> Iterator[tuple[int, Example | None, str | None]]:
+    """(line number, example, error) for each non-blank line; mixed formats are errors."""
+    first: str | None = None
+    for number, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield number, None, "not UTF-8 text"
+            continue
+        if not text.strip():
+            continue
+        try:
+            example = parse_example(text)
+        except ValueError as e:
+            yield number, None, str(e)
+            continue
+        first = first or _kind(example)
+        if _kind(example) != first:
+            yield number, None, f"a {_kind(example)} example in a file of {first} examples"
+            continue
+        yield number, example, None
+
+
+def _collect(lines: Iterable[bytes], keep: bool) -> tuple[list[Example], Summary]:
+    kept: list[Example] = []
+    errors: list[LineError] = []
+    count, bad, kind = 0, 0, "chat"
+    for number, example, error in iter_examples(lines):
+        if error is not None:
+            bad += 1
+            if len(errors) < MAX_REPORTED:
+                errors.append(LineError(number, error))
+            continue
+        count += 1
+        kind = _kind(example) if count == 1 else kind
+        if keep:
+            kept.append(example)
+    if errors:
+        raise DatasetError(errors, bad)
+    if count == 0:
+        raise DatasetError([LineError(0, "the file has no examples (it is empty)")])
+    return kept, Summary(count, kind)
+
+
+def check_file(path: Path) -> Summary:
+    """Validate a JSONL file without keeping its examples in memory."""
+    with path.open("rb") as f:
+        return _collect(f, keep=False)[1]
+
+
+def read_examples(path: Path) -> list[Example]:
+    with path.open("rb") as f:
+        return _collect(f, keep=True)[0]
+
+
+# --- tokens and loss labels -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # the token id where loss is taken, IGNORE elsewhere
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+class TemplateError(ValueError):
+    """The chat template cannot render these messages turn by turn."""
+
+
+def _render(tokenizer: Any, template: str, messages: tuple[Message, ...], gen: bool) -> str:
+    plain = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(
+            plain, chat_template=template, tokenize=False, add_generation_prompt=gen
+        )
+    except Exception as e:  # noqa: BLE001 - a template's own error is the data's problem
+        raise TemplateError(f"the chat template rejected the messages: {e}") from e
+
+
+def _prompt_len(tokenizer: Any, template: str, messages: tuple[Message, ...]) -> int:
+    """Length of the text before an assistant turn: the messages so far + generation prompt."""
+    try:
+        return len(_render(tokenizer, template, messages, gen=True))
+    except TemplateError:
+        if messages:
+            raise
+        return 0  # some templates refuse an empty conversation: then the turn starts at 0
+
+
+def chat_segments(tokenizer: Any, template: str, example: ChatExample) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, learned) pieces.
+
+    An assistant turn is what rendering messages[:i+1] adds to rendering messages[:i] with the
+    generation prompt: exactly the text the model writes at inference, end-of-turn included.
+    """
+    messages = example.messages
+    full = _render(tokenizer, template, messages, gen=False)
+    pieces, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m.role != "assistant" or not m.weight:
+            continue
+        start = _prompt_len(tokenizer, template, messages[:i])
+        before = _render(tokenizer, template, messages[: i + 1], gen=False)
+        if not full.startswith(before) or not cursor <= start <= len(before):
+            raise TemplateError(
+                "the chat template does not render conversations prefix by prefix, so assistant "
+                "turns cannot be located; use prompt/completion examples"
+            )
+        pieces += [(full[cursor:start], False), (full[start : len(before)], True)]
+        cursor = len(before)
+    pieces.append((full[cursor:], False))
+    return [(text, learned) for text, learned in pieces if text]
+
+
+def encode(tokenizer: Any, template: str, example: Example, max_len: int) -> Encoded:
+    """Token ids and labels, cut to max_len tokens. Pieces are tokenized one by one, as the
+    server tokenizes a prompt and then appends what the model generates."""
+    if isinstance(example, CompletionExample):
+        # The completions route encodes prompts with the tokenizer's special tokens (BOS).
+        prompt = tokenizer.encode(example.prompt) if example.prompt else []
+        answer = tokenizer.encode(example.completion, add_special_tokens=False)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        pieces = [(prompt, False), (answer + eos, True)]
+    else:
+        pieces = [
+            (tokenizer.encode(text, add_special_tokens=False), learned)
+            for text, learned in chat_segments(tokenizer, template, example)
+        ]
+    ids: list[int] = []
+    labels: list[int] = []
+    for piece, learned in pieces:
+        ids += piece
+        labels += piece if learned else [IGNORE] * len(piece)
+    return Encoded(ids[:max_len], labels[:max_len])

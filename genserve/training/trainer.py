@@ -1,0 +1,286 @@
+"""LoRA fine-tuning with peft on one process's CPU (or GPU): the worker's body.
+
+Reproducible by construction: the seed sets the LoRA initialisation, each epoch shuffles with
+its own generator (seed + epoch), dropout is 0 and the learning rate is a pure function of the
+step. A checkpoint holds the adapter, the optimizer state (safetensors, no pickle) and the step,
+so a run resumed from it computes the same losses the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from genserve.training.dataset import (
+    IGNORE,
+    DatasetError,
+    Encoded,
+    TemplateError,
+    encode,
+    read_examples,
+)
+from genserve.training.worker import (
+    Checkpointed,
+    Finished,
+    Message,
+    Metrics,
+    Started,
+    WorkerSpec,
+)
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+Emit = Callable[[Message], None]
+
+
+class TrainingDataError(ValueError):
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where a run stands; what a checkpoint's state.json records."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    trained_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    tokens: int  # real (unpadded) tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One run of the worker: what every epoch reads."""
+
+    spec: WorkerSpec
+    model: object  # peft PeftModel
+    optimizer: torch.optim.Optimizer
+    rows: list[Encoded]
+    valid: list[Encoded]
+    pad_id: int
+    total_steps: int
+    emit: Emit
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    loss: float
+    accuracy: float  # mean token accuracy on the learned tokens
+
+
+def load_data(spec: WorkerSpec, tokenizer, path: str, param: str) -> tuple[list[Encoded], int]:
+    """Encoded examples with at least one learned token, and how many were cut to max_len."""
+    try:
+        examples = read_examples(Path(path))
+        encoded = [encode(tokenizer, spec.chat_template, e, spec.max_len) for e in examples]
+    except (DatasetError, TemplateError, OSError) as e:
+        raise TrainingDataError(str(e), param) from e
+    kept = [e for e in encoded if e.trained_tokens]
+    if not kept:
+        raise TrainingDataError(
+            f"no example in {param} has a token to learn within {spec.max_len} tokens", param
+        )
+    truncated = sum(1 for e in encoded if len(e.input_ids) == spec.max_len)
+    return kept, truncated
+
+
+def build_model(spec: WorkerSpec):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(spec.seed)  # LoRA's A matrices are drawn now
+    base = AutoModelForCausalLM.from_pretrained(
+        spec.base_path, dtype=torch.float32, use_safetensors=True
+    )
+    present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    targets = [t for t in TARGETS if t in present]
+    if not targets:
+        raise ValueError(f"the model has none of the LoRA target modules {', '.join(TARGETS)}")
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, config)
+
+
+def collate(rows: list[Encoded], pad_id: int) -> Batch:
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        mask[i, :n] = 1
+    return Batch(ids, mask, labels, int(mask.sum()))
+
+
+def forward(model, batch: Batch) -> tuple[torch.Tensor, int, int]:
+    """(summed loss over learned tokens, learned tokens, correctly predicted learned tokens)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits, target = logits[:, :-1].float(), batch.labels[:, 1:]
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        target.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    learned = target != IGNORE
+    correct = int((logits.argmax(-1)[learned] == target[learned]).sum())
+    return loss, int(learned.sum()), correct
+
+
+def evaluate(model, rows: list[Encoded], batch_size: int, pad_id: int) -> Scores:
+    model.eval()
+    total, count, correct = 0.0, 0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            loss, n, c = forward(model, collate(rows[i : i + batch_size], pad_id))
+            total, count, correct = total + float(loss), count + n, correct + c
+    model.train()
+    return Scores(total / max(count, 1), correct / max(count, 1))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def train_step(model, optimizer, batch: Batch, lr: float) -> Scores:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, count, correct = forward(model, batch)
+    (loss_sum / max(count, 1)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return Scores(float(loss_sum) / max(count, 1), correct / max(count, 1))
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make a fully written folder visible under its final name in one rename."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def save_checkpoint(model, optimizer, progress: Progress, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    state = optimizer.state_dict()["state"]
+    tensors = {f"{i}.{k}": v.contiguous() for i, s in state.items() for k, v in s.items()}
+    save_file(tensors, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps(asdict(progress)))
+    _publish(tmp, folder)
+
+
+def load_checkpoint(model, optimizer, folder: Path) -> Progress:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(folder / "optimizer.safetensors").items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return Progress(**json.loads((folder / "state.json").read_text()))
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def train(spec: WorkerSpec, emit: Emit) -> Finished:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_path)
+    pad_id = tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)
+    rows, truncated = load_data(spec, tokenizer, spec.train_file, "training_file")
+    valid = []
+    if spec.valid_file:
+        valid = load_data(spec, tokenizer, spec.valid_file, "validation_file")[0]
+    model = build_model(spec)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.0)
+    progress = Progress()
+    if spec.resume_dir:
+        progress = load_checkpoint(model, optimizer, Path(spec.resume_dir))
+    total = math.ceil(len(rows) / spec.batch_size) * spec.n_epochs
+    run = Run(spec, model, optimizer, rows, valid, pad_id, total, emit)
+    emit(Started(total, len(rows), len(valid), truncated, progress.step))
+    for epoch in range(progress.epoch, spec.n_epochs):
+        progress = run_epoch(run, epoch, progress)
+    adapter = Path(spec.out_dir) / "adapter"
+    tmp = adapter.with_name("adapter.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    _publish(tmp, adapter)
+    return Finished(progress.trained_tokens, str(adapter))
+
+
+def run_epoch(run: Run, epoch: int, progress: Progress) -> Progress:
+    """One pass over the shuffled data, a metrics message per step, a checkpoint at the end."""
+    spec, bs = run.spec, run.spec.batch_size
+    order = epoch_order(len(run.rows), spec.seed, epoch)
+    batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+    step, tokens, data = progress.step, progress.trained_tokens, {}
+    for j, indices in enumerate(batches):
+        batch = collate([run.rows[i] for i in indices], run.pad_id)
+        lr = spec.learning_rate * (1 - step / run.total_steps)  # linear decay, from the step
+        scores = train_step(run.model, run.optimizer, batch, lr)
+        step, tokens = step + 1, tokens + batch.tokens
+        data = {
+            "step": step,
+            "train_loss": scores.loss,
+            "train_mean_token_accuracy": scores.accuracy,
+            "total_steps": run.total_steps,
+            "epoch": epoch + 1,
+        }
+        if j == len(batches) - 1 and run.valid:
+            data.update(validation_scores(run))
+        run.emit(Metrics(step, data))
+    progress = Progress(epoch + 1, step, tokens)
+    folder = Path(spec.out_dir) / "checkpoints" / f"step-{step}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(run.model, run.optimizer, progress, folder)
+    run.emit(Checkpointed(step, epoch + 1, str(folder), data))
+    return progress
+
+
+def validation_scores(run: Run) -> dict[str, float]:
+    scores = evaluate(run.model, run.valid, run.spec.batch_size, run.pad_id)
+    # Computed on the whole validation set, so the "full_" numbers are these same ones.
+    return {
+        "valid_loss": scores.loss,
+        "valid_mean_token_accuracy": scores.accuracy,
+        "full_valid_loss": scores.loss,
+        "full_valid_mean_token_accuracy": scores.accuracy,
+    }
