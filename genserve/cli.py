@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from genserve.config import DEFAULT_MODEL, EngineConfig, ModelConfig, ServerConfig
+from genserve.config import (
+    DEFAULT_MODEL,
+    EngineConfig,
+    ModelConfig,
+    SecurityConfig,
+    ServerConfig,
+    StorageConfig,
+    TrainingConfig,
+)
 
 app = typer.Typer(help="Serve and fine-tune generative models behind an OpenAI-compatible API.")
 E = "GENSERVE_"  # every option can also come from GENSERVE_<OPTION>
@@ -59,42 +69,123 @@ def serve(
         list[str] | None,
         typer.Option(help="Serve a LoRA adapter folder as NAME=PATH (repeatable)."),
     ] = None,
+    data_dir: Annotated[
+        str, typer.Option(envvar=E + "DATA_DIR", help="Uploads, jobs, adapters (SQLite + files).")
+    ] = "var/genserve",
+    max_file_bytes: Annotated[int, typer.Option(help="Largest upload to /v1/files.")] = 512 * 2**20,
+    training_threads: Annotated[
+        int, typer.Option(help="CPU threads a fine-tuning worker may use.")
+    ] = 1,
+    api_key_file: Annotated[
+        str | None,
+        typer.Option(envvar=E + "API_KEY_FILE", help="Key file from `genserve keys` (hashes)."),
+    ] = None,
+    allow_unauthenticated: Annotated[
+        bool, typer.Option(help="Serve beyond 127.0.0.1 with no API key (not advised).")
+    ] = False,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest JSON request body.")] = 4 * 2**20,
+    max_prompt_tokens: Annotated[int | None, typer.Option(help="Ceiling on prompt tokens.")] = None,
+    max_tokens_limit: Annotated[int | None, typer.Option(help="Ceiling on max_tokens.")] = None,
+    drain_timeout: Annotated[
+        float, typer.Option(help="On SIGTERM, seconds running requests may take.")
+    ] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
 ) -> None:
     """Serve a model with the OpenAI-compatible API."""
-    import uvicorn
-
-    from genserve.api.app import create_app
+    from genserve.server import serve as run_server
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    options = dict(locals())
     try:
-        config = ServerConfig(
-            host=host,
-            port=port,
-            model=ModelConfig(
-                model,
-                served_model_name,
-                dtype,
-                device,
-                trust_remote_code,
-                allow_pickle,
-                parse_lora_modules(lora_modules or []),
-            ),
-            engine=EngineConfig(
-                max_batch_size=max_batch_size,
-                max_model_len=max_model_len,
-                kv_cache_tokens=kv_cache_tokens,
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_waiting=max_waiting,
-                fast_path=fast_path,
-                batch_invariant=batch_invariant,
-            ),
-        )
+        config = build_config(options)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level.lower())
+    if not config.security.auth_enabled:
+        warn_unauthenticated(config)
+    run_server(config, log_level.lower())
+
+
+def warn_unauthenticated(config: ServerConfig) -> None:
+    log = logging.getLogger("genserve")
+    if config.security.allow_unauthenticated:
+        log.warning(
+            "!!! NO API KEY: anyone who can reach %s:%d can use this server and its "
+            "fine-tuning API (--allow-unauthenticated) !!!", config.host, config.port,
+        )  # fmt: skip
+    else:
+        log.info("no API key set: serving on loopback only")
+
+
+def build_config(o: dict) -> ServerConfig:
+    """CLI options (and GENSERVE_API_KEYS) -> the validated, frozen server config."""
+    env_keys = tuple(k.strip() for k in os.environ.get(E + "API_KEYS", "").split(",") if k.strip())
+    return ServerConfig(
+        host=o["host"],
+        port=o["port"],
+        model=ModelConfig(
+            o["model"], o["served_model_name"], o["dtype"], o["device"], o["trust_remote_code"],
+            o["allow_pickle"], parse_lora_modules(o["lora_modules"] or []),
+        ),
+        engine=EngineConfig(
+            max_batch_size=o["max_batch_size"], max_model_len=o["max_model_len"],
+            kv_cache_tokens=o["kv_cache_tokens"],
+            max_num_batched_tokens=o["max_num_batched_tokens"], max_waiting=o["max_waiting"],
+            fast_path=o["fast_path"], batch_invariant=o["batch_invariant"],
+        ),
+        storage=StorageConfig(o["data_dir"], o["max_file_bytes"]),
+        training=TrainingConfig(threads=o["training_threads"]),
+        security=SecurityConfig(
+            api_keys=env_keys, api_key_file=o["api_key_file"],
+            allow_unauthenticated=o["allow_unauthenticated"],
+            max_request_bytes=o["max_request_bytes"], max_prompt_tokens=o["max_prompt_tokens"],
+            max_tokens_limit=o["max_tokens_limit"], drain_timeout_s=o["drain_timeout"],
+        ),
+    )  # fmt: skip
+
+
+keys_app = typer.Typer(help="Manage API keys in a key file (only hashes are stored).")
+app.add_typer(keys_app, name="keys")
+KeyFileOpt = Annotated[
+    str, typer.Option("--key-file", envvar=E + "API_KEY_FILE", help="The key file.")
+]
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who or what the key is for.")],
+    key_file: KeyFileOpt = "var/genserve/keys.json",
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens per minute.")] = None,
+) -> None:
+    """Create a key; it is printed once and only its hash is kept."""
+    from genserve.api.auth import KeyFile
+
+    key, record = KeyFile(Path(key_file)).create(name, rpm, tpm)
+    typer.echo(f"id: {record.id}\nkey: {key}\n(store it now: it is not shown again)")
+
+
+@keys_app.command("list")
+def keys_list(key_file: KeyFileOpt = "var/genserve/keys.json") -> None:
+    """Keys by id, name, limits and state (never the key itself)."""
+    from genserve.api.auth import KeyFile
+
+    for r in KeyFile(Path(key_file)).load():
+        state = "revoked" if r.revoked else "active"
+        typer.echo(f"{r.id}  {r.name:20s}  rpm={r.rpm}  tpm={r.tpm}  {state}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, key_file: KeyFileOpt = "var/genserve/keys.json") -> None:
+    """Revoke a key by id; a running server stops accepting it at once."""
+    from genserve.api.auth import KeyFile
+
+    try:
+        KeyFile(Path(key_file)).revoke(key_id)
+    except KeyError:
+        raise typer.BadParameter(f"no key with id {key_id!r}") from None
+    typer.echo(f"revoked {key_id}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,34 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """Who may call the API, and the limits every request meets."""
+
+    api_keys: tuple[str, ...] = ()  # from GENSERVE_API_KEYS; hashed on load, never stored
+    api_key_file: str | None = None  # managed by `genserve keys`; holds hashes only
+    allow_unauthenticated: bool = False  # needed to bind beyond loopback without keys
+    exempt_paths: tuple[str, ...] = ("/health", "/metrics", "/", "/static")
+    max_request_bytes: int = 4 * 2**20  # JSON bodies; uploads have their own limit
+    max_prompt_tokens: int | None = None  # None: only the model's context bounds it
+    max_tokens_limit: int | None = None  # a ceiling on max_tokens per request
+    drain_timeout_s: float = 30.0  # SIGTERM: how long running requests may take to finish
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be >= 1024")
+        for name in ("max_prompt_tokens", "max_tokens_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be >= 0")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.api_key_file)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -90,9 +118,17 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be in 0..65535")
         if self.retry_after_s < 0:
             raise ValueError("retry_after_s must be >= 0")
+        loopback = self.host in ("127.0.0.1", "localhost", "::1")
+        sec = self.security
+        if not loopback and not sec.auth_enabled and not sec.allow_unauthenticated:
+            raise ValueError(
+                f"refusing to serve on {self.host} without API keys: set GENSERVE_API_KEYS or "
+                "--api-key-file, or pass --allow-unauthenticated"
+            )

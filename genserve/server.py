@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 
 from genserve import __version__
@@ -94,3 +95,48 @@ def _log_cache(loaded: LoadedModel, slots: int, max_len: int, runner: str) -> No
         max_len,
         gib,
     )
+
+
+class DrainingServer:
+    """uvicorn, with a SIGTERM that drains: new requests get 503 while running ones finish
+    (up to --drain-timeout), then the process exits 0. A second signal exits at once."""
+
+    def __init__(self, app, host: str, port: int, log_level: str, timeout_s: float) -> None:  # noqa: ANN001
+        import uvicorn
+
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+        self.server = uvicorn.Server(config)
+        self.edge = app.state.edge
+        self.timeout_s = timeout_s
+        self._plain_exit = self.server.handle_exit
+        self.server.handle_exit = self._on_signal
+
+    def run(self) -> None:
+        self.server.run()
+
+    def _on_signal(self, sig, frame) -> None:  # noqa: ANN001
+        if self.edge.draining:
+            self._plain_exit(sig, frame)
+            return
+        log.info("signal %s: draining (%d in flight, up to %.0fs)", sig, self.edge.in_flight,
+                 self.timeout_s)  # fmt: skip
+        self.edge.draining = True
+        threading.Thread(target=self._drain, name="genserve-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while self.edge.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.edge.in_flight:
+            log.warning("drain timeout: %d requests still running are cut", self.edge.in_flight)
+        self.server.should_exit = True
+
+
+def serve(config: ServerConfig, log_level: str = "info") -> None:
+    from genserve.api.app import create_app
+
+    app = create_app(config)
+    server = DrainingServer(
+        app, config.host, config.port, log_level, config.security.drain_timeout_s
+    )
+    server.run()

@@ -10,10 +10,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from genserve import __version__
-from genserve.api import chat, completions, errors, models, tokenize
+from genserve.api import chat, completions, errors, files, fine_tuning, models, tokenize
+from genserve.api.auth import KeyStore
+from genserve.api.metrics import Metrics
+from genserve.api.middleware import EdgeMiddleware, EdgeState
 from genserve.api.models import AdapterSpec, ServedModel, Services
 from genserve.bundled import bundled_adapters
 from genserve.config import ServerConfig
@@ -36,19 +39,45 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
             yield
         finally:
             task.cancel()
+            await fine_tuning.stop(svc)  # the training worker first: its job resumes on restart
             for served in svc.models.values():
                 await asyncio.to_thread(served.engine.stop)
 
     app = FastAPI(title="genserve", version=__version__, lifespan=lifespan)
     app.state.services = Services()
     app.state.config = config
+    app.state.metrics = Metrics(app.state.services)
+    app.state.services.state["metrics"] = app.state.metrics
+    app.state.edge = edge_state(config)
+    app.add_middleware(EdgeMiddleware, state=app.state.edge)
     errors.install(app)
     app.include_router(models.router)
     app.include_router(completions.router)
     app.include_router(chat.router)
     app.include_router(tokenize.router)
+    app.include_router(files.router)
+    app.include_router(fine_tuning.router)
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
     return app
+
+
+def edge_state(config: ServerConfig) -> EdgeState:
+    sec = config.security
+    keys = None
+    if sec.auth_enabled:
+        key_file = Path(sec.api_key_file) if sec.api_key_file else None
+        keys = KeyStore(sec.api_keys, key_file)
+    return EdgeState(keys=keys, exempt=sec.exempt_paths, max_body=sec.max_request_bytes)
+
+
+async def metrics(request: Request) -> Response:
+    body = request.app.state.metrics.render()
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def metrics_of(svc: Services) -> Metrics:
+    return svc.state["metrics"]
 
 
 async def _load(svc: Services, config: ServerConfig, loader: Loader) -> None:
@@ -59,6 +88,7 @@ async def _load(svc: Services, config: ServerConfig, loader: Loader) -> None:
         svc.load_error = str(e)
         return
     served.engine.start()
+    served.engine.observer = metrics_of(svc).observer(served.id)
     svc.models[served.id] = served
     try:
         await _serve_adapters(svc, served, config)
@@ -66,6 +96,7 @@ async def _load(svc: Services, config: ServerConfig, loader: Loader) -> None:
         log.exception("adapter failed to load")
         svc.load_error = f"adapter failed to load: {e}"
         return
+    await fine_tuning.start(svc, config)  # files, jobs; serves fine-tuned adapters again
     svc.ready = True
     log.info("ready: %s", ", ".join(m["id"] for m in svc.cards()))
 

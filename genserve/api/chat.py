@@ -11,6 +11,7 @@ from genserve.api.errors import bad_request
 from genserve.api.generation import (
     ChoiceDelta,
     build_requests,
+    check_limits,
     collect,
     grammar_spec,
     new_id,
@@ -73,6 +74,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     prompt = chat_prompt(served, body)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = max_new_tokens(served, body, len(prompt))
+    check_limits(request, len(prompt), max_tokens, "messages")
     grammar = grammar_spec(body, served.grammars)
     params = sampling_params(body, max_tokens, served.vocab_size, logprobs, grammar=grammar)
     cid, created = new_id("chatcmpl"), int(time.time())
@@ -88,8 +90,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         "system_fingerprint": served.fingerprint,
     }
     if body.stream:
-        return stream_chat(body, served, base, streams, len(prompt))
-    choices = await collect(request, streams)
+        return stream_chat(request, body, served, base, streams, len(prompt))
+    choices = await collect(request, streams, len(prompt))
     return JSONResponse(
         {
             **base,
@@ -113,7 +115,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
 
 def stream_chat(
-    body: ChatCompletionRequest, served: ServedModel, base: dict, streams: list, prompt_tokens: int
+    http: Request,
+    body: ChatCompletionRequest,
+    served: ServedModel,
+    base: dict,
+    streams: list,
+    prompt_tokens: int,
 ):
     base = {**base, "object": "chat.completion.chunk"}
     # OpenAI opens every choice with a role-only delta.
@@ -152,4 +159,5 @@ def stream_chat(
     def usage_frame(completion_tokens: int) -> dict:
         return {**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
-    return sse_response(streams, first, frame, usage_frame if include_usage else None)
+    usage_fn = usage_frame if include_usage else None
+    return sse_response(http, streams, prompt_tokens, first, frame, usage_fn)

@@ -12,6 +12,7 @@ from genserve.api.generation import (
     ChoiceDelta,
     ChoiceState,
     build_requests,
+    check_limits,
     collect,
     grammar_spec,
     new_id,
@@ -66,6 +67,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     echo_lps = body.logprobs if body.echo else None
     grammar = grammar_spec(body, served.grammars)
     max_tokens = body.max_tokens or 16
+    check_limits(request, max(len(p) for p in prompts), max_tokens, "prompt")
     params = sampling_params(body, max_tokens, served.vocab_size, logprobs, echo_lps, grammar)
     cid, created = new_id("cmpl"), int(time.time())
     requests = build_requests(prompts, params, best_of, cid, target.adapter)
@@ -79,8 +81,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     }
     prompt_tokens = sum(len(p) for p in prompts)
     if body.stream:
-        return stream_completion(body, served, base, streams, prompts)
-    candidates = await collect(request, streams)
+        return stream_completion(request, body, served, base, streams, prompts)
+    candidates = await collect(request, streams, prompt_tokens)
     chosen = pick_best(candidates, len(prompts), best_of, n)
     completion_tokens = sum(c.completion_tokens for c in candidates)
     choices = [completion_choice(body, served, c, prompts[i // n], i) for i, c in enumerate(chosen)]
@@ -124,7 +126,12 @@ def completion_choice(
 
 
 def stream_completion(
-    body: CompletionRequest, served: ServedModel, base: dict, streams: list, prompts: list
+    http: Request,
+    body: CompletionRequest,
+    served: ServedModel,
+    base: dict,
+    streams: list,
+    prompts: list,
 ):
     n = body.n or 1
     offsets = [0] * len(streams)
@@ -159,4 +166,5 @@ def stream_completion(
     def usage_frame(completion_tokens: int) -> dict:
         return {**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
-    return sse_response(streams, first, frame, usage_frame if include_usage else None)
+    usage_fn = usage_frame if include_usage else None
+    return sse_response(http, streams, prompt_tokens, first, frame, usage_fn)

@@ -207,7 +207,28 @@ async def merged(streams: list[AsyncIterator[TokenDelta]]) -> AsyncIterator[Choi
                 await s.aclose()
 
 
-async def collect(http: HTTPRequest, streams: list[AsyncIterator[TokenDelta]]) -> list[ChoiceState]:
+def check_limits(http: HTTPRequest, prompt_tokens: int, max_tokens: int, prompt_param: str) -> None:
+    """The operator's ceilings (--max-prompt-tokens, --max-tokens-limit), as 400s."""
+    sec = http.app.state.config.security
+    if sec.max_prompt_tokens is not None and prompt_tokens > sec.max_prompt_tokens:
+        msg = f"The prompt has {prompt_tokens} tokens; this server takes {sec.max_prompt_tokens}."
+        raise bad_request(msg, prompt_param, "prompt_too_long")
+    if sec.max_tokens_limit is not None and max_tokens > sec.max_tokens_limit:
+        msg = f"max_tokens is {max_tokens}; this server allows at most {sec.max_tokens_limit}."
+        raise bad_request(msg, "max_tokens")
+
+
+def spend_tokens(http: HTTPRequest, tokens: int) -> None:
+    """Count a finished request's tokens against its API key's tokens-per-minute."""
+    keys = http.app.state.edge.keys
+    caller = http.scope.get("state", {}).get("caller")
+    if keys is not None and caller is not None:
+        keys.spend(caller, tokens)
+
+
+async def collect(
+    http: HTTPRequest, streams: list[AsyncIterator[TokenDelta]], prompt_tokens: int
+) -> list[ChoiceState]:
     """All choices to the end; aborted at once if the client disconnects while we wait."""
     choices = [ChoiceState(i) for i in range(len(streams))]
 
@@ -224,6 +245,7 @@ async def collect(http: HTTPRequest, streams: list[AsyncIterator[TokenDelta]]) -
                 await task
             raise APIError(499, "client closed the request")
     translate_engine_errors(task)
+    spend_tokens(http, prompt_tokens + sum(c.completion_tokens for c in choices))
     return choices
 
 

@@ -6,10 +6,11 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
+from fastapi import Request as HTTPRequest
 from sse_starlette import EventSourceResponse
 
 from genserve.api.errors import APIError
-from genserve.api.generation import ChoiceDelta, merged
+from genserve.api.generation import ChoiceDelta, merged, spend_tokens
 from genserve.engine.client import EngineError
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def sse_response(
+    http: HTTPRequest,
     streams: list,
+    prompt_tokens: int,
     first_frames: list[Frame],
     to_frame: Callable[[ChoiceDelta], Frame | None],
     usage_frame: Callable[[int], Frame] | None,
@@ -47,6 +50,8 @@ def sse_response(
             log.error("stream failed: %s", e)
             yield json.dumps(APIError(500, str(e)).body())
             return
+        finally:  # what was generated counts against the key, even for a client that left
+            spend_tokens(http, prompt_tokens + sum(completion_tokens.values()))
         if usage_frame is not None:
             yield json.dumps(usage_frame(sum(completion_tokens.values())))
         yield "[DONE]"

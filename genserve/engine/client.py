@@ -6,10 +6,19 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Protocol
 
 from genserve.engine.core import AdapterOp, EngineCore
 from genserve.engine.scheduler import QueueFullError
 from genserve.engine.types import EngineStats, FinishReason, Request, TokenDelta
+
+
+class Observer(Protocol):
+    """Sees every delta as it arrives (metrics); must be quick, it runs on the event loop."""
+
+    def on_delta(self, request: Request, delta: TokenDelta) -> None: ...
+
+    def on_abandon(self, request: Request) -> None: ...
 
 
 class ContextLengthError(ValueError):
@@ -22,7 +31,9 @@ class AsyncEngine:
         self.max_len = max_len
         self.capacity = capacity  # running slots + waiting queue: more in flight gets 429
         self._streams: dict[str, asyncio.Queue[TokenDelta]] = {}
+        self._requests: dict[str, Request] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.observer: Observer | None = None  # metrics, set by the API
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -72,6 +83,7 @@ class AsyncEngine:
         streams = []
         for r in requests:
             self._streams[r.request_id] = asyncio.Queue()
+            self._requests[r.request_id] = r
             self.core.submit(r)
             streams.append(self._follow(r.request_id))
         return streams
@@ -94,8 +106,11 @@ class AsyncEngine:
 
     def release(self, rid: str) -> None:
         """Forget a request and abort it in the engine, unless it already finished. Idempotent."""
+        request = self._requests.pop(rid, None)
         if self._streams.pop(rid, None) is not None:
             self.core.abort(rid)
+            if self.observer is not None and request is not None:
+                self.observer.on_abandon(request)
 
     # -- called on the engine thread ---------------------------------------------------------
     def _publish(self, deltas: Sequence[TokenDelta]) -> None:
@@ -106,8 +121,14 @@ class AsyncEngine:
     def _dispatch(self, deltas: Sequence[TokenDelta]) -> None:
         for d in deltas:
             stream = self._streams.get(d.request_id)
-            if stream is not None:
-                stream.put_nowait(d)
+            if stream is None:
+                continue
+            stream.put_nowait(d)
+            request = self._requests.get(d.request_id)
+            if self.observer is not None and request is not None:
+                self.observer.on_delta(request, d)
+            if d.finished:
+                self._requests.pop(d.request_id, None)
 
 
 class EngineError(RuntimeError):

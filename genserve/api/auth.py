@@ -1,0 +1,190 @@
+"""API keys, hashed at rest and compared in constant time, with per-key rate limits.
+
+Keys come from GENSERVE_API_KEYS (plaintext in the environment, hashed at start and then
+forgotten) or from a key file written by `genserve keys`, which holds only SHA-256 hashes.
+API keys are long random tokens, so a fast hash is the right tool (as for GitHub tokens):
+a slow password hash guards low-entropy secrets, which these are not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import os
+import secrets
+import tempfile
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from genserve.api.errors import APIError
+
+KEY_PREFIX = "gs-"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str  # short public id, shown by `genserve keys list`
+    name: str
+    hash: str
+    created: int
+    rpm: int | None = None  # requests per minute
+    tpm: int | None = None  # tokens (prompt + completion) per minute
+    revoked: bool = False
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class KeyFile:
+    """The key file: a JSON list of KeyRecords, rewritten atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> list[KeyRecord]:
+        if not self.path.exists():
+            return []
+        return [KeyRecord(**r) for r in json.loads(self.path.read_text())]
+
+    def save(self, records: list[KeyRecord]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".keys-")
+        with os.fdopen(fd, "w") as f:
+            json.dump([asdict(r) for r in records], f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.path)
+
+    def create(self, name: str, rpm: int | None, tpm: int | None) -> tuple[str, KeyRecord]:
+        key = new_key()
+        record = KeyRecord(secrets.token_hex(4), name, hash_key(key), int(time.time()), rpm, tpm)
+        self.save([*self.load(), record])
+        return key, record
+
+    def revoke(self, key_id: str) -> KeyRecord:
+        records = self.load()
+        for i, r in enumerate(records):
+            if r.id == key_id:
+                records[i] = replace(r, revoked=True)
+                self.save(records)
+                return records[i]
+        raise KeyError(key_id)
+
+
+@dataclass(slots=True)
+class Window:
+    """What one key spent in the last minute: request times and (time, tokens) pairs."""
+
+    requests: deque = field(default_factory=deque)
+    tokens: deque = field(default_factory=deque)
+
+    def trim(self, now: float) -> None:
+        while self.requests and now - self.requests[0] >= 60:
+            self.requests.popleft()
+        while self.tokens and now - self.tokens[0][0] >= 60:
+            self.tokens.popleft()
+
+    def token_sum(self) -> int:
+        return sum(n for _, n in self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    key_id: str
+    record: KeyRecord | None  # None for keys from the environment (no limits)
+
+
+class KeyStore:
+    """Verifies bearer tokens and enforces per-key limits. Reloads the key file when it
+    changes, so `genserve keys revoke` takes effect on a running server."""
+
+    def __init__(self, env_keys: tuple[str, ...], key_file: Path | None) -> None:
+        self._env = {hash_key(k): f"env-{i}" for i, k in enumerate(env_keys)}
+        self._file = KeyFile(key_file) if key_file else None
+        self._mtime: float | None = None
+        self._records: list[KeyRecord] = []
+        self._windows: dict[str, Window] = {}
+        self._reload()
+
+    def _reload(self) -> None:
+        if self._file is None:
+            return
+        mtime = self._file.path.stat().st_mtime if self._file.path.exists() else None
+        if mtime != self._mtime:
+            self._records, self._mtime = self._file.load(), mtime
+
+    def verify(self, authorization: str | None) -> Caller:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise invalid_key("You didn't provide an API key. Pass it as `Authorization: Bearer`.")
+        digest = hash_key(token.strip())
+        self._reload()
+        caller = None
+        # Compare against every key, always, in constant time: no early exit to time.
+        for h, key_id in self._env.items():
+            if hmac.compare_digest(h, digest):
+                caller = Caller(key_id, None)
+        for r in self._records:
+            if hmac.compare_digest(r.hash, digest) and not r.revoked:
+                caller = Caller(r.id, r)
+        if caller is None:
+            raise invalid_key("Incorrect API key provided.")
+        return caller
+
+    def admit(self, caller: Caller) -> dict[str, str]:
+        """Count a request against the key's limits; 429 with Retry-After when over."""
+        r = caller.record
+        if r is None or (r.rpm is None and r.tpm is None):
+            return {}
+        now = time.monotonic()
+        w = self._windows.setdefault(r.id, Window())
+        w.trim(now)
+        if r.rpm is not None and len(w.requests) >= r.rpm:
+            raise over_limit("requests", r.rpm, 60 - (now - w.requests[0]), self._headers(r, w))
+        if r.tpm is not None and w.token_sum() >= r.tpm:
+            raise over_limit("tokens", r.tpm, 60 - (now - w.tokens[0][0]), self._headers(r, w))
+        w.requests.append(now)
+        return self._headers(r, w)
+
+    def spend(self, caller: Caller | None, tokens: int) -> None:
+        if caller is not None and caller.record is not None and caller.record.tpm is not None:
+            self._windows.setdefault(caller.key_id, Window()).tokens.append(
+                (time.monotonic(), tokens)
+            )
+
+    @staticmethod
+    def _headers(r: KeyRecord, w: Window) -> dict[str, str]:
+        h = {}
+        if r.rpm is not None:
+            h["x-ratelimit-limit-requests"] = str(r.rpm)
+            h["x-ratelimit-remaining-requests"] = str(max(r.rpm - len(w.requests), 0))
+            h["x-ratelimit-reset-requests"] = "60s"
+        if r.tpm is not None:
+            h["x-ratelimit-limit-tokens"] = str(r.tpm)
+            h["x-ratelimit-remaining-tokens"] = str(max(r.tpm - w.token_sum(), 0))
+            h["x-ratelimit-reset-tokens"] = "60s"
+        return h
+
+
+def invalid_key(message: str) -> APIError:
+    return APIError(401, message, code="invalid_api_key")
+
+
+def over_limit(what: str, limit: int, wait_s: float, headers: dict[str, str]) -> APIError:
+    retry = max(1, math.ceil(wait_s))
+    return APIError(
+        429,
+        f"Rate limit reached: {limit} {what} per minute for this key. Retry in {retry}s.",
+        code="rate_limit_exceeded",
+        headers={**headers, "Retry-After": str(retry)},
+    )

@@ -1,0 +1,102 @@
+"""Prometheus metrics with vLLM's names (prefixed `genserve:`), in a registry per app."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from genserve.engine.types import Request, TokenDelta
+
+PREFIX = "genserve:"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class EngineGauges(Collector):
+    """Read at scrape time from the engines, so the numbers are never stale."""
+
+    def __init__(self, services) -> None:  # noqa: ANN001 - genserve.api.models.Services
+        self.services = services
+
+    def collect(self):  # noqa: ANN201 - prometheus' interface
+        running = GaugeMetricFamily(
+            PREFIX + "num_requests_running", "Requests in the running batch", labels=["model_name"]
+        )
+        waiting = GaugeMetricFamily(
+            PREFIX + "num_requests_waiting", "Requests waiting for a KV slot", labels=["model_name"]
+        )
+        usage = GaugeMetricFamily(
+            PREFIX + "kv_cache_usage_perc",
+            "Fraction of KV slots in use (0-1)",
+            labels=["model_name"],
+        )
+        for model_id, served in self.services.models.items():
+            s = served.engine.stats()
+            running.add_metric([model_id], s.num_running)
+            waiting.add_metric([model_id], s.num_waiting)
+            usage.add_metric([model_id], s.kv_slots_used / max(s.kv_slots_total, 1))
+        yield from (running, waiting, usage)
+
+
+class Metrics:
+    """Per-request observations from the engine client, counters from the API."""
+
+    def __init__(self, services) -> None:  # noqa: ANN001
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineGauges(services))
+        label = ["model_name"]
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Time to first token", label,
+            registry=self.registry, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.itl = Histogram(
+            PREFIX + "inter_token_latency_seconds", "Time between tokens", label,
+            registry=self.registry, buckets=TOKEN_BUCKETS,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds", "Arrival to last token", label,
+            registry=self.registry, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens processed", label, registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Tokens generated", label, registry=self.registry
+        )
+        self._last: dict[str, float] = {}
+
+    def observer(self, model_id: str) -> RequestObserver:
+        return RequestObserver(self, model_id)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestObserver:
+    """What AsyncEngine calls for each delta of each request of one model."""
+
+    def __init__(self, metrics: Metrics, model_id: str) -> None:
+        self.m = metrics
+        self.model_id = model_id
+
+    def on_delta(self, request: Request, delta: TokenDelta) -> None:
+        now = time.monotonic()
+        rid = request.request_id
+        last = self.m._last.get(rid)
+        if delta.token_ids:
+            if last is None:
+                self.m.ttft.labels(self.model_id).observe(now - request.arrival_time)
+            else:
+                self.m.itl.labels(self.model_id).observe(now - last)
+            self.m._last[rid] = now
+        if delta.finished:
+            self.m._last.pop(rid, None)
+            self.m.e2e.labels(self.model_id).observe(now - request.arrival_time)
+            self.m.prompt_tokens.labels(self.model_id).inc(delta.prompt_tokens)
+            self.m.generation_tokens.labels(self.model_id).inc(delta.completion_tokens)
+
+    def on_abandon(self, request: Request) -> None:
+        self.m._last.pop(request.request_id, None)
