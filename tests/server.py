@@ -25,6 +25,7 @@ class LiveServer:
     proc: subprocess.Popen
     port: int
     log_path: Path
+    env: dict[str, str] | None = None
 
     @property
     def url(self) -> str:
@@ -44,15 +45,23 @@ class LiveServer:
         return self.proc.returncode
 
 
-def start_server(model: str | Path, log_dir: Path, *args: str, timeout: float = 120) -> LiveServer:
+def start_server(
+    model: str | Path,
+    log_dir: Path,
+    *args: str,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+) -> LiveServer:
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "genserve.cli", "serve", "--model", str(model)]
     cmd += ["--host", "127.0.0.1", "--port", str(port), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    if "--data-dir" not in args:  # each server its own store, never the developer's var/
+        cmd += ["--data-dir", str(log_dir / f"data-{port}")]
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = LiveServer(proc, port, log_path)
+    server = LiveServer(proc, port, log_path, env)
     wait_healthy(server, timeout)
     return server
 
