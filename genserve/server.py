@@ -104,7 +104,8 @@ class DrainingServer:
     def __init__(self, app, host: str, port: int, log_level: str, timeout_s: float) -> None:  # noqa: ANN001
         import uvicorn
 
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+        # access_log off: genserve.access logs each request once, with its request id.
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
         self.server = uvicorn.Server(config)
         self.edge = app.state.edge
         self.timeout_s = timeout_s

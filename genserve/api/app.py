@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from genserve import __version__
-from genserve.api import chat, completions, errors, files, fine_tuning, models, tokenize
+from genserve.api import chat, completions, errors, files, fine_tuning, models, playground, tokenize
 from genserve.api.auth import KeyStore
 from genserve.api.metrics import Metrics
 from genserve.api.middleware import EdgeMiddleware, EdgeState
@@ -57,9 +57,41 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
     app.include_router(tokenize.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
-    app.add_api_route("/health", health, methods=["GET"])
+    app.include_router(playground.router)
+    app.add_api_route("/health", health, methods=["GET"], responses=HEALTH_RESPONSES)
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    install_openapi(app)
     return app
+
+
+def install_openapi(app: FastAPI) -> None:
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            app.openapi_schema = errors.document_errors(schema)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+HEALTH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "loading", "failed"]},
+        "error": {"type": ["string", "null"]},
+        "models": {"type": "object"},
+    },
+    "required": ["status"],
+}
+HEALTH_RESPONSES = {
+    200: {"description": "Ready", "content": {"application/json": {"schema": HEALTH_SCHEMA}}},
+    503: {
+        "description": "Loading, failed, or shutting down",
+        "content": {"application/json": {"schema": HEALTH_SCHEMA}},
+    },
+}
 
 
 def edge_state(config: ServerConfig) -> EdgeState:

@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,51 @@ async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
 async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return error_response(APIError(500, "The server had an error processing your request."))
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_STATUSES = {
+    "400": "Invalid request (the message and `param` say what)",
+    "401": "Missing, wrong or revoked API key",
+    "404": "No such model, file, job or route",
+    "429": "Rate limit or queue full; see Retry-After",
+    "500": "Server error",
+    "503": "Loading or shutting down; see Retry-After",
+}
+
+
+def document_errors(schema: dict) -> dict:
+    """Our OpenAPI document as the server behaves: validation errors are 400s in OpenAI's
+    error shape (FastAPI would document 422s), and every operation lists its error statuses."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["ErrorDetail"] = ErrorDetail.model_json_schema()
+    components["ErrorResponse"] = ErrorResponse.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, ops in schema.get("paths", {}).items():
+        if path == "/health":  # its own shape: {"status": ...}, documented on the route
+            continue
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            for status, text in ERROR_STATUSES.items():
+                responses.setdefault(
+                    status, {"description": text, "content": {"application/json": {"schema": ref}}}
+                )
+    return schema
 
 
 def install(app: FastAPI) -> None:

@@ -116,9 +116,6 @@ class SamplingParams:
             self.repetition_penalty != 1.0
         )
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ import torch
 from genserve.engine.types import TokenLogprob
 
 NEG_INF = float("-inf")
+GREEDY_BELOW = 1e-5
 
 
 class Constraint(Protocol):
@@ -43,7 +44,9 @@ class SamplingRow:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below 1e-5 (vLLM's threshold) dividing by the temperature overflows to inf/NaN;
+        # the distribution is a spike on the argmax anyway.
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,10 @@ class ModelWorker:
         """Every request gets its own generator; an unseeded one gets a fresh random seed."""
         p = request.params
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+        # OpenAI's seeds are signed 64-bit; a generator takes the same 64 bits unsigned.
+        gen.manual_seed(
+            p.seed & 0xFFFF_FFFF_FFFF_FFFF if p.seed is not None else secrets.randbits(63)
+        )
         state = RequestState(p, request.prompt_token_ids, gen)
         if p.presence_penalty or p.frequency_penalty:
             state.counts = torch.zeros(self.vocab_size)
