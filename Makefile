@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?=
 
-.PHONY: serve test lint bench clean install
+.PHONY: serve test lint bench clean install chromium
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -19,10 +19,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Headless browser for tests/e2e: Debian's chromium, installed only where it is missing and
+# apt is there (never `playwright install`, which downloads its own build).
+chromium:
+	@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "warning: could not install chromium; tests/e2e will be skipped" >&2
+
 serve: $(STAMP)
 	$(BIN)/genserve serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/ruff check genserve tests bench
 	$(BIN)/python -m pytest -q tests
 
