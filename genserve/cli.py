@@ -18,6 +18,8 @@ from genserve.config import (
     StorageConfig,
     TrainingConfig,
 )
+from genserve.models_cli import models_app
+from genserve.training.cli import finetune_app
 
 app = typer.Typer(help="Serve and fine-tune generative models behind an OpenAI-compatible API.")
 E = "GENSERVE_"  # every option can also come from GENSERVE_<OPTION>
@@ -68,6 +70,15 @@ def serve(
     lora_modules: Annotated[
         list[str] | None,
         typer.Option(help="Serve a LoRA adapter folder as NAME=PATH (repeatable)."),
+    ] = None,
+    models_dir: Annotated[
+        str, typer.Option(envvar=E + "MODELS_DIR", help="POST /v1/models loads folders from here.")
+    ] = "var/genserve/models",
+    embedding_model: Annotated[
+        str, typer.Option(help="Embeddings model served at start ('none': no embeddings).")
+    ] = "all-MiniLM-L6-v2",
+    memory_budget_gb: Annotated[
+        float | None, typer.Option(help="Memory for all loaded models (default: 80% of RAM).")
     ] = None,
     data_dir: Annotated[
         str, typer.Option(envvar=E + "DATA_DIR", help="Uploads, jobs, adapters (SQLite + files).")
@@ -127,6 +138,8 @@ def build_config(o: dict) -> ServerConfig:
         model=ModelConfig(
             o["model"], o["served_model_name"], o["dtype"], o["device"], o["trust_remote_code"],
             o["allow_pickle"], parse_lora_modules(o["lora_modules"] or []),
+            embedding_model=None if o["embedding_model"] == "none" else o["embedding_model"],
+            memory_budget_gb=o["memory_budget_gb"],
         ),
         engine=EngineConfig(
             max_batch_size=o["max_batch_size"], max_model_len=o["max_model_len"],
@@ -134,7 +147,7 @@ def build_config(o: dict) -> ServerConfig:
             max_num_batched_tokens=o["max_num_batched_tokens"], max_waiting=o["max_waiting"],
             fast_path=o["fast_path"], batch_invariant=o["batch_invariant"],
         ),
-        storage=StorageConfig(o["data_dir"], o["max_file_bytes"]),
+        storage=StorageConfig(o["data_dir"], o["models_dir"], o["max_file_bytes"]),
         training=TrainingConfig(threads=o["training_threads"]),
         security=SecurityConfig(
             api_keys=env_keys, api_key_file=o["api_key_file"],
@@ -147,6 +160,8 @@ def build_config(o: dict) -> ServerConfig:
 
 keys_app = typer.Typer(help="Manage API keys in a key file (only hashes are stored).")
 app.add_typer(keys_app, name="keys")
+app.add_typer(finetune_app, name="finetune")
+app.add_typer(models_app, name="models")
 KeyFileOpt = Annotated[
     str, typer.Option("--key-file", envvar=E + "API_KEY_FILE", help="The key file.")
 ]

@@ -45,6 +45,8 @@ class ModelConfig:
     trust_remote_code: bool = False  # refused unless the operator opts in
     allow_pickle: bool = False  # .bin/.pt checkpoints are refused unless opted in
     lora_modules: tuple[tuple[str, str], ...] = ()  # (model id, adapter folder) served at start
+    embedding_model: str | None = "all-MiniLM-L6-v2"  # served at start when installed
+    memory_budget_gb: float | None = None  # None: 80% of the machine's memory
 
     def __post_init__(self) -> None:
         if not self.ref:
@@ -60,6 +62,7 @@ class StorageConfig:
     """Where uploads, jobs and adapters live. SQLite holds metadata; bytes are plain files."""
 
     data_dir: str = "var/genserve"
+    models_dir: str = "var/genserve/models"  # POST /v1/models loads folders from here only
     max_file_bytes: int = 512 * 2**20  # larger uploads are refused with 400, param "file"
 
     def __post_init__(self) -> None:

@@ -10,29 +10,16 @@ import time
 from genserve import __version__
 from genserve.api.logprobs import TokenText
 from genserve.api.models import ServedModel
-from genserve.config import EngineConfig, ServerConfig
+from genserve.config import ServerConfig
 from genserve.engine.client import AsyncEngine
 from genserve.engine.core import EngineCore
 from genserve.model.grammar import GrammarCompiler
 from genserve.model.loading import LoadedModel, ModelLoadError, load_model
 from genserve.model.runner import kv_bytes_per_token
+from genserve.model.sizing import cache_shape
 from genserve.model.worker import ModelWorker
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_LEN = 2048  # per-sequence context when the operator does not say
-
-
-def cache_shape(cfg: EngineConfig, model_context: int) -> tuple[int, int]:
-    """(slots, tokens per slot) that fit the KV-cache budget."""
-    max_len = min(cfg.max_model_len or DEFAULT_MAX_LEN, model_context)
-    budget = cfg.kv_cache_tokens or cfg.max_batch_size * max_len
-    slots = min(cfg.max_batch_size, budget // max_len)
-    if slots < 1:
-        raise ModelLoadError(
-            f"--kv-cache-tokens {budget} cannot hold one sequence of {max_len} tokens; "
-            "raise it or lower --max-model-len"
-        )
-    return slots, max_len
 
 
 def build_served_model(cfg: ServerConfig) -> ServedModel:
@@ -41,7 +28,10 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
     loaded = load_model(
         mc.ref, mc.dtype, mc.device, mc.trust_remote_code, mc.allow_pickle, mc.served_name
     )
-    slots, max_len = cache_shape(cfg.engine, loaded.max_context)
+    try:
+        slots, max_len = cache_shape(cfg.engine, loaded.max_context)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
     vocab = loaded.model.config.vocab_size
     grammars = GrammarCompiler(loaded.tokenizer, vocab, stop_token_ids=loaded.eos_token_ids)
     worker = ModelWorker(

@@ -59,6 +59,8 @@ def start_server(
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     if "--data-dir" not in args:  # each server its own store, never the developer's var/
         cmd += ["--data-dir", str(log_dir / f"data-{port}")]
+    if "--embedding-model" not in args:  # only the tests about embeddings pay for loading it
+        cmd += ["--embedding-model", "none"]
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = LiveServer(proc, port, log_path, env)

@@ -13,13 +13,28 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from genserve import __version__
-from genserve.api import chat, completions, errors, files, fine_tuning, models, playground, tokenize
+from genserve.api import (
+    chat,
+    completions,
+    embeddings,
+    errors,
+    files,
+    fine_tuning,
+    models,
+    playground,
+    registry,
+    tokenize,
+)
 from genserve.api.auth import KeyStore
+from genserve.api.errors import APIError
 from genserve.api.metrics import Metrics
 from genserve.api.middleware import EdgeMiddleware, EdgeState
-from genserve.api.models import AdapterSpec, ServedModel, Services
-from genserve.bundled import bundled_adapters
+from genserve.api.models import AdapterSpec, ModelSettings, ServedModel, Services
+from genserve.api.registry import ModelRegistry, start_served
+from genserve.bundled import bundled_adapters, bundled_names
 from genserve.config import ServerConfig
+from genserve.storage.db import open_database
+from genserve.storage.models import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +57,8 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
             await fine_tuning.stop(svc)  # the training worker first: its job resumes on restart
             for served in svc.models.values():
                 await asyncio.to_thread(served.engine.stop)
+            for embedder in svc.embedders.values():
+                await asyncio.to_thread(embedder.batcher.stop)
 
     app = FastAPI(title="genserve", version=__version__, lifespan=lifespan)
     app.state.services = Services()
@@ -52,6 +69,8 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
     app.add_middleware(EdgeMiddleware, state=app.state.edge)
     errors.install(app)
     app.include_router(models.router)
+    app.include_router(registry.router)
+    app.include_router(embeddings.router)
     app.include_router(completions.router)
     app.include_router(chat.router)
     app.include_router(tokenize.router)
@@ -108,20 +127,18 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def metrics_of(svc: Services) -> Metrics:
-    return svc.state["metrics"]
-
-
 async def _load(svc: Services, config: ServerConfig, loader: Loader) -> None:
+    svc.state["loop"] = asyncio.get_running_loop()
+    reg = open_registry(svc, config)
     try:
         served = await asyncio.to_thread(loader, config)
     except Exception as e:  # noqa: BLE001 - reported on /health and every route
         log.exception("model failed to load")
         svc.load_error = str(e)
         return
-    served.engine.start()
-    served.engine.observer = metrics_of(svc).observer(served.id)
-    svc.models[served.id] = served
+    served.ref = config.model.ref
+    served.settings = reg.adopt(served.id, served.ref, "generate", _size(served, config))
+    await start_served(svc, served)
     try:
         await _serve_adapters(svc, served, config)
     except Exception as e:  # noqa: BLE001 - an adapter the operator asked for must not be skipped
@@ -129,8 +146,40 @@ async def _load(svc: Services, config: ServerConfig, loader: Loader) -> None:
         svc.load_error = f"adapter failed to load: {e}"
         return
     await fine_tuning.start(svc, config)  # files, jobs; serves fine-tuned adapters again
+    _load_embeddings(reg, config)
+    await reg.restore()  # models registered through the API before a restart
     svc.ready = True
     log.info("ready: %s", ", ".join(m["id"] for m in svc.cards()))
+
+
+def open_registry(svc: Services, config: ServerConfig) -> ModelRegistry:
+    store = None
+    try:
+        db = open_database(Path(config.storage.data_dir))
+        svc.state["database"] = db
+        store = ModelStore(db)
+    except Exception:  # noqa: BLE001 - serve without persistence rather than not at all
+        log.exception("model registry storage failed; registrations will not persist")
+    registry = ModelRegistry(svc, config, store)
+    svc.state["registry"] = registry
+    return registry
+
+
+def _size(served: ServedModel, config: ServerConfig) -> int:
+    from genserve.model.sizing import kv_cache_bytes, weight_bytes
+
+    return 2 * weight_bytes(served.path) + kv_cache_bytes(served.path, config.engine)
+
+
+def _load_embeddings(registry: ModelRegistry, config: ServerConfig) -> None:
+    """The default embeddings model, when its package (genserve[embeddings]) is installed."""
+    name = config.model.embedding_model
+    if not name or name not in bundled_names():
+        return
+    try:
+        registry.register(name, name, "embed", ModelSettings(), from_cli=True)
+    except APIError as e:
+        log.error("embeddings model %s not loaded: %s", name, e.message)
 
 
 async def _serve_adapters(svc: Services, served: ServedModel, config: ServerConfig) -> None:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from genserve.api.errors import bad_request
 from genserve.api.generation import (
     ChoiceDelta,
+    apply_defaults,
     build_requests,
     check_limits,
     collect,
@@ -42,7 +43,7 @@ def render_chat(served: ServedModel, messages: list[ChatMessage], generation_pro
     try:
         return served.tokenizer.apply_chat_template(
             plain,
-            chat_template=served.chat_template,
+            chat_template=served.template,
             tokenize=False,
             add_generation_prompt=generation_prompt,
         )
@@ -60,21 +61,19 @@ def max_new_tokens(served: ServedModel, body: ChatCompletionRequest, prompt_len:
     asked = body.max_completion_tokens or body.max_tokens
     if asked is not None:
         return asked
-    room = served.max_len - prompt_len
-    if room < 1:
-        served.engine.check_context(prompt_len, 1)  # raises context_length_exceeded
-    return room
+    return max(served.context_limit - prompt_len, 1)  # too long a prompt: check_limits says so
 
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     target = services(request).get(body.model)
     served = target.served
+    apply_defaults(body, served.settings.defaults)
     check_chat_body(body)
     prompt = chat_prompt(served, body)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = max_new_tokens(served, body, len(prompt))
-    check_limits(request, len(prompt), max_tokens, "messages")
+    check_limits(request, len(prompt), max_tokens, "messages", served.context_limit)
     grammar = grammar_spec(body, served.grammars)
     params = sampling_params(body, max_tokens, served.vocab_size, logprobs, grammar=grammar)
     cid, created = new_id("chatcmpl"), int(time.time())

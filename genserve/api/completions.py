@@ -11,6 +11,7 @@ from genserve.api.errors import bad_request
 from genserve.api.generation import (
     ChoiceDelta,
     ChoiceState,
+    apply_defaults,
     build_requests,
     check_limits,
     collect,
@@ -58,6 +59,7 @@ def prompt_ids(served: ServedModel, prompt) -> list[list[int]]:  # noqa: ANN001 
 async def create_completion(body: CompletionRequest, request: Request):
     target = services(request).get(body.model)
     served = target.served
+    apply_defaults(body, served.settings.defaults)
     check_completion_body(body)
     prompts = prompt_ids(served, body.prompt)
     n = body.n or 1
@@ -67,7 +69,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     echo_lps = body.logprobs if body.echo else None
     grammar = grammar_spec(body, served.grammars)
     max_tokens = body.max_tokens or 16
-    check_limits(request, max(len(p) for p in prompts), max_tokens, "prompt")
+    longest = max(len(p) for p in prompts)
+    check_limits(request, longest, max_tokens, "prompt", served.context_limit)
     params = sampling_params(body, max_tokens, served.vocab_size, logprobs, echo_lps, grammar)
     cid, created = new_id("cmpl"), int(time.time())
     requests = build_requests(prompts, params, best_of, cid, target.adapter)

@@ -99,6 +99,13 @@ def grammar_spec(body: SamplingFields, grammars: Any) -> GrammarSpec | None:
     return spec
 
 
+def apply_defaults(body: SamplingFields, defaults: dict[str, Any]) -> None:
+    """A model's serving defaults fill the sampling fields the request left out."""
+    for name, value in defaults.items():
+        if name not in body.model_fields_set and name in type(body).model_fields:
+            setattr(body, name, value)
+
+
 def sampling_params(
     body: SamplingFields,
     max_tokens: int,
@@ -207,8 +214,19 @@ async def merged(streams: list[AsyncIterator[TokenDelta]]) -> AsyncIterator[Choi
                 await s.aclose()
 
 
-def check_limits(http: HTTPRequest, prompt_tokens: int, max_tokens: int, prompt_param: str) -> None:
-    """The operator's ceilings (--max-prompt-tokens, --max-tokens-limit), as 400s."""
+def check_limits(
+    http: HTTPRequest, prompt_tokens: int, max_tokens: int, prompt_param: str, context: int
+) -> None:
+    """The operator's ceilings (--max-prompt-tokens, --max-tokens-limit, a model's
+    max_context), as 400s."""
+    if prompt_tokens + max_tokens > context:
+        raise bad_request(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
+            "for the completion). Please reduce the prompt or max_tokens.",
+            prompt_param,
+            "context_length_exceeded",
+        )
     sec = http.app.state.config.security
     if sec.max_prompt_tokens is not None and prompt_tokens > sec.max_prompt_tokens:
         msg = f"The prompt has {prompt_tokens} tokens; this server takes {sec.max_prompt_tokens}."

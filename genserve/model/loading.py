@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from genserve.bundled import BUNDLED_DIR, bundled_names
+from genserve.bundled import bundled_names, bundled_path
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class LoadedModel:
 def resolve_model_ref(ref: str) -> Path:
     """The local folder that holds `ref`, downloading a hub id only when the hub answers."""
     if ref in bundled_names():
-        return BUNDLED_DIR / ref
+        return bundled_path(ref)
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

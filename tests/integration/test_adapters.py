@@ -79,9 +79,15 @@ def test_delete_fine_tuned_model(lora_server: LiveServer) -> None:
         client.completions.create(model="ft:tiny-llama:a2:test", prompt="x", max_tokens=1)
     with pytest.raises(openai.NotFoundError):
         client.models.delete("ft:tiny-llama:a2:test")
-    with pytest.raises(openai.PermissionDeniedError):
-        client.models.delete("tiny-llama")
     assert "ft:tiny-llama:a2:test" not in [m.id for m in client.models.list()]
+
+
+def test_unloading_the_base_takes_its_adapters(lora_server: LiveServer) -> None:
+    client = openai.OpenAI(base_url=lora_server.url + "/v1", api_key="x", max_retries=0)
+    assert client.models.delete("tiny-llama").deleted
+    assert [m.id for m in client.models.list()] == []
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="ft:tiny-llama:a0:test", prompt="x", max_tokens=1)
 
 
 def test_bad_adapter_fails_the_start_loudly(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,117 @@
+"""POST /v1/embeddings."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from genserve.api.errors import bad_request
+from genserve.api.models import services
+from genserve.engine.batcher import MicroBatcher
+
+router = APIRouter()
+MAX_INPUTS = 2048
+
+
+@dataclass(slots=True)
+class EmbeddingModel:
+    id: str
+    created: int
+    batcher: MicroBatcher
+    tokenize: Any  # list[str] -> list[list[int]], truncating to max_len
+    dimensions: int
+    max_len: int
+    vocab_size: int
+    owned_by: str = "genserve"
+
+    def card(self) -> dict:
+        return {
+            "id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by,
+            "status": "ready", "kind": "embed", "dimensions": self.dimensions,
+        }  # fmt: skip
+
+
+def build_embedding_model(ref: str, model_id: str, device: str = "auto") -> EmbeddingModel:
+    from genserve.model.embedder import Embedder
+
+    embedder = Embedder(ref, device)
+    return EmbeddingModel(
+        id=model_id,
+        created=int(time.time()),
+        batcher=MicroBatcher(embedder.embed),
+        tokenize=embedder.tokenize,
+        dimensions=embedder.dimensions,
+        max_len=embedder.max_len,
+        vocab_size=int(embedder.model.config.vocab_size),
+    )
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: (
+        str
+        | list[str]
+        | list[Annotated[int, Field(ge=0)]]
+        | list[list[Annotated[int, Field(ge=0)]]]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+
+
+def token_lists(model: EmbeddingModel, data) -> list[list[int]]:  # noqa: ANN001 - wire union
+    if isinstance(data, str):
+        data = [data]
+    if not data:
+        raise bad_request("input must not be empty", "input")
+    if len(data) > MAX_INPUTS:
+        raise bad_request(f"at most {MAX_INPUTS} inputs per request", "input")
+    if isinstance(data[0], int):
+        data = [data]
+    if isinstance(data[0], str):
+        if any(not s for s in data):
+            raise bad_request("input strings must not be empty", "input")
+        return model.tokenize(data)
+    for ids in data:
+        if not ids or len(ids) > model.max_len:
+            raise bad_request(f"each token array needs 1..{model.max_len} tokens", "input")
+        if max(ids) >= model.vocab_size:
+            raise bad_request(f"token ids must be in [0, {model.vocab_size})", "input")
+    return [list(ids) for ids in data]
+
+
+def encode(vector: list[float], fmt: str) -> list[float] | str:
+    if fmt == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+@router.post("/v1/embeddings")
+async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict:
+    model = services(request).embedder(body.model)
+    if body.dimensions is not None and body.dimensions != model.dimensions:
+        raise bad_request(
+            f"{model.id} makes {model.dimensions}-dimensional embeddings and cannot shorten "
+            "them (it was not trained for it)",
+            "dimensions",
+        )
+    inputs = token_lists(model, body.input)
+    vectors = await model.batcher.submit(inputs)
+    tokens = sum(len(i) for i in inputs)
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encode(v, body.encoding_format)}
+            for i, v in enumerate(vectors)
+        ],
+        "model": model.id,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

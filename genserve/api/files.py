@@ -1,0 +1,159 @@
+"""/v1/files: upload (multipart), list, retrieve, delete, content — OpenAI's File objects.
+
+Uploads are limited to ServerConfig.storage.max_file_bytes (over it: 400, param "file"), and a
+`fine-tune` upload is checked line by line before it is stored, so a bad file is refused at
+once with the numbers of its bad lines rather than failing a job later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Annotated, BinaryIO, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.datastructures import UploadFile
+
+from genserve.api.errors import APIError, bad_request
+from genserve.api.models import services
+from genserve.storage.files import CHUNK, FileRecord, FileStore, FileTooLargeError
+from genserve.training.dataset import DatasetError, check_file
+
+router = APIRouter()
+
+# The purposes that OpenAI's upload request and its File object both know.
+PURPOSES = ("fine-tune", "batch", "assistants", "vision", "user_data")
+MULTIPART_SLACK = 1 << 20  # room for boundaries and headers around the file in the body
+
+
+def file_store(request: Request) -> FileStore:
+    svc = services(request)
+    svc.require_ready()
+    store = svc.state.get("files")
+    if store is None:
+        reason = svc.state.get("storage_error", "storage is not configured")
+        raise APIError(503, f"file storage is unavailable: {reason}")
+    return store
+
+
+def file_not_found(file_id: str, param: str = "file_id") -> APIError:
+    return APIError(404, f"No such File object: {file_id}", param, "file_not_found")
+
+
+def file_card(record: FileRecord) -> dict:
+    return {
+        "id": record.id,
+        "object": "file",
+        "bytes": record.bytes,
+        "created_at": record.created_at,
+        "filename": record.filename,
+        "purpose": record.purpose,
+        "status": "processed",  # checked at upload: a stored file is always usable
+    }
+
+
+def get_record(store: FileStore, file_id: str) -> FileRecord:
+    record = store.get(file_id)
+    if record is None:
+        raise file_not_found(file_id)
+    return record
+
+
+def _check_length(request: Request, limit: int) -> None:
+    """Refuse a body that cannot fit before reading any of it."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit + MULTIPART_SLACK:
+        raise too_large(limit)
+
+
+def too_large(limit: int) -> APIError:
+    return bad_request(
+        f"The file is too large: this server accepts files of at most {limit} bytes.",
+        param="file",
+        code="file_too_large",
+    )
+
+
+def _store_upload(store: FileStore, src: BinaryIO, name: str, purpose: str, limit: int):
+    """Stage, check and commit an upload. Blocking (disk, fsync): runs in a thread."""
+    try:
+        staged = store.stage(src, limit)
+    except FileTooLargeError:
+        raise too_large(limit) from None
+    try:
+        if purpose == "fine-tune":
+            check_file(staged.path)
+        return store.commit(staged, name, purpose)
+    except DatasetError as e:
+        raise bad_request(str(e), param="file", code="invalid_file_format") from None
+    finally:
+        store.discard(staged)  # a no-op once committed: the staged name is gone
+
+
+@router.post("/v1/files")
+async def upload_file(request: Request) -> dict:
+    store = file_store(request)
+    limit = request.app.state.config.storage.max_file_bytes
+    _check_length(request, limit)
+    async with request.form(max_files=1, max_fields=16) as form:
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise bad_request("`file` is required, as a multipart file field", param="file")
+        if purpose not in PURPOSES:
+            raise bad_request(f"`purpose` must be one of {', '.join(PURPOSES)}", param="purpose")
+        name = upload.filename or "upload"
+        record = await asyncio.to_thread(_store_upload, store, upload.file, name, purpose, limit)
+    return file_card(record)
+
+
+@router.get("/v1/files")
+async def list_files(
+    request: Request,
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> dict:
+    page = file_store(request).list(purpose, limit, order, after)
+    data = [file_card(r) for r in page.data]
+    # OpenAI's schema makes first_id/last_id required strings: "" stands for "no page".
+    first, last = (data[0]["id"], data[-1]["id"]) if data else ("", "")
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": first,
+        "last_id": last,
+        "has_more": page.has_more,
+    }
+
+
+@router.get("/v1/files/{file_id}")
+async def retrieve_file(file_id: str, request: Request) -> dict:
+    return file_card(get_record(file_store(request), file_id))
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(file_id: str, request: Request) -> dict:
+    if not file_store(request).delete(file_id):
+        raise file_not_found(file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+def _chunks(f: BinaryIO) -> Iterator[bytes]:
+    with f:
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+@router.get("/v1/files/{file_id}/content")
+async def file_content(file_id: str, request: Request) -> StreamingResponse:
+    store = file_store(request)
+    record = get_record(store, file_id)
+    try:
+        # Opened now, so a delete while it streams cannot cut it short.
+        f = store.path(file_id).open("rb")
+    except FileNotFoundError:
+        raise file_not_found(file_id) from None
+    headers = {"content-length": str(record.bytes)}
+    return StreamingResponse(_chunks(f), media_type="application/octet-stream", headers=headers)

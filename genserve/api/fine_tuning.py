@@ -1,0 +1,343 @@
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, events, checkpoints.
+
+The routes check what a request names (the base model, the files) and hand the job to the
+JobManager (genserve.training.manager), which trains it in a worker process and serves the
+result as `ft:<base>:<suffix or "genserve">:<job-id>`. start()/stop() are called by the app's
+lifespan once the base model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from genserve.api.errors import APIError, bad_request, model_not_found
+from genserve.api.files import file_store
+from genserve.api.models import Services, services
+from genserve.config import ServerConfig
+from genserve.storage.db import open_database
+from genserve.storage.files import FileStore
+from genserve.storage.jobs import CheckpointRecord, EventRecord, JobRecord, JobStore
+from genserve.training.manager import (
+    JobFinishedError,
+    JobManager,
+    JobRequest,
+    fine_tuned_model_id,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+CHECKPOINT_METRICS = (
+    "step",
+    "train_loss",
+    "train_mean_token_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "full_valid_loss",
+    "full_valid_mean_token_accuracy",
+)
+
+
+def _auto_or(kind: type, low: float, high: float, value: Any) -> Any:
+    """The string "auto", or a number in [low, high] (ints) or (low, high] (floats).
+
+    One validator rather than a union, so that an error names the field and nothing else.
+    """
+    if value == "auto":
+        return value
+    number_ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        if number_ok and float(value).is_integer() and low <= value <= high:
+            return int(value)
+        raise ValueError(f'must be "auto" or an integer from {low} to {high}')
+    if number_ok and low < value <= high:
+        return float(value)
+    raise ValueError(f'must be "auto" or a number above {low} and at most {high}')
+
+
+class Hyperparameters(BaseModel):
+    # A misspelt hyperparameter is refused (400 naming it) rather than silently not applied.
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Any = "auto"
+    batch_size: Any = "auto"
+    learning_rate_multiplier: Any = "auto"
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs(cls, v: Any) -> Any:
+        return _auto_or(int, 1, 50, v)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: Any) -> Any:
+        return _auto_or(int, 1, 256, v)
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _lr(cls, v: Any) -> Any:
+        return _auto_or(float, 0, 100, v)
+
+
+class SupervisedMethod(BaseModel):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedMethod | None = None
+
+
+class CreateJobRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: (
+        Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None
+    ) = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    integrations: list[dict[str, Any]] | None = None
+    metadata: (
+        Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None
+    ) = None
+
+
+# --- lifecycle (called from the app's lifespan) ----------------------------------------------
+
+
+async def start(svc: Services, config: ServerConfig) -> None:
+    """Open the store, serve adapters from earlier runs, resume unfinished jobs.
+
+    A storage problem (say, an unwritable data dir) disables files and jobs with a 503 that
+    names it; it does not stop the server from serving its model.
+    """
+    try:
+        data_dir = Path(config.storage.data_dir)
+        db = svc.state.get("database") or open_database(data_dir)
+        svc.state["database"] = db
+        files = FileStore(db, data_dir / "files")
+        files.sweep()
+        manager = JobManager(JobStore(db), files, svc, data_dir, config.training.threads)
+        svc.state["files"] = files
+        svc.state["fine_tuning"] = manager
+        svc.on_adapter_deleted.append(manager.on_adapter_deleted)
+        await manager.start(resume=config.training.enabled)
+    except Exception as e:  # noqa: BLE001 - reported by every files/jobs route
+        log.exception("fine-tuning storage failed to start")
+        svc.state["storage_error"] = f"{type(e).__name__}: {e}"
+
+
+async def stop(svc: Services) -> None:
+    manager: JobManager | None = svc.state.get("fine_tuning")
+    if manager is not None:
+        await manager.stop()
+    db = svc.state.get("database")
+    if db is not None:
+        db.close()
+
+
+# --- wire shapes -----------------------------------------------------------------------------
+
+
+def job_card(job: JobRecord, worker_pid: int | None = None) -> dict:
+    error = None
+    if job.error is not None:
+        error = {"code": job.error.code, "message": job.error.message, "param": job.error.param}
+    hyper = job.hyperparameters
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "created_at": job.created_at,
+        "error": error,
+        "fine_tuned_model": job.fine_tuned_model,
+        "finished_at": job.finished_at,
+        "hyperparameters": hyper,
+        "model": job.model,
+        "organization_id": "genserve",
+        "result_files": [],
+        "status": job.status,
+        "trained_tokens": job.trained_tokens,
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
+        "integrations": None,
+        "seed": job.seed,
+        "estimated_finish": None,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "metadata": job.metadata,
+        # Extension: the training worker's process id while one runs (for operators).
+        "x_genserve_worker_pid": worker_pid,
+    }
+
+
+def event_card(event: EventRecord) -> dict:
+    return {
+        "object": "fine_tuning.job.event",
+        "id": event.id,
+        "created_at": event.created_at,
+        "level": event.level,
+        "message": event.message,
+        "data": event.data or {},
+        "type": event.type,
+    }
+
+
+def checkpoint_card(ckpt: CheckpointRecord, job: JobRecord) -> dict:
+    metrics = {k: ckpt.metrics[k] for k in CHECKPOINT_METRICS if k in ckpt.metrics}
+    return {
+        "object": "fine_tuning.job.checkpoint",
+        "id": ckpt.id,
+        "created_at": ckpt.created_at,
+        "fine_tuned_model_checkpoint": f"{fine_tuned_model_id(job)}:ckpt-step-{ckpt.step}",
+        "fine_tuning_job_id": job.id,
+        "metrics": metrics,
+        "step_number": ckpt.step,
+    }
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+
+def job_manager(request: Request) -> JobManager:
+    file_store(request)  # 503 while loading or when storage failed, as the files routes say
+    return services(request).state["fine_tuning"]
+
+
+def get_job(manager: JobManager, job_id: str) -> JobRecord:
+    job = manager.jobs.get(job_id)
+    if job is None:
+        raise APIError(
+            404, f"No fine-tuning job found with id {job_id}", "fine_tuning_job_id", "job_not_found"
+        )
+    return job
+
+
+def check_training_file(files: FileStore, file_id: str | None, param: str) -> None:
+    if file_id is None:
+        return
+    record = files.get(file_id)
+    if record is None:
+        raise APIError(404, f"No such File object: {file_id}", param, "file_not_found")
+    if record.purpose != "fine-tune":
+        raise bad_request(
+            f"{file_id} was uploaded with purpose `{record.purpose}`; fine-tuning needs "
+            "purpose `fine-tune`",
+            param,
+        )
+
+
+def requested_hyperparameters(body: CreateJobRequest) -> dict[str, Any]:
+    method = body.method
+    if method is not None and method.type != "supervised":
+        raise bad_request(
+            f"method `{method.type}` is not supported; use `supervised`", "method.type"
+        )
+    nested = method.supervised.hyperparameters if method and method.supervised else None
+    if nested is not None and body.hyperparameters is not None:
+        raise bad_request(
+            "give hyperparameters either in `method.supervised` or at the top level, not both",
+            "hyperparameters",
+        )
+    chosen = nested or body.hyperparameters or Hyperparameters()
+    return chosen.model_dump()
+
+
+@router.post("/v1/fine_tuning/jobs")
+async def create_job(body: CreateJobRequest, request: Request) -> dict:
+    manager = job_manager(request)
+    svc = services(request)
+    if not request.app.state.config.training.enabled:
+        raise APIError(503, "fine-tuning is disabled on this server")
+    if body.model in svc.adapters:
+        raise bad_request("fine-tuning a fine-tuned model is not supported; use its base", "model")
+    if body.model not in svc.models:
+        raise model_not_found(body.model)
+    if body.integrations:
+        raise bad_request("integrations are not supported by this server", "integrations")
+    check_training_file(manager.files, body.training_file, "training_file")
+    check_training_file(manager.files, body.validation_file, "validation_file")
+    job = manager.create(
+        JobRequest(
+            model=body.model,
+            training_file=body.training_file,
+            validation_file=body.validation_file,
+            suffix=body.suffix,
+            seed=body.seed,
+            hyperparameters=requested_hyperparameters(body),
+            metadata=body.metadata,
+        )
+    )
+    return job_card(job)
+
+
+@router.get("/v1/fine_tuning/jobs")
+async def list_jobs(
+    request: Request,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict:
+    manager = job_manager(request)
+    page = manager.jobs.list(after, limit)
+    data = [job_card(j, manager.worker_pid(j.id)) for j in page.data]
+    return {"object": "list", "data": data, "has_more": page.has_more}
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+async def retrieve_job(job_id: str, request: Request) -> dict:
+    manager = job_manager(request)
+    return job_card(get_job(manager, job_id), manager.worker_pid(job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, request: Request) -> dict:
+    manager = job_manager(request)
+    get_job(manager, job_id)
+    try:
+        job = await manager.cancel(job_id)
+    except JobFinishedError as e:
+        raise bad_request(str(e), "fine_tuning_job_id", "job_already_finished") from None
+    return job_card(job)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+async def list_events(
+    job_id: str,
+    request: Request,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> dict:
+    manager = job_manager(request)
+    get_job(manager, job_id)
+    page = manager.jobs.events(job_id, after, limit)
+    return {"object": "list", "data": [event_card(e) for e in page.data], "has_more": page.has_more}
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+async def list_checkpoints(
+    job_id: str,
+    request: Request,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> dict:
+    manager = job_manager(request)
+    job = get_job(manager, job_id)
+    page = manager.jobs.checkpoints(job_id, after, limit)
+    data = [checkpoint_card(c, job) for c in page.data]
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": first,
+        "last_id": last,
+        "has_more": page.has_more,
+    }

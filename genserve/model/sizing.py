@@ -1,0 +1,61 @@
+"""How much memory a model will take, read from its files before loading (no torch needed):
+safetensors headers give every tensor's shape, config.json the KV cache's."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from genserve.config import EngineConfig
+
+DEFAULT_MAX_LEN = 2048  # per-sequence context when the operator does not say
+FP32 = 4
+
+
+def cache_shape(cfg: EngineConfig, model_context: int) -> tuple[int, int]:
+    """(slots, tokens per slot) that fit the KV-cache budget."""
+    max_len = min(cfg.max_model_len or DEFAULT_MAX_LEN, model_context)
+    budget = cfg.kv_cache_tokens or cfg.max_batch_size * max_len
+    slots = min(cfg.max_batch_size, budget // max_len)
+    if slots < 1:
+        raise ValueError(
+            f"--kv-cache-tokens {budget} cannot hold one sequence of {max_len} tokens; "
+            "raise it or lower --max-model-len"
+        )
+    return slots, max_len
+
+
+def weight_count(folder: Path) -> int:
+    """Parameters in the folder's safetensors files, from their headers alone."""
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in meta["shape"]:
+                    n *= d
+                total += n
+    return total
+
+
+def weight_bytes(folder: Path, elem: int = FP32) -> int:
+    """Bytes of the weights once loaded (fp32 on CPU); pickle-only folders by file size."""
+    count = weight_count(folder)
+    if count:
+        return count * elem
+    return sum(p.stat().st_size for p in folder.glob("*.bin"))
+
+
+def kv_cache_bytes(folder: Path, engine: EngineConfig, elem: int = FP32) -> int:
+    cfg = json.loads((folder / "config.json").read_text())
+    heads = cfg.get("num_attention_heads", 1)
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // max(heads, 1)
+    layers = cfg.get("num_hidden_layers", 0)
+    context = cfg.get("max_position_embeddings") or DEFAULT_MAX_LEN
+    slots, max_len = cache_shape(engine, context)
+    return 2 * layers * kv_heads * head_dim * elem * slots * max_len
