@@ -1,0 +1,151 @@
+"""Models as REST resources: POST loads, PUT/PATCH reconfigure, DELETE unloads; it persists."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tests.server import start_server
+from tests.tiny_model import build_tiny_model
+
+
+def wait_status(url: str, model_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        card = httpx.get(f"{url}/v1/models/{model_id}").json()
+        if card.get("status") != "loading":
+            return card
+        time.sleep(0.1)
+    raise TimeoutError(model_id)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models-dir")
+    build_tiny_model(root / "second", num_hidden_layers=1)
+    pickled = build_tiny_model(root / "pickled")
+    state = {k: v.contiguous() for k, v in _load_state(pickled).items()}
+    torch.save(state, pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    return root
+
+
+def _load_state(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reg_server(tiny_model_dir: Path, models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    data = tmp_path_factory.mktemp("reg-data")
+    args = ("--models-dir", str(models_dir), "--data-dir", str(data))
+    srv = start_server(tiny_model_dir, tmp_path_factory.mktemp("reg-logs"), *args)
+    yield srv, args
+    srv.stop()
+
+
+async def test_second_model_loads_while_first_streams(reg_server) -> None:
+    srv, _ = reg_server
+    body = {"model": "tiny-llama", "prompt": "a", "max_tokens": 300, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=srv.url, timeout=120) as http:
+
+        async def stream() -> tuple[int, str | None]:
+            tokens, reason = 0, None
+            opts = {"stream": True, "stream_options": {"include_usage": True}}
+            async with http.stream("POST", "/v1/completions", json={**body, **opts}) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"]:
+                        reason = chunk["choices"][0]["finish_reason"] or reason
+                    else:
+                        tokens = chunk["usage"]["completion_tokens"]
+            return tokens, reason
+
+        task = asyncio.create_task(stream())
+        await asyncio.sleep(0.2)
+        r = await http.post("/v1/models", json={"model": "second"})
+        assert r.status_code == 202 and r.json()["status"] == "loading"
+        tokens, reason = await task
+    assert (tokens, reason) == (300, "length")  # the stream ran to its end, unbroken
+    card = await asyncio.to_thread(wait_status, srv.url, "second")
+    assert card["status"] == "ready"
+    r = httpx.post(srv.url + "/v1/completions", json={"model": "second", "prompt": "x"})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize("ref", ["../outside", "/etc", "second/../../x", str(Path.home())])
+def test_paths_outside_the_models_dir_are_refused(reg_server, ref: str) -> None:
+    srv, _ = reg_server
+    r = httpx.post(srv.url + "/v1/models", json={"model": ref, "id": "evil"})
+    assert r.status_code in (400, 403) and r.json()["error"]["param"] == "model"
+
+
+def test_pickle_only_checkpoint_fails_with_reason(reg_server) -> None:
+    srv, _ = reg_server
+    assert httpx.post(srv.url + "/v1/models", json={"model": "pickled"}).status_code == 202
+    card = wait_status(srv.url, "pickled")
+    assert card["status"] == "failed" and "pickle" in card["error"]
+    r = httpx.post(srv.url + "/v1/completions", json={"model": "pickled", "prompt": "x"})
+    assert r.status_code == 503
+    assert httpx.delete(srv.url + "/v1/models/pickled").status_code == 200
+
+
+def test_put_patch_defaults_aliases_and_context(reg_server) -> None:
+    srv, _ = reg_server
+    settings = {"defaults": {"temperature": 0, "max_tokens": 3}, "aliases": ["main"]}
+    r = httpx.put(srv.url + "/v1/models/tiny-llama", json=settings)
+    assert r.status_code == 200 and r.json()["settings"]["aliases"] == ["main"]
+    a = httpx.post(srv.url + "/v1/completions", json={"model": "main", "prompt": "x"}).json()
+    b = httpx.post(srv.url + "/v1/completions", json={"model": "tiny-llama", "prompt": "x"}).json()
+    assert a["usage"]["completion_tokens"] <= 3 and a["choices"] == b["choices"]  # greedy
+    r = httpx.patch(srv.url + "/v1/models/tiny-llama", json={"max_context": 32})
+    assert r.json()["settings"]["defaults"] == {"temperature": 0, "max_tokens": 3}
+    too_long = httpx.post(
+        srv.url + "/v1/completions", json={"model": "main", "prompt": "x", "max_tokens": 40}
+    )
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    bad = httpx.patch(srv.url + "/v1/models/tiny-llama", json={"defaults": {"temperature": 9}})
+    assert bad.status_code == 400
+    clash = httpx.patch(srv.url + "/v1/models/second", json={"aliases": ["main"]})
+    assert clash.status_code in (404, 409)
+
+
+def test_registry_and_settings_survive_a_restart(
+    reg_server, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    srv, args = reg_server
+    httpx.post(srv.url + "/v1/models", json={"model": "second"})  # 409 or 202: either way there
+    wait_status(srv.url, "second")
+    srv.stop()
+    again = start_server(tiny_model_dir, tmp_path, *args)
+    try:
+        card = wait_status(again.url, "second")
+        assert card["status"] == "ready"
+        settings = httpx.get(again.url + "/v1/models/tiny-llama").json()["settings"]
+        assert settings["aliases"] == ["main"] and settings["max_context"] == 32
+        r = httpx.post(again.url + "/v1/completions", json={"model": "main", "prompt": "x"})
+        assert r.json()["usage"]["completion_tokens"] <= 3
+        assert httpx.delete(again.url + "/v1/models/second").status_code == 200
+        assert httpx.get(again.url + "/v1/models/second").status_code == 404
+    finally:
+        again.stop()
+
+
+def test_model_that_does_not_fit_is_507(tiny_model_dir: Path, models_dir: Path, tmp_path: Path):
+    srv = start_server(
+        tiny_model_dir, tmp_path, "--models-dir", str(models_dir), "--memory-budget-gb", "0.01"
+    )
+    try:
+        r = httpx.post(srv.url + "/v1/models", json={"model": "second"})
+        assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_memory"
+    finally:
+        srv.stop()
