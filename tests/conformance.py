@@ -19,6 +19,10 @@ def _denull(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     out = {k: _denull(v) for k, v in node.items() if k != "nullable"}
+    # OpenAPI 3.0's boolean exclusiveMinimum/Maximum; JSON Schema would read `true` as 1.
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(out.get(exclusive), bool) and out.pop(exclusive) and bound in out:
+            out[exclusive] = out.pop(bound)
     if node.get("nullable") is True:
         if isinstance(out.get("type"), str):
             out["type"] = [out["type"], "null"]

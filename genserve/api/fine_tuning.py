@@ -123,7 +123,7 @@ async def start(svc: Services, config: ServerConfig) -> None:
     names it; it does not stop the server from serving its model.
     """
     try:
-        data_dir = Path(config.storage.data_dir)
+        data_dir = Path(config.storage.data_dir).resolve()
         db = svc.state.get("database") or open_database(data_dir)
         svc.state["database"] = db
         files = FileStore(db, data_dir / "files")

@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
   fine_tuned_model TEXT,
   trained_tokens INTEGER,
   error TEXT,
-  attempts INTEGER NOT NULL DEFAULT 0,
+  crashes INTEGER NOT NULL DEFAULT 0,
   adapter_deleted INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS job_events (

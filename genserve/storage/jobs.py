@@ -38,7 +38,7 @@ class JobRecord:
     fine_tuned_model: str | None = None
     trained_tokens: int | None = None
     error: JobError | None = None
-    attempts: int = 0  # worker starts so far, restarts after crashes included
+    crashes: int = 0  # worker exits without a result (crash, SIGKILL) the job has survived
     adapter_deleted: bool = False
 
 
@@ -91,7 +91,7 @@ def _job(row) -> JobRecord:
         fine_tuned_model=row["fine_tuned_model"],
         trained_tokens=row["trained_tokens"],
         error=JobError(**err) if err else None,
-        attempts=row["attempts"],
+        crashes=row["crashes"],
         adapter_deleted=bool(row["adapter_deleted"]),
     )
 
@@ -182,9 +182,9 @@ class JobStore:
             (json.dumps(hyperparameters), job_id),
         )
 
-    def count_attempt(self, job_id: str) -> int:
-        self.db.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", (job_id,))
-        return self.db.query("SELECT attempts FROM jobs WHERE id = ?", (job_id,))[0][0]
+    def count_crash(self, job_id: str) -> int:
+        self.db.execute("UPDATE jobs SET crashes = crashes + 1 WHERE id = ?", (job_id,))
+        return self.db.query("SELECT crashes FROM jobs WHERE id = ?", (job_id,))[0][0]
 
     def mark_adapter_deleted(self, model_id: str) -> bool:
         sql = "UPDATE jobs SET adapter_deleted = 1 WHERE fine_tuned_model = ?"

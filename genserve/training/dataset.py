@@ -177,6 +177,7 @@ def read_examples(path: Path) -> list[Example]:
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # the token id where loss is taken, IGNORE elsewhere
+    truncated: bool = False  # cut to max_len
 
     @property
     def trained_tokens(self) -> int:
@@ -197,14 +198,14 @@ def _render(tokenizer: Any, template: str, messages: tuple[Message, ...], gen: b
         raise TemplateError(f"the chat template rejected the messages: {e}") from e
 
 
-def _prompt_len(tokenizer: Any, template: str, messages: tuple[Message, ...]) -> int:
-    """Length of the text before an assistant turn: the messages so far + generation prompt."""
+def _prompt(tokenizer: Any, template: str, messages: tuple[Message, ...]) -> str:
+    """The text before an assistant turn: the messages so far + the generation prompt."""
     try:
-        return len(_render(tokenizer, template, messages, gen=True))
+        return _render(tokenizer, template, messages, gen=True)
     except TemplateError:
         if messages:
             raise
-        return 0  # some templates refuse an empty conversation: then the turn starts at 0
+        return ""  # some templates refuse an empty conversation: then the turn starts at 0
 
 
 def chat_segments(tokenizer: Any, template: str, example: ChatExample) -> list[tuple[str, bool]]:
@@ -219,9 +220,11 @@ def chat_segments(tokenizer: Any, template: str, example: ChatExample) -> list[t
     for i, m in enumerate(messages):
         if m.role != "assistant" or not m.weight:
             continue
-        start = _prompt_len(tokenizer, template, messages[:i])
+        prompt = _prompt(tokenizer, template, messages[:i])
         before = _render(tokenizer, template, messages[: i + 1], gen=False)
-        if not full.startswith(before) or not cursor <= start <= len(before):
+        start = len(prompt)
+        stable = full.startswith(prompt) and full.startswith(before)
+        if not stable or not cursor <= start <= len(before):
             raise TemplateError(
                 "the chat template does not render conversations prefix by prefix, so assistant "
                 "turns cannot be located; use prompt/completion examples"
@@ -251,4 +254,4 @@ def encode(tokenizer: Any, template: str, example: Example, max_len: int) -> Enc
     for piece, learned in pieces:
         ids += piece
         labels += piece if learned else [IGNORE] * len(piece)
-    return Encoded(ids[:max_len], labels[:max_len])
+    return Encoded(ids[:max_len], labels[:max_len], len(ids) > max_len)

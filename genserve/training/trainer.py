@@ -1,4 +1,4 @@
-"""LoRA fine-tuning with peft on one process's CPU (or GPU): the worker's body.
+"""LoRA fine-tuning with peft, on the CPU (torch threads: the worker's share): the worker's body.
 
 Reproducible by construction: the seed sets the LoRA initialisation, each epoch shuffles with
 its own generator (seed + epoch), dropout is 0 and the learning rate is a pure function of the
@@ -83,20 +83,26 @@ class Scores:
     accuracy: float  # mean token accuracy on the learned tokens
 
 
-def load_data(spec: WorkerSpec, tokenizer, path: str, param: str) -> tuple[list[Encoded], int]:
-    """Encoded examples with at least one learned token, and how many were cut to max_len."""
+@dataclass(frozen=True, slots=True)
+class Data:
+    rows: list[Encoded]  # examples with at least one token to learn
+    truncated: int  # examples cut to max_len
+    skipped: int  # examples left with nothing to learn once cut
+
+
+def load_data(spec: WorkerSpec, tokenizer, path: str, param: str) -> Data:
     try:
         examples = read_examples(Path(path))
         encoded = [encode(tokenizer, spec.chat_template, e, spec.max_len) for e in examples]
     except (DatasetError, TemplateError, OSError) as e:
         raise TrainingDataError(str(e), param) from e
-    kept = [e for e in encoded if e.trained_tokens]
-    if not kept:
+    rows = [e for e in encoded if e.trained_tokens]
+    if not rows:
         raise TrainingDataError(
             f"no example in {param} has a token to learn within {spec.max_len} tokens", param
         )
-    truncated = sum(1 for e in encoded if len(e.input_ids) == spec.max_len)
-    return kept, truncated
+    truncated = sum(1 for e in encoded if e.truncated)
+    return Data(rows, truncated, len(encoded) - len(rows))
 
 
 def build_model(spec: WorkerSpec):
@@ -173,7 +179,7 @@ def train_step(model, optimizer, batch: Batch, lr: float) -> Scores:
     (loss_sum / max(count, 1)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return Scores(float(loss_sum) / max(count, 1), correct / max(count, 1))
+    return Scores(float(loss_sum.detach()) / max(count, 1), correct / max(count, 1))
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -222,10 +228,10 @@ def train(spec: WorkerSpec, emit: Emit) -> Finished:
     tokenizer = AutoTokenizer.from_pretrained(spec.base_path)
     pad_id = tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else (tokenizer.eos_token_id or 0)
-    rows, truncated = load_data(spec, tokenizer, spec.train_file, "training_file")
-    valid = []
+    data = load_data(spec, tokenizer, spec.train_file, "training_file")
+    rows, valid = data.rows, []
     if spec.valid_file:
-        valid = load_data(spec, tokenizer, spec.valid_file, "validation_file")[0]
+        valid = load_data(spec, tokenizer, spec.valid_file, "validation_file").rows
     model = build_model(spec)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -235,7 +241,7 @@ def train(spec: WorkerSpec, emit: Emit) -> Finished:
         progress = load_checkpoint(model, optimizer, Path(spec.resume_dir))
     total = math.ceil(len(rows) / spec.batch_size) * spec.n_epochs
     run = Run(spec, model, optimizer, rows, valid, pad_id, total, emit)
-    emit(Started(total, len(rows), len(valid), truncated, progress.step))
+    emit(Started(total, len(rows), len(valid), data.truncated, progress.step, data.skipped))
     for epoch in range(progress.epoch, spec.n_epochs):
         progress = run_epoch(run, epoch, progress)
     adapter = Path(spec.out_dir) / "adapter"

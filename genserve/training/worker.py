@@ -10,8 +10,10 @@ as JSON lines on its original stdout; everything else it or a library prints goe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +52,7 @@ class Started:
     valid_examples: int
     truncated: int  # examples cut to max_len
     start_step: int  # > 0 when resumed from a checkpoint
+    skipped: int = 0  # examples with nothing left to learn once cut to max_len
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,12 +122,22 @@ def _channel() -> Channel:
     return Channel(messages)
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the server dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genserve.training.worker")
     parser.add_argument("--spec", required=True, type=Path)
     args = parser.parse_args(argv)
     spec = WorkerSpec.model_validate_json(args.spec.read_text())
     emit = _channel()
+    _die_with_parent()
 
     import torch
 

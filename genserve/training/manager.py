@@ -1,0 +1,411 @@
+"""The job state machine, in the server's event loop: validate, queue, train, serve.
+
+validating_files -> queued -> running -> succeeded | failed, and cancelled from any of the
+first three. One job trains at a time, in a worker process (genserve.training.worker). The
+database is the truth: a job found `running` at start-up was cut off by the server's death and
+resumes from its last checkpoint; a worker that dies without a result (a crash, a SIGKILL) is
+restarted from the last checkpoint up to MAX_CRASHES times, after which the job fails with an
+error object. A finished adapter is loaded into the base model's engine and served at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from genserve.api.models import AdapterSpec, ServedModel, Services
+from genserve.storage.files import FileStore
+from genserve.storage.jobs import ACTIVE, TERMINAL, JobError, JobRecord, JobStore
+from genserve.training import dataset
+from genserve.training.worker import (
+    Checkpointed,
+    Failed,
+    Finished,
+    Message,
+    Metrics,
+    Started,
+    WorkerSpec,
+    dump,
+    load,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_CRASHES = 2  # a third worker death without a result fails the job
+BASE_LEARNING_RATE = 2e-4  # LoRA learning rate at learning_rate_multiplier 1 ("auto")
+AUTO_EPOCHS = 3
+
+
+class JobFinishedError(ValueError):
+    """The job has already ended; there is nothing left to cancel."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """A validated POST /v1/fine_tuning/jobs: files exist, the model is served."""
+
+    model: str
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    seed: int | None
+    hyperparameters: dict[str, Any]  # each value an int/float or "auto"
+    metadata: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one worker run ended."""
+
+    finished: Finished | None
+    failed: Failed | None
+    returncode: int
+
+
+def resolve_hyperparameters(requested: dict[str, Any], examples: int) -> dict[str, Any]:
+    """ "auto" -> numbers: 3 epochs, 1 example per batch per 50 (1..8), multiplier 1."""
+    auto_batch = min(8, max(1, round(examples / 50)))
+    pick = {"n_epochs": AUTO_EPOCHS, "batch_size": auto_batch, "learning_rate_multiplier": 1.0}
+    return {k: pick[k] if requested.get(k, "auto") == "auto" else requested[k] for k in pick}
+
+
+def fine_tuned_model_id(job: JobRecord) -> str:
+    return f"ft:{job.model}:{job.suffix or 'genserve'}:{job.id}"
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+class JobManager:
+    def __init__(
+        self, jobs: JobStore, files: FileStore, services: Services, data_dir: Path, threads: int
+    ) -> None:
+        self.jobs = jobs
+        self.files = files
+        self.services = services
+        self.root = data_dir / "jobs"
+        self.threads = threads
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._runner: asyncio.Task | None = None
+        self._stopping = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, resume: bool = True) -> None:
+        """Serve the adapters that survived the last run, then pick up unfinished jobs."""
+        for job in self.jobs.served_adapters():
+            await self._serve_again(job)
+        self._runner = asyncio.create_task(self._run_forever())
+        if not resume:
+            return
+        for job in self.jobs.with_status("validating_files"):
+            self._spawn(self._validate(job.id))
+        for job in self.jobs.with_status("queued", "running"):
+            if job.status == "running":
+                where = self._resume_point(job.id)
+                self.jobs.add_event(job.id, f"The server restarted; resuming from {where}")
+            self._queue.put_nowait(job.id)
+
+    async def stop(self) -> None:
+        """Stop the worker; its job stays `running` and resumes when the server starts again."""
+        self._stopping = True
+        for job_id, proc in list(self._procs.items()):
+            self.jobs.add_event(job_id, "The server is stopping; the job resumes on restart")
+            await _terminate(proc)
+        for task in [self._runner, *self._tasks]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_again(self, job: JobRecord) -> None:
+        if job.model not in self.services.models:
+            log.warning(
+                "not serving %s: its base %s is not served", job.fine_tuned_model, job.model
+            )
+            return
+        try:
+            await self.services.register_adapter(self._adapter_spec(job, job.fine_tuned_model))
+        except Exception:  # noqa: BLE001 - one bad adapter must not stop the server starting
+            log.exception("could not serve %s again", job.fine_tuned_model)
+
+    # --- requests -------------------------------------------------------------------------
+
+    def create(self, request: JobRequest) -> JobRecord:
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        job = JobRecord(
+            id=f"ftjob-{secrets.token_hex(12)}",
+            model=request.model,
+            training_file=request.training_file,
+            validation_file=request.validation_file,
+            suffix=request.suffix,
+            seed=seed,
+            hyperparameters=request.hyperparameters,
+            created_at=int(time.time()),
+            metadata=request.metadata,
+        )
+        self.jobs.create(job)
+        self.jobs.add_event(job.id, f"Validating training file: {job.training_file}")
+        self._spawn(self._validate(job.id))
+        return job
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        if job.status in TERMINAL:
+            raise JobFinishedError(f"Job {job_id} has already {job.status}; it cannot be cancelled")
+        if self.jobs.transition(job_id, "cancelled", ACTIVE):
+            self.jobs.add_event(job_id, "Fine-tuning job cancelled")
+            proc = self._procs.get(job_id)
+            if proc is not None:
+                await _terminate(proc)
+        return self.jobs.get(job_id)
+
+    def worker_pid(self, job_id: str) -> int | None:
+        proc = self._procs.get(job_id)
+        return proc.pid if proc is not None else None
+
+    async def on_adapter_deleted(self, model_id: str) -> None:
+        """DELETE /v1/models/ft:...: never serve it again, not even after a restart."""
+        self.jobs.mark_adapter_deleted(model_id)
+
+    # --- validating_files -> queued -------------------------------------------------------
+
+    async def _validate(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        try:
+            summary = await asyncio.to_thread(self._check_files, job)
+        except _FileProblem as e:
+            self._fail(job_id, JobError(e.code, str(e), e.param))
+            return
+        hyper = resolve_hyperparameters(job.hyperparameters, summary.examples)
+        self.jobs.set_hyperparameters(job_id, hyper)
+        if self.jobs.transition(job_id, "queued", ("validating_files",)):
+            self.jobs.add_event(job_id, "Files validated, moving job to queued state")
+            self._queue.put_nowait(job_id)
+
+    def _check_files(self, job: JobRecord) -> dataset.Summary:
+        summary = None
+        for param, file_id in (
+            ("training_file", job.training_file),
+            ("validation_file", job.validation_file),
+        ):
+            if file_id is None:
+                continue
+            path = self.files.path(file_id)
+            if self.files.get(file_id) is None or not path.exists():
+                raise _FileProblem(f"file {file_id} no longer exists", param)
+            try:
+                checked = dataset.check_file(path)
+            except dataset.DatasetError as e:
+                raise _FileProblem(str(e), param) from e
+            summary = summary or checked
+        return summary
+
+    def _fail(self, job_id: str, error: JobError) -> None:
+        if self.jobs.transition(job_id, "failed", ACTIVE, error=error):
+            self.jobs.add_event(job_id, f"Fine-tuning job failed: {error.message}", level="error")
+            log.warning("job %s failed: %s", job_id, error.message)
+
+    # --- queued -> running -> succeeded | failed ------------------------------------------
+
+    async def _run_forever(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            try:
+                await self._run_job(job_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one broken job must not stop the queue
+                log.exception("job %s broke the manager", job_id)
+                self._fail(job_id, JobError("internal_error", f"{type(e).__name__}: {e}"))
+
+    async def _run_job(self, job_id: str) -> None:
+        while True:
+            job = self.jobs.get(job_id)
+            base = self.services.models.get(job.model)
+            if base is None:
+                msg = f"the base model {job.model} is not served by this server"
+                self._fail(job_id, JobError("model_not_available", msg, "model"))
+                return
+            if not self.jobs.transition(job_id, "running", ("queued", "running")):
+                return  # cancelled while it waited
+            outcome = await self._run_worker(job, base)
+            if self._stopping or self.jobs.get(job_id).status != "running":
+                return  # the server stops (the job resumes later) or the job was cancelled
+            if outcome.finished is not None:
+                await self._succeed(job, outcome.finished)
+                return
+            if outcome.failed is not None:
+                failed = outcome.failed
+                self._fail(job_id, JobError(failed.code, failed.message, failed.param))
+                return
+            if not self._survive_crash(job_id, outcome.returncode):
+                return
+
+    def _survive_crash(self, job_id: str, returncode: int) -> bool:
+        crashes = self.jobs.count_crash(job_id)
+        what = f"The training worker {describe_exit(returncode)}"
+        if crashes > MAX_CRASHES:
+            message = f"{what}, {crashes} times; giving up"
+            self._fail(job_id, JobError("training_worker_died", message))
+            return False
+        where = self._resume_point(job_id)
+        self.jobs.add_event(job_id, f"{what}; resuming from {where}", level="warn")
+        return True
+
+    def _resume_point(self, job_id: str) -> str:
+        ckpt = self.jobs.last_checkpoint(job_id)
+        return f"the checkpoint at step {ckpt.step}" if ckpt else "the start (no checkpoint yet)"
+
+    async def _run_worker(self, job: JobRecord, base: ServedModel) -> Outcome:
+        spec_path = self._write_spec(job, base)
+        job_dir = spec_path.parent
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        env["OMP_NUM_THREADS"] = str(self.threads)
+        cmd = [sys.executable, "-m", "genserve.training.worker", "--spec", str(spec_path)]
+        with (job_dir / "worker.log").open("ab") as worker_log:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=worker_log,
+                env=env,
+                start_new_session=True,  # a Ctrl-C at the server's terminal is the server's
+            )
+        self._procs[job.id] = proc
+        if self.jobs.get(job.id).status != "running":
+            await _terminate(proc)  # cancelled while it was being started
+        finished = failed = None
+        try:
+            async for line in proc.stdout:
+                message = self._read(job.id, line)
+                finished = message if isinstance(message, Finished) else finished
+                failed = message if isinstance(message, Failed) else failed
+            returncode = await proc.wait()
+        finally:
+            if proc.returncode is None:  # cancelled (server stopping): do not leave it behind
+                await _terminate(proc)
+            self._procs.pop(job.id, None)
+        return Outcome(finished, failed, returncode)
+
+    def _write_spec(self, job: JobRecord, base: ServedModel) -> Path:
+        job_dir = self.root / job.id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        hyper = job.hyperparameters
+        ckpt = self.jobs.last_checkpoint(job.id)
+        spec = WorkerSpec(
+            job_id=job.id,
+            base_path=str(base.path),
+            chat_template=base.chat_template,
+            train_file=str(self.files.path(job.training_file)),
+            valid_file=str(self.files.path(job.validation_file)) if job.validation_file else None,
+            n_epochs=hyper["n_epochs"],
+            batch_size=hyper["batch_size"],
+            learning_rate=BASE_LEARNING_RATE * hyper["learning_rate_multiplier"],
+            seed=job.seed,
+            max_len=base.max_len,
+            out_dir=str(job_dir),
+            # By folder name under this job's dir: the data dir may have moved since.
+            resume_dir=str(job_dir / "checkpoints" / Path(ckpt.path).name) if ckpt else None,
+            threads=self.threads,
+        )
+        path = job_dir / "spec.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(spec.model_dump_json(indent=2))
+        os.replace(tmp, path)
+        return path
+
+    def _read(self, job_id: str, line: bytes) -> Message | None:
+        try:
+            message = load(line)
+        except ValueError:
+            log.warning("job %s: %s", job_id, line[:200])
+            return None
+        self._record(job_id, message)
+        return message
+
+    def _record(self, job_id: str, message: Message) -> None:
+        """A worker message -> the job's events and checkpoints."""
+        if isinstance(message, Started):
+            self.jobs.add_event(job_id, _started_text(message))
+        elif isinstance(message, Metrics):
+            self.jobs.add_event(job_id, _metrics_text(message), type="metrics", data=message.data)
+        elif isinstance(message, Checkpointed):
+            self.jobs.add_checkpoint(
+                job_id, message.step, message.epoch, message.path, message.metrics
+            )
+            self.jobs.add_event(job_id, f"Checkpoint created at step {message.step}")
+        elif not isinstance(message, Finished | Failed):
+            log.debug("job %s: %s", job_id, dump(message))
+
+    async def _succeed(self, job: JobRecord, finished: Finished) -> None:
+        model_id = fine_tuned_model_id(job)
+        self.jobs.add_event(job.id, f"New fine-tuned model created: {model_id}")
+        try:
+            await self.services.register_adapter(self._adapter_spec(job, model_id))
+        except Exception as e:  # noqa: BLE001 - trained and saved; serving it is a separate matter
+            log.exception("job %s: could not serve %s", job.id, model_id)
+            self.jobs.add_event(job.id, f"The model could not be served yet: {e}", level="warn")
+        fields = {"fine_tuned_model": model_id, "trained_tokens": finished.trained_tokens}
+        if self.jobs.transition(job.id, "succeeded", ("running",), **fields):
+            self.jobs.add_event(job.id, "The job has successfully completed")
+
+    def _adapter_spec(self, job: JobRecord, model_id: str) -> AdapterSpec:
+        created = job.finished_at or int(time.time())
+        return AdapterSpec(model_id, job.model, self.root / job.id / "adapter", created)
+
+
+class _FileProblem(ValueError):
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = f"invalid_{param}"
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL: the worker holds nothing worth flushing (checkpoints are renamed into place
+    whole), and unlike SIGTERM it also ends a stopped (SIGSTOPed) process at once."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    await proc.wait()
+
+
+def _started_text(m: Started) -> str:
+    text = f"Fine-tuning job started: {m.examples} examples, {m.total_steps} steps"
+    if m.start_step:
+        text += f", continuing at step {m.start_step + 1}"
+    if m.truncated:
+        text += f"; {m.truncated} examples were cut to the model's context"
+    if m.skipped:
+        text += f"; {m.skipped} examples had nothing left to learn once cut and were skipped"
+    return text
+
+
+def _metrics_text(m: Metrics) -> str:
+    loss = m.data["train_loss"]
+    text = f"Step {m.step}/{m.data.get('total_steps', '?')}: training loss={loss:.4f}"
+    if "valid_loss" in m.data:
+        text += f", validation loss={m.data['valid_loss']:.4f}"
+    return text

@@ -1,0 +1,93 @@
+"""SQLite store: files written atomically, jobs as a compare-and-set state machine, pages."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from genserve.storage.db import open_database
+from genserve.storage.files import FileStore, FileTooLargeError
+from genserve.storage.jobs import ACTIVE, JobError, JobRecord, JobStore
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> FileStore:
+    return FileStore(open_database(tmp_path), tmp_path / "files")
+
+
+def upload(store: FileStore, data: bytes, purpose: str = "fine-tune"):
+    return store.commit(store.stage(io.BytesIO(data), 1 << 20), "d.jsonl", purpose)
+
+
+def test_upload_is_durable_and_survives_reopening(tmp_path: Path, files: FileStore) -> None:
+    record = upload(files, b"abc\n")
+    assert files.path(record.id).read_bytes() == b"abc\n"
+    assert record.id.startswith("file-") and record.bytes == 4
+    assert not list(files.root.glob("*.part"))  # the staging file became the file
+    reopened = FileStore(open_database(tmp_path), tmp_path / "files")
+    assert reopened.get(record.id) == record
+
+
+def test_too_large_upload_leaves_nothing(files: FileStore) -> None:
+    with pytest.raises(FileTooLargeError):
+        files.stage(io.BytesIO(b"x" * 11), max_bytes=10)
+    assert list(files.root.iterdir()) == []
+    assert files.stage(io.BytesIO(b"x" * 10), max_bytes=10).bytes == 10
+
+
+def test_sweep_removes_staged_leftovers(files: FileStore) -> None:
+    files.stage(io.BytesIO(b"never committed"), 100)
+    files.sweep()
+    assert list(files.root.iterdir()) == []
+
+
+def test_list_pages_and_delete(files: FileStore) -> None:
+    ids = [upload(files, b"%d" % i, "fine-tune" if i % 2 else "batch").id for i in range(5)]
+    page = files.list(None, limit=2)
+    assert [r.id for r in page.data] == ids[::-1][:2] and page.has_more
+    rest = files.list(None, limit=10, after=page.data[-1].id)
+    assert [r.id for r in rest.data] == ids[::-1][2:] and not rest.has_more
+    assert [r.id for r in files.list(None, 10, order="asc").data] == ids
+    assert [r.id for r in files.list("fine-tune", 10).data] == [ids[3], ids[1]]
+    assert files.delete(ids[0]) and not files.delete(ids[0])
+    assert files.get(ids[0]) is None and not files.path(ids[0]).exists()
+
+
+def job(jobs: JobStore, job_id: str) -> JobRecord:
+    record = JobRecord(job_id, "m", "file-1", None, None, 7, {"n_epochs": "auto"}, created_at=1)
+    return jobs.create(record)
+
+
+def test_transitions_are_compare_and_set(tmp_path: Path) -> None:
+    jobs = JobStore(open_database(tmp_path))
+    job(jobs, "ftjob-1")
+    assert jobs.transition("ftjob-1", "queued", ("validating_files",))
+    assert jobs.transition("ftjob-1", "cancelled", ACTIVE)
+    # The manager's "running -> failed" comes too late: cancel won.
+    assert not jobs.transition("ftjob-1", "failed", ("running",), error=JobError("x", "y"))
+    got = jobs.get("ftjob-1")
+    assert got.status == "cancelled" and got.finished_at and got.error is None
+    job(jobs, "ftjob-2")
+    jobs.transition("ftjob-2", "failed", ACTIVE, error=JobError("bad", "broken", "training_file"))
+    assert jobs.get("ftjob-2").error == JobError("bad", "broken", "training_file")
+
+
+def test_events_checkpoints_and_adapters(tmp_path: Path) -> None:
+    jobs = JobStore(open_database(tmp_path))
+    job(jobs, "ftjob-1")
+    for i in range(5):
+        jobs.add_event("ftjob-1", f"e{i}", type="metrics", data={"step": i})
+    first = jobs.events("ftjob-1", None, 2)
+    assert [e.message for e in first.data] == ["e4", "e3"] and first.has_more
+    rest = jobs.events("ftjob-1", first.data[-1].id, 10)
+    assert [e.data["step"] for e in rest.data] == [2, 1, 0] and not rest.has_more
+    jobs.add_checkpoint("ftjob-1", 10, 1, "/c/10", {"train_loss": 1.0})
+    jobs.add_checkpoint("ftjob-1", 20, 2, "/c/20", {"train_loss": 0.5})
+    assert jobs.last_checkpoint("ftjob-1").path == "/c/20"
+    assert jobs.count_crash("ftjob-1") == 1 and jobs.count_crash("ftjob-1") == 2
+    jobs.transition("ftjob-1", "succeeded", ACTIVE, fine_tuned_model="ft:m:x:ftjob-1")
+    assert [j.id for j in jobs.served_adapters()] == ["ftjob-1"]
+    assert jobs.mark_adapter_deleted("ft:m:x:ftjob-1")
+    assert jobs.served_adapters() == []
