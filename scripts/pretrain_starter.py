@@ -328,6 +328,7 @@ def export(cfg: StarterConfig, model, data: Data, state: dict, history, n_params
     model = model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
     model.save_pretrained(out)
+    (out / "model.safetensors").chmod(0o644)  # written owner-only; a package must be readable
     eos = [tok.token_to_id(sd.EOT), tok.token_to_id(sd.IM_END)]
     GenerationConfig(bos_token_id=eos[0], eos_token_id=eos, pad_token_id=eos[0]).save_pretrained(
         out
