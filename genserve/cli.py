@@ -101,6 +101,14 @@ def serve(
         float, typer.Option(help="On SIGTERM, seconds running requests may take.")
     ] = 30.0,
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
+    ray: Annotated[
+        bool, typer.Option(help="Deploy on Ray Serve (needs the ray extra).")
+    ] = False,
+    replicas: Annotated[int, typer.Option(help="With --ray: engine replicas.")] = 1,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", "--address", help="With --ray: cluster (default: local)."),
+    ] = None,
 ) -> None:
     """Serve a model with the OpenAI-compatible API."""
     from genserve.server import serve as run_server
@@ -115,6 +123,11 @@ def serve(
         raise typer.BadParameter(str(e)) from e
     if not config.security.auth_enabled:
         warn_unauthenticated(config)
+    if ray:
+        from genserve.ray.cli import serve_with_ray
+
+        serve_with_ray(config, replicas, ray_address, log_level)
+        return
     run_server(config, log_level.lower())
 
 

@@ -117,7 +117,6 @@ class SamplingParams:
         )
 
 
-
 @dataclass(slots=True)
 class Request:
     """One sequence to generate. `n` > 1 at the API becomes n requests."""

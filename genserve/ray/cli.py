@@ -1,0 +1,23 @@
+"""`genserve serve --ray`: the command line's way into genserve.ray.deploy."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import typer
+
+from genserve.config import ServerConfig
+
+
+def serve_with_ray(
+    config: ServerConfig, replicas: int, address: str | None, log_level: str = "info"
+) -> None:
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise typer.BadParameter("--ray needs Ray Serve: pip install 'genserve[ray]'")
+    from genserve.ray.deploy import RayOptions, serve_on_ray
+
+    try:
+        options = RayOptions(replicas=replicas, address=address, log_level=log_level)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    serve_on_ray(config, options)

@@ -1,0 +1,480 @@
+"""genserve on Ray Serve: N engine replicas, one control replica, the OpenAI edge as ingress.
+
+    Ray's HTTP proxy -> edge (ingress) --handle--> engine replica x N   (generation, tokenize)
+                                       \\-handle--> control replica x 1 (files, jobs, /v1/models)
+
+- Every replica runs the whole genserve app (create_app) in-process, lifespan included: its own
+  engine, its own middleware (API keys, limits, request ids). The edge only buffers a request,
+  picks a deployment, and streams the reply back; it never imports torch.
+- A request whose `model` is a fine-tuned id (`ft:...`) goes out with that id as Serve's
+  multiplexed model id: Serve routes it to a replica that already holds the adapter, and a
+  replica that does not loads it on demand (`@serve.multiplexed`, LRU-bounded per replica).
+- The control replica owns the store (SQLite + files under --data-dir) and runs the
+  fine-tuning manager, so exactly one process writes the database and trains. Engine replicas
+  get a private scratch data dir; they read adapters as folders from the shared --data-dir,
+  which must therefore be on a filesystem every node mounts (NFS) in a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from genserve.api.errors import APIError, bad_request
+from genserve.config import ServerConfig
+from genserve.ray.bridge import (
+    HTTPRequest,
+    ResponseStart,
+    call_app,
+    lifespan,
+    read_body,
+    reply_error,
+)
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "genserve"
+ENGINE, CONTROL, EDGE = "engine", "control", "edge"
+REPLICA_HEADER = b"x-genserve-replica"
+READY_TIMEOUT_S = 900.0  # a replica that has not loaded its model by then is replaced
+ADAPTER_RECHECK_S = 5.0  # how stale an engine replica's view of a deleted adapter may be
+CONTROL_PREFIXES = ("/v1/files", "/v1/fine_tuning", "/v1/models")
+UPLOAD_SLACK = 2**20  # multipart framing around an upload's bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RayOptions:
+    """How genserve is laid out on Ray; the model and API settings stay in ServerConfig."""
+
+    replicas: int = 1  # engine replicas (one engine each)
+    address: str | None = None  # an existing cluster ("auto", "host:6379"); None: start one here
+    replica_cpus: float | None = None  # CPUs per engine replica; None: 1, or a share of a local Ray
+    max_adapters_per_replica: int = 8  # fine-tuned adapters a replica keeps (LRU beyond)
+    edge_replicas: int = 1
+    control_cpus: float = 0.0  # the control replica mostly waits; its training worker is apart
+    local_cpus: int | None = None  # a local Ray's CPUs (default: this machine's)
+    object_store_mb: int = 200  # a local Ray's object store; requests pass through it
+    log_level: str = "info"  # genserve's own loggers inside the replicas (to their stderr)
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.edge_replicas < 1:
+            raise ValueError("replicas must be >= 1")
+        if self.replica_cpus is not None and self.replica_cpus < 0:
+            raise ValueError("replica_cpus must be >= 0")
+        if self.max_adapters_per_replica < 1:
+            raise ValueError("max_adapters_per_replica must be >= 1")
+        if self.object_store_mb < 80:
+            raise ValueError("object_store_mb must be >= 80 (Ray's minimum is 75 MB)")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"unknown log level {self.log_level!r}")
+
+    def cpus_per_replica(self) -> float:
+        if self.replica_cpus is not None:
+            return self.replica_cpus
+        if self.address is not None:
+            return 1.0
+        return min(1.0, (self.local_cpus or os.cpu_count() or 1) / self.replicas)
+
+
+# --- per-role configs ------------------------------------------------------------------------
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    """dataclasses.replace with only the fields this version of the config has."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    return dataclasses.replace(obj, **{k: v for k, v in changes.items() if k in names})
+
+
+def absolute_paths(config: ServerConfig) -> ServerConfig:
+    """Paths as the driver meant them: a replica's working directory is Ray's, not ours."""
+    model, storage, security = config.model, config.storage, config.security
+    ref = os.path.abspath(model.ref) if os.path.exists(model.ref) else model.ref
+    loras = tuple((name, os.path.abspath(path)) for name, path in model.lora_modules)
+    key_file = security.api_key_file and os.path.abspath(security.api_key_file)
+    dirs = {k: os.path.abspath(getattr(storage, k)) for k in ("data_dir", "models_dir")
+            if hasattr(storage, k)}  # fmt: skip
+    return _replace(
+        config,
+        model=_replace(model, ref=ref, lora_modules=loras),
+        storage=_replace(storage, **dirs),
+        security=_replace(security, api_key_file=key_file),
+    )
+
+
+def engine_config(config: ServerConfig, scratch: str) -> ServerConfig:
+    """An engine replica: no store of its own beyond a private scratch dir, no training."""
+    storage = _replace(config.storage, data_dir=scratch)
+    training = _replace(config.training, enabled=False)
+    return _replace(config, storage=storage, training=training)
+
+
+def control_config(config: ServerConfig) -> ServerConfig:
+    """The control replica: the shared store and the trainer; its engine only backs the
+    fine-tuning manager (base weights, chat template) and the model list, so one slot."""
+    engine = _replace(config.engine, max_batch_size=1, kv_cache_tokens=None)
+    model = _replace(config.model, embedding_model=None)
+    return _replace(config, engine=engine, model=model)
+
+
+# --- replicas --------------------------------------------------------------------------------
+
+
+async def wait_ready(services: Any, timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not services.ready:
+        if services.load_error:
+            raise RuntimeError(f"model failed to load: {services.load_error}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"model not loaded after {timeout_s:.0f}s")
+        await asyncio.sleep(0.05)
+
+
+def log_to_stderr(level: str) -> None:
+    """Ray configures its own loggers in a replica, not genserve's: send those to stderr,
+    which Ray keeps in the worker's log file and shows on the driver's console."""
+    logger = logging.getLogger("genserve")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+def replica_name() -> str:
+    from ray import serve
+
+    ctx = serve.get_replica_context()
+    return f"{ctx.deployment}#{ctx.replica_id.unique_id}"
+
+
+class AppReplica:
+    """One genserve app inside a Serve replica, its lifespan entered before traffic comes:
+    Serve marks the replica RUNNING only once __init__ returns, i.e. once the model is loaded."""
+
+    async def _start(self, config: ServerConfig, log_level: str) -> None:
+        from genserve.api.app import create_app
+
+        log_to_stderr(log_level)
+        self.app = create_app(config)
+        self.services = self.app.state.services
+        self._lifespan = contextlib.AsyncExitStack()
+        await self._lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
+        await wait_ready(self.services)
+        self.name = replica_name()
+        self._headers = ((REPLICA_HEADER, self.name.encode()),)
+        log.info("replica %s ready", self.name)
+
+    async def handle_http(self, req: HTTPRequest):  # noqa: ANN201 - an async generator
+        async for item in call_app(self.app, req, self._headers):
+            yield item
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising gets the replica replaced."""
+        if self.services.load_error:
+            raise RuntimeError(f"model failed to load: {self.services.load_error}")
+
+    async def __del__(self) -> None:
+        if hasattr(self, "_lifespan"):
+            await self._lifespan.aclose()
+
+
+class UnknownAdapter(LookupError):
+    """No served fine-tuned model has this id (never trained, failed, or deleted)."""
+
+
+class ServedAdapter:
+    """What the multiplexed loader returns. Serve calls __del__ (in a worker thread) when it
+    evicts the adapter from this replica; the adapter is then unloaded from the engine."""
+
+    def __init__(self, services: Any, model_id: str) -> None:
+        self.services = services
+        self.model_id = model_id
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
+        self.released = False
+
+    def __del__(self) -> None:
+        if self.released or threading.get_ident() == self.loop_thread:
+            return  # already unloaded, or garbage collected as the replica goes away
+        self.released = True
+        with contextlib.suppress(Exception):
+            unload = self.services.unregister_adapter(self.model_id)
+            asyncio.run_coroutine_threadsafe(unload, self.loop).result(timeout=30)
+            log.info("evicted adapter %s", self.model_id)
+
+
+class EngineReplica(AppReplica):
+    async def __init__(self, config: ServerConfig, control: Any, options: RayOptions) -> None:
+        from ray import serve
+
+        self._scratch = tempfile.mkdtemp(prefix="genserve-replica-")
+        await self._start(engine_config(config, self._scratch), options.log_level)
+        self.control = control
+        self._checked: dict[str, float] = {}
+
+        async def load(model_id: str) -> ServedAdapter:
+            return await self._load_adapter(model_id)
+
+        held = options.max_adapters_per_replica
+        self.load_adapter = serve.multiplexed(max_num_models_per_replica=held)(load)
+
+    async def handle_http(self, req: HTTPRequest):  # noqa: ANN201 - an async generator
+        from ray import serve
+
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self._ensure_adapter(model_id)
+        async for item in call_app(self.app, req, self._headers):
+            yield item
+
+    async def _load_adapter(self, model_id: str) -> ServedAdapter:
+        if model_id not in self.services.adapters:
+            spec = await self.control.resolve_adapter.remote(model_id)
+            if spec is None:
+                raise UnknownAdapter(model_id)
+            await self.services.register_adapter(spec)
+            log.info("%s loaded adapter %s", self.name, model_id)
+        self._checked[model_id] = time.monotonic()
+        return ServedAdapter(self.services, model_id)
+
+    async def _ensure_adapter(self, model_id: str) -> None:
+        """Load the adapter unless held; then the app answers (404 if it is not served)."""
+        try:
+            await self.load_adapter(model_id)
+        except UnknownAdapter:
+            return
+        except Exception:  # noqa: BLE001 - the app answers for the model it cannot find
+            log.exception("%s could not load adapter %s", self.name, model_id)
+            return
+        if time.monotonic() - self._checked.get(model_id, 0.0) < ADAPTER_RECHECK_S:
+            return
+        self._checked[model_id] = time.monotonic()
+        try:
+            spec = await self.control.resolve_adapter.remote(model_id)
+        except Exception:  # noqa: BLE001 - the control replica restarting: keep serving it
+            log.warning("%s could not re-check adapter %s", self.name, model_id)
+            return
+        if spec is None:  # deleted meanwhile
+            with contextlib.suppress(APIError):
+                await self.services.unregister_adapter(model_id)
+
+    async def __del__(self) -> None:
+        await AppReplica.__del__(self)
+        shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+class ControlReplica(AppReplica):
+    async def __init__(self, config: ServerConfig, options: RayOptions) -> None:
+        await self._start(control_config(config), options.log_level)
+
+    def resolve_adapter(self, model_id: str) -> Any:
+        """The AdapterSpec this deployment serves under model_id, or None."""
+        return self.services.adapters.get(model_id)
+
+
+# --- the edge (ingress) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    max_request_bytes: int
+    max_upload_bytes: int
+
+
+def edge_limits(config: ServerConfig) -> EdgeLimits:
+    upload = config.storage.max_file_bytes + UPLOAD_SLACK
+    return EdgeLimits(config.security.max_request_bytes, upload)
+
+
+def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
+    """Models are fixed per deployment under Ray: loading one at run time on one replica would
+    leave the others without it. Listing, reading and deleting fine-tuned models work."""
+    if not req.path.startswith("/v1/models") or req.method in ("GET", "HEAD"):
+        return None
+    model = req.path.removeprefix("/v1/models").lstrip("/")
+    if req.method == "DELETE" and model.startswith("ft:"):
+        return None
+    return bad_request(
+        "registering, changing or unloading base models at run time is not supported under "
+        "Ray Serve; redeploy with --model instead",
+        "model",
+        "unsupported_on_ray",
+    )
+
+
+class Edge:
+    """The ingress deployment; Serve asks it for its ASGI app once the replica starts."""
+
+    def __init__(self, engine: Any, control: Any, limits: EdgeLimits) -> None:
+        self.edge = EdgeApp(engine, control, limits)
+
+    def __serve_build_asgi_app__(self) -> EdgeApp:
+        return self.edge
+
+
+class EdgeApp:
+    """The ASGI app of the ingress: buffers the request, picks engine or control, streams
+    the reply."""
+
+    def __init__(self, engine: Any, control: Any, limits: EdgeLimits) -> None:
+        self.engine = engine
+        self.control = control
+        self.limits = limits
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return await lifespan(receive, send)
+        if scope["type"] != "http":
+            return None
+        upload = scope["path"].startswith("/v1/files")
+        limit = self.limits.max_upload_bytes if upload else self.limits.max_request_bytes
+        body = await read_body(receive, limit)
+        if body is None:
+            message = f"The request body exceeds {limit} bytes."
+            return await reply_error(send, APIError(400, message, None, "request_too_large"))
+        req = to_request(scope, body)
+        err = unsupported_on_ray(req)
+        if err is not None:
+            return await reply_error(send, err)
+        return await self.forward(req, send)
+
+    def route(self, req: HTTPRequest) -> Any:
+        if req.path.startswith(CONTROL_PREFIXES):
+            return self.control.options(stream=True)
+        model = req.json_model()
+        adapter = model if model and model.startswith("ft:") else ""
+        return self.engine.options(stream=True, multiplexed_model_id=adapter)
+
+    async def forward(self, req: HTTPRequest, send: Any) -> None:
+        from ray.exceptions import RayError, RayTaskError
+        from ray.serve.exceptions import RayServeException
+
+        stream = self.route(req).handle_http.remote(req)
+        started = finished = False
+        try:
+            async for item in stream:
+                if isinstance(item, ResponseStart):
+                    headers = [(k, v) for k, v in item.headers if k.lower() != b"x-request-id"]
+                    message = {"type": "http.response.start", "status": item.status}
+                    await send({**message, "headers": headers})
+                    started = True
+                else:
+                    await send({"type": "http.response.body", "body": item, "more_body": True})
+            finished = True
+        except (RayError, RayServeException) as e:
+            if started:
+                raise  # mid-stream: the client sees a cut response, as from a crashed server
+            retry = not isinstance(e, RayTaskError)  # a replica died or is unreachable
+            log.warning("%s %s failed (%s): %s", req.method, req.path, type(e).__name__, e)
+            return await reply_error(send, replica_error(retry))
+        finally:
+            if not finished:  # the client went away: the replica aborts its request
+                with contextlib.suppress(Exception):
+                    stream.cancel()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def replica_error(retry: bool) -> APIError:
+    if retry:
+        message = "The replica serving this request went away; retry."
+        return APIError(503, message, headers={"Retry-After": "1"})
+    return APIError(500, "The server had an error while processing your request.")
+
+
+def to_request(scope: dict, body: bytes) -> HTTPRequest:
+    client = scope.get("client")
+    return HTTPRequest(
+        method=scope["method"],
+        path=scope["path"],
+        query_string=scope.get("query_string", b""),
+        headers=tuple((bytes(k), bytes(v)) for k, v in scope.get("headers", ())),
+        body=body,
+        client=tuple(client) if client else None,
+        scheme=scope.get("scheme", "http"),
+        http_version=scope.get("http_version", "1.1"),
+    )
+
+
+# --- building and running --------------------------------------------------------------------
+
+
+def build_app(config: ServerConfig, options: RayOptions) -> Any:
+    """The Serve application: edge -> (engine x N, control x 1)."""
+    from ray import serve
+
+    config = absolute_paths(config)
+    drain = config.security.drain_timeout_s
+    common = {"graceful_shutdown_timeout_s": max(drain, 1.0), "health_check_period_s": 5.0}
+    control = serve.deployment(
+        ControlReplica, name=CONTROL, num_replicas=1, max_ongoing_requests=256,
+        ray_actor_options={"num_cpus": options.control_cpus}, **common,
+    ).bind(config, options)  # fmt: skip
+    # Serve's own queueing stays out of the way: genserve's queue answers 429 when full.
+    ongoing = config.engine.max_batch_size + max(config.engine.max_waiting, 1)
+    engine = serve.deployment(
+        EngineReplica, name=ENGINE, num_replicas=options.replicas, max_ongoing_requests=ongoing,
+        ray_actor_options={"num_cpus": options.cpus_per_replica()}, **common,
+    ).bind(config, control, options)  # fmt: skip
+    edge = serve.deployment(
+        serve.ingress()(Edge), name=EDGE, num_replicas=options.edge_replicas,
+        max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0},
+    )  # fmt: skip
+    return edge.bind(engine, control, edge_limits(config))
+
+
+def connect(options: RayOptions) -> bool:
+    """Join the cluster at options.address, or start a small local Ray. True if started here."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    if options.address is not None:
+        ray.init(address=options.address, namespace=APP_NAME)
+        return False
+    ray.init(
+        num_cpus=options.local_cpus or os.cpu_count(),
+        include_dashboard=False,
+        object_store_memory=options.object_store_mb * 2**20,
+        namespace=APP_NAME,
+    )
+    return True
+
+
+def deploy(config: ServerConfig, options: RayOptions) -> str:
+    """Connect (or start Ray), deploy, and wait until every replica has loaded its model."""
+    from ray import serve
+
+    connect(options)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config, options), name=APP_NAME, route_prefix="/")
+    return f"http://{config.host}:{config.port}"
+
+
+def serve_on_ray(config: ServerConfig, options: RayOptions) -> None:
+    """`genserve serve --ray`: deploy, then hold until SIGINT/SIGTERM and take it down."""
+    import ray
+    from ray import serve
+
+    started_here = connect(options)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    url = deploy(config, options)
+    log.info("serving on Ray: %s (%d engine replicas)", url, options.replicas)
+    stop.wait()
+    log.info("stopping: deleting the Serve application")
+    serve.delete(APP_NAME)
+    if started_here:
+        serve.shutdown()
+        ray.shutdown()

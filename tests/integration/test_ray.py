@@ -1,0 +1,218 @@
+"""genserve on Ray Serve: a local Ray (2 CPUs, small object store) started here, 2 engine
+replicas behind the edge. Requests spread over both (the x-genserve-replica header), the
+official client works unchanged, a fine-tuned model trained through the API is served by the
+engine replicas through Serve's multiplexing, and a replica killed under load is replaced while
+the client's retries succeed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.server import LiveServer, free_port
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+MODEL = "tiny-llama"
+REPLICA = "x-genserve-replica"
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # Ray's own pydantic use
+]
+
+
+@pytest.fixture(scope="module")
+def ray_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local Ray started here; `genserve serve --ray` joins it as a separate driver."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 2**20,
+        namespace="genserve-tests",
+        log_to_driver=False,
+    )
+    server = None
+    try:
+        server = start_cli(tiny_model_dir, tmp_path_factory.mktemp("ray"))
+        yield server.url
+    finally:
+        if server is not None:
+            assert server.stop() == 0, server.log()[-3000:]  # SIGTERM: the app is deleted
+        serve.shutdown()
+        ray.shutdown()
+
+
+def start_cli(model: Path, tmp: Path) -> LiveServer:
+    """`genserve serve --ray --replicas 2 --ray-address <this Ray>`, as an operator runs it."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "genserve.cli", "serve", "--model", str(model), "--port", str(port),
+        "--ray", "--replicas", "2", "--ray-address", ray.get_runtime_context().gcs_address,
+        "--max-batch-size", "8", "--embedding-model", "none", "--data-dir", str(tmp / "data"),
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    log_path = tmp / "cli.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = LiveServer(proc, port, log_path, env)
+
+    def deployed() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"genserve serve --ray exited:\n{server.log()[-3000:]}")
+        app = serve.status().applications.get("genserve")
+        return app is not None and app.status == "RUNNING"
+
+    try:
+        wait_until(deployed, timeout=180)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def client_for(url: str, retries: int = 0) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=retries)
+
+
+def replica_of(api: openai.OpenAI, model: str = MODEL, prompt: str = "def f(x):") -> str:
+    raw = api.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=8)
+    raw.parse()
+    return raw.headers[REPLICA]
+
+
+def concurrently(fn: Callable[[int], str], count: int, threads: int = 8) -> list[str]:
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, range(count)))
+
+
+def engine_states() -> dict:
+    app = serve.status().applications["genserve"]
+    return app.deployments["engine"].replica_states
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, every: float = 0.25) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def test_health_through_the_proxy_and_requests_spread(ray_url: str) -> None:
+    health = httpx.get(ray_url + "/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.headers[REPLICA].startswith("engine#")
+    api = client_for(ray_url)
+    seen = concurrently(lambda i: replica_of(api, prompt=f"item {i}:"), 24)
+    assert len(set(seen)) == 2, seen  # both engine replicas answered
+    assert all(s.startswith("engine#") for s in seen)
+
+
+def test_official_client_unchanged(ray_url: str) -> None:
+    api = client_for(ray_url)
+    assert MODEL in [m.id for m in api.models.list()]
+    stream = api.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hi."}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    # Same seed, same text, whichever replica sampled it: the replicas are interchangeable.
+    def seeded(i: int) -> tuple[str, str]:
+        raw = api.completions.with_raw_response.create(
+            model=MODEL, prompt="import os\n", max_tokens=16, temperature=1.0, seed=7
+        )
+        return raw.parse().choices[0].text, raw.headers[REPLICA]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(seeded, range(16)))
+    assert len({text for text, _ in results}) == 1
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+
+
+def fine_tune(api: openai.OpenAI) -> str:
+    rows = [
+        {"messages": [{"role": "user", "content": f"{i} + {i}?"},
+                      {"role": "assistant", "content": str(2 * i)}]}
+        for i in range(24)
+    ]  # fmt: skip
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    file_id = api.files.create(file=("t.jsonl", data), purpose="fine-tune").id
+    job = api.fine_tuning.jobs.create(
+        model=MODEL, training_file=file_id, suffix="ray", hyperparameters={"n_epochs": 1}
+    )
+
+    def finished() -> object:
+        j = api.fine_tuning.jobs.retrieve(job.id)
+        return j if j.status in ("succeeded", "failed", "cancelled") else None
+
+    done = wait_until(finished, timeout=120)
+    assert done.status == "succeeded", done.error
+    return done.fine_tuned_model
+
+
+def test_fine_tuned_model_served_by_engine_replicas_through_multiplexing(ray_url: str) -> None:
+    api = client_for(ray_url)
+    ft = fine_tune(api)  # trained by the control replica, written to the shared data dir
+    assert ft in [m.id for m in api.models.list()]
+    holder = replica_of(api, model=ft)  # an engine replica loads the adapter on demand
+    assert holder.startswith("engine#")
+    time.sleep(1.5)  # the replica reports the adapters it holds; the router learns it
+    assert {replica_of(api, model=ft, prompt=f"{i} +") for i in range(6)} == {holder}
+    assert len(set(concurrently(lambda i: replica_of(api, prompt=f"b{i}"), 16))) == 2
+    assert api.models.delete(ft).deleted
+    time.sleep(5.5)  # engine replicas re-check a held adapter every 5 s
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model=ft, prompt="x", max_tokens=1)
+
+
+def test_replica_killed_under_load_is_replaced_and_retries_succeed(ray_url: str) -> None:
+    statuses: list[tuple[int, str | None]] = []
+
+    def record(response: httpx.Response) -> None:
+        statuses.append((response.status_code, response.headers.get("retry-after")))
+
+    http = httpx.Client(event_hooks={"response": [record]}, timeout=60)
+    api = openai.OpenAI(base_url=ray_url + "/v1", api_key="unused", max_retries=8, http_client=http)
+    victim = replica_of(api)
+    actor = ray.get_actor(f"SERVE_REPLICA::genserve#{victim}", namespace="serve")
+
+    def one(i: int) -> str:
+        return replica_of(api, prompt=f"load {i}:")
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(one, i) for i in range(48)]
+        wait(futures[:6])  # the burst is under way
+        ray.kill(actor, no_restart=False)
+        served = [f.result() for f in futures]  # raises if any request failed for good
+    assert len(served) == 48
+    # What the client saw on the way: answers, or 503s with Retry-After that it retried.
+    assert {s for s, _ in statuses} <= {200, 503}, statuses
+    assert all(after == "1" for s, after in statuses if s == 503)
+    wait_until(lambda: engine_states() == {"RUNNING": 2}, timeout=120)
+
+    def two_live_replicas() -> bool:
+        seen = set(concurrently(lambda i: replica_of(api, prompt=f"after {i}:"), 8))
+        return len(seen - {victim}) == 2
+
+    wait_until(two_live_replicas, timeout=60)
