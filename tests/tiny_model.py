@@ -6,6 +6,16 @@ import inspect
 import json
 from pathlib import Path
 
+# A Llama small enough to build in milliseconds, for tests of the model code itself.
+SMALL_LLAMA = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=300,
+    max_position_embeddings=256,
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
     "{% for message in messages %}"

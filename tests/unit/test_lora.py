@@ -10,16 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model.lora import AdapterError
 from genserve.model.runner import LlamaRunner
+from tests.tiny_model import SMALL_LLAMA
 
-SMALL = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=300,
-    max_position_embeddings=256,
-)
+SMALL = SMALL_LLAMA
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

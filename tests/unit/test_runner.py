@@ -8,17 +8,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model.runner import HFRunner, LlamaRunner
+from tests.tiny_model import SMALL_LLAMA
 
 P = SamplingParams()
-SMALL = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=300,
-    max_position_embeddings=256,
-)
+SMALL = SMALL_LLAMA
 
 
 def llama():
