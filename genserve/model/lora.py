@@ -37,19 +37,14 @@ class AdapterError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class LoraB:
-    b: Linear  # [out, r], the adapter's scale folded in
-    a_cols: slice  # its rank's columns in the stacked A output
-    out: slice  # where its output lands in the stacked projection
-
-
-@dataclass(frozen=True, slots=True)
 class LoraStack:
-    """One stacked projection (qkv, o, gate_up, down) of one layer: a single matmul for all
-    its A matrices, then one small B matmul per targeted module."""
+    """One stacked projection (qkv, o, gate_up, down) of one layer, as two matmuls whatever
+    the modules targeted: all A matrices stacked, and one B laid out block-diagonally over the
+    stack's output (zeros where a module is not targeted), the adapter's scale folded in."""
 
     a: Linear  # [sum of ranks, in]
-    bs: tuple[LoraB, ...]
+    b: Linear  # [out.stop - out.start, sum of ranks]
+    out: slice  # the part of the stacked projection's output it adds to
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +95,16 @@ def load_adapter(name: str, path: Path, base: BaseShape, make_linear) -> Adapter
 
 
 def _stack(mods: list, base: BaseShape, make_linear) -> LoraStack:  # noqa: ANN001
-    bs, col = [], 0
-    for module, a, b in mods:
-        bs.append(LoraB(make_linear(b), slice(col, col + a.shape[0]), base.slices[module]))
+    slices = [base.slices[module] for module, _, _ in mods]
+    lo, hi = min(s.start for s in slices), max(s.stop for s in slices)
+    rank = sum(a.shape[0] for _, a, _ in mods)
+    b_full = torch.zeros(hi - lo, rank)
+    col = 0
+    for (_, a, b), sl in zip(mods, slices, strict=True):
+        b_full[sl.start - lo : sl.stop - lo, col : col + a.shape[0]] = b
         col += a.shape[0]
-    return LoraStack(make_linear(torch.cat([a for _, a, _ in mods])), tuple(bs))
+    a_all = torch.cat([a for _, a, _ in mods])
+    return LoraStack(make_linear(a_all), make_linear(b_full), slice(lo, hi))
 
 
 def _pairs(raw: dict[str, torch.Tensor], base: BaseShape) -> dict:
@@ -147,6 +147,4 @@ class LoraSet:
             if lora is None:
                 continue
             for start, end in ranges:
-                low = lora.a(h[start:end])
-                for b in lora.bs:
-                    y[start:end, b.out] += b.b(low[:, b.a_cols].contiguous())
+                y[start:end, lora.out] += lora.b(lora.a(h[start:end]))
