@@ -27,7 +27,8 @@ chromium:
 	  echo "warning: could not install chromium; tests/e2e will be skipped" >&2
 
 serve: $(STAMP)
-	$(BIN)/genserve serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),)
+	# --deterministic: the playground's fixed-seed samples match even when run side by side
+	$(BIN)/genserve serve --deterministic --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),)
 
 test: $(STAMP) chromium
 	$(BIN)/ruff check genserve tests bench

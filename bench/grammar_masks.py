@@ -309,8 +309,9 @@ def time_library(cls, tok_name: str, tokenizer, reps: int) -> Timing:
     text = json.dumps(NESTED_DOC, separators=(",", ":"))
     tokens = tokenizer.encode(text, add_special_tokens=False)
     bitmask = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
-    timing = Timing(tok_name, cls.name, vocab, len(tokens), setup_ms,
-                    statistics.median(compile_times))
+    timing = Timing(
+        tok_name, cls.name, vocab, len(tokens), setup_ms, statistics.median(compile_times)
+    )
     timing.cold_us = _timed_pass(backend, compiled, tokens, bitmask)
     for _ in range(reps):
         timing.warm_us += _timed_pass(backend, compiled, tokens, bitmask)
@@ -335,8 +336,9 @@ def time_genserve(tok_name: str, tokenizer, reps: int) -> Timing | None:
     t0 = time.perf_counter()
     compiler.matcher(spec)
     compile_ms = (time.perf_counter() - t0) * 1000
-    tokens = tokenizer.encode(json.dumps(NESTED_DOC, separators=(",", ":")),
-                              add_special_tokens=False)
+    tokens = tokenizer.encode(
+        json.dumps(NESTED_DOC, separators=(",", ":")), add_special_tokens=False
+    )
     logits = torch.zeros(vocab)
     timing = Timing(tok_name, "genserve apply()", vocab, len(tokens), setup_ms, compile_ms)
     for rep in range(reps + 1):
@@ -367,18 +369,22 @@ def _genserve_random_pass(matcher, vocab: int, seed: int) -> list[float]:
 
 
 def print_timings(rows: list[Timing]) -> None:
-    head = (f"{'tokenizer':<22} {'library':<17} {'vocab':>6} {'toks':>5} {'setup ms':>9} "
-            f"{'compile ms':>10} {'cold mean':>9} {'warm mean':>9} {'warm p50':>9} "
-            f"{'warm p95':>9} {'1st mask':>8} {'rand mean':>9} {'rand p50':>9} {'rand p95':>9}")
+    head = (
+        f"{'tokenizer':<22} {'library':<17} {'vocab':>6} {'toks':>5} {'setup ms':>9} "
+        f"{'compile ms':>10} {'cold mean':>9} {'warm mean':>9} {'warm p50':>9} "
+        f"{'warm p95':>9} {'1st mask':>8} {'rand mean':>9} {'rand p50':>9} {'rand p95':>9}"
+    )
     print("\nper-token mask time (microseconds), compile = schema -> ready matcher (median of 5)")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r.tokenizer:<22} {r.library:<17} {r.vocab:>6} {r.doc_tokens:>5} "
-              f"{r.setup_ms:>9.1f} {r.compile_ms:>10.2f} {statistics.mean(r.cold_us):>9.1f} "
-              f"{statistics.mean(r.warm_us):>9.1f} {statistics.median(r.warm_us):>9.1f} "
-              f"{_p95(r.warm_us):>9.1f} {r.cold_us[0]:>8.0f} {statistics.mean(r.random_us):>9.1f} "
-              f"{statistics.median(r.random_us):>9.1f} {_p95(r.random_us):>9.1f}")
+        print(
+            f"{r.tokenizer:<22} {r.library:<17} {r.vocab:>6} {r.doc_tokens:>5} "
+            f"{r.setup_ms:>9.1f} {r.compile_ms:>10.2f} {statistics.mean(r.cold_us):>9.1f} "
+            f"{statistics.mean(r.warm_us):>9.1f} {statistics.median(r.warm_us):>9.1f} "
+            f"{_p95(r.warm_us):>9.1f} {r.cold_us[0]:>8.0f} {statistics.mean(r.random_us):>9.1f} "
+            f"{statistics.median(r.random_us):>9.1f} {_p95(r.random_us):>9.1f}"
+        )
 
 
 # ---------------------------------------------------------------------------- coverage
@@ -386,8 +392,12 @@ def print_timings(rows: list[Timing]) -> None:
 
 def _wrap(sub: dict[str, Any]) -> dict[str, Any]:
     """A feature under test sits in property "v" of a closed object (top level is an object)."""
-    return {"type": "object", "properties": {"v": sub}, "required": ["v"],
-            "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"v": sub},
+        "required": ["v"],
+        "additionalProperties": False,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,76 +413,173 @@ def _v(feature: str, sub: dict[str, Any], good: Any, *bad: Any) -> Case:
 
 
 _TREE = {
-    "$defs": {"node": {
-        "type": "object",
-        "properties": {"n": {"type": "integer"},
-                       "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
-        "required": ["n"], "additionalProperties": False}},
+    "$defs": {
+        "node": {
+            "type": "object",
+            "properties": {
+                "n": {"type": "integer"},
+                "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2},
+            },
+            "required": ["n"],
+            "additionalProperties": False,
+        }
+    },
     "$ref": "#/$defs/node",
 }
 
 CASES: tuple[Case, ...] = (
     _v("minimum/maximum", {"type": "integer", "minimum": 3, "maximum": 7}, 5, 2, 8, 70),
-    _v("exclusiveMinimum/Maximum", {"type": "number", "exclusiveMinimum": 0,
-                                    "exclusiveMaximum": 10}, 0.5, 0, 10, -1),
-    _v("minLength/maxLength", {"type": "string", "minLength": 2, "maxLength": 4}, "abc",
-       "a", "abcde"),
-    _v("pattern", {"type": "string", "pattern": "^[a-z]{3}-[0-9]{2}$"}, "abc-12", "abc-1x",
-       "ABC-12", "abc-123"),
-    _v("format: date-time", {"type": "string", "format": "date-time"}, "2024-05-06T07:08:09Z",
-       "yesterday", "2024-05-06"),
-    _v("format: email", {"type": "string", "format": "email"}, "ada@example.com",
-       "not-an-email", "ada.example.com"),
-    _v("format: uuid", {"type": "string", "format": "uuid"},
-       "123e4567-e89b-12d3-a456-426614174000", "123e4567", "zzze4567-e89b-12d3-a456-426614174000"),
+    _v(
+        "exclusiveMinimum/Maximum",
+        {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 10},
+        0.5,
+        0,
+        10,
+        -1,
+    ),
+    _v(
+        "minLength/maxLength",
+        {"type": "string", "minLength": 2, "maxLength": 4},
+        "abc",
+        "a",
+        "abcde",
+    ),
+    _v(
+        "pattern",
+        {"type": "string", "pattern": "^[a-z]{3}-[0-9]{2}$"},
+        "abc-12",
+        "abc-1x",
+        "ABC-12",
+        "abc-123",
+    ),
+    _v(
+        "format: date-time",
+        {"type": "string", "format": "date-time"},
+        "2024-05-06T07:08:09Z",
+        "yesterday",
+        "2024-05-06",
+    ),
+    _v(
+        "format: email",
+        {"type": "string", "format": "email"},
+        "ada@example.com",
+        "not-an-email",
+        "ada.example.com",
+    ),
+    _v(
+        "format: uuid",
+        {"type": "string", "format": "uuid"},
+        "123e4567-e89b-12d3-a456-426614174000",
+        "123e4567",
+        "zzze4567-e89b-12d3-a456-426614174000",
+    ),
     _v("enum", {"enum": ["red", "green", 1]}, "green", "blue", 2),
     _v("const", {"const": "x"}, "x", "y"),
-    _v("anyOf", {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 2}]}, "ab",
-       "abc", True),
+    _v(
+        "anyOf",
+        {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 2}]},
+        "ab",
+        "abc",
+        True,
+    ),
     _v("oneOf (disjoint)", {"oneOf": [{"type": "integer"}, {"type": "string"}]}, 1, True),
     _v("oneOf (overlapping)", {"oneOf": [{"type": "integer"}, {"type": "number"}]}, 1.5, 1),
     _v("allOf", {"allOf": [{"type": "integer", "minimum": 0}, {"maximum": 5}]}, 3, 6, -1),
-    Case("$ref/$defs (recursive)", _TREE, {"n": 1, "kids": [{"n": 2, "kids": [{"n": 3}]}]},
-         ({"n": 1, "kids": [{"m": 2}]}, {"n": 1, "kids": [{"n": "x"}]})),
-    Case("additionalProperties: false",
-         {"type": "object", "properties": {"a": {"type": "integer"}},
-          "additionalProperties": False},
-         {"a": 1}, ({"a": 1, "b": 2},)),
-    _v("minItems/maxItems", {"type": "array", "items": {"type": "integer"}, "minItems": 1,
-                             "maxItems": 2}, [1], [], [1, 2, 3]),
-    _v("uniqueItems", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
-       [1, 2], [1, 1]),
+    Case(
+        "$ref/$defs (recursive)",
+        _TREE,
+        {"n": 1, "kids": [{"n": 2, "kids": [{"n": 3}]}]},
+        ({"n": 1, "kids": [{"m": 2}]}, {"n": 1, "kids": [{"n": "x"}]}),
+    ),
+    Case(
+        "additionalProperties: false",
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": False},
+        {"a": 1},
+        ({"a": 1, "b": 2},),
+    ),
+    _v(
+        "minItems/maxItems",
+        {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 2},
+        [1],
+        [],
+        [1, 2, 3],
+    ),
+    _v(
+        "uniqueItems",
+        {"type": "array", "items": {"type": "integer"}, "uniqueItems": True},
+        [1, 2],
+        [1, 1],
+    ),
     _v("not", {"type": ["integer", "string"], "not": {"type": "string"}}, 1, "a"),
-    Case("if/then/else",
-         {"type": "object", "properties": {"k": {"enum": ["a", "b"]}, "n": {"type": "integer"}},
-          "required": ["k", "n"], "additionalProperties": False,
-          "if": {"properties": {"k": {"const": "a"}}},
-          "then": {"properties": {"n": {"maximum": 0}}},
-          "else": {"properties": {"n": {"minimum": 10}}}},
-         {"k": "a", "n": 0}, ({"k": "a", "n": 5}, {"k": "b", "n": 5})),
-    Case("patternProperties",
-         {"type": "object", "patternProperties": {"^x_": {"type": "integer"}},
-          "additionalProperties": False},
-         {"x_a": 1}, ({"y": 1}, {"x_a": "s"})),
+    Case(
+        "if/then/else",
+        {
+            "type": "object",
+            "properties": {"k": {"enum": ["a", "b"]}, "n": {"type": "integer"}},
+            "required": ["k", "n"],
+            "additionalProperties": False,
+            "if": {"properties": {"k": {"const": "a"}}},
+            "then": {"properties": {"n": {"maximum": 0}}},
+            "else": {"properties": {"n": {"minimum": 10}}},
+        },
+        {"k": "a", "n": 0},
+        ({"k": "a", "n": 5}, {"k": "b", "n": 5}),
+    ),
+    Case(
+        "patternProperties",
+        {
+            "type": "object",
+            "patternProperties": {"^x_": {"type": "integer"}},
+            "additionalProperties": False,
+        },
+        {"x_a": 1},
+        ({"y": 1}, {"x_a": "s"}),
+    ),
     _v("multipleOf", {"type": "integer", "multipleOf": 3}, 6, 7, 1),
-    _v("minProperties/maxProperties", {"type": "object", "additionalProperties":
-                                       {"type": "integer"}, "minProperties": 1,
-                                       "maxProperties": 2}, {"a": 1}, {}, {"a": 1, "b": 2, "c": 3}),
-    _v("contains", {"type": "array", "items": {"type": "integer"}, "contains": {"const": 5},
-                    "maxItems": 3}, [1, 5], [1, 2]),
-    _v("propertyNames", {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"},
-                         "additionalProperties": {"type": "integer"}}, {"ab": 1}, {"A1": 1}),
-    _v("dependentRequired", {"type": "object", "properties": {"a": {"type": "integer"},
-                                                              "b": {"type": "integer"}},
-                             "dependentRequired": {"a": ["b"]}, "additionalProperties": False},
-       {"a": 1, "b": 2}, {"a": 1}),
+    _v(
+        "minProperties/maxProperties",
+        {
+            "type": "object",
+            "additionalProperties": {"type": "integer"},
+            "minProperties": 1,
+            "maxProperties": 2,
+        },
+        {"a": 1},
+        {},
+        {"a": 1, "b": 2, "c": 3},
+    ),
+    _v(
+        "contains",
+        {"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}, "maxItems": 3},
+        [1, 5],
+        [1, 2],
+    ),
+    _v(
+        "propertyNames",
+        {
+            "type": "object",
+            "propertyNames": {"pattern": "^[a-z]+$"},
+            "additionalProperties": {"type": "integer"},
+        },
+        {"ab": 1},
+        {"A1": 1},
+    ),
+    _v(
+        "dependentRequired",
+        {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "dependentRequired": {"a": ["b"]},
+            "additionalProperties": False,
+        },
+        {"a": 1, "b": 2},
+        {"a": 1},
+    ),
     _v("unknown keyword (x-foo)", {"type": "integer", "x-foo": 1}, 1, "s"),
 )
 
 
-_DATE_TIME = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
-)
+_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 
 
 def _check_case(case: Case) -> None:
@@ -523,8 +630,7 @@ def genserve_verdict(make: Callable[[], Any] | None, tokenizer, case: Case) -> s
 
     def accepts(doc: Any) -> bool:
         matcher = compiler.matcher(spec)
-        tokens = tokenizer.encode(json.dumps(doc, separators=(",", ":")),
-                                  add_special_tokens=False)
+        tokens = tokenizer.encode(json.dumps(doc, separators=(",", ":")), add_special_tokens=False)
         try:
             for t in [*tokens, tokenizer.eos_token_id]:
                 matcher.advance(t)

@@ -55,19 +55,20 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         tokenizer=loaded.tokenizer,
         chat_template=loaded.chat_template,
         max_len=max_len,
-        fingerprint=fingerprint(loaded, type(worker.runner).__name__),
+        fingerprint=fingerprint(loaded, type(worker.runner).__name__, cfg.engine.batch_invariant),
         vocab_size=worker.vocab_size,
         token_text=TokenText(loaded.tokenizer),
         grammars=grammars,
     )
 
 
-def fingerprint(loaded: LoadedModel, runner: str) -> str:
+def fingerprint(loaded: LoadedModel, runner: str, deterministic: bool) -> str:
     """Names the configuration that determines outputs, as OpenAI's system_fingerprint does."""
     import torch
 
     weights = sorted((p.name, p.stat().st_size) for p in loaded.path.glob("*.safetensors"))
     parts = [__version__, torch.__version__, runner, str(loaded.dtype), loaded.device.type]
+    parts.append("deterministic" if deterministic else "plain")
     digest = hashlib.sha256(repr((parts, weights, loaded.name)).encode()).hexdigest()
     return f"fp_{digest[:10]}"
 

@@ -102,7 +102,7 @@ class Scheduler:
         # which keeps seeded outputs identical alone or under load. A chunk always fits in
         # what the decodes leave of the budget.
         self.chunk_size = token_budget - num_slots
-        self.aligned_chunks = aligned_chunks  # off: fill the budget (--no-batch-invariant)
+        self.aligned_chunks = aligned_chunks  # off: fill the budget (without --deterministic)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 

@@ -37,7 +37,13 @@ def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     root = tmp_path_factory.mktemp("e2e")
     with mock.patch.dict(os.environ, {"GENSERVE_API_KEYS": API_KEY}):
         srv = start_server(
-            tiny_model_dir, root, "--max-batch-size", "8", "--data-dir", str(root / "data")
+            tiny_model_dir,
+            root,
+            "--max-batch-size",
+            "8",
+            "--data-dir",
+            str(root / "data"),
+            "--deterministic",  # the compare view's fixed seed: k parallel samples, identical
         )
     yield srv
     srv.stop()

@@ -37,7 +37,10 @@ def lora_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     for i in range(3):
         path = save_random_adapter(tiny_model_dir, root / f"a{i}", seed=i)
         args += ["--lora-modules", f"ft:tiny-llama:a{i}:test={path}"]
-    srv = start_server(tiny_model_dir, tmp_path_factory.mktemp("logs-lora"), *args)
+    # --deterministic: the test compares each adapter's output alone and in mixed batches
+    srv = start_server(
+        tiny_model_dir, tmp_path_factory.mktemp("logs-lora"), *args, "--deterministic"
+    )
     yield srv
     srv.stop()
 

@@ -59,7 +59,8 @@ def start_cli(model: Path, tmp: Path) -> LiveServer:
     port = free_port()
     cmd = [
         sys.executable, "-m", "genserve.cli", "serve", "--model", str(model), "--port", str(port),
-        "--ray", "--replicas", "2", "--ray-address", ray.get_runtime_context().gcs_address,
+        "--ray", "--replicas", "2", "--deterministic",
+        "--ray-address", ray.get_runtime_context().gcs_address,
         "--max-batch-size", "8", "--embedding-model", "none", "--data-dir", str(tmp / "data"),
     ]  # fmt: skip
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}

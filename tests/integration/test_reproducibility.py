@@ -15,7 +15,13 @@ from tests.server import LiveServer, start_server
 
 @pytest.fixture(scope="module")
 def big_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
-    srv = start_server(tiny_model_dir, tmp_path_factory.mktemp("logs-32"), "--max-batch-size", "32")
+    srv = start_server(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("logs-32"),
+        "--max-batch-size",
+        "32",
+        "--deterministic",
+    )
     yield srv
     srv.stop()
 
