@@ -153,6 +153,7 @@ class AttentionPlan:
     write_pos: torch.Tensor  # [T] position of each token
     spans: tuple[ChunkSpan, ...]
     lora_rows: dict[str, list[tuple[int, int]]]  # adapter -> its row ranges in the flat batch
+    lora_owner: torch.Tensor | None  # [T] each row's adapter index (-1: none), fused path
 
 
 class LlamaRunner:
@@ -175,7 +176,7 @@ class LlamaRunner:
             pad = batch_invariant
             self.lm_head = Linear(model.lm_head.weight, None, num_slots, pad)
             self.layers = [_stack_layer(layer, num_slots, pad) for layer in inner.layers]
-        self.lora = LoraSet()
+        self.lora = LoraSet(make_linear=self._pack)
         self.base_shape = _base_shape(cfg, self.num_heads, self.num_kv_heads, self.head_dim)
         shape = (len(self.layers), num_slots, self.num_kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -230,7 +231,15 @@ class LlamaRunner:
             write_pos=positions,
             spans=tuple(spans),
             lora_rows=lora,
+            lora_owner=self._owners(lora, row) if lora and not self.batch_invariant else None,
         )
+
+    def _owners(self, lora: dict[str, list[tuple[int, int]]], rows: int) -> torch.Tensor:
+        owner = torch.full((rows,), -1, dtype=torch.long)
+        for name, ranges in lora.items():
+            for start, end in ranges:
+                owner[start:end] = self.lora.order.index(name)
+        return owner.to(self.device)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -256,7 +265,9 @@ class LlamaRunner:
 
     def _project(self, i: int, stack: str, lin: Linear, h: torch.Tensor, plan) -> torch.Tensor:
         y = lin(h)
-        if plan.lora_rows:
+        if plan.lora_owner is not None:
+            self.lora.apply_fused(i, stack, h, y, plan.lora_owner)
+        elif plan.lora_rows:
             self.lora.apply(i, stack, h, y, plan.lora_rows)
         return y
 

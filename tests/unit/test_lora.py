@@ -43,11 +43,14 @@ def chunk(rid, slot, ids, start, adapter=None) -> ChunkInput:
     return ChunkInput(rid, slot, tuple(ids), start, True, SamplingParams(), 0, adapter)
 
 
-def test_rows_with_different_adapters_in_one_step_match_peft(tmp_path: Path) -> None:
+@pytest.mark.parametrize("deterministic", [True, False])  # per-adapter passes, or fused
+def test_rows_with_different_adapters_in_one_step_match_peft(
+    tmp_path: Path, deterministic: bool
+) -> None:
     ref_a = make_adapter(tmp_path / "a", seed=1)
     ref_b = make_adapter(tmp_path / "b", seed=2, modules=["q_proj", "v_proj"])
     plain = base()
-    runner = LlamaRunner(plain, 4, 64)
+    runner = LlamaRunner(plain, 4, 64, batch_invariant=deterministic)
     runner.add_adapter("a", tmp_path / "a")
     runner.add_adapter("b", tmp_path / "b")
     x, y, z = [5, 6, 7, 8], [9, 10, 11], [12, 13]
