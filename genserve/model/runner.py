@@ -179,8 +179,10 @@ class LlamaRunner:
         self.lora = LoraSet(make_linear=self._pack)
         self.base_shape = _base_shape(cfg, self.num_heads, self.num_kv_heads, self.head_dim)
         shape = (len(self.layers), num_slots, self.num_kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # Written through once here (zero_ touches every page): a lazily mapped cache would
+        # take its page faults in the middle of the first requests' steps instead.
+        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device).zero_()
+        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device).zero_()
 
     def release(self, slot: int) -> None:
         """Nothing to free: the next sequence in this slot overwrites what it reads."""
