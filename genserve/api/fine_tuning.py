@@ -128,7 +128,9 @@ async def start(svc: Services, config: ServerConfig) -> None:
         svc.state["database"] = db
         files = FileStore(db, data_dir / "files")
         files.sweep()
-        manager = JobManager(JobStore(db), files, svc, data_dir, config.training.threads)
+        launch = svc.state.get("training_launcher")  # default: a local subprocess
+        threads = config.training.threads
+        manager = JobManager(JobStore(db), files, svc, data_dir, threads, launch)
         svc.state["files"] = files
         svc.state["fine_tuning"] = manager
         svc.on_adapter_deleted.append(manager.on_adapter_deleted)

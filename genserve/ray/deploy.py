@@ -10,7 +10,8 @@
   multiplexed model id: Serve routes it to a replica that already holds the adapter, and a
   replica that does not loads it on demand (`@serve.multiplexed`, LRU-bounded per replica).
 - The control replica owns the store (SQLite + files under --data-dir) and runs the
-  fine-tuning manager, so exactly one process writes the database and trains. Engine replicas
+  fine-tuning manager, so exactly one process writes the database; each training run is a Ray
+  task (genserve.ray.training) on whichever node has the CPUs. Engine replicas
   get a private scratch data dir; they read adapters as folders from the shared --data-dir,
   which must therefore be on a filesystem every node mounts (NFS) in a cluster.
 """
@@ -61,7 +62,7 @@ class RayOptions:
     replica_cpus: float | None = None  # CPUs per engine replica; None: 1, or a share of a local Ray
     max_adapters_per_replica: int = 8  # fine-tuned adapters a replica keeps (LRU beyond)
     edge_replicas: int = 1
-    control_cpus: float = 0.0  # the control replica mostly waits; its training worker is apart
+    control_cpus: float = 0.0  # the control replica mostly waits; training is a Ray task apart
     local_cpus: int | None = None  # a local Ray's CPUs (default: this machine's)
     object_store_mb: int = 200  # a local Ray's object store; requests pass through it
     log_level: str = "info"  # genserve's own loggers inside the replicas (to their stderr)
@@ -161,12 +162,15 @@ class AppReplica:
     """One genserve app inside a Serve replica, its lifespan entered before traffic comes:
     Serve marks the replica RUNNING only once __init__ returns, i.e. once the model is loaded."""
 
-    async def _start(self, config: ServerConfig, log_level: str) -> None:
+    async def _start(
+        self, config: ServerConfig, log_level: str, state: dict[str, Any] | None = None
+    ) -> None:
         from genserve.api.app import create_app
 
         log_to_stderr(log_level)
         self.app = create_app(config)
         self.services = self.app.state.services
+        self.services.state.update(state or {})
         self._lifespan = contextlib.AsyncExitStack()
         await self._lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
         await wait_ready(self.services)
@@ -275,7 +279,11 @@ class EngineReplica(AppReplica):
 
 class ControlReplica(AppReplica):
     async def __init__(self, config: ServerConfig, options: RayOptions) -> None:
-        await self._start(control_config(config), options.log_level)
+        from genserve.ray.training import launch_ray_task
+
+        # Each fine-tuning run is a Ray task, placed wherever the cluster has the CPUs.
+        launcher = {"training_launcher": launch_ray_task}
+        await self._start(control_config(config), options.log_level, launcher)
 
     def resolve_adapter(self, model_id: str) -> Any:
         """The AdapterSpec this deployment serves under model_id, or None."""
@@ -432,8 +440,11 @@ def build_app(config: ServerConfig, options: RayOptions) -> Any:
     return edge.bind(engine, control, edge_limits(config))
 
 
-def connect(options: RayOptions) -> bool:
-    """Join the cluster at options.address, or start a small local Ray. True if started here."""
+def connect(options: RayOptions, training_cpus: int = 0) -> bool:
+    """Join the cluster at options.address, or start a small local Ray. True if started here.
+
+    A local Ray gets `training_cpus` on top of the machine's: the engine replicas share the
+    machine's CPUs, and a fine-tuning task must still find its own to be scheduled."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -443,7 +454,7 @@ def connect(options: RayOptions) -> bool:
         ray.init(address=options.address, namespace=APP_NAME)
         return False
     ray.init(
-        num_cpus=options.local_cpus or os.cpu_count(),
+        num_cpus=(options.local_cpus or os.cpu_count() or 1) + training_cpus,
         include_dashboard=False,
         object_store_memory=options.object_store_mb * 2**20,
         namespace=APP_NAME,
@@ -451,11 +462,15 @@ def connect(options: RayOptions) -> bool:
     return True
 
 
+def training_cpus(config: ServerConfig) -> int:
+    return config.training.threads if config.training.enabled else 0
+
+
 def deploy(config: ServerConfig, options: RayOptions) -> str:
     """Connect (or start Ray), deploy, and wait until every replica has loaded its model."""
     from ray import serve
 
-    connect(options)
+    connect(options, training_cpus(config))
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config, options), name=APP_NAME, route_prefix="/")
     return f"http://{config.host}:{config.port}"
@@ -466,7 +481,7 @@ def serve_on_ray(config: ServerConfig, options: RayOptions) -> None:
     import ray
     from ray import serve
 
-    started_here = connect(options)
+    started_here = connect(options, training_cpus(config))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,7 +1,8 @@
 """The job state machine, in the server's event loop: validate, queue, train, serve.
 
 validating_files -> queued -> running -> succeeded | failed, and cancelled from any of the
-first three. One job trains at a time, in a worker process (genserve.training.worker). The
+first three. One job trains at a time, in a worker process (genserve.training.worker; under
+Ray Serve, launched as a Ray task: genserve.ray.training). The
 database is the truth: a job found `running` at start-up was cut off by the server's death and
 resumes from its last checkpoint; a worker that dies without a result (a crash, a SIGKILL) is
 restarted from the last checkpoint up to MAX_CRASHES times, after which the job fails with an
@@ -18,9 +19,10 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from genserve.api.models import AdapterSpec, ServedModel, Services
 from genserve.storage.files import FileStore
@@ -82,6 +84,44 @@ def fine_tuned_model_id(job: JobRecord) -> str:
     return f"ft:{job.model}:{job.suffix or 'genserve'}:{job.id}"
 
 
+class WorkerProcess(Protocol):
+    """A running training worker as the manager sees it: an asyncio subprocess, or anything
+    that behaves like one (genserve.ray.training runs it as a Ray task)."""
+
+    stdout: AsyncIterable[bytes]  # the worker's message lines
+    returncode: int | None
+    pid: int | None
+
+    def kill(self) -> None: ...
+
+    async def wait(self) -> int: ...
+
+
+Launcher = Callable[[Path, int], Awaitable[WorkerProcess]]  # (spec path, torch threads)
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def worker_command(spec_path: Path) -> list[str]:
+    return [sys.executable, "-m", "genserve.training.worker", "--spec", str(spec_path)]
+
+
+async def launch_subprocess(spec_path: Path, threads: int) -> asyncio.subprocess.Process:
+    """The default: the worker as this server's child process, its stderr in worker.log."""
+    with (spec_path.parent / "worker.log").open("ab") as worker_log:
+        return await asyncio.create_subprocess_exec(
+            *worker_command(spec_path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=worker_log,
+            env=worker_env(threads),
+            start_new_session=True,  # a Ctrl-C at the server's terminal is the server's
+        )
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         with contextlib.suppress(ValueError):
@@ -91,15 +131,22 @@ def describe_exit(returncode: int) -> str:
 
 class JobManager:
     def __init__(
-        self, jobs: JobStore, files: FileStore, services: Services, data_dir: Path, threads: int
+        self,
+        jobs: JobStore,
+        files: FileStore,
+        services: Services,
+        data_dir: Path,
+        threads: int,
+        launch: Launcher | None = None,
     ) -> None:
         self.jobs = jobs
+        self.launch = launch or launch_subprocess
         self.files = files
         self.services = services
         self.root = data_dir / "jobs"
         self.threads = threads
         self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._procs: dict[str, WorkerProcess] = {}
         self._tasks: set[asyncio.Task] = set()
         self._runner: asyncio.Task | None = None
         self._stopping = False
@@ -281,19 +328,11 @@ class JobManager:
 
     async def _run_worker(self, job: JobRecord, base: ServedModel) -> Outcome:
         spec_path = self._write_spec(job, base)
-        job_dir = spec_path.parent
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        env["OMP_NUM_THREADS"] = str(self.threads)
-        cmd = [sys.executable, "-m", "genserve.training.worker", "--spec", str(spec_path)]
-        with (job_dir / "worker.log").open("ab") as worker_log:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=worker_log,
-                env=env,
-                start_new_session=True,  # a Ctrl-C at the server's terminal is the server's
-            )
+        proc = await self.launch(spec_path, self.threads)
         self._procs[job.id] = proc
+        where = getattr(proc, "where", None)
+        if where:
+            self.jobs.add_event(job.id, f"Training {where}")
         if self.jobs.get(job.id).status != "running":
             await _terminate(proc)  # cancelled while it was being started
         finished = failed = None
@@ -383,7 +422,7 @@ class _FileProblem(ValueError):
         self.code = f"invalid_{param}"
 
 
-async def _terminate(proc: asyncio.subprocess.Process) -> None:
+async def _terminate(proc: WorkerProcess) -> None:
     """SIGKILL: the worker holds nothing worth flushing (checkpoints are renamed into place
     whole), and unlike SIGTERM it also ends a stopped (SIGSTOPed) process at once."""
     if proc.returncode is None:

@@ -1,8 +1,8 @@
-"""genserve on Ray Serve: a local Ray (2 CPUs, small object store) started here, 2 engine
+"""genserve on Ray Serve: a local Ray (3 CPUs, small object store) started here, 2 engine
 replicas behind the edge. Requests spread over both (the x-genserve-replica header), the
-official client works unchanged, a fine-tuned model trained through the API is served by the
-engine replicas through Serve's multiplexing, and a replica killed under load is replaced while
-the client's retries succeed."""
+official client works unchanged, a fine-tuned model trained through the API (as a Ray task) is
+served by the engine replicas through Serve's multiplexing, and a replica killed under load is
+replaced while the client's retries succeed."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def ray_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     """A local Ray started here; `genserve serve --ray` joins it as a separate driver."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(
-        num_cpus=2,
+        num_cpus=3,  # one CPU per engine replica, one for the training task
         include_dashboard=False,
         object_store_memory=200 * 2**20,
         namespace="genserve-tests",
@@ -151,7 +151,7 @@ def test_official_client_unchanged(ray_url: str) -> None:
         api.completions.create(model="no-such-model", prompt="x", max_tokens=1)
 
 
-def fine_tune(api: openai.OpenAI) -> str:
+def fine_tune(api: openai.OpenAI) -> tuple[str, str]:
     rows = [
         {"messages": [{"role": "user", "content": f"{i} + {i}?"},
                       {"role": "assistant", "content": str(2 * i)}]}
@@ -169,12 +169,15 @@ def fine_tune(api: openai.OpenAI) -> str:
 
     done = wait_until(finished, timeout=120)
     assert done.status == "succeeded", done.error
-    return done.fine_tuned_model
+    return done.fine_tuned_model, job.id
 
 
 def test_fine_tuned_model_served_by_engine_replicas_through_multiplexing(ray_url: str) -> None:
     api = client_for(ray_url)
-    ft = fine_tune(api)  # trained by the control replica, written to the shared data dir
+    ft, job_id = fine_tune(api)  # trained as a Ray task, written to the shared data dir
+    events = [e.message for e in api.fine_tuning.jobs.list_events(job_id, limit=100)]
+    ran = [m for m in events if m.startswith("Training as Ray task ")]
+    assert len(ran) == 1, events  # the control replica launched no local worker
     assert ft in [m.id for m in api.models.list()]
     holder = replica_of(api, model=ft)  # an engine replica loads the adapter on demand
     assert holder.startswith("engine#")
