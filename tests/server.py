@@ -45,6 +45,17 @@ class LiveServer:
         return self.proc.returncode
 
 
+def wait_until(predicate, timeout: float = 60, every: float = 0.05):  # noqa: ANN001, ANN201
+    """The predicate's first truthy value, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
 def start_server(
     model: str | Path,
     log_dir: Path,

@@ -17,7 +17,7 @@ import pytest
 from genserve.storage.db import open_database
 from genserve.storage.jobs import JobStore
 from tests.conformance import assert_valid
-from tests.server import LiveServer, start_server
+from tests.server import LiveServer, start_server, wait_until
 from tests.tiny_model import CHATML
 
 MODEL = "tiny-llama"
@@ -49,16 +49,6 @@ def upload(api: openai.OpenAI, data: bytes = DATA, name: str = "train.jsonl") ->
 
 def raw_job(server: LiveServer, job_id: str) -> dict:
     return httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job_id}", timeout=10).json()
-
-
-def wait_until(predicate, timeout: float = 60, every: float = 0.05):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def wait_finished(server: LiveServer, job_id: str, timeout: float = 60) -> dict:

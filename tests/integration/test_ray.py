@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server import LiveServer, free_port
+from tests.server import LiveServer, free_port, wait_until
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -76,7 +76,7 @@ def start_cli(model: Path, tmp: Path) -> LiveServer:
         return app is not None and app.status == "RUNNING"
 
     try:
-        wait_until(deployed, timeout=180)
+        wait_until(deployed, timeout=180, every=0.25)
     except BaseException:
         server.stop()
         raise
@@ -101,16 +101,6 @@ def concurrently(fn: Callable[[int], str], count: int, threads: int = 8) -> list
 def engine_states() -> dict:
     app = serve.status().applications["genserve"]
     return app.deployments["engine"].replica_states
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, every: float = 0.25) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def test_health_through_the_proxy_and_requests_spread(ray_url: str) -> None:
@@ -167,7 +157,7 @@ def fine_tune(api: openai.OpenAI) -> tuple[str, str]:
         j = api.fine_tuning.jobs.retrieve(job.id)
         return j if j.status in ("succeeded", "failed", "cancelled") else None
 
-    done = wait_until(finished, timeout=120)
+    done = wait_until(finished, timeout=120, every=0.25)
     assert done.status == "succeeded", done.error
     return done.fine_tuned_model, job.id
 
@@ -213,10 +203,10 @@ def test_replica_killed_under_load_is_replaced_and_retries_succeed(ray_url: str)
     # What the client saw on the way: answers, or 503s with Retry-After that it retried.
     assert {s for s, _ in statuses} <= {200, 503}, statuses
     assert all(after == "1" for s, after in statuses if s == 503)
-    wait_until(lambda: engine_states() == {"RUNNING": 2}, timeout=120)
+    wait_until(lambda: engine_states() == {"RUNNING": 2}, timeout=120, every=0.25)
 
     def two_live_replicas() -> bool:
         seen = set(concurrently(lambda i: replica_of(api, prompt=f"after {i}:"), 8))
         return len(seen - {victim}) == 2
 
-    wait_until(two_live_replicas, timeout=60)
+    wait_until(two_live_replicas, timeout=60, every=0.25)
