@@ -13,6 +13,7 @@ from genserve.api.models import ServedModel
 from genserve.config import ServerConfig
 from genserve.engine.client import AsyncEngine
 from genserve.engine.core import EngineCore
+from genserve.engine.thread import EngineThread
 from genserve.model.grammar import GrammarCompiler
 from genserve.model.loading import LoadedModel, ModelLoadError, load_model
 from genserve.model.runner import kv_bytes_per_token
@@ -34,9 +35,17 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         raise ModelLoadError(str(e)) from e
     vocab = loaded.model.config.vocab_size
     grammars = GrammarCompiler(loaded.tokenizer, vocab, stop_token_ids=loaded.eos_token_ids)
-    worker = ModelWorker(
-        loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant, grammars
-    )
+    # Built on the thread that will step it: see genserve.engine.thread for why.
+    thread = EngineThread()
+    try:
+        worker = thread.call(
+            lambda: ModelWorker(
+                loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant, grammars
+            )
+        )
+    except BaseException:
+        thread.close()
+        raise
     _log_cache(loaded, slots, max_len, type(worker.runner).__name__)
     core = EngineCore(
         worker,
@@ -45,6 +54,7 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         token_budget=cfg.engine.max_num_batched_tokens,
         publish=lambda _: None,  # replaced by AsyncEngine.start
         batch_invariant=cfg.engine.batch_invariant,
+        thread=thread,
     )
     engine = AsyncEngine(core, max_len=max_len, capacity=slots + cfg.engine.max_waiting)
     return ServedModel(

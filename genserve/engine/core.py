@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from genserve.engine.scheduler import (
 from genserve.engine.scheduler import (
     Sequence as Seq,
 )
+from genserve.engine.thread import EngineThread
 from genserve.engine.types import (
     ChunkInput,
     EngineStats,
@@ -87,8 +87,11 @@ class EngineCore:
         token_budget: int,
         publish: Publish,
         batch_invariant: bool = True,
+        thread: EngineThread | None = None,
     ) -> None:
         self.worker = worker
+        # The thread that built the worker, when one did (see genserve.engine.thread).
+        self.thread = thread
         self.decoder = decoder
         # Every running sequence must be able to decode each step, whatever the budget says.
         self.scheduler = Scheduler(
@@ -98,7 +101,7 @@ class EngineCore:
         self.inbox: queue.SimpleQueue[Request | Abort | None] = queue.SimpleQueue()
         self.live: dict[str, Live] = {}
         self.steps = 0
-        self._thread: threading.Thread | None = None
+        self._running: Future | None = None
 
     # -- called from any thread -------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -108,13 +111,14 @@ class EngineCore:
         self.inbox.put(Abort(request_id))
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="genserve-engine", daemon=True)
-        self._thread.start()
+        if self.thread is None:
+            self.thread = EngineThread()
+        self._running = self.thread.submit(self._run)
 
     def stop(self) -> None:
         self.inbox.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        if self.thread is not None:
+            self.thread.close(timeout=30)
 
     def stats(self) -> EngineStats:
         s = self.scheduler
