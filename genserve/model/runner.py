@@ -146,12 +146,27 @@ class ChunkSpan:
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeBatch:
+    """Single-token decodes attended in one batched call (the plain path), built once a step.
+
+    Slots 0..span-1 are attended whether live or not: the cache keeps live slots packed at the
+    front, and an idle slot's row is masked to position 0, so it costs little and yields no NaN.
+    """
+
+    rows: torch.Tensor  # [B] rows of the flat batch that decode
+    slots: torch.Tensor  # [B] their slots
+    span: int  # slots attended: 0..span-1
+    length: int  # positions attended: 0..length-1 (the longest decode's)
+    mask: torch.Tensor  # [span * kv_heads, 1, length] additive: 0 where visible, -inf not
+
+
+@dataclass(frozen=True, slots=True)
 class AttentionPlan:
     """Per-step attention metadata, built once and shared by every layer."""
 
-    write_slots: torch.Tensor  # [T] slot of each token
-    write_pos: torch.Tensor  # [T] position of each token
-    spans: tuple[ChunkSpan, ...]
+    write_index: torch.Tensor  # [T * kv_heads] row of each token's key/value in a flat cache
+    spans: tuple[ChunkSpan, ...]  # chunks attended one call each
+    decode: DecodeBatch | None  # single-token decodes attended together (plain path)
     lora_rows: dict[str, list[tuple[int, int]]]  # adapter -> its row ranges in the flat batch
     lora_owner: torch.Tensor | None  # [T] each row's adapter index (-1: none), fused path
 
@@ -228,13 +243,40 @@ class LlamaRunner:
                 mask = mask.tril(c.start)
             spans.append(ChunkSpan(row, n, c.slot, c.start, mask))
             row += n
+        decode = None
+        if not self.batch_invariant:
+            decode = self._decode_batch([sp for sp in spans if sp.n == 1 and sp.start > 0])
+            if decode is not None:
+                spans = [sp for sp in spans if not (sp.n == 1 and sp.start > 0)]
         return AttentionPlan(
-            write_slots=torch.tensor(slots, device=self.device),
-            write_pos=positions,
+            write_index=self._write_index(torch.tensor(slots, device=self.device), positions),
             spans=tuple(spans),
+            decode=decode,
             lora_rows=lora,
             lora_owner=self._owners(lora, row) if lora and not self.batch_invariant else None,
         )
+
+    def _write_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Row of (slot, head, position) in a layer's cache seen as [slots*heads*max_len, D]:
+        one index_copy_ per layer writes every new key, where advanced indexing cost 4x."""
+        heads = torch.arange(self.num_kv_heads, device=self.device)
+        index = (slots[:, None] * self.num_kv_heads + heads) * self.max_len + positions[:, None]
+        return index.reshape(-1)
+
+    def _decode_batch(self, decodes: list[ChunkSpan]) -> DecodeBatch | None:
+        if not decodes:
+            return None
+        dev = self.device
+        slots = torch.tensor([sp.slot for sp in decodes], device=dev)
+        span, length = max(sp.slot for sp in decodes) + 1, max(sp.start for sp in decodes) + 1
+        limit = torch.zeros(span, dtype=torch.long, device=dev)  # idle slots see position 0
+        limit[slots] = torch.tensor([sp.start for sp in decodes], device=dev)
+        visible = torch.arange(length, device=dev)[None, :] <= limit[:, None]
+        mask = torch.zeros(span, length, dtype=self.dtype, device=dev)
+        mask.masked_fill_(~visible, float("-inf"))
+        mask = mask.repeat_interleave(self.num_kv_heads, dim=0)[:, None, :]
+        rows = torch.tensor([sp.row0 for sp in decodes], device=dev)
+        return DecodeBatch(rows, slots, span, length, mask)
 
     def _owners(self, lora: dict[str, list[tuple[int, int]]], rows: int) -> torch.Tensor:
         owner = torch.full((rows,), -1, dtype=torch.long)
@@ -257,8 +299,9 @@ class LlamaRunner:
         q = _rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
         k = _rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        self.k_cache[i, plan.write_slots, :, plan.write_pos] = k
-        self.v_cache[i, plan.write_slots, :, plan.write_pos] = v
+        flat = (-1, self.head_dim)
+        self.k_cache[i].view(flat).index_copy_(0, plan.write_index, k.reshape(flat))
+        self.v_cache[i].view(flat).index_copy_(0, plan.write_index, v.reshape(flat))
         attn = self._attention(i, q, plan)
         x = x + self._project(i, "o", w.o, attn.reshape(-1, q_size), plan)
         h = self._norm(x, w.post_norm)
@@ -289,14 +332,14 @@ class LlamaRunner:
 
         One call per sequence costs about what one padded, masked call over all slots costs
         at decode sizes (measured), and it makes a row's result independent of its batch:
-        a padded call's kernel blocks its reduction by the longest sequence present.
+        a padded call's kernel blocks its reduction by the longest sequence present. Only on
+        the plain path do the single-token decodes run as one padded call (plan.decode).
         """
         out = torch.empty_like(q)
-        spans = plan.spans
-        if not self.batch_invariant:
-            spans = self._decode_padded(i, q, plan, out)
+        if plan.decode is not None:
+            self._attend_decodes(i, q, plan.decode, out)
         kc, vc = self.k_cache[i], self.v_cache[i]
-        for sp in spans:
+        for sp in plan.spans:
             end = sp.start + sp.n
             o = F.scaled_dot_product_attention(
                 q[sp.row0 : sp.row0 + sp.n].transpose(0, 1)[None],
@@ -309,27 +352,25 @@ class LlamaRunner:
             out[sp.row0 : sp.row0 + sp.n] = o[0].transpose(0, 1)
         return out
 
-    def _decode_padded(
-        self, i: int, q: torch.Tensor, plan: AttentionPlan, out: torch.Tensor
-    ) -> tuple[ChunkSpan, ...]:
-        """The plain path (--no-batch-invariant): all single-token decodes in one call over
-        the leading slots, padded to the longest and masked. Returns the spans left to do."""
-        decodes = [sp for sp in plan.spans if sp.n == 1 and sp.start > 0]
-        if not decodes:
-            return plan.spans
-        dev = q.device
-        rows = torch.tensor([sp.row0 for sp in decodes], device=dev)
-        slots = torch.tensor([sp.slot for sp in decodes], device=dev)
-        span, length = max(sp.slot for sp in decodes) + 1, max(sp.start for sp in decodes) + 1
-        limit = torch.zeros(span, dtype=torch.long, device=dev)  # idle slots see position 0
-        limit[slots] = torch.tensor([sp.start for sp in decodes], device=dev)
-        mask = (torch.arange(length, device=dev)[None, :] <= limit[:, None])[:, None, None, :]
-        qd = q.new_zeros(span, self.num_heads, 1, self.head_dim)
-        qd[slots] = q[rows][:, :, None, :]
-        kc, vc = self.k_cache[i, :span, :, :length], self.v_cache[i, :span, :, :length]
-        o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=mask, enable_gqa=True)
-        out[rows] = o[slots, :, 0, :]
-        return tuple(sp for sp in plan.spans if not (sp.n == 1 and sp.start > 0))
+    def _attend_decodes(self, i: int, q: torch.Tensor, d: DecodeBatch, out: torch.Tensor) -> None:
+        """The plain path: every single-token decode in one batched product over slots
+        0..span-1 and positions 0..length-1, masked per slot.
+
+        Two bmm calls with the query heads of one KV head side by side, so each cached key and
+        value is read once (not once per query head): at decode sizes the step is bound by
+        reading the cache, and this ran 15% faster than SDPA's CPU kernel here.
+        """
+        kv, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        qd = q.new_zeros(d.span, self.num_heads, dim)
+        qd.index_copy_(0, d.slots, q.index_select(0, d.rows))
+        # Slots 0..span-1 as one batch of span*kv heads: views of the cache, no copies.
+        keys = self.k_cache[i, : d.span].view(d.span * kv, self.max_len, dim)[:, : d.length]
+        values = self.v_cache[i, : d.span].view(d.span * kv, self.max_len, dim)[:, : d.length]
+        scores = torch.baddbmm(
+            d.mask, qd.view(d.span * kv, group, dim), keys.transpose(1, 2), alpha=dim**-0.5
+        )
+        o = torch.bmm(torch.softmax(scores, dim=-1), values).view(d.span, self.num_heads, dim)
+        out.index_copy_(0, d.rows, o.index_select(0, d.slots))
 
 
 def _extend_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
