@@ -78,26 +78,45 @@ def test_reused_slot_does_not_see_the_previous_sequence() -> None:
     torch.testing.assert_close(out[0], reference(model, [5, 6, 7]), atol=1e-4, rtol=1e-4)
 
 
-def test_a_sequence_gets_bitwise_identical_logits_alone_or_batched() -> None:
-    """Batch invariance: what others share the step with, and which slot, changes nothing."""
+@pytest.fixture(scope="module")
+def wide_llama():
     torch.manual_seed(0)
     cfg = dict(SMALL, hidden_size=256, intermediate_size=1536, num_attention_heads=8)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-    g = torch.Generator().manual_seed(2)
-    x = torch.randint(0, 300, (37,), generator=g).tolist()
+    cfg["max_position_embeddings"] = 512
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+# (x's prompt, its batch mates' lengths): short rows (under one vector of 16 floats) alone and
+# padded in a batch, mates longer and shorter, a mate far longer than x.
+INVARIANCE_CASES = [
+    (37, [50, 3, 90, 11]),
+    (3, [40, 2, 17, 5]),
+    (9, [300, 1, 15, 16]),
+    (200, [7, 450, 64, 199]),
+]
+
+
+@pytest.mark.parametrize(("x_len", "mates"), INVARIANCE_CASES)
+def test_a_sequence_gets_bitwise_identical_logits_alone_or_batched(
+    wide_llama, x_len: int, mates: list[int]
+) -> None:
+    """Batch invariance: what others share the step with, and which slot, changes nothing."""
+    model = wide_llama
+    g = torch.Generator().manual_seed(2 + x_len)
+    x = torch.randint(0, 300, (x_len,), generator=g).tolist()
     steps = [[int(t)] for t in torch.randint(0, 300, (6,), generator=g)]
 
-    alone = LlamaRunner(model, 8, 128)
+    alone = LlamaRunner(model, 8, 512)
     want = [alone.execute(StepInput((chunk("x", 0, x, 0),)))[0]]
     pos = len(x)
     for s in steps:
         want.append(alone.execute(StepInput((chunk("x", 0, s, pos),)))[0])
         pos += 1
 
-    batched = LlamaRunner(model, 8, 128)
+    batched = LlamaRunner(model, 8, 512)
     others = {
-        slot: torch.randint(0, 300, (int(n),), generator=g).tolist()
-        for slot, n in [(0, 50), (1, 3), (2, 90), (4, 11)]
+        slot: torch.randint(0, 300, (n,), generator=g).tolist()
+        for slot, n in zip((0, 1, 2, 4), mates, strict=True)
     }
     first = [chunk(str(s), s, ids, 0) for s, ids in others.items()]
     got = [batched.execute(StepInput((*first[:2], chunk("x", 5, x, 0), *first[2:])))[2]]
@@ -108,5 +127,4 @@ def test_a_sequence_gets_bitwise_identical_logits_alone_or_batched() -> None:
         got.append(batched.execute(StepInput((*mates[:3], chunk("x", 5, s, pos), *mates[3:])))[3])
         lengths = {k: n + 1 for k, n in lengths.items()}
         pos += 1
-    for w, o in zip(want, got, strict=True):
-        assert torch.equal(w, o)
+    assert [torch.equal(w, o) for w, o in zip(want, got, strict=True)] == [True] * len(want)
