@@ -167,7 +167,7 @@ def job_card(job: JobRecord, worker_pid: int | None = None) -> dict:
         "hyperparameters": hyper,
         "model": job.model,
         "organization_id": "genserve",
-        "result_files": [],
+        "result_files": list(job.result_files),
         "status": job.status,
         "trained_tokens": job.trained_tokens,
         "training_file": job.training_file,

@@ -15,7 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_NAME = "genserve.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What a database of an older version needs beyond SCHEMA's CREATE ... IF NOT EXISTS, by the
+# version that brought it.
+MIGRATIONS = {2: "ALTER TABLE jobs ADD COLUMN result_files TEXT;"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -44,7 +47,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   trained_tokens INTEGER,
   error TEXT,
   crashes INTEGER NOT NULL DEFAULT 0,
-  adapter_deleted INTEGER NOT NULL DEFAULT 0
+  adapter_deleted INTEGER NOT NULL DEFAULT 0,
+  result_files TEXT
 );
 CREATE TABLE IF NOT EXISTS job_events (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -94,10 +98,12 @@ class Database:
             raise RuntimeError(
                 f"{self.path} was written by a newer genserve (schema {version}); upgrade"
             )
+        # A new database (version 0) gets every column from SCHEMA itself.
+        steps = "".join(sql for v, sql in sorted(MIGRATIONS.items()) if 0 < version < v)
         # executescript commits any open transaction first, so the script brings its own.
         with self._lock:
             self._conn.executescript(
-                f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+                f"BEGIN IMMEDIATE; {SCHEMA} {steps} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
             )
 
     @contextmanager

@@ -40,6 +40,7 @@ class JobRecord:
     error: JobError | None = None
     crashes: int = 0  # worker exits without a result (crash, SIGKILL) the job has survived
     adapter_deleted: bool = False
+    result_files: tuple[str, ...] = ()  # file ids: the step metrics CSV once it succeeded
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,7 @@ def _job(row) -> JobRecord:
         error=JobError(**err) if err else None,
         crashes=row["crashes"],
         adapter_deleted=bool(row["adapter_deleted"]),
+        result_files=tuple(_loads(row["result_files"]) or ()),
     )
 
 
@@ -171,6 +173,8 @@ class JobStore:
             fields["error"] = json.dumps(
                 {"code": err.code, "message": err.message, "param": err.param}
             )
+        if "result_files" in fields:
+            fields["result_files"] = json.dumps(list(fields["result_files"]))
         sets = ", ".join(f"{k} = ?" for k in ("status", *fields))
         marks = ",".join("?" * len(allowed_from))
         sql = f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})"
@@ -223,6 +227,14 @@ class JobStore:
             ),
         )
         return event
+
+    def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        """The data of every metrics event, oldest first."""
+        rows = self.db.query(
+            "SELECT data FROM job_events WHERE job_id = ? AND type = 'metrics' ORDER BY seq",
+            (job_id,),
+        )
+        return [json.loads(r["data"]) for r in rows if r["data"]]
 
     def events(self, job_id: str, after: str | None, limit: int) -> Page[EventRecord]:
         """Newest first, as OpenAI lists them; `after` is the last id of the previous page."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import io
 import logging
 import os
 import secrets
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from genserve.api.models import AdapterSpec, ServedModel, Services
-from genserve.storage.files import FileStore
+from genserve.storage.files import FileRecord, FileStore
 from genserve.storage.jobs import ACTIVE, TERMINAL, JobError, JobRecord, JobStore
 from genserve.training import dataset
 from genserve.training.worker import (
@@ -406,13 +408,53 @@ class JobManager:
         except Exception as e:  # noqa: BLE001 - trained and saved; serving it is a separate matter
             log.exception("job %s: could not serve %s", job.id, model_id)
             self.jobs.add_event(job.id, f"The model could not be served yet: {e}", level="warn")
-        fields = {"fine_tuned_model": model_id, "trained_tokens": finished.trained_tokens}
+        results = await asyncio.to_thread(self._write_results, job.id)
+        fields = {
+            "fine_tuned_model": model_id,
+            "trained_tokens": finished.trained_tokens,
+            "result_files": (results.id,),
+        }
         if self.jobs.transition(job.id, "succeeded", ("running",), **fields):
             self.jobs.add_event(job.id, "The job has successfully completed")
+        else:  # cancelled meanwhile: the job keeps no results
+            self.files.delete(results.id)
+
+    def _write_results(self, job_id: str) -> FileRecord:
+        """OpenAI's step_metrics.csv, as a file of purpose fine-tune-results. Blocking."""
+        data = results_csv(self.jobs.metrics(job_id)).encode()
+        staged = self.files.stage(io.BytesIO(data), max_bytes=len(data))
+        return self.files.commit(staged, RESULTS_FILENAME, "fine-tune-results")
 
     def _adapter_spec(self, job: JobRecord, model_id: str) -> AdapterSpec:
         created = job.finished_at or int(time.time())
         return AdapterSpec(model_id, job.model, self.root / job.id / "adapter", created)
+
+
+RESULTS_FILENAME = "step_metrics.csv"
+# OpenAI's columns; a validation score is empty at the steps where none was computed.
+RESULTS_COLUMNS = (
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+)
+_FROM_EVENT = {"train_accuracy": "train_mean_token_accuracy"}
+
+
+def results_csv(metrics: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(RESULTS_COLUMNS)
+    for data in metrics:
+        writer.writerow([_cell(data.get(_FROM_EVENT.get(c, c))) for c in RESULTS_COLUMNS])
+    return out.getvalue()
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, int) else f"{float(value):.5f}"
 
 
 class _FileProblem(ValueError):

@@ -4,6 +4,8 @@ its job and serves its adapters again; and the trainer itself reproduces its los
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import signal
@@ -157,6 +159,24 @@ def test_job_succeeds_with_metrics_and_checkpoints(
     for folder in ("adapter", "checkpoints/step-10", "checkpoints/step-20"):
         assert (job_dir / folder / "adapter_config.json").exists()
         assert (job_dir / folder / "adapter_model.safetensors").exists()
+
+
+def test_result_file_holds_the_step_metrics(finished_job: dict, api: openai.OpenAI) -> None:
+    """OpenAI's step_metrics.csv: what `client.files.content(job.result_files[0])` reads."""
+    job = api.fine_tuning.jobs.retrieve(finished_job["id"])
+    assert len(job.result_files) == 1
+    card = api.files.retrieve(job.result_files[0])
+    assert card.purpose == "fine-tune-results" and card.filename == "step_metrics.csv"
+    rows = list(csv.DictReader(io.StringIO(api.files.content(card.id).text)))
+    assert list(rows[0]) == [
+        "step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
+    ]  # fmt: skip
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    assert all(float(r["train_loss"]) > 0 and 0 <= float(r["train_accuracy"]) <= 1 for r in rows)
+    # Validation scores at each epoch's last step (10 and 20), empty elsewhere.
+    assert [r["step"] for r in rows if r["valid_loss"]] == ["10", "20"]
+    listed = api.files.list(purpose="fine-tune-results")
+    assert card.id in [f.id for f in listed.data]
 
 
 def test_finished_model_is_served_at_once(finished_job: dict, api: openai.OpenAI) -> None:

@@ -91,3 +91,31 @@ def test_events_checkpoints_and_adapters(tmp_path: Path) -> None:
     assert [j.id for j in jobs.served_adapters()] == ["ftjob-1"]
     assert jobs.mark_adapter_deleted("ft:m:x:ftjob-1")
     assert jobs.served_adapters() == []
+
+
+def test_a_version_1_database_gains_result_files_and_keeps_its_jobs(tmp_path: Path) -> None:
+    import sqlite3
+
+    from genserve.storage import db as db_mod
+
+    # A database as genserve wrote it before result_files existed (schema version 1).
+    v1_schema = db_mod.SCHEMA.replace(",\n  result_files TEXT\n", "\n")
+    assert v1_schema != db_mod.SCHEMA
+    path = tmp_path / db_mod.DB_NAME
+    conn = sqlite3.connect(path)
+    conn.executescript(f"{v1_schema} PRAGMA user_version=1;")
+    conn.execute(
+        "INSERT INTO jobs (id, model, training_file, seed, hyperparameters, status, created_at)"
+        " VALUES ('ftjob-old', 'm', 'file-x', 1, '{}', 'succeeded', 5)"
+    )
+    conn.commit()
+    conn.close()
+
+    jobs = JobStore(open_database(tmp_path))
+    old = jobs.get("ftjob-old")
+    assert old is not None and old.status == "succeeded" and old.result_files == ()
+    jobs.create(JobRecord("ftjob-new", "m", "file-y", None, None, 1, {}, 6, status="running"))
+    assert jobs.transition("ftjob-new", "succeeded", ("running",), result_files=("file-r",))
+    assert jobs.get("ftjob-new").result_files == ("file-r",)
+    version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
+    assert version == db_mod.SCHEMA_VERSION == 2
