@@ -3,7 +3,8 @@
     python bench/costs.py [--streams 32] [--prompt-tokens 64] [--max-tokens 64]
 
 On the SmolLM2-135M-shaped random model (see throughput.py):
-- batch invariance: a server started with --deterministic against the default (plain) one;
+- batch invariance: a server started with --deterministic against the default (plain) one,
+  and seeded requests (batch-invariant on any server) against unseeded ones;
 - grammar masks: json_schema-constrained requests against free ones, same server;
 - LoRA: mixed traffic (base + 3 adapters, a quarter each) against base-only traffic
   (goal >= 0.8).
@@ -79,12 +80,13 @@ def make_adapters(model_dir: Path, root: Path) -> list[str]:
     return args
 
 
-def body(s: Settings, prompt: str, model: str, grammar: bool) -> dict:
+def body(s: Settings, prompt: str, model: str, grammar: bool, seed: int | None = None) -> dict:
     b = {
         "model": model, "prompt": prompt, "max_tokens": s.max_tokens, "temperature": 1.0,
-        "seed": 0, "stream": True, "stream_options": {"include_usage": True},
-        "ignore_eos": not grammar,
+        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": not grammar,
     }  # fmt: skip
+    if seed is not None:  # a seeded request takes the batch-invariant path
+        b["seed"] = seed
     if grammar:
         b["response_format"] = {"type": "json_schema", "json_schema": {"schema": SCHEMA}}
     return b
@@ -131,6 +133,7 @@ def main() -> None:
     texts = prompts.texts
     base = "smollm2-135m-random"
     free = [body(s, t, base, False) for t in texts[: s.streams]]
+    seeded = [body(s, t, base, False, seed=i) for i, t in enumerate(texts[3 * s.streams :])]
     constrained = [body(s, t, base, True) for t in texts[s.streams : 2 * s.streams]]
     models = [base, *ADAPTERS]
     mixed = [
@@ -139,15 +142,17 @@ def main() -> None:
     (invariant,) = with_server(s, ["--deterministic"], [free])
     with tempfile.TemporaryDirectory() as tmp:
         adapter_args = make_adapters(s.model_dir, Path(tmp))
-        plain, grammar, lora = with_server(s, adapter_args, [free, constrained, mixed])
-    report(s, plain, invariant, grammar, lora)
+        runs = [free, seeded, constrained, mixed]
+        plain, seeded_run, grammar, lora = with_server(s, adapter_args, runs)
+    report(s, plain, invariant, seeded_run, grammar, lora)
 
 
-def report(s: Settings, plain, invariant, grammar, lora) -> None:  # noqa: ANN001
+def report(s: Settings, plain, invariant, seeded, grammar, lora) -> None:  # noqa: ANN001
     print(f"{s.streams} streams, prompt {s.prompt_tokens} tokens, up to {s.max_tokens} new, fp32")
     rows = [
-        ("plain path (default)", plain),
+        ("plain path (default, no seeds)", plain),
         ("batch-invariant (--deterministic)", invariant),
+        ("seeded requests (default)", seeded),
         ("json_schema grammar (default)", grammar),
         ("base + 3 adapters (default)", lora),
     ]
@@ -156,6 +161,7 @@ def report(s: Settings, plain, invariant, grammar, lora) -> None:  # noqa: ANN00
         print(f"  {name:36s} {r.tok_s:7.1f} tok/s  {per:5.1f} tok/request  "
               f"TTFT p50 {r.ttft_p50_ms:6.0f} ms")  # fmt: skip
     print(f"batch invariance: {invariant.tok_s / plain.tok_s:.2f}x the plain path")
+    print(f"seeded requests:  {seeded.tok_s / plain.tok_s:.2f}x unseeded ones")
     print(f"grammar masks:    {grammar.tok_s / plain.tok_s:.2f}x free requests")
     ratio = lora.tok_s / plain.tok_s
     verdict = "met" if ratio >= 0.8 else "NOT met"

@@ -64,7 +64,9 @@ def serve(
     fast_path: Annotated[bool, typer.Option(help="Use the Llama-family runner.")] = True,
     deterministic: Annotated[
         bool,
-        typer.Option(help="Batch-invariant numerics: seeds reproduce under load (costs ~20%)."),
+        typer.Option(
+            help="Batch-invariant numerics for every request, not only seeded ones (~20% slower)."
+        ),
     ] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Run code shipped with a model.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Load .bin/.pt pickle weights.")] = False,

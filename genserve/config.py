@@ -19,8 +19,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
     max_waiting: int = 256  # bounded queue: beyond this, 429
     fast_path: bool = True  # our Llama-family runner when the architecture allows it
-    # --deterministic: a row's numbers never depend on its batch, so seeds reproduce under load.
-    # Off by default: it costs more than 15% of throughput at 32 streams on 2 threads.
+    # --deterministic: no row's numbers depend on its batch. Off, only seeded requests' rows
+    # are batch-invariant (their seeds must reproduce under load): for every request it costs
+    # more than 15% of throughput at 32 streams on 2 threads.
     batch_invariant: bool = False
 
     def __post_init__(self) -> None:

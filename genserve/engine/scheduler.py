@@ -102,7 +102,9 @@ class Scheduler:
         # which keeps seeded outputs identical alone or under load. A chunk always fits in
         # what the decodes leave of the budget.
         self.chunk_size = token_budget - num_slots
-        self.aligned_chunks = aligned_chunks  # off: fill the budget (without --deterministic)
+        # Off (without --deterministic): only seeded requests' prompts are cut at the fixed
+        # boundaries; the others fill the budget.
+        self.aligned_chunks = aligned_chunks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -140,7 +142,7 @@ class Scheduler:
         return SchedulerOutput(tuple(chunks))
 
     def _chunk_end(self, seq: Sequence, budget: int) -> int:
-        if not self.aligned_chunks:
+        if not (self.aligned_chunks or seq.request.params.reproducible):
             return min(seq.num_tokens, seq.num_computed + budget)
         return min(seq.num_tokens, (seq.num_computed // self.chunk_size + 1) * self.chunk_size)
 

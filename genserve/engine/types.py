@@ -111,6 +111,12 @@ class SamplingParams:
                 raise ValueError(message)
 
     @property
+    def reproducible(self) -> bool:
+        """A seeded request's numbers must not depend on its batch (DESIGN rule 4): it takes
+        the batch-invariant path even when the server does not run --deterministic."""
+        return self.seed is not None
+
+    @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty) or (
             self.repetition_penalty != 1.0

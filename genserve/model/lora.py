@@ -161,16 +161,26 @@ class LoraSet:
         self.order = sorted(self.adapters)
         self._fused = {}
 
-    def apply(self, layer: int, stack: str, h: torch.Tensor, y: torch.Tensor, groups: dict) -> None:
+    def apply(
+        self,
+        layer: int,
+        stack: str,
+        h: torch.Tensor,
+        y: torch.Tensor,
+        groups: dict,
+        pad_single: bool = False,
+    ) -> None:
         """y[rows] += B(A(h[rows])) for each adapter's rows: contiguous (start, end) ranges,
         since the scheduler orders a step's sequences by adapter, so these are views. Each
-        row's sums depend only on its own adapter: the --deterministic path."""
+        row's sums depend only on its own adapter: the batch-invariant path (pad_single: a
+        lone row is padded, as in the base linears)."""
         for name, ranges in groups.items():
             lora = self.adapters[name].layers[layer].get(stack)
             if lora is None:
                 continue
             for start, end in ranges:
-                y[start:end, lora.out] += lora.b(lora.a(h[start:end]))
+                low = lora.a(h[start:end], pad_single)
+                y[start:end, lora.out] += lora.b(low, pad_single)
 
     def apply_fused(
         self, layer: int, stack: str, h: torch.Tensor, y: torch.Tensor, owner: torch.Tensor

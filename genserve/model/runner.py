@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from genserve.engine.types import StepInput
+from genserve.engine.types import ChunkInput, StepInput
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
 
 log = logging.getLogger(__name__)
@@ -71,21 +71,18 @@ class Linear:
     2-2.5x faster than the default BLAS at the row counts of a decode step (measured on this
     project's 2-core AVX-512 machine). Elsewhere, plain F.linear."""
 
-    def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int, pad_single: bool
-    ) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> None:
         self.bias = bias
-        self.pad_single = pad_single
         self.weight: torch.Tensor | None = weight
         self.packed: torch.Tensor | None = None
         if _onednn_ok(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=batch_hint)
             self.weight = None  # the packed copy is the one we use; do not hold two
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, pad_single: bool = False) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
-        if x.shape[0] == 1 and self.pad_single:
+        if x.shape[0] == 1 and pad_single:
             # oneDNN takes a different kernel for a single row, whose sums round differently;
             # from two rows up a row's result does not depend on the others (tested), so a
             # lone row is padded to two and sampling stays the same alone or batched.
@@ -115,7 +112,7 @@ class LayerWeights:
     down: Linear
 
 
-def _stack_layer(layer: Any, batch_hint: int, pad: bool) -> LayerWeights:
+def _stack_layer(layer: Any, batch_hint: int) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     qkv_bias = None
@@ -126,11 +123,11 @@ def _stack_layer(layer: Any, batch_hint: int, pad: bool) -> LayerWeights:
     gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
     return LayerWeights(
         input_norm=layer.input_layernorm.weight,
-        qkv=Linear(torch.cat([p.weight for p in projs]).contiguous(), qkv_bias, batch_hint, pad),
-        o=Linear(attn.o_proj.weight, attn.o_proj.bias, batch_hint, pad),
+        qkv=Linear(torch.cat([p.weight for p in projs]).contiguous(), qkv_bias, batch_hint),
+        o=Linear(attn.o_proj.weight, attn.o_proj.bias, batch_hint),
         post_norm=layer.post_attention_layernorm.weight,
-        gate_up=Linear(gate_up, None, batch_hint, pad),
-        down=Linear(mlp.down_proj.weight, mlp.down_proj.bias, batch_hint, pad),
+        gate_up=Linear(gate_up, None, batch_hint),
+        down=Linear(mlp.down_proj.weight, mlp.down_proj.bias, batch_hint),
     )
 
 
@@ -169,6 +166,9 @@ class AttentionPlan:
     decode: DecodeBatch | None  # single-token decodes attended together (plain path)
     lora_rows: dict[str, list[tuple[int, int]]]  # adapter -> its row ranges in the flat batch
     lora_owner: torch.Tensor | None  # [T] each row's adapter index (-1: none), fused path
+    # Some row must not depend on its batch (--deterministic, or a seeded request): a lone
+    # row is padded to two in the linears, adapters run one pass each (not fused).
+    invariant: bool = False
 
 
 class LlamaRunner:
@@ -188,9 +188,8 @@ class LlamaRunner:
         self.final_norm = inner.norm.weight
         self.rotary = inner.rotary_emb  # transformers' own RoPE, so every rope_scaling works
         with torch.no_grad():
-            pad = batch_invariant
-            self.lm_head = Linear(model.lm_head.weight, None, num_slots, pad)
-            self.layers = [_stack_layer(layer, num_slots, pad) for layer in inner.layers]
+            self.lm_head = Linear(model.lm_head.weight, None, num_slots)
+            self.layers = [_stack_layer(layer, num_slots) for layer in inner.layers]
         self.lora = LoraSet(make_linear=self._pack)
         self.base_shape = _base_shape(cfg, self.num_heads, self.num_kv_heads, self.head_dim)
         shape = (len(self.layers), num_slots, self.num_kv_heads, max_len, self.head_dim)
@@ -211,7 +210,7 @@ class LlamaRunner:
         for i, layer in enumerate(self.layers):
             x = self._layer(i, layer, x, cos[0], sin[0], plan)
         x = self._norm(x[sample_rows], self.final_norm)
-        return self.lm_head(x).float()
+        return self.lm_head(x, plan.invariant).float()
 
     def _flatten(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens: list[int] = []
@@ -243,18 +242,27 @@ class LlamaRunner:
                 mask = mask.tril(c.start)
             spans.append(ChunkSpan(row, n, c.slot, c.start, mask))
             row += n
-        decode = None
-        if not self.batch_invariant:
-            decode = self._decode_batch([sp for sp in spans if sp.n == 1 and sp.start > 0])
-            if decode is not None:
-                spans = [sp for sp in spans if not (sp.n == 1 and sp.start > 0)]
+        # Decodes that may share one padded call; a reproducible one attends alone.
+        pooled = [
+            sp for sp, c in zip(spans, step.chunks, strict=True)
+            if sp.n == 1 and sp.start > 0 and not self._invariant(c)
+        ]  # fmt: skip
+        decode = self._decode_batch(pooled)
+        if decode is not None:
+            pooled_rows = {sp.row0 for sp in pooled}
+            spans = [sp for sp in spans if sp.row0 not in pooled_rows]
+        invariant = any(self._invariant(c) for c in step.chunks)
         return AttentionPlan(
             write_index=self._write_index(torch.tensor(slots, device=self.device), positions),
             spans=tuple(spans),
             decode=decode,
             lora_rows=lora,
-            lora_owner=self._owners(lora, row) if lora and not self.batch_invariant else None,
+            lora_owner=self._owners(lora, row) if lora and not invariant else None,
+            invariant=invariant,
         )
+
+    def _invariant(self, chunk: ChunkInput) -> bool:
+        return self.batch_invariant or chunk.params.reproducible
 
     def _write_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Row of (slot, head, position) in a layer's cache seen as [slots*heads*max_len, D]:
@@ -309,11 +317,11 @@ class LlamaRunner:
         return x + self._project(i, "down", w.down, F.silu(gate) * up, plan)
 
     def _project(self, i: int, stack: str, lin: Linear, h: torch.Tensor, plan) -> torch.Tensor:
-        y = lin(h)
+        y = lin(h, plan.invariant)
         if plan.lora_owner is not None:
             self.lora.apply_fused(i, stack, h, y, plan.lora_owner)
         elif plan.lora_rows:
-            self.lora.apply(i, stack, h, y, plan.lora_rows)
+            self.lora.apply(i, stack, h, y, plan.lora_rows, plan.invariant)
         return y
 
     def add_adapter(self, name: str, path: Path) -> None:
@@ -325,7 +333,7 @@ class LlamaRunner:
 
     def _pack(self, weight: torch.Tensor) -> Linear:
         w = weight.to(device=self.device, dtype=self.dtype).contiguous()
-        return Linear(w, None, self.num_slots, self.batch_invariant)
+        return Linear(w, None, self.num_slots)
 
     def _attention(self, i: int, q: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """Each sequence attends over exactly its own cached length, through views of its slot.

@@ -1,5 +1,7 @@
 """Seeds reproduce under load: the same 20 seeded requests give the same tokens alone and
-interleaved with 31 unseeded ones of other lengths and parameters, in shuffled order."""
+interleaved with 31 unseeded ones of other lengths and parameters, in shuffled order: on a
+default server (seeded requests take the batch-invariant path, the others do not) and on a
+--deterministic one (every request does)."""
 
 from __future__ import annotations
 
@@ -13,14 +15,13 @@ import pytest
 from tests.server import LiveServer, start_server
 
 
-@pytest.fixture(scope="module")
-def big_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
+@pytest.fixture(scope="module", params=["default", "--deterministic"])
+def big_server(
+    request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> LiveServer:
+    mode = [request.param] if request.param != "default" else []
     srv = start_server(
-        tiny_model_dir,
-        tmp_path_factory.mktemp("logs-32"),
-        "--max-batch-size",
-        "32",
-        "--deterministic",
+        tiny_model_dir, tmp_path_factory.mktemp("logs-32"), "--max-batch-size", "32", *mode
     )
     yield srv
     srv.stop()

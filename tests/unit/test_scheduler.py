@@ -84,3 +84,18 @@ def test_without_batch_invariance_prefill_fills_the_budget() -> None:
     s.add(req("b", 8))
     out = run_step(s)
     assert [(c.seq.request_id, c.start, c.end) for c in out.chunks] == [("a", 0, 8), ("b", 0, 2)]
+
+
+def test_without_batch_invariance_a_seeded_prompt_still_keeps_fixed_boundaries() -> None:
+    s = Scheduler(num_slots=2, token_budget=10, aligned_chunks=False)  # chunk size 8
+    s.add(req("a", 5))
+    s.add(Request("seeded", list(range(1, 13)), SamplingParams(max_tokens=4, seed=3)))
+    out = run_step(s)
+    # a takes 5; the seeded prompt's first chunk (0..8) does not fit in the 5 left, so it
+    # waits for a step where it does rather than being cut at 5.
+    assert [(c.seq.request_id, c.start, c.end) for c in out.chunks] == [("a", 0, 5)]
+    out = run_step(s)
+    assert [(c.seq.request_id, c.start, c.end) for c in out.chunks] == [
+        ("a", 5, 6),
+        ("seeded", 0, 8),
+    ]
