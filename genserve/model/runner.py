@@ -311,10 +311,12 @@ class LlamaRunner:
         self.k_cache[i].view(flat).index_copy_(0, plan.write_index, k.reshape(flat))
         self.v_cache[i].view(flat).index_copy_(0, plan.write_index, v.reshape(flat))
         attn = self._attention(i, q, plan)
+        # In place where the tensor is this layer's own: fewer passes over [T, hidden] memory.
         x = x + self._project(i, "o", w.o, attn.reshape(-1, q_size), plan)
         h = self._norm(x, w.post_norm)
         gate, up = self._project(i, "gate_up", w.gate_up, h, plan).chunk(2, dim=-1)
-        return x + self._project(i, "down", w.down, F.silu(gate) * up, plan)
+        act = F.silu(gate).mul_(up)
+        return x.add_(self._project(i, "down", w.down, act, plan))
 
     def _project(self, i: int, stack: str, lin: Linear, h: torch.Tensor, plan) -> torch.Tensor:
         y = lin(h, plan.invariant)
