@@ -144,7 +144,8 @@ class ChunkSpan:
 
 @dataclass(frozen=True, slots=True)
 class DecodeBatch:
-    """Single-token decodes attended in one batched call (the plain path), built once a step.
+    """Single-token decodes that may depend on their batch (unseeded requests, without
+    --deterministic), attended in one batched call; built once a step.
 
     Slots 0..span-1 are attended whether live or not: the cache keeps live slots packed at the
     front, and an idle slot's row is masked to position 0, so it costs little and yields no NaN.
@@ -163,7 +164,7 @@ class AttentionPlan:
 
     write_index: torch.Tensor  # [T * kv_heads] row of each token's key/value in a flat cache
     spans: tuple[ChunkSpan, ...]  # chunks attended one call each
-    decode: DecodeBatch | None  # single-token decodes attended together (plain path)
+    decode: DecodeBatch | None  # single-token decodes attended together (see DecodeBatch)
     lora_rows: dict[str, list[tuple[int, int]]]  # adapter -> its row ranges in the flat batch
     lora_owner: torch.Tensor | None  # [T] each row's adapter index (-1: none), fused path
     # Some row must not depend on its batch (--deterministic, or a seeded request): a lone
@@ -311,11 +312,10 @@ class LlamaRunner:
         self.k_cache[i].view(flat).index_copy_(0, plan.write_index, k.reshape(flat))
         self.v_cache[i].view(flat).index_copy_(0, plan.write_index, v.reshape(flat))
         attn = self._attention(i, q, plan)
-        # In place where the tensor is this layer's own: fewer passes over [T, hidden] memory.
         x = x + self._project(i, "o", w.o, attn.reshape(-1, q_size), plan)
         h = self._norm(x, w.post_norm)
         gate, up = self._project(i, "gate_up", w.gate_up, h, plan).chunk(2, dim=-1)
-        act = F.silu(gate).mul_(up)
+        act = F.silu(gate).mul_(up)  # in place: one pass less over [T, intermediate]
         return x.add_(self._project(i, "down", w.down, act, plan))
 
     def _project(self, i: int, stack: str, lin: Linear, h: torch.Tensor, plan) -> torch.Tensor:
@@ -342,8 +342,8 @@ class LlamaRunner:
 
         One call per sequence costs about what one padded, masked call over all slots costs
         at decode sizes (measured), and it makes a row's result independent of its batch:
-        a padded call's kernel blocks its reduction by the longest sequence present. Only on
-        the plain path do the single-token decodes run as one padded call (plan.decode).
+        a padded call's kernel blocks its reduction by the longest sequence present. Only
+        decodes free to depend on their batch run as one padded call (plan.decode).
         """
         out = torch.empty_like(q)
         if plan.decode is not None:
@@ -363,7 +363,7 @@ class LlamaRunner:
         return out
 
     def _attend_decodes(self, i: int, q: torch.Tensor, d: DecodeBatch, out: torch.Tensor) -> None:
-        """The plain path: every single-token decode in one batched product over slots
+        """Decodes free to depend on their batch, in one batched product over slots
         0..span-1 and positions 0..length-1, masked per slot.
 
         Two bmm calls with the query heads of one KV head side by side, so each cached key and
