@@ -408,15 +408,18 @@ class JobManager:
         except Exception as e:  # noqa: BLE001 - trained and saved; serving it is a separate matter
             log.exception("job %s: could not serve %s", job.id, model_id)
             self.jobs.add_event(job.id, f"The model could not be served yet: {e}", level="warn")
-        results = await asyncio.to_thread(self._write_results, job.id)
-        fields = {
-            "fine_tuned_model": model_id,
-            "trained_tokens": finished.trained_tokens,
-            "result_files": (results.id,),
-        }
+        fields = {"fine_tuned_model": model_id, "trained_tokens": finished.trained_tokens}
+        try:
+            results = await asyncio.to_thread(self._write_results, job.id)
+        except OSError as e:  # the model is trained and served; a lost CSV must not fail it
+            log.exception("job %s: could not write its result file", job.id)
+            self.jobs.add_event(job.id, f"The result file could not be written: {e}", level="warn")
+            results = None
+        else:
+            fields["result_files"] = (results.id,)
         if self.jobs.transition(job.id, "succeeded", ("running",), **fields):
             self.jobs.add_event(job.id, "The job has successfully completed")
-        else:  # cancelled meanwhile: the job keeps no results
+        elif results is not None:  # cancelled meanwhile: the job keeps no results
             self.files.delete(results.id)
 
     def _write_results(self, job_id: str) -> FileRecord:
