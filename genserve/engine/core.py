@@ -101,7 +101,6 @@ class EngineCore:
         self.inbox: queue.SimpleQueue[Request | Abort | None] = queue.SimpleQueue()
         self.live: dict[str, Live] = {}
         self.steps = 0
-        self._running: Future | None = None
 
     # -- called from any thread -------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -113,7 +112,7 @@ class EngineCore:
     def start(self) -> None:
         if self.thread is None:
             self.thread = EngineThread()
-        self._running = self.thread.submit(self._run)
+        self.thread.submit(self._run)  # _run reports its own failures; nothing waits on it
 
     def stop(self) -> None:
         self.inbox.put(None)
