@@ -11,6 +11,7 @@ import typer
 
 from genserve.config import (
     DEFAULT_MODEL,
+    ConnectionConfig,
     EngineConfig,
     ModelConfig,
     SecurityConfig,
@@ -22,7 +23,12 @@ from genserve.models_cli import models_app
 from genserve.training.cli import finetune_app
 
 app = typer.Typer(help="Serve and fine-tune generative models behind an OpenAI-compatible API.")
-E = "GENSERVE_"  # every option can also come from GENSERVE_<OPTION>
+E = "GENSERVE_"
+# Every `serve` option can also come from GENSERVE_<OPTION> (--max-file-bytes:
+# GENSERVE_MAX_FILE_BYTES), as containers set them: click derives the name of each option that
+# declares none, so an option added later is bound too.
+SERVE_ENV = {"auto_envvar_prefix": "GENSERVE"}
+CONN = ConnectionConfig()  # the connection options' defaults, declared once in config.py
 
 
 @app.callback()
@@ -40,7 +46,7 @@ def parse_lora_modules(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-@app.command()
+@app.command(context_settings=SERVE_ENV)
 def serve(
     model: Annotated[
         str, typer.Option(envvar=E + "MODEL", help="Bundled name, local HF folder, or hub id.")
@@ -103,6 +109,18 @@ def serve(
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM, seconds running requests may take.")
     ] = 30.0,
+    max_connections: Annotated[
+        int, typer.Option(help="Open connections; beyond, idle/half-sent ones are closed, or 503.")
+    ] = CONN.max_connections,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may take to send its headers.")
+    ] = CONN.header_timeout_s,
+    keep_alive_timeout: Annotated[
+        float, typer.Option(help="Seconds an idle keep-alive connection stays open.")
+    ] = CONN.keep_alive_s,
+    max_header_bytes: Annotated[
+        int, typer.Option(help="Largest request line + headers (larger: 431).")
+    ] = CONN.max_header_bytes,
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
     ray: Annotated[bool, typer.Option(help="Deploy on Ray Serve (needs the ray extra).")] = False,
     replicas: Annotated[int, typer.Option(help="With --ray: engine replicas.")] = 1,
@@ -112,11 +130,14 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a model with the OpenAI-compatible API."""
+    from genserve.api.middleware import EscapeControls
     from genserve.server import serve as run_server
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:  # a client's text cannot forge a log line
+        handler.addFilter(EscapeControls())
     options = dict(locals())
     try:
         config = build_config(options)
@@ -168,6 +189,10 @@ def build_config(o: dict) -> ServerConfig:
             allow_unauthenticated=o["allow_unauthenticated"],
             max_request_bytes=o["max_request_bytes"], max_prompt_tokens=o["max_prompt_tokens"],
             max_tokens_limit=o["max_tokens_limit"], drain_timeout_s=o["drain_timeout"],
+        ),
+        connections=ConnectionConfig(
+            max_connections=o["max_connections"], header_timeout_s=o["header_timeout"],
+            keep_alive_s=o["keep_alive_timeout"], max_header_bytes=o["max_header_bytes"],
         ),
     )  # fmt: skip
 

@@ -116,6 +116,29 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionConfig:
+    """What one TCP connection may hold before it sends a request (genserve.api.connections).
+
+    uvicorn times out idle keep-alive connections but not a request whose headers never end
+    (slowloris), and its `limit_concurrency` counts such half-sent connections against complete
+    requests; these limits close them instead.
+    """
+
+    max_connections: int = 512  # beyond: the oldest idle or half-sent one is closed; else 503
+    header_timeout_s: float = 10.0  # from connect / a request's first byte to its last header
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this (uvicorn's)
+    max_header_bytes: int = 64 * 1024  # request line + headers; larger: 431 and close
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        if self.header_timeout_s <= 0 or self.keep_alive_s <= 0:
+            raise ValueError("header_timeout_s and keep_alive_s must be > 0")
+        if self.max_header_bytes < 1024:
+            raise ValueError("max_header_bytes must be >= 1024")
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -125,6 +148,7 @@ class ServerConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    connections: ConnectionConfig = field(default_factory=ConnectionConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

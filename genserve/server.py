@@ -102,14 +102,22 @@ class DrainingServer:
     """uvicorn, with a SIGTERM that drains: new requests get 503 while running ones finish
     (up to --drain-timeout), then the process exits 0. A second signal exits at once."""
 
-    def __init__(self, app, host: str, port: int, log_level: str, timeout_s: float) -> None:  # noqa: ANN001
+    def __init__(self, app, config: ServerConfig, log_level: str) -> None:  # noqa: ANN001
         import uvicorn
 
-        # access_log off: genserve.access logs each request once, with its request id.
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
-        self.server = uvicorn.Server(config)
+        from genserve.api.connections import guarded_protocol
+
+        conn = config.connections
+        uv = uvicorn.Config(
+            app, host=config.host, port=config.port, log_level=log_level,
+            access_log=False,  # genserve.access logs each request once, with its request id
+            http=guarded_protocol(conn),  # header deadline and connection cap: see its module
+            timeout_keep_alive=conn.keep_alive_s,  # type: ignore[arg-type] - used as a float
+            h11_max_incomplete_event_size=conn.max_header_bytes,  # if h11 is the parser
+        )  # fmt: skip
+        self.server = uvicorn.Server(uv)
         self.edge = app.state.edge
-        self.timeout_s = timeout_s
+        self.timeout_s = config.security.drain_timeout_s
         self._plain_exit = self.server.handle_exit
         self.server.handle_exit = self._on_signal
 
@@ -138,7 +146,17 @@ def serve(config: ServerConfig, log_level: str = "info") -> None:
     from genserve.api.app import create_app
 
     app = create_app(config)
-    server = DrainingServer(
-        app, config.host, config.port, log_level, config.security.drain_timeout_s
-    )
-    server.run()
+    warn_fd_limit(config.connections.max_connections)
+    DrainingServer(app, config, log_level).run()
+
+
+def warn_fd_limit(max_connections: int) -> None:
+    """Each connection is a file descriptor: a cap above the process's limit cannot hold."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and max_connections + 128 > soft:
+        log.warning(
+            "--max-connections %d is close to the open-file limit (%d): raise `ulimit -n` or "
+            "lower --max-connections", max_connections, soft,
+        )  # fmt: skip

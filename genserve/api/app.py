@@ -119,7 +119,10 @@ def edge_state(config: ServerConfig) -> EdgeState:
     if sec.auth_enabled:
         key_file = Path(sec.api_key_file) if sec.api_key_file else None
         keys = KeyStore(sec.api_keys, key_file)
-    return EdgeState(keys=keys, exempt=sec.exempt_paths, max_body=sec.max_request_bytes)
+    return EdgeState(
+        keys=keys, exempt=sec.exempt_paths, max_body=sec.max_request_bytes,
+        max_file_bytes=config.storage.max_file_bytes, upload_slack=files.MULTIPART_SLACK,
+    )  # fmt: skip
 
 
 async def metrics(request: Request) -> Response:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from genserve.storage.space import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,22 @@ async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
     return error_response(exc)
 
 
+def insufficient_storage() -> APIError:
+    return APIError(
+        507, "The server's disk is full; retry once an operator has freed space.",
+        code="insufficient_storage", headers={"Retry-After": "60"},
+    )  # fmt: skip
+
+
+async def _on_storage(request: Request, exc: Exception) -> JSONResponse:
+    """A full disk under an upload or a job write is a 507, any other OS or SQLite error a
+    500. Handled here rather than in ServerErrorMiddleware, which re-raises after replying."""
+    if is_disk_full(exc):
+        log.warning("%s: the disk is full: %s", request.method, exc)
+        return error_response(insufficient_storage())
+    return await _on_unexpected(request, exc)
+
+
 async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return error_response(APIError(500, "The server had an error processing your request."))
@@ -150,4 +169,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(OSError, _on_storage)
+    app.add_exception_handler(sqlite3.Error, _on_storage)
     app.add_exception_handler(Exception, _on_unexpected)

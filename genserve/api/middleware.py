@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -16,6 +17,9 @@ from genserve.api.auth import KeyStore
 from genserve.api.errors import APIError
 
 log = logging.getLogger("genserve.access")
+# A client's x-request-id is echoed and logged: anything beyond these characters is replaced.
+REQUEST_ID = re.compile(r"[\w.:@/+=-]{1,128}")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
@@ -26,6 +30,8 @@ class EdgeState:
     keys: KeyStore | None
     exempt: tuple[str, ...]
     max_body: int
+    max_file_bytes: int = 2**62  # /v1/files: the file's limit; its body may be larger by
+    upload_slack: int = 1 << 20  # room for the multipart boundaries and part headers
     draining: bool = False
     in_flight: int = 0
     notes: list[str] = field(default_factory=list)
@@ -33,6 +39,47 @@ class EdgeState:
 
 class BodyTooLarge(Exception):
     pass
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped, so that a client's path cannot start a forged
+    line in the log (`GET /v1/x%0a... INFO genserve.access: DELETE ...`)."""
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+class EscapeControls(logging.Filter):
+    """On a handler: every message it writes has its control characters escaped (a traceback,
+    formatted after, keeps its lines)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if CONTROL.search(message):
+            record.msg, record.args = printable(message), None
+        return True
+
+
+def decode_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Header values as text; a byte that is not UTF-8 is the client's error, a 400."""
+    headers = {}
+    for key, value in raw:
+        name = key.decode("latin-1").lower()
+        try:
+            headers[name] = value.decode()
+        except UnicodeDecodeError:
+            raise APIError(
+                400, f"The value of header {printable(name)!r} is not UTF-8 text.",
+                code="invalid_header",
+            ) from None  # fmt: skip
+    return headers
+
+
+def request_id(headers: dict[str, str]) -> str:
+    given = headers.get("x-request-id", "")
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 def is_exempt(path: str, exempt: tuple[str, ...]) -> bool:
@@ -47,22 +94,32 @@ class EdgeMiddleware:
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        rid = headers.get("x-request-id") or uuid.uuid4().hex
-        request_id_var.set(rid)
-        extra: dict[str, str] = {"x-request-id": rid}
+        extra: dict[str, str] = {"x-request-id": uuid.uuid4().hex}
         try:
+            headers = decode_headers(scope["headers"])
+            extra["x-request-id"] = request_id(headers)
+            request_id_var.set(extra["x-request-id"])
             self._check(scope, headers, extra)
         except APIError as e:
             return await self._reply(send, e, extra, scope)
         self.state.in_flight += 1
-        body = receive if is_upload(scope) else self._limited(receive)
+        body = self._body(scope, receive)
         try:
             await self.app(scope, body, self._with_headers(send, extra, scope))
         except BodyTooLarge:
             await self._reply(send, too_large(self.state.max_body), extra, scope)
+        except UploadTooLarge:
+            # Answered before the rest of the body is read: the connection cannot be reused.
+            extra["connection"] = "close"
+            await self._reply(send, upload_too_large(self.state.max_file_bytes), extra, scope)
         finally:
             self.state.in_flight -= 1
+
+    def _body(self, scope, receive):  # noqa: ANN001, ANN202
+        if is_upload(scope):
+            limit = self.state.max_file_bytes + self.state.upload_slack
+            return self._limited(receive, limit, UploadTooLarge)
+        return self._limited(receive, self.state.max_body, BodyTooLarge)
 
     def _check(self, scope, headers: dict[str, str], extra: dict[str, str]) -> None:  # noqa: ANN001
         if self.state.draining:
@@ -78,9 +135,10 @@ class EdgeMiddleware:
         scope.setdefault("state", {})["caller"] = caller
         extra.update(keys.admit(caller))
 
-    def _limited(self, receive):  # noqa: ANN001, ANN202
+    @staticmethod
+    def _limited(receive, limit: int, error: type[Exception]):  # noqa: ANN001, ANN205
+        """Counts the body as it streams, with or without a content-length (chunked)."""
         seen = 0
-        limit = self.state.max_body
 
         async def wrapped():  # noqa: ANN202
             nonlocal seen
@@ -88,7 +146,7 @@ class EdgeMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge()
+                    raise error()
             return message
 
         return wrapped
@@ -101,7 +159,7 @@ class EdgeMiddleware:
                 raw += [(k.encode(), v.encode()) for k, v in extra.items()]
                 message = {**message, "headers": raw}
                 log.info(
-                    "%s %s %s", scope["method"], scope["path"], message["status"],
+                    "%s %s %s", scope["method"], printable(scope["path"]), message["status"],
                     extra={"request_id": extra["x-request-id"]},
                 )  # fmt: skip
             await send(message)
@@ -121,7 +179,7 @@ class EdgeMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
-        log.info("%s %s %s", scope["method"], scope["path"], err.status)
+        log.info("%s %s %s", scope["method"], printable(scope["path"]), err.status)
 
 
 def is_upload(scope) -> bool:  # noqa: ANN001
@@ -133,3 +191,11 @@ def too_large(limit: int) -> APIError:
     return APIError(
         400, f"The request body exceeds {limit} bytes.", param=None, code="request_too_large"
     )
+
+
+def upload_too_large(limit: int) -> APIError:
+    """As /v1/files answers a declared oversize upload (genserve.api.files.too_large)."""
+    return APIError(
+        400, f"The file is too large: this server accepts files of at most {limit} bytes.",
+        param="file", code="file_too_large",
+    )  # fmt: skip

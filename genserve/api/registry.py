@@ -37,22 +37,19 @@ class ModelRegistry:
 
     # -- references ---------------------------------------------------------------------------
     def check_ref(self, ref: str) -> str:
-        """Bundled names and hub ids pass; a path must lie inside the models directory."""
+        """A bundled name, or the folder the ref names inside the models directory or the
+        hub's cache (genserve.model.loading.resolve_api_ref); never the working directory."""
         from genserve.bundled import bundled_names
-        from genserve.model.loading import HUB_ID
+        from genserve.model.loading import ModelLoadError, OutsideModelsDirError, resolve_api_ref
 
         if ref in bundled_names():
             return ref
-        candidate = (self.models_dir / ref).resolve()
-        if candidate.is_relative_to(self.models_dir) and candidate.is_dir():
-            return str(candidate)
-        if HUB_ID.match(ref) and not Path(ref).is_absolute() and ".." not in ref:
-            if (self.models_dir / ref).exists():
-                raise APIError(403, f"{ref!r} leaves the models directory", "model")
-            return ref
-        if candidate.is_relative_to(self.models_dir):
-            raise bad_request(f"no model folder {ref!r} in the models directory", "model")
-        raise APIError(403, f"{ref!r} is outside the models directory", "model", "forbidden_path")
+        try:
+            return str(resolve_api_ref(ref, self.models_dir))
+        except OutsideModelsDirError as e:
+            raise APIError(403, str(e), "model", "forbidden_path") from None
+        except ModelLoadError as e:
+            raise bad_request(str(e), "model") from None
 
     # -- register -----------------------------------------------------------------------------
     def register(

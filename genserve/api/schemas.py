@@ -17,6 +17,24 @@ MAX_N = 16
 MAX_STOP = 4
 
 
+def no_lone_surrogate(value: str) -> str:
+    """JSON can spell a lone surrogate (`"\\ud800"`); it is no text a tokenizer can read."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone surrogate (an unpaired \\u escape)") from None
+    return value
+
+
+def _texts(value: object) -> None:
+    """Every string in a prompt, a content or a stop list, checked by no_lone_surrogate."""
+    if isinstance(value, str):
+        no_lone_surrogate(value)
+    elif isinstance(value, list):
+        for item in value:
+            _texts(item)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -72,6 +90,7 @@ class SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        _texts(stops)
         return v
 
     def stop_list(self) -> tuple[str, ...]:
@@ -93,7 +112,13 @@ class CompletionRequest(SamplingFields):
     def _prompt(cls, v):  # noqa: ANN001 - the union above
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be empty")
+        _texts(v)
         return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        return None if v is None else no_lone_surrogate(v)
 
 
 class TextPart(BaseModel):
@@ -107,6 +132,12 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        _texts(v if isinstance(v, str) else [p.text for p in v or []])
+        return v
 
     def text(self) -> str:
         if self.content is None:

@@ -39,6 +39,10 @@ class ModelLoadError(Exception):
     """The ref cannot be served; the message says what to do instead."""
 
 
+class OutsideModelsDirError(ModelLoadError):
+    """An API ref that leads out of the models directory (`..`, absolute, a symlink)."""
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
     name: str
@@ -67,6 +71,35 @@ def resolve_model_ref(ref: str) -> Path:
         f"model {ref!r} is not a bundled model ({', '.join(bundled_names()) or 'none'}), "
         "a local folder, or a hub id"
     )
+
+
+def resolve_api_ref(ref: str, models_dir: Path) -> Path:
+    """The folder a ref sent through the API (POST /v1/models) names: a folder inside
+    `models_dir`, or a hub id (from the hub's cache, or downloaded when the hub answers).
+
+    Unlike the operator's --model, an API ref is never a path relative to the working
+    directory: `outside/evil` is models_dir/outside/evil or the hub's `outside/evil`, and
+    nothing else. Symlinks are followed, and must stay inside models_dir too.
+    """
+    root = models_dir.resolve()
+    target = (root / ref).resolve()  # an absolute ref replaces root: refused just below
+    if not target.is_relative_to(root):
+        raise OutsideModelsDirError(f"{ref!r} is outside the models directory")
+    if target.is_dir():
+        _check_links(target, root, ref)
+        if not (target / "config.json").is_file():
+            raise ModelLoadError(f"{ref!r} has no config.json: not a Hugging Face model folder")
+        return target
+    if HUB_ID.match(ref) and not target.exists():
+        return _download(ref)
+    raise ModelLoadError(f"no model folder {ref!r} in the models directory")
+
+
+def _check_links(folder: Path, root: Path, ref: str) -> None:
+    """A symlinked file in the folder must not reach out of the models directory either."""
+    for entry in folder.iterdir():
+        if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+            raise OutsideModelsDirError(f"{ref!r} links to files outside the models directory")
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:

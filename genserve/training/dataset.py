@@ -12,11 +12,19 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 5  # line errors named in one message
 IGNORE = -100  # label of a token that carries no loss (the convention of HF's loss)
+# Bounds that keep checking a file in little memory whatever it holds: a line is read whole
+# only up to MAX_LINE_BYTES, and parsed only if it has at most MAX_OPENERS `[` and `{` bytes
+# (a 1 MiB line of `[],` parses into ~330k lists, ~22 MiB; an example needs a few dozen).
+# Counted as bytes, in C: brackets inside strings count too, which only a line with more than
+# 100k of them notices. Parsed lines then cost at most about 12x their size.
+MAX_LINE_BYTES = 1 << 20
+MAX_OPENERS = 100_000
+READ_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,15 @@ class Summary:
     format: str  # "chat" | "completion"
 
 
+def _text(where: str, value: str) -> str:
+    """A JSON string that is text: a lone surrogate (`\\ud800`) cannot be tokenized."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where} holds a lone surrogate (an unpaired \\u escape)") from None
+    return value
+
+
 def _message(i: int, raw: Any) -> Message:
     where = f"messages[{i}]"
     if not isinstance(raw, dict):
@@ -79,7 +96,7 @@ def _message(i: int, raw: Any) -> Message:
         or (role != "assistant" and "weight" in raw)
     ):
         raise ValueError(f"{where}.weight must be 0 or 1, and only on assistant messages")
-    return Message(role, content, int(weight))
+    return Message(role, _text(f"{where}.content", content), int(weight))
 
 
 def _chat(raw: Any) -> ChatExample:
@@ -97,6 +114,8 @@ def parse_example(text: str) -> Example:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError("each line must be a JSON object")
     if "messages" in obj:
@@ -107,7 +126,7 @@ def parse_example(text: str) -> Example:
             raise ValueError("`prompt` and `completion` must both be strings")
         if not completion:
             raise ValueError("`completion` must not be empty")
-        return CompletionExample(prompt, completion)
+        return CompletionExample(_text("`prompt`", prompt), _text("`completion`", completion))
     raise ValueError("expected `messages` (chat format) or `prompt` and `completion`")
 
 
@@ -115,10 +134,35 @@ def _kind(example: Example) -> str:
     return "chat" if isinstance(example, ChatExample) else "completion"
 
 
-def iter_examples(lines: Iterable[bytes]) -> Iterator[tuple[int, Example | None, str | None]]:
-    """(line number, example, error) for each non-blank line; mixed formats are errors."""
+def bounded_lines(f: BinaryIO, cap: int = MAX_LINE_BYTES) -> Iterator[bytes | None]:
+    """The lines of f; None for one longer than `cap` bytes, skipped without being held."""
+    while line := f.readline(cap + 1):
+        if len(line) <= cap or line.endswith(b"\n") and len(line) == cap + 1:
+            yield line
+            continue
+        while (rest := f.readline(READ_CHUNK)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
+def _line_problem(raw: bytes | None) -> str | None:
+    if raw is None:
+        return f"longer than {MAX_LINE_BYTES} bytes"
+    if raw.count(b"[") + raw.count(b"{") > MAX_OPENERS:
+        return f"more than {MAX_OPENERS} `[` and `{{` characters"
+    return None
+
+
+def iter_examples(
+    lines: Iterable[bytes | None],
+) -> Iterator[tuple[int, Example | None, str | None]]:
+    """(line number, example, error) for each non-blank line; mixed formats are errors.
+    A line given as None was too long to read (see bounded_lines)."""
     first: str | None = None
     for number, raw in enumerate(lines, start=1):
+        if (problem := _line_problem(raw)) is not None:
+            yield number, None, problem
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -138,7 +182,7 @@ def iter_examples(lines: Iterable[bytes]) -> Iterator[tuple[int, Example | None,
         yield number, example, None
 
 
-def _collect(lines: Iterable[bytes], keep: bool) -> tuple[list[Example], Summary]:
+def _collect(lines: Iterable[bytes | None], keep: bool) -> tuple[list[Example], Summary]:
     kept: list[Example] = []
     errors: list[LineError] = []
     count, bad, kind = 0, 0, "chat"
@@ -162,12 +206,12 @@ def _collect(lines: Iterable[bytes], keep: bool) -> tuple[list[Example], Summary
 def check_file(path: Path) -> Summary:
     """Validate a JSONL file without keeping its examples in memory."""
     with path.open("rb") as f:
-        return _collect(f, keep=False)[1]
+        return _collect(bounded_lines(f), keep=False)[1]
 
 
 def read_examples(path: Path) -> list[Example]:
     with path.open("rb") as f:
-        return _collect(f, keep=True)[0]
+        return _collect(bounded_lines(f), keep=True)[0]
 
 
 # --- tokens and loss labels -----------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import errno
 import io
 import logging
 import os
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 from genserve.api.models import AdapterSpec, ServedModel, Services
 from genserve.storage.files import FileRecord, FileStore
 from genserve.storage.jobs import ACTIVE, TERMINAL, JobError, JobRecord, JobStore
+from genserve.storage.space import is_disk_full
 from genserve.training import dataset
 from genserve.training.worker import (
     Checkpointed,
@@ -47,6 +49,11 @@ log = logging.getLogger(__name__)
 MAX_CRASHES = 2  # a third worker death without a result fails the job
 BASE_LEARNING_RATE = 2e-4  # LoRA learning rate at learning_rate_multiplier 1 ("auto")
 AUTO_EPOCHS = 3
+# A full disk pauses the runner: it probes with a write after these waits (doubling), then
+# resumes the job from its last recorded checkpoint.
+SPACE_FIRST_WAIT_S = 0.5
+SPACE_MAX_WAIT_S = 30.0
+DISK_FULL_CODE = "insufficient_storage"  # a worker's Failed.code when its disk filled up
 
 
 class JobFinishedError(ValueError):
@@ -102,9 +109,18 @@ class WorkerProcess(Protocol):
 Launcher = Callable[[Path, int], Awaitable[WorkerProcess]]  # (spec path, torch threads)
 
 
+def is_secret_env(name: str) -> bool:
+    """The server's API keys (GENSERVE_API_KEYS, GENSERVE_ADMIN_KEYS, the key file's path, any
+    GENSERVE_ secret): a worker trains, it never answers the API, so it gets none of them."""
+    upper = name.upper()
+    return upper.startswith("GENSERVE_") and any(
+        word in upper for word in ("KEY", "SECRET", "TOKEN", "PASSWORD")
+    )
+
+
 def worker_env(threads: int) -> dict[str, str]:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    env["OMP_NUM_THREADS"] = str(threads)
+    env = {k: v for k, v in os.environ.items() if not is_secret_env(k)}
+    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
     return env
 
 
@@ -163,18 +179,18 @@ class JobManager:
         if not resume:
             return
         for job in self.jobs.with_status("validating_files"):
-            self._spawn(self._validate(job.id))
+            self._spawn(self._until_stored(job.id, self._validate))
         for job in self.jobs.with_status("queued", "running"):
             if job.status == "running":
                 where = self._resume_point(job.id)
-                self.jobs.add_event(job.id, f"The server restarted; resuming from {where}")
+                self._note(job.id, f"The server restarted; resuming from {where}")
             self._queue.put_nowait(job.id)
 
     async def stop(self) -> None:
         """Stop the worker; its job stays `running` and resumes when the server starts again."""
         self._stopping = True
         for job_id, proc in list(self._procs.items()):
-            self.jobs.add_event(job_id, "The server is stopping; the job resumes on restart")
+            self._note(job_id, "The server is stopping; the job resumes on restart")
             await _terminate(proc)
         for task in [self._runner, *self._tasks]:
             if task is not None:
@@ -214,8 +230,8 @@ class JobManager:
             metadata=request.metadata,
         )
         self.jobs.create(job)
-        self.jobs.add_event(job.id, f"Validating training file: {job.training_file}")
-        self._spawn(self._validate(job.id))
+        self._note(job.id, f"Validating training file: {job.training_file}")
+        self._spawn(self._until_stored(job.id, self._validate))
         return job
 
     async def cancel(self, job_id: str) -> JobRecord:
@@ -225,7 +241,7 @@ class JobManager:
         if job.status in TERMINAL:
             raise JobFinishedError(f"Job {job_id} has already {job.status}; it cannot be cancelled")
         if self.jobs.transition(job_id, "cancelled", ACTIVE):
-            self.jobs.add_event(job_id, "Fine-tuning job cancelled")
+            self._note(job_id, "Fine-tuning job cancelled")
             proc = self._procs.get(job_id)
             if proc is not None:
                 await _terminate(proc)
@@ -282,13 +298,53 @@ class JobManager:
     async def _run_forever(self) -> None:
         while True:
             job_id = await self._queue.get()
+            await self._until_stored(job_id, self._run_job)
+
+    # --- storage failures: nothing may stop the runner --------------------------------------
+
+    async def _until_stored(self, job_id: str, step: Callable[[str], Awaitable[None]]) -> None:
+        """step(job_id), again once writes succeed if the disk filled up under it (a running
+        job resumes from its last recorded checkpoint); any other error fails the job alone."""
+        while True:
             try:
-                await self._run_job(job_id)
+                await step(job_id)
+                return
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - one broken job must not stop the queue
-                log.exception("job %s broke the manager", job_id)
-                self._fail(job_id, JobError("internal_error", f"{type(e).__name__}: {e}"))
+                if not is_disk_full(e):
+                    self._broke(job_id, e)
+                    return
+                log.warning("job %s paused: the disk is full (%s)", job_id, e)
+            await self._wait_for_space(job_id)
+
+    async def _wait_for_space(self, job_id: str) -> None:
+        """Until an event about it can be written: the write is the probe."""
+        delay = SPACE_FIRST_WAIT_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                self.jobs.add_event(job_id, "Storage was full; resuming", level="warn")
+                return
+            except Exception as e:  # noqa: BLE001 - any failure: not yet
+                log.debug("job %s: still cannot write: %s", job_id, e)
+            delay = min(2 * delay, SPACE_MAX_WAIT_S)
+
+    def _broke(self, job_id: str, e: Exception) -> None:
+        log.exception("job %s broke the manager", job_id, exc_info=e)
+        try:
+            self._fail(job_id, JobError("internal_error", f"{type(e).__name__}: {e}"))
+        except Exception:  # noqa: BLE001 - the runner goes on to the next job regardless
+            log.exception("job %s: its failure could not be recorded", job_id)
+
+    def _note(self, job_id: str, message: str, **kw: Any) -> None:
+        """An event that informs but decides nothing: a full disk loses it, with a warning."""
+        try:
+            self.jobs.add_event(job_id, message, **kw)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            log.warning("job %s: event not recorded (disk full): %s", job_id, message)
 
     async def _run_job(self, job_id: str) -> None:
         while True:
@@ -308,6 +364,8 @@ class JobManager:
                 return
             if outcome.failed is not None:
                 failed = outcome.failed
+                if failed.code == DISK_FULL_CODE:  # not the job's fault: it resumes later
+                    raise OSError(errno.ENOSPC, failed.message)
                 self._fail(job_id, JobError(failed.code, failed.message, failed.param))
                 return
             if not self._survive_crash(job_id, outcome.returncode):

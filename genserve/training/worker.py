@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -148,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         emit(train(spec, emit))
     except TrainingDataError as e:
         emit(Failed("invalid_training_file", str(e), e.param))
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            emit(Failed("training_failed", f"{type(e).__name__}: {e}"))
+            raise
+        # The manager resumes the job from its last checkpoint once space returns.
+        emit(Failed("insufficient_storage", f"the disk is full: {e}"))
         return 1
     except Exception as e:  # noqa: BLE001 - reported to the job as its error, then re-raised
         emit(Failed("training_failed", f"{type(e).__name__}: {e}"))
