@@ -62,6 +62,7 @@ def start_server(
     *args: str,
     timeout: float = 120,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> LiveServer:
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
@@ -73,7 +74,7 @@ def start_server(
     if "--embedding-model" not in args:  # only the tests about embeddings pay for loading it
         cmd += ["--embedding-model", "none"]
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     server = LiveServer(proc, port, log_path, env)
     wait_healthy(server, timeout)
     return server

@@ -106,9 +106,7 @@ class GuardMixin:
         return self.cycle is None or self.cycle.response_complete
 
     def _arm(self) -> None:
-        self._deadline = self.loop.call_later(
-            self.guard.limits.header_timeout_s, self._on_deadline
-        )
+        self._deadline = self.loop.call_later(self.guard.limits.header_timeout_s, self._on_deadline)
 
     def _disarm(self) -> None:
         if self._deadline is not None:

@@ -1,0 +1,285 @@
+"""A hostile client against a live server (issue 13): model refs that leave the models
+directory, oversize and malformed uploads, half-sent requests (slowloris), forged log lines,
+undecodable headers and prompts, and the keys in a training worker's environment.
+
+One server for the module, configured through GENSERVE_* variables where the test is that
+they are honoured, started in a working directory that holds a model of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conformance import assert_valid
+from tests.server import LiveServer, start_server, wait_until
+
+KEY = "sk-edge-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_FILE = 2 * 2**20  # GENSERVE_MAX_FILE_BYTES of this module's server
+MAX_CONNECTIONS = 16
+HEADER_TIMEOUT_S = 3
+
+
+@pytest.fixture(scope="module")
+def edge(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
+    root = tmp_path_factory.mktemp("edge")
+    shutil.copytree(tiny_model_dir, root / "cwd" / "outside" / "evil")
+    (root / "models").mkdir()
+    (root / "models" / "escape").symlink_to(root / "cwd" / "outside" / "evil")
+    (root / "tmp").mkdir()
+    env = {
+        "GENSERVE_API_KEYS": KEY,
+        "GENSERVE_MAX_FILE_BYTES": str(MAX_FILE),
+        "GENSERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "TMPDIR": str(root / "tmp"),  # where upload spools go: the test looks for leftovers
+    }
+    args = ("--models-dir", str(root / "models"), "--header-timeout", str(HEADER_TIMEOUT_S))
+    srv = start_server(tiny_model_dir, root, *args, "--max-model-len", "128", env=env,
+                       cwd=root / "cwd")  # fmt: skip
+    srv.root = root  # type: ignore[attr-defined]
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def api(edge: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=edge.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def post(edge: LiveServer, path: str, **kw) -> httpx.Response:  # noqa: ANN003
+    return httpx.post(edge.url + path, headers={**AUTH, **kw.pop("headers", {})}, timeout=30, **kw)
+
+
+# --- model refs (item 5) -------------------------------------------------------------------
+
+
+def test_model_refs_resolve_inside_the_models_dir_only(edge: LiveServer) -> None:
+    # `outside/evil` is a model folder in the server's working directory: it was loaded.
+    r = post(edge, "/v1/models", json={"model": "outside/evil"})
+    assert r.status_code == 400, r.text  # neither in the models dir nor (offline) on the hub
+    assert_valid(r.json(), "ErrorResponse")
+    assert r.json()["error"]["param"] == "model"
+    r = post(edge, "/v1/models", json={"model": "escape"})  # a symlink out of the models dir
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_path", r.text
+    ids = [m["id"] for m in httpx.get(edge.url + "/v1/models", headers=AUTH).json()["data"]]
+    assert "evil" not in ids and "escape" not in ids
+
+
+# --- uploads (item 6) ----------------------------------------------------------------------
+
+
+def chat_line(i: int) -> bytes:
+    messages = [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": str(i)}]
+    return json.dumps({"messages": messages}).encode() + b"\n"
+
+
+def test_env_file_limit_is_honoured(api: openai.OpenAI) -> None:
+    body = chat_line(1) * (MAX_FILE // len(chat_line(1)) + 1)  # the default limit is 512 MiB
+    with pytest.raises(openai.BadRequestError) as err:
+        api.files.create(file=("big.jsonl", body), purpose="fine-tune")
+    assert (err.value.body["param"], err.value.body["code"]) == ("file", "file_too_large")
+    assert str(MAX_FILE) in err.value.body["message"]
+
+
+def _chunked_upload_head(port: int) -> bytes:
+    head = (
+        f"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: multipart/form-data; boundary=XyZ\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    part = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n"
+    )
+    return head.encode() + f"{len(part):x}\r\n".encode() + part + b"\r\n"
+
+
+def _send_until_answered(sock: socket.socket, total: int) -> tuple[int, bytes]:
+    """Send `total` bytes of chunked body, stopping when the server answers or resets."""
+    chunk = b"x" * 65536
+    frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    sent = 0
+    while sent < total:
+        if select.select([sock], [], [], 0)[0]:
+            break  # the answer is there: stop sending, as a client would
+        try:
+            sock.sendall(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sent += len(chunk)
+    reply = b""
+    try:
+        while data := sock.recv(65536):
+            reply += data
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return sent, reply
+
+
+def _fds_under(pid: int, folder: Path) -> list[str]:
+    targets = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            targets.append(os.readlink(fd))
+        except OSError:
+            continue
+    return [t for t in targets if t.startswith(str(folder))]
+
+
+def test_chunked_upload_is_stopped_at_the_limit(edge: LiveServer) -> None:
+    total = 32 * 2**20  # no content-length: today all of it was read before the 400
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=30) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        sock.sendall(_chunked_upload_head(edge.port))
+        sent, reply = _send_until_answered(sock, total)
+    assert sent < total // 2, f"sent {sent} bytes before the server answered"
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), reply[:300]
+    error = json.loads(body)["error"]
+    assert (error["param"], error["code"]) == ("file", "file_too_large")
+    data = Path(edge.root) / f"data-{edge.port}" / "files"  # type: ignore[attr-defined]
+    assert not list(data.glob(".*.part"))  # the staging file never outlives the request
+    spool = Path(edge.root) / "tmp"  # type: ignore[attr-defined]
+    wait_until(lambda: not _fds_under(edge.proc.pid, spool), timeout=10)
+    assert httpx.get(edge.url + "/health").status_code == 200
+
+
+GOOD = chat_line(1)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b'{"prompt": "' + b"x" * 2**20 + b'", "completion": "y"}\n', "longer than"),
+        (b"[" + b"[]," * 330_000 + b"[]]\n", "more than 100000"),
+        (b'{"messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}\n", "nested too deeply"),
+        (b'{"prompt": "a\\ud800", "completion": "b"}\n', "lone surrogate"),
+        (b'{"messages": [{"role": "user", "content": "\\udc00"}]}\n', "lone surrogate"),
+    ],
+    ids=["long-line", "many-lists", "deep", "surrogate-prompt", "surrogate-content"],
+)
+def test_hostile_jsonl_lines_are_400_naming_the_line(
+    api: openai.OpenAI, line: bytes, expected: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        api.files.create(file=("t.jsonl", GOOD + line + GOOD), purpose="fine-tune")
+    assert_valid(err.value.response.json(), "ErrorResponse")
+    assert err.value.body["param"] == "file"
+    assert "line 2:" in err.value.body["message"] and expected in err.value.body["message"]
+
+
+# --- connections (item 7) ------------------------------------------------------------------
+
+
+def _half_sent(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # and never more
+    return sock
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096) == b""  # nothing was asked: the server's only word is EOF
+    except ConnectionResetError:
+        return True
+
+
+def test_slowloris_neither_blocks_others_nor_stays(edge: LiveServer, api: openai.OpenAI) -> None:
+    sockets = [_half_sent(edge.port) for _ in range(3 * MAX_CONNECTIONS)]
+    try:
+        assert httpx.get(edge.url + "/health", timeout=10).status_code == 200
+        done = api.completions.create(model="tiny-llama", prompt="hello", max_tokens=4)
+        assert done.choices[0].text is not None
+        # Beyond the cap the oldest were closed at once; the rest when their deadline passed.
+        assert all(_closed_by_server(s) for s in sockets)
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_beyond_the_cap_with_every_connection_busy_is_503(edge: LiveServer) -> None:
+    # Requests inside their body are busy, not idle: the guard must not close them.
+    head = (
+        f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    busy = [socket.create_connection(("127.0.0.1", edge.port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for s in busy:
+            s.sendall(head)
+        time.sleep(0.5)  # let the server read their headers (an ordering, not a timing assert)
+        r = httpx.get(edge.url + "/health", timeout=10)
+        assert r.status_code == 503, r.text
+        assert_valid(r.json(), "ErrorResponse")
+        assert r.json()["error"]["code"] == "too_many_connections"
+    finally:
+        for s in busy:
+            s.close()
+    wait_until(lambda: httpx.get(edge.url + "/health", timeout=10).status_code == 200, 30)
+
+
+# --- smaller items (9) ---------------------------------------------------------------------
+
+
+def test_a_path_cannot_forge_a_log_line(edge: LiveServer) -> None:
+    forged = "2026-01-01 00:00:00,000 INFO genserve.access: DELETE /v1/files/all 200"
+    httpx.get(edge.url + "/v1/x%0a" + forged.replace(" ", "%20"))  # no key: 401, and logged
+    wait_until(lambda: "/v1/x\\n2026-01-01" in edge.log(), timeout=10)
+    assert not any(line.startswith(forged) for line in edge.log().splitlines())
+
+
+def test_a_header_that_is_not_utf8_is_400(edge: LiveServer) -> None:
+    tracebacks = edge.log().count("Traceback")
+    for name in ("x-thing", "authorization"):
+        r = httpx.get(edge.url + "/v1/models", headers={**AUTH, name: b"Bearer \xff\xfe"})
+        assert r.status_code == 400, r.text
+        assert_valid(r.json(), "ErrorResponse")
+        assert r.json()["error"]["code"] == "invalid_header"
+    assert edge.log().count("Traceback") == tracebacks
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", '{"model": "tiny-llama", "prompt": "a\\ud800"}', "prompt"),
+        (
+            "/v1/chat/completions",
+            '{"model": "tiny-llama", "messages": [{"role": "user", "content": "\\ud800"}]}',
+            "messages.[0].content",
+        ),
+    ],
+    ids=["completion", "chat"],
+)
+def test_a_lone_surrogate_in_a_prompt_is_400(
+    edge: LiveServer, path: str, body: str, param: str
+) -> None:
+    r = post(edge, path, content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert_valid(r.json(), "ErrorResponse")
+    assert r.json()["error"]["param"] == param
+
+
+def test_the_training_worker_gets_no_api_keys(api: openai.OpenAI, edge: LiveServer) -> None:
+    data = b"".join(chat_line(i) for i in range(20))
+    file_id = api.files.create(file=("t.jsonl", data), purpose="fine-tune").id
+    hyper = {"n_epochs": 50, "batch_size": 1}  # long enough to be seen running
+    method = {"type": "supervised", "supervised": {"hyperparameters": hyper}}
+    job = api.fine_tuning.jobs.create(model="tiny-llama", training_file=file_id, method=method)
+    url = f"{edge.url}/v1/fine_tuning/jobs/{job.id}"
+    try:
+        pid = wait_until(lambda: httpx.get(url, headers=AUTH).json()["x_genserve_worker_pid"])
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"GENSERVE_MAX_FILE_BYTES" in environ  # the right process, with the server's env
+        assert b"GENSERVE_API_KEYS" not in environ and KEY.encode() not in environ
+    finally:
+        api.fine_tuning.jobs.cancel(job.id)
