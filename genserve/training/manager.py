@@ -18,6 +18,7 @@ import errno
 import io
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -109,13 +110,13 @@ class WorkerProcess(Protocol):
 Launcher = Callable[[Path, int], Awaitable[WorkerProcess]]  # (spec path, torch threads)
 
 
+# GENSERVE_API_KEYS, GENSERVE_ADMIN_KEYS, GENSERVE_API_KEY_FILE, and any GENSERVE_ secret.
+SECRET_ENV = re.compile(r"GENSERVE_\w*(KEYS?|KEY_FILE|SECRETS?|TOKEN|PASSWORD)", re.IGNORECASE)
+
+
 def is_secret_env(name: str) -> bool:
-    """The server's API keys (GENSERVE_API_KEYS, GENSERVE_ADMIN_KEYS, the key file's path, any
-    GENSERVE_ secret): a worker trains, it never answers the API, so it gets none of them."""
-    upper = name.upper()
-    return upper.startswith("GENSERVE_") and any(
-        word in upper for word in ("KEY", "SECRET", "TOKEN", "PASSWORD")
-    )
+    """A worker trains, it never answers the API: it gets none of the server's keys."""
+    return SECRET_ENV.fullmatch(name) is not None
 
 
 def worker_env(threads: int) -> dict[str, str]:
