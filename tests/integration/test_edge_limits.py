@@ -13,7 +13,6 @@ import os
 import select
 import shutil
 import socket
-import time
 from pathlib import Path
 
 import httpx
@@ -207,17 +206,22 @@ def test_slowloris_neither_blocks_others_nor_stays(edge: LiveServer, api: openai
             s.close()
 
 
-def test_beyond_the_cap_with_every_connection_busy_is_503(edge: LiveServer) -> None:
-    # Requests inside their body are busy, not idle: the guard must not close them.
-    head = (
+def _busy(port: int) -> socket.socket:
+    """A connection inside a request: an upload whose body the server waits for."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(
         f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000\r\n\r\n"
-    ).encode()
-    busy = [socket.create_connection(("127.0.0.1", edge.port)) for _ in range(MAX_CONNECTIONS)]
+        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000\r\n"
+        "Expect: 100-continue\r\n\r\n".encode()
+    )
+    assert b"100 Continue" in sock.recv(1024)  # the route reads its body: the request runs
+    return sock
+
+
+def test_beyond_the_cap_with_every_connection_busy_is_503(edge: LiveServer) -> None:
+    busy: list[socket.socket] = []
     try:
-        for s in busy:
-            s.sendall(head)
-        time.sleep(0.5)  # let the server read their headers (an ordering, not a timing assert)
+        busy += [_busy(edge.port) for _ in range(MAX_CONNECTIONS)]  # idle ones make room
         r = httpx.get(edge.url + "/health", timeout=10)
         assert r.status_code == 503, r.text
         assert_valid(r.json(), "ErrorResponse")
@@ -225,7 +229,14 @@ def test_beyond_the_cap_with_every_connection_busy_is_503(edge: LiveServer) -> N
     finally:
         for s in busy:
             s.close()
-    wait_until(lambda: httpx.get(edge.url + "/health", timeout=10).status_code == 200, 30)
+    wait_until(lambda: _healthy(edge), 30)
+
+
+def _healthy(edge: LiveServer) -> bool:
+    try:
+        return httpx.get(edge.url + "/health", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 # --- smaller items (9) ---------------------------------------------------------------------
