@@ -106,9 +106,7 @@ def attacks(best_of_requests: int) -> list[Attack]:
     done = "/v1/completions"
     one = {"model": MODEL, "prompt": "x", "max_tokens": 16}
     listed = [
-        # An integer: JSON's 1e30 is a float, which the schema refuses before it can harm.
-        Attack("top_k 10**30", done, {**one, "temperature": 1, "top_k": 10**30}),
-        Attack("regex (x{1000}){1000}", done, {**one, "response_format": _schema(_REGEX)}),
+        *poisons(""),
         Attack("logit_bias 8192 x n=16", done, _logit_bias()),
         Attack("4 stop strings 20-40k", done, _long_stops()),
         Attack("3.9 MB prompt", done, {**one, "max_tokens": 1, "prompt": _big_prompt()}),
@@ -119,6 +117,30 @@ def attacks(best_of_requests: int) -> list[Attack]:
     best_of = {**one, "max_tokens": 64, "best_of": 16, "n": 1, "ignore_eos": True}
     listed += [Attack("best_of 16", done, best_of) for _ in range(best_of_requests)]
     return listed
+
+
+def poisons(suffix: str) -> list[Attack]:
+    """The two requests that failed every request of their engine step (issue 13, item 3)."""
+    one = {"model": MODEL, "prompt": "x", "max_tokens": 16}
+    return [
+        # An integer: JSON's 1e30 is a float, which the schema refuses before it can harm.
+        Attack(
+            f"top_k 10**30{suffix}", "/v1/completions", {**one, "temperature": 1, "top_k": 10**30}
+        ),
+        Attack(
+            f"regex (x{{1000}}){{1000}}{suffix}",
+            "/v1/completions",
+            {**one, "response_format": _schema(_REGEX)},
+        ),
+    ]
+
+
+async def when(event: asyncio.Event, wait_s: float, send: Awaitable[Outcome]) -> Outcome:
+    """Send once `event` is set: then the poison lands while the normal streams decode,
+    whatever the other attacks did to their start."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), wait_s)
+    return await send
 
 
 _REGEX = {"type": "string", "pattern": "^(x{1000}){1000}$"}

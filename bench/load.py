@@ -19,12 +19,14 @@ the streams and the attackers' sequences (--max-batch-size STREAMS+96) and --max
 (temperature 0.8, top_p 0.95, MAX_TOKENS with ignore_eos), each one's TTFT and whether all its
 tokens came; then the server's RSS. Hostile phase: SLOWLORIS half-sent requests are opened and
 held (a header byte every 5 s), then the same streams start together with key B's requests of
-bench/hostile.py: top_k 1e30, an unmatchable regex schema, logit_bias of 8,192 entries with
+bench/hostile.py: top_k 10**30, an unmatchable regex schema, logit_bias of 8,192 entries with
 n=16, four 20-40k-character stop strings, a 3.9 MB prompt, a 12-deep anyOf schema,
 BEST_OF_REQUESTS x best_of 16, a lone surrogate, a 100k-deep JSON body, a 24 MiB chunked upload,
-B's reads of A's file, and /health. The sockets are dropped, RSS read again after SETTLE
-seconds, and last, B's DELETE of the base model (a member key must not unload it; sent last so
-that, where it succeeds, it cannot pass for an engine failure of anything else).
+B's reads of A's file, and /health. The two poisons (top_k, regex) are sent again "mid-stream",
+once half the streams have their first token, so that they share engine steps with them
+whatever the other attacks did to the streams' start. The sockets are dropped, RSS read again
+after SETTLE seconds, and last, B's DELETE of the base model (a member key must not unload it;
+sent last so that, where it succeeds, it cannot pass for an engine failure of anything else).
 
 Prints the machine and its load, streams completed in each phase, TTFT p50 of both and their
 ratio (goal <= 2x), RSS before and after (goal within +10%), and per kind of hostile request its
@@ -46,6 +48,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,9 +69,11 @@ from hostile import (
     health_probe,
     member_delete,
     open_slowloris,
+    poisons,
     send_attack,
     trickle,
     upload_as,
+    when,
 )
 
 
@@ -189,6 +194,20 @@ class StreamResult:
 
 
 @dataclass(slots=True)
+class Started:
+    """Set once `wanted` streams have their first token: the mid-stream poisons wait for it."""
+
+    wanted: int
+    count: int = 0
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def hit(self) -> None:
+        self.count += 1
+        if self.count >= self.wanted:
+            self.event.set()
+
+
+@dataclass(slots=True)
 class HostileRun:
     """Filled in as the run goes, so a run cut short still reports what it measured."""
 
@@ -262,8 +281,8 @@ async def settled_rss(proc: psutil.Process, settle_s: float) -> int | None:
         return None
 
 
-async def normal_phase(http: httpx.AsyncClient, n: int, a: argparse.Namespace):
-    return list(await asyncio.gather(*[normal_stream(http, i, a) for i in range(n)]))
+async def normal_phase(http: httpx.AsyncClient, n: int, a, started: Started | None = None):
+    return list(await asyncio.gather(*[normal_stream(http, i, a, started) for i in range(n)]))
 
 
 async def hostile_phase(http_a, http_b, file_id, hostile_requests, a, run: HostileRun) -> None:
@@ -274,8 +293,15 @@ async def hostile_phase(http_a, http_b, file_id, hostile_requests, a, run: Hosti
         upload = Upload(KEY_B, 24 * UPLOAD_LIMIT)
         sends = [send_attack(http_b, r, a.timeout) for r in hostile_requests]
         sends += [chunked_upload(a.port, upload, a.timeout), health_probe(http_b, a.timeout)]
+        started = Started(wanted=max(1, a.streams // 2))
+        sends += [
+            when(started.event, a.timeout, send_attack(http_b, r, a.timeout))
+            for r in poisons(" (mid-stream)")
+        ]
         streams, reads, *outcomes = await asyncio.gather(
-            normal_phase(http_a, a.streams, a), cross_key_reads(http_b, file_id, a.timeout), *sends
+            released(normal_phase(http_a, a.streams, a, started), started),
+            cross_key_reads(http_b, file_id, a.timeout),
+            *sends,
         )
         run.hostile, run.outcomes = streams, [*outcomes, *reads]
     finally:
@@ -283,10 +309,20 @@ async def hostile_phase(http_a, http_b, file_id, hostile_requests, a, run: Hosti
         run.outcomes.append(close_slowloris(loris, time.perf_counter() - start))
 
 
-async def normal_stream(http: httpx.AsyncClient, i: int, a: argparse.Namespace) -> StreamResult:
+async def released(phase: Awaitable[list[StreamResult]], started: Started):
+    """The streams' results; the mid-stream poisons go at the latest when all have ended."""
+    try:
+        return await phase
+    finally:
+        started.event.set()
+
+
+async def normal_stream(
+    http: httpx.AsyncClient, i: int, a, started: Started | None
+) -> StreamResult:
     result = StreamResult()
     try:
-        await asyncio.wait_for(_read_stream(http, i, a.max_tokens, result), a.timeout)
+        await asyncio.wait_for(_read_stream(http, i, a.max_tokens, result, started), a.timeout)
     except (TimeoutError, httpx.TimeoutException):
         result.error = f"no end in {a.timeout:.0f} s"
     except (httpx.HTTPError, OSError, ValueError) as e:
@@ -296,7 +332,7 @@ async def normal_stream(http: httpx.AsyncClient, i: int, a: argparse.Namespace) 
     return result
 
 
-async def _read_stream(http: httpx.AsyncClient, i: int, max_tokens: int, result: StreamResult):
+async def _read_stream(http, i: int, max_tokens: int, result: StreamResult, started) -> None:
     body = {"model": MODEL, "prompt": f"Story {i}: once upon a time", "max_tokens": max_tokens,
             "temperature": 0.8, "top_p": 0.95, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
@@ -307,14 +343,16 @@ async def _read_stream(http: httpx.AsyncClient, i: int, max_tokens: int, result:
             result.error = f"HTTP {response.status_code} {error_code(response)}".strip()
             return
         async for line in response.aiter_lines():
-            if line.startswith("data: "):
-                _on_frame(line.removeprefix("data: "), result, start)
+            first = line.startswith("data: ") and _on_frame(line[6:], result, start)
+            if first and started is not None:
+                started.hit()
 
 
-def _on_frame(data: str, result: StreamResult, start: float) -> None:
+def _on_frame(data: str, result: StreamResult, start: float) -> bool:
+    """Read one SSE frame into `result`; True when it carried the stream's first token."""
     if data.strip() == "[DONE]":
         result.done = True
-        return
+        return False
     frame = json.loads(data)
     if frame.get("error"):
         error = frame["error"]
@@ -322,10 +360,13 @@ def _on_frame(data: str, result: StreamResult, start: float) -> None:
         result.error = f"error event: {str(detail)[:60]}"
     if frame.get("usage"):
         result.tokens = int(frame["usage"].get("completion_tokens") or 0)
-    if frame.get("choices"):
-        result.frames += 1
-        if result.ttft is None:
-            result.ttft = time.perf_counter() - start
+    if not frame.get("choices"):
+        return False
+    result.frames += 1
+    if result.ttft is None:
+        result.ttft = time.perf_counter() - start
+        return True
+    return False
 
 
 def machine() -> str:
@@ -395,14 +436,14 @@ def print_table(outcomes: list[Outcome], slowloris: int) -> None:
     for o in outcomes:
         kinds.setdefault(o.kind, []).append(o)
     print(f"hostile requests (key B), with {slowloris} slowloris sockets held during the phase:")
-    print(f"  {'kind':<28} {'status':<14} {'error code':<24} {'time s':>7}  note")
+    print(f"  {'kind':<35} {'status':<14} {'error code':<24} {'time s':>7}  note")
     for kind, group in kinds.items():
         codes = collections.Counter(str(o.status or "-") for o in group)
         status = ", ".join(c if n == 1 else f"{c} x{n}" for c, n in codes.items())
         code = ",".join(sorted({o.code for o in group if o.code})) or "-"
         note = next((o.note for o in group if o.note), "")
         seconds = max(o.seconds for o in group)
-        print(f"  {kind:<28} {status:<14} {code[:24]:<24} {seconds:>7.2f}  {note[:70]}")
+        print(f"  {kind:<35} {status:<14} {code[:24]:<24} {seconds:>7.2f}  {note[:70]}")
 
 
 def report_goals(run: HostileRun, a: argparse.Namespace) -> int:
