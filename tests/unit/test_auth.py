@@ -64,3 +64,24 @@ def test_environment_keys_are_their_own_projects_unless_the_file_says_otherwise(
     with pytest.raises(APIError) as e:
         store.verify("Bearer sk-nope")
     assert e.value.status == 401
+
+
+def test_keys_cli_creates_and_lists_project_and_role(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from genserve.cli import app
+
+    path = str(tmp_path / "keys.json")
+    runner = CliRunner()
+    made = runner.invoke(
+        app, ["keys", "create", "--name", "ops", "--project", "team-x", "--role", "admin",
+              "--key-file", path],
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert "project: team-x" in made.output and "role: admin" in made.output
+    listed = runner.invoke(app, ["keys", "list", "--key-file", path]).output
+    assert "project=team-x" in listed and "role=admin" in listed
+    bad = runner.invoke(
+        app, ["keys", "create", "--name", "x", "--role", "root", "--key-file", path]
+    )
+    assert bad.exit_code != 0 and len(KeyFile(Path(path)).load()) == 1
