@@ -130,7 +130,11 @@ def serve(
         typer.Option("--ray-address", "--address", help="With --ray: cluster (default: local)."),
     ] = None,
 ) -> None:
-    """Serve a model with the OpenAI-compatible API."""
+    """Serve a model with the OpenAI-compatible API.
+
+    Keys: GENSERVE_API_KEYS (members) and GENSERVE_ADMIN_KEYS (admins), comma-separated, each
+    its own project; or --api-key-file (`genserve keys create --project NAME --role ROLE`).
+    """
     from genserve.server import serve as run_server
 
     logging.basicConfig(
