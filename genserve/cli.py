@@ -14,6 +14,7 @@ from genserve.config import (
     ConnectionConfig,
     EngineConfig,
     ModelConfig,
+    QuotaConfig,
     SecurityConfig,
     ServerConfig,
     StorageConfig,
@@ -29,6 +30,7 @@ E = "GENSERVE_"
 # declares none, so an option added later is bound too.
 SERVE_ENV = {"auto_envvar_prefix": "GENSERVE"}
 CONN = ConnectionConfig()  # the connection options' defaults, declared once in config.py
+QUOTAS = QuotaConfig()  # the quota options' defaults, declared once in config.py
 
 
 @app.callback()
@@ -121,6 +123,23 @@ def serve(
     max_header_bytes: Annotated[
         int, typer.Option(help="Largest request line + headers (larger: 431).")
     ] = CONN.max_header_bytes,
+    max_files_per_project: Annotated[
+        int,
+        typer.Option(envvar=E + "MAX_FILES_PER_PROJECT", help="Quota: files one project holds."),
+    ] = QUOTAS.max_files,
+    max_file_bytes_per_project: Annotated[
+        int,
+        typer.Option(
+            envvar=E + "MAX_FILE_BYTES_PER_PROJECT", help="Quota: bytes of one project's files."
+        ),
+    ] = QUOTAS.max_file_bytes,
+    max_jobs_per_project: Annotated[
+        int,
+        typer.Option(
+            envvar=E + "MAX_JOBS_PER_PROJECT",
+            help="Quota: one project's fine-tuning jobs validating, queued or running.",
+        ),
+    ] = QUOTAS.max_active_jobs,
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
     ray: Annotated[bool, typer.Option(help="Deploy on Ray Serve (needs the ray extra).")] = False,
     replicas: Annotated[int, typer.Option(help="With --ray: engine replicas.")] = 1,
@@ -129,7 +148,11 @@ def serve(
         typer.Option("--ray-address", "--address", help="With --ray: cluster (default: local)."),
     ] = None,
 ) -> None:
-    """Serve a model with the OpenAI-compatible API."""
+    """Serve a model with the OpenAI-compatible API.
+
+    Keys: GENSERVE_API_KEYS (members) and GENSERVE_ADMIN_KEYS (admins), comma-separated, each
+    its own project; or --api-key-file (`genserve keys create --project NAME --role ROLE`).
+    """
     from genserve.api.middleware import EscapeControls
     from genserve.server import serve as run_server
 
@@ -165,8 +188,8 @@ def warn_unauthenticated(config: ServerConfig) -> None:
 
 
 def build_config(o: dict) -> ServerConfig:
-    """CLI options (and GENSERVE_API_KEYS) -> the validated, frozen server config."""
-    env_keys = tuple(k.strip() for k in os.environ.get(E + "API_KEYS", "").split(",") if k.strip())
+    """CLI options (and GENSERVE_API_KEYS, GENSERVE_ADMIN_KEYS) -> the validated server config."""
+    env_keys, admin_keys = env_list(E + "API_KEYS"), env_list(E + "ADMIN_KEYS")
     return ServerConfig(
         host=o["host"],
         port=o["port"],
@@ -185,7 +208,7 @@ def build_config(o: dict) -> ServerConfig:
         storage=StorageConfig(o["data_dir"], o["models_dir"], o["max_file_bytes"]),
         training=TrainingConfig(threads=o["training_threads"]),
         security=SecurityConfig(
-            api_keys=env_keys, api_key_file=o["api_key_file"],
+            api_keys=env_keys, admin_keys=admin_keys, api_key_file=o["api_key_file"],
             allow_unauthenticated=o["allow_unauthenticated"],
             max_request_bytes=o["max_request_bytes"], max_prompt_tokens=o["max_prompt_tokens"],
             max_tokens_limit=o["max_tokens_limit"], drain_timeout_s=o["drain_timeout"],
@@ -194,10 +217,24 @@ def build_config(o: dict) -> ServerConfig:
             max_connections=o["max_connections"], header_timeout_s=o["header_timeout"],
             keep_alive_s=o["keep_alive_timeout"], max_header_bytes=o["max_header_bytes"],
         ),
+        quotas=QuotaConfig(
+            max_files=o["max_files_per_project"],
+            max_file_bytes=o["max_file_bytes_per_project"],
+            max_active_jobs=o["max_jobs_per_project"],
+        ),
     )  # fmt: skip
 
 
-keys_app = typer.Typer(help="Manage API keys in a key file (only hashes are stored).")
+def env_list(name: str) -> tuple[str, ...]:
+    """A comma-separated environment variable, blanks dropped."""
+    return tuple(k.strip() for k in os.environ.get(name, "").split(",") if k.strip())
+
+
+keys_app = typer.Typer(
+    help="Manage API keys in a key file (only hashes are stored). Each key belongs to a "
+    "project (its files, jobs and fine-tuned models are visible to that project's keys only) "
+    "and has a role: `admin` keys may also register, change and unload base models."
+)
 app.add_typer(keys_app, name="keys")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(models_app, name="models")
@@ -212,22 +249,35 @@ def keys_create(
     key_file: KeyFileOpt = "var/genserve/keys.json",
     rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option(help="Tokens per minute.")] = None,
+    project: Annotated[
+        str, typer.Option(help="The project (tenant) whose files, jobs and models it sees.")
+    ] = "default",
+    role: Annotated[
+        str, typer.Option(help="member, or admin: may also manage base models.")
+    ] = "member",
 ) -> None:
     """Create a key; it is printed once and only its hash is kept."""
     from genserve.api.auth import KeyFile
 
-    key, record = KeyFile(Path(key_file)).create(name, rpm, tpm)
-    typer.echo(f"id: {record.id}\nkey: {key}\n(store it now: it is not shown again)")
+    try:
+        key, record = KeyFile(Path(key_file)).create(name, rpm, tpm, project, role)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(f"id: {record.id}\nkey: {key}\nproject: {record.project}\nrole: {record.role}")
+    typer.echo("(store it now: it is not shown again)")
 
 
 @keys_app.command("list")
 def keys_list(key_file: KeyFileOpt = "var/genserve/keys.json") -> None:
-    """Keys by id, name, limits and state (never the key itself)."""
+    """Keys by id, name, project, role, limits and state (never the key itself)."""
     from genserve.api.auth import KeyFile
 
     for r in KeyFile(Path(key_file)).load():
         state = "revoked" if r.revoked else "active"
-        typer.echo(f"{r.id}  {r.name:20s}  rpm={r.rpm}  tpm={r.tpm}  {state}")
+        typer.echo(
+            f"{r.id}  {r.name:20s}  project={r.project}  role={r.role}  "
+            f"rpm={r.rpm}  tpm={r.tpm}  {state}"
+        )
 
 
 @keys_app.command("revoke")

@@ -92,6 +92,7 @@ class SecurityConfig:
     """Who may call the API, and the limits every request meets."""
 
     api_keys: tuple[str, ...] = ()  # from GENSERVE_API_KEYS; hashed on load, never stored
+    admin_keys: tuple[str, ...] = ()  # from GENSERVE_ADMIN_KEYS: these may manage base models
     api_key_file: str | None = None  # managed by `genserve keys`; holds hashes only
     allow_unauthenticated: bool = False  # needed to bind beyond loopback without keys
     exempt_paths: tuple[str, ...] = ("/health", "/metrics", "/", "/static")
@@ -112,7 +113,26 @@ class SecurityConfig:
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys or self.api_key_file)
+        return bool(self.api_keys or self.admin_keys or self.api_key_file)
+
+
+GIB = 2**30
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaConfig:
+    """What one project may hold at once; beyond it, 429 `quota_exceeded`. Unlike rate
+    limits these do not free themselves with time: delete files, or wait for jobs to end."""
+
+    max_files: int = 1000  # stored files, the jobs' result files included
+    max_file_bytes: int = 10 * GIB  # their bytes together
+    max_active_jobs: int = 8  # fine-tuning jobs validating, queued or running
+    retry_after_s: int = 60  # Retry-After on a quota's 429
+
+    def __post_init__(self) -> None:
+        for name in ("max_files", "max_file_bytes", "max_active_jobs", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"quota {name} must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +169,7 @@ class ServerConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     connections: ConnectionConfig = field(default_factory=ConnectionConfig)
+    quotas: QuotaConfig = field(default_factory=QuotaConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -159,6 +180,6 @@ class ServerConfig:
         sec = self.security
         if not loopback and not sec.auth_enabled and not sec.allow_unauthenticated:
             raise ValueError(
-                f"refusing to serve on {self.host} without API keys: set GENSERVE_API_KEYS or "
-                "--api-key-file, or pass --allow-unauthenticated"
+                f"refusing to serve on {self.host} without API keys: set GENSERVE_API_KEYS, "
+                "GENSERVE_ADMIN_KEYS or --api-key-file, or pass --allow-unauthenticated"
             )

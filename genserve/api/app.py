@@ -25,7 +25,7 @@ from genserve.api import (
     registry,
     tokenize,
 )
-from genserve.api.auth import KeyStore
+from genserve.api.auth import LOCAL_PRINCIPAL, KeyStore
 from genserve.api.errors import APIError
 from genserve.api.metrics import Metrics
 from genserve.api.middleware import EdgeMiddleware, EdgeState
@@ -98,7 +98,7 @@ def install_openapi(app: FastAPI) -> None:
 HEALTH_SCHEMA = {
     "type": "object",
     "properties": {
-        "status": {"type": "string", "enum": ["ok", "loading", "failed"]},
+        "status": {"type": "string", "enum": ["ok", "loading", "failed", "no_model"]},
         "error": {"type": ["string", "null"]},
         "models": {"type": "object"},
     },
@@ -107,7 +107,7 @@ HEALTH_SCHEMA = {
 HEALTH_RESPONSES = {
     200: {"description": "Ready", "content": {"application/json": {"schema": HEALTH_SCHEMA}}},
     503: {
-        "description": "Loading, failed, or shutting down",
+        "description": "Loading, failed, no generative model loaded, or shutting down",
         "content": {"application/json": {"schema": HEALTH_SCHEMA}},
     },
 }
@@ -118,7 +118,7 @@ def edge_state(config: ServerConfig) -> EdgeState:
     keys = None
     if sec.auth_enabled:
         key_file = Path(sec.api_key_file) if sec.api_key_file else None
-        keys = KeyStore(sec.api_keys, key_file)
+        keys = KeyStore(sec.api_keys, key_file, sec.admin_keys)
     return EdgeState(
         keys=keys, exempt=sec.exempt_paths, max_body=sec.max_request_bytes,
         max_file_bytes=config.storage.max_file_bytes, upload_slack=files.MULTIPART_SLACK,
@@ -152,7 +152,7 @@ async def _load(svc: Services, config: ServerConfig, loader: Loader) -> None:
     _load_embeddings(reg, config)
     await reg.restore()  # models registered through the API before a restart
     svc.ready = True
-    log.info("ready: %s", ", ".join(m["id"] for m in svc.cards()))
+    log.info("ready: %s", ", ".join(m["id"] for m in svc.cards(LOCAL_PRINCIPAL)))
 
 
 def open_registry(svc: Services, config: ServerConfig) -> ModelRegistry:
@@ -195,8 +195,12 @@ async def _serve_adapters(svc: Services, served: ServedModel, config: ServerConf
 
 
 async def health(request: Request) -> JSONResponse:
-    """200 when every model is loaded; 503 while loading or after a failed load."""
+    """200 when every model is loaded; 503 while loading, after a failed load, and once the
+    last generative model has been unloaded (nothing could answer a completion)."""
     svc: Services = request.app.state.services
+    if svc.ready and not svc.models:
+        error = "no generative model is loaded: register one with POST /v1/models"
+        return JSONResponse({"status": "no_model", "error": error}, status_code=503)
     if svc.ready:
         stats = {m.id: m.engine.stats() for m in svc.models.values()}
         body = {

@@ -2,6 +2,9 @@
 
 Keys come from GENSERVE_API_KEYS (plaintext in the environment, hashed at start and then
 forgotten) or from a key file written by `genserve keys`, which holds only SHA-256 hashes.
+Every key belongs to a project (its tenant: files, jobs and fine-tuned models are scoped to
+it) and has a role (`admin` keys also manage the shared base models). Routes read who calls
+them as one typed Principal, from `principal(request)`.
 API keys are long random tokens, so a fast hash is the right tool (as for GitHub tokens):
 a slow password hash guards low-entropy secrets, which these are not.
 """
@@ -13,16 +16,56 @@ import hmac
 import json
 import math
 import os
+import re
 import secrets
 import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from genserve.api.errors import APIError
 
 KEY_PREFIX = "gs-"
+ROLES = ("admin", "member")
+DEFAULT_PROJECT = "default"  # unauthenticated callers, key-file keys made before projects
+PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_project(project: str) -> str:
+    if not PROJECT_NAME.match(project):
+        raise ValueError(
+            f"project {project!r} must be 1-64 letters, digits, '.', '_' or '-' (not first)"
+        )
+    return project
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return role
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request acts for: the project its objects belong to, and what it may manage."""
+
+    key_id: str
+    project: str
+    role: str
+
+    def __post_init__(self) -> None:
+        check_project(self.project)
+        check_role(self.role)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+# Without keys (loopback only) the one caller runs the server: it is its admin.
+LOCAL_PRINCIPAL = Principal("local", DEFAULT_PROJECT, "admin")
 
 
 def hash_key(key: str) -> str:
@@ -38,6 +81,14 @@ class KeyRecord:
     rpm: int | None = None  # requests per minute
     tpm: int | None = None  # tokens (prompt + completion) per minute
     revoked: bool = False
+    # Records written before projects existed load into `default` as members: they shared
+    # everything then, and `default` is where the migrated rows are.
+    project: str = DEFAULT_PROJECT
+    role: str = "member"
+
+    def __post_init__(self) -> None:
+        check_project(self.project)
+        check_role(self.role)
 
 
 def new_key() -> str:
@@ -65,9 +116,19 @@ class KeyFile:
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)
 
-    def create(self, name: str, rpm: int | None, tpm: int | None) -> tuple[str, KeyRecord]:
+    def create(
+        self,
+        name: str,
+        rpm: int | None,
+        tpm: int | None,
+        project: str = DEFAULT_PROJECT,
+        role: str = "member",
+    ) -> tuple[str, KeyRecord]:
         key = new_key()
-        record = KeyRecord(secrets.token_hex(4), name, hash_key(key), int(time.time()), rpm, tpm)
+        record = KeyRecord(
+            secrets.token_hex(4), name, hash_key(key), int(time.time()), rpm, tpm,
+            project=project, role=role,
+        )  # fmt: skip
         self.save([*self.load(), record])
         return key, record
 
@@ -100,16 +161,31 @@ class Window:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    key_id: str
+    principal: Principal
     record: KeyRecord | None  # None for keys from the environment (no limits)
+
+    @property
+    def key_id(self) -> str:
+        return self.principal.key_id
+
+
+def env_principal(key: str, role: str) -> Principal:
+    """An environment key is its own project, named by its hash so that reordering
+    GENSERVE_API_KEYS never moves data between keys (and the name reveals nothing)."""
+    digest = hash_key(key)
+    return Principal(f"env-{digest[:8]}", f"key-{digest[:12]}", role)
 
 
 class KeyStore:
     """Verifies bearer tokens and enforces per-key limits. Reloads the key file when it
-    changes, so `genserve keys revoke` takes effect on a running server."""
+    changes, so `genserve keys revoke` takes effect on a running server. A key that is in
+    the environment and in the key file takes its project and role from the file."""
 
-    def __init__(self, env_keys: tuple[str, ...], key_file: Path | None) -> None:
-        self._env = {hash_key(k): f"env-{i}" for i, k in enumerate(env_keys)}
+    def __init__(
+        self, env_keys: tuple[str, ...], key_file: Path | None, admin_keys: tuple[str, ...] = ()
+    ) -> None:
+        self._env = {hash_key(k): env_principal(k, "member") for k in env_keys}
+        self._env |= {hash_key(k): env_principal(k, "admin") for k in admin_keys}
         self._file = KeyFile(key_file) if key_file else None
         self._mtime: float | None = None
         self._records: list[KeyRecord] = []
@@ -131,12 +207,12 @@ class KeyStore:
         self._reload()
         caller = None
         # Compare against every key, always, in constant time: no early exit to time.
-        for h, key_id in self._env.items():
+        for h, principal in self._env.items():
             if hmac.compare_digest(h, digest):
-                caller = Caller(key_id, None)
+                caller = Caller(principal, None)
         for r in self._records:
             if hmac.compare_digest(r.hash, digest) and not r.revoked:
-                caller = Caller(r.id, r)
+                caller = Caller(Principal(r.id, r.project, r.role), r)
         if caller is None:
             raise invalid_key("Incorrect API key provided.")
         return caller
@@ -174,6 +250,31 @@ class KeyStore:
             h["x-ratelimit-remaining-tokens"] = str(max(r.tpm - w.token_sum(), 0))
             h["x-ratelimit-reset-tokens"] = "60s"
         return h
+
+
+def principal(request: Any) -> Principal:
+    """Who calls: set by the edge middleware from the key; the local admin without keys."""
+    caller = request.scope.get("state", {}).get("caller")
+    if caller is not None:
+        return caller.principal
+    if request.app.state.edge.keys is None:
+        return LOCAL_PRINCIPAL
+    # An exempt route that reaches for tenant data: a bug, answered as a missing key.
+    raise invalid_key("You didn't provide an API key. Pass it as `Authorization: Bearer`.")
+
+
+def require_admin(request: Any, what: str) -> Principal:
+    """403 in OpenAI's shape unless the key is an admin key."""
+    who = principal(request)
+    if not who.is_admin:
+        raise APIError(
+            403,
+            f"You have insufficient permissions to {what}: this needs an admin key "
+            "(`genserve keys create --role admin` or GENSERVE_ADMIN_KEYS).",
+            code="insufficient_permissions",
+            error_type="invalid_request_error",
+        )
+    return who
 
 
 def invalid_key(message: str) -> APIError:

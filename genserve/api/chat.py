@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from genserve.api.auth import principal
 from genserve.api.errors import bad_request
 from genserve.api.generation import (
     ChoiceDelta,
@@ -66,7 +67,7 @@ def max_new_tokens(served: ServedModel, body: ChatCompletionRequest, prompt_len:
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    target = services(request).get(body.model)
+    target = services(request).get(body.model, principal(request))
     served = target.served
     apply_defaults(body, served.settings.defaults)
     check_chat_body(body)

@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from genserve.api.auth import principal
 from genserve.api.errors import bad_request
 from genserve.api.generation import (
     ChoiceDelta,
@@ -57,7 +58,7 @@ def prompt_ids(served: ServedModel, prompt) -> list[list[int]]:  # noqa: ANN001 
 
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request):
-    target = services(request).get(body.model)
+    target = services(request).get(body.model, principal(request))
     served = target.served
     apply_defaults(body, served.settings.defaults)
     check_completion_body(body)

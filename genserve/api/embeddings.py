@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from genserve.api.auth import principal
 from genserve.api.errors import bad_request
 from genserve.api.models import services
 from genserve.engine.batcher import MicroBatcher
@@ -96,7 +97,7 @@ def encode(vector: list[float], fmt: str) -> list[float] | str:
 
 @router.post("/v1/embeddings")
 async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict:
-    model = services(request).embedder(body.model)
+    model = services(request).embedder(body.model, principal(request))
     if body.dimensions is not None and body.dimensions != model.dimensions:
         raise bad_request(
             f"{model.id} makes {model.dimensions}-dimensional embeddings and cannot shorten "

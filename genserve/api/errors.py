@@ -40,6 +40,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        error_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -47,13 +48,21 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        self.error_type = error_type  # None: the type OpenAI uses for `status`
 
     def body(self) -> dict:
-        return error_body(self.status, self.message, self.param, self.code)
+        return error_body(self.status, self.message, self.param, self.code, self.error_type)
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None):
-    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+def error_body(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    error_type: str | None = None,
+) -> dict:
+    fallback = "server_error" if status >= 500 else "invalid_request_error"
+    kind = error_type or ERROR_TYPES.get(status, fallback)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -134,8 +143,9 @@ class ErrorResponse(BaseModel):
 ERROR_STATUSES = {
     "400": "Invalid request (the message and `param` say what)",
     "401": "Missing, wrong or revoked API key",
-    "404": "No such model, file, job or route",
-    "429": "Rate limit or queue full; see Retry-After",
+    "403": "The key's role may not do this (an admin key is needed)",
+    "404": "No such model, file, job or route (or it belongs to another project)",
+    "429": "Rate limit, quota or queue full; see Retry-After",
     "500": "Server error",
     "503": "Loading or shutting down; see Retry-After",
 }

@@ -2,22 +2,34 @@
 
 Uploads are limited to ServerConfig.storage.max_file_bytes (over it: 400, param "file"), and a
 `fine-tune` upload is checked line by line before it is stored, so a bad file is refused at
-once with the numbers of its bad lines rather than failing a job later.
+once with the numbers of its bad lines rather than failing a job later. A file belongs to the
+project of the key that uploaded it: another project's file answers 404 exactly as a missing
+one, and a project's files together stay within ServerConfig.quotas (429 `quota_exceeded`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, BinaryIO, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
+from genserve.api.auth import Principal, principal
 from genserve.api.errors import APIError, bad_request
 from genserve.api.models import services
-from genserve.storage.files import CHUNK, FileRecord, FileStore, FileTooLargeError
+from genserve.config import QuotaConfig
+from genserve.storage.files import (
+    CHUNK,
+    FileQuota,
+    FileRecord,
+    FileStore,
+    FileTooLargeError,
+    QuotaExceededError,
+)
 from genserve.training.dataset import DatasetError, check_file
 
 router = APIRouter()
@@ -53,11 +65,22 @@ def file_card(record: FileRecord) -> dict:
     }
 
 
-def get_record(store: FileStore, file_id: str) -> FileRecord:
+def get_record(
+    store: FileStore, file_id: str, who: Principal, param: str = "file_id"
+) -> FileRecord:
+    """The file, if `who`'s project owns it; 404 alike for a missing and a foreign one."""
     record = store.get(file_id)
-    if record is None:
-        raise file_not_found(file_id)
+    if record is None or record.project != who.project:
+        raise file_not_found(file_id, param)
     return record
+
+
+def quota_exceeded(message: str, quotas: QuotaConfig) -> APIError:
+    """429 with Retry-After, as every limit here; `x-should-retry: false` tells the official
+    client not to retry by itself, since waiting alone does not free a quota."""
+    retry = str(quotas.retry_after_s)
+    headers = {"Retry-After": retry, "x-should-retry": "false"}
+    return APIError(429, f"Quota exceeded: {message}.", code="quota_exceeded", headers=headers)
 
 
 def _check_length(request: Request, limit: int) -> None:
@@ -75,18 +98,30 @@ def too_large(limit: int) -> APIError:
     )
 
 
-def _store_upload(store: FileStore, src: BinaryIO, name: str, purpose: str, limit: int):
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """What one upload is allowed: its size limit, and whose quota it counts against."""
+
+    limit: int
+    project: str
+    quotas: QuotaConfig
+
+
+def _store_upload(store: FileStore, src: BinaryIO, name: str, purpose: str, up: Upload):
     """Stage, check and commit an upload. Blocking (disk, fsync): runs in a thread."""
     try:
-        staged = store.stage(src, limit)
+        staged = store.stage(src, up.limit)
     except FileTooLargeError:
-        raise too_large(limit) from None
+        raise too_large(up.limit) from None
+    quota = FileQuota(up.quotas.max_files, up.quotas.max_file_bytes)
     try:
         if purpose == "fine-tune":
             check_file(staged.path)
-        return store.commit(staged, name, purpose)
+        return store.commit(staged, name, purpose, up.project, quota)
     except DatasetError as e:
         raise bad_request(str(e), param="file", code="invalid_file_format") from None
+    except QuotaExceededError as e:
+        raise quota_exceeded(str(e), up.quotas) from None
     finally:
         store.discard(staged)  # a no-op once committed: the staged name is gone
 
@@ -94,8 +129,9 @@ def _store_upload(store: FileStore, src: BinaryIO, name: str, purpose: str, limi
 @router.post("/v1/files")
 async def upload_file(request: Request) -> dict:
     store = file_store(request)
-    limit = request.app.state.config.storage.max_file_bytes
-    _check_length(request, limit)
+    config = request.app.state.config
+    up = Upload(config.storage.max_file_bytes, principal(request).project, config.quotas)
+    _check_length(request, up.limit)
     async with request.form(max_files=1, max_fields=16) as form:
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, UploadFile):
@@ -103,7 +139,7 @@ async def upload_file(request: Request) -> dict:
         if purpose not in PURPOSES:
             raise bad_request(f"`purpose` must be one of {', '.join(PURPOSES)}", param="purpose")
         name = upload.filename or "upload"
-        record = await asyncio.to_thread(_store_upload, store, upload.file, name, purpose, limit)
+        record = await asyncio.to_thread(_store_upload, store, upload.file, name, purpose, up)
     return file_card(record)
 
 
@@ -115,7 +151,7 @@ async def list_files(
     order: Literal["asc", "desc"] = "desc",
     after: str | None = None,
 ) -> dict:
-    page = file_store(request).list(purpose, limit, order, after)
+    page = file_store(request).list(purpose, limit, order, after, principal(request).project)
     data = [file_card(r) for r in page.data]
     # OpenAI's schema makes first_id/last_id required strings: "" stands for "no page".
     first, last = (data[0]["id"], data[-1]["id"]) if data else ("", "")
@@ -130,12 +166,12 @@ async def list_files(
 
 @router.get("/v1/files/{file_id}")
 async def retrieve_file(file_id: str, request: Request) -> dict:
-    return file_card(get_record(file_store(request), file_id))
+    return file_card(get_record(file_store(request), file_id, principal(request)))
 
 
 @router.delete("/v1/files/{file_id}")
 async def delete_file(file_id: str, request: Request) -> dict:
-    if not file_store(request).delete(file_id):
+    if not file_store(request).delete(file_id, principal(request).project):
         raise file_not_found(file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
@@ -149,7 +185,7 @@ def _chunks(f: BinaryIO) -> Iterator[bytes]:
 @router.get("/v1/files/{file_id}/content")
 async def file_content(file_id: str, request: Request) -> StreamingResponse:
     store = file_store(request)
-    record = get_record(store, file_id)
+    record = get_record(store, file_id, principal(request))
     try:
         # Opened now, so a delete while it streams cannot cut it short.
         f = store.path(file_id).open("rb")

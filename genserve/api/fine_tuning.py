@@ -3,7 +3,9 @@
 The routes check what a request names (the base model, the files) and hand the job to the
 JobManager (genserve.training.manager), which trains it in a worker process and serves the
 result as `ft:<base>:<suffix or "genserve">:<job-id>`. start()/stop() are called by the app's
-lifespan once the base model is loaded.
+lifespan once the base model is loaded. A job belongs to the project of the key that created it
+(so do its result file and its model): other projects get 404 for it, as for a missing id, and
+a project may have ServerConfig.quotas.max_active_jobs unfinished jobs at once.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from genserve.api.auth import Principal, principal
 from genserve.api.errors import APIError, bad_request, model_not_found
-from genserve.api.files import file_store
+from genserve.api.files import file_store, get_record, quota_exceeded
 from genserve.api.models import Services, services
 from genserve.config import ServerConfig
 from genserve.storage.db import open_database
@@ -215,21 +218,20 @@ def job_manager(request: Request) -> JobManager:
     return services(request).state["fine_tuning"]
 
 
-def get_job(manager: JobManager, job_id: str) -> JobRecord:
+def get_job(manager: JobManager, job_id: str, who: Principal) -> JobRecord:
+    """The job, if `who`'s project owns it; 404 alike for a missing and a foreign one."""
     job = manager.jobs.get(job_id)
-    if job is None:
+    if job is None or job.project != who.project:
         raise APIError(
             404, f"No fine-tuning job found with id {job_id}", "fine_tuning_job_id", "job_not_found"
         )
     return job
 
 
-def check_training_file(files: FileStore, file_id: str | None, param: str) -> None:
+def check_training_file(files: FileStore, file_id: str | None, param: str, who: Principal) -> None:
     if file_id is None:
         return
-    record = files.get(file_id)
-    if record is None:
-        raise APIError(404, f"No such File object: {file_id}", param, "file_not_found")
+    record = get_record(files, file_id, who, param)
     if record.purpose != "fine-tune":
         raise bad_request(
             f"{file_id} was uploaded with purpose `{record.purpose}`; fine-tuning needs "
@@ -254,20 +256,35 @@ def requested_hyperparameters(body: CreateJobRequest) -> dict[str, Any]:
     return chosen.model_dump()
 
 
+def check_job_quota(manager: JobManager, who: Principal, config: ServerConfig) -> None:
+    limit = config.quotas.max_active_jobs
+    active = manager.jobs.count_active(who.project)
+    if active >= limit:
+        raise quota_exceeded(
+            f"this project has {active} fine-tuning jobs validating, queued or running, its "
+            f"quota of {limit}; wait for one to finish or cancel one",
+            config.quotas,
+        )
+
+
 @router.post("/v1/fine_tuning/jobs")
 async def create_job(body: CreateJobRequest, request: Request) -> dict:
     manager = job_manager(request)
     svc = services(request)
-    if not request.app.state.config.training.enabled:
+    who = principal(request)
+    config: ServerConfig = request.app.state.config
+    if not config.training.enabled:
         raise APIError(503, "fine-tuning is disabled on this server")
-    if body.model in svc.adapters:
+    if svc.adapter(body.model, who) is not None:
         raise bad_request("fine-tuning a fine-tuned model is not supported; use its base", "model")
     if body.model not in svc.models:
         raise model_not_found(body.model)
     if body.integrations:
         raise bad_request("integrations are not supported by this server", "integrations")
-    check_training_file(manager.files, body.training_file, "training_file")
-    check_training_file(manager.files, body.validation_file, "validation_file")
+    check_training_file(manager.files, body.training_file, "training_file", who)
+    check_training_file(manager.files, body.validation_file, "validation_file", who)
+    # No await from the count to the insert: two requests cannot both take the last place.
+    check_job_quota(manager, who, config)
     job = manager.create(
         JobRequest(
             model=body.model,
@@ -277,6 +294,7 @@ async def create_job(body: CreateJobRequest, request: Request) -> dict:
             seed=body.seed,
             hyperparameters=requested_hyperparameters(body),
             metadata=body.metadata,
+            project=who.project,
         )
     )
     return job_card(job)
@@ -289,7 +307,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict:
     manager = job_manager(request)
-    page = manager.jobs.list(after, limit)
+    page = manager.jobs.list(after, limit, principal(request).project)
     data = [job_card(j, manager.worker_pid(j.id)) for j in page.data]
     return {"object": "list", "data": data, "has_more": page.has_more}
 
@@ -297,13 +315,13 @@ async def list_jobs(
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 async def retrieve_job(job_id: str, request: Request) -> dict:
     manager = job_manager(request)
-    return job_card(get_job(manager, job_id), manager.worker_pid(job_id))
+    return job_card(get_job(manager, job_id, principal(request)), manager.worker_pid(job_id))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request) -> dict:
     manager = job_manager(request)
-    get_job(manager, job_id)
+    get_job(manager, job_id, principal(request))
     try:
         job = await manager.cancel(job_id)
     except JobFinishedError as e:
@@ -319,7 +337,7 @@ async def list_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> dict:
     manager = job_manager(request)
-    get_job(manager, job_id)
+    get_job(manager, job_id, principal(request))
     page = manager.jobs.events(job_id, after, limit)
     return {"object": "list", "data": [event_card(e) for e in page.data], "has_more": page.has_more}
 
@@ -332,7 +350,7 @@ async def list_checkpoints(
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> dict:
     manager = job_manager(request)
-    job = get_job(manager, job_id)
+    job = get_job(manager, job_id, principal(request))
     page = manager.jobs.checkpoints(job_id, after, limit)
     data = [checkpoint_card(c, job) for c in page.data]
     first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from genserve.api.auth import Principal, principal
 from genserve.api.errors import APIError, model_not_found
 from genserve.api.logprobs import TokenText
 from genserve.engine.client import AsyncEngine
@@ -23,6 +24,10 @@ class AdapterSpec:
     path: Path  # folder with adapter_config.json and adapter_model.safetensors
     created: int
     owned_by: str = "genserve"
+    project: str | None = None  # a fine-tuned model's owner; None: shared (operator's adapters)
+
+    def visible_to(self, who: Principal) -> bool:
+        return self.project is None or self.project == who.project
 
     def card(self) -> dict:
         return {
@@ -127,14 +132,22 @@ class Services:
                 return served.id
         return model_id
 
-    def get(self, model_id: str) -> Target:
+    def adapter(self, model_id: str, who: Principal) -> AdapterSpec | None:
+        """The adapter served as `model_id`, if `who` may see it (another project's fine-tuned
+        model is, for `who`, a model that does not exist)."""
+        spec = self.adapters.get(model_id)
+        return spec if spec is not None and spec.visible_to(who) else None
+
+    def get(self, model_id: str, who: Principal) -> Target:
         self.require_ready()
         model_id = self.resolve_alias(model_id)
         if model_id in self.embedders:
             raise APIError(400, f"`{model_id}` is an embeddings model: use /v1/embeddings", "model")
         self.require_loaded(model_id)
         if model_id in self.adapters:
-            spec = self.adapters[model_id]
+            spec = self.adapter(model_id, who)
+            if spec is None:
+                raise model_not_found(model_id)
             return Target(self.models[spec.base], spec.id)
         served = self.models.get(model_id)
         if served is None:
@@ -148,18 +161,18 @@ class Services:
         if card is not None:
             raise APIError(503, f"`{model_id}` failed to load: {card.get('error')}", "model")
 
-    def embedder(self, model_id: str) -> Any:
+    def embedder(self, model_id: str, who: Principal) -> Any:
         self.require_ready()
         self.require_loaded(model_id)
         model = self.embedders.get(model_id)
         if model is None:
-            if model_id in self.models or model_id in self.adapters:
+            if model_id in self.models or self.adapter(model_id, who) is not None:
                 raise APIError(400, f"`{model_id}` is not an embeddings model", "model")
             raise model_not_found(model_id)
         return model
 
-    def card(self, model_id: str) -> dict:
-        for card in self.cards():
+    def card(self, model_id: str, who: Principal) -> dict:
+        for card in self.cards(who):
             if card["id"] == model_id:
                 return card
         raise model_not_found(model_id)
@@ -170,10 +183,11 @@ class Services:
         if not self.ready:
             raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
 
-    def cards(self) -> list[dict]:
+    def cards(self, who: Principal) -> list[dict]:
+        """What `who` may use: every base model, shared adapters and its project's own."""
         return [
             *(m.card() for m in self.models.values()),
-            *(a.card() for a in self.adapters.values()),
+            *(a.card() for a in self.adapters.values() if a.visible_to(who)),
             *(e.card() for e in self.embedders.values()),
             *self.pending.values(),
         ]
@@ -203,10 +217,10 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    return {"object": "list", "data": services(request).cards()}
+    return {"object": "list", "data": services(request).cards(principal(request))}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict:
     svc = services(request)
-    return svc.card(svc.resolve_alias(model_id))
+    return svc.card(svc.resolve_alias(model_id), principal(request))

@@ -1,7 +1,9 @@
 """Models as REST resources: register (load), reconfigure, unload; persisted across restarts.
 
 Loading runs in a thread while the running engines keep serving. A model is admitted only if
-its estimated memory fits the budget beside the models already loaded (507 otherwise).
+its estimated memory fits the budget beside the models already loaded (507 otherwise). Base
+models are shared by every project, so only admin keys register, change or unload them (403
+otherwise); a fine-tuned model belongs to its project, whose members may delete it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from genserve.api.auth import principal, require_admin
 from genserve.api.errors import APIError, bad_request, model_not_found
 from genserve.api.models import ModelSettings, ServedModel, Services, services
 from genserve.api.schemas import ModelSettingsBody, RegisterModelRequest
@@ -64,6 +67,7 @@ class ModelRegistry:
             raise APIError(409, f"a model `{model_id}` is already loaded", "id", "model_exists")
         if self.svc.pending.get(model_id, {}).get("status") == "loading":
             raise APIError(409, f"`{model_id}` is already loading", "id", "model_exists")
+        check_new_names(self.svc, model_id, settings.aliases)
         path = self.check_ref(ref)
         kind = kind or guess_kind(path)
         need = estimate_bytes(path, kind, self.config)
@@ -216,6 +220,18 @@ def check_settings(svc: Services, served: ServedModel, s: ModelSettings) -> None
             raise bad_request(f"chat_template does not render: {e}", "chat_template") from e
 
 
+def check_new_names(svc: Services, model_id: str, aliases: list[str]) -> None:
+    """A model being registered may not take a name in use: its id must not be another
+    model's alias, nor an alias any model id, adapter or alias (409, as PATCH answers)."""
+    if any(model_id in m.settings.aliases for m in svc.models.values()):
+        raise APIError(409, f"`{model_id}` is already an alias of a model", "id", "model_exists")
+    for alias in aliases:
+        taken = alias == model_id or alias in svc.models or alias in svc.adapters
+        taken = taken or alias in svc.embedders or alias in svc.pending
+        if taken or any(alias in m.settings.aliases for m in svc.models.values()):
+            raise APIError(409, f"alias {alias!r} is already a model id or alias", "aliases")
+
+
 def guess_kind(path: str) -> str:
     """Embeddings for encoders, generation for causal LMs; read from config.json only."""
     import json
@@ -275,6 +291,7 @@ router = APIRouter()
 async def register_model(body: RegisterModelRequest, request: Request) -> JSONResponse:
     """Load a model from a ref (a folder in the models directory, a bundled name, or a hub
     id); 202 with status `loading`, then poll GET /v1/models/{id} for `ready` or `failed`."""
+    require_admin(request, "register models")
     svc = services(request)
     model_id = body.id or Path(body.model).name
     card = registry_of(svc).register(model_id, body.model, body.kind, to_settings(body.settings))
@@ -284,12 +301,14 @@ async def register_model(body: RegisterModelRequest, request: Request) -> JSONRe
 @router.put("/v1/models/{model_id:path}")
 async def replace_settings(model_id: str, body: ModelSettingsBody, request: Request) -> dict:
     """Replace a model's serving defaults, chat template, aliases and maximum context."""
+    require_admin(request, "change a model's settings")
     return registry_of(services(request)).update(model_id, to_settings(body))
 
 
 @router.patch("/v1/models/{model_id:path}")
 async def patch_settings(model_id: str, body: ModelSettingsBody, request: Request) -> dict:
     """Change some of them; what the body leaves out stays."""
+    require_admin(request, "change a model's settings")
     svc = services(request)
     served = svc.models.get(model_id)
     if served is None:
@@ -299,12 +318,19 @@ async def patch_settings(model_id: str, body: ModelSettingsBody, request: Reques
 
 @router.delete("/v1/models/{model_id:path}")
 async def delete_model(model_id: str, request: Request) -> dict:
-    """Unload a model, or delete a fine-tuned one (its adapter)."""
+    """Unload a model (admin keys), or delete a fine-tuned one (its adapter): its project's
+    keys may; another project's is not found, as OpenAI answers for a model one does not own."""
     svc = services(request)
-    if model_id in svc.adapters:
+    spec = svc.adapter(model_id, principal(request))
+    loaded = model_id in svc.models or model_id in svc.pending or model_id in svc.embedders
+    if spec is None and (model_id in svc.adapters or model_id.startswith("ft:") and not loaded):
+        raise model_not_found(model_id)  # another project's, or none: the same answer
+    if spec is None or spec.project is None:  # base models and the operator's own adapters
+        require_admin(request, "unload models")
+    if spec is None:
+        await registry_of(svc).unload(model_id)
+    else:
         await svc.unregister_adapter(model_id)
         for hook in svc.on_adapter_deleted:
             await hook(model_id)
-    else:
-        await registry_of(svc).unload(model_id)
     return {"id": model_id, "object": "model", "deleted": True}

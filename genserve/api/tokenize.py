@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from genserve.api.auth import principal
 from genserve.api.chat import render_chat
 from genserve.api.errors import bad_request
 from genserve.api.models import services
@@ -34,7 +35,7 @@ class DetokenizeRequest(BaseModel):
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
-    served = services(request).get(body.model).served
+    served = services(request).get(body.model, principal(request)).served
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of `prompt` and `messages`", "prompt")
     if body.messages is not None:
@@ -47,7 +48,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
-    served = services(request).get(body.model).served
+    served = services(request).get(body.model, principal(request)).served
     if any(t >= served.vocab_size for t in body.tokens):
         raise bad_request(f"token ids must be in [0, {served.vocab_size})", "tokens")
     return {"prompt": served.tokenizer.decode(body.tokens)}

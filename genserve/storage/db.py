@@ -15,10 +15,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_NAME = "genserve.db"
-SCHEMA_VERSION = 2
-# What a database of an older version needs beyond SCHEMA's CREATE ... IF NOT EXISTS, by the
-# version that brought it.
-MIGRATIONS = {2: "ALTER TABLE jobs ADD COLUMN result_files TEXT;"}
+SCHEMA_VERSION = 3
+DEFAULT_PROJECT = "default"  # the owner of rows written before projects existed
+# The columns a database of an older version lacks beyond SCHEMA's CREATE ... IF NOT EXISTS,
+# by the version that brought them: (table, column, declaration). A column already there is
+# skipped, so a half-known old schema migrates too.
+MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
+    2: (("jobs", "result_files", "TEXT"),),
+    # Files and jobs belong to the project of the key that made them; older rows to `default`.
+    3: (
+        ("files", "project", f"TEXT NOT NULL DEFAULT '{DEFAULT_PROJECT}'"),
+        ("jobs", "project", f"TEXT NOT NULL DEFAULT '{DEFAULT_PROJECT}'"),
+    ),
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -28,7 +37,8 @@ CREATE TABLE IF NOT EXISTS files (
   purpose TEXT NOT NULL,
   bytes INTEGER NOT NULL,
   sha256 TEXT NOT NULL,
-  created_at INTEGER NOT NULL
+  created_at INTEGER NOT NULL,
+  project TEXT NOT NULL DEFAULT 'default'
 );
 CREATE TABLE IF NOT EXISTS jobs (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -48,6 +58,7 @@ CREATE TABLE IF NOT EXISTS jobs (
   error TEXT,
   crashes INTEGER NOT NULL DEFAULT 0,
   adapter_deleted INTEGER NOT NULL DEFAULT 0,
+  project TEXT NOT NULL DEFAULT 'default',
   result_files TEXT
 );
 CREATE TABLE IF NOT EXISTS job_events (
@@ -72,6 +83,11 @@ CREATE TABLE IF NOT EXISTS job_checkpoints (
   metrics TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS job_checkpoints_by_job ON job_checkpoints (job_id, seq);
+"""
+# After the migrations: they may index columns an old database only has once migrated.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS files_by_project ON files (project, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_project ON jobs (project, seq);
 """
 
 
@@ -99,12 +115,23 @@ class Database:
                 f"{self.path} was written by a newer genserve (schema {version}); upgrade"
             )
         # A new database (version 0) gets every column from SCHEMA itself.
-        steps = "".join(sql for v, sql in sorted(MIGRATIONS.items()) if 0 < version < v)
+        steps = self._missing_columns(version) if version else ""
         # executescript commits any open transaction first, so the script brings its own.
         with self._lock:
             self._conn.executescript(
-                f"BEGIN IMMEDIATE; {SCHEMA} {steps} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+                f"BEGIN IMMEDIATE; {SCHEMA} {steps} {INDEXES}"
+                f" PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
             )
+
+    def _missing_columns(self, version: int) -> str:
+        """ALTERs for what the versions after `version` brought (its tables exist)."""
+        steps = []
+        for v, columns in sorted(MIGRATIONS.items()):
+            for table, column, decl in columns if version < v else ():
+                have = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    steps.append(f"ALTER TABLE {table} ADD COLUMN {column} {decl};")
+        return "".join(steps)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Cursor]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from genserve.storage.db import Database, new_id
+from genserve.storage.db import DEFAULT_PROJECT, Database, new_id
 
 CHUNK = 1 << 20
 STAGING_SUFFIX = ".part"
@@ -22,6 +22,22 @@ STAGING_SUFFIX = ".part"
 
 class FileTooLargeError(ValueError):
     """The upload is over the server's size limit."""
+
+
+class QuotaExceededError(ValueError):
+    """Storing the upload would take its project over a quota."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileQuota:
+    """What one project's files may add up to."""
+
+    max_files: int
+    max_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.max_files < 1 or self.max_bytes < 1:
+            raise ValueError("file quotas must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +48,7 @@ class FileRecord:
     bytes: int
     sha256: str
     created_at: int
+    project: str = DEFAULT_PROJECT  # the owner: other projects never see it
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +76,9 @@ def _fsync_dir(path: Path) -> None:
 
 def _record(row) -> FileRecord:
     return FileRecord(
-        row["id"], row["filename"], row["purpose"], row["bytes"], row["sha256"], row["created_at"]
-    )
+        row["id"], row["filename"], row["purpose"], row["bytes"], row["sha256"],
+        row["created_at"], row["project"],
+    )  # fmt: skip
 
 
 class FileStore:
@@ -93,19 +111,33 @@ class FileStore:
             raise
         return StagedUpload(path, size, digest.hexdigest())
 
-    def commit(self, staged: StagedUpload, filename: str, purpose: str) -> FileRecord:
+    def commit(
+        self,
+        staged: StagedUpload,
+        filename: str,
+        purpose: str,
+        project: str = DEFAULT_PROJECT,
+        quota: FileQuota | None = None,
+    ) -> FileRecord:
+        """Make the upload visible to `project`; QuotaExceededError if it would not fit."""
         record = FileRecord(
-            new_id("file"), filename, purpose, staged.bytes, staged.sha256, int(time.time())
-        )
+            new_id("file"), filename, purpose, staged.bytes, staged.sha256, int(time.time()),
+            project,
+        )  # fmt: skip
         final = self.path(record.id)
         os.replace(staged.path, final)
         _fsync_dir(self.root)
         try:
-            self.db.execute(
-                "INSERT INTO files (id, filename, purpose, bytes, sha256, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (record.id, filename, purpose, record.bytes, record.sha256, record.created_at),
-            )
+            # Checked and inserted in one transaction: concurrent uploads cannot both fit.
+            with self.db.transaction() as cur:
+                if quota is not None:
+                    _check_quota(cur, project, record.bytes, quota)
+                cur.execute(
+                    "INSERT INTO files (id, filename, purpose, bytes, sha256, created_at, project)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (record.id, filename, purpose, record.bytes, record.sha256,
+                     record.created_at, project),
+                )  # fmt: skip
         except BaseException:
             final.unlink(missing_ok=True)
             raise
@@ -122,14 +154,22 @@ class FileStore:
         return _record(rows[0]) if rows else None
 
     def list(
-        self, purpose: str | None, limit: int, order: str = "desc", after: str | None = None
+        self,
+        purpose: str | None,
+        limit: int,
+        order: str = "desc",
+        after: str | None = None,
+        project: str = DEFAULT_PROJECT,
     ) -> FilePage:
-        where, args = ["1"], []
+        """One project's files; another project's id as `after` is a cursor to nothing."""
+        where, args = ["project = ?"], [project]
         if purpose:
             where.append("purpose = ?")
             args.append(purpose)
         if after:
-            rows = self.db.query("SELECT seq FROM files WHERE id = ?", (after,))
+            rows = self.db.query(
+                "SELECT seq FROM files WHERE id = ? AND project = ?", (after, project)
+            )
             if not rows:
                 return FilePage([], False)  # a deleted cursor: nothing can follow it
             where.append("seq < ?" if order == "desc" else "seq > ?")
@@ -139,9 +179,28 @@ class FileStore:
         rows = self.db.query(sql, (*args, limit + 1))
         return FilePage([_record(r) for r in rows[:limit]], len(rows) > limit)
 
-    def delete(self, file_id: str) -> bool:
+    def delete(self, file_id: str, project: str | None = None) -> bool:
+        """Delete the file (only if `project` owns it, when given)."""
+        sql, args = "DELETE FROM files WHERE id = ?", (file_id,)
+        if project is not None:
+            sql, args = sql + " AND project = ?", (file_id, project)
         # The row goes first: a crash in between leaves an orphan file, never a row without bytes.
-        if not self.db.execute("DELETE FROM files WHERE id = ?", (file_id,)):
+        if not self.db.execute(sql, args):
             return False
         self.path(file_id).unlink(missing_ok=True)
         return True
+
+
+def _check_quota(cur, project: str, adding: int, quota: FileQuota) -> None:  # noqa: ANN001
+    count, total = cur.execute(
+        "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM files WHERE project = ?", (project,)
+    ).fetchone()
+    if count + 1 > quota.max_files:
+        raise QuotaExceededError(
+            f"this project already holds {count} files, its quota; delete some to upload more"
+        )
+    if total + adding > quota.max_bytes:
+        raise QuotaExceededError(
+            f"this project's files would take {total + adding} bytes, over its quota of "
+            f"{quota.max_bytes}; delete some to upload more"
+        )

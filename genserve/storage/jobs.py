@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from genserve.storage.db import Database, new_id
+from genserve.storage.db import DEFAULT_PROJECT, Database, new_id
 
 ACTIVE = ("validating_files", "queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -41,6 +41,7 @@ class JobRecord:
     crashes: int = 0  # worker exits without a result (crash, SIGKILL) the job has survived
     adapter_deleted: bool = False
     result_files: tuple[str, ...] = ()  # file ids: the step metrics CSV once it succeeded
+    project: str = DEFAULT_PROJECT  # the owner: the job, its files and its model are its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,7 @@ def _job(row) -> JobRecord:
         crashes=row["crashes"],
         adapter_deleted=bool(row["adapter_deleted"]),
         result_files=tuple(_loads(row["result_files"]) or ()),
+        project=row["project"],
     )
 
 
@@ -131,7 +133,8 @@ class JobStore:
     def create(self, job: JobRecord) -> JobRecord:
         self.db.execute(
             "INSERT INTO jobs (id, model, training_file, validation_file, suffix, seed,"
-            " hyperparameters, metadata, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " hyperparameters, metadata, status, created_at, project)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 job.id,
                 job.model,
@@ -143,6 +146,7 @@ class JobStore:
                 None if job.metadata is None else json.dumps(job.metadata),
                 job.status,
                 job.created_at,
+                job.project,
             ),
         )
         return job
@@ -151,9 +155,17 @@ class JobStore:
         rows = self.db.query("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return _job(rows[0]) if rows else None
 
-    def list(self, after: str | None, limit: int) -> Page[JobRecord]:
-        """Newest first; `after` is the last id of the previous page."""
-        return Page(*self._page("jobs", "1", (), after, limit, _job))
+    def list(
+        self, after: str | None, limit: int, project: str = DEFAULT_PROJECT
+    ) -> Page[JobRecord]:
+        """One project's jobs, newest first; `after` is the last id of the previous page."""
+        return Page(*self._page("jobs", "project = ?", (project,), after, limit, _job))
+
+    def count_active(self, project: str) -> int:
+        """The project's jobs that are validating, queued or running (its quota counts them)."""
+        marks = ",".join("?" * len(ACTIVE))
+        sql = f"SELECT COUNT(*) FROM jobs WHERE project = ? AND status IN ({marks})"
+        return self.db.query(sql, (project, *ACTIVE))[0][0]
 
     def with_status(self, *statuses: str) -> list[JobRecord]:
         marks = ",".join("?" * len(statuses))
@@ -268,9 +280,12 @@ class JobStore:
     # --- shared -----------------------------------------------------------------------------
 
     def _page(self, table: str, where: str, args: tuple, after: str | None, limit: int, make):
-        """(rows, has_more), newest first, strictly older than the `after` cursor."""
+        """(rows, has_more), newest first, strictly older than the `after` cursor (which must
+        itself match `where`: another project's or job's id is a cursor to nothing)."""
         if after:
-            found = self.db.query(f"SELECT seq FROM {table} WHERE id = ?", (after,))
+            found = self.db.query(
+                f"SELECT seq FROM {table} WHERE id = ? AND {where}", (after, *args)
+            )
             if not found:
                 return [], False
             where, args = f"{where} AND seq < ?", (*args, found[0]["seq"])

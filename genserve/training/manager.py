@@ -72,6 +72,7 @@ class JobRequest:
     seed: int | None
     hyperparameters: dict[str, Any]  # each value an int/float or "auto"
     metadata: dict[str, str] | None = None
+    project: str = "default"  # of the key that asked: the job, its files and model are its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +230,7 @@ class JobManager:
             hyperparameters=request.hyperparameters,
             created_at=int(time.time()),
             metadata=request.metadata,
+            project=request.project,
         )
         self.jobs.create(job)
         self._note(job.id, f"Validating training file: {job.training_file}")
@@ -469,7 +471,7 @@ class JobManager:
             self.jobs.add_event(job.id, f"The model could not be served yet: {e}", level="warn")
         fields = {"fine_tuned_model": model_id, "trained_tokens": finished.trained_tokens}
         try:
-            results = await asyncio.to_thread(self._write_results, job.id)
+            results = await asyncio.to_thread(self._write_results, job)
         except OSError as e:  # the model is trained and served; a lost CSV must not fail it
             log.exception("job %s: could not write its result file", job.id)
             self.jobs.add_event(job.id, f"The result file could not be written: {e}", level="warn")
@@ -481,15 +483,18 @@ class JobManager:
         elif results is not None:  # cancelled meanwhile: the job keeps no results
             self.files.delete(results.id)
 
-    def _write_results(self, job_id: str) -> FileRecord:
-        """OpenAI's step_metrics.csv, as a file of purpose fine-tune-results. Blocking."""
-        data = results_csv(self.jobs.metrics(job_id)).encode()
+    def _write_results(self, job: JobRecord) -> FileRecord:
+        """OpenAI's step_metrics.csv, as a file of purpose fine-tune-results, owned by the
+        job's project (outside its quota: the job was admitted, its results must not fail it).
+        Blocking."""
+        data = results_csv(self.jobs.metrics(job.id)).encode()
         staged = self.files.stage(io.BytesIO(data), max_bytes=len(data))
-        return self.files.commit(staged, RESULTS_FILENAME, "fine-tune-results")
+        return self.files.commit(staged, RESULTS_FILENAME, "fine-tune-results", job.project)
 
     def _adapter_spec(self, job: JobRecord, model_id: str) -> AdapterSpec:
         created = job.finished_at or int(time.time())
-        return AdapterSpec(model_id, job.model, self.root / job.id / "adapter", created)
+        path = self.root / job.id / "adapter"
+        return AdapterSpec(model_id, job.model, path, created, project=job.project)
 
 
 RESULTS_FILENAME = "step_metrics.csv"

@@ -118,4 +118,81 @@ def test_a_version_1_database_gains_result_files_and_keeps_its_jobs(tmp_path: Pa
     assert jobs.transition("ftjob-new", "succeeded", ("running",), result_files=("file-r",))
     assert jobs.get("ftjob-new").result_files == ("file-r",)
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == db_mod.SCHEMA_VERSION == 2
+    assert version == db_mod.SCHEMA_VERSION == 3  # through every migration since
+
+
+# The files and jobs tables as genserve wrote them at schema version 2, before projects.
+V2_FILES_AND_JOBS = """
+CREATE TABLE files (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, filename TEXT NOT NULL,
+  purpose TEXT NOT NULL, bytes INTEGER NOT NULL, sha256 TEXT NOT NULL, created_at INTEGER NOT NULL
+);
+CREATE TABLE jobs (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, model TEXT NOT NULL,
+  training_file TEXT NOT NULL, validation_file TEXT, suffix TEXT, seed INTEGER NOT NULL,
+  hyperparameters TEXT NOT NULL, metadata TEXT, status TEXT NOT NULL, created_at INTEGER NOT NULL,
+  finished_at INTEGER, fine_tuned_model TEXT, trained_tokens INTEGER, error TEXT,
+  crashes INTEGER NOT NULL DEFAULT 0, adapter_deleted INTEGER NOT NULL DEFAULT 0,
+  result_files TEXT
+);
+PRAGMA user_version=2;
+"""
+
+
+def test_a_version_2_database_gives_its_rows_to_the_default_project(tmp_path: Path) -> None:
+    import sqlite3
+
+    from genserve.storage import db as db_mod
+
+    path = tmp_path / db_mod.DB_NAME
+    conn = sqlite3.connect(path)
+    conn.executescript(V2_FILES_AND_JOBS)
+    conn.execute(
+        "INSERT INTO files (id, filename, purpose, bytes, sha256, created_at)"
+        " VALUES ('file-old', 'a.jsonl', 'fine-tune', 3, 'x', 5)"
+    )
+    conn.execute(
+        "INSERT INTO jobs (id, model, training_file, seed, hyperparameters, status, created_at)"
+        " VALUES ('ftjob-old', 'm', 'file-old', 1, '{}', 'queued', 5)"
+    )
+    conn.commit()
+    conn.close()
+
+    db = open_database(tmp_path)
+    files, jobs = FileStore(db, tmp_path / "files"), JobStore(db)
+    assert files.get("file-old").project == "default"
+    assert jobs.get("ftjob-old").project == "default"
+    assert [f.id for f in files.list(None, 10, project="default").data] == ["file-old"]
+    assert files.list(None, 10, project="key-a").data == []
+    assert [j.id for j in jobs.list(None, 10, project="default").data] == ["ftjob-old"]
+    assert jobs.count_active("default") == 1 and jobs.count_active("key-a") == 0
+    # New rows keep their owner; the migration ran once and the version says so.
+    jobs.create(JobRecord("ftjob-a", "m", "f", None, None, 1, {}, 6, project="key-a"))
+    assert [j.id for j in jobs.list(None, 10, project="key-a").data] == ["ftjob-a"]
+    db.close()
+    reopened = JobStore(open_database(tmp_path))
+    assert reopened.get("ftjob-a").project == "key-a"
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def test_files_are_scoped_to_their_project_and_within_quota(files: FileStore) -> None:
+    from genserve.storage.files import FileQuota, QuotaExceededError
+
+    def put(data: bytes, project: str, quota: FileQuota | None = None):  # noqa: ANN202
+        return files.commit(files.stage(io.BytesIO(data), 1 << 20), "d", "batch", project, quota)
+
+    a = put(b"aaaa", "key-a")
+    put(b"bb", "key-b")
+    assert [f.id for f in files.list(None, 10, project="key-a").data] == [a.id]
+    assert files.list(None, 10, after=a.id, project="key-b").data == []  # a foreign cursor
+    assert not files.delete(a.id, project="key-b") and files.get(a.id) is not None
+    quota = FileQuota(max_files=2, max_bytes=10)
+    with pytest.raises(QuotaExceededError, match="bytes"):
+        put(b"x" * 7, "key-a", quota)  # 4 + 7 > 10
+    put(b"x" * 6, "key-a", quota)
+    with pytest.raises(QuotaExceededError, match="2 files"):
+        put(b"x", "key-a", quota)
+    put(b"x", "key-b", quota)  # another project's quota is its own
+    assert sorted(p.name for p in files.root.iterdir()) == sorted(
+        f.id for p in ("key-a", "key-b") for f in files.list(None, 10, project=p).data
+    )  # refused uploads left no bytes behind
