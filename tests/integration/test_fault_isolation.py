@@ -239,3 +239,25 @@ def test_a_wordlevel_tokenizer_model_serves_text_and_refuses_response_format(
         )  # fmt: skip
     assert err.value.body["param"] == "response_format"
     assert "tokenizer" in err.value.body["message"]
+
+
+async def test_health_answers_while_a_schema_compiles(iso: LiveServer) -> None:
+    # Seconds of lexer work (not cached: the other tests used another pattern).
+    fmt = pattern_format("^(x{999}){1000}$")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    order: list[str] = []
+    async with httpx.AsyncClient(base_url=iso.url, timeout=300) as http:
+
+        async def schema() -> httpx.Response:
+            r = await http.post("/v1/chat/completions", json={**body, "response_format": fmt})
+            order.append("schema")
+            return r
+
+        task = asyncio.create_task(schema())
+        await asyncio.sleep(0.3)  # the grammar is compiling
+        health = await http.get("/health")
+        order.append("health")
+        r = await task
+    assert health.status_code == 200
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    assert order == ["health", "schema"]
