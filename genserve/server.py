@@ -14,7 +14,7 @@ from genserve.config import ServerConfig
 from genserve.engine.client import AsyncEngine
 from genserve.engine.core import EngineCore
 from genserve.engine.thread import EngineThread
-from genserve.model.grammar import GrammarCompiler
+from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
 from genserve.model.loading import LoadedModel, ModelLoadError, load_model
 from genserve.model.runner import kv_bytes_per_token
 from genserve.model.sizing import cache_shape
@@ -33,8 +33,7 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         slots, max_len = cache_shape(cfg.engine, loaded.max_context)
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
-    vocab = loaded.model.config.vocab_size
-    grammars = GrammarCompiler(loaded.tokenizer, vocab, stop_token_ids=loaded.eos_token_ids)
+    grammars = grammar_compiler(loaded)
     # Built on the thread that will step it: see genserve.engine.thread for why.
     thread = EngineThread()
     try:
@@ -70,6 +69,18 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         token_text=TokenText(loaded.tokenizer),
         grammars=grammars,
     )
+
+
+def grammar_compiler(loaded: LoadedModel) -> GrammarCompiler | GrammarUnavailable:
+    """The model's grammar compiler; when llguidance cannot read its tokenizer (a WordLevel one
+    without a ByteLevel or SentencePiece decoder), the model still serves plain generation and
+    response_format answers 400 with the reason (DESIGN rule 11)."""
+    vocab = loaded.model.config.vocab_size
+    try:
+        return GrammarCompiler(loaded.tokenizer, vocab, stop_token_ids=loaded.eos_token_ids)
+    except Exception as e:  # noqa: BLE001 - an optional capability, never the whole model
+        log.warning("%s: response_format is off: the grammar library failed: %s", loaded.name, e)
+        return GrammarUnavailable(str(e))
 
 
 def fingerprint(loaded: LoadedModel, runner: str, deterministic: bool) -> str:

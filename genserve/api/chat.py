@@ -13,6 +13,7 @@ from genserve.api.generation import (
     ChoiceDelta,
     apply_defaults,
     build_requests,
+    check_group,
     check_limits,
     collect,
     grammar_spec,
@@ -20,6 +21,7 @@ from genserve.api.generation import (
     open_streams,
     sampling_params,
 )
+from genserve.api.limits import TEMPLATE_RENDER_S, TemplateTimeout, off_loop, with_deadline
 from genserve.api.logprobs import chat_logprobs, namer
 from genserve.api.models import ServedModel, services
 from genserve.api.schemas import ChatCompletionRequest, ChatMessage
@@ -41,13 +43,18 @@ def render_chat(served: ServedModel, messages: list[ChatMessage], generation_pro
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in messages
     ]
+    render = lambda: served.tokenizer.apply_chat_template(  # noqa: E731
+        plain,
+        chat_template=served.template,
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
+    )
     try:
-        return served.tokenizer.apply_chat_template(
-            plain,
-            chat_template=served.template,
-            tokenize=False,
-            add_generation_prompt=generation_prompt,
-        )
+        # Call it off the event loop: it can be slow (a template with nested loops).
+        return with_deadline(render, TEMPLATE_RENDER_S)
+    except TemplateTimeout as e:
+        msg = f"the chat template did not render these messages within {TEMPLATE_RENDER_S:g}s"
+        raise bad_request(msg, "messages") from e
     except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the caller's
         raise bad_request(f"the chat template rejected these messages: {e}", "messages") from e
 
@@ -71,11 +78,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     served = target.served
     apply_defaults(body, served.settings.defaults)
     check_chat_body(body)
-    prompt = chat_prompt(served, body)
+    check_group(served.engine, body.n or 1, "n")
+    prompt = await off_loop(chat_prompt, served, body)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = max_new_tokens(served, body, len(prompt))
     check_limits(request, len(prompt), max_tokens, "messages", served.context_limit)
-    grammar = grammar_spec(body, served.grammars)
+    grammar = await grammar_spec(body, served.grammars)
     params = sampling_params(body, max_tokens, served.vocab_size, logprobs, grammar=grammar)
     cid, created = new_id("chatcmpl"), int(time.time())
     streams = open_streams(

@@ -14,6 +14,7 @@ from genserve.api.generation import (
     ChoiceState,
     apply_defaults,
     build_requests,
+    check_group,
     check_limits,
     collect,
     grammar_spec,
@@ -21,6 +22,7 @@ from genserve.api.generation import (
     open_streams,
     sampling_params,
 )
+from genserve.api.limits import off_loop
 from genserve.api.logprobs import completion_logprobs, namer
 from genserve.api.models import ServedModel, services
 from genserve.api.schemas import CompletionRequest
@@ -62,13 +64,15 @@ async def create_completion(body: CompletionRequest, request: Request):
     served = target.served
     apply_defaults(body, served.settings.defaults)
     check_completion_body(body)
-    prompts = prompt_ids(served, body.prompt)
+    prompts = await off_loop(prompt_ids, served, body.prompt)
     n = body.n or 1
     best_of = body.best_of or n
+    group_param = "best_of" if body.best_of else ("n" if len(prompts) == 1 else "prompt")
+    check_group(served.engine, len(prompts) * best_of, group_param)
     # best_of ranks candidates by cumulative logprob, so it needs them even when not shown.
     logprobs = body.logprobs if body.logprobs is not None else (0 if best_of > n else None)
     echo_lps = body.logprobs if body.echo else None
-    grammar = grammar_spec(body, served.grammars)
+    grammar = await grammar_spec(body, served.grammars)
     max_tokens = body.max_tokens or 16
     longest = max(len(p) for p in prompts)
     check_limits(request, longest, max_tokens, "prompt", served.context_limit)

@@ -12,11 +12,13 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 
 from genserve.api.errors import APIError, bad_request
+from genserve.api.limits import GRAMMAR_BUDGET_S
 from genserve.api.schemas import SamplingFields
 from genserve.engine.client import AsyncEngine, ContextLengthError, EngineError
 from genserve.engine.scheduler import QueueFullError
 from genserve.engine.types import (
     JSON_OBJECT,
+    FailureKind,
     GrammarSpec,
     Request,
     SamplingParams,
@@ -68,7 +70,9 @@ def new_id(prefix: str) -> str:
 def parse_logit_bias(
     bias: dict[str, float] | None, vocab_size: int
 ) -> tuple[tuple[int, float], ...]:
-    out = []
+    """Sorted (token, bias) pairs, one per token: keys naming the same id ("1", "01") add up,
+    as they did when the sampler added them one by one."""
+    out: dict[int, float] = {}
     for key, value in (bias or {}).items():
         try:
             token = int(key)
@@ -77,12 +81,17 @@ def parse_logit_bias(
             raise bad_request(msg, "logit_bias") from None
         if not 0 <= token < vocab_size:
             raise bad_request(f"logit_bias token {token} is not in [0, {vocab_size})", "logit_bias")
-        out.append((token, float(value)))
-    return tuple(sorted(out))
+        out[token] = out.get(token, 0.0) + float(value)
+    return tuple(sorted(out.items()))
 
 
-def grammar_spec(body: SamplingFields, grammars: Any) -> GrammarSpec | None:
-    """response_format -> a grammar the engine enforces; 400 for what cannot be enforced."""
+async def grammar_spec(body: SamplingFields, grammars: Any) -> GrammarSpec | None:
+    """response_format -> a grammar the engine enforces; 400 for what cannot be enforced.
+
+    Compiled on a worker thread within GRAMMAR_BUDGET_S (a 12-deep anyOf took 4.5 s on the
+    event loop); one that runs past it is refused now and remembered as refused, so the engine
+    thread never compiles it either.
+    """
     rf = body.response_format
     if rf is None or rf.type == "text":
         return None
@@ -93,10 +102,24 @@ def grammar_spec(body: SamplingFields, grammars: Any) -> GrammarSpec | None:
             raise UnsupportedSchemaError("response_format.json_schema.schema is required")
         else:
             spec = GrammarSpec.json_schema(rf.json_schema.schema_)
-        grammars.validate(spec)
+        await asyncio.wait_for(asyncio.to_thread(grammars.validate, spec), GRAMMAR_BUDGET_S)
     except UnsupportedSchemaError as e:
         raise bad_request(str(e), "response_format") from e
+    except TimeoutError as e:
+        msg = f"response_format schema did not compile within {GRAMMAR_BUDGET_S:g}s"
+        grammars.refuse(spec, msg)
+        raise bad_request(msg, "response_format") from e
     return spec
+
+
+def check_group(engine: AsyncEngine, sequences: int, param: str) -> None:
+    """One call may run at most engine.max_group sequences (a share of the slots)."""
+    if sequences > engine.max_group:
+        raise bad_request(
+            f"this request asks for {sequences} sequences at once; this model runs at most "
+            f"{engine.max_group} per request (half of its batch slots)",
+            param,
+        )
 
 
 def apply_defaults(body: SamplingFields, defaults: dict[str, Any]) -> None:
@@ -116,6 +139,8 @@ def sampling_params(
 ) -> SamplingParams:
     if body.stop_token_ids and any(t >= vocab_size for t in body.stop_token_ids):
         raise bad_request(f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")
+    if body.top_k is not None and body.top_k > vocab_size:
+        raise bad_request(f"top_k must be at most the vocabulary size, {vocab_size}", "top_k")
     try:
         return SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -173,6 +198,8 @@ def open_streams(
         return engine.open(requests)
     except ContextLengthError as e:
         raise bad_request(str(e), param=prompt_param, code="context_length_exceeded") from e
+    except EngineError as e:  # its engine stopped (the model is being unloaded)
+        raise engine_api_error(e) from e
     except QueueFullError as e:
         raise APIError(
             429,
@@ -270,6 +297,17 @@ async def collect(
 def translate_engine_errors(task: asyncio.Task) -> None:
     exc = task.exception()
     if isinstance(exc, EngineError):
-        raise APIError(500, str(exc)) from exc
+        raise engine_api_error(exc) from exc
     if exc is not None:
         raise exc
+
+
+_FAILURE_STATUS = {FailureKind.INVALID: 400, FailureKind.UNAVAILABLE: 503}
+
+
+def engine_api_error(exc: EngineError) -> APIError:
+    """The engine ended one request: 400 if its own input was at fault (a schema past the
+    grammar's limits), 503 if its model went away, else 500."""
+    f = exc.failure
+    status = _FAILURE_STATUS.get(f.kind, 500)
+    return APIError(status, f.message, f.param if status == 400 else None)

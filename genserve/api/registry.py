@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from genserve.api.auth import principal, require_admin
 from genserve.api.errors import APIError, bad_request, model_not_found
+from genserve.api.limits import check_chat_template
 from genserve.api.models import ModelSettings, ServedModel, Services, services
 from genserve.api.schemas import ModelSettingsBody, RegisterModelRequest
 from genserve.config import ServerConfig
@@ -212,12 +213,7 @@ def check_settings(svc: Services, served: ServedModel, s: ModelSettings) -> None
         if taken or other:
             raise APIError(409, f"alias {alias!r} is already a model id or alias", "aliases")
     if s.chat_template is not None:
-        try:
-            served.tokenizer.apply_chat_template(
-                [{"role": "user", "content": "hi"}], chat_template=s.chat_template, tokenize=False
-            )
-        except Exception as e:  # noqa: BLE001 - a template that cannot render is refused
-            raise bad_request(f"chat_template does not render: {e}", "chat_template") from e
+        check_chat_template(served.tokenizer, s.chat_template)
 
 
 def check_new_names(svc: Services, model_id: str, aliases: list[str]) -> None:

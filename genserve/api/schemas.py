@@ -10,11 +10,26 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from genserve.api.limits import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS
+
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 MAX_N = 16
-MAX_STOP = 4
+LogitBias = Annotated[
+    dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS)
+]
+
+
+def check_stop(v: str | list[str] | None) -> str | list[str] | None:
+    stops = [v] if isinstance(v, str) else v or []
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
+    if any(s == "" for s in stops):
+        raise ValueError("stop sequences must not be empty")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"each stop sequence may have at most {MAX_STOP_CHARS} characters")
+    return v
 
 
 def no_lone_surrogate(value: str) -> str:
@@ -70,7 +85,7 @@ class SamplingFields(BaseModel):
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: LogitBias | None = None
     user: str | None = None
     # vLLM extensions
     top_k: Annotated[int, Field(ge=-1)] | None = None
@@ -85,13 +100,8 @@ class SamplingFields(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        _texts(stops)
-        return v
+        _texts([v] if isinstance(v, str) else v or [])
+        return check_stop(v)
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -172,6 +182,11 @@ class SamplingDefaults(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        return check_stop(v)
 
 
 class ModelSettingsBody(BaseModel):

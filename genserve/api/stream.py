@@ -9,8 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Request as HTTPRequest
 from sse_starlette import EventSourceResponse
 
-from genserve.api.errors import APIError
-from genserve.api.generation import ChoiceDelta, merged, spend_tokens
+from genserve.api.generation import ChoiceDelta, engine_api_error, merged, spend_tokens
 from genserve.engine.client import EngineError
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ def sse_response(
                     yield json.dumps(frame)
         except EngineError as e:
             log.error("stream failed: %s", e)
-            yield json.dumps(APIError(500, str(e)).body())
+            yield json.dumps(engine_api_error(e).body())
             return
         finally:  # what was generated counts against the key, even for a client that left
             spend_tokens(http, prompt_tokens + sum(completion_tokens.values()))

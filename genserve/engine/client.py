@@ -8,9 +8,19 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
-from genserve.engine.core import AdapterOp, EngineCore
+from genserve.engine.core import STOPPED, AdapterOp, EngineCore
 from genserve.engine.scheduler import QueueFullError
-from genserve.engine.types import EngineStats, FinishReason, Request, TokenDelta
+from genserve.engine.types import (
+    EngineStats,
+    FinishReason,
+    Request,
+    RequestFailure,
+    TokenDelta,
+)
+
+# One API call (its prompts x best_of, or n) may hold at most this share of the engine's slots,
+# so a single caller cannot take every slot (18 prompts x best_of 16 did); at least one.
+GROUP_SLOT_SHARE = 0.5
 
 
 class Observer(Protocol):
@@ -33,7 +43,13 @@ class AsyncEngine:
         self._streams: dict[str, asyncio.Queue[TokenDelta]] = {}
         self._requests: dict[str, Request] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
         self.observer: Observer | None = None  # metrics, set by the API
+
+    @property
+    def max_group(self) -> int:
+        """The most sequences one API call may run (see GROUP_SLOT_SHARE)."""
+        return max(1, int(self.core.scheduler.slots.num_slots * GROUP_SLOT_SHARE))
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -41,7 +57,20 @@ class AsyncEngine:
         self.core.start()
 
     def stop(self) -> None:
-        self.core.stop()
+        """Stop the engine; every request still in flight ends with an error (never hangs).
+        Callable from any thread."""
+        self._stopped = True
+        self.core.stop()  # the engine thread fails what it holds, then exits
+        if self._loop is not None and not self._loop.is_closed():
+            # What it never saw (or a thread that did not exit in time) ends here too.
+            self._loop.call_soon_threadsafe(self._fail_open, STOPPED)
+
+    def _fail_open(self, error: RequestFailure) -> None:
+        for rid in list(self._streams):
+            request = self._requests.get(rid)
+            prompt = len(request.prompt_token_ids) if request is not None else 0
+            delta = TokenDelta(rid, (), "", FinishReason.ABORT, prompt, 0, error=error)
+            self._dispatch([delta])
 
     @property
     def num_in_flight(self) -> int:
@@ -76,6 +105,8 @@ class AsyncEngine:
         Synchronous on purpose: the capacity check and the registration happen in one tick of
         the event loop, so concurrent calls cannot overshoot the bound.
         """
+        if self._stopped:
+            raise EngineError(STOPPED.message, STOPPED)
         for r in requests:
             self.check_context(len(r.prompt_token_ids), r.params.max_tokens)
         if len(self._streams) + len(requests) > self.capacity:
@@ -97,7 +128,8 @@ class AsyncEngine:
                 if delta.finished:
                     self._streams.pop(rid, None)
                 if delta.finish_reason is FinishReason.ABORT:
-                    raise EngineError("the engine dropped this request; see the server log")
+                    failure = delta.error or RequestFailure(DROPPED)
+                    raise EngineError(failure.message, failure)
                 yield delta
                 if delta.finished:
                     return
@@ -131,5 +163,13 @@ class AsyncEngine:
                 self._requests.pop(d.request_id, None)
 
 
+DROPPED = "the engine dropped this request; see the server log"
+
+
 class EngineError(RuntimeError):
-    """The engine failed a request (a bug or an out-of-memory); the API answers 500."""
+    """The engine ended a request early; `failure.kind` says whose fault (the API maps it to
+    400, 500 or 503)."""
+
+    def __init__(self, message: str, failure: RequestFailure | None = None) -> None:
+        super().__init__(message)
+        self.failure = failure or RequestFailure(message)

@@ -23,8 +23,10 @@ from genserve.engine.thread import EngineThread
 from genserve.engine.types import (
     ChunkInput,
     EngineStats,
+    FailureKind,
     FinishReason,
     Request,
+    RequestFailure,
     SampledToken,
     StepInput,
     TokenDelta,
@@ -32,6 +34,12 @@ from genserve.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+STOPPED = RequestFailure(
+    "the model was unloaded (or its engine stopped) while this request ran; retry on a "
+    "model that is served",
+    FailureKind.UNAVAILABLE,
+    "model",
+)
 
 
 class Worker(Protocol):
@@ -76,6 +84,10 @@ class Live:
 
 
 Publish = Callable[[Sequence[TokenDelta]], None]
+
+
+def unloaded(model: str) -> RequestFailure:
+    return RequestFailure(f"the model {model!r} was unloaded", FailureKind.UNAVAILABLE, "model")
 
 
 class EngineCore:
@@ -129,11 +141,27 @@ class EngineCore:
         while True:
             try:
                 if not self._drain_inbox(block=not self.scheduler.has_work):
-                    return
+                    break
                 self.step()
-            except Exception:  # noqa: BLE001 - a failed step must not kill the server
+            except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
+                # Per-request failures (sampling, grammar, detokenizing) never get here; what
+                # does is the model's forward pass itself, which every request in it shared.
                 log.exception("engine step failed; failing the requests in it")
-                self._fail_all()
+                self._fail_all(RequestFailure(f"the model's forward pass failed: {e!r}"))
+        self._fail_all(STOPPED)  # stopped: what was in flight ends with an error, never hangs
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """Requests submitted after the stop: each ends with the same error."""
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Request):
+                self._reject(item, STOPPED)
+            elif isinstance(item, AdapterOp):
+                item.done.set_exception(RuntimeError(STOPPED.message))
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued submits and aborts; False when asked to stop."""
@@ -161,7 +189,7 @@ class EngineCore:
                 # Requests still using it end now (their clients see an error), never mid-swap.
                 for rid, live in list(self.live.items()):
                     if live.seq.request.adapter == op.name:
-                        self._abort(rid)
+                        self._abort(rid, unloaded(op.name))
                 self.worker.remove_adapter(op.name)
             else:
                 self.worker.add_adapter(op.name, op.path)
@@ -173,15 +201,27 @@ class EngineCore:
     def _add(self, request: Request) -> None:
         if request.adapter is not None and request.adapter not in self.worker.adapters:
             # Its adapter was removed after the API accepted it: end it alone, not the step.
-            prompt = len(request.prompt_token_ids)
-            self.publish([TokenDelta(request.request_id, (), "", FinishReason.ABORT, prompt, 0)])
+            self._reject(request, unloaded(request.adapter))
+            return
+        try:
+            # First, so a failure (a grammar the engine cannot build) leaves nothing to undo.
+            self.worker.start(request)
+        except Exception as e:  # noqa: BLE001 - this request fails, not the engine
+            log.warning("request %s failed to start: %r", request.request_id, e)
+            self.worker.release(request.request_id, -1)
+            self._reject(request, RequestFailure(f"the request could not start: {e}"))
             return
         seq = self.scheduler.add(request)
         tail = request.prompt_token_ids[-5:]
         self.live[request.request_id] = Live(
             seq, IncrementalDetokenizer(self.decoder, tail, request.params.stop)
         )
-        self.worker.start(request)
+
+    def _reject(self, request: Request, error: RequestFailure) -> None:
+        """End a request that never ran; its stream sees ABORT with the reason."""
+        prompt = len(request.prompt_token_ids)
+        delta = TokenDelta(request.request_id, (), "", FinishReason.ABORT, prompt, 0, error=error)
+        self.publish([delta])
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
@@ -222,8 +262,14 @@ class EngineCore:
 
     def _append(self, seq: Seq, sampled: SampledToken) -> TokenDelta:
         live = self.live[seq.request_id]
+        if sampled.error is not None:
+            return self._failed(live, sampled.error)
         seq.output_ids.append(sampled.token_id)
-        reason, text = self._outcome(live, sampled)
+        try:
+            reason, text = self._outcome(live, sampled)
+        except Exception as e:  # noqa: BLE001 - a detokenizer failure ends this request alone
+            log.warning("request %s failed while detokenizing: %r", seq.request_id, e)
+            return self._failed(live, RequestFailure(f"detokenizing failed: {e!r}"))
         params = seq.request.params
         prompt_lps = ()
         if len(seq.output_ids) == 1 and params.prompt_logprobs is not None:
@@ -266,18 +312,20 @@ class EngineCore:
         self.worker.release(seq.request_id, slot)
         del self.live[seq.request_id]
 
-    def _abort(self, request_id: str) -> None:
+    def _failed(self, live: Live, error: RequestFailure | None) -> TokenDelta:
+        """Release one request that failed in this step; its delta carries why."""
+        self._release(live)
+        seq = live.seq
+        prompt, done = len(seq.request.prompt_token_ids), len(seq.output_ids)
+        return TokenDelta(seq.request_id, (), "", FinishReason.ABORT, prompt, done, error=error)
+
+    def _abort(self, request_id: str, error: RequestFailure | None = None) -> None:
         """Drop a request (client gone, or a failed step); its stream, if any, sees ABORT."""
         live = self.live.get(request_id)
         if live is None:
             return
-        self._release(live)
-        seq = live.seq
-        prompt = len(seq.request.prompt_token_ids)
-        self.publish(
-            [TokenDelta(seq.request_id, (), "", FinishReason.ABORT, prompt, len(seq.output_ids))]
-        )
+        self.publish([self._failed(live, error)])
 
-    def _fail_all(self) -> None:
+    def _fail_all(self, error: RequestFailure) -> None:
         for request_id in list(self.live):
-            self._abort(request_id)
+            self._abort(request_id, error)

@@ -143,13 +143,35 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+class FailureKind(enum.StrEnum):
+    """Whose fault a failed request is; the API picks the status from it."""
+
+    INTERNAL = "internal"  # a bug or a resource limit: 500
+    INVALID = "invalid"  # the caller's own input (a schema past the grammar's limits): 400
+    UNAVAILABLE = "unavailable"  # the model was unloaded or its engine stopped: 503
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailure:
+    """Why the engine ended one request early; the other requests of its step go on."""
+
+    message: str
+    kind: FailureKind = FailureKind.INTERNAL
+    param: str | None = None  # the request field at fault, for an INVALID failure
+
+    def __post_init__(self) -> None:
+        if not self.message:
+            raise ValueError("a request failure needs a message")
+
+
 @dataclass(frozen=True, slots=True)
 class SampledToken:
-    """What the model worker returns per sampling row."""
+    """What the model worker returns per sampling row: a token, or why this row failed."""
 
     token_id: int
     logprob: TokenLogprob | None = None
     grammar_done: bool = False  # the grammar accepts nothing more: the output is complete
+    error: RequestFailure | None = None  # this row alone failed (token_id is then meaningless)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +186,7 @@ class TokenDelta:
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token in token_ids, when asked for
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # once, first delta, when asked for
+    error: RequestFailure | None = None  # with finish_reason ABORT: why the engine ended it
 
     @property
     def finished(self) -> bool:

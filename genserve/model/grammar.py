@@ -145,6 +145,19 @@ _JSON_OPTIONS = {
     "coerce_one_of": False,
 }
 _ANY_OBJECT = '{"type":"object"}'
+# llguidance's own limits, spelled out so they are documented and deliberate (its defaults).
+# Fuel is its unit of lexer work, about 100 ns a point: a grammar may spend ~100 ms building
+# its lexer and ~20 ms per token; past that the matcher errs instead of stalling the engine.
+PARSER_LIMITS = {
+    "initial_lexer_fuel": 1_000_000,
+    "step_lexer_fuel": 200_000,
+    "max_lexer_states": 250_000,
+    "max_grammar_size": 500_000,
+    "step_max_items": 50_000,
+}
+# Tokens the compile-time probe walks (the lowest allowed id each step): a pattern whose lexer
+# runs out of fuel at its first tokens is a 400 at request time, not a failure mid-decode.
+PROBE_STEPS = 8
 _MAX_ERROR_CHARS = 300
 # -inf as float32 bits: (allowed - 1) & this is 0.0 for an allowed token and -inf otherwise.
 _NEG_INF_BITS = -8388608  # 0xFF800000
@@ -172,14 +185,22 @@ class GrammarCompiler:
         # logits (added tokens the head lacks) are cut off when the mask is read.
         self._width = max(vocab_size, len(tokenizer))
         self._tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self._width, eos_token=stops)
-        self._limits = llguidance.LLParserLimits(verbose_errors=False)
+        self._limits = llguidance.LLParserLimits(verbose_errors=False, **PARSER_LIMITS)
+        self._stops = frozenset(stops)
         self._cache: OrderedDict[GrammarSpec, llguidance.LLMatcher | str] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
     def validate(self, spec: GrammarSpec) -> None:
-        """Raise UnsupportedSchemaError unless `spec` can be enforced; compiles and caches."""
+        """Raise UnsupportedSchemaError unless `spec` can be enforced; compiles and caches.
+        Takes milliseconds to seconds: the API runs it off the event loop, with a budget."""
         self._template(spec)
+
+    def refuse(self, spec: GrammarSpec, message: str) -> None:
+        """Remember `spec` as refused (it ran past the API's compile budget), so neither the
+        same request nor the engine thread compiles it again."""
+        with self._lock:
+            self._cache[spec] = message
 
     def matcher(self, spec: GrammarSpec) -> GrammarMatcher:
         template = self._template(spec)
@@ -195,7 +216,8 @@ class GrammarCompiler:
         if hit is None:
             hit = self._compile(spec)  # outside the lock: llguidance drops the GIL here
             with self._lock:
-                self._cache[spec] = hit
+                # A refusal recorded meanwhile (the compile ran past its budget) stays.
+                hit = self._cache.setdefault(spec, hit)
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         if isinstance(hit, str):  # a refused spec is cached too: the same bad request repeats
@@ -215,7 +237,27 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self._tok, grammar, log_level=0, limits=self._limits)
         if matcher.is_error():
             return f"response_format schema cannot be enforced: {_short(matcher.get_error())}"
+        problem = self._probe(matcher)
+        if problem is not None:
+            return f"response_format schema exceeds the grammar's limits: {problem}"
         return matcher
+
+    def _probe(self, template: llguidance.LLMatcher) -> str | None:
+        """Walk a copy a few tokens (the lowest allowed id, EOS aside) under llguidance's
+        limits; the error if its lexer cannot keep up (e.g. a pattern like (x{1000}){1000})."""
+        import numpy as np
+
+        probe = GrammarMatcher(template.deep_copy(), self.vocab_size, self._width)
+        try:
+            for _ in range(PROBE_STEPS):
+                bits = probe.allowed_bits().copy()
+                bits[[t for t in self._stops if t < len(bits)]] = 0
+                if not bits.any():
+                    return None
+                probe.advance(int(np.argmax(bits)))
+        except GrammarLimitError as e:
+            return _short(e)
+        return None
 
 
 class GrammarMatcher:
@@ -228,6 +270,10 @@ class GrammarMatcher:
         self._vocab_size = vocab_size
         self._bitmask = torch.zeros((width + 31) // 32, dtype=torch.int32)
         self._bits: np.ndarray | None = None  # uint8 0/1 per token, for the current state
+
+    def allowed_bits(self) -> np.ndarray:
+        """uint8 0/1 [vocab_size]: tokens allowed next. Shared: do not modify."""
+        return self._mask_bits()
 
     def allowed(self) -> torch.Tensor:
         """bool [vocab_size]: tokens allowed next. Shared with the matcher: do not modify."""
@@ -282,9 +328,35 @@ class GrammarMatcher:
         return self._bits
 
     def _raise_if_failed(self) -> None:
-        # Not the caller's fault (the token was in the mask): a parser limit or a library bug.
+        # The token was in the mask, so this is a parser limit the schema ran into (or a
+        # library bug): the request it belongs to ends, the others go on.
         if self._inner.is_error():
-            raise RuntimeError(f"grammar matcher failed: {_short(self._inner.get_error())}")
+            raise GrammarLimitError(f"grammar matcher failed: {_short(self._inner.get_error())}")
+
+
+class GrammarLimitError(RuntimeError):
+    """llguidance stopped a matcher mid-decode (lexer fuel, states): the schema's fault."""
+
+
+class GrammarUnavailable:
+    """Stands in for GrammarCompiler on a model whose tokenizer llguidance cannot read: the
+    model serves plain generation, and response_format on it is a 400 that says why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = _short(reason)
+
+    def validate(self, spec: GrammarSpec) -> None:
+        raise UnsupportedSchemaError(
+            "response_format is not available for this model: the grammar library cannot "
+            f"read its tokenizer ({self.reason})"
+        )
+
+    def matcher(self, spec: GrammarSpec) -> GrammarMatcher:
+        self.validate(spec)
+        raise AssertionError("unreachable")  # validate always raises
+
+    def refuse(self, spec: GrammarSpec, message: str) -> None:
+        """Nothing is compiled here, so there is nothing to remember."""
 
 
 def _checked(schema_json: str | None) -> str:
@@ -342,7 +414,7 @@ def _subschemas(node: dict[str, Any], path: str) -> Iterator[tuple[Any, str]]:
 
 def _short(error: object) -> str:
     """One line for an error response: llguidance spreads a regex error over several lines."""
-    text = " ".join(str(error).split()) or "unknown error"
+    text = " ".join(str(error).replace("<non-verbose/>", "").split()) or "unknown error"
     for theirs, ours in _REWORDED.items():
         text = text.replace(theirs, ours)
     return text[:_MAX_ERROR_CHARS]

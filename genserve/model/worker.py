@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,15 +12,20 @@ import torch
 
 from genserve.engine.types import (
     ChunkInput,
+    FailureKind,
     Request,
+    RequestFailure,
     SampledToken,
     SamplingParams,
     StepInput,
     TokenLogprob,
 )
+from genserve.model.grammar import GrammarLimitError
 from genserve.model.loading import LoadedModel
 from genserve.model.runner import Runner, make_runner
-from genserve.model.sampler import SamplingRow, sample, token_logprob
+from genserve.model.sampler import SamplingRow, bias_tensors, sample, token_logprob
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -31,6 +37,7 @@ class RequestState:
     seen: torch.Tensor | None = None  # prompt and generated tokens, for repetition_penalty
     grammar: Any = None  # genserve.model.grammar.GrammarMatcher
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias, built once
 
 
 class ModelWorker:
@@ -71,6 +78,8 @@ class ModelWorker:
             state.grammar = self.grammars.matcher(p.grammar)
         if p.prompt_logprobs is not None:
             state.prompt_logprobs = [None]  # the first prompt token has no context
+        if p.logit_bias:
+            state.bias = bias_tensors(p.logit_bias)
         self._state[request.request_id] = state
 
     def add_adapter(self, name: str, path: Path) -> None:
@@ -98,7 +107,15 @@ class ModelWorker:
         rows = [self._row(c) for c in sampling]
         out = sample(last, rows)
         picked = zip(sampling, out.tokens, out.logprobs, strict=True)
-        return [self._record(c, t, lp) for c, t, lp in picked]
+        return [
+            self._failed(c, out.errors[i]) if i in out.errors else self._record(c, t, lp)
+            for i, (c, t, lp) in enumerate(picked)
+        ]
+
+    @staticmethod
+    def _failed(chunk: ChunkInput, exc: Exception) -> SampledToken:
+        log.warning("request %s failed while sampling: %r", chunk.request_id, exc)
+        return SampledToken(-1, error=failure_of(exc))
 
     def _row(self, chunk: ChunkInput) -> SamplingRow:
         p = chunk.params
@@ -121,6 +138,7 @@ class ModelWorker:
             seen=state.seen,
             constraint=state.grammar,
             logprobs=p.logprobs,
+            bias=state.bias,
         )
 
     def _record(self, chunk: ChunkInput, token: int, logprob: TokenLogprob | None) -> SampledToken:
@@ -131,8 +149,11 @@ class ModelWorker:
             state.seen[token] = True
         done = False
         if state.grammar is not None and token not in self.eos_ids:
-            state.grammar.advance(token)
-            done = state.grammar.done
+            try:
+                state.grammar.advance(token)
+                done = state.grammar.done
+            except Exception as e:  # noqa: BLE001 - this request fails, not the step
+                return self._failed(chunk, e)
         return SampledToken(token, logprob, grammar_done=done)
 
     # -- prompt logprobs (echo with logprobs) ----------------------------------------------
@@ -160,6 +181,13 @@ class ModelWorker:
                             token_logprob(logits[row + j], state.prompt[nxt], k)
                         )
             row += c.num_logit_rows
+
+
+def failure_of(exc: Exception) -> RequestFailure:
+    """A grammar past its limits is the caller's schema (400); anything else is ours (500)."""
+    if isinstance(exc, GrammarLimitError):
+        return RequestFailure(str(exc), FailureKind.INVALID, "response_format")
+    return RequestFailure(f"generation failed: {type(exc).__name__}: {exc}")
 
 
 def _has_prompt_rows(step: StepInput) -> bool:

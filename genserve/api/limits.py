@@ -1,0 +1,94 @@
+"""Bounds on what one request may ask of the server, and the slow edge work kept off the loop.
+
+One caller must not hurt the others (issue 13): parameters that scale the engine's work per
+step are bounded here, and tokenizing, chat-template rendering and grammar compiling run on a
+worker thread (`asyncio.to_thread`), so /health and every stream keep answering meanwhile.
+The defaults are listed in README.md's security section.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, TypeVar
+
+from genserve.api.errors import bad_request
+
+T = TypeVar("T")
+
+MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI
+MAX_STOP = 4  # stop sequences per request, as OpenAI
+MAX_STOP_CHARS = 1024  # characters per stop sequence (OpenAI documents none)
+GRAMMAR_BUDGET_S = 5.0  # response_format compile (llguidance's own limits bound it further)
+TEMPLATE_RENDER_S = 2.0  # rendering one request's messages with the chat template
+TEMPLATE_CHECK_S = 1.0  # a template set through the API must render CHECK_TURNS within this
+CHECK_TURNS = 64  # turns of the conversation a new template is tried on
+CHECK_TURN_CHARS = 400  # characters per turn
+_JINJA_FILENAME = "<template>"  # what jinja names the code it compiles from a string
+
+
+class TemplateTimeout(Exception):
+    """A chat template ran past its time limit."""
+
+
+def with_deadline(fn: Callable[[], T], seconds: float) -> T:
+    """fn() on this thread; TemplateTimeout once `seconds` pass inside jinja template code.
+
+    A thread cannot be killed, so the template's own code checks the clock: a line tracer is
+    set on jinja's compiled frames only, which also stops loops that print nothing and call
+    nothing. Rendering runs in transformers' ImmutableSandboxedEnvironment (no attribute
+    escapes, range() capped); this adds the time limit the sandbox lacks.
+    """
+    deadline = time.monotonic() + seconds
+
+    def in_template(frame: FrameType, event: str, arg: Any) -> Any:  # noqa: ANN401
+        if time.monotonic() > deadline:
+            raise TemplateTimeout(f"the chat template ran longer than {seconds:g}s")
+        return in_template
+
+    def on_call(frame: FrameType, event: str, arg: Any) -> Any:  # noqa: ANN401
+        return in_template if frame.f_code.co_filename == _JINJA_FILENAME else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        return fn()
+    finally:
+        sys.settrace(previous)
+
+
+def check_chat_template(tokenizer: Any, template: str) -> None:  # noqa: ANN401
+    """Before a template set through the API is stored: it must render one message, and a
+    long conversation within TEMPLATE_CHECK_S (one slow template stalled every chat request).
+    400 naming `chat_template` otherwise. Runs on the calling thread, for at most the budget."""
+    try:
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}], chat_template=template, tokenize=False
+        )
+    except Exception as e:  # noqa: BLE001 - a template that cannot render is refused
+        raise bad_request(f"chat_template does not render: {e}", "chat_template") from e
+    turns = [
+        {"role": ("user", "assistant")[i % 2], "content": f"turn {i} " + "x" * CHECK_TURN_CHARS}
+        for i in range(CHECK_TURNS - 1)
+    ]
+    render = lambda: tokenizer.apply_chat_template(  # noqa: E731
+        turns, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    try:
+        with_deadline(render, TEMPLATE_CHECK_S)
+    except TemplateTimeout as e:
+        msg = (
+            f"chat_template is too slow: a {CHECK_TURNS - 1}-turn conversation did not render "
+            f"within {TEMPLATE_CHECK_S:g}s"
+        )
+        raise bad_request(msg, "chat_template") from e
+    except Exception:  # noqa: BLE001, S110 - role rules may refuse this conversation; time is checked
+        pass
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:  # noqa: ANN401
+    """fn(*args) on a worker thread: tokenizing a 3.9 MB prompt blocked the loop for ~3 s."""
+    return await asyncio.to_thread(fn, *args)
