@@ -37,7 +37,7 @@ def edge(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Live
     (root / "models" / "escape").symlink_to(root / "cwd" / "outside" / "evil")
     (root / "tmp").mkdir()
     env = {
-        "GENSERVE_API_KEYS": KEY,
+        "GENSERVE_ADMIN_KEYS": KEY,  # registering models (item 5) needs an admin key
         "GENSERVE_MAX_FILE_BYTES": str(MAX_FILE),
         "GENSERVE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
         "TMPDIR": str(root / "tmp"),  # where upload spools go: the test looks for leftovers
@@ -291,6 +291,6 @@ def test_the_training_worker_gets_no_api_keys(api: openai.OpenAI, edge: LiveServ
         pid = wait_until(lambda: httpx.get(url, headers=AUTH).json()["x_genserve_worker_pid"])
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert b"GENSERVE_MAX_FILE_BYTES" in environ  # the right process, with the server's env
-        assert b"GENSERVE_API_KEYS" not in environ and KEY.encode() not in environ
+        assert b"GENSERVE_ADMIN_KEYS" not in environ and KEY.encode() not in environ
     finally:
         api.fine_tuning.jobs.cancel(job.id)
