@@ -8,6 +8,7 @@ import threading
 import time
 
 from genserve import __version__
+from genserve.api.limits import longest_token_bytes
 from genserve.api.logprobs import TokenText
 from genserve.api.models import ServedModel
 from genserve.config import ServerConfig
@@ -68,6 +69,7 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         vocab_size=worker.vocab_size,
         token_text=TokenText(loaded.tokenizer),
         grammars=grammars,
+        max_token_bytes=longest_token_bytes(loaded.tokenizer),
     )
 
 

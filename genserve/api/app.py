@@ -27,6 +27,7 @@ from genserve.api import (
 )
 from genserve.api.auth import LOCAL_PRINCIPAL, KeyStore
 from genserve.api.errors import APIError
+from genserve.api.limits import BackgroundPool
 from genserve.api.metrics import Metrics
 from genserve.api.middleware import EdgeMiddleware, EdgeState
 from genserve.api.models import AdapterSpec, ModelSettings, ServedModel, Services
@@ -59,6 +60,7 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
                 await asyncio.to_thread(served.engine.stop)
             for embedder in svc.embedders.values():
                 await asyncio.to_thread(embedder.batcher.stop)
+            app.state.background.shutdown()
 
     app = FastAPI(title="genserve", version=__version__, lifespan=lifespan)
     app.state.services = Services()
@@ -66,6 +68,7 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
     app.state.metrics = Metrics(app.state.services)
     app.state.services.state["metrics"] = app.state.metrics
     app.state.edge = edge_state(config)
+    app.state.background = BackgroundPool()
     app.add_middleware(EdgeMiddleware, state=app.state.edge)
     errors.install(app)
     app.include_router(models.router)

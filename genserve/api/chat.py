@@ -12,6 +12,7 @@ from genserve.api.errors import bad_request
 from genserve.api.generation import (
     ChoiceDelta,
     apply_defaults,
+    background,
     build_requests,
     check_group,
     check_limits,
@@ -21,7 +22,13 @@ from genserve.api.generation import (
     open_streams,
     sampling_params,
 )
-from genserve.api.limits import TEMPLATE_RENDER_S, TemplateTimeout, off_loop, with_deadline
+from genserve.api.limits import (
+    TEMPLATE_RENDER_S,
+    TemplateTimeout,
+    check_prompt_bytes,
+    off_loop,
+    with_deadline,
+)
 from genserve.api.logprobs import chat_logprobs, namer
 from genserve.api.models import ServedModel, services
 from genserve.api.schemas import ChatCompletionRequest, ChatMessage
@@ -61,6 +68,7 @@ def render_chat(served: ServedModel, messages: list[ChatMessage], generation_pro
 
 def chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
     text = render_chat(served, body.messages, generation_prompt=True)
+    check_prompt_bytes(text, served.max_token_bytes, served.context_limit, "messages")
     # The template writes any BOS itself; adding special tokens again would double it.
     return served.tokenizer.encode(text, add_special_tokens=False)
 
@@ -83,7 +91,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = max_new_tokens(served, body, len(prompt))
     check_limits(request, len(prompt), max_tokens, "messages", served.context_limit)
-    grammar = await grammar_spec(body, served.grammars)
+    grammar = await grammar_spec(body, served.grammars, background(request))
     params = sampling_params(body, max_tokens, served.vocab_size, logprobs, grammar=grammar)
     cid, created = new_id("chatcmpl"), int(time.time())
     streams = open_streams(

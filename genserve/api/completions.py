@@ -13,6 +13,7 @@ from genserve.api.generation import (
     ChoiceDelta,
     ChoiceState,
     apply_defaults,
+    background,
     build_requests,
     check_group,
     check_limits,
@@ -22,7 +23,7 @@ from genserve.api.generation import (
     open_streams,
     sampling_params,
 )
-from genserve.api.limits import off_loop
+from genserve.api.limits import check_prompt_bytes, off_loop
 from genserve.api.logprobs import completion_logprobs, namer
 from genserve.api.models import ServedModel, services
 from genserve.api.schemas import CompletionRequest
@@ -49,6 +50,8 @@ def prompt_ids(served: ServedModel, prompt) -> list[list[int]]:  # noqa: ANN001 
         prompt = [prompt]
     out = []
     for p in prompt:
+        if isinstance(p, str):
+            check_prompt_bytes(p, served.max_token_bytes, served.context_limit, "prompt")
         ids = served.tokenizer.encode(p) if isinstance(p, str) else list(p)
         if not ids:
             raise bad_request("prompt must not be empty", param="prompt")
@@ -72,7 +75,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     # best_of ranks candidates by cumulative logprob, so it needs them even when not shown.
     logprobs = body.logprobs if body.logprobs is not None else (0 if best_of > n else None)
     echo_lps = body.logprobs if body.echo else None
-    grammar = await grammar_spec(body, served.grammars)
+    grammar = await grammar_spec(body, served.grammars, background(request))
     max_tokens = body.max_tokens or 16
     longest = max(len(p) for p in prompts)
     check_limits(request, longest, max_tokens, "prompt", served.context_limit)

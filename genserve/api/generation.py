@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 
 from genserve.api.errors import APIError, bad_request
-from genserve.api.limits import GRAMMAR_BUDGET_S
+from genserve.api.limits import GRAMMAR_BUDGET_S, BackgroundPool
 from genserve.api.schemas import SamplingFields
 from genserve.engine.client import AsyncEngine, ContextLengthError, EngineError
 from genserve.engine.scheduler import QueueFullError
@@ -85,12 +85,16 @@ def parse_logit_bias(
     return tuple(sorted(out.items()))
 
 
-async def grammar_spec(body: SamplingFields, grammars: Any) -> GrammarSpec | None:
+async def grammar_spec(
+    body: SamplingFields,
+    grammars: Any,
+    pool: BackgroundPool,  # noqa: ANN401
+) -> GrammarSpec | None:
     """response_format -> a grammar the engine enforces; 400 for what cannot be enforced.
 
-    Compiled on a worker thread within GRAMMAR_BUDGET_S (a 12-deep anyOf took 4.5 s on the
-    event loop); one that runs past it is refused now and remembered as refused, so the engine
-    thread never compiles it either.
+    Compiled on a low-priority worker thread (`pool`) within GRAMMAR_BUDGET_S (a 12-deep anyOf
+    took 4.5 s on the event loop); one that runs past it is refused now and remembered as
+    refused, so the engine thread never compiles it either.
     """
     rf = body.response_format
     if rf is None or rf.type == "text":
@@ -102,7 +106,7 @@ async def grammar_spec(body: SamplingFields, grammars: Any) -> GrammarSpec | Non
             raise UnsupportedSchemaError("response_format.json_schema.schema is required")
         else:
             spec = GrammarSpec.json_schema(rf.json_schema.schema_)
-        await asyncio.wait_for(asyncio.to_thread(grammars.validate, spec), GRAMMAR_BUDGET_S)
+        await asyncio.wait_for(pool.run(grammars.validate, spec), GRAMMAR_BUDGET_S)
     except UnsupportedSchemaError as e:
         raise bad_request(str(e), "response_format") from e
     except TimeoutError as e:
@@ -110,6 +114,11 @@ async def grammar_spec(body: SamplingFields, grammars: Any) -> GrammarSpec | Non
         grammars.refuse(spec, msg)
         raise bad_request(msg, "response_format") from e
     return spec
+
+
+def background(http: HTTPRequest) -> BackgroundPool:
+    """The app's pool for costly per-request work (see BackgroundPool)."""
+    return http.app.state.background
 
 
 def check_group(engine: AsyncEngine, sequences: int, param: str) -> None:

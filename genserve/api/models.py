@@ -73,6 +73,10 @@ class ServedModel:
     owned_by: str = "genserve"
     settings: ModelSettings = field(default_factory=ModelSettings)
     ref: str = ""  # what it was loaded from
+    # UTF-8 bytes of the vocabulary's longest token (0: unknown). A text of B bytes has at
+    # least B / max_token_bytes tokens, so a prompt too long for the context is refused
+    # before the tokenizer spends seconds and hundreds of MB on it (genserve.api.limits).
+    max_token_bytes: int = 0
 
     @property
     def context_limit(self) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from genserve.engine.detokenizer import Decoder, IncrementalDetokenizer
+from genserve.engine.memory import trimmer
 from genserve.engine.scheduler import (
     Scheduler,
     SchedulerOutput,
@@ -34,6 +35,7 @@ from genserve.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+QUIET_S = 1.0  # idle this long after work: give freed heap memory back (engine/memory.py)
 STOPPED = RequestFailure(
     "the model was unloaded (or its engine stopped) while this request ran; retry on a "
     "model that is served",
@@ -113,6 +115,8 @@ class EngineCore:
         self.inbox: queue.SimpleQueue[Request | Abort | None] = queue.SimpleQueue()
         self.live: dict[str, Live] = {}
         self.steps = 0
+        self._trim = trimmer()
+        self._trimmed_at = 0  # self.steps when freed memory was last given back
 
     # -- called from any thread -------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -140,9 +144,13 @@ class EngineCore:
     def _run(self) -> None:
         while True:
             try:
-                if not self._drain_inbox(block=not self.scheduler.has_work):
+                if not self._drain_inbox(block=not self.scheduler.has_work, timeout=self._quiet()):
                     break
-                self.step()
+                if self.scheduler.has_work:
+                    self.step()
+                elif self.steps != self._trimmed_at:  # a quiet second after work
+                    self._trim()
+                    self._trimmed_at = self.steps
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
                 # Per-request failures (sampling, grammar, detokenizing) never get here; what
                 # does is the model's forward pass itself, which every request in it shared.
@@ -163,11 +171,17 @@ class EngineCore:
             elif isinstance(item, AdapterOp):
                 item.done.set_exception(RuntimeError(STOPPED.message))
 
-    def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued submits and aborts; False when asked to stop."""
+    def _quiet(self) -> float | None:
+        """How long an idle engine waits before giving freed memory back (None: nothing to
+        give back since the last time, so it waits for work without a timeout)."""
+        return QUIET_S if self.steps != self._trimmed_at else None
+
+    def _drain_inbox(self, block: bool, timeout: float | None = None) -> bool:
+        """Apply queued submits and aborts; False when asked to stop. Blocking, wait at most
+        `timeout` seconds for the first item."""
         while True:
             try:
-                item = self.inbox.get(block=block)
+                item = self.inbox.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return True
             block = False

@@ -79,8 +79,11 @@ def iso(tiny_model_dir: Path, models_dir: Path, tmp_path_factory: pytest.TempPat
     srv.stop()
 
 
-async def stream_completion(http: httpx.AsyncClient, body: dict) -> tuple[str, int, list]:
-    """(text, completion tokens, error frames) of one streamed completion."""
+async def stream_completion(
+    http: httpx.AsyncClient, body: dict, started: asyncio.Event | None = None
+) -> tuple[str, int, list]:
+    """(text, completion tokens, error frames) of one streamed completion; `started` is set at
+    its first text chunk."""
     text, tokens, errors = [], 0, []
     opts = {"stream": True, "stream_options": {"include_usage": True}}
     async with http.stream("POST", "/v1/completions", json={**body, **opts}) as r:
@@ -93,6 +96,8 @@ async def stream_completion(http: httpx.AsyncClient, body: dict) -> tuple[str, i
                 errors.append(chunk["error"])
             elif chunk["choices"]:
                 text.append(chunk["choices"][0]["text"])
+                if started is not None:
+                    started.set()
             else:
                 tokens = chunk["usage"]["completion_tokens"]
     return "".join(text), tokens, errors
@@ -187,9 +192,9 @@ async def test_health_answers_while_a_huge_prompt_is_tokenized(iso: LiveServer) 
     prompt = "hello world, this is a test. " * 35_000  # ~1 MB: seconds of tokenizing
     order: list[str] = []
     async with httpx.AsyncClient(base_url=iso.url, timeout=300) as http:
-
+        # /tokenize counts any text: the whole MB goes through the tokenizer.
         async def big() -> httpx.Response:
-            r = await http.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
+            r = await http.post("/tokenize", json={"model": MODEL, "prompt": prompt})
             order.append("big")
             return r
 
@@ -198,9 +203,15 @@ async def test_health_answers_while_a_huge_prompt_is_tokenized(iso: LiveServer) 
         health = await http.get("/health")
         order.append("health")
         r = await task
+        # A completion cannot fit it in the context: refused before any tokenizing.
+        refused = await http.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
     assert health.status_code == 200
-    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.status_code == 200 and r.json()["count"] > 35_000
     assert order == ["health", "big"]  # answered while, not after
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert "bytes, which is at least" in error["message"]
 
 
 async def test_a_stream_in_flight_when_its_model_is_deleted_ends_with_an_error(
@@ -211,9 +222,10 @@ async def test_a_stream_in_flight_when_its_model_is_deleted_ends_with_an_error(
         assert r.status_code == 202
         assert (await asyncio.to_thread(wait_ready, iso.url, "doomed"))["status"] == "ready"
         body = {**NORMAL, "model": "doomed", "max_tokens": 450}  # still running at the DELETE
-        stream = asyncio.create_task(stream_completion(http, body))
         plain = asyncio.create_task(http.post("/v1/completions", json=body))
-        await asyncio.sleep(0.3)  # both are running
+        started = asyncio.Event()
+        stream = asyncio.create_task(stream_completion(http, body, started))
+        await asyncio.wait_for(started.wait(), 60)  # decoding, beside the plain request
         assert (await http.delete("/v1/models/doomed")).status_code == 200
         _, tokens, errors = await asyncio.wait_for(stream, 60)  # ends, never hangs
         reply = await asyncio.wait_for(plain, 60)

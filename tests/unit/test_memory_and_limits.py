@@ -1,0 +1,79 @@
+"""Memory given back after a burst, huge prompts refused before tokenizing, and costly edge
+work on low-priority threads (issue 13: `bench/load.py --hostile`'s RSS and TTFT goals)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+from genserve.api.errors import APIError
+from genserve.api.limits import BackgroundPool, check_prompt_bytes, longest_token_bytes
+from genserve.engine.core import EngineCore
+from genserve.engine.memory import trimmer
+from tests.server import wait_until
+from tests.unit.test_fault_isolation import FakeDecoder, FakeWorker, by_request, req
+
+
+def test_the_engine_gives_memory_back_after_a_quiet_second_not_between_steps() -> None:
+    published: list = []
+    core = EngineCore(FakeWorker(set()), FakeDecoder(), 4, 64, publish=published.extend)
+    trims: list[int] = []  # core.steps at each trim
+    core._trim = lambda: trims.append(core.steps)
+    core.start()
+    try:
+        core.submit(req("burst", max_tokens=200))
+        wait_until(lambda: trims, timeout=10)
+        last = by_request(published, "burst")[-1]
+        assert last.completion_tokens == 200 and last.finish_reason is not None
+        assert trims == [core.steps]  # once, after the last step: never mid-request
+        time.sleep(1.5)  # idle with nothing new to give back: no second trim
+        assert len(trims) == 1
+    finally:
+        core.stop()
+
+
+def test_the_trimmer_runs_here() -> None:
+    trimmer()()  # glibc: malloc_trim(0); elsewhere a no-op; neither raises
+
+
+class Vocab:
+    def __init__(self, tokens: list[str]) -> None:
+        self.tokens = tokens
+
+    def get_vocab(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.tokens)}
+
+
+def test_longest_token_counts_utf8_bytes_of_every_entry() -> None:
+    assert longest_token_bytes(Vocab(["a", "Ġthe", "<|im_start|>", "▁x"])) == 12
+    assert longest_token_bytes(Vocab(["é"])) == 2
+    assert longest_token_bytes(object()) == 0  # no vocabulary: no pre-check
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing() -> None:
+    check_prompt_bytes("x" * 4000, max_token_bytes=4, context=1000, param="prompt")  # may fit
+    with pytest.raises(APIError) as e:
+        check_prompt_bytes("x" * 4001, max_token_bytes=4, context=1000, param="prompt")
+    assert e.value.status == 400 and e.value.param == "prompt"
+    assert e.value.code == "context_length_exceeded" and "at least 1001 tokens" in e.value.message
+    check_prompt_bytes("x" * 10**6, max_token_bytes=0, context=10, param="prompt")  # unknown
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_background_work_runs_on_niced_threads() -> None:
+    here = threading.get_native_id()
+    base = os.getpriority(os.PRIO_PROCESS, here)
+    pool = BackgroundPool(workers=1, niceness=base + 7)
+    try:
+        worker = asyncio.run(
+            pool.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        )
+    finally:
+        pool.shutdown()
+    assert worker == base + 7  # the pool's thread was lowered ...
+    assert os.getpriority(os.PRIO_PROCESS, here) == base  # ... and no other thread
