@@ -36,6 +36,7 @@ KEEP_GAIN = 0.9
 BF16_GAIN = 0.85
 CACHE_FILE = "kernels.json"
 COLD_MAX_COPIES = 16
+BUSY_LOAD = 1.5  # load average per core above which a measurement is not cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,14 +303,20 @@ def _reps(fns: list[kernels.Kernel], x: torch.Tensor, device: torch.device) -> i
 def _block(
     fns: Iterator[kernels.Kernel], x: torch.Tensor, reps: int, device: torch.device
 ) -> float:
-    """Calls taking the weight copies in turn, so that each call reads its weight from memory."""
+    """The fastest of `reps` calls, each timed alone and each taking the next weight copy (so
+    it reads its weight from memory). Timed call by call, not as a block: on a shared 2-core
+    machine one descheduled thread stalls a call for a whole time slice (8 ms here), which a
+    block of calls would include and the fastest single call does not."""
     sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync()
-    t0 = time.perf_counter()
+    best = float("inf")
     for _ in range(reps):
-        next(fns)(x)
-    sync()
-    return (time.perf_counter() - t0) / reps * 1e6
+        fn = next(fns)
+        sync()
+        t0 = time.perf_counter()
+        fn(x)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e6
 
 
 def measure_policy(
@@ -339,7 +346,12 @@ def policy_for(
         except (KeyError, TypeError, ValueError):
             log.warning("%s: unreadable entry for this machine; measuring again", path)
     policy = measure_policy(specs, dtype, quantization, device, chunk, hint)
-    if path is not None:
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if busy > BUSY_LOAD * (os.cpu_count() or 1):
+        # Other processes held the cores: the times may be theirs, so they are used for this
+        # run only and measured again at the next start (or with `genserve doctor`).
+        log.warning("kernels measured under load (load average %.1f): choice not cached", busy)
+    elif path is not None:
         _write_cache(path, key, policy)
     return policy
 
