@@ -58,7 +58,13 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option(envvar=E + "HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar=E + "PORT")] = 8000,
-    dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(help="float32|auto (bf16 where measured faster here)|bfloat16|float16"),
+    ] = "float32",
+    quantization: Annotated[
+        str, typer.Option(help="none|int8 (weight-only int8, per output channel).")
+    ] = "none",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 32,
     max_model_len: Annotated[
@@ -197,7 +203,7 @@ def build_config(o: dict) -> ServerConfig:
             o["model"], o["served_model_name"], o["dtype"], o["device"], o["trust_remote_code"],
             o["allow_pickle"], parse_lora_modules(o["lora_modules"] or []),
             embedding_model=None if o["embedding_model"] == "none" else o["embedding_model"],
-            memory_budget_gb=o["memory_budget_gb"],
+            memory_budget_gb=o["memory_budget_gb"], quantization=o["quantization"],
         ),
         engine=EngineConfig(
             max_batch_size=o["max_batch_size"], max_model_len=o["max_model_len"],
@@ -228,6 +234,23 @@ def build_config(o: dict) -> ServerConfig:
 def env_list(name: str) -> tuple[str, ...]:
     """A comma-separated environment variable, blanks dropped."""
     return tuple(k.strip() for k in os.environ.get(name, "").split(",") if k.strip())
+
+
+@app.command()
+def doctor(
+    model: Annotated[str, typer.Option(help="Whose weight shapes to measure.")] = DEFAULT_MODEL,
+    dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16")] = "auto",
+    quantization: Annotated[str, typer.Option(help="none|int8")] = "none",
+    data_dir: Annotated[str, typer.Option(envvar=E + "DATA_DIR")] = "var/genserve",
+    max_batch_size: Annotated[int, typer.Option(help="As `serve`'s.")] = 32,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="As `serve`'s.")] = 512,
+    remeasure: Annotated[bool, typer.Option(help="Measure again; do not read the cache.")] = False,
+) -> None:
+    """CPU/GPU features, read bandwidth, and the precision and kernels chosen here."""
+    from genserve.doctor import run_doctor
+
+    run_doctor(model, dtype, quantization, data_dir, max_batch_size, max_num_batched_tokens,
+               remeasure)  # fmt: skip
 
 
 keys_app = typer.Typer(

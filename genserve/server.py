@@ -6,6 +6,7 @@ import hashlib
 import logging
 import threading
 import time
+from pathlib import Path
 
 from genserve import __version__
 from genserve.api.limits import longest_token_bytes
@@ -16,8 +17,9 @@ from genserve.engine.client import AsyncEngine
 from genserve.engine.core import EngineCore
 from genserve.engine.thread import EngineThread
 from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
+from genserve.model.hardware import KernelPolicy, detect, model_specs, policy_for
 from genserve.model.loading import LoadedModel, ModelLoadError, load_model
-from genserve.model.runner import kv_bytes_per_token
+from genserve.model.runner import fast_path_supported, kv_bytes_per_token
 from genserve.model.sizing import cache_shape
 from genserve.model.worker import ModelWorker
 
@@ -40,9 +42,10 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
     try:
         worker = thread.call(
             lambda: ModelWorker(
-                loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant, grammars
+                loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant,
+                grammars, kernel_policy(loaded, cfg, slots, max_len),
             )
-        )
+        )  # fmt: skip
     except BaseException:
         thread.close()
         raise
@@ -65,7 +68,10 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         tokenizer=loaded.tokenizer,
         chat_template=loaded.chat_template,
         max_len=max_len,
-        fingerprint=fingerprint(loaded, type(worker.runner).__name__, cfg.engine.batch_invariant),
+        fingerprint=fingerprint(
+            loaded, type(worker.runner).__name__, cfg.engine.batch_invariant,
+            getattr(worker.runner, "policy", None),
+        ),  # fmt: skip
         vocab_size=worker.vocab_size,
         token_text=TokenText(loaded.tokenizer),
         grammars=grammars,
@@ -85,13 +91,41 @@ def grammar_compiler(loaded: LoadedModel) -> GrammarCompiler | GrammarUnavailabl
         return GrammarUnavailable(str(e))
 
 
-def fingerprint(loaded: LoadedModel, runner: str, deterministic: bool) -> str:
-    """Names the configuration that determines outputs, as OpenAI's system_fingerprint does."""
+def kernel_policy(
+    loaded: LoadedModel, cfg: ServerConfig, slots: int, max_len: int
+) -> KernelPolicy | None:
+    """The measured (or cached) kernel choice for the fast path; None off it. Runs on the
+    engine thread: kernels are timed with the threads that will run them."""
+    config, mc = loaded.model.config, cfg.model
+    if not (cfg.engine.fast_path and fast_path_supported(config, max_len)):
+        if mc.quantization != "none":
+            log.warning("%s: --quantization %s needs the Llama-family fast path; serving "
+                        "unquantized", loaded.name, mc.quantization)  # fmt: skip
+        return None
+    chunk = cfg.engine.max_num_batched_tokens
+    specs = model_specs(config, chunk, slots)
+    policy = policy_for(
+        specs, loaded.dtype, mc.quantization, loaded.device, chunk, slots,
+        Path(cfg.storage.data_dir) / "cache",
+    )  # fmt: skip
+    log.info("kernels %s: %s, %.2fs", detect(loaded.device).line(), policy.summary(),
+             policy.seconds)  # fmt: skip
+    return policy
+
+
+def fingerprint(
+    loaded: LoadedModel, runner: str, deterministic: bool, policy: KernelPolicy | None = None
+) -> str:
+    """Names the configuration that determines outputs, as OpenAI's system_fingerprint does:
+    with measured kernels, which kernel runs which rows (a faster one on another machine
+    sums in another order) and whether the weights are quantized."""
     import torch
 
     weights = sorted((p.name, p.stat().st_size) for p in loaded.path.glob("*.safetensors"))
     parts = [__version__, torch.__version__, runner, str(loaded.dtype), loaded.device.type]
     parts.append("deterministic" if deterministic else "plain")
+    if policy is not None:
+        parts.append(f"kernels-{policy.tag()}")
     digest = hashlib.sha256(repr((parts, weights, loaded.name)).encode()).hexdigest()
     return f"fp_{digest[:10]}"
 

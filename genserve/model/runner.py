@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from genserve.engine.types import ChunkInput, StepInput
+from genserve.model import kernels
+from genserve.model.hardware import KernelPolicy, ShapePlan
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
 
 log = logging.getLogger(__name__)
@@ -60,48 +62,66 @@ def fast_path_supported(config: Any, max_len: int) -> bool:
 
 
 def make_runner(
-    model: Any, num_slots: int, max_len: int, fast_path: bool = True, batch_invariant: bool = True
+    model: Any,
+    num_slots: int,
+    max_len: int,
+    fast_path: bool = True,
+    batch_invariant: bool = True,
+    policy: KernelPolicy | None = None,
 ) -> Runner:
     if fast_path and fast_path_supported(model.config, max_len):
-        return LlamaRunner(model, num_slots, max_len, batch_invariant)
+        return LlamaRunner(model, num_slots, max_len, batch_invariant, policy)
     log.info("model type %s: using the generic transformers runner", model.config.model_type)
     return HFRunner(model, num_slots, max_len)
 
 
+def bucket(rows: int) -> int:
+    """Index into hardware.BUCKETS: 1 row, 2-8, 9-64, more (a prefill chunk)."""
+    return 0 if rows <= 1 else 1 if rows <= 8 else 2 if rows <= 64 else 3
+
+
 class Linear:
-    """y = x W^T + b. On CPU the weight is prepacked for oneDNN, whose fp32 kernels run
-    2-2.5x faster than the default BLAS at the row counts of a decode step (measured on this
-    project's 2-core AVX-512 machine). Elsewhere, plain F.linear."""
+    """y = x W^T + b, through the kernel measured fastest on this machine for the call's row
+    count (a hardware.ShapePlan), or one fixed kernel for rows that must not depend on their
+    batch. Without a plan: oneDNN's prepacked fp32 kernel on CPU (its default before kernels
+    were measured), plain F.linear elsewhere. `quantize`: weight-only int8 (every kernel then
+    computes with the same int8 weights)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> None:
-        self.bias = bias
-        self.weight: torch.Tensor | None = weight
-        self.packed: torch.Tensor | None = None
-        if _onednn_ok(weight):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=batch_hint)
-            self.weight = None  # the packed copy is the one we use; do not hold two
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        batch_hint: int,
+        plan: ShapePlan | None = None,
+        quantize: bool = False,
+    ) -> None:
+        plan = plan or _default_plan(weight)
+        quant = kernels.quantize_int8(weight) if quantize else None
+        kinds = set(plan.choices) | {plan.invariant}
+        dense = weight
+        if quant is not None and kinds - {"int8"}:
+            dense = quant.dequantize(weight.dtype)
+        built = {k: kernels.build(k, dense, bias, quant, batch_hint) for k in sorted(kinds)}
+        self.by_bucket = tuple(built[k] for k in plan.choices)
+        self.invariant = built[plan.invariant]
+        self.pad_single = plan.pad_single
+        self.plan = plan
 
-    def __call__(self, x: torch.Tensor, pad_single: bool = False) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        if x.shape[0] == 1 and pad_single:
-            # oneDNN takes a different kernel for a single row, whose sums round differently;
-            # from two rows up a row's result does not depend on the others (tested), so a
-            # lone row is padded to two and sampling stays the same alone or batched.
-            return self._onednn(x.repeat(2, 1))[:1]
-        return self._onednn(x)
-
-    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+    def __call__(self, x: torch.Tensor, invariant: bool = False) -> torch.Tensor:
+        if not invariant:
+            return self.by_bucket[bucket(x.shape[0])](x)
+        if x.shape[0] == 1 and self.pad_single:
+            # This kernel sums a single row in another order than two or more (checked at
+            # start-up, as is that from two rows up a row's result does not depend on the
+            # others): a lone row is padded to two, so it samples the same alone or batched.
+            return self.invariant(x.repeat(2, 1))[:1]
+        return self.invariant(x)
 
 
-def _onednn_ok(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+def _default_plan(weight: torch.Tensor) -> ShapePlan:
+    fp32_onednn = kernels.onednn_ok(weight) and weight.dtype == torch.float32
+    kind = "onednn" if fp32_onednn else "linear"
+    return ShapePlan(*weight.shape, choices=(kind,) * 4, invariant=kind, pad_single=fp32_onednn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +134,8 @@ class LayerWeights:
     down: Linear
 
 
-def _stack_layer(layer: Any, batch_hint: int) -> LayerWeights:
+def _stack_layer(layer: Any, make: Any) -> LayerWeights:
+    """`make(weight, bias)` builds one Linear (the runner's kernels for that shape)."""
     attn, mlp = layer.self_attn, layer.mlp
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     qkv_bias = None
@@ -125,11 +146,11 @@ def _stack_layer(layer: Any, batch_hint: int) -> LayerWeights:
     gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
     return LayerWeights(
         input_norm=layer.input_layernorm.weight,
-        qkv=Linear(torch.cat([p.weight for p in projs]).contiguous(), qkv_bias, batch_hint),
-        o=Linear(attn.o_proj.weight, attn.o_proj.bias, batch_hint),
+        qkv=make(torch.cat([p.weight for p in projs]).contiguous(), qkv_bias),
+        o=make(attn.o_proj.weight, attn.o_proj.bias),
         post_norm=layer.post_attention_layernorm.weight,
-        gate_up=Linear(gate_up, None, batch_hint),
-        down=Linear(mlp.down_proj.weight, mlp.down_proj.bias, batch_hint),
+        gate_up=make(gate_up, None),
+        down=make(mlp.down_proj.weight, mlp.down_proj.bias),
     )
 
 
@@ -176,10 +197,16 @@ class AttentionPlan:
 
 class LlamaRunner:
     def __init__(
-        self, model: Any, num_slots: int, max_len: int, batch_invariant: bool = True
+        self,
+        model: Any,
+        num_slots: int,
+        max_len: int,
+        batch_invariant: bool = True,
+        policy: KernelPolicy | None = None,  # None: the fixed fp32 oneDNN kernels
     ) -> None:
         cfg = model.config
         self.batch_invariant = batch_invariant
+        self.policy = policy
         self.num_slots, self.max_len = num_slots, max_len
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -191,8 +218,8 @@ class LlamaRunner:
         self.final_norm = inner.norm.weight
         self.rotary = inner.rotary_emb  # transformers' own RoPE, so every rope_scaling works
         with torch.no_grad():
-            self.lm_head = Linear(model.lm_head.weight, None, num_slots)
-            self.layers = [_stack_layer(layer, num_slots) for layer in inner.layers]
+            self.lm_head = self._linear(model.lm_head.weight, None)
+            self.layers = [_stack_layer(layer, self._linear) for layer in inner.layers]
         self.lora = LoraSet(make_linear=self._pack)
         self.base_shape = _base_shape(cfg, self.num_heads, self.num_kv_heads, self.head_dim)
         shape = (len(self.layers), num_slots, self.num_kv_heads, max_len, self.head_dim)
@@ -335,7 +362,15 @@ class LlamaRunner:
     def remove_adapter(self, name: str) -> None:
         self.lora.remove(name)
 
+    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+        """A base weight through the policy's kernels (and int8 when it quantizes)."""
+        p = self.policy
+        plan = p.plan(*weight.shape) if p is not None else None
+        quantize = p is not None and p.quantization == "int8"
+        return Linear(weight, bias, self.num_slots, plan, quantize)
+
     def _pack(self, weight: torch.Tensor) -> Linear:
+        """An adapter's weight: never quantized (a LoRA's few parameters are cheap to read)."""
         w = weight.to(device=self.device, dtype=self.dtype).contiguous()
         return Linear(w, None, self.num_slots)
 

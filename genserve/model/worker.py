@@ -21,6 +21,7 @@ from genserve.engine.types import (
     TokenLogprob,
 )
 from genserve.model.grammar import GrammarLimitError
+from genserve.model.hardware import KernelPolicy
 from genserve.model.loading import LoadedModel
 from genserve.model.runner import Runner, make_runner
 from genserve.model.sampler import SamplingRow, bias_tensors, sample, token_logprob
@@ -49,10 +50,11 @@ class ModelWorker:
         fast_path: bool,
         batch_invariant: bool = True,
         grammars: Any = None,  # genserve.model.grammar.GrammarCompiler
+        policy: KernelPolicy | None = None,  # measured kernels (genserve.model.hardware)
     ) -> None:
         self.loaded = loaded
         self.runner: Runner = make_runner(
-            loaded.model, num_slots, max_len, fast_path, batch_invariant
+            loaded.model, num_slots, max_len, fast_path, batch_invariant, policy
         )
         self.vocab_size = loaded.model.config.vocab_size
         self.eos_ids = loaded.eos_token_ids

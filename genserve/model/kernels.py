@@ -1,0 +1,92 @@
+"""The linear kernels the fast path can run, each built from one weight: y = x W^T + b.
+
+- `linear`: plain F.linear in the compute dtype (torch's default BLAS path).
+- `onednn`: the weight prepacked for oneDNN (fp32 or bf16; AMX where the CPU has it).
+- `int8`: weight-only int8 with one scale per output channel, through torch's own
+  `aten._weight_int8pack_mm` (activations in bf16, dequantized inside the kernel).
+
+Which one runs for which row count is measured at start-up (genserve.model.hardware). With
+`--quantization int8`, `linear` and `onednn` run on the int8 weights dequantized, so every
+kernel computes with the same (quantized) weights and only their summation order differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("linear", "onednn", "int8")
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedWeight:
+    """Symmetric int8 per output channel: W ~= q * scales[:, None]."""
+
+    q: torch.Tensor  # [out, in] int8
+    scales: torch.Tensor  # [out] float32
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.q.float() * self.scales[:, None]).to(dtype)
+
+
+def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+    w = weight.float()
+    # -127..127, not -128: symmetric, so a row's largest weight maps exactly to +-127.
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return QuantizedWeight(q.contiguous(), scales)
+
+
+def onednn_ok(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def available(dtype: torch.dtype, device: torch.device, quantization: str) -> tuple[str, ...]:
+    """Kernels worth timing for this precision on this device."""
+    probe = torch.empty(0, dtype=dtype, device=device)
+    names = ["linear"] + (["onednn"] if onednn_ok(probe) else [])
+    if quantization == "int8" and hasattr(torch, "_weight_int8pack_mm"):
+        names.insert(0, "int8")
+    return tuple(names)
+
+
+def build(
+    kind: str,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    quant: QuantizedWeight | None,
+    batch_hint: int,
+) -> Kernel:
+    """A callable for one kernel. `weight` is in the compute dtype (already dequantized when
+    the layer is quantized); `quant` is needed for `int8` only."""
+    if kind == "linear":
+        return lambda x: F.linear(x, weight, bias)
+    if kind == "onednn":
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=batch_hint)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if kind == "int8":
+        return _int8_kernel(quant, bias)
+    raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
+
+
+def _int8_kernel(quant: QuantizedWeight | None, bias: torch.Tensor | None) -> Kernel:
+    if quant is None:
+        raise ValueError("the int8 kernel needs quantized weights")
+    # torch's CPU kernel is vectorized for bf16 activations; fp32 ones ran 10-100x slower
+    # (measured on a 2-core AVX-512 machine), so activations are cast on the way in.
+    q, scales = quant.q, quant.scales.to(torch.bfloat16)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), q, scales).to(x.dtype)
+        return y if bias is None else y.add_(bias)
+
+    return run

@@ -1,0 +1,237 @@
+"""Kernel choice by measurement: the choice logic on given numbers, the cache file, and the
+numbers of the int8 and bf16 fast path against fp32 on a tiny random Llama."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from genserve.engine.types import ChunkInput, SamplingParams, StepInput
+from genserve.model import hardware, kernels
+from genserve.model.hardware import KernelPolicy, ShapeSpec, choose, policy_for
+from genserve.model.runner import LlamaRunner
+from tests.tiny_model import SMALL_LLAMA
+
+CPU = torch.device("cpu")
+BOTH = (True, True)
+
+
+def test_each_bucket_takes_the_fastest_kernel_never_one_slower_than_plain_linear() -> None:
+    times = {"linear": [10, 50, 90, 900], "onednn": [30, 20, 80, 1000], "int8": [5, 60, 400, 9000]}
+    inv = {"linear": (False, False), "onednn": (True, True), "int8": (True, True)}
+    choices, invariant, pad = choose(times, inv)
+    assert choices == ("int8", "onednn", "onednn", "linear")
+    assert invariant == "onednn" and not pad  # linear does not qualify: not row-invariant
+    for b, c in enumerate(choices):
+        assert times[c][b] <= times["linear"][b]
+
+
+def test_the_invariant_kernel_keeps_a_bucket_unless_another_is_clearly_faster() -> None:
+    times = {"linear": [10, 50, 100, 1000], "onednn": [10.5, 52, 60, 600]}
+    choices, invariant, pad = choose(times, {"linear": (False, False), "onednn": (True, False)})
+    # 5% slower at one row: within KEEP_GAIN, but slower than plain linear, so linear there.
+    assert choices == ("linear", "linear", "onednn", "onednn")
+    assert invariant == "onednn" and pad  # a lone row sums differently: padded to two
+
+
+def test_without_any_row_invariant_kernel_the_best_overall_is_used() -> None:
+    times = {"linear": [1, 2, 3, 4], "onednn": [2, 4, 6, 8]}
+    _, invariant, pad = choose(times, {})
+    assert invariant == "linear" and pad
+
+
+def small_specs() -> list[ShapeSpec]:
+    return [ShapeSpec(64, 32, 64), ShapeSpec(96, 32, 8)]
+
+
+def test_the_choice_is_cached_per_machine_and_shapes(tmp_path: Path) -> None:
+    first = policy_for(small_specs(), torch.float32, "none", CPU, 64, 4, tmp_path)
+    if first.source == "measured" and not (tmp_path / hardware.CACHE_FILE).exists():
+        pytest.skip("machine under load: a measurement is not cached (by design)")
+    data = json.loads((tmp_path / hardware.CACHE_FILE).read_text())
+    assert len(data) == 1
+    again = policy_for(small_specs(), torch.float32, "none", CPU, 64, 4, tmp_path)
+    assert again.source == "cache" and again.plans == first.plans and again.tag() == first.tag()
+    other = policy_for(small_specs()[:1], torch.float32, "none", CPU, 64, 4, tmp_path)
+    assert other.source == "measured"  # other shapes: another entry
+    (tmp_path / hardware.CACHE_FILE).write_text("{not json")
+    assert policy_for(small_specs(), torch.float32, "none", CPU, 64, 4, tmp_path).plans
+
+
+def test_a_measured_policy_names_a_plan_for_each_shape_and_bucket() -> None:
+    policy = hardware.measure_policy(small_specs(), torch.float32, "int8", CPU, 64, 4)
+    assert [(p.out_features, p.in_features) for p in policy.plans] == [(64, 32), (96, 32)]
+    for p in policy.plans:
+        assert len(p.choices) == len(hardware.BUCKETS)
+        assert set(p.choices) | {p.invariant} <= set(p.times_us) <= set(kernels.KERNELS)
+        for b, c in enumerate(p.choices):
+            assert p.times_us[c][b] <= p.times_us["linear"][b]
+    assert KernelPolicy.from_json(policy.to_json()).plans == policy.plans
+
+
+NO_AMX = """
+import json, torch
+from genserve.model import hardware
+f = hardware.detect("cpu")
+specs = [hardware.ShapeSpec(256, 128, 64), hardware.ShapeSpec(512, 128, 64)]
+p = hardware.measure_policy(specs, torch.float32, "none", torch.device("cpu"), 64, 8)
+print(json.dumps({"bf16": f.bf16, "cap": f.isa_cap, "plans": p.to_json()["plans"]}))
+"""
+
+
+def test_a_machine_without_bf16_units_stays_fp32_and_never_picks_slower_than_linear() -> None:
+    """ONEDNN_MAX_CPU_ISA=AVX512_CORE hides AMX and AVX512-BF16 from oneDNN (read once per
+    process: hence a subprocess). The times are that run's; the assert is on the logic."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE")
+    out = subprocess.run(
+        [sys.executable, "-c", NO_AMX], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["cap"] == "AVX512_CORE" and got["bf16"] is False
+    for plan in got["plans"]:
+        linear = plan["times_us"]["linear"]
+        for b, c in enumerate(plan["choices"]):
+            assert plan["times_us"][c][b] <= linear[b]
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(dtype)
+
+
+def fixed_policy(model, dtype: torch.dtype, quantization: str, kind: str) -> KernelPolicy:
+    """One kernel for every shape and bucket: each kernel's numbers are tested, not whichever
+    a measurement picked."""
+    specs = hardware.model_specs(model.config, 64, 4)
+    plans = tuple(
+        hardware.ShapePlan(s.out_features, s.in_features, (kind,) * 4, kind, False) for s in specs
+    )
+    return KernelPolicy(str(dtype).removeprefix("torch."), quantization, plans, "test")
+
+
+def runner_logits(model, policy: KernelPolicy, ids: list[int]) -> torch.Tensor:
+    runner = LlamaRunner(model, 4, 128, batch_invariant=False, policy=policy)
+    every_row = SamplingParams(prompt_logprobs=0)
+    step = StepInput((ChunkInput("a", 0, tuple(ids), 0, True, every_row, 0),))
+    return runner.execute(step)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quantization", "kind", "bound"),
+    [
+        (torch.bfloat16, "none", "onednn", 0.05),
+        (torch.bfloat16, "none", "linear", 0.05),
+        (torch.float32, "int8", "int8", 0.1),
+        (torch.float32, "int8", "onednn", 0.1),
+        (torch.bfloat16, "int8", "int8", 0.1),
+    ],
+)
+def test_bf16_and_int8_logits_stay_close_to_fp32(dtype, quantization, kind, bound) -> None:
+    ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    model = tiny_llama()
+    want = runner_logits(model, fixed_policy(model, torch.float32, "none", "linear"), ids)
+    low = tiny_llama(dtype)
+    got = runner_logits(low, fixed_policy(low, dtype, quantization, kind), ids)
+    assert got.dtype == torch.float32  # logits are fp32 whatever the compute dtype
+    # The largest error relative to the logits' spread over the vocabulary.
+    err = ((got - want).abs().max() / want.std()).item()
+    assert err < bound, err
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_int8_weights_round_trip_within_half_a_step() -> None:
+    w = torch.randn(64, 32)
+    q = kernels.quantize_int8(w)
+    assert q.q.dtype == torch.int8 and q.scales.shape == (64,)
+    assert ((q.dequantize(torch.float32) - w).abs() <= q.scales[:, None] / 2 + 1e-6).all()
+
+
+LOW = [(torch.float32, "int8"), (torch.bfloat16, "int8"), (torch.bfloat16, "none")]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])  # per-adapter passes, or fused
+@pytest.mark.parametrize(("dtype", "quantization"), LOW)
+def test_lora_adapters_apply_on_int8_and_bf16_weights(
+    tmp_path: Path, deterministic: bool, dtype, quantization: str
+) -> None:
+    from tests.unit.test_lora import base, make_adapter
+
+    ref = make_adapter(tmp_path / "a", seed=1)
+    plain = base()
+    model = base().to(dtype)
+    policy = hardware.measure_policy(
+        hardware.model_specs(model.config, 64, 4), dtype, quantization, CPU, 64, 4
+    )
+    runner = LlamaRunner(model, 4, 64, batch_invariant=deterministic, policy=policy)
+    runner.add_adapter("a", tmp_path / "a")
+    x, y = [5, 6, 7, 8], [9, 10, 11]
+    p = SamplingParams()
+    step = (
+        ChunkInput("x", 0, tuple(x), 0, True, p, 0, "a"),
+        ChunkInput("y", 1, tuple(y), 0, True, p, 0),
+    )
+    out = runner.execute(StepInput(step))
+    with torch.no_grad():
+        want_x = ref(input_ids=torch.tensor([x])).logits[0, -1]
+        want_y = plain(input_ids=torch.tensor([y])).logits[0, -1]
+        base_x = plain(input_ids=torch.tensor([x])).logits[0, -1]
+    adapter_effect = (want_x - base_x).abs().max()
+    assert (out[0] - want_x).abs().max() < 0.1 * adapter_effect
+    assert (out[1] - want_y).abs().max() / want_y.std() < 0.1
+
+
+BF16_NOT_INVARIANT = pytest.mark.xfail(
+    reason="oneDNN's and F.linear's bf16 kernels at K=1536 round a row differently at some "
+    "row counts for ~3% of random inputs: a start-up check on random data cannot prove "
+    "invariance, so seeded requests under --dtype bfloat16/auto may differ alone vs batched",
+    strict=False,
+)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quantization"),
+    [
+        (torch.float32, "int8"),
+        pytest.param(torch.bfloat16, "int8", marks=BF16_NOT_INVARIANT),
+        pytest.param(torch.bfloat16, "none", marks=BF16_NOT_INVARIANT),
+        (torch.float32, "none"),
+    ],
+)
+def test_a_seeded_sequence_is_bitwise_the_same_alone_or_batched_with_measured_kernels(
+    dtype, quantization: str
+) -> None:
+    """DESIGN rule 4 with kernels chosen per row bucket: a seeded row takes the plan's one
+    invariant kernel whatever the batch."""
+    torch.manual_seed(0)
+    cfg = dict(SMALL_LLAMA, hidden_size=256, intermediate_size=1536, num_attention_heads=8)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(dtype)
+    policy = hardware.measure_policy(
+        hardware.model_specs(model.config, 64, 8), dtype, quantization, CPU, 64, 8
+    )
+    seeded = SamplingParams(seed=7)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 300, (37,), generator=g).tolist()
+    mates = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (50, 3, 90)]
+
+    def run(batched: bool) -> list[torch.Tensor]:
+        r = LlamaRunner(model, 8, 256, batch_invariant=False, policy=policy)
+        others = [ChunkInput(str(i), i, tuple(m), 0, True, SamplingParams(), 0)
+                  for i, m in enumerate(mates)] if batched else []  # fmt: skip
+        out = [
+            r.execute(StepInput((*others, ChunkInput("x", 5, tuple(x), 0, True, seeded, 0))))[-1]
+        ]
+        for step in range(4):
+            dec = [ChunkInput(str(i), i, (1,), len(m) + step, True, SamplingParams(), 0)
+                   for i, m in enumerate(mates)] if batched else []  # fmt: skip
+            xs = ChunkInput("x", 5, (7 + step,), len(x) + step, True, seeded, 0)
+            out.append(r.execute(StepInput((*dec, xs)))[-1])
+        return out
+
+    alone, together = run(False), run(True)
+    assert [torch.equal(a, b) for a, b in zip(alone, together, strict=True)] == [True] * 5
