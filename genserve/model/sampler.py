@@ -281,10 +281,16 @@ def _kept_in_bucket(
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row, the first token whose cumulative weight exceeds u times the row's total."""
-    cdf = weights.double().cumsum(-1)
-    target = u[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=weights.shape[-1] - 1)
+    """Per row, the first token whose cumulative weight exceeds u times the row's total.
+
+    The one step left per row, on purpose: torch's cumsum along the last dim of a [32, 49152]
+    float64 batch took 21 ms here, 32 one-row cumsums 2 ms (its 1-D kernel is the fast one).
+    """
+    tokens = torch.empty(weights.shape[0], dtype=torch.long, device=weights.device)
+    for i in range(weights.shape[0]):
+        cdf = weights[i].double().cumsum(-1)
+        tokens[i] = torch.searchsorted(cdf, u[i : i + 1] * cdf[-1], right=True)[0]
+    return tokens.clamp_(max=weights.shape[-1] - 1)
 
 
 # -- which rows draw, their uniforms and their failures ----------------------------------------
@@ -299,29 +305,37 @@ def _uniforms(rows: list[SamplingRow], which: list[int], errors: RowErrors) -> d
     return u
 
 
-def _finite_rows(processed: torch.Tensor, which: list[int], errors: RowErrors) -> list[int]:
-    """Rows with a finite top logit; the others (all masked, NaN) fail alone."""
-    if not which:
-        return []
-    finite = torch.isfinite(processed[which].amax(-1)).tolist()
+def _finite_rows(
+    x: torch.Tensor, which: list[int], errors: RowErrors
+) -> tuple[torch.Tensor, list[int]]:
+    """The rows of `x` (row j is row which[j] of the step) with a finite top logit; the others
+    (all masked, or NaN) fail alone."""
+    finite = torch.isfinite(x.amax(-1)).tolist()
+    if all(finite):
+        return x, which
     for i, ok in zip(which, finite, strict=True):
         if not ok:
             errors[i] = ValueError("no token can be drawn: every logit is -inf or one is NaN")
-    return [i for i, ok in zip(which, finite, strict=True) if ok]
+    keep = [j for j, ok in enumerate(finite) if ok]
+    return x[keep], [which[j] for j in keep]
 
 
 def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -> dict[int, int]:
     """Tokens of the rows that sample (not greedy, not failed), by row index."""
     which = [i for i, r in enumerate(rows) if i not in errors and not r.greedy]
     u = _uniforms(rows, which, errors)
-    which = _finite_rows(processed, [i for i in which if i not in errors], errors)
+    which = [i for i in which if i not in errors]
+    if not which:
+        return {}
+    x = processed if len(which) == len(rows) else processed[which]  # no copy when all draw
+    x, which = _finite_rows(x, which, errors)
     if not which:
         return {}
     dev = processed.device
     params = DrawParams.of([rows[i] for i in which], processed.shape[-1], dev)
     uniforms = torch.tensor([u[i] for i in which], dtype=torch.float64, device=dev)
     try:
-        tokens = draw_batch(processed[which], params, uniforms).tolist()
+        tokens = draw_batch(x, params, uniforms).tolist()
     except Exception:  # noqa: BLE001 - redone row by row below, to find the row at fault
         return _draw_alone(processed, rows, which, u, errors)
     return dict(zip(which, tokens, strict=True))
