@@ -3,11 +3,19 @@
     python bench/throughput.py                      # full run: baselines, then the server
     python bench/throughput.py --baselines-only     # transformers numbers only
     python bench/throughput.py --server-url http://127.0.0.1:8000   # a server already running
+    python bench/throughput.py --precisions fp32,bf16,int8 --samplings temp,top_p
 
 The model is SmolLM2-135M-shaped with random weights in fp32, built once under
 var/bench-models/. Every request generates exactly --max-tokens tokens (EOS ignored), so all
 sides do the same work. Targets: 1 stream >= 1.3x transformers `generate`; 32 streams >= 1.5x
 transformers' raw B=32 decode step with a KV cache (no sampling loop, no prefill in the timing).
+
+It first prints the machine (CPU model and features, threads, a measured read bandwidth) and
+the bandwidth roofline of one stream per weight format (bandwidth / weight bytes per token).
+The server runs once per precision (fp32: --dtype float32; bf16: --dtype bfloat16; auto:
+--dtype auto; int8: --dtype auto --quantization int8), each with greedy requests, temperature
+0.8, and temperature 0.8 with top_p 0.95 as most clients send; a precision whose flags the
+server refuses is skipped with a note.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import gc
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,7 @@ from common import (
     serve_command,
     thread_env,
 )
+from machine import Machine, describe, parameter_count, roofline_tok_s
 
 # Sequential requests per client: fewer clients get more rounds so every level runs long
 # enough to time, and 32 clients x 1 round is already the largest batch.
@@ -43,6 +52,19 @@ DEFAULT_ROUNDS = {1: 3, 8: 2, 32: 1}
 TARGET_SINGLE = 1.3
 TARGET_BATCH = 1.5
 RAW_BATCH = 32
+TARGET_ROOFLINE = 0.7  # issue 14: one stream at 0.7x the bandwidth roofline
+TARGET_TOP_P = 0.9  # issue 14: top_p 0.95 costs at most 10% of plain temperature at 32 streams
+PRECISION_ARGS = {
+    "fp32": ("--dtype", "float32"),
+    "bf16": ("--dtype", "bfloat16"),
+    "auto": ("--dtype", "auto"),
+    "int8": ("--dtype", "auto", "--quantization", "int8"),
+}
+SAMPLINGS = {
+    "greedy": {"temperature": 0},
+    "temp": {"temperature": 0.8},
+    "top_p": {"temperature": 0.8, "top_p": 0.95},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +84,9 @@ class BenchConfig:
     json_path: Path | None
     health_timeout_s: float
     threads: int | None
+    precisions: tuple[str, ...] = ("fp32",)
+    samplings: tuple[str, ...] = ("greedy",)
+    bandwidth_gib: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +107,8 @@ class LevelResult:
     ttft_p95_ms: float
     # Requests that did not return exactly max_tokens: non-zero means unequal work.
     short_requests: int
+    precision: str = "fp32"
+    sampling: str = "greedy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +126,9 @@ class Report:
     hf_raw_decode_b32: Rate | None = None
     server: list[LevelResult] = field(default_factory=list)
     ratios: list[Ratio] = field(default_factory=list)
+    machine: dict[str, Any] | None = None
+    roofline_tok_s: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # precisions the server refused
 
 
 @dataclass(slots=True)
@@ -143,9 +173,22 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--json", type=Path, dest="json_path", help="also write the results here")
     p.add_argument("--health-timeout", type=float, default=300.0)
     p.add_argument("--threads", type=int, help="torch threads here and in the server")
+    p.add_argument(
+        "--precisions",
+        default="fp32,bf16,int8",
+        help=f"comma-separated, of {','.join(PRECISION_ARGS)}; one server each",
+    )
+    p.add_argument(
+        "--samplings",
+        default="greedy,temp,top_p",
+        help="comma-separated: greedy (temperature 0), temp (0.8), top_p (0.8 + 0.95)",
+    )
+    p.add_argument("--bandwidth-gib", type=float, default=1.0, help="tensor summed for bandwidth")
     a = p.parse_args(argv)
     if min(a.prompt_tokens, a.max_tokens, *a.concurrency) < 1:
         p.error("--prompt-tokens, --max-tokens and --concurrency must be positive")
+    precisions = _choices(p, a.precisions, PRECISION_ARGS)
+    samplings = _choices(p, a.samplings, SAMPLINGS)
     return BenchConfig(
         model_dir=a.model_dir, prompt_tokens=a.prompt_tokens, max_tokens=a.max_tokens,
         concurrency=tuple(a.concurrency), rounds=_rounds(p, a.concurrency, a.rounds),
@@ -153,8 +196,16 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         server_args=tuple(a.server_arg), api_key=a.api_key, model_id=a.model_id,
         baselines=not a.server_only,
         server=not a.baselines_only, json_path=a.json_path, health_timeout_s=a.health_timeout,
-        threads=a.threads,
+        threads=a.threads, precisions=precisions, samplings=samplings,
+        bandwidth_gib=a.bandwidth_gib,
     )  # fmt: skip
+
+
+def _choices(p: argparse.ArgumentParser, given: str, known: dict) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in given.split(",") if n.strip())
+    if not names or any(n not in known for n in names):
+        p.error(f"{given!r}: choose from {', '.join(known)}")
+    return names
 
 
 def _rounds(
@@ -229,10 +280,12 @@ def raw_decode(model: Any, input_ids: Any, steps: int) -> Rate:
 # --------------------------------------------------------------------------- server load
 
 
-def request_body(cfg: BenchConfig, model_id: str, prompts: PromptSet, i: int, n: int) -> dict:
+def request_body(
+    cfg: BenchConfig, model_id: str, prompts: PromptSet, i: int, n: int, sampling: str = "greedy"
+) -> dict:
     prompt: str | list[int] = prompts.texts[i] if cfg.prompt_format == "text" else prompts.ids[i]
     return {
-        "model": model_id, "prompt": prompt, "max_tokens": n, "temperature": 0,
+        "model": model_id, "prompt": prompt, "max_tokens": n, **SAMPLINGS[sampling],
         "stream": True, "stream_options": {"include_usage": True},
         "ignore_eos": True,  # vLLM-style extra field: every request does the same work
     }  # fmt: skip
@@ -291,7 +344,9 @@ async def run_level(
     )  # fmt: skip
 
 
-async def drive_server(cfg: BenchConfig, base_url: str, prompts: PromptSet) -> list[LevelResult]:
+async def drive_server(
+    cfg: BenchConfig, base_url: str, prompts: PromptSet, precision: str = "fp32"
+) -> list[LevelResult]:
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=max(cfg.concurrency) + 8)
     # trust_env=False: a proxy from the environment must not sit between us and loopback.
@@ -302,42 +357,87 @@ async def drive_server(cfg: BenchConfig, base_url: str, prompts: PromptSet) -> l
         await stream_request(client, request_body(cfg, model_id, prompts, 0, 8))  # warm-up
         levels: list[LevelResult] = []
         next_prompt = 1  # prompt 0 was the warm-up; the rest are used once each
-        for c, rounds in zip(cfg.concurrency, cfg.rounds, strict=True):
-            bodies = [
-                [request_body(cfg, model_id, prompts, next_prompt + k * rounds + r, cfg.max_tokens)
-                 for r in range(rounds)]
-                for k in range(c)
-            ]  # fmt: skip
-            next_prompt += c * rounds
-            levels.append(await run_level(client, bodies, c, cfg.max_tokens))
-            print(f"  c={c}: {levels[-1].tok_s:.1f} tok/s", flush=True)
+        for sampling in cfg.samplings:
+            for c, rounds in zip(cfg.concurrency, cfg.rounds, strict=True):
+                bodies = level_bodies(cfg, model_id, prompts, next_prompt, c, rounds, sampling)
+                next_prompt += c * rounds
+                level = await run_level(client, bodies, c, cfg.max_tokens)
+                levels.append(replace(level, precision=precision, sampling=sampling))
+                print(f"  {precision} {sampling} c={c}: {level.tok_s:.1f} tok/s", flush=True)
     return levels
 
 
-def run_server(cfg: BenchConfig, prompts: PromptSet) -> list[LevelResult]:
+def level_bodies(
+    cfg: BenchConfig, model_id: str, prompts: PromptSet, first: int, clients: int, rounds: int,
+    sampling: str,
+) -> list[list[dict]]:  # fmt: skip
+    """Each client's requests, one after another; every prompt is used once in the run."""
+    return [
+        [request_body(cfg, model_id, prompts, first + k * rounds + r, cfg.max_tokens, sampling)
+         for r in range(rounds)]
+        for k in range(clients)
+    ]  # fmt: skip
+
+
+class FlagsRefused(Exception):
+    """The server would not start with a precision's flags (not merged yet, or not here)."""
+
+
+def run_server(cfg: BenchConfig, prompts: PromptSet, skipped: list[str]) -> list[LevelResult]:
     if cfg.server_url:
-        return asyncio.run(drive_server(cfg, cfg.server_url.rstrip("/"), prompts))
+        return asyncio.run(drive_server(cfg, cfg.server_url.rstrip("/"), prompts, "as served"))
+    levels: list[LevelResult] = []
+    for precision in cfg.precisions:
+        print(f"server {precision} ({' '.join(PRECISION_ARGS[precision])}) ...", flush=True)
+        try:
+            levels += run_precision(cfg, prompts, precision)
+        except FlagsRefused as e:
+            note = f"{precision} skipped: the server refused {' '.join(PRECISION_ARGS[precision])}"
+            skipped.append(f"{note} ({e})")
+            print(f"  {skipped[-1]}", flush=True)
+    return levels
+
+
+def run_precision(cfg: BenchConfig, prompts: PromptSet, precision: str) -> list[LevelResult]:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="genserve-bench-") as tmp:
         # The same batch limit whatever levels run, so a subset run measures the same server.
         max_batch = max(RAW_BATCH, *cfg.concurrency)
-        args = serve_command(cfg.model_dir, port, max_batch, list(cfg.server_args))
+        extra = [*PRECISION_ARGS[precision], *cfg.server_args]  # the last --dtype given wins
+        args = serve_command(cfg.model_dir, port, max_batch, extra)
         log_path = Path(tmp) / "server.log"
         server = ServerProcess(args=args, log_path=log_path, env=thread_env(cfg.threads))
         server.start()
         try:
             base_url = f"http://127.0.0.1:{port}"
-            server.wait_healthy(base_url, cfg.health_timeout_s)  # its errors carry the log
-            return _drive_with_log(cfg, base_url, prompts, server)
+            _wait_or_refused(server, base_url, cfg.health_timeout_s)
+            return _drive_with_log(cfg, base_url, prompts, server, precision)
         finally:
             server.stop()
 
 
+def _wait_or_refused(server: ServerProcess, base_url: str, timeout_s: float) -> None:
+    """Healthy, or FlagsRefused when the server exits at once over its options."""
+    try:
+        server.wait_healthy(base_url, timeout_s)  # its errors carry the log
+    except RuntimeError:
+        log = server.log_tail()
+        markers = ("No such option", "Invalid value", "must be one of", "quantization")
+        if (
+            server.proc is not None
+            and server.proc.returncode is not None
+            and any(m in log for m in markers)
+        ):
+            lines = [line.strip(" │╭╮╰╯─") for line in log.splitlines() if line.strip(" │╭╮╰╯─")]
+            raise FlagsRefused(lines[-1] if lines else "no log") from None
+        raise
+
+
 def _drive_with_log(
-    cfg: BenchConfig, base_url: str, prompts: PromptSet, server: ServerProcess
+    cfg: BenchConfig, base_url: str, prompts: PromptSet, server: ServerProcess, precision: str
 ) -> list[LevelResult]:
     try:
-        return asyncio.run(drive_server(cfg, base_url, prompts))
+        return asyncio.run(drive_server(cfg, base_url, prompts, precision))
     except Exception:
         # A failed request says little on its own; the server's traceback is in its log.
         print(f"server log tail:\n{server.log_tail()}")
@@ -348,16 +448,39 @@ def _drive_with_log(
 
 
 def compute_ratios(report: Report) -> list[Ratio]:
-    by_c = {level.concurrency: level for level in report.server}
+    """The figures from before issue 14 (greedy, the first precision run: fp32 by default),
+    then per precision: top_p against plain temperature, one stream against its roofline."""
+    first = report.server[0].precision if report.server else "fp32"
+    by_c = _levels(report, first, "greedy")
     pairs = [
         ("server c=1 / HF generate", by_c.get(1), report.hf_generate, TARGET_SINGLE),
         ("server c=32 / HF raw B=32 decode", by_c.get(32), report.hf_raw_decode_b32, TARGET_BATCH),
     ]
-    ratios = []
-    for name, level, base, target in pairs:
-        value = level.tok_s / base.tok_s if level and base else None
-        ratios.append(Ratio(name, value, target, value is not None and value >= target))
+    ratios = [_ratio(name, level, base, target) for name, level, base, target in pairs]
+    for precision in dict.fromkeys(lv.precision for lv in report.server):
+        top_p, temp = _levels(report, precision, "top_p"), _levels(report, precision, "temp")
+        name = f"{precision} c=32 top_p 0.95 / temperature 0.8"
+        ratios.append(_ratio(name, top_p.get(32), temp.get(32), TARGET_TOP_P))
+        roof = report.roofline_tok_s.get(precision)
+        single = top_p.get(1) or temp.get(1)
+        if roof and single:
+            value = single.tok_s / roof
+            ratios.append(Ratio(f"{precision} c=1 sampled / roofline {roof:.0f} tok/s", value,
+                                TARGET_ROOFLINE, value >= TARGET_ROOFLINE))  # fmt: skip
     return ratios
+
+
+def _levels(report: Report, precision: str, sampling: str) -> dict[int, LevelResult]:
+    return {
+        lv.concurrency: lv
+        for lv in report.server
+        if lv.precision == precision and lv.sampling == sampling
+    }
+
+
+def _ratio(name: str, level: LevelResult | None, base: Any, target: float) -> Ratio:
+    value = level.tok_s / base.tok_s if level and base else None
+    return Ratio(name, value, target, value is not None and value >= target)
 
 
 def table_rows(report: Report) -> list[tuple[str, str, str, str]]:
@@ -370,7 +493,8 @@ def table_rows(report: Report) -> list[tuple[str, str, str, str]]:
     for lv in report.server:
         note = f" ({lv.short_requests} short)" if lv.short_requests else ""
         streams = "1 stream" if lv.concurrency == 1 else f"{lv.concurrency} streams"
-        rows.append((f"server, {streams}{note}", f"{lv.tok_s:.1f}",
+        label = f"server {lv.precision} {lv.sampling}, {streams}{note}"
+        rows.append((label, f"{lv.tok_s:.1f}",
                      f"{lv.ttft_p50_ms:.0f}", f"{lv.ttft_p95_ms:.0f}"))  # fmt: skip
     return rows
 
@@ -391,7 +515,7 @@ def print_report(report: Report) -> None:
         from rich.table import Table
     except ImportError:  # rich is a dependency, but the plain table keeps this usable alone
         for row in (header, *table_rows(report)):
-            print(f"{row[0]:<40}{row[1]:>10}{row[2]:>14}{row[3]:>14}")
+            print(f"{row[0]:<44}{row[1]:>10}{row[2]:>14}{row[3]:>14}")
     else:
         table = Table(title="genserve throughput", caption=_settings_line(report))
         for i, name in enumerate(header):
@@ -399,13 +523,31 @@ def print_report(report: Report) -> None:
         for row in table_rows(report):
             table.add_row(*row)
         Console().print(table)
-    for line in ratio_lines(report):
+    for line in [*report.skipped, *ratio_lines(report)]:
         print(line)
 
 
 def _settings_line(report: Report) -> str:
     s = report.settings
-    return f"prompt {s['prompt_tokens']} tokens, {s['max_tokens']} new tokens, fp32, CPU"
+    machine = report.machine or {}
+    return (
+        f"prompt {s['prompt_tokens']} tokens, {s['max_tokens']} new tokens; greedy: temperature 0,"
+        f" temp: 0.8, top_p: 0.8 + top_p 0.95; {machine.get('cpu', 'CPU')}"
+    )
+
+
+def machine_section(cfg: BenchConfig, report: Report) -> Machine:
+    """Print the machine and each precision's one-stream roofline; keep both in the report."""
+    machine = describe(cfg.threads, cfg.bandwidth_gib)
+    print(machine.line(), flush=True)
+    params = parameter_count(cfg.model_dir)
+    for precision in cfg.precisions:
+        roof = roofline_tok_s(machine, params, precision)
+        report.roofline_tok_s[precision] = roof
+        size = f"{params / 1e6:.1f}M weights x {machine.weight_bytes(precision):g} B"
+        print(f"roofline {precision}: {machine.read_gb_s:.1f} GB/s / ({size}) = {roof:.1f} tok/s")
+    report.machine = asdict(machine)
+    return machine
 
 
 # --------------------------------------------------------------------------- main
@@ -420,16 +562,18 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.model_dir))
-    needed = 1 + sum(c * r for c, r in zip(cfg.concurrency, cfg.rounds, strict=True))
+    per_sampling = sum(c * r for c, r in zip(cfg.concurrency, cfg.rounds, strict=True))
+    needed = 1 + len(cfg.samplings) * per_sampling
     prompts = build_prompts(tokenizer, max(needed, RAW_BATCH), cfg.prompt_tokens)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("api_key",)}
     report = Report(settings=json.loads(json.dumps(settings, default=str)))
+    machine_section(cfg, report)
     if cfg.baselines:
         print("transformers baselines ...", flush=True)
         report.hf_generate, report.hf_raw_decode_b32 = run_baselines(cfg, prompts)
     if cfg.server:
         print("server ...", flush=True)
-        report.server = run_server(cfg, prompts)
+        report.server = run_server(cfg, prompts, report.skipped)
     report.ratios = compute_ratios(report)
     print_report(report)
     print(f"total {time.perf_counter() - started:.0f} s")

@@ -1,0 +1,177 @@
+"""Batched temperature/min_p/top_k/top_p (issue 14, item 4): the same kept set as a stable full
+sort, row by row the same alone or in a batch, and no vocabulary sort per row (counted)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genserve.model.sampler import (
+    DrawParams,
+    SamplingRow,
+    draw_batch,
+    sample,
+    truncated_weights,
+)
+
+VOCAB = 49152
+
+
+def logits_of(kind: str, rows: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
+    """peaked: a trained model's shape; flat: a random-weight model's (nucleus of ~45k tokens);
+    ties: logits rounded to bf16, as a bf16 lm_head gives them; masked: a grammar's -inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g)
+    if kind == "peaked":
+        return x * 4.0
+    if kind == "flat":
+        return x * 0.5
+    if kind == "ties":
+        return (x * 3.0).bfloat16().float()
+    masked = x * 2.0
+    masked[:, ::3] = float("-inf")
+    return masked
+
+
+def row(temperature: float = 0.8, seed: int = 0, **kw: object) -> SamplingRow:
+    return SamplingRow(temperature, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def params(rows: list[SamplingRow], vocab: int = VOCAB) -> DrawParams:
+    return DrawParams.of(rows, vocab, torch.device("cpu"))
+
+
+def full_sort_kept(logits: torch.Tensor, r: SamplingRow) -> torch.Tensor:
+    """The definition, on one row: a stable descending sort of the whole vocabulary, then the
+    prefix rules, in float64 on the same float32 probabilities the batched path uses."""
+    x = logits * torch.tensor(1.0 / r.temperature, dtype=torch.float32)
+    probs = x.softmax(-1)
+    if r.min_p:
+        probs = probs.masked_fill(probs < r.min_p * probs.max(), 0.0)
+    order = x.sort(descending=True, stable=True).indices
+    w = probs[order].double()
+    w[min(r.top_k or x.numel(), x.numel()) :] = 0.0
+    cum = w.cumsum(0)
+    kept = w > 0
+    if r.top_p < 1.0:
+        kept &= (cum - w) < r.top_p * cum[-1]
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[order[kept]] = True
+    return mask
+
+
+COMBOS = [
+    {"top_p": 0.95},
+    {"top_p": 0.5},
+    {"top_p": 0.999},
+    {"top_k": 50},
+    {"top_k": 3000},  # wider than any candidate list a capped topk would keep
+    {"min_p": 0.05},
+    {"top_k": 40, "top_p": 0.9},
+    {"min_p": 0.1, "top_p": 0.95},
+    {"min_p": 0.02, "top_k": 500, "top_p": 0.8, "temperature": 1.3},
+]
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "masked"])
+def test_kept_set_equals_the_full_sort(kind: str) -> None:
+    logits = logits_of(kind, 4)
+    for combo in COMBOS:
+        rows = [row(**combo)] * 4
+        weights = truncated_weights(logits, params(rows))
+        for i in range(4):
+            expected = full_sort_kept(logits[i], rows[i])
+            assert torch.equal(weights[i] > 0, expected), (kind, combo, i)
+
+
+def test_a_nucleus_of_most_of_the_vocabulary_is_exact() -> None:
+    logits = logits_of("flat", 2)
+    r = row(top_p=0.99, temperature=1.0)
+    kept = truncated_weights(logits, params([r, r])) > 0
+    assert kept.sum(-1).min() > 40_000  # no candidate cap: the boundary is found all the same
+    assert torch.equal(kept[1], full_sort_kept(logits[1], r))
+
+
+def test_equal_logits_keep_the_lowest_token_ids() -> None:
+    logits = torch.zeros(1, 1000)  # one bucket holds every token: the whole row is sorted
+    assert (truncated_weights(logits, params([row(top_p=0.1)], 1000))[0] > 0).nonzero().max() == 99
+    kept = truncated_weights(logits, params([row(top_k=7)], 1000))[0] > 0
+    assert kept.nonzero().flatten().tolist() == list(range(7))
+
+
+def test_kept_weights_are_the_probabilities_of_the_full_row() -> None:
+    logits = logits_of("peaked", 1)
+    r = row(top_p=0.9)
+    weights = truncated_weights(logits, params([r]))[0]
+    probs = (logits[0] * torch.tensor(1 / 0.8, dtype=torch.float32)).softmax(-1)
+    kept = weights > 0
+    assert torch.equal(weights[kept], probs[kept])
+
+
+def test_the_draw_follows_the_truncated_distribution() -> None:
+    logits = logits_of("peaked", 1, vocab=64)
+    r = row(top_p=0.9, top_k=20)
+    weights = truncated_weights(logits, params([r], 64))[0].double()
+    n = 20_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n  # an even grid instead of random draws
+    tokens = draw_batch(logits.expand(n, 64), params([r] * n, 64), u)
+    freq = torch.bincount(tokens, minlength=64).double() / n
+    assert torch.allclose(freq, weights / weights.sum(), atol=2 / n)
+
+
+def mixed_rows(n: int) -> list[SamplingRow]:
+    combos = [{}, {"temperature": 0}, *COMBOS]
+    return [row(seed=100 + i, **combos[i % len(combos)]) for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "masked"])
+def test_each_row_draws_the_same_token_alone_and_batched(kind: str) -> None:
+    logits = logits_of(kind, 32, seed=5)
+    batched = sample(logits, mixed_rows(32)).tokens
+    alone = [sample(logits[i : i + 1], [mixed_rows(32)[i]]).tokens[0] for i in range(32)]
+    assert batched == alone
+
+
+def test_seeded_rows_repeat_their_sequence_among_other_rows() -> None:
+    logits = logits_of("flat", 8, seed=9)
+    mine = [row(seed=42, top_p=0.95), row(seed=43, top_k=50, min_p=0.05)]
+    alone = [
+        [sample(logits[i : i + 1], [r]).tokens[0] for _ in range(5)]
+        for i, r in ((0, mine[0]), (4, mine[1]))
+    ]
+    again = [row(seed=42, top_p=0.95), row(seed=43, top_k=50, min_p=0.05)]
+    others = [row(seed=s, top_p=0.5) for s in range(6)]
+    together = [sample(logits, [again[0], *others[:3], again[1], *others[3:]]) for _ in range(5)]
+    assert [t.tokens[0] for t in together] == alone[0]
+    assert [t.tokens[4] for t in together] == alone[1]
+
+
+def test_no_row_sorts_the_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
+    widths: list[int] = []
+    real_sort, real_topk = torch.Tensor.sort, torch.Tensor.topk
+
+    def counting_sort(self: torch.Tensor, *a: object, **kw: object):
+        widths.append(self.shape[-1])
+        return real_sort(self, *a, **kw)
+
+    def counting_topk(self: torch.Tensor, k: int, *a: object, **kw: object):
+        widths.append(k)
+        return real_topk(self, k, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "sort", counting_sort)
+    monkeypatch.setattr(torch.Tensor, "topk", counting_topk)
+    monkeypatch.setattr(torch, "sort", lambda t, *a, **kw: counting_sort(t, *a, **kw))
+    for kind in ("peaked", "flat"):
+        rows = [row(seed=i, top_p=0.95, top_k=50 if i % 2 else 0) for i in range(32)]
+        assert not sample(logits_of(kind, 32), rows).errors
+    # Per step: one topk (the k-th largest for the top_k rows) and one sort of the boundary
+    # buckets, for all 32 rows together; both far narrower than the vocabulary.
+    assert len(widths) == 4 and max(widths) < VOCAB // 20, widths
+
+
+def test_a_row_with_no_allowed_token_fails_alone() -> None:
+    logits = logits_of("peaked", 3)
+    logits[1] = float("-inf")
+    alone = sample(logits[2:], [row(seed=2, top_p=0.9)]).tokens
+    out = sample(logits, [row(seed=0), row(seed=1, top_p=0.9), row(seed=2, top_p=0.9)])
+    assert set(out.errors) == {1} and out.tokens[1] == -1 and out.tokens[2:] == alone
