@@ -99,7 +99,8 @@ async def test_queue_full_gives_429_with_retry_after(small_server: LiveServer) -
 
 def test_official_client_retries_after_429(small_server: LiveServer) -> None:
     """The client's own retry honours Retry-After and succeeds once the slot frees."""
-    client = openai.OpenAI(base_url=small_server.url + "/v1", api_key="x", max_retries=5)
+    # Enough retries (Retry-After: 1 s each) to outlast the two blockers on a loaded machine.
+    client = openai.OpenAI(base_url=small_server.url + "/v1", api_key="x", max_retries=30)
     blocker = {"model": "tiny-llama", "prompt": "a", "max_tokens": 200, "ignore_eos": True}
 
     async def scenario() -> list:
