@@ -1,114 +1,14 @@
-"""Wiring: a ServerConfig -> a loaded model behind a running engine, ready for the API."""
+"""Serving: uvicorn around the app, with a SIGTERM that drains (genserve.cli serve runs this)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 
-from genserve import __version__
-from genserve.api.limits import longest_token_bytes
-from genserve.api.logprobs import TokenText
-from genserve.api.models import ServedModel
 from genserve.config import ServerConfig
-from genserve.engine.client import AsyncEngine
-from genserve.engine.core import EngineCore
-from genserve.engine.thread import EngineThread
-from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
-from genserve.model.loading import LoadedModel, ModelLoadError, load_model
-from genserve.model.runner import kv_bytes_per_token
-from genserve.model.sizing import cache_shape
-from genserve.model.worker import ModelWorker
 
 log = logging.getLogger(__name__)
-
-
-def build_served_model(cfg: ServerConfig) -> ServedModel:
-    """Load the model and build (but do not start) its engine. Runs off the event loop."""
-    mc = cfg.model
-    loaded = load_model(
-        mc.ref, mc.dtype, mc.device, mc.trust_remote_code, mc.allow_pickle, mc.served_name
-    )
-    try:
-        slots, max_len = cache_shape(cfg.engine, loaded.max_context)
-    except ValueError as e:
-        raise ModelLoadError(str(e)) from e
-    grammars = grammar_compiler(loaded)
-    # Built on the thread that will step it: see genserve.engine.thread for why.
-    thread = EngineThread()
-    try:
-        worker = thread.call(
-            lambda: ModelWorker(
-                loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant, grammars
-            )
-        )
-    except BaseException:
-        thread.close()
-        raise
-    _log_cache(loaded, slots, max_len, type(worker.runner).__name__)
-    core = EngineCore(
-        worker,
-        loaded.tokenizer,
-        num_slots=slots,
-        token_budget=cfg.engine.max_num_batched_tokens,
-        publish=lambda _: None,  # replaced by AsyncEngine.start
-        batch_invariant=cfg.engine.batch_invariant,
-        thread=thread,
-    )
-    engine = AsyncEngine(core, max_len=max_len, capacity=slots + cfg.engine.max_waiting)
-    return ServedModel(
-        id=loaded.name,
-        created=int(time.time()),
-        engine=engine,
-        path=loaded.path,
-        tokenizer=loaded.tokenizer,
-        chat_template=loaded.chat_template,
-        max_len=max_len,
-        fingerprint=fingerprint(loaded, type(worker.runner).__name__, cfg.engine.batch_invariant),
-        vocab_size=worker.vocab_size,
-        token_text=TokenText(loaded.tokenizer),
-        grammars=grammars,
-        max_token_bytes=longest_token_bytes(loaded.tokenizer),
-    )
-
-
-def grammar_compiler(loaded: LoadedModel) -> GrammarCompiler | GrammarUnavailable:
-    """The model's grammar compiler; when llguidance cannot read its tokenizer (a WordLevel one
-    without a ByteLevel or SentencePiece decoder), the model still serves plain generation and
-    response_format answers 400 with the reason (DESIGN rule 11)."""
-    vocab = loaded.model.config.vocab_size
-    try:
-        return GrammarCompiler(loaded.tokenizer, vocab, stop_token_ids=loaded.eos_token_ids)
-    except Exception as e:  # noqa: BLE001 - an optional capability, never the whole model
-        log.warning("%s: response_format is off: the grammar library failed: %s", loaded.name, e)
-        return GrammarUnavailable(str(e))
-
-
-def fingerprint(loaded: LoadedModel, runner: str, deterministic: bool) -> str:
-    """Names the configuration that determines outputs, as OpenAI's system_fingerprint does."""
-    import torch
-
-    weights = sorted((p.name, p.stat().st_size) for p in loaded.path.glob("*.safetensors"))
-    parts = [__version__, torch.__version__, runner, str(loaded.dtype), loaded.device.type]
-    parts.append("deterministic" if deterministic else "plain")
-    digest = hashlib.sha256(repr((parts, weights, loaded.name)).encode()).hexdigest()
-    return f"fp_{digest[:10]}"
-
-
-def _log_cache(loaded: LoadedModel, slots: int, max_len: int, runner: str) -> None:
-    gib = kv_bytes_per_token(loaded.model.config, loaded.dtype) * slots * max_len / 2**30
-    log.info(
-        "serving %s from %s on %s (%s, %s): %d KV slots x %d tokens = %.2f GiB",
-        loaded.name,
-        loaded.path,
-        loaded.device,
-        loaded.dtype,
-        runner,
-        slots,
-        max_len,
-        gib,
-    )
 
 
 class DrainingServer:
