@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_type_hints
 
 import typer
 
-from genserve.config import (
-    DEFAULT_MODEL,
-    ConnectionConfig,
-    EngineConfig,
-    ModelConfig,
-    QuotaConfig,
-    SecurityConfig,
-    ServerConfig,
-    StorageConfig,
-    TrainingConfig,
-)
+from genserve.config import DEFAULT_MODEL, ServerConfig
 from genserve.models_cli import models_app
 from genserve.training.cli import finetune_app
 
@@ -29,8 +21,7 @@ E = "GENSERVE_"
 # GENSERVE_MAX_FILE_BYTES), as containers set them: click derives the name of each option that
 # declares none, so an option added later is bound too.
 SERVE_ENV = {"auto_envvar_prefix": "GENSERVE"}
-CONN = ConnectionConfig()  # the connection options' defaults, declared once in config.py
-QUOTAS = QuotaConfig()  # the quota options' defaults, declared once in config.py
+DEFAULTS = ServerConfig()  # each option's default, declared once: in config.py
 
 
 @app.callback()
@@ -38,9 +29,34 @@ def main() -> None:
     """genserve command line."""
 
 
-def parse_lora_modules(items: list[str]) -> tuple[tuple[str, str], ...]:
+@dataclass(frozen=True, slots=True)
+class ConfigOption:
+    """One `serve` option and the config field it sets: ServerConfig.<section>.<field>, or
+    ServerConfig.<field> when section is None. Its type and default are the field's."""
+
+    name: str  # --name-with-dashes on the command line
+    section: str | None
+    field: str
+    help: str
+    wire_type: Any = None  # the command line's type, where it differs from the field's
+
+    @property
+    def default(self) -> Any:  # noqa: ANN401 - a field's default
+        holder = getattr(DEFAULTS, self.section) if self.section else DEFAULTS
+        value = getattr(holder, self.field)
+        return {(): None, None: "none"}.get(value, value) if self.wire_type else value
+
+    @property
+    def type(self) -> Any:  # noqa: ANN401 - a type
+        if self.wire_type is not None:
+            return self.wire_type
+        cls = type(getattr(DEFAULTS, self.section)) if self.section else ServerConfig
+        return get_type_hints(cls)[self.field]
+
+
+def parse_lora_modules(items: list[str] | None) -> tuple[tuple[str, str], ...]:
     pairs = []
-    for item in items:
+    for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise typer.BadParameter(f"--lora-modules wants NAME=PATH, got {item!r}")
@@ -48,104 +64,79 @@ def parse_lora_modules(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-@app.command(context_settings=SERVE_ENV)
+def parse_embedding_model(name: str) -> str | None:
+    return None if name == "none" else name
+
+
+# The command line's shape -> the field's, for the options whose wire_type differs.
+PARSE = {"lora_modules": parse_lora_modules, "embedding_model": parse_embedding_model}
+
+SERVE_OPTIONS = (
+    ConfigOption("model", "model", "ref", "Bundled name, local HF folder, or hub id."),
+    ConfigOption("served_model_name", "model", "served_name",
+                 "Model id in the API (default: from the ref)."),
+    ConfigOption("host", None, "host", "Address to listen on."),
+    ConfigOption("port", None, "port", "Port to listen on."),
+    ConfigOption("dtype", "model", "dtype",
+                 "float32|auto (bf16 where measured faster here)|bfloat16|float16"),
+    ConfigOption("quantization", "model", "quantization",
+                 "none|int8 (weight-only int8, per output channel)."),
+    ConfigOption("device", "model", "device", "auto|cpu|cuda"),
+    ConfigOption("max_batch_size", "engine", "max_batch_size", "Sequences decoded together."),
+    ConfigOption("max_model_len", "engine", "max_model_len",
+                 "Context per sequence (default: model's, max 2048)."),
+    ConfigOption("kv_cache_tokens", "engine", "kv_cache_tokens",
+                 "KV-cache budget in tokens (default: batch x len)."),
+    ConfigOption("max_num_batched_tokens", "engine", "max_num_batched_tokens",
+                 "Token budget per step."),
+    ConfigOption("max_waiting", "engine", "max_waiting", "Queue bound; beyond it, 429."),
+    ConfigOption("fast_path", "engine", "fast_path", "Use the Llama-family runner."),
+    ConfigOption("deterministic", "engine", "batch_invariant",
+                 "Batch-invariant numerics for every request, not only seeded ones (~20% slower)."),
+    ConfigOption("trust_remote_code", "model", "trust_remote_code",
+                 "Run code shipped with a model."),
+    ConfigOption("allow_pickle", "model", "allow_pickle", "Load .bin/.pt pickle weights."),
+    ConfigOption("lora_modules", "model", "lora_modules",
+                 "Serve a LoRA adapter folder as NAME=PATH (repeatable).", list[str] | None),
+    ConfigOption("models_dir", "storage", "models_dir", "POST /v1/models loads folders from here."),
+    ConfigOption("embedding_model", "model", "embedding_model",
+                 "Embeddings model served at start ('none': no embeddings).", str),
+    ConfigOption("memory_budget_gb", "model", "memory_budget_gb",
+                 "Memory for all loaded models (default: 80% of RAM)."),
+    ConfigOption("data_dir", "storage", "data_dir", "Uploads, jobs, adapters (SQLite + files)."),
+    ConfigOption("max_file_bytes", "storage", "max_file_bytes", "Largest upload to /v1/files."),
+    ConfigOption("training_threads", "training", "threads",
+                 "CPU threads a fine-tuning worker may use."),
+    ConfigOption("api_key_file", "security", "api_key_file",
+                 "Key file from `genserve keys` (hashes)."),
+    ConfigOption("allow_unauthenticated", "security", "allow_unauthenticated",
+                 "Serve beyond 127.0.0.1 with no API key (not advised)."),
+    ConfigOption("max_request_bytes", "security", "max_request_bytes",
+                 "Largest JSON request body."),
+    ConfigOption("max_prompt_tokens", "security", "max_prompt_tokens",
+                 "Ceiling on prompt tokens."),
+    ConfigOption("max_tokens_limit", "security", "max_tokens_limit", "Ceiling on max_tokens."),
+    ConfigOption("drain_timeout", "security", "drain_timeout_s",
+                 "On SIGTERM, seconds running requests may take."),
+    ConfigOption("max_connections", "connections", "max_connections",
+                 "Open connections; beyond, idle/half-sent ones are closed, or 503."),
+    ConfigOption("header_timeout", "connections", "header_timeout_s",
+                 "Seconds a request may take to send its headers."),
+    ConfigOption("keep_alive_timeout", "connections", "keep_alive_s",
+                 "Seconds an idle keep-alive connection stays open."),
+    ConfigOption("max_header_bytes", "connections", "max_header_bytes",
+                 "Largest request line + headers (larger: 431)."),
+    ConfigOption("max_files_per_project", "quotas", "max_files", "Quota: files one project holds."),
+    ConfigOption("max_file_bytes_per_project", "quotas", "max_file_bytes",
+                 "Quota: bytes of one project's files."),
+    ConfigOption("max_jobs_per_project", "quotas", "max_active_jobs",
+                 "Quota: one project's fine-tuning jobs validating, queued or running."),
+    ConfigOption("queue_retry_after", None, "retry_after_s",
+                 "Retry-After seconds on the 429 of a full queue."),
+)  # fmt: skip
+
+
 def serve(
-    model: Annotated[
-        str, typer.Option(envvar=E + "MODEL", help="Bundled name, local HF folder, or hub id.")
-    ] = DEFAULT_MODEL,
-    served_model_name: Annotated[
-        str | None, typer.Option(help="Model id in the API (default: from the ref).")
-    ] = None,
-    host: Annotated[str, typer.Option(envvar=E + "HOST")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar=E + "PORT")] = 8000,
-    dtype: Annotated[
-        str,
-        typer.Option(help="float32|auto (bf16 where measured faster here)|bfloat16|float16"),
-    ] = "float32",
-    quantization: Annotated[
-        str, typer.Option(help="none|int8 (weight-only int8, per output channel).")
-    ] = "none",
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
-    max_batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 32,
-    max_model_len: Annotated[
-        int | None, typer.Option(help="Context per sequence (default: model's, max 2048).")
-    ] = None,
-    kv_cache_tokens: Annotated[
-        int | None, typer.Option(help="KV-cache budget in tokens (default: batch x len).")
-    ] = None,
-    max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget per step.")] = 512,
-    max_waiting: Annotated[int, typer.Option(help="Queue bound; beyond it, 429.")] = 256,
-    fast_path: Annotated[bool, typer.Option(help="Use the Llama-family runner.")] = True,
-    deterministic: Annotated[
-        bool,
-        typer.Option(
-            help="Batch-invariant numerics for every request, not only seeded ones (~20% slower)."
-        ),
-    ] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Run code shipped with a model.")] = False,
-    allow_pickle: Annotated[bool, typer.Option(help="Load .bin/.pt pickle weights.")] = False,
-    lora_modules: Annotated[
-        list[str] | None,
-        typer.Option(help="Serve a LoRA adapter folder as NAME=PATH (repeatable)."),
-    ] = None,
-    models_dir: Annotated[
-        str, typer.Option(envvar=E + "MODELS_DIR", help="POST /v1/models loads folders from here.")
-    ] = "var/genserve/models",
-    embedding_model: Annotated[
-        str, typer.Option(help="Embeddings model served at start ('none': no embeddings).")
-    ] = "all-MiniLM-L6-v2",
-    memory_budget_gb: Annotated[
-        float | None, typer.Option(help="Memory for all loaded models (default: 80% of RAM).")
-    ] = None,
-    data_dir: Annotated[
-        str, typer.Option(envvar=E + "DATA_DIR", help="Uploads, jobs, adapters (SQLite + files).")
-    ] = "var/genserve",
-    max_file_bytes: Annotated[int, typer.Option(help="Largest upload to /v1/files.")] = 512 * 2**20,
-    training_threads: Annotated[
-        int, typer.Option(help="CPU threads a fine-tuning worker may use.")
-    ] = 1,
-    api_key_file: Annotated[
-        str | None,
-        typer.Option(envvar=E + "API_KEY_FILE", help="Key file from `genserve keys` (hashes)."),
-    ] = None,
-    allow_unauthenticated: Annotated[
-        bool, typer.Option(help="Serve beyond 127.0.0.1 with no API key (not advised).")
-    ] = False,
-    max_request_bytes: Annotated[int, typer.Option(help="Largest JSON request body.")] = 4 * 2**20,
-    max_prompt_tokens: Annotated[int | None, typer.Option(help="Ceiling on prompt tokens.")] = None,
-    max_tokens_limit: Annotated[int | None, typer.Option(help="Ceiling on max_tokens.")] = None,
-    drain_timeout: Annotated[
-        float, typer.Option(help="On SIGTERM, seconds running requests may take.")
-    ] = 30.0,
-    max_connections: Annotated[
-        int, typer.Option(help="Open connections; beyond, idle/half-sent ones are closed, or 503.")
-    ] = CONN.max_connections,
-    header_timeout: Annotated[
-        float, typer.Option(help="Seconds a request may take to send its headers.")
-    ] = CONN.header_timeout_s,
-    keep_alive_timeout: Annotated[
-        float, typer.Option(help="Seconds an idle keep-alive connection stays open.")
-    ] = CONN.keep_alive_s,
-    max_header_bytes: Annotated[
-        int, typer.Option(help="Largest request line + headers (larger: 431).")
-    ] = CONN.max_header_bytes,
-    max_files_per_project: Annotated[
-        int,
-        typer.Option(envvar=E + "MAX_FILES_PER_PROJECT", help="Quota: files one project holds."),
-    ] = QUOTAS.max_files,
-    max_file_bytes_per_project: Annotated[
-        int,
-        typer.Option(
-            envvar=E + "MAX_FILE_BYTES_PER_PROJECT", help="Quota: bytes of one project's files."
-        ),
-    ] = QUOTAS.max_file_bytes,
-    max_jobs_per_project: Annotated[
-        int,
-        typer.Option(
-            envvar=E + "MAX_JOBS_PER_PROJECT",
-            help="Quota: one project's fine-tuning jobs validating, queued or running.",
-        ),
-    ] = QUOTAS.max_active_jobs,
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
     ray: Annotated[bool, typer.Option(help="Deploy on Ray Serve (needs the ray extra).")] = False,
     replicas: Annotated[int, typer.Option(help="With --ray: engine replicas.")] = 1,
@@ -153,6 +144,7 @@ def serve(
         str | None,
         typer.Option("--ray-address", "--address", help="With --ray: cluster (default: local)."),
     ] = None,
+    **options: Any,  # one per SERVE_OPTIONS entry: see serve_signature
 ) -> None:
     """Serve a model with the OpenAI-compatible API.
 
@@ -167,7 +159,6 @@ def serve(
     )
     for handler in logging.getLogger().handlers:  # a client's text cannot forge a log line
         handler.addFilter(EscapeControls())
-    options = dict(locals())
     try:
         config = build_config(options)
     except ValueError as e:
@@ -182,6 +173,31 @@ def serve(
     run_server(config, log_level.lower())
 
 
+def serve_signature() -> inspect.Signature:
+    """serve's own parameters, then one option per SERVE_OPTIONS entry, typed and defaulted by
+    its config field: what typer reads to build the command (and --help)."""
+    own = [
+        p
+        for p in inspect.signature(serve).parameters.values()
+        if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    hints = get_type_hints(serve, include_extras=True)
+    own = [p.replace(annotation=hints[p.name]) for p in own]
+    generated = [
+        inspect.Parameter(
+            o.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=o.default,
+            annotation=Annotated[o.type, typer.Option(help=o.help)],
+        )
+        for o in SERVE_OPTIONS
+    ]  # fmt: skip
+    return inspect.Signature([*generated, *own])
+
+
+serve.__signature__ = serve_signature()  # type: ignore[attr-defined]
+serve.__annotations__ = {p.name: p.annotation for p in serve.__signature__.parameters.values()}
+app.command(context_settings=SERVE_ENV)(serve)
+
+
 def warn_unauthenticated(config: ServerConfig) -> None:
     log = logging.getLogger("genserve")
     if config.security.allow_unauthenticated:
@@ -193,42 +209,21 @@ def warn_unauthenticated(config: ServerConfig) -> None:
         log.info("no API key set: serving on loopback only")
 
 
-def build_config(o: dict) -> ServerConfig:
-    """CLI options (and GENSERVE_API_KEYS, GENSERVE_ADMIN_KEYS) -> the validated server config."""
-    env_keys, admin_keys = env_list(E + "API_KEYS"), env_list(E + "ADMIN_KEYS")
-    return ServerConfig(
-        host=o["host"],
-        port=o["port"],
-        model=ModelConfig(
-            o["model"], o["served_model_name"], o["dtype"], o["device"], o["trust_remote_code"],
-            o["allow_pickle"], parse_lora_modules(o["lora_modules"] or []),
-            embedding_model=None if o["embedding_model"] == "none" else o["embedding_model"],
-            memory_budget_gb=o["memory_budget_gb"], quantization=o["quantization"],
-        ),
-        engine=EngineConfig(
-            max_batch_size=o["max_batch_size"], max_model_len=o["max_model_len"],
-            kv_cache_tokens=o["kv_cache_tokens"],
-            max_num_batched_tokens=o["max_num_batched_tokens"], max_waiting=o["max_waiting"],
-            fast_path=o["fast_path"], batch_invariant=o["deterministic"],
-        ),
-        storage=StorageConfig(o["data_dir"], o["models_dir"], o["max_file_bytes"]),
-        training=TrainingConfig(threads=o["training_threads"]),
-        security=SecurityConfig(
-            api_keys=env_keys, admin_keys=admin_keys, api_key_file=o["api_key_file"],
-            allow_unauthenticated=o["allow_unauthenticated"],
-            max_request_bytes=o["max_request_bytes"], max_prompt_tokens=o["max_prompt_tokens"],
-            max_tokens_limit=o["max_tokens_limit"], drain_timeout_s=o["drain_timeout"],
-        ),
-        connections=ConnectionConfig(
-            max_connections=o["max_connections"], header_timeout_s=o["header_timeout"],
-            keep_alive_s=o["keep_alive_timeout"], max_header_bytes=o["max_header_bytes"],
-        ),
-        quotas=QuotaConfig(
-            max_files=o["max_files_per_project"],
-            max_file_bytes=o["max_file_bytes_per_project"],
-            max_active_jobs=o["max_jobs_per_project"],
-        ),
-    )  # fmt: skip
+def build_config(options: dict[str, Any]) -> ServerConfig:
+    """`serve`'s options (and GENSERVE_API_KEYS, GENSERVE_ADMIN_KEYS) -> the validated config:
+    each option sets the field SERVE_OPTIONS names; every field it leaves keeps its default."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for o in SERVE_OPTIONS:
+        value = PARSE.get(o.name, lambda v: v)(options[o.name])
+        (sections.setdefault(o.section, {}) if o.section else top)[o.field] = value
+    security = sections.setdefault("security", {})
+    security["api_keys"], security["admin_keys"] = (
+        env_list(E + "API_KEYS"),
+        env_list(E + "ADMIN_KEYS"),
+    )
+    nested = {name: replace(getattr(DEFAULTS, name), **fields) for name, fields in sections.items()}
+    return replace(DEFAULTS, **top, **nested)
 
 
 def env_list(name: str) -> tuple[str, ...]:

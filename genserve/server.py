@@ -1,148 +1,14 @@
-"""Wiring: a ServerConfig -> a loaded model behind a running engine, ready for the API."""
+"""Serving: uvicorn around the app, with a SIGTERM that drains (genserve.cli serve runs this)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
-from pathlib import Path
 
-from genserve import __version__
-from genserve.api.limits import longest_token_bytes
-from genserve.api.logprobs import TokenText
-from genserve.api.models import ServedModel
 from genserve.config import ServerConfig
-from genserve.engine.client import AsyncEngine
-from genserve.engine.core import EngineCore
-from genserve.engine.thread import EngineThread
-from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
-from genserve.model.hardware import KernelPolicy, detect, model_specs, policy_for
-from genserve.model.loading import LoadedModel, ModelLoadError, load_model
-from genserve.model.runner import fast_path_supported, kv_bytes_per_token
-from genserve.model.sizing import cache_shape
-from genserve.model.worker import ModelWorker
 
 log = logging.getLogger(__name__)
-
-
-def build_served_model(cfg: ServerConfig) -> ServedModel:
-    """Load the model and build (but do not start) its engine. Runs off the event loop."""
-    mc = cfg.model
-    loaded = load_model(
-        mc.ref, mc.dtype, mc.device, mc.trust_remote_code, mc.allow_pickle, mc.served_name
-    )
-    try:
-        slots, max_len = cache_shape(cfg.engine, loaded.max_context)
-    except ValueError as e:
-        raise ModelLoadError(str(e)) from e
-    grammars = grammar_compiler(loaded)
-    # Built on the thread that will step it: see genserve.engine.thread for why.
-    thread = EngineThread()
-    try:
-        worker = thread.call(
-            lambda: ModelWorker(
-                loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant,
-                grammars, kernel_policy(loaded, cfg, slots, max_len),
-            )
-        )  # fmt: skip
-    except BaseException:
-        thread.close()
-        raise
-    _log_cache(loaded, slots, max_len, type(worker.runner).__name__)
-    core = EngineCore(
-        worker,
-        loaded.tokenizer,
-        num_slots=slots,
-        token_budget=cfg.engine.max_num_batched_tokens,
-        publish=lambda _: None,  # replaced by AsyncEngine.start
-        batch_invariant=cfg.engine.batch_invariant,
-        thread=thread,
-    )
-    engine = AsyncEngine(core, max_len=max_len, capacity=slots + cfg.engine.max_waiting)
-    return ServedModel(
-        id=loaded.name,
-        created=int(time.time()),
-        engine=engine,
-        path=loaded.path,
-        tokenizer=loaded.tokenizer,
-        chat_template=loaded.chat_template,
-        max_len=max_len,
-        fingerprint=fingerprint(
-            loaded, type(worker.runner).__name__, cfg.engine.batch_invariant,
-            getattr(worker.runner, "policy", None),
-        ),  # fmt: skip
-        vocab_size=worker.vocab_size,
-        token_text=TokenText(loaded.tokenizer),
-        grammars=grammars,
-        max_token_bytes=longest_token_bytes(loaded.tokenizer),
-    )
-
-
-def grammar_compiler(loaded: LoadedModel) -> GrammarCompiler | GrammarUnavailable:
-    """The model's grammar compiler; when llguidance cannot read its tokenizer (a WordLevel one
-    without a ByteLevel or SentencePiece decoder), the model still serves plain generation and
-    response_format answers 400 with the reason (DESIGN rule 11)."""
-    vocab = loaded.model.config.vocab_size
-    try:
-        return GrammarCompiler(loaded.tokenizer, vocab, stop_token_ids=loaded.eos_token_ids)
-    except Exception as e:  # noqa: BLE001 - an optional capability, never the whole model
-        log.warning("%s: response_format is off: the grammar library failed: %s", loaded.name, e)
-        return GrammarUnavailable(str(e))
-
-
-def kernel_policy(
-    loaded: LoadedModel, cfg: ServerConfig, slots: int, max_len: int
-) -> KernelPolicy | None:
-    """The measured (or cached) kernel choice for the fast path; None off it. Runs on the
-    engine thread: kernels are timed with the threads that will run them."""
-    config, mc = loaded.model.config, cfg.model
-    if not (cfg.engine.fast_path and fast_path_supported(config, max_len)):
-        if mc.quantization != "none":
-            log.warning("%s: --quantization %s needs the Llama-family fast path; serving "
-                        "unquantized", loaded.name, mc.quantization)  # fmt: skip
-        return None
-    chunk = cfg.engine.max_num_batched_tokens
-    specs = model_specs(config, chunk, slots)
-    policy = policy_for(
-        specs, loaded.dtype, mc.quantization, loaded.device, chunk, slots,
-        Path(cfg.storage.data_dir) / "cache",
-    )  # fmt: skip
-    log.info("kernels %s: %s, %.2fs", detect(loaded.device).line(), policy.summary(),
-             policy.seconds)  # fmt: skip
-    return policy
-
-
-def fingerprint(
-    loaded: LoadedModel, runner: str, deterministic: bool, policy: KernelPolicy | None = None
-) -> str:
-    """Names the configuration that determines outputs, as OpenAI's system_fingerprint does:
-    with measured kernels, which kernel runs which rows (a faster one on another machine
-    sums in another order) and whether the weights are quantized."""
-    import torch
-
-    weights = sorted((p.name, p.stat().st_size) for p in loaded.path.glob("*.safetensors"))
-    parts = [__version__, torch.__version__, runner, str(loaded.dtype), loaded.device.type]
-    parts.append("deterministic" if deterministic else "plain")
-    if policy is not None:
-        parts.append(f"kernels-{policy.tag()}")
-    digest = hashlib.sha256(repr((parts, weights, loaded.name)).encode()).hexdigest()
-    return f"fp_{digest[:10]}"
-
-
-def _log_cache(loaded: LoadedModel, slots: int, max_len: int, runner: str) -> None:
-    gib = kv_bytes_per_token(loaded.model.config, loaded.dtype) * slots * max_len / 2**30
-    log.info(
-        "serving %s from %s on %s (%s, %s): %d KV slots x %d tokens = %.2f GiB",
-        loaded.name,
-        loaded.path,
-        loaded.device,
-        loaded.dtype,
-        runner,
-        slots,
-        max_len,
-        gib,
-    )
 
 
 class DrainingServer:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -25,50 +24,38 @@ from genserve.api import (
     registry,
     tokenize,
 )
-from genserve.api.auth import LOCAL_PRINCIPAL, KeyStore
-from genserve.api.errors import APIError
-from genserve.api.limits import BackgroundPool
+from genserve.api.auth import KeyStore
 from genserve.api.metrics import Metrics
 from genserve.api.middleware import EdgeMiddleware, EdgeState
-from genserve.api.models import AdapterSpec, ModelSettings, ServedModel, Services
-from genserve.api.registry import ModelRegistry, start_served
-from genserve.bundled import bundled_adapters, bundled_names
 from genserve.config import ServerConfig
-from genserve.storage.db import open_database
-from genserve.storage.models import ModelStore
+from genserve.runtime import lifecycle
+from genserve.runtime.lifecycle import Loader
+from genserve.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[ServerConfig], ServedModel]
-
 
 def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
-    """`loader` builds the served model (default: genserve.server.build_served_model)."""
-    if loader is None:
-        from genserve.server import build_served_model as loader
+    """`loader` builds the served model (default: genserve.runtime.build.build_served_model)."""
+    load = loader or lifecycle.default_loader
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc: Services = app.state.services
-        task = asyncio.create_task(_load(svc, config, loader))
+        rt: Runtime = app.state.runtime
+        task = asyncio.create_task(lifecycle.load(rt, load))
         try:
             yield
         finally:
             task.cancel()
-            await fine_tuning.stop(svc)  # the training worker first: its job resumes on restart
-            for served in svc.models.values():
-                await asyncio.to_thread(served.engine.stop)
-            for embedder in svc.embedders.values():
-                await asyncio.to_thread(embedder.batcher.stop)
-            app.state.background.shutdown()
+            await lifecycle.shutdown(rt)
 
     app = FastAPI(title="genserve", version=__version__, lifespan=lifespan)
-    app.state.services = Services()
+    rt = Runtime(config)
+    app.state.runtime = rt
     app.state.config = config
-    app.state.metrics = Metrics(app.state.services)
-    app.state.services.state["metrics"] = app.state.metrics
+    app.state.metrics = Metrics(rt)
+    rt.observe = app.state.metrics.observer
     app.state.edge = edge_state(config)
-    app.state.background = BackgroundPool()
     app.add_middleware(EdgeMiddleware, state=app.state.edge)
     errors.install(app)
     app.include_router(models.router)
@@ -133,79 +120,15 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-async def _load(svc: Services, config: ServerConfig, loader: Loader) -> None:
-    svc.state["loop"] = asyncio.get_running_loop()
-    reg = open_registry(svc, config)
-    try:
-        served = await asyncio.to_thread(loader, config)
-    except Exception as e:  # noqa: BLE001 - reported on /health and every route
-        log.exception("model failed to load")
-        svc.load_error = str(e)
-        return
-    served.ref = config.model.ref
-    served.settings = reg.adopt(served.id, served.ref, "generate", _size(served, config))
-    await start_served(svc, served)
-    try:
-        await _serve_adapters(svc, served, config)
-    except Exception as e:  # noqa: BLE001 - an adapter the operator asked for must not be skipped
-        log.exception("adapter failed to load")
-        svc.load_error = f"adapter failed to load: {e}"
-        return
-    await fine_tuning.start(svc, config)  # files, jobs; serves fine-tuned adapters again
-    _load_embeddings(reg, config)
-    await reg.restore()  # models registered through the API before a restart
-    svc.ready = True
-    log.info("ready: %s", ", ".join(m["id"] for m in svc.cards(LOCAL_PRINCIPAL)))
-
-
-def open_registry(svc: Services, config: ServerConfig) -> ModelRegistry:
-    store = None
-    try:
-        db = open_database(Path(config.storage.data_dir))
-        svc.state["database"] = db
-        store = ModelStore(db)
-    except Exception:  # noqa: BLE001 - serve without persistence rather than not at all
-        log.exception("model registry storage failed; registrations will not persist")
-    registry = ModelRegistry(svc, config, store)
-    svc.state["registry"] = registry
-    return registry
-
-
-def _size(served: ServedModel, config: ServerConfig) -> int:
-    from genserve.model.sizing import kv_cache_bytes, weight_bytes
-
-    return 2 * weight_bytes(served.path) + kv_cache_bytes(served.path, config.engine)
-
-
-def _load_embeddings(registry: ModelRegistry, config: ServerConfig) -> None:
-    """The default embeddings model, when its package (genserve[embeddings]) is installed."""
-    name = config.model.embedding_model
-    if not name or name not in bundled_names():
-        return
-    try:
-        registry.register(name, name, "embed", ModelSettings(), from_cli=True)
-    except APIError as e:
-        log.error("embeddings model %s not loaded: %s", name, e.message)
-
-
-async def _serve_adapters(svc: Services, served: ServedModel, config: ServerConfig) -> None:
-    """--lora-modules, plus adapters bundled for a bundled base (genserve-starter-chat)."""
-    modules = [(name, Path(path)) for name, path in config.model.lora_modules]
-    modules += bundled_adapters(config.model.ref)
-    for name, path in modules:
-        spec = AdapterSpec(id=name, base=served.id, path=path, created=int(time.time()))
-        await svc.register_adapter(spec)
-
-
 async def health(request: Request) -> JSONResponse:
     """200 when every model is loaded; 503 while loading, after a failed load, and once the
     last generative model has been unloaded (nothing could answer a completion)."""
-    svc: Services = request.app.state.services
-    if svc.ready and not svc.models:
+    rt: Runtime = request.app.state.runtime
+    if rt.ready and not rt.models:
         error = "no generative model is loaded: register one with POST /v1/models"
         return JSONResponse({"status": "no_model", "error": error}, status_code=503)
-    if svc.ready:
-        stats = {m.id: m.engine.stats() for m in svc.models.values()}
+    if rt.ready:
+        stats = {m.id: m.engine.stats() for m in rt.models.values()}
         body = {
             "status": "ok",
             "models": {
@@ -214,5 +137,5 @@ async def health(request: Request) -> JSONResponse:
             },
         }
         return JSONResponse(body)
-    status = "failed" if svc.load_error else "loading"
-    return JSONResponse({"status": status, "error": svc.load_error}, status_code=503)
+    status = "failed" if rt.load_error else "loading"
+    return JSONResponse({"status": status, "error": rt.load_error}, status_code=503)

@@ -1,38 +1,18 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions: the body -> a runtime ChatRequest; its events -> OpenAI's JSON."""
 
 from __future__ import annotations
-
-import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from genserve.api.auth import principal
 from genserve.api.errors import bad_request
-from genserve.api.generation import (
-    ChoiceDelta,
-    apply_defaults,
-    background,
-    build_requests,
-    check_group,
-    check_limits,
-    collect,
-    grammar_spec,
-    new_id,
-    open_streams,
-    sampling_params,
-)
-from genserve.api.limits import (
-    TEMPLATE_RENDER_S,
-    TemplateTimeout,
-    check_prompt_bytes,
-    off_loop,
-    with_deadline,
-)
 from genserve.api.logprobs import chat_logprobs, namer
-from genserve.api.models import ServedModel, services
-from genserve.api.schemas import ChatCompletionRequest, ChatMessage
-from genserve.api.stream import sse_response, usage
+from genserve.api.models import runtime_of
+from genserve.api.sampling import apply_defaults, sampling_params
+from genserve.api.schemas import ChatCompletionRequest, plain_messages
+from genserve.api.stream import first_event, spend_tokens, sse_response, usage
+from genserve.runtime.generation import ChatRequest, ChoiceDelta, Started, collect, generate
 
 router = APIRouter()
 
@@ -44,101 +24,52 @@ def check_chat_body(body: ChatCompletionRequest) -> None:
         raise bad_request("tool calling is not supported by this server", param="tools")
 
 
-def render_chat(served: ServedModel, messages: list[ChatMessage], generation_prompt: bool) -> str:
-    # Templates know "system"; OpenAI's newer "developer" role means the same to them.
-    plain = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in messages
-    ]
-    render = lambda: served.tokenizer.apply_chat_template(  # noqa: E731
-        plain,
-        chat_template=served.template,
-        tokenize=False,
-        add_generation_prompt=generation_prompt,
-    )
-    try:
-        # Call it off the event loop: it can be slow (a template with nested loops).
-        return with_deadline(render, TEMPLATE_RENDER_S)
-    except TemplateTimeout as e:
-        msg = f"the chat template did not render these messages within {TEMPLATE_RENDER_S:g}s"
-        raise bad_request(msg, "messages") from e
-    except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the caller's
-        raise bad_request(f"the chat template rejected these messages: {e}", "messages") from e
-
-
-def chat_prompt(served: ServedModel, body: ChatCompletionRequest) -> list[int]:
-    text = render_chat(served, body.messages, generation_prompt=True)
-    check_prompt_bytes(text, served.max_token_bytes, served.context_limit, "messages")
-    # The template writes any BOS itself; adding special tokens again would double it.
-    return served.tokenizer.encode(text, add_special_tokens=False)
-
-
-def max_new_tokens(served: ServedModel, body: ChatCompletionRequest, prompt_len: int) -> int:
-    asked = body.max_completion_tokens or body.max_tokens
-    if asked is not None:
-        return asked
-    return max(served.context_limit - prompt_len, 1)  # too long a prompt: check_limits says so
+def chat_request(http: Request, body: ChatCompletionRequest) -> ChatRequest:
+    target = runtime_of(http).get(body.model, principal(http).project)
+    apply_defaults(body, target.served.settings.defaults)
+    check_chat_body(body)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    sampling = sampling_params(body, max_tokens, logprobs)
+    return ChatRequest(target, plain_messages(body.messages), sampling, body.n or 1)
 
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    target = services(request).get(body.model, principal(request))
-    served = target.served
-    apply_defaults(body, served.settings.defaults)
-    check_chat_body(body)
-    check_group(served.engine, body.n or 1, "n")
-    prompt = await off_loop(chat_prompt, served, body)
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    max_tokens = max_new_tokens(served, body, len(prompt))
-    check_limits(request, len(prompt), max_tokens, "messages", served.context_limit)
-    grammar = await grammar_spec(body, served.grammars, background(request))
-    params = sampling_params(body, max_tokens, served.vocab_size, logprobs, grammar=grammar)
-    cid, created = new_id("chatcmpl"), int(time.time())
-    streams = open_streams(
-        served.engine,
-        build_requests([prompt], params, body.n or 1, cid, target.adapter),
-        "messages",
-    )
-    base = {
-        "id": cid,
-        "created": created,
-        "model": target.id,
-        "system_fingerprint": served.fingerprint,
-    }
+    events = generate(runtime_of(request), chat_request(request, body))
     if body.stream:
-        return stream_chat(request, body, served, base, streams, len(prompt))
-    choices = await collect(request, streams, len(prompt))
+        started = await first_event(events)
+        return stream_chat(request, body, started, events)
+    done = await collect(events, request.is_disconnected)
+    s = done.started
+    spend_tokens(request, s.prompt_tokens + done.completion_tokens)
+    name = namer(s.token_text, body.return_tokens_as_token_ids)
+    choices = [
+        {
+            "index": c.index,
+            "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
+            "logprobs": chat_logprobs(c.logprobs, name) if body.logprobs else None,
+            "finish_reason": c.finish_reason,
+        }
+        for c in done.choices
+    ]
     return JSONResponse(
         {
-            **base,
+            **envelope(s),
             "object": "chat.completion",
-            "choices": [
-                {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
-                    "logprobs": chat_logprobs(
-                        c.logprobs, namer(served.token_text, body.return_tokens_as_token_ids)
-                    )
-                    if body.logprobs
-                    else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for c in choices
-            ],
-            "usage": usage(len(prompt), sum(c.completion_tokens for c in choices)),
+            "choices": choices,
+            "usage": usage(s.prompt_tokens, done.completion_tokens),
         }
     )
 
 
-def stream_chat(
-    http: Request,
-    body: ChatCompletionRequest,
-    served: ServedModel,
-    base: dict,
-    streams: list,
-    prompt_tokens: int,
-):
-    base = {**base, "object": "chat.completion.chunk"}
+def envelope(s: Started) -> dict:
+    return {"id": s.id, "created": s.created, "model": s.model, "system_fingerprint": s.fingerprint}
+
+
+def stream_chat(http: Request, body: ChatCompletionRequest, started: Started, events):  # noqa: ANN001, ANN201
+    base = {**envelope(started), "object": "chat.completion.chunk"}
+    name = namer(started.token_text, body.return_tokens_as_token_ids)
     # OpenAI opens every choice with a role-only delta.
     first = [
         {
@@ -152,20 +83,14 @@ def stream_chat(
                 }
             ],
         }
-        for i in range(len(streams))
+        for i in range(started.choices)
     ]
 
     def frame(d: ChoiceDelta) -> dict | None:
         if not d.text and d.finish_reason is None and not d.delta.logprobs:
             return None
         delta = {"content": d.text} if d.text or d.delta.logprobs else {}
-        logprobs = (
-            chat_logprobs(
-                d.delta.logprobs, namer(served.token_text, body.return_tokens_as_token_ids)
-            )
-            if body.logprobs
-            else None
-        )
+        logprobs = chat_logprobs(d.delta.logprobs, name) if body.logprobs else None
         choice = {"index": d.index, "delta": delta, "logprobs": logprobs}
         choice["finish_reason"] = d.finish_reason
         return {**base, "choices": [choice]}
@@ -173,7 +98,7 @@ def stream_chat(
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def usage_frame(completion_tokens: int) -> dict:
-        return {**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+        return {**base, "choices": [], "usage": usage(started.prompt_tokens, completion_tokens)}
 
     usage_fn = usage_frame if include_usage else None
-    return sse_response(http, streams, prompt_tokens, first, frame, usage_fn)
+    return sse_response(http, events, started.prompt_tokens, first, frame, usage_fn)

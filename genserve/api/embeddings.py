@@ -4,53 +4,18 @@ from __future__ import annotations
 
 import base64
 import struct
-import time
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from genserve.api.auth import principal
 from genserve.api.errors import bad_request
-from genserve.api.models import services
-from genserve.engine.batcher import MicroBatcher
+from genserve.api.models import runtime_of
+from genserve.runtime.models import EmbeddingModel
 
 router = APIRouter()
 MAX_INPUTS = 2048
-
-
-@dataclass(slots=True)
-class EmbeddingModel:
-    id: str
-    created: int
-    batcher: MicroBatcher
-    tokenize: Any  # list[str] -> list[list[int]], truncating to max_len
-    dimensions: int
-    max_len: int
-    vocab_size: int
-    owned_by: str = "genserve"
-
-    def card(self) -> dict:
-        return {
-            "id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by,
-            "status": "ready", "kind": "embed", "dimensions": self.dimensions,
-        }  # fmt: skip
-
-
-def build_embedding_model(ref: str, model_id: str, device: str = "auto") -> EmbeddingModel:
-    from genserve.model.embedder import Embedder
-
-    embedder = Embedder(ref, device)
-    return EmbeddingModel(
-        id=model_id,
-        created=int(time.time()),
-        batcher=MicroBatcher(embedder.embed),
-        tokenize=embedder.tokenize,
-        dimensions=embedder.dimensions,
-        max_len=embedder.max_len,
-        vocab_size=int(embedder.model.config.vocab_size),
-    )
 
 
 class EmbeddingRequest(BaseModel):
@@ -97,7 +62,7 @@ def encode(vector: list[float], fmt: str) -> list[float] | str:
 
 @router.post("/v1/embeddings")
 async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict:
-    model = services(request).embedder(body.model, principal(request))
+    model = runtime_of(request).embedder(body.model, principal(request).project)
     if body.dimensions is not None and body.dimensions != model.dimensions:
         raise bad_request(
             f"{model.id} makes {model.dimensions}-dimensional embeddings and cannot shorten "

@@ -1,4 +1,8 @@
-"""Every error leaves in OpenAI's shape: {"error": {message, type, param, code}}."""
+"""Every error leaves in OpenAI's shape: {"error": {message, type, param, code}}.
+
+The runtime raises domain errors (genserve.runtime.errors); this module alone says which HTTP
+status each one is.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,18 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from genserve.runtime.errors import (
+    ClientGone,
+    Conflict,
+    DomainError,
+    InsufficientMemory,
+    Internal,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    Unavailable,
+)
 from genserve.storage.space import is_disk_full
 
 log = logging.getLogger(__name__)
@@ -80,6 +96,27 @@ def model_not_found(model: str) -> APIError:
     )
 
 
+# Domain error -> HTTP status; the first class a raised error is an instance of wins.
+DOMAIN_STATUS: tuple[tuple[type[DomainError], int], ...] = (
+    (InvalidRequest, 400),
+    (PermissionDenied, 403),
+    (NotFound, 404),
+    (Conflict, 409),
+    (Overloaded, 429),
+    (ClientGone, 499),  # nginx's "client closed request": nobody reads it, logs do
+    (Internal, 500),
+    (Unavailable, 503),
+    (InsufficientMemory, 507),
+)
+
+
+def http_error(exc: DomainError) -> APIError:
+    """The HTTP error a domain error answers as (500 for one this table does not know)."""
+    status = next((code for kind, code in DOMAIN_STATUS if isinstance(exc, kind)), 500)
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    return APIError(status, exc.message, exc.param, exc.code, headers)
+
+
 def _validation_param(loc: tuple) -> str | None:
     # loc is ("body", "messages", 0, "content"): OpenAI names the field as "messages.[0].content"
     parts = [p for p in loc if p not in ("body", "query", "path")]
@@ -106,6 +143,10 @@ async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
     return error_response(exc)
+
+
+async def _on_domain_error(_: Request, exc: DomainError) -> JSONResponse:
+    return error_response(http_error(exc))
 
 
 def insufficient_storage() -> APIError:
@@ -179,6 +220,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(DomainError, _on_domain_error)
     app.add_exception_handler(OSError, _on_storage)
     app.add_exception_handler(sqlite3.Error, _on_storage)
     app.add_exception_handler(Exception, _on_unexpected)

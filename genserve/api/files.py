@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 
 from genserve.api.auth import Principal, principal
 from genserve.api.errors import APIError, bad_request
-from genserve.api.models import services
+from genserve.api.models import runtime_of
 from genserve.config import QuotaConfig
 from genserve.storage.files import (
     CHUNK,
@@ -40,13 +40,7 @@ MULTIPART_SLACK = 1 << 20  # room for boundaries and headers around the file in 
 
 
 def file_store(request: Request) -> FileStore:
-    svc = services(request)
-    svc.require_ready()
-    store = svc.state.get("files")
-    if store is None:
-        reason = svc.state.get("storage_error", "storage is not configured")
-        raise APIError(503, f"file storage is unavailable: {reason}")
-    return store
+    return runtime_of(request).file_store()
 
 
 def file_not_found(file_id: str, param: str = "file_id") -> APIError:

@@ -2,8 +2,8 @@
 
 The routes check what a request names (the base model, the files) and hand the job to the
 JobManager (genserve.training.manager), which trains it in a worker process and serves the
-result as `ft:<base>:<suffix or "genserve">:<job-id>`. start()/stop() are called by the app's
-lifespan once the base model is loaded. A job belongs to the project of the key that created it
+result as `ft:<base>:<suffix or "genserve">:<job-id>`; genserve.runtime.lifecycle starts and
+stops it once the base model is loaded. A job belongs to the project of the key that created it
 (so do its result file and its model): other projects get 404 for it, as for a missing id, and
 a project may have ServerConfig.quotas.max_active_jobs unfinished jobs at once.
 """
@@ -11,7 +11,6 @@ a project may have ServerConfig.quotas.max_active_jobs unfinished jobs at once.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -19,12 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from genserve.api.auth import Principal, principal
 from genserve.api.errors import APIError, bad_request, model_not_found
-from genserve.api.files import file_store, get_record, quota_exceeded
-from genserve.api.models import Services, services
+from genserve.api.files import get_record, quota_exceeded
+from genserve.api.models import runtime_of
 from genserve.config import ServerConfig
-from genserve.storage.db import open_database
 from genserve.storage.files import FileStore
-from genserve.storage.jobs import CheckpointRecord, EventRecord, JobRecord, JobStore
+from genserve.storage.jobs import CheckpointRecord, EventRecord, JobRecord
 from genserve.training.manager import (
     JobFinishedError,
     JobManager,
@@ -116,42 +114,6 @@ class CreateJobRequest(BaseModel):
     ) = None
 
 
-# --- lifecycle (called from the app's lifespan) ----------------------------------------------
-
-
-async def start(svc: Services, config: ServerConfig) -> None:
-    """Open the store, serve adapters from earlier runs, resume unfinished jobs.
-
-    A storage problem (say, an unwritable data dir) disables files and jobs with a 503 that
-    names it; it does not stop the server from serving its model.
-    """
-    try:
-        data_dir = Path(config.storage.data_dir).resolve()
-        db = svc.state.get("database") or open_database(data_dir)
-        svc.state["database"] = db
-        files = FileStore(db, data_dir / "files")
-        files.sweep()
-        launch = svc.state.get("training_launcher")  # default: a local subprocess
-        threads = config.training.threads
-        manager = JobManager(JobStore(db), files, svc, data_dir, threads, launch)
-        svc.state["files"] = files
-        svc.state["fine_tuning"] = manager
-        svc.on_adapter_deleted.append(manager.on_adapter_deleted)
-        await manager.start(resume=config.training.enabled)
-    except Exception as e:  # noqa: BLE001 - reported by every files/jobs route
-        log.exception("fine-tuning storage failed to start")
-        svc.state["storage_error"] = f"{type(e).__name__}: {e}"
-
-
-async def stop(svc: Services) -> None:
-    manager: JobManager | None = svc.state.get("fine_tuning")
-    if manager is not None:
-        await manager.stop()
-    db = svc.state.get("database")
-    if db is not None:
-        db.close()
-
-
 # --- wire shapes -----------------------------------------------------------------------------
 
 
@@ -214,8 +176,7 @@ def checkpoint_card(ckpt: CheckpointRecord, job: JobRecord) -> dict:
 
 
 def job_manager(request: Request) -> JobManager:
-    file_store(request)  # 503 while loading or when storage failed, as the files routes say
-    return services(request).state["fine_tuning"]
+    return runtime_of(request).job_manager()
 
 
 def get_job(manager: JobManager, job_id: str, who: Principal) -> JobRecord:
@@ -270,14 +231,14 @@ def check_job_quota(manager: JobManager, who: Principal, config: ServerConfig) -
 @router.post("/v1/fine_tuning/jobs")
 async def create_job(body: CreateJobRequest, request: Request) -> dict:
     manager = job_manager(request)
-    svc = services(request)
+    rt = runtime_of(request)
     who = principal(request)
     config: ServerConfig = request.app.state.config
     if not config.training.enabled:
         raise APIError(503, "fine-tuning is disabled on this server")
-    if svc.adapter(body.model, who) is not None:
+    if rt.adapter(body.model, who.project) is not None:
         raise bad_request("fine-tuning a fine-tuned model is not supported; use its base", "model")
-    if body.model not in svc.models:
+    if body.model not in rt.models:
         raise model_not_found(body.model)
     if body.integrations:
         raise bad_request("integrations are not supported by this server", "integrations")

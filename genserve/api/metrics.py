@@ -18,8 +18,8 @@ TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 class EngineGauges(Collector):
     """Read at scrape time from the engines, so the numbers are never stale."""
 
-    def __init__(self, services) -> None:  # noqa: ANN001 - genserve.api.models.Services
-        self.services = services
+    def __init__(self, runtime) -> None:  # noqa: ANN001 - genserve.runtime.runtime.Runtime
+        self.runtime = runtime
 
     def collect(self):  # noqa: ANN201 - prometheus' interface
         running = GaugeMetricFamily(
@@ -33,7 +33,7 @@ class EngineGauges(Collector):
             "Fraction of KV slots in use (0-1)",
             labels=["model_name"],
         )
-        for model_id, served in self.services.models.items():
+        for model_id, served in self.runtime.models.items():
             s = served.engine.stats()
             running.add_metric([model_id], s.num_running)
             waiting.add_metric([model_id], s.num_waiting)
@@ -44,9 +44,9 @@ class EngineGauges(Collector):
 class Metrics:
     """Per-request observations from the engine client, counters from the API."""
 
-    def __init__(self, services) -> None:  # noqa: ANN001
+    def __init__(self, runtime) -> None:  # noqa: ANN001
         self.registry = CollectorRegistry()
-        self.registry.register(EngineGauges(services))
+        self.registry.register(EngineGauges(runtime))
         label = ["model_name"]
         self.ttft = Histogram(
             PREFIX + "time_to_first_token_seconds", "Time to first token", label,

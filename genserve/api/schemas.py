@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from genserve.api.limits import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS
+from genserve.runtime.generation import Message
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -70,32 +71,22 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingFields(BaseModel):
-    """Fields that chat and completions share."""
+class SamplingDefaults(BaseModel):
+    """The sampling fields a model's serving defaults may set (PUT /v1/models/{id}), declared
+    once: requests inherit them (SamplingFields)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
-    model: str
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM's extension; -1 and 0: off
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None  # vLLM's extension
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # None: the route's default
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: LogitBias | None = None
-    user: str | None = None
-    # vLLM extensions
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] | None = None
-    ignore_eos: bool | None = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    return_tokens_as_token_ids: bool | None = False
-    response_format: ResponseFormat | None = None  # OpenAI's on chat; vLLM's on completions
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None  # vLLM's
+    stop: str | list[str] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -103,15 +94,29 @@ class SamplingFields(BaseModel):
         _texts([v] if isinstance(v, str) else v or [])
         return check_stop(v)
 
-    def stop_list(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+class SamplingFields(SamplingDefaults):
+    """Fields that chat and completions share (genserve.api.sampling turns them into the
+    engine's SamplingParams)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logit_bias: LogitBias | None = None
+    user: str | None = None
+    # vLLM extensions
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    ignore_eos: bool | None = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    return_tokens_as_token_ids: bool | None = False
+    response_format: ResponseFormat | None = None  # OpenAI's on chat; vLLM's on completions
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
@@ -157,36 +162,17 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
+def plain_messages(messages: list[ChatMessage]) -> tuple[Message, ...]:
+    return tuple(Message(m.role, m.text()) for m in messages)
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
-
-
-class SamplingDefaults(BaseModel):
-    """What a model's serving defaults may set: sampling fields a request may leave out."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
-    stop: str | list[str] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        return check_stop(v)
 
 
 class ModelSettingsBody(BaseModel):

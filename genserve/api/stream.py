@@ -1,7 +1,8 @@
-"""Choice deltas -> SSE frames, the optional usage chunk, and `data: [DONE]`."""
+"""Generation events -> SSE frames, the optional usage chunk, and `data: [DONE]`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -9,8 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Request as HTTPRequest
 from sse_starlette import EventSourceResponse
 
-from genserve.api.generation import ChoiceDelta, engine_api_error, merged, spend_tokens
-from genserve.engine.client import EngineError
+from genserve.api.errors import http_error
+from genserve.runtime.errors import DomainError
+from genserve.runtime.generation import ChoiceDelta, Event, Started
 
 log = logging.getLogger(__name__)
 
@@ -25,34 +27,55 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+def spend_tokens(http: HTTPRequest, tokens: int) -> None:
+    """Count a finished request's tokens against its API key's tokens-per-minute."""
+    keys = http.app.state.edge.keys
+    caller = http.scope.get("state", {}).get("caller")
+    if keys is not None and caller is not None:
+        keys.spend(caller, tokens)
+
+
+async def first_event(events: AsyncIterator[Event]) -> Started:
+    """Admit the request before any byte is sent, so its errors still get their status."""
+    try:
+        started = await anext(events)
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+    assert isinstance(started, Started)
+    return started
+
+
 def sse_response(
     http: HTTPRequest,
-    streams: list,
+    events: AsyncIterator[Event],
     prompt_tokens: int,
     first_frames: list[Frame],
     to_frame: Callable[[ChoiceDelta], Frame | None],
     usage_frame: Callable[[int], Frame] | None,
 ) -> EventSourceResponse:
-    """Stream frames; the client going away cancels the generator, which aborts the requests."""
+    """Stream frames; the client going away closes the events, which aborts the requests."""
 
-    async def events() -> AsyncIterator[str]:
+    async def frames() -> AsyncIterator[str]:
         completion_tokens: dict[int, int] = {}
-        for frame in first_frames:
-            yield json.dumps(frame)
-        try:
-            async for d in merged(streams):
-                completion_tokens[d.index] = d.delta.completion_tokens
-                frame = to_frame(d)
-                if frame is not None:
-                    yield json.dumps(frame)
-        except EngineError as e:
-            log.error("stream failed: %s", e)
-            yield json.dumps(engine_api_error(e).body())
-            return
-        finally:  # what was generated counts against the key, even for a client that left
-            spend_tokens(http, prompt_tokens + sum(completion_tokens.values()))
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            for frame in first_frames:
+                yield json.dumps(frame)
+            try:
+                async for d in events:
+                    assert isinstance(d, ChoiceDelta)
+                    completion_tokens[d.index] = d.delta.completion_tokens
+                    frame = to_frame(d)
+                    if frame is not None:
+                        yield json.dumps(frame)
+            except DomainError as e:
+                log.error("stream failed: %s", e)
+                yield json.dumps(http_error(e).body())
+                return
+            finally:  # what was generated counts against the key, even for a client that left
+                spend_tokens(http, prompt_tokens + sum(completion_tokens.values()))
         if usage_frame is not None:
             yield json.dumps(usage_frame(sum(completion_tokens.values())))
         yield "[DONE]"
 
-    return EventSourceResponse(events(), ping=15, sep="\n")
+    return EventSourceResponse(frames(), ping=15, sep="\n")

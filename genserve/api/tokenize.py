@@ -8,11 +8,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from genserve.api.auth import principal
-from genserve.api.chat import render_chat
 from genserve.api.errors import bad_request
-from genserve.api.limits import off_loop
-from genserve.api.models import services
-from genserve.api.schemas import ChatMessage
+from genserve.api.models import runtime_of
+from genserve.api.schemas import ChatMessage, plain_messages
+from genserve.runtime.generation import render_chat
+from genserve.runtime.limits import off_loop
 
 router = APIRouter()
 
@@ -36,7 +36,7 @@ class DetokenizeRequest(BaseModel):
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
-    served = services(request).get(body.model, principal(request)).served
+    served = runtime_of(request).get(body.model, principal(request).project).served
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of `prompt` and `messages`", "prompt")
     ids = await off_loop(token_ids, served, body)  # a 3.9 MB prompt took ~3 s
@@ -45,14 +45,14 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 
 def token_ids(served, body: TokenizeRequest) -> list[int]:  # noqa: ANN001 - ServedModel
     if body.messages is not None:
-        text = render_chat(served, body.messages, body.add_generation_prompt)
+        text = render_chat(served, plain_messages(body.messages), body.add_generation_prompt)
         return served.tokenizer.encode(text, add_special_tokens=False)
     return served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
-    served = services(request).get(body.model, principal(request)).served
+    served = runtime_of(request).get(body.model, principal(request).project).served
     if any(t >= served.vocab_size for t in body.tokens):
         raise bad_request(f"token ids must be in [0, {served.vocab_size})", "tokens")
     return {"prompt": served.tokenizer.decode(body.tokens)}

@@ -1,10 +1,11 @@
-"""AsyncEngine: the asyncio face of the engine thread. submit -> AsyncIterator[TokenDelta]."""
+"""AsyncEngine: the asyncio face of the engine thread. open(group) -> one stream of deltas."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -35,13 +36,59 @@ class ContextLengthError(ValueError):
     """Prompt plus max_tokens do not fit in the model's context."""
 
 
+@dataclass(slots=True)
+class Flight:
+    """The event-loop side of one request in flight: the request, and the queue of the group
+    (the n choices of one call) its deltas go to. One record per request id, forgotten in one
+    place (AsyncEngine._forget). The engine thread keeps its own (EngineCore.live)."""
+
+    request: Request
+    queue: asyncio.Queue[TokenDelta]
+
+
+class GroupStream:
+    """The deltas of one group of requests, in arrival order, until all have finished.
+
+    A request the engine ended early (ABORT) raises EngineError. close() (or aclose(), or
+    leaving early) aborts in the engine whatever has not finished; it is safe to call at any
+    time, even before the first delta, and more than once.
+    """
+
+    def __init__(self, engine: AsyncEngine, requests: Sequence[Request]) -> None:
+        self.engine = engine
+        self.queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self.unfinished = {r.request_id for r in requests}
+
+    def __aiter__(self) -> GroupStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        if not self.unfinished:
+            raise StopAsyncIteration
+        delta = await self.queue.get()
+        if delta.finished:
+            self.unfinished.discard(delta.request_id)
+        if delta.finish_reason is FinishReason.ABORT:
+            self.close()
+            failure = delta.error or RequestFailure(DROPPED)
+            raise EngineError(failure.message, failure)
+        return delta
+
+    def close(self) -> None:
+        for rid in self.unfinished:
+            self.engine.release(rid)
+        self.unfinished.clear()
+
+    async def aclose(self) -> None:
+        self.close()
+
+
 class AsyncEngine:
     def __init__(self, core: EngineCore, max_len: int, capacity: int) -> None:
         self.core = core
         self.max_len = max_len
         self.capacity = capacity  # running slots + waiting queue: more in flight gets 429
-        self._streams: dict[str, asyncio.Queue[TokenDelta]] = {}
-        self._requests: dict[str, Request] = {}
+        self._flights: dict[str, Flight] = {}  # request id -> its one record on this side
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self.observer: Observer | None = None  # metrics, set by the API
@@ -66,15 +113,14 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._fail_open, STOPPED)
 
     def _fail_open(self, error: RequestFailure) -> None:
-        for rid in list(self._streams):
-            request = self._requests.get(rid)
-            prompt = len(request.prompt_token_ids) if request is not None else 0
+        for rid, flight in list(self._flights.items()):
+            prompt = len(flight.request.prompt_token_ids)
             delta = TokenDelta(rid, (), "", FinishReason.ABORT, prompt, 0, error=error)
             self._dispatch([delta])
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._streams)
+        return len(self._flights)
 
     def stats(self) -> EngineStats:
         return self.core.stats()
@@ -99,8 +145,9 @@ class AsyncEngine:
                 f"{max_tokens} for the completion). Please reduce the prompt or max_tokens."
             )
 
-    def open(self, requests: Sequence[Request]) -> list[AsyncIterator[TokenDelta]]:
-        """Admit a group (the n choices of one call) whole or not at all, then stream each.
+    def open(self, requests: Sequence[Request]) -> GroupStream:
+        """Admit a group (the n choices of one call) whole or not at all; its deltas come on
+        one stream, each naming its request.
 
         Synchronous on purpose: the capacity check and the registration happen in one tick of
         the event loop, so concurrent calls cannot overshoot the bound.
@@ -109,40 +156,25 @@ class AsyncEngine:
             raise EngineError(STOPPED.message, STOPPED)
         for r in requests:
             self.check_context(len(r.prompt_token_ids), r.params.max_tokens)
-        if len(self._streams) + len(requests) > self.capacity:
+        if len(self._flights) + len(requests) > self.capacity:
             raise QueueFullError(f"the server is at capacity ({self.capacity} requests in flight)")
-        streams = []
+        stream = GroupStream(self, requests)
         for r in requests:
-            self._streams[r.request_id] = asyncio.Queue()
-            self._requests[r.request_id] = r
+            self._flights[r.request_id] = Flight(r, stream.queue)
             self.core.submit(r)
-            streams.append(self._follow(r.request_id))
-        return streams
-
-    async def _follow(self, rid: str) -> AsyncIterator[TokenDelta]:
-        """One request's deltas; leaving early (client gone) aborts it in the engine."""
-        stream = self._streams[rid]
-        try:
-            while True:
-                delta = await stream.get()
-                if delta.finished:
-                    self._streams.pop(rid, None)
-                if delta.finish_reason is FinishReason.ABORT:
-                    failure = delta.error or RequestFailure(DROPPED)
-                    raise EngineError(failure.message, failure)
-                yield delta
-                if delta.finished:
-                    return
-        finally:
-            self.release(rid)
+        return stream
 
     def release(self, rid: str) -> None:
-        """Forget a request and abort it in the engine, unless it already finished. Idempotent."""
-        request = self._requests.pop(rid, None)
-        if self._streams.pop(rid, None) is not None:
+        """Abort a request in the engine unless it already finished. Idempotent."""
+        flight = self._forget(rid)
+        if flight is not None:
             self.core.abort(rid)
-            if self.observer is not None and request is not None:
-                self.observer.on_abandon(request)
+            if self.observer is not None:
+                self.observer.on_abandon(flight.request)
+
+    def _forget(self, rid: str) -> Flight | None:
+        """The one place a request's record leaves this side: finished, or abandoned."""
+        return self._flights.pop(rid, None)
 
     # -- called on the engine thread ---------------------------------------------------------
     def _publish(self, deltas: Sequence[TokenDelta]) -> None:
@@ -152,15 +184,12 @@ class AsyncEngine:
 
     def _dispatch(self, deltas: Sequence[TokenDelta]) -> None:
         for d in deltas:
-            stream = self._streams.get(d.request_id)
-            if stream is None:
+            flight = self._forget(d.request_id) if d.finished else self._flights.get(d.request_id)
+            if flight is None:  # abandoned: its stream was closed
                 continue
-            stream.put_nowait(d)
-            request = self._requests.get(d.request_id)
-            if self.observer is not None and request is not None:
-                self.observer.on_delta(request, d)
-            if d.finished:
-                self._requests.pop(d.request_id, None)
+            flight.queue.put_nowait(d)
+            if self.observer is not None:
+                self.observer.on_delta(flight.request, d)
 
 
 DROPPED = "the engine dropped this request; see the server log"

@@ -40,21 +40,6 @@ class GrammarSpec:
             raise ValueError(f"unknown grammar kind {self.kind!r}")
 
     @classmethod
-    def from_response_format(cls, response_format: Mapping[str, Any] | None) -> GrammarSpec | None:
-        """OpenAI's `response_format` body field (as plain data); None means free text."""
-        kind = (response_format or {}).get("type", "text")
-        if kind == "text":
-            return None
-        if kind == JSON_OBJECT:
-            return cls.json_object()
-        if kind != JSON_SCHEMA:
-            raise UnsupportedSchemaError(f"response_format type {kind!r} is not supported")
-        schema = ((response_format or {}).get("json_schema") or {}).get("schema")
-        if not isinstance(schema, Mapping):
-            raise UnsupportedSchemaError("response_format.json_schema.schema must be an object")
-        return cls.json_schema(schema)
-
-    @classmethod
     def json_object(cls) -> GrammarSpec:
         return cls(JSON_OBJECT)
 
@@ -71,13 +56,18 @@ class GrammarSpec:
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Per-request decoding controls, with OpenAI's and vLLM's meanings. temperature 0 is greedy."""
+    """Per-request decoding controls, with OpenAI's and vLLM's meanings; temperature 0 is greedy.
+
+    The one sampling record from the edge to the engine: the API converts a request body to it
+    once (genserve.api.sampling), where each bound is checked with the field it names, and the
+    runtime settles max_tokens before the engine sees it. The defaults here are the defaults.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     min_p: float = 0.0
-    max_tokens: int = 16
+    max_tokens: int | None = None  # None: the rest of the context (the runtime settles it)
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
@@ -86,29 +76,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), one per token, sorted
     logprobs: int | None = None  # None: none; k: the sampled token's and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token (echo + logprobs)
     grammar: GrammarSpec | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            (0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
-            (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
-            (all(self.stop), "stop strings must not be empty"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
-            (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias must be in ±100"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
     @property
     def reproducible(self) -> bool:
@@ -116,16 +87,11 @@ class SamplingParams:
         the batch-invariant path even when the server does not run --deterministic."""
         return self.seed is not None
 
-    @property
-    def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty) or (
-            self.repetition_penalty != 1.0
-        )
-
 
 @dataclass(slots=True)
 class Request:
-    """One sequence to generate. `n` > 1 at the API becomes n requests."""
+    """One sequence to generate. A call's n choices are n requests, admitted and streamed as
+    one group (AsyncEngine.open)."""
 
     request_id: str
     prompt_token_ids: list[int]

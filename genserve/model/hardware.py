@@ -160,9 +160,7 @@ class KernelPolicy:
 
     @staticmethod
     def from_json(d: dict, source: str = "cache") -> KernelPolicy:
-        plans = tuple(
-            ShapePlan(**{**p, "choices": tuple(p["choices"])}) for p in d["plans"]
-        )
+        plans = tuple(ShapePlan(**{**p, "choices": tuple(p["choices"])}) for p in d["plans"])
         return KernelPolicy(d["dtype"], d["quantization"], plans, source, d.get("seconds", 0.0))
 
 
@@ -268,7 +266,9 @@ def row_invariance(fn: kernels.Kernel, x: torch.Tensor, sizes: Sequence[int]) ->
 
 
 def time_kernels(
-    fns: dict[str, list[kernels.Kernel]], xs: list[torch.Tensor], device: torch.device,
+    fns: dict[str, list[kernels.Kernel]],
+    xs: list[torch.Tensor],
+    device: torch.device,
     rounds: int = 5,
 ) -> dict[str, list[float]]:
     """Microseconds per call: the best of `rounds` short blocks, candidates interleaved block by

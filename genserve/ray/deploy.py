@@ -41,6 +41,7 @@ from genserve.ray.bridge import (
     read_body,
     reply_error,
 )
+from genserve.runtime.errors import DomainError
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +131,11 @@ def control_config(config: ServerConfig) -> ServerConfig:
 # --- replicas --------------------------------------------------------------------------------
 
 
-async def wait_ready(services: Any, timeout_s: float = READY_TIMEOUT_S) -> None:
+async def wait_ready(runtime: Any, timeout_s: float = READY_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout_s
-    while not services.ready:
-        if services.load_error:
-            raise RuntimeError(f"model failed to load: {services.load_error}")
+    while not runtime.ready:
+        if runtime.load_error:
+            raise RuntimeError(f"model failed to load: {runtime.load_error}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"model not loaded after {timeout_s:.0f}s")
         await asyncio.sleep(0.05)
@@ -163,17 +164,20 @@ class AppReplica:
     Serve marks the replica RUNNING only once __init__ returns, i.e. once the model is loaded."""
 
     async def _start(
-        self, config: ServerConfig, log_level: str, state: dict[str, Any] | None = None
+        self,
+        config: ServerConfig,
+        log_level: str,
+        launcher: Any = None,  # noqa: ANN401
     ) -> None:
         from genserve.api.app import create_app
 
         log_to_stderr(log_level)
         self.app = create_app(config)
-        self.services = self.app.state.services
-        self.services.state.update(state or {})
+        self.runtime = self.app.state.runtime
+        self.runtime.training_launcher = launcher
         self._lifespan = contextlib.AsyncExitStack()
         await self._lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
-        await wait_ready(self.services)
+        await wait_ready(self.runtime)
         self.name = replica_name()
         self._headers = ((REPLICA_HEADER, self.name.encode()),)
         log.info("replica %s ready", self.name)
@@ -184,8 +188,8 @@ class AppReplica:
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising gets the replica replaced."""
-        if self.services.load_error:
-            raise RuntimeError(f"model failed to load: {self.services.load_error}")
+        if self.runtime.load_error:
+            raise RuntimeError(f"model failed to load: {self.runtime.load_error}")
 
     async def __del__(self) -> None:
         if hasattr(self, "_lifespan"):
@@ -200,8 +204,8 @@ class ServedAdapter:
     """What the multiplexed loader returns. Serve calls __del__ (in a worker thread) when it
     evicts the adapter from this replica; the adapter is then unloaded from the engine."""
 
-    def __init__(self, services: Any, model_id: str) -> None:
-        self.services = services
+    def __init__(self, runtime: Any, model_id: str) -> None:  # noqa: ANN401
+        self.runtime = runtime
         self.model_id = model_id
         self.loop = asyncio.get_running_loop()
         self.loop_thread = threading.get_ident()
@@ -212,7 +216,7 @@ class ServedAdapter:
             return  # already unloaded, or garbage collected as the replica goes away
         self.released = True
         with contextlib.suppress(Exception):
-            unload = self.services.unregister_adapter(self.model_id)
+            unload = self.runtime.unregister_adapter(self.model_id)
             asyncio.run_coroutine_threadsafe(unload, self.loop).result(timeout=30)
             log.info("evicted adapter %s", self.model_id)
 
@@ -242,14 +246,14 @@ class EngineReplica(AppReplica):
             yield item
 
     async def _load_adapter(self, model_id: str) -> ServedAdapter:
-        if model_id not in self.services.adapters:
+        if model_id not in self.runtime.adapters:
             spec = await self.control.resolve_adapter.remote(model_id)
             if spec is None:
                 raise UnknownAdapter(model_id)
-            await self.services.register_adapter(spec)
+            await self.runtime.register_adapter(spec)
             log.info("%s loaded adapter %s", self.name, model_id)
         self._checked[model_id] = time.monotonic()
-        return ServedAdapter(self.services, model_id)
+        return ServedAdapter(self.runtime, model_id)
 
     async def _ensure_adapter(self, model_id: str) -> None:
         """Load the adapter unless held; then the app answers (404 if it is not served)."""
@@ -269,8 +273,8 @@ class EngineReplica(AppReplica):
             log.warning("%s could not re-check adapter %s", self.name, model_id)
             return
         if spec is None:  # deleted meanwhile
-            with contextlib.suppress(APIError):
-                await self.services.unregister_adapter(model_id)
+            with contextlib.suppress(DomainError):
+                await self.runtime.unregister_adapter(model_id)
 
     async def __del__(self) -> None:
         await AppReplica.__del__(self)
@@ -282,12 +286,11 @@ class ControlReplica(AppReplica):
         from genserve.ray.training import launch_ray_task
 
         # Each fine-tuning run is a Ray task, placed wherever the cluster has the CPUs.
-        launcher = {"training_launcher": launch_ray_task}
-        await self._start(control_config(config), options.log_level, launcher)
+        await self._start(control_config(config), options.log_level, launch_ray_task)
 
     def resolve_adapter(self, model_id: str) -> Any:
         """The AdapterSpec this deployment serves under model_id, or None."""
-        return self.services.adapters.get(model_id)
+        return self.runtime.adapters.get(model_id)
 
 
 # --- the edge (ingress) ----------------------------------------------------------------------

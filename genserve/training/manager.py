@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from genserve.api.models import AdapterSpec, ServedModel, Services
+from genserve.runtime.models import AdapterSpec, ServedModel
 from genserve.storage.files import FileRecord, FileStore
 from genserve.storage.jobs import ACTIVE, TERMINAL, JobError, JobRecord, JobStore
 from genserve.storage.space import is_disk_full
@@ -149,12 +149,21 @@ def describe_exit(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
+class Serving(Protocol):
+    """What the manager needs of the runtime (genserve.runtime.runtime.Runtime): the base
+    models it trains on, and a way to serve what it trained."""
+
+    models: dict[str, ServedModel]
+
+    async def register_adapter(self, spec: AdapterSpec) -> None: ...
+
+
 class JobManager:
     def __init__(
         self,
         jobs: JobStore,
         files: FileStore,
-        services: Services,
+        services: Serving,
         data_dir: Path,
         threads: int,
         launch: Launcher | None = None,

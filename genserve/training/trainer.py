@@ -27,7 +27,7 @@ from genserve.training.dataset import (
     encode,
     read_examples,
 )
-from genserve.training.worker import (
+from genserve.training.messages import (
     Checkpointed,
     Finished,
     Message,

@@ -106,7 +106,7 @@ def app_and_launcher(tiny_model_dir: Path, tmp_path: Path):  # noqa: ANN201
     )
     app = create_app(config)
     launcher = Launcher()
-    app.state.services.state["training_launcher"] = launcher
+    app.state.runtime.training_launcher = launcher
     return app, launcher
 
 

@@ -46,7 +46,7 @@ def test_served_model_builds_its_worker_on_the_thread_that_steps_it(
 ) -> None:
     """The wiring in build_served_model: a runner built on one thread and stepped on another
     ran 25% slower on CPU (see genserve.engine.thread)."""
-    import genserve.server as server_mod
+    import genserve.runtime.build as server_mod
     from genserve.model.worker import ModelWorker
 
     seen: dict[str, int] = {}

@@ -218,21 +218,6 @@ def test_specs_are_hashable_and_compiled_once(compiler):
         GrammarSpec("regex", "a+")
 
 
-def test_spec_from_openai_response_format():
-    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
-    body = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
-    spec = GrammarSpec.from_response_format(body)
-    assert spec == GrammarSpec.json_schema(schema)
-    assert spec.schema_json.index('"b"') < spec.schema_json.index('"a"')  # order kept
-    assert GrammarSpec.from_response_format({"type": "json_object"}) == GrammarSpec.json_object()
-    assert GrammarSpec.from_response_format({"type": "text"}) is None
-    assert GrammarSpec.from_response_format(None) is None
-    with pytest.raises(UnsupportedSchemaError, match="schema"):
-        GrammarSpec.from_response_format({"type": "json_schema", "json_schema": {"name": "x"}})
-    with pytest.raises(UnsupportedSchemaError, match="grammar"):
-        GrammarSpec.from_response_format({"type": "grammar"})
-
-
 def test_schema_that_is_not_an_object_is_refused(compiler):
     with pytest.raises(UnsupportedSchemaError, match="JSON object"):
         compiler.validate(GrammarSpec("json_schema", "[1, 2]"))

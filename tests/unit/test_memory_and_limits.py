@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from genserve.api.errors import APIError
-from genserve.api.limits import BackgroundPool, check_prompt_bytes, longest_token_bytes
+from genserve.api.errors import http_error
 from genserve.engine.core import EngineCore
 from genserve.engine.memory import trimmer
+from genserve.runtime.errors import InvalidRequest
+from genserve.runtime.limits import BackgroundPool, check_prompt_bytes, longest_token_bytes
 from tests.server import wait_until
 from tests.unit.test_fault_isolation import FakeDecoder, FakeWorker, by_request, req
 
@@ -57,10 +58,11 @@ def test_longest_token_counts_utf8_bytes_of_every_entry() -> None:
 
 def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing() -> None:
     check_prompt_bytes("x" * 4000, max_token_bytes=4, context=1000, param="prompt")  # may fit
-    with pytest.raises(APIError) as e:
+    with pytest.raises(InvalidRequest) as raised:
         check_prompt_bytes("x" * 4001, max_token_bytes=4, context=1000, param="prompt")
-    assert e.value.status == 400 and e.value.param == "prompt"
-    assert e.value.code == "context_length_exceeded" and "at least 1001 tokens" in e.value.message
+    e = http_error(raised.value)  # the runtime's error, as the edge answers it
+    assert e.status == 400 and e.param == "prompt"
+    assert e.code == "context_length_exceeded" and "at least 1001 tokens" in e.message
     check_prompt_bytes("x" * 10**6, max_token_bytes=0, context=10, param="prompt")  # unknown
 
 

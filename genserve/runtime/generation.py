@@ -1,0 +1,428 @@
+"""The generation service: generate(request) -> AsyncIterator[events], and its collector.
+
+Chat and completions call it today (genserve.api.chat, genserve.api.completions), the Responses
+API and the batch runner later: none needs FastAPI to run a request. The first event, Started,
+comes once the request is admitted; every error before it (a bad prompt, a full queue) is a
+domain error raised by that first step, so an HTTP caller can still answer with a status. The
+n choices of one call are one group in the engine and one stream of ChoiceDelta events here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from genserve.config import ServerConfig
+from genserve.engine.client import AsyncEngine, ContextLengthError, EngineError, GroupStream
+from genserve.engine.scheduler import QueueFullError
+from genserve.engine.types import (
+    FailureKind,
+    GrammarSpec,
+    Request,
+    SamplingParams,
+    TokenDelta,
+    TokenLogprob,
+    UnsupportedSchemaError,
+)
+from genserve.runtime.errors import (
+    ClientGone,
+    DomainError,
+    Internal,
+    InvalidRequest,
+    Overloaded,
+    Unavailable,
+)
+from genserve.runtime.limits import (
+    GRAMMAR_BUDGET_S,
+    TEMPLATE_RENDER_S,
+    TemplateTimeout,
+    check_prompt_bytes,
+    off_loop,
+    with_deadline,
+)
+from genserve.runtime.models import ServedModel, Target
+from genserve.runtime.runtime import Runtime
+from genserve.runtime.tokens import TokenText
+
+SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of a call's n choices apart
+SEED_MASK = (1 << 63) - 1
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+# -- requests ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str  # "system" | "developer" | "user" | "assistant" | "tool"
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    target: Target
+    messages: tuple[Message, ...]
+    sampling: SamplingParams  # max_tokens None: the rest of the context
+    n: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    target: Target
+    prompts: tuple[str | tuple[int, ...], ...]  # texts or token lists, one group each
+    sampling: SamplingParams  # max_tokens None: COMPLETION_MAX_TOKENS
+    n: int = 1
+    best_of: int | None = None  # candidates per prompt, the best n returned (None: n)
+    echo: bool = False
+
+
+GenerationRequest = ChatRequest | CompletionRequest
+
+
+# -- events -----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The request was admitted; what an answer's envelope needs."""
+
+    id: str
+    created: int
+    model: str  # the id the request named (an adapter's, or the base model's)
+    fingerprint: str
+    prompts: tuple[tuple[int, ...], ...]
+    n: int  # choices returned per prompt
+    best_of: int  # sequences generated per prompt (choices in the stream: prompts x best_of)
+    token_text: TokenText  # names tokens in logprobs
+    echoes: tuple[str, ...] = ()  # each prompt's text, when the request asked for echo
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.best_of
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceDelta:
+    """What one engine step produced for one choice."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    delta: TokenDelta
+
+
+Event = Started | ChoiceDelta
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    """One choice, collected to its end."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
+
+    def add(self, d: TokenDelta) -> None:
+        self.text.append(d.text)
+        self.finish_reason = d.finish_reason.value if d.finish_reason else self.finish_reason
+        self.completion_tokens = d.completion_tokens
+        self.token_ids.extend(d.token_ids)
+        self.logprobs.extend(d.logprobs)
+        self.prompt_logprobs = self.prompt_logprobs or d.prompt_logprobs
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(lp.logprob for lp in self.logprobs)
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    started: Started
+    choices: list[ChoiceState]  # the n best per prompt, in prompt order
+    completion_tokens: int  # of every sequence generated (best_of's candidates too)
+
+
+# -- the service ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    started: Started
+    stream: GroupStream
+    index: dict[str, int]  # request id -> choice index
+
+
+async def generate(rt: Runtime, request: GenerationRequest) -> AsyncIterator[Event]:
+    """Started, then ChoiceDelta events of every choice in arrival order. Closing the iterator
+    (a client gone) aborts what is still running; an engine failure raises a domain error."""
+    if isinstance(request, ChatRequest):
+        admitted = await _admit_chat(rt, request)
+    else:
+        admitted = await _admit_completion(rt, request)
+    try:
+        yield admitted.started
+        async for d in admitted.stream:
+            reason = d.finish_reason.value if d.finish_reason else None
+            yield ChoiceDelta(admitted.index[d.request_id], d.text, reason, d)
+    except EngineError as e:
+        raise failure_error(e) from e
+    finally:
+        admitted.stream.close()
+
+
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+async def collect(
+    events: AsyncIterator[Event], disconnected: Disconnected | None = None, poll_s: float = 0.5
+) -> Collected:
+    """Every choice to its end (the best n per prompt when best_of asked for more); stopped
+    with ClientGone as soon as `disconnected()` says the caller went away."""
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        started = await anext(events)
+        assert isinstance(started, Started)
+        choices = [ChoiceState(i) for i in range(started.choices)]
+
+        async def run() -> None:
+            async for d in events:
+                assert isinstance(d, ChoiceDelta)
+                choices[d.index].add(d.delta)
+
+        task = asyncio.create_task(run())
+        while not task.done():
+            await asyncio.wait({task}, timeout=poll_s)
+            if not task.done() and disconnected is not None and await disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise ClientGone("client closed the request")
+        task.result()
+    chosen = pick_best(choices, len(started.prompts), started.best_of, started.n)
+    return Collected(started, chosen, sum(c.completion_tokens for c in choices))
+
+
+def pick_best(
+    candidates: list[ChoiceState], num_prompts: int, best_of: int, n: int
+) -> list[ChoiceState]:
+    """Per prompt, the n of best_of candidates with the highest cumulative logprob."""
+    if best_of == n:
+        return candidates
+    out = []
+    for p in range(num_prompts):
+        group = candidates[p * best_of : (p + 1) * best_of]
+        out.extend(sorted(group, key=lambda c: c.cumulative_logprob, reverse=True)[:n])
+    return out
+
+
+# -- chat -------------------------------------------------------------------------------------
+async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
+    target, served = request.target, request.target.served
+    check_group(served.engine, request.n, "n")
+    prompt = await off_loop(chat_prompt, served, request.messages)
+    max_tokens = request.sampling.max_tokens or max(served.context_limit - len(prompt), 1)
+    check_limits(rt.config, len(prompt), max_tokens, "messages", served.context_limit)
+    params = await settle(rt, served, request.sampling, max_tokens)
+    return _open(rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages")
+
+
+def render_chat(served: ServedModel, messages: Sequence[Message], generation_prompt: bool) -> str:
+    # Templates know "system"; OpenAI's newer "developer" role means the same to them.
+    plain = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages
+    ]
+    render = lambda: served.tokenizer.apply_chat_template(  # noqa: E731
+        plain,
+        chat_template=served.template,
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
+    )
+    try:
+        # Call it off the event loop: it can be slow (a template with nested loops).
+        return with_deadline(render, TEMPLATE_RENDER_S)
+    except TemplateTimeout as e:
+        msg = f"the chat template did not render these messages within {TEMPLATE_RENDER_S:g}s"
+        raise InvalidRequest(msg, "messages") from e
+    except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the caller's
+        raise InvalidRequest(f"the chat template rejected these messages: {e}", "messages") from e
+
+
+def chat_prompt(served: ServedModel, messages: Sequence[Message]) -> list[int]:
+    text = render_chat(served, messages, generation_prompt=True)
+    check_prompt_bytes(text, served.max_token_bytes, served.context_limit, "messages")
+    # The template writes any BOS itself; adding special tokens again would double it.
+    return served.tokenizer.encode(text, add_special_tokens=False)
+
+
+# -- completions ------------------------------------------------------------------------------
+async def _admit_completion(rt: Runtime, request: CompletionRequest) -> _Admitted:
+    target, served = request.target, request.target.served
+    prompts = await off_loop(prompt_ids, served, request.prompts)
+    n = request.n
+    best_of = request.best_of or n
+    group_param = "best_of" if request.best_of else ("n" if len(prompts) == 1 else "prompt")
+    check_group(served.engine, len(prompts) * best_of, group_param)
+    sampling = request.sampling
+    if sampling.logprobs is None and best_of > n:
+        # best_of ranks candidates by cumulative logprob, so it needs them even when not shown.
+        sampling = replace(sampling, logprobs=0)
+    max_tokens = sampling.max_tokens or COMPLETION_MAX_TOKENS
+    longest = max(len(p) for p in prompts)
+    check_limits(rt.config, longest, max_tokens, "prompt", served.context_limit)
+    params = await settle(rt, served, sampling, max_tokens)
+    admitted = _open(rt, target, "cmpl", prompts, params, n, best_of, "prompt")
+    if request.echo:
+        echoes = tuple(served.tokenizer.decode(p) for p in prompts)
+        admitted = replace(admitted, started=replace(admitted.started, echoes=echoes))
+    return admitted
+
+
+def prompt_ids(served: ServedModel, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    """Texts and token lists -> token lists, each checked against the model."""
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            check_prompt_bytes(p, served.max_token_bytes, served.context_limit, "prompt")
+        ids = served.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise InvalidRequest("prompt must not be empty", "prompt")
+        if any(not 0 <= t < served.vocab_size for t in ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {served.vocab_size})", "prompt")
+        out.append(ids)
+    return out
+
+
+# -- what both share --------------------------------------------------------------------------
+def check_group(engine: AsyncEngine, sequences: int, param: str) -> None:
+    """One call may run at most engine.max_group sequences (a share of the slots)."""
+    if sequences > engine.max_group:
+        raise InvalidRequest(
+            f"this request asks for {sequences} sequences at once; this model runs at most "
+            f"{engine.max_group} per request (half of its batch slots)",
+            param,
+        )
+
+
+def check_limits(
+    config: ServerConfig, prompt_tokens: int, max_tokens: int, prompt_param: str, context: int
+) -> None:
+    """The operator's ceilings (--max-prompt-tokens, --max-tokens-limit, a model's
+    max_context)."""
+    if prompt_tokens + max_tokens > context:
+        raise InvalidRequest(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
+            "for the completion). Please reduce the prompt or max_tokens.",
+            prompt_param,
+            "context_length_exceeded",
+        )
+    sec = config.security
+    if sec.max_prompt_tokens is not None and prompt_tokens > sec.max_prompt_tokens:
+        msg = f"The prompt has {prompt_tokens} tokens; this server takes {sec.max_prompt_tokens}."
+        raise InvalidRequest(msg, prompt_param, "prompt_too_long")
+    if sec.max_tokens_limit is not None and max_tokens > sec.max_tokens_limit:
+        msg = f"max_tokens is {max_tokens}; this server allows at most {sec.max_tokens_limit}."
+        raise InvalidRequest(msg, "max_tokens")
+
+
+async def settle(
+    rt: Runtime, served: ServedModel, sampling: SamplingParams, max_tokens: int
+) -> SamplingParams:
+    """The record the engine gets: max_tokens settled, and what only the model can check
+    (its vocabulary, its grammar library) checked."""
+    vocab = served.vocab_size
+    if any(t >= vocab for t in sampling.stop_token_ids):
+        raise InvalidRequest(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+    if sampling.top_k > vocab:
+        raise InvalidRequest(f"top_k must be at most the vocabulary size, {vocab}", "top_k")
+    for token, _ in sampling.logit_bias:
+        if not 0 <= token < vocab:
+            raise InvalidRequest(f"logit_bias token {token} is not in [0, {vocab})", "logit_bias")
+    if sampling.min_tokens > max_tokens:
+        raise InvalidRequest("min_tokens must be in [0, max_tokens]")
+    if sampling.grammar is not None:
+        await check_grammar(rt, served, sampling.grammar)
+    return replace(sampling, max_tokens=max_tokens)
+
+
+async def check_grammar(rt: Runtime, served: ServedModel, spec: GrammarSpec) -> None:
+    """Compiled on a low-priority worker thread (rt.background) within GRAMMAR_BUDGET_S (a
+    12-deep anyOf took 4.5 s on the event loop); one that runs past it is refused now and
+    remembered as refused, so the engine thread never compiles it either."""
+    try:
+        await asyncio.wait_for(rt.background.run(served.grammars.validate, spec), GRAMMAR_BUDGET_S)
+    except UnsupportedSchemaError as e:
+        raise InvalidRequest(str(e), "response_format") from e
+    except TimeoutError as e:
+        msg = f"response_format schema did not compile within {GRAMMAR_BUDGET_S:g}s"
+        served.grammars.refuse(spec, msg)
+        raise InvalidRequest(msg, "response_format") from e
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice 0 uses the caller's seed as given; the others derive their own from it."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * SEED_STRIDE) & SEED_MASK
+
+
+def _open(
+    rt: Runtime,
+    target: Target,
+    prefix: str,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    n: int,
+    best_of: int,
+    prompt_param: str,
+) -> _Admitted:
+    """Submit prompts x best_of sequences to the engine as one group."""
+    cid = f"{prefix}-{uuid.uuid4().hex}"
+    requests = [
+        Request(
+            f"{cid}-{p * best_of + i}",
+            list(ids),
+            replace(params, seed=choice_seed(params.seed, i)),
+            target.adapter,
+        )
+        for p, ids in enumerate(prompts)
+        for i in range(best_of)
+    ]
+    stream = open_group(rt, target.served.engine, requests, prompt_param)
+    served = target.served
+    started = Started(
+        cid, int(time.time()), target.id, served.fingerprint,
+        tuple(tuple(p) for p in prompts), n, best_of, served.token_text,
+    )  # fmt: skip
+    return _Admitted(started, stream, {r.request_id: k for k, r in enumerate(requests)})
+
+
+def open_group(
+    rt: Runtime, engine: AsyncEngine, requests: list[Request], prompt_param: str
+) -> GroupStream:
+    try:
+        return engine.open(requests)
+    except ContextLengthError as e:
+        raise InvalidRequest(str(e), prompt_param, "context_length_exceeded") from e
+    except EngineError as e:  # its engine stopped (the model is being unloaded)
+        raise failure_error(e) from e
+    except QueueFullError as e:
+        raise Overloaded(
+            f"{e}; retry shortly", code="rate_limit_exceeded", retry_after_s=rt.config.retry_after_s
+        ) from e
+
+
+def failure_error(exc: EngineError) -> DomainError:
+    """The engine ended one request: the caller's input was at fault (a schema past the
+    grammar's limits), its model went away, or something broke inside."""
+    f = exc.failure
+    if f.kind is FailureKind.INVALID:
+        return InvalidRequest(f.message, f.param)
+    if f.kind is FailureKind.UNAVAILABLE:
+        return Unavailable(f.message)
+    return Internal(f.message)

@@ -1,0 +1,140 @@
+"""Start and stop: the command line's model, its adapters, storage and fine-tuning, then the
+models registered through the API; and the reverse on shutdown. The app's lifespan calls these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from genserve.bundled import bundled_adapters, bundled_names
+from genserve.config import ServerConfig
+from genserve.runtime.errors import DomainError
+from genserve.runtime.models import AdapterSpec, ModelSettings, ServedModel
+from genserve.runtime.registry import ModelRegistry
+from genserve.runtime.runtime import Runtime
+from genserve.storage.db import open_database
+from genserve.storage.files import FileStore
+from genserve.storage.jobs import JobStore
+from genserve.storage.models import ModelStore
+from genserve.training.manager import JobManager
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[ServerConfig], ServedModel]
+
+
+def default_loader(config: ServerConfig) -> ServedModel:
+    """genserve.runtime.build.build_served_model, imported when first needed: it brings torch."""
+    from genserve.runtime.build import build_served_model
+
+    return build_served_model(config)
+
+
+async def load(rt: Runtime, loader: Loader) -> None:
+    """Load the command line's model and everything that depends on it; `rt.ready` at the end.
+    A failure is kept in `rt.load_error` (reported on /health and every route)."""
+    config = rt.config
+    rt.loop = asyncio.get_running_loop()
+    reg = open_registry(rt)
+    try:
+        served = await asyncio.to_thread(loader, config)
+    except Exception as e:  # noqa: BLE001 - reported on /health and every route
+        log.exception("model failed to load")
+        rt.load_error = str(e)
+        return
+    served.ref = config.model.ref
+    served.settings = reg.adopt(served.id, served.ref, "generate", model_size(served, config))
+    await rt.start_served(served)
+    try:
+        await serve_adapters(rt, served)
+    except Exception as e:  # noqa: BLE001 - an adapter the operator asked for must not be skipped
+        log.exception("adapter failed to load")
+        rt.load_error = f"adapter failed to load: {e}"
+        return
+    await start_fine_tuning(rt)  # files, jobs; serves fine-tuned adapters again
+    load_embeddings(reg, config)
+    await reg.restore()  # models registered through the API before a restart
+    rt.ready = True
+    log.info("ready: %s", ", ".join(m.id for m in rt.listing(project="")))
+
+
+async def shutdown(rt: Runtime) -> None:
+    await stop_fine_tuning(rt)  # the training worker first: its job resumes on restart
+    for served in rt.models.values():
+        await asyncio.to_thread(served.engine.stop)
+    for embedder in rt.embedders.values():
+        await asyncio.to_thread(embedder.batcher.stop)
+    rt.background.shutdown()
+
+
+def open_registry(rt: Runtime) -> ModelRegistry:
+    store = None
+    try:
+        rt.database = open_database(Path(rt.config.storage.data_dir))
+        store = ModelStore(rt.database)
+    except Exception:  # noqa: BLE001 - serve without persistence rather than not at all
+        log.exception("model registry storage failed; registrations will not persist")
+    rt.registry = ModelRegistry(rt, rt.config, store)
+    return rt.registry
+
+
+def model_size(served: ServedModel, config: ServerConfig) -> int:
+    from genserve.model.sizing import kv_cache_bytes, weight_bytes
+
+    return 2 * weight_bytes(served.path) + kv_cache_bytes(served.path, config.engine)
+
+
+def load_embeddings(registry: ModelRegistry, config: ServerConfig) -> None:
+    """The default embeddings model, when its package (genserve[embeddings]) is installed."""
+    name = config.model.embedding_model
+    if not name or name not in bundled_names():
+        return
+    try:
+        registry.register(name, name, "embed", ModelSettings(), from_cli=True)
+    except DomainError as e:
+        log.error("embeddings model %s not loaded: %s", name, e.message)
+
+
+async def serve_adapters(rt: Runtime, served: ServedModel) -> None:
+    """--lora-modules, plus adapters bundled for a bundled base (genserve-starter-chat)."""
+    modules = [(name, Path(path)) for name, path in rt.config.model.lora_modules]
+    modules += bundled_adapters(rt.config.model.ref)
+    for name, path in modules:
+        spec = AdapterSpec(id=name, base=served.id, path=path, created=int(time.time()))
+        await rt.register_adapter(spec)
+
+
+async def start_fine_tuning(rt: Runtime) -> None:
+    """Open the store, serve adapters from earlier runs, resume unfinished jobs.
+
+    A storage problem (say, an unwritable data dir) disables files and jobs with a 503 that
+    names it; it does not stop the server from serving its model.
+    """
+    config = rt.config
+    try:
+        data_dir = Path(config.storage.data_dir).resolve()
+        rt.database = rt.database or open_database(data_dir)
+        files = FileStore(rt.database, data_dir / "files")
+        files.sweep()
+        threads = config.training.threads
+        manager = JobManager(
+            JobStore(rt.database), files, rt, data_dir, threads, rt.training_launcher
+        )
+        rt.files = files
+        rt.fine_tuning = manager
+        rt.on_adapter_deleted.append(manager.on_adapter_deleted)
+        await manager.start(resume=config.training.enabled)
+    except Exception as e:  # noqa: BLE001 - reported by every files/jobs route
+        log.exception("fine-tuning storage failed to start")
+        rt.storage_error = f"{type(e).__name__}: {e}"
+
+
+async def stop_fine_tuning(rt: Runtime) -> None:
+    if rt.fine_tuning is not None:
+        await rt.fine_tuning.stop()
+    if rt.database is not None:
+        rt.database.close()

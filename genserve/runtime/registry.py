@@ -1,0 +1,247 @@
+"""The model registry: register (load), reconfigure, unload; persisted across restarts.
+
+Loading runs in a thread while the running engines keep serving. A model is admitted only if
+its estimated memory fits the budget beside the models already loaded (InsufficientMemory
+otherwise). Who may do which is the routes' business (genserve.api.registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from genserve.config import ServerConfig
+from genserve.runtime.errors import (
+    Conflict,
+    DomainError,
+    InsufficientMemory,
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+)
+from genserve.runtime.limits import check_chat_template
+from genserve.runtime.models import ModelSettings, PendingModel, ServedModel
+
+if TYPE_CHECKING:
+    from genserve.runtime.runtime import Runtime
+
+log = logging.getLogger(__name__)
+GIB = 2**30
+
+
+class ModelRegistry:
+    def __init__(self, rt: Runtime, config: ServerConfig, store: Any) -> None:
+        self.rt = rt
+        self.config = config
+        self.store = store  # genserve.storage.models.ModelStore, or None without storage
+        self.models_dir = Path(config.storage.models_dir).resolve()
+        self.budget = budget_bytes(config.model.memory_budget_gb)
+        self.used: dict[str, int] = {}  # model id -> estimated bytes
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- references ---------------------------------------------------------------------------
+    def check_ref(self, ref: str) -> str:
+        """A bundled name, or the folder the ref names inside the models directory or the
+        hub's cache (genserve.model.loading.resolve_api_ref); never the working directory."""
+        from genserve.bundled import bundled_names
+        from genserve.model.loading import ModelLoadError, OutsideModelsDirError, resolve_api_ref
+
+        if ref in bundled_names():
+            return ref
+        try:
+            return str(resolve_api_ref(ref, self.models_dir))
+        except OutsideModelsDirError as e:
+            raise PermissionDenied(str(e), "model", "forbidden_path") from None
+        except ModelLoadError as e:
+            raise InvalidRequest(str(e), "model") from None
+
+    # -- register -----------------------------------------------------------------------------
+    def register(
+        self,
+        model_id: str,
+        ref: str,
+        kind: str | None,
+        settings: ModelSettings,
+        from_cli: bool = False,
+    ) -> PendingModel:
+        if model_id in self.rt.models or model_id in self.rt.embedders:
+            raise Conflict(f"a model `{model_id}` is already loaded", "id", "model_exists")
+        pending = self.rt.pending.get(model_id)
+        if pending is not None and pending.status == "loading":
+            raise Conflict(f"`{model_id}` is already loading", "id", "model_exists")
+        check_new_names(self.rt, model_id, settings.aliases)
+        path = self.check_ref(ref)
+        kind = kind or guess_kind(path)
+        need = estimate_bytes(path, kind, self.config)
+        self.check_budget(model_id, need)
+        pending = PendingModel(model_id, int(time.time()), kind, ref)
+        self.rt.pending[model_id] = pending
+        self.used[model_id] = need
+        task = asyncio.create_task(self._load(model_id, path, ref, kind, settings, from_cli))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return pending
+
+    def check_budget(self, model_id: str, need: int) -> None:
+        used = sum(v for k, v in self.used.items() if k != model_id)
+        if used + need > self.budget:
+            raise InsufficientMemory(
+                f"`{model_id}` needs about {need / GIB:.2f} GiB; {used / GIB:.2f} of the "
+                f"{self.budget / GIB:.2f} GiB budget is in use. Unload a model first.",
+                "model",
+                "insufficient_memory",
+            )
+
+    async def _load(
+        self, model_id: str, path: str, ref: str, kind: str, s: ModelSettings, from_cli: bool
+    ) -> None:
+        try:
+            await asyncio.to_thread(self._build_and_start, model_id, path, kind, s)
+        except Exception as e:  # noqa: BLE001 - the status says why
+            log.warning("loading %s failed: %s", model_id, e)
+            failed = replace(self.rt.pending[model_id], status="failed")
+            self.rt.pending[model_id] = replace(failed, error=f"{type(e).__name__}: {e}")
+            self.used.pop(model_id, None)
+            return
+        self.rt.pending.pop(model_id, None)
+        if self.store is not None:
+            self.store.put(model_id, ref, kind, s.as_dict(), from_cli=from_cli)
+        log.info("loaded %s (%s) from %s", model_id, kind, ref)
+
+    def _build_and_start(self, model_id: str, path: str, kind: str, s: ModelSettings) -> None:
+        if kind == "embed":
+            from genserve.runtime.build import build_embedding_model
+
+            self.rt.embedders[model_id] = build_embedding_model(
+                path, model_id, self.config.model.device
+            )
+            return
+        from genserve.runtime.build import build_served_model
+
+        mc = replace(self.config.model, ref=path, served_name=model_id, lora_modules=())
+        served = build_served_model(replace(self.config, model=mc))
+        served.settings = s
+        served.ref = path
+        self.rt.start_from_thread(served)
+
+    # -- settings -----------------------------------------------------------------------------
+    def update(self, model_id: str, settings: ModelSettings) -> ServedModel:
+        served = self.rt.models.get(model_id)
+        if served is None:
+            raise ModelNotFound(model_id)
+        check_settings(self.rt, served, settings)
+        served.settings = settings
+        if self.store is not None:
+            self.store.put(model_id, served.ref or model_id, "generate", settings.as_dict(),
+                           from_cli=self.is_cli(model_id))  # fmt: skip
+        return served
+
+    def is_cli(self, model_id: str) -> bool:
+        record = self.store.get(model_id) if self.store is not None else None
+        return record.from_cli if record is not None else False
+
+    # -- unload -------------------------------------------------------------------------------
+    async def unload(self, model_id: str) -> None:
+        if model_id in self.rt.pending:
+            if self.rt.pending[model_id].status == "loading":
+                raise Conflict(f"`{model_id}` is still loading", "model", "model_loading")
+            self.rt.pending.pop(model_id)
+        elif model_id in self.rt.embedders:
+            await asyncio.to_thread(self.rt.embedders.pop(model_id).batcher.stop)
+        elif model_id in self.rt.models:
+            await self._unload_generator(model_id)
+        else:
+            raise ModelNotFound(model_id)
+        self.used.pop(model_id, None)
+        if self.store is not None:
+            self.store.delete(model_id)
+
+    async def _unload_generator(self, model_id: str) -> None:
+        for adapter in [a for a in self.rt.adapters.values() if a.base == model_id]:
+            await self.rt.unregister_adapter(adapter.id)
+        served = self.rt.models.pop(model_id)
+        await asyncio.to_thread(served.engine.stop)
+
+    # -- start ----------------------------------------------------------------------------------
+    async def restore(self) -> None:
+        """Load what the registry held before the restart (the CLI's models load themselves)."""
+        if self.store is None:
+            return
+        for record in self.store.all():
+            if record.from_cli or record.id in self.rt.models or record.id in self.rt.embedders:
+                continue
+            settings = ModelSettings(**record.settings)
+            try:
+                self.register(record.id, record.ref, record.kind, settings)
+            except DomainError as e:
+                log.error("cannot restore %s: %s", record.id, e.message)
+
+    def adopt(self, model_id: str, ref: str, kind: str, size: int) -> ModelSettings:
+        """A model the command line loaded: count its memory, restore its saved settings."""
+        self.used[model_id] = size
+        record = self.store.get(model_id) if self.store is not None else None
+        settings = ModelSettings(**record.settings) if record is not None else ModelSettings()
+        if self.store is not None:
+            self.store.put(model_id, ref, kind, settings.as_dict(), from_cli=True)
+        return settings
+
+
+def check_settings(rt: Runtime, served: ServedModel, s: ModelSettings) -> None:
+    if s.max_context is not None and not 16 <= s.max_context <= served.max_len:
+        raise InvalidRequest(f"max_context must be in [16, {served.max_len}]", "max_context")
+    for alias in s.aliases:
+        taken = alias in rt.models or alias in rt.adapters or alias in rt.embedders
+        other = any(alias in m.settings.aliases for m in rt.models.values() if m is not served)
+        if taken or other:
+            raise Conflict(f"alias {alias!r} is already a model id or alias", "aliases")
+    if s.chat_template is not None:
+        check_chat_template(served.tokenizer, s.chat_template)
+
+
+def check_new_names(rt: Runtime, model_id: str, aliases: list[str]) -> None:
+    """A model being registered may not take a name in use: its id must not be another
+    model's alias, nor an alias any model id, adapter or alias (409, as PATCH answers)."""
+    if any(model_id in m.settings.aliases for m in rt.models.values()):
+        raise Conflict(f"`{model_id}` is already an alias of a model", "id", "model_exists")
+    for alias in aliases:
+        taken = alias == model_id or alias in rt.models or alias in rt.adapters
+        taken = taken or alias in rt.embedders or alias in rt.pending
+        if taken or any(alias in m.settings.aliases for m in rt.models.values()):
+            raise Conflict(f"alias {alias!r} is already a model id or alias", "aliases")
+
+
+def guess_kind(path: str) -> str:
+    """Embeddings for encoders, generation for causal LMs; read from config.json only."""
+    import json
+
+    from genserve.model.loading import resolve_model_ref
+
+    folder = resolve_model_ref(path) if not Path(path).is_dir() else Path(path)
+    cfg = json.loads((folder / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    causal = any(a.endswith("ForCausalLM") or "LMHead" in a for a in archs)
+    return "generate" if causal else "embed"
+
+
+def estimate_bytes(path: str, kind: str, config: ServerConfig) -> int:
+    """Weights at fp32 (x2 on the fast path, which keeps packed copies) plus the KV cache."""
+    from genserve.model.loading import resolve_model_ref
+    from genserve.model.sizing import kv_cache_bytes, weight_bytes
+
+    folder = resolve_model_ref(path) if not Path(path).is_dir() else Path(path)
+    weights = weight_bytes(folder)
+    if kind == "embed":
+        return weights
+    return 2 * weights + kv_cache_bytes(folder, config.engine)
+
+
+def budget_bytes(gib: float | None) -> int:
+    if gib is not None:
+        return int(gib * GIB)
+    import psutil
+
+    return int(psutil.virtual_memory().total * 0.8)

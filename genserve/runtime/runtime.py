@@ -1,0 +1,184 @@
+"""Runtime: one typed object with everything a request needs beyond HTTP.
+
+The app's lifespan fills it (genserve.runtime.lifecycle); routes read it and call its methods,
+which raise domain errors (genserve.runtime.errors) that the API maps to HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from genserve.config import ServerConfig
+from genserve.engine.client import Observer
+from genserve.runtime.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    NotReady,
+    Unavailable,
+)
+from genserve.runtime.limits import BackgroundPool
+from genserve.runtime.models import (
+    AdapterSpec,
+    EmbeddingModel,
+    Listed,
+    PendingModel,
+    ServedModel,
+    Target,
+)
+
+if TYPE_CHECKING:  # types only: these modules import the runtime's models themselves
+    from genserve.runtime.registry import ModelRegistry
+    from genserve.storage.db import Database
+    from genserve.storage.files import FileStore
+    from genserve.training.manager import JobManager, Launcher
+
+AdapterHook = Callable[[str], Awaitable[None]]
+ObserverFactory = Callable[[str], Observer]  # model id -> what sees its engine's deltas
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: ServerConfig
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    adapters: dict[str, AdapterSpec] = field(default_factory=dict)
+    embedders: dict[str, EmbeddingModel] = field(default_factory=dict)
+    pending: dict[str, PendingModel] = field(default_factory=dict)  # loading or failed
+    ready: bool = False
+    load_error: str | None = None
+    on_adapter_deleted: list[AdapterHook] = field(default_factory=list)
+    # Costly per-request work (grammar compiles) at a lower CPU priority than the engine.
+    background: BackgroundPool = field(default_factory=BackgroundPool)
+    observe: ObserverFactory | None = None  # metrics, set by the API
+    loop: asyncio.AbstractEventLoop | None = None  # set once the lifespan runs
+    database: Database | None = None
+    registry: ModelRegistry | None = None
+    files: FileStore | None = None
+    fine_tuning: JobManager | None = None
+    storage_error: str | None = None  # why files and jobs are unavailable
+    training_launcher: Launcher | None = None  # None: a local subprocess (Ray sets its own)
+
+    # -- names -------------------------------------------------------------------------------
+    def resolve_alias(self, model_id: str) -> str:
+        for served in self.models.values():
+            if model_id in served.settings.aliases:
+                return served.id
+        return model_id
+
+    def adapter(self, model_id: str, project: str) -> AdapterSpec | None:
+        """The adapter served as `model_id`, if `project` may see it (another project's
+        fine-tuned model is, for it, a model that does not exist)."""
+        spec = self.adapters.get(model_id)
+        return spec if spec is not None and spec.visible_to(project) else None
+
+    def get(self, model_id: str, project: str) -> Target:
+        """The generative model (and adapter) a request names."""
+        self.require_ready()
+        model_id = self.resolve_alias(model_id)
+        if model_id in self.embedders:
+            msg = f"`{model_id}` is an embeddings model: use /v1/embeddings"
+            raise InvalidRequest(msg, "model")
+        self.require_loaded(model_id)
+        if model_id in self.adapters:
+            spec = self.adapter(model_id, project)
+            if spec is None:
+                raise ModelNotFound(model_id)
+            return Target(self.models[spec.base], spec.id)
+        served = self.models.get(model_id)
+        if served is None:
+            raise ModelNotFound(model_id)
+        return Target(served, None)
+
+    def embedder(self, model_id: str, project: str) -> EmbeddingModel:
+        self.require_ready()
+        self.require_loaded(model_id)
+        model = self.embedders.get(model_id)
+        if model is None:
+            if model_id in self.models or self.adapter(model_id, project) is not None:
+                raise InvalidRequest(f"`{model_id}` is not an embeddings model", "model")
+            raise ModelNotFound(model_id)
+        return model
+
+    def listing(self, project: str) -> list[Listed]:
+        """What `project` may use: every base model, shared adapters and its own."""
+        return [
+            *self.models.values(),
+            *(a for a in self.adapters.values() if a.visible_to(project)),
+            *self.embedders.values(),
+            *self.pending.values(),
+        ]
+
+    def find(self, model_id: str, project: str) -> Listed:
+        for item in self.listing(project):
+            if item.id == model_id:
+                return item
+        raise ModelNotFound(model_id)
+
+    # -- readiness ---------------------------------------------------------------------------
+    def require_ready(self) -> None:
+        if self.load_error:
+            raise Unavailable(f"model failed to load: {self.load_error}")
+        if not self.ready:
+            raise NotReady("the model is still loading", retry_after_s=5)
+
+    def require_loaded(self, model_id: str) -> None:
+        pending = self.pending.get(model_id)
+        if pending is not None and pending.status == "loading":
+            raise NotReady(f"`{model_id}` is still loading", retry_after_s=2)
+        if pending is not None:
+            raise Unavailable(f"`{model_id}` failed to load: {pending.error}", "model")
+
+    def model_registry(self) -> ModelRegistry:
+        if self.registry is None:
+            self.require_ready()
+            raise Unavailable("the model registry is not available")
+        return self.registry
+
+    def file_store(self) -> FileStore:
+        self.require_ready()
+        if self.files is None:
+            reason = self.storage_error or "storage is not configured"
+            raise Unavailable(f"file storage is unavailable: {reason}")
+        return self.files
+
+    def job_manager(self) -> JobManager:
+        self.file_store()  # unavailable while loading or when storage failed, as files say
+        assert self.fine_tuning is not None  # set together with files
+        return self.fine_tuning
+
+    # -- serving -----------------------------------------------------------------------------
+    async def start_served(self, served: ServedModel) -> None:
+        """Start a model's engine and make it visible to requests."""
+        served.engine.start()
+        if self.observe is not None:
+            served.engine.observer = self.observe(served.id)
+        self.models[served.id] = served
+
+    def start_from_thread(self, served: ServedModel) -> None:
+        """start_served from a loading thread, on the event loop's thread-safe path."""
+        assert self.loop is not None
+        done = asyncio.run_coroutine_threadsafe(self.start_served(served), self.loop)
+        done.result(timeout=60)
+
+    async def register_adapter(self, spec: AdapterSpec) -> None:
+        """Load a LoRA adapter into its base model's engine and serve it under spec.id."""
+        base = self.models.get(spec.base)
+        if base is None:
+            raise ModelNotFound(spec.base)
+        await base.engine.add_adapter(spec.id, spec.path)
+        self.adapters[spec.id] = spec
+
+    async def unregister_adapter(self, adapter_id: str) -> AdapterSpec:
+        spec = self.adapters.pop(adapter_id, None)
+        if spec is None:
+            raise ModelNotFound(adapter_id)
+        await self.models[spec.base].engine.remove_adapter(adapter_id)
+        return spec
+
+    async def delete_adapter(self, adapter_id: str) -> None:
+        """Unserve a fine-tuned model and tell whoever keeps its files (the job manager)."""
+        await self.unregister_adapter(adapter_id)
+        for hook in self.on_adapter_deleted:
+            await hook(adapter_id)
