@@ -106,11 +106,19 @@ def apply_masks(row: torch.Tensor, r: SamplingRow) -> None:
         r.constraint.apply(row)
 
 
+def _changes_logits(r: SamplingRow) -> bool:
+    penalized = r.counts is not None and bool(r.presence_penalty or r.frequency_penalty)
+    repeated = r.seen is not None and r.repetition_penalty != 1.0
+    return bool(r.logit_bias or penalized or repeated or r.suppress or r.constraint is not None)
+
+
 def process(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, RowErrors]:
     """Bias, penalties and masks on a copy; a row whose processing raises is reported in the
     errors (by row index) and the others go on (a grammar past its limits fails one request)."""
-    out = logits.clone()
     errors: RowErrors = {}
+    if not any(_changes_logits(r) for r in rows):
+        return logits, errors  # nothing to change: no copy (nothing downstream writes to it)
+    out = logits.clone()
     try:
         apply_logit_bias(out, rows)
         biased = True
@@ -153,13 +161,20 @@ def top_k_top_p_mask(sorted_logits: torch.Tensor, top_k: int, top_p: float) -> t
 
 
 # -- the draw: every sampled row of a step at once ---------------------------------------------
-# top_p's boundary is found without sorting the vocabulary: each row's tokens are bucketed by
-# how far their logit lies below the row's top one, a histogram of probability mass per bucket
-# says which bucket the nucleus ends in, and only that bucket's tokens (a few hundred at most on
-# a flat distribution) are sorted. The cost is a few passes over [rows, vocab], the same whether
+# top_k and top_p both come down to a number of tokens kept per row, k, in the order of a stable
+# descending sort; the kept set is then every token whose logit is at least the k-th largest,
+# less any token tied with it past k (ties go to the lower id), applied in one pass per step.
+# top_k rows (with or without top_p) take k from a batched topk of their k largest logits (top_p
+# is resolved on those candidates: past k nothing is kept). top_p rows without top_k find their
+# boundary without sorting the vocabulary: each row's tokens are bucketed by the leading bits of
+# their probability (monotone in the logit), a histogram of probability mass per bucket says
+# which bucket the nucleus ends in, and only that bucket's tokens (a few hundred at most on a
+# flat distribution) are sorted. The cost is a few passes over [rows, vocab], the same whether
 # the nucleus holds 3 tokens (a trained model) or 45,000 (a random-weight one, nearly uniform).
-BUCKETS = 4096
-GAP_SPAN = 32.0  # logits this far below the top share the last bucket (e^-32 of its probability)
+# Every op works within a row, so a row's kept set is the same alone or batched (rule 4).
+BUCKET_BITS = 6  # mantissa bits of a probability that name its bucket, beside the exponent
+BUCKETS = 128 << BUCKET_BITS  # every float32 in [0, 1] (exponent at most 127)
+DRAW_BLOCK = 256  # the draw's cumulative sum is taken per block of this many token ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,9 +205,9 @@ class DrawParams:
 def draw_batch(logits: torch.Tensor, params: DrawParams, u: torch.Tensor) -> torch.Tensor:
     """One token per row of processed `logits` [b, V]; row i draws with its uniform u[i].
 
-    Every operation works within a row (softmax, cumsum, compare, the k-th largest value,
-    bincount, a stable sort of one bucket), so a row's token depends only on its own logits and
-    u, never on the rows beside it (rule 4).
+    Every operation works within a row (softmax, cumsum, compare, topk, scatter_add, a stable
+    sort of one bucket), so a row's token depends only on its own logits and u, never on the
+    rows beside it (rule 4).
     """
     return _inverse_cdf(truncated_weights(logits, params), u)
 
@@ -204,93 +219,165 @@ def truncated_weights(logits: torch.Tensor, params: DrawParams) -> torch.Tensor:
     full sort in descending order defines: among equal logits the lower token id comes first.
     """
     x = logits * params.inv_temperature
-    weights = x.softmax(-1)
+    truncating = bool((params.top_k < x.shape[-1]).any() or (params.top_p < 1.0).any())
+    # Temperature alone needs no logits after the softmax: it overwrites them (one [b, V]
+    # buffer instead of two; a step's large allocations are what cost most here).
+    weights = x.softmax(-1) if truncating else torch.softmax(x, -1, out=x)
     if bool((params.min_p > 0).any()):
-        weights = weights.masked_fill(min_p_drop(weights, params.min_p), 0.0)
-    _apply_top_k(x, weights, params.top_k)
-    _apply_top_p(x, weights, params.top_p)
+        weights.masked_fill_(min_p_drop(weights, params.min_p), 0.0)
+    if truncating:
+        _truncate(x, weights, params)
     return weights
 
 
-def _apply_top_k(x: torch.Tensor, weights: torch.Tensor, top_k: torch.Tensor) -> None:
-    """Keep each row's k largest logits; among logits equal to the k-th, the lowest ids."""
-    rows = (top_k < x.shape[-1]).nonzero().flatten()
-    if rows.numel() == 0:
-        return
-    xs, k = x[rows], top_k[rows]
-    kth = xs.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
-    above, ties = xs > kth, xs == kth
-    room = k[:, None] - above.sum(-1, keepdim=True)
-    weights[rows] = weights[rows] * (above | (ties & (ties.cumsum(-1) <= room)))
+def _truncate(x: torch.Tensor, weights: torch.Tensor, params: DrawParams) -> None:
+    """top_k and top_p in place on `weights`: each row keeps the first k tokens of the stable
+    descending order of `x`, k from its top_k and top_p (the token that crosses p is kept)."""
+    vocab = x.shape[-1]
+    by_k = params.top_k < vocab
+    by_p = (params.top_p < 1.0) & ~by_k
+    kth = x.new_full((x.shape[0], 1), NEG_INF)  # keep x >= kth; -inf: the whole row
+    past: list[tuple[torch.Tensor, torch.Tensor]] = []  # (row, id): tied with kth, past k
+    for mask, find in ((by_k, _kth_by_topk), (by_p, _kth_by_buckets)):
+        rows = mask.nonzero().flatten()
+        if rows.numel():
+            value, (r, ids) = find(x, weights, rows, params)
+            kth[rows] = value
+            past.append((rows[r], ids))
+    # x >= kth as 1.0/0.0 then a product: a quarter of masked_fill's time here (its kernel is
+    # not vectorized); kth -inf keeps a row whole.
+    weights.mul_(torch.ge(x, kth, out=torch.empty_like(x)))
+    for r, ids in past:
+        weights[r, ids] = 0.0
 
 
-def _apply_top_p(x: torch.Tensor, weights: torch.Tensor, top_p: torch.Tensor) -> None:
-    """Keep the shortest prefix (in descending logit order) whose mass reaches p of the total
-    left by min_p and top_k; the token that crosses p is kept."""
-    rows = (top_p < 1.0).nonzero().flatten()
-    if rows.numel() == 0:
-        return
-    xs, ws = x[rows], weights[rows]
-    bucket = _gap_buckets(xs)
-    cum = _bucket_mass(bucket, ws).cumsum(-1)  # mass of the buckets up to each, top first
-    limit = top_p[rows] * cum[:, -1]
-    last = (cum[:, :-1] < limit[:, None]).sum(-1)  # the bucket the nucleus ends in
+def _rows_of(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return t if rows.numel() == t.shape[0] else t[rows]  # every row: no copy
+
+
+def _kth_by_topk(
+    x: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, params: DrawParams
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """top_k rows: the k-th largest logit of each (k from top_k, then top_p on the top k's mass)
+    and the tokens tied with it past k, (row among `rows`, id)."""
+    k, top_p = params.top_k[rows], params.top_p[rows]
+    # One candidate past the largest k: a tie at the k-th that runs past k shows in the list.
+    values, ids = _rows_of(x, rows).topk(min(int(k.max()) + 1, x.shape[-1]), dim=-1)
+    # Equal logits have equal weights, so these are the stable order's weights position by
+    # position even where topk orders ties otherwise; past k a token is not kept.
+    w = weights[rows[:, None], ids]
+    w.masked_fill_(torch.arange(ids.shape[-1], device=x.device) >= k[:, None], 0.0)
+    w = w.double()
+    cum = w.cumsum(-1)
+    limit = top_p * cum[:, -1]
+    crossed = ((cum - w) < limit[:, None]) & (w > 0)  # mass strictly before each < p
+    k = torch.where(top_p < 1.0, crossed.sum(-1), k)
+    kth = values.gather(1, (k - 1)[:, None])
+    # Tokens equal to the k-th past k: none if none is among the candidates past k (the ties
+    # of the k-th come next to it in topk's order); else found in the row itself.
+    ties_past = (values == kth) & (torch.arange(ids.shape[-1], device=x.device) >= k[:, None])
+    if not bool(ties_past.any()):
+        return kth, _no_tokens(x.device)
+    return kth, _ties_past_k(_rows_of(x, rows), kth, k)
+
+
+def _ties_past_k(
+    xs: torch.Tensor, kth: torch.Tensor, k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, id) of the tokens equal to each row's k-th logit that come after the k-th in the
+    stable order: the ties beyond the room left by the larger logits, highest ids first out."""
+    ties = xs == kth
+    room = k[:, None] - (xs > kth).sum(-1, keepdim=True)
+    return (ties & (ties.cumsum(-1) > room)).nonzero(as_tuple=True)
+
+
+def _no_tokens(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    return empty, empty
+
+
+def _kth_by_buckets(
+    x: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, params: DrawParams
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """top_p rows without top_k: the logit of the token that crosses p (the last one kept) and
+    the tokens tied with it that are not kept, (row among `rows`, id)."""
+    xs, ws = _rows_of(x, rows), _rows_of(weights, rows)
+    n = xs.shape[0]
+    first = torch.arange(n, device=x.device, dtype=torch.int32)[:, None] * BUCKETS
+    bucket = _weight_buckets(ws).add_(first)  # row j's numbered from j * BUCKETS
+    mass = torch.bincount(bucket.view(-1), weights=ws.double().view(-1), minlength=n * BUCKETS)
+    cum = mass.view(n, BUCKETS).flip(-1).cumsum(-1)  # mass of the buckets up to each, top first
+    limit = params.top_p[rows] * cum[:, -1]
+    last = (cum[:, :-1] < limit[:, None]).sum(-1)  # the bucket the nucleus ends in, from the top
     above = torch.where(last > 0, cum.gather(1, (last - 1).clamp(min=0)[:, None])[:, 0], 0.0)
-    keep = bucket < last[:, None]
-    r, ids = _kept_in_bucket(xs, ws, bucket == last[:, None], above, limit)
-    keep[r, ids] = True
-    weights[rows] = ws * keep
+    inside = bucket == (BUCKETS - 1 - last[:, None]).int() + first
+    vals, wts, ids = _sorted_bucket(xs, ws, inside)
+    before = above[:, None] + (wts.cumsum(-1) - wts)  # mass strictly before each token
+    k = ((before < limit[:, None]) & (wts > 0)).sum(-1, keepdim=True)  # >= 1: its top token
+    kth = vals.gather(1, k - 1)
+    pos = torch.arange(vals.shape[-1], device=x.device)
+    r, c = ((vals == kth) & (pos >= k)).nonzero(as_tuple=True)  # every tie is in the bucket
+    return kth, (r, ids[r, c])
 
 
-def _gap_buckets(xs: torch.Tensor) -> torch.Tensor:
-    """Bucket of each token: monotone in its logit (a higher logit never lands lower), so each
-    bucket holds a contiguous run of the descending order, ties always together."""
-    gap = xs.amax(-1, keepdim=True) - xs  # -inf logits: gap inf, the last bucket
-    return (gap * (BUCKETS / GAP_SPAN)).clamp_(max=BUCKETS - 1).long()
+def _weight_buckets(ws: torch.Tensor) -> torch.Tensor:
+    """[rows, V] int32 bucket of each token's probability: its float32 exponent and top
+    BUCKET_BITS mantissa bits, which order non-negative floats as their values do. So a higher
+    logit never lands in a lower bucket (its probability is not lower), each bucket holds a
+    contiguous run of the descending order, ties always together; a bucket spans about
+    1/2**BUCKET_BITS of a factor 2 in probability, and all that round to 0 share bucket 0."""
+    return torch.bitwise_right_shift(ws.view(torch.int32), 23 - BUCKET_BITS)
 
 
-def _bucket_mass(bucket: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
-    """[rows, BUCKETS] float64 mass per bucket; bincount adds each row's tokens in id order."""
-    n = bucket.shape[0]
-    offsets = torch.arange(n, device=bucket.device)[:, None] * BUCKETS
-    flat = torch.bincount(
-        (bucket + offsets).flatten(), weights=ws.double().flatten(), minlength=n * BUCKETS
-    )
-    return flat.view(n, BUCKETS)
-
-
-def _kept_in_bucket(
-    xs: torch.Tensor, ws: torch.Tensor, inside: torch.Tensor, above: torch.Tensor,
-    limit: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(row, token id) of the boundary bucket's tokens inside the nucleus: the bucket's tokens
-    stable-sorted by logit (nonzero lists them by id), then the prefix rule on their mass."""
+def _sorted_bucket(
+    xs: torch.Tensor, ws: torch.Tensor, inside: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The boundary bucket's tokens per row, stable-sorted by logit (nonzero lists them by id):
+    (logits, float64 weights, ids), each [rows, most tokens in one row's bucket], padded with
+    -inf logits and 0 weights."""
     r, c = inside.nonzero(as_tuple=True)  # row-major, ids ascending within a row
-    counts = inside.sum(-1)
+    counts = torch.bincount(r, minlength=xs.shape[0])
     pos = torch.arange(r.numel(), device=r.device) - (counts.cumsum(0) - counts)[r]
     shape = (xs.shape[0], int(counts.max()))
     vals = xs.new_full(shape, NEG_INF).index_put_((r, pos), xs[r, c])
     ids = torch.zeros(shape, dtype=torch.long, device=xs.device).index_put_((r, pos), c)
     wts = torch.zeros(shape, dtype=torch.float64, device=xs.device)
     wts.index_put_((r, pos), ws[r, c].double())
-    order = vals.sort(dim=-1, descending=True, stable=True).indices
-    wts, ids = wts.gather(1, order), ids.gather(1, order)
-    before = above[:, None] + (wts.cumsum(-1) - wts)  # mass strictly before each token
-    kr, kc = ((before < limit[:, None]) & (wts > 0)).nonzero(as_tuple=True)
-    return kr, ids[kr, kc]
+    vals, order = vals.sort(dim=-1, descending=True, stable=True)
+    return vals, wts.gather(1, order), ids.gather(1, order)
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Per row, the first token whose cumulative weight exceeds u times the row's total.
+    """Per row, the first token whose cumulative weight (in id order) exceeds u times the row's
+    total, never a token of weight 0.
 
-    The one step left per row, on purpose: torch's cumsum along the last dim of a [32, 49152]
-    float64 batch took 21 ms here, 32 one-row cumsums 2 ms (its 1-D kernel is the fast one).
+    In two levels, batched: the blocks of DRAW_BLOCK ids, by their summed weight, then the ids
+    of the one block the draw lands in (one pass over [b, V] instead of a float64 cumsum per
+    row). Each block is summed on its own, so a row's sums are the same alone or batched.
     """
-    tokens = torch.empty(weights.shape[0], dtype=torch.long, device=weights.device)
-    for i in range(weights.shape[0]):
-        cdf = weights[i].double().cumsum(-1)
-        tokens[i] = torch.searchsorted(cdf, u[i : i + 1] * cdf[-1], right=True)[0]
-    return tokens.clamp_(max=weights.shape[-1] - 1)
+    b, vocab = weights.shape
+    dev = weights.device
+    whole = vocab // DRAW_BLOCK * DRAW_BLOCK
+    sums = weights[:, :whole].view(b, -1, DRAW_BLOCK).sum(-1)
+    if whole < vocab:
+        sums = torch.cat([sums, weights[:, whole:].sum(-1, keepdim=True)], dim=-1)
+    cum = sums.double().cumsum(-1)
+    total = cum[:, -1:].contiguous()
+    target = u[:, None] * total
+    # The block the target falls in; at most the last block with weight (u * total can round
+    # up to the total).
+    block = torch.minimum(
+        torch.searchsorted(cum, target, right=True), torch.searchsorted(cum, total)
+    )
+    before = torch.where(block > 0, cum.gather(1, (block - 1).clamp(min=0)), 0.0)
+    ids = block * DRAW_BLOCK + torch.arange(DRAW_BLOCK, device=dev)
+    w = weights.gather(1, ids.clamp(max=vocab - 1)).double()
+    w.masked_fill_(ids >= vocab, 0.0)
+    at = torch.searchsorted(w.cumsum(-1), target - before, right=True)
+    # Rounding between the block's sum and its cumsum can leave the target past the block's
+    # last id: then its last id of positive weight.
+    last = DRAW_BLOCK - 1 - (w > 0).flip(-1).int().argmax(-1, keepdim=True)
+    return ids.gather(1, torch.minimum(at, last))[:, 0]
 
 
 # -- which rows draw, their uniforms and their failures ----------------------------------------
@@ -400,7 +487,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
     if not rows:
         return SampleOutput([], [])
     processed, errors = process(logits, rows)
-    tokens = processed.argmax(-1).tolist()  # greedy rows keep theirs: no draw
+    tokens = [-1] * len(rows)
+    greedy = [i for i, r in enumerate(rows) if r.greedy]  # no draw
+    if greedy:
+        top = processed if len(greedy) == len(rows) else processed[greedy]
+        for i, token in zip(greedy, top.argmax(-1).tolist(), strict=True):
+            tokens[i] = token
     for i, token in _draw(processed, rows, errors).items():
         tokens[i] = token
     logprobs = _logprobs(logits, rows, tokens, errors)
