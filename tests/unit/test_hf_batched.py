@@ -1,0 +1,126 @@
+"""BatchedHFRunner (issue 17): transformers' own modules on genserve's batched attention and
+KV slots give transformers' own numbers, for every family in tests/tiny_families.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from genserve.engine.types import ChunkInput, SamplingParams, StepInput
+from genserve.model.hf_batched import BatchedHFRunner
+from tests.tiny_families import FAMILIES, VOCAB, WINDOW, build_family
+
+PLAIN = SamplingParams()
+SEEDED = SamplingParams(seed=7)
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def models(family: str, batch_invariant: bool = False):  # noqa: ANN201
+    """transformers' eager model (the reference) and a runner over a copy of its weights."""
+    ref = build_family(family)
+    if ref is None:
+        pytest.skip(f"the installed transformers has no {family}")
+    return ref, BatchedHFRunner(copy.deepcopy(ref), 6, 128, batch_invariant)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+
+def chunk(rid: str, slot: int, ids: list[int], start: int, params=PLAIN, sample=True):  # noqa: ANN001, ANN201
+    return ChunkInput(rid, slot, tuple(ids), start, sample, params, 0)
+
+
+def last_logits(model, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1]
+
+
+def test_mixed_step_logits_match_transformers(family: str) -> None:
+    """Prompt chunks (a later chunk over a cached prefix longer than the window), prompts
+    from 0 and several decodes, in the same steps, in scattered slots."""
+    ref, runner = models(family)
+    a, b, c = prompt(30, 1), prompt(11, 2), prompt(5, 3)
+    out = runner.execute(StepInput((chunk("a", 4, a[:17], 0, sample=False), chunk("b", 1, b, 0))))
+    torch.testing.assert_close(out[0], last_logits(ref, b), **TOL)
+    out = runner.execute(
+        StepInput((chunk("b", 1, [7], 11), chunk("a", 4, a[17:], 17), chunk("c", 0, c, 0)))
+    )
+    for got, ids in zip(out, (b + [7], a, c), strict=True):
+        torch.testing.assert_close(got, last_logits(ref, ids), **TOL)
+    out = runner.execute(
+        StepInput((chunk("a", 4, [11], 30), chunk("b", 1, [13], 12), chunk("c", 0, [9], 5)))
+    )
+    for got, ids in zip(out, (a + [11], b + [7, 13], c + [9]), strict=True):
+        torch.testing.assert_close(got, last_logits(ref, ids), **TOL)
+
+
+def test_windowed_families_really_cut(family: str) -> None:
+    """The window in the tiny config changes the reference's logits (else the tests above
+    would not check that the runner honours it)."""
+    if FAMILIES[family].get("sliding_window") is None:
+        pytest.skip(f"{family}'s tiny config has no sliding window")
+    ids = prompt(30, 1)
+    full = build_family(family, sliding_window=4096)
+    assert not torch.allclose(last_logits(build_family(family), ids), last_logits(full, ids))
+    assert len(ids) > WINDOW
+
+
+def greedy(runner: BatchedHFRunner, prompts: dict[int, list[int]], steps: int, eos: int):  # noqa: ANN201
+    """Greedy continuations of several prompts batched (prompt steps, then decodes); EOS
+    suppressed as generate's min_new_tokens does."""
+    out = {s: [] for s in prompts}
+    chunks = tuple(chunk(str(s), s, ids, 0) for s, ids in prompts.items())
+    for _ in range(steps):
+        logits = runner.execute(StepInput(chunks)).clone()
+        logits[:, eos] = float("-inf")
+        for s, t in zip(prompts, logits.argmax(-1).tolist(), strict=True):
+            out[s].append(t)
+        chunks = tuple(
+            chunk(str(s), s, [out[s][-1]], len(ids) + len(out[s]) - 1) for s, ids in prompts.items()
+        )
+    return out
+
+
+def test_greedy_batched_equals_generate(family: str) -> None:
+    ref, runner = models(family)
+    prompts = {2: prompt(13, 4), 0: prompt(6, 5), 5: prompt(21, 6)}
+    got = greedy(runner, prompts, 10, ref.config.eos_token_id)
+    for slot, ids in prompts.items():
+        want = ref.generate(
+            torch.tensor([ids]), max_new_tokens=10, min_new_tokens=10, do_sample=False
+        )[0, len(ids) :].tolist()
+        assert got[slot] == want, f"slot {slot}"
+
+
+def test_batched_equals_alone_and_seeded_rows_bitwise(family: str) -> None:
+    """Several sequences of different lengths batched give each one's numbers alone; a seeded
+    sequence among unseeded ones gives exactly (bitwise) its numbers alone."""
+    _, alone = models(family)
+    _, batched = models(family)
+    x, mates = prompt(19, 7), {0: prompt(4, 8), 3: prompt(33, 9), 5: prompt(10, 10)}
+    want = [alone.execute(StepInput((chunk("x", 1, x, 0, SEEDED),)))[0]]
+    mates_alone = [
+        alone.execute(StepInput((chunk(str(s), 2, ids, 0),)))[0] for s, ids in mates.items()
+    ]
+    for t, pos in ((5, 19), (6, 20)):
+        want.append(alone.execute(StepInput((chunk("x", 1, [t], pos, SEEDED),)))[0])
+    first = [chunk(str(s), s, ids, 0) for s, ids in mates.items()]
+    out = batched.execute(StepInput((first[0], chunk("x", 4, x, 0, SEEDED), *first[1:])))
+    got = [out[1]]
+    for m, got_m in zip(mates_alone, (out[0], out[2], out[3]), strict=True):
+        torch.testing.assert_close(got_m, m, **TOL)
+    for t, pos in ((5, 19), (6, 20)):
+        steps = [chunk(str(s), s, [1], len(ids) + pos - 19) for s, ids in mates.items()]
+        got.append(
+            batched.execute(StepInput((*steps[:2], chunk("x", 4, [t], pos, SEEDED), steps[2])))[2]
+        )
+    assert [torch.equal(w, g) for w, g in zip(want, got, strict=True)] == [True] * 3
