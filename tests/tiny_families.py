@@ -64,3 +64,22 @@ def build_family(family: str, attn: str = "eager", seed: int = 0, **overrides: A
         return None
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+def build_family_dir(folder, family: str, **overrides: Any):  # noqa: ANN001, ANN201
+    """A served model folder: the family's tiny config with a real byte-level BPE tokenizer
+    (tests/tiny_model.py), safetensors weights. None when transformers lacks the family."""
+    import json
+
+    from tests.tiny_model import build_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(folder)
+    ids = dict(eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    model = build_family(family, "sdpa", vocab_size=len(tok), pad_token_id=tok.eos_token_id,
+                         tie_word_embeddings=True, **ids, **overrides)  # fmt: skip
+    if model is None:
+        return None
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "genserve-test.json").write_text(json.dumps({"built_by": "tests/tiny_families.py"}))
+    return folder

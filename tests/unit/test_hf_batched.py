@@ -124,3 +124,45 @@ def test_batched_equals_alone_and_seeded_rows_bitwise(family: str) -> None:
             batched.execute(StepInput((*steps[:2], chunk("x", 4, [t], pos, SEEDED), steps[2])))[2]
         )
     assert [torch.equal(w, g) for w, g in zip(want, got, strict=True)] == [True] * 3
+
+
+def make_adapter(family: str, folder, seed: int):  # noqa: ANN001, ANN201
+    """A peft LoRA on the trainer's targets for this family, with random (non-zero) B."""
+    from peft import LoraConfig, get_peft_model
+
+    from genserve.training.trainer import lora_targets
+
+    base = build_family(family)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(base), lora_dropout=0.0)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(folder)
+    return peft_model.eval()
+
+
+def test_lora_rows_match_peft_beside_base_rows(family: str, tmp_path) -> None:  # noqa: ANN001
+    """Two adapters and the base model in one step (prompts and pooled decodes); each row
+    gets its own adapter's numbers, as peft computes them."""
+    ref, runner = models(family)
+    tuned = {n: make_adapter(family, tmp_path / n, s) for n, s in (("x", 1), ("y", 2))}
+    for name in tuned:
+        runner.add_adapter(name, tmp_path / name)
+    seqs = {0: ("x", prompt(12, 3)), 1: (None, prompt(9, 4)), 2: ("y", prompt(15, 5))}
+    models_of = {"x": tuned["x"], "y": tuned["y"], None: ref}
+
+    def lora_chunk(slot: int, ids: list[int], start: int) -> ChunkInput:
+        name = seqs[slot][0]
+        return ChunkInput(str(slot), slot, tuple(ids), start, True, PLAIN, 0, adapter=name)
+
+    out = runner.execute(StepInput(tuple(lora_chunk(s, ids, 0) for s, (_, ids) in seqs.items())))
+    out2 = runner.execute(
+        StepInput(tuple(lora_chunk(s, [5], len(i)) for s, (_, i) in seqs.items()))
+    )
+    for k, (name, ids) in enumerate(seqs.values()):
+        torch.testing.assert_close(out[k], last_logits(models_of[name], ids), **TOL)
+        torch.testing.assert_close(out2[k], last_logits(models_of[name], ids + [5]), **TOL)
+    assert not torch.allclose(out[0], last_logits(ref, seqs[0][1]), **TOL)
