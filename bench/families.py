@@ -1,0 +1,148 @@
+"""Aggregate tok/s of 1 stream vs 8 concurrent streams on the live server, per model family.
+
+    python bench/families.py                       # qwen3 and llama (the LlamaRunner reference)
+    python bench/families.py --families qwen3 gemma3_text mistral --max-tokens 64
+
+Each family is a small random model built from tests/tiny_families.py's config at a larger
+shape (--hidden, --layers), served by `genserve serve` in a child process, driven over HTTP as
+clients do. Requests are unseeded (seeded ones run alone by design, DESIGN rule 4), sample at
+temperature 1 and ignore EOS, so every request generates exactly --max-tokens tokens. Both
+levels of one family run against the same server in the same run; the ratio is the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from common import (
+    REPO_ROOT,
+    ServerProcess,
+    _build_tokenizer,
+    build_prompts,
+    busy_warning,
+    free_port,
+    serve_command,
+)
+
+sys.path.insert(0, str(REPO_ROOT))
+from tests.tiny_families import family_config  # noqa: E402
+
+STREAMS = 8
+VOCAB = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    streams: int
+    tokens: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
+
+
+def build_model(folder: Path, family: str, hidden: int, layers: int) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shape = dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=hidden * 3,
+                 num_attention_heads=hidden // 32, num_key_value_heads=hidden // 64, head_dim=32,
+                 vocab_size=VOCAB, pad_token_id=0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    if family == "gpt_neox":
+        shape.pop("num_key_value_heads")
+        shape.pop("head_dim")
+    cfg = family_config(family, **shape) if family != "llama" else None
+    if cfg is None:
+        from transformers import LlamaConfig
+
+        cfg = LlamaConfig(**shape)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder, safe_serialization=True)
+    _build_tokenizer(VOCAB).save_pretrained(str(folder))
+    return folder
+
+
+async def one(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> int:
+    body = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=1.0,
+                ignore_eos=True)  # fmt: skip
+    r = await http.post("/v1/completions", json=body)
+    r.raise_for_status()
+    return r.json()["usage"]["completion_tokens"]
+
+
+async def level(url: str, model: str, prompts: list[str], streams: int, max_tokens: int) -> Level:
+    """`streams` clients at once, each sending its share of the prompts one after another."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        await one(http, model, prompts[0], 4)  # warm-up, not timed
+
+        async def client(mine: list[str]) -> int:
+            return sum([await one(http, model, p, max_tokens) for p in mine])
+
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(client(prompts[i::streams]) for i in range(streams)))
+        return Level(streams, sum(counts), time.perf_counter() - start)
+
+
+def run_family(family: str, args: argparse.Namespace, work: Path) -> tuple[Level, Level, str]:
+    folder = build_model(work / f"bench-{family}", family, args.hidden, args.layers)
+    port = free_port()
+    extra = [
+        "--max-model-len",
+        "512",
+        "--embedding-model",
+        "none",
+        "--data-dir",
+        str(work / f"data-{port}"),
+    ]
+    server = ServerProcess(serve_command(folder, port, STREAMS, extra), work / f"{family}.log")
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        server.wait_healthy(url, 300)
+        tok = _build_tokenizer(VOCAB)
+        prompts = build_prompts(tok, 2 * STREAMS, args.prompt_tokens).texts
+        single = asyncio.run(level(url, folder.name, prompts[:2], 1, args.max_tokens))
+        many = asyncio.run(level(url, folder.name, prompts, STREAMS, args.max_tokens))
+    finally:
+        server.stop()
+    lines = server.log_path.read_text().splitlines()
+    runner = next((ln.split("model type ", 1)[1] for ln in lines if "Runner" in ln), "?")
+    return single, many, runner
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--families", nargs="+", default=["qwen3", "llama"])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    args = p.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}; torch threads default")  # fmt: skip
+    if note := busy_warning():
+        print(note)
+    print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}, fp32; "
+          f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens each")  # fmt: skip
+    print(f"{'family':<12} {'1 stream tok/s':>15} {'8 streams tok/s':>16} {'ratio':>6}  runner")
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families:
+            single, many, runner = run_family(family, args, Path(tmp))
+            ratio = many.rate / single.rate
+            print(f"{family:<12} {single.rate:>15.1f} {many.rate:>16.1f} {ratio:>6.2f}  {runner}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
