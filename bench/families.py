@@ -2,6 +2,7 @@
 
     python bench/families.py                       # qwen3 and llama (the LlamaRunner reference)
     python bench/families.py --families qwen3 gemma3_text mistral --max-tokens 64
+    python bench/families.py --families llama llama:generic   # Llama on both runners
 
 Each family is a small random model built from tests/tiny_families.py's config at a larger
 shape (--hidden, --layers), served by `genserve serve` in a child process, driven over HTTP as
@@ -31,6 +32,7 @@ from common import (
     busy_warning,
     free_port,
     serve_command,
+    thread_env,
 )
 
 sys.path.insert(0, str(REPO_ROOT))
@@ -93,18 +95,17 @@ async def level(url: str, model: str, prompts: list[str], streams: int, max_toke
         return Level(streams, sum(counts), time.perf_counter() - start)
 
 
-def run_family(family: str, args: argparse.Namespace, work: Path) -> tuple[Level, Level, str]:
-    folder = build_model(work / f"bench-{family}", family, args.hidden, args.layers)
+def run_family(name: str, args: argparse.Namespace, work: Path) -> tuple[Level, Level, str]:
+    """`family` or `family:generic` (--no-fast-path: a Llama on BatchedHFRunner)."""
+    family, _, variant = name.partition(":")
+    folder = build_model(work / f"bench-{family}-{variant}", family, args.hidden, args.layers)
     port = free_port()
-    extra = [
-        "--max-model-len",
-        "512",
-        "--embedding-model",
-        "none",
-        "--data-dir",
-        str(work / f"data-{port}"),
-    ]
-    server = ServerProcess(serve_command(folder, port, STREAMS, extra), work / f"{family}.log")
+    extra = ["--max-model-len", "512", "--embedding-model", "none"]
+    extra += ["--data-dir", str(work / f"data-{port}")]
+    extra += ["--no-fast-path"] if variant == "generic" else []
+    env = thread_env(args.threads)
+    log_path = work / f"{family}-{variant}.log"
+    server = ServerProcess(serve_command(folder, port, STREAMS, extra), log_path, env)
     server.start()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -127,19 +128,21 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="server's OMP/MKL threads")
     args = p.parse_args()
+    threads = args.threads or "default"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}; torch threads default")  # fmt: skip
+          f"load average {os.getloadavg()[0]:.2f}; server threads {threads}")  # fmt: skip
     if note := busy_warning():
         print(note)
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}, fp32; "
           f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens each")  # fmt: skip
-    print(f"{'family':<12} {'1 stream tok/s':>15} {'8 streams tok/s':>16} {'ratio':>6}  runner")
+    print(f"{'family':<14} {'1 stream tok/s':>15} {'8 streams tok/s':>16} {'ratio':>6}  runner")
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             single, many, runner = run_family(family, args, Path(tmp))
             ratio = many.rate / single.rate
-            print(f"{family:<12} {single.rate:>15.1f} {many.rate:>16.1f} {ratio:>6.2f}  {runner}")
+            print(f"{family:<14} {single.rate:>15.1f} {many.rate:>16.1f} {ratio:>6.2f}  {runner}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 

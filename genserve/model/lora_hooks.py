@@ -89,7 +89,7 @@ class HookLora:
             target = self.model.get_submodule(module)
         except AttributeError as e:
             raise AdapterError(f"{module}: no such module in the base model") from e
-        if not isinstance(target, torch.nn.Linear):
+        if not hasattr(target, "in_features") or not hasattr(target, "weight"):
             raise AdapterError(f"{module}: only Linear modules take LoRA here")
         if a.shape[1] != target.in_features or b.shape[0] != target.out_features:
             raise AdapterError(f"{module}: shapes do not fit the base model")
