@@ -52,6 +52,8 @@ def family_config(family: str, **overrides: Any):  # noqa: ANN201
         return None
     kw = {**COMMON, **FAMILIES[family], **overrides}
     kw = {k: v for k, v in kw.items() if v is not None or k == "sliding_window"}
+    if "layer_types" in kw:  # the pattern repeats over however many layers are asked for
+        kw["layer_types"] = [kw["layer_types"][i % 2] for i in range(kw["num_hidden_layers"])]
     return CONFIG_MAPPING[family](**kw)
 
 
