@@ -10,7 +10,7 @@ import torch
 
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model.hf_batched import BatchedHFRunner
-from tests.tiny_families import FAMILIES, VOCAB, WINDOW, build_family
+from tests.tiny_families import COMMON, FAMILIES, VOCAB, WINDOW, build_family
 
 PLAIN = SamplingParams()
 SEEDED = SamplingParams(seed=7)
@@ -166,3 +166,40 @@ def test_lora_rows_match_peft_beside_base_rows(family: str, tmp_path) -> None:  
         torch.testing.assert_close(out[k], last_logits(models_of[name], ids), **TOL)
         torch.testing.assert_close(out2[k], last_logits(models_of[name], ids + [5]), **TOL)
     assert not torch.allclose(out[0], last_logits(ref, seqs[0][1]), **TOL)
+
+
+class NoInterfaceQwen3:
+    """Stands for a remote-code model: transformers' attention interface is not used."""
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "runner", "why"),
+    [
+        ("llama", {}, "LlamaRunner", "hand-written"),
+        ("mistral", {"sliding_window": None}, "LlamaRunner", "hand-written"),
+        ("mistral", {"sliding_window": WINDOW}, "BatchedHFRunner", "batched"),
+        ("qwen3", {}, "BatchedHFRunner", "batched"),
+        ("gemma3_text", {}, "BatchedHFRunner", "batched"),
+        ("qwen3:remote", {}, "HFRunner", "does not route attention"),
+    ],
+)
+def test_make_runner_picks_and_says_why(family, overrides, runner, why, caplog) -> None:  # noqa: ANN001
+    import logging
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from genserve.model.runner import make_runner
+
+    name, _, variant = family.partition(":")
+    if name == "llama":
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**COMMON))
+    else:
+        model = build_family(name, "sdpa", **overrides)
+    if variant == "remote":  # a class outside transformers without the interface flag
+        model.__class__ = type("RemoteQwen3", (NoInterfaceQwen3, type(model)), {})
+        model.__class__._supports_attention_backend = False
+    with caplog.at_level(logging.INFO, logger="genserve.model.runner"):
+        picked = make_runner(model, 2, 64)
+    assert type(picked).__name__ == runner
+    assert f"{runner} " in caplog.text or f"{runner}," in caplog.text
+    assert why in caplog.text
