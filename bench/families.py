@@ -6,8 +6,8 @@
 
 Each family is a small random model built from tests/tiny_families.py's config at a larger
 shape (--hidden, --layers), served by `genserve serve` in a child process, driven over HTTP as
-clients do. Requests are unseeded (seeded ones run alone by design, DESIGN rule 4), sample at
-temperature 1 and ignore EOS, so every request generates exactly --max-tokens tokens. Both
+clients do. Requests are unseeded (--seeded: each has a seed, so the batch-invariant path),
+sample at temperature 1 and ignore EOS, so every request generates exactly --max-tokens tokens. Both
 levels of one family run against the same server in the same run; the ratio is the figure.
 """
 
@@ -74,24 +74,32 @@ def build_model(folder: Path, family: str, hidden: int, layers: int) -> Path:
     return folder
 
 
-async def one(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> int:
+async def one(
+    http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, seed: int | None = None
+) -> int:
     body = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=1.0,
-                ignore_eos=True)  # fmt: skip
+                ignore_eos=True, seed=seed)  # fmt: skip
     r = await http.post("/v1/completions", json=body)
     r.raise_for_status()
     return r.json()["usage"]["completion_tokens"]
 
 
-async def level(url: str, model: str, prompts: list[str], streams: int, max_tokens: int) -> Level:
-    """`streams` clients at once, each sending its share of the prompts one after another."""
+async def level(
+    url: str, model: str, prompts: list[str], streams: int, max_tokens: int, seeded: bool
+) -> Level:
+    """`streams` clients at once, each sending its share of the prompts one after another
+    (seeded: each request with its own seed, on the batch-invariant path)."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         await one(http, model, prompts[0], 4)  # warm-up, not timed
 
-        async def client(mine: list[str]) -> int:
-            return sum([await one(http, model, p, max_tokens) for p in mine])
+        async def client(mine: list[str], first: int) -> int:
+            seeds = [first + k if seeded else None for k in range(len(mine))]
+            pairs = zip(mine, seeds, strict=True)
+            return sum([await one(http, model, p, max_tokens, s) for p, s in pairs])
 
         start = time.perf_counter()
-        counts = await asyncio.gather(*(client(prompts[i::streams]) for i in range(streams)))
+        mine = [prompts[i::streams] for i in range(streams)]
+        counts = await asyncio.gather(*(client(m, 100 * i) for i, m in enumerate(mine)))
         return Level(streams, sum(counts), time.perf_counter() - start)
 
 
@@ -114,8 +122,12 @@ def run_family(name: str, args: argparse.Namespace, work: Path) -> tuple[Level, 
         prompts = build_prompts(tok, 2 * STREAMS, args.prompt_tokens).texts  # 16
         single, many = [], []
         for _ in range(args.rounds):  # alternated, best of each: other load comes and goes
-            single.append(asyncio.run(level(url, folder.name, prompts[:4], 1, args.max_tokens)))
-            many.append(asyncio.run(level(url, folder.name, prompts, STREAMS, args.max_tokens)))
+            single.append(
+                asyncio.run(level(url, folder.name, prompts[:4], 1, args.max_tokens, args.seeded))
+            )
+            many.append(
+                asyncio.run(level(url, folder.name, prompts, STREAMS, args.max_tokens, args.seeded))
+            )
     finally:
         server.stop()
     lines = server.log_path.read_text().splitlines()
@@ -130,6 +142,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seeded", action="store_true", help="every request seeded (invariant path)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="server's OMP/MKL threads")
     args = p.parse_args()
@@ -140,7 +153,8 @@ def main() -> int:
         print(note)
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}, fp32; "
           f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens each; "
-          f"1 stream: 4 requests in a row, 8 streams: 16; best of {args.rounds}")  # fmt: skip
+          f"1 stream: 4 requests in a row, 8 streams: 16; best of {args.rounds}"
+          f"{'; seeded requests' if args.seeded else ''}")  # fmt: skip
     print(f"{'family':<14} {'1 stream tok/s':>15} {'8 streams tok/s':>16} {'ratio':>6}  runner")
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:

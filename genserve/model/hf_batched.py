@@ -236,14 +236,22 @@ def _attend_decodes(q, kc, vc, step: StepAttention, window, scale, softcap, out)
     out.index_copy_(0, d.rows, o.index_select(0, d.slots))
 
 
+@dataclass(slots=True)
+class ForwardMode:
+    """Set by the runner for each forward, read by its PackedLinear layers."""
+
+    invariant: bool = False  # some row must not depend on its batch: a lone row is padded
+
+
 class PackedLinear(torch.nn.Module):
     """An nn.Linear whose product runs on genserve's `Linear` (on CPU in fp32, oneDNN with a
     prepacked weight: the projections are most of a decode step, and oneDNN ran them 1.9x
     faster than nn.Linear here, see pack_linears). The weight stays referenced (tied
     embeddings share it; adapters check shapes against it)."""
 
-    def __init__(self, linear: torch.nn.Linear, batch_hint: int) -> None:
+    def __init__(self, linear: torch.nn.Linear, batch_hint: int, mode: ForwardMode) -> None:
         super().__init__()
+        self.mode = mode
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         bias = None if linear.bias is None else linear.bias.detach()
@@ -251,15 +259,17 @@ class PackedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] == 1:
+        if rows.shape[0] == 1 and not self.mode.invariant:
             # A lone row (one stream decoding) ran faster through nn.Linear's own kernel:
-            # 2.3 vs 3.2 ms a decode step, hidden 256 x 4 layers. A row that must not depend on
-            # its batch always runs alone, so it always takes this same kernel.
+            # 2.3 vs 3.2 ms a decode step, hidden 256 x 4 layers. On the invariant path it is
+            # padded to two instead (Linear's pad_single), as every row there must take the
+            # kernel whose rows do not depend on each other.
             return F.linear(x, self.weight, self.bias)
-        return self.packed(rows).view(*x.shape[:-1], self.out_features)
+        y = self.packed(rows, self.mode.invariant)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
-def pack_linears(model: torch.nn.Module, batch_hint: int) -> int:
+def pack_linears(model: torch.nn.Module, batch_hint: int, mode: ForwardMode) -> int:
     """Swap every plain nn.Linear the fast kernels take for a PackedLinear; returns how many.
     Subclasses are left alone: their forward may do more than x W^T + b."""
     swaps = [
@@ -270,8 +280,20 @@ def pack_linears(model: torch.nn.Module, batch_hint: int) -> int:
     with torch.no_grad():
         for name, m in swaps:
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, PackedLinear(m, batch_hint))
+            setattr(model.get_submodule(parent), attr, PackedLinear(m, batch_hint, mode))
     return len(swaps)
+
+
+def rows_independent(model: torch.nn.Module) -> bool:
+    """Whether one forward over many sequences gives each row exactly its numbers alone, so
+    that seeded rows may share a forward: every Linear runs on the prepacked kernel (whose
+    rows do not depend on each other from two rows up, see runner.Linear), and no expert
+    routing groups rows into products whose size depends on the batch. Attention is per
+    sequence; norms, rotary and activations work row by row."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) or "expert" in type(m).__name__.lower():
+            return False
+    return True
 
 
 def register_attention() -> None:
@@ -286,8 +308,10 @@ class BatchedHFRunner:
     """execute(step) -> logits for the sampled rows, through transformers' own modules.
 
     Sequences that must not depend on their batch (seeded requests, or all under
-    --deterministic) each run in a forward of their own: their numbers are then those of the
-    same sequence alone by construction. The others share one forward.
+    --deterministic) attend alone, and share the forward with the others where the model's
+    rows are independent (see rows_independent); elsewhere (MoE, Linear layers without the
+    prepacked kernel) each runs in a forward of its own, its numbers then being those of the
+    same sequence alone by construction.
     """
 
     def __init__(
@@ -298,7 +322,9 @@ class BatchedHFRunner:
         if model.config._attn_implementation != ATTENTION_NAME:
             raise ValueError(f"{type(model).__name__} did not take the attention function")
         self.model = model.eval()
-        pack_linears(model, num_slots)
+        self.mode = ForwardMode()
+        pack_linears(model, num_slots, self.mode)
+        self.rows_independent = rows_independent(model)
         self.num_slots, self.max_len = num_slots, max_len
         self.batch_invariant = batch_invariant
         self.device = model.device
@@ -327,7 +353,10 @@ class BatchedHFRunner:
         return torch.cat([r for r in rows if r is not None])
 
     def _groups(self, chunks: tuple[ChunkInput, ...]) -> list[list[int]]:
-        """Chunk indices per forward: each batch-invariant chunk alone, the rest together."""
+        """Chunk indices per forward: all together where rows are independent, else each
+        batch-invariant chunk alone and the rest together."""
+        if self.rows_independent:
+            return [list(range(len(chunks)))]
         alone = [[i] for i, c in enumerate(chunks) if self._invariant(c)]
         shared = [i for i, c in enumerate(chunks) if not self._invariant(c)]
         return alone + ([shared] if shared else [])
@@ -338,6 +367,7 @@ class BatchedHFRunner:
     def _forward(self, chunks: list[ChunkInput]) -> torch.Tensor:
         tokens, positions, slots, keep = self._flatten(chunks)
         attn = self._plan(chunks, slots, positions)
+        self.mode.invariant = any(self._invariant(c) for c in chunks)
         with self.lora.rows(chunks):
             out = self.model(
                 input_ids=tokens[None],
@@ -364,17 +394,19 @@ class BatchedHFRunner:
         )
 
     def _plan(self, chunks: list[ChunkInput], slots, positions) -> StepAttention:  # noqa: ANN001
-        spans, row = [], 0
+        spans, pooled, row = [], [], 0
         for c in chunks:
-            spans.append(Span(row, len(c.token_ids), c.slot, c.start))
-            row += len(c.token_ids)
-        # Decodes of sequences free to depend on their batch share one padded call; with a
-        # single decode there is nothing to share, and its own call reads less.
-        pooled = [sp for sp in spans if sp.n == 1 and sp.start > 0]
+            sp = Span(row, len(c.token_ids), c.slot, c.start)
+            # Decodes free to depend on their batch share one padded call (a padded call's
+            # sums depend on the longest sequence present, so reproducible rows attend alone).
+            free = sp.n == 1 and sp.start > 0 and not self._invariant(c)
+            (pooled if free else spans).append(sp)
+            row += sp.n
         decodes = None
-        if len(pooled) > 1 and not any(self._invariant(c) for c in chunks):
+        if len(pooled) > 1:
             decodes = self._decodes(pooled)
-            spans = [sp for sp in spans if not (sp.n == 1 and sp.start > 0)]
+        else:  # with a single decode there is nothing to share, and its own call reads less
+            spans += pooled
         return StepAttention(self.cache, slots, positions, tuple(spans), decodes)
 
     def _decodes(self, pooled: list[Span]) -> Decodes:

@@ -101,25 +101,30 @@ def test_greedy_batched_equals_generate(family: str) -> None:
         assert got[slot] == want, f"slot {slot}"
 
 
-def test_batched_equals_alone_and_seeded_rows_bitwise(family: str) -> None:
+@pytest.mark.parametrize("x_len", [19, 2])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["seeded", "deterministic"])
+def test_batched_equals_alone_and_seeded_rows_bitwise(
+    family: str, deterministic: bool, x_len: int
+) -> None:
     """Several sequences of different lengths batched give each one's numbers alone; a seeded
-    sequence among unseeded ones gives exactly (bitwise) its numbers alone."""
-    _, alone = models(family)
-    _, batched = models(family)
-    x, mates = prompt(19, 7), {0: prompt(4, 8), 3: prompt(33, 9), 5: prompt(10, 10)}
+    sequence among unseeded ones (or any, under --deterministic) gives exactly (bitwise) its
+    numbers alone, prompt and decodes, whether or not it shares its forward."""
+    _, alone = models(family, deterministic)
+    _, batched = models(family, deterministic)
+    x, mates = prompt(x_len, 7), {0: prompt(4, 8), 3: prompt(33, 9), 5: prompt(10, 10)}
     want = [alone.execute(StepInput((chunk("x", 1, x, 0, SEEDED),)))[0]]
     mates_alone = [
         alone.execute(StepInput((chunk(str(s), 2, ids, 0),)))[0] for s, ids in mates.items()
     ]
-    for t, pos in ((5, 19), (6, 20)):
+    for t, pos in ((5, x_len), (6, x_len + 1)):
         want.append(alone.execute(StepInput((chunk("x", 1, [t], pos, SEEDED),)))[0])
     first = [chunk(str(s), s, ids, 0) for s, ids in mates.items()]
     out = batched.execute(StepInput((first[0], chunk("x", 4, x, 0, SEEDED), *first[1:])))
     got = [out[1]]
     for m, got_m in zip(mates_alone, (out[0], out[2], out[3]), strict=True):
         torch.testing.assert_close(got_m, m, **TOL)
-    for t, pos in ((5, 19), (6, 20)):
-        steps = [chunk(str(s), s, [1], len(ids) + pos - 19) for s, ids in mates.items()]
+    for t, pos in ((5, x_len), (6, x_len + 1)):
+        steps = [chunk(str(s), s, [1], len(ids) + pos - x_len) for s, ids in mates.items()]
         got.append(
             batched.execute(StepInput((*steps[:2], chunk("x", 4, [t], pos, SEEDED), steps[2])))[2]
         )
