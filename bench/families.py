@@ -3,6 +3,8 @@
     python bench/families.py                       # qwen3 and llama (the LlamaRunner reference)
     python bench/families.py --families qwen3 gemma3_text mistral --max-tokens 64
     python bench/families.py --families llama llama:generic   # Llama on both runners
+    python bench/families.py --families qwen3 --build-135m var/bench-models/qwen3-135m-random
+        # only builds a SmolLM2-135M-shaped model of the family, for bench/throughput.py
 
 Each family is a small random model built from tests/tiny_families.py's config at a larger
 shape (--hidden, --layers), served by `genserve serve` in a child process, driven over HTTP as
@@ -26,6 +28,7 @@ from pathlib import Path
 import httpx
 from common import (
     REPO_ROOT,
+    ModelSpec,
     ServerProcess,
     _build_tokenizer,
     build_prompts,
@@ -71,6 +74,27 @@ def build_model(folder: Path, family: str, hidden: int, layers: int) -> Path:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder, safe_serialization=True)
     _build_tokenizer(VOCAB).save_pretrained(str(folder))
+    return folder
+
+
+def build_135m(folder: Path, family: str) -> Path:
+    """The family at SmolLM2-135M's shape (bench/common.py's ModelSpec), random fp32 weights,
+    with the benchmark tokenizer: what bench/throughput.py --model-dir takes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = ModelSpec()
+    shape = dict(hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
+                 num_attention_heads=spec.num_attention_heads, head_dim=64,
+                 num_key_value_heads=spec.num_key_value_heads, vocab_size=spec.vocab_size,
+                 intermediate_size=spec.intermediate_size, max_position_embeddings=2048,
+                 tie_word_embeddings=True, pad_token_id=0, bos_token_id=0,
+                 eos_token_id=0)  # fmt: skip
+    torch.manual_seed(spec.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_config(family_config(family, **shape))
+    model.save_pretrained(folder, safe_serialization=True)
+    _build_tokenizer(spec.vocab_size).save_pretrained(str(folder))
     return folder
 
 
@@ -145,7 +169,11 @@ def main() -> int:
     p.add_argument("--seeded", action="store_true", help="every request seeded (invariant path)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="server's OMP/MKL threads")
+    p.add_argument("--build-135m", type=Path, help="only build the first family here, 135M")
     args = p.parse_args()
+    if args.build_135m:
+        print(f"built {build_135m(args.build_135m, args.families[0])}")
+        return 0
     threads = args.threads or "default"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}; server threads {threads}")  # fmt: skip
