@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from genserve.engine.types import ChunkInput, StepInput
+from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model.lora_hooks import HookLora
-from genserve.model.runner import Linear, _onednn_ok
+from genserve.model.runner import Linear, _huge_pages, _onednn_ok
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ class StepAttention:
 
 class SlotCache:
     """Per layer, keys and values as [slots, kv_heads, max_len, head_dim], allocated when the
-    layer first runs: the head count and width are then read off the keys themselves, which
-    covers models whose layers differ."""
+    layer first runs (the runner runs one token at load): the head count and width are then
+    read off the keys themselves, which covers models whose layers differ."""
 
     def __init__(self, num_slots: int, max_len: int, device: torch.device) -> None:
         self.num_slots, self.max_len, self.device = num_slots, max_len, device
@@ -116,15 +116,19 @@ class SlotCache:
         """key, value: [kv_heads, T, D] for the step's rows; returns the layer's caches."""
         kv_heads, _, dim = key.shape
         if layer not in self.keys:
-            shape = (self.num_slots, kv_heads, self.max_len, dim)
-            # zeros, not empty: padded decode rows read (masked) positions never written
-            self.keys[layer] = torch.zeros(shape, dtype=key.dtype, device=self.device)
-            self.values[layer] = torch.zeros(shape, dtype=value.dtype, device=self.device)
+            self.keys[layer] = self._allocate((self.num_slots, kv_heads, self.max_len, dim), key)
+            self.values[layer] = self._allocate(self.keys[layer].shape, value)
         kc, vc = self.keys[layer], self.values[layer]
         index = step.write_index(kv_heads, self.max_len)
         kc.view(-1, dim).index_copy_(0, index, key.transpose(0, 1).reshape(-1, dim))
         vc.view(-1, dim).index_copy_(0, index, value.transpose(0, 1).reshape(-1, dim))
         return kc, vc
+
+    def _allocate(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Zeroed (padded decode rows read masked positions never written), on 2 MiB pages
+        where Linux gives them, as LlamaRunner's cache (decode reads are spread over it)."""
+        empty = torch.empty(shape, dtype=like.dtype, device=self.device)
+        return _huge_pages(empty).zero_()
 
 
 def slot_attention(
@@ -330,6 +334,13 @@ class BatchedHFRunner:
         self.device = model.device
         self.cache = SlotCache(num_slots, max_len, self.device)
         self.lora = HookLora(model)
+        self._allocate_cache()
+
+    def _allocate_cache(self) -> None:
+        """One token through the model now, so every layer's cache is allocated and written
+        through at load rather than in the middle of the first requests' steps. Slot 0's
+        position 0 is overwritten by the first sequence placed there."""
+        self.execute(StepInput((ChunkInput("allocate", 0, (0,), 0, False, SamplingParams(), 0),)))
 
     def release(self, slot: int) -> None:
         """Nothing to free: the next sequence in this slot overwrites what it reads."""
