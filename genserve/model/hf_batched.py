@@ -35,8 +35,17 @@ ATTENTION_NAME = "genserve_slots"
 STEP_KWARG = "genserve_step"  # the forward kwarg that carries a StepAttention
 
 
+ATTENTION_LAYERS = ("full_attention", "sliding_attention")
+CHECK_TOKENS = 12  # the load-time check's sequence: a prompt in two chunks, then a decode
+
+
 def unsupported_reason(model: Any) -> str | None:
-    """Why this model cannot run on BatchedHFRunner, or None when it can."""
+    """Why this model cannot run on BatchedHFRunner, or None when it can: first what its
+    config says, then a check of the runner's numbers against the model's own forward."""
+    return _static_reason(model) or self_check(model)
+
+
+def _static_reason(model: Any) -> str | None:
     cfg = model.config
     if not getattr(type(model), "_supports_attention_backend", False):
         origin = type(model).__module__
@@ -46,7 +55,49 @@ def unsupported_reason(model: Any) -> str | None:
         return "encoder-decoder models are not served batched"
     if getattr(cfg, "alibi", False):
         return "ALiBi biases are folded into the attention mask, which this runner does not build"
+    other = set(getattr(cfg, "layer_types", None) or ()) - set(ATTENTION_LAYERS)
+    if other:  # conv, linear attention, mamba, chunked: state or masks not kept here
+        return f"layers of type {', '.join(sorted(other))} are not served batched"
     return None
+
+
+def self_check(model: Any) -> str | None:
+    """Runs one short sequence as the engine would (a prompt in three chunks, then a decode)
+    through the runner and through the model's own forward, and says why they differ. A
+    model may route attention through the interface and still keep state of its own that
+    this runner does not carry (recurrent or convolution layers, KV shared between layers,
+    attention sinks): this finds out at load, in milliseconds, instead of serving wrong
+    numbers. Every row after the first chunk is compared: a row just past a chunk boundary
+    is where missing state shows most."""
+    ids = [i % model.config.vocab_size for i in range(1, CHECK_TOKENS + 1)]
+    own = model.config._attn_implementation
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids], device=model.device)).logits[0].float()
+        want = logits[CHECK_TOKENS // 3 :]
+        try:
+            got = _runner_logits(BatchedHFRunner(model, 1, CHECK_TOKENS, pack=False), ids)
+        except Exception as e:  # noqa: BLE001 - any failure means: not on this runner
+            model.set_attn_implementation(own)
+            return f"the batched attention failed on it ({type(e).__name__}: {e})"
+    tol = 1e-4 if model.dtype == torch.float32 else 5e-2
+    scale = want.abs().max().item()
+    diff = (got - want).abs().max().item()
+    if diff > tol * max(scale, 1.0):
+        model.set_attn_implementation(own)
+        return f"the batched runner's logits differ from the model's own by {diff:.3g}"
+    return None
+
+
+def _runner_logits(runner: BatchedHFRunner, ids: list[int]) -> torch.Tensor:
+    """Logits of every row after the first of three prompt chunks, and of a decode."""
+    params = SamplingParams(prompt_logprobs=0)  # every row's logits back
+    third, last = CHECK_TOKENS // 3, CHECK_TOKENS - 1
+    bounds = [(0, third), (third, 2 * third), (2 * third, last), (last, CHECK_TOKENS)]
+    out = []
+    for start, end in bounds:
+        chunk = ChunkInput("check", 0, tuple(ids[start:end]), start, True, params, 0)
+        out.append(runner.execute(StepInput((chunk,))))
+    return torch.cat(out[1:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +370,12 @@ class BatchedHFRunner:
     """
 
     def __init__(
-        self, model: Any, num_slots: int, max_len: int, batch_invariant: bool = True
+        self,
+        model: Any,
+        num_slots: int,
+        max_len: int,
+        batch_invariant: bool = True,
+        pack: bool = True,  # prepack the Linear layers (off: a throwaway runner, self_check)
     ) -> None:
         register_attention()
         model.set_attn_implementation(ATTENTION_NAME)
@@ -327,7 +383,8 @@ class BatchedHFRunner:
             raise ValueError(f"{type(model).__name__} did not take the attention function")
         self.model = model.eval()
         self.mode = ForwardMode()
-        pack_linears(model, num_slots, self.mode)
+        if pack:
+            pack_linears(model, num_slots, self.mode)
         self.rows_independent = rows_independent(model)
         self.num_slots, self.max_len = num_slots, max_len
         self.batch_invariant = batch_invariant

@@ -208,3 +208,45 @@ def test_make_runner_picks_and_says_why(family, overrides, runner, why, caplog) 
     assert type(picked).__name__ == runner
     assert f"{runner} " in caplog.text or f"{runner}," in caplog.text
     assert why in caplog.text
+
+
+def unservable(family: str):  # noqa: ANN201
+    """Tiny models that use the attention interface yet keep what the runner does not:
+    LFM2's convolution layers carry state across steps, gpt-oss has attention sinks."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    if family not in CONFIG_MAPPING:
+        pytest.skip(f"the installed transformers has no {family}")
+    extra = {
+        "lfm2": dict(layer_types=["conv", "full_attention"]),
+        "gpt_oss": dict(num_local_experts=4, head_dim=16, intermediate_size=64),
+    }[family]
+    torch.manual_seed(0)
+    cfg = CONFIG_MAPPING[family](**{**COMMON, **extra})
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("family", ["lfm2", "gpt_oss"])
+def test_models_the_runner_would_get_wrong_go_to_hfrunner(family: str, caplog) -> None:  # noqa: ANN001
+    """Refused at load with the reason, and the model keeps its own attention."""
+    import logging
+
+    from genserve.model.hf_batched import self_check
+    from genserve.model.runner import HFRunner, make_runner
+
+    model = unservable(family)
+    assert self_check(model) is not None  # the check alone catches both, whatever the config
+    assert model.config._attn_implementation == "eager"
+    with caplog.at_level(logging.INFO, logger="genserve.model.runner"):
+        assert isinstance(make_runner(model, 2, 64), HFRunner)
+    assert "HFRunner, one sequence at a time" in caplog.text
+    assert model.config._attn_implementation == "eager"
+
+
+def test_self_check_passes_the_served_families(family: str) -> None:
+    from genserve.model.hf_batched import self_check
+
+    model = build_family(family)
+    if model is None:
+        pytest.skip(f"the installed transformers has no {family}")
+    assert self_check(model) is None
