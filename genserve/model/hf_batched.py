@@ -13,11 +13,15 @@ A step's tokens from all sequences are flattened into one forward of batch 1 x T
 per-token position_ids, so every projection runs once over the whole step. With a custom
 attention name, transformers builds no attention mask at all (its mask functions are keyed by
 the built-in names), so masks (causal, sliding window) are made here, per sequence.
+
+Around that: the model's plain Linear layers run on genserve's prepacked `Linear` (as
+LlamaRunner's do), LoRA adapters are applied per row by forward hooks (lora_hooks.py), and a
+model is only put on this runner after a load-time check that the runner reproduces the
+model's own forward (`self_check`); otherwise make_runner gives it to HFRunner.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +33,10 @@ from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model.lora_hooks import HookLora
 from genserve.model.runner import Linear, _huge_pages, _onednn_ok
 
-log = logging.getLogger(__name__)
-
 ATTENTION_NAME = "genserve_slots"
 STEP_KWARG = "genserve_step"  # the forward kwarg that carries a StepAttention
-
-
 ATTENTION_LAYERS = ("full_attention", "sliding_attention")
-CHECK_TOKENS = 12  # the load-time check's sequence: a prompt in two chunks, then a decode
+CHECK_TOKENS = 12  # the load-time check's sequence: a prompt in three chunks, then a decode
 
 
 def unsupported_reason(model: Any) -> str | None:
