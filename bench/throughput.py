@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 from common import (
     DEFAULT_MODEL_DIR,
+    SPEC_FILE,
     ModelSpec,
     PromptSet,
     ServerProcess,
@@ -224,11 +225,11 @@ def _rounds(
 def run_baselines(cfg: BenchConfig, prompts: PromptSet) -> tuple[Rate, Rate]:
     """transformers in this process, default threads, the same weights the server loads."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    model = LlamaForCausalLM.from_pretrained(str(cfg.model_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(cfg.model_dir), dtype=torch.float32).eval()
     with torch.inference_mode():
         single = torch.tensor(prompts.ids[:1])
         hf_generate(model, single, min(cfg.max_tokens, 4))  # warm-up: kernels, allocator
@@ -553,12 +554,20 @@ def machine_section(cfg: BenchConfig, report: Report) -> Machine:
 # --------------------------------------------------------------------------- main
 
 
+def _model_folder(path: Path) -> Path:
+    """A folder that holds a model not built here (no bench-spec.json; e.g. a Qwen3 from
+    bench/families.py --build-135m) is used as it is; the benchmark's own is (re)built."""
+    if (path / "config.json").exists() and not (path / SPEC_FILE).exists():
+        return path
+    return ensure_model_dir(path, ModelSpec())
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     started = time.perf_counter()
     if warning := busy_warning():
         print(warning, flush=True)
-    print(f"model folder: {ensure_model_dir(cfg.model_dir, ModelSpec())}", flush=True)
+    print(f"model folder: {_model_folder(cfg.model_dir)}", flush=True)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.model_dir))

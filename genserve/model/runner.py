@@ -1,12 +1,13 @@
 """execute(step) -> logits for the tokens that sample.
 
-Two runners share one interface:
+Runners share one interface:
 - `LlamaRunner`, the fast path for Llama-family models (Llama, Mistral without sliding window,
   Qwen2, SmolLM). Its KV cache is preallocated as static slots, written in place, and never
   copied: a step's tokens from all sequences are flattened into one [T, hidden] matrix for the
   projections (where the FLOPs are), and attention reads each slot's cache through views.
-- `HFRunner`, for any other causal LM: transformers' own forward, one sequence at a time, each
-  slot with its own DynamicCache. Correct everywhere, slower.
+- `HFRunner`, for causal LMs that cannot use transformers' attention interface (remote code):
+  transformers' own forward, one sequence at a time, each slot with its own DynamicCache.
+Every other decoder-only model runs on `BatchedHFRunner` (genserve/model/hf_batched.py).
 """
 
 from __future__ import annotations
@@ -69,9 +70,20 @@ def make_runner(
     batch_invariant: bool = True,
     policy: KernelPolicy | None = None,
 ) -> Runner:
+    """LlamaRunner where it applies (hand-written, fastest measured), else BatchedHFRunner
+    (transformers' modules, our batched attention and KV slots), else HFRunner (one sequence
+    at a time) for models that cannot route attention through transformers' interface."""
+    from genserve.model.hf_batched import BatchedHFRunner, unsupported_reason
+
+    kind = model.config.model_type
     if fast_path and fast_path_supported(model.config, max_len):
+        log.info("model type %s: LlamaRunner (the hand-written Llama-family path)", kind)
         return LlamaRunner(model, num_slots, max_len, batch_invariant, policy)
-    log.info("model type %s: using the generic transformers runner", model.config.model_type)
+    reason = unsupported_reason(model)
+    if reason is None:
+        log.info("model type %s: BatchedHFRunner (transformers' modules, batched)", kind)
+        return BatchedHFRunner(model, num_slots, max_len, batch_invariant)
+    log.info("model type %s: HFRunner, one sequence at a time: %s", kind, reason)
     return HFRunner(model, num_slots, max_len)
 
 

@@ -36,7 +36,15 @@ from genserve.training.messages import (
     WorkerSpec,
 )
 
+# LoRA targets: every attention and MLP projection, under each family's names. Llama-shaped
+# models (Qwen3, Gemma, Mistral, OLMo 2, SmolLM3; Qwen3-MoE's attention, its experts not being
+# Linear modules) use the first seven; Phi-3 fuses qkv_proj and gate_up_proj; GPT-NeoX names
+# them query_key_value, dense, dense_h_to_4h, dense_4h_to_h.
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FAMILY_TARGETS = {
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+}
 Emit = Callable[[Message], None]
 
 
@@ -113,19 +121,29 @@ def build_model(spec: WorkerSpec):
     base = AutoModelForCausalLM.from_pretrained(
         spec.base_path, dtype=torch.float32, use_safetensors=True
     )
-    present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-    targets = [t for t in TARGETS if t in present]
-    if not targets:
-        raise ValueError(f"the model has none of the LoRA target modules {', '.join(TARGETS)}")
     config = LoraConfig(
         r=8,
         lora_alpha=16,
         lora_dropout=0.0,
         bias="none",
-        target_modules=targets,
+        target_modules=lora_targets(base),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, config)
+
+
+def lora_targets(model: torch.nn.Module) -> list[str]:
+    """The family's target names that are Linear modules of this model (peft wraps no other)."""
+    wanted = FAMILY_TARGETS.get(model.config.model_type, TARGETS)
+    present = {
+        name.rsplit(".", 1)[-1]
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}"
+    }
+    targets = [t for t in wanted if t in present]
+    if not targets:
+        raise ValueError(f"the model has none of the LoRA target modules {', '.join(wanted)}")
+    return targets
 
 
 def collate(rows: list[Encoded], pad_id: int) -> Batch:

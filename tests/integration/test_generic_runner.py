@@ -1,4 +1,5 @@
-"""A causal LM outside the Llama family is served through transformers' own forward."""
+"""A causal LM outside the Llama family is served batched through transformers' own modules
+(BatchedHFRunner), and the log says which runner and why."""
 
 from pathlib import Path
 
@@ -35,6 +36,6 @@ def test_gpt2_streams_and_repeats_with_seed(gpt2_dir: Path, tmp_path: Path) -> N
         assert client.completions.create(**kw).choices[0].text == first.choices[0].text
         streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
         assert streamed == first.choices[0].text
-        assert "HFRunner" in server.log()
+        assert "gpt2: BatchedHFRunner" in server.log()
     finally:
         server.stop()
