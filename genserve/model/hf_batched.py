@@ -17,7 +17,7 @@ the built-in names), so masks (causal, sliding window) are made here, per sequen
 Around that: the model's plain Linear layers run on genserve's prepacked `Linear` (as
 LlamaRunner's do), LoRA adapters are applied per row by forward hooks (lora_hooks.py), and a
 model is only put on this runner after a load-time check that the runner reproduces the
-model's own forward (`self_check`); otherwise make_runner gives it to HFRunner.
+model's own forward (`self_check`); otherwise dispatch.make_runner gives it to HFRunner.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
+from genserve.model.kernels import onednn_ok
 from genserve.model.lora_hooks import HookLora
-from genserve.model.runner import Linear, _huge_pages, _onednn_ok
+from genserve.model.runner import Linear, _huge_pages
 
 ATTENTION_NAME = "genserve_slots"
 STEP_KWARG = "genserve_step"  # the forward kwarg that carries a StepAttention
@@ -330,7 +331,7 @@ def pack_linears(model: torch.nn.Module, batch_hint: int, mode: ForwardMode) -> 
     swaps = [
         (name, m)
         for name, m in model.named_modules()
-        if type(m) is torch.nn.Linear and _onednn_ok(m.weight)
+        if type(m) is torch.nn.Linear and onednn_ok(m.weight)
     ]
     with torch.no_grad():
         for name, m in swaps:

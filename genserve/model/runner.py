@@ -62,31 +62,6 @@ def fast_path_supported(config: Any, max_len: int) -> bool:
     return getattr(config, "hidden_act", "silu") == "silu"
 
 
-def make_runner(
-    model: Any,
-    num_slots: int,
-    max_len: int,
-    fast_path: bool = True,
-    batch_invariant: bool = True,
-    policy: KernelPolicy | None = None,
-) -> Runner:
-    """LlamaRunner where it applies (hand-written, fastest measured), else BatchedHFRunner
-    (transformers' modules, our batched attention and KV slots), else HFRunner (one sequence
-    at a time) for models that cannot route attention through transformers' interface."""
-    from genserve.model.hf_batched import BatchedHFRunner, unsupported_reason
-
-    kind = model.config.model_type
-    if fast_path and fast_path_supported(model.config, max_len):
-        log.info("model type %s: LlamaRunner (the hand-written Llama-family path)", kind)
-        return LlamaRunner(model, num_slots, max_len, batch_invariant, policy)
-    reason = unsupported_reason(model)
-    if reason is None:
-        log.info("model type %s: BatchedHFRunner (transformers' modules, batched)", kind)
-        return BatchedHFRunner(model, num_slots, max_len, batch_invariant)
-    log.info("model type %s: HFRunner, one sequence at a time: %s", kind, reason)
-    return HFRunner(model, num_slots, max_len)
-
-
 def bucket(rows: int) -> int:
     """Index into hardware.BUCKETS: 1 row, 2-8, 9-64, more (a prefill chunk)."""
     return 0 if rows <= 1 else 1 if rows <= 8 else 2 if rows <= 64 else 3

@@ -20,10 +20,11 @@ from genserve.engine.types import (
     StepInput,
     TokenLogprob,
 )
+from genserve.model.dispatch import make_runner
 from genserve.model.grammar import GrammarLimitError
 from genserve.model.hardware import KernelPolicy
 from genserve.model.loading import LoadedModel
-from genserve.model.runner import Runner, make_runner
+from genserve.model.runner import Runner
 from genserve.model.sampler import SamplingRow, bias_tensors, sample, token_logprob
 
 log = logging.getLogger(__name__)

@@ -193,7 +193,7 @@ def test_make_runner_picks_and_says_why(family, overrides, runner, why, caplog) 
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from genserve.model.runner import make_runner
+    from genserve.model.dispatch import make_runner
 
     name, _, variant = family.partition(":")
     if name == "llama":
@@ -203,7 +203,7 @@ def test_make_runner_picks_and_says_why(family, overrides, runner, why, caplog) 
     if variant == "remote":  # a class outside transformers without the interface flag
         model.__class__ = type("RemoteQwen3", (NoInterfaceQwen3, type(model)), {})
         model.__class__._supports_attention_backend = False
-    with caplog.at_level(logging.INFO, logger="genserve.model.runner"):
+    with caplog.at_level(logging.INFO, logger="genserve.model.dispatch"):
         picked = make_runner(model, 2, 64)
     assert type(picked).__name__ == runner
     assert f"{runner} " in caplog.text or f"{runner}," in caplog.text
@@ -231,13 +231,14 @@ def test_models_the_runner_would_get_wrong_go_to_hfrunner(family: str, caplog) -
     """Refused at load with the reason, and the model keeps its own attention."""
     import logging
 
+    from genserve.model.dispatch import make_runner
     from genserve.model.hf_batched import self_check
-    from genserve.model.runner import HFRunner, make_runner
+    from genserve.model.runner import HFRunner
 
     model = unservable(family)
     assert self_check(model) is not None  # the check alone catches both, whatever the config
     assert model.config._attn_implementation == "eager"
-    with caplog.at_level(logging.INFO, logger="genserve.model.runner"):
+    with caplog.at_level(logging.INFO, logger="genserve.model.dispatch"):
         assert isinstance(make_runner(model, 2, 64), HFRunner)
     assert "HFRunner, one sequence at a time" in caplog.text
     assert model.config._attn_implementation == "eager"

@@ -1,0 +1,37 @@
+"""Which runner serves a model: the one module that knows every runner (runner.py's
+hand-written Llama path, hf_batched.py's batched transformers path, and the one-at-a-time
+fallback), so that none of them imports another's dispatcher."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from genserve.model.hardware import KernelPolicy
+from genserve.model.hf_batched import BatchedHFRunner, unsupported_reason
+from genserve.model.runner import HFRunner, LlamaRunner, Runner, fast_path_supported
+
+log = logging.getLogger(__name__)
+
+
+def make_runner(
+    model: Any,
+    num_slots: int,
+    max_len: int,
+    fast_path: bool = True,
+    batch_invariant: bool = True,
+    policy: KernelPolicy | None = None,
+) -> Runner:
+    """LlamaRunner where it applies (hand-written, fastest measured), else BatchedHFRunner
+    (transformers' modules, our batched attention and KV slots), else HFRunner (one sequence
+    at a time) for models that cannot route attention through transformers' interface."""
+    kind = model.config.model_type
+    if fast_path and fast_path_supported(model.config, max_len):
+        log.info("model type %s: LlamaRunner (the hand-written Llama-family path)", kind)
+        return LlamaRunner(model, num_slots, max_len, batch_invariant, policy)
+    reason = unsupported_reason(model)
+    if reason is None:
+        log.info("model type %s: BatchedHFRunner (transformers' modules, batched)", kind)
+        return BatchedHFRunner(model, num_slots, max_len, batch_invariant)
+    log.info("model type %s: HFRunner, one sequence at a time: %s", kind, reason)
+    return HFRunner(model, num_slots, max_len)
