@@ -87,8 +87,9 @@ def read_config(path: Path) -> dict:
     return cfg
 
 
-def load_adapter(name: str, path: Path, base: BaseShape, make_linear) -> Adapter:  # noqa: ANN001
-    """Read, check against the base model, and pack the weights (make_linear packs one)."""
+def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], float]:
+    """A peft LoRA folder's weights (safetensors only) and its scale (alpha/r, or alpha/sqrt(r)
+    with rsLoRA)."""
     cfg = read_config(path)
     weights_file = path / "adapter_model.safetensors"
     if not weights_file.is_file():
@@ -96,10 +97,16 @@ def load_adapter(name: str, path: Path, base: BaseShape, make_linear) -> Adapter
     r = int(cfg["r"])
     alpha = float(cfg.get("lora_alpha", r))
     scale = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
+    return load_file(str(weights_file)), scale
+
+
+def load_adapter(name: str, path: Path, base: BaseShape, make_linear) -> Adapter:  # noqa: ANN001
+    """Read, check against the base model, and pack the weights (make_linear packs one)."""
+    weights, scale = read_adapter(path)
     grouped: list[dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]]] = [
         {} for _ in range(base.num_layers)
     ]
-    for (layer, module), (a, b) in sorted(_pairs(load_file(str(weights_file)), base).items()):
+    for (layer, module), (a, b) in sorted(_pairs(weights, base).items()):
         grouped[layer].setdefault(TARGETS[module][0], []).append((module, a, b * scale))
     layers = tuple(
         {stack: _stack(mods, base, make_linear) for stack, mods in d.items()} for d in grouped

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from genserve.engine.types import ChunkInput
-from genserve.model.lora import AdapterError, read_config
+from genserve.model.lora import AdapterError, read_adapter
 
 # peft saves `base_model.model.<module path>.lora_A.weight` (older: `.lora_A.default.weight`)
 KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
@@ -41,14 +40,8 @@ class HookLora:
         self._rows: dict[str, list[tuple[int, int]]] = {}  # adapter -> row ranges, this forward
 
     def add(self, name: str, path: Path) -> None:
-        cfg = read_config(path)
-        weights_file = path / "adapter_model.safetensors"
-        if not weights_file.is_file():
-            raise AdapterError(f"{path}: adapter_model.safetensors is missing (pickle is refused)")
-        r = int(cfg["r"])
-        alpha = float(cfg.get("lora_alpha", r))
-        scale = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
-        mods = self._modules(load_file(str(weights_file)), scale)
+        weights, scale = read_adapter(path)
+        mods = self._modules(weights, scale)
         for module in mods:
             self._hook(module)
         self.adapters[name] = mods

@@ -33,7 +33,7 @@ from genserve.storage.files import FileRecord, FileStore
 from genserve.storage.jobs import ACTIVE, TERMINAL, JobError, JobRecord, JobStore
 from genserve.storage.space import is_disk_full
 from genserve.training import dataset
-from genserve.training.worker import (
+from genserve.training.messages import (
     Checkpointed,
     Failed,
     Finished,
