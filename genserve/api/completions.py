@@ -65,9 +65,8 @@ async def create_completion(body: Body, request: Request):
     choices = [
         completion_choice(body, s, c, s.prompts[i // s.n], i) for i, c in enumerate(done.choices)
     ]
-    return JSONResponse(
-        {**envelope(s), "choices": choices, "usage": usage(s.prompt_tokens, done.completion_tokens)}
-    )
+    counts = usage(s.prompt_tokens, done.completion_tokens, done.cached_tokens)
+    return JSONResponse({**envelope(s), "choices": choices, "usage": counts})
 
 
 def envelope(s: Started) -> dict:
@@ -128,8 +127,9 @@ def stream_completion(http: Request, body: Body, started: Started, events):  # n
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def usage_frame(completion_tokens: int) -> dict:
-        return {**base, "choices": [], "usage": usage(started.prompt_tokens, completion_tokens)}
+    def usage_frame(completion_tokens: int, cached: dict[int, int]) -> dict:
+        counts = usage(started.prompt_tokens, completion_tokens, started.cached_tokens(cached))
+        return {**base, "choices": [], "usage": counts}
 
     usage_fn = usage_frame if include_usage else None
     return sse_response(http, events, started.prompt_tokens, first, frame, usage_fn)
