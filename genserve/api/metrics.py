@@ -45,6 +45,11 @@ class EngineGauges(Collector):
             "Prompt tokens found in the prefix cache",
             labels=["model_name"],
         )
+        preempted = CounterMetricFamily(
+            PREFIX + "num_preemptions",
+            "Requests preempted (KV blocks freed, recomputed later)",
+            labels=["model_name"],
+        )
         for model_id, served in self.runtime.models.items():
             s = served.engine.stats()
             running.add_metric([model_id], s.num_running)
@@ -52,7 +57,8 @@ class EngineGauges(Collector):
             usage.add_metric([model_id], s.kv_cache_usage)
             queries.add_metric([model_id], s.prefix_cache_queries)
             hits.add_metric([model_id], s.prefix_cache_hits)
-        yield from (running, waiting, usage, queries, hits)
+            preempted.add_metric([model_id], s.num_preempted)
+        yield from (running, waiting, usage, queries, hits, preempted)
 
 
 class Metrics:
