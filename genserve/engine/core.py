@@ -212,6 +212,8 @@ class EngineCore:
                 self.worker.remove_adapter(op.name)
             else:
                 self.worker.add_adapter(op.name, op.path)
+            # Either way, what was cached under this name is stale (a new adapter may reuse it).
+            self.scheduler.kv.forget_adapter(op.name)
         except Exception as e:  # noqa: BLE001 - the caller gets it, the engine goes on
             op.done.set_exception(e)
         else:

@@ -159,6 +159,17 @@ class BlockPool:
         self._index.setdefault(chain_hash, bid)
         return self._serial
 
+    def forget_where(self, match: Callable[[Hashable], bool]) -> None:
+        """Unregister every block whose namespace matches (an adapter unloaded or replaced:
+        its keys/values must never serve a later adapter of the same name)."""
+        for block in self.blocks:
+            if block.key is None or not match(block.key.namespace):
+                continue
+            self._forget(block)
+            if block.ref_count == 0:
+                del self._cached[block.id]
+                self._plain.append(block.id)
+
     def _forget(self, block: Block) -> None:
         if block.hash is not None and self._index.get(block.hash) == block.id:
             del self._index[block.hash]
@@ -259,6 +270,11 @@ class KVCacheManager:
             entry.last_serial = self.pool.register(entry.blocks[i], chain, key)
             entry.chain_hash = chain
             entry.num_registered = i + 1
+
+    def forget_adapter(self, adapter: str) -> None:
+        """Cached blocks of this adapter are not reused any more (namespaces are
+        (adapter, invariant) pairs, see Scheduler.namespace)."""
+        self.pool.forget_where(lambda ns: isinstance(ns, tuple) and ns[:1] == (adapter,))
 
     def free(self, seq_id: str) -> None:
         entry = self.tables.pop(seq_id, None)

@@ -181,3 +181,16 @@ def test_decoding_out_of_blocks_preempts_the_newest_and_it_resumes_without_loss(
     assert new.output_ids == emitted["new"] and len(new.output_ids) == 6
     assert old.output_ids == emitted["old"] and len(old.output_ids) == 6
     assert kv.stats().blocks_used == 0
+
+
+def test_an_unloaded_adapters_blocks_are_never_reused() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=2)
+    lora = ("my-adapter", False)
+    for name, ns in (("a", lora), ("b", BASE)):
+        kv.admit(name, ns, [1, 2, 3], cache_limit=2)
+        kv.register(name, [1, 2, 3], 2)
+        kv.free(name)
+    kv.forget_adapter("my-adapter")
+    assert kv.admit("lora-again", lora, [1, 2, 3], cache_limit=2) == 0
+    assert kv.admit("base-again", BASE, [1, 2, 3], cache_limit=2) == 2
+    assert kv.pool.num_free == 8 - 4
