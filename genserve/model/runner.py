@@ -154,20 +154,20 @@ class ChunkSpan:
     table: tuple[int, ...]  # the sequence's KV blocks
     start: int
     mask: torch.Tensor | None  # causal mask over the cached prefix, for later prompt chunks
-    index: torch.Tensor | None = None  # [start+n] cache rows of positions 0..start+n-1
+    index: torch.Tensor | None = None  # the blocks holding positions 0..start+n-1
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeBatch:
     """Single-token decodes that may depend on their batch (unseeded requests, without
-    --deterministic), attended in one batched call; built once a step. Each sequence's keys
-    are gathered from its blocks into [kv_heads, B, length], padded to the longest (padding
-    rows read block row 0 and are masked out)."""
+    --deterministic), attended in one batched call; built once a step. Each sequence's blocks
+    are gathered into [kv_heads, B, length], padded to the longest (padding reads block 0 and
+    is masked out)."""
 
     rows: torch.Tensor  # [B] rows of the flat batch that decode
-    index: torch.Tensor  # [B * length] cache rows of each decode's positions, padded
+    index: torch.Tensor  # [B * blocks] each decode's blocks, padded to the longest's count
     batch: int  # B
-    length: int  # positions attended: 0..length-1 (the longest decode's)
+    length: int  # positions attended: 0..length-1 (whole blocks)
     mask: torch.Tensor  # [kv_heads * B, 1, length] additive: 0 where visible, -inf not
 
 
@@ -311,7 +311,15 @@ class LlamaRunner:
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def _read_index(self, sp: ChunkSpan) -> torch.Tensor:
-        return torch.tensor(self._rows_of(sp.table, 0, sp.start + sp.n), device=self.device)
+        used = -(-(sp.start + sp.n) // self.block_size)
+        return torch.tensor(sp.table[:used], device=self.device)
+
+    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """A layer's keys (or values) of these blocks, in order: [kv_heads, blocks*bs, D].
+        Whole blocks are copied (one contiguous run each), not one row per position."""
+        kv, dim = self.num_kv_heads, self.head_dim
+        by_block = cache.view(kv, self.num_blocks, self.block_size * dim)
+        return by_block.index_select(1, blocks).view(kv, -1, dim)
 
     def _write_index(self, rows: torch.Tensor) -> torch.Tensor:
         """Row of (token, head) in a layer's cache seen as [heads*positions, D]: one
@@ -323,14 +331,14 @@ class LlamaRunner:
         if not decodes:
             return None
         dev, bs = self.device, self.block_size
-        length = max(sp.start for sp in decodes) + 1
-        width = -(-length // bs)
+        width = -(-(max(sp.start for sp in decodes) + 1) // bs)
+        length = width * bs
         tables = torch.zeros(len(decodes), width, dtype=torch.long)  # padding: block 0
         for j, sp in enumerate(decodes):
             used = sp.table[: -(-(sp.start + 1) // bs)]
             tables[j, : len(used)] = torch.tensor(used)
+        index = tables.reshape(-1).to(dev)
         pos = torch.arange(length)
-        index = (tables[:, pos // bs] * bs + pos % bs).reshape(-1).to(dev)
         limit = torch.tensor([sp.start for sp in decodes])
         visible = (pos[None, :] <= limit[:, None]).to(dev)
         mask = torch.zeros(len(decodes), length, dtype=self.dtype, device=dev)
@@ -412,8 +420,8 @@ class LlamaRunner:
         for sp in plan.spans:
             o = F.scaled_dot_product_attention(
                 q[sp.row0 : sp.row0 + sp.n].transpose(0, 1)[None],
-                kc.index_select(1, sp.index)[None],
-                vc.index_select(1, sp.index)[None],
+                self._gather(kc, sp.index)[None, :, : sp.start + sp.n],
+                self._gather(vc, sp.index)[None, :, : sp.start + sp.n],
                 attn_mask=sp.mask,
                 is_causal=sp.start == 0 and sp.n > 1,
                 enable_gqa=True,
@@ -432,8 +440,8 @@ class LlamaRunner:
         kv, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         b, length = d.batch, d.length
         # [kv, B * L, D] gathered, seen as kv*B batches (heads outer) of L rows: no more copies.
-        keys = self.k_cache[i].index_select(1, d.index).view(kv * b, length, dim)
-        values = self.v_cache[i].index_select(1, d.index).view(kv * b, length, dim)
+        keys = self._gather(self.k_cache[i], d.index).view(kv * b, length, dim)
+        values = self._gather(self.v_cache[i], d.index).view(kv * b, length, dim)
         qd = q.index_select(0, d.rows).view(b, kv, group, dim).transpose(0, 1)
         qd = qd.reshape(kv * b, group, dim)
         # K @ q^T, not q @ K^T: the cached keys are then read as plain rows, where MKL's
