@@ -48,7 +48,7 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         worker = thread.call(
             lambda: ModelWorker(
                 loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant,
-                grammars, kernel_policy(loaded, cfg, slots, max_len), paged,
+                grammars, kernel_policy(loaded, cfg, paged.max_seqs, max_len), paged,
             )
         )  # fmt: skip
     except BaseException:
