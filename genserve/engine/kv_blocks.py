@@ -257,6 +257,14 @@ class KVCacheManager:
         entry.blocks.extend(self.pool.allocate(needed))
         return True
 
+    def unregistered(self, seq_id: str, num_tokens: int) -> bool:
+        """Whether [0, num_tokens) completes a block not yet registered (cheap: most decode
+        steps complete none, and then the tokens need not even be listed)."""
+        entry = self.tables.get(seq_id)
+        return self.caching and entry is not None and num_tokens // self.block_size > (
+            entry.num_registered
+        )
+
     def register(self, seq_id: str, tokens: Sequence[int], num_tokens: int) -> None:
         """Tokens [0, num_tokens) of the sequence are computed: index its full blocks."""
         entry = self.tables.get(seq_id)

@@ -246,7 +246,7 @@ class Scheduler:
             size = self.chunk_size
             whole = chunk.start % size == 0 and chunk.end - chunk.start == size
             upto = chunk.end if whole else 0
-        if upto:
+        if upto and self.kv.unregistered(seq.request_id, upto):
             self.kv.register(seq.request_id, seq.token_slice(0, upto), upto)
 
     def block_table(self, seq: Sequence) -> tuple[int, ...]:
