@@ -20,6 +20,7 @@ from genserve.config import ServerConfig
 from genserve.engine.client import AsyncEngine, ContextLengthError, EngineError, GroupStream
 from genserve.engine.scheduler import QueueFullError
 from genserve.engine.types import (
+    INTERACTIVE,
     FailureKind,
     GrammarSpec,
     Request,
@@ -66,6 +67,7 @@ class ChatRequest:
     messages: tuple[Message, ...]
     sampling: SamplingParams  # max_tokens None: the rest of the context
     n: int = 1
+    priority: int = INTERACTIVE  # engine.types.BACKGROUND for the Batch API's requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,7 @@ class CompletionRequest:
     n: int = 1
     best_of: int | None = None  # candidates per prompt, the best n returned (None: n)
     echo: bool = False
+    priority: int = INTERACTIVE
 
 
 GenerationRequest = ChatRequest | CompletionRequest
@@ -228,7 +231,9 @@ async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
     max_tokens = request.sampling.max_tokens or max(served.context_limit - len(prompt), 1)
     check_limits(rt.config, len(prompt), max_tokens, "messages", served.context_limit)
     params = await settle(rt, served, request.sampling, max_tokens)
-    return _open(rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages")
+    return _open(
+        rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages", request.priority
+    )
 
 
 def render_chat(served: ServedModel, messages: Sequence[Message], generation_prompt: bool) -> str:
@@ -275,7 +280,7 @@ async def _admit_completion(rt: Runtime, request: CompletionRequest) -> _Admitte
     longest = max(len(p) for p in prompts)
     check_limits(rt.config, longest, max_tokens, "prompt", served.context_limit)
     params = await settle(rt, served, sampling, max_tokens)
-    admitted = _open(rt, target, "cmpl", prompts, params, n, best_of, "prompt")
+    admitted = _open(rt, target, "cmpl", prompts, params, n, best_of, "prompt", request.priority)
     if request.echo:
         echoes = tuple(served.tokenizer.decode(p) for p in prompts)
         admitted = replace(admitted, started=replace(admitted.started, echoes=echoes))
@@ -380,6 +385,7 @@ def _open(
     n: int,
     best_of: int,
     prompt_param: str,
+    priority: int = INTERACTIVE,
 ) -> _Admitted:
     """Submit prompts x best_of sequences to the engine as one group."""
     cid = f"{prefix}-{uuid.uuid4().hex}"
@@ -389,6 +395,7 @@ def _open(
             list(ids),
             replace(params, seed=choice_seed(params.seed, i)),
             target.adapter,
+            priority=priority,
         )
         for p, ids in enumerate(prompts)
         for i in range(best_of)
