@@ -198,13 +198,18 @@ async def collect(
                 choices[d.index].add(d.delta)
 
         task = asyncio.create_task(run())
-        while not task.done():
-            await asyncio.wait({task}, timeout=poll_s)
-            if not task.done() and disconnected is not None and await disconnected():
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=poll_s)
+                if not task.done() and disconnected is not None and await disconnected():
+                    raise ClientGone("client closed the request")
+        finally:
+            # Whoever leaves early (a client gone, a cancelled caller: a batch cancelled or
+            # stopping) stops `run` first: closing the events while it reads them would raise.
+            if not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                raise ClientGone("client closed the request")
         task.result()
     chosen = pick_best(choices, len(started.prompts), started.best_of, started.n)
     return Collected(started, chosen, sum(c.completion_tokens for c in choices))
