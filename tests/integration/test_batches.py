@@ -232,7 +232,7 @@ def test_sigkilled_server_finishes_the_batch_after_restart(
     logs, data = tmp_path_factory.mktemp("kill-logs"), tmp_path_factory.mktemp("kill-data")
     live = serve(tiny_model_dir, logs, data)
     try:
-        lines = [chat_line(i, max_tokens=32, ignore_eos=True) for i in range(120)]
+        lines = [chat_line(i, max_tokens=16, ignore_eos=True) for i in range(120)]
         batch_id = create(live, lines)["id"]
         wait_until(lambda: card(live, batch_id)["request_counts"]["completed"] >= 3, 120)
     finally:
