@@ -249,3 +249,26 @@ def test_sigkilled_server_finishes_the_batch_after_restart(
     assert done["status"] == "completed"
     assert done["request_counts"] == {"total": 120, "completed": 120, "failed": 0}
     assert sorted(ids) == sorted(f"req-{i}" for i in range(120))  # each exactly once
+
+
+def test_cli_creates_follows_lists_and_shows(srv: LiveServer, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from genserve.cli import app
+
+    def cli(*args: str):  # noqa: ANN202
+        env = {"OPENAI_API_KEY": A, "OPENAI_BASE_URL": srv.url}
+        return CliRunner().invoke(app, ["batch", *args], env=env)
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_bytes(jsonl([chat_line(i) for i in range(3)]))
+    run = cli("create", str(source), "--endpoint", CHAT, "--output", str(out))
+    assert run.exit_code == 0, run.output
+    assert "completed: 3 completed, 0 failed of 3" in run.output
+    assert sorted(json.loads(x)["custom_id"] for x in out.read_text().splitlines()) == [
+        "req-0", "req-1", "req-2"
+    ]  # fmt: skip
+    batch_id = api(srv).batches.list(limit=1).data[0].id
+    assert batch_id in cli("list").output
+    assert json.loads(cli("show", batch_id).output)["status"] == "completed"
+    assert cli("cancel", batch_id).exit_code == 1  # it has ended: the error is shown
