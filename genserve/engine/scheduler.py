@@ -9,7 +9,8 @@ still reading their prompt, then new sequences from the waiting queue while slot
 Background requests (the Batch API's, Request.priority) come last at every stage: their prefill
 gets what interactive prefill leaves of the budget, and they are admitted only while more than
 `reserved_slots` slots are free, so an interactive request always finds a slot that batch work
-cannot hold, and never waits in the queue behind it.
+cannot hold, and never waits in the queue behind it; and a step that reads an interactive prompt
+leaves the background rows out (see schedule()).
 """
 
 from __future__ import annotations
@@ -107,9 +108,10 @@ class Scheduler:
         if token_budget < num_slots + 1:
             raise ValueError("token_budget must exceed num_slots (every slot decodes each step)")
         self.slots = SlotPool(num_slots)
-        # Slots background work never takes (default: half, at least one; on one slot, none).
-        half = max(1, num_slots // 2) if num_slots > 1 else 0
-        self.reserved_slots = half if reserved_slots is None else reserved_slots
+        # Slots background work never takes. By default it gets a quarter (at least one): on a
+        # CPU every row costs step time, and the step a call's prompt waits behind is its TTFT.
+        default = num_slots - max(1, num_slots // 4)
+        self.reserved_slots = default if reserved_slots is None else reserved_slots
         if not 0 <= self.reserved_slots <= num_slots:
             raise ValueError("reserved_slots must be in [0, num_slots]")
         self.token_budget = token_budget
@@ -138,15 +140,20 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.token_budget
         chunks: list[ScheduledChunk] = []
-        decoding = [s for s in self.running if s.num_computed == s.num_tokens - 1]
+        # A step that reads an interactive prompt carries no background rows: its time is that
+        # call's time to first token. The background sequences skip one step, nothing more
+        # (their state and their seeded draws do not depend on when they run).
+        hold = self._interactive_prompt_due()
+        runnable = [s for s in self.running if not (hold and s.request.background)]
+        decoding = [s for s in runnable if s.num_computed == s.num_tokens - 1]
         for seq in decoding[:budget]:
             chunks.append(ScheduledChunk.of(seq, seq.num_computed, seq.num_tokens))
         budget -= len(chunks)
         # Interactive prompts first (a stable sort: arrival order within a priority).
-        for seq in sorted(self.running, key=lambda s: s.request.priority):
+        for seq in sorted(runnable, key=lambda s: s.request.priority):
             if seq.num_computed < seq.num_tokens - 1 and self._fits(seq, budget):
                 budget -= self._prefill(seq, budget, chunks)
-        while (seq := self._next_waiting()) is not None and self._fits(seq, budget):
+        while (seq := self._next_waiting(hold)) is not None and self._fits(seq, budget):
             self.waiting.remove(seq)
             seq.slot = self.slots.take()
             seq.status = SeqStatus.RUNNING
@@ -158,17 +165,24 @@ class Scheduler:
         chunks.sort(key=lambda c: c.seq.request.adapter or "")
         return SchedulerOutput(tuple(chunks))
 
-    def _next_waiting(self) -> Sequence | None:
-        """The oldest interactive sequence, else the oldest background one while more slots
-        than the reserve are free; None when nothing may start now."""
+    def _next_waiting(self, hold: bool = False) -> Sequence | None:
+        """The oldest interactive sequence, else (unless `hold`) the oldest background one
+        while more slots than the reserve are free; None when nothing may start now."""
         if not self.slots.num_free:
             return None
         first = next((s for s in self.waiting if not s.request.background), None)
         if first is not None:
             return first
-        if self.waiting and self.slots.num_free > self.reserved_slots:
+        if not hold and self.waiting and self.slots.num_free > self.reserved_slots:
             return self.waiting[0]
         return None
+
+    def _interactive_prompt_due(self) -> bool:
+        """An interactive prompt is being read, or one waits for a free slot."""
+        for seq in self.running:
+            if not seq.request.background and seq.num_computed < seq.num_tokens - 1:
+                return True
+        return self.slots.num_free > 0 and any(not s.request.background for s in self.waiting)
 
     def _chunk_end(self, seq: Sequence, budget: int) -> int:
         if not (self.aligned_chunks or seq.request.params.reproducible):

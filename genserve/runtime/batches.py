@@ -303,7 +303,8 @@ class BatchRunner:
                 line.custom_id, line.line, reply.status_code == 200,
                 result_line(line.custom_id, reply), reply.input_tokens, reply.output_tokens,
             )  # fmt: skip
-            self.store.add_result(batch.id, result)
+            # Committed (fsync) off the event loop: interactive streams share that loop.
+            await asyncio.to_thread(self.store.add_result, batch.id, result)
 
     async def _call(self, batch: BatchRecord, line: BatchLine) -> BatchReply:
         call = BatchCall(batch.endpoint, line.body, batch.project)

@@ -108,12 +108,13 @@ def background(rid: str, prompt_len: int) -> Request:
 
 
 def test_background_work_never_takes_the_reserved_slots() -> None:
-    s = Scheduler(num_slots=4, token_budget=64)  # two slots reserved for interactive calls
+    s = Scheduler(num_slots=8, token_budget=64)  # a quarter for background work
     for i in range(4):
         s.add(background(f"b{i}", 3))
     run_step(s)
     assert sorted(q.request_id for q in s.running) == ["b0", "b1"]
     assert [q.request_id for q in s.waiting] == ["b2", "b3"]
+    assert Scheduler(num_slots=1, token_budget=64).reserved_slots == 0  # one slot: shared
 
 
 def test_interactive_requests_go_before_waiting_background_ones() -> None:
@@ -134,3 +135,14 @@ def test_interactive_prefill_gets_the_budget_first() -> None:
     s.add(req("i", 8))
     out = run_step(s)  # room for one 8-token chunk: the interactive one
     assert [c.seq.request_id for c in out.chunks] == ["i"]
+
+
+def test_a_step_reading_an_interactive_prompt_leaves_background_rows_out() -> None:
+    s = Scheduler(num_slots=4, token_budget=64, reserved_slots=0)
+    s.add(background("b", 3))
+    run_step(s)  # b prefills; it decodes from now on
+    s.add(req("i", 5))
+    out = run_step(s)
+    assert [c.seq.request_id for c in out.chunks] == ["i"]  # i's prompt alone
+    out = run_step(s)
+    assert sorted(c.seq.request_id for c in out.chunks) == ["b", "i"]  # decodes together
