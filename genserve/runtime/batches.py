@@ -292,13 +292,14 @@ class BatchRunner:
         if stop.is_set():
             return "cancelled"
         everything.result()  # a worker's error fails the batch (see _guarded)
-        return "expired" if time.time() >= batch.expires_at else "done"
+        finished = len(self.store.done_ids(batch.id)) >= len(lines)
+        return "done" if finished else "expired"  # workers stop early only past the window
 
     async def _worker(self, batch: BatchRecord, todo: Iterator[BatchLine]) -> None:
         for line in todo:  # shared: each line is taken by one worker
-            if time.time() >= batch.expires_at:
-                return
             reply = await self._call(batch, line)
+            if reply is None:
+                return  # past the completion window: the batch expires
             result = BatchResult(
                 line.custom_id, line.line, reply.status_code == 200,
                 result_line(line.custom_id, reply), reply.input_tokens, reply.output_tokens,
@@ -306,10 +307,11 @@ class BatchRunner:
             # Committed (fsync) off the event loop: interactive streams share that loop.
             await asyncio.to_thread(self.store.add_result, batch.id, result)
 
-    async def _call(self, batch: BatchRecord, line: BatchLine) -> BatchReply:
+    async def _call(self, batch: BatchRecord, line: BatchLine) -> BatchReply | None:
+        """The line's reply; None once the batch's window has passed (nothing recorded)."""
         call = BatchCall(batch.endpoint, line.body, batch.project)
         wait = RETRY_FIRST_S
-        while True:
+        while time.time() < batch.expires_at:
             try:
                 reply = await self.handler(call)
             except asyncio.CancelledError:
@@ -323,6 +325,7 @@ class BatchRunner:
                 return reply
             await asyncio.sleep(wait)
             wait = min(wait * 2, RETRY_MAX_S)
+        return None
 
     async def _finalize(self, batch_id: str, final: str, allowed_from: tuple[str, ...]) -> None:
         """Write the output and error files from the recorded results and end the batch."""

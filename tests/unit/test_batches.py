@@ -163,3 +163,12 @@ async def test_a_malformed_file_fails_and_runs_nothing(tmp_path: Path) -> None:
     done = await finished(store, batch.id)
     assert done.status == "failed" and handler.calls == []
     assert [(e.line, e.code) for e in done.errors] == [(2, "duplicate_custom_id")]
+
+
+async def test_a_batch_past_its_window_expires_with_what_finished(tmp_path: Path) -> None:
+    store, files, batch = setup(tmp_path, [line(i) for i in range(3)])
+    past = BatchRecord(batch.id, "p", URL, batch.input_file_id, "24h", 0, int(time.time()) - 1)
+    handler = Handler()
+    BatchRunner(store, files, handler).create(past)
+    done = await finished(store, batch.id)
+    assert done.status == "expired" and "expired_at" in done.times and handler.calls == []
