@@ -250,7 +250,7 @@ class BatchRunner:
             await self._finalize(batch_id, final, ("cancelling", "finalizing"))
 
     async def _lines(self, batch: BatchRecord) -> list[BatchLine] | None:
-        """Parse the input; a malformed file fails the batch (from validating only)."""
+        """Parse the input (again, on a resume); a malformed or deleted file fails the batch."""
         try:
             data = await asyncio.to_thread(self.files.path(batch.input_file_id).read_bytes)
         except FileNotFoundError:
