@@ -170,6 +170,15 @@ def test_create_checks_what_it_names(srv: LiveServer) -> None:
         client.batches.retrieve("batch_nope")
 
 
+def test_a_request_over_the_context_fails_alone(srv: LiveServer) -> None:
+    done = wait_done(srv, create(srv, [chat_line(1), chat_line(2, max_tokens=500)])["id"])
+    assert done["status"] == "completed"
+    assert done["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    (error,) = lines_of(srv, done["error_file_id"])
+    assert error["custom_id"] == "req-2" and error["response"]["status_code"] == 400
+    assert error["response"]["body"]["error"]["code"] == "context_length_exceeded"
+
+
 def test_cancel_mid_batch_keeps_what_finished(srv: LiveServer) -> None:
     lines = [chat_line(i, max_tokens=48, ignore_eos=True) for i in range(300)]
     batch_id = create(srv, lines)["id"]
