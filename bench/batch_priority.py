@@ -8,7 +8,9 @@ rounds of STREAMS concurrent streaming completions (temperature 0.8, top_p 0.95,
 sample; MAX_TOKENS with ignore_eos), each one's time to first token. Then it uploads a file of
 BATCH_REQUESTS completion requests (the same sampling), creates a batch on /v1/completions,
 waits until its requests are running, and runs the same rounds again while it does, reading the
-batch's request_counts before and after. Last it cancels the batch (what finished is kept).
+batch's request_counts before and after. Then it cancels the batch and, once the engine is
+idle, runs the baseline rounds again: the ratio's baseline is both baseline phases together, so
+that a machine whose load drifts during the run (other work on it) skews it less.
 
 Prints the machine and its load before and after, TTFT p50 and p90 of both phases and their
 ratio (goal: p50 <= 1.5x), and the batch's progress during the loaded phase (goal: > 0).
@@ -47,8 +49,10 @@ class Phase:
 
 @dataclass
 class Run:
-    baseline: Phase = field(default_factory=Phase)
+    baseline: Phase = field(default_factory=Phase)  # before the batch and after it, together
     loaded: Phase = field(default_factory=Phase)
+    before: Phase = field(default_factory=Phase)
+    after: Phase = field(default_factory=Phase)
     batch_before: dict = field(default_factory=dict)
     batch_after: dict = field(default_factory=dict)
     loaded_s: float = 0.0
@@ -143,7 +147,7 @@ async def measure(url: str, model: str, a: argparse.Namespace, run: Run) -> None
     async with httpx.AsyncClient(base_url=url, timeout=a.timeout, limits=limits) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]  # the id it is served as
         await phase(http, model, argparse.Namespace(**{**vars(a), "rounds": 1}), Phase())  # warm
-        await phase(http, model, a, run.baseline)
+        await phase(http, model, a, run.before)
         batch_id = await start_batch(http, model, a)
         await until_running(http, batch_id, a.timeout)
         run.batch_before = (await http.get(f"/v1/batches/{batch_id}")).json()
@@ -152,6 +156,20 @@ async def measure(url: str, model: str, a: argparse.Namespace, run: Run) -> None
         run.loaded_s = time.perf_counter() - start
         run.batch_after = (await http.get(f"/v1/batches/{batch_id}")).json()
         await http.post(f"/v1/batches/{batch_id}/cancel")
+        await until_idle(http, a.timeout)
+        await phase(http, model, a, run.after)  # the baseline again: the machine drifts
+    run.baseline.ttfts = run.before.ttfts + run.after.ttfts
+    run.baseline.errors = run.before.errors + run.after.errors
+
+
+async def until_idle(http: httpx.AsyncClient, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        models = (await http.get("/health")).json().get("models", {})
+        if all(m["running"] == 0 and m["waiting"] == 0 for m in models.values()):
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("the cancelled batch did not leave the engine")
 
 
 def report(run: Run, a: argparse.Namespace) -> int:
@@ -163,7 +181,9 @@ def report(run: Run, a: argparse.Namespace) -> int:
     print(f"machine: {machine()}; load average before/after: {load}")
     shape = f"{a.streams} streams x {a.rounds} rounds, {a.max_tokens} tokens each"
     print(f"server: {a.model}, --max-batch-size {a.max_batch_size}; {shape}; {SAMPLING}")
-    for name, ph in (("no batch", base), (f"{a.batch_requests}-request batch", loaded)):
+    phases = (("no batch, before", run.before), ("no batch, after", run.after),
+              ("no batch, both", base), (f"{a.batch_requests}-request batch", loaded))  # fmt: skip
+    for name, ph in phases:
         print(f"  TTFT {name:>22}: p50 {ph.p(50) * 1000:7.1f} ms  p90 {ph.p(90) * 1000:7.1f} ms"
               f"  ({len(ph.ttfts)} streams, {len(ph.errors)} failed)")  # fmt: skip
     print(f"  ratio p50 loaded / baseline: {ratio:.2f}x (goal <= {GOAL_RATIO}x)")

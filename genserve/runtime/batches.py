@@ -22,8 +22,9 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from genserve.storage.batches import (
     ACTIVE,
@@ -35,6 +36,7 @@ from genserve.storage.batches import (
 from genserve.storage.files import FileStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # What a batch may target; `/v1/responses` joins once the Responses API exists (add it here and
 # give the API layer's handler a route for it).
@@ -172,6 +174,12 @@ class BatchRunner:
         self.concurrency = concurrency
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel: dict[str, asyncio.Event] = {}
+        # One thread of its own writes results and files (each commit fsyncs): on the shared
+        # default pool, slow commits would hold the threads interactive calls tokenize on.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-writer")
+
+    async def _write_off_loop(self, fn: Callable[..., T], *args: Any) -> T:  # noqa: ANN401
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
 
     async def start(self) -> None:
         """Resume every batch a previous run left active."""
@@ -188,6 +196,7 @@ class BatchRunner:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        self._writer.shutdown(wait=True)  # a commit under way completes
 
     def create(self, batch: BatchRecord) -> BatchRecord:
         self.store.create(batch)
@@ -305,7 +314,7 @@ class BatchRunner:
                 result_line(line.custom_id, reply), reply.input_tokens, reply.output_tokens,
             )  # fmt: skip
             # Committed (fsync) off the event loop: interactive streams share that loop.
-            await asyncio.to_thread(self.store.add_result, batch.id, result)
+            await self._write_off_loop(self.store.add_result, batch.id, result)
 
     async def _call(self, batch: BatchRecord, line: BatchLine) -> BatchReply | None:
         """The line's reply; None once the batch's window has passed (nothing recorded)."""
@@ -350,4 +359,4 @@ class BatchRunner:
             finally:
                 self.files.discard(staged)
 
-        return await asyncio.to_thread(store)
+        return await self._write_off_loop(store)
