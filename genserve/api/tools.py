@@ -19,25 +19,22 @@ def tool_def(tool: ChatTool) -> ToolDef:
 
 def tools_request(
     tools: Sequence[ToolDef] | None,
-    choice: str | NamedToolChoice | str | None,
+    choice: ToolChoice | None,
     parallel: bool | None,
     response_format: ResponseFormat | None = None,
 ) -> ToolsRequest | None:
     """None when no tools are given; 400s for a choice that names what is not there."""
     if not tools:
-        if choice not in (None, "none", "auto"):
+        if choice is not None and choice.mode not in ("none", "auto"):
             raise bad_request("`tool_choice` requires `tools`", "tool_choice")
         return None
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
         raise bad_request("tool names must be unique", "tools")
-    mode = "auto" if choice is None else choice
-    if isinstance(mode, str):
-        picked = ToolChoice(mode)
-    else:
-        if mode not in names:
-            raise bad_request(f"tool_choice names `{mode}`, which is not in `tools`", "tool_choice")
-        picked = ToolChoice("function", mode)
+    picked = choice or ToolChoice("auto")
+    if picked.name is not None and picked.name not in names:
+        msg = f"tool_choice names `{picked.name}`, which is not in `tools`"
+        raise bad_request(msg, "tool_choice")
     req = ToolsRequest(tuple(tools), picked, parallel is not False)
     if req.active and response_format is not None and response_format.type != "text":
         msg = "response_format cannot be combined with tools unless tool_choice is 'none'"
@@ -45,9 +42,13 @@ def tools_request(
     return req
 
 
-def chat_choice(choice: str | NamedToolChoice | None) -> str | None:
-    """Chat's tool_choice: a mode, or the named function's name."""
-    return choice.function.name if isinstance(choice, NamedToolChoice) else choice
+def chat_choice(choice: str | NamedToolChoice | None) -> ToolChoice | None:
+    """Chat's tool_choice: a mode, or {"type": "function", "function": {"name": ...}}."""
+    if choice is None:
+        return None
+    if isinstance(choice, NamedToolChoice):
+        return ToolChoice("function", choice.function.name)
+    return ToolChoice(choice)
 
 
 def message_calls(calls: Sequence[ToolCall]) -> list[dict]:

@@ -148,10 +148,14 @@ def tool_grammar(req: ToolsRequest, fmt: str) -> GrammarSpec:
         if not req.parallel:
             array["maxItems"] = 1
         body = _json_rule(array)
-        lines += [f'start: "[TOOL_CALLS]" {body}'] if forced else [
-            f"start: TEXT | trig {body}",
-            'trig[lazy]: TEXT "[TOOL_CALLS]"',
-        ]
+        lines += (
+            [f'start: "[TOOL_CALLS]" {body}']
+            if forced
+            else [
+                f"start: TEXT | trig {body}",
+                'trig[lazy]: TEXT "[TOOL_CALLS]"',
+            ]
+        )
     elif fmt == LLAMA3_JSON:
         more = ' (";" call)*' if req.parallel else ""
         lines += [f"start: calls{' | FREE' if not forced else ''}", f"calls: call{more}"]
