@@ -322,12 +322,13 @@ def _string_end(text: str, i: int) -> int:
 # -- prompts ----------------------------------------------------------------------------------
 def fallback_system_prompt(tools: Sequence[ToolDef], fmt: str) -> str:
     """What a template without tool support is given: the tools and how to call them."""
-    listing = "\n".join(json.dumps(t.template_dict(), ensure_ascii=False) for t in tools)
-    example = call_example(fmt, "<function-name>", "<arguments-json-object>")
-    return (
-        "You may call one or more functions to assist with the user query. The functions:\n"
-        f"{listing}\nTo call a function, answer with:\n{example}"
+    # Compact: a small model's context is short, and every tool costs prompt tokens.
+    listing = "\n".join(
+        json.dumps(t.template_dict()["function"], ensure_ascii=False, separators=(",", ":"))
+        for t in tools
     )
+    example = call_example(fmt, "<name>", "<arguments>")
+    return f"You may call these functions:\n{listing}\nTo call one, answer with:\n{example}"
 
 
 def call_example(fmt: str, name: str, arguments: str) -> str:
