@@ -271,7 +271,7 @@ def response_object(
 ) -> dict:
     body = env.body
     incomplete = status == "incomplete"
-    return {
+    obj = {
         "id": env.id,
         "object": "response",
         "created_at": env.created_at,
@@ -292,9 +292,11 @@ def response_object(
         "tool_choice": _choice_echo(body.tool_choice),
         "tools": tools_echo(body.tools),
         "truncation": "disabled",
-        "usage": usage_,
         "metadata": body.metadata or {},
     }
+    if usage_ is not None:  # the schema has no null usage: absent until there is one
+        obj["usage"] = usage_
+    return obj
 
 
 def _format_echo(body: ResponsesRequest) -> dict:
