@@ -117,6 +117,9 @@ def envelope(s: Started, body: ResponsesRequest) -> Envelope:
 def save(http: Request, body: ResponsesRequest, prepared: Prepared, obj: dict) -> None:
     if body.store is False:
         return
+    if runtime_of(http).database is None:  # answered anyway; retrieving it will say why not
+        log.warning("response %s not stored: the database did not open", obj["id"])
+        return
     context = prepared.context + prepared.items + obj["output"]
     record = StoredResponse(
         obj["id"], principal(http).project, obj["created_at"], obj, prepared.items, context

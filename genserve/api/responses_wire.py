@@ -303,7 +303,10 @@ def _format_echo(body: ResponsesRequest) -> dict:
     fmt = body.text.format if body.text is not None else None
     if fmt is None:
         return {"type": "text"}
-    return fmt.model_dump(by_alias=True, exclude_none=True)
+    echo = fmt.model_dump(by_alias=True, exclude_none=True)
+    if fmt.type == "json_schema":
+        echo.setdefault("name", "response")  # OpenAI's object always names its schema
+    return echo
 
 
 def _choice_echo(choice: str | FunctionChoice | None) -> str | dict:

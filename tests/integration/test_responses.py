@@ -98,6 +98,12 @@ def test_json_schema_text_format(client: openai.OpenAI) -> None:
     )
     jsonschema.validate(json.loads(r.output_text), POINT)
     assert r.text.format.type == "json_schema"
+    body = raw(
+        client, model=MODEL, input="a point", text={"format": fmt}, max_output_tokens=60,
+        tools=[TOOL], tool_choice="none", extra_body=SEED,
+    )  # fmt: skip
+    assert_valid(body, "Response")
+    assert json.loads(body["output"][0]["content"][0]["text"]) == json.loads(r.output_text)
 
 
 def test_function_tool_streamed_and_not(server: LiveServer, client: openai.OpenAI) -> None:
