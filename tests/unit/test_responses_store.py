@@ -50,3 +50,36 @@ def test_store_is_per_project_and_survives_reopening(tmp_path: Path) -> None:
     assert store.get("resp_1", "p2") is None
     assert not store.delete("resp_1", "p2")
     assert store.delete("resp_1", "p1") and store.get("resp_1", "p1") is None
+
+
+def test_streamed_text_then_calls_make_well_formed_events() -> None:
+    """Text, then a call: the message item is closed before the call's item opens, each
+    event validates, and the items' indexes follow the output list."""
+    import json
+
+    from genserve.api.responses import StreamState, close_all, step
+    from genserve.api.responses_wire import Envelope, ResponsesRequest
+    from genserve.runtime.generation import ChoiceDelta
+    from genserve.runtime.tools import CallDelta
+    from tests.conformance import assert_valid
+
+    st = StreamState(Envelope("resp_1", 1, "m", ResponsesRequest(model="m", input="x")))
+    deltas = [
+        ChoiceDelta(0, "let me check", None, None),  # type: ignore[arg-type]
+        ChoiceDelta(
+            0, "", None, None, (CallDelta(0, "call_1", "w"), CallDelta(0, arguments='{"a"'))
+        ),  # type: ignore[arg-type]  # noqa: E501
+        ChoiceDelta(0, "", "tool_calls", None, (CallDelta(0, arguments=":1}"),)),  # type: ignore[arg-type]
+    ]
+    events = [e for d in deltas for e in step(st, d)] + close_all(st, "completed")
+    data = [json.loads(e["data"]) for e in events]
+    for event in data:
+        assert_valid(event, "ResponseStreamEvent")
+    kinds = [e["type"] for e in data]
+    assert kinds.index("response.output_item.done") < kinds.index(
+        "response.function_call_arguments.delta"
+    )
+    assert [item["type"] for item in st.output] == ["message", "function_call"]
+    assert st.output[1]["arguments"] == '{"a":1}' and st.output[1]["status"] == "completed"
+    args_events = [e for e in data if e["type"].startswith("response.function_call_arguments")]
+    assert {e["output_index"] for e in args_events} == {1}
