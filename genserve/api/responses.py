@@ -42,7 +42,15 @@ from genserve.api.sampling import apply_defaults, sampling_params
 from genserve.api.stream import first_event, spend_tokens
 from genserve.api.tools import tools_request
 from genserve.runtime.errors import DomainError, Unavailable
-from genserve.runtime.generation import ChatRequest, ChoiceDelta, Started, collect, generate
+from genserve.runtime.generation import (
+    ChatRequest,
+    ChoiceDelta,
+    Disconnected,
+    Started,
+    collect,
+    generate,
+)
+from genserve.runtime.runtime import Runtime
 from genserve.runtime.tools import ToolCall
 from genserve.storage.responses import ResponseStore, StoredResponse
 
@@ -54,8 +62,7 @@ def not_found(response_id: str, param: str = "response_id") -> APIError:
     return APIError(404, f"Response with id '{response_id}' not found.", param, "not_found")
 
 
-def store_of(http: Request) -> ResponseStore:
-    rt = runtime_of(http)
+def store_of(rt: Runtime) -> ResponseStore:
     rt.require_ready()
     if rt.database is None:
         raise Unavailable("response storage is unavailable: the database did not open")
@@ -64,14 +71,19 @@ def store_of(http: Request) -> ResponseStore:
 
 @dataclass(slots=True)
 class Prepared:
+    """A Responses body made into the chat request it runs as, and what storing it needs."""
+
+    rt: Runtime
+    project: str
+    body: ResponsesRequest
     request: ChatRequest
     items: list[dict[str, Any]]  # this request's input items
     context: list[dict[str, Any]]  # the chain's items before them
 
 
-def prepare(http: Request, body: ResponsesRequest) -> Prepared:
-    project = principal(http).project
-    target = runtime_of(http).get(body.model, project)
+def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
+    """400/404s before anything runs: the model, tools, the chain, the input items."""
+    target = rt.get(body.model, project)
     apply_defaults(body, target.served.settings.defaults)
     if body.background:
         raise bad_request("background responses are not supported", "background")
@@ -82,31 +94,37 @@ def prepare(http: Request, body: ResponsesRequest) -> Prepared:
     )  # fmt: skip
     context: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
-        previous = store_of(http).get(body.previous_response_id, project)
+        previous = store_of(rt).get(body.previous_response_id, project)
         if previous is None:
             raise not_found(body.previous_response_id, "previous_response_id")
         context = previous.context
     items = input_items(body.input)
     sampling = sampling_params(body, body.max_output_tokens)
     chat = ChatRequest(target, messages(body.instructions, context + items), sampling, 1, tools)
-    return Prepared(chat, items, context)
+    return Prepared(rt, project, body, chat, items, context)
+
+
+async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tuple[dict, int]:
+    """Run a prepared response to its end and store it (when asked): (the Response object,
+    the tokens it cost). What the route answers; callers without HTTP (batches) use it too."""
+    done = await collect(generate(p.rt, p.request), disconnected)
+    s, choice = done.started, done.choices[0]
+    status = "incomplete" if choice.finish_reason == "length" else "completed"
+    use = usage(s.prompt_tokens, done.completion_tokens)
+    obj = response_object(envelope(s, p.body), status, output_items(choice), use)
+    save(p, obj)
+    return obj, s.prompt_tokens + done.completion_tokens
 
 
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request):
-    prepared = prepare(request, body)
-    events = generate(runtime_of(request), prepared.request)
+    prepared = prepare(runtime_of(request), principal(request).project, body)
     if body.stream:
+        events = generate(prepared.rt, prepared.request)
         started = await first_event(events)
-        return EventSourceResponse(stream(request, body, prepared, started, events), sep="\n")
-    done = await collect(events, request.is_disconnected)
-    s, choice = done.started, done.choices[0]
-    spend_tokens(request, s.prompt_tokens + done.completion_tokens)
-    env = envelope(s, body)
-    status = "incomplete" if choice.finish_reason == "length" else "completed"
-    use = usage(s.prompt_tokens, done.completion_tokens)
-    obj = response_object(env, status, output_items(choice), use)
-    save(request, body, prepared, obj)
+        return EventSourceResponse(stream(request, prepared, started, events), sep="\n")
+    obj, tokens = await respond(prepared, request.is_disconnected)
+    spend_tokens(request, tokens)
     return JSONResponse(obj)
 
 
@@ -114,17 +132,16 @@ def envelope(s: Started, body: ResponsesRequest) -> Envelope:
     return Envelope(new_id("resp"), s.created, s.model, body)
 
 
-def save(http: Request, body: ResponsesRequest, prepared: Prepared, obj: dict) -> None:
-    if body.store is False:
+def save(p: Prepared, obj: dict) -> None:
+    if p.body.store is False:
         return
-    if runtime_of(http).database is None:  # answered anyway; retrieving it will say why not
+    if p.rt.database is None:  # answered anyway; retrieving it will say why not
         log.warning("response %s not stored: the database did not open", obj["id"])
         return
-    context = prepared.context + prepared.items + obj["output"]
-    record = StoredResponse(
-        obj["id"], principal(http).project, obj["created_at"], obj, prepared.items, context
+    context = p.context + p.items + obj["output"]
+    store_of(p.rt).put(
+        StoredResponse(obj["id"], p.project, obj["created_at"], obj, p.items, context)
     )
-    store_of(http).put(record)
 
 
 # -- streaming --------------------------------------------------------------------------------
@@ -146,9 +163,9 @@ class StreamState:
 
 
 async def stream(
-    http: Request, body: ResponsesRequest, prepared: Prepared, started: Started, events
+    http: Request, prepared: Prepared, started: Started, events
 ) -> AsyncIterator[dict]:  # noqa: ANN001
-    st = StreamState(envelope(started, body))
+    st = StreamState(envelope(started, prepared.body))
     completion_tokens, reason = 0, None
     async with contextlib.aclosing(events):
         yield st.event("response.created", response=response_object(st.env, "in_progress", []))
@@ -171,7 +188,7 @@ async def stream(
         yield frame
     use = usage(started.prompt_tokens, completion_tokens)
     obj = response_object(st.env, status, st.output, use)
-    save(http, body, prepared, obj)
+    save(prepared, obj)
     yield st.event(f"response.{status}", response=obj)
 
 
@@ -287,7 +304,7 @@ def close_all(st: StreamState, status: str) -> list[dict]:
 # -- stored responses -------------------------------------------------------------------------
 @router.get("/v1/responses/{response_id}")
 async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
-    found = store_of(request).get(response_id, principal(request).project)
+    found = store_of(runtime_of(request)).get(response_id, principal(request).project)
     if found is None:
         raise not_found(response_id)
     return JSONResponse(found.body)
@@ -295,7 +312,7 @@ async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, request: Request) -> JSONResponse:
-    if not store_of(request).delete(response_id, principal(request).project):
+    if not store_of(runtime_of(request)).delete(response_id, principal(request).project):
         raise not_found(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
@@ -308,7 +325,7 @@ async def list_input_items(
     order: Literal["asc", "desc"] = "desc",
     after: str | None = None,
 ) -> JSONResponse:
-    found = store_of(request).get(response_id, principal(request).project)
+    found = store_of(runtime_of(request)).get(response_id, principal(request).project)
     if found is None:
         raise not_found(response_id)
     items = found.input_items if order == "asc" else found.input_items[::-1]

@@ -68,7 +68,7 @@ def test_streamed_text_then_calls_make_well_formed_events() -> None:
         ChoiceDelta(0, "let me check", None, None),  # type: ignore[arg-type]
         ChoiceDelta(
             0, "", None, None, (CallDelta(0, "call_1", "w"), CallDelta(0, arguments='{"a"'))
-        ),  # type: ignore[arg-type]  # noqa: E501
+        ),  # type: ignore[arg-type]
         ChoiceDelta(0, "", "tool_calls", None, (CallDelta(0, arguments=":1}"),)),  # type: ignore[arg-type]
     ]
     events = [e for d in deltas for e in step(st, d)] + close_all(st, "completed")
