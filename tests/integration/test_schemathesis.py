@@ -20,7 +20,9 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.server import LiveServer, start_server
 
-ROUTES = r"^/(v1/(completions|chat/completions|models|files|fine_tuning)|tokenize|detokenize)"
+ROUTES = (
+    r"^/(v1/(completions|chat/completions|responses|models|files|fine_tuning)|tokenize|detokenize)"
+)
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
