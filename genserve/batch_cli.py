@@ -26,7 +26,7 @@ from genserve.training.cli import (
 
 batch_app = typer.Typer(help="Run files of requests with the Batch API, through the HTTP API.")
 TERMINAL = ("completed", "failed", "expired", "cancelled")
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/embeddings")
 
 
 def _fail(e: APIFailure) -> typer.Exit:

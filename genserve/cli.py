@@ -83,6 +83,8 @@ SERVE_OPTIONS = (
     ConfigOption("quantization", "model", "quantization",
                  "none|int8 (weight-only int8, per output channel)."),
     ConfigOption("device", "model", "device", "auto|cpu|cuda"),
+    ConfigOption("tool_call_format", "model", "tool_call_format",
+                 "auto (from the chat template)|hermes|llama3_json|mistral"),
     ConfigOption("max_batch_size", "engine", "max_batch_size", "Sequences decoded together."),
     ConfigOption("max_model_len", "engine", "max_model_len",
                  "Context per sequence (default: model's, max 2048)."),

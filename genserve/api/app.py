@@ -23,6 +23,7 @@ from genserve.api import (
     models,
     playground,
     registry,
+    responses,
     tokenize,
 )
 from genserve.api.auth import KeyStore
@@ -65,6 +66,7 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
     app.include_router(embeddings.router)
     app.include_router(completions.router)
     app.include_router(chat.router)
+    app.include_router(responses.router)
     app.include_router(tokenize.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)

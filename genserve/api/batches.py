@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -25,6 +26,8 @@ from genserve.api.embeddings import EmbeddingRequest, embeddings
 from genserve.api.errors import APIError, bad_request, http_error, validation_error
 from genserve.api.files import get_record
 from genserve.api.models import runtime_of
+from genserve.api.responses import prepare, respond
+from genserve.api.responses_wire import ResponsesRequest
 from genserve.api.schemas import ChatCompletionRequest, CompletionRequest
 from genserve.engine.types import BACKGROUND
 from genserve.runtime.batches import (
@@ -60,6 +63,16 @@ async def _completion(rt: Runtime, project: str, raw: dict[str, Any]) -> BatchRe
     return BatchReply(200, reply, done.started.prompt_tokens, done.completion_tokens)
 
 
+async def _response(rt: Runtime, project: str, raw: dict[str, Any]) -> BatchReply:
+    body = ResponsesRequest.model_validate(raw)
+    _no_stream(body.stream)
+    prepared = prepare(rt, project, body)
+    prepared.request = replace(prepared.request, priority=BACKGROUND)
+    reply, _ = await respond(prepared)
+    use = reply.get("usage") or {}
+    return BatchReply(200, reply, use.get("input_tokens", 0), use.get("output_tokens", 0))
+
+
 async def _embedding(rt: Runtime, project: str, raw: dict[str, Any]) -> BatchReply:
     reply = await embeddings(rt, project, EmbeddingRequest.model_validate(raw))
     return BatchReply(200, reply, reply["usage"]["prompt_tokens"], 0)
@@ -71,8 +84,9 @@ def _no_stream(stream: bool | None) -> None:
 
 
 Route = Callable[[Runtime, str, dict[str, Any]], Awaitable[BatchReply]]
-# One per runtime.batches.ENDPOINTS entry; /v1/responses adds its own here.
+# One per runtime.batches.ENDPOINTS entry.
 ROUTES: dict[str, Route] = {
+    "/v1/responses": _response,
     "/v1/chat/completions": _chat,
     "/v1/completions": _completion,
     "/v1/embeddings": _embedding,

@@ -38,9 +38,8 @@ from genserve.storage.files import FileStore
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# What a batch may target; `/v1/responses` joins once the Responses API exists (add it here and
-# give the API layer's handler a route for it).
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# What a batch may target (the API layer's handler has a route for each: api/batches.py).
+ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 MAX_LINES = 50_000  # OpenAI's limit per batch
 MAX_REPORTED_ERRORS = 100  # of a malformed file's lines, the first ones named

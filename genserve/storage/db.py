@@ -121,6 +121,17 @@ CREATE TABLE IF NOT EXISTS batch_results (
   output_tokens INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (batch_id, custom_id)
 );
+-- Stored Responses (storage/responses.py); a new table, so no column migration brings it.
+CREATE TABLE IF NOT EXISTS responses (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT UNIQUE NOT NULL,
+  project TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  body TEXT NOT NULL,
+  input_items TEXT NOT NULL,
+  context TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_by_project ON responses (project, seq);
 """
 # After the migrations: they may index columns an old database only has once migrated.
 INDEXES = """

@@ -253,3 +253,26 @@ def test_every_control_is_labelled(page, live: LiveServer) -> None:
             .map(b => b.id)"""
     )
     assert nameless == []
+
+
+def test_chat_tool_call_is_shown_as_json(page, live: LiveServer) -> None:
+    sent: list[dict] = []
+    page.on(
+        "request",
+        lambda req: (
+            sent.append(req.post_data_json) if req.url.endswith("/v1/chat/completions") else None
+        ),
+    )
+    open_page(page, live)
+    page.check("#use-tools")
+    page.select_option("#tool-choice", "required")
+    page.fill("#max-tokens", "120")
+    page.fill("#prompt", "Weather in Oslo?")
+    page.click("#send")
+    reply = page.wait_for_selector(".msg.assistant[data-state=done]")
+    assert sent[-1]["tools"][0]["function"]["name"] == "get_weather"  # the example tool
+    assert sent[-1]["tool_choice"] == "required"
+    shown = json.loads(reply.query_selector("pre.tool-calls").inner_text())
+    assert shown[0]["name"] == "get_weather" and isinstance(shown[0]["arguments"], dict)
+    assert shown[0]["arguments"]["unit"] in ("celsius", "fahrenheit")
+    screenshot(page, "chat-tools")

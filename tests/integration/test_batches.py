@@ -210,6 +210,18 @@ def test_embeddings_batch(srv: LiveServer) -> None:
         assert len(x["response"]["body"]["data"]) == 2
 
 
+def test_responses_batch(srv: LiveServer) -> None:
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+         "body": {"model": MODEL, "input": f"Say {i}.", "max_output_tokens": 4}}
+        for i in range(2)
+    ]  # fmt: skip
+    done = wait_done(srv, create(srv, lines, "/v1/responses")["id"])
+    assert done["status"] == "completed" and done["request_counts"]["completed"] == 2
+    for x in lines_of(srv, done["output_file_id"]):
+        assert_valid(x["response"]["body"], "Response")
+
+
 def test_another_projects_batch_is_not_found(srv: LiveServer) -> None:
     batch_id = create(srv, [chat_line(1)])["id"]
     other = api(srv, B)

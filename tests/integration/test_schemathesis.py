@@ -21,7 +21,8 @@ from schemathesis.specs.openapi.checks import (
 from tests.server import LiveServer, start_server
 
 ROUTES = (
-    r"^/(v1/(completions|chat/completions|models|files|fine_tuning|batches)|tokenize|detokenize)"
+    r"^/(v1/(completions|chat/completions|responses|models|files|fine_tuning|batches)"
+    r"|tokenize|detokenize)"
 )
 CHECKS = [
     not_a_server_error,
