@@ -8,7 +8,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import API_KEY, open_page, screenshot, wait_for_models
+from tests.e2e.conftest import (
+    API_KEY,
+    EMBEDDINGS_MODEL,
+    open_page,
+    screenshot,
+    wait_for_models,
+)
 from tests.server import LiveServer
 
 FT_TIMEOUT_MS = 120_000  # a LoRA job on the tiny model takes seconds; its worker starts slower
@@ -276,3 +282,17 @@ def test_chat_tool_call_is_shown_as_json(page, live: LiveServer) -> None:
     assert shown[0]["name"] == "get_weather" and isinstance(shown[0]["arguments"], dict)
     assert shown[0]["arguments"]["unit"] in ("celsius", "fahrenheit")
     screenshot(page, "chat-tools")
+
+
+def test_picker_opens_on_a_generative_model(page, live: LiveServer) -> None:
+    """A newcomer's first Send must reach a model that chats: the embeddings model, whose id
+    sorts first in /v1/models, is listed by the API but not offered in the picker."""
+    listed = httpx.get(
+        f"{live.url}/v1/models", headers={"authorization": f"Bearer {API_KEY}"}
+    ).json()["data"]
+    kinds = {m["id"]: m.get("kind") for m in listed}
+    assert kinds[EMBEDDINGS_MODEL] == "embed" and sorted(kinds)[0] == EMBEDDINGS_MODEL
+    open_page(page, live)
+    offered = page.eval_on_selector_all("#model option", "els => els.map(e => e.value)")
+    assert EMBEDDINGS_MODEL not in offered
+    assert kinds[page.input_value("#model")] != "embed"
