@@ -11,6 +11,7 @@ from typing import Annotated, Any, get_type_hints
 
 import typer
 
+from genserve.batch_cli import batch_app
 from genserve.config import DEFAULT_MODEL, ServerConfig
 from genserve.models_cli import models_app
 from genserve.training.cli import finetune_app
@@ -258,6 +259,7 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(models_app, name="models")
+app.add_typer(batch_app, name="batch")
 KeyFileOpt = Annotated[
     str, typer.Option("--key-file", envvar=E + "API_KEY_FILE", help="The key file.")
 ]

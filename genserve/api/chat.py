@@ -13,14 +13,17 @@ from genserve.api.sampling import apply_defaults, sampling_params
 from genserve.api.schemas import ChatCompletionRequest, plain_messages
 from genserve.api.stream import first_event, spend_tokens, sse_response, usage
 from genserve.api.tools import chat_choice, delta_calls, message_calls, tool_def, tools_request
+from genserve.engine.types import INTERACTIVE
 from genserve.runtime.generation import (
     ChatRequest,
     ChoiceDelta,
     ChoiceState,
+    Collected,
     Started,
     collect,
     generate,
 )
+from genserve.runtime.runtime import Runtime
 
 router = APIRouter()
 
@@ -30,8 +33,11 @@ def check_chat_body(body: ChatCompletionRequest) -> None:
         raise bad_request("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
 
 
-def chat_request(http: Request, body: ChatCompletionRequest) -> ChatRequest:
-    target = runtime_of(http).get(body.model, principal(http).project)
+def chat_request(
+    rt: Runtime, project: str, body: ChatCompletionRequest, priority: int = INTERACTIVE
+) -> ChatRequest:
+    """The body -> the runtime's request (the Batch API builds its requests here too)."""
+    target = rt.get(body.model, project)
     apply_defaults(body, target.served.settings.defaults)
     check_chat_body(body)
     tools = tools_request(
@@ -43,7 +49,8 @@ def chat_request(http: Request, body: ChatCompletionRequest) -> ChatRequest:
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = sampling_params(body, max_tokens, logprobs)
-    return ChatRequest(target, plain_messages(body.messages), sampling, body.n or 1, tools)
+    messages = plain_messages(body.messages)
+    return ChatRequest(target, messages, sampling, body.n or 1, tools, priority=priority)
 
 
 def chat_message(c: ChoiceState) -> dict:
@@ -58,13 +65,20 @@ def chat_message(c: ChoiceState) -> dict:
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    events = generate(runtime_of(request), chat_request(request, body))
+    rt = runtime_of(request)
+    events = generate(rt, chat_request(rt, principal(request).project, body))
     if body.stream:
         started = await first_event(events)
         return stream_chat(request, body, started, events)
     done = await collect(events, request.is_disconnected)
     s = done.started
     spend_tokens(request, s.prompt_tokens + done.completion_tokens)
+    return JSONResponse(chat_completion(body, done))
+
+
+def chat_completion(body: ChatCompletionRequest, done: Collected) -> dict:
+    """OpenAI's chat.completion object for a collected answer."""
+    s = done.started
     name = namer(s.token_text, body.return_tokens_as_token_ids)
     choices = [
         {
@@ -75,14 +89,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         }
         for c in done.choices
     ]
-    return JSONResponse(
-        {
-            **envelope(s),
-            "object": "chat.completion",
-            "choices": choices,
-            "usage": usage(s.prompt_tokens, done.completion_tokens),
-        }
-    )
+    return {
+        **envelope(s),
+        "object": "chat.completion",
+        "choices": choices,
+        "usage": usage(s.prompt_tokens, done.completion_tokens),
+    }
 
 
 def envelope(s: Started) -> dict:

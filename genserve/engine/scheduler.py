@@ -5,6 +5,12 @@ sequence, each able to hold `max_model_len` tokens; a sequence never outgrows it
 scheduler never has to preempt. Every step it spends a token budget: first one token for every
 decoding sequence (latency of running streams comes first), then prefill chunks for sequences
 still reading their prompt, then new sequences from the waiting queue while slots are free.
+
+Background requests (the Batch API's, Request.priority) come last at every stage: their prefill
+gets what interactive prefill leaves of the budget, and they are admitted only while more than
+`reserved_slots` slots are free, so an interactive request always finds a slot that batch work
+cannot hold, and never waits in the queue behind it; and a step that reads an interactive prompt
+leaves the background rows out (see schedule()).
 """
 
 from __future__ import annotations
@@ -92,10 +98,22 @@ class SlotPool:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, token_budget: int, aligned_chunks: bool = True) -> None:
+    def __init__(
+        self,
+        num_slots: int,
+        token_budget: int,
+        aligned_chunks: bool = True,
+        reserved_slots: int | None = None,
+    ) -> None:
         if token_budget < num_slots + 1:
             raise ValueError("token_budget must exceed num_slots (every slot decodes each step)")
         self.slots = SlotPool(num_slots)
+        # Slots background work never takes. By default it gets a quarter (at least one): on a
+        # CPU every row costs step time, and the step a call's prompt waits behind is its TTFT.
+        default = num_slots - max(1, num_slots // 4)
+        self.reserved_slots = default if reserved_slots is None else reserved_slots
+        if not 0 <= self.reserved_slots <= num_slots:
+            raise ValueError("reserved_slots must be in [0, num_slots]")
         self.token_budget = token_budget
         # Prompts are cut at fixed multiples of chunk_size, never where the budget happens to
         # run out: the same prompt then runs as the same chunks whatever else is in flight,
@@ -122,15 +140,21 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.token_budget
         chunks: list[ScheduledChunk] = []
-        decoding = [s for s in self.running if s.num_computed == s.num_tokens - 1]
+        # A step that reads an interactive prompt carries no background rows: its time is that
+        # call's time to first token. The background sequences skip one step, nothing more
+        # (their state and their seeded draws do not depend on when they run).
+        hold = self._interactive_prompt_due()
+        runnable = [s for s in self.running if not (hold and s.request.background)]
+        decoding = [s for s in runnable if s.num_computed == s.num_tokens - 1]
         for seq in decoding[:budget]:
             chunks.append(ScheduledChunk.of(seq, seq.num_computed, seq.num_tokens))
         budget -= len(chunks)
-        for seq in self.running:
+        # Interactive prompts first (a stable sort: arrival order within a priority).
+        for seq in sorted(runnable, key=lambda s: s.request.priority):
             if seq.num_computed < seq.num_tokens - 1 and self._fits(seq, budget):
                 budget -= self._prefill(seq, budget, chunks)
-        while self.waiting and self.slots.num_free and self._fits(self.waiting[0], budget):
-            seq = self.waiting.popleft()
+        while (seq := self._next_waiting(hold)) is not None and self._fits(seq, budget):
+            self.waiting.remove(seq)
             seq.slot = self.slots.take()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -140,6 +164,25 @@ class Scheduler:
         # changes no result.
         chunks.sort(key=lambda c: c.seq.request.adapter or "")
         return SchedulerOutput(tuple(chunks))
+
+    def _next_waiting(self, hold: bool = False) -> Sequence | None:
+        """The oldest interactive sequence, else (unless `hold`) the oldest background one
+        while more slots than the reserve are free; None when nothing may start now."""
+        if not self.slots.num_free:
+            return None
+        first = next((s for s in self.waiting if not s.request.background), None)
+        if first is not None:
+            return first
+        if not hold and self.waiting and self.slots.num_free > self.reserved_slots:
+            return self.waiting[0]
+        return None
+
+    def _interactive_prompt_due(self) -> bool:
+        """An interactive prompt is being read, or one waits for a free slot."""
+        for seq in self.running:
+            if not seq.request.background and seq.num_computed < seq.num_tokens - 1:
+                return True
+        return self.slots.num_free > 0 and any(not s.request.background for s in self.waiting)
 
     def _chunk_end(self, seq: Sequence, budget: int) -> int:
         if not (self.aligned_chunks or seq.request.params.reproducible):

@@ -96,6 +96,11 @@ class SamplingParams:
         return self.seed is not None
 
 
+# Request.priority: lower runs first. Batch API work only fills what interactive calls leave.
+INTERACTIVE = 0
+BACKGROUND = 1
+
+
 @dataclass(slots=True)
 class Request:
     """One sequence to generate. A call's n choices are n requests, admitted and streamed as
@@ -106,6 +111,11 @@ class Request:
     params: SamplingParams
     adapter: str | None = None  # LoRA adapter id; None: the base model
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = INTERACTIVE  # BACKGROUND: a Batch API request (see engine.scheduler)
+
+    @property
+    def background(self) -> bool:
+        return self.priority > INTERACTIVE
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from genserve.config import ServerConfig
 from genserve.engine.client import AsyncEngine, ContextLengthError, EngineError, GroupStream
 from genserve.engine.scheduler import QueueFullError
 from genserve.engine.types import (
+    INTERACTIVE,
     FailureKind,
     GrammarSpec,
     Request,
@@ -78,6 +79,7 @@ class ChatRequest:
     sampling: SamplingParams  # max_tokens None: the rest of the context
     n: int = 1
     tools: ToolsRequest | None = None  # None: no tools given
+    priority: int = INTERACTIVE  # engine.types.BACKGROUND for the Batch API's requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,7 @@ class CompletionRequest:
     n: int = 1
     best_of: int | None = None  # candidates per prompt, the best n returned (None: n)
     echo: bool = False
+    priority: int = INTERACTIVE
 
 
 GenerationRequest = ChatRequest | CompletionRequest
@@ -243,13 +246,18 @@ async def collect(
                 choices[d.index].add(d)
 
         task = asyncio.create_task(run())
-        while not task.done():
-            await asyncio.wait({task}, timeout=poll_s)
-            if not task.done() and disconnected is not None and await disconnected():
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=poll_s)
+                if not task.done() and disconnected is not None and await disconnected():
+                    raise ClientGone("client closed the request")
+        finally:
+            # Whoever leaves early (a client gone, a cancelled caller: a batch cancelled or
+            # stopping) stops `run` first: closing the events while it reads them would raise.
+            if not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                raise ClientGone("client closed the request")
         task.result()
     chosen = pick_best(choices, len(started.prompts), started.best_of, started.n)
     return Collected(started, chosen, sum(c.completion_tokens for c in choices))
@@ -282,7 +290,9 @@ async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
         sampling = replace(sampling, grammar=tool_grammar(tools, fmt))
     param = "tools" if tools is not None and tools.active else "response_format"
     params = await settle(rt, served, sampling, max_tokens, param)
-    admitted = _open(rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages")
+    admitted = _open(
+        rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages", request.priority
+    )
     if tools is None or not tools.active:
         return admitted
     return replace(admitted, tool_format=fmt, forced=tools.choice.mode != "auto")
@@ -352,7 +362,7 @@ async def _admit_completion(rt: Runtime, request: CompletionRequest) -> _Admitte
     longest = max(len(p) for p in prompts)
     check_limits(rt.config, longest, max_tokens, "prompt", served.context_limit)
     params = await settle(rt, served, sampling, max_tokens)
-    admitted = _open(rt, target, "cmpl", prompts, params, n, best_of, "prompt")
+    admitted = _open(rt, target, "cmpl", prompts, params, n, best_of, "prompt", request.priority)
     if request.echo:
         echoes = tuple(served.tokenizer.decode(p) for p in prompts)
         admitted = replace(admitted, started=replace(admitted.started, echoes=echoes))
@@ -463,6 +473,7 @@ def _open(
     n: int,
     best_of: int,
     prompt_param: str,
+    priority: int = INTERACTIVE,
 ) -> _Admitted:
     """Submit prompts x best_of sequences to the engine as one group."""
     cid = f"{prefix}-{uuid.uuid4().hex}"
@@ -472,6 +483,7 @@ def _open(
             list(ids),
             replace(params, seed=choice_seed(params.seed, i)),
             target.adapter,
+            priority=priority,
         )
         for p, ids in enumerate(prompts)
         for i in range(best_of)

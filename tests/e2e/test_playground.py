@@ -172,6 +172,13 @@ def test_fine_tune_from_the_page(page, live: LiveServer, tmp_path: Path) -> None
     picker = page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
     assert model in picker  # the picker was refreshed
 
+    # Evaluate it on a file: its examples, without their answers, run as one batch.
+    page.set_input_files("#ft-eval-file", str(_training_file(tmp_path)))
+    page.click("#ft-eval-start")
+    page.wait_for_selector("#ft-eval[data-status=completed]", timeout=FT_TIMEOUT_MS)
+    assert " 0 failed" in page.inner_text("#ft-eval-status")
+    assert page.is_visible("#ft-eval-download")
+
     page.click("#ft-try")
     assert page.input_value("#model") == model
     page.fill("#prompt", "What is 2 plus 2?")
