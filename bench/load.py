@@ -11,7 +11,7 @@ before and after (goal: within 10%).
 Hostile mode (issue 13): one tenant's requests must not hurt another's.
 
     python bench/load.py --hostile [--streams 32] [--max-tokens 64] [--slowloris 300]
-        [--best-of-requests 4] [--timeout 120] [--settle 5] [--batch STREAMS+96]
+        [--best-of-requests 4] [--only KIND ...] [--timeout 120] [--settle 5] [--batch STREAMS+96]
 
 Starts a server on the starter model with two API keys, A and B (GENSERVE_API_KEYS), room for
 the streams and the attackers' sequences (--max-batch-size STREAMS+96) and --max-file-bytes
@@ -59,6 +59,7 @@ from common import ServerProcess, free_port, percentile
 from hostile import (
     MIB,
     MODEL,
+    Attack,
     Outcome,
     Upload,
     attacks,
@@ -136,6 +137,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--slowloris", type=int, default=300, help="--hostile: half-open sockets")
     p.add_argument(
         "--best-of-requests", type=int, default=4, help="--hostile: requests with best_of 16"
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="--hostile: send only the JSON attacks whose kind contains this (repeatable), "
+        "to find which one costs the streams their TTFT",
     )
     p.add_argument(
         "--timeout",
@@ -261,7 +269,7 @@ def client(a: argparse.Namespace, key: str) -> httpx.AsyncClient:
 
 async def hostile_run(server: ServerProcess, a: argparse.Namespace, run: HostileRun) -> None:
     proc = psutil.Process(server.proc.pid)
-    hostile_requests = attacks(a.best_of_requests)  # built before anything is timed
+    hostile_requests = chosen(attacks(a.best_of_requests), a.only)  # built before timing
     async with client(a, KEY_A) as http_a, client(a, KEY_B) as http_b:
         await normal_phase(http_a, min(4, a.streams), a)  # warm-up
         file_id = await upload_as(http_a, "tenant-a.jsonl")
@@ -271,6 +279,10 @@ async def hostile_run(server: ServerProcess, a: argparse.Namespace, run: Hostile
         run.rss_after = await settled_rss(proc, a.settle)
         # Last, after every measurement: today it unloads the base model for everyone.
         run.outcomes.append(await member_delete(http_b, a.timeout))
+
+
+def chosen(listed: list[Attack], only: list[str]) -> list[Attack]:
+    return [r for r in listed if not only or any(o in r.kind for o in only)]
 
 
 async def settled_rss(proc: psutil.Process, settle_s: float) -> int | None:
@@ -296,7 +308,7 @@ async def hostile_phase(http_a, http_b, file_id, hostile_requests, a, run: Hosti
         started = Started(wanted=max(1, a.streams // 2))
         sends += [
             when(started.event, a.timeout, send_attack(http_b, r, a.timeout))
-            for r in poisons(" (mid-stream)")
+            for r in chosen(poisons(" (mid-stream)"), a.only)
         ]
         streams, reads, *outcomes = await asyncio.gather(
             released(normal_phase(http_a, a.streams, a, started), started),

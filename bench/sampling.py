@@ -29,7 +29,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from genserve.model import sampler as new  # noqa: E402 - after the path
+from genserve.engine.types import SamplingParams  # noqa: E402 - after the path
+from genserve.model import sampler as new  # noqa: E402
 
 # The last commit whose sampler sorted each row on its own (issue 14 replaced it).
 DEFAULT_BASELINE = "9709d68"
@@ -63,10 +64,12 @@ def make_logits(kind: str, batch: int, seed: int = 0) -> torch.Tensor:
 
 
 def rows_for(module: ModuleType, batch: int, kw: dict) -> list:
-    return [
-        module.SamplingRow(0.8, generator=torch.Generator().manual_seed(i), **kw)
-        for i in range(batch)
-    ]
+    # The current row holds the request's SamplingParams; the baseline's repeated its fields.
+    gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+    if module is new:
+        p = SamplingParams(temperature=0.8, **kw)
+        return [new.SamplingRow(p, generator=g) for g in gens]
+    return [module.SamplingRow(0.8, generator=gens[i], **kw) for i in range(batch)]
 
 
 def timed_pair(old: ModuleType, logits: torch.Tensor, kw: dict, repeats: int) -> tuple:
@@ -85,15 +88,16 @@ def timed_pair(old: ModuleType, logits: torch.Tensor, kw: dict, repeats: int) ->
 
 def full_sort_kept(row_logits: torch.Tensor, r: new.SamplingRow) -> torch.Tensor:
     """The definition on one row: stable full sort, prefix rules in float64."""
-    x = row_logits * torch.tensor(1.0 / r.temperature, dtype=torch.float32)
+    p = r.params
+    x = row_logits * torch.tensor(1.0 / p.temperature, dtype=torch.float32)
     probs = x.softmax(-1)
-    if r.min_p:
-        probs = probs.masked_fill(probs < r.min_p * probs.max(), 0.0)
+    if p.min_p:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     order = x.sort(descending=True, stable=True).indices
     w = probs[order].double()
-    w[min(r.top_k or VOCAB, VOCAB) :] = 0.0
+    w[min(p.top_k or VOCAB, VOCAB) :] = 0.0
     cum = w.cumsum(0)
-    kept = (w > 0) & ((cum - w) < r.top_p * cum[-1]) if r.top_p < 1 else w > 0
+    kept = (w > 0) & ((cum - w) < p.top_p * cum[-1]) if p.top_p < 1 else w > 0
     mask = torch.zeros(VOCAB, dtype=torch.bool)
     mask[order[kept]] = True
     return mask

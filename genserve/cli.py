@@ -11,6 +11,7 @@ from typing import Annotated, Any, get_type_hints
 
 import typer
 
+from genserve.batch_cli import batch_app
 from genserve.config import DEFAULT_MODEL, ServerConfig
 from genserve.models_cli import models_app
 from genserve.training.cli import finetune_app
@@ -82,6 +83,8 @@ SERVE_OPTIONS = (
     ConfigOption("quantization", "model", "quantization",
                  "none|int8 (weight-only int8, per output channel)."),
     ConfigOption("device", "model", "device", "auto|cpu|cuda"),
+    ConfigOption("tool_call_format", "model", "tool_call_format",
+                 "auto (from the chat template)|hermes|llama3_json|mistral"),
     ConfigOption("max_batch_size", "engine", "max_batch_size", "Sequences decoded together."),
     ConfigOption("max_model_len", "engine", "max_model_len",
                  "Context per sequence (default: model's, max 2048)."),
@@ -258,6 +261,7 @@ keys_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(models_app, name="models")
+app.add_typer(batch_app, name="batch")
 KeyFileOpt = Annotated[
     str, typer.Option("--key-file", envvar=E + "API_KEY_FILE", help="The key file.")
 ]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
 DEVICES = ("auto", "cpu", "cuda")
+TOOL_CALL_FORMATS = ("auto", "hermes", "llama3_json", "mistral")
 DEFAULT_MODEL = "genserve-starter"
 
 
@@ -58,8 +59,15 @@ class ModelConfig:
     memory_budget_gb: float | None = None  # None: 80% of the machine's memory
     # int8: weight-only int8 (per output channel) on the Llama-family fast path
     quantization: str = "none"
+    # The syntax tool calls are written in (genserve/runtime/tools.py); auto: from the template
+    tool_call_format: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.tool_call_format not in TOOL_CALL_FORMATS:
+            raise ValueError(
+                f"tool_call_format must be one of {TOOL_CALL_FORMATS}, "
+                f"got {self.tool_call_format!r}"
+            )
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"

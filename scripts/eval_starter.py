@@ -2,6 +2,14 @@
 
     python scripts/eval_starter.py                 # numbers in the model card
     python scripts/eval_starter.py --samples       # and the card's sample outputs
+    python scripts/eval_starter.py --dtype bfloat16                 # through the server
+    python scripts/eval_starter.py --dtype auto --quantization int8
+
+With --dtype or --quantization the same held-out windows go through a genserve server started
+with those flags (completions with echo and logprobs: every prompt token's log-probability as
+the serving path computes it, kernels and weight format included), and through a second one
+started with --dtype float32 in the same run; both perplexities and their ratio are printed
+(issue 14's goal: int8 within 1% of fp32, bf16 within 0.5%).
 
 The held-out files are re-selected from the running Python's standard library with the rule
 in starter_data.py and checked against the manifest shipped with the model
@@ -17,15 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import httpx
 import starter_data as sd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from common import ServerProcess, free_port  # noqa: E402 - bench/ is not a package
+
 DEFAULT_MODEL = REPO / "genserve" / "bundled" / "genserve-starter"
 # Prompts end mid-line: the byte-level BPE merges a newline with the indentation after it,
 # so a prompt ending in a bare "\n" asks for a token split the model rarely saw.
@@ -60,6 +74,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", action="store_true", help="also print sample outputs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds")
     parser.add_argument("--json-out", type=Path, help="write the numbers here as JSON")
+    parser.add_argument("--dtype", help="evaluate through a server with this --dtype")
+    parser.add_argument("--quantization", help="evaluate through a server with this option")
     parser.add_argument(
         "--allow-corpus-mismatch",
         action="store_true",
@@ -122,6 +138,66 @@ def evaluate(model_dir: Path, files: list[sd.SourceFile], seq_len: int) -> EvalR
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ServedNll:
+    flags: tuple[str, ...]
+    nll: float
+    ppl: float
+
+
+def served_nll(model_dir: Path, val: torch.Tensor, seq_len: int, flags: list[str]) -> ServedNll:
+    """Mean NLL of the held-out windows as a server started with `flags` scores them."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [sys.executable, "-m", "genserve.cli", "serve", "--model", str(model_dir),
+                "--port", str(port), "--data-dir", tmp, "--embedding-model", "none",
+                *flags]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GENSERVE_")}
+        server = ServerProcess(args, Path(tmp) / "server.log", env)
+        server.start()
+        try:
+            url = f"http://127.0.0.1:{port}"
+            server.wait_healthy(url, 300)
+            with httpx.Client(base_url=url, timeout=600, trust_env=False) as http:
+                name = http.get("/v1/models").json()["data"][0]["id"]
+                total, count = 0.0, 0
+                for window in sd.windows(val, seq_len):
+                    total += -sum(prompt_logprobs(http, name, window.tolist()))
+                    count += len(window) - 1
+        finally:
+            server.stop()
+    nll = total / count
+    return ServedNll(tuple(flags), round(nll, 6), round(math.exp(nll), 4))
+
+
+def prompt_logprobs(http: httpx.Client, model: str, ids: list[int]) -> list[float]:
+    """log p of every prompt token after the first (echo + logprobs, max_tokens 1)."""
+    body = {"model": model, "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 1,
+            "temperature": 0}  # fmt: skip
+    r = http.post("/v1/completions", json=body)
+    r.raise_for_status()
+    lps = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    return lps[1 : len(ids)]  # [0] has no context; after the prompt comes the sampled token
+
+
+def compare_served(model_dir: Path, files: list[sd.SourceFile], seq_len: int, flags: list[str]):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    eot = tok.convert_tokens_to_ids(sd.EOT)
+
+    def encode(docs: list[str]) -> list[list[int]]:
+        return tok(docs, add_special_tokens=False, verbose=False)["input_ids"]
+
+    val = sd.token_stream(encode, [f.text for f in files if f.heldout], eot)
+    reference = served_nll(model_dir, val, seq_len, ["--dtype", "float32"])
+    tried = served_nll(model_dir, val, seq_len, flags)
+    return {
+        "predicted_tokens": len(val) - 1,
+        "reference": asdict(reference),
+        "tried": asdict(tried),
+        "ppl_ratio": round(tried.ppl / reference.ppl, 5),
+    }
+
+
 def print_samples(model_dir: Path, seeds: list[int]) -> None:
     """The card's samples: model.generate, temperature 0.7, top_p 1.0, top_k off, seed set
     with torch.manual_seed right before each call."""
@@ -144,10 +220,15 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     files = checked_corpus(args.model, args.allow_corpus_mismatch)
-    result = evaluate(args.model, files, args.seq_len)
-    print(json.dumps(asdict(result), indent=2))
+    flags = [f"--{k}={v}" for k, v in (("dtype", args.dtype), ("quantization", args.quantization))
+             if v is not None]  # fmt: skip
+    if flags:
+        result = compare_served(args.model, files, args.seq_len, flags)
+    else:
+        result = asdict(evaluate(args.model, files, args.seq_len))
+    print(json.dumps(result, indent=2))
     if args.json_out:
-        args.json_out.write_text(json.dumps(asdict(result), indent=2) + "\n")
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     if args.samples:
         print_samples(args.model, args.seeds)
 

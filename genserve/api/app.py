@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from genserve import __version__
 from genserve.api import (
+    batches,
     chat,
     completions,
     embeddings,
@@ -22,6 +23,7 @@ from genserve.api import (
     models,
     playground,
     registry,
+    responses,
     tokenize,
 )
 from genserve.api.auth import KeyStore
@@ -55,6 +57,7 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
     app.state.config = config
     app.state.metrics = Metrics(rt)
     rt.observe = app.state.metrics.observer
+    rt.batch_handler = batches.batch_handler(rt)
     app.state.edge = edge_state(config)
     app.add_middleware(EdgeMiddleware, state=app.state.edge)
     errors.install(app)
@@ -63,9 +66,11 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
     app.include_router(embeddings.router)
     app.include_router(completions.router)
     app.include_router(chat.router)
+    app.include_router(responses.router)
     app.include_router(tokenize.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
+    app.include_router(batches.router)
     app.include_router(playground.router)
     app.add_api_route("/health", health, methods=["GET"], responses=HEALTH_RESPONSES)
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)

@@ -12,7 +12,18 @@ from genserve.api.models import runtime_of
 from genserve.api.sampling import apply_defaults, sampling_params
 from genserve.api.schemas import ChatCompletionRequest, plain_messages
 from genserve.api.stream import first_event, spend_tokens, sse_response, usage
-from genserve.runtime.generation import ChatRequest, ChoiceDelta, Started, collect, generate
+from genserve.api.tools import chat_choice, delta_calls, message_calls, tool_def, tools_request
+from genserve.engine.types import INTERACTIVE
+from genserve.runtime.generation import (
+    ChatRequest,
+    ChoiceDelta,
+    ChoiceState,
+    Collected,
+    Started,
+    collect,
+    generate,
+)
+from genserve.runtime.runtime import Runtime
 
 router = APIRouter()
 
@@ -20,47 +31,70 @@ router = APIRouter()
 def check_chat_body(body: ChatCompletionRequest) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
-    if body.tools:
-        raise bad_request("tool calling is not supported by this server", param="tools")
 
 
-def chat_request(http: Request, body: ChatCompletionRequest) -> ChatRequest:
-    target = runtime_of(http).get(body.model, principal(http).project)
+def chat_request(
+    rt: Runtime, project: str, body: ChatCompletionRequest, priority: int = INTERACTIVE
+) -> ChatRequest:
+    """The body -> the runtime's request (the Batch API builds its requests here too)."""
+    target = rt.get(body.model, project)
     apply_defaults(body, target.served.settings.defaults)
     check_chat_body(body)
+    tools = tools_request(
+        [tool_def(t) for t in body.tools or ()],
+        chat_choice(body.tool_choice),
+        body.parallel_tool_calls,
+        body.response_format,
+    )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = sampling_params(body, max_tokens, logprobs)
-    return ChatRequest(target, plain_messages(body.messages), sampling, body.n or 1)
+    messages = plain_messages(body.messages)
+    return ChatRequest(target, messages, sampling, body.n or 1, tools, priority=priority)
+
+
+def chat_message(c: ChoiceState) -> dict:
+    """OpenAI's assistant message: content null when the turn is only tool calls."""
+    text = "".join(c.text)
+    message = {"role": "assistant", "content": text, "refusal": None}
+    if c.tool_calls:
+        message["content"] = text or None
+        message["tool_calls"] = message_calls(c.tool_calls)
+    return message
 
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    events = generate(runtime_of(request), chat_request(request, body))
+    rt = runtime_of(request)
+    events = generate(rt, chat_request(rt, principal(request).project, body))
     if body.stream:
         started = await first_event(events)
         return stream_chat(request, body, started, events)
     done = await collect(events, request.is_disconnected)
     s = done.started
     spend_tokens(request, s.prompt_tokens + done.completion_tokens)
+    return JSONResponse(chat_completion(body, done))
+
+
+def chat_completion(body: ChatCompletionRequest, done: Collected) -> dict:
+    """OpenAI's chat.completion object for a collected answer."""
+    s = done.started
     name = namer(s.token_text, body.return_tokens_as_token_ids)
     choices = [
         {
             "index": c.index,
-            "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
+            "message": chat_message(c),
             "logprobs": chat_logprobs(c.logprobs, name) if body.logprobs else None,
             "finish_reason": c.finish_reason,
         }
         for c in done.choices
     ]
-    return JSONResponse(
-        {
-            **envelope(s),
-            "object": "chat.completion",
-            "choices": choices,
-            "usage": usage(s.prompt_tokens, done.completion_tokens, done.cached_tokens),
-        }
-    )
+    return {
+        **envelope(s),
+        "object": "chat.completion",
+        "choices": choices,
+        "usage": usage(s.prompt_tokens, done.completion_tokens, done.cached_tokens),
+    }
 
 
 def envelope(s: Started) -> dict:
@@ -87,9 +121,11 @@ def stream_chat(http: Request, body: ChatCompletionRequest, started: Started, ev
     ]
 
     def frame(d: ChoiceDelta) -> dict | None:
-        if not d.text and d.finish_reason is None and not d.delta.logprobs:
+        if not d.text and d.finish_reason is None and not d.delta.logprobs and not d.calls:
             return None
-        delta = {"content": d.text} if d.text or d.delta.logprobs else {}
+        delta: dict = {"content": d.text} if d.text or d.delta.logprobs else {}
+        if d.calls:
+            delta["tool_calls"] = delta_calls(d.calls)
         logprobs = chat_logprobs(d.delta.logprobs, name) if body.logprobs else None
         choice = {"index": d.index, "delta": delta, "logprobs": logprobs}
         choice["finish_reason"] = d.finish_reason

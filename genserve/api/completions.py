@@ -12,14 +12,17 @@ from genserve.api.models import runtime_of
 from genserve.api.sampling import apply_defaults, sampling_params
 from genserve.api.schemas import CompletionRequest as Body
 from genserve.api.stream import first_event, spend_tokens, sse_response, usage
+from genserve.engine.types import INTERACTIVE
 from genserve.runtime.generation import (
     ChoiceDelta,
     ChoiceState,
+    Collected,
     CompletionRequest,
     Started,
     collect,
     generate,
 )
+from genserve.runtime.runtime import Runtime
 
 router = APIRouter()
 
@@ -43,30 +46,44 @@ def prompt_list(prompt) -> tuple[str | tuple[int, ...], ...]:  # noqa: ANN001 - 
     return tuple(p if isinstance(p, str) else tuple(p) for p in prompt)
 
 
-def completion_request(http: Request, body: Body) -> CompletionRequest:
-    target = runtime_of(http).get(body.model, principal(http).project)
+def completion_request(
+    rt: Runtime, project: str, body: Body, priority: int = INTERACTIVE
+) -> CompletionRequest:
+    """The body -> the runtime's request (the Batch API builds its requests here too)."""
+    target = rt.get(body.model, project)
     apply_defaults(body, target.served.settings.defaults)
     check_completion_body(body)
     echo_lps = body.logprobs if body.echo else None
     sampling = sampling_params(body, body.max_tokens, body.logprobs, echo_lps)
     prompts = prompt_list(body.prompt)
-    return CompletionRequest(target, prompts, sampling, body.n or 1, body.best_of, bool(body.echo))
+    n, echo = body.n or 1, bool(body.echo)
+    return CompletionRequest(target, prompts, sampling, n, body.best_of, echo, priority)
 
 
 @router.post("/v1/completions")
 async def create_completion(body: Body, request: Request):
-    events = generate(runtime_of(request), completion_request(request, body))
+    rt = runtime_of(request)
+    events = generate(rt, completion_request(rt, principal(request).project, body))
     if body.stream:
         started = await first_event(events)
         return stream_completion(request, body, started, events)
     done = await collect(events, request.is_disconnected)
     s = done.started
     spend_tokens(request, s.prompt_tokens + done.completion_tokens)
+    return JSONResponse(text_completion(body, done))
+
+
+def text_completion(body: Body, done: Collected) -> dict:
+    """OpenAI's text_completion object for a collected answer."""
+    s = done.started
     choices = [
         completion_choice(body, s, c, s.prompts[i // s.n], i) for i, c in enumerate(done.choices)
     ]
-    counts = usage(s.prompt_tokens, done.completion_tokens, done.cached_tokens)
-    return JSONResponse({**envelope(s), "choices": choices, "usage": counts})
+    return {
+        **envelope(s),
+        "choices": choices,
+        "usage": usage(s.prompt_tokens, done.completion_tokens, done.cached_tokens),
+    }
 
 
 def envelope(s: Started) -> dict:

@@ -13,6 +13,7 @@ from genserve.api.auth import principal
 from genserve.api.errors import bad_request
 from genserve.api.models import runtime_of
 from genserve.runtime.models import EmbeddingModel
+from genserve.runtime.runtime import Runtime
 
 router = APIRouter()
 MAX_INPUTS = 2048
@@ -62,7 +63,12 @@ def encode(vector: list[float], fmt: str) -> list[float] | str:
 
 @router.post("/v1/embeddings")
 async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict:
-    model = runtime_of(request).embedder(body.model, principal(request).project)
+    return await embeddings(runtime_of(request), principal(request).project, body)
+
+
+async def embeddings(rt: Runtime, project: str, body: EmbeddingRequest) -> dict:
+    """OpenAI's embeddings list for a body (the Batch API's requests come here too)."""
+    model = rt.embedder(body.model, project)
     if body.dimensions is not None and body.dimensions != model.dimensions:
         raise bad_request(
             f"{model.id} makes {model.dimensions}-dimensional embeddings and cannot shorten "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -125,13 +127,19 @@ def _validation_param(loc: tuple) -> str | None:
     return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in parts)
 
 
-async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+def validation_error(errors: Sequence[Any]) -> APIError:
+    """pydantic's errors -> the 400 that names the first one's field (the Batch API validates
+    its lines' bodies with the same schemas, so their errors read as online ones do)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     param = _validation_param(tuple(first.get("loc", ())))
     message = str(first.get("msg", "invalid request"))
     if param:
         message = f"{param}: {message}"
-    return error_response(bad_request(message, param=param))
+    return bad_request(message, param=param)
+
+
+async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error(exc.errors()))
 
 
 async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -89,6 +89,7 @@ class AsyncEngine:
         self.max_len = max_len
         self.capacity = capacity  # running slots + waiting queue: more in flight gets 429
         self._flights: dict[str, Flight] = {}  # request id -> its one record on this side
+        self._background = 0  # of those, Batch API requests (bounded by the batch runner)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self.observer: Observer | None = None  # metrics, set by the API
@@ -156,11 +157,15 @@ class AsyncEngine:
             raise EngineError(STOPPED.message, STOPPED)
         for r in requests:
             self.check_context(len(r.prompt_token_ids), r.params.max_tokens)
-        if len(self._flights) + len(requests) > self.capacity:
+        # Background work never makes an interactive call 429: it does not count against it.
+        interactive = not any(r.background for r in requests)
+        in_flight = len(self._flights) - (self._background if interactive else 0)
+        if in_flight + len(requests) > self.capacity:
             raise QueueFullError(f"the server is at capacity ({self.capacity} requests in flight)")
         stream = GroupStream(self, requests)
         for r in requests:
             self._flights[r.request_id] = Flight(r, stream.queue)
+            self._background += r.background
             self.core.submit(r)
         return stream
 
@@ -174,7 +179,10 @@ class AsyncEngine:
 
     def _forget(self, rid: str) -> Flight | None:
         """The one place a request's record leaves this side: finished, or abandoned."""
-        return self._flights.pop(rid, None)
+        flight = self._flights.pop(rid, None)
+        if flight is not None:
+            self._background -= flight.request.background
+        return flight
 
     # -- called on the engine thread ---------------------------------------------------------
     def _publish(self, deltas: Sequence[TokenDelta]) -> None:

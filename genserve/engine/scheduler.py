@@ -8,6 +8,12 @@ blocks are freed and it is recomputed later, its stream going on where it stoppe
 spends a token budget: first one token for every decoding sequence (latency of running streams
 comes first), then prefill chunks for sequences still reading their prompt, then new sequences
 from the waiting queue while slots (a bound on sequences at once) and blocks are free.
+
+Background requests (the Batch API's, Request.priority) come last at every stage: their prefill
+gets what interactive prefill leaves of the budget, and they are admitted only while more than
+`reserved_slots` slots are free, so an interactive request always finds a slot that batch work
+cannot hold, and never waits in the queue behind it; and a step that reads an interactive prompt
+leaves the background rows out (see schedule()).
 """
 
 from __future__ import annotations
@@ -108,6 +114,7 @@ class Scheduler:
         token_budget: int,
         aligned_chunks: bool = True,
         kv: KVCacheManager | None = None,
+        reserved_slots: int | None = None,
     ) -> None:
         if token_budget < num_slots + 1:
             raise ValueError("token_budget must exceed num_slots (every slot decodes each step)")
@@ -115,6 +122,12 @@ class Scheduler:
         # runners that keep one); blocks bound the tokens they hold.
         self.slots = SlotPool(num_slots)
         self.kv = kv or KVCacheManager(num_slots * UNBOUNDED_BLOCKS_PER_SLOT, caching=False)
+        # Slots background work never takes. By default it gets a quarter (at least one): on a
+        # CPU every row costs step time, and the step a call's prompt waits behind is its TTFT.
+        default = num_slots - max(1, num_slots // 4)
+        self.reserved_slots = default if reserved_slots is None else reserved_slots
+        if not 0 <= self.reserved_slots <= num_slots:
+            raise ValueError("reserved_slots must be in [0, num_slots]")
         self.token_budget = token_budget
         # Prompts are cut at fixed multiples of chunk_size, never where the budget happens to
         # run out: the same prompt then runs as the same chunks whatever else is in flight,
@@ -145,25 +158,51 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.token_budget
         chunks: list[ScheduledChunk] = []
-        for seq in [s for s in self.running if s.num_computed == s.num_tokens - 1]:
+        # A step that reads an interactive prompt carries no background rows: its time is that
+        # call's time to first token. The background sequences skip one step, nothing more
+        # (their state and their seeded draws do not depend on when they run).
+        hold = self._interactive_prompt_due()
+        runnable = [s for s in self.running if not (hold and s.request.background)]
+        for seq in [s for s in runnable if s.num_computed == s.num_tokens - 1]:
             if seq.status is not SeqStatus.RUNNING:  # preempted for an older one's block
                 continue
             if len(chunks) < budget and self._room_for_decode(seq):
                 chunks.append(ScheduledChunk.of(seq, seq.num_computed, seq.num_tokens))
         budget -= len(chunks)
-        for seq in self.running:
+        # Interactive prompts first (a stable sort: arrival order within a priority).
+        for seq in sorted(runnable, key=lambda s: s.request.priority):
+            if seq.status is not SeqStatus.RUNNING:  # preempted above
+                continue
             if seq.num_computed < seq.num_tokens - 1 and self._fits(seq, budget):
                 budget -= self._prefill(seq, budget, chunks)
-        while self.waiting and self.slots.num_free and self._fits(self.waiting[0], budget):
-            if not self._admit(self.waiting[0]):
-                break  # its blocks do not fit yet: it keeps its place at the head
-            seq = self.waiting.popleft()
+        while (seq := self._next_waiting(hold)) is not None and self._fits(seq, budget):
+            if not self._admit(seq):
+                break  # its blocks do not fit yet: it keeps its place in the queue
             budget -= self._prefill(seq, budget, chunks)
         # Sequences of one adapter side by side: the model applies each adapter to one
         # contiguous block of rows (views, no gathers). Rows are independent, so the order
         # changes no result.
         chunks.sort(key=lambda c: c.seq.request.adapter or "")
         return SchedulerOutput(tuple(chunks))
+
+    def _next_waiting(self, hold: bool = False) -> Sequence | None:
+        """The oldest interactive sequence, else (unless `hold`) the oldest background one
+        while more slots than the reserve are free; None when nothing may start now."""
+        if not self.slots.num_free:
+            return None
+        first = next((s for s in self.waiting if not s.request.background), None)
+        if first is not None:
+            return first
+        if not hold and self.waiting and self.slots.num_free > self.reserved_slots:
+            return self.waiting[0]
+        return None
+
+    def _interactive_prompt_due(self) -> bool:
+        """An interactive prompt is being read, or one waits for a free slot."""
+        for seq in self.running:
+            if not seq.request.background and seq.num_computed < seq.num_tokens - 1:
+                return True
+        return self.slots.num_free > 0 and any(not s.request.background for s in self.waiting)
 
     def _room_for_decode(self, seq: Sequence) -> bool:
         """A block for the decode's position, preempting the newest sequences until one is
@@ -192,6 +231,7 @@ class Scheduler:
         cached = self.kv.admit(seq.request_id, self.namespace(seq), tokens, self._cache_limit(seq))
         if cached is None:
             return False
+        self.waiting.remove(seq)
         seq.num_computed = cached
         if seq.num_cached is None:  # what the client is told: its first admission's
             seq.num_cached = cached

@@ -18,6 +18,7 @@ class FinishReason(enum.StrEnum):
 
 JSON_OBJECT = "json_object"
 JSON_SCHEMA = "json_schema"
+LARK = "lark"  # a Lark grammar (llguidance's dialect): tool calls
 
 
 class UnsupportedSchemaError(ValueError):
@@ -28,20 +29,27 @@ class UnsupportedSchemaError(ValueError):
 class GrammarSpec:
     """What a request's output must match; hashable, so compiled grammars are cached by it."""
 
-    kind: str  # "json_object" | "json_schema"
+    kind: str  # "json_object" | "json_schema" | "lark"
     schema_json: str | None = None  # JSON text of the schema, for kind "json_schema"
+    lark: str | None = None  # the grammar's text, for kind "lark"
 
     def __post_init__(self) -> None:
+        if (self.kind == LARK) != isinstance(self.lark, str):
+            raise ValueError("a lark grammar needs its text, and only it")
         if self.kind == JSON_OBJECT and self.schema_json is not None:
             raise ValueError("a json_object grammar takes no schema")
         if self.kind == JSON_SCHEMA and not isinstance(self.schema_json, str):
             raise ValueError("a json_schema grammar needs the schema's JSON text")
-        if self.kind not in (JSON_OBJECT, JSON_SCHEMA):
+        if self.kind not in (JSON_OBJECT, JSON_SCHEMA, LARK):
             raise ValueError(f"unknown grammar kind {self.kind!r}")
 
     @classmethod
     def json_object(cls) -> GrammarSpec:
         return cls(JSON_OBJECT)
+
+    @classmethod
+    def lark_grammar(cls, text: str) -> GrammarSpec:
+        return cls(LARK, lark=text)
 
     @classmethod
     def json_schema(cls, schema: Mapping[str, Any]) -> GrammarSpec:
@@ -88,6 +96,11 @@ class SamplingParams:
         return self.seed is not None
 
 
+# Request.priority: lower runs first. Batch API work only fills what interactive calls leave.
+INTERACTIVE = 0
+BACKGROUND = 1
+
+
 @dataclass(slots=True)
 class Request:
     """One sequence to generate. A call's n choices are n requests, admitted and streamed as
@@ -98,6 +111,11 @@ class Request:
     params: SamplingParams
     adapter: str | None = None  # LoRA adapter id; None: the base model
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = INTERACTIVE  # BACKGROUND: a Batch API request (see engine.scheduler)
+
+    @property
+    def background(self) -> bool:
+        return self.priority > INTERACTIVE
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from genserve.engine.types import (  # noqa: F401 - re-exported
     JSON_OBJECT,
     JSON_SCHEMA,
+    LARK,
     GrammarSpec,
     UnsupportedSchemaError,
 )
@@ -227,19 +228,19 @@ class GrammarCompiler:
     def _compile(self, spec: GrammarSpec) -> llguidance.LLMatcher | str:
         import llguidance
 
+        what = "tool grammar" if spec.kind == LARK else "response_format schema"
         try:
-            text = _ANY_OBJECT if spec.kind == JSON_OBJECT else _checked(spec.schema_json)
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(text, overrides=_JSON_OPTIONS)
+            grammar = _grammar(spec)
         except UnsupportedSchemaError as exc:
             return str(exc)
         except ValueError as exc:
-            return f"response_format schema is invalid: {_short(exc)}"
+            return f"{what} is invalid: {_short(exc)}"
         matcher = llguidance.LLMatcher(self._tok, grammar, log_level=0, limits=self._limits)
         if matcher.is_error():
-            return f"response_format schema cannot be enforced: {_short(matcher.get_error())}"
+            return f"{what} cannot be enforced: {_short(matcher.get_error())}"
         problem = self._probe(matcher)
         if problem is not None:
-            return f"response_format schema exceeds the grammar's limits: {problem}"
+            return f"{what} exceeds the grammar's limits: {problem}"
         return matcher
 
     def _probe(self, template: llguidance.LLMatcher) -> str | None:
@@ -357,6 +358,17 @@ class GrammarUnavailable:
 
     def refuse(self, spec: GrammarSpec, message: str) -> None:
         """Nothing is compiled here, so there is nothing to remember."""
+
+
+def _grammar(spec: GrammarSpec) -> str:
+    """llguidance's grammar text for a spec (a Lark grammar's schemas are checked by the
+    caller, one tool at a time, so that the error names the tool)."""
+    import llguidance
+
+    if spec.kind == LARK:
+        return llguidance.LLMatcher.grammar_from_lark(spec.lark or "")
+    text = _ANY_OBJECT if spec.kind == JSON_OBJECT else _checked(spec.schema_json)
+    return llguidance.LLMatcher.grammar_from_json_schema(text, overrides=_JSON_OPTIONS)
 
 
 def _checked(schema_json: str | None) -> str:

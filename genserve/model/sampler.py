@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from genserve.engine.types import TokenLogprob
+from genserve.engine.types import SamplingParams, TokenLogprob
 
 NEG_INF = float("-inf")
 GREEDY_BELOW = 1e-5
@@ -30,33 +30,28 @@ class Constraint(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SamplingRow:
-    temperature: float  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    min_p: float = 0.0
+    """One row of a step: the request's own SamplingParams (the one record of its sampling
+    fields) and the state sampling reads beside them, kept by the worker per request."""
+
+    params: SamplingParams
     generator: torch.Generator | None = None
     suppress: tuple[int, ...] = ()  # token ids that may not be drawn (EOS before min_tokens)
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
     counts: torch.Tensor | None = None  # [V] how often each token was generated so far
     seen: torch.Tensor | None = None  # [V] bool: in the prompt or generated so far
     constraint: Constraint | None = None  # a grammar: what may come next
-    logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top k
-    # logit_bias as (token ids, values), built once per request; None: built from logit_bias
+    # logit_bias as (token ids, values), built once per request; None: built from params
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.bias is not None:
             return self.bias
-        return bias_tensors(self.logit_bias)
+        return bias_tensors(self.params.logit_bias)
 
     @property
     def greedy(self) -> bool:
         # Below 1e-5 (vLLM's threshold) dividing by the temperature overflows to inf/NaN;
         # the distribution is a spike on the argmax anyway.
-        return self.temperature < GREEDY_BELOW or self.top_k == 1
+        return self.params.temperature < GREEDY_BELOW or self.params.top_k == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +74,7 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     per row at 8,192 entries. Each row's entries are distinct token ids (parse_logit_bias
     merges duplicates), so every logit gets one addition, the same alone or in a batch.
     """
-    parts = [(i, r.bias_tensors()) for i, r in enumerate(rows) if r.logit_bias]
+    parts = [(i, r.bias_tensors()) for i, r in enumerate(rows) if r.params.logit_bias]
     if not parts:
         return
     ids = torch.cat([t for _, (t, _) in parts])
@@ -92,10 +87,11 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 def apply_penalties(row: torch.Tensor, r: SamplingRow) -> None:
     """OpenAI's presence/frequency penalties over generated tokens; vLLM's (HF's) repetition
     penalty over prompt and generated tokens (divide positive logits, multiply negative)."""
-    if r.counts is not None and (r.presence_penalty or r.frequency_penalty):
-        row -= r.counts * r.frequency_penalty + (r.counts > 0).to(row.dtype) * r.presence_penalty
-    if r.seen is not None and r.repetition_penalty != 1.0:
-        penalized = torch.where(row > 0, row / r.repetition_penalty, row * r.repetition_penalty)
+    p = r.params
+    if r.counts is not None and (p.presence_penalty or p.frequency_penalty):
+        row -= r.counts * p.frequency_penalty + (r.counts > 0).to(row.dtype) * p.presence_penalty
+    if r.seen is not None and p.repetition_penalty != 1.0:
+        penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
         row.copy_(torch.where(r.seen, penalized, row))
 
 
@@ -107,9 +103,10 @@ def apply_masks(row: torch.Tensor, r: SamplingRow) -> None:
 
 
 def _changes_logits(r: SamplingRow) -> bool:
-    penalized = r.counts is not None and bool(r.presence_penalty or r.frequency_penalty)
-    repeated = r.seen is not None and r.repetition_penalty != 1.0
-    return bool(r.logit_bias or penalized or repeated or r.suppress or r.constraint is not None)
+    p = r.params
+    penalized = r.counts is not None and bool(p.presence_penalty or p.frequency_penalty)
+    repeated = r.seen is not None and p.repetition_penalty != 1.0
+    return bool(p.logit_bias or penalized or repeated or r.suppress or r.constraint is not None)
 
 
 def process(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, RowErrors]:
@@ -194,11 +191,11 @@ class DrawParams:
         return cls(
             # A multiplication, not a division: ATen divides a [1, V] row by a [1, 1] tensor
             # with a reciprocal but a [B, V] batch exactly, so a row alone would round otherwise.
-            tensor([[1.0 / r.temperature] for r in rows], torch.float32),
-            tensor([[r.min_p] for r in rows], torch.float32),
+            tensor([[1.0 / r.params.temperature] for r in rows], torch.float32),
+            tensor([[r.params.min_p] for r in rows], torch.float32),
             # Python's min first: a top_k of 10**30 must not overflow int64.
-            tensor([min(r.top_k or vocab, vocab) for r in rows], torch.long),
-            tensor([r.top_p for r in rows], torch.float64),
+            tensor([min(r.params.top_k or vocab, vocab) for r in rows], torch.long),
+            tensor([r.params.top_p for r in rows], torch.float64),
         )
 
 
@@ -465,13 +462,13 @@ def _logprobs(
     """log_softmax of every row that asked, in one op; each row's top k from its own row (a
     k shared by the batch could pick other ids among equal logprobs)."""
     out: list[TokenLogprob | None] = [None] * len(rows)
-    want = [i for i, r in enumerate(rows) if r.logprobs is not None and i not in errors]
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None and i not in errors]
     if not want:
         return out
     table = logits[want].float().log_softmax(-1)
     for j, i in enumerate(want):
         try:
-            out[i] = _from_logprobs(table[j], tokens[i], rows[i].logprobs)
+            out[i] = _from_logprobs(table[j], tokens[i], rows[i].params.logprobs)
         except Exception as e:  # noqa: BLE001 - this row's request fails, not the batch
             errors[i] = e
     return out

@@ -129,20 +129,12 @@ class ModelWorker:
         if chunk.num_generated < p.min_tokens:
             suppress = self.eos_ids + p.stop_token_ids
         return SamplingRow(
-            temperature=p.temperature,
-            top_p=p.top_p,
-            top_k=p.top_k,
-            min_p=p.min_p,
+            p,
             generator=state.generator,
             suppress=suppress,
-            logit_bias=p.logit_bias,
-            presence_penalty=p.presence_penalty,
-            frequency_penalty=p.frequency_penalty,
-            repetition_penalty=p.repetition_penalty,
             counts=state.counts,
             seen=state.seen,
             constraint=state.grammar,
-            logprobs=p.logprobs,
             bias=state.bias,
         )
 

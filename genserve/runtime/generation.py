@@ -20,6 +20,7 @@ from genserve.config import ServerConfig
 from genserve.engine.client import AsyncEngine, ContextLengthError, EngineError, GroupStream
 from genserve.engine.scheduler import QueueFullError
 from genserve.engine.types import (
+    INTERACTIVE,
     FailureKind,
     GrammarSpec,
     Request,
@@ -47,6 +48,15 @@ from genserve.runtime.limits import (
 from genserve.runtime.models import ServedModel, Target
 from genserve.runtime.runtime import Runtime
 from genserve.runtime.tokens import TokenText
+from genserve.runtime.tools import (
+    CallDelta,
+    ToolCall,
+    ToolCallParser,
+    ToolsRequest,
+    detect_format,
+    tool_grammar,
+)
+from genserve.runtime.tools_prompt import template_messages
 
 SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of a call's n choices apart
 SEED_MASK = (1 << 63) - 1
@@ -58,6 +68,8 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 class Message:
     role: str  # "system" | "developer" | "user" | "assistant" | "tool"
     text: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +78,8 @@ class ChatRequest:
     messages: tuple[Message, ...]
     sampling: SamplingParams  # max_tokens None: the rest of the context
     n: int = 1
+    tools: ToolsRequest | None = None  # None: no tools given
+    priority: int = INTERACTIVE  # engine.types.BACKGROUND for the Batch API's requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +90,7 @@ class CompletionRequest:
     n: int = 1
     best_of: int | None = None  # candidates per prompt, the best n returned (None: n)
     echo: bool = False
+    priority: int = INTERACTIVE
 
 
 GenerationRequest = ChatRequest | CompletionRequest
@@ -116,12 +131,14 @@ class Started:
 
 @dataclass(frozen=True, slots=True)
 class ChoiceDelta:
-    """What one engine step produced for one choice."""
+    """What one engine step produced for one choice. With tools, `text` is the content only
+    and `calls` the pieces of tool calls (finish_reason "tool_calls" when there were any)."""
 
     index: int
     text: str
     finish_reason: str | None
     delta: TokenDelta
+    calls: tuple[CallDelta, ...] = ()
 
 
 Event = Started | ChoiceDelta
@@ -139,15 +156,25 @@ class ChoiceState:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
     cached_tokens: int = 0  # of its prompt, served by the prefix cache
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
-    def add(self, d: TokenDelta) -> None:
-        self.text.append(d.text)
+    def add(self, cd: ChoiceDelta) -> None:
+        d = cd.delta
+        self.text.append(cd.text)
         self.cached_tokens = d.cached_tokens or self.cached_tokens
-        self.finish_reason = d.finish_reason.value if d.finish_reason else self.finish_reason
+        self.finish_reason = cd.finish_reason or self.finish_reason
         self.completion_tokens = d.completion_tokens
+        self._add_calls(cd.calls)
         self.token_ids.extend(d.token_ids)
         self.logprobs.extend(d.logprobs)
         self.prompt_logprobs = self.prompt_logprobs or d.prompt_logprobs
+
+    def _add_calls(self, calls: Sequence[CallDelta]) -> None:
+        for c in calls:
+            if c.id is not None:
+                self.tool_calls.append(ToolCall(c.id, c.name or "", ""))
+            last = self.tool_calls[c.index]
+            self.tool_calls[c.index] = replace(last, arguments=last.arguments + c.arguments)
 
     @property
     def cumulative_logprob(self) -> float:
@@ -168,6 +195,8 @@ class _Admitted:
     started: Started
     stream: GroupStream
     index: dict[str, int]  # request id -> choice index
+    tool_format: str | None = None  # set when the output may hold tool calls
+    forced: bool = False  # tool_choice required or named: the whole output is calls
 
 
 async def generate(rt: Runtime, request: GenerationRequest) -> AsyncIterator[Event]:
@@ -177,15 +206,36 @@ async def generate(rt: Runtime, request: GenerationRequest) -> AsyncIterator[Eve
         admitted = await _admit_chat(rt, request)
     else:
         admitted = await _admit_completion(rt, request)
+    parsers: dict[int, ToolCallParser] = {}
     try:
         yield admitted.started
         async for d in admitted.stream:
             reason = d.finish_reason.value if d.finish_reason else None
-            yield ChoiceDelta(admitted.index[d.request_id], d.text, reason, d)
+            index = admitted.index[d.request_id]
+            if admitted.tool_format is None:
+                yield ChoiceDelta(index, d.text, reason, d)
+                continue
+            parser = parsers.setdefault(
+                index, ToolCallParser(admitted.tool_format, admitted.forced)
+            )
+            yield tool_delta(parser, index, reason, d)
     except EngineError as e:
         raise failure_error(e) from e
     finally:
         admitted.stream.close()
+
+
+def tool_delta(
+    parser: ToolCallParser, index: int, reason: str | None, d: TokenDelta
+) -> ChoiceDelta:
+    """One step's text split into content and call pieces; a finished choice that called a
+    tool ends with "tool_calls" (OpenAI's reason), one cut short keeps "length"."""
+    content, calls = parser.feed(d.text)
+    if reason is not None:
+        content += parser.finish()
+        if parser.calls and reason == "stop":
+            reason = "tool_calls"
+    return ChoiceDelta(index, content, reason, d, tuple(calls))
 
 
 Disconnected = Callable[[], Awaitable[bool]]
@@ -204,16 +254,21 @@ async def collect(
         async def run() -> None:
             async for d in events:
                 assert isinstance(d, ChoiceDelta)
-                choices[d.index].add(d.delta)
+                choices[d.index].add(d)
 
         task = asyncio.create_task(run())
-        while not task.done():
-            await asyncio.wait({task}, timeout=poll_s)
-            if not task.done() and disconnected is not None and await disconnected():
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=poll_s)
+                if not task.done() and disconnected is not None and await disconnected():
+                    raise ClientGone("client closed the request")
+        finally:
+            # Whoever leaves early (a client gone, a cancelled caller: a batch cancelled or
+            # stopping) stops `run` first: closing the events while it reads them would raise.
+            if not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                raise ClientGone("client closed the request")
         task.result()
     chosen = pick_best(choices, len(started.prompts), started.best_of, started.n)
     cached = started.cached_tokens({c.index: c.cached_tokens for c in choices})
@@ -237,23 +292,49 @@ def pick_best(
 async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
     target, served = request.target, request.target.served
     check_group(served.engine, request.n, "n")
-    prompt = await off_loop(chat_prompt, served, request.messages)
+    fmt = detect_format(served.template, rt.config.model.tool_call_format)
+    prompt = await off_loop(chat_prompt, served, request.messages, request.tools, fmt)
     max_tokens = request.sampling.max_tokens or max(served.context_limit - len(prompt), 1)
     check_limits(rt.config, len(prompt), max_tokens, "messages", served.context_limit)
-    params = await settle(rt, served, request.sampling, max_tokens)
-    return _open(rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages")
+    sampling, tools = request.sampling, request.tools
+    if tools is not None and tools.active:
+        await check_tool_schemas(rt, served, tools)
+        sampling = replace(sampling, grammar=tool_grammar(tools, fmt))
+    param = "tools" if tools is not None and tools.active else "response_format"
+    params = await settle(rt, served, sampling, max_tokens, param)
+    admitted = _open(
+        rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages", request.priority
+    )
+    if tools is None or not tools.active:
+        return admitted
+    return replace(admitted, tool_format=fmt, forced=tools.choice.mode != "auto")
 
 
-def render_chat(served: ServedModel, messages: Sequence[Message], generation_prompt: bool) -> str:
-    # Templates know "system"; OpenAI's newer "developer" role means the same to them.
-    plain = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages
-    ]
+async def check_tool_schemas(rt: Runtime, served: ServedModel, tools: ToolsRequest) -> None:
+    """Each tool's parameters must be a schema the grammar enforces: a 400 names the tool."""
+    for i, tool in enumerate(tools.tools):
+        try:
+            spec = GrammarSpec.json_schema(tool.parameters)
+            await check_grammar(rt, served, spec)
+        except (UnsupportedSchemaError, InvalidRequest) as e:
+            where = f"tools[{i}].function.parameters ({tool.name})"
+            raise InvalidRequest(str(e).replace("response_format schema", where), "tools") from e
+
+
+def render_chat(
+    served: ServedModel,
+    messages: Sequence[Message],
+    generation_prompt: bool,
+    tools: ToolsRequest | None = None,
+    fmt: str = "hermes",
+) -> str:
+    plain, extra = template_messages(served.template, messages, tools, fmt)
     render = lambda: served.tokenizer.apply_chat_template(  # noqa: E731
         plain,
         chat_template=served.template,
         tokenize=False,
         add_generation_prompt=generation_prompt,
+        **extra,
     )
     try:
         # Call it off the event loop: it can be slow (a template with nested loops).
@@ -265,8 +346,13 @@ def render_chat(served: ServedModel, messages: Sequence[Message], generation_pro
         raise InvalidRequest(f"the chat template rejected these messages: {e}", "messages") from e
 
 
-def chat_prompt(served: ServedModel, messages: Sequence[Message]) -> list[int]:
-    text = render_chat(served, messages, generation_prompt=True)
+def chat_prompt(
+    served: ServedModel,
+    messages: Sequence[Message],
+    tools: ToolsRequest | None = None,
+    fmt: str = "hermes",
+) -> list[int]:
+    text = render_chat(served, messages, True, tools, fmt)
     check_prompt_bytes(text, served.max_token_bytes, served.context_limit, "messages")
     # The template writes any BOS itself; adding special tokens again would double it.
     return served.tokenizer.encode(text, add_special_tokens=False)
@@ -288,7 +374,7 @@ async def _admit_completion(rt: Runtime, request: CompletionRequest) -> _Admitte
     longest = max(len(p) for p in prompts)
     check_limits(rt.config, longest, max_tokens, "prompt", served.context_limit)
     params = await settle(rt, served, sampling, max_tokens)
-    admitted = _open(rt, target, "cmpl", prompts, params, n, best_of, "prompt")
+    admitted = _open(rt, target, "cmpl", prompts, params, n, best_of, "prompt", request.priority)
     if request.echo:
         echoes = tuple(served.tokenizer.decode(p) for p in prompts)
         admitted = replace(admitted, started=replace(admitted.started, echoes=echoes))
@@ -344,7 +430,11 @@ def check_limits(
 
 
 async def settle(
-    rt: Runtime, served: ServedModel, sampling: SamplingParams, max_tokens: int
+    rt: Runtime,
+    served: ServedModel,
+    sampling: SamplingParams,
+    max_tokens: int,
+    grammar_param: str = "response_format",
 ) -> SamplingParams:
     """The record the engine gets: max_tokens settled, and what only the model can check
     (its vocabulary, its grammar library) checked."""
@@ -359,22 +449,24 @@ async def settle(
     if sampling.min_tokens > max_tokens:
         raise InvalidRequest("min_tokens must be in [0, max_tokens]")
     if sampling.grammar is not None:
-        await check_grammar(rt, served, sampling.grammar)
+        await check_grammar(rt, served, sampling.grammar, grammar_param)
     return replace(sampling, max_tokens=max_tokens)
 
 
-async def check_grammar(rt: Runtime, served: ServedModel, spec: GrammarSpec) -> None:
+async def check_grammar(
+    rt: Runtime, served: ServedModel, spec: GrammarSpec, param: str = "response_format"
+) -> None:
     """Compiled on a low-priority worker thread (rt.background) within GRAMMAR_BUDGET_S (a
     12-deep anyOf took 4.5 s on the event loop); one that runs past it is refused now and
     remembered as refused, so the engine thread never compiles it either."""
     try:
         await asyncio.wait_for(rt.background.run(served.grammars.validate, spec), GRAMMAR_BUDGET_S)
     except UnsupportedSchemaError as e:
-        raise InvalidRequest(str(e), "response_format") from e
+        raise InvalidRequest(str(e), param) from e
     except TimeoutError as e:
-        msg = f"response_format schema did not compile within {GRAMMAR_BUDGET_S:g}s"
+        msg = f"{param} schema did not compile within {GRAMMAR_BUDGET_S:g}s"
         served.grammars.refuse(spec, msg)
-        raise InvalidRequest(msg, "response_format") from e
+        raise InvalidRequest(msg, param) from e
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -393,6 +485,7 @@ def _open(
     n: int,
     best_of: int,
     prompt_param: str,
+    priority: int = INTERACTIVE,
 ) -> _Admitted:
     """Submit prompts x best_of sequences to the engine as one group."""
     cid = f"{prefix}-{uuid.uuid4().hex}"
@@ -402,6 +495,7 @@ def _open(
             list(ids),
             replace(params, seed=choice_seed(params.seed, i)),
             target.adapter,
+            priority=priority,
         )
         for p, ids in enumerate(prompts)
         for i in range(best_of)

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from genserve.bundled import bundled_adapters, bundled_names
 from genserve.config import ServerConfig
+from genserve.runtime.batches import BatchRunner
 from genserve.runtime.errors import DomainError
 from genserve.runtime.models import AdapterSpec, ModelSettings, ServedModel
 from genserve.runtime.registry import ModelRegistry
 from genserve.runtime.runtime import Runtime
+from genserve.storage.batches import BatchStore
 from genserve.storage.db import open_database
 from genserve.storage.files import FileStore
 from genserve.storage.jobs import JobStore
@@ -59,10 +61,13 @@ async def load(rt: Runtime, loader: Loader) -> None:
     load_embeddings(reg, config)
     await reg.restore()  # models registered through the API before a restart
     rt.ready = True
+    await start_batches(rt)  # resumes unfinished batches: last, once every model is served
     log.info("ready: %s", ", ".join(m.id for m in rt.listing(project="")))
 
 
 async def shutdown(rt: Runtime) -> None:
+    if rt.batches is not None:  # before the engines: no batch request fails for their stop
+        await rt.batches.stop()
     await stop_fine_tuning(rt)  # the training worker first: its job resumes on restart
     for served in rt.models.values():
         await asyncio.to_thread(served.engine.stop)
@@ -131,6 +136,14 @@ async def start_fine_tuning(rt: Runtime) -> None:
     except Exception as e:  # noqa: BLE001 - reported by every files/jobs route
         log.exception("fine-tuning storage failed to start")
         rt.storage_error = f"{type(e).__name__}: {e}"
+
+
+async def start_batches(rt: Runtime) -> None:
+    """The Batch API's runner, on the files' storage; it resumes what a previous run left."""
+    if rt.files is None or rt.database is None or rt.batch_handler is None:
+        return  # no storage (its routes say why), or no API to run requests through
+    rt.batches = BatchRunner(BatchStore(rt.database), rt.files, rt.batch_handler)
+    await rt.batches.start()
 
 
 async def stop_fine_tuning(rt: Runtime) -> None:

@@ -30,6 +30,7 @@ from genserve.runtime.models import (
 )
 
 if TYPE_CHECKING:  # types only: these modules import the runtime's models themselves
+    from genserve.runtime.batches import BatchHandler, BatchRunner
     from genserve.runtime.registry import ModelRegistry
     from genserve.storage.db import Database
     from genserve.storage.files import FileStore
@@ -59,6 +60,8 @@ class Runtime:
     fine_tuning: JobManager | None = None
     storage_error: str | None = None  # why files and jobs are unavailable
     training_launcher: Launcher | None = None  # None: a local subprocess (Ray sets its own)
+    batch_handler: BatchHandler | None = None  # runs one batch line; set by the API
+    batches: BatchRunner | None = None  # the Batch API's runner, once storage is up
 
     # -- names -------------------------------------------------------------------------------
     def resolve_alias(self, model_id: str) -> str:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_NAME = "genserve.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_PROJECT = "default"  # the owner of rows written before projects existed
 # The columns a database of an older version lacks beyond SCHEMA's CREATE ... IF NOT EXISTS,
 # by the version that brought them: (table, column, declaration). A column already there is
@@ -27,6 +27,7 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
         ("files", "project", f"TEXT NOT NULL DEFAULT '{DEFAULT_PROJECT}'"),
         ("jobs", "project", f"TEXT NOT NULL DEFAULT '{DEFAULT_PROJECT}'"),
     ),
+    4: (),  # the batches and batch_results tables: new, so SCHEMA's CREATE makes them
 }
 
 SCHEMA = """
@@ -83,6 +84,54 @@ CREATE TABLE IF NOT EXISTS job_checkpoints (
   metrics TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS job_checkpoints_by_job ON job_checkpoints (job_id, seq);
+CREATE TABLE IF NOT EXISTS batches (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT UNIQUE NOT NULL,
+  project TEXT NOT NULL,
+  endpoint TEXT NOT NULL,
+  input_file_id TEXT NOT NULL,
+  completion_window TEXT NOT NULL,
+  metadata TEXT,
+  status TEXT NOT NULL,
+  model TEXT,
+  total INTEGER NOT NULL DEFAULT 0,
+  errors TEXT,
+  output_file_id TEXT,
+  error_file_id TEXT,
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL,
+  in_progress_at INTEGER,
+  finalizing_at INTEGER,
+  completed_at INTEGER,
+  failed_at INTEGER,
+  expired_at INTEGER,
+  cancelling_at INTEGER,
+  cancelled_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS batches_by_project ON batches (project, seq);
+-- One row per finished request: the primary key is what makes a custom_id appear once in the
+-- output however often the server is killed and the batch resumed.
+CREATE TABLE IF NOT EXISTS batch_results (
+  batch_id TEXT NOT NULL,
+  custom_id TEXT NOT NULL,
+  line INTEGER NOT NULL,
+  ok INTEGER NOT NULL,
+  result TEXT NOT NULL,
+  input_tokens INTEGER NOT NULL DEFAULT 0,
+  output_tokens INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (batch_id, custom_id)
+);
+-- Stored Responses (storage/responses.py); a new table, so no column migration brings it.
+CREATE TABLE IF NOT EXISTS responses (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT UNIQUE NOT NULL,
+  project TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  body TEXT NOT NULL,
+  input_items TEXT NOT NULL,
+  context TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_by_project ON responses (project, seq);
 """
 # After the migrations: they may index columns an old database only has once migrated.
 INDEXES = """

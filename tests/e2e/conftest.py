@@ -28,6 +28,7 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 API_KEY = "gs-e2e-playground-key"
+EMBEDDINGS_MODEL = "all-MiniLM-L6-v2"
 TIMEOUT_MS = 30_000
 
 
@@ -44,6 +45,9 @@ def live(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             "--data-dir",
             str(root / "data"),
             "--deterministic",  # the compare view's fixed seed: k parallel samples, identical
+            # An embeddings model too: its id sorts first, and the picker must not open on it.
+            "--embedding-model",
+            EMBEDDINGS_MODEL,
         )
     yield srv
     srv.stop()

@@ -8,7 +8,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import API_KEY, open_page, screenshot, wait_for_models
+from tests.e2e.conftest import (
+    API_KEY,
+    EMBEDDINGS_MODEL,
+    open_page,
+    screenshot,
+    wait_for_models,
+)
 from tests.server import LiveServer
 
 FT_TIMEOUT_MS = 120_000  # a LoRA job on the tiny model takes seconds; its worker starts slower
@@ -166,6 +172,13 @@ def test_fine_tune_from_the_page(page, live: LiveServer, tmp_path: Path) -> None
     picker = page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
     assert model in picker  # the picker was refreshed
 
+    # Evaluate it on a file: its examples, without their answers, run as one batch.
+    page.set_input_files("#ft-eval-file", str(_training_file(tmp_path)))
+    page.click("#ft-eval-start")
+    page.wait_for_selector("#ft-eval[data-status=completed]", timeout=FT_TIMEOUT_MS)
+    assert " 0 failed" in page.inner_text("#ft-eval-status")
+    assert page.is_visible("#ft-eval-download")
+
     page.click("#ft-try")
     assert page.input_value("#model") == model
     page.fill("#prompt", "What is 2 plus 2?")
@@ -246,3 +259,40 @@ def test_every_control_is_labelled(page, live: LiveServer) -> None:
             .map(b => b.id)"""
     )
     assert nameless == []
+
+
+def test_chat_tool_call_is_shown_as_json(page, live: LiveServer) -> None:
+    sent: list[dict] = []
+    page.on(
+        "request",
+        lambda req: (
+            sent.append(req.post_data_json) if req.url.endswith("/v1/chat/completions") else None
+        ),
+    )
+    open_page(page, live)
+    page.check("#use-tools")
+    page.select_option("#tool-choice", "required")
+    page.fill("#max-tokens", "120")
+    page.fill("#prompt", "Weather in Oslo?")
+    page.click("#send")
+    reply = page.wait_for_selector(".msg.assistant[data-state=done]")
+    assert sent[-1]["tools"][0]["function"]["name"] == "get_weather"  # the example tool
+    assert sent[-1]["tool_choice"] == "required"
+    shown = json.loads(reply.query_selector("pre.tool-calls").inner_text())
+    assert shown[0]["name"] == "get_weather" and isinstance(shown[0]["arguments"], dict)
+    assert shown[0]["arguments"]["unit"] in ("celsius", "fahrenheit")
+    screenshot(page, "chat-tools")
+
+
+def test_picker_opens_on_a_generative_model(page, live: LiveServer) -> None:
+    """A newcomer's first Send must reach a model that chats: the embeddings model, whose id
+    sorts first in /v1/models, is listed by the API but not offered in the picker."""
+    listed = httpx.get(
+        f"{live.url}/v1/models", headers={"authorization": f"Bearer {API_KEY}"}
+    ).json()["data"]
+    kinds = {m["id"]: m.get("kind") for m in listed}
+    assert kinds[EMBEDDINGS_MODEL] == "embed" and sorted(kinds)[0] == EMBEDDINGS_MODEL
+    open_page(page, live)
+    offered = page.eval_on_selector_all("#model option", "els => els.map(e => e.value)")
+    assert EMBEDDINGS_MODEL not in offered
+    assert kinds[page.input_value("#model")] != "embed"

@@ -1,5 +1,5 @@
 """Property-based fuzzing of our own OpenAPI document with schemathesis: whatever it sends to
-the generation, models, files and fine-tuning routes, no 5xx and no response that breaks
+the generation, models, files, fine-tuning and batch routes, no 5xx and no response that breaks
 the schema we publish."""
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.server import LiveServer, start_server
 
-ROUTES = r"^/(v1/(completions|chat/completions|models|files|fine_tuning)|tokenize|detokenize)"
+ROUTES = (
+    r"^/(v1/(completions|chat/completions|responses|models|files|fine_tuning|batches)"
+    r"|tokenize|detokenize)"
+)
 CHECKS = [
     not_a_server_error,
     status_code_conformance,

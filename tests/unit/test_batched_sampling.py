@@ -13,6 +13,7 @@ from genserve.model.sampler import (
     sample,
     truncated_weights,
 )
+from tests.sampling_rows import make_row
 
 VOCAB = 49152
 
@@ -34,7 +35,7 @@ def logits_of(kind: str, rows: int, vocab: int = VOCAB, seed: int = 0) -> torch.
 
 
 def row(temperature: float = 0.8, seed: int = 0, **kw: object) -> SamplingRow:
-    return SamplingRow(temperature, generator=torch.Generator().manual_seed(seed), **kw)
+    return make_row(temperature, seed, **kw)
 
 
 def params(rows: list[SamplingRow], vocab: int = VOCAB) -> DrawParams:
@@ -44,6 +45,7 @@ def params(rows: list[SamplingRow], vocab: int = VOCAB) -> DrawParams:
 def full_sort_kept(logits: torch.Tensor, r: SamplingRow) -> torch.Tensor:
     """The definition, on one row: a stable descending sort of the whole vocabulary, then the
     prefix rules, in float64 on the same float32 probabilities the batched path uses."""
+    r = r.params
     x = logits * torch.tensor(1.0 / r.temperature, dtype=torch.float32)
     probs = x.softmax(-1)
     if r.min_p:

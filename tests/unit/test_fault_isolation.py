@@ -24,6 +24,7 @@ from genserve.engine.types import (
     TokenLogprob,
 )
 from genserve.model.sampler import SamplingRow, sample
+from tests.sampling_rows import make_row
 
 POISON = 99  # a token id the fake decoder cannot decode
 
@@ -137,8 +138,7 @@ class Broken:
 
 
 def seeded(seed: int, **kw: object) -> SamplingRow:
-    gen = torch.Generator().manual_seed(seed)
-    return SamplingRow(temperature=1.0, generator=gen, **kw)
+    return make_row(1.0, seed, **kw)
 
 
 def test_a_failing_row_does_not_change_its_neighbours_tokens() -> None:
@@ -159,7 +159,7 @@ def test_a_huge_top_k_keeps_the_whole_vocabulary_instead_of_overflowing() -> Non
 def test_batched_logit_bias_matches_adding_each_entry() -> None:
     logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
     bias = tuple((t, float(t % 7) - 3) for t in range(0, 50, 3))
-    rows = [SamplingRow(temperature=0, logit_bias=bias, logprobs=None), SamplingRow(0)]
+    rows = [make_row(0, logit_bias=bias, logprobs=None), make_row(0)]
     expected = logits.clone()
     for t, v in bias:
         expected[0, t] += v

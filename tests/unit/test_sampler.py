@@ -11,13 +11,14 @@ from genserve.model.sampler import (
     sample,
     top_k_top_p_mask,
 )
+from tests.sampling_rows import make_row
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 LOGITS = torch.log(PROBS)[None]
 
 
 def row(temperature=1.0, seed=0, **kw) -> SamplingRow:
-    return SamplingRow(temperature, generator=torch.Generator().manual_seed(seed), **kw)
+    return make_row(temperature, seed, **kw)
 
 
 def tokens(logits: torch.Tensor, n: int = 300, **kw) -> set[int]:

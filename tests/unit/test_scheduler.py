@@ -1,5 +1,5 @@
 from genserve.engine.scheduler import Scheduler, SeqStatus
-from genserve.engine.types import Request, SamplingParams
+from genserve.engine.types import BACKGROUND, Request, SamplingParams
 
 
 def req(rid: str, prompt_len: int, max_tokens: int = 4) -> Request:
@@ -99,3 +99,50 @@ def test_without_batch_invariance_a_seeded_prompt_still_keeps_fixed_boundaries()
         ("a", 5, 6),
         ("seeded", 0, 8),
     ]
+
+
+def background(rid: str, prompt_len: int) -> Request:
+    r = req(rid, prompt_len)
+    r.priority = BACKGROUND
+    return r
+
+
+def test_background_work_never_takes_the_reserved_slots() -> None:
+    s = Scheduler(num_slots=8, token_budget=64)  # a quarter for background work
+    for i in range(4):
+        s.add(background(f"b{i}", 3))
+    run_step(s)
+    assert sorted(q.request_id for q in s.running) == ["b0", "b1"]
+    assert [q.request_id for q in s.waiting] == ["b2", "b3"]
+    assert Scheduler(num_slots=1, token_budget=64).reserved_slots == 0  # one slot: shared
+
+
+def test_interactive_requests_go_before_waiting_background_ones() -> None:
+    s = Scheduler(num_slots=4, token_budget=64, reserved_slots=0)
+    for i in range(3):
+        s.add(background(f"b{i}", 3))
+    run_step(s)  # b0..b2 run; one slot left
+    s.add(background("b3", 3))
+    s.add(req("i0", 3))  # arrives after b3, starts before it
+    out = run_step(s)
+    assert "i0" in [c.seq.request_id for c in out.chunks]
+    assert [q.request_id for q in s.waiting] == ["b3"]
+
+
+def test_interactive_prefill_gets_the_budget_first() -> None:
+    s = Scheduler(num_slots=4, token_budget=12, reserved_slots=0)  # chunk size 8
+    s.add(background("b", 8))
+    s.add(req("i", 8))
+    out = run_step(s)  # room for one 8-token chunk: the interactive one
+    assert [c.seq.request_id for c in out.chunks] == ["i"]
+
+
+def test_a_step_reading_an_interactive_prompt_leaves_background_rows_out() -> None:
+    s = Scheduler(num_slots=4, token_budget=64, reserved_slots=0)
+    s.add(background("b", 3))
+    run_step(s)  # b prefills; it decodes from now on
+    s.add(req("i", 5))
+    out = run_step(s)
+    assert [c.seq.request_id for c in out.chunks] == ["i"]  # i's prompt alone
+    out = run_step(s)
+    assert sorted(c.seq.request_id for c in out.chunks) == ["b", "i"]  # decodes together

@@ -118,7 +118,7 @@ def test_a_version_1_database_gains_result_files_and_keeps_its_jobs(tmp_path: Pa
     assert jobs.transition("ftjob-new", "succeeded", ("running",), result_files=("file-r",))
     assert jobs.get("ftjob-new").result_files == ("file-r",)
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == db_mod.SCHEMA_VERSION == 3  # through every migration since
+    assert version == db_mod.SCHEMA_VERSION == 4  # through every migration since
 
 
 # The files and jobs tables as genserve wrote them at schema version 2, before projects.
@@ -172,7 +172,7 @@ def test_a_version_2_database_gives_its_rows_to_the_default_project(tmp_path: Pa
     db.close()
     reopened = JobStore(open_database(tmp_path))
     assert reopened.get("ftjob-a").project == "key-a"
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 4
 
 
 def test_files_are_scoped_to_their_project_and_within_quota(files: FileStore) -> None:

@@ -99,6 +99,7 @@ function renderJob(job) {
   $("ft-cancel").disabled = TERMINAL.has(job.status);
   $("ft-try").disabled = job.status !== "succeeded";
   $("ft-try").dataset.model = job.fine_tuned_model || "";
+  $("ft-eval").disabled = job.status !== "succeeded";
 }
 
 function renderEvents(fresh) {
@@ -166,7 +167,91 @@ function tryModel() {
   $("prompt").focus();
 }
 
+// -- evaluate a finished model on a file: one Batch API batch ---------------------------------
+const BATCH_DONE = new Set(["completed", "failed", "expired", "cancelled"]);
+const EVAL_MAX_TOKENS = 128; // answers to grade are short; a batch line of the file may set its own
+
+/** A test file's lines -> batch request lines for `model`. A chat example ({messages}) loses
+ * its last assistant message (the answer to compare with); a batch line keeps its body. */
+export function batchLines(text, model) {
+  const out = [];
+  text.split(/\r?\n/).forEach((raw, i) => {
+    if (!raw.trim()) return;
+    let item;
+    try {
+      item = JSON.parse(raw);
+    } catch {
+      throw new Error(`line ${i + 1} is not JSON`);
+    }
+    if (item.body && item.custom_id) {
+      out.push({ ...item, method: "POST", url: "/v1/chat/completions", body: { ...item.body, model } });
+      return;
+    }
+    const messages = [...(item.messages || [])];
+    if (messages.length && messages[messages.length - 1].role === "assistant") messages.pop();
+    if (!messages.length) throw new Error(`line ${i + 1} has no messages to answer`);
+    out.push({
+      custom_id: `line-${i + 1}`, method: "POST", url: "/v1/chat/completions",
+      body: { model, messages, max_tokens: EVAL_MAX_TOKENS },
+    });
+  });
+  if (!out.length) throw new Error("the file holds no examples");
+  return out.map((x) => JSON.stringify(x)).join("\n") + "\n";
+}
+
+function evalStatus(batch) {
+  const c = batch.request_counts || { completed: 0, failed: 0, total: 0 };
+  const errors = (batch.errors?.data || []).map((e) => (e.line ? `line ${e.line}: ` : "") + e.message);
+  $("ft-eval-status").textContent =
+    `batch ${batch.status}: ${c.completed} done, ${c.failed} failed of ${c.total}` +
+    (errors.length ? ` (${errors.join("; ")})` : "");
+  $("ft-eval").dataset.status = batch.status;
+}
+
+async function evaluate() {
+  const model = $("ft-try").dataset.model;
+  const file = $("ft-eval-file").files[0];
+  showError(null);
+  $("ft-eval-download").hidden = true;
+  try {
+    if (!file) throw new Error("Choose a test file first.");
+    const lines = batchLines(await file.text(), model);
+    const form = new FormData();
+    form.append("purpose", "batch");
+    form.append("file", new Blob([lines], { type: "application/jsonl" }), `eval-${file.name}`);
+    const uploaded = await (await request("/v1/files", { method: "POST", body: form })).json();
+    let batch = await postJSON("/v1/batches", {
+      input_file_id: uploaded.id, endpoint: "/v1/chat/completions", completion_window: "24h",
+      metadata: { evaluates: model },
+    });
+    while (!BATCH_DONE.has(batch.status)) {
+      evalStatus(batch);
+      await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+      batch = await getJSON(`/v1/batches/${encodeURIComponent(batch.id)}`);
+    }
+    evalStatus(batch);
+    const download = $("ft-eval-download");
+    download.dataset.file = batch.output_file_id || "";
+    download.hidden = !batch.output_file_id;
+  } catch (e) {
+    showError(e.message);
+  }
+}
+
+async function downloadResults() {
+  const id = $("ft-eval-download").dataset.file;
+  if (!id) return;
+  const blob = await (await request(`/v1/files/${encodeURIComponent(id)}/content`)).blob();
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = `${id}.jsonl`;
+  link.click();
+  URL.revokeObjectURL(link.href);
+}
+
 export function initFinetune() {
+  $("ft-eval-start").addEventListener("click", evaluate);
+  $("ft-eval-download").addEventListener("click", downloadResults);
   $("ft-form").addEventListener("submit", start);
   $("ft-cancel").addEventListener("click", cancel);
   $("ft-try").addEventListener("click", tryModel);

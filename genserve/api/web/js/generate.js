@@ -13,8 +13,8 @@ export function endpoint(mode) {
  * The request body. `messages` (chat) excludes the system prompt, which goes first when set;
  * `prompt` is the completion prompt. `seed` null means the server picks.
  */
-export function requestBody({ mode, model, system, messages, prompt, sampling, seed, stream, probs, n }) {
-  const body = { model, ...sampling };
+export function requestBody({ mode, model, system, messages, prompt, sampling, seed, stream, probs, n, tools }) {
+  const body = { model, ...sampling, ...(mode === "chat" && tools ? tools : {}) };
   if (n && n > 1) body.n = n;
   if (seed !== null && seed !== undefined) body.seed = seed;
   if (mode === "chat") {
@@ -56,8 +56,10 @@ function pieceOf(choice, mode, streamed) {
   let text;
   if (mode === "chat") text = streamed ? choice.delta?.content : choice.message?.content;
   else text = choice.text;
+  const message = streamed ? choice.delta : choice.message;
   return {
     index: choice.index ?? 0,
+    calls: (mode === "chat" && message?.tool_calls) || null,
     text: text || "",
     tokens: tokensOf(choice.logprobs, mode),
     finish: choice.finish_reason || null,

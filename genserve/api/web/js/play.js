@@ -38,10 +38,35 @@ function describeRun({ seed, usage, finish, started }) {
   return parts.join(" · ");
 }
 
-/** Stream one reply into `view`; returns the text received, or null if it failed. */
+/** Streamed tool-call deltas (index, id and name first, then argument fragments) -> calls. */
+function addCalls(calls, deltas) {
+  for (const d of deltas) {
+    if (d.id) calls[d.index] = { id: d.id, type: "function", function: { name: d.function.name, arguments: "" } };
+    calls[d.index].function.arguments += d.function?.arguments || "";
+  }
+}
+
+/** The calls as JSON (arguments parsed where they parse) in a <pre> under the reply. */
+function showCalls(view, calls) {
+  let pre = view.article.querySelector("pre.tool-calls");
+  if (!pre) {
+    pre = document.createElement("pre");
+    pre.className = "tool-calls";
+    view.text.after(pre);
+  }
+  const shown = calls.map((c) => {
+    let args = c.function.arguments;
+    try { args = JSON.parse(args); } catch { /* still streaming */ }
+    return { name: c.function.name, arguments: args };
+  });
+  pre.textContent = JSON.stringify(shown, null, 2);
+}
+
+/** Stream one reply into `view`; returns {text, calls}, or null if it failed. */
 async function streamInto(view, mode, body) {
   const run = { seed: body.seed, usage: null, finish: null, started: performance.now() };
   let received = "";
+  const calls = [];
   let chunks = 0;
   view.article.dataset.state = "streaming";
   controller = new AbortController();
@@ -49,6 +74,7 @@ async function streamInto(view, mode, body) {
     for await (const piece of generate(mode, body, controller.signal)) {
       if (piece.usage) { run.usage = piece.usage; continue; }
       if (piece.finish) run.finish = piece.finish;
+      if (piece.calls) { addCalls(calls, piece.calls); showCalls(view, calls); }
       if (!piece.text) continue;
       received += piece.text;
       appendText(view.text, piece.text, piece.tokens, settings.showProbs());
@@ -68,7 +94,7 @@ async function streamInto(view, mode, body) {
     controller = null;
   }
   view.meta.textContent = describeRun(run);
-  return received;
+  return { text: received, calls };
 }
 
 async function send() {
@@ -90,10 +116,21 @@ async function send() {
       message("user", "You").text.textContent = text;
       history.push({ role: "user", content: text });
       prompt.value = "";
-      const body = requestBody({ ...common, system: settings.systemPrompt(), messages: history });
-      const reply = await streamInto(message("assistant", common.model), mode, body);
+      const view = message("assistant", common.model);
+      let tools;
+      try {
+        tools = settings.tools();
+      } catch (e) {
+        view.meta.classList.add("error");
+        view.meta.textContent = e.message;
+        history.pop();
+        return;
+      }
+      const body = requestBody({ ...common, system: settings.systemPrompt(), messages: history, tools });
+      const reply = await streamInto(view, mode, body);
       if (reply === null) history.pop(); // a failed turn is shown but not resent
-      else history.push({ role: "assistant", content: reply });
+      else if (reply.calls.length) history.push({ role: "assistant", content: reply.text || null, tool_calls: reply.calls });
+      else history.push({ role: "assistant", content: reply.text });
     } else {
       const view = message("assistant completion", common.model);
       const echo = document.createElement("span");

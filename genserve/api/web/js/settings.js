@@ -39,6 +39,37 @@ export function mode() {
   return document.querySelector('input[name="mode"]:checked').value;
 }
 
+export const EXAMPLE_TOOLS = [
+  {
+    type: "function",
+    function: {
+      name: "get_weather",
+      description: "The current weather in a city.",
+      parameters: {
+        type: "object",
+        properties: {
+          city: { type: "string", maxLength: 40 },
+          unit: { enum: ["celsius", "fahrenheit"] },
+        },
+        required: ["city", "unit"],
+        additionalProperties: false,
+      },
+    },
+  },
+];
+
+/** {tools, tool_choice} for a chat body, or null when tools are off; throws on bad JSON. */
+export function tools() {
+  if (!$("use-tools").checked) return null;
+  let parsed;
+  try {
+    parsed = JSON.parse($("tools").value);
+  } catch (e) {
+    throw new Error(`Tools are not valid JSON: ${e.message}`);
+  }
+  return { tools: parsed, tool_choice: $("tool-choice").value };
+}
+
 export function model() {
   return $("model").value;
 }
@@ -92,7 +123,9 @@ function fillPicker(select, groups, wanted) {
 /** GET /v1/models into both pickers: base and fine-tuned (cards with `parent`) in groups. */
 export async function loadModels(select = null) {
   const list = await getJSON("/v1/models");
-  const cards = (list.data || []).slice().sort((a, b) => a.id.localeCompare(b.id));
+  const all = (list.data || []).slice().sort((a, b) => a.id.localeCompare(b.id));
+  // Embeddings models cannot chat or complete: left out, so the picker opens on a generative one.
+  const cards = all.filter((c) => c.kind !== "embed");
   const base = cards.filter((c) => !c.parent);
   const tuned = cards.filter((c) => c.parent);
   const wanted = select || $("model").value || sessionStorage.getItem(MODEL_KEY);
@@ -127,6 +160,7 @@ export function initSettings(onError) {
   $("key-form").addEventListener("submit", (e) => { e.preventDefault(); useKey(); });
   $("refresh-models").addEventListener("click", reload);
   $("model").addEventListener("change", () => sessionStorage.setItem(MODEL_KEY, model()));
+  if (!$("tools").value) $("tools").value = JSON.stringify(EXAMPLE_TOOLS, null, 2);
   bindRange("temperature", 2);
   bindRange("top-p", 2);
   for (const radio of document.querySelectorAll('input[name="mode"]')) {

@@ -1,0 +1,315 @@
+"""OpenAI's Responses API on the wire: the request body, input items <-> runtime messages, and
+the Response object with its output items. No generation here (api/responses.py runs it through
+runtime.generation, the same path as chat completions)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from genserve.api.errors import bad_request
+from genserve.api.schemas import FunctionName, JsonSchemaFormat, ResponseFormat, SamplingFields
+from genserve.api.tools import EMPTY_PARAMETERS
+from genserve.runtime.generation import ChoiceState, Message
+from genserve.runtime.tools import ToolCall, ToolChoice, ToolDef
+
+SYSTEM_ROLES = ("system", "developer")
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    type: Literal["text", "json_schema", "json_object"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextParam(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    format: TextFormat | None = None
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str  # only "function" is served; others are refused by name
+    name: FunctionName | None = None
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class FunctionChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    name: FunctionName
+
+
+class ResponsesRequest(SamplingFields):
+    """POST /v1/responses. The shared sampling fields (temperature, top_p, seed and vLLM's
+    extensions) come from SamplingFields; `response_format` is set from `text.format`."""
+
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    text: TextParam | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = True
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    background: bool | None = None
+
+    def format_(self) -> ResponseFormat | None:
+        fmt = self.text.format if self.text is not None else None
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return ResponseFormat(type="json_object")
+        schema = JsonSchemaFormat(name=fmt.name, schema=fmt.schema_, strict=fmt.strict)
+        return ResponseFormat(type="json_schema", json_schema=schema)
+
+
+# -- ids --------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(24)}"
+
+
+# -- input items ------------------------------------------------------------------------------
+def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's input as stored items (ids given), checked; 400 naming `input`."""
+    if isinstance(value, str):
+        value = [{"type": "message", "role": "user", "content": value}]
+    if not value:
+        raise bad_request("input must not be empty", "input")
+    return [_item(item, f"input[{i}]") for i, item in enumerate(value)]
+
+
+def _item(item: dict[str, Any], where: str) -> dict[str, Any]:
+    kind = item.get("type", "message")
+    if kind == "message":
+        return _message_item(item, where)
+    if kind == "function_call":
+        call_id, name = _text(item, "call_id", where), _text(item, "name", where)
+        arguments = _text(item, "arguments", where)
+        return {
+            "id": item.get("id") or new_id("fc"), "type": "function_call", "call_id": call_id,
+            "name": name, "arguments": arguments, "status": "completed",
+        }  # fmt: skip
+    if kind == "function_call_output":
+        output = item.get("output")
+        if not isinstance(output, str):
+            raise bad_request(f"{where}.output must be a string", "input")
+        return {
+            "id": item.get("id") or new_id("fco"), "type": "function_call_output",
+            "call_id": _text(item, "call_id", where), "output": output, "status": "completed",
+        }  # fmt: skip
+    raise bad_request(f"{where}: input items of type `{kind}` are not supported", "input")
+
+
+def _message_item(item: dict[str, Any], where: str) -> dict[str, Any]:
+    role = item.get("role")
+    if role not in ("user", "assistant", *SYSTEM_ROLES):
+        raise bad_request(f"{where}.role must be user, assistant, system or developer", "input")
+    part = "output_text" if role == "assistant" else "input_text"
+    text = _content_text(item.get("content"), f"{where}.content")
+    content: dict[str, Any] = {"type": part, "text": text}
+    if role == "assistant":
+        content |= {"annotations": [], "logprobs": []}
+    return {
+        "id": item.get("id") or new_id("msg"), "type": "message", "role": role,
+        "content": [content], "status": "completed",
+    }  # fmt: skip
+
+
+def _content_text(content: Any, where: str) -> str:  # noqa: ANN401 - wire JSON
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"{where} must be a string or a list of text parts", "input")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS:
+            raise bad_request(f"{where}: only text parts are supported", "input")
+        texts.append(str(part.get("text", "")))
+    return "".join(texts)
+
+
+def _text(item: dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise bad_request(f"{where}.{key} must be a string", "input")
+    return value
+
+
+def messages(instructions: str | None, items: Sequence[dict[str, Any]]) -> tuple[Message, ...]:
+    """Items -> chat messages: a function_call joins the assistant turn before it."""
+    out: list[Message] = [Message("system", instructions)] if instructions else []
+    for item in items:
+        kind = item["type"]
+        if kind == "message":
+            out.append(Message(item["role"], "".join(p["text"] for p in item["content"])))
+        elif kind == "function_call_output":
+            out.append(Message("tool", item["output"], tool_call_id=item["call_id"]))
+        elif kind == "function_call":
+            call = ToolCall(item["call_id"], item["name"], item["arguments"])
+            if out and out[-1].role == "assistant":
+                last = out.pop()
+                out.append(Message("assistant", last.text, (*last.tool_calls, call)))
+            else:
+                out.append(Message("assistant", "", (call,)))
+    return tuple(out)
+
+
+# -- tools ------------------------------------------------------------------------------------
+def tool_defs(tools: Sequence[FunctionTool] | None) -> list[ToolDef]:
+    out = []
+    for i, t in enumerate(tools or ()):
+        if t.type != "function":
+            raise bad_request(f"tools[{i}]: tools of type `{t.type}` are not supported", "tools")
+        if t.name is None:
+            raise bad_request(f"tools[{i}].name is required", "tools")
+        out.append(ToolDef(t.name, t.description, t.parameters or EMPTY_PARAMETERS, t.strict))
+    return out
+
+
+def tool_choice(choice: str | FunctionChoice | None) -> ToolChoice | None:
+    if choice is None:
+        return None
+    if isinstance(choice, FunctionChoice):
+        return ToolChoice("function", choice.name)
+    return ToolChoice(choice)
+
+
+def tools_echo(tools: Sequence[FunctionTool] | None) -> list[dict]:
+    return [
+        {
+            "type": "function",
+            "name": t.name,
+            "description": t.description,
+            "parameters": t.parameters or EMPTY_PARAMETERS,
+            "strict": bool(t.strict),
+        }  # fmt: skip
+        for t in tools or ()
+    ]
+
+
+# -- output -----------------------------------------------------------------------------------
+def message_item(item_id: str, text: str, status: str) -> dict:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    return {
+        "id": item_id, "type": "message", "role": "assistant", "status": status,
+        "content": [part] if status != "in_progress" else [],
+    }  # fmt: skip
+
+
+def call_item(item_id: str, call: ToolCall, status: str) -> dict:
+    return {
+        "id": item_id, "type": "function_call", "call_id": call.id, "name": call.name,
+        "arguments": call.arguments, "status": status,
+    }  # fmt: skip
+
+
+def output_items(choice: ChoiceState) -> list[dict]:
+    """The text (when there is any, or nothing else) and then each call."""
+    text = "".join(choice.text)
+    status = "incomplete" if choice.finish_reason == "length" else "completed"
+    out = []
+    if text or not choice.tool_calls:
+        out.append(message_item(new_id("msg"), text, status))
+    out += [call_item(new_id("fc"), c, call_status(c)) for c in choice.tool_calls]
+    return out
+
+
+def call_status(call: ToolCall) -> str:
+    """A call cut off by max_output_tokens is incomplete; the ones before it are not."""
+    try:
+        json.loads(call.arguments)
+    except ValueError:
+        return "incomplete"
+    return "completed"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What every Response object of one request repeats."""
+
+    id: str
+    created_at: int
+    model: str
+    body: ResponsesRequest
+
+
+def usage(input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> dict:
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def response_object(
+    env: Envelope,
+    status: str,
+    output: list[dict],
+    usage_: dict | None = None,
+    finish_reason: str | None = None,
+) -> dict:
+    body = env.body
+    incomplete = status == "incomplete"
+    obj = {
+        "id": env.id,
+        "object": "response",
+        "created_at": env.created_at,
+        "status": status,
+        "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "instructions": body.instructions,
+        "max_output_tokens": body.max_output_tokens,
+        "model": env.model,
+        "output": output,
+        "parallel_tool_calls": body.parallel_tool_calls is not False,
+        "previous_response_id": body.previous_response_id,
+        "store": body.store is not False,
+        "temperature": body.temperature if body.temperature is not None else 1.0,
+        "top_p": body.top_p if body.top_p is not None else 1.0,
+        "text": {"format": _format_echo(body)},
+        "tool_choice": _choice_echo(body.tool_choice),
+        "tools": tools_echo(body.tools),
+        "truncation": "disabled",
+        "metadata": body.metadata or {},
+    }
+    if usage_ is not None:  # the schema has no null usage: absent until there is one
+        obj["usage"] = usage_
+    return obj
+
+
+def _format_echo(body: ResponsesRequest) -> dict:
+    fmt = body.text.format if body.text is not None else None
+    if fmt is None:
+        return {"type": "text"}
+    echo = fmt.model_dump(by_alias=True, exclude_none=True)
+    if fmt.type == "json_schema":
+        echo.setdefault("name", "response")  # OpenAI's object always names its schema
+    return echo
+
+
+def _choice_echo(choice: str | FunctionChoice | None) -> str | dict:
+    if choice is None:
+        return "auto"
+    return choice if isinstance(choice, str) else {"type": "function", "name": choice.name}

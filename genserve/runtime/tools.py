@@ -1,0 +1,354 @@
+"""Tool calls: the grammar that makes them parse, the parser that reads them back, and the
+rendering of tools and tool messages into a prompt.
+
+A model family writes its calls in its own syntax. Three are known here, chosen from the chat
+template or by `--tool-call-format`:
+
+    hermes       <tool_call>\\n{"name":"f","arguments":{...}}\\n</tool_call>   (Qwen, Hermes)
+    llama3_json  {"name":"f","parameters":{...}}, several joined by ";"      (Llama 3.1-3.3)
+    mistral      [TOOL_CALLS][{"name":"f","arguments":{...}}, ...]            (Mistral v3)
+
+Structure is guaranteed by llguidance (model/grammar.py compiles the Lark text built here):
+with tool_choice "required" or a named function the whole output is a call list; with "auto"
+the output is free text until the family's trigger (`<tool_call>`, `[TOOL_CALLS]`, or a `{`
+as the first character for llama3_json), and a call list from there: a lazy grammar, as
+llama.cpp does. Every call object is `{"name":..., <args key>:...}` with the name first, so the
+parser can stream the name before the arguments, and the arguments are the exact substring
+the model wrote: streamed fragments always join into the non-streamed value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from genserve.engine.types import GrammarSpec
+
+HERMES = "hermes"
+LLAMA3_JSON = "llama3_json"
+MISTRAL = "mistral"
+FORMATS = (HERMES, LLAMA3_JSON, MISTRAL)
+# Same compact JSON as response_format (model/grammar.py): a weak model cannot pad forever.
+_JSON_OPTIONS = {
+    "whitespace_flexible": False,
+    "item_separator": ",",
+    "key_separator": ":",
+    "lenient": False,
+    "coerce_one_of": False,
+}
+
+
+# -- what a request asks for ------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ToolDef:
+    name: str
+    description: str | None
+    parameters: Mapping[str, Any]  # a JSON schema (an empty object schema when none given)
+    strict: bool | None = None
+
+    def template_dict(self) -> dict:
+        """OpenAI's tool object, as chat templates expect it (`tools=`)."""
+        fn: dict[str, Any] = {"name": self.name, "parameters": dict(self.parameters)}
+        if self.description:
+            fn["description"] = self.description
+        return {"type": "function", "function": fn}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    mode: str  # "none" | "auto" | "required" | "function"
+    name: str | None = None  # the function, for mode "function"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("none", "auto", "required", "function"):
+            raise ValueError(f"unknown tool_choice mode {self.mode!r}")
+        if (self.mode == "function") != (self.name is not None):
+            raise ValueError("a named tool_choice needs a name, and only it")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolsRequest:
+    tools: tuple[ToolDef, ...]
+    choice: ToolChoice
+    parallel: bool = True
+
+    @property
+    def active(self) -> bool:
+        """Calls may come back (tool_choice is not "none")."""
+        return bool(self.tools) and self.choice.mode != "none"
+
+    def callable(self) -> tuple[ToolDef, ...]:
+        if self.choice.mode == "function":
+            return tuple(t for t in self.tools if t.name == self.choice.name)
+        return self.tools
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One call, in a request's history or in an answer."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, exactly as the model wrote it
+
+
+def new_call_id() -> str:
+    return f"call_{secrets.token_hex(12)}"
+
+
+# -- formats ----------------------------------------------------------------------------------
+def detect_format(template: str, configured: str = "auto") -> str:
+    """The operator's choice, else the family the chat template speaks, else hermes."""
+    if configured != "auto":
+        return configured
+    if "[TOOL_CALLS]" in template:
+        return MISTRAL
+    if "<|python_tag|>" in template or "ipython" in template:
+        return LLAMA3_JSON
+    return HERMES
+
+
+def template_knows_tools(template: str) -> bool:
+    """Whether the template renders `tools` and tool messages itself (else the fallback)."""
+    return "tools" in template and "tool_calls" in template
+
+
+def args_key(fmt: str) -> str:
+    return "parameters" if fmt == LLAMA3_JSON else "arguments"
+
+
+def call_schema(tool: ToolDef, fmt: str) -> dict:
+    """One call object: the name first (so it streams first), then the arguments."""
+    return {
+        "type": "object",
+        "properties": {"name": {"const": tool.name}, args_key(fmt): dict(tool.parameters)},
+        "required": ["name", args_key(fmt)],
+        "additionalProperties": False,
+    }
+
+
+def _json_rule(schema: dict) -> str:
+    body = {"x-guidance": _JSON_OPTIONS, **schema}
+    return "%json " + json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def tool_grammar(req: ToolsRequest, fmt: str) -> GrammarSpec:
+    """The Lark grammar every output of this request must match (tools active)."""
+    tools = req.callable()
+    one = call_schema(tools[0], fmt) if len(tools) == 1 else None
+    call = one or {"anyOf": [call_schema(t, fmt) for t in tools]}
+    forced = req.choice.mode != "auto"
+    lines = ["%llguidance {}"]
+    if fmt == MISTRAL:
+        array = {"type": "array", "items": call, "minItems": 1}
+        if not req.parallel:
+            array["maxItems"] = 1
+        body = _json_rule(array)
+        lines += (
+            [f'start: "[TOOL_CALLS]" {body}']
+            if forced
+            else [
+                f"start: TEXT | trig {body}",
+                'trig[lazy]: TEXT "[TOOL_CALLS]"',
+            ]
+        )
+    elif fmt == LLAMA3_JSON:
+        more = ' (";" call)*' if req.parallel else ""
+        lines += [f"start: calls{' | FREE' if not forced else ''}", f"calls: call{more}"]
+        lines += [f"call: {_json_rule(call)}", "FREE: /([^{](.|\\n)*)?/"]
+    else:
+        more = ' ("\\n" "<tool_call>" body)*' if req.parallel else ""
+        first = '"<tool_call>" body' if forced else "trig body"
+        lines += [f"start: {first}{more}" + ("" if forced else " | TEXT")]
+        lines += [f'body: "\\n" {_json_rule(call)} "\\n</tool_call>"']
+        if not forced:
+            lines += ['trig[lazy]: TEXT "<tool_call>"']
+    if not forced or fmt == LLAMA3_JSON:
+        lines += ["TEXT: /(.|\\n)*/"]
+    return GrammarSpec.lark_grammar("\n".join(lines))
+
+
+def trigger(fmt: str) -> str:
+    """Where calls begin in free text ("" : only at the very start, llama3_json's `{`)."""
+    return {HERMES: "<tool_call>", MISTRAL: "[TOOL_CALLS]"}.get(fmt, "")
+
+
+# -- parsing ----------------------------------------------------------------------------------
+_CALL_HEAD = re.compile(
+    r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CallDelta:
+    """A piece of call `index`: its id and name first (once), then argument fragments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(slots=True)
+class _Call:
+    id: str
+    name: str
+    start: int  # where its arguments begin in the call region
+    sent: int = 0  # argument characters sent
+    done: bool = False
+
+
+@dataclass(slots=True)
+class ToolCallParser:
+    """Splits one choice's text, fed piece by piece, into content and call deltas.
+
+    Content is passed on until the trigger; text that may be the trigger's beginning is held
+    back until it is known not to be. From the trigger on, the text is a call list the grammar
+    made well-formed; each call's arguments are read by bracket matching."""
+
+    fmt: str
+    forced: bool  # tool_choice required/named: the whole output is calls
+    text: str = ""
+    content_sent: int = 0
+    region: int | None = None  # where calls begin, once known
+    calls: list[_Call] = field(default_factory=list)
+
+    def feed(self, piece: str) -> tuple[str, list[CallDelta]]:
+        self.text += piece
+        content = self._content(final=False)
+        return content, self._call_deltas() if self.region is not None else []
+
+    def finish(self) -> str:
+        """Content still held back when the output ends (a prefix of the trigger, after all)."""
+        return self._content(final=True)
+
+    def tool_calls(self) -> list[ToolCall]:
+        return [ToolCall(c.id, c.name, self._args(c)[0]) for c in self.calls]
+
+    def _content(self, final: bool) -> str:
+        if self.region is None:
+            self.region = self._find_region()
+        end = self.region if self.region is not None else len(self.text)
+        if self.region is None and not final:
+            end -= _held(self.text, trigger(self.fmt) or "{", self.fmt)
+        out = self.text[self.content_sent : max(end, self.content_sent)]
+        self.content_sent = max(end, self.content_sent)
+        return out
+
+    def _find_region(self) -> int | None:
+        if self.forced:
+            return 0
+        if self.fmt == LLAMA3_JSON:
+            return 0 if self.text.startswith("{") else None
+        at = self.text.find(trigger(self.fmt))
+        return None if at < 0 else at
+
+    def _call_deltas(self) -> list[CallDelta]:
+        out = []
+        region = self.text[self.region :]
+        while True:
+            if self.calls and not self.calls[-1].done:
+                out += self._more_args(len(self.calls) - 1, region)
+                if not self.calls[-1].done:
+                    return out
+            pos = self.calls[-1].start + self._args(self.calls[-1])[1] if self.calls else 0
+            head = _CALL_HEAD.search(region, pos)
+            if head is None:
+                return out
+            name = json.loads(f'"{head.group(1)}"')
+            self.calls.append(_Call(new_call_id(), name, head.end()))
+            out.append(CallDelta(len(self.calls) - 1, self.calls[-1].id, name))
+
+    def _more_args(self, index: int, region: str) -> list[CallDelta]:
+        call = self.calls[index]
+        args, length, done = _value(region, call.start)
+        call.done = done
+        fresh = args[call.sent :]
+        call.sent = len(args)
+        return [CallDelta(index, arguments=fresh)] if fresh else []
+
+    def _args(self, call: _Call) -> tuple[str, int]:
+        args, length, _ = _value(self.text[self.region or 0 :], call.start)
+        return args, length
+
+
+def _held(text: str, trig: str, fmt: str) -> int:
+    """How many trailing characters could begin the trigger (held back from content)."""
+    if fmt == LLAMA3_JSON:  # its calls start at the first character or never
+        return 0
+    for k in range(min(len(trig), len(text)), 0, -1):
+        if trig.startswith(text[-k:]):
+            return k
+    return 0
+
+
+def _value(text: str, start: int) -> tuple[str, int, bool]:
+    """The JSON value at text[start:] as far as written: (its text, its length, complete).
+    The grammar makes it an object (or array): brackets outside strings balance at its end."""
+    depth, i = 0, start
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            i = _string_end(text, i)
+            if i < 0:
+                break
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        if depth == 0:
+            return text[start : i + 1], i + 1 - start, True
+        i += 1
+    return text[start:], len(text) - start, False
+
+
+def _string_end(text: str, i: int) -> int:
+    """The index of the quote that closes the string opened at text[i]; -1: not yet written."""
+    j = i + 1
+    while j < len(text):
+        if text[j] == "\\":
+            j += 2
+            continue
+        if text[j] == '"':
+            return j
+        j += 1
+    return -1
+
+
+# -- prompts ----------------------------------------------------------------------------------
+def fallback_system_prompt(tools: Sequence[ToolDef], fmt: str) -> str:
+    """What a template without tool support is given: the tools and how to call them."""
+    # Compact: a small model's context is short, and every tool costs prompt tokens.
+    listing = "\n".join(
+        json.dumps(t.template_dict()["function"], ensure_ascii=False, separators=(",", ":"))
+        for t in tools
+    )
+    example = call_example(fmt, "<name>", "<arguments>")
+    return f"You may call these functions:\n{listing}\nTo call one, answer with:\n{example}"
+
+
+def call_example(fmt: str, name: str, arguments: str) -> str:
+    head = f'{{"name":"{name}","{args_key(fmt)}":{arguments}}}'
+    if fmt == MISTRAL:
+        return f"[TOOL_CALLS][{head}]"
+    if fmt == LLAMA3_JSON:
+        return head
+    return f"<tool_call>\n{head}\n</tool_call>"
+
+
+def render_calls(calls: Sequence[ToolCall], fmt: str) -> str:
+    """An assistant turn's calls as the model would have written them (fallback template)."""
+    return "\n".join(call_example(fmt, json.dumps(c.name)[1:-1], c.arguments) for c in calls)
+
+
+def arguments_object(arguments: str) -> Any:  # noqa: ANN401 - whatever JSON it holds
+    """Templates expect arguments as a mapping (they `tojson` it); text that is not JSON
+    stays text."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments

@@ -1,0 +1,241 @@
+"""Tool calls on /v1/chat/completions with the official client and a random-weight model: every
+call it returns parses and matches its tool's schema, because the grammar let nothing else out.
+
+The tiny model's template knows no tools, so these also run the fallback prompt (tools in the
+system message, calls and results written into the turns) with the hermes syntax."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.conformance import assert_valid
+from tests.server import LiveServer, start_server
+from tests.tiny_model import build_tiny_model
+
+MODEL = "tiny-llama"
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 10},
+        "unit": {"enum": ["c", "f"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "unit", "days"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "maxLength": 6}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
+    """This module's own server: 32 slots, so the 100-sample batches run 32 at a time, and a
+    1024-token context (the tiny tokenizer spends many tokens on a tools prompt)."""
+    folder = tmp_path_factory.mktemp("tools")
+    model = build_tiny_model(folder / MODEL, max_position_embeddings=1024)
+    srv = start_server(model, folder, "--max-batch-size", "32")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture()
+def aclient(server: LiveServer) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def check_calls(calls, name: str | None) -> None:  # noqa: ANN001
+    assert calls
+    for call in calls:
+        assert call.id.startswith("call_") and call.type == "function"
+        assert name is None or call.function.name == name
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+async def streamed_calls(aclient: openai.AsyncOpenAI, **kw) -> tuple[list[dict], str | None]:
+    """The calls as a client rebuilds them from the chunks: id and name first, then fragments."""
+    calls: list[dict] = []
+    reason = None
+    async for chunk in await aclient.chat.completions.create(stream=True, **kw):
+        for choice in chunk.choices:
+            reason = choice.finish_reason or reason
+            for d in choice.delta.tool_calls or ():
+                if d.id is not None:
+                    assert d.index == len(calls) and d.function.name
+                    calls.append({"id": d.id, "name": d.function.name, "arguments": ""})
+                calls[d.index]["arguments"] += d.function.arguments or ""
+    return calls, reason
+
+
+@pytest.mark.parametrize("choice", ["required", "named"])
+async def test_100_of_100_seeded_calls_parse_streamed_and_not(
+    aclient: openai.AsyncOpenAI, choice: str
+) -> None:
+    tool_choice = "required" if choice == "required" else NAMED
+    name = None if choice == "required" else "get_weather"
+
+    def kw(seed: int) -> dict:
+        # One tool keeps the prompt short (the tiny model's context is 512 tokens).
+        return dict(
+            model=MODEL, messages=MESSAGES, tools=TOOLS[:1], tool_choice=tool_choice, seed=seed,
+            temperature=1.0, max_tokens=100, parallel_tool_calls=False,
+        )  # fmt: skip
+
+    seeds = range(100)
+    plain = await asyncio.gather(*[aclient.chat.completions.create(**kw(s)) for s in seeds])
+    streamed = await asyncio.gather(*[streamed_calls(aclient, **kw(s)) for s in seeds])
+    for r, (calls, reason) in zip(plain, streamed, strict=True):
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and reason == "tool_calls"
+        assert c.message.content is None and len(c.message.tool_calls) == 1
+        check_calls(c.message.tool_calls, name)
+        # The same seed streamed: its fragments join into exactly these arguments.
+        want = [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+        assert [(x["name"], x["arguments"]) for x in calls] == want
+    assert len({r.choices[0].message.tool_calls[0].function.arguments for r in plain}) > 50
+
+
+async def test_parallel_calls_each_parse(aclient: openai.AsyncOpenAI) -> None:
+    counts = []
+    replies = await asyncio.gather(
+        *[
+            aclient.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                tools=TOOLS,
+                tool_choice="required",
+                seed=seed,
+                max_tokens=130,
+            )  # fmt: skip
+            for seed in range(8)
+        ]
+    )
+    for r in replies:
+        c = r.choices[0]
+        if c.finish_reason == "tool_calls":
+            check_calls(c.message.tool_calls, None)
+        counts.append(len(c.message.tool_calls))
+    assert max(counts) > 1  # the grammar lets the model add calls when parallel_tool_calls
+
+
+def test_none_never_returns_calls(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="none", seed=1, n=4,
+        max_tokens=40,
+    )  # fmt: skip
+    for c in r.choices:
+        assert c.message.tool_calls is None and c.finish_reason in ("stop", "length")
+
+
+def test_auto_gives_text_or_calls_that_parse(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=TOOLS, seed=2, n=4, max_tokens=40
+    )
+    for c in r.choices:
+        if c.message.tool_calls:
+            assert c.finish_reason in ("tool_calls", "length")
+        else:
+            assert isinstance(c.message.content, str)
+
+
+def test_history_with_tool_results_is_accepted(client: openai.OpenAI) -> None:
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city":"Paris","unit":"c","days":1}'},
+    }
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=TOOLS[:1], tool_choice=NAMED, seed=3, max_tokens=100
+    )
+    check_calls(r.choices[0].message.tool_calls, "get_weather")
+    # The history's call and result reached the prompt: it is longer than without them.
+    short = client.chat.completions.create(
+        model=MODEL, messages=messages[:2], tools=TOOLS[:1], max_tokens=1
+    )
+    assert r.usage.prompt_tokens > short.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    "extra,param,words",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", "name"),
+        ({"tools": [{"type": "retrieval"}]}, "tools", "type"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+         "tool_choice", "nope"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", ""),
+        ({"tool_choice": "required"}, "tool_choice", "tools"),
+        ({"tools": [TOOLS[0], TOOLS[0]]}, "tools", "unique"),
+        ({"tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "not": {"required": ["a"]}}}}]},
+         "tools", "'not'"),
+        ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "tools"),
+    ],
+)  # fmt: skip
+def test_bad_tools_are_400_naming_the_param(
+    client: openai.OpenAI, extra: dict, param: str, words: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=5, extra_body=extra
+        )
+    assert e.value.param is not None and e.value.param.startswith(param), e.value.param
+    assert words in e.value.message
+
+
+async def test_bodies_and_chunks_validate_against_openai_schemas(server: LiveServer) -> None:
+    body = {
+        "model": MODEL, "messages": MESSAGES, "tools": TOOLS, "tool_choice": "required",
+        "seed": 5, "max_tokens": 130,
+    }  # fmt: skip
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        r = await http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200
+        assert_valid(r.json(), "CreateChatCompletionResponse")
+        async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+            lines = [line async for line in s.aiter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    for chunk in chunks:
+        assert_valid(chunk, "CreateChatCompletionStreamResponse")
+    assert any(c["choices"] and c["choices"][0]["delta"].get("tool_calls") for c in chunks)
+
+
+def test_langchain_bind_tools_required(server: LiveServer) -> None:
+    from langchain_openai import ChatOpenAI
+
+    # A bounded string: a random-weight model must finish the call within max_tokens.
+    get_time = {"type": "function", "function": {"name": "get_time", "parameters": TIME}}
+    llm = ChatOpenAI(
+        model=MODEL, base_url=server.url + "/v1", api_key="unused", max_tokens=120,
+        seed=7, max_retries=0,
+    )  # fmt: skip
+    msg = llm.bind_tools([get_time], tool_choice="required").invoke("what time is it in Oslo?")
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_time"
+    assert isinstance(msg.tool_calls[0]["args"]["zone"], str)

@@ -1,0 +1,121 @@
+"""Tool-call grammar and parser, without a model: every output the grammar allows parses, and
+streamed fragments join into exactly the arguments read from the whole text."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from genserve.runtime.tools import (
+    FORMATS,
+    HERMES,
+    LLAMA3_JSON,
+    MISTRAL,
+    ToolCallParser,
+    ToolChoice,
+    ToolDef,
+    ToolsRequest,
+    detect_format,
+    tool_grammar,
+)
+
+PARAMS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 8},
+        "days": {"type": "integer", "minimum": 1, "maximum": 9},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+TOOLS = (
+    ToolDef("get_weather", "the weather", PARAMS),
+    ToolDef("noop", None, {"type": "object", "properties": {}, "additionalProperties": False}),
+)
+TEXTS = {
+    HERMES: 'hi <tool_call>\n{"name":"get_weather","arguments":{"city":"a}\\"{","days":2}}\n'
+    '</tool_call>\n<tool_call>\n{"name":"noop","arguments":{}}\n</tool_call>',
+    MISTRAL: 'hi [TOOL_CALLS][{"name":"get_weather","arguments":{"city":"a}\\"{","days":2}},'
+    '{"name":"noop","arguments":{}}]',
+    LLAMA3_JSON: '{"name":"get_weather","parameters":{"city":"a}\\"{","days":2}};'
+    '{"name":"noop","parameters":{}}',
+}
+
+
+def feed_all(fmt: str, text: str, cuts: list[int], forced: bool = False):
+    parser = ToolCallParser(fmt, forced)
+    content, args = "", {}
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    for piece in pieces:
+        c, calls = parser.feed(piece)
+        content += c
+        for d in calls:
+            args[d.index] = args.get(d.index, "") + d.arguments
+    content += parser.finish()
+    return content, args, parser.tool_calls()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_any_split_gives_the_same_calls(fmt: str) -> None:
+    text = TEXTS[fmt]
+    whole_content, _, whole = feed_all(fmt, text, [])
+    assert [c.name for c in whole] == ["get_weather", "noop"]
+    assert json.loads(whole[0].arguments) == {"city": 'a}"{', "days": 2}
+    assert whole_content == ("" if fmt == LLAMA3_JSON else "hi ")
+    rng = random.Random(0)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 12)))
+        content, args, calls = feed_all(fmt, text, cuts)
+        assert content == whole_content
+        assert [args[i] for i in range(len(calls))] == [c.arguments for c in whole]
+
+
+def test_text_that_only_looks_like_a_trigger_is_content() -> None:
+    content, _, calls = feed_all(HERMES, "a <tool_ca b <tool", [3, 9, 15])
+    assert content == "a <tool_ca b <tool" and calls == []
+
+
+def test_format_follows_the_template() -> None:
+    assert detect_format("{{ '[TOOL_CALLS]' }}") == MISTRAL
+    assert detect_format("<|python_tag|>") == LLAMA3_JSON
+    assert detect_format("<tool_call>") == HERMES
+    assert detect_format("plain", "mistral") == MISTRAL
+
+
+@pytest.fixture(scope="module")
+def compiler(tmp_path_factory: pytest.TempPathFactory):
+    from genserve.model.grammar import GrammarCompiler
+    from tests.tiny_model import build_tokenizer
+
+    tok = build_tokenizer(Path(tmp_path_factory.mktemp("tok")))
+    return tok, GrammarCompiler(tok, len(tok))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("mode", ["required", "function"])
+def test_random_walks_of_the_grammar_parse(compiler, fmt: str, mode: str) -> None:
+    import jsonschema
+    import numpy as np
+
+    tok, gc = compiler
+    name = "get_weather" if mode == "function" else None
+    spec = tool_grammar(ToolsRequest(TOOLS, ToolChoice(mode, name), parallel=True), fmt)
+    for seed in range(20):
+        matcher, rng, out = gc.matcher(spec), random.Random(seed), []
+        while not matcher.done and len(out) < 400:
+            allowed = np.flatnonzero(matcher.allowed_bits())
+            token = int(rng.choice(allowed))
+            if token == tok.eos_token_id:
+                break
+            matcher.advance(token)
+            out.append(token)
+        _, _, calls = feed_all(fmt, tok.decode(out), [], forced=True)
+        assert calls
+        for call in calls:
+            assert mode == "required" or call.name == "get_weather"
+            args = json.loads(call.arguments)
+            if call.name == "get_weather":
+                jsonschema.validate(args, PARAMS)
