@@ -207,7 +207,7 @@ class LlamaRunner:
         with torch.no_grad():
             self.lm_head = self._linear(model.lm_head.weight, None)
             self.layers = [_stack_layer(layer, self._linear) for layer in inner.layers]
-        self.lora = LoraSet(make_linear=self._pack)
+        self.lora = LoraSet(make_linear=self._pack, device=self.device)
         self.base_shape = _base_shape(cfg, self.num_heads, self.num_kv_heads, self.head_dim)
         shape = (len(self.layers), num_slots, self.num_kv_heads, max_len, self.head_dim)
         # Written through once here (zero_ touches every page): a lazily mapped cache would
