@@ -8,6 +8,8 @@ the checkpoint's author.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -192,6 +194,8 @@ def load_model(
         path, dtype=torch_dtype, use_safetensors=safetensors, trust_remote_code=trust_remote_code
     )
     model.to(dev).eval()
+    if dev.type == "cpu":
+        _own_weights(model)
     return LoadedModel(
         name=name or default_name(ref, path),
         path=path,
@@ -203,6 +207,27 @@ def load_model(
         device=dev,
         dtype=torch_dtype,
     )
+
+
+def _own_weights(model: Any) -> None:
+    """On CPU, safetensors weights arrive as views of one mapping of the whole file, unmapped
+    only once every tensor is gone: the runner's stacked copies could never release the
+    originals while the embedding still pinned the file (issue 20: weights held twice). Each
+    parameter gets memory of its own (the file's clean pages go back to the page cache)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+    return_freed_memory()  # and what loading allocated and dropped (its initial weights)
+
+
+def return_freed_memory() -> None:
+    """glibc keeps freed heap pages mapped (RSS) unless asked: weights loaded in many mid-sized
+    tensors land on the heap, not in mmaps that free() unmaps. Linux/glibc only; best effort."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return
+    # musl or another libc: no malloc_trim, the pages come back later or not at all
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def default_name(ref: str, path: Path) -> str:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from genserve.engine.types import ChunkInput, StepInput
 from genserve.model import kernels
 from genserve.model.hardware import KernelPolicy, ShapePlan
+from genserve.model.loading import return_freed_memory
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,16 @@ class LlamaRunner:
 
     def release(self, slot: int) -> None:
         """Nothing to free: the next sequence in this slot overwrites what it reads."""
+
+    def free_source_weights(self, model: Any) -> None:
+        """Drop `model`'s decoder layers and head once this runner holds its own stacked (and,
+        on CPU, prepacked) copies: kept beside them they cost +55% to +100% of the weights.
+        The model keeps its config, embedding (read here) and rotary module; it can no longer
+        run a forward of its own (nothing does: fine-tuning reads the weights from disk)."""
+        model.model.layers = torch.nn.ModuleList()
+        model.lm_head = torch.nn.Identity()  # tied: the embedding stays alive through self.embed
+        if self.device.type == "cpu":
+            return_freed_memory()
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:

@@ -24,7 +24,7 @@ from genserve.model.dispatch import make_runner
 from genserve.model.grammar import GrammarLimitError
 from genserve.model.hardware import KernelPolicy
 from genserve.model.loading import LoadedModel
-from genserve.model.runner import Runner
+from genserve.model.runner import LlamaRunner, Runner
 from genserve.model.sampler import SamplingRow, bias_tensors, sample, token_logprob
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class ModelWorker:
         self.runner: Runner = make_runner(
             loaded.model, num_slots, max_len, fast_path, batch_invariant, policy
         )
+        if isinstance(self.runner, LlamaRunner):  # it holds its own copies of the weights
+            self.runner.free_source_weights(loaded.model)
         self.vocab_size = loaded.model.config.vocab_size
         self.device = loaded.device  # the logits' device: the sampling state lives there too
         self.eos_ids = loaded.eos_token_ids

@@ -83,9 +83,9 @@ def open_registry(rt: Runtime) -> ModelRegistry:
 
 
 def model_size(served: ServedModel, config: ServerConfig) -> int:
-    from genserve.model.sizing import kv_cache_bytes, weight_bytes
+    from genserve.runtime.registry import estimate_bytes
 
-    return 2 * weight_bytes(served.path) + kv_cache_bytes(served.path, config.engine)
+    return estimate_bytes(str(served.path), "generate", config)
 
 
 def load_embeddings(registry: ModelRegistry, config: ServerConfig) -> None:
