@@ -122,8 +122,9 @@ async def start_fine_tuning(rt: Runtime) -> None:
         files.sweep()
         threads = config.training.threads
         manager = JobManager(
-            JobStore(rt.database), files, rt, data_dir, threads, rt.training_launcher
-        )
+            JobStore(rt.database), files, rt, data_dir, threads, rt.training_launcher,
+            device=config.model.device,
+        )  # fmt: skip
         rt.files = files
         rt.fine_tuning = manager
         rt.on_adapter_deleted.append(manager.on_adapter_deleted)
