@@ -90,10 +90,13 @@ class TrainingConfig:
 
     threads: int = 1  # torch threads of the training worker: its share of the CPU
     enabled: bool = True
+    device: str | None = None  # where jobs train; None: the model's --device (auto, cpu, cuda)
 
     def __post_init__(self) -> None:
         if self.threads < 1:
             raise ValueError("training threads must be >= 1")
+        if self.device is not None and self.device not in DEVICES:
+            raise ValueError(f"training device must be one of {DEVICES}, got {self.device!r}")
 
 
 @dataclass(frozen=True, slots=True)

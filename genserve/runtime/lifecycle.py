@@ -123,7 +123,7 @@ async def start_fine_tuning(rt: Runtime) -> None:
         threads = config.training.threads
         manager = JobManager(
             JobStore(rt.database), files, rt, data_dir, threads, rt.training_launcher,
-            device=config.model.device,
+            device=config.training.device or config.model.device,
         )  # fmt: skip
         rt.files = files
         rt.fine_tuning = manager
