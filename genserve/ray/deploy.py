@@ -29,6 +29,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -510,13 +511,32 @@ def connect(options: RayOptions, training_cpus: int = 0) -> bool:
     if options.address is not None:
         ray.init(address=options.address, namespace=APP_NAME)
         return False
-    ray.init(
-        num_cpus=(options.local_cpus or os.cpu_count() or 1) + training_cpus,
-        include_dashboard=False,
-        object_store_memory=options.object_store_mb * 2**20,
-        namespace=APP_NAME,
-    )
+    with _termination_blocked():
+        ray.init(
+            num_cpus=(options.local_cpus or os.cpu_count() or 1) + training_cpus,
+            include_dashboard=False,
+            object_store_memory=options.object_store_mb * 2**20,
+            namespace=APP_NAME,
+        )
     return True
+
+
+@contextlib.contextmanager
+def _termination_blocked() -> Iterator[None]:
+    """SIGTERM blocked while a local Ray starts: its processes (GCS, raylet, and the replicas'
+    workers they spawn) inherit the mask, so a SIGTERM sent to the whole process group (a
+    terminal, a container's init) reaches only this driver, which then takes the app down in
+    order. Without it the GCS died first and the driver waited 60 s for it (issue 20). Ray
+    already blocks SIGINT in its children the same way; ray.shutdown() still ends them (it
+    kills what does not terminate)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def training_cpus(config: ServerConfig) -> int:
@@ -547,8 +567,12 @@ def serve_on_ray(config: ServerConfig, options: RayOptions) -> None:
     url = deploy(config, options)
     log.info("serving on Ray: %s (%d engine replicas)", url, options.replicas)
     stop.wait()
-    log.info("stopping: deleting the Serve application")
+    began = time.monotonic()
+    log.info("stopping: deleting the Serve application (in-flight requests finish first)")
     serve.delete(APP_NAME)
+    log.info("application deleted in %.1fs", time.monotonic() - began)
     if started_here:
-        serve.shutdown()
+        # No serve.shutdown(): the app is gone, and ending this Ray ends Serve's controller and
+        # proxies with it (several seconds less of a 30 s grace period).
         ray.shutdown()
+        log.info("local Ray shut down in %.1fs", time.monotonic() - began)
