@@ -160,6 +160,20 @@ def absolute_paths(config: ServerConfig) -> ServerConfig:
     )
 
 
+def hashed_keys(config: ServerConfig) -> ServerConfig:
+    """GENSERVE_API_KEYS / GENSERVE_ADMIN_KEYS as their SHA-256 digests: a deployment's init
+    arguments are stored by Ray and shown by its state API and dashboard, so plaintext keys
+    must not be among them (the replicas only ever compare hashes)."""
+    from genserve.api.auth import hash_key
+
+    sec = config.security
+    return _replace(config, security=_replace(
+        sec, api_keys=(), admin_keys=(),
+        api_key_hashes=sec.api_key_hashes + tuple(hash_key(k) for k in sec.api_keys),
+        admin_key_hashes=sec.admin_key_hashes + tuple(hash_key(k) for k in sec.admin_keys),
+    ))  # fmt: skip
+
+
 def engine_config(config: ServerConfig, scratch: str) -> ServerConfig:
     """An engine replica: no store of its own beyond a private scratch dir, no training."""
     storage = _replace(config.storage, data_dir=scratch)
@@ -477,7 +491,7 @@ def build_app(config: ServerConfig, options: RayOptions, cluster_gpus: float = 0
     """The Serve application: edge -> (engine x N, control x 1)."""
     from ray import serve
 
-    config = absolute_paths(config)
+    config = hashed_keys(absolute_paths(config))
     roles = layout(config, options, cluster_gpus)
     drain = config.security.drain_timeout_s
     common = {"graceful_shutdown_timeout_s": max(drain, 1.0), "health_check_period_s": 5.0}
