@@ -444,17 +444,37 @@ def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -
         return None
     dev = processed.device
     x = processed if len(which) == len(rows) else processed[_index(which, dev)]
-    # A row without a finite top logit (all masked, or NaN) fails alone once the results reach
-    # the host; until then it draws from zeros, so that no batched op indexes out of its row
-    # (on CUDA an out-of-range index is a device assert that ends every request).
-    finite = torch.isfinite(x.amax(-1))
-    x = torch.where(finite[:, None], x, 0.0)
+    x, which, finite = _finite(x, which, errors)
+    if not which:
+        return None
     params = DrawParams.of([rows[i] for i in which], processed.shape[-1], dev)
     uniforms = torch.tensor([u[i] for i in which], dtype=torch.float64, device=dev)
     try:
         return _Drawn(which, draw_batch(x, params, uniforms), finite)
     except Exception:  # noqa: BLE001 - redone row by row below, to find the row at fault
         return _draw_alone(x, rows, which, u, errors, finite)
+
+
+def _finite(
+    x: torch.Tensor, which: list[int], errors: RowErrors
+) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """A row without a finite top logit (all masked, or NaN) cannot draw and fails alone.
+
+    On a CPU the flags are read at once (no device to wait for) and such rows leave the batch.
+    On an accelerator they come back with the step's results; until then such a row draws from
+    zeros, so that no batched op indexes out of its row (on CUDA an out-of-range index is a
+    device assert that ends every request)."""
+    finite = torch.isfinite(x.amax(-1))
+    if x.device.type != "cpu":
+        return torch.where(finite[:, None], x, 0.0), which, finite
+    flags = finite.tolist()
+    if all(flags):
+        return x, which, finite
+    for i, ok in zip(which, flags, strict=True):
+        if not ok:
+            errors[i] = ValueError(NOT_FINITE)
+    keep = [j for j, ok in enumerate(flags) if ok]
+    return x[keep], [which[j] for j in keep], finite[keep]
 
 
 def _draw_alone(
