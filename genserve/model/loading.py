@@ -8,8 +8,6 @@ the checkpoint's author.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import re
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 
 from genserve.bundled import bundled_names, bundled_path
+from genserve.model.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -218,16 +217,6 @@ def _own_weights(model: Any) -> None:
         for param in model.parameters():
             param.data = param.data.clone()
     return_freed_memory()  # and what loading allocated and dropped (its initial weights)
-
-
-def return_freed_memory() -> None:
-    """glibc keeps freed heap pages mapped (RSS) unless asked: weights loaded in many mid-sized
-    tensors land on the heap, not in mmaps that free() unmaps. Linux/glibc only; best effort."""
-    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
-        return
-    # musl or another libc: no malloc_trim, the pages come back later or not at all
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def default_name(ref: str, path: Path) -> str:

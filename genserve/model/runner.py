@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from genserve.engine.types import ChunkInput, StepInput
 from genserve.model import kernels
 from genserve.model.hardware import KernelPolicy, ShapePlan
-from genserve.model.loading import return_freed_memory
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
+from genserve.model.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 

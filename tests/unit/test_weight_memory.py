@@ -25,7 +25,8 @@ SHAPE = dict(
 MEASURE = """
 import gc, json, sys
 import psutil
-from genserve.model.loading import load_model, return_freed_memory
+from genserve.model.loading import load_model
+from genserve.model.memory import return_freed_memory
 from genserve.model.worker import ModelWorker
 
 def rss():
