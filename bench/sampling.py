@@ -65,10 +65,11 @@ def make_logits(kind: str, batch: int, seed: int = 0) -> torch.Tensor:
 
 def rows_for(module: ModuleType, batch: int, kw: dict) -> list:
     # The current row holds the request's SamplingParams; the baseline's repeated its fields.
+    # Which one the baseline is, from its dataclass's first field.
     gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-    if module is new:
+    if module.SamplingRow.__dataclass_fields__.get("params") is not None:
         p = SamplingParams(temperature=0.8, **kw)
-        return [new.SamplingRow(p, generator=g) for g in gens]
+        return [module.SamplingRow(p, generator=g) for g in gens]
     return [module.SamplingRow(0.8, generator=gens[i], **kw) for i in range(batch)]
 
 

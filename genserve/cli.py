@@ -145,6 +145,9 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
     ray: Annotated[bool, typer.Option(help="Deploy on Ray Serve (needs the ray extra).")] = False,
     replicas: Annotated[int, typer.Option(help="With --ray: engine replicas.")] = 1,
+    replica_gpus: Annotated[float, typer.Option(
+        help="With --ray on CUDA: GPUs per engine replica (0.5: two replicas share one)."
+    )] = 1.0,
     ray_address: Annotated[
         str | None,
         typer.Option("--ray-address", "--address", help="With --ray: cluster (default: local)."),
@@ -173,7 +176,7 @@ def serve(
     if ray:
         from genserve.ray.cli import serve_with_ray
 
-        serve_with_ray(config, replicas, ray_address, log_level)
+        serve_with_ray(config, replicas, ray_address, log_level, replica_gpus)
         return
     run_server(config, log_level.lower())
 

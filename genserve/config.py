@@ -101,10 +101,13 @@ class TrainingConfig:
 
     threads: int = 1  # torch threads of the training worker: its share of the CPU
     enabled: bool = True
+    device: str | None = None  # where jobs train; None: the model's --device (auto, cpu, cuda)
 
     def __post_init__(self) -> None:
         if self.threads < 1:
             raise ValueError("training threads must be >= 1")
+        if self.device is not None and self.device not in DEVICES:
+            raise ValueError(f"training device must be one of {DEVICES}, got {self.device!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,10 @@ class SecurityConfig:
     api_keys: tuple[str, ...] = ()  # from GENSERVE_API_KEYS; hashed on load, never stored
     admin_keys: tuple[str, ...] = ()  # from GENSERVE_ADMIN_KEYS: these may manage base models
     api_key_file: str | None = None  # managed by `genserve keys`; holds hashes only
+    # The same keys as SHA-256 hex digests: how they travel to Ray replicas, whose init
+    # arguments Ray stores and shows (genserve.ray.deploy.hashed_keys)
+    api_key_hashes: tuple[str, ...] = ()
+    admin_key_hashes: tuple[str, ...] = ()
     allow_unauthenticated: bool = False  # needed to bind beyond loopback without keys
     exempt_paths: tuple[str, ...] = ("/health", "/metrics", "/", "/static")
     max_request_bytes: int = 4 * 2**20  # JSON bodies; uploads have their own limit
@@ -130,10 +137,14 @@ class SecurityConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
+        for digest in self.api_key_hashes + self.admin_key_hashes:
+            if len(digest) != 64 or digest.strip("0123456789abcdef"):
+                raise ValueError("a key hash must be a SHA-256 hex digest")
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys or self.admin_keys or self.api_key_file)
+        hashed = self.api_key_hashes or self.admin_key_hashes
+        return bool(self.api_keys or self.admin_keys or self.api_key_file or hashed)
 
 
 GIB = 2**30

@@ -113,7 +113,9 @@ def edge_state(config: ServerConfig) -> EdgeState:
     keys = None
     if sec.auth_enabled:
         key_file = Path(sec.api_key_file) if sec.api_key_file else None
-        keys = KeyStore(sec.api_keys, key_file, sec.admin_keys)
+        hashes = tuple((h, "member") for h in sec.api_key_hashes)
+        hashes += tuple((h, "admin") for h in sec.admin_key_hashes)
+        keys = KeyStore(sec.api_keys, key_file, sec.admin_keys, hashes)
     return EdgeState(
         keys=keys, exempt=sec.exempt_paths, max_body=sec.max_request_bytes,
         max_file_bytes=config.storage.max_file_bytes, upload_slack=files.MULTIPART_SLACK,

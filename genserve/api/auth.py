@@ -172,7 +172,11 @@ class Caller:
 def env_principal(key: str, role: str) -> Principal:
     """An environment key is its own project, named by its hash so that reordering
     GENSERVE_API_KEYS never moves data between keys (and the name reveals nothing)."""
-    digest = hash_key(key)
+    return hashed_principal(hash_key(key), role)
+
+
+def hashed_principal(digest: str, role: str) -> Principal:
+    """The same from the key's hash alone (keys passed hashed, as to Ray replicas)."""
     return Principal(f"env-{digest[:8]}", f"key-{digest[:12]}", role)
 
 
@@ -182,10 +186,12 @@ class KeyStore:
     the environment and in the key file takes its project and role from the file."""
 
     def __init__(
-        self, env_keys: tuple[str, ...], key_file: Path | None, admin_keys: tuple[str, ...] = ()
-    ) -> None:
+        self, env_keys: tuple[str, ...], key_file: Path | None, admin_keys: tuple[str, ...] = (),
+        hashes: tuple[tuple[str, str], ...] = (),  # (SHA-256 hex, role): keys passed hashed
+    ) -> None:  # fmt: skip
         self._env = {hash_key(k): env_principal(k, "member") for k in env_keys}
         self._env |= {hash_key(k): env_principal(k, "admin") for k in admin_keys}
+        self._env |= {digest: hashed_principal(digest, role) for digest, role in hashes}
         self._file = KeyFile(key_file) if key_file else None
         self._mtime: float | None = None
         self._records: list[KeyRecord] = []

@@ -153,6 +153,9 @@ def _pairs(raw: dict[str, torch.Tensor], base: BaseShape) -> dict:
 class LoraSet:
     adapters: dict[str, Adapter] = field(default_factory=dict)
     make_linear: object = None  # packs a weight (the runner's Linear)
+    # The base model's device: the fused path's owner index is compared with each step's rows
+    # there (an adapter's raw matrices stay where its file was read: the CPU).
+    device: torch.device | str = "cpu"
     order: list[str] = field(default_factory=list)  # adapter -> index, for the fused path
     _fused: dict[tuple[int, str], FusedStack | None] = field(default_factory=dict)
 
@@ -224,10 +227,9 @@ class LoraSet:
             owner += [i] * r
             col += r
         a_all = torch.cat([s.a_raw for _, s in parts])
-        dev = parts[0][1].a_raw.device
         return FusedStack(
             self.make_linear(a_all),
             self.make_linear(b_all),
-            torch.tensor(owner, device=dev),
+            torch.tensor(owner, device=self.device),
             slice(lo, hi),
         )

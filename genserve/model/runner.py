@@ -30,6 +30,7 @@ from genserve.engine.types import ChunkInput, StepInput
 from genserve.model import kernels
 from genserve.model.hardware import KernelPolicy, ShapePlan
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
+from genserve.model.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class LlamaRunner:
         with torch.no_grad():
             self.lm_head = self._linear(model.lm_head.weight, None)
             self.layers = [_stack_layer(layer, self._linear) for layer in inner.layers]
-        self.lora = LoraSet(make_linear=self._pack)
+        self.lora = LoraSet(make_linear=self._pack, device=self.device)
         self.base_shape = _base_shape(cfg, self.num_heads, self.num_kv_heads, self.head_dim)
         self.block_size = block_size
         self.blocks_per_slot = -(-max_len // block_size)  # a chunk without a table: its slot's
@@ -230,6 +231,16 @@ class LlamaRunner:
 
     def release(self, slot: int) -> None:
         """Nothing to free: a block's next owner overwrites what it reads."""
+
+    def free_source_weights(self, model: Any) -> None:
+        """Drop `model`'s decoder layers and head once this runner holds its own stacked (and,
+        on CPU, prepacked) copies: kept beside them they cost +55% to +100% of the weights.
+        The model keeps its config, embedding (read here) and rotary module; it can no longer
+        run a forward of its own (nothing does: fine-tuning reads the weights from disk)."""
+        model.model.layers = torch.nn.ModuleList()
+        model.lm_head = torch.nn.Identity()  # tied: the embedding stays alive through self.embed
+        if self.device.type == "cpu":
+            return_freed_memory()
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:

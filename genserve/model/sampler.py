@@ -7,6 +7,13 @@ inverse-CDF draw run for all sampled rows of a step in a few batched tensor ops,
 sorts a vocabulary; only the uniform number is drawn per row, from the row's own
 torch.Generator. Every batched op works within a row, so a row's token depends only on its own
 logits and generator, never on the rows beside it (rule 4).
+
+Device: every tensor a step builds lives on the logits' device (penalty counts, logit_bias and
+grammar masks arrive there from the worker); only the uniforms come from the rows' CPU
+generators (a seed draws the same numbers on any device). Results leave the device through
+`to_host` once per step (greedy and drawn tokens, finite flags, logprobs packed together);
+the few other syncs (ties at a top_k boundary, the top_p bucket sort) go through it too, so a
+test can count them.
 """
 
 from __future__ import annotations
@@ -42,10 +49,10 @@ class SamplingRow:
     # logit_bias as (token ids, values), built once per request; None: built from params
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def bias_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.bias is not None:
             return self.bias
-        return bias_tensors(self.params.logit_bias)
+        return bias_tensors(self.params.logit_bias, device)
 
     @property
     def greedy(self) -> bool:
@@ -61,9 +68,18 @@ class SampleOutput:
     errors: RowErrors = field(default_factory=dict)  # rows that failed, each alone
 
 
-def bias_tensors(bias: tuple[tuple[int, float], ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.tensor([t for t, _ in bias], dtype=torch.long)
-    return ids, torch.tensor([v for _, v in bias], dtype=torch.float32)
+def bias_tensors(
+    bias: tuple[tuple[int, float], ...], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logit_bias as (ids, values) on `device` (the logits'), built once per request."""
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=device)
+    return ids, torch.tensor([v for _, v in bias], dtype=torch.float32, device=device)
+
+
+def to_host(t: torch.Tensor) -> list:
+    """The sampler's device -> host copies all pass here: on an accelerator each one waits for
+    the device (a sync), so a step makes as few as it can (tests count them)."""
+    return t.tolist()
 
 
 # -- logit processors ---------------------------------------------------------------------
@@ -74,7 +90,7 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     per row at 8,192 entries. Each row's entries are distinct token ids (parse_logit_bias
     merges duplicates), so every logit gets one addition, the same alone or in a batch.
     """
-    parts = [(i, r.bias_tensors()) for i, r in enumerate(rows) if r.params.logit_bias]
+    parts = [(i, r.bias_tensors(logits.device)) for i, r in enumerate(rows) if r.params.logit_bias]
     if not parts:
         return
     ids = torch.cat([t for _, (t, _) in parts])
@@ -182,20 +198,37 @@ class DrawParams:
     min_p: torch.Tensor  # [b, 1] float32; 0: off
     top_k: torch.Tensor  # [b] int64; the vocabulary size: off
     top_p: torch.Tensor  # [b] float64; 1: off
+    # The same decisions on the host, from the requests' own numbers: branching on the tensors
+    # above would wait for the device each time.
+    by_k: tuple[int, ...] = ()  # rows truncated by top_k (with or without top_p)
+    by_p: tuple[int, ...] = ()  # rows truncated by top_p alone
+    k_max: int = 0  # the largest top_k among by_k rows
+    min_p_on: bool = False
+
+    @property
+    def truncating(self) -> bool:
+        return bool(self.by_k or self.by_p)
 
     @classmethod
     def of(cls, rows: list[SamplingRow], vocab: int, device: torch.device) -> DrawParams:
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
+        # Python's min first: a top_k of 10**30 must not overflow int64.
+        top_k = [min(r.params.top_k or vocab, vocab) for r in rows]
+        by_k = tuple(i for i, k in enumerate(top_k) if k < vocab)
+        by_p = tuple(i for i, r in enumerate(rows) if r.params.top_p < 1.0 and top_k[i] >= vocab)
         return cls(
             # A multiplication, not a division: ATen divides a [1, V] row by a [1, 1] tensor
             # with a reciprocal but a [B, V] batch exactly, so a row alone would round otherwise.
             tensor([[1.0 / r.params.temperature] for r in rows], torch.float32),
             tensor([[r.params.min_p] for r in rows], torch.float32),
-            # Python's min first: a top_k of 10**30 must not overflow int64.
-            tensor([min(r.params.top_k or vocab, vocab) for r in rows], torch.long),
+            tensor(top_k, torch.long),
             tensor([r.params.top_p for r in rows], torch.float64),
+            by_k=by_k,
+            by_p=by_p,
+            k_max=max((top_k[i] for i in by_k), default=0),
+            min_p_on=any(r.params.min_p > 0 for r in rows),
         )
 
 
@@ -216,11 +249,11 @@ def truncated_weights(logits: torch.Tensor, params: DrawParams) -> torch.Tensor:
     full sort in descending order defines: among equal logits the lower token id comes first.
     """
     x = logits * params.inv_temperature
-    truncating = bool((params.top_k < x.shape[-1]).any() or (params.top_p < 1.0).any())
+    truncating = params.truncating
     # Temperature alone needs no logits after the softmax: it overwrites them (one [b, V]
     # buffer instead of two; a step's large allocations are what cost most here).
     weights = x.softmax(-1) if truncating else torch.softmax(x, -1, out=x)
-    if bool((params.min_p > 0).any()):
+    if params.min_p_on:
         weights.masked_fill_(min_p_drop(weights, params.min_p), 0.0)
     if truncating:
         _truncate(x, weights, params)
@@ -230,14 +263,11 @@ def truncated_weights(logits: torch.Tensor, params: DrawParams) -> torch.Tensor:
 def _truncate(x: torch.Tensor, weights: torch.Tensor, params: DrawParams) -> None:
     """top_k and top_p in place on `weights`: each row keeps the first k tokens of the stable
     descending order of `x`, k from its top_k and top_p (the token that crosses p is kept)."""
-    vocab = x.shape[-1]
-    by_k = params.top_k < vocab
-    by_p = (params.top_p < 1.0) & ~by_k
     kth = x.new_full((x.shape[0], 1), NEG_INF)  # keep x >= kth; -inf: the whole row
     past: list[tuple[torch.Tensor, torch.Tensor]] = []  # (row, id): tied with kth, past k
-    for mask, find in ((by_k, _kth_by_topk), (by_p, _kth_by_buckets)):
-        rows = mask.nonzero().flatten()
-        if rows.numel():
+    for which, find in ((params.by_k, _kth_by_topk), (params.by_p, _kth_by_buckets)):
+        if which:
+            rows = torch.tensor(which, dtype=torch.long, device=x.device)
             value, (r, ids) = find(x, weights, rows, params)
             kth[rows] = value
             past.append((rows[r], ids))
@@ -259,7 +289,7 @@ def _kth_by_topk(
     and the tokens tied with it past k, (row among `rows`, id)."""
     k, top_p = params.top_k[rows], params.top_p[rows]
     # One candidate past the largest k: a tie at the k-th that runs past k shows in the list.
-    values, ids = _rows_of(x, rows).topk(min(int(k.max()) + 1, x.shape[-1]), dim=-1)
+    values, ids = _rows_of(x, rows).topk(min(params.k_max + 1, x.shape[-1]), dim=-1)
     # Equal logits have equal weights, so these are the stable order's weights position by
     # position even where topk orders ties otherwise; past k a token is not kept.
     w = weights[rows[:, None], ids]
@@ -273,7 +303,7 @@ def _kth_by_topk(
     # Tokens equal to the k-th past k: none if none is among the candidates past k (the ties
     # of the k-th come next to it in topk's order); else found in the row itself.
     ties_past = (values == kth) & (torch.arange(ids.shape[-1], device=x.device) >= k[:, None])
-    if not bool(ties_past.any()):
+    if not to_host(ties_past.any()):
         return kth, _no_tokens(x.device)
     return kth, _ties_past_k(_rows_of(x, rows), kth, k)
 
@@ -335,7 +365,7 @@ def _sorted_bucket(
     r, c = inside.nonzero(as_tuple=True)  # row-major, ids ascending within a row
     counts = torch.bincount(r, minlength=xs.shape[0])
     pos = torch.arange(r.numel(), device=r.device) - (counts.cumsum(0) - counts)[r]
-    shape = (xs.shape[0], int(counts.max()))
+    shape = (xs.shape[0], to_host(counts.max()))
     vals = xs.new_full(shape, NEG_INF).index_put_((r, pos), xs[r, c])
     ids = torch.zeros(shape, dtype=torch.long, device=xs.device).index_put_((r, pos), c)
     wts = torch.zeros(shape, dtype=torch.float64, device=xs.device)
@@ -378,6 +408,13 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 # -- which rows draw, their uniforms and their failures ----------------------------------------
+NOT_FINITE = "no token can be drawn: every logit is -inf or one is NaN"
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
 def _uniforms(rows: list[SamplingRow], which: list[int], errors: RowErrors) -> dict[int, float]:
     """Each drawing row's uniform from its own generator, first: one draw per row and step."""
     u: dict[int, float] = {}
@@ -389,66 +426,78 @@ def _uniforms(rows: list[SamplingRow], which: list[int], errors: RowErrors) -> d
     return u
 
 
-def _finite_rows(
-    x: torch.Tensor, which: list[int], errors: RowErrors
-) -> tuple[torch.Tensor, list[int]]:
-    """The rows of `x` (row j is row which[j] of the step) with a finite top logit; the others
-    (all masked, or NaN) fail alone."""
-    finite = torch.isfinite(x.amax(-1)).tolist()
-    if all(finite):
-        return x, which
-    for i, ok in zip(which, finite, strict=True):
-        if not ok:
-            errors[i] = ValueError("no token can be drawn: every logit is -inf or one is NaN")
-    keep = [j for j, ok in enumerate(finite) if ok]
-    return x[keep], [which[j] for j in keep]
+@dataclass(frozen=True, slots=True)
+class _Drawn:
+    """The drawing rows' results, still on the device."""
+
+    which: list[int]  # row indices of the step
+    tokens: torch.Tensor  # [len(which)] long
+    finite: torch.Tensor  # [len(which)] bool: False where the row could not draw
 
 
-def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -> dict[int, int]:
-    """Tokens of the rows that sample (not greedy, not failed), by row index."""
+def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -> _Drawn | None:
+    """Tokens of the rows that sample (not greedy, not failed), on the device."""
     which = [i for i, r in enumerate(rows) if i not in errors and not r.greedy]
     u = _uniforms(rows, which, errors)
     which = [i for i in which if i not in errors]
     if not which:
-        return {}
-    x = processed if len(which) == len(rows) else processed[which]  # no copy when all draw
-    x, which = _finite_rows(x, which, errors)
-    if not which:
-        return {}
+        return None
     dev = processed.device
+    x = processed if len(which) == len(rows) else processed[_index(which, dev)]
+    x, which, finite = _finite(x, which, errors)
+    if not which:
+        return None
     params = DrawParams.of([rows[i] for i in which], processed.shape[-1], dev)
     uniforms = torch.tensor([u[i] for i in which], dtype=torch.float64, device=dev)
     try:
-        tokens = draw_batch(x, params, uniforms).tolist()
+        return _Drawn(which, draw_batch(x, params, uniforms), finite)
     except Exception:  # noqa: BLE001 - redone row by row below, to find the row at fault
-        return _draw_alone(processed, rows, which, u, errors)
-    return dict(zip(which, tokens, strict=True))
+        return _draw_alone(x, rows, which, u, errors, finite)
+
+
+def _finite(
+    x: torch.Tensor, which: list[int], errors: RowErrors
+) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """A row without a finite top logit (all masked, or NaN) cannot draw and fails alone.
+
+    On a CPU the flags are read at once (no device to wait for) and such rows leave the batch.
+    On an accelerator they come back with the step's results; until then such a row draws from
+    zeros, so that no batched op indexes out of its row (on CUDA an out-of-range index is a
+    device assert that ends every request)."""
+    finite = torch.isfinite(x.amax(-1))
+    if x.device.type != "cpu":
+        return torch.where(finite[:, None], x, 0.0), which, finite
+    flags = finite.tolist()
+    if all(flags):
+        return x, which, finite
+    for i, ok in zip(which, flags, strict=True):
+        if not ok:
+            errors[i] = ValueError(NOT_FINITE)
+    keep = [j for j, ok in enumerate(flags) if ok]
+    return x[keep], [which[j] for j in keep], finite[keep]
 
 
 def _draw_alone(
-    processed: torch.Tensor, rows: list[SamplingRow], which: list[int], u: dict[int, float],
-    errors: RowErrors,
-) -> dict[int, int]:  # fmt: skip
+    x: torch.Tensor, rows: list[SamplingRow], which: list[int], u: dict[int, float],
+    errors: RowErrors, finite: torch.Tensor,
+) -> _Drawn:  # fmt: skip
     """Each row by itself, with the uniform it already drew: the same tokens as batched."""
-    out: dict[int, int] = {}
-    dev = processed.device
-    for i in which:
+    dev = x.device
+    out = torch.full((len(which),), -1, dtype=torch.long, device=dev)
+    for j, i in enumerate(which):
         try:
-            params = DrawParams.of([rows[i]], processed.shape[-1], dev)
+            params = DrawParams.of([rows[i]], x.shape[-1], dev)
             uniform = torch.tensor([u[i]], dtype=torch.float64, device=dev)
-            out[i] = int(draw_batch(processed[i : i + 1], params, uniform)[0])
+            out[j : j + 1] = draw_batch(x[j : j + 1], params, uniform)
         except Exception as e:  # noqa: BLE001 - this row's request fails, not the batch
             errors[i] = e
-    return out
+    return _Drawn(which, out, finite)
 
 
 # -- logprobs -------------------------------------------------------------------------------
 def token_logprob(raw_row: torch.Tensor, token: int, k: int) -> TokenLogprob:
     """From the model's own distribution (vLLM's default): before bias, penalties, masks."""
-    return _from_logprobs(raw_row.float().log_softmax(-1), token, k)
-
-
-def _from_logprobs(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    logprobs = raw_row.float().log_softmax(-1)
     top: tuple[tuple[int, float], ...] = ()
     if k:
         values, ids = logprobs.topk(k)
@@ -456,21 +505,61 @@ def _from_logprobs(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
     return TokenLogprob(token, float(logprobs[token]), top)
 
 
-def _logprobs(
-    logits: torch.Tensor, rows: list[SamplingRow], tokens: list[int], errors: RowErrors
-) -> list[TokenLogprob | None]:
+@dataclass(slots=True)
+class _Results:
+    """A step's results on the device as one float64 vector, and how to read it back: copied
+    to the host in one go (on an accelerator, one sync instead of a few per row)."""
+
+    parts: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, t: torch.Tensor) -> int:
+        """Queue a 1-D tensor; returns its length (its values come back in this order)."""
+        self.parts.append(t.reshape(-1).double())
+        return self.parts[-1].numel()
+
+    def fetch(self) -> list[float]:
+        return to_host(torch.cat(self.parts)) if self.parts else []
+
+
+def _queue_logprobs(
+    logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor, errors: RowErrors,
+    out: _Results,
+) -> list[tuple[int, int]]:  # fmt: skip
     """log_softmax of every row that asked, in one op; each row's top k from its own row (a
-    k shared by the batch could pick other ids among equal logprobs)."""
-    out: list[TokenLogprob | None] = [None] * len(rows)
+    k shared by the batch could pick other ids among equal logprobs). Returns (row, k) in the
+    order queued: per row its token's logprob, then k values and k ids."""
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None and i not in errors]
     if not want:
-        return out
-    table = logits[want].float().log_softmax(-1)
+        return []
+    idx = _index(want, logits.device)
+    table = logits[idx].float().log_softmax(-1)
+    # clamp: a row that failed after this (no finite logit) holds -1, never an index here
+    out.add(table.gather(1, tokens[idx].clamp(min=0)[:, None]))
+    queued = []
     for j, i in enumerate(want):
+        k = rows[i].params.logprobs
         try:
-            out[i] = _from_logprobs(table[j], tokens[i], rows[i].params.logprobs)
+            if k:
+                values, ids = table[j].topk(k)
+                out.add(values)
+                out.add(ids)
+            queued.append((i, k))
         except Exception as e:  # noqa: BLE001 - this row's request fails, not the batch
             errors[i] = e
+    return queued
+
+
+def _read_logprobs(
+    host: list[float], at: int, n_rows: int, queued: list[tuple[int, int]], tokens: list[int]
+) -> list[TokenLogprob | None]:
+    """The logprobs queued by _queue_logprobs, read back from the host copy from `at`."""
+    out: list[TokenLogprob | None] = [None] * n_rows
+    chosen, at = host[at : at + len(queued)], at + len(queued)
+    for (i, k), value in zip(queued, chosen, strict=True):
+        values, ids = host[at : at + k], host[at + k : at + 2 * k]
+        at += 2 * k
+        top = tuple((int(t), v) for t, v in zip(ids, values, strict=True))
+        out[i] = TokenLogprob(tokens[i], value, top)
     return out
 
 
@@ -484,13 +573,29 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
     if not rows:
         return SampleOutput([], [])
     processed, errors = process(logits, rows)
-    tokens = [-1] * len(rows)
+    dev = logits.device
+    tokens = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
     greedy = [i for i, r in enumerate(rows) if r.greedy]  # no draw
     if greedy:
-        top = processed if len(greedy) == len(rows) else processed[greedy]
-        for i, token in zip(greedy, top.argmax(-1).tolist(), strict=True):
-            tokens[i] = token
-    for i, token in _draw(processed, rows, errors).items():
-        tokens[i] = token
-    logprobs = _logprobs(logits, rows, tokens, errors)
-    return SampleOutput([-1 if i in errors else t for i, t in enumerate(tokens)], logprobs, errors)
+        idx = _index(greedy, dev)
+        top = processed if len(greedy) == len(rows) else processed[idx]
+        tokens.index_copy_(0, idx, top.argmax(-1))
+    drawn = _draw(processed, rows, errors)
+    if drawn is not None:
+        tokens.index_copy_(0, _index(drawn.which, dev), drawn.tokens)
+    results = _Results()
+    n_tokens = results.add(tokens)
+    n_finite = results.add(drawn.finite) if drawn is not None else 0
+    queued = _queue_logprobs(logits, rows, tokens, errors, results)
+    host = results.fetch()
+    picked = [int(t) for t in host[:n_tokens]]
+    if drawn is not None:
+        for i, ok in zip(drawn.which, host[n_tokens : n_tokens + n_finite], strict=True):
+            if not ok and i not in errors:
+                errors[i] = ValueError(NOT_FINITE)
+    logprobs = _read_logprobs(host, n_tokens + n_finite, len(rows), queued, picked)
+    return SampleOutput(
+        [-1 if i in errors else t for i, t in enumerate(picked)],
+        [None if i in errors else lp for i, lp in enumerate(logprobs)],
+        errors,
+    )

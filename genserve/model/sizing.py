@@ -11,6 +11,7 @@ from genserve.config import EngineConfig
 
 DEFAULT_MAX_LEN = 2048  # per-sequence context when the operator does not say
 FP32 = 4
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def cache_shape(cfg: EngineConfig, model_context: int) -> tuple[int, int]:
@@ -30,6 +31,27 @@ def pool_tokens(cfg: EngineConfig, max_len: int) -> int:
     """Tokens of the paged KV pool: --kv-cache-tokens, else what static slots of max_len for
     max_batch_size sequences held (the same memory as before paging)."""
     return cfg.kv_cache_tokens or cfg.max_batch_size * max_len
+
+
+def element_bytes(dtype: str, on_gpu: bool) -> int:
+    """Bytes per weight and KV element for --dtype. `auto` is half precision on a GPU
+    (loading.pick_dtype); on a CPU it picks bf16 only where measured faster, so fp32 is
+    counted there (the budget errs on the side of refusing)."""
+    if dtype == "auto":
+        return 2 if on_gpu else FP32
+    return ELEMENT_BYTES[dtype]
+
+
+def model_bytes(folder: Path, kind: str, dtype: str, on_gpu: bool, engine: EngineConfig) -> int:
+    """A model's memory on its device once served: weights at their dtype, held once on a GPU
+    (the runner frees the originals of its stacked copies; F.linear reads them as they are),
+    twice on a CPU (measured kernels may keep a oneDNN-prepacked and a plain copy of a weight),
+    plus the KV cache at the same dtype. Embedding models: their weights."""
+    elem = element_bytes(dtype, on_gpu)
+    weights = weight_bytes(folder, elem)
+    if kind == "embed":
+        return weights
+    return (1 if on_gpu else 2) * weights + kv_cache_bytes(folder, engine, elem)
 
 
 def weight_count(folder: Path) -> int:

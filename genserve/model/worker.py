@@ -25,7 +25,7 @@ from genserve.model.dispatch import make_runner
 from genserve.model.grammar import GrammarLimitError
 from genserve.model.hardware import KernelPolicy
 from genserve.model.loading import LoadedModel
-from genserve.model.runner import Runner
+from genserve.model.runner import LlamaRunner, Runner
 from genserve.model.sampler import SamplingRow, bias_tensors, sample, token_logprob
 
 log = logging.getLogger(__name__)
@@ -59,32 +59,19 @@ class ModelWorker:
         self.runner: Runner = make_runner(
             loaded.model, num_slots, max_len, fast_path, batch_invariant, policy, paged
         )
+        if isinstance(self.runner, LlamaRunner):  # it holds its own copies of the weights
+            self.runner.free_source_weights(loaded.model)
         self.vocab_size = loaded.model.config.vocab_size
+        self.device = loaded.device  # the logits' device: the sampling state lives there too
         self.eos_ids = loaded.eos_token_ids
         self.grammars = grammars
         self._state: dict[str, RequestState] = {}
         self.adapters: set[str] = set()
 
     def start(self, request: Request) -> None:
-        """Every request gets its own generator; an unseeded one gets a fresh random seed."""
-        p = request.params
-        gen = torch.Generator(device="cpu")
-        # OpenAI's seeds are signed 64-bit; a generator takes the same 64 bits unsigned.
-        gen.manual_seed(
-            p.seed & 0xFFFF_FFFF_FFFF_FFFF if p.seed is not None else secrets.randbits(63)
-        )
-        state = RequestState(p, request.prompt_token_ids, gen)
-        if p.presence_penalty or p.frequency_penalty:
-            state.counts = torch.zeros(self.vocab_size)
-        if p.repetition_penalty != 1.0:
-            state.seen = torch.zeros(self.vocab_size, dtype=torch.bool)
-            state.seen[request.prompt_token_ids] = True
-        if p.grammar is not None:
-            state.grammar = self.grammars.matcher(p.grammar)
-        if p.prompt_logprobs is not None:
-            state.prompt_logprobs = [None]  # the first prompt token has no context
-        if p.logit_bias:
-            state.bias = bias_tensors(p.logit_bias)
+        state = request_state(request, self.vocab_size, self.device)
+        if request.params.grammar is not None:
+            state.grammar = self.grammars.matcher(request.params.grammar)
         self._state[request.request_id] = state
 
     def add_adapter(self, name: str, path: Path) -> None:
@@ -180,6 +167,27 @@ class ModelWorker:
                             token_logprob(logits[row + j], state.prompt[nxt], k)
                         )
             row += c.num_logit_rows
+
+
+def request_state(request: Request, vocab_size: int, device: torch.device) -> RequestState:
+    """A request's sampling state. Its generator is a CPU one, seeded, so a seed draws the same
+    numbers on any device; its tensors are on `device`, the logits': a penalty or a bias
+    built on the CPU beside CUDA logits fails the step (and every request in it)."""
+    p = request.params
+    gen = torch.Generator(device="cpu")
+    # OpenAI's seeds are signed 64-bit; a generator takes the same 64 bits unsigned.
+    gen.manual_seed(p.seed & 0xFFFF_FFFF_FFFF_FFFF if p.seed is not None else secrets.randbits(63))
+    state = RequestState(p, request.prompt_token_ids, gen)
+    if p.presence_penalty or p.frequency_penalty:
+        state.counts = torch.zeros(vocab_size, device=device)
+    if p.repetition_penalty != 1.0:
+        state.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        state.seen[request.prompt_token_ids] = True
+    if p.prompt_logprobs is not None:
+        state.prompt_logprobs = [None]  # the first prompt token has no context
+    if p.logit_bias:
+        state.bias = bias_tensors(p.logit_bias, device)
+    return state
 
 
 def failure_of(exc: Exception) -> RequestFailure:

@@ -10,14 +10,17 @@ from genserve.config import ServerConfig
 
 
 def serve_with_ray(
-    config: ServerConfig, replicas: int, address: str | None, log_level: str = "info"
-) -> None:
+    config: ServerConfig, replicas: int, address: str | None, log_level: str = "info",
+    replica_gpus: float = 1.0,
+) -> None:  # fmt: skip
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
         raise typer.BadParameter("--ray needs Ray Serve: pip install 'genserve[ray]'")
     from genserve.ray.deploy import RayOptions, serve_on_ray
 
     try:
-        options = RayOptions(replicas=replicas, address=address, log_level=log_level)
+        options = RayOptions(
+            replicas=replicas, address=address, log_level=log_level, replica_gpus=replica_gpus
+        )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     serve_on_ray(config, options)

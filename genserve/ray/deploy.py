@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +63,10 @@ class RayOptions:
     replicas: int = 1  # engine replicas (one engine each)
     address: str | None = None  # an existing cluster ("auto", "host:6379"); None: start one here
     replica_cpus: float | None = None  # CPUs per engine replica; None: 1, or a share of a local Ray
+    # GPUs per engine replica and per training task when the model runs on CUDA (fractional:
+    # replicas share a GPU); none are asked for on a CPU.
+    replica_gpus: float = 1.0
+    training_gpus: float = 1.0
     max_adapters_per_replica: int = 8  # fine-tuned adapters a replica keeps (LRU beyond)
     edge_replicas: int = 1
     control_cpus: float = 0.0  # the control replica mostly waits; training is a Ray task apart
@@ -73,6 +79,10 @@ class RayOptions:
             raise ValueError("replicas must be >= 1")
         if self.replica_cpus is not None and self.replica_cpus < 0:
             raise ValueError("replica_cpus must be >= 0")
+        if self.replica_gpus <= 0 or self.training_gpus < 0:
+            raise ValueError("replica_gpus must be > 0 and training_gpus >= 0")
+        if self.replica_gpus > 1 and self.replica_gpus != int(self.replica_gpus):
+            raise ValueError("replica_gpus above 1 must be a whole number (Ray's rule)")
         if self.max_adapters_per_replica < 1:
             raise ValueError("max_adapters_per_replica must be >= 1")
         if self.object_store_mb < 80:
@@ -86,6 +96,43 @@ class RayOptions:
         if self.address is not None:
             return 1.0
         return min(1.0, (self.local_cpus or os.cpu_count() or 1) / self.replicas)
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What one replica or task asks Ray for. Ray hides the GPUs an actor did not ask for
+    (CUDA_VISIBLE_DEVICES), so a model on CUDA must ask for its share or it sees none."""
+
+    num_cpus: float
+    num_gpus: float = 0.0
+
+    def options(self) -> dict[str, float]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    engine: Resources
+    control: Resources
+    training: Resources
+
+
+def on_cuda(device: str, cluster_gpus: float) -> bool:
+    """Whether replicas run their models on CUDA: --device cuda, or auto on a cluster that has
+    GPUs (the driver's own GPUs say nothing about the nodes replicas land on)."""
+    return device == "cuda" or (device == "auto" and cluster_gpus > 0)
+
+
+def layout(config: ServerConfig, options: RayOptions, cluster_gpus: float) -> Layout:
+    """Resources of each role. On CUDA, engine replicas and training tasks ask for GPUs; the
+    control replica never does: its engine only backs the model list and the fine-tuning
+    manager, so its model loads on the CPU (control_config) and leaves the GPUs to serving."""
+    gpu = on_cuda(config.model.device, cluster_gpus)
+    return Layout(
+        engine=Resources(options.cpus_per_replica(), options.replica_gpus if gpu else 0.0),
+        control=Resources(options.control_cpus),
+        training=Resources(training_cpus(config), options.training_gpus if gpu else 0.0),
+    )
 
 
 # --- per-role configs ------------------------------------------------------------------------
@@ -113,6 +160,20 @@ def absolute_paths(config: ServerConfig) -> ServerConfig:
     )
 
 
+def hashed_keys(config: ServerConfig) -> ServerConfig:
+    """GENSERVE_API_KEYS / GENSERVE_ADMIN_KEYS as their SHA-256 digests: a deployment's init
+    arguments are stored by Ray and shown by its state API and dashboard, so plaintext keys
+    must not be among them (the replicas only ever compare hashes)."""
+    from genserve.api.auth import hash_key
+
+    sec = config.security
+    return _replace(config, security=_replace(
+        sec, api_keys=(), admin_keys=(),
+        api_key_hashes=sec.api_key_hashes + tuple(hash_key(k) for k in sec.api_keys),
+        admin_key_hashes=sec.admin_key_hashes + tuple(hash_key(k) for k in sec.admin_keys),
+    ))  # fmt: skip
+
+
 def engine_config(config: ServerConfig, scratch: str) -> ServerConfig:
     """An engine replica: no store of its own beyond a private scratch dir, no training."""
     storage = _replace(config.storage, data_dir=scratch)
@@ -122,10 +183,13 @@ def engine_config(config: ServerConfig, scratch: str) -> ServerConfig:
 
 def control_config(config: ServerConfig) -> ServerConfig:
     """The control replica: the shared store and the trainer; its engine only backs the
-    fine-tuning manager (base weights, chat template) and the model list, so one slot."""
+    fine-tuning manager (base weights, chat template) and the model list, so one slot, on the
+    CPU (it asks Ray for no GPU: see layout). Training keeps the operator's device choice."""
     engine = _replace(config.engine, max_batch_size=1, kv_cache_tokens=None)
-    model = _replace(config.model, embedding_model=None)
-    return _replace(config, engine=engine, model=model)
+    model = _replace(config.model, embedding_model=None, device="cpu")
+    device = config.training.device or config.model.device
+    training = _replace(config.training, device=device)
+    return _replace(config, engine=engine, model=model, training=training)
 
 
 # --- replicas --------------------------------------------------------------------------------
@@ -282,11 +346,15 @@ class EngineReplica(AppReplica):
 
 
 class ControlReplica(AppReplica):
-    async def __init__(self, config: ServerConfig, options: RayOptions) -> None:
+    async def __init__(
+        self, config: ServerConfig, options: RayOptions, training: Resources
+    ) -> None:
         from genserve.ray.training import launch_ray_task
 
-        # Each fine-tuning run is a Ray task, placed wherever the cluster has the CPUs.
-        await self._start(control_config(config), options.log_level, launch_ray_task)
+        # Each fine-tuning run is a Ray task, placed wherever the cluster has the CPUs (and the
+        # GPU share, on CUDA).
+        launcher = functools.partial(launch_ray_task, gpus=training.num_gpus)
+        await self._start(control_config(config), options.log_level, launcher)
 
     def resolve_adapter(self, model_id: str) -> Any:
         """The AdapterSpec this deployment serves under model_id, or None."""
@@ -419,22 +487,23 @@ def to_request(scope: dict, body: bytes) -> HTTPRequest:
 # --- building and running --------------------------------------------------------------------
 
 
-def build_app(config: ServerConfig, options: RayOptions) -> Any:
+def build_app(config: ServerConfig, options: RayOptions, cluster_gpus: float = 0.0) -> Any:
     """The Serve application: edge -> (engine x N, control x 1)."""
     from ray import serve
 
-    config = absolute_paths(config)
+    config = hashed_keys(absolute_paths(config))
+    roles = layout(config, options, cluster_gpus)
     drain = config.security.drain_timeout_s
     common = {"graceful_shutdown_timeout_s": max(drain, 1.0), "health_check_period_s": 5.0}
     control = serve.deployment(
         ControlReplica, name=CONTROL, num_replicas=1, max_ongoing_requests=256,
-        ray_actor_options={"num_cpus": options.control_cpus}, **common,
-    ).bind(config, options)  # fmt: skip
+        ray_actor_options=roles.control.options(), **common,
+    ).bind(config, options, roles.training)  # fmt: skip
     # Serve's own queueing stays out of the way: genserve's queue answers 429 when full.
     ongoing = config.engine.max_batch_size + max(config.engine.max_waiting, 1)
     engine = serve.deployment(
         EngineReplica, name=ENGINE, num_replicas=options.replicas, max_ongoing_requests=ongoing,
-        ray_actor_options={"num_cpus": options.cpus_per_replica()}, **common,
+        ray_actor_options=roles.engine.options(), **common,
     ).bind(config, control, options)  # fmt: skip
     edge = serve.deployment(
         serve.ingress()(Edge), name=EDGE, num_replicas=options.edge_replicas,
@@ -456,13 +525,32 @@ def connect(options: RayOptions, training_cpus: int = 0) -> bool:
     if options.address is not None:
         ray.init(address=options.address, namespace=APP_NAME)
         return False
-    ray.init(
-        num_cpus=(options.local_cpus or os.cpu_count() or 1) + training_cpus,
-        include_dashboard=False,
-        object_store_memory=options.object_store_mb * 2**20,
-        namespace=APP_NAME,
-    )
+    with _termination_blocked():
+        ray.init(
+            num_cpus=(options.local_cpus or os.cpu_count() or 1) + training_cpus,
+            include_dashboard=False,
+            object_store_memory=options.object_store_mb * 2**20,
+            namespace=APP_NAME,
+        )
     return True
+
+
+@contextlib.contextmanager
+def _termination_blocked() -> Iterator[None]:
+    """SIGTERM blocked while a local Ray starts: its processes (GCS, raylet, and the replicas'
+    workers they spawn) inherit the mask, so a SIGTERM sent to the whole process group (a
+    terminal, a container's init) reaches only this driver, which then takes the app down in
+    order. Without it the GCS died first and the driver waited 60 s for it (issue 20). Ray
+    already blocks SIGINT in its children the same way; ray.shutdown() still ends them (it
+    kills what does not terminate)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def training_cpus(config: ServerConfig) -> int:
@@ -471,11 +559,13 @@ def training_cpus(config: ServerConfig) -> int:
 
 def deploy(config: ServerConfig, options: RayOptions) -> str:
     """Connect (or start Ray), deploy, and wait until every replica has loaded its model."""
+    import ray
     from ray import serve
 
     connect(options, training_cpus(config))
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config, options), name=APP_NAME, route_prefix="/")
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    serve.run(build_app(config, options, gpus), name=APP_NAME, route_prefix="/")
     return f"http://{config.host}:{config.port}"
 
 
@@ -491,8 +581,12 @@ def serve_on_ray(config: ServerConfig, options: RayOptions) -> None:
     url = deploy(config, options)
     log.info("serving on Ray: %s (%d engine replicas)", url, options.replicas)
     stop.wait()
-    log.info("stopping: deleting the Serve application")
+    began = time.monotonic()
+    log.info("stopping: deleting the Serve application (in-flight requests finish first)")
     serve.delete(APP_NAME)
+    log.info("application deleted in %.1fs", time.monotonic() - began)
     if started_here:
-        serve.shutdown()
+        # No serve.shutdown(): the app is gone, and ending this Ray ends Serve's controller and
+        # proxies with it (several seconds less of a 30 s grace period).
         ray.shutdown()
+        log.info("local Ray shut down in %.1fs", time.monotonic() - began)

@@ -135,10 +135,12 @@ def _remote_train_job() -> Any:
     return ray.remote(train_job)
 
 
-async def launch_ray_task(spec_path: Path, threads: int) -> RayWorkerProcess:
-    """A JobManager launcher: the run goes to Ray; it may wait there for free CPUs."""
+async def launch_ray_task(spec_path: Path, threads: int, gpus: float = 0.0) -> RayWorkerProcess:
+    """A JobManager launcher: the run goes to Ray; it may wait there for free CPUs (and its
+    GPU share when the model runs on CUDA: Ray hides the GPUs a task did not ask for)."""
     task = _remote_train_job().options(
         num_cpus=threads,
+        num_gpus=gpus,
         num_returns="streaming",
         max_retries=0,  # the manager decides: resume from the last checkpoint, or fail
         name=f"{TASK_NAME}:{spec_path.parent.name}",

@@ -144,6 +144,8 @@ def fingerprint(
 
     weights = sorted((p.name, p.stat().st_size) for p in loaded.path.glob("*.safetensors"))
     parts = [__version__, torch.__version__, runner, str(loaded.dtype), loaded.device.type]
+    if loaded.device.type == "cuda":  # another GPU model picks other kernels (issue 20)
+        parts.append(torch.cuda.get_device_name(loaded.device))
     parts.append("deterministic" if deterministic else "plain")
     if policy is not None:
         parts.append(f"kernels-{policy.tag()}")

@@ -88,9 +88,9 @@ def open_registry(rt: Runtime) -> ModelRegistry:
 
 
 def model_size(served: ServedModel, config: ServerConfig) -> int:
-    from genserve.model.sizing import kv_cache_bytes, weight_bytes
+    from genserve.runtime.registry import estimate_bytes
 
-    return 2 * weight_bytes(served.path) + kv_cache_bytes(served.path, config.engine)
+    return estimate_bytes(str(served.path), "generate", config)
 
 
 def load_embeddings(registry: ModelRegistry, config: ServerConfig) -> None:
@@ -127,8 +127,9 @@ async def start_fine_tuning(rt: Runtime) -> None:
         files.sweep()
         threads = config.training.threads
         manager = JobManager(
-            JobStore(rt.database), files, rt, data_dir, threads, rt.training_launcher
-        )
+            JobStore(rt.database), files, rt, data_dir, threads, rt.training_launcher,
+            device=config.training.device or config.model.device,
+        )  # fmt: skip
         rt.files = files
         rt.fine_tuning = manager
         rt.on_adapter_deleted.append(manager.on_adapter_deleted)

@@ -39,7 +39,7 @@ class ModelRegistry:
         self.config = config
         self.store = store  # genserve.storage.models.ModelStore, or None without storage
         self.models_dir = Path(config.storage.models_dir).resolve()
-        self.budget = budget_bytes(config.model.memory_budget_gb)
+        self.budget = budget_bytes(config.model.memory_budget_gb, config.model.device)
         self.used: dict[str, int] = {}  # model id -> estimated bytes
         self._tasks: set[asyncio.Task] = set()
 
@@ -228,20 +228,33 @@ def guess_kind(path: str) -> str:
 
 
 def estimate_bytes(path: str, kind: str, config: ServerConfig) -> int:
-    """Weights at fp32 (x2 on the fast path, which keeps packed copies) plus the KV cache."""
+    """The model's memory on the device it will load on, at its dtype (model.sizing)."""
     from genserve.model.loading import resolve_model_ref
-    from genserve.model.sizing import kv_cache_bytes, weight_bytes
+    from genserve.model.sizing import model_bytes
 
     folder = resolve_model_ref(path) if not Path(path).is_dir() else Path(path)
-    weights = weight_bytes(folder)
-    if kind == "embed":
-        return weights
-    return 2 * weights + kv_cache_bytes(folder, config.engine)
+    mc = config.model
+    return model_bytes(folder, kind, mc.dtype, on_gpu(mc.device), config.engine)
 
 
-def budget_bytes(gib: float | None) -> int:
+def on_gpu(device: str) -> bool:
+    """Whether --device puts models on a GPU (auto: when CUDA is there, as loading does)."""
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def budget_bytes(gib: float | None, device: str = "cpu") -> int:
+    """--memory-budget-gb, else 80% of the memory models load into: the GPU's when they load
+    on one (the budget then protects VRAM), else the machine's RAM."""
     if gib is not None:
         return int(gib * GIB)
+    if on_gpu(device):
+        import torch
+
+        return int(torch.cuda.mem_get_info()[1] * 0.8)
     import psutil
 
     return int(psutil.virtual_memory().total * 0.8)

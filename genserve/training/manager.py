@@ -167,6 +167,7 @@ class JobManager:
         data_dir: Path,
         threads: int,
         launch: Launcher | None = None,
+        device: str = "auto",  # the server's --device: the worker picks the same way
     ) -> None:
         self.jobs = jobs
         self.launch = launch or launch_subprocess
@@ -174,6 +175,7 @@ class JobManager:
         self.services = services
         self.root = data_dir / "jobs"
         self.threads = threads
+        self.device = device
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._procs: dict[str, WorkerProcess] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -440,6 +442,7 @@ class JobManager:
             # By folder name under this job's dir: the data dir may have moved since.
             resume_dir=str(job_dir / "checkpoints" / Path(ckpt.path).name) if ckpt else None,
             threads=self.threads,
+            device=self.device,
         )
         path = job_dir / "spec.json"
         tmp = path.with_suffix(".json.tmp")
@@ -551,6 +554,7 @@ async def _terminate(proc: WorkerProcess) -> None:
 
 def _started_text(m: Started) -> str:
     text = f"Fine-tuning job started: {m.examples} examples, {m.total_steps} steps"
+    text += f", on {m.device} ({m.precision})"
     if m.start_step:
         text += f", continuing at step {m.start_step + 1}"
     if m.truncated:

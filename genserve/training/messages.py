@@ -28,6 +28,7 @@ class WorkerSpec(BaseModel):
     out_dir: str  # <data_dir>/jobs/<job-id>: checkpoints/ and adapter/ go here
     resume_dir: str | None = None  # a checkpoint folder to continue from
     threads: int = 1
+    device: str = "auto"  # the server's --device: auto trains on a GPU when there is one
 
 
 # --- what the worker tells the manager, one JSON line each -----------------------------------
@@ -41,6 +42,8 @@ class Started:
     truncated: int  # examples cut to max_len
     start_step: int  # > 0 when resumed from a checkpoint
     skipped: int = 0  # examples with nothing left to learn once cut to max_len
+    device: str = "cpu"  # where it trains ("cuda:0", "cpu")
+    precision: str = "float32"  # "bfloat16 autocast" on a GPU that has bf16 units
 
 
 @dataclass(frozen=True, slots=True)

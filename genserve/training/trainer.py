@@ -1,4 +1,5 @@
-"""LoRA fine-tuning with peft, on the CPU (torch threads: the worker's share): the worker's body.
+"""LoRA fine-tuning with peft: the worker's body. On a GPU when the server's --device finds one
+(bf16 autocast where it has bf16), else on the CPU with the worker's share of torch threads.
 
 Reproducible by construction: the seed sets the LoRA initialisation, each epoch shuffles with
 its own generator (seed + epoch), dropout is 0 and the learning rate is a pure function of the
@@ -8,6 +9,7 @@ so a run resumed from it computes the same losses the uninterrupted run would ha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -70,6 +72,41 @@ class Batch:
     labels: torch.Tensor
     tokens: int  # real (unpadded) tokens
 
+    def to(self, device: torch.device) -> Batch:
+        move = dict(device=device, non_blocking=True)
+        return Batch(self.input_ids.to(**move), self.attention_mask.to(**move),
+                     self.labels.to(**move), self.tokens)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a job trains and in what precision, chosen as the server chooses its device: on
+    a GPU when --device is auto and one is there, with bf16 autocast where the GPU has bf16
+    units (the LoRA and optimizer state stay fp32); on a CPU, fp32."""
+
+    device: torch.device
+    autocast: torch.dtype | None = None  # None: fp32 throughout
+
+    @property
+    def precision(self) -> str:
+        if self.autocast is None:
+            return "float32"
+        return f"{str(self.autocast).removeprefix('torch.')} autocast"
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+
+def placement(device: str) -> Placement:
+    from genserve.model.loading import pick_device
+
+    dev = pick_device(device)
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return Placement(dev, torch.bfloat16)
+    return Placement(dev)
+
 
 @dataclass(frozen=True, slots=True)
 class Run:
@@ -83,6 +120,7 @@ class Run:
     pad_id: int
     total_steps: int
     emit: Emit
+    place: Placement
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +151,7 @@ def load_data(spec: WorkerSpec, tokenizer, path: str, param: str) -> Data:
     return Data(rows, truncated, len(encoded) - len(rows))
 
 
-def build_model(spec: WorkerSpec):
+def build_model(spec: WorkerSpec, device: torch.device):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -129,7 +167,7 @@ def build_model(spec: WorkerSpec):
         target_modules=lora_targets(base),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, config)
+    return get_peft_model(base.to(device), config)
 
 
 def lora_targets(model: torch.nn.Module) -> list[str]:
@@ -174,12 +212,13 @@ def forward(model, batch: Batch) -> tuple[torch.Tensor, int, int]:
     return loss, int(learned.sum()), correct
 
 
-def evaluate(model, rows: list[Encoded], batch_size: int, pad_id: int) -> Scores:
+def evaluate(model, rows: list[Encoded], batch_size: int, pad_id: int, place: Placement) -> Scores:
     model.eval()
     total, count, correct = 0.0, 0, 0
-    with torch.no_grad():
+    with torch.no_grad(), place.compute():
         for i in range(0, len(rows), batch_size):
-            loss, n, c = forward(model, collate(rows[i : i + batch_size], pad_id))
+            batch = collate(rows[i : i + batch_size], pad_id).to(place.device)
+            loss, n, c = forward(model, batch)
             total, count, correct = total + float(loss), count + n, correct + c
     model.train()
     return Scores(total / max(count, 1), correct / max(count, 1))
@@ -190,10 +229,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def train_step(model, optimizer, batch: Batch, lr: float) -> Scores:
+def train_step(model, optimizer, batch: Batch, lr: float, place: Placement) -> Scores:
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum, count, correct = forward(model, batch)
+    with place.compute():
+        loss_sum, count, correct = forward(model, batch)
     (loss_sum / max(count, 1)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -227,9 +267,10 @@ def load_checkpoint(model, optimizer, folder: Path) -> Progress:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+    device = str(next(model.parameters()).device)
+    set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors", device))
     state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(folder / "optimizer.safetensors").items():
+    for key, value in load_file(folder / "optimizer.safetensors", device).items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     groups = optimizer.state_dict()["param_groups"]
@@ -250,7 +291,8 @@ def train(spec: WorkerSpec, emit: Emit) -> Finished:
     rows, valid = data.rows, []
     if spec.valid_file:
         valid = load_data(spec, tokenizer, spec.valid_file, "validation_file").rows
-    model = build_model(spec)
+    place = placement(spec.device)
+    model = build_model(spec, place.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=0.0)
@@ -258,8 +300,9 @@ def train(spec: WorkerSpec, emit: Emit) -> Finished:
     if spec.resume_dir:
         progress = load_checkpoint(model, optimizer, Path(spec.resume_dir))
     total = math.ceil(len(rows) / spec.batch_size) * spec.n_epochs
-    run = Run(spec, model, optimizer, rows, valid, pad_id, total, emit)
-    emit(Started(total, len(rows), len(valid), data.truncated, progress.step, data.skipped))
+    run = Run(spec, model, optimizer, rows, valid, pad_id, total, emit, place)
+    emit(Started(total, len(rows), len(valid), data.truncated, progress.step, data.skipped,
+                 str(place.device), place.precision))  # fmt: skip
     for epoch in range(progress.epoch, spec.n_epochs):
         progress = run_epoch(run, epoch, progress)
     adapter = Path(spec.out_dir) / "adapter"
@@ -277,9 +320,9 @@ def run_epoch(run: Run, epoch: int, progress: Progress) -> Progress:
     batches = [order[i : i + bs] for i in range(0, len(order), bs)]
     step, tokens, data = progress.step, progress.trained_tokens, {}
     for j, indices in enumerate(batches):
-        batch = collate([run.rows[i] for i in indices], run.pad_id)
+        batch = collate([run.rows[i] for i in indices], run.pad_id).to(run.place.device)
         lr = spec.learning_rate * (1 - step / run.total_steps)  # linear decay, from the step
-        scores = train_step(run.model, run.optimizer, batch, lr)
+        scores = train_step(run.model, run.optimizer, batch, lr, run.place)
         step, tokens = step + 1, tokens + batch.tokens
         data = {
             "step": step,
@@ -300,7 +343,7 @@ def run_epoch(run: Run, epoch: int, progress: Progress) -> Progress:
 
 
 def validation_scores(run: Run) -> dict[str, float]:
-    scores = evaluate(run.model, run.valid, run.spec.batch_size, run.pad_id)
+    scores = evaluate(run.model, run.valid, run.spec.batch_size, run.pad_id, run.place)
     # Computed on the whole validation set, so the "full_" numbers are these same ones.
     return {
         "valid_loss": scores.loss,

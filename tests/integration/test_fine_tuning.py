@@ -354,7 +354,7 @@ def test_trainer_same_seed_same_losses_and_exact_resume(
     import torch
 
     from genserve.training.trainer import train
-    from genserve.training.worker import Checkpointed, Metrics, WorkerSpec
+    from genserve.training.worker import Checkpointed, Metrics, Started, WorkerSpec
 
     data = tmp_path / "train.jsonl"
     data.write_bytes(training_data(12))
@@ -373,6 +373,10 @@ def test_trainer_same_seed_same_losses_and_exact_resume(
     torch.set_num_threads(1)
     try:
         losses, messages = run("a", seed=1)
+        started = next(m for m in messages if isinstance(m, Started))
+        assert (started.device, started.precision) == (
+            ("cuda:0", "bfloat16 autocast") if torch.cuda.is_available() else ("cpu", "float32")
+        )
         assert run("b", seed=1)[0] == losses
         assert run("c", seed=2)[0] != losses
         halfway = next(m for m in messages if isinstance(m, Checkpointed))
