@@ -18,6 +18,9 @@ class EngineConfig:
     max_batch_size: int = 32
     max_model_len: int | None = None  # None: the model's context, capped at 2048
     kv_cache_tokens: int | None = None  # None: max_batch_size * max_model_len
+    # Full KV blocks stay cached after their request and are reused by any later prompt that
+    # starts with the same tokens (same adapter); --no-prefix-caching turns it off.
+    prefix_caching: bool = True
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
     max_waiting: int = 256  # bounded queue: beyond this, 429
     fast_path: bool = True  # our Llama-family runner when the architecture allows it

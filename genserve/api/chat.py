@@ -93,7 +93,7 @@ def chat_completion(body: ChatCompletionRequest, done: Collected) -> dict:
         **envelope(s),
         "object": "chat.completion",
         "choices": choices,
-        "usage": usage(s.prompt_tokens, done.completion_tokens),
+        "usage": usage(s.prompt_tokens, done.completion_tokens, done.cached_tokens),
     }
 
 
@@ -133,8 +133,9 @@ def stream_chat(http: Request, body: ChatCompletionRequest, started: Started, ev
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def usage_frame(completion_tokens: int) -> dict:
-        return {**base, "choices": [], "usage": usage(started.prompt_tokens, completion_tokens)}
+    def usage_frame(completion_tokens: int, cached: dict[int, int]) -> dict:
+        counts = usage(started.prompt_tokens, completion_tokens, started.cached_tokens(cached))
+        return {**base, "choices": [], "usage": counts}
 
     usage_fn = usage_frame if include_usage else None
     return sse_response(http, events, started.prompt_tokens, first, frame, usage_fn)

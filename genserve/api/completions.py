@@ -82,7 +82,7 @@ def text_completion(body: Body, done: Collected) -> dict:
     return {
         **envelope(s),
         "choices": choices,
-        "usage": usage(s.prompt_tokens, done.completion_tokens),
+        "usage": usage(s.prompt_tokens, done.completion_tokens, done.cached_tokens),
     }
 
 
@@ -144,8 +144,9 @@ def stream_completion(http: Request, body: Body, started: Started, events):  # n
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def usage_frame(completion_tokens: int) -> dict:
-        return {**base, "choices": [], "usage": usage(started.prompt_tokens, completion_tokens)}
+    def usage_frame(completion_tokens: int, cached: dict[int, int]) -> dict:
+        counts = usage(started.prompt_tokens, completion_tokens, started.cached_tokens(cached))
+        return {**base, "choices": [], "usage": counts}
 
     usage_fn = usage_frame if include_usage else None
     return sse_response(http, events, started.prompt_tokens, first, frame, usage_fn)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from genserve.engine.types import Request, TokenDelta
@@ -26,19 +26,39 @@ class EngineGauges(Collector):
             PREFIX + "num_requests_running", "Requests in the running batch", labels=["model_name"]
         )
         waiting = GaugeMetricFamily(
-            PREFIX + "num_requests_waiting", "Requests waiting for a KV slot", labels=["model_name"]
+            PREFIX + "num_requests_waiting",
+            "Requests waiting for KV-cache blocks",
+            labels=["model_name"],
         )
         usage = GaugeMetricFamily(
             PREFIX + "kv_cache_usage_perc",
-            "Fraction of KV slots in use (0-1)",
+            "Fraction of KV-cache blocks held by running requests (0-1)",
+            labels=["model_name"],
+        )
+        queries = CounterMetricFamily(
+            PREFIX + "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            labels=["model_name"],
+        )
+        hits = CounterMetricFamily(
+            PREFIX + "prefix_cache_hits",
+            "Prompt tokens found in the prefix cache",
+            labels=["model_name"],
+        )
+        preempted = CounterMetricFamily(
+            PREFIX + "num_preemptions",
+            "Requests preempted (KV blocks freed, recomputed later)",
             labels=["model_name"],
         )
         for model_id, served in self.runtime.models.items():
             s = served.engine.stats()
             running.add_metric([model_id], s.num_running)
             waiting.add_metric([model_id], s.num_waiting)
-            usage.add_metric([model_id], s.kv_slots_used / max(s.kv_slots_total, 1))
-        yield from (running, waiting, usage)
+            usage.add_metric([model_id], s.kv_cache_usage)
+            queries.add_metric([model_id], s.prefix_cache_queries)
+            hits.add_metric([model_id], s.prefix_cache_hits)
+            preempted.add_metric([model_id], s.num_preempted)
+        yield from (running, waiting, usage, queries, hits, preempted)
 
 
 class Metrics:

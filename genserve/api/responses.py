@@ -110,7 +110,7 @@ async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tupl
     done = await collect(generate(p.rt, p.request), disconnected)
     s, choice = done.started, done.choices[0]
     status = "incomplete" if choice.finish_reason == "length" else "completed"
-    use = usage(s.prompt_tokens, done.completion_tokens)
+    use = usage(s.prompt_tokens, done.completion_tokens, done.cached_tokens)
     obj = response_object(envelope(s, p.body), status, output_items(choice), use)
     save(p, obj)
     return obj, s.prompt_tokens + done.completion_tokens
@@ -166,7 +166,7 @@ async def stream(
     http: Request, prepared: Prepared, started: Started, events
 ) -> AsyncIterator[dict]:  # noqa: ANN001
     st = StreamState(envelope(started, prepared.body))
-    completion_tokens, reason = 0, None
+    completion_tokens, reason, cached = 0, None, 0
     async with contextlib.aclosing(events):
         yield st.event("response.created", response=response_object(st.env, "in_progress", []))
         yield st.event("response.in_progress", response=response_object(st.env, "in_progress", []))
@@ -174,6 +174,7 @@ async def stream(
             async for d in events:
                 assert isinstance(d, ChoiceDelta)
                 completion_tokens, reason = d.delta.completion_tokens, d.finish_reason or reason
+                cached = d.delta.cached_tokens or cached
                 for frame in step(st, d):
                     yield frame
         except DomainError as e:
@@ -186,7 +187,7 @@ async def stream(
     status = "incomplete" if reason == "length" else "completed"
     for frame in close_all(st, status):
         yield frame
-    use = usage(started.prompt_tokens, completion_tokens)
+    use = usage(started.prompt_tokens, completion_tokens, cached)
     obj = response_object(st.env, status, st.output, use)
     save(prepared, obj)
     yield st.event(f"response.{status}", response=obj)

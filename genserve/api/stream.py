@@ -19,11 +19,13 @@ log = logging.getLogger(__name__)
 Frame = dict  # one JSON object sent as `data: ...`
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's CompletionUsage; cached_tokens: prompt tokens served by the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -52,12 +54,14 @@ def sse_response(
     prompt_tokens: int,
     first_frames: list[Frame],
     to_frame: Callable[[ChoiceDelta], Frame | None],
-    usage_frame: Callable[[int], Frame] | None,
+    # (completion tokens, each choice's cached prompt tokens) -> the usage frame
+    usage_frame: Callable[[int, dict[int, int]], Frame] | None,
 ) -> EventSourceResponse:
     """Stream frames; the client going away closes the events, which aborts the requests."""
 
     async def frames() -> AsyncIterator[str]:
         completion_tokens: dict[int, int] = {}
+        cached: dict[int, int] = {}
         async with contextlib.aclosing(events):  # type: ignore[type-var]
             for frame in first_frames:
                 yield json.dumps(frame)
@@ -65,6 +69,7 @@ def sse_response(
                 async for d in events:
                     assert isinstance(d, ChoiceDelta)
                     completion_tokens[d.index] = d.delta.completion_tokens
+                    cached[d.index] = d.delta.cached_tokens
                     frame = to_frame(d)
                     if frame is not None:
                         yield json.dumps(frame)
@@ -75,7 +80,7 @@ def sse_response(
             finally:  # what was generated counts against the key, even for a client that left
                 spend_tokens(http, prompt_tokens + sum(completion_tokens.values()))
         if usage_frame is not None:
-            yield json.dumps(usage_frame(sum(completion_tokens.values())))
+            yield json.dumps(usage_frame(sum(completion_tokens.values()), cached))
         yield "[DONE]"
 
     return EventSourceResponse(frames(), ping=15, sep="\n")

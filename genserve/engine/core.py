@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from genserve.engine.detokenizer import Decoder, IncrementalDetokenizer
+from genserve.engine.kv_blocks import KVCacheManager
 from genserve.engine.memory import trimmer
 from genserve.engine.scheduler import (
     Scheduler,
@@ -102,6 +103,7 @@ class EngineCore:
         publish: Publish,
         batch_invariant: bool = True,
         thread: EngineThread | None = None,
+        kv: KVCacheManager | None = None,  # None: no bound on tokens (tests of batching alone)
     ) -> None:
         self.worker = worker
         # The thread that built the worker, when one did (see genserve.engine.thread).
@@ -109,7 +111,7 @@ class EngineCore:
         self.decoder = decoder
         # Every running sequence must be able to decode each step, whatever the budget says.
         self.scheduler = Scheduler(
-            num_slots, max(token_budget, num_slots + 16), aligned_chunks=batch_invariant
+            num_slots, max(token_budget, num_slots + 16), aligned_chunks=batch_invariant, kv=kv
         )
         self.publish = publish
         self.inbox: queue.SimpleQueue[Request | Abort | None] = queue.SimpleQueue()
@@ -137,8 +139,11 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        used = s.slots.num_slots - s.slots.num_free
-        return EngineStats(len(s.running), len(s.waiting), used, s.slots.num_slots, self.steps)
+        kv = s.kv.stats()
+        return EngineStats(
+            len(s.running), len(s.waiting), kv.blocks_used, kv.blocks_total, self.steps,
+            kv.queries, kv.hits, s.num_preempted,
+        )  # fmt: skip
 
     # -- engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -207,6 +212,8 @@ class EngineCore:
                 self.worker.remove_adapter(op.name)
             else:
                 self.worker.add_adapter(op.name, op.path)
+            # Either way, what was cached under this name is stale (a new adapter may reuse it).
+            self.scheduler.kv.forget_adapter(op.name)
         except Exception as e:  # noqa: BLE001 - the caller gets it, the engine goes on
             op.done.set_exception(e)
         else:
@@ -247,8 +254,8 @@ class EngineCore:
         if deltas:
             self.publish(deltas)
 
-    @staticmethod
-    def _model_input(batch: SchedulerOutput) -> StepInput:
+    def _model_input(self, batch: SchedulerOutput) -> StepInput:
+        table = self.scheduler.block_table
         return StepInput(
             tuple(
                 ChunkInput(
@@ -260,6 +267,7 @@ class EngineCore:
                     params=c.seq.request.params,
                     num_generated=len(c.seq.output_ids),
                     adapter=c.seq.request.adapter,
+                    blocks=table(c.seq),
                 )
                 for c in batch.chunks
             )
@@ -297,6 +305,7 @@ class EngineCore:
             len(seq.output_ids),
             logprobs=(sampled.logprob,) if sampled.logprob is not None else (),
             prompt_logprobs=prompt_lps,
+            cached_tokens=seq.num_cached or 0,
         )
         if reason is not None:
             self._release(live)

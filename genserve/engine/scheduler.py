@@ -1,10 +1,13 @@
 """Continuous batching: who runs this step, and how many of their tokens.
 
-Plain Python, testable without a model. The KV cache is a set of static slots, one per running
-sequence, each able to hold `max_model_len` tokens; a sequence never outgrows its slot, so the
-scheduler never has to preempt. Every step it spends a token budget: first one token for every
-decoding sequence (latency of running streams comes first), then prefill chunks for sequences
-still reading their prompt, then new sequences from the waiting queue while slots are free.
+Plain Python, testable without a model. The KV cache is a pool of blocks (engine/kv_blocks.py):
+a sequence is admitted when blocks for all its tokens fit (blocks found in the prefix cache are
+reused, and its prefill starts after them), and it takes one more block each time its decode
+crosses a block boundary. When none is free, the newest running sequence is preempted: its
+blocks are freed and it is recomputed later, its stream going on where it stopped. Every step
+spends a token budget: first one token for every decoding sequence (latency of running streams
+comes first), then prefill chunks for sequences still reading their prompt, then new sequences
+from the waiting queue while slots (a bound on sequences at once) and blocks are free.
 
 Background requests (the Batch API's, Request.priority) come last at every stage: their prefill
 gets what interactive prefill leaves of the budget, and they are admitted only while more than
@@ -17,10 +20,15 @@ from __future__ import annotations
 
 import enum
 import heapq
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from genserve.engine.kv_blocks import KVCacheManager
 from genserve.engine.types import Request
+
+# Blocks per slot when no pool is given (unit tests of batching alone): never the bound.
+UNBOUNDED_BLOCKS_PER_SLOT = 4096
 
 
 class QueueFullError(Exception):
@@ -40,6 +48,8 @@ class Sequence:
     num_computed: int = 0  # tokens whose keys/values are in the cache
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
+    num_cached: int | None = None  # prompt tokens the prefix cache served at first admission
+    preemptions: int = 0
 
     @property
     def request_id(self) -> str:
@@ -103,11 +113,15 @@ class Scheduler:
         num_slots: int,
         token_budget: int,
         aligned_chunks: bool = True,
+        kv: KVCacheManager | None = None,
         reserved_slots: int | None = None,
     ) -> None:
         if token_budget < num_slots + 1:
             raise ValueError("token_budget must exceed num_slots (every slot decodes each step)")
+        # Slots bound how many sequences run at once (and name a static cache's row for the
+        # runners that keep one); blocks bound the tokens they hold.
         self.slots = SlotPool(num_slots)
+        self.kv = kv or KVCacheManager(num_slots * UNBOUNDED_BLOCKS_PER_SLOT, caching=False)
         # Slots background work never takes. By default it gets a quarter (at least one): on a
         # CPU every row costs step time, and the step a call's prompt waits behind is its TTFT.
         default = num_slots - max(1, num_slots // 4)
@@ -123,8 +137,12 @@ class Scheduler:
         # Off (without --deterministic): only seeded requests' prompts are cut at the fixed
         # boundaries; the others fill the budget.
         self.aligned_chunks = aligned_chunks
+        # A seeded request reuses cached blocks only up to a chunk boundary: its next chunk
+        # then starts where it would have without the cache, and sees the same keys/values.
+        self.invariant_unit = math.lcm(self.chunk_size, self.kv.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preempted = 0
 
     @property
     def has_work(self) -> bool:
@@ -145,19 +163,21 @@ class Scheduler:
         # (their state and their seeded draws do not depend on when they run).
         hold = self._interactive_prompt_due()
         runnable = [s for s in self.running if not (hold and s.request.background)]
-        decoding = [s for s in runnable if s.num_computed == s.num_tokens - 1]
-        for seq in decoding[:budget]:
-            chunks.append(ScheduledChunk.of(seq, seq.num_computed, seq.num_tokens))
+        for seq in [s for s in runnable if s.num_computed == s.num_tokens - 1]:
+            if seq.status is not SeqStatus.RUNNING:  # preempted for an older one's block
+                continue
+            if len(chunks) < budget and self._room_for_decode(seq):
+                chunks.append(ScheduledChunk.of(seq, seq.num_computed, seq.num_tokens))
         budget -= len(chunks)
         # Interactive prompts first (a stable sort: arrival order within a priority).
         for seq in sorted(runnable, key=lambda s: s.request.priority):
+            if seq.status is not SeqStatus.RUNNING:  # preempted above
+                continue
             if seq.num_computed < seq.num_tokens - 1 and self._fits(seq, budget):
                 budget -= self._prefill(seq, budget, chunks)
         while (seq := self._next_waiting(hold)) is not None and self._fits(seq, budget):
-            self.waiting.remove(seq)
-            seq.slot = self.slots.take()
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+            if not self._admit(seq):
+                break  # its blocks do not fit yet: it keeps its place in the queue
             budget -= self._prefill(seq, budget, chunks)
         # Sequences of one adapter side by side: the model applies each adapter to one
         # contiguous block of rows (views, no gathers). Rows are independent, so the order
@@ -184,12 +204,68 @@ class Scheduler:
                 return True
         return self.slots.num_free > 0 and any(not s.request.background for s in self.waiting)
 
+    def _room_for_decode(self, seq: Sequence) -> bool:
+        """A block for the decode's position, preempting the newest sequences until one is
+        free; False when `seq` itself was the newest and was preempted."""
+        while not self.kv.grow(seq.request_id, seq.num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it goes back to the head of the queue and is
+        recomputed (prompt and output so far) when readmitted, then continues where it was."""
+        self.running.remove(seq)
+        self.slots.give(seq.slot)
+        self.kv.free(seq.request_id)
+        seq.slot, seq.num_computed, seq.status = -1, 0, SeqStatus.WAITING
+        seq.preemptions += 1
+        self.num_preempted += 1
+        self.waiting.appendleft(seq)
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Blocks for every token the sequence has (cached ones reused), then a slot."""
+        tokens = seq.token_slice(0, seq.num_tokens)
+        cached = self.kv.admit(seq.request_id, self.namespace(seq), tokens, self._cache_limit(seq))
+        if cached is None:
+            return False
+        self.waiting.remove(seq)
+        seq.num_computed = cached
+        if seq.num_cached is None:  # what the client is told: its first admission's
+            seq.num_cached = cached
+        seq.slot = self.slots.take()
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        return True
+
+    def namespace(self, seq: Sequence) -> tuple[str | None, bool]:
+        """Who may share this sequence's cached blocks: the same adapter, on the same path
+        (batch-invariant or not: their keys/values may differ in the last bits)."""
+        return (seq.request.adapter, self._invariant(seq))
+
+    def _invariant(self, seq: Sequence) -> bool:
+        return self.aligned_chunks or seq.request.params.reproducible
+
+    def _cache_limit(self, seq: Sequence) -> int:
+        """Tokens the cache may serve: never the last (its logits are needed), none when every
+        prompt row's logits are (prompt logprobs), whole chunks for a seeded request."""
+        if seq.request.params.prompt_logprobs is not None:
+            return 0
+        limit = seq.num_tokens - 1
+        if self._invariant(seq):
+            limit -= limit % self.invariant_unit
+        return limit
+
     def _chunk_end(self, seq: Sequence, budget: int) -> int:
-        if not (self.aligned_chunks or seq.request.params.reproducible):
+        if not self._invariant(seq):
             return min(seq.num_tokens, seq.num_computed + budget)
         return min(seq.num_tokens, (seq.num_computed // self.chunk_size + 1) * self.chunk_size)
 
     def _fits(self, seq: Sequence, budget: int) -> bool:
+        # Before admission, a cache hit may shorten the chunk; the uncached chunk is the
+        # bound, so that admitting never asks for more than the budget left.
         return budget > 0 and self._chunk_end(seq, budget) - seq.num_computed <= budget
 
     def _prefill(self, seq: Sequence, budget: int, chunks: list[ScheduledChunk]) -> int:
@@ -198,14 +274,30 @@ class Scheduler:
         return end - seq.num_computed
 
     def commit(self, chunk: ScheduledChunk) -> None:
-        """The chunk's keys/values are now in the cache."""
-        chunk.seq.num_computed = chunk.end
+        """The chunk's keys/values are now in the cache; its full blocks become shareable."""
+        seq = chunk.seq
+        seq.num_computed = chunk.end
+        if seq.status is not SeqStatus.RUNNING:
+            return
+        upto = chunk.end
+        if self._invariant(seq):
+            # Only blocks computed in whole fixed chunks: a later sequence with this prefix
+            # computes exactly these chunks when it does not hit the cache.
+            size = self.chunk_size
+            whole = chunk.start % size == 0 and chunk.end - chunk.start == size
+            upto = chunk.end if whole else 0
+        if upto and self.kv.unregistered(seq.request_id, upto):
+            self.kv.register(seq.request_id, seq.token_slice(0, upto), upto)
+
+    def block_table(self, seq: Sequence) -> tuple[int, ...]:
+        return self.kv.table(seq.request_id)
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a sequence (finished or aborted) and free its slot for the next step."""
+        """Remove a sequence (finished or aborted) and free its slot and blocks."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             self.slots.give(seq.slot)
+            self.kv.free(seq.request_id)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED

@@ -171,6 +171,7 @@ class TokenDelta:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token in token_ids, when asked for
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # once, first delta, when asked for
     error: RequestFailure | None = None  # with finish_reason ABORT: why the engine ended it
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -183,9 +184,16 @@ class EngineStats:
 
     num_running: int
     num_waiting: int
-    kv_slots_used: int
-    kv_slots_total: int
+    kv_blocks_used: int  # held by running sequences
+    kv_blocks_total: int
     steps: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, ever
+    prefix_cache_hits: int = 0  # of those, tokens found
+    num_preempted: int = 0  # sequences preempted (blocks freed, recomputed later), ever
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / max(self.kv_blocks_total, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +208,9 @@ class ChunkInput:
     params: SamplingParams
     num_generated: int  # tokens generated so far (min_tokens suppresses EOS until reached)
     adapter: str | None = None  # LoRA adapter applied to this chunk's rows
+    # The sequence's KV blocks, position p in block blocks[p // block_size]; empty: the
+    # runner's static slot `slot` (runners without a paged cache, and tests of one step).
+    blocks: tuple[int, ...] = ()
 
     @property
     def num_logit_rows(self) -> int:

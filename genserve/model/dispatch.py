@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from genserve.engine.kv_blocks import PagedShape
 from genserve.model.hardware import KernelPolicy
 from genserve.model.hf_batched import BatchedHFRunner, unsupported_reason
 from genserve.model.runner import HFRunner, LlamaRunner, Runner, fast_path_supported
@@ -21,14 +22,21 @@ def make_runner(
     fast_path: bool = True,
     batch_invariant: bool = True,
     policy: KernelPolicy | None = None,
+    paged: PagedShape | None = None,
 ) -> Runner:
     """LlamaRunner where it applies (hand-written, fastest measured), else BatchedHFRunner
     (transformers' modules, our batched attention and KV slots), else HFRunner (one sequence
-    at a time) for models that cannot route attention through transformers' interface."""
+    at a time) for models that cannot route attention through transformers' interface.
+    `paged`: the block pool the Llama runner keeps (the others keep num_slots static slots)."""
     kind = model.config.model_type
     if fast_path and fast_path_supported(model.config, max_len):
         log.info("model type %s: LlamaRunner (the hand-written Llama-family path)", kind)
-        return LlamaRunner(model, num_slots, max_len, batch_invariant, policy)
+        if paged is None:
+            return LlamaRunner(model, num_slots, max_len, batch_invariant, policy)
+        return LlamaRunner(
+            model, paged.max_seqs, max_len, batch_invariant, policy, paged.num_blocks,
+            paged.block_size,
+        )  # fmt: skip
     reason = unsupported_reason(model)
     if reason is None:
         log.info("model type %s: BatchedHFRunner (transformers' modules, batched)", kind)

@@ -400,6 +400,8 @@ class BatchedHFRunner:
         position 0 is overwritten by the first sequence placed there."""
         self.execute(StepInput((ChunkInput("allocate", 0, (0,), 0, False, SamplingParams(), 0),)))
 
+    paged = False  # its own static slots; the engine's block tables are not read here
+
     def release(self, slot: int) -> None:
         """Nothing to free: the next sequence in this slot overwrites what it reads."""
 

@@ -2,9 +2,11 @@
 
 Runners share one interface:
 - `LlamaRunner`, the fast path for Llama-family models (Llama, Mistral without sliding window,
-  Qwen2, SmolLM). Its KV cache is preallocated as static slots, written in place, and never
-  copied: a step's tokens from all sequences are flattened into one [T, hidden] matrix for the
-  projections (where the FLOPs are), and attention reads each slot's cache through views.
+  Qwen2, SmolLM). Its KV cache is a pool of fixed-size blocks (engine/kv_blocks.py allocates
+  them; a sequence's block table says where each of its positions lives), written in place: a
+  step's tokens from all sequences are flattened into one [T, hidden] matrix for the
+  projections (where the FLOPs are), and attention gathers each sequence's keys and values
+  from its blocks (one gather for all batched decodes).
 - `HFRunner`, for causal LMs that cannot use transformers' attention interface (remote code):
   transformers' own forward, one sequence at a time, each slot with its own DynamicCache.
 Every other decoder-only model runs on `BatchedHFRunner` (genserve/model/hf_batched.py).
@@ -16,13 +18,14 @@ import ctypes
 import inspect
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE
 from genserve.engine.types import ChunkInput, StepInput
 from genserve.model import kernels
 from genserve.model.hardware import KernelPolicy, ShapePlan
@@ -37,6 +40,7 @@ FAST_PATH_TYPES = ("llama", "mistral", "qwen2")
 class Runner(Protocol):
     num_slots: int
     max_len: int
+    paged: bool  # its KV cache is addressed through the engine's block tables
 
     def execute(self, step: StepInput) -> torch.Tensor: ...
 
@@ -148,25 +152,24 @@ class ChunkSpan:
 
     row0: int
     n: int
-    slot: int
+    table: tuple[int, ...]  # the sequence's KV blocks
     start: int
     mask: torch.Tensor | None  # causal mask over the cached prefix, for later prompt chunks
+    index: torch.Tensor | None = None  # the blocks holding positions 0..start+n-1
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeBatch:
     """Single-token decodes that may depend on their batch (unseeded requests, without
-    --deterministic), attended in one batched call; built once a step.
-
-    Slots 0..span-1 are attended whether live or not: the cache keeps live slots packed at the
-    front, and an idle slot's row is masked to position 0, so it costs little and yields no NaN.
-    """
+    --deterministic), attended in one batched call; built once a step. Each sequence's blocks
+    are gathered into [kv_heads, B, length], padded to the longest (padding reads block 0 and
+    is masked out)."""
 
     rows: torch.Tensor  # [B] rows of the flat batch that decode
-    slots: torch.Tensor  # [B] their slots
-    span: int  # slots attended: 0..span-1
-    length: int  # positions attended: 0..length-1 (the longest decode's)
-    mask: torch.Tensor  # [span * kv_heads, 1, length] additive: 0 where visible, -inf not
+    index: torch.Tensor  # [B * blocks] each decode's blocks, padded to the longest's count
+    batch: int  # B
+    length: int  # positions attended: 0..length-1 (whole blocks)
+    mask: torch.Tensor  # [kv_heads * B, 1, length] additive: 0 where visible, -inf not
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +194,8 @@ class LlamaRunner:
         max_len: int,
         batch_invariant: bool = True,
         policy: KernelPolicy | None = None,  # None: the fixed fp32 oneDNN kernels
+        num_blocks: int | None = None,  # None: as many as num_slots sequences of max_len
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> None:
         cfg = model.config
         self.batch_invariant = batch_invariant
@@ -210,14 +215,22 @@ class LlamaRunner:
             self.layers = [_stack_layer(layer, self._linear) for layer in inner.layers]
         self.lora = LoraSet(make_linear=self._pack, device=self.device)
         self.base_shape = _base_shape(cfg, self.num_heads, self.num_kv_heads, self.head_dim)
-        shape = (len(self.layers), num_slots, self.num_kv_heads, max_len, self.head_dim)
+        self.block_size = block_size
+        self.blocks_per_slot = -(-max_len // block_size)  # a chunk without a table: its slot's
+        self.num_blocks = num_blocks or num_slots * self.blocks_per_slot
+        # Per layer [kv_heads, positions, head_dim]: a gather of a sequence's positions along
+        # dim 1 gives [kv_heads, length, head_dim] as attention reads it, contiguous.
+        self.cache_len = self.num_blocks * block_size
+        shape = (len(self.layers), self.num_kv_heads, self.cache_len, self.head_dim)
         # Written through once here (zero_ touches every page): a lazily mapped cache would
         # take its page faults in the middle of the first requests' steps instead.
         self.k_cache = _huge_pages(torch.empty(shape, dtype=self.dtype, device=self.device)).zero_()
         self.v_cache = _huge_pages(torch.empty(shape, dtype=self.dtype, device=self.device)).zero_()
 
+    paged = True
+
     def release(self, slot: int) -> None:
-        """Nothing to free: the next sequence in this slot overwrites what it reads."""
+        """Nothing to free: a block's next owner overwrites what it reads."""
 
     def free_source_weights(self, model: Any) -> None:
         """Drop `model`'s decoder layers and head once this runner holds its own stacked (and,
@@ -256,19 +269,21 @@ class LlamaRunner:
         )
 
     def _plan(self, step: StepInput, positions: torch.Tensor) -> AttentionPlan:
-        slots, spans = [], []
+        writes: list[int] = []
+        spans = []
         lora: dict[str, list[tuple[int, int]]] = {}
         row = 0
         for c in step.chunks:
             n = len(c.token_ids)
-            slots.extend([c.slot] * n)
+            table = self._table(c)
+            writes.extend(self._rows_of(table, c.start, c.start + n))
             if c.adapter is not None:
                 _extend_range(lora.setdefault(c.adapter, []), row, row + n)
             mask = None
             if c.start and n > 1:  # a later prompt chunk sees the whole cached prefix
                 mask = torch.ones(n, c.start + n, dtype=torch.bool, device=self.device)
                 mask = mask.tril(c.start)
-            spans.append(ChunkSpan(row, n, c.slot, c.start, mask))
+            spans.append(ChunkSpan(row, n, table, c.start, mask))
             row += n
         # Decodes that may share one padded call; a reproducible one attends alone.
         pooled = [
@@ -279,9 +294,10 @@ class LlamaRunner:
         if decode is not None:
             pooled_rows = {sp.row0 for sp in pooled}
             spans = [sp for sp in spans if sp.row0 not in pooled_rows]
+        spans = [replace(sp, index=self._read_index(sp)) for sp in spans]
         invariant = any(self._invariant(c) for c in step.chunks)
         return AttentionPlan(
-            write_index=self._write_index(torch.tensor(slots, device=self.device), positions),
+            write_index=self._write_index(torch.tensor(writes, device=self.device)),
             spans=tuple(spans),
             decode=decode,
             lora_rows=lora,
@@ -292,27 +308,55 @@ class LlamaRunner:
     def _invariant(self, chunk: ChunkInput) -> bool:
         return self.batch_invariant or chunk.params.reproducible
 
-    def _write_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Row of (slot, head, position) in a layer's cache seen as [slots*heads*max_len, D]:
-        one index_copy_ per layer writes every new key, where advanced indexing cost 4x."""
+    def _table(self, c: ChunkInput) -> tuple[int, ...]:
+        """The chunk's block table; without one (a runner driven without the engine's
+        allocator: tests, load-time checks), its slot's fixed run of blocks."""
+        if c.blocks:
+            return c.blocks
+        first = c.slot * self.blocks_per_slot
+        return tuple(range(first, first + self.blocks_per_slot))
+
+    def _rows_of(self, table: tuple[int, ...], start: int, end: int) -> list[int]:
+        """Cache rows (block * block_size + offset) of positions start..end-1."""
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _read_index(self, sp: ChunkSpan) -> torch.Tensor:
+        used = -(-(sp.start + sp.n) // self.block_size)
+        return torch.tensor(sp.table[:used], device=self.device)
+
+    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """A layer's keys (or values) of these blocks, in order: [kv_heads, blocks*bs, D].
+        Whole blocks are copied (one contiguous run each), not one row per position."""
+        kv, dim = self.num_kv_heads, self.head_dim
+        by_block = cache.view(kv, self.num_blocks, self.block_size * dim)
+        return by_block.index_select(1, blocks).view(kv, -1, dim)
+
+    def _write_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """Row of (token, head) in a layer's cache seen as [heads*positions, D]: one
+        index_copy_ per layer writes every new key, where advanced indexing cost 4x."""
         heads = torch.arange(self.num_kv_heads, device=self.device)
-        index = (slots[:, None] * self.num_kv_heads + heads) * self.max_len + positions[:, None]
-        return index.reshape(-1)
+        return (heads[None, :] * self.cache_len + rows[:, None]).reshape(-1)
 
     def _decode_batch(self, decodes: list[ChunkSpan]) -> DecodeBatch | None:
         if not decodes:
             return None
-        dev = self.device
-        slots = torch.tensor([sp.slot for sp in decodes], device=dev)
-        span, length = max(sp.slot for sp in decodes) + 1, max(sp.start for sp in decodes) + 1
-        limit = torch.zeros(span, dtype=torch.long, device=dev)  # idle slots see position 0
-        limit[slots] = torch.tensor([sp.start for sp in decodes], device=dev)
-        visible = torch.arange(length, device=dev)[None, :] <= limit[:, None]
-        mask = torch.zeros(span, length, dtype=self.dtype, device=dev)
+        dev, bs = self.device, self.block_size
+        width = -(-(max(sp.start for sp in decodes) + 1) // bs)
+        length = width * bs
+        tables = torch.zeros(len(decodes), width, dtype=torch.long)  # padding: block 0
+        for j, sp in enumerate(decodes):
+            used = sp.table[: -(-(sp.start + 1) // bs)]
+            tables[j, : len(used)] = torch.tensor(used)
+        index = tables.reshape(-1).to(dev)
+        pos = torch.arange(length)
+        limit = torch.tensor([sp.start for sp in decodes])
+        visible = (pos[None, :] <= limit[:, None]).to(dev)
+        mask = torch.zeros(len(decodes), length, dtype=self.dtype, device=dev)
         mask.masked_fill_(~visible, float("-inf"))
-        mask = mask.repeat_interleave(self.num_kv_heads, dim=0)[:, None, :]
+        mask = mask.repeat(self.num_kv_heads, 1)[:, None, :]  # [kv_heads * B, 1, L], heads outer
         rows = torch.tensor([sp.row0 for sp in decodes], device=dev)
-        return DecodeBatch(rows, slots, span, length, mask)
+        return DecodeBatch(rows, index, len(decodes), length, mask)
 
     def _owners(self, lora: dict[str, list[tuple[int, int]]], rows: int) -> torch.Tensor:
         owner = torch.full((rows,), -1, dtype=torch.long)
@@ -335,7 +379,7 @@ class LlamaRunner:
         q = _rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
         k = _rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        flat = (-1, self.head_dim)
+        flat = (-1, self.head_dim)  # a layer's cache as [kv_heads * positions, head_dim]
         self.k_cache[i].view(flat).index_copy_(0, plan.write_index, k.reshape(flat))
         self.v_cache[i].view(flat).index_copy_(0, plan.write_index, v.reshape(flat))
         attn = self._attention(i, q, plan)
@@ -373,10 +417,10 @@ class LlamaRunner:
         return Linear(w, None, self.num_slots)
 
     def _attention(self, i: int, q: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-        """Each sequence attends over exactly its own cached length, through views of its slot.
+        """Each sequence attends over exactly its own cached length, gathered from its blocks.
 
-        One call per sequence costs about what one padded, masked call over all slots costs
-        at decode sizes (measured), and it makes a row's result independent of its batch:
+        One call per sequence costs about what one padded, masked call costs at decode sizes
+        (measured with static slots), and it makes a row's result independent of its batch:
         a padded call's kernel blocks its reduction by the longest sequence present. Only
         decodes free to depend on their batch run as one padded call (plan.decode).
         """
@@ -385,11 +429,10 @@ class LlamaRunner:
             self._attend_decodes(i, q, plan.decode, out)
         kc, vc = self.k_cache[i], self.v_cache[i]
         for sp in plan.spans:
-            end = sp.start + sp.n
             o = F.scaled_dot_product_attention(
                 q[sp.row0 : sp.row0 + sp.n].transpose(0, 1)[None],
-                kc[sp.slot : sp.slot + 1, :, :end],
-                vc[sp.slot : sp.slot + 1, :, :end],
+                self._gather(kc, sp.index)[None, :, : sp.start + sp.n],
+                self._gather(vc, sp.index)[None, :, : sp.start + sp.n],
                 attn_mask=sp.mask,
                 is_causal=sp.start == 0 and sp.n > 1,
                 enable_gqa=True,
@@ -398,26 +441,27 @@ class LlamaRunner:
         return out
 
     def _attend_decodes(self, i: int, q: torch.Tensor, d: DecodeBatch, out: torch.Tensor) -> None:
-        """Decodes free to depend on their batch, in one batched product over slots
-        0..span-1 and positions 0..length-1, masked per slot.
+        """Decodes free to depend on their batch, in one batched product over the decodes'
+        gathered keys (positions 0..length-1, masked per sequence).
 
         Two bmm calls with the query heads of one KV head side by side, so each cached key and
         value is read once (not once per query head): at decode sizes the step is bound by
         reading the cache, and this ran 25% faster than SDPA's CPU kernel here.
         """
         kv, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        qd = q.new_zeros(d.span, self.num_heads, dim)
-        qd.index_copy_(0, d.slots, q.index_select(0, d.rows))
-        # Slots 0..span-1 as one batch of span*kv heads: views of the cache, no copies.
-        keys = self.k_cache[i, : d.span].view(d.span * kv, self.max_len, dim)[:, : d.length]
-        values = self.v_cache[i, : d.span].view(d.span * kv, self.max_len, dim)[:, : d.length]
+        b, length = d.batch, d.length
+        # [kv, B * L, D] gathered, seen as kv*B batches (heads outer) of L rows: no more copies.
+        keys = self._gather(self.k_cache[i], d.index).view(kv * b, length, dim)
+        values = self._gather(self.v_cache[i], d.index).view(kv * b, length, dim)
+        qd = q.index_select(0, d.rows).view(b, kv, group, dim).transpose(0, 1)
+        qd = qd.reshape(kv * b, group, dim)
         # K @ q^T, not q @ K^T: the cached keys are then read as plain rows, where MKL's
         # transposed operand ran 1.5x slower. The masked add writes them back [B, G, L].
-        k_q = torch.bmm(keys, qd.view(d.span * kv, group, dim).transpose(1, 2))
-        scores = q.new_empty(d.span * kv, group, d.length)
+        k_q = torch.bmm(keys, qd.transpose(1, 2))
+        scores = q.new_empty(kv * b, group, length)
         torch.add(d.mask, k_q.transpose(1, 2), alpha=dim**-0.5, out=scores)
-        o = torch.bmm(torch.softmax(scores, dim=-1), values).view(d.span, self.num_heads, dim)
-        out.index_copy_(0, d.rows, o.index_select(0, d.slots))
+        o = torch.bmm(torch.softmax(scores, dim=-1), values).view(kv, b, group, dim)
+        out.index_copy_(0, d.rows, o.transpose(0, 1).reshape(b, self.num_heads, dim))
 
 
 HUGE_PAGE = 2 << 20
@@ -480,6 +524,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 class HFRunner:
     """Any causal LM, through transformers' forward, one sequence at a time."""
+
+    paged = False  # one DynamicCache per slot
 
     def __init__(self, model: Any, num_slots: int, max_len: int) -> None:
         self.model = model

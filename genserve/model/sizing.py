@@ -27,6 +27,12 @@ def cache_shape(cfg: EngineConfig, model_context: int) -> tuple[int, int]:
     return slots, max_len
 
 
+def pool_tokens(cfg: EngineConfig, max_len: int) -> int:
+    """Tokens of the paged KV pool: --kv-cache-tokens, else what static slots of max_len for
+    max_batch_size sequences held (the same memory as before paging)."""
+    return cfg.kv_cache_tokens or cfg.max_batch_size * max_len
+
+
 def element_bytes(dtype: str, on_gpu: bool) -> int:
     """Bytes per weight and KV element for --dtype. `auto` is half precision on a GPU
     (loading.pick_dtype); on a CPU it picks bf16 only where measured faster, so fp32 is
@@ -79,5 +85,5 @@ def kv_cache_bytes(folder: Path, engine: EngineConfig, elem: int = FP32) -> int:
     head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // max(heads, 1)
     layers = cfg.get("num_hidden_layers", 0)
     context = cfg.get("max_position_embeddings") or DEFAULT_MAX_LEN
-    slots, max_len = cache_shape(engine, context)
-    return 2 * layers * kv_heads * head_dim * elem * slots * max_len
+    _, max_len = cache_shape(engine, context)
+    return 2 * layers * kv_heads * head_dim * elem * pool_tokens(engine, max_len)

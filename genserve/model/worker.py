@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from genserve.engine.kv_blocks import PagedShape
 from genserve.engine.types import (
     ChunkInput,
     FailureKind,
@@ -52,10 +53,11 @@ class ModelWorker:
         batch_invariant: bool = True,
         grammars: Any = None,  # genserve.model.grammar.GrammarCompiler
         policy: KernelPolicy | None = None,  # measured kernels (genserve.model.hardware)
+        paged: PagedShape | None = None,  # the KV block pool, on runners that page their cache
     ) -> None:
         self.loaded = loaded
         self.runner: Runner = make_runner(
-            loaded.model, num_slots, max_len, fast_path, batch_invariant, policy
+            loaded.model, num_slots, max_len, fast_path, batch_invariant, policy, paged
         )
         if isinstance(self.runner, LlamaRunner):  # it holds its own copies of the weights
             self.runner.free_source_weights(loaded.model)
@@ -157,7 +159,9 @@ class ModelWorker:
                 state = self._state[c.request_id]
                 for j in range(len(c.token_ids)):
                     nxt = c.start + j + 1
-                    if nxt < len(state.prompt):
+                    # nxt past what is recorded: a preempted request's recomputed prompt
+                    # has its logprobs already.
+                    if nxt < len(state.prompt) and nxt == len(state.prompt_logprobs):
                         k = c.params.prompt_logprobs
                         state.prompt_logprobs.append(
                             token_logprob(logits[row + j], state.prompt[nxt], k)

@@ -13,12 +13,14 @@ from genserve.config import ServerConfig
 from genserve.engine.batcher import MicroBatcher
 from genserve.engine.client import AsyncEngine
 from genserve.engine.core import EngineCore
+from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE as BLOCK
+from genserve.engine.kv_blocks import KVCacheManager, PagedShape
 from genserve.engine.thread import EngineThread
 from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
 from genserve.model.hardware import KernelPolicy, detect, model_specs, policy_for
 from genserve.model.loading import LoadedModel, ModelLoadError, load_model
-from genserve.model.runner import fast_path_supported, kv_bytes_per_token
-from genserve.model.sizing import cache_shape
+from genserve.model.runner import Runner, fast_path_supported, kv_bytes_per_token
+from genserve.model.sizing import cache_shape, pool_tokens
 from genserve.model.worker import ModelWorker
 from genserve.runtime.limits import longest_token_bytes
 from genserve.runtime.models import EmbeddingModel, ServedModel
@@ -38,29 +40,35 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
     grammars = grammar_compiler(loaded)
+    # Rounded up: a pool of at least max_len tokens always holds one sequence of max_len.
+    paged = PagedShape(cfg.engine.max_batch_size, -(-pool_tokens(cfg.engine, max_len) // BLOCK))
     # Built on the thread that will step it: see genserve.engine.thread for why.
     thread = EngineThread()
     try:
         worker = thread.call(
             lambda: ModelWorker(
                 loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant,
-                grammars, kernel_policy(loaded, cfg, slots, max_len),
+                grammars, kernel_policy(loaded, cfg, paged.max_seqs, max_len), paged,
             )
         )  # fmt: skip
     except BaseException:
         thread.close()
         raise
-    _log_cache(loaded, slots, max_len, type(worker.runner).__name__)
+    runner = worker.runner
+    kv = kv_manager(runner, paged, cfg.engine.prefix_caching, max_len)
+    _log_cache(loaded, runner, kv, max_len)
     core = EngineCore(
         worker,
         loaded.tokenizer,
-        num_slots=slots,
+        num_slots=runner.num_slots,
         token_budget=cfg.engine.max_num_batched_tokens,
         publish=lambda _: None,  # replaced by AsyncEngine.start
         batch_invariant=cfg.engine.batch_invariant,
         thread=thread,
+        kv=kv,
     )
-    engine = AsyncEngine(core, max_len=max_len, capacity=slots + cfg.engine.max_waiting)
+    capacity = runner.num_slots + cfg.engine.max_waiting
+    engine = AsyncEngine(core, max_len=max_len, capacity=capacity)
     return ServedModel(
         id=loaded.name,
         created=int(time.time()),
@@ -80,6 +88,16 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         grammars=grammars,
         max_token_bytes=longest_token_bytes(loaded.tokenizer),
     )
+
+
+def kv_manager(runner: Runner, paged: PagedShape, caching: bool, max_len: int) -> KVCacheManager:
+    """The engine's view of the runner's KV cache: the paged runner's block pool, prefix
+    caching as configured; for a runner with static slots, blocks enough for every slot to
+    hold max_len (so admission still counts blocks, and never preempts), nothing shared."""
+    if runner.paged:
+        return KVCacheManager(paged.num_blocks, paged.block_size, caching)
+    per_slot = -(-max_len // paged.block_size)
+    return KVCacheManager(runner.num_slots * per_slot, paged.block_size, caching=False)
 
 
 def grammar_compiler(loaded: LoadedModel) -> GrammarCompiler | GrammarUnavailable:
@@ -135,19 +153,16 @@ def fingerprint(
     return f"fp_{digest[:10]}"
 
 
-def _log_cache(loaded: LoadedModel, slots: int, max_len: int, runner: str) -> None:
-    gib = kv_bytes_per_token(loaded.model.config, loaded.dtype) * slots * max_len / 2**30
+def _log_cache(loaded: LoadedModel, runner: Runner, kv: KVCacheManager, max_len: int) -> None:
+    tokens = kv.pool.num_blocks * kv.block_size
+    gib = kv_bytes_per_token(loaded.model.config, loaded.dtype) * tokens / 2**30
     log.info(
-        "serving %s from %s on %s (%s, %s): %d KV slots x %d tokens = %.2f GiB",
-        loaded.name,
-        loaded.path,
-        loaded.device,
-        loaded.dtype,
-        runner,
-        slots,
-        max_len,
-        gib,
-    )
+        "serving %s from %s on %s (%s, %s): KV cache of %d blocks x %d tokens = %.2f GiB, "
+        "up to %d sequences of %d tokens, prefix caching %s",
+        loaded.name, loaded.path, loaded.device, loaded.dtype, type(runner).__name__,
+        kv.pool.num_blocks, kv.block_size, gib, runner.num_slots, max_len,
+        "on" if kv.caching else "off",
+    )  # fmt: skip
 
 
 def build_embedding_model(ref: str, model_id: str, device: str = "auto") -> EmbeddingModel:

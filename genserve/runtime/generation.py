@@ -119,6 +119,15 @@ class Started:
     def choices(self) -> int:
         return len(self.prompts) * self.best_of
 
+    def cached_tokens(self, by_choice: dict[int, int]) -> int:
+        """Prompt tokens the prefix cache served, counted once per prompt as prompt_tokens
+        is (its choices share the prompt; the most any of them was served)."""
+        per_prompt: dict[int, int] = {}
+        for index, cached in by_choice.items():
+            p = index // self.best_of
+            per_prompt[p] = max(per_prompt.get(p, 0), cached)
+        return sum(per_prompt.values())
+
 
 @dataclass(frozen=True, slots=True)
 class ChoiceDelta:
@@ -146,12 +155,13 @@ class ChoiceState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
-
+    cached_tokens: int = 0  # of its prompt, served by the prefix cache
     tool_calls: list[ToolCall] = field(default_factory=list)
 
     def add(self, cd: ChoiceDelta) -> None:
         d = cd.delta
         self.text.append(cd.text)
+        self.cached_tokens = d.cached_tokens or self.cached_tokens
         self.finish_reason = cd.finish_reason or self.finish_reason
         self.completion_tokens = d.completion_tokens
         self._add_calls(cd.calls)
@@ -176,6 +186,7 @@ class Collected:
     started: Started
     choices: list[ChoiceState]  # the n best per prompt, in prompt order
     completion_tokens: int  # of every sequence generated (best_of's candidates too)
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (usage's cached_tokens)
 
 
 # -- the service ------------------------------------------------------------------------------
@@ -260,7 +271,8 @@ async def collect(
                     await task
         task.result()
     chosen = pick_best(choices, len(started.prompts), started.best_of, started.n)
-    return Collected(started, chosen, sum(c.completion_tokens for c in choices))
+    cached = started.cached_tokens({c.index: c.cached_tokens for c in choices})
+    return Collected(started, chosen, sum(c.completion_tokens for c in choices), cached)
 
 
 def pick_best(

@@ -1,0 +1,180 @@
+"""What automatic prefix caching saves, measured in one run on one machine (issue 16).
+
+    python bench/prefix.py
+    python bench/prefix.py --model-dir var/bench-models/smollm2-135m-random --threads 2
+
+On the SmolLM2-135M-shaped random model (built once under var/bench-models/, as
+bench/throughput.py does), against a live server with prefix caching on, it prints:
+
+1. time to first token (TTFT) of a 1,500-token system prompt + a short question, cold, then
+   warm with other questions, and the cached_tokens the server reported;
+2. a chat whose history grows 60 tokens a turn: TTFT of each of 6 turns (6th / 1st);
+3. 16 concurrent requests sharing a new system prompt (never seen before, so the first one
+   computes it): p50 TTFT, then the same against a server started with --no-prefix-caching.
+
+Requests sample as clients do (temperature 0.8, top_p 0.95). A request asks for one token, so
+its latency is its TTFT (prefill plus one sampled token, no stream parsing). Prompts go to
+/v1/completions as text (the random model has no chat template); every word is one or a few
+tokens, so a prompt is an exact number of tokens and a prefix of text is a prefix of tokens.
+Targets (issue 16): warm <= 0.2x cold; 6th turn <= 1.2x 1st; 16 concurrent p50 <= 0.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from common import (
+    DEFAULT_MODEL_DIR,
+    ModelSpec,
+    ServerProcess,
+    build_prompts,
+    busy_warning,
+    ensure_model_dir,
+    free_port,
+    percentile,
+    serve_command,
+    thread_env,
+)
+
+SAMPLING = {"temperature": 0.8, "top_p": 0.95, "max_tokens": 1}
+MODEL = "smollm2-135m-random"
+TARGET_WARM, TARGET_TURN, TARGET_CONCURRENT = 0.2, 1.2, 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Timed:
+    seconds: float
+    cached_tokens: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Texts:
+    system: str  # the system prompt of parts 1 (and, fresh, 3)
+    fresh_system: str
+    questions: list[str]
+    turns: list[str]  # what each chat turn adds to the history
+
+
+async def timed(http: httpx.AsyncClient, prompt: str) -> Timed:
+    start = time.perf_counter()
+    r = await http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, **SAMPLING})
+    seconds = time.perf_counter() - start
+    r.raise_for_status()
+    usage = r.json()["usage"]
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return Timed(seconds, cached, usage["prompt_tokens"])
+
+
+async def system_prompt_part(http: httpx.AsyncClient, t: Texts) -> list[str]:
+    cold = await timed(http, t.system + t.questions[0])
+    warm = [await timed(http, t.system + q) for q in t.questions[1:6]]
+    warm_s = percentile([w.seconds for w in warm], 50)
+    return [
+        f"1,500-token system prompt: cold TTFT {cold.seconds * 1000:.0f} ms "
+        f"({cold.prompt_tokens} prompt tokens, {cold.cached_tokens} cached)",
+        f"  warm TTFT p50 {warm_s * 1000:.0f} ms over {len(warm)} other questions "
+        f"(cached_tokens {sorted({w.cached_tokens for w in warm})})",
+        verdict("warm / cold", warm_s / cold.seconds, TARGET_WARM),
+    ]
+
+
+async def chat_part(http: httpx.AsyncClient, t: Texts) -> list[str]:
+    history, times = "", []
+    for turn in t.turns:
+        history += turn
+        times.append(await timed(http, history))
+    shown = ", ".join(f"{x.seconds * 1000:.0f} ms ({x.cached_tokens} cached)" for x in times)
+    return [
+        f"chat growing {len(t.turns)} turns: TTFT per turn {shown}",
+        verdict("6th turn / 1st turn", times[-1].seconds / times[0].seconds, TARGET_TURN),
+    ]
+
+
+async def concurrent_part(http: httpx.AsyncClient, t: Texts, n: int) -> float:
+    jobs = [timed(http, t.fresh_system + t.questions[i % len(t.questions)]) for i in range(n)]
+    results = await asyncio.gather(*jobs)
+    return percentile([r.seconds for r in results], 50)
+
+
+def verdict(name: str, value: float, target: float) -> str:
+    ok = "meets" if value <= target else "MISSES"
+    return f"  {name}: {value:.2f}x ({ok} the target <= {target}x)"
+
+
+def make_texts(model_dir: Path, system_tokens: int, turn_tokens: int, turns: int) -> Texts:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    systems = build_prompts(tok, 2, system_tokens, seed=16).texts
+    questions = build_prompts(tok, 16, 20, seed=17).texts
+    history = build_prompts(tok, turns, turn_tokens, seed=18).texts
+    return Texts(systems[0], systems[1], questions, history)
+
+
+def run_server(args: argparse.Namespace, extra: list[str], drive) -> object:  # noqa: ANN001
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="genserve-prefix-") as tmp:
+        cmd = serve_command(args.model_dir, port, args.concurrency, [
+            "--served-model-name", MODEL, "--embedding-model", "none", "--data-dir", tmp, *extra,
+        ])  # fmt: skip
+        server = ServerProcess(cmd, Path(tmp) / "server.log", thread_env(args.threads))
+        server.start()
+        try:
+            url = f"http://127.0.0.1:{port}"
+            server.wait_healthy(url, 600)
+
+            async def go() -> object:
+                async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+                    await timed(http, "warm up the kernels")
+                    return await drive(http)
+
+            return asyncio.run(go())
+        except Exception:
+            print(server.log_tail())
+            raise
+        finally:
+            server.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    p.add_argument("--threads", type=int, default=None, help="server intra-op threads")
+    p.add_argument("--system-tokens", type=int, default=1500)
+    p.add_argument("--turn-tokens", type=int, default=60)
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--concurrency", type=int, default=16)
+    args = p.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    if note := busy_warning():
+        print(note)
+    ensure_model_dir(args.model_dir, ModelSpec())
+    t = make_texts(args.model_dir, args.system_tokens, args.turn_tokens, args.turns)
+
+    async def with_cache(http: httpx.AsyncClient) -> tuple[list[str], float]:
+        lines = await system_prompt_part(http, t)
+        lines += await chat_part(http, t)
+        return lines, await concurrent_part(http, t, args.concurrency)
+
+    lines, cached_p50 = run_server(args, [], with_cache)
+    print("\n".join(lines), flush=True)
+    plain_p50 = run_server(
+        args, ["--no-prefix-caching"], lambda http: concurrent_part(http, t, args.concurrency)
+    )
+    print(f"{args.concurrency} concurrent requests sharing a new {args.system_tokens}-token "
+          f"system prompt: TTFT p50 {cached_p50 * 1000:.0f} ms with prefix caching, "
+          f"{plain_p50 * 1000:.0f} ms without")  # fmt: skip
+    print(verdict("with / without", cached_p50 / plain_p50, TARGET_CONCURRENT))
+    print(f"load average after the run: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""LlamaRunner over block tables: scattered blocks, blocks shared with another sequence (a
+prefix-cache hit) and batched decodes all give transformers' logits."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from genserve.engine.types import ChunkInput, SamplingParams, StepInput
+from genserve.model.runner import LlamaRunner
+from tests.tiny_model import SMALL_LLAMA
+
+P = SamplingParams()
+
+
+def model():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA)).eval()
+
+
+def reference(m, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0, -1]
+
+
+def chunk(rid: str, blocks: tuple[int, ...], ids: list[int], start: int) -> ChunkInput:
+    return ChunkInput(rid, 0, tuple(ids), start, True, P, 0, blocks=blocks)
+
+
+def test_a_prefix_read_from_another_sequences_blocks_gives_the_same_logits() -> None:
+    m = model()
+    for invariant in (True, False):
+        runner = LlamaRunner(m, 4, 128, batch_invariant=invariant, num_blocks=16, block_size=4)
+        g = torch.Generator().manual_seed(1)
+        prefix = torch.randint(0, 300, (12,), generator=g).tolist()
+        a_tail, b_tail = [5, 6, 7], [9, 10]
+        # a: blocks scattered over the pool; its first 3 blocks hold the shared prefix.
+        a_blocks = (9, 2, 14, 7)
+        out = runner.execute(StepInput((chunk("a", a_blocks, prefix + a_tail, 0),)))
+        torch.testing.assert_close(out[0], reference(m, prefix + a_tail), atol=1e-4, rtol=1e-4)
+        # b reuses a's 3 prefix blocks (a cache hit) and computes only its own tail, while a
+        # decodes beside it in the same step.
+        b_blocks = (9, 2, 14, 3)
+        step = StepInput((chunk("b", b_blocks, b_tail, 12), chunk("a", a_blocks, [11], 15)))
+        out = runner.execute(step)
+        torch.testing.assert_close(out[0], reference(m, prefix + b_tail), atol=1e-4, rtol=1e-4)
+        want_a = reference(m, prefix + a_tail + [11])
+        torch.testing.assert_close(out[1], want_a, atol=1e-4, rtol=1e-4)
+        # Both decode together (one batched call when not invariant), across a block boundary.
+        step = StepInput((chunk("a", a_blocks + (0,), [12], 16), chunk("b", b_blocks, [13], 14)))
+        out = runner.execute(step)
+        want = [reference(m, prefix + a_tail + [11, 12]), reference(m, prefix + b_tail + [13])]
+        torch.testing.assert_close(out, torch.stack(want), atol=1e-4, rtol=1e-4)
