@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import heapq
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from genserve.engine.kv_blocks import KVCacheManager
@@ -186,16 +186,25 @@ class Scheduler:
         return SchedulerOutput(tuple(chunks))
 
     def _next_waiting(self, hold: bool = False) -> Sequence | None:
-        """The oldest interactive sequence, else (unless `hold`) the oldest background one
+        """The fairest interactive sequence, else (unless `hold`) the oldest background one
         while more slots than the reserve are free; None when nothing may start now."""
         if not self.slots.num_free:
             return None
-        first = next((s for s in self.waiting if not s.request.background), None)
+        first = self._fairest([s for s in self.waiting if not s.request.background])
         if first is not None:
             return first
         if not hold and self.waiting and self.slots.num_free > self.reserved_slots:
             return self.waiting[0]
         return None
+
+    def _fairest(self, candidates: list[Sequence]) -> Sequence | None:
+        """The oldest sequence of the tenant that runs the fewest now: one project's burst
+        (n=16, best_of, a flood of calls) waits behind the others' first calls instead of
+        taking every slot and step before them. With one tenant this is plain FIFO."""
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        load = Counter(s.request.tenant for s in self.running)
+        return min(candidates, key=lambda s: load[s.request.tenant])  # min keeps the oldest
 
     def _interactive_prompt_due(self) -> bool:
         """An interactive prompt is being read, or one waits for a free slot."""
@@ -205,10 +214,11 @@ class Scheduler:
         return self.slots.num_free > 0 and any(not s.request.background for s in self.waiting)
 
     def _room_for_decode(self, seq: Sequence) -> bool:
-        """A block for the decode's position, preempting the newest sequences until one is
-        free; False when `seq` itself was the newest and was preempted."""
+        """A block for the decode's position, preempting the newest sequences (background
+        work first) until one is free; False when `seq` itself was preempted."""
         while not self.kv.grow(seq.request_id, seq.num_tokens):
-            victim = self.running[-1]
+            background = [s for s in self.running if s.request.background]
+            victim = (background or self.running)[-1]
             self._preempt(victim)
             if victim is seq:
                 return False

@@ -112,6 +112,7 @@ class Request:
     adapter: str | None = None  # LoRA adapter id; None: the base model
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = INTERACTIVE  # BACKGROUND: a Batch API request (see engine.scheduler)
+    tenant: str = ""  # the caller's project: admission is shared fairly between tenants
 
     @property
     def background(self) -> bool:

@@ -496,6 +496,7 @@ def _open(
             replace(params, seed=choice_seed(params.seed, i)),
             target.adapter,
             priority=priority,
+            tenant=target.project,
         )
         for p, ids in enumerate(prompts)
         for i in range(best_of)

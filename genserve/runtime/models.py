@@ -109,6 +109,7 @@ class Target:
 
     served: ServedModel
     adapter: str | None  # adapter id, or None for the base model itself
+    project: str = ""  # who asks: the engine shares admission fairly between projects
 
     @property
     def id(self) -> str:

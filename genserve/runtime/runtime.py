@@ -88,11 +88,11 @@ class Runtime:
             spec = self.adapter(model_id, project)
             if spec is None:
                 raise ModelNotFound(model_id)
-            return Target(self.models[spec.base], spec.id)
+            return Target(self.models[spec.base], spec.id, project)
         served = self.models.get(model_id)
         if served is None:
             raise ModelNotFound(model_id)
-        return Target(served, None)
+        return Target(served, None, project)
 
     def embedder(self, model_id: str, project: str) -> EmbeddingModel:
         self.require_ready()

@@ -1,3 +1,4 @@
+from genserve.engine.kv_blocks import KVCacheManager
 from genserve.engine.scheduler import Scheduler, SeqStatus
 from genserve.engine.types import BACKGROUND, Request, SamplingParams
 
@@ -146,3 +147,39 @@ def test_a_step_reading_an_interactive_prompt_leaves_background_rows_out() -> No
     assert [c.seq.request_id for c in out.chunks] == ["i"]  # i's prompt alone
     out = run_step(s)
     assert sorted(c.seq.request_id for c in out.chunks) == ["b", "i"]  # decodes together
+
+
+def tenant_req(rid: str, tenant: str, prompt_len: int = 3) -> Request:
+    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=8), tenant=tenant)
+
+
+def test_a_tenants_burst_does_not_push_the_others_back() -> None:
+    """B's 6 sequences (best_of 6, say) arrive before A's 2 calls; with 4 slots, A's both start
+    at once beside two of B's, where FIFO would have run four of B's first."""
+    s = Scheduler(num_slots=4, token_budget=64)
+    for i in range(6):
+        s.add(tenant_req(f"b{i}", "b"))
+    s.add(tenant_req("a0", "a"))
+    s.add(tenant_req("a1", "a"))
+    out = run_step(s)
+    started = sorted(c.seq.request_id for c in out.chunks)
+    assert started == ["a0", "a1", "b0", "b1"]
+
+
+def test_one_tenant_is_served_first_come_first_served() -> None:
+    s = Scheduler(num_slots=2, token_budget=64)
+    for i in range(4):
+        s.add(tenant_req(f"r{i}", "only"))
+    assert [c.seq.request_id for c in run_step(s).chunks] == ["r0", "r1"]
+
+
+def test_out_of_blocks_preempts_background_work_before_a_newer_interactive_call() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=4, caching=False)
+    s = Scheduler(num_slots=4, token_budget=64, kv=kv, reserved_slots=0)
+    s.add(Request("bg", [1, 2], SamplingParams(max_tokens=8), priority=BACKGROUND))
+    run_step(s)  # the batch request starts alone: 1 block
+    s.add(req("x", 11, max_tokens=8))  # 3 blocks: the pool is full
+    for _ in range(3):  # x's 13th token needs a 4th block: the older batch request yields it
+        run_step(s)
+    statuses = {seq.request_id: seq.status for seq in [*s.running, *s.waiting]}
+    assert statuses == {"x": SeqStatus.RUNNING, "bg": SeqStatus.WAITING}
