@@ -19,6 +19,15 @@ class FinishReason(enum.StrEnum):
 JSON_OBJECT = "json_object"
 JSON_SCHEMA = "json_schema"
 LARK = "lark"  # a Lark grammar (llguidance's dialect): tool calls
+# How every JSON grammar is generated (response_format and tool calls alike): compact JSON
+# only, since with free whitespace a random or weak model can emit blanks forever.
+COMPACT_JSON = {
+    "whitespace_flexible": False,
+    "item_separator": ",",
+    "key_separator": ":",
+    "lenient": False,
+    "coerce_one_of": False,
+}
 
 
 class UnsupportedSchemaError(ValueError):

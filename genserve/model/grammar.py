@@ -42,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from genserve.engine.types import (  # noqa: F401 - re-exported
+    COMPACT_JSON,
     JSON_OBJECT,
     JSON_SCHEMA,
     LARK,
@@ -136,15 +137,8 @@ _REWORDED = {
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 
-# Compact JSON only: with free whitespace a random or weak model can emit blanks forever.
 # Overrides beat a schema's own "x-guidance" key (which the allowlist refuses anyway).
-_JSON_OPTIONS = {
-    "whitespace_flexible": False,
-    "item_separator": ",",
-    "key_separator": ":",
-    "lenient": False,
-    "coerce_one_of": False,
-}
+_JSON_OPTIONS = COMPACT_JSON
 _ANY_OBJECT = '{"type":"object"}'
 # llguidance's own limits, spelled out so they are documented and deliberate (its defaults).
 # Fuel is its unit of lexer work, about 100 ns a point: a grammar may spend ~100 ms building

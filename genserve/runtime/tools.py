@@ -26,20 +26,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from genserve.engine.types import GrammarSpec
+from genserve.engine.types import COMPACT_JSON, GrammarSpec
 
 HERMES = "hermes"
 LLAMA3_JSON = "llama3_json"
 MISTRAL = "mistral"
 FORMATS = (HERMES, LLAMA3_JSON, MISTRAL)
-# Same compact JSON as response_format (model/grammar.py): a weak model cannot pad forever.
-_JSON_OPTIONS = {
-    "whitespace_flexible": False,
-    "item_separator": ",",
-    "key_separator": ":",
-    "lenient": False,
-    "coerce_one_of": False,
-}
 
 
 # -- what a request asks for ------------------------------------------------------------------
@@ -132,7 +124,7 @@ def call_schema(tool: ToolDef, fmt: str) -> dict:
 
 
 def _json_rule(schema: dict) -> str:
-    body = {"x-guidance": _JSON_OPTIONS, **schema}
+    body = {"x-guidance": COMPACT_JSON, **schema}
     return "%json " + json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
