@@ -226,6 +226,7 @@ class LlamaRunner:
         # take its page faults in the middle of the first requests' steps instead.
         self.k_cache = _huge_pages(torch.empty(shape, dtype=self.dtype, device=self.device)).zero_()
         self.v_cache = _huge_pages(torch.empty(shape, dtype=self.dtype, device=self.device)).zero_()
+        self._buffers: dict[str, torch.Tensor] = {}  # gather scratch (see _gather)
 
     paged = True
 
@@ -325,12 +326,26 @@ class LlamaRunner:
         used = -(-(sp.start + sp.n) // self.block_size)
         return torch.tensor(sp.table[:used], device=self.device)
 
-    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor, into: str) -> torch.Tensor:
         """A layer's keys (or values) of these blocks, in order: [kv_heads, blocks*bs, D].
-        Whole blocks are copied (one contiguous run each), not one row per position."""
-        kv, dim = self.num_kv_heads, self.head_dim
-        by_block = cache.view(kv, self.num_blocks, self.block_size * dim)
-        return by_block.index_select(1, blocks).view(kv, -1, dim)
+        Whole blocks are copied (one contiguous run each), not one row per position, into a
+        scratch buffer kept across layers and steps (`into` names it): a fresh one per call
+        took fresh pages each time, and the gather ran 3.3x slower (0.56 vs 0.17 ms for 32
+        decodes of 224 tokens, SmolLM2-135M shape, on the 2-core EPYC)."""
+        kv, dim, row = self.num_kv_heads, self.head_dim, self.block_size * self.head_dim
+        by_block = cache.view(kv, self.num_blocks, row)
+        out = self._scratch(into, kv * blocks.numel() * row).view(kv, blocks.numel(), row)
+        torch.index_select(by_block, 1, blocks, out=out)
+        return out.view(kv, -1, dim)
+
+    def _scratch(self, name: str, numel: int) -> torch.Tensor:
+        """A buffer of at least `numel` elements, reused until a larger one is needed. Safe
+        because each gathered tensor is read before the next gather into the same name."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf[:numel]
 
     def _write_index(self, rows: torch.Tensor) -> torch.Tensor:
         """Row of (token, head) in a layer's cache seen as [heads*positions, D]: one
@@ -431,8 +446,8 @@ class LlamaRunner:
         for sp in plan.spans:
             o = F.scaled_dot_product_attention(
                 q[sp.row0 : sp.row0 + sp.n].transpose(0, 1)[None],
-                self._gather(kc, sp.index)[None, :, : sp.start + sp.n],
-                self._gather(vc, sp.index)[None, :, : sp.start + sp.n],
+                self._gather(kc, sp.index, "k")[None, :, : sp.start + sp.n],
+                self._gather(vc, sp.index, "v")[None, :, : sp.start + sp.n],
                 attn_mask=sp.mask,
                 is_causal=sp.start == 0 and sp.n > 1,
                 enable_gqa=True,
@@ -451,8 +466,8 @@ class LlamaRunner:
         kv, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         b, length = d.batch, d.length
         # [kv, B * L, D] gathered, seen as kv*B batches (heads outer) of L rows: no more copies.
-        keys = self._gather(self.k_cache[i], d.index).view(kv * b, length, dim)
-        values = self._gather(self.v_cache[i], d.index).view(kv * b, length, dim)
+        keys = self._gather(self.k_cache[i], d.index, "k").view(kv * b, length, dim)
+        values = self._gather(self.v_cache[i], d.index, "v").view(kv * b, length, dim)
         qd = q.index_select(0, d.rows).view(b, kv, group, dim).transpose(0, 1)
         qd = qd.reshape(kv * b, group, dim)
         # K @ q^T, not q @ K^T: the cached keys are then read as plain rows, where MKL's
