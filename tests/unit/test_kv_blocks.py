@@ -4,6 +4,7 @@ hits, LRU eviction, hash collisions as misses, admission by blocks, preemption."
 from genserve.engine.kv_blocks import KVCacheManager
 from genserve.engine.scheduler import Scheduler, SeqStatus
 from genserve.engine.types import Request, SamplingParams
+from tests.unit.test_scheduler import run_step as step
 
 BASE = (None, False)  # the base model's namespace, unseeded
 
@@ -92,15 +93,6 @@ def test_a_block_matches_only_after_its_own_parent() -> None:
 # -- the scheduler over blocks ----------------------------------------------------------------
 def req(rid: str, n: int, max_tokens: int = 4, first: int = 1, **params) -> Request:
     return Request(rid, tokens(n, first), SamplingParams(max_tokens=max_tokens, **params))
-
-
-def step(s: Scheduler, token: int = 7):
-    out = s.schedule()
-    for c in out.chunks:
-        s.commit(c)
-        if c.sample:
-            c.seq.output_ids.append(token)
-    return out
 
 
 def test_a_small_pool_admits_many_short_requests_at_once() -> None:
