@@ -19,7 +19,6 @@ leaves the background rows out (see schedule()).
 from __future__ import annotations
 
 import enum
-import heapq
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -90,21 +89,28 @@ class SchedulerOutput:
 
 
 class SlotPool:
-    """Free KV slots, lowest first, so the live slots stay packed at the front of the cache."""
+    """Free slots. A slot is also a lane of the KV block pool (engine/kv_blocks.py): which one
+    a sequence takes decides whether its cache is one contiguous run."""
 
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
-        self._free = list(range(num_slots))
+        self._free = set(range(num_slots))
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
-    def take(self) -> int:
-        return heapq.heappop(self._free)
+    def free_slots(self) -> set[int]:
+        return self._free
+
+    def take(self, slot: int | None = None) -> int:
+        """`slot`, or the lowest free one (the live slots stay packed at the front)."""
+        slot = min(self._free) if slot is None else slot
+        self._free.remove(slot)
+        return slot
 
     def give(self, slot: int) -> None:
-        heapq.heappush(self._free, slot)
+        self._free.add(slot)
 
 
 class Scheduler:
@@ -238,17 +244,32 @@ class Scheduler:
     def _admit(self, seq: Sequence) -> bool:
         """Blocks for every token the sequence has (cached ones reused), then a slot."""
         tokens = seq.token_slice(0, seq.num_tokens)
-        cached = self.kv.admit(seq.request_id, self.namespace(seq), tokens, self._cache_limit(seq))
+        namespace, limit = self.namespace(seq), self._cache_limit(seq)
+        hit = self.kv.cached_prefix(namespace, tokens, limit)
+        slot = self._pick_slot(hit)
+        cached = self.kv.admit(seq.request_id, namespace, tokens, limit, lane=slot, hit=hit)
         if cached is None:
             return False
         self.waiting.remove(seq)
         seq.num_computed = cached
         if seq.num_cached is None:  # what the client is told: its first admission's
             seq.num_cached = cached
-        seq.slot = self.slots.take()
+        seq.slot = self.slots.take(slot)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
         return True
+
+    def _pick_slot(self, hit: list[int]) -> int:
+        """The lane that already starts with this prefix (a chat's next turn), else the lowest
+        free one whose first block caches nothing, else the one whose cache is stalest: a new
+        sequence overwrites its lane's cached blocks as it grows."""
+        free = self.slots.free_slots()
+        home = self.kv.home_lane(hit)
+        if home in free:
+            return home
+        if not self.kv.lane_blocks:
+            return min(free)
+        return min(free, key=lambda s: (self.kv.lane_staleness(s), s))
 
     def namespace(self, seq: Sequence) -> tuple[str | None, bool]:
         """Who may share this sequence's cached blocks: the same adapter, on the same path

@@ -5,8 +5,9 @@ Runners share one interface:
   Qwen2, SmolLM). Its KV cache is a pool of fixed-size blocks (engine/kv_blocks.py allocates
   them; a sequence's block table says where each of its positions lives), written in place: a
   step's tokens from all sequences are flattened into one [T, hidden] matrix for the
-  projections (where the FLOPs are), and attention gathers each sequence's keys and values
-  from its blocks (one gather for all batched decodes).
+  projections (where the FLOPs are). Attention reads a sequence whose blocks are one
+  contiguous run as a view of the cache (decodes in their slots' lanes: all in one batched
+  call, side by side), and gathers the blocks of the others.
 - `HFRunner`, for causal LMs that cannot use transformers' attention interface (remote code):
   transformers' own forward, one sequence at a time, each slot with its own DynamicCache.
 Every other decoder-only model runs on `BatchedHFRunner` (genserve/model/hf_batched.py).
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE
+from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE, lane_blocks
 from genserve.engine.types import ChunkInput, StepInput
 from genserve.model import kernels
 from genserve.model.hardware import KernelPolicy, ShapePlan
@@ -155,7 +156,23 @@ class ChunkSpan:
     table: tuple[int, ...]  # the sequence's KV blocks
     start: int
     mask: torch.Tensor | None  # causal mask over the cached prefix, for later prompt chunks
-    index: torch.Tensor | None = None  # the blocks holding positions 0..start+n-1
+    index: torch.Tensor | None = None  # the blocks holding positions 0..start+n-1, to gather
+    run: int | None = None  # or the cache position of 0 when those blocks are one run
+
+
+@dataclass(frozen=True, slots=True)
+class LaneBatch:
+    """Single-token decodes free to depend on their batch whose blocks are each the start of
+    their slot's lane (engine/kv_blocks.py): lanes first..first+span-1 read side by side as
+    views of the cache, with no copy. Lanes in the range without a decode are computed
+    (position 0 only, so no row is all -inf) and dropped."""
+
+    rows: torch.Tensor  # [B] rows of the flat batch that decode
+    lanes: torch.Tensor  # [B] each one's lane, minus `first`
+    first: int
+    span: int
+    length: int  # positions attended: 0..length-1
+    mask: torch.Tensor  # [span, 1, length] additive: 0 where visible, -inf not
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +196,7 @@ class AttentionPlan:
     write_index: torch.Tensor  # [T * kv_heads] row of each token's key/value in a flat cache
     spans: tuple[ChunkSpan, ...]  # chunks attended one call each
     decode: DecodeBatch | None  # single-token decodes attended together (see DecodeBatch)
+    lanes: LaneBatch | None  # the same, for decodes read in place from their lanes
     lora_rows: dict[str, list[tuple[int, int]]]  # adapter -> its row ranges in the flat batch
     lora_owner: torch.Tensor | None  # [T] each row's adapter index (-1: none), fused path
     # Some row must not depend on its batch (--deterministic, or a seeded request): a lone
@@ -216,8 +234,9 @@ class LlamaRunner:
         self.lora = LoraSet(make_linear=self._pack, device=self.device)
         self.base_shape = _base_shape(cfg, self.num_heads, self.num_kv_heads, self.head_dim)
         self.block_size = block_size
-        self.blocks_per_slot = -(-max_len // block_size)  # a chunk without a table: its slot's
-        self.num_blocks = num_blocks or num_slots * self.blocks_per_slot
+        self.num_blocks = num_blocks or num_slots * -(-max_len // block_size)
+        self.lane_blocks = lane_blocks(self.num_blocks, num_slots)  # as the engine allocates
+        self.lane_len = self.lane_blocks * block_size
         # Per layer [kv_heads, positions, head_dim]: a gather of a sequence's positions along
         # dim 1 gives [kv_heads, length, head_dim] as attention reads it, contiguous.
         self.cache_len = self.num_blocks * block_size
@@ -291,16 +310,16 @@ class LlamaRunner:
             sp for sp, c in zip(spans, step.chunks, strict=True)
             if sp.n == 1 and sp.start > 0 and not self._invariant(c)
         ]  # fmt: skip
-        decode = self._decode_batch(pooled)
-        if decode is not None:
-            pooled_rows = {sp.row0 for sp in pooled}
-            spans = [sp for sp in spans if sp.row0 not in pooled_rows]
-        spans = [replace(sp, index=self._read_index(sp)) for sp in spans]
+        laned, gathered = self._split_by_lane(pooled)
+        lanes, decode = self._lane_batch(laned), self._decode_batch(gathered)
+        batched = {sp.row0 for sp in pooled}  # every pooled decode is in one or the other
+        spans = [self._reader(sp) for sp in spans if sp.row0 not in batched]
         invariant = any(self._invariant(c) for c in step.chunks)
         return AttentionPlan(
             write_index=self._write_index(torch.tensor(writes, device=self.device)),
             spans=tuple(spans),
             decode=decode,
+            lanes=lanes,
             lora_rows=lora,
             lora_owner=self._owners(lora, row) if lora and not invariant else None,
             invariant=invariant,
@@ -311,11 +330,41 @@ class LlamaRunner:
 
     def _table(self, c: ChunkInput) -> tuple[int, ...]:
         """The chunk's block table; without one (a runner driven without the engine's
-        allocator: tests, load-time checks), its slot's fixed run of blocks."""
+        allocator: tests, load-time checks), its slot's lane."""
         if c.blocks:
             return c.blocks
-        first = c.slot * self.blocks_per_slot
-        return tuple(range(first, first + self.blocks_per_slot))
+        first = c.slot * self.lane_blocks
+        return tuple(range(first, first + self.lane_blocks))
+
+    def _run(self, table: tuple[int, ...], end: int) -> int | None:
+        """Cache position of position 0 when the blocks of positions 0..end-1 are one
+        contiguous run (then attention reads them as a view), else None."""
+        used = -(-end // self.block_size)
+        first = table[0]
+        if table[used - 1] - first != used - 1 or table[:used] != tuple(range(first, first + used)):
+            return None
+        return first * self.block_size
+
+    def _split_by_lane(
+        self, decodes: list[ChunkSpan]
+    ) -> tuple[dict[int, ChunkSpan], list[ChunkSpan]]:
+        """Decodes whose blocks are one run from the start of a lane, by lane, and the
+        others (a lane holds one sequence's blocks; a second would be gathered)."""
+        laned: dict[int, ChunkSpan] = {}
+        gathered = []
+        for sp in decodes:
+            run = self._run(sp.table, sp.start + 1) if self.lane_len else None
+            lane = None if run is None or run % self.lane_len else run // self.lane_len
+            if lane is None or lane in laned or sp.start + 1 > self.lane_len:
+                gathered.append(sp)
+            else:
+                laned[lane] = sp
+        return laned, gathered
+
+    def _reader(self, sp: ChunkSpan) -> ChunkSpan:
+        """How a span attended alone reads its keys: a view where its blocks are one run."""
+        run = self._run(sp.table, sp.start + sp.n)
+        return replace(sp, run=run) if run is not None else replace(sp, index=self._read_index(sp))
 
     def _rows_of(self, table: tuple[int, ...], start: int, end: int) -> list[int]:
         """Cache rows (block * block_size + offset) of positions start..end-1."""
@@ -372,6 +421,22 @@ class LlamaRunner:
         mask = mask.repeat(self.num_kv_heads, 1)[:, None, :]  # [kv_heads * B, 1, L], heads outer
         rows = torch.tensor([sp.row0 for sp in decodes], device=dev)
         return DecodeBatch(rows, index, len(decodes), length, mask)
+
+    def _lane_batch(self, decodes: dict[int, ChunkSpan]) -> LaneBatch | None:
+        if not decodes:
+            return None
+        dev = self.device
+        first = min(decodes)
+        span = max(decodes) - first + 1
+        length = max(sp.start for sp in decodes.values()) + 1
+        limit = torch.zeros(span, dtype=torch.long)  # lanes without a decode see position 0
+        lanes = torch.tensor([lane - first for lane in decodes])
+        limit[lanes] = torch.tensor([sp.start for sp in decodes.values()])
+        visible = torch.arange(length)[None, :] <= limit[:, None]
+        mask = torch.zeros(span, length, dtype=self.dtype)
+        mask.masked_fill_(~visible, float("-inf"))
+        rows = torch.tensor([sp.row0 for sp in decodes.values()])
+        return LaneBatch(rows.to(dev), lanes.to(dev), first, span, length, mask[:, None].to(dev))
 
     def _owners(self, lora: dict[str, list[tuple[int, int]]], rows: int) -> torch.Tensor:
         owner = torch.full((rows,), -1, dtype=torch.long)
@@ -442,12 +507,20 @@ class LlamaRunner:
         out = torch.empty_like(q)
         if plan.decode is not None:
             self._attend_decodes(i, q, plan.decode, out)
+        if plan.lanes is not None:
+            self._attend_lanes(i, q, plan.lanes, out)
         kc, vc = self.k_cache[i], self.v_cache[i]
         for sp in plan.spans:
+            end = sp.start + sp.n
+            if sp.run is not None:  # one run of blocks: a view, as SDPA reads any strides
+                keys, values = kc[:, sp.run : sp.run + end], vc[:, sp.run : sp.run + end]
+            else:
+                keys = self._gather(kc, sp.index, "k")[:, :end]
+                values = self._gather(vc, sp.index, "v")[:, :end]
             o = F.scaled_dot_product_attention(
                 q[sp.row0 : sp.row0 + sp.n].transpose(0, 1)[None],
-                self._gather(kc, sp.index, "k")[None, :, : sp.start + sp.n],
-                self._gather(vc, sp.index, "v")[None, :, : sp.start + sp.n],
+                keys[None],
+                values[None],
                 attn_mask=sp.mask,
                 is_causal=sp.start == 0 and sp.n > 1,
                 enable_gqa=True,
@@ -477,6 +550,30 @@ class LlamaRunner:
         torch.add(d.mask, k_q.transpose(1, 2), alpha=dim**-0.5, out=scores)
         o = torch.bmm(torch.softmax(scores, dim=-1), values).view(kv, b, group, dim)
         out.index_copy_(0, d.rows, o.transpose(0, 1).reshape(b, self.num_heads, dim))
+
+    def _attend_lanes(self, i: int, q: torch.Tensor, d: LaneBatch, out: torch.Tensor) -> None:
+        """As _attend_decodes, reading lanes first..first+span-1 of the cache in place: per KV
+        head, the lanes are [span, lane_len, D] rows at a fixed stride, a view bmm reads as
+        it is (a gather of them cost ~15% of a 32-stream step). Heads cannot join the batch
+        dimension of one view (the cache is heads-outer), so one pair of bmm per KV head."""
+        kv, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        span, length, lane = d.span, d.length, self.lane_len
+        qd = q.new_zeros(span, self.num_heads, dim)
+        qd.index_copy_(0, d.lanes, q.index_select(0, d.rows))
+        qd = qd.view(span, kv, group, dim)
+        lo, hi = d.first * lane, (d.first + span) * lane
+        scores = q.new_empty(kv, span, group, length)
+        for h in range(kv):
+            keys = self.k_cache[i, h, lo:hi].view(span, lane, dim)[:, :length]
+            k_q = torch.bmm(keys, qd[:, h].transpose(1, 2))  # [span, length, group]
+            torch.add(d.mask, k_q.transpose(1, 2), alpha=dim**-0.5, out=scores[h])
+        probs = torch.softmax(scores, dim=-1)
+        o = q.new_empty(kv, span, group, dim)
+        for h in range(kv):
+            values = self.v_cache[i, h, lo:hi].view(span, lane, dim)[:, :length]
+            torch.bmm(probs[h], values, out=o[h])
+        o = o.transpose(0, 1).reshape(span, self.num_heads, dim)
+        out.index_copy_(0, d.rows, o.index_select(0, d.lanes))
 
 
 HUGE_PAGE = 2 << 20

@@ -94,8 +94,8 @@ def kv_manager(runner: Runner, paged: PagedShape, caching: bool, max_len: int) -
     """The engine's view of the runner's KV cache: the paged runner's block pool, prefix
     caching as configured; for a runner with static slots, blocks enough for every slot to
     hold max_len (so admission still counts blocks, and never preempts), nothing shared."""
-    if runner.paged:
-        return KVCacheManager(paged.num_blocks, paged.block_size, caching)
+    if runner.paged:  # one lane per slot: see engine/kv_blocks.py
+        return KVCacheManager(paged.num_blocks, paged.block_size, caching, lanes=runner.num_slots)
     per_slot = -(-max_len // paged.block_size)
     return KVCacheManager(runner.num_slots * per_slot, paged.block_size, caching=False)
 

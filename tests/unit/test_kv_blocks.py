@@ -186,3 +186,42 @@ def test_an_unloaded_adapters_blocks_are_never_reused() -> None:
     assert kv.admit("lora-again", lora, [1, 2, 3], cache_limit=2) == 0
     assert kv.admit("base-again", BASE, [1, 2, 3], cache_limit=2) == 2
     assert kv.pool.num_free == 8 - 4
+
+
+def test_a_sequence_takes_its_lanes_blocks_in_order_while_they_are_free() -> None:
+    """4 lanes of 4 blocks (one per slot): a sequence's cache is one run in its slot's lane;
+    a block of the lane held by another sequence sends it elsewhere, and a sequence without
+    a lane takes the lanes' last blocks first."""
+    kv = KVCacheManager(num_blocks=16, block_size=2, caching=False, lanes=4)
+    assert kv.admit("a", BASE, tokens(3), cache_limit=0, lane=1) == 0
+    assert kv.tables["a"].blocks == [4, 5]
+    assert kv.grow("a", 7) and kv.tables["a"].blocks == [4, 5, 6, 7]
+    assert kv.grow("a", 9) and kv.tables["a"].blocks[4] not in range(4, 8)  # outgrew it
+    kv.admit("x", BASE, tokens(2), cache_limit=0)  # no lane: a lane's last block
+    assert kv.tables["x"].blocks[0] % 4 == 3
+    taken = kv.tables["x"].blocks[0]
+    lane = taken // 4
+    kv.admit("b", BASE, tokens(8), cache_limit=0, lane=lane)
+    assert kv.tables["b"].blocks[:3] == [4 * lane, 4 * lane + 1, 4 * lane + 2]
+    assert kv.tables["b"].blocks[3] != taken  # held by x: any other free block
+
+
+def test_a_chats_next_turn_goes_back_to_the_lane_that_caches_its_history() -> None:
+    kv = KVCacheManager(num_blocks=64, block_size=4, lanes=4)
+    s = Scheduler(num_slots=4, token_budget=128, aligned_chunks=False, kv=kv)
+    other = s.add(req("other", 10, first=500))  # takes slot 0
+    first = s.add(req("turn1", 40))  # slot 1, lane 1: blocks 16..25
+    step(s)
+    assert first.slot == 1 and kv.tables["turn1"].blocks == list(range(16, 26))
+    s.finish(first)
+    s.finish(other)
+    # Slot 0 is free and lowest, but lane 1 starts with this chat's cached history.
+    nxt = s.add(req("turn2", 60))
+    step(s)
+    assert nxt.slot == 1 and nxt.num_cached == 40
+    assert kv.tables["turn2"].blocks == list(range(16, 31))
+    # A new conversation takes a lane whose first block caches nothing (2), not lane 0's
+    # cached prompt nor lane 1 (held).
+    new = s.add(req("new", 8, first=900))
+    step(s)
+    assert new.slot == 2

@@ -49,3 +49,38 @@ def test_a_prefix_read_from_another_sequences_blocks_gives_the_same_logits() -> 
         out = runner.execute(step)
         want = [reference(m, prefix + a_tail + [11, 12]), reference(m, prefix + b_tail + [13])]
         torch.testing.assert_close(out, torch.stack(want), atol=1e-4, rtol=1e-4)
+
+
+def test_decodes_read_in_place_from_their_lanes_beside_gathered_ones() -> None:
+    """4 slots over 16 blocks of 4: lane s is blocks 4s..4s+3. `a` runs in lane 0 and `c` in
+    lane 2 (read as views, lane 1 idle between them), `b`'s blocks are scattered (gathered);
+    all three decode in one step, then `a` and `c` again alone, and every logit is
+    transformers'. A prompt chunk whose blocks are one run is read as a view too."""
+    m = model()
+    runner = LlamaRunner(m, 4, 16, batch_invariant=False, num_blocks=16, block_size=4)
+    assert runner.lane_blocks == 4
+    g = torch.Generator().manual_seed(2)
+    prompts = {
+        r: torch.randint(0, 300, (n,), generator=g).tolist() for r, n in zip("abc", (9, 6, 7))
+    }
+    tables = {"a": (0, 1, 2), "b": (13, 6), "c": (8, 9)}
+    step = StepInput(tuple(chunk(r, tables[r], prompts[r], 0) for r in "abc"))
+    out = runner.execute(step)
+    for j, r in enumerate("abc"):
+        torch.testing.assert_close(out[j], reference(m, prompts[r]), atol=1e-4, rtol=1e-4)
+    plan = runner._plan(
+        StepInput(tuple(chunk(r, tables[r], [3], len(prompts[r])) for r in "abc")), None
+    )
+    assert plan.lanes is not None and plan.lanes.first == 0 and plan.lanes.span == 3
+    assert plan.decode is not None and plan.decode.batch == 1  # b
+    out = runner.execute(StepInput(tuple(chunk(r, tables[r], [3], len(prompts[r])) for r in "abc")))
+    for j, r in enumerate("abc"):
+        torch.testing.assert_close(out[j], reference(m, prompts[r] + [3]), atol=1e-4, rtol=1e-4)
+    # a's next block (3) is still in its lane; c continues alone from lane 2 only.
+    step = StepInput((chunk("a", (0, 1, 2, 3), [4], 10), chunk("c", (8, 9, 10), [4], 8)))
+    out = runner.execute(step)
+    torch.testing.assert_close(out[0], reference(m, prompts["a"] + [3, 4]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], reference(m, prompts["c"] + [3, 4]), atol=1e-4, rtol=1e-4)
+    # A later prompt chunk over one run of blocks (not from a lane's start) reads a view.
+    later = runner._plan(StepInput((chunk("d", (5, 6, 7), [1, 2], 9),)), None)
+    assert later.spans[0].run == 5 * 4 and later.spans[0].index is None
