@@ -17,7 +17,10 @@ class EngineConfig:
 
     max_batch_size: int = 32
     max_model_len: int | None = None  # None: the model's context, capped at 2048
-    kv_cache_tokens: int | None = None  # None: max_batch_size * max_model_len
+    kv_cache_tokens: int | None = None  # None: max_batch_size * max_model_len (CPU), see below
+    # On a GPU without --kv-cache-tokens, the KV pool takes what is left of this fraction of
+    # the device's memory once the weights are loaded (vLLM's gpu_memory_utilization).
+    gpu_memory_fraction: float = 0.9
     # Full KV blocks stay cached after their request and are reused by any later prompt that
     # starts with the same tokens (same adapter); --no-prefix-caching turns it off.
     prefix_caching: bool = True
@@ -36,6 +39,8 @@ class EngineConfig:
             raise ValueError("max_model_len must be >= 16")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 16:
             raise ValueError("kv_cache_tokens must be >= 16")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError("gpu_memory_fraction must be in (0, 1]")
         if self.max_num_batched_tokens < 16:
             raise ValueError("max_num_batched_tokens must be >= 16")
         if self.max_waiting < 0:

@@ -1,10 +1,14 @@
-"""Giving freed host memory back to the operating system (used by loading and the runner)."""
+"""Giving freed host memory back to the operating system (used by loading and the runner), and
+reading an accelerator's memory."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import os
+from typing import Any
+
+from genserve.model.sizing import DeviceMemory
 
 
 def return_freed_memory() -> None:
@@ -15,3 +19,13 @@ def return_freed_memory() -> None:
     # musl or another libc: no malloc_trim, the pages come back later or not at all
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def device_memory(device: Any) -> DeviceMemory | None:
+    """Free and total memory of a CUDA device (None elsewhere: a CPU's pool is sized in tokens)."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return DeviceMemory(free, total)

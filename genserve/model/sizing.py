@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from genserve.config import EngineConfig
@@ -27,10 +28,39 @@ def cache_shape(cfg: EngineConfig, model_context: int) -> tuple[int, int]:
     return slots, max_len
 
 
-def pool_tokens(cfg: EngineConfig, max_len: int) -> int:
-    """Tokens of the paged KV pool: --kv-cache-tokens, else what static slots of max_len for
-    max_batch_size sequences held (the same memory as before paging)."""
-    return cfg.kv_cache_tokens or cfg.max_batch_size * max_len
+@dataclass(frozen=True, slots=True)
+class DeviceMemory:
+    """An accelerator's memory once the weights are loaded (torch.cuda.mem_get_info)."""
+
+    free: int
+    total: int
+
+
+def pool_tokens(
+    cfg: EngineConfig,
+    max_len: int,
+    device: DeviceMemory | None = None,
+    bytes_per_token: int = 0,
+    headroom: int = 0,
+) -> int:
+    """Tokens of the paged KV pool: --kv-cache-tokens; else, on a GPU (`device`), what fits
+    in --gpu-memory-fraction of its memory beside what is already used and `headroom` (the
+    runner's transient copies and a step's activations); else what static slots of max_len
+    for max_batch_size sequences held (the same memory as before paging)."""
+    if cfg.kv_cache_tokens:
+        return cfg.kv_cache_tokens
+    if device is None or bytes_per_token <= 0:
+        return cfg.max_batch_size * max_len
+    used = device.total - device.free
+    budget = int(cfg.gpu_memory_fraction * device.total) - used - headroom
+    tokens = budget // bytes_per_token
+    if tokens < max_len:
+        raise ValueError(
+            f"--gpu-memory-fraction {cfg.gpu_memory_fraction} leaves room for {max(tokens, 0)} "
+            f"KV tokens ({used / 2**30:.1f} of {device.total / 2**30:.1f} GiB in use), less than "
+            f"one sequence of {max_len}: raise it or lower --max-model-len"
+        )
+    return tokens
 
 
 def element_bytes(dtype: str, on_gpu: bool) -> int:

@@ -19,6 +19,7 @@ from genserve.engine.thread import EngineThread
 from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
 from genserve.model.hardware import KernelPolicy, detect, model_specs, policy_for
 from genserve.model.loading import LoadedModel, ModelLoadError, load_model
+from genserve.model.memory import device_memory
 from genserve.model.runner import Runner, fast_path_supported, kv_bytes_per_token
 from genserve.model.sizing import cache_shape, pool_tokens
 from genserve.model.worker import ModelWorker
@@ -37,11 +38,13 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
     )
     try:
         slots, max_len = cache_shape(cfg.engine, loaded.max_context)
+        # Rounded up: a pool of at least max_len tokens always holds one sequence of max_len.
+        paged = PagedShape(
+            cfg.engine.max_batch_size, -(-kv_pool_tokens(cfg, loaded, max_len) // BLOCK)
+        )
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
     grammars = grammar_compiler(loaded)
-    # Rounded up: a pool of at least max_len tokens always holds one sequence of max_len.
-    paged = PagedShape(cfg.engine.max_batch_size, -(-pool_tokens(cfg.engine, max_len) // BLOCK))
     # Built on the thread that will step it: see genserve.engine.thread for why.
     thread = EngineThread()
     try:
@@ -88,6 +91,24 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         grammars=grammars,
         max_token_bytes=longest_token_bytes(loaded.tokenizer),
     )
+
+
+def kv_pool_tokens(cfg: ServerConfig, loaded: LoadedModel, max_len: int) -> int:
+    """The KV pool's tokens (model.sizing.pool_tokens); on a GPU, from its free memory now
+    that the weights are on it, keeping room for the runner's stacked copies (made before it
+    frees the originals) and for a full step's activations and logits."""
+    model = loaded.model
+    device = device_memory(model.device)
+    if device is None:
+        return pool_tokens(cfg.engine, max_len)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    c = model.config
+    width = (
+        4 * c.hidden_size + 2 * getattr(c, "intermediate_size", 4 * c.hidden_size) + c.vocab_size
+    )
+    activations = cfg.engine.max_num_batched_tokens * width * 4  # fp32 at worst
+    per_token = kv_bytes_per_token(c, model.dtype)
+    return pool_tokens(cfg.engine, max_len, device, per_token, weights + activations)
 
 
 def kv_manager(runner: Runner, paged: PagedShape, caching: bool, max_len: int) -> KVCacheManager:

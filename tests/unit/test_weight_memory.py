@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from genserve.config import EngineConfig
-from genserve.model.sizing import kv_cache_bytes, model_bytes, weight_count
+from genserve.model.sizing import (
+    DeviceMemory,
+    kv_cache_bytes,
+    model_bytes,
+    pool_tokens,
+    weight_count,
+)
 from tests.tiny_model import build_tiny_model
 
 # Big enough that one copy of the layers' weights (about 53 MB fp32) stands well above the
@@ -82,3 +88,21 @@ def test_the_budget_counts_each_dtype_at_its_size_and_the_gpu_once(model_dir: Pa
     )
     assert model_bytes(model_dir, "generate", "auto", False, engine) == fp32_cpu
     assert model_bytes(model_dir, "embed", "float16", True, engine) == 2 * params
+
+
+def test_a_gpus_kv_pool_takes_what_its_memory_fraction_leaves() -> None:
+    """80 GiB device, 10 GiB in use after loading, 2 GiB kept for the runner's copies and a
+    step: 0.9 x 80 - 10 - 2 = 60 GiB of KV at 1 MiB a token. --kv-cache-tokens still wins,
+    and a fraction that leaves less than one sequence is refused with the reason."""
+    gib = 2**30
+    gpu = DeviceMemory(free=70 * gib, total=80 * gib)
+    engine = EngineConfig()
+    assert pool_tokens(engine, 2048, gpu, bytes_per_token=2**20, headroom=2 * gib) == 60 * 1024
+    half = EngineConfig(gpu_memory_fraction=0.5)
+    assert pool_tokens(half, 2048, gpu, 2**20, 2 * gib) == 28 * 1024
+    assert pool_tokens(EngineConfig(kv_cache_tokens=4096), 2048, gpu, 2**20, 2 * gib) == 4096
+    assert pool_tokens(engine, 2048) == 32 * 2048  # a CPU: static slots' memory
+    with pytest.raises(ValueError, match="gpu-memory-fraction 0.15"):
+        pool_tokens(EngineConfig(gpu_memory_fraction=0.15), 2048, gpu, 2**20, 2 * gib)
+    with pytest.raises(ValueError):
+        EngineConfig(gpu_memory_fraction=0)
