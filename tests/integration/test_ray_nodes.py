@@ -212,12 +212,11 @@ def test_fine_tune_on_the_other_node_served_by_both_with_no_shared_disk(d: Deplo
 
     served_by: set[str] = set()
     wait_until(lambda: len(served_by.__ior__(burst())) == 2, timeout=120, every=0.1)
-    for scratch in (d.head_scratch, d.node_scratch):
-        copies = list(scratch.glob("genserve-replica-*/adapters/*/adapter_config.json"))
-        assert len(copies) == 1, (scratch, copies)
-
     under_data = [(e, p) for e, p in touched(d) if p.startswith(str(d.data) + os.sep)]
     assert under_data == [], under_data  # nothing on the second node read the control's disk
+    for scratch in (d.head_scratch, d.node_scratch):  # each replica reads its own copy
+        copies = list(scratch.glob("genserve-replica-*/adapters/*/adapter_config.json"))
+        assert len(copies) == 1, (scratch, copies)
 
 
 def test_rate_limit_counts_once_across_replicas(d: Deployment) -> None:
