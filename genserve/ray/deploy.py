@@ -130,7 +130,8 @@ class Resources:
     custom: dict[str, float] = dataclasses.field(default_factory=dict)  # placement resources
 
     def options(self) -> dict[str, Any]:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": self.custom}
+        asked: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        return {**asked, "resources": self.custom} if self.custom else asked
 
 
 # How much of a placement resource one replica or task asks for: a sliver, so that the node

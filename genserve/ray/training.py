@@ -252,8 +252,6 @@ async def launch_ray_task(
     """A JobManager launcher: the run goes to Ray, its inputs with it; it may wait there for
     free CPUs (and its GPU share when the model runs on CUDA: Ray hides the GPUs a task did
     not ask for, and for the custom resources the operator placed training with)."""
-    import ray
-
     inputs = await asyncio.to_thread(read_inputs, spec_path)
     task = _remote_train_job().options(
         num_cpus=threads,
@@ -263,4 +261,5 @@ async def launch_ray_task(
         max_retries=0,  # the manager decides: resume from the last checkpoint, or fail
         name=f"{TASK_NAME}:{spec_path.parent.name}",
     )
-    return RayWorkerProcess(task.remote(ray.put(inputs), threads), spec_path.parent)
+    # The inputs travel as the task's argument: Ray keeps a large one in its object store.
+    return RayWorkerProcess(task.remote(inputs, threads), spec_path.parent)
