@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from genserve.api.errors import APIError, bad_request
 from genserve.config import ServerConfig
@@ -59,6 +59,10 @@ from genserve.ray.shared import (
 )
 from genserve.ray.transfer import Folder, pack, unpack
 from genserve.runtime.errors import DomainError
+
+if TYPE_CHECKING:
+    from genserve.api.auth import KeyRecord
+    from genserve.runtime.models import AdapterSpec
 
 log = logging.getLogger(__name__)
 
@@ -419,11 +423,11 @@ class ControlReplica(AppReplica):
             return None
         return ShippedAdapter(spec, await asyncio.to_thread(pack, Path(spec.path)))
 
-    def admit(self, record: Any) -> Admission:  # noqa: ANN401 - a KeyRecord
+    def admit(self, record: KeyRecord) -> Admission:
         """Count one request of a rate-limited key, for whichever replica received it."""
         return admit_here(self.app.state.edge.keys, record)
 
-    def spend(self, record: Any, tokens: int) -> None:  # noqa: ANN401 - a KeyRecord
+    def spend(self, record: KeyRecord, tokens: int) -> None:
         spend_here(self.app.state.edge.keys, record, tokens)
 
     def report_metrics(self, replica: str, text: str) -> None:
@@ -436,7 +440,7 @@ class ControlReplica(AppReplica):
 
 @dataclass(frozen=True, slots=True)
 class ShippedAdapter:
-    spec: Any  # genserve.runtime.models.AdapterSpec, its path the control replica's
+    spec: AdapterSpec  # its path is the control replica's: the receiver sets its own
     files: Folder
 
 
