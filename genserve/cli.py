@@ -147,12 +147,31 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
     ray: Annotated[bool, typer.Option(help="Deploy on Ray Serve (needs the ray extra).")] = False,
     replicas: Annotated[int, typer.Option(help="With --ray: engine replicas.")] = 1,
-    replica_gpus: Annotated[float, typer.Option(
-        help="With --ray on CUDA: GPUs per engine replica (0.5: two replicas share one)."
-    )] = 1.0,
+    replica_gpus: Annotated[
+        float,
+        typer.Option(
+            help="With --ray on CUDA: GPUs per engine replica (0.5: two replicas share one)."
+        ),
+    ] = 1.0,
     ray_address: Annotated[
         str | None,
         typer.Option("--ray-address", "--address", help="With --ray: cluster (default: local)."),
+    ] = None,
+    ray_control_resource: Annotated[
+        str | None,
+        typer.Option(
+            help="With --ray: a custom resource only one node has; the control replica (SQLite and "
+            "the files) stays on that node."
+        ),
+    ] = None,
+    ray_training_resource: Annotated[
+        str | None,
+        typer.Option(
+            help="With --ray: a custom resource of the nodes that may run fine-tuning tasks."
+        ),
+    ] = None,
+    replicas_per_node: Annotated[
+        int | None, typer.Option(help="With --ray: at most this many engine replicas on one node.")
     ] = None,
     **options: Any,  # one per SERVE_OPTIONS entry: see serve_signature
 ) -> None:
@@ -178,7 +197,11 @@ def serve(
     if ray:
         from genserve.ray.cli import serve_with_ray
 
-        serve_with_ray(config, replicas, ray_address, log_level, replica_gpus)
+        serve_with_ray(
+            config, replicas, ray_address, log_level, replica_gpus,
+            control_resource=ray_control_resource, training_resource=ray_training_resource,
+            replicas_per_node=replicas_per_node,
+        )  # fmt: skip
         return
     run_server(config, log_level.lower())
 

@@ -12,8 +12,9 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from genserve.api.auth import KeyStore
+from genserve.api.auth import Caller, KeyStore
 from genserve.api.errors import APIError
 
 log = logging.getLogger("genserve.access")
@@ -21,6 +22,15 @@ log = logging.getLogger("genserve.access")
 REQUEST_ID = re.compile(r"[\w.:@/+=-]{1,128}")
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class SharedLimits(Protocol):
+    """Rate limits kept outside this process, so that several replicas of the app count
+    against one window per key (genserve.ray.limits); None: the KeyStore's own windows."""
+
+    async def admit(self, caller: Caller) -> dict[str, str]: ...
+
+    def spend(self, caller: Caller, tokens: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -34,6 +44,7 @@ class EdgeState:
     upload_slack: int = 1 << 20  # room for the multipart boundaries and part headers
     draining: bool = False
     in_flight: int = 0
+    limits: SharedLimits | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -99,7 +110,9 @@ class EdgeMiddleware:
             headers = decode_headers(scope["headers"])
             extra["x-request-id"] = request_id(headers)
             request_id_var.set(extra["x-request-id"])
-            self._check(scope, headers, extra)
+            caller = self._check(scope, headers, extra)
+            if caller is not None:
+                extra.update(await self._admit(caller))
         except APIError as e:
             return await self._reply(send, e, extra, scope)
         self.state.in_flight += 1
@@ -121,7 +134,7 @@ class EdgeMiddleware:
             return self._limited(receive, limit, UploadTooLarge)
         return self._limited(receive, self.state.max_body, BodyTooLarge)
 
-    def _check(self, scope, headers: dict[str, str], extra: dict[str, str]) -> None:  # noqa: ANN001
+    def _check(self, scope, headers: dict[str, str], extra: dict[str, str]) -> Caller | None:  # noqa: ANN001, E501
         if self.state.draining:
             raise APIError(503, "The server is shutting down.", headers={"Retry-After": "5"})
         size = headers.get("content-length")
@@ -130,10 +143,17 @@ class EdgeMiddleware:
             raise too_large(self.state.max_body)
         keys = self.state.keys
         if keys is None or is_exempt(scope["path"], self.state.exempt):
-            return
+            return None
         caller = keys.verify(headers.get("authorization"))
         scope.setdefault("state", {})["caller"] = caller
-        extra.update(keys.admit(caller))
+        return caller
+
+    async def _admit(self, caller: Caller) -> dict[str, str]:
+        """Count the request against its key's limits: here, or where they are shared."""
+        if self.state.limits is not None:
+            return await self.state.limits.admit(caller)
+        assert self.state.keys is not None  # a caller exists only when keys do
+        return self.state.keys.admit(caller)
 
     @staticmethod
     def _limited(receive, limit: int, error: type[Exception]):  # noqa: ANN001, ANN205

@@ -31,10 +31,10 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 def spend_tokens(http: HTTPRequest, tokens: int) -> None:
     """Count a finished request's tokens against its API key's tokens-per-minute."""
-    keys = http.app.state.edge.keys
+    edge = http.app.state.edge
     caller = http.scope.get("state", {}).get("caller")
-    if keys is not None and caller is not None:
-        keys.spend(caller, tokens)
+    if edge.keys is not None and caller is not None:
+        (edge.limits or edge.keys).spend(caller, tokens)
 
 
 async def first_event(events: AsyncIterator[Event]) -> Started:

@@ -10,10 +10,13 @@
   multiplexed model id: Serve routes it to a replica that already holds the adapter, and a
   replica that does not loads it on demand (`@serve.multiplexed`, LRU-bounded per replica).
 - The control replica owns the store (SQLite + files under --data-dir) and runs the
-  fine-tuning manager, so exactly one process writes the database; each training run is a Ray
-  task (genserve.ray.training) on whichever node has the CPUs. Engine replicas
-  get a private scratch data dir; they read adapters as folders from the shared --data-dir,
-  which must therefore be on a filesystem every node mounts (NFS) in a cluster.
+  fine-tuning manager, so exactly one process writes the database; with a control resource
+  (RayOptions.control_resource, a custom resource only the chosen node has) it always lands on
+  that node, so the store never moves. Each training run is a Ray task (genserve.ray.training)
+  on whichever node has the CPUs; its inputs and results travel through Ray's object store.
+- No filesystem is shared: engine replicas get a private scratch data dir (under their node's
+  TMPDIR) and fetch an adapter's files from the control replica into it. Rate limits and
+  /metrics are kept once for the deployment through the control replica (genserve.ray.shared).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -31,7 +35,8 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from genserve.api.errors import APIError, bad_request
 from genserve.config import ServerConfig
@@ -43,7 +48,21 @@ from genserve.ray.bridge import (
     read_body,
     reply_error,
 )
+from genserve.ray.shared import (
+    Admission,
+    ControlLimits,
+    MetricsBoard,
+    admit_here,
+    merge_metrics,
+    report_metrics_forever,
+    spend_here,
+)
+from genserve.ray.transfer import Folder, pack, unpack
 from genserve.runtime.errors import DomainError
+
+if TYPE_CHECKING:
+    from genserve.api.auth import KeyRecord
+    from genserve.runtime.models import AdapterSpec
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +87,11 @@ class RayOptions:
     replica_gpus: float = 1.0
     training_gpus: float = 1.0
     max_adapters_per_replica: int = 8  # fine-tuned adapters a replica keeps (LRU beyond)
+    # Custom resources (`ray start --resources '{"name": 1}'`) that place the control replica
+    # (its node keeps SQLite and the files) and the training tasks; None: anywhere.
+    control_resource: str | None = None
+    training_resource: str | None = None
+    replicas_per_node: int | None = None  # engine replicas one node may hold (None: any)
     edge_replicas: int = 1
     control_cpus: float = 0.0  # the control replica mostly waits; training is a Ray task apart
     local_cpus: int | None = None  # a local Ray's CPUs (default: this machine's)
@@ -85,6 +109,8 @@ class RayOptions:
             raise ValueError("replica_gpus above 1 must be a whole number (Ray's rule)")
         if self.max_adapters_per_replica < 1:
             raise ValueError("max_adapters_per_replica must be >= 1")
+        if self.replicas_per_node is not None and self.replicas_per_node < 1:
+            raise ValueError("replicas_per_node must be >= 1")
         if self.object_store_mb < 80:
             raise ValueError("object_store_mb must be >= 80 (Ray's minimum is 75 MB)")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -105,9 +131,20 @@ class Resources:
 
     num_cpus: float
     num_gpus: float = 0.0
+    custom: dict[str, float] = dataclasses.field(default_factory=dict)  # placement resources
 
-    def options(self) -> dict[str, float]:
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+    def options(self) -> dict[str, Any]:
+        asked: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        return {**asked, "resources": self.custom} if self.custom else asked
+
+
+# How much of a placement resource one replica or task asks for: a sliver, so that the node
+# that has it (say with 1) takes any number of them.
+PLACEMENT_SHARE = 0.001
+
+
+def placement(resource: str | None) -> dict[str, float]:
+    return {resource: PLACEMENT_SHARE} if resource else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +165,13 @@ def layout(config: ServerConfig, options: RayOptions, cluster_gpus: float) -> La
     control replica never does: its engine only backs the model list and the fine-tuning
     manager, so its model loads on the CPU (control_config) and leaves the GPUs to serving."""
     gpu = on_cuda(config.model.device, cluster_gpus)
+    training_gpus = options.training_gpus if gpu else 0.0
     return Layout(
         engine=Resources(options.cpus_per_replica(), options.replica_gpus if gpu else 0.0),
-        control=Resources(options.control_cpus),
-        training=Resources(training_cpus(config), options.training_gpus if gpu else 0.0),
+        control=Resources(options.control_cpus, custom=placement(options.control_resource)),
+        training=Resources(
+            training_cpus(config), training_gpus, placement(options.training_resource)
+        ),
     )
 
 
@@ -268,9 +308,10 @@ class ServedAdapter:
     """What the multiplexed loader returns. Serve calls __del__ (in a worker thread) when it
     evicts the adapter from this replica; the adapter is then unloaded from the engine."""
 
-    def __init__(self, runtime: Any, model_id: str) -> None:  # noqa: ANN401
+    def __init__(self, runtime: Any, model_id: str, folder: Path) -> None:  # noqa: ANN401
         self.runtime = runtime
         self.model_id = model_id
+        self.folder = folder  # the replica's copy of its files
         self.loop = asyncio.get_running_loop()
         self.loop_thread = threading.get_ident()
         self.released = False
@@ -283,16 +324,21 @@ class ServedAdapter:
             unload = self.runtime.unregister_adapter(self.model_id)
             asyncio.run_coroutine_threadsafe(unload, self.loop).result(timeout=30)
             log.info("evicted adapter %s", self.model_id)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class EngineReplica(AppReplica):
     async def __init__(self, config: ServerConfig, control: Any, options: RayOptions) -> None:
         from ray import serve
 
+        # Under the node's TMPDIR: this replica's own disk, whatever node it lands on.
         self._scratch = tempfile.mkdtemp(prefix="genserve-replica-")
         await self._start(engine_config(config, self._scratch), options.log_level)
         self.control = control
         self._checked: dict[str, float] = {}
+        self.app.state.edge.limits = ControlLimits(control)
+        render = self.app.state.metrics.render
+        self._reporter = asyncio.create_task(report_metrics_forever(control, self.name, render))
 
         async def load(model_id: str) -> ServedAdapter:
             return await self._load_adapter(model_id)
@@ -310,14 +356,18 @@ class EngineReplica(AppReplica):
             yield item
 
     async def _load_adapter(self, model_id: str) -> ServedAdapter:
+        """The adapter's files, fetched from the control replica into this replica's scratch
+        dir (no node reads another's disk), then loaded into the engine."""
+        folder = Path(self._scratch) / "adapters" / hashlib.sha256(model_id.encode()).hexdigest()
         if model_id not in self.runtime.adapters:
-            spec = await self.control.resolve_adapter.remote(model_id)
-            if spec is None:
+            shipped: ShippedAdapter | None = await self.control.adapter_files.remote(model_id)
+            if shipped is None:
                 raise UnknownAdapter(model_id)
-            await self.runtime.register_adapter(spec)
+            await asyncio.to_thread(unpack, shipped.files, folder)
+            await self.runtime.register_adapter(dataclasses.replace(shipped.spec, path=folder))
             log.info("%s loaded adapter %s", self.name, model_id)
         self._checked[model_id] = time.monotonic()
-        return ServedAdapter(self.runtime, model_id)
+        return ServedAdapter(self.runtime, model_id, folder)
 
     async def _ensure_adapter(self, model_id: str) -> None:
         """Load the adapter unless held; then the app answers (404 if it is not served)."""
@@ -338,9 +388,12 @@ class EngineReplica(AppReplica):
             return
         if spec is None:  # deleted meanwhile
             with contextlib.suppress(DomainError):
-                await self.runtime.unregister_adapter(model_id)
+                held = await self.runtime.unregister_adapter(model_id)
+                shutil.rmtree(held.path, ignore_errors=True)
 
     async def __del__(self) -> None:
+        if hasattr(self, "_reporter"):
+            self._reporter.cancel()
         await AppReplica.__del__(self)
         shutil.rmtree(self._scratch, ignore_errors=True)
 
@@ -352,13 +405,43 @@ class ControlReplica(AppReplica):
         from genserve.ray.training import launch_ray_task
 
         # Each fine-tuning run is a Ray task, placed wherever the cluster has the CPUs (and the
-        # GPU share, on CUDA).
-        launcher = functools.partial(launch_ray_task, gpus=training.num_gpus)
+        # GPU share, on CUDA; and the training resource, if the operator named one).
+        launcher = functools.partial(
+            launch_ray_task, gpus=training.num_gpus, resources=training.custom
+        )
         await self._start(control_config(config), options.log_level, launcher)
+        self.board = MetricsBoard()
 
     def resolve_adapter(self, model_id: str) -> Any:
         """The AdapterSpec this deployment serves under model_id, or None."""
         return self.runtime.adapters.get(model_id)
+
+    async def adapter_files(self, model_id: str) -> ShippedAdapter | None:
+        """An adapter as an engine replica on any node receives it: its spec and its files."""
+        spec = self.runtime.adapters.get(model_id)
+        if spec is None:
+            return None
+        return ShippedAdapter(spec, await asyncio.to_thread(pack, Path(spec.path)))
+
+    def admit(self, record: KeyRecord) -> Admission:
+        """Count one request of a rate-limited key, for whichever replica received it."""
+        return admit_here(self.app.state.edge.keys, record)
+
+    def spend(self, record: KeyRecord, tokens: int) -> None:
+        spend_here(self.app.state.edge.keys, record, tokens)
+
+    def report_metrics(self, replica: str, text: str) -> None:
+        self.board.report(replica, text)
+
+    def metrics_texts(self) -> dict[str, str]:
+        """Every live replica's metrics, this one's included."""
+        return {**self.board.texts(), self.name: self.app.state.metrics.render().decode()}
+
+
+@dataclass(frozen=True, slots=True)
+class ShippedAdapter:
+    spec: AdapterSpec  # its path is the control replica's: the receiver sets its own
+    files: Folder
 
 
 # --- the edge (ingress) ----------------------------------------------------------------------
@@ -425,6 +508,8 @@ class EdgeApp:
         err = unsupported_on_ray(req)
         if err is not None:
             return await reply_error(send, err)
+        if req.path == "/metrics" and req.method == "GET":
+            return await self.merged_metrics(req, send)
         return await self.forward(req, send)
 
     def route(self, req: HTTPRequest) -> Any:
@@ -461,6 +546,35 @@ class EdgeApp:
                 with contextlib.suppress(Exception):
                     stream.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def merged_metrics(self, req: HTTPRequest, send: Any) -> None:
+        """/metrics of the whole deployment: an engine replica answers the request (its keys,
+        its errors), and a 200's body is replaced by every replica's metrics, merged."""
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException
+
+        try:
+            start, body = await buffered(self.engine.options(stream=True).handle_http.remote(req))
+            if start.status == 200:
+                body = merge_metrics(await self.control.metrics_texts.remote())
+        except (RayError, RayServeException) as e:
+            log.warning("/metrics failed (%s): %s", type(e).__name__, e)
+            return await reply_error(send, replica_error(retry=True))
+        headers = [(k, v) for k, v in start.headers if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": start.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def buffered(stream: Any) -> tuple[ResponseStart, bytes]:  # noqa: ANN401 - Serve's stream
+    start, chunks = None, []
+    async for item in stream:
+        if isinstance(item, ResponseStart):
+            start = item
+        else:
+            chunks.append(item)
+    assert start is not None  # call_app always answers
+    return start, b"".join(chunks)
 
 
 def replica_error(retry: bool) -> APIError:
@@ -501,6 +615,8 @@ def build_app(config: ServerConfig, options: RayOptions, cluster_gpus: float = 0
     ).bind(config, options, roles.training)  # fmt: skip
     # Serve's own queueing stays out of the way: genserve's queue answers 429 when full.
     ongoing = config.engine.max_batch_size + max(config.engine.max_waiting, 1)
+    if options.replicas_per_node is not None:
+        common = {**common, "max_replicas_per_node": options.replicas_per_node}
     engine = serve.deployment(
         EngineReplica, name=ENGINE, num_replicas=options.replicas, max_ongoing_requests=ongoing,
         ray_actor_options=roles.engine.options(), **common,
@@ -525,9 +641,12 @@ def connect(options: RayOptions, training_cpus: int = 0) -> bool:
     if options.address is not None:
         ray.init(address=options.address, namespace=APP_NAME)
         return False
+    # A local Ray is the one node: it has whatever placement resources the options name.
+    names = (options.control_resource, options.training_resource)
     with _termination_blocked():
         ray.init(
             num_cpus=(options.local_cpus or os.cpu_count() or 1) + training_cpus,
+            resources={name: 1.0 for name in names if name},
             include_dashboard=False,
             object_store_memory=options.object_store_mb * 2**20,
             namespace=APP_NAME,

@@ -14,6 +14,7 @@ import pytest
 from genserve.config import ServerConfig
 from genserve.ray import training
 from genserve.ray.deploy import RayOptions, build_app, control_config, layout
+from genserve.training.messages import WorkerSpec
 
 pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic use
@@ -44,7 +45,9 @@ def actor_options(app) -> dict[str, dict]:  # noqa: ANN001 - a Serve Application
 def test_on_cpus_nothing_asks_for_a_gpu(device: str, cluster_gpus: float) -> None:
     opts = actor_options(build_app(on(device), RayOptions(replicas=2), cluster_gpus))
     assert {name: o.get("num_gpus", 0) for name, o in opts.items()} == {
-        "edge": 0, "engine": 0, "control": 0
+        "edge": 0,
+        "engine": 0,
+        "control": 0,
     }
     assert layout(on(device), RayOptions(), cluster_gpus).training.num_gpus == 0
 
@@ -88,9 +91,32 @@ def test_a_training_task_asks_for_its_gpu_share(monkeypatch, tmp_path: Path) -> 
 
     monkeypatch.setattr(training, "_remote_train_job", lambda: SimpleNamespace(options=options))
 
+    spec = worker_spec(tmp_path)
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+
     async def launch() -> None:
         proc = await training.launch_ray_task(tmp_path / "spec.json", 2, gpus=0.5)
         await proc.wait()
 
     asyncio.run(launch())
     assert asked["num_cpus"] == 2 and asked["num_gpus"] == 0.5
+
+
+def worker_spec(job_dir: Path) -> WorkerSpec:
+    (job_dir / "train.jsonl").write_text("{}\n")
+    return WorkerSpec(
+        job_id="ftjob-1", base_path="/models/base", chat_template="", n_epochs=1, batch_size=1,
+        learning_rate=1e-4, seed=0, max_len=64, train_file=str(job_dir / "train.jsonl"),
+        out_dir=str(job_dir),
+    )  # fmt: skip
+
+
+def test_placement_resources_pin_control_and_training() -> None:
+    options = RayOptions(
+        replicas=2, control_resource="genserve_control", training_resource="trainers",
+        replicas_per_node=1,
+    )  # fmt: skip
+    opts = actor_options(build_app(on("cpu"), options))
+    assert set(opts["control"]["resources"]) == {"genserve_control"}
+    assert "resources" not in opts["engine"] and "resources" not in opts["edge"]
+    assert set(layout(on("cpu"), options, 0.0).training.custom) == {"trainers"}
