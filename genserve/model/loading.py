@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from genserve.bundled import bundled_names, bundled_path
+from genserve.model.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +193,8 @@ def load_model(
         path, dtype=torch_dtype, use_safetensors=safetensors, trust_remote_code=trust_remote_code
     )
     model.to(dev).eval()
-    # The parameters stay views of the file's mapping. Copied off it (`param.data.clone()`
-    # each, so that freeing the layers could unmap the file), the fast path decoded 35-45%
-    # slower on this project's 2-core CPU (bench/throughput.py fp32, one session's A/B:
-    # 1 stream 22.7 -> 12-15 tok/s, 32 streams 163 -> 105-146) for a cause not yet found; so
-    # the mapping stays pinned, and issue 20's weights-held-once goal is open again.
+    if dev.type == "cpu":
+        _own_weights(model)
     return LoadedModel(
         name=name or default_name(ref, path),
         path=path,
@@ -208,6 +206,19 @@ def load_model(
         device=dev,
         dtype=torch_dtype,
     )
+
+
+def _own_weights(model: Any) -> None:
+    """On CPU, safetensors weights arrive as views of one mapping of the whole file, unmapped
+    only once every tensor is gone: the runner's stacked copies could never release the
+    originals while the embedding still pinned the file (issue 20: weights held twice). Each
+    parameter gets memory of its own (the file's clean pages go back to the page cache).
+    A session once measured decode 35-45% slower with this on a loaded machine; in-process
+    A/B on an idle one (B=1 and B=32 decode steps) showed no difference."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+    return_freed_memory()  # and what loading allocated and dropped (its initial weights)
 
 
 def default_name(ref: str, path: Path) -> str:

@@ -61,7 +61,8 @@ def test_decodes_read_in_place_from_their_lanes_beside_gathered_ones() -> None:
     assert runner.lane_blocks == 4
     g = torch.Generator().manual_seed(2)
     prompts = {
-        r: torch.randint(0, 300, (n,), generator=g).tolist() for r, n in zip("abc", (9, 6, 7))
+        r: torch.randint(0, 300, (n,), generator=g).tolist()
+        for r, n in zip("abc", (9, 6, 7), strict=True)
     }
     tables = {"a": (0, 1, 2), "b": (13, 6), "c": (8, 9)}
     step = StepInput(tuple(chunk(r, tables[r], prompts[r], 0) for r in "abc"))

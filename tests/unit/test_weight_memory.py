@@ -55,11 +55,6 @@ def model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("rss-model"), **SHAPE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_model no longer copies weights off the safetensors mapping (it slowed decode "
-    "35-45%, see genserve/model/loading.py); the freed layers stay pinned by the embedding",
-)
 def test_the_runner_does_not_hold_the_weights_twice(model_dir: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
