@@ -15,7 +15,9 @@ the bandwidth roofline of one stream per weight format (bandwidth / weight bytes
 The server runs once per precision (fp32: --dtype float32; bf16: --dtype bfloat16; auto:
 --dtype auto; int8: --dtype auto --quantization int8), each with greedy requests, temperature
 0.8, and temperature 0.8 with top_p 0.95 as most clients send; a precision whose flags the
-server refuses is skipped with a note.
+server refuses is skipped with a note. `fp32-nocache` is fp32 with --no-prefix-caching: with
+both in --precisions it prints what prefix caching costs traffic that shares nothing
+(target: >= 0.95x).
 """
 
 from __future__ import annotations
@@ -55,8 +57,12 @@ TARGET_BATCH = 1.5
 RAW_BATCH = 32
 TARGET_ROOFLINE = 0.7  # issue 14: one stream at 0.7x the bandwidth roofline
 TARGET_TOP_P = 0.9  # issue 14: top_p 0.95 costs at most 10% of plain temperature at 32 streams
+TARGET_PAGING = 0.95  # issue 16: prefix caching costs at most 5% where nothing is shared
 PRECISION_ARGS = {
     "fp32": ("--dtype", "float32"),
+    # The same server without prefix caching: what the cache's bookkeeping costs unshared
+    # traffic (every prompt here is distinct).
+    "fp32-nocache": ("--dtype", "float32", "--no-prefix-caching"),
     "bf16": ("--dtype", "bfloat16"),
     "auto": ("--dtype", "auto"),
     "int8": ("--dtype", "auto", "--quantization", "int8"),
@@ -468,6 +474,17 @@ def compute_ratios(report: Report) -> list[Ratio]:
             value = single.tok_s / roof
             ratios.append(Ratio(f"{precision} c=1 sampled / roofline {roof:.0f} tok/s", value,
                                 TARGET_ROOFLINE, value >= TARGET_ROOFLINE))  # fmt: skip
+    return ratios + _paging_ratios(report)
+
+
+def _paging_ratios(report: Report) -> list[Ratio]:
+    """fp32 with prefix caching against fp32 without, per sampling and level, when both ran."""
+    ratios = []
+    for sampling in SAMPLINGS:
+        on, off = _levels(report, "fp32", sampling), _levels(report, "fp32-nocache", sampling)
+        for c in sorted(set(on) & set(off)):
+            name = f"fp32 {sampling} c={c} prefix caching on / off"
+            ratios.append(_ratio(name, on[c], off[c], TARGET_PAGING))
     return ratios
 
 
