@@ -8,7 +8,8 @@ bench/throughput.py does), against a live server with prefix caching on, it prin
 
 1. time to first token (TTFT) of a 1,500-token system prompt + a short question, cold, then
    warm with other questions, and the cached_tokens the server reported;
-2. a chat whose history grows 60 tokens a turn: TTFT of each of 6 turns (6th / 1st);
+2. chats whose history grows 60 tokens a turn: TTFT of each of 6 turns, the median over 5
+   chats (6th / 1st);
 3. 16 concurrent requests sharing a new system prompt (never seen before, so the first one
    computes it): p50 TTFT, then the same against a server started with --no-prefix-caching.
 
@@ -60,7 +61,7 @@ class Texts:
     system: str  # the system prompt of parts 1 (and, fresh, 3)
     fresh_system: str
     questions: list[str]
-    turns: list[str]  # what each chat turn adds to the history
+    chats: list[list[str]]  # per chat, what each turn adds to its history
 
 
 async def timed(http: httpx.AsyncClient, prompt: str) -> Timed:
@@ -87,14 +88,22 @@ async def system_prompt_part(http: httpx.AsyncClient, t: Texts) -> list[str]:
 
 
 async def chat_part(http: httpx.AsyncClient, t: Texts) -> list[str]:
-    history, times = "", []
-    for turn in t.turns:
-        history += turn
-        times.append(await timed(http, history))
-    shown = ", ".join(f"{x.seconds * 1000:.0f} ms ({x.cached_tokens} cached)" for x in times)
+    """Several chats one after the other (distinct histories), each turn's TTFT the median
+    over the chats: one request's latency moves by tens of ms on a 2-core machine."""
+    per_chat = []
+    for turns in t.chats:
+        history, times = "", []
+        for turn in turns:
+            history += turn
+            times.append(await timed(http, history))
+        per_chat.append(times)
+    by_turn = [percentile([c[i].seconds for c in per_chat], 50) for i in range(len(per_chat[0]))]
+    cached = [per_chat[0][i].cached_tokens for i in range(len(by_turn))]
+    pairs = zip(by_turn, cached, strict=True)
+    shown = ", ".join(f"{s * 1000:.0f} ms ({c} cached)" for s, c in pairs)
     return [
-        f"chat growing {len(t.turns)} turns: TTFT per turn {shown}",
-        verdict("6th turn / 1st turn", times[-1].seconds / times[0].seconds, TARGET_TURN),
+        f"{len(per_chat)} chats growing {len(by_turn)} turns: TTFT p50 per turn {shown}",
+        verdict(f"turn {len(by_turn)} / turn 1", by_turn[-1] / by_turn[0], TARGET_TURN),
     ]
 
 
@@ -109,14 +118,16 @@ def verdict(name: str, value: float, target: float) -> str:
     return f"  {name}: {value:.2f}x ({ok} the target <= {target}x)"
 
 
-def make_texts(model_dir: Path, system_tokens: int, turn_tokens: int, turns: int) -> Texts:
+def make_texts(
+    model_dir: Path, system_tokens: int, turn_tokens: int, turns: int, chats: int
+) -> Texts:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     systems = build_prompts(tok, 2, system_tokens, seed=16).texts
     questions = build_prompts(tok, 16, 20, seed=17).texts
-    history = build_prompts(tok, turns, turn_tokens, seed=18).texts
-    return Texts(systems[0], systems[1], questions, history)
+    histories = [build_prompts(tok, turns, turn_tokens, seed=18 + i).texts for i in range(chats)]
+    return Texts(systems[0], systems[1], questions, histories)
 
 
 def run_server(args: argparse.Namespace, extra: list[str], drive) -> object:  # noqa: ANN001
@@ -151,13 +162,14 @@ def main() -> None:
     p.add_argument("--system-tokens", type=int, default=1500)
     p.add_argument("--turn-tokens", type=int, default=60)
     p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--chats", type=int, default=5, help="chats whose per-turn TTFT is the median")
     p.add_argument("--concurrency", type=int, default=16)
     args = p.parse_args()
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     if note := busy_warning():
         print(note)
     ensure_model_dir(args.model_dir, ModelSpec())
-    t = make_texts(args.model_dir, args.system_tokens, args.turn_tokens, args.turns)
+    t = make_texts(args.model_dir, args.system_tokens, args.turn_tokens, args.turns, args.chats)
 
     async def with_cache(http: httpx.AsyncClient) -> tuple[list[str], float]:
         lines = await system_prompt_part(http, t)
