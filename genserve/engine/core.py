@@ -248,7 +248,10 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch.chunks:
             return
-        tokens = self.worker.execute(self._model_input(batch))
+        try:
+            tokens = self.worker.execute(self._model_input(batch))
+        finally:
+            self.scheduler.kv.copied(batch.copies)
         deltas = self._update(batch, tokens)
         self.steps += 1
         if deltas:
@@ -270,7 +273,8 @@ class EngineCore:
                     blocks=table(c.seq),
                 )
                 for c in batch.chunks
-            )
+            ),
+            batch.copies,
         )
 
     def _update(self, batch: SchedulerOutput, tokens: list[SampledToken]) -> list[TokenDelta]:

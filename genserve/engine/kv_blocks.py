@@ -21,6 +21,13 @@ with no copy (a gather of every decode's blocks cost about 15% of a 32-stream st
 lane's block is held by another sequence, or the sequence starts with cached blocks of another
 lane, it takes any block (from the lanes' tails first) and the runner gathers its blocks.
 
+A sequence's last, partial block is cached too when it ends (its computed tokens, under the
+hash of the full blocks before it): a chat's next turn, which resends the same text and more,
+then computes only what is new, not up to a block's worth of the old turn again. That block is
+never shared (its next owner writes past those tokens): the new sequence takes it over where
+it is the next block of its lane and free, else gets a copy of its rows (a BlockCopy the
+runner applies before the step).
+
 A hash only finds a candidate: a block matches when its own tokens equal the sequence's and
 its parent is the block the walk just matched (identified by a registration number that is
 never reused), so by induction the whole prefix is equal and a hash collision is a miss.
@@ -32,6 +39,8 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+
+from genserve.engine.types import BlockCopy
 
 DEFAULT_BLOCK_SIZE = 16
 NO_PARENT = -1
@@ -66,7 +75,7 @@ class BlockKey:
     """What a registered block holds: checked on every hit, so a collision is a miss."""
 
     namespace: Hashable
-    tokens: tuple[int, ...]  # this block's own tokens
+    tokens: tuple[int, ...]  # this block's own tokens (fewer than a block's: a partial tail)
     parent: int  # the registration number of the block before it (NO_PARENT for the first)
     serial: int  # this registration's number; never reused, even after eviction
 
@@ -212,6 +221,17 @@ class BlockPool:
             return None  # a hash collision (or a stale entry): a miss, never wrong tokens
         return self.blocks[bid]
 
+    def lookup_tail(self, chain_hash: int, namespace: Hashable, parent: int) -> Block | None:
+        """The partial block cached after this prefix (see the module's docstring), or None;
+        the caller checks that its tokens start the sequence's next ones."""
+        bid = self._index.get(chain_hash)
+        if bid is None:
+            return None
+        found = self.blocks[bid].key
+        if found is None or (found.namespace, found.parent) != (namespace, parent):
+            return None
+        return self.blocks[bid]
+
     def register(self, bid: int, chain_hash: int, key: BlockKey) -> int:
         """Index a full, computed block; returns its serial. Where another block already holds
         the hash, that one stays indexed and this block serves only its own sequence."""
@@ -257,6 +277,7 @@ class KVCacheManager:
         self.tables: dict[str, SeqBlocks] = {}
         self.queries = 0
         self.hits = 0
+        self._copies: list[BlockCopy] = []  # for the next step; their sources held until done
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -295,20 +316,62 @@ class KVCacheManager:
         nothing held) when the pool cannot hold it now."""
         if hit is None:
             hit = self.cached_prefix(namespace, tokens, cache_limit)
-        idle_hits = sum(1 for b in hit if self.pool.blocks[b].ref_count == 0)
+        tail = self._tail(namespace, tokens, hit, cache_limit)
+        held = [*hit, tail.id] if tail is not None else hit
+        idle = sum(1 for b in held if self.pool.blocks[b].ref_count == 0)
         needed = self.blocks_for(len(tokens)) - len(hit)
-        if needed > self.pool.num_free - idle_hits:
+        if needed > self.pool.num_free - idle:
             return None
         for bid in hit:  # first, so that allocating cannot evict them
             self.pool.share(bid)
         entry = SeqBlocks(namespace, list(hit), lane=lane if self.lane_blocks else None)
-        entry.blocks += self.pool.allocate(needed, self._lane_run(entry, needed))
+        run = self._lane_run(entry, needed)
+        reused = 0
+        if tail is not None:
+            reused = len(tail.key.tokens)
+            if not (run and run[0] == tail.id and tail.ref_count == 0):
+                self.pool.share(tail.id)  # read by a copy: not evicted before it is made
+        entry.blocks += self.pool.allocate(needed, run)
+        if tail is not None and entry.blocks[len(hit)] != tail.id:
+            self._copies.append(BlockCopy(tail.id, entry.blocks[len(hit)], reused))
         self._adopt(entry, hit)
         self.tables[seq_id] = entry
+        cached = len(hit) * self.block_size + reused
         if cache_limit > 0:
             self.queries += len(tokens)
-            self.hits += len(hit) * self.block_size
-        return len(hit) * self.block_size
+            self.hits += cached
+        return cached
+
+    def _tail(
+        self, namespace: Hashable, tokens: Sequence[int], hit: list[int], limit: int
+    ) -> Block | None:
+        """The cached partial block that continues `hit` with the sequence's next tokens,
+        within `limit`; None without one."""
+        if not self.caching:
+            return None
+        parent, chain = NO_PARENT, 0
+        if hit:
+            last = self.pool.blocks[hit[-1]]
+            parent, chain = last.key.serial, last.hash
+        block = self.pool.lookup_tail(self._tail_hash(chain, namespace), namespace, parent)
+        if block is None:
+            return None
+        start, own = len(hit) * self.block_size, block.key.tokens
+        if start + len(own) > limit or tuple(tokens[start : start + len(own)]) != own:
+            return None
+        return block
+
+    def _tail_hash(self, chain: int, namespace: Hashable) -> int:
+        return self.pool.hash_fn((chain, namespace, "partial"))
+
+    def take_copies(self) -> tuple[BlockCopy, ...]:
+        """The copies the next step must make first (see BlockCopy)."""
+        copies, self._copies = tuple(self._copies), []
+        return copies
+
+    def copied(self, copies: Sequence[BlockCopy]) -> None:
+        """Those copies are made (or their step failed): their sources may be evicted again."""
+        self.pool.release([c.src for c in copies])
 
     def _lane_run(self, entry: SeqBlocks, n: int) -> list[int]:
         """The blocks that keep the sequence one contiguous run in its lane, for its next `n`
@@ -388,10 +451,23 @@ class KVCacheManager:
         (adapter, invariant) pairs, see Scheduler.namespace)."""
         self.pool.forget_where(lambda ns: isinstance(ns, tuple) and ns[:1] == (adapter,))
 
-    def free(self, seq_id: str) -> None:
+    def free(self, seq_id: str, computed: int = 0, tail: Sequence[int] = ()) -> None:
+        """Drop a sequence's blocks. `tail`: its tokens after its last full block, all of
+        them computed (`computed` tokens in all); that partial block stays cached too."""
         entry = self.tables.pop(seq_id, None)
-        if entry is not None:
-            self.pool.release(entry.blocks)
+        if entry is None:
+            return
+        index = entry.num_registered
+        if (
+            self.caching
+            and 0 < len(tail) == computed - index * self.block_size < self.block_size
+            and index < len(entry.blocks)
+        ):
+            key = BlockKey(entry.namespace, tuple(tail), entry.last_serial, 0)
+            self.pool.register(
+                entry.blocks[index], self._tail_hash(entry.chain_hash, entry.namespace), key
+            )
+        self.pool.release(entry.blocks)
 
     def table(self, seq_id: str) -> tuple[int, ...]:
         return tuple(self.tables[seq_id].blocks)

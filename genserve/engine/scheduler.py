@@ -24,7 +24,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from genserve.engine.kv_blocks import KVCacheManager
-from genserve.engine.types import Request
+from genserve.engine.types import BlockCopy, Request
 
 # Blocks per slot when no pool is given (unit tests of batching alone): never the bound.
 UNBOUNDED_BLOCKS_PER_SLOT = 4096
@@ -82,6 +82,7 @@ class ScheduledChunk:
 @dataclass(frozen=True, slots=True)
 class SchedulerOutput:
     chunks: tuple[ScheduledChunk, ...]
+    copies: tuple[BlockCopy, ...] = ()  # KV rows to copy before the chunks run
 
     @property
     def num_tokens(self) -> int:
@@ -189,7 +190,7 @@ class Scheduler:
         # contiguous block of rows (views, no gathers). Rows are independent, so the order
         # changes no result.
         chunks.sort(key=lambda c: c.seq.request.adapter or "")
-        return SchedulerOutput(tuple(chunks))
+        return SchedulerOutput(tuple(chunks), self.kv.take_copies())
 
     def _next_waiting(self, hold: bool = False) -> Sequence | None:
         """The fairest interactive sequence, else (unless `hold`) the oldest background one
@@ -235,7 +236,7 @@ class Scheduler:
         recomputed (prompt and output so far) when readmitted, then continues where it was."""
         self.running.remove(seq)
         self.slots.give(seq.slot)
-        self.kv.free(seq.request_id)
+        self._free_blocks(seq)
         seq.slot, seq.num_computed, seq.status = -1, 0, SeqStatus.WAITING
         seq.preemptions += 1
         self.num_preempted += 1
@@ -320,6 +321,16 @@ class Scheduler:
         if upto and self.kv.unregistered(seq.request_id, upto):
             self.kv.register(seq.request_id, seq.token_slice(0, upto), upto)
 
+    def _free_blocks(self, seq: Sequence) -> None:
+        """Its blocks go back to the pool; the computed tokens of its last, partial block stay
+        cached with them (a chat's next turn resends them), except on the batch-invariant
+        path, which reuses only whole chunks."""
+        computed = seq.num_computed
+        whole = computed - computed % self.kv.block_size
+        keep = not self._invariant(seq) and seq.request.params.prompt_logprobs is None
+        tail = seq.token_slice(whole, computed) if keep else []
+        self.kv.free(seq.request_id, computed, tail)
+
     def block_table(self, seq: Sequence) -> tuple[int, ...]:
         return self.kv.table(seq.request_id)
 
@@ -328,7 +339,7 @@ class Scheduler:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             self.slots.give(seq.slot)
-            self.kv.free(seq.request_id)
+            self._free_blocks(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED

@@ -232,7 +232,19 @@ class ChunkInput:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockCopy:
+    """Copy the first `rows` positions of KV block `src` into block `dst` before the step runs:
+    a cached partial block reused by a sequence that goes on writing past it (the source may
+    be read by others, so it is never written)."""
+
+    src: int
+    dst: int
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
 class StepInput:
     """Everything the model worker needs for one engine step."""
 
     chunks: tuple[ChunkInput, ...]
+    copies: tuple[BlockCopy, ...] = ()  # applied before any chunk runs

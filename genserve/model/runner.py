@@ -264,6 +264,7 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
+        self._copy_blocks(step)
         tokens, positions, sample_rows = self._flatten(step)
         plan = self._plan(step, positions)
         x = self.embed[tokens]
@@ -272,6 +273,17 @@ class LlamaRunner:
             x = self._layer(i, layer, x, cos[0], sin[0], plan)
         x = self._norm(x[sample_rows], self.final_norm)
         return self.lm_head(x, plan.invariant).float()
+
+    def _copy_blocks(self, step: StepInput) -> None:
+        """Reused partial blocks (engine/types.py BlockCopy): every layer's rows at once."""
+        bs = self.block_size
+        for c in step.copies:
+            src, dst = (
+                slice(c.src * bs, c.src * bs + c.rows),
+                slice(c.dst * bs, c.dst * bs + c.rows),
+            )
+            self.k_cache[:, :, dst] = self.k_cache[:, :, src]
+            self.v_cache[:, :, dst] = self.v_cache[:, :, src]
 
     def _flatten(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens: list[int] = []

@@ -113,6 +113,27 @@ def test_outputs_are_the_same_with_and_without_prefix_caching(
     assert ask(client(cached), QUESTIONS[0], seed=7).usage.prompt_tokens_details.cached_tokens
 
 
+def test_a_growing_conversation_reuses_all_of_the_previous_turn(
+    cached: LiveServer, uncached: LiveServer
+) -> None:
+    """The next turn resends the last one and more: every token of it comes from the cache,
+    not only its whole blocks (the last, partial block is cached too), and the answer is the
+    one computed without the cache."""
+    c = client(cached)
+    turn = " ".join(f"turn {i} said the weather was fine on day {i}." for i in range(9))
+    first = c.completions.create(model=MODEL, prompt=turn, max_tokens=1, temperature=0)
+    n = first.usage.prompt_tokens
+    assert n % 16 != 0  # so that a partial block exists
+    turn += " Then the next day it rained and the river rose"
+    got = c.completions.create(model=MODEL, prompt=turn, max_tokens=8, temperature=0)
+    assert got.usage.prompt_tokens_details.cached_tokens == n
+    want = client(uncached).completions.create(
+        model=MODEL, prompt=turn, max_tokens=8, temperature=0
+    )
+    assert got.choices[0].text == want.choices[0].text
+    assert want.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_a_2048_token_pool_runs_eight_short_requests_at_once_and_a_long_one(
     cached: LiveServer,
 ) -> None:

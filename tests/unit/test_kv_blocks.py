@@ -225,3 +225,50 @@ def test_a_chats_next_turn_goes_back_to_the_lane_that_caches_its_history() -> No
     new = s.add(req("new", 8, first=900))
     step(s)
     assert new.slot == 2
+
+
+def test_a_finished_sequences_partial_block_is_reused_through_a_copy() -> None:
+    """a computed 10 tokens (blocks of 4: two full, 2 tokens in a third). b resends them and
+    more: it reuses both full blocks and a's 2 tail tokens, copied into a block of its own
+    (the source is held until the copy is made, then cached again)."""
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    first = tokens(10)
+    kv.admit("a", BASE, first, cache_limit=9)
+    kv.register("a", first, 10)
+    a_tail = kv.tables["a"].blocks[2]
+    kv.free("a", computed=10, tail=first[8:])
+    assert kv.admit("b", BASE, tokens(14), cache_limit=13) == 10
+    b = kv.tables["b"].blocks
+    (copy,) = kv.take_copies()
+    assert (copy.src, copy.dst, copy.rows) == (a_tail, b[2], 2) and b[2] != a_tail
+    assert kv.pool.blocks[a_tail].ref_count == 1  # held for the copy
+    kv.copied([copy])
+    assert kv.pool.blocks[a_tail].ref_count == 0 and kv.pool.is_free(a_tail)
+    assert kv.take_copies() == ()
+    # Other tokens after the same full blocks: no tail; a limit short of it: no tail either.
+    assert kv.admit("c", BASE, tokens(8) + [99, 98, 97], cache_limit=10) == 8
+    assert kv.admit("d", BASE, tokens(14), cache_limit=9) == 8
+    assert kv.take_copies() == ()
+
+
+def test_a_chats_next_turn_takes_its_lanes_partial_block_over_without_a_copy() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=4, lanes=2)  # lanes of 8 blocks
+    s = Scheduler(num_slots=2, token_budget=64, aligned_chunks=False, kv=kv)
+    turn1 = s.add(req("turn1", 10))
+    step(s)
+    assert kv.tables["turn1"].blocks == [0, 1, 2]
+    s.finish(turn1)
+    turn2 = s.add(req("turn2", 20))
+    out = step(s)
+    assert turn2.num_cached == 10 and out.copies == ()
+    assert [(c.start, c.end) for c in out.chunks] == [(10, 20)]
+    assert kv.tables["turn2"].blocks == [0, 1, 2, 3, 4]  # block 2 taken over in place
+    # A seeded request's path reuses whole chunks only: it leaves no partial block.
+    s.finish(turn2)
+    seeded = s.add(req("seeded", 10, seed=3))
+    while seeded.num_computed < 10:
+        step(s)
+    s.finish(seeded)
+    again = s.add(req("again", 12, seed=3))
+    step(s)
+    assert again.num_cached == 0

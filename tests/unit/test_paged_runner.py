@@ -4,7 +4,7 @@ prefix-cache hit) and batched decodes all give transformers' logits."""
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from genserve.engine.types import ChunkInput, SamplingParams, StepInput
+from genserve.engine.types import BlockCopy, ChunkInput, SamplingParams, StepInput
 from genserve.model.runner import LlamaRunner
 from tests.tiny_model import SMALL_LLAMA
 
@@ -85,3 +85,23 @@ def test_decodes_read_in_place_from_their_lanes_beside_gathered_ones() -> None:
     # A later prompt chunk over one run of blocks (not from a lane's start) reads a view.
     later = runner._plan(StepInput((chunk("d", (5, 6, 7), [1, 2], 9),)), None)
     assert later.spans[0].run == 5 * 4 and later.spans[0].index is None
+
+
+def test_a_copied_partial_block_gives_the_same_logits_as_computing_it() -> None:
+    """b continues a's 10 tokens (blocks of 4): a's two full blocks shared, the 2 tokens of
+    a's third block copied into b's own block 5 by the step (BlockCopy), so b computes only
+    its new tokens; its logits are transformers' over the whole prompt, and a's block is
+    untouched (a decodes on from it)."""
+    m = model()
+    runner = LlamaRunner(m, 4, 64, batch_invariant=False, num_blocks=16, block_size=4)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 300, (10,), generator=g).tolist()
+    runner.execute(StepInput((chunk("a", (0, 1, 2), prompt, 0),)))
+    more = [7, 8, 9]
+    step = StepInput(
+        (chunk("b", (0, 1, 5, 6), more, 10), chunk("a", (0, 1, 2), [4], 10)),
+        copies=(BlockCopy(2, 5, 2),),
+    )
+    out = runner.execute(step)
+    torch.testing.assert_close(out[0], reference(m, prompt + more), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], reference(m, prompt + [4]), atol=1e-4, rtol=1e-4)
