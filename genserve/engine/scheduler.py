@@ -14,10 +14,6 @@ gets what interactive prefill leaves of the budget, and they are admitted only w
 `reserved_slots` slots are free, so an interactive request always finds a slot that batch work
 cannot hold, and never waits in the queue behind it; and a step that reads an interactive prompt
 leaves the background rows out (see schedule()).
-
-Tenants (Request.tenant, the API key's project) share the same way: the waiting sequence of the
-project running fewest goes first (`_fairest`), and a project running more sequences than one
-whose prompt is being read sits that step out, at most every other step (`_held_tenants`).
 """
 
 from __future__ import annotations
@@ -146,7 +142,6 @@ class Scheduler:
         self.invariant_unit = math.lcm(self.chunk_size, self.kv.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._held_last: set[str | None] = set()  # tenants whose rows sat out the last step
         self.num_preempted = 0
 
     @property
@@ -167,12 +162,7 @@ class Scheduler:
         # call's time to first token. The background sequences skip one step, nothing more
         # (their state and their seeded draws do not depend on when they run).
         hold = self._interactive_prompt_due()
-        held = self._held_tenants()
-        runnable = [
-            s
-            for s in self.running
-            if not (hold and s.request.background) and s.request.tenant not in held
-        ]
+        runnable = [s for s in self.running if not (hold and s.request.background)]
         for seq in [s for s in runnable if s.num_computed == s.num_tokens - 1]:
             if seq.status is not SeqStatus.RUNNING:  # preempted for an older one's block
                 continue
@@ -215,28 +205,6 @@ class Scheduler:
             return candidates[0] if candidates else None
         load = Counter(s.request.tenant for s in self.running)
         return min(candidates, key=lambda s: load[s.request.tenant])  # min keeps the oldest
-
-    def _held_tenants(self) -> set[str | None]:
-        """Tenants whose rows sit out this step: each has no prompt to read and runs more
-        sequences than a tenant whose prompt this step may read. That prompt's step is its
-        caller's time to first token, and 64 rows of another project's best_of in it made
-        that step twice as long. A tenant sits out at most every other step, so its own
-        streams go on at no less than half their pace while others keep arriving."""
-        due = {
-            s.request.tenant
-            for s in self.running
-            if not s.request.background and s.num_computed < s.num_tokens - 1
-        }
-        if self.slots.num_free:
-            due |= {s.request.tenant for s in self.waiting if not s.request.background}
-        held: set[str | None] = set()
-        if due:
-            load = Counter(s.request.tenant for s in self.running if not s.request.background)
-            lightest = min(load[t] for t in due)
-            held = {t for t, n in load.items() if t not in due and n > lightest}
-        held -= self._held_last
-        self._held_last = held
-        return held
 
     def _interactive_prompt_due(self) -> bool:
         """An interactive prompt is being read, or one waits for a free slot."""

@@ -166,24 +166,6 @@ def test_a_tenants_burst_does_not_push_the_others_back() -> None:
     assert started == ["a0", "a1", "b0", "b1"]
 
 
-def test_a_heavier_tenants_rows_sit_out_the_step_that_reads_a_lighter_ones_prompt() -> None:
-    """B's best_of decodes 4 rows; A's call arrives: the step that reads A's prompt is A's time
-    to first token and carries no rows of B's. B sits out at most every other step."""
-    s = Scheduler(num_slots=8, token_budget=64)
-    for i in range(4):
-        s.add(tenant_req(f"b{i}", "b"))
-    run_step(s)  # B prefills; it decodes from now on
-    s.add(tenant_req("a0", "a", prompt_len=20))
-    s.add(tenant_req("a1", "a", prompt_len=20))
-    first = run_step(s)
-    assert sorted(c.seq.request_id for c in first.chunks) == ["a0", "a1"]
-    s.add(tenant_req("a2", "a", prompt_len=20))  # A's next call: B's turn comes first
-    second = run_step(s)
-    assert sorted(c.seq.request_id for c in second.chunks) == ["a0", "a1", "a2"] + [
-        f"b{i}" for i in range(4)
-    ]
-
-
 def test_one_tenant_is_served_first_come_first_served() -> None:
     s = Scheduler(num_slots=2, token_budget=64)
     for i in range(4):
