@@ -6,11 +6,14 @@ responses' disconnect detection; here a stream passes through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
 import re
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,6 +24,7 @@ log = logging.getLogger("genserve.access")
 # A client's x-request-id is echoed and logged: anything beyond these characters is replaced.
 REQUEST_ID = re.compile(r"[\w.:@/+=-]{1,128}")
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+Linger = Callable[[], Awaitable[None]] | None
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
@@ -42,6 +46,11 @@ class EdgeState:
     max_body: int
     max_file_bytes: int = 2**62  # /v1/files: the file's limit; its body may be larger by
     upload_slack: int = 1 << 20  # room for the multipart boundaries and part headers
+    # After an oversize upload's 400: the rest of its body is read and dropped, up to these,
+    # before the connection closes (see EdgeMiddleware._linger).
+    linger_bytes: int = 64 << 20
+    linger_s: float = 10.0
+    linger_idle_s: float = 1.0  # a client that stops sending is closed on sooner
     draining: bool = False
     in_flight: int = 0
     limits: SharedLimits | None = None
@@ -124,7 +133,8 @@ class EdgeMiddleware:
         except UploadTooLarge:
             # Answered before the rest of the body is read: the connection cannot be reused.
             extra["connection"] = "close"
-            await self._reply(send, upload_too_large(self.state.max_file_bytes), extra, scope)
+            err = upload_too_large(self.state.max_file_bytes)
+            await self._reply(send, err, extra, scope, lambda: self._linger(receive))
         finally:
             self.state.in_flight -= 1
 
@@ -154,6 +164,27 @@ class EdgeMiddleware:
             return await self.state.limits.admit(caller)
         assert self.state.keys is not None  # a caller exists only when keys do
         return self.state.keys.admit(caller)
+
+    async def _linger(self, receive) -> None:  # noqa: ANN001
+        """Read and drop what the client still sends of its body, within linger_bytes and
+        linger_s (linger_idle_s without a byte ends it sooner). Closing a socket with unread
+        bytes in it sends a reset, and a reset can destroy the answer before the client reads
+        it: a client still sending a 24 MiB upload got ConnectionResetError instead of its
+        400 (most clients read only once they have sent everything). Nothing is kept, so this
+        costs the server no memory or disk."""
+        deadline = time.monotonic() + self.state.linger_s
+        dropped = 0
+        while dropped <= self.state.linger_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                message = await asyncio.wait_for(receive(), min(left, self.state.linger_idle_s))
+            except TimeoutError:
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return  # the body ended, or the client left
+            dropped += len(message.get("body", b""))
 
     @staticmethod
     def _limited(receive, limit: int, error: type[Exception]):  # noqa: ANN001, ANN205
@@ -187,7 +218,15 @@ class EdgeMiddleware:
         return wrapped
 
     @staticmethod
-    async def _reply(send, err: APIError, extra: dict[str, str], scope) -> None:  # noqa: ANN001
+    async def _reply(
+        send,  # noqa: ANN001
+        err: APIError,
+        extra: dict[str, str],
+        scope,  # noqa: ANN001
+        linger: Linger = None,
+    ) -> None:
+        """The error in OpenAI's shape. `linger`, when given, runs once the whole answer is
+        written and before the response ends (ending it is what closes the connection)."""
         body = json.dumps(err.body()).encode()
         headers = {**extra, **err.headers, "content-type": "application/json"}
         headers["content-length"] = str(len(body))
@@ -198,8 +237,11 @@ class EdgeMiddleware:
                 "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
             }
         )
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": body, "more_body": linger is not None})
         log.info("%s %s %s", scope["method"], printable(scope["path"]), err.status)
+        if linger is not None:
+            await linger()
+            await send({"type": "http.response.body", "body": b""})
 
 
 def is_upload(scope) -> bool:  # noqa: ANN001

@@ -184,6 +184,7 @@ class GrammarCompiler:
         self._stops = frozenset(stops)
         self._cache: OrderedDict[GrammarSpec, llguidance.LLMatcher | str] = OrderedDict()
         self._cache_size = cache_size
+        self._compiling: dict[GrammarSpec, threading.Event] = {}  # set when its compile ends
         self._lock = threading.Lock()
 
     def validate(self, spec: GrammarSpec) -> None:
@@ -204,19 +205,46 @@ class GrammarCompiler:
         return GrammarMatcher(inner, self.vocab_size, self._width)
 
     def _template(self, spec: GrammarSpec) -> llguidance.LLMatcher:
+        hit = self._cached_or_compile(spec)
+        if isinstance(hit, str):  # a refused spec is cached too: the same bad request repeats
+            raise UnsupportedSchemaError(hit)
+        return hit
+
+    def _cached_or_compile(self, spec: GrammarSpec) -> llguidance.LLMatcher | str:
+        """The cached result, else one compile per spec at a time: a caller asking for a spec
+        that another thread is compiling waits for that compile instead of starting its own
+        (a hostile schema sent twice at once cost two seconds-long compiles of CPU)."""
         with self._lock:
             hit = self._cache.get(spec)
             if hit is not None:
                 self._cache.move_to_end(spec)
-        if hit is None:
-            hit = self._compile(spec)  # outside the lock: llguidance drops the GIL here
+                return hit
+            running = self._compiling.get(spec)
+            if running is None:
+                self._compiling[spec] = running = threading.Event()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            running.wait()
             with self._lock:
-                # A refusal recorded meanwhile (the compile ran past its budget) stays.
-                hit = self._cache.setdefault(spec, hit)
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        if isinstance(hit, str):  # a refused spec is cached too: the same bad request repeats
-            raise UnsupportedSchemaError(hit)
+                hit = self._cache.get(spec)
+            return hit if hit is not None else self._cached_or_compile(spec)  # evicted: redo
+        try:
+            return self._store(spec, self._compile(spec))  # unlocked: llguidance drops the GIL
+        finally:
+            with self._lock:
+                del self._compiling[spec]
+            running.set()
+
+    def _store(
+        self, spec: GrammarSpec, hit: llguidance.LLMatcher | str
+    ) -> llguidance.LLMatcher | str:
+        with self._lock:
+            # A refusal recorded meanwhile (the compile ran past its budget) stays.
+            hit = self._cache.setdefault(spec, hit)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return hit
 
     def _compile(self, spec: GrammarSpec) -> llguidance.LLMatcher | str:

@@ -96,14 +96,18 @@ async def off_loop(fn: Callable[..., T], *args: Any) -> T:  # noqa: ANN401
     return await asyncio.to_thread(fn, *args)
 
 
-BACKGROUND_NICENESS = 10  # CFS weight 110 against the engine's 1024: ~10% of a contended core
+BACKGROUND_NICENESS = 10  # where SCHED_IDLE is refused: CFS weight 110 against the engine's 1024
 
 
 class BackgroundPool:
-    """Worker threads, at a lower CPU priority than the engine, for costly work one caller
-    asks for (compiling a response_format grammar). On 2 cores a 4 s compile on a normal
-    thread took a core from the engine's OpenMP threads, and every stream's steps slowed with
-    it (`bench/load.py --hostile`); niced, it runs in what the engine leaves idle."""
+    """Worker threads, below the engine's CPU priority, for costly work one caller asks for
+    (compiling a response_format grammar). On 2 cores a 4 s compile on a normal thread took a
+    core from the engine's OpenMP threads, and every stream's steps slowed with it (`bench/
+    load.py --hostile`). Niced 10 it still got ~10% of a contended core, and an OpenMP step
+    waits at each barrier for whichever of its threads is off the core: the 12-deep anyOf
+    still cost the streams 2.2x their TTFT. So the threads run under SCHED_IDLE (Linux): they
+    get a core only when nothing else wants it, and a waking engine thread takes it back at
+    once. llguidance drops the GIL while it compiles, so the engine does not wait on them."""
 
     def __init__(self, workers: int = 2, niceness: int = BACKGROUND_NICENESS) -> None:
         self._pool = ThreadPoolExecutor(
@@ -119,11 +123,16 @@ class BackgroundPool:
 
 
 def _lower_priority(niceness: int) -> None:
-    """Linux gives each thread its own nice value (setpriority on the thread id); elsewhere
-    the call fails or applies to the process, and the pool just runs at normal priority."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    """Linux gives each thread its own policy and nice value (set on the thread id): idle
+    policy where allowed, else the nice value; elsewhere the calls fail or apply to the
+    process, and the pool just runs at normal priority."""
+    if not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, niceness)
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
 
 
 def longest_token_bytes(tokenizer: Any) -> int:  # noqa: ANN401

@@ -153,6 +153,25 @@ def test_chunked_upload_is_stopped_at_the_limit(edge: LiveServer) -> None:
     assert httpx.get(edge.url + "/health").status_code == 200
 
 
+def test_oversize_upload_sent_whole_still_reads_its_400(edge: LiveServer) -> None:
+    """A client that sends its whole body before reading (as most do) gets the 400, not a
+    reset: the server answers at the limit, then reads and drops the rest before closing."""
+    chunk = b"x" * 65536
+    frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=30) as sock:
+        sock.sendall(_chunked_upload_head(edge.port))
+        for _ in range(12 * MAX_FILE // len(chunk)):  # 24 MiB: 12 times the limit
+            sock.sendall(frame)  # a reset here is the failure this test is about
+        end = b"\r\n--XyZ--\r\n"
+        sock.sendall(f"{len(end):x}\r\n".encode() + end + b"\r\n0\r\n\r\n")
+        reply = b""
+        while data := sock.recv(65536):
+            reply += data
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), reply[:300]
+    assert json.loads(body)["error"]["code"] == "file_too_large"
+
+
 GOOD = chat_line(1)
 
 

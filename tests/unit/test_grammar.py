@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
@@ -216,6 +218,31 @@ def test_specs_are_hashable_and_compiled_once(compiler):
         GrammarSpec("json_schema", None)
     with pytest.raises(ValueError):
         GrammarSpec("regex", "a+")
+
+
+def test_one_spec_asked_for_at_once_is_compiled_once(tokenizer):
+    """Eight threads ask for the same new schema together (a hostile caller sending it again
+    while it compiles): one compile, and each gets the same answer."""
+    compiler = GrammarCompiler(tokenizer, vocab(tokenizer))
+    compiled = []
+    compile_one = compiler._compile
+
+    def counted(spec):
+        compiled.append(spec)
+        return compile_one(spec)
+
+    compiler._compile = counted  # counts the real compiles; nothing is replaced
+    spec = GrammarSpec.json_schema(SCHEMA)
+    start = threading.Barrier(8)
+
+    def ask() -> str:
+        start.wait()
+        return type(compiler.matcher(spec)).__name__
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: ask(), range(8)))
+    assert answers == ["GrammarMatcher"] * 8
+    assert compiled == [spec]
 
 
 def test_schema_that_is_not_an_object_is_refused(compiler):

@@ -67,15 +67,18 @@ def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing() -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
-def test_background_work_runs_on_niced_threads() -> None:
+def test_background_work_runs_on_idle_priority_threads() -> None:
     here = threading.get_native_id()
     base = os.getpriority(os.PRIO_PROCESS, here)
     pool = BackgroundPool(workers=1, niceness=base + 7)
+
+    def priority() -> tuple[int, int]:
+        tid = threading.get_native_id()
+        return os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(tid)
+
     try:
-        worker = asyncio.run(
-            pool.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        )
+        worker = asyncio.run(pool.run(priority))
     finally:
         pool.shutdown()
-    assert worker == base + 7  # the pool's thread was lowered ...
-    assert os.getpriority(os.PRIO_PROCESS, here) == base  # ... and no other thread
+    assert worker == (base + 7, os.SCHED_IDLE)  # the pool's thread was lowered ...
+    assert priority() == (base, os.SCHED_OTHER)  # ... and no other thread
