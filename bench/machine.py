@@ -33,6 +33,7 @@ class Machine:
         )
 
     def weight_bytes(self, precision: str) -> float:
+        precision = precision.split("-")[0]  # fp32-nocache: fp32 weights
         if precision == "auto":
             fast_bf16 = {"amx_bf16", "avx512_bf16"} & set(self.features)
             return WEIGHT_BYTES["bf16" if fast_bf16 else "fp32"]
