@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model.kernels import onednn_ok
 from genserve.model.lora_hooks import HookLora
-from genserve.model.runner import Linear, _huge_pages
+from genserve.model.memory import huge_pages
+from genserve.model.runner import Linear
 
 ATTENTION_NAME = "genserve_slots"
 STEP_KWARG = "genserve_step"  # the forward kwarg that carries a StepAttention
@@ -180,7 +181,7 @@ class SlotCache:
         """Zeroed (padded decode rows read masked positions never written), on 2 MiB pages
         where Linux gives them, as LlamaRunner's cache (decode reads are spread over it)."""
         empty = torch.empty(shape, dtype=like.dtype, device=self.device)
-        return _huge_pages(empty).zero_()
+        return huge_pages(empty).zero_()
 
 
 def slot_attention(

@@ -15,10 +15,8 @@ Every other decoder-only model runs on `BatchedHFRunner` (genserve/model/hf_batc
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +29,7 @@ from genserve.engine.types import ChunkInput, StepInput
 from genserve.model import kernels
 from genserve.model.hardware import KernelPolicy, ShapePlan
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
-from genserve.model.memory import return_freed_memory
+from genserve.model.memory import huge_pages, return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +241,8 @@ class LlamaRunner:
         shape = (len(self.layers), self.num_kv_heads, self.cache_len, self.head_dim)
         # Written through once here (zero_ touches every page): a lazily mapped cache would
         # take its page faults in the middle of the first requests' steps instead.
-        self.k_cache = _huge_pages(torch.empty(shape, dtype=self.dtype, device=self.device)).zero_()
-        self.v_cache = _huge_pages(torch.empty(shape, dtype=self.dtype, device=self.device)).zero_()
+        self.k_cache = huge_pages(torch.empty(shape, dtype=self.dtype, device=self.device)).zero_()
+        self.v_cache = huge_pages(torch.empty(shape, dtype=self.dtype, device=self.device)).zero_()
         self._buffers: dict[str, torch.Tensor] = {}  # gather scratch (see _gather)
 
     paged = True
@@ -586,32 +584,6 @@ class LlamaRunner:
             torch.bmm(probs[h], values, out=o[h])
         o = o.transpose(0, 1).reshape(span, self.num_heads, dim)
         out.index_copy_(0, d.rows, o.index_select(0, d.lanes))
-
-
-HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14  # Linux, every architecture
-
-
-def _huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """Ask Linux for 2 MiB pages under a CPU tensor not yet touched (where transparent huge
-    pages are on `madvise`, as on our test machine, a plain allocation gets 4 KiB pages).
-
-    Decode attention reads every live slot's keys and values each step, spread over the whole
-    cache: with 4 KiB pages that is a TLB miss every few rows. Measured: decode step at B=32
-    49.2 -> 47.5 ms (SmolLM2-135M shape, 2048-token slots). Anywhere else, a no-op."""
-    if t.device.type != "cpu" or not hasattr(os, "uname") or os.uname().sysname != "Linux":
-        return t
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
-    if last > first:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            libc.madvise(first, last - first, MADV_HUGEPAGE)  # a refusal only costs speed
-        except (OSError, AttributeError):
-            pass
-    return t
 
 
 def _extend_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
