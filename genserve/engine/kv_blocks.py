@@ -60,10 +60,6 @@ class PagedShape:
         if self.max_seqs < 1 or self.num_blocks < 1 or self.block_size < 1:
             raise ValueError("a paged KV cache needs a sequence, a block and a token per block")
 
-    @property
-    def lane_blocks(self) -> int:
-        return lane_blocks(self.num_blocks, self.max_seqs)
-
 
 def lane_blocks(num_blocks: int, lanes: int) -> int:
     """Blocks in each slot's lane (see the module's docstring); 0 without lanes."""
@@ -429,7 +425,7 @@ class KVCacheManager:
         return (
             self.caching
             and entry is not None
-            and num_tokens // self.block_size > (entry.num_registered)
+            and num_tokens // self.block_size > entry.num_registered
         )
 
     def register(self, seq_id: str, tokens: Sequence[int], num_tokens: int) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -19,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from tests.ray_cli import start_ray_cli
 from tests.server import LiveServer, free_port, wait_until
 
 ray = pytest.importorskip("ray")
@@ -56,31 +55,12 @@ def ray_url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 def start_cli(model: Path, tmp: Path) -> LiveServer:
     """`genserve serve --ray --replicas 2 --ray-address <this Ray>`, as an operator runs it."""
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "genserve.cli", "serve", "--model", str(model), "--port", str(port),
-        "--ray", "--replicas", "2", "--deterministic",
+    args = [
+        "--model", str(model), "--replicas", "2", "--deterministic",
         "--ray-address", ray.get_runtime_context().gcs_address,
         "--max-batch-size", "8", "--embedding-model", "none", "--data-dir", str(tmp / "data"),
     ]  # fmt: skip
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
-    log_path = tmp / "cli.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = LiveServer(proc, port, log_path, env)
-
-    def deployed() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"genserve serve --ray exited:\n{server.log()[-3000:]}")
-        app = serve.status().applications.get("genserve")
-        return app is not None and app.status == "RUNNING"
-
-    try:
-        wait_until(deployed, timeout=180, every=0.25)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return start_ray_cli(free_port(), args, tmp, timeout=180, every=0.25)
 
 
 def client_for(url: str, retries: int = 0) -> openai.OpenAI:

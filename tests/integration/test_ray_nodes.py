@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +30,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from genserve.api.auth import KeyFile
+from tests.ray_cli import start_ray_cli
 from tests.server import LiveServer, free_port, wait_until
 
 ray = pytest.importorskip("ray")
@@ -94,32 +93,15 @@ def start_cli(model: Path, tmp: Path, data: Path, keys: Path, address: str) -> L
     # Both nodes are on this machine: one HTTP proxy (the head's) binds the port. The driver's
     # serve.start then finds Serve running and keeps these options.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    cmd = [
-        sys.executable, "-m", "genserve.cli", "serve", "--model", str(model), "--port", str(port),
-        "--ray", "--replicas", "2", "--ray-address", address, "--replicas-per-node", "1",
+    args = [
+        "--model", str(model), "--replicas", "2", "--ray-address", address,
+        "--replicas-per-node", "1",
         "--ray-control-resource", "genserve_control",
         "--ray-training-resource", "genserve_training",
         "--max-batch-size", "2", "--max-waiting", "1", "--embedding-model", "none",
         "--data-dir", str(data), "--api-key-file", str(keys),
     ]  # fmt: skip
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
-    log_path = tmp / "cli.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = LiveServer(proc, port, log_path, env)
-
-    def deployed() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"genserve serve --ray exited:\n{server.log()[-3000:]}")
-        app = serve.status().applications.get("genserve")
-        return app is not None and app.status == "RUNNING"
-
-    try:
-        wait_until(deployed, timeout=240, every=0.5)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return start_ray_cli(port, args, tmp, timeout=240, every=0.5)
 
 
 @pytest.fixture(scope="module", name="d")
