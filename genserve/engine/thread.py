@@ -1,10 +1,16 @@
-"""The one thread that touches the model: it builds the worker, then runs the engine loop.
+"""The one thread that touches the model: it loads the weights, builds the worker, then runs
+the engine loop; and `passing_thread`, for torch work that must not leave threads behind.
 
-Why one thread for both: on CPU, a runner built (weights prepacked for oneDNN, KV cache
-allocated) on one thread and stepped on another ran 25% slower at 32 streams on the 2-core
-machine this project is measured on (engine alone, SmolLM2-135M shape: 322 -> 428 tok/s; decode
-step 68 -> 55 ms, with elementwise and indexing kernels 3-6x slower). Building it where it
-will run costs nothing, so the model never crosses threads.
+Why one thread for all of it: torch's CPU kernels run on OpenMP (GNU libgomp), and libgomp gives
+every thread that starts a parallel region a pool of worker threads of its own, kept until that
+thread ends. Once the pools' workers outnumber the CPUs, libgomp stops spinning at its barriers
+(100 spins instead of 300,000) and its workers sleep on a futex between ops, so every small op of
+a decode step pays a wake-up. One more thread that ran one parallel op (a load that copied the
+weights on another thread, one embeddings request) was enough on a 2-core machine: the engine's
+decode fell from 18.3-22.0 to 10.5-11.1 tok/s at one stream (server A/B, SmolLM2-135M shape,
+fp32), with the kernel's context switches taking 18% of the samples instead of 1%, and 25% at 32
+streams when only the runner's build ran elsewhere. So the model never crosses threads, and other
+torch work runs on a thread that ends with it (its pool goes with it).
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,3 +63,20 @@ class EngineThread:
                 job.done.set_result(job.fn())
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits on it
                 job.done.set_exception(e)
+
+
+def passing_thread(fn: Callable[[], T]) -> T:
+    """Run fn on a thread that ends when fn returns (see the module's docstring), and return
+    its result or raise its exception here. Costs a thread start (~0.1 ms) per call."""
+    done: Future = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            done.set_exception(e)
+
+    thread = threading.Thread(target=run, name="genserve-passing", daemon=True)
+    thread.start()
+    thread.join()
+    return done.result()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from genserve.bundled import bundled_names, bundled_path
+from genserve.model.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +193,8 @@ def load_model(
         path, dtype=torch_dtype, use_safetensors=safetensors, trust_remote_code=trust_remote_code
     )
     model.to(dev).eval()
-    # The parameters stay views of the file's mapping. Copied off it (each parameter into
-    # memory of its own, so that freeing the layers could unmap the file), the server decoded
-    # 1.3-1.7x slower on the 2-core EPYC, in server A/Bs in two sessions (fp32, 1 stream:
-    # 10.5-12.3 vs 16.6-20.9 tok/s; 32 streams 114-126 vs 149-157), with the copies on 4 KiB
-    # or on 2 MiB pages alike, for a cause not yet found; so the mapping stays pinned by the
-    # embedding, and issue 20's weights-held-once goal is open on CPU.
+    if dev.type == "cpu":
+        _own_weights(model)
     return LoadedModel(
         name=name or default_name(ref, path),
         path=path,
@@ -209,6 +206,20 @@ def load_model(
         device=dev,
         dtype=torch_dtype,
     )
+
+
+def _own_weights(model: Any) -> None:
+    """On CPU, safetensors weights arrive as views of one mapping of the whole file, unmapped
+    only once every tensor is gone: the runner's stacked copies could never release the
+    originals while the embedding still pinned the file (issue 20: weights held twice). Each
+    parameter gets memory of its own (the file's clean pages go back to the page cache).
+
+    The copy runs parallel ops: on any thread but the engine's, the OpenMP pool it leaves there
+    slowed decoding 1.7x (genserve.engine.thread), which is why build_served_model loads there."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+    return_freed_memory()  # and what loading allocated and dropped (its initial weights)
 
 
 def default_name(ref: str, path: Path) -> str:

@@ -15,7 +15,7 @@ from genserve.engine.client import AsyncEngine
 from genserve.engine.core import EngineCore
 from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE as BLOCK
 from genserve.engine.kv_blocks import KVCacheManager, PagedShape
-from genserve.engine.thread import EngineThread
+from genserve.engine.thread import EngineThread, passing_thread
 from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
 from genserve.model.hardware import KernelPolicy, detect, model_specs, policy_for
 from genserve.model.loading import LoadedModel, ModelLoadError, load_model
@@ -33,21 +33,16 @@ log = logging.getLogger(__name__)
 def build_served_model(cfg: ServerConfig) -> ServedModel:
     """Load the model and build (but do not start) its engine. Runs off the event loop."""
     mc = cfg.model
-    loaded = load_model(
-        mc.ref, mc.dtype, mc.device, mc.trust_remote_code, mc.allow_pickle, mc.served_name
-    )
-    try:
-        slots, max_len = cache_shape(cfg.engine, loaded.max_context)
-        # Rounded up: a pool of at least max_len tokens always holds one sequence of max_len.
-        paged = PagedShape(
-            cfg.engine.max_batch_size, -(-kv_pool_tokens(cfg, loaded, max_len) // BLOCK)
-        )
-    except ValueError as e:
-        raise ModelLoadError(str(e)) from e
-    grammars = grammar_compiler(loaded)
-    # Built on the thread that will step it: see genserve.engine.thread for why.
+    # Loaded and built on the thread that will step it: see genserve.engine.thread for why.
     thread = EngineThread()
     try:
+        loaded = thread.call(
+            lambda: load_model(
+                mc.ref, mc.dtype, mc.device, mc.trust_remote_code, mc.allow_pickle, mc.served_name
+            )
+        )
+        slots, max_len, paged = cache_plan(cfg, loaded)
+        grammars = grammar_compiler(loaded)
         worker = thread.call(
             lambda: ModelWorker(
                 loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant,
@@ -91,6 +86,18 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         grammars=grammars,
         max_token_bytes=longest_token_bytes(loaded.tokenizer),
     )
+
+
+def cache_plan(cfg: ServerConfig, loaded: LoadedModel) -> tuple[int, int, PagedShape]:
+    """Slots, longest sequence and KV pool shape; a model that does not fit the configured
+    cache is a load error (the operator's to fix), not a crash."""
+    try:
+        slots, max_len = cache_shape(cfg.engine, loaded.max_context)
+        # Rounded up: a pool of at least max_len tokens always holds one sequence of max_len.
+        tokens = kv_pool_tokens(cfg, loaded, max_len)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
+    return slots, max_len, PagedShape(cfg.engine.max_batch_size, -(-tokens // BLOCK))
 
 
 def kv_pool_tokens(cfg: ServerConfig, loaded: LoadedModel, max_len: int) -> int:
@@ -189,11 +196,13 @@ def _log_cache(loaded: LoadedModel, runner: Runner, kv: KVCacheManager, max_len:
 def build_embedding_model(ref: str, model_id: str, device: str = "auto") -> EmbeddingModel:
     from genserve.model.embedder import Embedder
 
-    embedder = Embedder(ref, device)
+    # Loaded and run on passing threads: an OpenMP pool left on a thread that outlives its
+    # work slows every decode step of the generation engines (genserve.engine.thread).
+    embedder = passing_thread(lambda: Embedder(ref, device))
     return EmbeddingModel(
         id=model_id,
         created=int(time.time()),
-        batcher=MicroBatcher(embedder.embed),
+        batcher=MicroBatcher(lambda batch: passing_thread(lambda: embedder.embed(batch))),
         tokenize=embedder.tokenize,
         dimensions=embedder.dimensions,
         max_len=embedder.max_len,

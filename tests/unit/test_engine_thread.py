@@ -1,7 +1,11 @@
-"""The model never crosses threads: the engine thread builds the worker and steps it."""
+"""The model never crosses threads: the engine thread loads the weights, builds the worker and
+steps it; other torch work runs on passing threads that take their OpenMP pools with them."""
 
+import subprocess
+import sys
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -41,15 +45,22 @@ def test_close_ends_the_thread() -> None:
     assert "genserve-test-engine" not in {t.name for t in threading.enumerate()}
 
 
-def test_served_model_builds_its_worker_on_the_thread_that_steps_it(
+def test_served_model_loads_and_builds_on_the_thread_that_steps_it(
     tiny_model_dir, monkeypatch
 ) -> None:
-    """The wiring in build_served_model: a runner built on one thread and stepped on another
-    ran 25% slower on CPU (see genserve.engine.thread)."""
+    """The wiring in build_served_model: weights copied or a runner built on one thread and
+    stepped on another decoded 1.25-1.7x slower on CPU (see genserve.engine.thread)."""
     import genserve.runtime.build as server_mod
     from genserve.model.worker import ModelWorker
 
     seen: dict[str, int] = {}
+    real_load = server_mod.load_model
+
+    def recording_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen["loaded"] = threading.get_ident()
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(server_mod, "load_model", recording_load)
 
     class RecordingWorker(ModelWorker):
         def __init__(self, *args, **kwargs) -> None:
@@ -76,4 +87,46 @@ def test_served_model_builds_its_worker_on_the_thread_that_steps_it(
         assert done.wait(timeout=30)
     finally:
         core.stop()
-    assert seen["built"] == seen["stepped"] != threading.get_ident()
+    assert seen["loaded"] == seen["built"] == seen["stepped"] != threading.get_ident()
+
+
+# Counts the process's OS threads after a parallel op ran on a thread that stays alive, and on
+# passing threads: libgomp keeps a pool of workers per thread that ran a parallel region, and
+# its workers outnumbering the CPUs is what slows the engine (genserve.engine.thread).
+POOLS = """
+import os, sys, threading, time, torch
+from genserve.engine.thread import passing_thread
+torch.set_num_threads(2)
+a = torch.randn(512, 512)
+def work():
+    return float((a @ a).relu().sum())  # matmul and elementwise: MKL's and ATen's OpenMP
+def threads():
+    return len(os.listdir("/proc/self/task"))
+base = threads()
+for _ in range(3):
+    passing_thread(work)
+deadline = time.monotonic() + 20
+while threads() > base and time.monotonic() < deadline:
+    time.sleep(0.01)  # the pool's workers exit soon after their thread, not with it
+passing = threads() - base
+ran, stop = threading.Event(), threading.Event()
+kept = threading.Thread(target=lambda: (work(), ran.set(), stop.wait()))
+kept.start()
+ran.wait(60)
+lingering = threads() - base - 1  # besides the kept thread itself
+stop.set()
+kept.join()
+print(passing, lingering)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_a_passing_thread_takes_its_openmp_pool_with_it() -> None:
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", POOLS], capture_output=True, text=True, timeout=120, cwd=root,
+        check=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    passing, lingering = map(int, out.stdout.split())
+    assert lingering >= 1, "the premise: a live thread that ran a parallel op keeps workers"
+    assert passing == 0

@@ -55,12 +55,6 @@ def model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("rss-model"), **SHAPE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_model keeps the weights as views of the safetensors mapping (copied off it, "
-    "the server decoded 1.3-1.7x slower, see genserve/model/loading.py); the freed layers "
-    "stay pinned by the embedding",
-)
 def test_the_runner_does_not_hold_the_weights_twice(model_dir: Path) -> None:
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
