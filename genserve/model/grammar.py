@@ -187,10 +187,29 @@ class GrammarCompiler:
         self._compiling: dict[GrammarSpec, threading.Event] = {}  # set when its compile ends
         self._lock = threading.Lock()
 
-    def validate(self, spec: GrammarSpec) -> None:
+    def prepare(self, spec: GrammarSpec) -> str | None:
+        """The grammar text `validate` would compile (the schema parsed and checked), or None
+        when `spec` is already compiled or refused. UnsupportedSchemaError for a bad schema.
+
+        Separate because this part is Python holding the GIL (json.loads of a 1 MB schema is
+        one C call that never lets go), while llguidance's compile drops it: the API runs this
+        at normal priority and only the compile on its low-priority threads. Run there, the
+        parse held the GIL for 0.3-0.5 s at a time while the scheduler gave its thread no core,
+        and the engine thread, waiting for the GIL, took no new request meanwhile (bench/load.py
+        --hostile: the streams' TTFT 4-5x their baseline)."""
+        with self._lock:
+            if spec in self._cache:
+                return None
+        try:
+            return _grammar(spec)
+        except ValueError as exc:  # llguidance's own refusal of the schema
+            raise UnsupportedSchemaError(f"{_what(spec)} is invalid: {_short(exc)}") from exc
+
+    def validate(self, spec: GrammarSpec, text: str | None = None) -> None:
         """Raise UnsupportedSchemaError unless `spec` can be enforced; compiles and caches.
-        Takes milliseconds to seconds: the API runs it off the event loop, with a budget."""
-        self._template(spec)
+        Takes milliseconds to seconds: the API runs it off the event loop, with a budget.
+        `text`: what `prepare` gave for this spec, not parsed again."""
+        self._template(spec, text)
 
     def refuse(self, spec: GrammarSpec, message: str) -> None:
         """Remember `spec` as refused (it ran past the API's compile budget), so neither the
@@ -204,13 +223,15 @@ class GrammarCompiler:
             inner = template.deep_copy()
         return GrammarMatcher(inner, self.vocab_size, self._width)
 
-    def _template(self, spec: GrammarSpec) -> llguidance.LLMatcher:
-        hit = self._cached_or_compile(spec)
+    def _template(self, spec: GrammarSpec, text: str | None = None) -> llguidance.LLMatcher:
+        hit = self._cached_or_compile(spec, text)
         if isinstance(hit, str):  # a refused spec is cached too: the same bad request repeats
             raise UnsupportedSchemaError(hit)
         return hit
 
-    def _cached_or_compile(self, spec: GrammarSpec) -> llguidance.LLMatcher | str:
+    def _cached_or_compile(
+        self, spec: GrammarSpec, text: str | None = None
+    ) -> llguidance.LLMatcher | str:
         """The cached result, else one compile per spec at a time: a caller asking for a spec
         that another thread is compiling waits for that compile instead of starting its own
         (a hostile schema sent twice at once cost two seconds-long compiles of CPU)."""
@@ -229,9 +250,9 @@ class GrammarCompiler:
             running.wait()
             with self._lock:
                 hit = self._cache.get(spec)
-            return hit if hit is not None else self._cached_or_compile(spec)  # evicted: redo
+            return hit if hit is not None else self._cached_or_compile(spec, text)  # evicted
         try:
-            return self._store(spec, self._compile(spec))  # unlocked: llguidance drops the GIL
+            return self._store(spec, self._compile(spec, text))  # unlocked: llguidance drops GIL
         finally:
             with self._lock:
                 del self._compiling[spec]
@@ -247,12 +268,12 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return hit
 
-    def _compile(self, spec: GrammarSpec) -> llguidance.LLMatcher | str:
+    def _compile(self, spec: GrammarSpec, text: str | None = None) -> llguidance.LLMatcher | str:
         import llguidance
 
-        what = "tool grammar" if spec.kind == LARK else "response_format schema"
+        what = _what(spec)
         try:
-            grammar = _grammar(spec)
+            grammar = text if text is not None else _grammar(spec)
         except UnsupportedSchemaError as exc:
             return str(exc)
         except ValueError as exc:
@@ -368,7 +389,11 @@ class GrammarUnavailable:
     def __init__(self, reason: str) -> None:
         self.reason = _short(reason)
 
-    def validate(self, spec: GrammarSpec) -> None:
+    def prepare(self, spec: GrammarSpec) -> str | None:
+        self.validate(spec)
+        raise AssertionError("unreachable")  # validate always raises
+
+    def validate(self, spec: GrammarSpec, text: str | None = None) -> None:
         raise UnsupportedSchemaError(
             "response_format is not available for this model: the grammar library cannot "
             f"read its tokenizer ({self.reason})"
@@ -380,6 +405,10 @@ class GrammarUnavailable:
 
     def refuse(self, spec: GrammarSpec, message: str) -> None:
         """Nothing is compiled here, so there is nothing to remember."""
+
+
+def _what(spec: GrammarSpec) -> str:
+    return "tool grammar" if spec.kind == LARK else "response_format schema"
 
 
 def _grammar(spec: GrammarSpec) -> str:

@@ -456,11 +456,18 @@ async def settle(
 async def check_grammar(
     rt: Runtime, served: ServedModel, spec: GrammarSpec, param: str = "response_format"
 ) -> None:
-    """Compiled on a low-priority worker thread (rt.background) within GRAMMAR_BUDGET_S (a
-    12-deep anyOf took 4.5 s on the event loop); one that runs past it is refused now and
-    remembered as refused, so the engine thread never compiles it either."""
+    """Parsed and checked on a worker thread, then compiled on a low-priority one
+    (rt.background), within GRAMMAR_BUDGET_S in all (a 12-deep anyOf took 4.5 s on the event
+    loop); one that runs past it is refused now and remembered as refused, so the engine
+    thread never compiles it either."""
+    grammars = served.grammars
+
+    async def compile_it() -> None:
+        text = await off_loop(grammars.prepare, spec)  # holds the GIL: see prepare
+        await rt.background.run(grammars.validate, spec, text)
+
     try:
-        await asyncio.wait_for(rt.background.run(served.grammars.validate, spec), GRAMMAR_BUDGET_S)
+        await asyncio.wait_for(compile_it(), GRAMMAR_BUDGET_S)
     except UnsupportedSchemaError as e:
         raise InvalidRequest(str(e), param) from e
     except TimeoutError as e:

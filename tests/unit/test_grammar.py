@@ -227,9 +227,9 @@ def test_one_spec_asked_for_at_once_is_compiled_once(tokenizer):
     compiled = []
     compile_one = compiler._compile
 
-    def counted(spec):
+    def counted(spec, text=None):
         compiled.append(spec)
-        return compile_one(spec)
+        return compile_one(spec, text)
 
     compiler._compile = counted  # counts the real compiles; nothing is replaced
     spec = GrammarSpec.json_schema(SCHEMA)
@@ -259,3 +259,46 @@ def test_spec_and_error_import_without_torch():
         "GrammarSpec.json_object(); assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prepare_parses_once_and_validate_compiles_what_it_gave(tokenizer):
+    compiler = GrammarCompiler(tokenizer, vocab(tokenizer))
+    spec = GrammarSpec.json_schema(SCHEMA)
+    text = compiler.prepare(spec)
+    assert isinstance(text, str) and text
+    compiler.validate(spec, text)
+    assert compiler.prepare(spec) is None  # compiled: nothing to parse again
+    assert type(compiler.matcher(spec)).__name__ == "GrammarMatcher"
+    with pytest.raises(UnsupportedSchemaError, match="not JSON"):
+        compiler.prepare(GrammarSpec("json_schema", "{"))
+
+
+def test_the_api_parses_at_normal_priority_and_compiles_on_the_background_pool(tokenizer):
+    """The schema's parse holds the GIL; on the low-priority pool it held it while that thread
+    waited for a core, and the engine thread waited with it (see GrammarCompiler.prepare)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from genserve.runtime.generation import check_grammar
+    from genserve.runtime.limits import BackgroundPool
+
+    compiler = GrammarCompiler(tokenizer, vocab(tokenizer))
+    threads: dict[str, str] = {}
+    prepare, validate = compiler.prepare, compiler.validate
+
+    def on(name, fn):
+        def call(*args):
+            threads[name] = threading.current_thread().name
+            return fn(*args)
+
+        return call
+
+    compiler.prepare, compiler.validate = on("prepare", prepare), on("validate", validate)
+    pool = BackgroundPool()
+    try:
+        rt, served = SimpleNamespace(background=pool), SimpleNamespace(grammars=compiler)
+        asyncio.run(check_grammar(rt, served, GrammarSpec.json_schema(SCHEMA)))
+    finally:
+        pool.shutdown()
+    assert threads["validate"].startswith("genserve-bg")
+    assert not threads["prepare"].startswith("genserve-bg")
