@@ -455,17 +455,23 @@ def _drive_with_log(
 
 
 def compute_ratios(report: Report) -> list[Ratio]:
-    """The figures from before issue 14 (greedy, the first precision run: fp32 by default),
-    then per precision: top_p against plain temperature, one stream against its roofline."""
+    """The figures from before issue 14 (the first precision run, fp32 by default, greedy or
+    else the first sampling run), then per precision: 32 sampled streams against transformers'
+    raw decode step, top_p against plain temperature, one stream against its roofline."""
     first = report.server[0].precision if report.server else "fp32"
-    by_c = _levels(report, first, "greedy")
+    sampling = next((s for s in SAMPLINGS if _levels(report, first, s)), "greedy")
+    by_c = _levels(report, first, sampling)
+    raw = report.hf_raw_decode_b32
     pairs = [
-        ("server c=1 / HF generate", by_c.get(1), report.hf_generate, TARGET_SINGLE),
-        ("server c=32 / HF raw B=32 decode", by_c.get(32), report.hf_raw_decode_b32, TARGET_BATCH),
+        (f"server {sampling} c=1 / HF generate", by_c.get(1), report.hf_generate, TARGET_SINGLE),
+        (f"server {sampling} c=32 / HF raw B=32 decode", by_c.get(32), raw, TARGET_BATCH),
     ]
     ratios = [_ratio(name, level, base, target) for name, level, base, target in pairs]
     for precision in dict.fromkeys(lv.precision for lv in report.server):
         top_p, temp = _levels(report, precision, "top_p"), _levels(report, precision, "temp")
+        sampled = top_p.get(32) or temp.get(32)
+        name = f"{precision} c=32 sampled / HF raw B=32 decode"
+        ratios.append(_ratio(name, sampled, raw, TARGET_BATCH))
         name = f"{precision} c=32 top_p 0.95 / temperature 0.8"
         ratios.append(_ratio(name, top_p.get(32), temp.get(32), TARGET_TOP_P))
         roof = report.roofline_tok_s.get(precision)
