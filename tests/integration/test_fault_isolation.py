@@ -128,14 +128,18 @@ async def test_poisoned_requests_leave_a_normal_stream_whole(iso: LiveServer) ->
             return r
 
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        late_body = {**chat, "max_tokens": 100, "response_format": pattern_format(LATE_FAILING)}
+        # Compiled once before the stream: a compile runs on idle-priority threads, which a
+        # busy machine may leave waiting until the stream is over, and then "late" could not
+        # show that it failed beside it.
+        assert (await http.post("/v1/chat/completions", json=late_body)).status_code == 400
         stream = asyncio.create_task(normal())
         replies = await asyncio.gather(
             post("top_k", "/v1/completions", {"prompt": "x", "temperature": 1, "top_k": 1e30,
                                               "model": MODEL}),  # fmt: skip
             post("unmatchable", "/v1/chat/completions",
                  {**chat, "response_format": pattern_format("^(x{1000}){1000}$")}),  # fmt: skip
-            post("late", "/v1/chat/completions",
-                 {**chat, "max_tokens": 100, "response_format": pattern_format(LATE_FAILING)}),
+            post("late", "/v1/chat/completions", late_body),
         )  # fmt: skip
         late_stream = await stream_completion(
             http, {"model": MODEL, "prompt": "a", "max_tokens": 100,

@@ -66,8 +66,9 @@ def test_the_runner_does_not_hold_the_weights_twice(model_dir: Path) -> None:
     assert m["runner"] == "LlamaRunner"
     # Building the runner packs a copy of every layer weight; freeing the model's own leaves
     # the process about where it was. Held twice, it grew by more than the weights (measured:
-    # +62 MB on 52 MB of layer weights before the fix, +7 MB after).
-    assert m["growth"] < 0.3 * m["weights"], m
+    # +62 MB on 52 MB of layer weights before the fix; after it +7.4 MB in one checkout and
+    # +16.6 MB in a fresh clone of the same commit, allocator state differing).
+    assert m["growth"] < 0.5 * m["weights"], m
 
 
 def test_the_budget_counts_each_dtype_at_its_size_and_the_gpu_once(model_dir: Path) -> None:
