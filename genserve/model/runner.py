@@ -321,8 +321,14 @@ class LlamaRunner:
             if sp.n == 1 and sp.start > 0 and not self._invariant(c)
         ]  # fmt: skip
         laned, gathered = self._split_by_lane(pooled)
+        if len(laned) == 1:
+            # Alone, it reads its lane as a span (one SDPA call over the view per layer, not two
+            # bmm per KV head): one stream decoded 11% faster (server A/B, fp32, 2-core EPYC:
+            # 22.6, 23.3, 23.8 against 22.1, 20.3, 20.2 tok/s). Free rows only: a seeded row
+            # never pools, so its result does not depend on this.
+            laned = {}
         lanes, decode = self._lane_batch(laned), self._decode_batch(gathered)
-        batched = {sp.row0 for sp in pooled}  # every pooled decode is in one or the other
+        batched = {sp.row0 for sp in gathered} | {sp.row0 for sp in laned.values()}
         spans = [self._reader(sp) for sp in spans if sp.row0 not in batched]
         invariant = any(self._invariant(c) for c in step.chunks)
         return AttentionPlan(

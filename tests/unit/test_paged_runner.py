@@ -87,6 +87,22 @@ def test_decodes_read_in_place_from_their_lanes_beside_gathered_ones() -> None:
     assert later.spans[0].run == 5 * 4 and later.spans[0].index is None
 
 
+def test_a_lone_laned_decode_reads_its_lane_as_one_span() -> None:
+    """One stream: the decode is a span over its lane's view (SDPA), no lane batch, and its
+    logits are transformers'."""
+    m = model()
+    runner = LlamaRunner(m, 4, 16, batch_invariant=False, num_blocks=16, block_size=4)
+    ids = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    table = (4, 5, 6)  # lane 1, from its start
+    runner.execute(StepInput((chunk("a", table, ids, 0),)))
+    step = StepInput((chunk("a", table, [7], 9),))
+    plan = runner._plan(step, None)
+    assert plan.lanes is None and plan.decode is None
+    assert len(plan.spans) == 1 and plan.spans[0].run == 4 * 4
+    out = runner.execute(step)
+    torch.testing.assert_close(out[0], reference(m, ids + [7]), atol=1e-4, rtol=1e-4)
+
+
 def test_a_copied_partial_block_gives_the_same_logits_as_computing_it() -> None:
     """b continues a's 10 tokens (blocks of 4): a's two full blocks shared, the 2 tokens of
     a's third block copied into b's own block 5 by the step (BlockCopy), so b computes only
