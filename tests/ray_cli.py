@@ -3,10 +3,12 @@ its log in the test's folder, returned once Serve reports the app RUNNING."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.server import LiveServer, wait_until
 
@@ -35,3 +37,29 @@ def start_ray_cli(
         server.stop()
         raise
     return server
+
+
+def fine_tune(
+    api: Any, model: str, suffix: str, examples: int, hyperparameters: dict, timeout: float,
+    every: float,
+) -> tuple[str, str]:  # fmt: skip
+    """Upload `examples` chat rows, start a fine-tuning job on `model` and wait for it to end;
+    (fine-tuned model id, job id), the job having succeeded."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"{i} + {i}?"},
+                      {"role": "assistant", "content": str(2 * i)}]}
+        for i in range(examples)
+    ]  # fmt: skip
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    file_id = api.files.create(file=("t.jsonl", data), purpose="fine-tune").id
+    job = api.fine_tuning.jobs.create(
+        model=model, training_file=file_id, suffix=suffix, hyperparameters=hyperparameters
+    )
+
+    def finished() -> object:
+        j = api.fine_tuning.jobs.retrieve(job.id)
+        return j if j.status in ("succeeded", "failed", "cancelled") else None
+
+    done = wait_until(finished, timeout=timeout, every=every)
+    assert done.status == "succeeded", done.error
+    return done.fine_tuned_model, job.id

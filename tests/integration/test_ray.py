@@ -6,7 +6,6 @@ replaced while the client's retries succeed."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from tests import ray_cli
 from tests.ray_cli import start_ray_cli
 from tests.server import LiveServer, free_port, wait_until
 
@@ -122,24 +122,7 @@ def test_official_client_unchanged(ray_url: str) -> None:
 
 
 def fine_tune(api: openai.OpenAI) -> tuple[str, str]:
-    rows = [
-        {"messages": [{"role": "user", "content": f"{i} + {i}?"},
-                      {"role": "assistant", "content": str(2 * i)}]}
-        for i in range(24)
-    ]  # fmt: skip
-    data = "\n".join(json.dumps(r) for r in rows).encode()
-    file_id = api.files.create(file=("t.jsonl", data), purpose="fine-tune").id
-    job = api.fine_tuning.jobs.create(
-        model=MODEL, training_file=file_id, suffix="ray", hyperparameters={"n_epochs": 1}
-    )
-
-    def finished() -> object:
-        j = api.fine_tuning.jobs.retrieve(job.id)
-        return j if j.status in ("succeeded", "failed", "cancelled") else None
-
-    done = wait_until(finished, timeout=120, every=0.25)
-    assert done.status == "succeeded", done.error
-    return done.fine_tuned_model, job.id
+    return ray_cli.fine_tune(api, MODEL, "ray", 24, {"n_epochs": 1}, timeout=120, every=0.25)
 
 
 def test_fine_tuned_model_served_by_engine_replicas_through_multiplexing(ray_url: str) -> None:

@@ -16,7 +16,6 @@ runs it:
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from genserve.api.auth import KeyFile
+from tests import ray_cli
 from tests.ray_cli import start_ray_cli
 from tests.server import LiveServer, free_port, wait_until
 
@@ -136,25 +136,8 @@ def client(d: Deployment, key: str) -> openai.OpenAI:
 
 
 def fine_tune(api: openai.OpenAI) -> tuple[str, str]:
-    rows = [
-        {"messages": [{"role": "user", "content": f"{i} + {i}?"},
-                      {"role": "assistant", "content": str(2 * i)}]}
-        for i in range(4)
-    ]  # fmt: skip
-    data = "\n".join(json.dumps(r) for r in rows).encode()
-    file_id = api.files.create(file=("t.jsonl", data), purpose="fine-tune").id
-    job = api.fine_tuning.jobs.create(
-        model=MODEL, training_file=file_id, suffix="nodes",
-        hyperparameters={"n_epochs": 1, "batch_size": 2},
-    )  # fmt: skip
-
-    def finished() -> object:
-        j = api.fine_tuning.jobs.retrieve(job.id)
-        return j if j.status in ("succeeded", "failed", "cancelled") else None
-
-    done = wait_until(finished, timeout=180, every=0.5)
-    assert done.status == "succeeded", done.error
-    return done.fine_tuned_model, job.id
+    hyper = {"n_epochs": 1, "batch_size": 2}
+    return ray_cli.fine_tune(api, MODEL, "nodes", 4, hyper, timeout=180, every=0.5)
 
 
 def complete(d: Deployment, api: openai.OpenAI, model: str, prompt: str) -> str:
