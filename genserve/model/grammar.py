@@ -194,16 +194,13 @@ class GrammarCompiler:
         Separate because this part is Python holding the GIL (json.loads of a 1 MB schema is
         one C call that never lets go), while llguidance's compile drops it: the API runs this
         at normal priority and only the compile on its low-priority threads. Run there, the
-        parse held the GIL for 0.3-0.5 s at a time while the scheduler gave its thread no core,
+        parse held the GIL for 0.5-0.7 s at a time while the scheduler gave its thread no core,
         and the engine thread, waiting for the GIL, took no new request meanwhile (bench/load.py
         --hostile: the streams' TTFT 4-5x their baseline)."""
         with self._lock:
             if spec in self._cache:
                 return None
-        try:
-            return _grammar(spec)
-        except ValueError as exc:  # llguidance's own refusal of the schema
-            raise UnsupportedSchemaError(f"{_what(spec)} is invalid: {_short(exc)}") from exc
+        return _grammar_text(spec)
 
     def validate(self, spec: GrammarSpec, text: str | None = None) -> None:
         """Raise UnsupportedSchemaError unless `spec` can be enforced; compiles and caches.
@@ -273,11 +270,9 @@ class GrammarCompiler:
 
         what = _what(spec)
         try:
-            grammar = text if text is not None else _grammar(spec)
+            grammar = text if text is not None else _grammar_text(spec)
         except UnsupportedSchemaError as exc:
             return str(exc)
-        except ValueError as exc:
-            return f"{what} is invalid: {_short(exc)}"
         matcher = llguidance.LLMatcher(self._tok, grammar, log_level=0, limits=self._limits)
         if matcher.is_error():
             return f"{what} cannot be enforced: {_short(matcher.get_error())}"
@@ -409,6 +404,16 @@ class GrammarUnavailable:
 
 def _what(spec: GrammarSpec) -> str:
     return "tool grammar" if spec.kind == LARK else "response_format schema"
+
+
+def _grammar_text(spec: GrammarSpec) -> str:
+    """_grammar, every refusal an UnsupportedSchemaError (llguidance's own are ValueErrors)."""
+    try:
+        return _grammar(spec)
+    except UnsupportedSchemaError:
+        raise
+    except ValueError as exc:
+        raise UnsupportedSchemaError(f"{_what(spec)} is invalid: {_short(exc)}") from exc
 
 
 def _grammar(spec: GrammarSpec) -> str:
