@@ -6,6 +6,7 @@ a caller would, so what they measure includes the API edge and the SSE stream.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # var/ is gitignored: a built model folder (~540 MB of fp32 weights) is reused between runs.
@@ -249,3 +251,12 @@ def serve_command(model_dir: Path, port: int, max_batch: int, extra: list[str]) 
         "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
         "--max-batch-size", str(max_batch), "--dtype", "float32", *extra,
     ]  # fmt: skip
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """RSS of a server and its children: the engine runs in a process of its own."""
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return total

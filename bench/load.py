@@ -55,7 +55,7 @@ from pathlib import Path
 import httpx
 import openai
 import psutil
-from common import ServerProcess, free_port, percentile
+from common import ServerProcess, free_port, percentile, tree_rss
 from hostile import (
     MIB,
     MODEL,
@@ -160,7 +160,7 @@ def parse_args() -> argparse.Namespace:
 def run(url: str, proc: psutil.Process, a: argparse.Namespace) -> None:
     n = a.multiple * a.batch
     asyncio.run(wave(url, a.batch, a.max_tokens))  # warm-up
-    before = proc.memory_info().rss
+    before = tree_rss(proc)
     codes: collections.Counter[int] = collections.Counter()
     missing_retry_after = 0
     for _ in range(a.waves):
@@ -168,7 +168,7 @@ def run(url: str, proc: psutil.Process, a: argparse.Namespace) -> None:
             codes[r.status_code] += 1
             missing_retry_after += r.status_code == 429 and "retry-after" not in r.headers
     ok = asyncio.run(retried(url, n, a.max_tokens))
-    after = proc.memory_info().rss
+    after = tree_rss(proc)
     print(f"{a.waves} waves of {n} concurrent requests ({a.multiple}x batch {a.batch})")
     print(f"  status counts: {dict(sorted(codes.items()))}")
     print(f"  429s without Retry-After: {missing_retry_after}")
@@ -288,7 +288,7 @@ def chosen(listed: list[Attack], only: list[str]) -> list[Attack]:
 async def settled_rss(proc: psutil.Process, settle_s: float) -> int | None:
     await asyncio.sleep(settle_s)
     try:
-        return proc.memory_info().rss
+        return tree_rss(proc)
     except psutil.Error:
         return None
 

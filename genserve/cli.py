@@ -100,6 +100,8 @@ SERVE_OPTIONS = (
     ConfigOption("fast_path", "engine", "fast_path", "Use the Llama-family runner."),
     ConfigOption("deterministic", "engine", "batch_invariant",
                  "Batch-invariant numerics for every request, not only seeded ones (~20% slower)."),
+    ConfigOption("engine_process", "engine", "own_process",
+                 "Run the model in a process of its own (off: a thread of the API's)."),
     ConfigOption("trust_remote_code", "model", "trust_remote_code",
                  "Run code shipped with a model."),
     ConfigOption("allow_pickle", "model", "allow_pickle", "Load .bin/.pt pickle weights."),
@@ -180,14 +182,10 @@ def serve(
     Keys: GENSERVE_API_KEYS (members) and GENSERVE_ADMIN_KEYS (admins), comma-separated, each
     its own project; or --api-key-file (`genserve keys create --project NAME --role ROLE`).
     """
-    from genserve.api.middleware import EscapeControls
+    from genserve import logs
     from genserve.server import serve as run_server
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for handler in logging.getLogger().handlers:  # a client's text cannot forge a log line
-        handler.addFilter(EscapeControls())
+    logs.configure(log_level.upper())  # a client's text cannot forge a log line
     try:
         config = build_config(options)
     except ValueError as e:

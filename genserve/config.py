@@ -31,6 +31,9 @@ class EngineConfig:
     # are batch-invariant (their seeds must reproduce under load): for every request it costs
     # more than 15% of throughput at 32 streams on 2 threads.
     batch_invariant: bool = False
+    # The model and its engine loop in a child process (genserve.engine.process): requests
+    # and token deltas cross a pipe, and nothing the API does holds the engine's GIL.
+    own_process: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

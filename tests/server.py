@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 
 def free_port() -> int:
@@ -97,3 +99,12 @@ def wait_healthy(server: LiveServer, timeout: float) -> None:
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"server not healthy after {timeout}s:\n{server.log()}")
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """RSS of a server and its children: the engine runs in a process of its own."""
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return total

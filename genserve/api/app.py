@@ -30,6 +30,7 @@ from genserve.api.auth import KeyStore
 from genserve.api.metrics import Metrics
 from genserve.api.middleware import EdgeMiddleware, EdgeState
 from genserve.config import ServerConfig
+from genserve.engine.client import AsyncEngine
 from genserve.runtime import lifecycle
 from genserve.runtime.lifecycle import Loader
 from genserve.runtime.runtime import Runtime
@@ -93,7 +94,9 @@ def install_openapi(app: FastAPI) -> None:
 HEALTH_SCHEMA = {
     "type": "object",
     "properties": {
-        "status": {"type": "string", "enum": ["ok", "loading", "failed", "no_model"]},
+        "status": {
+            "type": "string", "enum": ["ok", "loading", "failed", "no_model", "engine_failed"]
+        },
         "error": {"type": ["string", "null"]},
         "models": {"type": "object"},
     },
@@ -102,7 +105,8 @@ HEALTH_SCHEMA = {
 HEALTH_RESPONSES = {
     200: {"description": "Ready", "content": {"application/json": {"schema": HEALTH_SCHEMA}}},
     503: {
-        "description": "Loading, failed, no generative model loaded, or shutting down",
+        "description": "Loading, failed, no generative model loaded, an engine process died, "
+        "or shutting down",
         "content": {"application/json": {"schema": HEALTH_SCHEMA}},
     },
 }
@@ -127,22 +131,27 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+def _health_of(engine: AsyncEngine) -> dict:
+    s = engine.stats()
+    # engine_pid: the process to watch (or profile) for this model's engine.
+    return {"running": s.num_running, "waiting": s.num_waiting, "steps": s.steps,
+            "engine_pid": engine.pid}  # fmt: skip
+
+
 async def health(request: Request) -> JSONResponse:
-    """200 when every model is loaded; 503 while loading, after a failed load, and once the
-    last generative model has been unloaded (nothing could answer a completion)."""
+    """200 when every model is loaded; 503 while loading, after a failed load, once the last
+    generative model has been unloaded (nothing could answer a completion), and once a model's
+    engine process has died (an operator restarts the server)."""
     rt: Runtime = request.app.state.runtime
     if rt.ready and not rt.models:
         error = "no generative model is loaded: register one with POST /v1/models"
         return JSONResponse({"status": "no_model", "error": error}, status_code=503)
+    failed = {m.id: m.engine.failure for m in rt.models.values() if m.engine.failure}
+    if rt.ready and failed:
+        error = "; ".join(f"{mid}: {why}" for mid, why in failed.items())
+        return JSONResponse({"status": "engine_failed", "error": error}, status_code=503)
     if rt.ready:
-        stats = {m.id: m.engine.stats() for m in rt.models.values()}
-        body = {
-            "status": "ok",
-            "models": {
-                mid: {"running": s.num_running, "waiting": s.num_waiting, "steps": s.steps}
-                for mid, s in stats.items()
-            },
-        }
+        body = {"status": "ok", "models": {m.id: _health_of(m.engine) for m in rt.models.values()}}
         return JSONResponse(body)
     status = "failed" if rt.load_error else "loading"
     return JSONResponse({"status": status, "error": rt.load_error}, status_code=503)

@@ -19,11 +19,11 @@ from typing import Protocol
 
 from genserve.api.auth import Caller, KeyStore
 from genserve.api.errors import APIError
+from genserve.logs import printable
 
 log = logging.getLogger("genserve.access")
 # A client's x-request-id is echoed and logged: anything beyond these characters is replaced.
 REQUEST_ID = re.compile(r"[\w.:@/+=-]{1,128}")
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 Linger = Callable[[], Awaitable[None]] | None
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -63,23 +63,6 @@ class BodyTooLarge(Exception):
 
 class UploadTooLarge(Exception):
     pass
-
-
-def printable(text: str) -> str:
-    """`text` with control characters escaped, so that a client's path cannot start a forged
-    line in the log (`GET /v1/x%0a... INFO genserve.access: DELETE ...`)."""
-    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
-
-
-class EscapeControls(logging.Filter):
-    """On a handler: every message it writes has its control characters escaped (a traceback,
-    formatted after, keeps its lines)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if CONTROL.search(message):
-            record.msg, record.args = printable(message), None
-        return True
 
 
 def decode_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from genserve.api.auth import principal, require_admin
 from genserve.api.cards import pending_card, served_card
-from genserve.api.errors import model_not_found
+from genserve.api.errors import ErrorResponse, model_not_found
 from genserve.api.models import runtime_of
 from genserve.api.schemas import ModelSettingsBody, RegisterModelRequest
 from genserve.runtime.models import ModelSettings
@@ -33,7 +33,11 @@ def to_settings(body: ModelSettingsBody | None, base: ModelSettings | None = Non
 router = APIRouter()
 
 
-@router.post("/v1/models", status_code=202)
+# An id or alias that another model already answers to (or one still loading).
+CONFLICT = {409: {"description": "The id or an alias is taken", "model": ErrorResponse}}
+
+
+@router.post("/v1/models", status_code=202, responses=CONFLICT)
 async def register_model(body: RegisterModelRequest, request: Request) -> JSONResponse:
     """Load a model from a ref (a folder in the models directory, a bundled name, or a hub
     id); 202 with status `loading`, then poll GET /v1/models/{id} for `ready` or `failed`."""
@@ -44,14 +48,14 @@ async def register_model(body: RegisterModelRequest, request: Request) -> JSONRe
     return JSONResponse(pending_card(pending), status_code=202)
 
 
-@router.put("/v1/models/{model_id:path}")
+@router.put("/v1/models/{model_id:path}", responses=CONFLICT)
 async def replace_settings(model_id: str, body: ModelSettingsBody, request: Request) -> dict:
     """Replace a model's serving defaults, chat template, aliases and maximum context."""
     require_admin(request, "change a model's settings")
     return served_card(runtime_of(request).model_registry().update(model_id, to_settings(body)))
 
 
-@router.patch("/v1/models/{model_id:path}")
+@router.patch("/v1/models/{model_id:path}", responses=CONFLICT)
 async def patch_settings(model_id: str, body: ModelSettingsBody, request: Request) -> dict:
     """Change some of them; what the body leaves out stays."""
     require_admin(request, "change a model's settings")

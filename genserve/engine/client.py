@@ -1,18 +1,21 @@
-"""AsyncEngine: the asyncio face of the engine thread. open(group) -> one stream of deltas."""
+"""AsyncEngine: the asyncio face of the engine (a thread, or a process of its own). open(group)
+-> one stream of deltas."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from genserve.engine.core import STOPPED, AdapterOp, EngineCore
+from genserve.engine.core import STOPPED, AdapterOp
 from genserve.engine.scheduler import QueueFullError
 from genserve.engine.types import (
     EngineStats,
+    FailureKind,
     FinishReason,
     Request,
     RequestFailure,
@@ -22,6 +25,28 @@ from genserve.engine.types import (
 # One API call (its prompts x best_of, or n) may hold at most this share of the engine's slots,
 # so a single caller cannot take every slot (18 prompts x best_of 16 did); at least one.
 GROUP_SLOT_SHARE = 0.5
+
+
+class Core(Protocol):
+    """The engine loop as AsyncEngine drives it: genserve.engine.core.EngineCore on a thread of
+    this process, or genserve.engine.process.EngineProcess in a child process."""
+
+    publish: Callable[[Sequence[TokenDelta]], None]  # set before start; called off the loop
+
+    @property
+    def num_slots(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def submit(self, request: Request) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def submit_adapter_op(self, op: AdapterOp) -> None: ...
+
+    def stats(self) -> EngineStats: ...
 
 
 class Observer(Protocol):
@@ -84,7 +109,7 @@ class GroupStream:
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, max_len: int, capacity: int) -> None:
+    def __init__(self, core: Core, max_len: int, capacity: int) -> None:
         self.core = core
         self.max_len = max_len
         self.capacity = capacity  # running slots + waiting queue: more in flight gets 429
@@ -97,7 +122,7 @@ class AsyncEngine:
     @property
     def max_group(self) -> int:
         """The most sequences one API call may run (see GROUP_SLOT_SHARE)."""
-        return max(1, int(self.core.scheduler.slots.num_slots * GROUP_SLOT_SHARE))
+        return max(1, int(self.core.num_slots * GROUP_SLOT_SHARE))
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -118,6 +143,16 @@ class AsyncEngine:
             prompt = len(flight.request.prompt_token_ids)
             delta = TokenDelta(rid, (), "", FinishReason.ABORT, prompt, 0, error=error)
             self._dispatch([delta])
+
+    @property
+    def pid(self) -> int:
+        """The process that runs the model (this one when the engine is a thread of it)."""
+        return getattr(self.core, "pid", None) or os.getpid()
+
+    @property
+    def failure(self) -> str | None:
+        """Why this engine can no longer run requests (its process died); None while it can."""
+        return getattr(self.core, "failure", None)
 
     @property
     def num_in_flight(self) -> int:
@@ -155,6 +190,8 @@ class AsyncEngine:
         """
         if self._stopped:
             raise EngineError(STOPPED.message, STOPPED)
+        if self.failure is not None:
+            raise EngineError(self.failure, RequestFailure(self.failure, FailureKind.UNAVAILABLE))
         for r in requests:
             self.check_context(len(r.prompt_token_ids), r.params.max_tokens)
         # Background work never makes an interactive call 429: it does not count against it.

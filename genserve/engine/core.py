@@ -120,6 +120,10 @@ class EngineCore:
         self._trim = trimmer()
         self._trimmed_at = 0  # self.steps when freed memory was last given back
 
+    @property
+    def num_slots(self) -> int:
+        return self.scheduler.slots.num_slots
+
     # -- called from any thread -------------------------------------------------------------
     def submit(self, request: Request) -> None:
         self.inbox.put(request)

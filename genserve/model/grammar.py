@@ -202,6 +202,11 @@ class GrammarCompiler:
                 return None
         return _grammar_text(spec)
 
+    def compiled(self, spec: GrammarSpec) -> bool:
+        """Whether `spec` is in the cache (compiled, or refused): `matcher` will not compile."""
+        with self._lock:
+            return spec in self._cache
+
     def validate(self, spec: GrammarSpec, text: str | None = None) -> None:
         """Raise UnsupportedSchemaError unless `spec` can be enforced; compiles and caches.
         Takes milliseconds to seconds: the API runs it off the event loop, with a budget.

@@ -181,14 +181,14 @@ def load_model(
     allow_pickle: bool = False,
     name: str | None = None,
 ) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_ref(ref)
     safetensors = check_weights(path, allow_pickle)
     dev = pick_device(device)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     torch_dtype = pick_dtype(dtype, dev, config)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype, use_safetensors=safetensors, trust_remote_code=trust_remote_code
     )
@@ -200,12 +200,24 @@ def load_model(
         path=path,
         model=model,
         tokenizer=tokenizer,
-        chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
+        chat_template=chat_template_of(tokenizer),
         eos_token_ids=eos_ids(model, tokenizer),
         max_context=int(getattr(config, "max_position_embeddings", 2048) or 2048),
         device=dev,
         dtype=torch_dtype,
     )
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:  # noqa: ANN401
+    """The tokenizer of a resolved model folder (the API process loads only this when the
+    engine runs in a process of its own)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def chat_template_of(tokenizer: Any) -> str:  # noqa: ANN401
+    return tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
 
 
 def _own_weights(model: Any) -> None:

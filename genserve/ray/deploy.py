@@ -215,17 +215,21 @@ def hashed_keys(config: ServerConfig) -> ServerConfig:
 
 
 def engine_config(config: ServerConfig, scratch: str) -> ServerConfig:
-    """An engine replica: no store of its own beyond a private scratch dir, no training."""
+    """An engine replica: no store of its own beyond a private scratch dir, no training. Its
+    engine runs on a thread of the replica: the replica is a process of its own already, with
+    HTTP parsed in the edge's, and a child process outside Ray's accounting made a local
+    Ray's shutdown 5 s slower."""
     storage = _replace(config.storage, data_dir=scratch)
     training = _replace(config.training, enabled=False)
-    return _replace(config, storage=storage, training=training)
+    engine = _replace(config.engine, own_process=False)
+    return _replace(config, storage=storage, training=training, engine=engine)
 
 
 def control_config(config: ServerConfig) -> ServerConfig:
     """The control replica: the shared store and the trainer; its engine only backs the
     fine-tuning manager (base weights, chat template) and the model list, so one slot, on the
     CPU (it asks Ray for no GPU: see layout). Training keeps the operator's device choice."""
-    engine = _replace(config.engine, max_batch_size=1, kv_cache_tokens=None)
+    engine = _replace(config.engine, max_batch_size=1, kv_cache_tokens=None, own_process=False)
     model = _replace(config.model, embedding_model=None, device="cpu")
     device = config.training.device or config.model.device
     training = _replace(config.training, device=device)

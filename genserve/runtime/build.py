@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from genserve import __version__
 from genserve.config import ServerConfig
@@ -15,14 +17,24 @@ from genserve.engine.client import AsyncEngine
 from genserve.engine.core import EngineCore
 from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE as BLOCK
 from genserve.engine.kv_blocks import KVCacheManager, PagedShape
+from genserve.engine.process import EngineProcess
 from genserve.engine.thread import EngineThread, passing_thread
 from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
 from genserve.model.hardware import KernelPolicy, detect, model_specs, policy_for
-from genserve.model.loading import LoadedModel, ModelLoadError, load_model
+from genserve.model.loading import (
+    LoadedModel,
+    ModelLoadError,
+    chat_template_of,
+    load_model,
+    load_tokenizer,
+    resolve_model_ref,
+)
 from genserve.model.memory import device_memory
 from genserve.model.runner import Runner, fast_path_supported, kv_bytes_per_token
 from genserve.model.sizing import cache_shape, pool_tokens
 from genserve.model.worker import ModelWorker
+from genserve.runtime.engine_main import engine_main
+from genserve.runtime.grammar_check import GrammarChecks, HelperChecks, LocalChecks
 from genserve.runtime.limits import longest_token_bytes
 from genserve.runtime.models import EmbeddingModel, ServedModel
 from genserve.runtime.tokens import TokenText
@@ -30,10 +42,95 @@ from genserve.runtime.tokens import TokenText
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What the API side needs of a built engine; crosses the pipe from the engine process."""
+
+    name: str
+    path: Path
+    eos_token_ids: tuple[int, ...]
+    num_slots: int
+    max_len: int
+    vocab_size: int  # width of the logits
+    config_vocab_size: int  # the model config's, which the grammar compiler is built for
+    fingerprint: str
+
+
+@dataclass(slots=True)
+class EngineParts:
+    """A built (not started) engine and what it was built from."""
+
+    core: EngineCore
+    info: EngineInfo
+    tokenizer: Any
+    chat_template: str
+    grammars: GrammarCompiler | GrammarUnavailable
+
+
 def build_served_model(cfg: ServerConfig) -> ServedModel:
-    """Load the model and build (but do not start) its engine. Runs off the event loop."""
+    """Load the model and build (but do not start) its engine. Runs off the event loop.
+
+    With `engine.own_process` (the default) the model lives in a child process
+    (genserve.engine.process) and this process keeps only its tokenizer; otherwise the engine
+    runs on a thread of this process."""
+    if cfg.engine.own_process:
+        return _served_by_child(cfg)
+    parts = build_engine(cfg)
+    checks = LocalChecks(parts.grammars)  # the worker reuses what these compile
+    return served_model(cfg, parts.core, parts.info, parts.tokenizer, parts.chat_template, checks)
+
+
+def _served_by_child(cfg: ServerConfig) -> ServedModel:
+    trust = cfg.model.trust_remote_code
+    # The grammar helper loads the tokenizer while the engine process loads the model.
+    checks = HelperChecks(resolve_model_ref(cfg.model.ref), trust)
+    level = logging.getLogger().getEffectiveLevel()
+    child = EngineProcess(engine_main, build_engine, cfg, level)
+    try:
+        info = child.launch()
+    except BaseException:
+        checks.close()
+        raise
+    try:
+        tokenizer = load_tokenizer(info.path, trust)
+        checks.set_model(info.config_vocab_size, info.eos_token_ids)
+        checks.wait_ready()
+    except BaseException:
+        child.stop()
+        checks.close()
+        raise
+    return served_model(cfg, child, info, tokenizer, chat_template_of(tokenizer), checks)
+
+
+def served_model(
+    cfg: ServerConfig,
+    core: EngineCore | EngineProcess,
+    info: EngineInfo,
+    tokenizer: Any,  # noqa: ANN401
+    chat_template: str,
+    grammars: GrammarChecks,
+) -> ServedModel:
+    capacity = info.num_slots + cfg.engine.max_waiting
+    return ServedModel(
+        id=info.name,
+        created=int(time.time()),
+        engine=AsyncEngine(core, max_len=info.max_len, capacity=capacity),
+        path=info.path,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        max_len=info.max_len,
+        fingerprint=info.fingerprint,
+        vocab_size=info.vocab_size,
+        token_text=TokenText(tokenizer),
+        grammars=grammars,
+        max_token_bytes=longest_token_bytes(tokenizer),
+    )
+
+
+def build_engine(cfg: ServerConfig) -> EngineParts:
+    """The model loaded, its worker and engine built, on the thread that will step it (see
+    genserve.engine.thread for why). Runs in whichever process will run the engine."""
     mc = cfg.model
-    # Loaded and built on the thread that will step it: see genserve.engine.thread for why.
     thread = EngineThread()
     try:
         loaded = thread.call(
@@ -42,7 +139,8 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
             )
         )
         slots, max_len, paged = cache_plan(cfg, loaded)
-        grammars = grammar_compiler(loaded)
+        vocab = loaded.model.config.vocab_size
+        grammars = grammar_compiler(loaded.tokenizer, vocab, loaded.eos_token_ids, loaded.name)
         worker = thread.call(
             lambda: ModelWorker(
                 loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant,
@@ -60,32 +158,25 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
         loaded.tokenizer,
         num_slots=runner.num_slots,
         token_budget=cfg.engine.max_num_batched_tokens,
-        publish=lambda _: None,  # replaced by AsyncEngine.start
+        publish=lambda _: None,  # replaced by AsyncEngine.start (or the engine process)
         batch_invariant=cfg.engine.batch_invariant,
         thread=thread,
         kv=kv,
     )
-    capacity = runner.num_slots + cfg.engine.max_waiting
-    engine = AsyncEngine(core, max_len=max_len, capacity=capacity)
-    return ServedModel(
-        id=loaded.name,
-        created=int(time.time()),
-        engine=engine,
+    info = EngineInfo(
+        name=loaded.name,
         path=loaded.path,
-        tokenizer=loaded.tokenizer,
-        chat_template=loaded.chat_template,
+        eos_token_ids=loaded.eos_token_ids,
+        num_slots=runner.num_slots,
         max_len=max_len,
-        fingerprint=fingerprint(
-            loaded,
-            type(worker.runner).__name__,
-            cfg.engine.batch_invariant,
-            getattr(worker.runner, "policy", None),
-        ),  # fmt: skip
         vocab_size=worker.vocab_size,
-        token_text=TokenText(loaded.tokenizer),
-        grammars=grammars,
-        max_token_bytes=longest_token_bytes(loaded.tokenizer),
+        config_vocab_size=vocab,
+        fingerprint=fingerprint(
+            loaded, type(runner).__name__, cfg.engine.batch_invariant,
+            getattr(runner, "policy", None),
+        ),  # fmt: skip
     )
+    return EngineParts(core, info, loaded.tokenizer, loaded.chat_template, grammars)
 
 
 def cache_plan(cfg: ServerConfig, loaded: LoadedModel) -> tuple[int, int, PagedShape]:
@@ -128,15 +219,16 @@ def kv_manager(runner: Runner, paged: PagedShape, caching: bool, max_len: int) -
     return KVCacheManager(runner.num_slots * per_slot, paged.block_size, caching=False)
 
 
-def grammar_compiler(loaded: LoadedModel) -> GrammarCompiler | GrammarUnavailable:
+def grammar_compiler(
+    tokenizer: Any, vocab: int, eos_ids: tuple[int, ...], name: str  # noqa: ANN401
+) -> GrammarCompiler | GrammarUnavailable:
     """The model's grammar compiler; when llguidance cannot read its tokenizer (a WordLevel one
     without a ByteLevel or SentencePiece decoder), the model still serves plain generation and
     response_format answers 400 with the reason (DESIGN rule 11)."""
-    vocab = loaded.model.config.vocab_size
     try:
-        return GrammarCompiler(loaded.tokenizer, vocab, stop_token_ids=loaded.eos_token_ids)
+        return GrammarCompiler(tokenizer, vocab, stop_token_ids=eos_ids)
     except Exception as e:  # noqa: BLE001 - an optional capability, never the whole model
-        log.warning("%s: response_format is off: the grammar library failed: %s", loaded.name, e)
+        log.warning("%s: response_format is off: the grammar library failed: %s", name, e)
         return GrammarUnavailable(str(e))
 
 

@@ -38,7 +38,6 @@ from genserve.runtime.errors import (
     Unavailable,
 )
 from genserve.runtime.limits import (
-    GRAMMAR_BUDGET_S,
     TEMPLATE_RENDER_S,
     TemplateTimeout,
     check_prompt_bytes,
@@ -315,7 +314,7 @@ async def check_tool_schemas(rt: Runtime, served: ServedModel, tools: ToolsReque
     for i, tool in enumerate(tools.tools):
         try:
             spec = GrammarSpec.json_schema(tool.parameters)
-            await check_grammar(rt, served, spec)
+            await check_grammar(served, spec)
         except (UnsupportedSchemaError, InvalidRequest) as e:
             where = f"tools[{i}].function.parameters ({tool.name})"
             raise InvalidRequest(str(e).replace("response_format schema", where), "tools") from e
@@ -449,31 +448,18 @@ async def settle(
     if sampling.min_tokens > max_tokens:
         raise InvalidRequest("min_tokens must be in [0, max_tokens]")
     if sampling.grammar is not None:
-        await check_grammar(rt, served, sampling.grammar, grammar_param)
+        await check_grammar(served, sampling.grammar, grammar_param)
     return replace(sampling, max_tokens=max_tokens)
 
 
 async def check_grammar(
-    rt: Runtime, served: ServedModel, spec: GrammarSpec, param: str = "response_format"
+    served: ServedModel, spec: GrammarSpec, param: str = "response_format"
 ) -> None:
-    """Parsed and checked on a worker thread, then compiled on a low-priority one
-    (rt.background), within GRAMMAR_BUDGET_S in all (a 12-deep anyOf took 4.5 s on the event
-    loop); one that runs past it is refused now and remembered as refused, so the engine
-    thread never compiles it either."""
-    grammars = served.grammars
-
-    async def compile_it() -> None:
-        text = await off_loop(grammars.prepare, spec)  # holds the GIL: see prepare
-        await rt.background.run(grammars.validate, spec, text)
-
+    """A grammar the engine could not enforce is this request's 400 (see runtime/grammar_check)."""
     try:
-        await asyncio.wait_for(compile_it(), GRAMMAR_BUDGET_S)
+        await served.grammars.check(spec)
     except UnsupportedSchemaError as e:
         raise InvalidRequest(str(e), param) from e
-    except TimeoutError as e:
-        msg = f"{param} schema did not compile within {GRAMMAR_BUDGET_S:g}s"
-        served.grammars.refuse(spec, msg)
-        raise InvalidRequest(msg, param) from e
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

@@ -70,10 +70,9 @@ async def shutdown(rt: Runtime) -> None:
         await rt.batches.stop()
     await stop_fine_tuning(rt)  # the training worker first: its job resumes on restart
     for served in rt.models.values():
-        await asyncio.to_thread(served.engine.stop)
+        await asyncio.to_thread(served.stop)
     for embedder in rt.embedders.values():
         await asyncio.to_thread(embedder.batcher.stop)
-    rt.background.shutdown()
 
 
 def open_registry(rt: Runtime) -> ModelRegistry:

@@ -111,7 +111,7 @@ class BackgroundPool:
 
     def __init__(self, workers: int = 2, niceness: int = BACKGROUND_NICENESS) -> None:
         self._pool = ThreadPoolExecutor(
-            workers, "genserve-bg", initializer=_lower_priority, initargs=(niceness,)
+            workers, "genserve-bg", initializer=lower_priority, initargs=(niceness,)
         )
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:  # noqa: ANN401
@@ -122,17 +122,19 @@ class BackgroundPool:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _lower_priority(niceness: int) -> None:
-    """Linux gives each thread its own policy and nice value (set on the thread id): idle
-    policy where allowed, else the nice value; elsewhere the calls fail or apply to the
-    process, and the pool just runs at normal priority."""
+def lower_priority(niceness: int = BACKGROUND_NICENESS, idle: bool = True) -> None:
+    """This thread at a lower CPU priority. Linux gives each thread its own policy and nice
+    value (set on the thread id), which the threads it starts inherit: the idle policy where
+    allowed (and asked for), else the nice value; elsewhere the calls fail or apply to the
+    process, and the thread just runs at normal priority."""
     if not sys.platform.startswith("linux"):
         return
     tid = threading.get_native_id()
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, tid, niceness)
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    if idle:
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
 
 
 def longest_token_bytes(tokenizer: Any) -> int:  # noqa: ANN401

@@ -11,6 +11,7 @@ from typing import Any
 
 from genserve.engine.batcher import MicroBatcher
 from genserve.engine.client import AsyncEngine
+from genserve.runtime.grammar_check import GrammarChecks
 from genserve.runtime.tokens import TokenText
 
 
@@ -59,7 +60,7 @@ class ServedModel:
     fingerprint: str  # build + weights + dtype + device: same fingerprint, same seeded output
     vocab_size: int  # width of the model's logits (may exceed the tokenizer's length)
     token_text: TokenText
-    grammars: Any  # genserve.model.grammar.GrammarCompiler: validate(spec) before the engine
+    grammars: GrammarChecks  # a request's grammar, checked before the engine gets it
     owned_by: str = "genserve"
     settings: ModelSettings = field(default_factory=ModelSettings)
     ref: str = ""  # what it was loaded from
@@ -67,6 +68,12 @@ class ServedModel:
     # least B / max_token_bytes tokens, so a prompt too long for the context is refused
     # before the tokenizer spends seconds and hundreds of MB on it (genserve.runtime.limits).
     max_token_bytes: int = 0
+
+    def stop(self) -> None:
+        """Stop the engine (what is in flight ends with an error) and the grammar checks.
+        Blocks: run it off the event loop."""
+        self.engine.stop()
+        self.grammars.close()
 
     @property
     def context_limit(self) -> int:

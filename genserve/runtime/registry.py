@@ -164,7 +164,7 @@ class ModelRegistry:
         for adapter in [a for a in self.rt.adapters.values() if a.base == model_id]:
             await self.rt.unregister_adapter(adapter.id)
         served = self.rt.models.pop(model_id)
-        await asyncio.to_thread(served.engine.stop)
+        await asyncio.to_thread(served.stop)
 
     # -- start ----------------------------------------------------------------------------------
     async def restore(self) -> None:

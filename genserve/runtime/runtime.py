@@ -19,7 +19,6 @@ from genserve.runtime.errors import (
     NotReady,
     Unavailable,
 )
-from genserve.runtime.limits import BackgroundPool
 from genserve.runtime.models import (
     AdapterSpec,
     EmbeddingModel,
@@ -51,7 +50,6 @@ class Runtime:
     load_error: str | None = None
     on_adapter_deleted: list[AdapterHook] = field(default_factory=list)
     # Costly per-request work (grammar compiles) at a lower CPU priority than the engine.
-    background: BackgroundPool = field(default_factory=BackgroundPool)
     observe: ObserverFactory | None = None  # metrics, set by the API
     loop: asyncio.AbstractEventLoop | None = None  # set once the lifespan runs
     database: Database | None = None

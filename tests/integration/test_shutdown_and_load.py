@@ -11,7 +11,7 @@ import openai
 import psutil
 import pytest
 
-from tests.server import start_server
+from tests.server import start_server, tree_rss
 
 
 async def stream_text(http: httpx.AsyncClient, body: dict) -> tuple[str, str | None]:
@@ -57,7 +57,7 @@ async def test_load_at_4x_capacity_gives_only_200_and_429(small) -> None:
     body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 40, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=small.url, timeout=120) as http:
         await http.post("/v1/completions", json=body)  # warm, so RSS is measured warm
-        before = proc.memory_info().rss
+        before = tree_rss(proc)
         replies = []
         for _ in range(3):
             replies += await asyncio.gather(
@@ -66,7 +66,7 @@ async def test_load_at_4x_capacity_gives_only_200_and_429(small) -> None:
     codes = {r.status_code for r in replies}
     assert codes == {200, 429}
     assert all(int(r.headers["retry-after"]) >= 1 for r in replies if r.status_code == 429)
-    after = proc.memory_info().rss
+    after = tree_rss(proc)
     assert after <= before * 1.10, (before, after)
 
 

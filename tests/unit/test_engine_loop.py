@@ -186,7 +186,6 @@ def test_the_generation_service_streams_every_choice_and_collects_them() -> None
         request = CompletionRequest(Target(served, None), ("ab", (1, 2)), sampling, n=2, echo=True)
         events = [e async for e in generate(rt, request)]
         done = await collect(generate(rt, request))
-        rt.background.shutdown()
         return events, done
 
     events, done = run(body, ScriptedWorker(), slots=8)

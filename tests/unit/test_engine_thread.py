@@ -75,7 +75,8 @@ def test_served_model_loads_and_builds_on_the_thread_that_steps_it(
     cfg = replace(
         ServerConfig(),
         model=replace(ModelConfig(), ref=str(tiny_model_dir), embedding_model=None),
-        engine=EngineConfig(max_batch_size=2, max_model_len=64),
+        # The engine on a thread of this process, where the test can see its threads.
+        engine=EngineConfig(max_batch_size=2, max_model_len=64, own_process=False),
     )
     served = server_mod.build_served_model(cfg)
     core = served.engine.core

@@ -274,13 +274,12 @@ def test_prepare_parses_once_and_validate_compiles_what_it_gave(tokenizer):
 
 
 def test_the_api_parses_at_normal_priority_and_compiles_on_the_background_pool(tokenizer):
-    """The schema's parse holds the GIL; on the low-priority pool it held it while that thread
-    waited for a core, and the engine thread waited with it (see GrammarCompiler.prepare)."""
+    """In-process checks (an engine on a thread of the API's): the schema's parse holds the
+    GIL; on the low-priority pool it held it while that thread waited for a core, and the
+    engine thread waited with it (see GrammarCompiler.prepare)."""
     import asyncio
-    from types import SimpleNamespace
 
-    from genserve.runtime.generation import check_grammar
-    from genserve.runtime.limits import BackgroundPool
+    from genserve.runtime.grammar_check import LocalChecks
 
     compiler = GrammarCompiler(tokenizer, vocab(tokenizer))
     threads: dict[str, str] = {}
@@ -294,11 +293,11 @@ def test_the_api_parses_at_normal_priority_and_compiles_on_the_background_pool(t
         return call
 
     compiler.prepare, compiler.validate = on("prepare", prepare), on("validate", validate)
-    pool = BackgroundPool()
+    checks = LocalChecks(compiler)
     try:
-        rt, served = SimpleNamespace(background=pool), SimpleNamespace(grammars=compiler)
-        asyncio.run(check_grammar(rt, served, GrammarSpec.json_schema(SCHEMA)))
+        asyncio.run(checks.check(GrammarSpec.json_schema(SCHEMA)))
     finally:
-        pool.shutdown()
+        checks.close()
     assert threads["validate"].startswith("genserve-bg")
     assert not threads["prepare"].startswith("genserve-bg")
+    assert compiler.compiled(GrammarSpec.json_schema(SCHEMA))

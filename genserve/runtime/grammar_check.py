@@ -1,0 +1,160 @@
+"""A request's grammar (response_format, a tool-call grammar) checked before the engine gets
+it: parsed, checked and compiled within GRAMMAR_BUDGET_S, so a schema llguidance cannot enforce
+is a 400 at request time, never a failure mid-decode. One that runs past the budget is refused
+and remembered as refused.
+
+Two homes for that work. `LocalChecks`: threads of the API process, for an engine on a thread of
+it (its worker then reuses the compiled grammar). `HelperChecks`: a helper process, for an
+engine in a process of its own. The parse of a schema and llguidance's grammar_from_json_schema
+hold the GIL in calls that never let go: under `bench/load.py --hostile` the 12-deep anyOf's
+held the API process's GIL for 0.6 s at a time (0.37 s of CPU on a contended core), and every
+stream's deltas, read from the engine process, waited for it; the first tokens came 3.7x later
+than without the attacks. In a process of its own it only costs CPU, at a lower priority.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from collections import OrderedDict
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Protocol
+
+from genserve.engine.types import GrammarSpec, UnsupportedSchemaError
+from genserve.runtime.limits import GRAMMAR_BUDGET_S, BackgroundPool, lower_priority, off_loop
+
+log = logging.getLogger(__name__)
+REMEMBERED = 256  # checked specs whose outcome the helper's caller keeps
+HELPER_START_S = 300.0  # the helper loads the tokenizer: seconds, more on a busy machine
+HELPER_NICENESS = 10
+
+
+class GrammarChecks(Protocol):
+    async def check(self, spec: GrammarSpec) -> None:
+        """Return once `spec` can be enforced; UnsupportedSchemaError saying why not."""
+
+    def close(self) -> None: ...
+
+
+def past_budget() -> str:
+    return f"the schema did not compile within {GRAMMAR_BUDGET_S:g}s"
+
+
+class LocalChecks:
+    """Parsed at normal priority on a worker thread (it holds the GIL: see
+    GrammarCompiler.prepare), compiled on the low-priority pool (llguidance drops the GIL)."""
+
+    def __init__(self, compiler: Any, pool: BackgroundPool | None = None) -> None:  # noqa: ANN401
+        self.compiler = compiler  # GrammarCompiler, or GrammarUnavailable
+        self._pool = pool or BackgroundPool()
+
+    async def check(self, spec: GrammarSpec) -> None:
+        async def compile_it() -> None:
+            text = await off_loop(self.compiler.prepare, spec)
+            await self._pool.run(self.compiler.validate, spec, text)
+
+        try:
+            await asyncio.wait_for(compile_it(), GRAMMAR_BUDGET_S)
+        except TimeoutError as e:
+            self.compiler.refuse(spec, past_budget())
+            raise UnsupportedSchemaError(past_budget()) from e
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+class HelperChecks:
+    """The checks in a helper process, started at once (it loads the tokenizer: seconds) and
+    niced 10 once loaded. Niced, not idle: a legitimate schema must compile within its budget
+    on a server kept busy by its streams, and under SCHED_IDLE it got no core for seconds.
+    Outcomes are remembered here, refusals included."""
+
+    def __init__(self, path: Path, trust_remote_code: bool) -> None:
+        self._args = (str(path), trust_remote_code)
+        self._model: tuple[int, tuple[int, ...]] | None = None  # vocab, EOS ids: set_model
+        self._outcomes: OrderedDict[GrammarSpec, str | None] = OrderedDict()
+        self._pool, self._ready = self._start()
+
+    def _start(self) -> tuple[ProcessPoolExecutor, Future]:
+        pool = ProcessPoolExecutor(
+            1, multiprocessing.get_context("spawn"), initializer=_helper_init, initargs=self._args
+        )
+        return pool, pool.submit(_helper_ping)
+
+    def set_model(self, vocab: int, eos_ids: tuple[int, ...]) -> None:
+        """What the grammar compiler is built for (known once the engine has loaded)."""
+        self._model = (vocab, eos_ids)
+
+    def wait_ready(self, timeout: float = HELPER_START_S) -> None:
+        """Block until the helper has loaded (so a served model's memory is all there)."""
+        self._ready.result(timeout)
+
+    async def check(self, spec: GrammarSpec) -> None:
+        if spec in self._outcomes:
+            self._outcomes.move_to_end(spec)
+            outcome = self._outcomes[spec]
+        else:
+            outcome = await self._ask(spec)
+            self._outcomes[spec] = outcome
+            while len(self._outcomes) > REMEMBERED:
+                self._outcomes.popitem(last=False)
+        if outcome is not None:
+            raise UnsupportedSchemaError(outcome)
+
+    async def _ask(self, spec: GrammarSpec) -> str | None:
+        assert self._model is not None, "set_model first"
+        try:
+            # Its start is not the request's fault: the budget counts from here.
+            await asyncio.wait_for(asyncio.wrap_future(self._ready), HELPER_START_S)
+            answer = self._pool.submit(_helper_check, spec, *self._model)
+            return await asyncio.wait_for(asyncio.wrap_future(answer), GRAMMAR_BUDGET_S)
+        except TimeoutError:
+            # The helper goes on until llguidance's own limits stop it; later checks queue.
+            return past_budget()
+        except BrokenProcessPool:
+            log.error("the grammar helper process died; starting another")
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool, self._ready = self._start()
+            return "the grammar checker stopped while checking this schema; retry"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# -- in the helper process ------------------------------------------------------------------
+_tokenizer: Any = None
+_compilers: dict[tuple[int, tuple[int, ...]], Any] = {}
+
+
+def _helper_init(path: str, trust_remote_code: bool) -> None:
+    global _tokenizer
+    from genserve.model.loading import load_tokenizer
+
+    _tokenizer = load_tokenizer(Path(path), trust_remote_code)
+    import genserve.model.grammar  # noqa: F401 - its imports (llguidance, torch), now
+
+    lower_priority(HELPER_NICENESS, idle=False)
+
+
+def _helper_ping() -> None:
+    """The first task: done once the initializer has loaded the tokenizer."""
+
+
+def _helper_check(spec: GrammarSpec, vocab: int, eos_ids: tuple[int, ...]) -> str | None:
+    from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
+
+    compiler = _compilers.get((vocab, eos_ids))
+    if compiler is None:
+        try:
+            compiler = GrammarCompiler(_tokenizer, vocab, stop_token_ids=eos_ids)
+        except Exception as e:  # noqa: BLE001 - the model serves on; response_format says why
+            compiler = GrammarUnavailable(str(e))
+        _compilers[(vocab, eos_ids)] = compiler
+    try:
+        compiler.validate(spec)
+    except UnsupportedSchemaError as e:
+        return str(e)
+    return None
