@@ -308,11 +308,12 @@ class GrammarMatcher:
     """One request's position in its grammar. Not thread-safe: the engine loop owns it."""
 
     def __init__(self, inner: llguidance.LLMatcher, vocab_size: int, width: int) -> None:
-        import torch
+        import numpy as np
 
         self._inner = inner
         self._vocab_size = vocab_size
-        self._bitmask = torch.zeros((width + 31) // 32, dtype=torch.int32)
+        # numpy, not torch: the grammar helper process checks schemas without importing torch.
+        self._bitmask = np.zeros((width + 31) // 32, dtype=np.int32)
         self._bits: np.ndarray | None = None  # uint8 0/1 per token, for the current state
 
     def allowed_bits(self) -> np.ndarray:
@@ -363,11 +364,11 @@ class GrammarMatcher:
         import numpy as np
 
         if self._bits is None:
-            self._inner.unsafe_compute_mask_ptr(self._bitmask.data_ptr(), self._bitmask.numel() * 4)
+            self._inner.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
             self._raise_if_failed()
             # Bit i of word w is token 32*w+i: little-endian bytes, little bit order.
             self._bits = np.unpackbits(
-                self._bitmask.numpy().view(np.uint8), count=self._vocab_size, bitorder="little"
+                self._bitmask.view(np.uint8), count=self._vocab_size, bitorder="little"
             )
         return self._bits
 

@@ -27,7 +27,6 @@ from genserve.model.loading import (
     chat_template_of,
     load_model,
     load_tokenizer,
-    resolve_model_ref,
 )
 from genserve.model.memory import device_memory
 from genserve.model.runner import Runner, fast_path_supported, kv_bytes_per_token
@@ -82,23 +81,16 @@ def build_served_model(cfg: ServerConfig) -> ServedModel:
 
 def _served_by_child(cfg: ServerConfig) -> ServedModel:
     trust = cfg.model.trust_remote_code
-    # The grammar helper loads the tokenizer while the engine process loads the model.
-    checks = HelperChecks(resolve_model_ref(cfg.model.ref), trust)
     level = logging.getLogger().getEffectiveLevel()
     child = EngineProcess(engine_main, build_engine, cfg, level)
-    try:
-        info = child.launch()
-    except BaseException:
-        checks.close()
-        raise
+    info = child.launch()
     try:
         tokenizer = load_tokenizer(info.path, trust)
-        checks.set_model(info.config_vocab_size, info.eos_token_ids)
-        checks.wait_ready()
     except BaseException:
         child.stop()
-        checks.close()
         raise
+    checks = HelperChecks(info.path, trust)
+    checks.set_model(info.config_vocab_size, info.eos_token_ids)
     return served_model(cfg, child, info, tokenizer, chat_template_of(tokenizer), checks)
 
 

@@ -67,8 +67,9 @@ class LocalChecks:
 
 
 class HelperChecks:
-    """The checks in a helper process, started at once (it loads the tokenizer: seconds) and
-    niced 10 once loaded. Niced, not idle: a legitimate schema must compile within its budget
+    """The checks in a helper process, niced 10, started by the model's first grammar (it loads
+    the tokenizer: a few seconds, not counted in the budget; a model never asked for one costs
+    no process, ~300 MB). Niced, not idle: a legitimate schema must compile within its budget
     on a server kept busy by its streams, and under SCHED_IDLE it got no core for seconds.
     Outcomes are remembered here, refusals included."""
 
@@ -76,7 +77,8 @@ class HelperChecks:
         self._args = (str(path), trust_remote_code)
         self._model: tuple[int, tuple[int, ...]] | None = None  # vocab, EOS ids: set_model
         self._outcomes: OrderedDict[GrammarSpec, str | None] = OrderedDict()
-        self._pool, self._ready = self._start()
+        self._pool: ProcessPoolExecutor | None = None
+        self._ready: Future | None = None
 
     def _start(self) -> tuple[ProcessPoolExecutor, Future]:
         pool = ProcessPoolExecutor(
@@ -87,10 +89,6 @@ class HelperChecks:
     def set_model(self, vocab: int, eos_ids: tuple[int, ...]) -> None:
         """What the grammar compiler is built for (known once the engine has loaded)."""
         self._model = (vocab, eos_ids)
-
-    def wait_ready(self, timeout: float = HELPER_START_S) -> None:
-        """Block until the helper has loaded (so a served model's memory is all there)."""
-        self._ready.result(timeout)
 
     async def check(self, spec: GrammarSpec) -> None:
         if spec in self._outcomes:
@@ -106,6 +104,9 @@ class HelperChecks:
 
     async def _ask(self, spec: GrammarSpec) -> str | None:
         assert self._model is not None, "set_model first"
+        if self._pool is None:
+            self._pool, self._ready = self._start()
+        assert self._ready is not None
         try:
             # Its start is not the request's fault: the budget counts from here.
             await asyncio.wait_for(asyncio.wrap_future(self._ready), HELPER_START_S)
@@ -115,13 +116,14 @@ class HelperChecks:
             # The helper goes on until llguidance's own limits stop it; later checks queue.
             return past_budget()
         except BrokenProcessPool:
-            log.error("the grammar helper process died; starting another")
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool, self._ready = self._start()
+            log.error("the grammar helper process died; the next check starts another")
+            self.close()
             return "the grammar checker stopped while checking this schema; retry"
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._ready = None
 
 
 # -- in the helper process ------------------------------------------------------------------
@@ -131,12 +133,11 @@ _compilers: dict[tuple[int, tuple[int, ...]], Any] = {}
 
 def _helper_init(path: str, trust_remote_code: bool) -> None:
     global _tokenizer
+    lower_priority(HELPER_NICENESS, idle=False)  # first: its start must not slow the streams
     from genserve.model.loading import load_tokenizer
 
     _tokenizer = load_tokenizer(Path(path), trust_remote_code)
-    import genserve.model.grammar  # noqa: F401 - its imports (llguidance, torch), now
-
-    lower_priority(HELPER_NICENESS, idle=False)
+    import genserve.model.grammar  # noqa: F401 - its imports (llguidance), now
 
 
 def _helper_ping() -> None:
