@@ -30,9 +30,9 @@ from genserve.api.auth import KeyStore
 from genserve.api.metrics import Metrics
 from genserve.api.middleware import EdgeMiddleware, EdgeState
 from genserve.config import ServerConfig
-from genserve.engine.client import AsyncEngine
 from genserve.runtime import lifecycle
 from genserve.runtime.lifecycle import Loader
+from genserve.runtime.models import ServedModel
 from genserve.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -131,11 +131,12 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _health_of(engine: AsyncEngine) -> dict:
-    s = engine.stats()
-    # engine_pid: the process to watch (or profile) for this model's engine.
+def _health_of(served: ServedModel) -> dict:
+    s = served.engine.stats()
+    # engine_pid: the process to watch (or profile) for this model's engine; grammar: whether
+    # its grammar checker (a helper process) has loaded.
     return {"running": s.num_running, "waiting": s.num_waiting, "steps": s.steps,
-            "engine_pid": engine.pid}  # fmt: skip
+            "engine_pid": served.engine.pid, "grammar": served.grammars.state}  # fmt: skip
 
 
 async def health(request: Request) -> JSONResponse:
@@ -151,7 +152,7 @@ async def health(request: Request) -> JSONResponse:
         error = "; ".join(f"{mid}: {why}" for mid, why in failed.items())
         return JSONResponse({"status": "engine_failed", "error": error}, status_code=503)
     if rt.ready:
-        body = {"status": "ok", "models": {m.id: _health_of(m.engine) for m in rt.models.values()}}
+        body = {"status": "ok", "models": {m.id: _health_of(m) for m in rt.models.values()}}
         return JSONResponse(body)
     status = "failed" if rt.load_error else "loading"
     return JSONResponse({"status": status, "error": rt.load_error}, status_code=503)

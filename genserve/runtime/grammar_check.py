@@ -33,6 +33,8 @@ HELPER_NICENESS = 10
 
 
 class GrammarChecks(Protocol):
+    state: str  # "ready", "starting" or "stopped", for /health
+
     async def check(self, spec: GrammarSpec) -> None:
         """Return once `spec` can be enforced; UnsupportedSchemaError saying why not."""
 
@@ -46,6 +48,8 @@ def past_budget() -> str:
 class LocalChecks:
     """Parsed at normal priority on a worker thread (it holds the GIL: see
     GrammarCompiler.prepare), compiled on the low-priority pool (llguidance drops the GIL)."""
+
+    state = "ready"
 
     def __init__(self, compiler: Any, pool: BackgroundPool | None = None) -> None:  # noqa: ANN401
         self.compiler = compiler  # GrammarCompiler, or GrammarUnavailable
@@ -67,11 +71,12 @@ class LocalChecks:
 
 
 class HelperChecks:
-    """The checks in a helper process, niced 10, started by the model's first grammar (it loads
-    the tokenizer: a few seconds, not counted in the budget; a model never asked for one costs
-    no process, ~300 MB). Niced, not idle: a legitimate schema must compile within its budget
-    on a server kept busy by its streams, and under SCHED_IDLE it got no core for seconds.
-    Outcomes are remembered here, refusals included."""
+    """The checks in a helper process, niced 10. `start` once the engine is up: it loads the
+    tokenizer in the background (seconds; a check that comes first waits for it, outside the
+    budget). Started by the first check instead, the hostile bench's streams paid for its start
+    (TTFT 3-4x) and its ~300 MB looked like a leak. Niced, not idle: a legitimate schema must
+    compile within its budget on a server kept busy by its streams, and under SCHED_IDLE it got
+    no core for seconds. Outcomes are remembered here, refusals included."""
 
     def __init__(self, path: Path, trust_remote_code: bool) -> None:
         self._args = (str(path), trust_remote_code)
@@ -90,6 +95,18 @@ class HelperChecks:
         """What the grammar compiler is built for (known once the engine has loaded)."""
         self._model = (vocab, eos_ids)
 
+    def start(self) -> None:
+        """Start the helper now, without waiting for it."""
+        if self._pool is None:
+            self._pool, self._ready = self._start()
+
+    @property
+    def state(self) -> str:
+        """For /health: "starting", "ready", or "stopped" (not started, or closed)."""
+        if self._ready is None:
+            return "stopped"
+        return "ready" if self._ready.done() else "starting"
+
     async def check(self, spec: GrammarSpec) -> None:
         if spec in self._outcomes:
             self._outcomes.move_to_end(spec)
@@ -104,9 +121,8 @@ class HelperChecks:
 
     async def _ask(self, spec: GrammarSpec) -> str | None:
         assert self._model is not None, "set_model first"
-        if self._pool is None:
-            self._pool, self._ready = self._start()
-        assert self._ready is not None
+        self.start()
+        assert self._pool is not None and self._ready is not None
         try:
             # Its start is not the request's fault: the budget counts from here.
             await asyncio.wait_for(asyncio.wrap_future(self._ready), HELPER_START_S)

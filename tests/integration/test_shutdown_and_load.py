@@ -57,6 +57,12 @@ async def test_load_at_4x_capacity_gives_only_200_and_429(small) -> None:
     body = {"model": "tiny-llama", "prompt": "hello", "max_tokens": 40, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=small.url, timeout=120) as http:
         await http.post("/v1/completions", json=body)  # warm, so RSS is measured warm
+        # and once the grammar helper has loaded (it starts in the background with the model)
+        for _ in range(600):
+            health = (await http.get("/health")).json()
+            if health["models"]["tiny-llama"]["grammar"] == "ready":
+                break
+            await asyncio.sleep(0.1)
         before = tree_rss(proc)
         replies = []
         for _ in range(3):
