@@ -130,8 +130,16 @@ class EngineProcess:
 
     def launch(self, timeout: float = START_TIMEOUT_S) -> Any:  # noqa: ANN401
         """Start the child and wait for its engine; returns main's info. Blocks: off-loop."""
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the child; `wait_ready` for its engine (do other work meanwhile)."""
         self._proc.start()
         self._child_conn.close()  # the child holds its end: EOF here once it exits
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> Any:  # noqa: ANN401
+        """Main's info once the child's engine steps; what building it raised, re-raised."""
         try:
             if not self._conn.poll(timeout):
                 raise EngineStartError(f"the engine process did not start in {timeout:g}s")

@@ -27,6 +27,7 @@ from genserve.model.loading import (
     chat_template_of,
     load_model,
     load_tokenizer,
+    resolve_model_ref,
 )
 from genserve.model.memory import device_memory
 from genserve.model.runner import Runner, fast_path_supported, kv_bytes_per_token
@@ -83,9 +84,14 @@ def _served_by_child(cfg: ServerConfig) -> ServedModel:
     trust = cfg.model.trust_remote_code
     level = logging.getLogger().getEffectiveLevel()
     child = EngineProcess(engine_main, build_engine, cfg, level)
-    info = child.launch()
+    child.spawn()
     try:
-        tokenizer = load_tokenizer(info.path, trust)
+        # While the child imports torch and loads the weights (a server starts ~2 s sooner);
+        # where both fail, the child's error is the one raised (it checks the weights first).
+        tokenizer, tokenizer_error = _tokenizer_of(cfg.model.ref, trust)
+        info = child.wait_ready()
+        if tokenizer_error is not None:
+            raise tokenizer_error
     except BaseException:
         child.stop()
         raise
@@ -93,6 +99,13 @@ def _served_by_child(cfg: ServerConfig) -> ServedModel:
     checks.set_model(info.config_vocab_size, info.eos_token_ids)
     checks.start()  # loads in the background; /health says when it is ready
     return served_model(cfg, child, info, tokenizer, chat_template_of(tokenizer), checks)
+
+
+def _tokenizer_of(ref: str, trust: bool) -> tuple[Any, Exception | None]:
+    try:
+        return load_tokenizer(resolve_model_ref(ref), trust), None
+    except Exception as e:  # noqa: BLE001 - raised after the engine's own outcome
+        return None, e
 
 
 def served_model(

@@ -135,3 +135,20 @@ def test_helper_checks_refuse_in_a_process_of_their_own_at_low_priority(tiny_mod
             asyncio.run(checks.check(unmatchable))
     finally:
         checks.close()
+
+
+def test_a_sigkilled_server_leaves_no_engine_or_grammar_process(tiny_model_dir, tmp_path) -> None:
+    """Nothing is asked to stop: the engine sees its pipe close, the helper its parent go."""
+    server = start_server(tiny_model_dir, tmp_path, "--max-batch-size", "2")
+    try:
+        wait_until(
+            lambda: httpx.get(server.url + "/health").json()["models"]["tiny-llama"]["grammar"]
+            == "ready"
+        )
+        children = spawned_children(server.proc.pid)
+        assert len(children) == 2, children
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.pid for p in alive]
