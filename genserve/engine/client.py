@@ -33,8 +33,13 @@ class Core(Protocol):
 
     publish: Callable[[Sequence[TokenDelta]], None]  # set before start; called off the loop
 
+    failure: str | None  # why it can no longer run requests (its process died)
+
     @property
     def num_slots(self) -> int: ...
+
+    @property
+    def pid(self) -> int | None: ...
 
     def start(self) -> None: ...
 
@@ -147,12 +152,12 @@ class AsyncEngine:
     @property
     def pid(self) -> int:
         """The process that runs the model (this one when the engine is a thread of it)."""
-        return getattr(self.core, "pid", None) or os.getpid()
+        return self.core.pid or os.getpid()
 
     @property
     def failure(self) -> str | None:
         """Why this engine can no longer run requests (its process died); None while it can."""
-        return getattr(self.core, "failure", None)
+        return self.core.failure
 
     @property
     def num_in_flight(self) -> int:

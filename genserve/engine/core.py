@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -123,6 +124,13 @@ class EngineCore:
     @property
     def num_slots(self) -> int:
         return self.scheduler.slots.num_slots
+
+    @property
+    def pid(self) -> int:
+        """The process running the model: this one (genserve.engine.process has another)."""
+        return os.getpid()
+
+    failure: str | None = None  # a thread of this process does not die alone
 
     # -- called from any thread -------------------------------------------------------------
     def submit(self, request: Request) -> None:

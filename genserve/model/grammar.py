@@ -407,6 +407,10 @@ class GrammarUnavailable:
     def refuse(self, spec: GrammarSpec, message: str) -> None:
         """Nothing is compiled here, so there is nothing to remember."""
 
+    def compiled(self, spec: GrammarSpec) -> bool:
+        """Nothing to compile: `matcher` refuses at once."""
+        return True
+
 
 def _what(spec: GrammarSpec) -> str:
     return "tool grammar" if spec.kind == LARK else "response_format schema"

@@ -95,8 +95,7 @@ def _served_by_child(cfg: ServerConfig) -> ServedModel:
     except BaseException:
         child.stop()
         raise
-    checks = HelperChecks(info.path, trust)
-    checks.set_model(info.config_vocab_size, info.eos_token_ids)
+    checks = HelperChecks(info.path, trust, info.config_vocab_size, info.eos_token_ids)
     checks.start()  # loads in the background; /health says when it is ready
     return served_model(cfg, child, info, tokenizer, chat_template_of(tokenizer), checks)
 

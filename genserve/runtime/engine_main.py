@@ -93,8 +93,7 @@ class GrammarGate:
 
     def submit(self, request: Request) -> None:
         spec = request.params.grammar
-        compiled = getattr(self.grammars, "compiled", None)
-        if spec is None or compiled is None or compiled(spec):
+        if spec is None or self.grammars.compiled(spec):
             self.core.submit(request)
             return
         with self._lock:

@@ -81,9 +81,10 @@ class HelperChecks:
     compile within its budget on a server kept busy by its streams, and under SCHED_IDLE it got
     no core for seconds. Outcomes are remembered here, refusals included."""
 
-    def __init__(self, path: Path, trust_remote_code: bool) -> None:
-        self._args = (str(path), trust_remote_code)
-        self._model: tuple[int, tuple[int, ...]] | None = None  # vocab, EOS ids: set_model
+    def __init__(
+        self, path: Path, trust_remote_code: bool, vocab: int, eos_ids: tuple[int, ...]
+    ) -> None:
+        self._args = (str(path), trust_remote_code, vocab, eos_ids)
         self._outcomes: OrderedDict[GrammarSpec, str | None] = OrderedDict()
         self._pool: ProcessPoolExecutor | None = None
         self._ready: Future | None = None
@@ -93,10 +94,6 @@ class HelperChecks:
             1, multiprocessing.get_context("spawn"), initializer=_helper_init, initargs=self._args
         )
         return pool, pool.submit(_helper_ping)
-
-    def set_model(self, vocab: int, eos_ids: tuple[int, ...]) -> None:
-        """What the grammar compiler is built for (known once the engine has loaded)."""
-        self._model = (vocab, eos_ids)
 
     def start(self) -> None:
         """Start the helper now, without waiting for it."""
@@ -123,13 +120,12 @@ class HelperChecks:
             raise UnsupportedSchemaError(outcome)
 
     async def _ask(self, spec: GrammarSpec) -> str | None:
-        assert self._model is not None, "set_model first"
         self.start()
         assert self._pool is not None and self._ready is not None
         try:
             # Its start is not the request's fault: the budget counts from here.
             await asyncio.wait_for(asyncio.wrap_future(self._ready), HELPER_START_S)
-            answer = self._pool.submit(_helper_check, spec, *self._model)
+            answer = self._pool.submit(_helper_check, spec)
             return await asyncio.wait_for(asyncio.wrap_future(answer), GRAMMAR_BUDGET_S)
         except TimeoutError:
             # The helper goes on until llguidance's own limits stop it; later checks queue.
@@ -146,18 +142,21 @@ class HelperChecks:
 
 
 # -- in the helper process ------------------------------------------------------------------
-_tokenizer: Any = None
-_compilers: dict[tuple[int, tuple[int, ...]], Any] = {}
+_compiler: Any = None  # GrammarCompiler, or GrammarUnavailable
 
 
-def _helper_init(path: str, trust_remote_code: bool) -> None:
-    global _tokenizer
+def _helper_init(path: str, trust_remote_code: bool, vocab: int, eos_ids: tuple[int, ...]) -> None:
+    global _compiler
     lower_priority(HELPER_NICENESS, idle=False)  # first: its start must not slow the streams
     _exit_with_parent()
+    from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
     from genserve.model.loading import load_tokenizer
 
-    _tokenizer = load_tokenizer(Path(path), trust_remote_code)
-    import genserve.model.grammar  # noqa: F401 - its imports (llguidance), now
+    tokenizer = load_tokenizer(Path(path), trust_remote_code)
+    try:
+        _compiler = GrammarCompiler(tokenizer, vocab, stop_token_ids=eos_ids)
+    except Exception as e:  # noqa: BLE001 - the model serves on; response_format says why
+        _compiler = GrammarUnavailable(str(e))
 
 
 def _exit_with_parent(every_s: float = 1.0) -> None:
@@ -175,21 +174,12 @@ def _exit_with_parent(every_s: float = 1.0) -> None:
 
 
 def _helper_ping() -> None:
-    """The first task: done once the initializer has loaded the tokenizer."""
+    """The first task: done once the initializer has built the compiler."""
 
 
-def _helper_check(spec: GrammarSpec, vocab: int, eos_ids: tuple[int, ...]) -> str | None:
-    from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
-
-    compiler = _compilers.get((vocab, eos_ids))
-    if compiler is None:
-        try:
-            compiler = GrammarCompiler(_tokenizer, vocab, stop_token_ids=eos_ids)
-        except Exception as e:  # noqa: BLE001 - the model serves on; response_format says why
-            compiler = GrammarUnavailable(str(e))
-        _compilers[(vocab, eos_ids)] = compiler
+def _helper_check(spec: GrammarSpec) -> str | None:
     try:
-        compiler.validate(spec)
+        _compiler.validate(spec)
     except UnsupportedSchemaError as e:
         return str(e)
     return None

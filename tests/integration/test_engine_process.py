@@ -119,8 +119,7 @@ def test_helper_checks_refuse_in_a_process_of_their_own_at_low_priority(tiny_mod
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    checks = HelperChecks(tiny_model_dir, False)
-    checks.set_model(len(tok), (tok.eos_token_id,))
+    checks = HelperChecks(tiny_model_dir, False, len(tok), (tok.eos_token_id,))
     ok = GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "string"}}})
     unmatchable = GrammarSpec.json_schema({"type": "string", "pattern": "^(x{1000}){1000}$"})
     try:
