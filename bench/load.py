@@ -55,7 +55,7 @@ from pathlib import Path
 import httpx
 import openai
 import psutil
-from common import ServerProcess, free_port, percentile, tree_rss
+from common import ServerProcess, free_port, percentile, started_fully, tree_rss
 from hostile import (
     MIB,
     MODEL,
@@ -271,7 +271,7 @@ async def hostile_run(server: ServerProcess, a: argparse.Namespace, run: Hostile
     proc = psutil.Process(server.proc.pid)
     hostile_requests = chosen(attacks(a.best_of_requests), a.only)  # built before timing
     async with client(a, KEY_A) as http_a, client(a, KEY_B) as http_b:
-        await started_fully(http_a)
+        await wait_started(http_a)
         await normal_phase(http_a, min(4, a.streams), a)  # warm-up
         file_id = await upload_as(http_a, "tenant-a.jsonl")
         run.baseline = await normal_phase(http_a, a.streams, a)
@@ -282,13 +282,11 @@ async def hostile_run(server: ServerProcess, a: argparse.Namespace, run: Hostile
         run.outcomes.append(await member_delete(http_b, a.timeout))
 
 
-async def started_fully(http: httpx.AsyncClient, timeout_s: float = 120) -> None:
-    """Until every model's grammar helper has loaded (it starts in the background once the
-    model serves): its start must fall in neither phase."""
+async def wait_started(http: httpx.AsyncClient, timeout_s: float = 120) -> None:
+    """Until every model's grammar helper has loaded: its start must fall in neither phase."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        models = (await http.get("/health")).json().get("models", {})
-        if all(m.get("grammar", "ready") != "starting" for m in models.values()):
+        if started_fully((await http.get("/health")).json()):
             return
         await asyncio.sleep(0.2)
 

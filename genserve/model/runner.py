@@ -170,7 +170,7 @@ class LaneBatch:
     first: int
     span: int
     length: int  # positions attended: 0..length-1
-    mask: torch.Tensor  # [span, 1, length] additive: 0 where visible, -inf not
+    mask: torch.Tensor  # [span, 1, 1, length] additive: 0 where visible, -inf not
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +184,7 @@ class DecodeBatch:
     index: torch.Tensor  # [B * blocks] each decode's blocks, padded to the longest's count
     batch: int  # B
     length: int  # positions attended: 0..length-1 (whole blocks)
-    mask: torch.Tensor  # [kv_heads * B, 1, length] additive: 0 where visible, -inf not
+    mask: torch.Tensor  # [B, 1, 1, length] additive: 0 where visible, -inf not
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,9 +434,8 @@ class LlamaRunner:
         visible = (pos[None, :] <= limit[:, None]).to(dev)
         mask = torch.zeros(len(decodes), length, dtype=self.dtype, device=dev)
         mask.masked_fill_(~visible, float("-inf"))
-        mask = mask.repeat(self.num_kv_heads, 1)[:, None, :]  # [kv_heads * B, 1, L], heads outer
         rows = torch.tensor([sp.row0 for sp in decodes], device=dev)
-        return DecodeBatch(rows, index, len(decodes), length, mask)
+        return DecodeBatch(rows, index, len(decodes), length, mask[:, None, None])
 
     def _lane_batch(self, decodes: dict[int, ChunkSpan]) -> LaneBatch | None:
         if not decodes:
@@ -452,7 +451,8 @@ class LlamaRunner:
         mask = torch.zeros(span, length, dtype=self.dtype)
         mask.masked_fill_(~visible, float("-inf"))
         rows = torch.tensor([sp.row0 for sp in decodes.values()])
-        return LaneBatch(rows.to(dev), lanes.to(dev), first, span, length, mask[:, None].to(dev))
+        mask = mask[:, None, None].to(dev)
+        return LaneBatch(rows.to(dev), lanes.to(dev), first, span, length, mask)
 
     def _owners(self, lora: dict[str, list[tuple[int, int]]], rows: int) -> torch.Tensor:
         owner = torch.full((rows,), -1, dtype=torch.long)
@@ -545,51 +545,43 @@ class LlamaRunner:
         return out
 
     def _attend_decodes(self, i: int, q: torch.Tensor, d: DecodeBatch, out: torch.Tensor) -> None:
-        """Decodes free to depend on their batch, in one batched product over the decodes'
-        gathered keys (positions 0..length-1, masked per sequence).
-
-        Two bmm calls with the query heads of one KV head side by side, so each cached key and
-        value is read once (not once per query head): at decode sizes the step is bound by
-        reading the cache, and this ran 25% faster than SDPA's CPU kernel here.
-        """
-        kv, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        b, length = d.batch, d.length
-        # [kv, B * L, D] gathered, seen as kv*B batches (heads outer) of L rows: no more copies.
-        keys = self._gather(self.k_cache[i], d.index, "k").view(kv * b, length, dim)
-        values = self._gather(self.v_cache[i], d.index, "v").view(kv * b, length, dim)
-        qd = q.index_select(0, d.rows).view(b, kv, group, dim).transpose(0, 1)
-        qd = qd.reshape(kv * b, group, dim)
-        # K @ q^T, not q @ K^T: the cached keys are then read as plain rows, where MKL's
-        # transposed operand ran 1.5x slower. The masked add writes them back [B, G, L].
-        k_q = torch.bmm(keys, qd.transpose(1, 2))
-        scores = q.new_empty(kv * b, group, length)
-        torch.add(d.mask, k_q.transpose(1, 2), alpha=dim**-0.5, out=scores)
-        o = torch.bmm(torch.softmax(scores, dim=-1), values).view(kv, b, group, dim)
-        out.index_copy_(0, d.rows, o.transpose(0, 1).reshape(b, self.num_heads, dim))
+        """Decodes free to depend on their batch, in one SDPA call over the decodes' gathered
+        keys (positions 0..length-1, masked per sequence)."""
+        kv, dim, b = self.num_kv_heads, self.head_dim, d.batch
+        # [kv, B * L, D] gathered, seen as [B, kv, L, D]: a view, no more copies.
+        keys = self._gather(self.k_cache[i], d.index, "k").view(kv, b, d.length, dim)
+        values = self._gather(self.v_cache[i], d.index, "v").view(kv, b, d.length, dim)
+        qd = q.index_select(0, d.rows)
+        o = _grouped_attention(qd, keys.transpose(0, 1), values.transpose(0, 1), d.mask)
+        out.index_copy_(0, d.rows, o)
 
     def _attend_lanes(self, i: int, q: torch.Tensor, d: LaneBatch, out: torch.Tensor) -> None:
-        """As _attend_decodes, reading lanes first..first+span-1 of the cache in place: per KV
-        head, the lanes are [span, lane_len, D] rows at a fixed stride, a view bmm reads as
-        it is (a gather of them cost ~15% of a 32-stream step). Heads cannot join the batch
-        dimension of one view (the cache is heads-outer), so one pair of bmm per KV head."""
-        kv, group, dim = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        span, length, lane = d.span, d.length, self.lane_len
+        """As _attend_decodes, reading lanes first..first+span-1 of the cache in place: the
+        lanes are [kv, span, lane_len, D] rows at fixed strides, a view SDPA reads as it is (a
+        gather of them cost ~15% of a 32-stream step)."""
+        kv, dim, span, lane = self.num_kv_heads, self.head_dim, d.span, self.lane_len
         qd = q.new_zeros(span, self.num_heads, dim)
         qd.index_copy_(0, d.lanes, q.index_select(0, d.rows))
-        qd = qd.view(span, kv, group, dim)
         lo, hi = d.first * lane, (d.first + span) * lane
-        scores = q.new_empty(kv, span, group, length)
-        for h in range(kv):
-            keys = self.k_cache[i, h, lo:hi].view(span, lane, dim)[:, :length]
-            k_q = torch.bmm(keys, qd[:, h].transpose(1, 2))  # [span, length, group]
-            torch.add(d.mask, k_q.transpose(1, 2), alpha=dim**-0.5, out=scores[h])
-        probs = torch.softmax(scores, dim=-1)
-        o = q.new_empty(kv, span, group, dim)
-        for h in range(kv):
-            values = self.v_cache[i, h, lo:hi].view(span, lane, dim)[:, :length]
-            torch.bmm(probs[h], values, out=o[h])
-        o = o.transpose(0, 1).reshape(span, self.num_heads, dim)
+        keys = self.k_cache[i, :, lo:hi].view(kv, span, lane, dim)[:, :, : d.length]
+        values = self.v_cache[i, :, lo:hi].view(kv, span, lane, dim)[:, :, : d.length]
+        o = _grouped_attention(qd, keys.transpose(0, 1), values.transpose(0, 1), d.mask)
         out.index_copy_(0, d.rows, o.index_select(0, d.lanes))
+
+
+def _grouped_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """One decode token per sequence: q [B, heads, D] against keys/values [B, kv, L, D] (any
+    strides) under an additive mask [B, 1, 1, L]. The query heads that share a KV head are
+    that head's rows, so each cached key and value is read once, not once per query head,
+    and one SDPA call serves every sequence and head: against two bmm per KV head (whose
+    strided operands were copied first) it ran 1.45x faster in fp32 and 1.74x in bf16 (32
+    lanes of 200 positions, SmolLM2-135M heads, 2-core Xeon with AMX)."""
+    b, heads, dim = q.shape
+    kv = keys.shape[1]
+    o = F.scaled_dot_product_attention(q.view(b, kv, heads // kv, dim), keys, values, mask)
+    return o.reshape(b, heads, dim)
 
 
 def _extend_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
