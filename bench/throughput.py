@@ -58,6 +58,8 @@ RAW_BATCH = 32
 TARGET_ROOFLINE = 0.7  # issue 14: one stream at 0.7x the bandwidth roofline
 TARGET_TOP_P = 0.9  # issue 14: top_p 0.95 costs at most 10% of plain temperature at 32 streams
 TARGET_PAGING = 0.95  # issue 16: prefix caching costs at most 5% where nothing is shared
+TARGET_LONG_TTFT_S = 0.15  # issue 14: a 512-token prompt alone answers its first token in 0.15 s
+LONG_TTFT_PRECISIONS = ("bf16", "auto")  # ... with bf16 (auto is bf16 where the CPU has it)
 PRECISION_ARGS = {
     "fp32": ("--dtype", "float32"),
     # The same server without prefix caching: what the cache's bookkeeping costs unshared
@@ -94,6 +96,8 @@ class BenchConfig:
     precisions: tuple[str, ...] = ("fp32",)
     samplings: tuple[str, ...] = ("greedy",)
     bandwidth_gib: float = 1.0
+    long_prompt_tokens: int = 512  # 0: no long-prompt TTFT run
+    long_prompt_rounds: int = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,7 @@ class LevelResult:
     short_requests: int
     precision: str = "fp32"
     sampling: str = "greedy"
+    prompt_tokens: int = 0  # 0: the run's --prompt-tokens; else a long prompt sent alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +196,13 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         help="comma-separated: greedy (temperature 0), temp (0.8), top_p (0.8 + 0.95)",
     )
     p.add_argument("--bandwidth-gib", type=float, default=1.0, help="tensor summed for bandwidth")
+    p.add_argument(
+        "--long-prompt",
+        type=int,
+        default=512,
+        help="TTFT of a prompt this long sent alone (one token back), per precision; 0: skip",
+    )
+    p.add_argument("--long-prompt-rounds", type=int, default=5)
     a = p.parse_args(argv)
     if min(a.prompt_tokens, a.max_tokens, *a.concurrency) < 1:
         p.error("--prompt-tokens, --max-tokens and --concurrency must be positive")
@@ -204,7 +216,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         baselines=not a.server_only,
         server=not a.baselines_only, json_path=a.json_path, health_timeout_s=a.health_timeout,
         threads=a.threads, precisions=precisions, samplings=samplings,
-        bandwidth_gib=a.bandwidth_gib,
+        bandwidth_gib=a.bandwidth_gib, long_prompt_tokens=max(0, a.long_prompt),
+        long_prompt_rounds=max(1, a.long_prompt_rounds),
     )  # fmt: skip
 
 
@@ -352,8 +365,9 @@ async def run_level(
 
 
 async def drive_server(
-    cfg: BenchConfig, base_url: str, prompts: PromptSet, precision: str = "fp32"
-) -> list[LevelResult]:
+    cfg: BenchConfig, base_url: str, prompts: PromptSet, precision: str = "fp32",
+    long: PromptSet | None = None,
+) -> list[LevelResult]:  # fmt: skip
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=max(cfg.concurrency) + 8)
     # trust_env=False: a proxy from the environment must not sit between us and loopback.
@@ -371,7 +385,25 @@ async def drive_server(
                 level = await run_level(client, bodies, c, cfg.max_tokens)
                 levels.append(replace(level, precision=precision, sampling=sampling))
                 print(f"  {precision} {sampling} c={c}: {level.tok_s:.1f} tok/s", flush=True)
+        if long is not None:
+            level = await long_prompt_level(cfg, client, model_id, long)
+            levels.append(replace(level, precision=precision))
+            print(f"  {precision} {long.tokens}-token prompt alone: TTFT p50 "
+                  f"{level.ttft_p50_ms:.0f} ms", flush=True)  # fmt: skip
     return levels
+
+
+async def long_prompt_level(
+    cfg: BenchConfig, client: httpx.AsyncClient, model_id: str, long: PromptSet
+) -> LevelResult:
+    """One long prompt at a time, one token back, sampled as clients do: the time to the first
+    token is the prompt's prefill on an idle server. Each prompt is new (prompt 0 warms up,
+    uncounted), so the prefix cache serves none of it."""
+    sampling = "top_p"
+    bodies = [request_body(cfg, model_id, long, i, 1, sampling) for i in range(len(long.ids))]
+    await stream_request(client, bodies[0])
+    level = await run_level(client, [bodies[1:]], 1, 1)
+    return replace(level, sampling=sampling, prompt_tokens=long.tokens)
 
 
 def level_bodies(
@@ -390,14 +422,17 @@ class FlagsRefused(Exception):
     """The server would not start with a precision's flags (not merged yet, or not here)."""
 
 
-def run_server(cfg: BenchConfig, prompts: PromptSet, skipped: list[str]) -> list[LevelResult]:
+def run_server(
+    cfg: BenchConfig, prompts: PromptSet, skipped: list[str], long: PromptSet | None = None
+) -> list[LevelResult]:
     if cfg.server_url:
-        return asyncio.run(drive_server(cfg, cfg.server_url.rstrip("/"), prompts, "as served"))
+        url = cfg.server_url.rstrip("/")
+        return asyncio.run(drive_server(cfg, url, prompts, "as served", long))
     levels: list[LevelResult] = []
     for precision in cfg.precisions:
         print(f"server {precision} ({' '.join(PRECISION_ARGS[precision])}) ...", flush=True)
         try:
-            levels += run_precision(cfg, prompts, precision)
+            levels += run_precision(cfg, prompts, precision, long)
         except FlagsRefused as e:
             note = f"{precision} skipped: the server refused {' '.join(PRECISION_ARGS[precision])}"
             skipped.append(f"{note} ({e})")
@@ -405,7 +440,9 @@ def run_server(cfg: BenchConfig, prompts: PromptSet, skipped: list[str]) -> list
     return levels
 
 
-def run_precision(cfg: BenchConfig, prompts: PromptSet, precision: str) -> list[LevelResult]:
+def run_precision(
+    cfg: BenchConfig, prompts: PromptSet, precision: str, long: PromptSet | None = None
+) -> list[LevelResult]:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="genserve-bench-") as tmp:
         # The same batch limit whatever levels run, so a subset run measures the same server.
@@ -418,7 +455,7 @@ def run_precision(cfg: BenchConfig, prompts: PromptSet, precision: str) -> list[
         try:
             base_url = f"http://127.0.0.1:{port}"
             _wait_or_refused(server, base_url, cfg.health_timeout_s)
-            return _drive_with_log(cfg, base_url, prompts, server, precision)
+            return _drive_with_log(cfg, base_url, prompts, server, precision, long)
         finally:
             server.stop()
 
@@ -441,10 +478,11 @@ def _wait_or_refused(server: ServerProcess, base_url: str, timeout_s: float) -> 
 
 
 def _drive_with_log(
-    cfg: BenchConfig, base_url: str, prompts: PromptSet, server: ServerProcess, precision: str
-) -> list[LevelResult]:
+    cfg: BenchConfig, base_url: str, prompts: PromptSet, server: ServerProcess, precision: str,
+    long: PromptSet | None = None,
+) -> list[LevelResult]:  # fmt: skip
     try:
-        return asyncio.run(drive_server(cfg, base_url, prompts, precision))
+        return asyncio.run(drive_server(cfg, base_url, prompts, precision, long))
     except Exception:
         # A failed request says little on its own; the server's traceback is in its log.
         print(f"server log tail:\n{server.log_tail()}")
@@ -483,6 +521,18 @@ def compute_ratios(report: Report) -> list[Ratio]:
     return ratios + _paging_ratios(report)
 
 
+def long_ttft_lines(report: Report) -> list[str]:
+    """Issue 14's prefill target: the long prompt's TTFT p50 with bf16, seconds."""
+    lines = []
+    for lv in report.server:
+        if lv.prompt_tokens and lv.precision in (*LONG_TTFT_PRECISIONS, "as served"):
+            s, target = lv.ttft_p50_ms / 1000.0, TARGET_LONG_TTFT_S
+            verdict = "met" if s <= target else "NOT met"
+            lines.append(f"{lv.precision} TTFT of a {lv.prompt_tokens}-token prompt alone, p50: "
+                         f"{s:.3f} s (target <= {target} s: {verdict})")  # fmt: skip
+    return lines
+
+
 def _paging_ratios(report: Report) -> list[Ratio]:
     """fp32 with prefix caching against fp32 without, per sampling and level, when both ran."""
     ratios = []
@@ -498,7 +548,7 @@ def _levels(report: Report, precision: str, sampling: str) -> dict[int, LevelRes
     return {
         lv.concurrency: lv
         for lv in report.server
-        if lv.precision == precision and lv.sampling == sampling
+        if lv.precision == precision and lv.sampling == sampling and not lv.prompt_tokens
     }
 
 
@@ -517,6 +567,8 @@ def table_rows(report: Report) -> list[tuple[str, str, str, str]]:
     for lv in report.server:
         note = f" ({lv.short_requests} short)" if lv.short_requests else ""
         streams = "1 stream" if lv.concurrency == 1 else f"{lv.concurrency} streams"
+        if lv.prompt_tokens:
+            streams = f"{lv.prompt_tokens}-token prompt alone, 1 token"
         label = f"server {lv.precision} {lv.sampling}, {streams}{note}"
         rows.append((label, f"{lv.tok_s:.1f}",
                      f"{lv.ttft_p50_ms:.0f}", f"{lv.ttft_p95_ms:.0f}"))  # fmt: skip
@@ -547,7 +599,7 @@ def print_report(report: Report) -> None:
         for row in table_rows(report):
             table.add_row(*row)
         Console().print(table)
-    for line in [*report.skipped, *ratio_lines(report)]:
+    for line in [*report.skipped, *ratio_lines(report), *long_ttft_lines(report)]:
         print(line)
 
 
@@ -597,6 +649,11 @@ def main(argv: list[str] | None = None) -> int:
     per_sampling = sum(c * r for c, r in zip(cfg.concurrency, cfg.rounds, strict=True))
     needed = 1 + len(cfg.samplings) * per_sampling
     prompts = build_prompts(tokenizer, max(needed, RAW_BATCH), cfg.prompt_tokens)
+    long = None
+    if cfg.long_prompt_tokens:
+        count, tokens = cfg.long_prompt_rounds + 1, cfg.long_prompt_tokens
+        # A new seed each run: with --server-url, a rerun's prompts would be in the prefix cache.
+        long = build_prompts(tokenizer, count, tokens, seed=time.time_ns())
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("api_key",)}
     report = Report(settings=json.loads(json.dumps(settings, default=str)))
     machine_section(cfg, report)
@@ -605,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         report.hf_generate, report.hf_raw_decode_b32 = run_baselines(cfg, prompts)
     if cfg.server:
         print("server ...", flush=True)
-        report.server = run_server(cfg, prompts, report.skipped)
+        report.server = run_server(cfg, prompts, report.skipped, long)
     report.ratios = compute_ratios(report)
     print_report(report)
     print(f"total {time.perf_counter() - started:.0f} s")
