@@ -4,21 +4,23 @@ A pipeline of small functions, each with OpenAI's or vLLM's definition of its pa
 logit_bias -> penalties -> masks (min_tokens, grammar) -> greedy or
 temperature -> min_p -> top_k -> top_p -> draw. Temperature, min_p, top_k, top_p and the
 inverse-CDF draw run for all sampled rows of a step in a few batched tensor ops, none of which
-sorts a vocabulary; only the uniform number is drawn per row, from the row's own
-torch.Generator. Every batched op works within a row, so a row's token depends only on its own
+sorts a vocabulary; only the uniform numbers are drawn per row, from the row's own
+torch.Generator (one per step; a top_p row whose first draw fell outside its nucleus draws a
+second). Every batched op works within a row, so a row's token depends only on its own
 logits and generator, never on the rows beside it (rule 4).
 
 Device: every tensor a step builds lives on the logits' device (penalty counts, logit_bias and
 grammar masks arrive there from the worker); only the uniforms come from the rows' CPU
 generators (a seed draws the same numbers on any device). Results leave the device through
 `to_host` once per step (greedy and drawn tokens, finite flags, logprobs packed together);
-the few other syncs (ties at a top_k boundary, the top_p bucket sort) go through it too, so a
-test can count them.
+the few other syncs (ties at a top_k boundary, whether top_p rows' first draws are in their
+nuclei, the top_p bucket sort) go through it too, so a test can count them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -209,6 +211,13 @@ class DrawParams:
     def truncating(self) -> bool:
         return bool(self.by_k or self.by_p)
 
+    def only_top_p(self, rows: torch.Tensor) -> DrawParams:
+        """These rows, each truncated by top_p alone (rows of by_p)."""
+        return DrawParams(
+            self.inv_temperature[rows], self.min_p[rows], self.top_k[rows], self.top_p[rows],
+            by_p=tuple(range(rows.numel())), min_p_on=self.min_p_on,
+        )  # fmt: skip
+
     @classmethod
     def of(cls, rows: list[SamplingRow], vocab: int, device: torch.device) -> DrawParams:
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -232,14 +241,65 @@ class DrawParams:
         )
 
 
-def draw_batch(logits: torch.Tensor, params: DrawParams, u: torch.Tensor) -> torch.Tensor:
+Redraw = Callable[[list[int]], torch.Tensor]  # rows -> a second uniform each ([n] float64)
+
+
+def draw_batch(
+    logits: torch.Tensor, params: DrawParams, u: torch.Tensor, redraw: Redraw | None = None
+) -> torch.Tensor:
     """One token per row of processed `logits` [b, V]; row i draws with its uniform u[i].
 
+    With `redraw`, rows truncated by top_p alone draw first from their whole distribution and
+    keep the token when it lies in the nucleus; the others (about 1 - top_p of them) draw
+    again, exactly, from the nucleus, with a second uniform from `redraw`. Accepting a draw
+    from the whole distribution when it falls in the nucleus is a draw from the nucleus, so
+    the mixture is the nucleus distribution, and most rows skip finding its boundary (the
+    bucket pass below): 32 rows of a 49k vocabulary at top_p 0.95 sampled in 5.1-5.9 ms
+    against 10.7-16.4 (temperature alone: 1.6; interleaved A/B on a 2-core Xeon).
+
     Every operation works within a row (softmax, cumsum, compare, topk, scatter_add, a stable
-    sort of one bucket), so a row's token depends only on its own logits and u, never on the
-    rows beside it (rule 4).
+    sort of one bucket), so a row's token depends only on its own logits and uniforms, never
+    on the rows beside it (rule 4).
     """
-    return _inverse_cdf(truncated_weights(logits, params), u)
+    if redraw is None or not params.by_p:
+        return _inverse_cdf(truncated_weights(logits, params), u)
+    first = replace(params, by_p=())  # top_k rows truncate now; top_p-only rows do not
+    x, weights = _tempered(logits, first, keep_x=True)
+    if first.truncating:
+        _truncate(x, weights, first)
+    tokens = _inverse_cdf(weights, u)
+    by_p = torch.tensor(params.by_p, dtype=torch.long, device=logits.device)
+    sure = _surely_in_nucleus(
+        _rows_of(x, by_p), _rows_of(weights, by_p), tokens[by_p], params.top_p[by_p]
+    )
+    unsure = [i for i, ok in zip(params.by_p, to_host(sure), strict=True) if not ok]
+    if not unsure:
+        return tokens
+    # Settled exactly: their nuclei, as truncated_weights finds them (the bucket pass).
+    rows = torch.tensor(unsure, dtype=torch.long, device=logits.device)
+    nucleus = truncated_weights(logits[rows], params.only_top_p(rows))
+    inside = to_host(nucleus.gather(1, tokens[rows][:, None])[:, 0] > 0)
+    out = [j for j, ok in enumerate(inside) if not ok]
+    if out:
+        pick = torch.tensor(out, dtype=torch.long, device=logits.device)
+        again = [unsure[j] for j in out]
+        tokens[rows[pick]] = _inverse_cdf(nucleus[pick], redraw(again).to(logits.device))
+    return tokens
+
+
+def _surely_in_nucleus(
+    x: torch.Tensor, weights: torch.Tensor, tokens: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """[rows] bool: True where the row's token is certainly in its top_p nucleus (False: not
+    certain either way). In the stable descending order of `x` (truncated_weights), a token
+    is kept when the mass strictly before it is below top_p of the total and it has weight.
+    Here, in float32, every token tied with it counts as before it (an upper bound on that
+    mass), and a margin of 1e-4 of the total covers the float32 sums' rounding (far less)."""
+    xt = x.gather(1, tokens[:, None])
+    wt = weights.gather(1, tokens[:, None])[:, 0]
+    upper = (torch.where(x >= xt, weights, 0.0).sum(-1) - wt).double()
+    total = weights.sum(-1).double()
+    return (upper < (top_p - 1e-4) * total) & (wt > 0)
 
 
 def truncated_weights(logits: torch.Tensor, params: DrawParams) -> torch.Tensor:
@@ -248,16 +308,25 @@ def truncated_weights(logits: torch.Tensor, params: DrawParams) -> torch.Tensor:
     Not renormalised (the draw scales by each row's total). The kept set is the one a stable
     full sort in descending order defines: among equal logits the lower token id comes first.
     """
-    x = logits * params.inv_temperature
-    truncating = params.truncating
-    # Temperature alone needs no logits after the softmax: it overwrites them (one [b, V]
-    # buffer instead of two; a step's large allocations are what cost most here).
-    weights = x.softmax(-1) if truncating else torch.softmax(x, -1, out=x)
-    if params.min_p_on:
-        weights.masked_fill_(min_p_drop(weights, params.min_p), 0.0)
-    if truncating:
+    x, weights = _tempered(logits, params)
+    if params.truncating:
         _truncate(x, weights, params)
     return weights
+
+
+def _tempered(
+    logits: torch.Tensor, params: DrawParams, keep_x: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits / temperature, their probabilities with min_p applied). Without truncation or
+    `keep_x` the logits are not needed after the softmax: it overwrites them (one [b, V]
+    buffer instead of two; a step's large allocations are what cost most here), and both
+    returned are that buffer."""
+    x = logits * params.inv_temperature
+    keep = keep_x or params.truncating
+    weights = x.softmax(-1) if keep else torch.softmax(x, -1, out=x)
+    if params.min_p_on:
+        weights.masked_fill_(min_p_drop(weights, params.min_p), 0.0)
+    return x, weights
 
 
 def _truncate(x: torch.Tensor, weights: torch.Tensor, params: DrawParams) -> None:
@@ -449,10 +518,11 @@ def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -
         return None
     params = DrawParams.of([rows[i] for i in which], processed.shape[-1], dev)
     uniforms = torch.tensor([u[i] for i in which], dtype=torch.float64, device=dev)
+    again = _Seconds(rows, dev)
     try:
-        return _Drawn(which, draw_batch(x, params, uniforms), finite)
+        return _Drawn(which, draw_batch(x, params, uniforms, again.of(which)), finite)
     except Exception:  # noqa: BLE001 - redone row by row below, to find the row at fault
-        return _draw_alone(x, rows, which, u, errors, finite)
+        return _draw_alone(x, rows, which, u, errors, finite, again)
 
 
 def _finite(
@@ -477,18 +547,41 @@ def _finite(
     return x[keep], [which[j] for j in keep], finite[keep]
 
 
+@dataclass(slots=True)
+class _Seconds:
+    """Second uniforms, for rows whose first draw fell outside their nucleus: each drawn from
+    the row's own generator when first asked for, and remembered, so that a row redone alone
+    after a failed batch draws the same numbers as it would have batched."""
+
+    rows: list[SamplingRow]
+    device: torch.device
+    drawn: dict[int, float] = field(default_factory=dict)
+
+    def of(self, which: list[int]) -> Redraw:
+        """A Redraw for a draw over these rows of the step (its row j is step row which[j])."""
+
+        def redraw(js: list[int]) -> torch.Tensor:
+            for i in (which[j] for j in js):
+                if i not in self.drawn:
+                    self.drawn[i] = float(torch.rand(1, generator=self.rows[i].generator))
+            values = [self.drawn[which[j]] for j in js]
+            return torch.tensor(values, dtype=torch.float64, device=self.device)
+
+        return redraw
+
+
 def _draw_alone(
     x: torch.Tensor, rows: list[SamplingRow], which: list[int], u: dict[int, float],
-    errors: RowErrors, finite: torch.Tensor,
+    errors: RowErrors, finite: torch.Tensor, again: _Seconds,
 ) -> _Drawn:  # fmt: skip
-    """Each row by itself, with the uniform it already drew: the same tokens as batched."""
+    """Each row by itself, with the uniforms it already drew: the same tokens as batched."""
     dev = x.device
     out = torch.full((len(which),), -1, dtype=torch.long, device=dev)
     for j, i in enumerate(which):
         try:
             params = DrawParams.of([rows[i]], x.shape[-1], dev)
             uniform = torch.tensor([u[i]], dtype=torch.float64, device=dev)
-            out[j : j + 1] = draw_batch(x[j : j + 1], params, uniform)
+            out[j : j + 1] = draw_batch(x[j : j + 1], params, uniform, again.of([i]))
         except Exception as e:  # noqa: BLE001 - this row's request fails, not the batch
             errors[i] = e
     return _Drawn(which, out, finite)

@@ -121,6 +121,22 @@ def test_the_draw_follows_the_truncated_distribution() -> None:
     assert torch.allclose(freq, weights / weights.sum(), atol=2 / n)
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.9])
+def test_top_p_rows_draw_from_the_nucleus(top_p: float) -> None:
+    """top_p alone: a draw from the whole distribution is kept when it lies in the nucleus and
+    drawn again from the nucleus otherwise; the tokens follow the nucleus distribution."""
+    logits = logits_of("peaked", 1, vocab=64) * 0.1  # a nucleus of tens of tokens
+    rows = [row(seed=i, top_p=top_p) for i in range(20_000)]
+    weights = truncated_weights(logits, params(rows[:1], 64))[0].double()
+    out = sample(logits.expand(len(rows), 64), rows)
+    assert not out.errors
+    freq = torch.bincount(torch.tensor(out.tokens), minlength=64).double() / len(rows)
+    assert (freq[weights == 0] == 0).all()  # never a token outside the nucleus
+    assert (weights > 0).sum() > 10
+    # 20,000 draws: each frequency within ~4 standard deviations of its probability
+    assert torch.allclose(freq, weights / weights.sum(), atol=0.006)
+
+
 def mixed_rows(n: int) -> list[SamplingRow]:
     combos = [{}, {"temperature": 0}, *COMBOS]
     return [row(seed=100 + i, **combos[i % len(combos)]) for i in range(n)]
@@ -166,9 +182,10 @@ def test_no_row_sorts_the_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
     for kind in ("peaked", "flat"):
         rows = [row(seed=i, top_p=0.95, top_k=50 if i % 2 else 0) for i in range(32)]
         assert not sample(logits_of(kind, 32), rows).errors
-    # Per step: one topk (the k-th largest for the top_k rows) and one sort of the boundary
-    # buckets, for all 32 rows together; both far narrower than the vocabulary.
-    assert len(widths) == 4 and max(widths) < VOCAB // 20, widths
+    # Per step: one topk (the k-th largest for the top_k rows) and at most one sort of the
+    # boundary buckets (for the top_p rows whose first draw was not surely in the nucleus),
+    # all rows together; both far narrower than the vocabulary.
+    assert 2 <= len(widths) <= 4 and max(widths) < VOCAB // 20, widths
 
 
 def test_a_row_with_no_allowed_token_fails_alone() -> None:
