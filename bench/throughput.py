@@ -386,7 +386,11 @@ async def drive_server(
                 levels.append(replace(level, precision=precision, sampling=sampling))
                 print(f"  {precision} {sampling} c={c}: {level.tok_s:.1f} tok/s", flush=True)
         if long is not None:
-            level = await long_prompt_level(cfg, client, model_id, long)
+            try:
+                level = await long_prompt_level(cfg, client, model_id, long)
+            except RuntimeError as e:  # e.g. a server whose --max-model-len is shorter
+                print(f"  {precision} {long.tokens}-token prompt skipped: {e}", flush=True)
+                return levels
             levels.append(replace(level, precision=precision))
             print(f"  {precision} {long.tokens}-token prompt alone: TTFT p50 "
                   f"{level.ttft_p50_ms:.0f} ms", flush=True)  # fmt: skip
