@@ -194,3 +194,32 @@ def test_a_row_with_no_allowed_token_fails_alone() -> None:
     alone = sample(logits[2:], [row(seed=2, top_p=0.9)]).tokens
     out = sample(logits, [row(seed=0), row(seed=1, top_p=0.9), row(seed=2, top_p=0.9)])
     assert set(out.errors) == {1} and out.tokens[1] == -1 and out.tokens[2:] == alone
+
+
+def test_rows_redone_alone_after_a_failed_batch_draw_the_same_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batched draw that raises is redone row by row with the uniforms already drawn: a top_p
+    row whose second uniform came from its generator in the failed attempt reuses it."""
+    from genserve.model import sampler
+
+    logits = logits_of("flat", 16, seed=3)
+
+    def rows() -> list[SamplingRow]:
+        return [row(seed=200 + i, top_p=0.5) for i in range(16)]
+
+    expected = sample(logits, rows()).tokens
+    real = sampler.draw_batch
+    calls: list[int] = []
+
+    def fails_once(x, params, u, redraw=None):  # noqa: ANN001, ANN202
+        calls.append(x.shape[0])
+        out = real(x, params, u, redraw)  # draws every second uniform it needs, then fails
+        if len(calls) == 1:
+            raise RuntimeError("batched draw failed")
+        return out
+
+    monkeypatch.setattr(sampler, "draw_batch", fails_once)
+    out = sample(logits, rows())
+    assert calls[0] == 16 and calls[1:] == [1] * 16  # one failed batch, then each row alone
+    assert not out.errors and out.tokens == expected
