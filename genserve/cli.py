@@ -102,6 +102,8 @@ SERVE_OPTIONS = (
                  "Batch-invariant numerics for every request, not only seeded ones (~20% slower)."),
     ConfigOption("engine_process", "engine", "own_process",
                  "Run the model in a process of its own (off: a thread of the API's)."),
+    ConfigOption("compile_decode", "engine", "compile_decode",
+                 "Compile the one-stream decode step at start-up (CPU, Llama family)."),
     ConfigOption("trust_remote_code", "model", "trust_remote_code",
                  "Run code shipped with a model."),
     ConfigOption("allow_pickle", "model", "allow_pickle", "Load .bin/.pt pickle weights."),

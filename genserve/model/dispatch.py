@@ -23,6 +23,7 @@ def make_runner(
     batch_invariant: bool = True,
     policy: KernelPolicy | None = None,
     paged: PagedShape | None = None,
+    compile_decode: bool = False,
 ) -> Runner:
     """LlamaRunner where it applies (hand-written, fastest measured), else BatchedHFRunner
     (transformers' modules, our batched attention and KV slots), else HFRunner (one sequence
@@ -32,10 +33,12 @@ def make_runner(
     if fast_path and fast_path_supported(model.config, max_len):
         log.info("model type %s: LlamaRunner (the hand-written Llama-family path)", kind)
         if paged is None:
-            return LlamaRunner(model, num_slots, max_len, batch_invariant, policy)
+            return LlamaRunner(
+                model, num_slots, max_len, batch_invariant, policy, compile_decode=compile_decode
+            )
         return LlamaRunner(
             model, paged.max_seqs, max_len, batch_invariant, policy, paged.num_blocks,
-            paged.block_size,
+            paged.block_size, compile_decode,
         )  # fmt: skip
     reason = unsupported_reason(model)
     if reason is None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE, lane_blocks
 from genserve.engine.types import ChunkInput, StepInput
 from genserve.model import kernels
+from genserve.model.compiled import LoneDecode, compile_lone_decode
 from genserve.model.hardware import KernelPolicy, ShapePlan
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
 from genserve.model.memory import huge_pages, return_freed_memory
@@ -212,6 +213,7 @@ class LlamaRunner:
         policy: KernelPolicy | None = None,  # None: the fixed fp32 oneDNN kernels
         num_blocks: int | None = None,  # None: as many as num_slots sequences of max_len
         block_size: int = DEFAULT_BLOCK_SIZE,
+        compile_decode: bool = False,  # a lone free decode as one compiled graph (compiled.py)
     ) -> None:
         cfg = model.config
         self.batch_invariant = batch_invariant
@@ -236,16 +238,22 @@ class LlamaRunner:
         self.lane_blocks = lane_blocks(self.num_blocks, num_slots)  # as the engine allocates
         self.lane_len = self.lane_blocks * block_size
         # Per layer [kv_heads, positions, head_dim]: a gather of a sequence's positions along
-        # dim 1 gives [kv_heads, length, head_dim] as attention reads it, contiguous.
+        # dim 1 gives [kv_heads, length, head_dim] as attention reads it, contiguous. A tensor
+        # per layer, not one for all: a compiled step (model/compiled.py) writes each in place,
+        # where writing through views of one tensor made it copy the whole cache per layer.
         self.cache_len = self.num_blocks * block_size
-        shape = (len(self.layers), self.num_kv_heads, self.cache_len, self.head_dim)
-        # Written through once here (zero_ touches every page): a lazily mapped cache would
-        # take its page faults in the middle of the first requests' steps instead.
-        self.k_cache = huge_pages(torch.empty(shape, dtype=self.dtype, device=self.device)).zero_()
-        self.v_cache = huge_pages(torch.empty(shape, dtype=self.dtype, device=self.device)).zero_()
+        self.k_cache = [self._cache_layer() for _ in self.layers]
+        self.v_cache = [self._cache_layer() for _ in self.layers]
         self._buffers: dict[str, torch.Tensor] = {}  # gather scratch (see _gather)
+        self.lone = self._compile_lone(model) if compile_decode else None
 
     paged = True
+
+    def _cache_layer(self) -> torch.Tensor:
+        shape = (self.num_kv_heads, self.cache_len, self.head_dim)
+        # Written through once here (zero_ touches every page): a lazily mapped cache would
+        # take its page faults in the middle of the first requests' steps instead.
+        return huge_pages(torch.empty(shape, dtype=self.dtype, device=self.device)).zero_()
 
     def release(self, slot: int) -> None:
         """Nothing to free: a block's next owner overwrites what it reads."""
@@ -260,8 +268,22 @@ class LlamaRunner:
         if self.device.type == "cpu":
             return_freed_memory()
 
+    def _compile_lone(self, model: Any) -> Any:
+        why = None
+        if self.device.type != "cpu":
+            why = "it is built for the CPU"
+        elif self.policy is not None and self.policy.quantization != "none":
+            why = "int8 weights run the runner's own kernels"
+        if why is not None:
+            log.warning("--compile-decode ignored: %s", why)
+            return None
+        module = LoneDecode(model, self.k_cache, self.v_cache, self.eps)
+        return compile_lone_decode(module, self.lane_len or self.cache_len, self.rotary)
+
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
+        if (lone := self._lone(step)) is not None:
+            return lone
         self._copy_blocks(step)
         tokens, positions, sample_rows = self._flatten(step)
         plan = self._plan(step, positions)
@@ -272,6 +294,23 @@ class LlamaRunner:
         x = self._norm(x[sample_rows], self.final_norm)
         return self.lm_head(x, plan.invariant).float()
 
+    def _lone(self, step: StepInput) -> torch.Tensor | None:
+        """The compiled step's logits when this step is one free decode whose blocks are one
+        run (the common one-stream step), else None."""
+        if self.lone is None or len(step.chunks) != 1 or step.copies:
+            return None
+        c = step.chunks[0]
+        if len(c.token_ids) != 1 or not c.start or c.adapter is not None or self._invariant(c):
+            return None
+        table = self._table(c)
+        run = self._run(table, c.start + 1)
+        if run is None or c.num_logit_rows != 1:
+            return None
+        token = torch.tensor(c.token_ids, device=self.device)
+        cos, sin = self.rotary(self.embed[token][None], torch.tensor([[c.start]]))
+        write = torch.tensor(self._rows_of(table, c.start, c.start + 1))
+        return self.lone(token, write, cos[0], sin[0], run, c.start + 1)
+
     def _copy_blocks(self, step: StepInput) -> None:
         """Reused partial blocks (engine/types.py BlockCopy): every layer's rows at once."""
         bs = self.block_size
@@ -280,8 +319,8 @@ class LlamaRunner:
                 slice(c.src * bs, c.src * bs + c.rows),
                 slice(c.dst * bs, c.dst * bs + c.rows),
             )
-            self.k_cache[:, :, dst] = self.k_cache[:, :, src]
-            self.v_cache[:, :, dst] = self.v_cache[:, :, src]
+            for cache in (*self.k_cache, *self.v_cache):
+                cache[:, dst] = cache[:, src]
 
     def _flatten(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens: list[int] = []
@@ -563,8 +602,8 @@ class LlamaRunner:
         qd = q.new_zeros(span, self.num_heads, dim)
         qd.index_copy_(0, d.lanes, q.index_select(0, d.rows))
         lo, hi = d.first * lane, (d.first + span) * lane
-        keys = self.k_cache[i, :, lo:hi].view(kv, span, lane, dim)[:, :, : d.length]
-        values = self.v_cache[i, :, lo:hi].view(kv, span, lane, dim)[:, :, : d.length]
+        keys = self.k_cache[i][:, lo:hi].view(kv, span, lane, dim)[:, :, : d.length]
+        values = self.v_cache[i][:, lo:hi].view(kv, span, lane, dim)[:, :, : d.length]
         o = _grouped_attention(qd, keys.transpose(0, 1), values.transpose(0, 1), d.mask)
         out.index_copy_(0, d.rows, o.index_select(0, d.lanes))
 

@@ -54,11 +54,13 @@ class ModelWorker:
         grammars: Any = None,  # genserve.model.grammar.GrammarCompiler
         policy: KernelPolicy | None = None,  # measured kernels (genserve.model.hardware)
         paged: PagedShape | None = None,  # the KV block pool, on runners that page their cache
+        compile_decode: bool = False,  # LlamaRunner: a lone decode as one compiled graph
     ) -> None:
         self.loaded = loaded
         self.runner: Runner = make_runner(
-            loaded.model, num_slots, max_len, fast_path, batch_invariant, policy, paged
-        )
+            loaded.model, num_slots, max_len, fast_path, batch_invariant, policy, paged,
+            compile_decode,
+        )  # fmt: skip
         if isinstance(self.runner, LlamaRunner):  # it holds its own copies of the weights
             self.runner.free_source_weights(loaded.model)
         self.vocab_size = loaded.model.config.vocab_size
