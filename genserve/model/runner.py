@@ -278,7 +278,11 @@ class LlamaRunner:
             log.warning("--compile-decode ignored: %s", why)
             return None
         module = LoneDecode(model, self.k_cache, self.v_cache, self.eps)
-        return compile_lone_decode(module, self.lane_len or self.cache_len, self.rotary)
+        try:
+            return compile_lone_decode(module, self.lane_len or self.cache_len, self.rotary)
+        except Exception:  # noqa: BLE001 - e.g. no C++ compiler here: serve eager, say why
+            log.exception("--compile-decode failed; every step runs eager")
+            return None
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
