@@ -3,8 +3,9 @@
 Eager, a one-stream step is the weights' reads plus ~25 small ops per layer at a few
 microseconds each. Under `torch.compile` with the weights frozen as constants, inductor
 prepacks them for oneDNN and fuses everything between the linears: `bench/compiled_decode.py`
-measured 18.5 ms a step against 31.3 ms for the same module eager (bf16, SmolLM2-135M shape,
-2-core Xeon with AMX). The module reads and writes the runner's own KV cache tensors, one per
+measured 18.3 ms a step against 29.4 ms for this module eager (bf16, SmolLM2-135M shape,
+2-core Xeon with AMX). Its math is llama_math's, as the eager runner's is. The module reads
+and writes the runner's own KV cache tensors, one per
 layer (held as buffers: written through views of one tensor, the graph copied the whole cache
 per layer), at the sequence's run of blocks.
 
@@ -22,11 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genserve.model.llama_math import StackedLayer, rms_norm, rope, stack_layer
+
 log = logging.getLogger(__name__)
 
 
 def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t.detach(), requires_grad=False)
+
+
+class _Layer(nn.Module):
+    """One decoder layer's stacked weights (llama_math.StackedLayer) as frozen parameters."""
+
+    def __init__(self, w: StackedLayer) -> None:
+        super().__init__()
+        for name in StackedLayer.__slots__:
+            setattr(self, name, _frozen(getattr(w, name)))
 
 
 class LoneDecode(nn.Module):
@@ -44,7 +56,7 @@ class LoneDecode(nn.Module):
         self.embed = _frozen(inner.embed_tokens.weight)
         self.final_norm = _frozen(inner.norm.weight)
         self.lm_head = _frozen(model.lm_head.weight)
-        self.layers = nn.ModuleList(_Layer(layer) for layer in inner.layers)
+        self.layers = nn.ModuleList(_Layer(stack_layer(layer)) for layer in inner.layers)
         for i, (k, v) in enumerate(zip(k_cache, v_cache, strict=True)):
             self.register_buffer(f"k{i}", k, persistent=False)
             self.register_buffer(f"v{i}", v, persistent=False)
@@ -57,14 +69,14 @@ class LoneDecode(nn.Module):
         for i, layer in enumerate(self.layers):
             keys, values = getattr(self, f"k{i}"), getattr(self, f"v{i}")
             x = self._layer(layer, x, keys, values, write, cos, sin, run, length)
-        return F.linear(self._norm(x, self.final_norm), self.lm_head).float()
+        return F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head).float()
 
     def _layer(self, w: _Layer, x, keys, values, write, cos, sin, run: int, length: int):  # noqa: ANN001, ANN202
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        qkv = F.linear(self._norm(x, w.input_norm), w.qkv, w.qkv_bias)
+        qkv = F.linear(rms_norm(x, w.input_norm, self.eps), w.qkv, w.qkv_bias)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = _rotate(q.view(1, self.heads, self.head_dim), cos, sin)
-        k = _rotate(k.view(1, self.kv_heads, self.head_dim), cos, sin)
+        q = rope(q.view(1, self.heads, self.head_dim), cos, sin)
+        k = rope(k.view(1, self.kv_heads, self.head_dim), cos, sin)
         keys.index_copy_(1, write, k.transpose(0, 1))
         values.index_copy_(1, write, v.view(1, self.kv_heads, self.head_dim).transpose(0, 1))
         attn = F.scaled_dot_product_attention(
@@ -74,38 +86,8 @@ class LoneDecode(nn.Module):
             enable_gqa=True,
         )
         x = x + F.linear(attn[0].transpose(0, 1).reshape(1, q_size), w.o, w.o_bias)
-        gate, up = F.linear(self._norm(x, w.post_norm), w.gate_up).chunk(2, dim=-1)
+        gate, up = F.linear(rms_norm(x, w.post_norm, self.eps), w.gate_up).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-class _Layer(nn.Module):
-    """One decoder layer's weights, q/k/v and gate/up stacked as the runner stacks them."""
-
-    def __init__(self, layer: Any) -> None:
-        super().__init__()
-        attn, mlp = layer.self_attn, layer.mlp
-        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-        self.input_norm = _frozen(layer.input_layernorm.weight)
-        self.post_norm = _frozen(layer.post_attention_layernorm.weight)
-        self.qkv = _frozen(torch.cat([p.weight for p in projs]))
-        bias = None
-        if any(p.bias is not None for p in projs):
-            bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features)
-                              for p in projs])  # fmt: skip
-        self.qkv_bias = _frozen(bias)
-        self.o, self.o_bias = _frozen(attn.o_proj.weight), _frozen(attn.o_proj.bias)
-        self.gate_up = _frozen(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-        self.down, self.down_bias = _frozen(mlp.down_proj.weight), _frozen(mlp.down_proj.bias)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
 
 
 def compile_lone_decode(module: LoneDecode, lane: int, rotary: Any) -> Any:

@@ -29,6 +29,7 @@ from genserve.engine.types import ChunkInput, StepInput
 from genserve.model import kernels
 from genserve.model.compiled import LoneDecode, compile_lone_decode
 from genserve.model.hardware import KernelPolicy, ShapePlan
+from genserve.model.llama_math import rms_norm, rope, stack_layer
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
 from genserve.model.memory import huge_pages, return_freed_memory
 
@@ -128,21 +129,14 @@ class LayerWeights:
 
 def _stack_layer(layer: Any, make: Any) -> LayerWeights:
     """`make(weight, bias)` builds one Linear (the runner's kernels for that shape)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    qkv_bias = None
-    if any(p.bias is not None for p in projs):
-        qkv_bias = torch.cat(
-            [p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projs]
-        )
-    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
+    w = stack_layer(layer)
     return LayerWeights(
-        input_norm=layer.input_layernorm.weight,
-        qkv=make(torch.cat([p.weight for p in projs]).contiguous(), qkv_bias),
-        o=make(attn.o_proj.weight, attn.o_proj.bias),
-        post_norm=layer.post_attention_layernorm.weight,
-        gate_up=make(gate_up, None),
-        down=make(mlp.down_proj.weight, mlp.down_proj.bias),
+        input_norm=w.input_norm,
+        qkv=make(w.qkv, w.qkv_bias),
+        o=make(w.o, w.o_bias),
+        post_norm=w.post_norm,
+        gate_up=make(w.gate_up, None),
+        down=make(w.down, w.down_bias),
     )
 
 
@@ -505,9 +499,7 @@ class LlamaRunner:
         return owner.to(self.device)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * xf.to(x.dtype)
+        return rms_norm(x, weight, self.eps)
 
     def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, cos, sin, plan) -> torch.Tensor:
         h = self._norm(x, w.input_norm)
@@ -515,8 +507,8 @@ class LlamaRunner:
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = _rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = _rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        q = rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
+        k = rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         flat = (-1, self.head_dim)  # a layer's cache as [kv_heads * positions, head_dim]
         self.k_cache[i].view(flat).index_copy_(0, plan.write_index, k.reshape(flat))
@@ -649,14 +641,6 @@ def _base_shape(cfg: Any, heads: int, kv_heads: int, head_dim: int) -> BaseShape
             "up_proj": slice(inter, 2 * inter), "down_proj": slice(0, hidden),
         },
     )  # fmt: skip
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in transformers' rotate-half layout; x is [T, heads, head_dim]."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class HFRunner:
