@@ -5,9 +5,9 @@ microseconds each. Under `torch.compile` with the weights frozen as constants, i
 prepacks them for oneDNN and fuses everything between the linears: `bench/compiled_decode.py`
 measured 18.3 ms a step against 29.4 ms for this module eager (bf16, SmolLM2-135M shape,
 2-core Xeon with AMX). Its math is llama_math's, as the eager runner's is. The module reads
-and writes the runner's own KV cache tensors, one per
-layer (held as buffers: written through views of one tensor, the graph copied the whole cache
-per layer), at the sequence's run of blocks.
+and writes the runner's own KV cache tensors, one per layer (held as buffers: written through
+views of one tensor, the graph copied the whole cache per layer), at the sequence's run of
+blocks.
 
 Only free rows take it (a seeded or --deterministic row must compute as it would batched), on
 the CPU, without adapters or int8 weights; everything else runs the runner's eager path.
