@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from genserve.model.compiled import LoneDecode, compile_lone_decode
+from genserve.model.compiled import LoneDecode, build_lone_decode, compile_lone_decode
 
 SMOL = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
             intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
@@ -57,7 +57,10 @@ def main() -> None:
     eager = LoneDecode(model, caches(cfg, 2 * lane, dtype), caches(cfg, 2 * lane, dtype), eps)
     print(f"{args.dtype}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
     t0 = time.perf_counter()
-    module = LoneDecode(model, caches(cfg, 2 * lane, dtype), caches(cfg, 2 * lane, dtype), eps)
+    module = build_lone_decode(
+        model, caches(cfg, 2 * lane, dtype), caches(cfg, 2 * lane, dtype), eps
+    )
+    print(f"fused one-row products for {sorted(module.gemv) or 'no shape'}")
     compiled = compile_lone_decode(module, lane, rotary)
     print(f"compile: {time.perf_counter() - t0:.1f} s")
     with torch.inference_mode():

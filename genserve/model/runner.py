@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE, lane_blocks
 from genserve.engine.types import ChunkInput, StepInput
 from genserve.model import kernels
-from genserve.model.compiled import LoneDecode, compile_lone_decode
+from genserve.model.compiled import build_lone_decode, compile_lone_decode
 from genserve.model.hardware import KernelPolicy, ShapePlan
 from genserve.model.llama_math import rms_norm, rope, stack_layer
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
@@ -271,8 +271,8 @@ class LlamaRunner:
         if why is not None:
             log.warning("--compile-decode ignored: %s", why)
             return None
-        module = LoneDecode(model, self.k_cache, self.v_cache, self.eps)
         try:
+            module = build_lone_decode(model, self.k_cache, self.v_cache, self.eps)
             return compile_lone_decode(module, self.lane_len or self.cache_len, self.rotary)
         except Exception:  # noqa: BLE001 - e.g. no C++ compiler here: serve eager, say why
             log.exception("--compile-decode failed; every step runs eager")

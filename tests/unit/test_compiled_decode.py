@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
+from genserve.model.compiled import GemvTiming, LoneDecode, build_lone_decode, measure_gemv
 from genserve.model.runner import LlamaRunner
 from tests.tiny_model import SMALL_LLAMA
 
@@ -38,3 +39,53 @@ def test_a_lone_decode_runs_compiled_and_matches_transformers() -> None:
     out = runner.execute(step)
     torch.testing.assert_close(out[0], reference(m, [*ids, 5]), atol=1e-4, rtol=1e-4)
     assert calls == [7, 8, 9]
+
+
+def shapes_of(m: LlamaForCausalLM) -> list[tuple[int, int]]:
+    """The five weight shapes a lone decode multiplies by: qkv, o, gate_up, down, lm_head."""
+    cfg, attn = m.config, m.model.layers[0].self_attn
+    qkv = sum(p.out_features for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    return [
+        (qkv, cfg.hidden_size),
+        tuple(attn.o_proj.weight.shape),
+        (2 * cfg.intermediate_size, cfg.hidden_size),
+        tuple(m.model.layers[0].mlp.down_proj.weight.shape),
+        tuple(m.lm_head.weight.shape),
+    ]
+
+
+def test_fused_one_row_products_compute_the_linear() -> None:
+    """Every shape on the fused pass (compiled.fused_gemv): transformers' logits still (eager
+    here; the compiled graph's forms are the test above's, as this machine measured them)."""
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA)).eval()
+    cfg = m.config
+    shape = (cfg.num_key_value_heads, 16, cfg.hidden_size // cfg.num_attention_heads)
+    caches = [[torch.zeros(shape) for _ in range(cfg.num_hidden_layers)] for _ in range(2)]
+    module = LoneDecode(m, *caches, cfg.rms_norm_eps, gemv=shapes_of(m))
+    assert len(module.gemv) == 5
+    rotary, ids = m.model.rotary_emb, [3, 17, 42]
+    with torch.inference_mode():
+        for p, token in enumerate(ids):
+            t, pos = torch.tensor([token]), torch.tensor([p])
+            cos, sin = rotary(module.embed[t][None], pos[None])
+            out = module(t, pos, cos[0], sin[0], 0, p + 1)
+    torch.testing.assert_close(out[0], reference(m, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_the_fused_pass_runs_only_where_it_measured_faster() -> None:
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA)).eval()
+    timings = measure_gemv([(96, 64), (64, 64), (96, 64)], torch.float32)
+    assert [(t.out_features, t.in_features) for t in timings] == [(96, 64), (64, 64)]
+    assert all(t.fused_us >= 0 and t.library_us > 0 for t in timings)
+    shapes = shapes_of(m)
+    seen = []
+
+    def measure(asked: list, dtype: torch.dtype) -> list[GemvTiming]:  # fixed times
+        seen.append((list(asked), dtype))
+        return [GemvTiming(o, i, 10.0 if k % 2 else 30.0, 20.0) for k, (o, i) in enumerate(asked)]
+
+    module = build_lone_decode(m, [], [], m.config.rms_norm_eps, measure=measure)
+    assert seen == [(shapes, torch.float32)]
+    assert module.gemv == {shapes[1], shapes[3]}
