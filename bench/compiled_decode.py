@@ -38,7 +38,7 @@ def steps(module, rotary, first: int, count: int) -> tuple[list[float], list[tor
         token, pos = torch.tensor([p % 1000]), torch.tensor([p])
         cos, sin = rotary(module.embed[token][None], pos[None])
         t0 = time.perf_counter()
-        logits.append(module(token, pos, cos[0], sin[0], 0, p + 1))
+        logits.append(module(token, pos, cos[0], sin[0], p + 1, p + 1))  # end, length
         times.append(time.perf_counter() - t0)
     return times, logits
 
@@ -61,7 +61,7 @@ def main() -> None:
         model, caches(cfg, 2 * lane, dtype), caches(cfg, 2 * lane, dtype), eps
     )
     print(f"fused one-row products for {sorted(module.gemv) or 'no shape'}")
-    compiled = compile_lone_decode(module, lane, rotary)
+    compiled = compile_lone_decode(module, rotary)
     print(f"compile: {time.perf_counter() - t0:.1f} s")
     with torch.inference_mode():
         for side in (eager, compiled):  # the prefix both attend, written a token at a time

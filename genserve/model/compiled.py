@@ -59,9 +59,12 @@ def fused_gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) 
 
 
 class LoneDecode(nn.Module):
-    """forward(token [1], write [1], cos, sin, run, length) -> logits [1, vocab] float32: the
+    """forward(token [1], write [1], cos, sin, end, length) -> logits [1, vocab] float32: the
     token at cache row `write` (of each layer's [kv, positions, dim] cache), attending rows
-    run..run+length-1. Weights whose (out, in) shape is in `gemv` use fused_gemv."""
+    end-length..end-1. (The end, not the start: a decode's end and length are both at least
+    2, where the compiler treats an int as a symbol; a start of 0 would be a graph of its
+    own, compiled at the first decode in lane 0.) Weights whose (out, in) shape is in `gemv`
+    use fused_gemv."""
 
     def __init__(
         self, model: Any, k_cache: list, v_cache: list, eps: float,
@@ -84,12 +87,12 @@ class LoneDecode(nn.Module):
 
     def forward(
         self, token: torch.Tensor, write: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        run: int, length: int,
+        end: int, length: int,
     ) -> torch.Tensor:  # fmt: skip
         x = self.embed[token]
         for i, layer in enumerate(self.layers):
             keys, values = getattr(self, f"k{i}"), getattr(self, f"v{i}")
-            x = self._layer(layer, x, keys, values, write, cos, sin, run, length)
+            x = self._layer(layer, x, keys, values, write, cos, sin, end, length)
         return self._linear(rms_norm(x, self.final_norm, self.eps), self.lm_head).float()
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):  # noqa: ANN202
@@ -98,7 +101,7 @@ class LoneDecode(nn.Module):
             return fused_gemv(x, w, b)
         return F.linear(x, w, b)
 
-    def _layer(self, w: _Layer, x, keys, values, write, cos, sin, run: int, length: int):  # noqa: ANN001, ANN202
+    def _layer(self, w: _Layer, x, keys, values, write, cos, sin, end: int, length: int):  # noqa: ANN001, ANN202
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         qkv = self._linear(rms_norm(x, w.input_norm, self.eps), w.qkv, w.qkv_bias)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -108,8 +111,8 @@ class LoneDecode(nn.Module):
         values.index_copy_(1, write, v.view(1, self.kv_heads, self.head_dim).transpose(0, 1))
         attn = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],
-            keys[None, :, run : run + length],
-            values[None, :, run : run + length],
+            keys[None, :, end - length : end],
+            values[None, :, end - length : end],
             enable_gqa=True,
         )
         x = x + self._linear(attn[0].transpose(0, 1).reshape(1, q_size), w.o, w.o_bias)
@@ -117,21 +120,22 @@ class LoneDecode(nn.Module):
         return x + self._linear(F.silu(gate) * up, w.down, w.down_bias)
 
 
-def compile_lone_decode(module: LoneDecode, lane: int, rotary: Any) -> Any:
-    """The compiled module, already run (compiled) for any run and length: two calls at two
-    different runs and lengths make both dynamic, so no later step recompiles. The calls
-    write rows of the first two lanes' first positions, which their next owners overwrite."""
+def compile_lone_decode(module: LoneDecode, rotary: Any) -> Any:
+    """The compiled module, already run (so compiled) once for every later step: dynamic, so
+    any end and length (both >= 2: the compiler specialises 0 and 1) reuse the one graph.
+    Built before the first step: the call writes row 4, the first lane's, which its first
+    owner overwrites."""
     import torch._inductor.config as inductor
 
     inductor.freezing = True  # the weights as constants: prepacked for oneDNN, folded
-    compiled = torch.compile(module)
+    compiled = torch.compile(module, dynamic=True)
     started = time.perf_counter()
-    token = torch.zeros(1, dtype=torch.long)
+    # Inputs made as execute makes them, under inference_mode: a tensor made outside it has
+    # another dispatch key set, which the graph guards on (the first step would recompile).
     with torch.inference_mode():
-        for run, length in ((0, 1), (lane, 2)):
-            pos = torch.tensor([length - 1])
-            cos, sin = rotary(module.embed[token][None], pos[None])
-            compiled(token, pos + run, cos[0], sin[0], run, length)
+        token, pos = torch.zeros(1, dtype=torch.long), torch.tensor([4])
+        cos, sin = rotary(module.embed[token][None], pos[None])
+        compiled(token, pos, cos[0], sin[0], 5, 3)  # end 5, length 3: distinct, not 0 or 1
     log.info("compiled the lone decode step in %.1f s", time.perf_counter() - started)
     return compiled
 
@@ -157,8 +161,8 @@ def measure_gemv(shapes: Sequence[tuple[int, int]], dtype: torch.dtype) -> list[
     random weights of each shape, interleaved and cold as hardware.time_kernels does."""
     fused = torch.compile(fused_gemv, dynamic=True)
     with torch.inference_mode():
-        tiny = torch.zeros(1, 8, dtype=dtype)
-        fixed = _overhead(fused, tiny, torch.zeros(8, 8, dtype=dtype))
+        # 16x8, not 8x8: equal sizes would be a graph of their own (duck sizing)
+        fixed = _overhead(fused, torch.zeros(1, 8, dtype=dtype), torch.zeros(16, 8, dtype=dtype))
         return [_time_shape(fused, out, inp, dtype, fixed) for out, inp in dict.fromkeys(shapes)]
 
 

@@ -273,7 +273,7 @@ class LlamaRunner:
             return None
         try:
             module = build_lone_decode(model, self.k_cache, self.v_cache, self.eps)
-            return compile_lone_decode(module, self.lane_len or self.cache_len, self.rotary)
+            return compile_lone_decode(module, self.rotary)
         except Exception:  # noqa: BLE001 - e.g. no C++ compiler here: serve eager, say why
             log.exception("--compile-decode failed; every step runs eager")
             return None
@@ -307,7 +307,7 @@ class LlamaRunner:
         token = torch.tensor(c.token_ids, device=self.device)
         cos, sin = self.rotary(self.embed[token][None], torch.tensor([[c.start]]))
         write = torch.tensor(self._rows_of(table, c.start, c.start + 1))
-        return self.lone(token, write, cos[0], sin[0], run, c.start + 1)
+        return self.lone(token, write, cos[0], sin[0], run + c.start + 1, c.start + 1)
 
     def _copy_blocks(self, step: StepInput) -> None:
         """Reused partial blocks (engine/types.py BlockCopy): every layer's rows at once."""

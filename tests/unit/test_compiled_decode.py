@@ -2,6 +2,7 @@
 runner's own KV cache and gives transformers' logits; everything else keeps the eager path."""
 
 import torch
+from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
@@ -23,19 +24,24 @@ def test_a_lone_decode_runs_compiled_and_matches_transformers() -> None:
     m = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA)).eval()
     runner = LlamaRunner(m, 4, 64, batch_invariant=False, compile_decode=True)
     assert runner.lone is not None
+    graphs = counters["stats"]["unique_graphs"]
     calls = []
     compiled = runner.lone
     runner.lone = lambda *a: calls.append(a[-1]) or compiled(*a)  # counts compiled steps
     ids = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(1)).tolist()
-    slot = 2  # not lane 0 or 1, where compiling wrote its warm-up rows
-    runner.execute(StepInput((ChunkInput("a", slot, tuple(ids[:6]), 0, True, FREE, 0),)))
-    for start in range(6, 9):
-        step = StepInput((ChunkInput("a", slot, (ids[start],), start, True, FREE, 0),))
-        out = runner.execute(step)
-        torch.testing.assert_close(out[0], reference(m, ids[: start + 1]), atol=1e-4, rtol=1e-4)
-    assert calls == [7, 8, 9]  # every decode compiled, attending its whole prefix
+    for slot in (2, 0):  # lane 0 too: its decodes start at cache row 0
+        calls.clear()
+        runner.execute(StepInput((ChunkInput("a", slot, tuple(ids[:6]), 0, True, FREE, 0),)))
+        for start in range(6, 9):
+            step = StepInput((ChunkInput("a", slot, (ids[start],), start, True, FREE, 0),))
+            out = runner.execute(step)
+            want = reference(m, ids[: start + 1])
+            torch.testing.assert_close(out[0], want, atol=1e-4, rtol=1e-4)
+        assert calls == [7, 8, 9]  # every decode compiled, attending its whole prefix
+    # The graph compiled while building serves every lane and length: none compiled since.
+    assert counters["stats"]["unique_graphs"] == graphs
     # A seeded row computes as it would batched: the eager path, and the same cache.
-    step = StepInput((ChunkInput("a", slot, (5,), 9, True, SEEDED, 0),))
+    step = StepInput((ChunkInput("a", 0, (5,), 9, True, SEEDED, 0),))
     out = runner.execute(step)
     torch.testing.assert_close(out[0], reference(m, [*ids, 5]), atol=1e-4, rtol=1e-4)
     assert calls == [7, 8, 9]
@@ -69,7 +75,7 @@ def test_fused_one_row_products_compute_the_linear() -> None:
         for p, token in enumerate(ids):
             t, pos = torch.tensor([token]), torch.tensor([p])
             cos, sin = rotary(module.embed[t][None], pos[None])
-            out = module(t, pos, cos[0], sin[0], 0, p + 1)
+            out = module(t, pos, cos[0], sin[0], p + 1, p + 1)  # end, length
     torch.testing.assert_close(out[0], reference(m, ids), atol=1e-4, rtol=1e-4)
 
 
