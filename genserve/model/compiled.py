@@ -15,15 +15,18 @@ multiply-and-sum that inductor fuses into one vectorised pass over the weight, w
 read fp32 weights at 11-16 GB/s against 6-12 for the libraries, and the whole step ran 48.9 ms
 against 69.5 ms. Nothing is assumed: on a CPU whose library GEMV is faster, it stays.
 
+With `--quantization int8` a weight whose one-row kernel the runner's policy measured as
+torch's int8 one stays int8 in the graph (the others run dequantized, as in the runner).
+
 Only free rows take it (a seeded or --deterministic row must compute as it would batched), on
-the CPU, without adapters or int8 weights; everything else runs the runner's eager path.
+the CPU, without adapters; everything else runs the runner's eager path.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genserve.model import hardware
+from genserve.model import hardware, kernels
 from genserve.model.llama_math import StackedLayer, rms_norm, rope, stack_layer
 
 log = logging.getLogger(__name__)
@@ -42,15 +45,6 @@ def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t.detach(), requires_grad=False)
 
 
-class _Layer(nn.Module):
-    """One decoder layer's stacked weights (llama_math.StackedLayer) as frozen parameters."""
-
-    def __init__(self, w: StackedLayer) -> None:
-        super().__init__()
-        for name in StackedLayer.__slots__:
-            setattr(self, name, _frozen(getattr(w, name)))
-
-
 def fused_gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [1, in] times w [out, in] transposed, written as a multiply and a sum over `in`: under
     inductor, one loop over w's rows (a vectorised dot product each) with no library call."""
@@ -58,20 +52,63 @@ def fused_gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) 
     return y if b is None else y + b
 
 
+FORMS = ("linear", "fused", "int8")  # the library's linear, fused_gemv, torch's int8 kernel
+
+
+class _Weight(nn.Module):
+    """One weight matrix (and bias) as the graph multiplies a row by it, in one of FORMS.
+    `quantize`: the runner computes with int8 weights, so this one does too: as int8 (form
+    "int8") or dequantized (the other forms), the same values as the runner's kernels."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, form: str,
+                 quantize: bool) -> None:  # fmt: skip
+        super().__init__()
+        self.form, self.bias = form, _frozen(bias)
+        quant = kernels.quantize_int8(weight) if quantize else None
+        self.q = self.scales = self.weight = None
+        if form == "int8" and quant is not None:
+            self.q, self.scales = _frozen(quant.q), _frozen(quant.scales.to(torch.bfloat16))
+        else:
+            self.form = "linear" if form == "int8" else form  # int8 without quantizing: dense
+            self.weight = _frozen(quant.dequantize(weight.dtype) if quant else weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # self.form is fixed while tracing: the graph holds one form per weight.
+        if self.form == "int8":  # its kernel is vectorised for bf16 activations (kernels.py)
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales).to(x.dtype)
+        elif self.form == "fused":
+            y = fused_gemv(x, self.weight)
+        else:
+            y = F.linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+class _Layer(nn.Module):
+    """One decoder layer's stacked weights (llama_math.StackedLayer) as frozen parameters."""
+
+    def __init__(self, w: StackedLayer, forms: Mapping[tuple[int, int], str], quantize: bool):
+        super().__init__()
+        self.input_norm, self.post_norm = _frozen(w.input_norm), _frozen(w.post_norm)
+        for name in ("qkv", "o", "gate_up", "down"):
+            weight, bias = getattr(w, name), getattr(w, f"{name}_bias", None)
+            form = forms.get(tuple(weight.shape), "linear")
+            setattr(self, name, _Weight(weight, bias, form, quantize))
+
+
 class LoneDecode(nn.Module):
     """forward(token [1], write [1], cos, sin, end, length) -> logits [1, vocab] float32: the
     token at cache row `write` (of each layer's [kv, positions, dim] cache), attending rows
     end-length..end-1. (The end, not the start: a decode's end and length are both at least
     2, where the compiler treats an int as a symbol; a start of 0 would be a graph of its
-    own, compiled at the first decode in lane 0.) Weights whose (out, in) shape is in `gemv`
-    use fused_gemv."""
+    own, compiled at the first decode in lane 0.) `forms`: each weight shape's form (FORMS;
+    "linear" where absent); `quantize`: int8 weights, as the runner's."""
 
     def __init__(
         self, model: Any, k_cache: list, v_cache: list, eps: float,
-        gemv: Collection[tuple[int, int]] = (),
+        forms: Mapping[tuple[int, int], str] | None = None, quantize: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.gemv = frozenset(gemv)
+        self.forms = dict(forms or {})
         cfg, inner = model.config, model.model
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -79,8 +116,10 @@ class LoneDecode(nn.Module):
         self.eps = eps
         self.embed = _frozen(inner.embed_tokens.weight)
         self.final_norm = _frozen(inner.norm.weight)
-        self.lm_head = _frozen(model.lm_head.weight)
-        self.layers = nn.ModuleList(_Layer(stack_layer(layer)) for layer in inner.layers)
+        head = model.lm_head.weight
+        self.lm_head = _Weight(head, None, self.forms.get(tuple(head.shape), "linear"), quantize)
+        layers = (_Layer(stack_layer(layer), self.forms, quantize) for layer in inner.layers)
+        self.layers = nn.ModuleList(layers)
         for i, (k, v) in enumerate(zip(k_cache, v_cache, strict=True)):
             self.register_buffer(f"k{i}", k, persistent=False)
             self.register_buffer(f"v{i}", v, persistent=False)
@@ -93,17 +132,11 @@ class LoneDecode(nn.Module):
         for i, layer in enumerate(self.layers):
             keys, values = getattr(self, f"k{i}"), getattr(self, f"v{i}")
             x = self._layer(layer, x, keys, values, write, cos, sin, end, length)
-        return self._linear(rms_norm(x, self.final_norm, self.eps), self.lm_head).float()
-
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):  # noqa: ANN202
-        # Decided while tracing (shapes are fixed): the graph holds one form per weight.
-        if tuple(w.shape) in self.gemv:
-            return fused_gemv(x, w, b)
-        return F.linear(x, w, b)
+        return self.lm_head(rms_norm(x, self.final_norm, self.eps)).float()
 
     def _layer(self, w: _Layer, x, keys, values, write, cos, sin, end: int, length: int):  # noqa: ANN001, ANN202
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        qkv = self._linear(rms_norm(x, w.input_norm, self.eps), w.qkv, w.qkv_bias)
+        qkv = w.qkv(rms_norm(x, w.input_norm, self.eps))
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = rope(q.view(1, self.heads, self.head_dim), cos, sin)
         k = rope(k.view(1, self.kv_heads, self.head_dim), cos, sin)
@@ -115,9 +148,9 @@ class LoneDecode(nn.Module):
             values[None, :, end - length : end],
             enable_gqa=True,
         )
-        x = x + self._linear(attn[0].transpose(0, 1).reshape(1, q_size), w.o, w.o_bias)
-        gate, up = self._linear(rms_norm(x, w.post_norm, self.eps), w.gate_up).chunk(2, dim=-1)
-        return x + self._linear(F.silu(gate) * up, w.down, w.down_bias)
+        x = x + w.o(attn[0].transpose(0, 1).reshape(1, q_size))
+        gate, up = w.gate_up(rms_norm(x, w.post_norm, self.eps)).chunk(2, dim=-1)
+        return x + w.down(F.silu(gate) * up)
 
 
 def compile_lone_decode(module: LoneDecode, rotary: Any) -> Any:
@@ -186,19 +219,30 @@ def _time_shape(fused: Any, out: int, inp: int, dtype: torch.dtype, fixed: float
 
 
 def build_lone_decode(
-    model: Any, k_cache: list, v_cache: list, eps: float, measure: Any = measure_gemv
-) -> LoneDecode:
-    """LoneDecode with fused_gemv for the weight shapes where it measured faster here."""
+    model: Any, k_cache: list, v_cache: list, eps: float,
+    policy: hardware.KernelPolicy | None = None, measure: Any = measure_gemv,
+) -> LoneDecode:  # fmt: skip
+    """LoneDecode with each weight shape in its fastest form here: int8 where the runner's
+    policy quantizes and chose torch's int8 kernel for one row, else fused_gemv where it
+    measured faster than the library's linear (measure_gemv), else the library's."""
     w = stack_layer(model.model.layers[0])
     shapes = [tuple(t.shape) for t in (w.qkv, w.o, w.gate_up, w.down, model.lm_head.weight)]
-    timings = measure(shapes, model.dtype)
-    log.info(
-        "compiled decode, one-row products (us, fused pass vs library): %s",
-        "; ".join(
-            f"{t.out_features}x{t.in_features} {t.fused_us:.0f} vs {t.library_us:.0f}"
-            + (" fused" if t.fused_wins else "")
-            for t in timings
-        ),
-    )
-    gemv = {(t.out_features, t.in_features) for t in timings if t.fused_wins}
-    return LoneDecode(model, k_cache, v_cache, eps, gemv)
+    quantize = policy is not None and policy.quantization == "int8"
+    int8 = [s for s in shapes if quantize and _one_row_kernel(policy, s) == "int8"]
+    dense = [s for s in dict.fromkeys(shapes) if s not in int8]
+    timings = measure(dense, model.dtype) if dense else []
+    forms = {s: "int8" for s in int8}
+    forms |= {(t.out_features, t.in_features): "fused" for t in timings if t.fused_wins}
+    said = [
+        f"{t.out_features}x{t.in_features} {t.fused_us:.0f} vs {t.library_us:.0f}"
+        + (" fused" if t.fused_wins else "")
+        for t in timings
+    ]
+    said += [f"{o}x{i} int8" for o, i in dict.fromkeys(int8)]
+    log.info("compiled decode, one-row products (us, fused pass vs library): %s", "; ".join(said))
+    return LoneDecode(model, k_cache, v_cache, eps, forms, quantize)
+
+
+def _one_row_kernel(policy: hardware.KernelPolicy, shape: tuple[int, int]) -> str | None:
+    plan = policy.plan(*shape)
+    return plan.choices[0] if plan is not None else None

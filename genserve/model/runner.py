@@ -263,16 +263,11 @@ class LlamaRunner:
             return_freed_memory()
 
     def _compile_lone(self, model: Any) -> Any:
-        why = None
         if self.device.type != "cpu":
-            why = "it is built for the CPU"
-        elif self.policy is not None and self.policy.quantization != "none":
-            why = "int8 weights run the runner's own kernels"
-        if why is not None:
-            log.warning("--compile-decode ignored: %s", why)
+            log.warning("--compile-decode ignored: it is built for the CPU")
             return None
         try:
-            module = build_lone_decode(model, self.k_cache, self.v_cache, self.eps)
+            module = build_lone_decode(model, self.k_cache, self.v_cache, self.eps, self.policy)
             return compile_lone_decode(module, self.rotary)
         except Exception:  # noqa: BLE001 - e.g. no C++ compiler here: serve eager, say why
             log.exception("--compile-decode failed; every step runs eager")

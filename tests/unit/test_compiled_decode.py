@@ -9,6 +9,7 @@ from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model.compiled import GemvTiming, LoneDecode, build_lone_decode, measure_gemv
 from genserve.model.runner import LlamaRunner
 from tests.tiny_model import SMALL_LLAMA
+from tests.unit.test_hardware import fixed_policy, tiny_llama
 
 FREE = SamplingParams()
 SEEDED = SamplingParams(seed=7)
@@ -68,8 +69,10 @@ def test_fused_one_row_products_compute_the_linear() -> None:
     cfg = m.config
     shape = (cfg.num_key_value_heads, 16, cfg.hidden_size // cfg.num_attention_heads)
     caches = [[torch.zeros(shape) for _ in range(cfg.num_hidden_layers)] for _ in range(2)]
-    module = LoneDecode(m, *caches, cfg.rms_norm_eps, gemv=shapes_of(m))
-    assert len(module.gemv) == 5
+    module = LoneDecode(m, *caches, cfg.rms_norm_eps, forms=dict.fromkeys(shapes_of(m), "fused"))
+    layer = module.layers[0]
+    weights = [module.lm_head, layer.qkv, layer.o, layer.gate_up, layer.down]
+    assert [w.form for w in weights] == ["fused"] * 5
     rotary, ids = m.model.rotary_emb, [3, 17, 42]
     with torch.inference_mode():
         for p, token in enumerate(ids):
@@ -94,4 +97,26 @@ def test_the_fused_pass_runs_only_where_it_measured_faster() -> None:
 
     module = build_lone_decode(m, [], [], m.config.rms_norm_eps, measure=measure)
     assert seen == [(shapes, torch.float32)]
-    assert module.gemv == {shapes[1], shapes[3]}
+    assert module.forms == {shapes[1]: "fused", shapes[3]: "fused"}
+    assert (module.layers[0].o.form, module.layers[0].qkv.form) == ("fused", "linear")
+
+
+def test_int8_weights_stay_int8_in_the_compiled_decode() -> None:
+    """--quantization int8 with --compile-decode: the shapes whose one-row kernel is int8 run
+    torch's int8 kernel in the graph, and the logits are the eager int8 runner's."""
+    m = tiny_llama()
+    policy = fixed_policy(m, torch.float32, "int8", "int8")
+    runner = LlamaRunner(m, 4, 64, batch_invariant=False, policy=policy, compile_decode=True)
+    eager = LlamaRunner(m, 4, 64, batch_invariant=False, policy=policy)
+    assert set(runner.lone.forms.values()) == {"int8"} and len(runner.lone.forms) == 5
+    assert runner.lone.layers[0].gate_up.weight is None  # no dense copy held beside the int8
+    calls = []
+    compiled = runner.lone
+    runner.lone = lambda *a: calls.append(a[-1]) or compiled(*a)
+    ids = [5, 9, 14, 2, 7, 30, 11, 4]
+    for r in (runner, eager):
+        r.execute(StepInput((ChunkInput("a", 1, tuple(ids[:5]), 0, True, FREE, 0),)))
+    for start in range(5, 8):
+        step = StepInput((ChunkInput("a", 1, (ids[start],), start, True, FREE, 0),))
+        torch.testing.assert_close(runner.execute(step), eager.execute(step), atol=1e-3, rtol=1e-3)
+    assert calls == [6, 7, 8]
