@@ -12,8 +12,9 @@ blocks.
 Each one-row product runs as the library's linear (oneDNN/MKL, prepacked by freezing) or as a
 multiply-and-sum that inductor fuses into one vectorised pass over the weight, whichever
 `measure_gemv` timed faster here for that weight shape: on a 2-core AVX2 EPYC the fused pass
-read fp32 weights at 11-16 GB/s against 6-12 for the libraries, and the whole step ran 48.9 ms
-against 69.5 ms. Nothing is assumed: on a CPU whose library GEMV is faster, it stays.
+read fp32 weights at 11-16 GB/s against 6-12 for the libraries, and the whole step ran 40.0 ms
+against 69.5 ms (bench/compiled_decode.py). Nothing is assumed: where the library's GEMV is
+faster, it stays.
 
 With `--quantization int8` a weight whose one-row kernel the runner's policy measured as
 torch's int8 one stays int8 in the graph (the others run dequantized, as in the runner).
