@@ -61,7 +61,7 @@ def main() -> None:
         model, caches(cfg, 2 * lane, dtype), caches(cfg, 2 * lane, dtype), eps
     )
     print(f"fused one-row products for {sorted(module.gemv) or 'no shape'}")
-    compiled = compile_lone_decode(module, rotary)
+    compiled = compile_lone_decode(module, rotary, lane)  # rows past the steps'
     print(f"compile: {time.perf_counter() - t0:.1f} s")
     with torch.inference_mode():
         for side in (eager, compiled):  # the prefix both attend, written a token at a time

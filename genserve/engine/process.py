@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
 import threading
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from genserve.engine.core import STOPPED, Abort, AdapterOp
+from genserve.engine.thread import COMPILE_THREAD
 from genserve.engine.types import (
     EngineStats,
     FailureKind,
@@ -301,3 +303,9 @@ def _child_main(main: Callable[..., None], args: tuple, conn: Connection) -> Non
         main(link, *args)
     finally:
         conn.close()
+    if any(t.name == COMPILE_THREAD and t.is_alive() for t in threading.enumerate()):
+        # A --compile-decode compile cannot be cancelled, and finalising the interpreter under
+        # it aborted the process ("terminate called without an active exception") after a
+        # wait: the engine has stopped and said so, so leave now.
+        logging.shutdown()
+        os._exit(0)

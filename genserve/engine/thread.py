@@ -65,6 +65,9 @@ class EngineThread:
                 job.done.set_exception(e)
 
 
+COMPILE_THREAD = "genserve-compile"  # the thread a --compile-decode compile runs on
+
+
 def passing_thread(fn: Callable[[], T]) -> T:
     """Run fn on a thread that ends when fn returns (see the module's docstring), and return
     its result or raise its exception here. Costs a thread start (~0.1 ms) per call."""

@@ -16,6 +16,8 @@ read fp32 weights at 11-16 GB/s against 6-12 for the libraries, and the whole st
 against 69.5 ms (bench/compiled_decode.py). Nothing is assumed: where the library's GEMV is
 faster, it stays.
 
+The runner compiles it on a thread of its own, serving eager meanwhile (runner._compile_lone).
+
 With `--quantization int8` a weight whose one-row kernel the runner's policy measured as
 torch's int8 one stays int8 in the graph (the others run dequantized, as in the runner).
 
@@ -154,11 +156,14 @@ class LoneDecode(nn.Module):
         return x + w.down(F.silu(gate) * up)
 
 
-def compile_lone_decode(module: LoneDecode, rotary: Any) -> Any:
+WARM_UP_ROWS = 5  # cache rows compile_lone_decode's call writes and reads, from its row0
+
+
+def compile_lone_decode(module: LoneDecode, rotary: Any, row0: int) -> Any:
     """The compiled module, already run (so compiled) once for every later step: dynamic, so
     any end and length (both >= 2: the compiler specialises 0 and 1) reuse the one graph.
-    Built before the first step: the call writes row 4, the first lane's, which its first
-    owner overwrites."""
+    The call writes cache row row0+4 and reads rows row0+2..row0+4: rows no sequence owns
+    (the runner keeps them past its blocks), so it may run while requests do."""
     import torch._inductor.config as inductor
 
     inductor.freezing = True  # the weights as constants: prepacked for oneDNN, folded
@@ -169,7 +174,8 @@ def compile_lone_decode(module: LoneDecode, rotary: Any) -> Any:
     with torch.inference_mode():
         token, pos = torch.zeros(1, dtype=torch.long), torch.tensor([4])
         cos, sin = rotary(module.embed[token][None], pos[None])
-        compiled(token, pos, cos[0], sin[0], 5, 3)  # end 5, length 3: distinct, not 0 or 1
+        # end and length distinct (the compiler would guard their equality), not 0 or 1
+        compiled(token, pos + row0, cos[0], sin[0], row0 + WARM_UP_ROWS, 3)
     log.info("compiled the lone decode step in %.1f s", time.perf_counter() - started)
     return compiled
 

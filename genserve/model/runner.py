@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE, lane_blocks
+from genserve.engine.thread import COMPILE_THREAD
 from genserve.engine.types import ChunkInput, StepInput
 from genserve.model import kernels
-from genserve.model.compiled import build_lone_decode, compile_lone_decode
+from genserve.model.compiled import WARM_UP_ROWS, build_lone_decode, compile_lone_decode
 from genserve.model.hardware import KernelPolicy, ShapePlan
 from genserve.model.llama_math import rms_norm, rope, stack_layer
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
@@ -235,16 +237,23 @@ class LlamaRunner:
         # dim 1 gives [kv_heads, length, head_dim] as attention reads it, contiguous. A tensor
         # per layer, not one for all: a compiled step (model/compiled.py) writes each in place,
         # where writing through views of one tensor made it copy the whole cache per layer.
+        # Rows past the allocator's blocks (cache_len): --compile-decode's warm-up writes and
+        # reads there while requests run (whole blocks, so a layer still views as blocks).
         self.cache_len = self.num_blocks * block_size
+        self.cache_rows = self.cache_len + -(-WARM_UP_ROWS // block_size) * block_size
         self.k_cache = [self._cache_layer() for _ in self.layers]
         self.v_cache = [self._cache_layer() for _ in self.layers]
         self._buffers: dict[str, torch.Tensor] = {}  # gather scratch (see _gather)
-        self.lone = self._compile_lone(model) if compile_decode else None
+        self.lone: Any = None  # the compiled lone decode, once compiled (see _compile_lone)
+        self.compiled_decode = "off"  # "compiling", "ready" or "failed" with --compile-decode
+        self.compiling: threading.Thread | None = None
+        if compile_decode:
+            self._compile_lone(model)
 
     paged = True
 
     def _cache_layer(self) -> torch.Tensor:
-        shape = (self.num_kv_heads, self.cache_len, self.head_dim)
+        shape = (self.num_kv_heads, self.cache_rows, self.head_dim)
         # Written through once here (zero_ touches every page): a lazily mapped cache would
         # take its page faults in the middle of the first requests' steps instead.
         return huge_pages(torch.empty(shape, dtype=self.dtype, device=self.device)).zero_()
@@ -262,16 +271,34 @@ class LlamaRunner:
         if self.device.type == "cpu":
             return_freed_memory()
 
-    def _compile_lone(self, model: Any) -> Any:
+    def _compile_lone(self, model: Any) -> None:
+        """Measure each weight's form now (seconds; before any request, so the timings are
+        this machine's alone), then compile on a thread of its own: the server serves eager
+        meanwhile (a minute or more), and steps take the graph once `lone` is set."""
         if self.device.type != "cpu":
             log.warning("--compile-decode ignored: it is built for the CPU")
-            return None
+            return
         try:
             module = build_lone_decode(model, self.k_cache, self.v_cache, self.eps, self.policy)
-            return compile_lone_decode(module, self.rotary)
         except Exception:  # noqa: BLE001 - e.g. no C++ compiler here: serve eager, say why
             log.exception("--compile-decode failed; every step runs eager")
-            return None
+            self.compiled_decode = "failed"
+            return
+        self.compiled_decode = "compiling"
+        # A thread that ends with the compile: its OpenMP pool (the warm-up runs the graph)
+        # goes with it (engine/thread.py says why a second live pool slows every step).
+        self.compiling = threading.Thread(
+            target=self._compile, args=(module,), name=COMPILE_THREAD, daemon=True
+        )
+        self.compiling.start()
+
+    def _compile(self, module: Any) -> None:
+        try:
+            self.lone = compile_lone_decode(module, self.rotary, self.cache_len)
+            self.compiled_decode = "ready"
+        except Exception:  # noqa: BLE001 - serve eager, say why
+            log.exception("--compile-decode failed; every step runs eager")
+            self.compiled_decode = "failed"
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
@@ -430,7 +457,7 @@ class LlamaRunner:
         took fresh pages each time, and the gather ran 3.3x slower (0.56 vs 0.17 ms for 32
         decodes of 224 tokens, SmolLM2-135M shape, on the 2-core EPYC)."""
         kv, dim, row = self.num_kv_heads, self.head_dim, self.block_size * self.head_dim
-        by_block = cache.view(kv, self.num_blocks, row)
+        by_block = cache.view(kv, -1, row)
         out = self._scratch(into, kv * blocks.numel() * row).view(kv, blocks.numel(), row)
         torch.index_select(by_block, 1, blocks, out=out)
         return out.view(kv, -1, dim)
@@ -448,7 +475,7 @@ class LlamaRunner:
         """Row of (token, head) in a layer's cache seen as [heads*positions, D]: one
         index_copy_ per layer writes every new key, where advanced indexing cost 4x."""
         heads = torch.arange(self.num_kv_heads, device=self.device)
-        return (heads[None, :] * self.cache_len + rows[:, None]).reshape(-1)
+        return (heads[None, :] * self.cache_rows + rows[:, None]).reshape(-1)
 
     def _decode_batch(self, decodes: list[ChunkSpan]) -> DecodeBatch | None:
         if not decodes:

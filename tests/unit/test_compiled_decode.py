@@ -12,6 +12,7 @@ from tests.tiny_model import SMALL_LLAMA
 from tests.unit.test_hardware import fixed_policy, tiny_llama
 
 FREE = SamplingParams()
+CLOSE = dict(atol=1e-4, rtol=1e-4)
 SEEDED = SamplingParams(seed=7)
 
 
@@ -24,13 +25,26 @@ def test_a_lone_decode_runs_compiled_and_matches_transformers() -> None:
     torch.manual_seed(0)
     m = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA)).eval()
     runner = LlamaRunner(m, 4, 64, batch_invariant=False, compile_decode=True)
-    assert runner.lone is not None
+    assert runner.compiled_decode == "compiling"
+    # It compiles on a thread of its own while steps run eager (here in lane 3); its warm-up
+    # writes only rows past the allocator's blocks, so the other lanes keep what they hold.
+    for cache in (*runner.k_cache, *runner.v_cache):
+        cache[:, : runner.cache_len] = 7.0
+    ids = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    while runner.compiling.is_alive():
+        runner.execute(StepInput((ChunkInput("w", 3, tuple(ids), 0, True, FREE, 0),)))
+    runner.compiling.join()
+    assert runner.compiled_decode == "ready" and runner.lone is not None
+    lanes_0_to_2 = slice(0, 3 * runner.lane_len)
+    assert all((c[:, lanes_0_to_2] == 7.0).all() for c in (*runner.k_cache, *runner.v_cache))
+    assert (runner.k_cache[0][:, runner.cache_len :] != 0).any()  # the warm-up wrote there
     graphs = counters["stats"]["unique_graphs"]
+    step = StepInput((ChunkInput("w", 3, (ids[0],), 9, True, FREE, 0),))  # compiled, lane 3
+    torch.testing.assert_close(runner.execute(step)[0], reference(m, [*ids, ids[0]]), **CLOSE)
     calls = []
     compiled = runner.lone
     runner.lone = lambda *a: calls.append(a[-1]) or compiled(*a)  # counts compiled steps
-    ids = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(1)).tolist()
-    for slot in (2, 0):  # lane 0 too: its decodes start at cache row 0
+    for slot in (2, 0):  # lane 0 too: its decodes start at cache row 0 (end == length)
         calls.clear()
         runner.execute(StepInput((ChunkInput("a", slot, tuple(ids[:6]), 0, True, FREE, 0),)))
         for start in range(6, 9):
@@ -107,6 +121,7 @@ def test_int8_weights_stay_int8_in_the_compiled_decode() -> None:
     m = tiny_llama()
     policy = fixed_policy(m, torch.float32, "int8", "int8")
     runner = LlamaRunner(m, 4, 64, batch_invariant=False, policy=policy, compile_decode=True)
+    runner.compiling.join()
     eager = LlamaRunner(m, 4, 64, batch_invariant=False, policy=policy)
     assert set(runner.lone.forms.values()) == {"int8"} and len(runner.lone.forms) == 5
     assert runner.lone.layers[0].gate_up.weight is None  # no dense copy held beside the int8
