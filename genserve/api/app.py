@@ -134,9 +134,11 @@ async def metrics(request: Request) -> Response:
 def _health_of(served: ServedModel) -> dict:
     s = served.engine.stats()
     # engine_pid: the process to watch (or profile) for this model's engine; grammar: whether
-    # its grammar checker (a helper process) has loaded.
+    # its grammar checker (a helper process) has loaded; compiled_decode: --compile-decode's
+    # graph ("compiling" while the engine serves eager, then "ready"; "off" without it).
     return {"running": s.num_running, "waiting": s.num_waiting, "steps": s.steps,
-            "engine_pid": served.engine.pid, "grammar": served.grammars.state}  # fmt: skip
+            "engine_pid": served.engine.pid, "grammar": served.grammars.state,
+            "compiled_decode": s.compiled_decode}  # fmt: skip
 
 
 async def health(request: Request) -> JSONResponse:

@@ -38,6 +38,7 @@ from genserve.engine.types import (
 
 log = logging.getLogger(__name__)
 QUIET_S = 1.0  # idle this long after work: give freed heap memory back (engine/memory.py)
+COMPILE_POLL_S = 1.0  # idle while the decode compiles: look this often whether it is ready
 STOPPED = RequestFailure(
     "the model was unloaded (or its engine stopped) while this request ran; retry on a "
     "model that is served",
@@ -51,6 +52,7 @@ class Worker(Protocol):
 
     eos_ids: tuple[int, ...]
     adapters: set[str]
+    compiled_decode: str  # --compile-decode's state: "off", "compiling", "ready", "failed"
 
     def start(self, request: Request) -> None: ...
 
@@ -120,6 +122,7 @@ class EngineCore:
         self.steps = 0
         self._trim = trimmer()
         self._trimmed_at = 0  # self.steps when freed memory was last given back
+        self._compiled_said = worker.compiled_decode  # as the stats last published said
 
     @property
     def num_slots(self) -> int:
@@ -154,7 +157,7 @@ class EngineCore:
         kv = s.kv.stats()
         return EngineStats(
             len(s.running), len(s.waiting), kv.blocks_used, kv.blocks_total, self.steps,
-            kv.queries, kv.hits, s.num_preempted,
+            kv.queries, kv.hits, s.num_preempted, self.worker.compiled_decode,
         )  # fmt: skip
 
     # -- engine thread ----------------------------------------------------------------------
@@ -168,6 +171,7 @@ class EngineCore:
                 elif self.steps != self._trimmed_at:  # a quiet second after work
                     self._trim()
                     self._trimmed_at = self.steps
+                self._say_compiled()
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
                 # Per-request failures (sampling, grammar, detokenizing) never get here; what
                 # does is the model's forward pass itself, which every request in it shared.
@@ -190,8 +194,18 @@ class EngineCore:
 
     def _quiet(self) -> float | None:
         """How long an idle engine waits before giving freed memory back (None: nothing to
-        give back since the last time, so it waits for work without a timeout)."""
+        give back since the last time, so it waits for work without a timeout), or before
+        looking again whether the decode it compiles is ready."""
+        if self._compiled_said == "compiling":  # until the change is published
+            return COMPILE_POLL_S
         return QUIET_S if self.steps != self._trimmed_at else None
+
+    def _say_compiled(self) -> None:
+        """Stats travel with what the engine publishes: when the compiled decode's state
+        changes, an empty publish carries it (to /health) even if no request runs."""
+        if self.worker.compiled_decode != self._compiled_said:
+            self._compiled_said = self.worker.compiled_decode
+            self.publish([])
 
     def _drain_inbox(self, block: bool, timeout: float | None = None) -> bool:
         """Apply queued submits and aborts; False when asked to stop. Blocking, wait at most

@@ -200,6 +200,7 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, ever
     prefix_cache_hits: int = 0  # of those, tokens found
     num_preempted: int = 0  # sequences preempted (blocks freed, recomputed later), ever
+    compiled_decode: str = "off"  # --compile-decode: "compiling", "ready" or "failed"
 
     @property
     def kv_cache_usage(self) -> float:

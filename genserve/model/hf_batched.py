@@ -402,6 +402,7 @@ class BatchedHFRunner:
         self.execute(StepInput((ChunkInput("allocate", 0, (0,), 0, False, SamplingParams(), 0),)))
 
     paged = False  # its own static slots; the engine's block tables are not read here
+    compiled_decode = "off"  # --compile-decode is LlamaRunner's
 
     def release(self, slot: int) -> None:
         """Nothing to free: the next sequence in this slot overwrites what it reads."""

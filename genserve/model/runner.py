@@ -44,6 +44,7 @@ class Runner(Protocol):
     num_slots: int
     max_len: int
     paged: bool  # its KV cache is addressed through the engine's block tables
+    compiled_decode: str  # --compile-decode: "off", "compiling", "ready" or "failed"
 
     def execute(self, step: StepInput) -> torch.Tensor: ...
 

@@ -70,6 +70,10 @@ class ModelWorker:
         self._state: dict[str, RequestState] = {}
         self.adapters: set[str] = set()
 
+    @property
+    def compiled_decode(self) -> str:
+        return self.runner.compiled_decode
+
     def start(self, request: Request) -> None:
         state = request_state(request, self.vocab_size, self.device)
         if request.params.grammar is not None:

@@ -4,6 +4,7 @@ abort, n choices as one stream, and a failed step. The engine thread runs for re
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ class ScriptedWorker:
     request whose id is in `hold` waits (its steps block) until `go` is set."""
 
     eos_ids = (0,)
+    compiled_decode = "off"
 
     def __init__(self, fail_at: int | None = None) -> None:
         self.fail_at = fail_at
@@ -195,3 +197,23 @@ def test_the_generation_service_streams_every_choice_and_collects_them() -> None
     assert {d.index for d in deltas if d.finish_reason == "length"} == {0, 1, 2, 3}
     assert [len(c.token_ids) for c in done.choices] == [3, 3, 3, 3]
     assert done.completion_tokens == 12
+
+
+def test_an_idle_engine_publishes_when_its_compiled_decode_is_ready() -> None:
+    """--compile-decode compiles in the background; the stats (and so /health) learn of it
+    although no request runs: an empty publish carries them."""
+    worker = ScriptedWorker()
+    worker.compiled_decode = "compiling"
+    published: list[tuple[int, str]] = []
+    core = EngineCore(worker, FakeDecoder(), 4, token_budget=64, publish=lambda _: None)
+    core.publish = lambda deltas: published.append((len(deltas), core.stats().compiled_decode))
+    core.start()
+    try:
+        assert core.stats().compiled_decode == "compiling"
+        worker.compiled_decode = "ready"
+        deadline = time.monotonic() + 10
+        while not published and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert published == [(0, "ready")]
+    finally:
+        core.stop()

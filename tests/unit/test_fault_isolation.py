@@ -33,6 +33,7 @@ class FakeWorker:
     """Samples token 7 for every row, except rows of requests named in `failing`."""
 
     eos_ids = (0,)
+    compiled_decode = "off"
 
     def __init__(self, failing: set[str], tokens: dict[str, int] | None = None) -> None:
         self.failing = failing
