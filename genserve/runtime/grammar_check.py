@@ -91,8 +91,9 @@ class HelperChecks:
 
     def _start(self) -> tuple[ProcessPoolExecutor, Future]:
         pool = ProcessPoolExecutor(
-            1, multiprocessing.get_context("spawn"), initializer=_helper_init, initargs=self._args
-        )
+            1, multiprocessing.get_context("spawn"), initializer=_helper_init,
+            initargs=(*self._args, os.getpid()),
+        )  # fmt: skip
         return pool, pool.submit(_helper_ping)
 
     def start(self) -> None:
@@ -145,10 +146,12 @@ class HelperChecks:
 _compiler: Any = None  # GrammarCompiler, or GrammarUnavailable
 
 
-def _helper_init(path: str, trust_remote_code: bool, vocab: int, eos_ids: tuple[int, ...]) -> None:
+def _helper_init(
+    path: str, trust_remote_code: bool, vocab: int, eos_ids: tuple[int, ...], parent: int
+) -> None:
     global _compiler
     lower_priority(HELPER_NICENESS, idle=False)  # first: its start must not slow the streams
-    _exit_with_parent()
+    _exit_with_parent(parent)
     from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
     from genserve.model.loading import load_tokenizer
 
@@ -159,11 +162,13 @@ def _helper_init(path: str, trust_remote_code: bool, vocab: int, eos_ids: tuple[
         _compiler = GrammarUnavailable(str(e))
 
 
-def _exit_with_parent(every_s: float = 1.0) -> None:
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
     """A pool worker waits on a queue whose pipe it holds both ends of, so a server killed
     with SIGKILL left it waiting forever (found three such helpers, each ~310 MB, after a test
-    run): a thread here ends the process once its parent is gone."""
-    parent = os.getppid()
+    run): a thread here ends the process once its parent is gone. `parent` is the pid the
+    server gave, not getppid() read here: a server killed while the helper started had
+    already left it to init, and the helper then watched init (one found alive 30 min after
+    a test run)."""
 
     def watch() -> None:
         while os.getppid() == parent:

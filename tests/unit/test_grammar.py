@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -301,3 +302,23 @@ def test_the_api_parses_at_normal_priority_and_compiles_on_the_background_pool(t
     assert threads["validate"].startswith("genserve-bg")
     assert not threads["prepare"].startswith("genserve-bg")
     assert compiler.compiled(GrammarSpec.json_schema(SCHEMA))
+
+
+def test_the_grammar_helper_leaves_when_the_server_it_was_started_for_is_gone() -> None:
+    """The helper watches the server's pid as the server gave it: a helper whose server died
+    while it started (so getppid() was already init) must leave too, not watch init."""
+    code = (
+        "import sys, time\n"
+        "from genserve.runtime.grammar_check import _exit_with_parent\n"
+        "_exit_with_parent(int(sys.argv[1]), every_s=0.05)\n"
+        "time.sleep(20)\n"
+    )
+    gone = subprocess.Popen([sys.executable, "-c", code, "999999999"])  # no such process
+    assert gone.wait(timeout=15) == 0
+    alive = subprocess.Popen([sys.executable, "-c", code, str(os.getpid())])  # its parent
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            alive.wait(timeout=3)
+    finally:
+        alive.kill()
+        alive.wait()
