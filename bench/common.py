@@ -175,10 +175,10 @@ def free_port() -> int:
 
 
 def started_fully(health: dict) -> bool:
-    """Every model's grammar helper has loaded, and its --compile-decode graph has compiled
-    (both start in the background). The grammar helper starts once the model
-    serves, and its start (a process importing torch) took a core from the first requests
-    measured (one stream at 24 tok/s in the first round, 35 in the second, on 2 cores)."""
+    """Every model's grammar helper has loaded and its --compile-decode graph has compiled:
+    both start in the background once the model serves, and take cores from the first
+    requests measured (the helper, a process importing torch: one stream at 24 tok/s in the
+    first round, 35 in the second, on 2 cores)."""
     models = health.get("models", {}).values()
     return all(
         m.get("grammar", "ready") != "starting" and m.get("compiled_decode") != "compiling"

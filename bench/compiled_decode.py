@@ -60,7 +60,8 @@ def main() -> None:
     module = build_lone_decode(
         model, caches(cfg, 2 * lane, dtype), caches(cfg, 2 * lane, dtype), eps
     )
-    print(f"fused one-row products for {sorted(module.gemv) or 'no shape'}")
+    fused = sorted(shape for shape, form in module.forms.items() if form == "fused")
+    print(f"fused one-row products for {fused or 'no shape'}")
     compiled = compile_lone_decode(module, rotary, lane)  # rows past the steps'
     print(f"compile: {time.perf_counter() - t0:.1f} s")
     with torch.inference_mode():

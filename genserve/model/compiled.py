@@ -48,11 +48,10 @@ def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t.detach(), requires_grad=False)
 
 
-def fused_gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def fused_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [1, in] times w [out, in] transposed, written as a multiply and a sum over `in`: under
     inductor, one loop over w's rows (a vectorised dot product each) with no library call."""
-    y = (x[:, None, :] * w).sum(-1)
-    return y if b is None else y + b
+    return (x[:, None, :] * w).sum(-1)
 
 
 FORMS = ("linear", "fused", "int8")  # the library's linear, fused_gemv, torch's int8 kernel
