@@ -7,6 +7,7 @@ import threading
 import time
 
 from genserve.config import ServerConfig
+from genserve.runtime import heap
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def serve(config: ServerConfig, log_level: str = "info") -> None:
     app = create_app(config)
     warn_fd_limit(config.connections.max_connections)
     DrainingServer(app, config, log_level).run()
+    heap.before_exit()
 
 
 def warn_fd_limit(max_connections: int) -> None:

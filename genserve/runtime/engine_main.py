@@ -16,6 +16,7 @@ from genserve.config import ServerConfig
 from genserve.engine.core import Abort, AdapterOp, EngineCore
 from genserve.engine.process import AdapterCall, AdapterDone, EngineLink, Published, Ready, Stop
 from genserve.engine.types import Request
+from genserve.runtime import heap
 from genserve.runtime.limits import lower_priority
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ def engine_main(
     except BaseException as e:  # noqa: BLE001 - the parent re-raises it
         link.fail_start(e)
         return
+    # Before the first step: a full collection then pauses no step (a cycle holding weights
+    # the build dropped is freed first, not frozen).
+    heap.settle()
     core = parts.core
     # On the engine thread, after each step: the stats go with the deltas they describe.
     core.publish = lambda deltas: link.send(
@@ -46,6 +50,7 @@ def engine_main(
     finally:
         gate.shutdown()
         core.stop()  # what is still in flight ends with an error, sent to the parent
+        heap.before_exit()
 
 
 def relay(link: EngineLink, core: EngineCore, gate: GrammarGate) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from genserve.engine.types import GrammarSpec, UnsupportedSchemaError
+from genserve.runtime import heap
 from genserve.runtime.limits import GRAMMAR_BUDGET_S, BackgroundPool, lower_priority, off_loop
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,13 @@ class HelperChecks:
 
     def close(self) -> None:
         if self._pool is not None:
+            # Nothing the helper holds is worth waiting for (outcomes are kept here), and one
+            # still loading its tokenizer held the server's exit for seconds: it is ended.
+            # (Python 3.14's ProcessPoolExecutor.terminate_workers does the same.)
+            helpers = list((getattr(self._pool, "_processes", None) or {}).values())
             self._pool.shutdown(wait=False, cancel_futures=True)
+            for process in helpers:
+                process.terminate()
             self._pool = self._ready = None
 
 
@@ -160,6 +167,7 @@ def _helper_init(
         _compiler = GrammarCompiler(tokenizer, vocab, stop_token_ids=eos_ids)
     except Exception as e:  # noqa: BLE001 - the model serves on; response_format says why
         _compiler = GrammarUnavailable(str(e))
+    heap.settle()  # it lives as long as the server; its exit then walks nothing
 
 
 def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from genserve.bundled import bundled_adapters, bundled_names
 from genserve.config import ServerConfig
+from genserve.runtime import heap
 from genserve.runtime.batches import BatchRunner
 from genserve.runtime.errors import DomainError
 from genserve.runtime.models import AdapterSpec, ModelSettings, ServedModel
@@ -62,6 +63,9 @@ async def load(rt: Runtime, loader: Loader) -> None:
     await reg.restore()  # models registered through the API before a restart
     rt.ready = True
     await start_batches(rt)  # resumes unfinished batches: last, once every model is served
+    # Not collected first: at this point 45 objects of ~400k were garbage, and the walk (0.8 s
+    # while the helper starts) would hold the event loop.
+    heap.settle(collect=False)
     log.info("ready: %s", ", ".join(m.id for m in rt.listing(project="")))
 
 
@@ -69,8 +73,8 @@ async def shutdown(rt: Runtime) -> None:
     if rt.batches is not None:  # before the engines: no batch request fails for their stop
         await rt.batches.stop()
     await stop_fine_tuning(rt)  # the training worker first: its job resumes on restart
-    for served in rt.models.values():
-        await asyncio.to_thread(served.stop)
+    # Side by side: each waits for its own engine process to leave.
+    await asyncio.gather(*(asyncio.to_thread(s.stop) for s in list(rt.models.values())))
     for embedder in rt.embedders.values():
         await asyncio.to_thread(embedder.batcher.stop)
 

@@ -71,9 +71,10 @@ class ServedModel:
 
     def stop(self) -> None:
         """Stop the engine (what is in flight ends with an error) and the grammar checks.
-        Blocks: run it off the event loop."""
-        self.engine.stop()
+        Blocks: run it off the event loop. The helper is told first: it exits while the
+        engine stops."""
         self.grammars.close()
+        self.engine.stop()
 
     @property
     def context_limit(self) -> int:
