@@ -57,11 +57,21 @@ class DrainingServer:
 
 
 def serve(config: ServerConfig, log_level: str = "info") -> None:
-    from genserve.api.app import create_app
+    loader = None
+    if config.engine.own_process:  # first: it loads while this process imports the app
+        from genserve.runtime.engine_main import spawn_engine
+        from genserve.runtime.lifecycle import EarlyEngineLoader
 
-    app = create_app(config)
-    warn_fd_limit(config.connections.max_connections)
-    DrainingServer(app, config, log_level).run()
+        loader = EarlyEngineLoader(spawn_engine(config))
+    try:
+        from genserve.api.app import create_app
+
+        app = create_app(config, loader)
+        warn_fd_limit(config.connections.max_connections)
+        DrainingServer(app, config, log_level).run()
+    finally:
+        if loader is not None:
+            loader.discard()
     heap.before_exit()
 
 

@@ -33,7 +33,7 @@ from genserve.model.memory import device_memory
 from genserve.model.runner import Runner, fast_path_supported, kv_bytes_per_token
 from genserve.model.sizing import cache_shape, pool_tokens
 from genserve.model.worker import ModelWorker
-from genserve.runtime.engine_main import engine_main
+from genserve.runtime.engine_main import spawn_engine
 from genserve.runtime.grammar_check import GrammarChecks, HelperChecks, LocalChecks
 from genserve.runtime.limits import longest_token_bytes
 from genserve.runtime.models import EmbeddingModel, ServedModel
@@ -67,24 +67,21 @@ class EngineParts:
     grammars: GrammarCompiler | GrammarUnavailable
 
 
-def build_served_model(cfg: ServerConfig) -> ServedModel:
+def build_served_model(cfg: ServerConfig, child: EngineProcess | None = None) -> ServedModel:
     """Load the model and build (but do not start) its engine. Runs off the event loop.
 
     With `engine.own_process` (the default) the model lives in a child process
     (genserve.engine.process) and this process keeps only its tokenizer; otherwise the engine
-    runs on a thread of this process."""
+    runs on a thread of this process. `child`: that process, already spawned for `cfg`."""
     if cfg.engine.own_process:
-        return _served_by_child(cfg)
+        return _served_by_child(cfg, child or spawn_engine(cfg))
     parts = build_engine(cfg)
     checks = LocalChecks(parts.grammars)  # the worker reuses what these compile
     return served_model(cfg, parts.core, parts.info, parts.tokenizer, parts.chat_template, checks)
 
 
-def _served_by_child(cfg: ServerConfig) -> ServedModel:
+def _served_by_child(cfg: ServerConfig, child: EngineProcess) -> ServedModel:
     trust = cfg.model.trust_remote_code
-    level = logging.getLogger().getEffectiveLevel()
-    child = EngineProcess(engine_main, build_engine, cfg, level)
-    child.spawn()
     try:
         # While the child imports torch and loads the weights (a server starts ~2 s sooner);
         # where both fail, the child's error is the one raised (it checks the weights first).

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from genserve.bundled import bundled_adapters, bundled_names
 from genserve.config import ServerConfig
+from genserve.engine.process import EngineProcess
 from genserve.runtime import heap
 from genserve.runtime.batches import BatchRunner
 from genserve.runtime.errors import DomainError
@@ -35,6 +36,25 @@ def default_loader(config: ServerConfig) -> ServedModel:
     from genserve.runtime.build import build_served_model
 
     return build_served_model(config)
+
+
+class EarlyEngineLoader:
+    """A Loader for an engine process spawned before the app was built (genserve.server): the
+    first call takes it; `discard` stops it if nothing did (the app never loaded)."""
+
+    def __init__(self, child: EngineProcess) -> None:
+        self.child: EngineProcess | None = child
+
+    def __call__(self, config: ServerConfig) -> ServedModel:
+        from genserve.runtime.build import build_served_model
+
+        child, self.child = self.child, None
+        return build_served_model(config, child)
+
+    def discard(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+            self.child = None
 
 
 async def load(rt: Runtime, loader: Loader) -> None:
