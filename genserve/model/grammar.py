@@ -39,6 +39,8 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from copy import copy
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from genserve.engine.types import (  # noqa: F401 - re-exported
@@ -158,8 +160,35 @@ _MAX_ERROR_CHARS = 300
 _NEG_INF_BITS = -8388608  # 0xFF800000
 
 
+@dataclass(frozen=True, slots=True)
+class TokenizerJSON:
+    """A fast tokenizer as llguidance reads it: its Rust side serialized (added tokens from
+    tokenizer_config.json included), its length and EOS. It pickles, so the grammar helper
+    process builds its compiler without importing transformers and torch (7 s of CPU and
+    ~300 MB per server, for a tokenizer the API process had already loaded)."""
+
+    text: str
+    size: int  # len(tokenizer): added tokens included
+    eos_token_id: int | None
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> TokenizerJSON:  # noqa: ANN401 - a transformers tokenizer
+        """What llguidance.hf.from_tokenizer reads of a transformers fast tokenizer;
+        ValueError for a slow (Python) one, which llguidance cannot read."""
+        if isinstance(tokenizer, TokenizerJSON):
+            return tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError("only fast tokenizers are supported")
+        backend = copy(backend)  # as llguidance.hf does: no padding or truncation in the copy
+        backend.no_padding()
+        backend.no_truncation()
+        return cls(backend.to_str(), len(tokenizer), tokenizer.eos_token_id)
+
+
 class GrammarCompiler:
-    """Compiles specs against one tokenizer; thread-safe (API edge validates, engine matches)."""
+    """Compiles specs against one tokenizer; thread-safe (API edge validates, engine matches).
+    `tokenizer`: a transformers fast tokenizer, or its TokenizerJSON."""
 
     def __init__(
         self,
@@ -170,16 +199,16 @@ class GrammarCompiler:
         cache_size: int = 64,
     ) -> None:
         import llguidance
-        import llguidance.hf
 
-        stops = list(stop_token_ids or [tokenizer.eos_token_id])
+        tok = TokenizerJSON.of(tokenizer)
+        stops = list(stop_token_ids or [tok.eos_token_id])
         if None in stops:
             raise ValueError("the tokenizer has no EOS token, which ends a constrained output")
         self.vocab_size = vocab_size
         # llguidance needs a mask at least as wide as the tokenizer; ids past the model's
         # logits (added tokens the head lacks) are cut off when the mask is read.
-        self._width = max(vocab_size, len(tokenizer))
-        self._tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self._width, eos_token=stops)
+        self._width = max(vocab_size, tok.size)
+        self._tok = llguidance.LLTokenizer(tok.text, n_vocab=self._width, eos_token=stops)
         self._limits = llguidance.LLParserLimits(verbose_errors=False, **PARSER_LIMITS)
         self._stops = frozenset(stops)
         self._cache: OrderedDict[GrammarSpec, llguidance.LLMatcher | str] = OrderedDict()

@@ -34,7 +34,12 @@ from genserve.model.runner import Runner, fast_path_supported, kv_bytes_per_toke
 from genserve.model.sizing import cache_shape, pool_tokens
 from genserve.model.worker import ModelWorker
 from genserve.runtime.engine_main import spawn_engine
-from genserve.runtime.grammar_check import GrammarChecks, HelperChecks, LocalChecks
+from genserve.runtime.grammar_check import (
+    GrammarChecks,
+    HelperChecks,
+    LocalChecks,
+    serialized_tokenizer,
+)
 from genserve.runtime.limits import longest_token_bytes
 from genserve.runtime.models import EmbeddingModel, ServedModel
 from genserve.runtime.tokens import TokenText
@@ -92,7 +97,9 @@ def _served_by_child(cfg: ServerConfig, child: EngineProcess) -> ServedModel:
     except BaseException:
         child.stop()
         raise
-    checks = HelperChecks(info.path, trust, info.config_vocab_size, info.eos_token_ids)
+    checks = HelperChecks(
+        serialized_tokenizer(tokenizer), info.config_vocab_size, info.eos_token_ids
+    )
     checks.start()  # loads in the background; /health says when it is ready
     return served_model(cfg, child, info, tokenizer, chat_template_of(tokenizer), checks)
 

@@ -23,10 +23,10 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any, Protocol
 
 from genserve.engine.types import GrammarSpec, UnsupportedSchemaError
+from genserve.model.grammar import GrammarCompiler, GrammarUnavailable, TokenizerJSON
 from genserve.runtime import heap
 from genserve.runtime.limits import GRAMMAR_BUDGET_S, BackgroundPool, lower_priority, off_loop
 
@@ -82,10 +82,9 @@ class HelperChecks:
     compile within its budget on a server kept busy by its streams, and under SCHED_IDLE it got
     no core for seconds. Outcomes are remembered here, refusals included."""
 
-    def __init__(
-        self, path: Path, trust_remote_code: bool, vocab: int, eos_ids: tuple[int, ...]
-    ) -> None:
-        self._args = (str(path), trust_remote_code, vocab, eos_ids)
+    def __init__(self, tokenizer: TokenizerJSON | str, vocab: int, eos_ids: tuple[int, ...]):
+        """`tokenizer`: the model's, serialized; or why llguidance cannot read it."""
+        self._args = (tokenizer, vocab, eos_ids)
         self._outcomes: OrderedDict[GrammarSpec, str | None] = OrderedDict()
         self._pool: ProcessPoolExecutor | None = None
         self._ready: Future | None = None
@@ -149,24 +148,37 @@ class HelperChecks:
             self._pool = self._ready = None
 
 
+def grammar_compiler(
+    tokenizer: TokenizerJSON | str, vocab: int, eos_ids: tuple[int, ...]
+) -> GrammarCompiler | GrammarUnavailable:
+    """The compiler for a serialized tokenizer, or what stands in for it and says why not."""
+    if isinstance(tokenizer, str):
+        return GrammarUnavailable(tokenizer)
+    try:
+        return GrammarCompiler(tokenizer, vocab, stop_token_ids=eos_ids)
+    except Exception as e:  # noqa: BLE001 - the model serves on; response_format says why
+        return GrammarUnavailable(str(e))
+
+
+def serialized_tokenizer(tokenizer: Any) -> TokenizerJSON | str:  # noqa: ANN401
+    """What HelperChecks takes: the tokenizer serialized, or why llguidance cannot read it."""
+    try:
+        return TokenizerJSON.of(tokenizer)
+    except Exception as e:  # noqa: BLE001 - reported by response_format, as the compiler's
+        return str(e)
+
+
 # -- in the helper process ------------------------------------------------------------------
 _compiler: Any = None  # GrammarCompiler, or GrammarUnavailable
 
 
 def _helper_init(
-    path: str, trust_remote_code: bool, vocab: int, eos_ids: tuple[int, ...], parent: int
+    tokenizer: TokenizerJSON | str, vocab: int, eos_ids: tuple[int, ...], parent: int
 ) -> None:
     global _compiler
     lower_priority(HELPER_NICENESS, idle=False)  # first: its start must not slow the streams
     _exit_with_parent(parent)
-    from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
-    from genserve.model.loading import load_tokenizer
-
-    tokenizer = load_tokenizer(Path(path), trust_remote_code)
-    try:
-        _compiler = GrammarCompiler(tokenizer, vocab, stop_token_ids=eos_ids)
-    except Exception as e:  # noqa: BLE001 - the model serves on; response_format says why
-        _compiler = GrammarUnavailable(str(e))
+    _compiler = grammar_compiler(tokenizer, vocab, eos_ids)
     heap.settle()  # it lives as long as the server; its exit then walks nothing
 
 

@@ -22,7 +22,7 @@ from genserve.config import EngineConfig, ModelConfig, ServerConfig
 from genserve.engine.process import EngineProcess
 from genserve.engine.types import GrammarSpec, Request, SamplingParams, UnsupportedSchemaError
 from genserve.runtime.build import build_served_model
-from genserve.runtime.grammar_check import HELPER_NICENESS, HelperChecks
+from genserve.runtime.grammar_check import HELPER_NICENESS, HelperChecks, serialized_tokenizer
 from tests.server import start_server, wait_until
 
 
@@ -121,7 +121,7 @@ def test_helper_checks_refuse_in_a_process_of_their_own_at_low_priority(tiny_mod
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    checks = HelperChecks(tiny_model_dir, False, len(tok), (tok.eos_token_id,))
+    checks = HelperChecks(serialized_tokenizer(tok), len(tok), (tok.eos_token_id,))
     ok = GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "string"}}})
     unmatchable = GrammarSpec.json_schema({"type": "string", "pattern": "^(x{1000}){1000}$"})
     try:
@@ -130,6 +130,8 @@ def test_helper_checks_refuse_in_a_process_of_their_own_at_low_priority(tiny_mod
             asyncio.run(checks.check(unmatchable))
         *_, helper = spawned_children(os.getpid())  # the newest: this test's helper
         assert os.getpriority(os.PRIO_PROCESS, helper.pid) >= HELPER_NICENESS
+        # Built from the serialized tokenizer: neither torch nor transformers loaded there.
+        assert not [m.path for m in helper.memory_maps() if "libtorch" in m.path]
         checks.close()
         # Remembered on this side: asked again, the same refusal comes without the helper.
         with pytest.raises(UnsupportedSchemaError, match="grammar's limits"):
@@ -162,7 +164,7 @@ def test_a_helper_closed_while_it_starts_is_ended_not_waited_for(tiny_model_dir)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    checks = HelperChecks(tiny_model_dir, False, len(tok), (tok.eos_token_id,))
+    checks = HelperChecks(serialized_tokenizer(tok), len(tok), (tok.eos_token_id,))
     before = set(multiprocessing.active_children())
     checks.start()
     [process] = set(multiprocessing.active_children()) - before  # started by start()

@@ -17,6 +17,7 @@ from genserve.model.grammar import (
     GrammarCompiler,
     GrammarMatcher,
     GrammarSpec,
+    TokenizerJSON,
     UnsupportedSchemaError,
 )
 from tests.tiny_model import build_tokenizer
@@ -108,6 +109,25 @@ def test_random_model_under_schema_mask_always_yields_valid_documents(compiler, 
         # Once done only EOS remains, and it is accepted.
         assert matcher.allowed().nonzero().flatten().tolist() == [eos]
         matcher.advance(eos)
+
+
+def test_a_compiler_from_the_pickled_tokenizer_masks_as_the_tokenizer_s_own(compiler, tokenizer):
+    """The grammar helper builds its compiler from TokenizerJSON, pickled across processes
+    (no transformers there): the same tokens allowed at every step of the same run."""
+    import pickle
+
+    sent = pickle.loads(pickle.dumps(TokenizerJSON.of(tokenizer)))
+    assert (sent.size, sent.eos_token_id) == (len(tokenizer), tokenizer.eos_token_id)
+    theirs = GrammarCompiler(sent, vocab(tokenizer))
+    spec = GrammarSpec.json_schema(SCHEMA)
+    ours_m, theirs_m = compiler.matcher(spec), theirs.matcher(spec)
+    for token in sample_under_mask(compiler.matcher(spec), vocab(tokenizer), seed=3):
+        assert torch.equal(ours_m.allowed(), theirs_m.allowed())
+        ours_m.advance(token)
+        theirs_m.advance(token)
+    assert ours_m.done and theirs_m.done
+    with pytest.raises(ValueError, match="fast tokenizers"):
+        TokenizerJSON.of(object())  # a slow tokenizer has no Rust side to serialize
 
 
 def test_json_object_allows_any_object_and_only_an_object(compiler, tokenizer):
