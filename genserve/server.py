@@ -59,10 +59,9 @@ class DrainingServer:
 def serve(config: ServerConfig, log_level: str = "info") -> None:
     loader = None
     if config.engine.own_process:  # first: it loads while this process imports the app
-        from genserve.runtime.engine_main import spawn_engine
         from genserve.runtime.lifecycle import EarlyEngineLoader
 
-        loader = EarlyEngineLoader(spawn_engine(config))
+        loader = EarlyEngineLoader(config)
     try:
         from genserve.api.app import create_app
 

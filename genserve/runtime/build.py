@@ -79,7 +79,7 @@ def build_served_model(cfg: ServerConfig, child: EngineProcess | None = None) ->
     (genserve.engine.process) and this process keeps only its tokenizer; otherwise the engine
     runs on a thread of this process. `child`: that process, already spawned for `cfg`."""
     if cfg.engine.own_process:
-        return _served_by_child(cfg, child or spawn_engine(cfg))
+        return _served_by_child(cfg, child or spawn_engine(cfg, build_engine))
     parts = build_engine(cfg)
     checks = LocalChecks(parts.grammars)  # the worker reuses what these compile
     return served_model(cfg, parts.core, parts.info, parts.tokenizer, parts.chat_template, checks)

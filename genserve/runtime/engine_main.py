@@ -33,29 +33,23 @@ log = logging.getLogger(__name__)
 GRAMMAR_WORKERS = 2
 
 
-def spawn_engine(cfg: ServerConfig) -> EngineProcess:
-    """The engine process for `cfg`, started now (genserve.runtime.build waits for it). The
-    server calls this first thing: the child's imports and weights then load while the API
-    process imports its own (a tiny model's server was healthy after ~15 s, ~4 of them the API
-    process's imports before it started the child, on a 2-core EPYC)."""
+def spawn_engine(cfg: ServerConfig, build: Callable[[ServerConfig], Any]) -> EngineProcess:
+    """The engine process for `cfg`, started now; `build` builds its engine there (a
+    module-level function: it pickles by name). genserve.server calls this first thing, so the
+    child's imports and weights load while the API process imports its own (a tiny model's
+    server was healthy after ~15 s, ~4 of them the API process's imports before it started
+    the child, on a 2-core EPYC)."""
     level = logging.getLogger().getEffectiveLevel()
-    child = EngineProcess(engine_main, build_in_child, cfg, level)
+    child = EngineProcess(engine_main, build, cfg, level)
     child.spawn()
     return child
-
-
-def build_in_child(cfg: ServerConfig) -> Any:  # noqa: ANN401 - genserve.runtime.build.EngineParts
-    """genserve.runtime.build.build_engine, imported in the child: it brings torch."""
-    from genserve.runtime.build import build_engine
-
-    return build_engine(cfg)
 
 
 def engine_main(
     link: EngineLink, build: Callable[[ServerConfig], Any], cfg: ServerConfig, log_level: int
 ) -> None:
-    """`build`: how the engine is built (build_in_child; a module-level function, since it
-    pickles by name)."""
+    """`build`: genserve.runtime.build.build_engine, or what imports it (passed, so neither
+    module imports the other's; it pickles by name)."""
     logs.configure(log_level)
     try:
         parts = build(cfg)

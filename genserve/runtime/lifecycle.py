@@ -9,12 +9,14 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from genserve.bundled import bundled_adapters, bundled_names
 from genserve.config import ServerConfig
 from genserve.engine.process import EngineProcess
 from genserve.runtime import heap
 from genserve.runtime.batches import BatchRunner
+from genserve.runtime.engine_main import spawn_engine
 from genserve.runtime.errors import DomainError
 from genserve.runtime.models import AdapterSpec, ModelSettings, ServedModel
 from genserve.runtime.registry import ModelRegistry
@@ -38,12 +40,19 @@ def default_loader(config: ServerConfig) -> ServedModel:
     return build_served_model(config)
 
 
-class EarlyEngineLoader:
-    """A Loader for an engine process spawned before the app was built (genserve.server): the
-    first call takes it; `discard` stops it if nothing did (the app never loaded)."""
+def build_in_child(config: ServerConfig) -> Any:  # noqa: ANN401 - build.EngineParts
+    """genserve.runtime.build.build_engine, imported in the engine process only."""
+    from genserve.runtime.build import build_engine
 
-    def __init__(self, child: EngineProcess) -> None:
-        self.child: EngineProcess | None = child
+    return build_engine(config)
+
+
+class EarlyEngineLoader:
+    """A Loader whose engine process starts now, before the app is built (genserve.server):
+    the first call takes it; `discard` stops it if nothing did (the app never loaded)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.child: EngineProcess | None = spawn_engine(config, build_in_child)
 
     def __call__(self, config: ServerConfig) -> ServedModel:
         from genserve.runtime.build import build_served_model
