@@ -38,6 +38,7 @@ from genserve.runtime.grammar_check import (
     GrammarChecks,
     HelperChecks,
     LocalChecks,
+    compiler_for,
     serialized_tokenizer,
 )
 from genserve.runtime.limits import longest_token_bytes
@@ -235,11 +236,11 @@ def grammar_compiler(
     """The model's grammar compiler; when llguidance cannot read its tokenizer (a WordLevel one
     without a ByteLevel or SentencePiece decoder), the model still serves plain generation and
     response_format answers 400 with the reason (DESIGN rule 11)."""
-    try:
-        return GrammarCompiler(tokenizer, vocab, stop_token_ids=eos_ids)
-    except Exception as e:  # noqa: BLE001 - an optional capability, never the whole model
-        log.warning("%s: response_format is off: the grammar library failed: %s", name, e)
-        return GrammarUnavailable(str(e))
+    compiler = compiler_for(tokenizer, vocab, eos_ids)
+    if isinstance(compiler, GrammarUnavailable):
+        log.warning("%s: response_format is off: the grammar library failed: %s", name,
+                    compiler.reason)  # fmt: skip
+    return compiler
 
 
 def kernel_policy(

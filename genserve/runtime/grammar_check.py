@@ -148,15 +148,17 @@ class HelperChecks:
             self._pool = self._ready = None
 
 
-def grammar_compiler(
-    tokenizer: TokenizerJSON | str, vocab: int, eos_ids: tuple[int, ...]
+def compiler_for(
+    tokenizer: Any, vocab: int, eos_ids: tuple[int, ...]  # noqa: ANN401
 ) -> GrammarCompiler | GrammarUnavailable:
-    """The compiler for a serialized tokenizer, or what stands in for it and says why not."""
+    """The grammar compiler for a tokenizer (a transformers one or its TokenizerJSON), or what
+    stands in for it and says why not (given that reason as a str, or when llguidance fails):
+    the model serves on and response_format answers 400 with the reason."""
     if isinstance(tokenizer, str):
         return GrammarUnavailable(tokenizer)
     try:
         return GrammarCompiler(tokenizer, vocab, stop_token_ids=eos_ids)
-    except Exception as e:  # noqa: BLE001 - the model serves on; response_format says why
+    except Exception as e:  # noqa: BLE001 - an optional capability, never the whole model
         return GrammarUnavailable(str(e))
 
 
@@ -178,7 +180,7 @@ def _helper_init(
     global _compiler
     lower_priority(HELPER_NICENESS, idle=False)  # first: its start must not slow the streams
     _exit_with_parent(parent)
-    _compiler = grammar_compiler(tokenizer, vocab, eos_ids)
+    _compiler = compiler_for(tokenizer, vocab, eos_ids)
     heap.settle()  # it lives as long as the server; its exit then walks nothing
 
 
