@@ -78,9 +78,21 @@ def build(
     raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
 
 
+# torch 2.13's CPU int8 kernel reads the inner dimension in whole vectors of 16 with no
+# tail: on a 2-core AMX Xeon an in_features of 4, 8, 12 or 24 crashed the process or gave
+# wrong sums (NaN at one row) from two rows up; multiples of 16 were exact. Real models'
+# widths are multiples of 64; a tiny one computes such shapes with the other kernels.
+INT8_IN_MULTIPLE = 16
+
+
 def _int8_kernel(quant: QuantizedWeight | None, bias: torch.Tensor | None) -> Kernel:
     if quant is None:
         raise ValueError("the int8 kernel needs quantized weights")
+    if quant.q.device.type == "cpu" and quant.q.shape[1] % INT8_IN_MULTIPLE:
+        raise ValueError(
+            f"the int8 kernel needs in_features a multiple of {INT8_IN_MULTIPLE} on CPU, "
+            f"not {quant.q.shape[1]}"
+        )
     # torch's CPU kernel is vectorized for bf16 activations; fp32 ones ran 10-100x slower
     # (measured on a 2-core AVX-512 machine), so activations are cast on the way in.
     q, scales = quant.q, quant.scales.to(torch.bfloat16)
