@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genserve.model import hardware, kernels
-from genserve.model.llama_math import StackedLayer, rms_norm, rope, stack_layer
+from genserve.model.llama_math import Rotation, StackedLayer, rms_norm, rope, stack_layer
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,9 @@ class LoneDecode(nn.Module):
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         qkv = w.qkv(rms_norm(x, w.input_norm, self.eps))
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = rope(q.view(1, self.heads, self.head_dim), cos, sin)
-        k = rope(k.view(1, self.kv_heads, self.head_dim), cos, sin)
+        rot = Rotation.of(cos, sin)  # inductor fuses it with the products that read it
+        q = rope(q.view(1, self.heads, self.head_dim), rot)
+        k = rope(k.view(1, self.kv_heads, self.head_dim), rot)
         keys.index_copy_(1, write, k.transpose(0, 1))
         values.index_copy_(1, write, v.view(1, self.kv_heads, self.head_dim).transpose(0, 1))
         attn = F.scaled_dot_product_attention(

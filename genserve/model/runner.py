@@ -31,7 +31,7 @@ from genserve.engine.types import ChunkInput, StepInput
 from genserve.model import kernels
 from genserve.model.compiled import WARM_UP_ROWS, build_lone_decode, compile_lone_decode
 from genserve.model.hardware import KernelPolicy, ShapePlan
-from genserve.model.llama_math import rms_norm, rope, stack_layer
+from genserve.model.llama_math import Rotation, rms_norm, rope, stack_layer
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
 from genserve.model.memory import huge_pages, return_freed_memory
 
@@ -310,8 +310,9 @@ class LlamaRunner:
         plan = self._plan(step, positions)
         x = self.embed[tokens]
         cos, sin = self.rotary(x[None], positions[None])
+        rot = Rotation.of(cos[0], sin[0])
         for i, layer in enumerate(self.layers):
-            x = self._layer(i, layer, x, cos[0], sin[0], plan)
+            x = self._layer(i, layer, x, rot, plan)
         x = self._norm(x[sample_rows], self.final_norm)
         return self.lm_head(x, plan.invariant).float()
 
@@ -524,15 +525,15 @@ class LlamaRunner:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, weight, self.eps)
 
-    def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, cos, sin, plan) -> torch.Tensor:
+    def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, rot: Rotation, plan) -> torch.Tensor:
         h = self._norm(x, w.input_norm)
         qkv = self._project(i, "qkv", w.qkv, h, plan)
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        q_size = heads * dim
+        # q and k rotate as one [T, heads + kv_heads, D] view: half the small ops of two calls
+        qk = rope(qkv[:, : q_size + kv_heads * dim].view(-1, heads + kv_heads, dim), rot)
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, q_size + kv_heads * dim :].view(-1, kv_heads, dim)
         flat = (-1, self.head_dim)  # a layer's cache as [kv_heads * positions, head_dim]
         self.k_cache[i].view(flat).index_copy_(0, plan.write_index, k.reshape(flat))
         self.v_cache[i].view(flat).index_copy_(0, plan.write_index, v.reshape(flat))
