@@ -51,9 +51,10 @@ def stack_layer(layer: Any) -> StackedLayer:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalised in float32, the weight applied after rounding
-    back. torch's fused kernel computes in float32 for a narrower input and rounds once, so
-    it gives the same bits (tests/unit/test_llama_math.py) in one op instead of seven; at one
-    row each op is a few microseconds of dispatch, two norms a layer."""
+    back. torch's rms_norm computes in float32 for a narrower input and rounds once, so it
+    gives the same bits (tests/unit/test_llama_math.py); on CPU it is still those steps, but
+    composed in C++: one Python-level call instead of seven, where at one row each call is
+    microseconds of dispatch, two norms a layer."""
     return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
