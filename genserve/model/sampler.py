@@ -297,7 +297,10 @@ def _surely_in_nucleus(
     mass), and a margin of 1e-4 of the total covers the float32 sums' rounding (far less)."""
     xt = x.gather(1, tokens[:, None])
     wt = weights.gather(1, tokens[:, None])[:, 0]
-    upper = (torch.where(x >= xt, weights, 0.0).sum(-1) - wt).double()
+    # x >= xt as 1.0/0.0 times the weights, as in _truncate: torch.where over [32, 49152]
+    # took 5.5 ms here against 1.2 (2-core AMX Xeon), most of a top_p step's sampling.
+    at_least = torch.ge(x, xt, out=torch.empty_like(x))
+    upper = (weights.mul(at_least).sum(-1) - wt).double()
     total = weights.sum(-1).double()
     return (upper < (top_p - 1e-4) * total) & (wt > 0)
 
