@@ -13,7 +13,7 @@ from typing import Protocol
 
 from genserve.engine.detokenizer import Decoder, IncrementalDetokenizer
 from genserve.engine.kv_blocks import KVCacheManager
-from genserve.engine.memory import trimmer
+from genserve.engine.memory import keep_step_allocations, trimmer
 from genserve.engine.scheduler import (
     Scheduler,
     SchedulerOutput,
@@ -121,6 +121,7 @@ class EngineCore:
         self.live: dict[str, Live] = {}
         self.steps = 0
         self._trim = trimmer()
+        keep_step_allocations()  # the model is loaded: from here, steps reuse freed pages
         self._trimmed_at = 0  # self.steps when freed memory was last given back
         self._compiled_said = worker.compiled_decode  # as the stats last published said
 
