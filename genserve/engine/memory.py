@@ -23,13 +23,18 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
-def trimmer() -> Callable[[], None]:
-    """malloc_trim(0) where the C library has it (glibc); a no-op elsewhere (musl, macOS)."""
+def _libc(function: str) -> ctypes._CFuncPtr | None:
+    """The C library's `function`, where it has one (glibc's malloc tuning: not musl, macOS)."""
     name = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
+        return getattr(ctypes.CDLL(name), function) if name else None
     except (OSError, AttributeError):
-        trim = None
+        return None
+
+
+def trimmer() -> Callable[[], None]:
+    """malloc_trim(0) where the C library has it (glibc); a no-op elsewhere (musl, macOS)."""
+    trim = _libc("malloc_trim")
     if trim is None:
         return lambda: None
     trim.argtypes = [ctypes.c_size_t]
@@ -50,11 +55,7 @@ def keep_step_allocations() -> bool:
     and 8.9 ms after; at top_k 50, 21.9 -> 13.2 ms (medians, 2-core AMX Xeon VM). Process-wide,
     set once by the engine after its model is loaded (the loader's own trims stay as they
     were); True where the C library took both (glibc)."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
+    mallopt = _libc("mallopt")
     if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
