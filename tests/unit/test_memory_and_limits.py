@@ -77,10 +77,11 @@ def test_sampling_steps_reuse_freed_pages_once_the_engine_keeps_them() -> None:
     _, default = _step_faults("default")
     one_tensor = 32 * 49152 * 4 // 4096  # pages of one [32, 49152] float32 tensor
     assert took == "True"
-    # glibc's default maps such tensors afresh and faults them in each step (2410 a step
-    # measured); kept, a step reuses the last one's pages (0 measured).
-    assert default >= one_tensor
-    assert kept < one_tensor // 10
+    # glibc's default maps some of them afresh and faults them in each step (721 to 6545 a
+    # step measured, with its adaptive threshold); kept, a step reuses the last one's pages
+    # (0 measured).
+    assert default >= one_tensor // 6
+    assert kept <= one_tensor // 24
 
 
 class Vocab:
