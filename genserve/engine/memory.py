@@ -8,9 +8,10 @@ phase, of which `malloc_trim(0)` returned about 60% when called by hand. The eng
 
 While it works, the opposite: every step allocates the same large temporaries ([rows, vocab]
 float32 logits and probabilities, 6 MiB at 32 rows of a 49k vocabulary; prefill activations)
-and frees them. glibc serves such sizes with a fresh mmap each time by default, so each one
-page-faults once per 4 KiB page on first touch (1536 faults for 6 MiB), and gives back the top
-of its heap as soon as 128 KiB are free there. `keep_step_allocations` raises both thresholds.
+and frees them. By default glibc serves many of them with a fresh mmap (its threshold starts
+at 128 KiB and adapts as mappings are freed), each page-faulted in on first touch (1536 faults
+for 6 MiB), and gives back the top of its heap once 128 KiB there are free.
+`keep_step_allocations` raises both thresholds.
 """
 
 from __future__ import annotations
