@@ -24,7 +24,7 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
-def _libc(function: str) -> ctypes._CFuncPtr | None:
+def _libc(function: str) -> Callable[..., int] | None:
     """The C library's `function`, where it has one (glibc's malloc tuning: not musl, macOS)."""
     name = ctypes.util.find_library("c")
     try:
