@@ -13,8 +13,9 @@ from pathlib import Path
 
 FEATURES = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx2")
 # Bytes per weight of each precision the throughput bench can ask for. "auto" computes in
-# bf16 where the CPU has AMX or AVX512-BF16 (issue 14), fp32 elsewhere.
-WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0}
+# bf16 where the CPU has AMX or AVX512-BF16 (issue 14), fp32 elsewhere. llama.cpp's GGUF
+# formats are its peers: Q8_0 keeps an fp16 scale per 32 int8 weights.
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "f32": 4.0, "q8_0": 34 / 32}
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,8 @@ class Machine:
         )
 
     def weight_bytes(self, precision: str) -> float:
+        if precision.startswith("llama.cpp-"):  # llama.cpp-q8_0: a GGUF format
+            return WEIGHT_BYTES[precision.removeprefix("llama.cpp-")]
         precision = precision.split("-")[0]  # fp32-nocache: fp32 weights
         if precision == "auto":
             fast_bf16 = {"amx_bf16", "avx512_bf16"} & set(self.features)

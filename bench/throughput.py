@@ -18,6 +18,11 @@ The server runs once per precision (fp32: --dtype float32; bf16: --dtype bfloat1
 server refuses is skipped with a note. `fp32-nocache` is fp32 with --no-prefix-caching: with
 both in --precisions it prints what prefix caching costs traffic that shares nothing
 (target: >= 0.95x).
+
+With --llama-cpp DIR (a llama.cpp tree with llama-server built), the precisions
+llama.cpp-f32, llama.cpp-bf16 and llama.cpp-q8_0 run llama-server on the same weights converted
+to GGUF, under the same load, and each genserve precision is set against its peer (fp32 against
+f32, bf16 and auto against bf16, int8 against q8_0; target: >= 1.0x). See bench/llamacpp.py.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import llamacpp
 from common import (
     DEFAULT_MODEL_DIR,
     SPEC_FILE,
@@ -58,6 +64,7 @@ RAW_BATCH = 32
 TARGET_ROOFLINE = 0.7  # issue 14: one stream at 0.7x the bandwidth roofline
 TARGET_TOP_P = 0.9  # issue 14: top_p 0.95 costs at most 10% of plain temperature at 32 streams
 TARGET_PAGING = 0.95  # issue 16: prefix caching costs at most 5% where nothing is shared
+TARGET_PEER = 1.0  # at least as fast as llama.cpp on the same weights, load and machine
 TARGET_LONG_TTFT_S = 0.15  # issue 14: a 512-token prompt alone answers its first token in 0.15 s
 LONG_TTFT_PRECISIONS = ("bf16", "auto")  # ... with bf16 (auto is bf16 where the CPU has it)
 PRECISION_ARGS = {
@@ -69,6 +76,8 @@ PRECISION_ARGS = {
     "auto": ("--dtype", "auto"),
     "int8": ("--dtype", "auto", "--quantization", "int8"),
 }
+KNOWN_PRECISIONS = {**PRECISION_ARGS, **{p: (f"llama-server {f} GGUF",)
+                                         for p, f in llamacpp.FORMATS.items()}}  # fmt: skip
 SAMPLINGS = {
     "greedy": {"temperature": 0},
     "temp": {"temperature": 0.8},
@@ -98,6 +107,7 @@ class BenchConfig:
     bandwidth_gib: float = 1.0
     long_prompt_tokens: int = 512  # 0: no long-prompt TTFT run
     long_prompt_rounds: int = 5
+    llama_cpp: Path | None = None  # a llama.cpp tree: its llama-server precisions can run
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +198,12 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument(
         "--precisions",
         default="fp32,bf16,int8",
-        help=f"comma-separated, of {','.join(PRECISION_ARGS)}; one server each",
+        help=f"comma-separated, of {','.join(KNOWN_PRECISIONS)}; one server each",
+    )
+    p.add_argument(
+        "--llama-cpp",
+        type=Path,
+        help="llama.cpp source tree with build/bin/llama-server: its precisions can run",
     )
     p.add_argument(
         "--samplings",
@@ -206,7 +221,8 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     a = p.parse_args(argv)
     if min(a.prompt_tokens, a.max_tokens, *a.concurrency) < 1:
         p.error("--prompt-tokens, --max-tokens and --concurrency must be positive")
-    precisions = _choices(p, a.precisions, PRECISION_ARGS)
+    precisions = _choices(p, a.precisions, KNOWN_PRECISIONS)
+    _check_llama_cpp(p, a.llama_cpp, precisions)
     samplings = _choices(p, a.samplings, SAMPLINGS)
     return BenchConfig(
         model_dir=a.model_dir, prompt_tokens=a.prompt_tokens, max_tokens=a.max_tokens,
@@ -217,8 +233,16 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         server=not a.baselines_only, json_path=a.json_path, health_timeout_s=a.health_timeout,
         threads=a.threads, precisions=precisions, samplings=samplings,
         bandwidth_gib=a.bandwidth_gib, long_prompt_tokens=max(0, a.long_prompt),
-        long_prompt_rounds=max(1, a.long_prompt_rounds),
+        long_prompt_rounds=max(1, a.long_prompt_rounds), llama_cpp=a.llama_cpp,
     )  # fmt: skip
+
+
+def _check_llama_cpp(p: argparse.ArgumentParser, root: Path | None, names: tuple[str, ...]):
+    wanted = [n for n in names if n in llamacpp.FORMATS]
+    if wanted and root is None:
+        p.error(f"{', '.join(wanted)} need --llama-cpp DIR")
+    if wanted and (why := llamacpp.LlamaCpp(root).check()):
+        p.error(f"--llama-cpp: {why}")
 
 
 def _choices(p: argparse.ArgumentParser, given: str, known: dict) -> tuple[str, ...]:
@@ -434,7 +458,7 @@ def run_server(
         return asyncio.run(drive_server(cfg, url, prompts, "as served", long))
     levels: list[LevelResult] = []
     for precision in cfg.precisions:
-        print(f"server {precision} ({' '.join(PRECISION_ARGS[precision])}) ...", flush=True)
+        print(f"server {precision} ({' '.join(KNOWN_PRECISIONS[precision])}) ...", flush=True)
         try:
             levels += run_precision(cfg, prompts, precision, long)
         except FlagsRefused as e:
@@ -449,19 +473,31 @@ def run_precision(
 ) -> list[LevelResult]:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="genserve-bench-") as tmp:
-        # The same batch limit whatever levels run, so a subset run measures the same server.
-        max_batch = max(RAW_BATCH, *cfg.concurrency)
-        extra = [*PRECISION_ARGS[precision], *cfg.server_args]  # the last --dtype given wins
-        args = serve_command(cfg.model_dir, port, max_batch, extra)
-        log_path = Path(tmp) / "server.log"
-        server = ServerProcess(args=args, log_path=log_path, env=thread_env(cfg.threads))
-        server.start()
+        server = start_server(cfg, precision, port, Path(tmp) / "server.log")
         try:
             base_url = f"http://127.0.0.1:{port}"
             _wait_or_refused(server, base_url, cfg.health_timeout_s)
             return _drive_with_log(cfg, base_url, prompts, server, precision, long)
         finally:
             server.stop()
+
+
+def start_server(cfg: BenchConfig, precision: str, port: int, log_path: Path) -> ServerProcess:
+    if precision in llamacpp.FORMATS:
+        assert cfg.llama_cpp is not None  # parse_args refuses these without it
+        # Each slot holds the longest request it will see: a level's, or the long prompt's.
+        slot_tokens = max(cfg.prompt_tokens + cfg.max_tokens, cfg.long_prompt_tokens + 1) + 16
+        return llamacpp.start(
+            llamacpp.LlamaCpp(cfg.llama_cpp), cfg.model_dir, precision, port,
+            max(cfg.concurrency), slot_tokens, cfg.threads, log_path,
+        )  # fmt: skip
+    # The same batch limit whatever levels run, so a subset run measures the same server.
+    max_batch = max(RAW_BATCH, *cfg.concurrency)
+    extra = [*PRECISION_ARGS[precision], *cfg.server_args]  # the last --dtype given wins
+    args = serve_command(cfg.model_dir, port, max_batch, extra)
+    server = ServerProcess(args=args, log_path=log_path, env=thread_env(cfg.threads))
+    server.start()
+    return server
 
 
 def _wait_or_refused(server: ServerProcess, base_url: str, timeout_s: float) -> None:
@@ -522,7 +558,24 @@ def compute_ratios(report: Report) -> list[Ratio]:
             value = single.tok_s / roof
             ratios.append(Ratio(f"{precision} c=1 sampled / roofline {roof:.0f} tok/s", value,
                                 TARGET_ROOFLINE, value >= TARGET_ROOFLINE))  # fmt: skip
-    return ratios + _paging_ratios(report)
+    return ratios + _paging_ratios(report) + _peer_ratios(report)
+
+
+def _peer_ratios(report: Report) -> list[Ratio]:
+    """Each genserve precision against llama.cpp on its weight format, sampled as clients do,
+    at one stream and at the most streams run, when both ran."""
+    ratios = []
+    for precision, peer in llamacpp.PEERS.items():
+        for sampling in ("top_p", "temp"):
+            ours, theirs = _levels(report, precision, sampling), _levels(report, peer, sampling)
+            if ours and theirs:
+                break
+        else:
+            continue
+        for c in sorted({min(ours), max(ours)} & set(theirs)):
+            name = f"{precision} {sampling} c={c} / {peer}"
+            ratios.append(_ratio(name, ours[c], theirs[c], TARGET_PEER))
+    return ratios
 
 
 def long_ttft_lines(report: Report) -> list[str]:
