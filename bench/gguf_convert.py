@@ -4,9 +4,9 @@
 
 Two things the converter refuses for the benchmark's model are let through, and nothing else
 changes: the benchmark's tokenizer is a synthetic byte-level BPE (GPT-2's pre-tokenizer, whose
-hash llama.cpp's table does not know; "gpt2" itself is not a name its loader accepts), and the converter tries sentencepiece first, which a
-folder without tokenizer.model does not need. A real Hugging Face folder converts as upstream
-converts it.
+hash llama.cpp's table does not know; "gpt2" itself is not a name its loader accepts), and the
+converter tries sentencepiece first, which a folder without tokenizer.model does not need. A
+real Hugging Face folder converts as upstream converts it.
 """
 
 from __future__ import annotations
