@@ -237,7 +237,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     )  # fmt: skip
 
 
-def _check_llama_cpp(p: argparse.ArgumentParser, root: Path | None, names: tuple[str, ...]):
+def _check_llama_cpp(p: argparse.ArgumentParser, root: Path | None, names: tuple[str, ...]) -> None:
     wanted = [n for n in names if n in llamacpp.FORMATS]
     if wanted and root is None:
         p.error(f"{', '.join(wanted)} need --llama-cpp DIR")
