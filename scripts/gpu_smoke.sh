@@ -10,8 +10,10 @@
 # 2. The model-side unit tests on CUDA: parity with transformers in fp32 and bf16, batch
 #    invariance (reported as xfail until item 2 settles it), fused and per-row LoRA against peft,
 #    penalties / logit_bias / grammar / logprobs on the device, device placement and the one
-#    copy per step (tests/unit/test_on_device.py, test_device_placement.py); then the sampler's
-#    and LoRA's own unit tests, which run on the CPU in the same interpreter as a check.
+#    copy per step (tests/unit/test_on_device.py, test_device_placement.py); on CUDA the
+#    runner attends through FlexAttention (genserve/model/flex.py), compiled on first use;
+#    then the sampler's and LoRA's own unit tests, which run on the CPU in the same
+#    interpreter as a check, and the flex masks' CPU test.
 # 3. `genserve serve --device cuda` on the SmolLM2-135M-shaped random model (bench/), and
 #    bench/throughput.py --server-url at 1 and 32 streams.
 # Everything prints to stdout; the exit code is the tests' (the benchmark only reports).
@@ -55,6 +57,7 @@ status=0
   tests/unit/test_on_device.py tests/unit/test_device_placement.py \
   tests/unit/test_sampler.py tests/unit/test_batched_sampling.py tests/unit/test_lora.py \
   tests/unit/test_runner.py tests/unit/test_training_device.py \
+  tests/unit/test_flex_attention.py \
   2>&1 | tee "$OUT/unit.txt" || status=$?
 
 stamp "server on CUDA: SmolLM2-135M-shaped random model"

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE, lane_blocks
 from genserve.engine.thread import COMPILE_THREAD
 from genserve.engine.types import ChunkInput, StepInput
-from genserve.model import kernels
+from genserve.model import flex, kernels
 from genserve.model.compiled import WARM_UP_ROWS, build_lone_decode, compile_lone_decode
 from genserve.model.hardware import KernelPolicy, ShapePlan
 from genserve.model.llama_math import Rotation, rms_norm, rope, stack_layer
@@ -198,6 +198,7 @@ class AttentionPlan:
     # Some row must not depend on its batch (--deterministic, or a seeded request): a lone
     # row is padded to two in the linears, adapters run one pass each (not fused).
     invariant: bool = False
+    flex_mask: flex.FlexMask | None = None  # the step's mask when every row attends in one call
 
 
 class LlamaRunner:
@@ -211,6 +212,7 @@ class LlamaRunner:
         num_blocks: int | None = None,  # None: as many as num_slots sequences of max_len
         block_size: int = DEFAULT_BLOCK_SIZE,
         compile_decode: bool = False,  # a lone free decode as one compiled graph (compiled.py)
+        attention: str = "auto",  # "flex" (model/flex.py), "sdpa", or "auto": by device
     ) -> None:
         cfg = model.config
         self.batch_invariant = batch_invariant
@@ -244,6 +246,8 @@ class LlamaRunner:
         self.cache_rows = self.cache_len + -(-WARM_UP_ROWS // block_size) * block_size
         self.k_cache = [self._cache_layer() for _ in self.layers]
         self.v_cache = [self._cache_layer() for _ in self.layers]
+        self.attention = _attention_kind(attention, self.device)
+        self._flex = flex.attention_fn(self.device) if self.attention == "flex" else None
         self._buffers: dict[str, torch.Tensor] = {}  # gather scratch (see _gather)
         self.lone: Any = None  # the compiled lone decode, once compiled (see _compile_lone)
         self.compiled_decode = "off"  # "compiling", "ready" or "failed" with --compile-decode
@@ -360,16 +364,14 @@ class LlamaRunner:
         )
 
     def _plan(self, step: StepInput, positions: torch.Tensor) -> AttentionPlan:
-        writes: list[int] = []
+        tables = [self._table(c) for c in step.chunks]
+        writes, lora, rows = self._writes_and_adapters(step, tables)
+        if self.attention == "flex":
+            return self._flex_plan(step, tables, writes, lora, rows)
         spans = []
-        lora: dict[str, list[tuple[int, int]]] = {}
         row = 0
-        for c in step.chunks:
+        for c, table in zip(step.chunks, tables, strict=True):
             n = len(c.token_ids)
-            table = self._table(c)
-            writes.extend(self._rows_of(table, c.start, c.start + n))
-            if c.adapter is not None:
-                _extend_range(lora.setdefault(c.adapter, []), row, row + n)
             mask = None
             if c.start and n > 1:  # a later prompt chunk sees the whole cached prefix
                 mask = torch.ones(n, c.start + n, dtype=torch.bool, device=self.device)
@@ -398,9 +400,43 @@ class LlamaRunner:
             decode=decode,
             lanes=lanes,
             lora_rows=lora,
-            lora_owner=self._owners(lora, row) if lora and not invariant else None,
+            lora_owner=self._owners(lora, rows) if lora and not invariant else None,
             invariant=invariant,
         )
+
+    def _writes_and_adapters(
+        self, step: StepInput, tables: list[tuple[int, ...]]
+    ) -> tuple[list[int], dict[str, list[tuple[int, int]]], int]:
+        """Each new token's cache row, each adapter's row ranges, and the step's row count."""
+        writes: list[int] = []
+        lora: dict[str, list[tuple[int, int]]] = {}
+        row = 0
+        for c, table in zip(step.chunks, tables, strict=True):
+            n = len(c.token_ids)
+            writes.extend(self._rows_of(table, c.start, c.start + n))
+            if c.adapter is not None:
+                _extend_range(lora.setdefault(c.adapter, []), row, row + n)
+            row += n
+        return writes, lora, row
+
+    def _flex_plan(
+        self, step: StepInput, tables: list[tuple[int, ...]], writes: list[int],
+        lora: dict[str, list[tuple[int, int]]], rows: int,
+    ) -> AttentionPlan:  # fmt: skip
+        """Every row in one call per layer (model/flex.py): the step's mask, nothing per
+        sequence."""
+        spans = [
+            flex.FlexSpan(table, c.start, len(c.token_ids))
+            for c, table in zip(step.chunks, tables, strict=True)
+        ]
+        invariant = any(self._invariant(c) for c in step.chunks)
+        return AttentionPlan(
+            write_index=self._write_index(torch.tensor(writes, device=self.device)),
+            spans=(), decode=None, lanes=None, lora_rows=lora,
+            lora_owner=self._owners(lora, rows) if lora and not invariant else None,
+            invariant=invariant,
+            flex_mask=flex.step_mask(spans, self.block_size, self.cache_rows, self.device),
+        )  # fmt: skip
 
     def _invariant(self, chunk: ChunkInput) -> bool:
         return self.batch_invariant or chunk.params.reproducible
@@ -579,6 +615,8 @@ class LlamaRunner:
         a padded call's kernel blocks its reduction by the longest sequence present. Only
         decodes free to depend on their batch run as one padded call (plan.decode).
         """
+        if plan.flex_mask is not None:
+            return flex.attend(self._flex, q, self.k_cache[i], self.v_cache[i], plan.flex_mask)
         out = torch.empty_like(q)
         if plan.decode is not None:
             self._attend_decodes(i, q, plan.decode, out)
@@ -626,6 +664,17 @@ class LlamaRunner:
         values = self.v_cache[i][:, lo:hi].view(kv, span, lane, dim)[:, :, : d.length]
         o = _grouped_attention(qd, keys.transpose(0, 1), values.transpose(0, 1), d.mask)
         out.index_copy_(0, d.rows, o.index_select(0, d.lanes))
+
+
+def _attention_kind(asked: str, device: torch.device) -> str:
+    """FlexAttention on accelerators (one call per layer; the CPU path's many small calls
+    would each be a kernel launch there), the per-sequence SDPA path on the CPU, where it is
+    measured fast. "flex" can be asked for anywhere (the CPU runs its reference: tests)."""
+    if asked not in ("auto", "flex", "sdpa"):
+        raise ValueError(f"attention {asked!r}: auto, flex or sdpa")
+    if asked == "auto":
+        return "flex" if device.type != "cpu" and flex.available() else "sdpa"
+    return asked
 
 
 def _grouped_attention(

@@ -44,13 +44,14 @@ def chunk(rid, slot, ids, start, adapter=None) -> ChunkInput:
 
 
 @pytest.mark.parametrize("deterministic", [True, False])  # per-adapter passes, or fused
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])  # the CPU's path, and accelerators'
 def test_rows_with_different_adapters_in_one_step_match_peft(
-    tmp_path: Path, deterministic: bool
+    tmp_path: Path, deterministic: bool, attention: str
 ) -> None:
     ref_a = make_adapter(tmp_path / "a", seed=1)
     ref_b = make_adapter(tmp_path / "b", seed=2, modules=["q_proj", "v_proj"])
     plain = base()
-    runner = LlamaRunner(plain, 4, 64, batch_invariant=deterministic)
+    runner = LlamaRunner(plain, 4, 64, batch_invariant=deterministic, attention=attention)
     runner.add_adapter("a", tmp_path / "a")
     runner.add_adapter("b", tmp_path / "b")
     x, y, z = [5, 6, 7, 8], [9, 10, 11], [12, 13]

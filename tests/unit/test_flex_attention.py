@@ -1,0 +1,107 @@
+"""The one-call-per-layer attention (model/flex.py), the runner's path on accelerators, run
+here through FlexAttention's reference implementation: its mask, built from block tables,
+gives transformers' logits for scattered blocks, blocks shared by two sequences, later prompt
+chunks and batched decodes, and the same logits as the CPU's per-sequence path."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from genserve.engine.types import ChunkInput, SamplingParams, StepInput
+from genserve.model import flex
+from genserve.model.runner import LlamaRunner, _attention_kind
+from tests.tiny_model import SMALL_LLAMA
+
+pytestmark = pytest.mark.skipif(not flex.available(), reason="torch without FlexAttention")
+P = SamplingParams()
+CLOSE = dict(atol=1e-4, rtol=1e-4)
+
+
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA)).eval()
+
+
+def reference(m: LlamaForCausalLM, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0, -1]
+
+
+def chunk(rid: str, blocks: tuple[int, ...], ids: list[int], start: int) -> ChunkInput:
+    return ChunkInput(rid, 0, tuple(ids), start, True, P, 0, blocks=blocks)
+
+
+def runner(m: LlamaForCausalLM, attention: str) -> LlamaRunner:
+    return LlamaRunner(
+        m, 4, 128, batch_invariant=False, num_blocks=16, block_size=4, attention=attention
+    )
+
+
+def test_shared_and_scattered_blocks_chunks_and_decodes_give_transformers_logits() -> None:
+    m = model()
+    r = runner(m, "flex")
+    assert r.attention == "flex"
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, 300, (12,), generator=g).tolist()
+    a_tail, b_tail = [5, 6, 7], [9, 10]
+    a_blocks = (9, 2, 14, 7)  # scattered over the pool; the first 3 hold the shared prefix
+    # a's prompt in two chunks: the second attends the first's cached rows and its own.
+    out = r.execute(StepInput((chunk("a", a_blocks, prefix[:6], 0),)))
+    torch.testing.assert_close(out[0], reference(m, prefix[:6]), **CLOSE)
+    out = r.execute(StepInput((chunk("a", a_blocks, prefix[6:] + a_tail, 6),)))
+    torch.testing.assert_close(out[0], reference(m, prefix + a_tail), **CLOSE)
+    # b reuses a's 3 prefix blocks and computes its tail while a decodes, in one step.
+    b_blocks = (9, 2, 14, 3)
+    step = StepInput((chunk("b", b_blocks, b_tail, 12), chunk("a", a_blocks, [11], 15)))
+    out = r.execute(step)
+    torch.testing.assert_close(out[0], reference(m, prefix + b_tail), **CLOSE)
+    torch.testing.assert_close(out[1], reference(m, prefix + a_tail + [11]), **CLOSE)
+    # Both decode together, a across a block boundary into a new block.
+    step = StepInput((chunk("a", a_blocks + (0,), [12], 16), chunk("b", b_blocks, [13], 14)))
+    out = r.execute(step)
+    want = [reference(m, prefix + a_tail + [11, 12]), reference(m, prefix + b_tail + [13])]
+    torch.testing.assert_close(out, torch.stack(want), **CLOSE)
+
+
+def test_a_mixed_step_gives_the_per_sequence_paths_logits() -> None:
+    """Three sequences (one prompt chunk, two decodes, one of them in its lane) through the
+    flex runner and the CPU's runner, on the same weights: the same logits."""
+    m = model()
+    flexed, plain = runner(m, "flex"), runner(m, "sdpa")
+    assert plain.attention == "sdpa"
+    g = torch.Generator().manual_seed(2)
+    lengths = {"a": 9, "b": 6, "c": 7}
+    prompts = {k: torch.randint(0, 300, (n,), generator=g).tolist() for k, n in lengths.items()}
+    tables = {"a": (0, 1, 2), "b": (13, 6), "c": (8, 9, 10)}
+    first = StepInput(tuple(chunk(k, tables[k], prompts[k], 0) for k in "ab"))
+    for r in (flexed, plain):
+        r.execute(first)
+    step = StepInput((
+        chunk("a", tables["a"], [3], 9), chunk("c", tables["c"], prompts["c"], 0),
+        chunk("b", tables["b"], [4], 6),
+    ))  # fmt: skip
+    torch.testing.assert_close(flexed.execute(step), plain.execute(step), **CLOSE)
+
+
+def test_the_mask_lets_a_row_see_exactly_its_own_positions() -> None:
+    """Two sequences over 2-row blocks: the mask's function, asked row by row."""
+    spans = [flex.FlexSpan((3, 0), 1, 2), flex.FlexSpan((1,), 0, 1)]  # rows 0-1: a; row 2: b
+    mask = flex.step_mask(spans, 2, 8, torch.device("cpu")).block_mask
+    seen = torch.zeros(3, 8, dtype=torch.bool)
+    for q in range(3):
+        for kv in range(8):
+            seen[q, kv] = bool(mask.mask_mod(0, 0, torch.tensor(q), torch.tensor(kv)))
+    # a: block 3 holds positions 0-1 (cache rows 6-7), block 0 positions 2-3 (rows 0-1).
+    # Row 0 is a's position 1, row 1 its position 2; row 2 is b's position 0 (block 1: row 2).
+    want = torch.zeros(3, 8, dtype=torch.bool)
+    want[0, [6, 7]] = True
+    want[1, [6, 7, 0]] = True
+    want[2, 2] = True
+    assert torch.equal(seen, want)
+
+
+def test_attention_kind_by_device() -> None:
+    assert _attention_kind("auto", torch.device("cpu")) == "sdpa"
+    assert _attention_kind("flex", torch.device("cpu")) == "flex"
+    with pytest.raises(ValueError, match="attention 'paged'"):
+        _attention_kind("paged", torch.device("cpu"))
