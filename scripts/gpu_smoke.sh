@@ -8,7 +8,7 @@
 #    GENSERVE_TORCH_INDEX picks the wheel index (default: PyTorch's cu128); GENSERVE_GPU_VENV
 #    an existing venv to reuse (nothing installed then).
 # 2. The model-side unit tests on CUDA: parity with transformers in fp32 and bf16, batch
-#    invariance (reported as xfail until item 2 settles it), fused and per-row LoRA against peft,
+#    invariance (fixed-row calls where cuBLAS needs them), fused and per-row LoRA against peft,
 #    penalties / logit_bias / grammar / logprobs on the device, device placement and the one
 #    copy per step (tests/unit/test_on_device.py, test_device_placement.py); on CUDA the
 #    runner attends through FlexAttention (genserve/model/flex.py), compiled on first use;

@@ -125,6 +125,9 @@ class ShapePlan:
     invariant: str
     pad_single: bool  # the invariant kernel sums a lone row differently: pad it to two rows
     times_us: dict[str, list[float]] = field(default_factory=dict)  # as measured, per bucket
+    # > 0: no kernel kept a row's result whatever the other rows (cuBLAS picks its kernel by
+    # row count): invariant calls run in calls of exactly this many rows, the last padded.
+    fixed_rows: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +148,7 @@ class KernelPolicy:
         shapes = "; ".join(
             f"{p.out_features}x{p.in_features} {'/'.join(p.choices)} inv={p.invariant}"
             + ("(pad)" if p.pad_single else "")
+            + (f"(rows of {p.fixed_rows})" if p.fixed_rows else "")
             for p in self.plans
         )
         return f"{self.dtype} quant={self.quantization} [{shapes}] ({self.source})"
@@ -152,7 +156,11 @@ class KernelPolicy:
     def tag(self) -> str:
         """Names what decides the numbers (DESIGN rule 4 holds per system_fingerprint)."""
         what = [(self.dtype, self.quantization)]
-        what += [(p.out_features, p.in_features, p.choices, p.invariant) for p in self.plans]
+        what += [
+            (p.out_features, p.in_features, p.choices, p.invariant)
+            + ((p.fixed_rows,) if p.fixed_rows else ())  # unchanged tags where it is 0
+            for p in self.plans
+        ]
         return hashlib.sha256(repr(what).encode()).hexdigest()[:8]
 
     def to_json(self) -> dict:
@@ -253,7 +261,32 @@ def measure_shape(
     invariance = {c: row_invariance(f[0], x, sizes) for c, f in fns.items()}
     choices, inv, pad = choose(times, invariance)
     rounded = {c: [round(t, 1) for t in ts] for c, ts in times.items()}
-    return ShapePlan(spec.out_features, spec.in_features, choices, inv, pad, rounded)
+    fixed = 0 if invariance[inv][0] else fixed_rows_for(fns[inv][0], x, sizes, hint)
+    if fixed:
+        pad = False  # every invariant call has `fixed` rows, a lone one too
+    return ShapePlan(spec.out_features, spec.in_features, choices, inv, pad, rounded, fixed)
+
+
+def in_fixed_rows(fn: kernels.Kernel, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """fn over x in calls of exactly `rows` rows (the last padded with zeros): each row's
+    result is then the one a call of `rows` rows gives it, whatever the batch."""
+    n = x.shape[0]
+    padded = -(-n // rows) * rows
+    if padded != n:
+        x = torch.cat([x, x.new_zeros(padded - n, x.shape[1])])
+    return torch.cat([fn(part) for part in x.split(rows)])[:n]
+
+
+def fixed_rows_for(fn: kernels.Kernel, x: torch.Tensor, sizes: Sequence[int], hint: int) -> int:
+    """Rows per invariant call for a kernel whose rows depend on their batch: the engine's
+    batch (a decode step is one call), checked here to make a row's result independent of
+    the rest (0, with a warning, where even that does not hold)."""
+    rows = max(2, hint)
+    pair = in_fixed_rows(fn, x[:2], rows)
+    if all(torch.equal(in_fixed_rows(fn, x[:m], rows)[:2], pair[:m]) for m in (1, *sizes)):
+        return rows
+    log.warning("no batch-invariant kernel for %s: seeded rows may differ under load", x.shape)
+    return 0
 
 
 def row_invariance(fn: kernels.Kernel, x: torch.Tensor, sizes: Sequence[int]) -> tuple[bool, bool]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE, lane_blocks
 from genserve.engine.thread import COMPILE_THREAD
 from genserve.engine.types import ChunkInput, StepInput
-from genserve.model import flex, kernels
+from genserve.model import flex, hardware, kernels
 from genserve.model.compiled import WARM_UP_ROWS, build_lone_decode, compile_lone_decode
 from genserve.model.hardware import KernelPolicy, ShapePlan
 from genserve.model.llama_math import Rotation, rms_norm, rope, stack_layer
@@ -106,6 +106,8 @@ class Linear:
     def __call__(self, x: torch.Tensor, invariant: bool = False) -> torch.Tensor:
         if not invariant:
             return self.by_bucket[bucket(x.shape[0])](x)
+        if self.plan.fixed_rows:  # no kernel here keeps a row's bits whatever its batch
+            return hardware.in_fixed_rows(self.invariant, x, self.plan.fixed_rows)
         if x.shape[0] == 1 and self.pad_single:
             # This kernel sums a single row in another order than two or more (checked at
             # start-up, as is that from two rows up a row's result does not depend on the
