@@ -605,9 +605,14 @@ class LlamaRunner:
         return Linear(weight, bias, self.num_slots, plan, quantize)
 
     def _pack(self, weight: torch.Tensor) -> Linear:
-        """An adapter's weight: never quantized (a LoRA's few parameters are cheap to read)."""
+        """An adapter's weight: never quantized (a LoRA's few parameters are cheap to read).
+        Where the base weights needed fixed-row calls to stay batch-invariant (cuBLAS), the
+        adapter's invariant calls take them too: the same library picks by row count."""
         w = weight.to(device=self.device, dtype=self.dtype).contiguous()
-        return Linear(w, None, self.num_slots)
+        plans = self.policy.plans if self.policy is not None else ()
+        fixed = max((p.fixed_rows for p in plans), default=0)
+        plan = replace(_default_plan(w), fixed_rows=fixed) if fixed else None
+        return Linear(w, None, self.num_slots, plan)
 
     def _attention(self, i: int, q: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """Each sequence attends over exactly its own cached length, gathered from its blocks.

@@ -6,9 +6,11 @@ stands in for such a library."""
 import torch
 import torch.nn.functional as F
 
+from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model import hardware
 from genserve.model.hardware import ShapePlan, fixed_rows_for, in_fixed_rows
-from genserve.model.runner import Linear
+from genserve.model.runner import Linear, LlamaRunner
+from tests.unit.test_lora import base, make_adapter
 
 
 def by_row_count(weight: torch.Tensor):  # noqa: ANN201 - a kernel
@@ -66,3 +68,26 @@ def test_fixed_rows_survive_the_policy_cache_and_name_the_fingerprint() -> None:
         "bfloat16", "none", (ShapePlan(24, 16, ("linear",) * 4, "linear", False),)
     )
     assert policy.tag() != plain.tag()
+
+
+def test_adapters_take_fixed_rows_where_the_base_weights_needed_them(tmp_path) -> None:  # noqa: ANN001
+    """A seeded row with a LoRA adapter: the adapter's own products run in fixed-row calls
+    too, and the logits still match peft."""
+    ref = make_adapter(tmp_path / "a", seed=1)
+    plain = base()
+    specs = hardware.model_specs(plain.config, 64, 4)
+    plans = tuple(
+        ShapePlan(s.out_features, s.in_features, ("linear",) * 4, "linear", False, fixed_rows=4)
+        for s in specs
+    )
+    policy = hardware.KernelPolicy("float32", "none", plans, "test")
+    runner = LlamaRunner(plain, 4, 64, batch_invariant=True, policy=policy)
+    runner.add_adapter("a", tmp_path / "a")
+    stack = runner.lora.adapters["a"].layers[0]["qkv"]
+    assert stack.a.plan.fixed_rows == 4 and stack.b.plan.fixed_rows == 4
+    ids = [5, 6, 7, 8, 9]
+    step = StepInput((ChunkInput("x", 0, tuple(ids), 0, True, SamplingParams(), 0, "a"),))
+    out = runner.execute(step)
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(out[0], want, atol=1e-4, rtol=1e-4)
