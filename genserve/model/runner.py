@@ -315,7 +315,10 @@ class LlamaRunner:
         tokens, positions, sample_rows = self._flatten(step)
         plan = self._plan(step, positions)
         x = self.embed[tokens]
-        cos, sin = self.rotary(x[None], positions[None])
+        # forward, not __call__: a --compile-decode compile on its own thread may be tracing
+        # with torch.fx, which patches nn.Module.__call__ for the whole process meanwhile (a
+        # step calling through it failed with "module is not installed as a submodule").
+        cos, sin = self.rotary.forward(x[None], positions[None])
         rot = Rotation.of(cos[0], sin[0])
         for i, layer in enumerate(self.layers):
             x = self._layer(i, layer, x, rot, plan)
@@ -335,7 +338,7 @@ class LlamaRunner:
         if run is None or c.num_logit_rows != 1:
             return None
         token = torch.tensor(c.token_ids, device=self.device)
-        cos, sin = self.rotary(self.embed[token][None], torch.tensor([[c.start]]))
+        cos, sin = self.rotary.forward(self.embed[token][None], torch.tensor([[c.start]]))
         write = torch.tensor(self._rows_of(table, c.start, c.start + 1))
         return self.lone(token, write, cos[0], sin[0], run + c.start + 1, c.start + 1)
 
