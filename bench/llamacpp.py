@@ -25,8 +25,6 @@ FORMATS = {"llama.cpp-f32": "f32", "llama.cpp-bf16": "bf16", "llama.cpp-q8_0": "
 # what each genserve precision is compared with, when both ran
 PEERS = {"fp32": "llama.cpp-f32", "bf16": "llama.cpp-bf16", "auto": "llama.cpp-bf16",
          "int8": "llama.cpp-q8_0"}  # fmt: skip
-# the weight format's bytes per parameter for the roofline: Q8_0 keeps an fp16 scale per 32
-ROOFLINE_AS = {"llama.cpp-f32": "fp32", "llama.cpp-bf16": "bf16", "llama.cpp-q8_0": "q8_0"}
 BENCH_DIR = Path(__file__).resolve().parent
 
 
