@@ -55,9 +55,9 @@ from common import (
 )
 from machine import Machine, describe, parameter_count, roofline_tok_s
 
-# Sequential requests per client: fewer clients get more rounds so every level runs long
-# enough to time, and 32 clients x 1 round is already the largest batch.
-DEFAULT_ROUNDS = {1: 3, 8: 2, 32: 1}
+# Rounds per level: fewer clients get more so every level runs long enough to time; 32 gets
+# two so that its samplings run interleaved both ways (interleaved_levels).
+DEFAULT_ROUNDS = {1: 3, 8: 2, 32: 2}
 TARGET_SINGLE = 1.3
 TARGET_BATCH = 1.5
 RAW_BATCH = 32
@@ -178,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--rounds", type=int, nargs="+", help="per concurrency level (default 3/2/1)")
+    p.add_argument("--rounds", type=int, nargs="+", help="per concurrency level (default 3/2/2)")
     p.add_argument(
         "--prompt-format",
         choices=["text", "ids"],
@@ -377,15 +377,7 @@ async def run_level(
     start = time.perf_counter()
     per_client = await asyncio.gather(*(one_client(mine) for mine in bodies))
     wall = time.perf_counter() - start
-    results = [r for rs in per_client for r in rs]
-    tokens = sum(r.tokens for r in results)
-    ttfts_ms = [r.ttft_s * 1000.0 for r in results]
-    return LevelResult(
-        concurrency=concurrency, requests=len(results), completion_tokens=tokens, wall_s=wall,
-        tok_s=tokens / wall, ttft_p50_ms=percentile(ttfts_ms, 50),
-        ttft_p95_ms=percentile(ttfts_ms, 95),
-        short_requests=sum(1 for r in results if r.tokens != expected),
-    )  # fmt: skip
+    return summarize(concurrency, [([r for rs in per_client for r in rs], wall)], expected)
 
 
 async def drive_server(
@@ -400,15 +392,7 @@ async def drive_server(
     ) as client:
         model_id = cfg.model_id or (await client.get("/v1/models")).json()["data"][0]["id"]
         await stream_request(client, request_body(cfg, model_id, prompts, 0, 8))  # warm-up
-        levels: list[LevelResult] = []
-        next_prompt = 1  # prompt 0 was the warm-up; the rest are used once each
-        for sampling in cfg.samplings:
-            for c, rounds in zip(cfg.concurrency, cfg.rounds, strict=True):
-                bodies = level_bodies(cfg, model_id, prompts, next_prompt, c, rounds, sampling)
-                next_prompt += c * rounds
-                level = await run_level(client, bodies, c, cfg.max_tokens)
-                levels.append(replace(level, precision=precision, sampling=sampling))
-                print(f"  {precision} {sampling} c={c}: {level.tok_s:.1f} tok/s", flush=True)
+        levels = await interleaved_levels(cfg, client, model_id, prompts, precision)
         if long is not None:
             try:
                 level = await long_prompt_level(cfg, client, model_id, long)
@@ -419,6 +403,68 @@ async def drive_server(
             print(f"  {precision} {long.tokens}-token prompt alone: TTFT p50 "
                   f"{level.ttft_p50_ms:.0f} ms", flush=True)  # fmt: skip
     return levels
+
+
+async def interleaved_levels(
+    cfg: BenchConfig, client: httpx.AsyncClient, model_id: str, prompts: PromptSet,
+    precision: str,
+) -> list[LevelResult]:  # fmt: skip
+    """Each concurrency level as `rounds` passes; a pass runs one round of every sampling (each
+    of the c clients sends one request, all at once), in order on even passes and reversed on
+    odd ones. The samplings of a level then share the machine's minutes (temp, top_p, top_p,
+    temp: a drift in the machine's speed falls on both alike), where one sampling's rounds
+    after another's made their ratio swing from 0.88x to 1.13x between runs of the same code
+    (a 2-core VM). Every prompt is used once (prompt 0 was the run's warm-up)."""
+    levels: list[LevelResult] = []
+    next_prompt = 1
+    for c, rounds in zip(cfg.concurrency, cfg.rounds, strict=True):
+        # Untimed: c short requests, so that the level's first timed round does not pay alone
+        # for the batch shapes the server has not run yet (the first of two samplings at 32
+        # streams showed a TTFT p50 1.4x the second's without it).
+        warm = [request_body(cfg, model_id, prompts, next_prompt + j, 8) for j in range(c)]
+        next_prompt += c
+        await run_round(client, warm)
+        done: dict[str, list[tuple[list[RequestResult], float]]] = {s: [] for s in cfg.samplings}
+        for k in range(rounds):
+            for sampling in cfg.samplings if k % 2 == 0 else cfg.samplings[::-1]:
+                bodies = [
+                    request_body(cfg, model_id, prompts, next_prompt + j, cfg.max_tokens, sampling)
+                    for j in range(c)
+                ]
+                next_prompt += c
+                done[sampling].append(await run_round(client, bodies))
+        for sampling, passes in done.items():
+            level = summarize(c, passes, cfg.max_tokens)
+            levels.append(replace(level, precision=precision, sampling=sampling))
+            each = ", ".join(f"{sum(r.tokens for r in rs) / w:.1f}" for rs, w in passes)
+            print(f"  {precision} {sampling} c={c}: {level.tok_s:.1f} tok/s (rounds: {each})",
+                  flush=True)  # fmt: skip
+    return levels
+
+
+async def run_round(
+    client: httpx.AsyncClient, bodies: list[dict]
+) -> tuple[list[RequestResult], float]:
+    """One request per client, all at once: (results, wall seconds)."""
+    start = time.perf_counter()
+    results = await asyncio.gather(*(stream_request(client, b) for b in bodies))
+    return list(results), time.perf_counter() - start
+
+
+def summarize(
+    concurrency: int, passes: list[tuple[list[RequestResult], float]], expected: int
+) -> LevelResult:
+    """One level from its rounds: tokens over the rounds' summed wall time."""
+    results = [r for rs, _ in passes for r in rs]
+    wall = sum(w for _, w in passes)
+    tokens = sum(r.tokens for r in results)
+    ttfts_ms = [r.ttft_s * 1000.0 for r in results]
+    return LevelResult(
+        concurrency=concurrency, requests=len(results), completion_tokens=tokens, wall_s=wall,
+        tok_s=tokens / wall, ttft_p50_ms=percentile(ttfts_ms, 50),
+        ttft_p95_ms=percentile(ttfts_ms, 95),
+        short_requests=sum(1 for r in results if r.tokens != expected),
+    )  # fmt: skip
 
 
 async def long_prompt_level(
@@ -432,18 +478,6 @@ async def long_prompt_level(
     await stream_request(client, bodies[0])
     level = await run_level(client, [bodies[1:]], 1, 1)
     return replace(level, sampling=sampling, prompt_tokens=long.tokens)
-
-
-def level_bodies(
-    cfg: BenchConfig, model_id: str, prompts: PromptSet, first: int, clients: int, rounds: int,
-    sampling: str,
-) -> list[list[dict]]:  # fmt: skip
-    """Each client's requests, one after another; every prompt is used once in the run."""
-    return [
-        [request_body(cfg, model_id, prompts, first + k * rounds + r, cfg.max_tokens, sampling)
-         for r in range(rounds)]
-        for k in range(clients)
-    ]  # fmt: skip
 
 
 class FlagsRefused(Exception):
@@ -704,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.model_dir))
     per_sampling = sum(c * r for c, r in zip(cfg.concurrency, cfg.rounds, strict=True))
-    needed = 1 + len(cfg.samplings) * per_sampling
+    needed = 1 + sum(cfg.concurrency) + len(cfg.samplings) * per_sampling  # + warm-ups
     prompts = build_prompts(tokenizer, max(needed, RAW_BATCH), cfg.prompt_tokens)
     long = None
     if cfg.long_prompt_tokens:
