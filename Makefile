@@ -32,10 +32,12 @@ serve: $(STAMP)
 
 test: $(STAMP) chromium
 	$(BIN)/ruff check genserve tests bench
+	$(BIN)/ruff format --check genserve tests bench scripts
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check genserve tests bench
+	$(BIN)/ruff format --check genserve tests bench scripts
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py

@@ -95,7 +95,8 @@ HEALTH_SCHEMA = {
     "type": "object",
     "properties": {
         "status": {
-            "type": "string", "enum": ["ok", "loading", "failed", "no_model", "engine_failed"]
+            "type": "string",
+            "enum": ["ok", "loading", "failed", "no_model", "engine_failed"],
         },
         "error": {"type": ["string", "null"]},
         "models": {"type": "object"},

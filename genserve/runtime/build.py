@@ -183,7 +183,9 @@ def build_engine(cfg: ServerConfig) -> EngineParts:
         vocab_size=worker.vocab_size,
         config_vocab_size=vocab,
         fingerprint=fingerprint(
-            loaded, type(runner).__name__, cfg.engine.batch_invariant,
+            loaded,
+            type(runner).__name__,
+            cfg.engine.batch_invariant,
             getattr(runner, "policy", None),
         ),  # fmt: skip
     )
@@ -231,7 +233,10 @@ def kv_manager(runner: Runner, paged: PagedShape, caching: bool, max_len: int) -
 
 
 def grammar_compiler(
-    tokenizer: Any, vocab: int, eos_ids: tuple[int, ...], name: str  # noqa: ANN401
+    tokenizer: Any,
+    vocab: int,
+    eos_ids: tuple[int, ...],
+    name: str,  # noqa: ANN401
 ) -> GrammarCompiler | GrammarUnavailable:
     """The model's grammar compiler; when llguidance cannot read its tokenizer (a WordLevel one
     without a ByteLevel or SentencePiece decoder), the model still serves plain generation and

@@ -149,7 +149,9 @@ class HelperChecks:
 
 
 def compiler_for(
-    tokenizer: Any, vocab: int, eos_ids: tuple[int, ...]  # noqa: ANN401
+    tokenizer: Any,
+    vocab: int,
+    eos_ids: tuple[int, ...],  # noqa: ANN401
 ) -> GrammarCompiler | GrammarUnavailable:
     """The grammar compiler for a tokenizer (a transformers one or its TokenizerJSON), or what
     stands in for it and says why not (given that reason as a str, or when llguidance fails):

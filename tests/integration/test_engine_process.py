@@ -145,8 +145,10 @@ def test_a_sigkilled_server_leaves_no_engine_or_grammar_process(tiny_model_dir, 
     server = start_server(tiny_model_dir, tmp_path, "--max-batch-size", "2")
     try:
         wait_until(
-            lambda: httpx.get(server.url + "/health").json()["models"]["tiny-llama"]["grammar"]
-            == "ready"
+            lambda: (
+                httpx.get(server.url + "/health").json()["models"]["tiny-llama"]["grammar"]
+                == "ready"
+            )
         )
         children = spawned_children(server.proc.pid)
         assert len(children) == 2, children

@@ -11,6 +11,7 @@ from genserve.runtime.build import fingerprint
 
 def test_the_fingerprint_names_the_gpu(monkeypatch, tmp_path) -> None:
     """Issue 20 item 2: seeds reproduce per system_fingerprint, and kernels differ per GPU."""
+
     def on(device: str, name: str = "") -> str:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: name)
         loaded = SimpleNamespace(path=tmp_path, dtype=torch.bfloat16, name="m",

@@ -19,9 +19,7 @@ from tests.devices import COMPUTE
 from tests.unit.test_lora import base, make_adapter
 from tests.unit.test_runner import llama, qwen2
 
-CASES = [(d, torch.float32) for d in COMPUTE] + [
-    (d, torch.bfloat16) for d in COMPUTE if d != "cpu"
-]
+CASES = [(d, torch.float32) for d in COMPUTE] + [(d, torch.bfloat16) for d in COMPUTE if d != "cpu"]
 TOL = {torch.float32: 2e-4, torch.bfloat16: 6e-2}  # bf16 rounds each layer's sums
 
 

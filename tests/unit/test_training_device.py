@@ -49,4 +49,3 @@ def test_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights() -> None:
     with Placement(torch.device("cpu"), torch.bfloat16).compute():
         y = layer(torch.randn(2, 8))
     assert y.dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
-
