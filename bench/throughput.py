@@ -14,7 +14,9 @@ It first prints the machine (CPU model and features, threads, a measured read ba
 the bandwidth roofline of one stream per weight format (bandwidth / weight bytes per token).
 The server runs once per precision (fp32: --dtype float32; bf16: --dtype bfloat16; auto:
 --dtype auto; int8: --dtype auto --quantization int8), each with greedy requests, temperature
-0.8, and temperature 0.8 with top_p 0.95 as most clients send; a precision whose flags the
+0.8, and temperature 0.8 with top_p 0.95 as most clients send, the samplings of a level
+interleaved round by round (each round: c clients, one request each, all at once; each
+round's tok/s is printed, which shows the machine's noise); a precision whose flags the
 server refuses is skipped with a note. `fp32-nocache` is fp32 with --no-prefix-caching: with
 both in --precisions it prints what prefix caching costs traffic that shares nothing
 (target: >= 0.95x).
