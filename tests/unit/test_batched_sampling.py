@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from genserve.model.sampler import (
+    NEG_INF,
     DrawParams,
     SamplingRow,
     draw_batch,
@@ -135,6 +136,25 @@ def test_top_p_rows_draw_from_the_nucleus(top_p: float) -> None:
     assert (weights > 0).sum() > 10
     # 20,000 draws: each frequency within ~4 standard deviations of its probability
     assert torch.allclose(freq, weights / weights.sum(), atol=0.006)
+
+
+def test_top_p_boundary_inside_a_run_of_equal_logits() -> None:
+    """The nucleus ends inside a run of tied tokens: only the lowest ids of the run are kept.
+    The first draw's check counts every tie as before the token, so no drawn tie past the
+    boundary is taken for inside; each tie the stable order keeps is drawn as often as the
+    others."""
+    logits = torch.full((1, 64), NEG_INF)
+    logits[0, :4] = 2.0
+    logits[0, 10:40] = 1.0  # 30 equal logits; top_p 0.6 ends among them
+    rows = [row(seed=i, top_p=0.6) for i in range(20_000)]
+    weights = truncated_weights(logits, params(rows[:1], 64))[0].double()
+    kept = (weights > 0).nonzero()[:, 0].tolist()
+    assert kept[:4] == [0, 1, 2, 3] and 10 in kept and 39 not in kept  # the run is cut
+    assert kept[4:] == list(range(10, 10 + len(kept) - 4))  # its lowest ids
+    out = sample(logits.expand(len(rows), 64), rows)
+    freq = torch.bincount(torch.tensor(out.tokens), minlength=64).double() / len(rows)
+    assert (freq[weights == 0] == 0).all()
+    assert torch.allclose(freq, weights / weights.sum(), atol=0.01)
 
 
 def mixed_rows(n: int) -> list[SamplingRow]:
