@@ -233,10 +233,10 @@ def kv_manager(runner: Runner, paged: PagedShape, caching: bool, max_len: int) -
 
 
 def grammar_compiler(
-    tokenizer: Any,
+    tokenizer: Any,  # noqa: ANN401
     vocab: int,
     eos_ids: tuple[int, ...],
-    name: str,  # noqa: ANN401
+    name: str,
 ) -> GrammarCompiler | GrammarUnavailable:
     """The model's grammar compiler; when llguidance cannot read its tokenizer (a WordLevel one
     without a ByteLevel or SentencePiece decoder), the model still serves plain generation and

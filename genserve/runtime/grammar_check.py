@@ -149,9 +149,9 @@ class HelperChecks:
 
 
 def compiler_for(
-    tokenizer: Any,
+    tokenizer: Any,  # noqa: ANN401
     vocab: int,
-    eos_ids: tuple[int, ...],  # noqa: ANN401
+    eos_ids: tuple[int, ...],
 ) -> GrammarCompiler | GrammarUnavailable:
     """The grammar compiler for a tokenizer (a transformers one or its TokenizerJSON), or what
     stands in for it and says why not (given that reason as a str, or when llguidance fails):
