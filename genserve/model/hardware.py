@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from genserve.model import kernels
+from genserve.model.cpuinfo import read_cpuinfo
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +71,6 @@ def detect(device: torch.device | str = "cpu") -> Features:
     capability = torch.backends.cpu.get_cpu_capability()
     threads = torch.get_num_threads()
     return Features("cpu", model, has, cap, capability, threads, hw_bf16 and _cap_allows_bf16(cap))
-
-
-def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
-    try:
-        text = path.read_text()
-    except OSError:  # not Linux: the model name from platform, no flags (measurement decides)
-        return platform.processor() or platform.machine(), set()
-    model, flags = "", set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and not model:
-            model = value.strip()
-        elif key.strip() in ("flags", "Features") and not flags:
-            flags = set(value.split())
-    return model or platform.machine(), flags
 
 
 def _cap_allows_bf16(cap: str) -> bool:
@@ -176,6 +161,7 @@ def choose(
     times: dict[str, Sequence[float]],
     invariance: dict[str, tuple[bool, bool]],
     baseline: str = "linear",
+    rows: Sequence[int] | None = None,
 ) -> tuple[tuple[str, ...], str, bool]:
     """(kernel per bucket, the batch-invariant kernel, pad_single) from measured times.
 
@@ -183,15 +169,25 @@ def choose(
     from two rows up, a lone row sums as in a pair). The invariant kernel is the invariant
     candidate with the best time over all buckets, relative to each bucket's fastest. A
     bucket runs it too unless another kernel is clearly faster there (KEEP_GAIN: a second
-    weight format costs memory), and never runs anything slower than the baseline."""
+    weight format costs memory), and never runs anything slower than the baseline.
+
+    `rows` (the rows timed per bucket) prices a kernel that is not row-invariant as the
+    invariant one run in fixed calls of rows[2] rows (the engine's batch: measure_shape), so
+    that an invariant kernel far slower at some row count (row by row, on a prefill chunk)
+    does not win by default."""
     n = len(next(iter(times.values())))
     fastest = [min(times, key=lambda c, b=b: times[c][b]) for b in range(n)]
 
-    def score(c: str) -> float:
-        return sum(times[c][b] / max(times[fastest[b]][b], 1e-9) for b in range(n))
+    def score(c: str, ts: Sequence[float]) -> float:
+        return sum(ts[b] / max(times[fastest[b]][b], 1e-9) for b in range(n))
 
-    stable = [c for c in times if invariance.get(c, (False, False))[0]] or list(times)
-    inv = min(stable, key=score)
+    stable = [c for c in times if invariance.get(c, (False, False))[0]]
+    inv_times = {c: times[c] for c in stable}
+    if rows is not None:  # the others, each as it would run invariant: in calls of rows[2]
+        for c in (c for c in times if c not in stable):
+            inv_times[c] = [-(-r // rows[2]) * times[c][2] for r in rows]
+    inv_times = inv_times or dict(times)
+    inv = min(inv_times, key=lambda c: score(c, inv_times[c]))
     choices = []
     for b in range(n):
         cap = times[baseline][b] if baseline in times else float("inf")
@@ -220,13 +216,18 @@ def candidates(
     built = {}
     for kind in kernels.available(dtype, device, quantization):
         try:
-            fns = [kernels.build(kind, w.clone(), None, quant, hint) for _ in range(copies)]
+            # Every copy its own weights, the int8 ones too: shared, they were read from cache.
+            fns = [kernels.build(kind, w.clone(), None, _copy(quant), hint) for _ in range(copies)]
             fns[0](torch.zeros(2, spec.in_features, dtype=dtype, device=device))
         except (RuntimeError, ValueError, NotImplementedError) as e:  # not on this build
             log.debug("kernel %s unavailable for %s: %s", kind, spec, e)
             continue
         built[kind] = fns
     return built
+
+
+def _copy(quant: kernels.QuantizedWeight | None) -> kernels.QuantizedWeight | None:
+    return None if quant is None else kernels.QuantizedWeight(quant.q.clone(), quant.scales)
 
 
 def cold_copies(spec: ShapeSpec, dtype: torch.dtype) -> int:
@@ -259,7 +260,7 @@ def measure_shape(
     times = time_kernels(fns, [x[:r] for r in rows], device)
     sizes = sorted({m for m in (3, 8, 17, 64, max(rows)) if 2 < m <= max(rows)})
     invariance = {c: row_invariance(f[0], x, sizes) for c, f in fns.items()}
-    choices, inv, pad = choose(times, invariance)
+    choices, inv, pad = choose(times, invariance, rows=rows)
     rounded = {c: [round(t, 1) for t in ts] for c, ts in times.items()}
     fixed = 0 if invariance[inv][0] else fixed_rows_for(fns[inv][0], x, sizes, hint)
     if fixed:
@@ -395,6 +396,7 @@ def cache_key(
 ) -> str:  # fmt: skip
     what = [f.device, f.model, f.flags, f.isa_cap, f.capability, f.threads, torch.__version__]
     what += [str(dtype), quantization, chunk, hint, [asdict(s) for s in specs]]
+    what += [kernels.available(dtype, torch.device(f.device), quantization)]  # new ones: measure
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 

@@ -4,6 +4,9 @@
 - `onednn`: the weight prepacked for oneDNN (fp32 or bf16; AMX where the CPU has it).
 - `int8`: weight-only int8 with one scale per output channel, through torch's own
   `aten._weight_int8pack_mm` (activations in bf16, dequantized inside the kernel).
+- `gemv`: genserve's own row-by-row kernel (gemv.py, built for this CPU), over the int8
+  weights when the layer is quantized, else over the weight in the compute dtype. It streams
+  the weight once per call, so it is a candidate for the few rows of a decode step.
 
 Which one runs for which row count is measured at start-up (genserve.model.hardware). With
 `--quantization int8`, `linear` and `onednn` run on the int8 weights dequantized, so every
@@ -18,7 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("linear", "onednn", "int8")
+from genserve.model import gemv
+
+KERNELS = ("linear", "onednn", "int8", "gemv")
+QUANTIZED = ("int8", "gemv")  # kernels that read the int8 weights themselves, not dequantized
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -56,6 +62,8 @@ def available(dtype: torch.dtype, device: torch.device, quantization: str) -> tu
     names = ["linear"] + (["onednn"] if onednn_ok(probe) else [])
     if quantization == "int8" and hasattr(torch, "_weight_int8pack_mm"):
         names.insert(0, "int8")
+    if device.type == "cpu" and dtype in gemv.DTYPES and gemv.library() is not None:
+        names.append("gemv")
     return tuple(names)
 
 
@@ -67,7 +75,8 @@ def build(
     batch_hint: int,
 ) -> Kernel:
     """A callable for one kernel. `weight` is in the compute dtype (already dequantized when
-    the layer is quantized); `quant` is needed for `int8` only."""
+    the layer is quantized; None when only QUANTIZED kernels are built); `quant`, where the
+    layer is quantized, is what `int8` and `gemv` read."""
     if kind == "linear":
         return lambda x: F.linear(x, weight, bias)
     if kind == "onednn":
@@ -75,6 +84,9 @@ def build(
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if kind == "int8":
         return _int8_kernel(quant, bias)
+    if kind == "gemv":
+        fn = gemv.Gemv(quant.q, quant.scales) if quant is not None else gemv.Gemv(weight)
+        return fn if bias is None else lambda x: fn(x).add_(bias)
     raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
 
 

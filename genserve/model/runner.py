@@ -95,7 +95,7 @@ class Linear:
         quant = kernels.quantize_int8(weight) if quantize else None
         kinds = set(plan.choices) | {plan.invariant}
         dense = weight
-        if quant is not None and kinds - {"int8"}:
+        if quant is not None and kinds - set(kernels.QUANTIZED):
             dense = quant.dequantize(weight.dtype)
         built = {k: kernels.build(k, dense, bias, quant, batch_hint) for k in sorted(kinds)}
         self.by_bucket = tuple(built[k] for k in plan.choices)

@@ -1,0 +1,143 @@
+"""genserve's own decode-row linear kernel (gemv.c), built for this CPU and called through ctypes.
+
+It is one more candidate for the start-up measurement (hardware.py), for the weights the
+fast path holds: bf16, float32 or int8 with a scale per output channel. The C file is
+compiled once per machine kind with the system's C compiler (`cc -O3 -march=native
+-fopenmp`, under a second on 2 cores) and kept in the user's cache directory, named by a
+hash of the source, the compiler and the CPU, so a restart loads it. Without a compiler, or
+where the build fails, the kernel is simply not offered: torch's kernels serve as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from genserve.model.cpuinfo import read_cpuinfo
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+COMPILE_TIMEOUT_S = 120
+_P, _I = ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {
+    "gemv_i8": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I],
+    "gemv_bf16": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
+    "gemv_f32": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
+}
+DTYPES = (torch.float32, torch.bfloat16)  # activations and dense weights it takes
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use (once per process), or None where they
+    cannot be built here (the reason is logged once)."""
+    if platform.system() != "Linux":  # -fopenmp and -march=native are gcc/clang on Linux
+        log.info("native gemv kernel not built: %s", platform.system())
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        log.info("native gemv kernel not built: no C compiler (cc) on PATH")
+        return None
+    try:
+        path = _built(cc)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("native gemv kernel not built (%s): torch's kernels only", e)
+        return None
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    return lib
+
+
+def _built(cc: str) -> Path:
+    """The shared library for this source, compiler and CPU: from the cache, else compiled
+    into it (through a temporary name and a rename, so a concurrent start never loads half a
+    file)."""
+    source = SOURCE.read_bytes()
+    model, flags = read_cpuinfo()  # -march=native: the build fits this CPU kind only
+    what = (source, cc, FLAGS, platform.machine(), model, sorted(flags))
+    key = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"gemv-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    done = subprocess.run(
+        [cc, *FLAGS, str(SOURCE), "-o", str(tmp)],
+        capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{cc} exited {done.returncode}: {done.stderr.strip()[-500:]}")
+    tmp.replace(out)
+    return out
+
+
+def _cache_dir() -> Path:
+    """The user's cache directory where it is writable, else a fresh temporary one."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "genserve"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return base
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="genserve-gemv-"))
+
+
+def supports(weight: torch.Tensor) -> bool:
+    """Whether the kernel can multiply by this weight (on this machine)."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (*DTYPES, torch.int8)
+        and weight.dim() == 2
+        and library() is not None
+    )
+
+
+class Gemv:
+    """y = x W^T (times a scale per output column for int8 weights) for x [M, K] in float32
+    or bf16; y comes back in x's dtype. Holds the weight (contiguous) and the scales, so the
+    pointers handed to C stay valid while it lives."""
+
+    __slots__ = ("fn", "scales", "weight")
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+        lib = library()
+        if lib is None or not supports(weight):
+            raise ValueError(f"native gemv unavailable for {weight.dtype} on {weight.device}")
+        self.weight = weight.contiguous()
+        self.scales = None
+        if weight.dtype == torch.int8:
+            if scales is None or tuple(scales.shape) != (weight.shape[0],):
+                raise ValueError("int8 weights need one scale per output row")
+            self.scales = scales.to(torch.float32).contiguous()
+            self.fn = lib.gemv_i8
+        else:
+            self.fn = lib.gemv_bf16 if weight.dtype == torch.bfloat16 else lib.gemv_f32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.weight.shape
+        if x.dtype not in DTYPES or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+            raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} against weight [{n}, {k}]")
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], n, dtype=x.dtype)
+        bf16 = int(x.dtype == torch.bfloat16)
+        scales = () if self.scales is None else (self.scales.data_ptr(),)
+        args = (x.data_ptr(), bf16, self.weight.data_ptr(), *scales, y.data_ptr(), bf16)
+        if self.fn(*args, x.shape[0], n, k, torch.get_num_threads()):
+            raise MemoryError("gemv: no memory for the activations' float32 copy")
+        return y

@@ -1,0 +1,131 @@
+"""genserve's own row-by-row kernel (model/gemv.c): built here with the system's compiler,
+it must compute what F.linear computes (on the int8 weights dequantized, for int8), keep a
+row's bits whatever the other rows of the call, refuse what it cannot multiply, and leave
+torch's kernels serving where it cannot be built."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genserve.model import gemv, kernels
+from genserve.model.hardware import row_invariance
+
+pytestmark = pytest.mark.skipif(gemv.library() is None, reason="no C compiler to build gemv.c")
+
+# Rows a decode step sends (1, a few), and weights whose widths are not multiples of the
+# kernel's 4-row blocks or 16-wide vectors (the tails), next to a real model's.
+SHAPES = [(1, 7, 40), (3, 960, 576), (9, 13, 100), (2, 5, 17), (1, 4, 16)]
+
+
+def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.double(), w.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_dense_weights_match_float64(dtype: torch.dtype, m: int, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    y = gemv.Gemv(w)(x)
+    assert y.dtype == dtype and y.shape == (m, n)
+    want = reference(x, w)
+    # float32 sums in another order; bf16 rounds the result once (8 bits of mantissa)
+    tol = 1e-5 if dtype == torch.float32 else 2**-8
+    assert torch.allclose(y.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_int8_weights_match_their_dequantized_product(
+    dtype: torch.dtype, m: int, n: int, k: int
+) -> None:
+    g = torch.Generator().manual_seed(m + n * 7 + k)
+    quant = kernels.quantize_int8(torch.randn(n, k, generator=g))
+    x = torch.randn(m, k, generator=g).to(dtype)
+    y = gemv.Gemv(quant.q, quant.scales)(x)
+    assert y.dtype == dtype
+    want = reference(x, quant.dequantize(torch.float32))
+    tol = 1e-5 if dtype == torch.float32 else 2**-8
+    assert torch.allclose(y.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_a_rows_bits_do_not_depend_on_the_other_rows() -> None:
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        fn = gemv.Gemv(torch.randn(96, 64, generator=g).to(dtype))
+        x = torch.randn(17, 64, generator=g).to(dtype)
+        assert row_invariance(fn, x, [3, 8, 17]) == (True, True)
+        assert torch.equal(fn(x[5:6])[0], fn(x)[5])  # the sixth row alone, as in 17
+
+
+def test_through_kernels_build_with_a_bias_and_strided_input() -> None:
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(24, 32, generator=g), torch.randn(24, generator=g)
+    fn = kernels.build("gemv", w, b, None, 4)
+    x = torch.randn(32, 3, generator=g).t()  # not contiguous
+    assert torch.allclose(fn(x), F.linear(x, w, b), atol=1e-5)
+    quant = kernels.quantize_int8(w)
+    fn8 = kernels.build("gemv", None, b, quant, 4)  # reads the int8 weights only
+    assert torch.allclose(fn8(x), F.linear(x, quant.dequantize(torch.float32), b), atol=1e-4)
+
+
+def test_it_is_a_candidate_for_the_compute_dtypes_it_takes() -> None:
+    cpu = torch.device("cpu")
+    assert "gemv" in kernels.available(torch.bfloat16, cpu, "none")
+    assert "gemv" in kernels.available(torch.float32, cpu, "int8")
+    assert "gemv" not in kernels.available(torch.float16, cpu, "none")
+
+
+def test_bad_operands_are_refused_not_read_out_of_bounds() -> None:
+    fn = gemv.Gemv(torch.randn(8, 16))
+    with pytest.raises(ValueError, match="against weight"):
+        fn(torch.randn(2, 15))  # the wrong width would read past x's rows
+    with pytest.raises(ValueError, match="against weight"):
+        fn(torch.randn(2, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="one scale per output row"):
+        gemv.Gemv(torch.zeros(8, 16, dtype=torch.int8), torch.ones(7))
+    with pytest.raises(ValueError, match="unavailable"):
+        gemv.Gemv(torch.randn(8, 16, dtype=torch.float16))
+
+
+NO_COMPILER = """
+import logging, torch
+logging.basicConfig(level=logging.INFO)
+from genserve.model import gemv, hardware, kernels
+assert gemv.library() is None
+assert "gemv" not in kernels.available(torch.bfloat16, torch.device("cpu"), "int8")
+p = hardware.measure_policy([hardware.ShapeSpec(64, 32, 8)], torch.float32, "int8",
+                            torch.device("cpu"), 8, 4)
+assert "gemv" not in p.plans[0].times_us, p.plans[0].times_us
+print("OK")
+"""
+
+
+def test_without_a_compiler_torchs_kernels_serve(tmp_path) -> None:  # noqa: ANN001
+    env = {"PATH": str(tmp_path), "CC": "no-such-cc", "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", NO_COMPILER], env=env, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-2000:]
+    assert "no C compiler" in done.stderr
+
+
+def test_a_compile_error_is_reported_and_nothing_half_built_is_loaded(tmp_path) -> None:  # noqa: ANN001
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\necho 'cc: error: this compiler is broken' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    code = "import logging, torch\nlogging.basicConfig()\nfrom genserve.model import gemv\n"
+    code += "assert gemv.library() is None\nprint('OK')\n"
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "CC": str(cc), "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-2000:]
+    assert "this compiler is broken" in done.stderr
+    assert not list((tmp_path / "genserve").glob("*.so"))
