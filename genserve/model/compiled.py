@@ -19,7 +19,9 @@ faster, it stays.
 The runner compiles it on a thread of its own, serving eager meanwhile (runner._compile_lone).
 
 With `--quantization int8` a weight whose one-row kernel the runner's policy measured as
-torch's int8 one stays int8 in the graph (the others run dequantized, as in the runner).
+torch's int8 one stays int8 in the graph (the others run dequantized, as in the runner). A
+weight whose one-row kernel the policy measured as genserve's own (gemv.py) runs it in the
+graph too, as a custom op (over the int8 weights where the runner quantizes).
 
 Only free rows take it (a seeded or --deterministic row must compute as it would batched), on
 the CPU, without adapters; everything else runs the runner's eager path.
@@ -38,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genserve.model import hardware, kernels
+from genserve.model import gemv, hardware, kernels
 from genserve.model.llama_math import Rotation, StackedLayer, rms_norm, rope, stack_layer
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,9 @@ def fused_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x[:, None, :] * w).sum(-1)
 
 
-FORMS = ("linear", "fused", "int8")  # the library's linear, fused_gemv, torch's int8 kernel
+# the library's linear, fused_gemv, torch's int8 kernel, genserve's own (gemv.py, a custom op)
+FORMS = ("linear", "fused", "int8", "gemv")
+LIBRARY = ("linear", "onednn")  # what F.linear in a frozen graph becomes (prepacked by inductor)
 
 
 class _Weight(nn.Module):
@@ -70,6 +74,10 @@ class _Weight(nn.Module):
         self.q = self.scales = self.weight = None
         if form == "int8" and quant is not None:
             self.q, self.scales = _frozen(quant.q), _frozen(quant.scales.to(torch.bfloat16))
+        elif form == "gemv" and quant is not None:  # reads the int8 weights, float32 scales
+            self.q, self.scales = _frozen(quant.q), _frozen(quant.scales)
+        elif form == "gemv":
+            self.weight = _frozen(weight.contiguous())
         else:
             self.form = "linear" if form == "int8" else form  # int8 without quantizing: dense
             self.weight = _frozen(quant.dequantize(weight.dtype) if quant else weight)
@@ -78,6 +86,8 @@ class _Weight(nn.Module):
         # self.form is fixed while tracing: the graph holds one form per weight.
         if self.form == "int8":  # its kernel is vectorised for bf16 activations (kernels.py)
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales).to(x.dtype)
+        elif self.form == "gemv":
+            y = gemv.op()(x, self.q if self.q is not None else self.weight, self.scales)
         elif self.form == "fused":
             y = fused_gemv(x, self.weight)
         else:
@@ -216,6 +226,7 @@ def _time_shape(fused: Any, out: int, inp: int, dtype: torch.dtype, fixed: float
     cpu = torch.device("cpu")
     spec = hardware.ShapeSpec(out, inp, 1)
     fns = hardware.candidates(spec, dtype, "none", cpu, 1)
+    fns = {c: f for c, f in fns.items() if c in LIBRARY}  # what the "linear" form runs
     copies = hardware.cold_copies(spec, dtype)
     g = torch.Generator().manual_seed(out * 31 + inp)
     weights = [(torch.randn(out, inp, generator=g) * 0.02).to(dtype) for _ in range(copies)]
@@ -230,15 +241,17 @@ def build_lone_decode(
     policy: hardware.KernelPolicy | None = None, measure: Any = measure_gemv,
 ) -> LoneDecode:  # fmt: skip
     """LoneDecode with each weight shape in its fastest form here: int8 where the runner's
-    policy quantizes and chose torch's int8 kernel for one row, else fused_gemv where it
-    measured faster than the library's linear (measure_gemv), else the library's."""
+    policy quantizes and chose torch's int8 kernel for one row, genserve's gemv where the
+    policy chose it for one row, else fused_gemv where it measured faster than the library's
+    linear (measure_gemv), else the library's."""
     w = stack_layer(model.model.layers[0])
     shapes = [tuple(t.shape) for t in (w.qkv, w.o, w.gate_up, w.down, model.lm_head.weight)]
     quantize = policy is not None and policy.quantization == "int8"
     int8 = [s for s in shapes if quantize and _one_row_kernel(policy, s) == "int8"]
-    dense = [s for s in dict.fromkeys(shapes) if s not in int8]
+    native = [s for s in shapes if policy is not None and _one_row_kernel(policy, s) == "gemv"]
+    dense = [s for s in dict.fromkeys(shapes) if s not in int8 and s not in native]
     timings = measure(dense, model.dtype) if dense else []
-    forms = {s: "int8" for s in int8}
+    forms = {s: "int8" for s in int8} | {s: "gemv" for s in native}
     forms |= {(t.out_features, t.in_features): "fused" for t in timings if t.fused_wins}
     said = [
         f"{t.out_features}x{t.in_features} {t.fused_us:.0f} vs {t.library_us:.0f}"
@@ -246,6 +259,7 @@ def build_lone_decode(
         for t in timings
     ]
     said += [f"{o}x{i} int8" for o, i in dict.fromkeys(int8)]
+    said += [f"{o}x{i} gemv" for o, i in dict.fromkeys(native)]
     log.info("compiled decode, one-row products (us, fused pass vs library): %s", "; ".join(said))
     return LoneDecode(model, k_cache, v_cache, eps, forms, quantize)
 

@@ -86,96 +86,115 @@ static float dot_f32(const float *x, const float *w, int K) {
 /* ---- four weight rows (w, w + K, w + 2K, w + 3K) against one row of x ---- */
 
 #ifdef GEMV_AVX512
-/* `next`: the block after this one, prefetched a line per 64 bytes read here */
-static void dot4_i8(const float *x, const int8_t *w, const int8_t *next, int K, float out[BLOCK]) {
-    __m512 a[BLOCK];
-    for (int r = 0; r < BLOCK; r++) a[r] = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 16 <= K; k += 16) { /* 4 rows x 16 bytes = one cache line */
-        _mm_prefetch((const char *)(next + 4 * (size_t)k), _MM_HINT_T0);
-        __m512 xv = _mm512_loadu_ps(x + k);
-        for (int r = 0; r < BLOCK; r++) {
-            __m128i b = _mm_loadu_si128((const __m128i *)(w + (size_t)r * K + k));
-            a[r] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), a[r]);
-        }
-    }
-    for (int r = 0; r < BLOCK; r++)
-        out[r] = _mm512_reduce_add_ps(a[r]) + dot_i8(x + k, w + (size_t)r * K + k, K - k);
+/* 16 weights widened to float32 */
+static inline __m512 load16_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
+static inline __m512 load16_bf16(const uint16_t *p) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
 
-static void dot4_f32(const float *x, const float *w, const float *next, int K, float out[BLOCK]) {
-    __m512 a[BLOCK];
-    for (int r = 0; r < BLOCK; r++) a[r] = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 16 <= K; k += 16) { /* 4 rows x 64 bytes: four lines */
-        for (int l = 0; l < BLOCK; l++)
-            _mm_prefetch((const char *)(next + 4 * (size_t)k + 16 * l), _MM_HINT_T0);
-        __m512 xv = _mm512_loadu_ps(x + k);
-        for (int r = 0; r < BLOCK; r++)
-            a[r] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + (size_t)r * K + k), a[r]);
-    }
-    for (int r = 0; r < BLOCK; r++)
-        out[r] = _mm512_reduce_add_ps(a[r]) + dot_f32(x + k, w + (size_t)r * K + k, K - k);
-}
+/* One pass of k reads 16 weights of each of the 4 rows, 64 * sizeof(T) bytes: as many cache
+ * lines of `next` (the block after this one, as far into it as this one is read) are
+ * prefetched, so the next block's rows stream in while this one is summed. */
+#define PREFETCH(T, next, k)                                                                 \
+    for (int l = 0; l < (int)sizeof(T); l++)                                                 \
+        _mm_prefetch((const char *)((next) + 4 * (size_t)(k) + l * (64 / sizeof(T))), _MM_HINT_T0);
 
-/* bf16 weights against float32 x: each 16 weights widened to float32 by a shift */
-static void dot4_bf16(const float *x, const uint16_t *w, const uint16_t *next, int K,
-                      float out[BLOCK]) {
-    __m512 a[BLOCK];
-    for (int r = 0; r < BLOCK; r++) a[r] = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 16 <= K; k += 16) { /* 4 rows x 32 bytes: two lines */
-        _mm_prefetch((const char *)(next + 4 * (size_t)k), _MM_HINT_T0);
-        _mm_prefetch((const char *)(next + 4 * (size_t)k + 32), _MM_HINT_T0);
-        __m512 xv = _mm512_loadu_ps(x + k);
-        for (int r = 0; r < BLOCK; r++) {
-            __m256i h = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * K + k));
-            __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-            a[r] = _mm512_fmadd_ps(xv, wf, a[r]);
-        }
+/* dot4: four weight rows against one row of x. dot4x4: against four rows of x, each weight
+ * vector loaded and widened once for the four (a few decodes in one step). Both add the same
+ * products in the same order for a row, so a row's result is the same bits either way. */
+#define DEFINE_DOTS(T, SUFFIX)                                                               \
+    static void dot4_##SUFFIX(const float *x, const T *w, const T *next, int K,             \
+                              float out[BLOCK]) {                                            \
+        __m512 a[BLOCK];                                                                     \
+        for (int r = 0; r < BLOCK; r++) a[r] = _mm512_setzero_ps();                          \
+        int k = 0;                                                                           \
+        for (; k + 16 <= K; k += 16) {                                                       \
+            PREFETCH(T, next, k)                                                             \
+            __m512 xv = _mm512_loadu_ps(x + k);                                              \
+            for (int r = 0; r < BLOCK; r++)                                                  \
+                a[r] = _mm512_fmadd_ps(xv, load16_##SUFFIX(w + (size_t)r * K + k), a[r]);   \
+        }                                                                                    \
+        for (int r = 0; r < BLOCK; r++)                                                      \
+            out[r] = _mm512_reduce_add_ps(a[r]) +                                            \
+                     dot_##SUFFIX(x + k, w + (size_t)r * K + k, K - k);                      \
+    }                                                                                        \
+    static void dot4x4_##SUFFIX(const float *const x[4], const T *w, const T *next, int K,  \
+                                float out[4][BLOCK]) {                                       \
+        __m512 a[4][BLOCK];                                                                  \
+        for (int m = 0; m < 4; m++)                                                          \
+            for (int r = 0; r < BLOCK; r++) a[m][r] = _mm512_setzero_ps();                   \
+        int k = 0;                                                                           \
+        for (; k + 16 <= K; k += 16) {                                                       \
+            PREFETCH(T, next, k)                                                             \
+            for (int r = 0; r < BLOCK; r++) {                                                \
+                __m512 wv = load16_##SUFFIX(w + (size_t)r * K + k);                          \
+                for (int m = 0; m < 4; m++)                                                  \
+                    a[m][r] = _mm512_fmadd_ps(_mm512_loadu_ps(x[m] + k), wv, a[m][r]);       \
+            }                                                                                \
+        }                                                                                    \
+        for (int m = 0; m < 4; m++)                                                          \
+            for (int r = 0; r < BLOCK; r++)                                                  \
+                out[m][r] = _mm512_reduce_add_ps(a[m][r]) +                                  \
+                            dot_##SUFFIX(x[m] + k, w + (size_t)r * K + k, K - k);            \
     }
-    for (int r = 0; r < BLOCK; r++)
-        out[r] = _mm512_reduce_add_ps(a[r]) + dot_bf16(x + k, w + (size_t)r * K + k, K - k);
-}
+
+DEFINE_DOTS(int8_t, i8)
+DEFINE_DOTS(uint16_t, bf16)
+DEFINE_DOTS(float, f32)
 #else
-static void dot4_i8(const float *x, const int8_t *w, const int8_t *next, int K, float out[BLOCK]) {
-    (void)next;
-    for (int r = 0; r < BLOCK; r++) out[r] = dot_i8(x, w + (size_t)r * K, K);
-}
+/* Without AVX-512: the plain loops, vectorised by the compiler for this CPU. */
+#define DEFINE_DOTS(T, SUFFIX)                                                               \
+    static void dot4_##SUFFIX(const float *x, const T *w, const T *next, int K,             \
+                              float out[BLOCK]) {                                            \
+        (void)next;                                                                          \
+        for (int r = 0; r < BLOCK; r++) out[r] = dot_##SUFFIX(x, w + (size_t)r * K, K);      \
+    }                                                                                        \
+    static void dot4x4_##SUFFIX(const float *const x[4], const T *w, const T *next, int K,  \
+                                float out[4][BLOCK]) {                                       \
+        for (int m = 0; m < 4; m++) dot4_##SUFFIX(x[m], w, next, K, out[m]);                 \
+    }
 
-static void dot4_f32(const float *x, const float *w, const float *next, int K, float out[BLOCK]) {
-    (void)next;
-    for (int r = 0; r < BLOCK; r++) out[r] = dot_f32(x, w + (size_t)r * K, K);
-}
-
-static void dot4_bf16(const float *x, const uint16_t *w, const uint16_t *next, int K,
-                      float out[BLOCK]) {
-    (void)next;
-    for (int r = 0; r < BLOCK; r++) out[r] = dot_bf16(x, w + (size_t)r * K, K);
-}
+DEFINE_DOTS(int8_t, i8)
+DEFINE_DOTS(uint16_t, bf16)
+DEFINE_DOTS(float, f32)
 #endif
 
 /* One kernel per weight format. x: [M, K] (bf16 when x_bf16, else float32), w: [N, K]
  * row-major, y: [M, N] (bf16 when y_bf16). Returns 0, or -1 when memory ran out. */
-#define GEMV_BODY(DOT4, DOT1, SCALE)                                                         \
+#define GEMV_BODY(SUFFIX, SCALE)                                                             \
     float *owned;                                                                            \
     const float *xf = rows_f32(x, x_bf16, (size_t)M * K, &owned);                            \
     if (xf == NULL) return -1;                                                               \
     int blocks = (N + BLOCK - 1) / BLOCK;                                                    \
     _Pragma("omp parallel for num_threads(threads) schedule(static)")                        \
     for (int b = 0; b < blocks; b++) {                                                       \
-        int n0 = b * BLOCK;                                                                  \
-        size_t row = (size_t)n0 * K;                                                         \
-        size_t after = (b + 1 < blocks) ? row + (size_t)BLOCK * K : row;                      \
-        for (int m = 0; m < M; m++) {                                                        \
-            const float *xr = xf + (size_t)m * K;                                            \
-            float acc[BLOCK];                                                                \
-            int full = n0 + BLOCK <= N;                                                      \
-            if (full) DOT4(xr, w + row, w + after, K, acc);                                  \
-            for (int r = 0; r < BLOCK && n0 + r < N; r++) {                                  \
-                float v = full ? acc[r] : DOT1(xr, w + row + (size_t)r * K, K);              \
-                store(y, y_bf16, (size_t)m * N + n0 + r, v * (SCALE));                       \
+        int n0 = b * BLOCK, rows = N - n0 < BLOCK ? N - n0 : BLOCK;                          \
+        size_t at = (size_t)n0 * K;                                                          \
+        size_t after = (b + 1 < blocks) ? at + (size_t)BLOCK * K : at;                       \
+        for (int m = 0; m < M;) {                                                            \
+            float acc[4][BLOCK];                                                             \
+            int take = M - m >= 2 ? (M - m < 4 ? M - m : 4) : 1;                             \
+            if (rows < BLOCK) { /* the last, partial block: row by row */                    \
+                for (int i = 0; i < take; i++)                                               \
+                    for (int r = 0; r < rows; r++)                                           \
+                        acc[i][r] = dot_##SUFFIX(xf + (size_t)(m + i) * K,                   \
+                                                 w + at + (size_t)r * K, K);                 \
+            } else if (take == 1) {                                                          \
+                dot4_##SUFFIX(xf + (size_t)m * K, w + at, w + after, K, acc[0]);             \
+            } else { /* 2-4 rows of x; a short group repeats its last row */                 \
+                const float *xs[4];                                                          \
+                for (int i = 0; i < 4; i++)                                                  \
+                    xs[i] = xf + (size_t)(m + (i < take ? i : take - 1)) * K;                \
+                dot4x4_##SUFFIX(xs, w + at, w + after, K, acc);                              \
             }                                                                                \
+            for (int i = 0; i < take; i++)                                                   \
+                for (int r = 0; r < rows; r++)                                               \
+                    store(y, y_bf16, (size_t)(m + i) * N + n0 + r, acc[i][r] * (SCALE));     \
+            m += take;                                                                       \
         }                                                                                    \
     }                                                                                        \
     free(owned);                                                                             \
@@ -183,15 +202,15 @@ static void dot4_bf16(const float *x, const uint16_t *w, const uint16_t *next, i
 
 int gemv_i8(const void *x, int x_bf16, const int8_t *w, const float *scales, void *y,
             int y_bf16, int M, int N, int K, int threads) {
-    GEMV_BODY(dot4_i8, dot_i8, scales[n0 + r])
+    GEMV_BODY(i8, scales[n0 + r])
 }
 
 int gemv_bf16(const void *x, int x_bf16, const uint16_t *w, void *y, int y_bf16, int M, int N,
               int K, int threads) {
-    GEMV_BODY(dot4_bf16, dot_bf16, 1.0f)
+    GEMV_BODY(bf16, 1.0f)
 }
 
 int gemv_f32(const void *x, int x_bf16, const float *w, void *y, int y_bf16, int M, int N,
              int K, int threads) {
-    GEMV_BODY(dot4_f32, dot_f32, 1.0f)
+    GEMV_BODY(f32, 1.0f)
 }

@@ -113,31 +113,55 @@ class Gemv:
     or bf16; y comes back in x's dtype. Holds the weight (contiguous) and the scales, so the
     pointers handed to C stay valid while it lives."""
 
-    __slots__ = ("fn", "scales", "weight")
+    __slots__ = ("scales", "weight")
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor | None = None) -> None:
-        lib = library()
-        if lib is None or not supports(weight):
-            raise ValueError(f"native gemv unavailable for {weight.dtype} on {weight.device}")
         self.weight = weight.contiguous()
-        self.scales = None
-        if weight.dtype == torch.int8:
-            if scales is None or tuple(scales.shape) != (weight.shape[0],):
-                raise ValueError("int8 weights need one scale per output row")
-            self.scales = scales.to(torch.float32).contiguous()
-            self.fn = lib.gemv_i8
-        else:
-            self.fn = lib.gemv_bf16 if weight.dtype == torch.bfloat16 else lib.gemv_f32
+        self.scales = None if scales is None else scales.to(torch.float32).contiguous()
+        _check_weight(self.weight, self.scales)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n, k = self.weight.shape
-        if x.dtype not in DTYPES or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
-            raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} against weight [{n}, {k}]")
-        x = x.contiguous()
-        y = torch.empty(x.shape[0], n, dtype=x.dtype)
-        bf16 = int(x.dtype == torch.bfloat16)
-        scales = () if self.scales is None else (self.scales.data_ptr(),)
-        args = (x.data_ptr(), bf16, self.weight.data_ptr(), *scales, y.data_ptr(), bf16)
-        if self.fn(*args, x.shape[0], n, k, torch.get_num_threads()):
-            raise MemoryError("gemv: no memory for the activations' float32 copy")
-        return y
+        return _multiply(x, self.weight, self.scales)
+
+
+def _check_weight(weight: torch.Tensor, scales: torch.Tensor | None) -> None:
+    if library() is None or not supports(weight):
+        raise ValueError(f"native gemv unavailable for {weight.dtype} on {weight.device}")
+    if weight.dtype == torch.int8 and (scales is None or tuple(scales.shape) != weight.shape[:1]):
+        raise ValueError("int8 weights need one scale per output row")
+
+
+def _multiply(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """The C call, on a weight (and float32 scales) already checked and contiguous."""
+    lib = library()
+    n, k = weight.shape
+    if x.dtype not in DTYPES or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
+        raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} against weight [{n}, {k}]")
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    bf16 = int(x.dtype == torch.bfloat16)
+    if weight.dtype == torch.int8:
+        fn, extra = lib.gemv_i8, (scales.data_ptr(),)
+    else:
+        fn, extra = (lib.gemv_bf16 if weight.dtype == torch.bfloat16 else lib.gemv_f32), ()
+    args = (x.data_ptr(), bf16, weight.data_ptr(), *extra, y.data_ptr(), bf16)
+    if fn(*args, x.shape[0], n, k, torch.get_num_threads()):
+        raise MemoryError("gemv: no memory for the activations' float32 copy")
+    return y
+
+
+@functools.cache
+def op():  # noqa: ANN201 - torch's custom-op object
+    """`genserve::gemv(x, weight, scales)` as a torch custom op, for graphs that torch.compile
+    builds (compiled.py): inductor calls it as an opaque kernel. Registered on first use, not
+    at import."""
+
+    @torch.library.custom_op("genserve::gemv", mutates_args=())
+    def gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        return _multiply(x, weight.contiguous(), scales)
+
+    @gemv.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    return gemv

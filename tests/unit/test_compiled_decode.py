@@ -1,11 +1,13 @@
 """--compile-decode (model/compiled.py): a lone free decode runs one compiled graph over the
 runner's own KV cache and gives transformers' logits; everything else keeps the eager path."""
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
+from genserve.model import gemv
 from genserve.model.compiled import GemvTiming, LoneDecode, build_lone_decode, measure_gemv
 from genserve.model.runner import LlamaRunner
 from tests.tiny_model import SMALL_LLAMA
@@ -115,16 +117,24 @@ def test_the_fused_pass_runs_only_where_it_measured_faster() -> None:
     assert (module.layers[0].o.form, module.layers[0].qkv.form) == ("fused", "linear")
 
 
-def test_int8_weights_stay_int8_in_the_compiled_decode() -> None:
-    """--quantization int8 with --compile-decode: the shapes whose one-row kernel is int8 run
-    torch's int8 kernel in the graph, and the logits are the eager int8 runner's."""
+@pytest.mark.parametrize(
+    ("quantization", "kind"), [("int8", "int8"), ("int8", "gemv"), ("none", "gemv")]
+)
+def test_the_policys_one_row_kernel_runs_in_the_compiled_decode(quantization, kind) -> None:
+    """--compile-decode keeps the one-row kernel the runner's policy chose: torch's int8
+    kernel, or genserve's gemv (a custom op in the graph; over the int8 weights where the
+    runner quantizes), and the logits are the eager runner's."""
+    if kind == "gemv" and gemv.library() is None:
+        pytest.skip("no C compiler to build gemv.c")
     m = tiny_llama()
-    policy = fixed_policy(m, torch.float32, "int8", "int8")
+    policy = fixed_policy(m, torch.float32, quantization, kind)
     runner = LlamaRunner(m, 4, 64, batch_invariant=False, policy=policy, compile_decode=True)
     runner.compiling.join()
+    assert runner.compiled_decode == "ready"
     eager = LlamaRunner(m, 4, 64, batch_invariant=False, policy=policy)
-    assert set(runner.lone.forms.values()) == {"int8"} and len(runner.lone.forms) == 5
-    assert runner.lone.layers[0].gate_up.weight is None  # no dense copy held beside the int8
+    assert set(runner.lone.forms.values()) == {kind} and len(runner.lone.forms) == 5
+    if quantization == "int8":  # no dense copy held beside the int8
+        assert runner.lone.layers[0].gate_up.weight is None
     calls = []
     compiled = runner.lone
     runner.lone = lambda *a: calls.append(a[-1]) or compiled(*a)
