@@ -81,13 +81,16 @@ class _Weight(nn.Module):
         else:
             self.form = "linear" if form == "int8" else form  # int8 without quantizing: dense
             self.weight = _frozen(quant.dequantize(weight.dtype) if quant else weight)
+        if self.form == "gemv":
+            gemv.op()  # registered now: traced, the cached lookup broke the graph per weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # self.form is fixed while tracing: the graph holds one form per weight.
         if self.form == "int8":  # its kernel is vectorised for bf16 activations (kernels.py)
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales).to(x.dtype)
         elif self.form == "gemv":
-            y = gemv.op()(x, self.q if self.q is not None else self.weight, self.scales)
+            w = self.q if self.q is not None else self.weight
+            y = torch.ops.genserve.gemv(x, w, self.scales)
         elif self.form == "fused":
             y = fused_gemv(x, self.weight)
         else:
