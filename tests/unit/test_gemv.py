@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model import gemv, kernels
 from genserve.model.hardware import row_invariance
-from genserve.model.runner import LlamaRunner
+from tests.unit.test_hardware import fixed_policy, seeded_logits, tiny_llama
 
 pytestmark = pytest.mark.skipif(gemv.library() is None, reason="no C compiler to build gemv.c")
 
@@ -138,27 +137,8 @@ def test_a_seeded_sequence_is_bitwise_the_same_alone_or_batched_on_gemv(dtype) -
     """With gemv as the invariant kernel, a seeded row's logits are the same bits alone or
     beside others (prompts of other lengths in the same steps), in bf16 too, where oneDNN's
     and F.linear's bf16 kernels are not (test_hardware's xfail)."""
-    from tests.unit.test_hardware import fixed_policy, tiny_llama
-
     model = tiny_llama(dtype)
     policy = fixed_policy(model, dtype, "none", "gemv")
-    seeded = SamplingParams(seed=7)
-    g = torch.Generator().manual_seed(5)
-    x = torch.randint(0, 300, (37,), generator=g).tolist()
-    mates = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (50, 3, 20)]
-
-    def run(batched: bool) -> list[torch.Tensor]:
-        r = LlamaRunner(model, 8, 128, batch_invariant=False, policy=policy)
-        others = [ChunkInput(str(i), i, tuple(m), 0, True, SamplingParams(), 0)
-                  for i, m in enumerate(mates)] if batched else []  # fmt: skip
-        first = ChunkInput("x", 5, tuple(x), 0, True, seeded, 0)
-        out = [r.execute(StepInput((*others, first)))[-1]]
-        for step in range(3):
-            more = [ChunkInput(str(i), i, (7,), len(m) + step, True, SamplingParams(), 1)
-                    for i, m in enumerate(mates)] if batched else []  # fmt: skip
-            mine = ChunkInput("x", 5, (11 + step,), len(x) + step, True, seeded, 1 + step)
-            out.append(r.execute(StepInput((*more, mine)))[-1])
-        return out
-
-    alone, batched = run(False), run(True)
-    assert all(torch.equal(a, b) for a, b in zip(alone, batched, strict=True))
+    alone = seeded_logits(model, policy, batched=False)
+    together = seeded_logits(model, policy, batched=True)
+    assert [torch.equal(a, b) for a, b in zip(alone, together, strict=True)] == [True] * 5

@@ -248,24 +248,25 @@ def test_a_seeded_sequence_is_bitwise_the_same_alone_or_batched_with_measured_ke
     policy = hardware.measure_policy(
         hardware.model_specs(model.config, 64, 8), dtype, quantization, CPU, 64, 8
     )
+    alone = seeded_logits(model, policy, batched=False)
+    together = seeded_logits(model, policy, batched=True)
+    assert [torch.equal(a, b) for a, b in zip(alone, together, strict=True)] == [True] * 5
+
+
+def seeded_logits(model, policy: KernelPolicy, batched: bool) -> list[torch.Tensor]:
+    """A seeded sequence's logits over its prompt step and 4 decodes, alone or with three
+    unseeded mates (prompts of 50, 3 and 90 tokens, then their decodes) in the same steps."""
     seeded = SamplingParams(seed=7)
     g = torch.Generator().manual_seed(5)
     x = torch.randint(0, 300, (37,), generator=g).tolist()
     mates = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (50, 3, 90)]
-
-    def run(batched: bool) -> list[torch.Tensor]:
-        r = LlamaRunner(model, 8, 256, batch_invariant=False, policy=policy)
-        others = [ChunkInput(str(i), i, tuple(m), 0, True, SamplingParams(), 0)
-                  for i, m in enumerate(mates)] if batched else []  # fmt: skip
-        out = [
-            r.execute(StepInput((*others, ChunkInput("x", 5, tuple(x), 0, True, seeded, 0))))[-1]
-        ]
-        for step in range(4):
-            dec = [ChunkInput(str(i), i, (1,), len(m) + step, True, SamplingParams(), 0)
-                   for i, m in enumerate(mates)] if batched else []  # fmt: skip
-            xs = ChunkInput("x", 5, (7 + step,), len(x) + step, True, seeded, 0)
-            out.append(r.execute(StepInput((*dec, xs)))[-1])
-        return out
-
-    alone, together = run(False), run(True)
-    assert [torch.equal(a, b) for a, b in zip(alone, together, strict=True)] == [True] * 5
+    r = LlamaRunner(model, 8, 256, batch_invariant=False, policy=policy)
+    others = [ChunkInput(str(i), i, tuple(m), 0, True, SamplingParams(), 0)
+              for i, m in enumerate(mates)] if batched else []  # fmt: skip
+    out = [r.execute(StepInput((*others, ChunkInput("x", 5, tuple(x), 0, True, seeded, 0))))[-1]]
+    for step in range(4):
+        dec = [ChunkInput(str(i), i, (1,), len(m) + step, True, SamplingParams(), 0)
+               for i, m in enumerate(mates)] if batched else []  # fmt: skip
+        xs = ChunkInput("x", 5, (7 + step,), len(x) + step, True, seeded, 0)
+        out.append(r.execute(StepInput((*dec, xs)))[-1])
+    return out
