@@ -20,7 +20,7 @@ The runner compiles it on a thread of its own, serving eager meanwhile (runner._
 
 With `--quantization int8` a weight whose one-row kernel the runner's policy measured as
 torch's int8 one stays int8 in the graph (the others run dequantized, as in the runner). A
-weight whose one-row kernel the policy measured as genserve's own (gemv.py) runs it in the
+weight whose one-row kernel the policy measured as genserve's own (native.py, gemv.c) runs it in the
 graph too, as a custom op (over the int8 weights where the runner quantizes).
 
 Only free rows take it (a seeded or --deterministic row must compute as it would batched), on
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genserve.model import gemv, hardware, kernels
+from genserve.model import hardware, kernels, native
 from genserve.model.llama_math import Rotation, StackedLayer, rms_norm, rope, stack_layer
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def fused_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x[:, None, :] * w).sum(-1)
 
 
-# the library's linear, fused_gemv, torch's int8 kernel, genserve's own (gemv.py, a custom op)
+# the library's linear, fused_gemv, torch's int8 kernel, genserve's own (native.py, a custom op)
 FORMS = ("linear", "fused", "int8", "gemv")
 LIBRARY = ("linear", "onednn")  # what F.linear in a frozen graph becomes (prepacked by inductor)
 
@@ -82,7 +82,7 @@ class _Weight(nn.Module):
             self.form = "linear" if form == "int8" else form  # int8 without quantizing: dense
             self.weight = _frozen(quant.dequantize(weight.dtype) if quant else weight)
         if self.form == "gemv":
-            gemv.op()  # registered now: traced, the cached lookup broke the graph per weight
+            native.op()  # registered now: traced, the cached lookup broke the graph per weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # self.form is fixed while tracing: the graph holds one form per weight.

@@ -1,4 +1,4 @@
-"""What the CPU says it is: read by hardware.py (features, cache keys) and gemv.py (which
+"""What the CPU says it is: read by hardware.py (features, cache keys) and native.py (which
 build of the native kernel fits this machine)."""
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 - `onednn`: the weight prepacked for oneDNN (fp32 or bf16; AMX where the CPU has it).
 - `int8`: weight-only int8 with one scale per output channel, through torch's own
   `aten._weight_int8pack_mm` (activations in bf16, dequantized inside the kernel).
-- `gemv`: genserve's own row-by-row kernel (gemv.py, built for this CPU), over the int8
+- `gemv`: genserve's own row-by-row kernel (gemv.c via native.py, built for this CPU), over the int8
   weights when the layer is quantized, else over the weight in the compute dtype. It streams
   the weight once per call, so it is a candidate for the few rows of a decode step.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from genserve.model import gemv
+from genserve.model import native
 
 KERNELS = ("linear", "onednn", "int8", "gemv")
 QUANTIZED = ("int8", "gemv")  # kernels that read the int8 weights themselves, not dequantized
@@ -62,7 +62,7 @@ def available(dtype: torch.dtype, device: torch.device, quantization: str) -> tu
     names = ["linear"] + (["onednn"] if onednn_ok(probe) else [])
     if quantization == "int8" and hasattr(torch, "_weight_int8pack_mm"):
         names.insert(0, "int8")
-    if device.type == "cpu" and dtype in gemv.DTYPES and gemv.library() is not None:
+    if device.type == "cpu" and dtype in native.DTYPES and native.library() is not None:
         names.append("gemv")
     return tuple(names)
 
@@ -85,7 +85,7 @@ def build(
     if kind == "int8":
         return _int8_kernel(quant, bias)
     if kind == "gemv":
-        fn = gemv.Gemv(quant.q, quant.scales) if quant is not None else gemv.Gemv(weight)
+        fn = native.Gemv(quant.q, quant.scales) if quant is not None else native.Gemv(weight)
         return fn if bias is None else lambda x: fn(x).add_(bias)
     raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
 

@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
-from genserve.model import gemv
+from genserve.model import native
 from genserve.model.compiled import GemvTiming, LoneDecode, build_lone_decode, measure_gemv
 from genserve.model.runner import LlamaRunner
 from tests.tiny_model import SMALL_LLAMA
@@ -124,7 +124,7 @@ def test_the_policys_one_row_kernel_runs_in_the_compiled_decode(quantization, ki
     """--compile-decode keeps the one-row kernel the runner's policy chose: torch's int8
     kernel, or genserve's gemv (a custom op in the graph; over the int8 weights where the
     runner quantizes), and the logits are the eager runner's."""
-    if kind == "gemv" and gemv.library() is None:
+    if kind == "gemv" and native.library() is None:
         pytest.skip("no C compiler to build gemv.c")
     m = tiny_llama()
     policy = fixed_policy(m, torch.float32, quantization, kind)

@@ -1,10 +1,12 @@
 """LlamaRunner over block tables: scattered blocks, blocks shared with another sequence (a
 prefix-cache hit) and batched decodes all give transformers' logits."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from genserve.engine.types import BlockCopy, ChunkInput, SamplingParams, StepInput
+from genserve.model import native
 from genserve.model.runner import LlamaRunner
 from tests.tiny_model import SMALL_LLAMA
 
@@ -51,13 +53,19 @@ def test_a_prefix_read_from_another_sequences_blocks_gives_the_same_logits() -> 
         torch.testing.assert_close(out, torch.stack(want), atol=1e-4, rtol=1e-4)
 
 
-def test_decodes_read_in_place_from_their_lanes_beside_gathered_ones() -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "native"])
+def test_decodes_read_in_place_from_their_lanes_beside_gathered_ones(attention: str) -> None:
     """4 slots over 16 blocks of 4: lane s is blocks 4s..4s+3. `a` runs in lane 0 and `c` in
     lane 2 (read as views, lane 1 idle between them), `b`'s blocks are scattered (gathered);
     all three decode in one step, then `a` and `c` again alone, and every logit is
-    transformers'. A prompt chunk whose blocks are one run is read as a view too."""
+    transformers'. A prompt chunk whose blocks are one run is read as a view too. The lanes
+    are read by SDPA or by attend.c (whichever the runner measured faster serves)."""
+    if attention == "native" and native.library() is None:
+        pytest.skip("no C compiler to build attend.c")
     m = model()
     runner = LlamaRunner(m, 4, 16, batch_invariant=False, num_blocks=16, block_size=4)
+    assert runner.lane_attention in ("sdpa", "native")  # as measured here
+    runner.lane_attention = attention
     assert runner.lane_blocks == 4
     g = torch.Generator().manual_seed(2)
     prompts = {

@@ -1,11 +1,16 @@
-"""genserve's own decode-row linear kernel (gemv.c), built for this CPU and called through ctypes.
+"""genserve's own CPU kernels (gemv.c, attend.c), built for this CPU and called through ctypes.
 
-It is one more candidate for the start-up measurement (hardware.py), for the weights the
-fast path holds: bf16, float32 or int8 with a scale per output channel. The C file is
-compiled once per machine kind with the system's C compiler (`cc -O3 -march=native
--fopenmp`, under a second on 2 cores) and kept in the user's cache directory, named by a
-hash of the source, the compiler and the CPU, so a restart loads it. Without a compiler, or
-where the build fails, the kernel is simply not offered: torch's kernels serve as before.
+- `gemv.c`: the row-by-row linear kernel, one more candidate for the start-up measurement
+  (hardware.py) for the weights the fast path holds: bf16, float32 or int8 with a scale per
+  output channel.
+- `attend.c`: decode attention over the KV lanes (runner.py), measured against SDPA when a
+  runner starts.
+
+The C files are compiled once per machine kind with the system's C compiler (`cc -O3
+-march=native -fopenmp`, about a second on 2 cores) into one library kept in the user's
+cache directory, named by a hash of the sources, the compiler and the CPU, so a restart loads
+it. Without a compiler, or where the build fails, these kernels are simply not offered:
+torch's serve as before.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ from genserve.model.cpuinfo import read_cpuinfo
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("gemv.c")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("gemv.c", "attend.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
-_P, _I = ctypes.c_void_p, ctypes.c_int
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
+    "attend_lanes": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _L, _L, _L, _F, _I, _I],
     "gemv_i8": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I],
     "gemv_bf16": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
     "gemv_f32": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
@@ -44,17 +50,17 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use (once per process), or None where they
     cannot be built here (the reason is logged once)."""
     if platform.system() != "Linux":  # -fopenmp and -march=native are gcc/clang on Linux
-        log.info("native gemv kernel not built: %s", platform.system())
+        log.info("native kernels not built: %s", platform.system())
         return None
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
-        log.info("native gemv kernel not built: no C compiler (cc) on PATH")
+        log.info("native kernels not built: no C compiler (cc) on PATH")
         return None
     try:
         path = _built(cc)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("native gemv kernel not built (%s): torch's kernels only", e)
+        log.warning("native kernels not built (%s): torch's kernels only", e)
         return None
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
@@ -63,20 +69,20 @@ def library() -> ctypes.CDLL | None:
 
 
 def _built(cc: str) -> Path:
-    """The shared library for this source, compiler and CPU: from the cache, else compiled
+    """The shared library for these sources, compiler and CPU: from the cache, else compiled
     into it (through a temporary name and a rename, so a concurrent start never loads half a
     file)."""
-    source = SOURCE.read_bytes()
+    sources = [f.read_bytes() for f in SOURCES]
     model, flags = read_cpuinfo()  # -march=native: the build fits this CPU kind only
-    what = (source, cc, FLAGS, platform.machine(), model, sorted(flags))
+    what = (sources, cc, FLAGS, platform.machine(), model, sorted(flags))
     key = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"gemv-{key}.so"
+    out = _cache_dir() / f"native-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     done = subprocess.run(
-        [cc, *FLAGS, str(SOURCE), "-o", str(tmp)],
+        [cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"],
         capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False,
     )  # fmt: skip
     if done.returncode != 0:
@@ -95,7 +101,7 @@ def _cache_dir() -> Path:
             return base
     except OSError:
         pass
-    return Path(tempfile.mkdtemp(prefix="genserve-gemv-"))
+    return Path(tempfile.mkdtemp(prefix="genserve-native-"))
 
 
 def supports(weight: torch.Tensor) -> bool:
@@ -165,3 +171,32 @@ def op():  # noqa: ANN201 - torch's custom-op object
         return x.new_empty(x.shape[0], weight.shape[0])
 
     return gemv
+
+
+def attend_lanes(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lanes: torch.Tensor,
+    lengths: torch.Tensor, row0: int, lane_len: int,
+) -> torch.Tensor:  # fmt: skip
+    """One decode token per sequence against its lane of a layer's cache (attend.c): q [B,
+    heads, D]; keys/values [kv_heads, rows, D], contiguous; row j of q reads the lengths[j]
+    positions from row row0 + lanes[j] * lane_len. lanes and lengths are int32 [B]."""
+    lib = library()
+    b, heads, dim = q.shape
+    kv, rows, _ = keys.shape
+    if b == 0:
+        return q.new_empty(q.shape)
+    last = row0 + int(lanes.max()) * lane_len + int(lengths.max())  # an upper bound
+    if lib is None or q.dtype != keys.dtype or last > rows or int(lengths.min()) < 1:
+        raise ValueError(f"attend_lanes: q {tuple(q.shape)} against a cache of {rows} rows")
+    if lanes.dtype != torch.int32 or lengths.dtype != torch.int32:
+        raise ValueError("attend_lanes: lanes and lengths are int32")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    rc = lib.attend_lanes(
+        q.data_ptr(), keys.data_ptr(), values.data_ptr(), out.data_ptr(), lanes.data_ptr(),
+        lengths.data_ptr(), b, heads, kv, dim, rows, row0, lane_len, dim**-0.5,
+        int(q.dtype == torch.bfloat16), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc:
+        raise ValueError(f"attend_lanes failed ({rc}): {heads} heads over {kv}, dim {dim}")
+    return out

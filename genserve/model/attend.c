@@ -1,0 +1,238 @@
+/* genserve's decode attention over the KV lanes: one new token per sequence, each reading its
+ * own lane of the cache in place.
+ *
+ * Why it exists: at 32 streams and 512 cached positions, torch's SDPA on the lanes' views was
+ * 52% of a decode step on the 2-core AMX Xeon (2.5 ms a layer, reading K and V at about
+ * 5 GB/s). Here each (sequence, KV head) pair is one task that streams its keys once for
+ * the query heads sharing that KV head, then its values once, in float32. Whether it runs is
+ * measured at start-up against SDPA (runner.py), as the linear kernels are.
+ *
+ * Layout (runner.py): a layer's cache is [kv_heads, rows, D]; sequence j's lane starts at row
+ * row0 + j * lane_len; q and out are [span, heads, D]; query head h reads KV head
+ * h / (heads / kv_heads), as transformers' repeat_kv does.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* e^x for x <= 0 in plain arithmetic (Cephes' expf: Cody-Waite reduction by ln 2, a degree-5
+ * polynomial, then 2^n through the exponent bits; within 2 ulp), so that the compiler
+ * vectorises the softmax loop: libm's expf is a call per element without -ffast-math. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x; /* e^-87 ~ 1.6e-38: nothing next to the largest term, 1 */
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
+    return (p * r * r + r + 1.0f) * two_n.f;
+}
+
+static inline float get(const void *p, int bf16, size_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* one row of D keys or values as float32 */
+static inline void row_f32(const void *base, int bf16, size_t at, int D, float *out) {
+    if (bf16) {
+        const uint16_t *p = (const uint16_t *)base + at;
+#pragma omp simd
+        for (int d = 0; d < D; d++) out[d] = bf16_to_f32(p[d]);
+    } else {
+        memcpy(out, (const float *)base + at, (size_t)D * sizeof(float));
+    }
+}
+
+#define MAX_GROUP 16 /* query heads per KV head handled in one task */
+#define MAX_DIM 256
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define ATTEND_AVX512 1
+
+/* 16 cached elements (bf16 or float32) widened to float32 */
+static inline __m512 load16(const void *base, int bf16, size_t at) {
+    if (bf16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + at));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)base + at);
+}
+
+/* exp_nonpositive, 16 at a time */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(
+        _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+/* s[i * len + t] = q_i . key_t for the group's query heads; each key loaded once. */
+static void scores_avx512(float qf[][MAX_DIM], const void *k, int bf16, size_t cache0, int len,
+                          int group, int D, float *s) {
+    for (int t = 0; t < len; t++) {
+        __m512 a[MAX_GROUP];
+        for (int i = 0; i < group; i++) a[i] = _mm512_setzero_ps();
+        size_t at = (cache0 + t) * D;
+        for (int d = 0; d < D; d += 16) {
+            __m512 kv = load16(k, bf16, at + d);
+            for (int i = 0; i < group; i++)
+                a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qf[i] + d), kv, a[i]);
+        }
+        for (int i = 0; i < group; i++) s[(size_t)i * len + t] = _mm512_reduce_add_ps(a[i]);
+    }
+}
+
+/* acc[i] = sum over t of p_i(t) * value_t; each value row loaded once, the group's sums
+ * kept in registers where they fit (D = 64: 4 vectors a head). */
+static void values_avx512(const void *v, int bf16, size_t cache0, int len, int group, int D,
+                          const float *p, float acc[][MAX_DIM]) {
+    enum { CHUNKS = 4 }; /* 64 dims a pass over the values */
+    for (int d0 = 0; d0 < D; d0 += 16 * CHUNKS) {
+        int n = (D - d0) / 16 < CHUNKS ? (D - d0) / 16 : CHUNKS;
+        __m512 a[MAX_GROUP][CHUNKS];
+        for (int i = 0; i < group; i++)
+            for (int c = 0; c < CHUNKS; c++) a[i][c] = _mm512_setzero_ps();
+        for (int t = 0; t < len; t++) {
+            size_t at = (cache0 + t) * D + d0;
+            __m512 vv[CHUNKS];
+            for (int c = 0; c < n; c++) vv[c] = load16(v, bf16, at + 16 * c);
+            for (int i = 0; i < group; i++) {
+                __m512 pi = _mm512_set1_ps(p[(size_t)i * len + t]);
+                for (int c = 0; c < n; c++) a[i][c] = _mm512_fmadd_ps(pi, vv[c], a[i][c]);
+            }
+        }
+        for (int i = 0; i < group; i++)
+            for (int c = 0; c < n; c++) _mm512_storeu_ps(acc[i] + d0 + 16 * c, a[i][c]);
+    }
+}
+#endif
+
+/* s[0..len-1] <- exp(s - max s); returns their sum */
+static float softmax(float *s, int len) {
+    float top = -INFINITY, sum = 0.f;
+    for (int t = 0; t < len; t++) top = s[t] > top ? s[t] : top;
+    int t = 0;
+#ifdef ATTEND_AVX512
+    __m512 vtop = _mm512_set1_ps(top), vsum = _mm512_setzero_ps();
+    for (; t + 16 <= len; t += 16) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), vtop));
+        _mm512_storeu_ps(s + t, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; t < len; t++) {
+        s[t] = exp_nonpositive(s[t] - top);
+        sum += s[t];
+    }
+    return sum;
+}
+
+/* One sequence j and KV head h: its `group` query heads against positions 0..len-1. */
+static int attend_one(const void *q, const void *k, const void *v, void *out, int bf16, int j,
+                      int h, int len, int heads, int group, int D, size_t rows, size_t lane0,
+                      float scale) {
+    float qf[MAX_GROUP][MAX_DIM], acc[MAX_GROUP][MAX_DIM], row[MAX_DIM];
+    float *s = (float *)malloc((size_t)group * len * sizeof(float));
+    if (s == NULL) return -1;
+    size_t qbase = ((size_t)j * heads + (size_t)h * group) * D;
+    for (int i = 0; i < group; i++)
+        for (int d = 0; d < D; d++) qf[i][d] = get(q, bf16, qbase + (size_t)i * D + d) * scale;
+    size_t cache0 = (size_t)h * rows + lane0; /* row of position 0 in this head's cache */
+#ifdef ATTEND_AVX512
+    if (D % 16 == 0) {
+        scores_avx512(qf, k, bf16, cache0, len, group, D, s);
+    } else
+#endif
+        for (int t = 0; t < len; t++) { /* scores: each key read once for the group */
+            row_f32(k, bf16, (cache0 + t) * D, D, row);
+            for (int i = 0; i < group; i++) {
+                float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                for (int d = 0; d < D; d++) dot += qf[i][d] * row[d];
+                s[(size_t)i * len + t] = dot;
+            }
+        }
+    float total[MAX_GROUP];
+    for (int i = 0; i < group; i++) { /* softmax, in place */
+        total[i] = softmax(s + (size_t)i * len, len);
+        memset(acc[i], 0, (size_t)D * sizeof(float));
+    }
+#ifdef ATTEND_AVX512
+    if (D % 16 == 0) {
+        values_avx512(v, bf16, cache0, len, group, D, s, acc);
+    } else
+#endif
+        for (int t = 0; t < len; t++) { /* values: each read once for the group */
+            row_f32(v, bf16, (cache0 + t) * D, D, row);
+            for (int i = 0; i < group; i++) {
+                float p = s[(size_t)i * len + t];
+#pragma omp simd
+                for (int d = 0; d < D; d++) acc[i][d] += p * row[d];
+            }
+        }
+    for (int i = 0; i < group; i++) {
+        size_t o = qbase + (size_t)i * D;
+        float inv = 1.f / total[i];
+        for (int d = 0; d < D; d++) {
+            float y = acc[i][d] * inv;
+            if (bf16)
+                ((uint16_t *)out)[o + d] = f32_to_bf16(y);
+            else
+                ((float *)out)[o + d] = y;
+        }
+    }
+    free(s);
+    return 0;
+}
+
+/* q, out: [B, heads, D]; k, v: [kv_heads, rows, D]; row j of q reads lengths[j] >= 1
+ * positions from row row0 + lanes[j] * lane_len. Returns 0, -1 when memory ran out, -2 for
+ * shapes past the fixed buffers. */
+int attend_lanes(const void *q, const void *k, const void *v, void *out, const int32_t *lanes,
+                 const int32_t *lengths, int B, int heads, int kv_heads, int D, int64_t rows,
+                 int64_t row0, int64_t lane_len, float scale, int bf16, int threads) {
+    int group = heads / kv_heads;
+    if (group > MAX_GROUP || D > MAX_DIM || group * kv_heads != heads) return -2;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic) reduction(| : failed)
+    for (int task = 0; task < B * kv_heads; task++) {
+        int j = task / kv_heads, h = task % kv_heads;
+        size_t lane0 = (size_t)row0 + (size_t)lanes[j] * (size_t)lane_len;
+        failed |= attend_one(q, k, v, out, bf16, j, h, lengths[j], heads, group, D,
+                             (size_t)rows, lane0, scale) != 0;
+    }
+    return failed ? -1 : 0;
+}
