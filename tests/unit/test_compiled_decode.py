@@ -117,9 +117,7 @@ def test_the_fused_pass_runs_only_where_it_measured_faster() -> None:
     assert (module.layers[0].o.form, module.layers[0].qkv.form) == ("fused", "linear")
 
 
-@pytest.mark.parametrize(
-    ("quantization", "kind"), [("int8", "int8"), ("int8", "gemv"), ("none", "gemv")]
-)
+@pytest.mark.parametrize(("quantization", "kind"), [("int8", "int8"), ("int8", "gemv")])
 def test_the_policys_one_row_kernel_runs_in_the_compiled_decode(quantization, kind) -> None:
     """--compile-decode keeps the one-row kernel the runner's policy chose: torch's int8
     kernel, or genserve's gemv (a custom op in the graph; over the int8 weights where the
