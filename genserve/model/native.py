@@ -33,6 +33,7 @@ from genserve.model.cpuinfo import read_cpuinfo
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("gemv.c", "attend.c"))
+HEADERS = (Path(__file__).with_name("bf16.h"),)  # part of the build's hash, not compiled alone
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
@@ -72,7 +73,7 @@ def _built(cc: str) -> Path:
     """The shared library for these sources, compiler and CPU: from the cache, else compiled
     into it (through a temporary name and a rename, so a concurrent start never loads half a
     file)."""
-    sources = [f.read_bytes() for f in SOURCES]
+    sources = [f.read_bytes() for f in (*SOURCES, *HEADERS)]
     model, flags = read_cpuinfo()  # -march=native: the build fits this CPU kind only
     what = (sources, cc, FLAGS, platform.machine(), model, sorted(flags))
     key = hashlib.sha256(repr(what).encode()).hexdigest()[:16]
