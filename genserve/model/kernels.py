@@ -85,8 +85,9 @@ def build(
     if kind == "int8":
         return _int8_kernel(quant, bias)
     if kind == "gemv":
-        fn = native.Gemv(quant.q, quant.scales) if quant is not None else native.Gemv(weight)
-        return fn if bias is None else lambda x: fn(x).add_(bias)
+        if quant is not None:
+            return native.Gemv(quant.q, quant.scales, bias)
+        return native.Gemv(weight, None, bias)
     raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
 
 

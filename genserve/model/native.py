@@ -1,10 +1,13 @@
-"""genserve's own CPU kernels (gemv.c, attend.c), built for this CPU and called through ctypes.
+"""genserve's own CPU kernels (gemv.c, attend.c, decode.c), built for this CPU and called
+through ctypes.
 
 - `gemv.c`: the row-by-row linear kernel, one more candidate for the start-up measurement
   (hardware.py) for the weights the fast path holds: bf16, float32 or int8 with a scale per
   output channel.
 - `attend.c`: decode attention over the KV lanes (runner.py), measured against SDPA when a
   runner starts.
+- `decode.c`: every decoder layer of a step of a few free decodes in one call (the glue
+  between gemv's linears and attend.c's attention in C), where the runner measured it faster.
 
 The C files are compiled once per machine kind with the system's C compiler (`cc -O3
 -march=native -fopenmp`, about a second on 2 cores) into one library kept in the user's
@@ -24,6 +27,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,13 +37,14 @@ from genserve.model.cpuinfo import read_cpuinfo
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("gemv.c", "attend.c"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("gemv.c", "attend.c", "decode.c"))
 HEADERS = (Path(__file__).with_name("bf16.h"),)  # part of the build's hash, not compiled alone
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "attend_lanes": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _L, _L, _L, _F, _I, _I],
+    "decode_layers": [_P, _I, _P, _P],
     "gemv_i8": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I],
     "gemv_bf16": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
     "gemv_f32": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
@@ -116,19 +122,24 @@ def supports(weight: torch.Tensor) -> bool:
 
 
 class Gemv:
-    """y = x W^T (times a scale per output column for int8 weights) for x [M, K] in float32
-    or bf16; y comes back in x's dtype. Holds the weight (contiguous) and the scales, so the
-    pointers handed to C stay valid while it lives."""
+    """y = x W^T (times a scale per output column for int8 weights) (+ bias) for x [M, K] in
+    float32 or bf16; y comes back in x's dtype. Holds the weight (contiguous), the scales and
+    the bias, so the pointers handed to C stay valid while it lives."""
 
-    __slots__ = ("scales", "weight")
+    __slots__ = ("bias", "scales", "weight")
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, scales: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
         self.weight = weight.contiguous()
         self.scales = None if scales is None else scales.to(torch.float32).contiguous()
+        self.bias = None if bias is None else bias.contiguous()
         _check_weight(self.weight, self.scales)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _multiply(x, self.weight, self.scales)
+        y = _multiply(x, self.weight, self.scales)
+        return y if self.bias is None else y.add_(self.bias)
 
 
 def _check_weight(weight: torch.Tensor, scales: torch.Tensor | None) -> None:
@@ -201,3 +212,144 @@ def attend_lanes(
     if rc:
         raise ValueError(f"attend_lanes failed ({rc}): {heads} heads over {kv}, dim {dim}")
     return out
+
+
+class _Lin(ctypes.Structure):
+    _fields_ = [("w", _P), ("scales", _P), ("bias", _P), ("format", _L), ("n", _L), ("k", _L)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", _P), ("post_norm", _P), ("qkv", _Lin), ("o", _Lin), ("gate_up", _Lin),
+        ("down", _Lin), ("k_cache", _P), ("v_cache", _P),
+    ]  # fmt: skip
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [
+        *((name, _L) for name in (
+            "rows", "hidden", "heads", "kv_heads", "dim", "inter", "cache_rows", "bf16", "threads"
+        )),
+        ("eps", ctypes.c_double), ("scale", ctypes.c_double),
+        ("cos", _P), ("sin", _P), ("write", _P), ("starts", _P), ("lengths", _P),
+    ]  # fmt: skip
+
+
+_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+MAX_HEAD_DIM, MAX_GROUP = 256, 16  # decode.c's and attend.c's fixed buffers
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeShape:
+    """The model's shape as decode.c computes it (Llama family, rotate-half rotary, SiLU)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    dim: int
+    inter: int
+    eps: float
+    dtype: torch.dtype  # the activations', norms' and caches' dtype
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLayer:
+    """What decode.c reads of one decoder layer: the runner's own tensors and kernels."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: Gemv
+    o: Gemv
+    gate_up: Gemv
+    down: Gemv
+    k_cache: torch.Tensor  # [kv_heads, cache_rows, dim]
+    v_cache: torch.Tensor
+
+
+class DecodeStack:
+    """Every decoder layer of a step of single-token decodes in one C call (decode.c). Holds
+    the layers, so the pointers handed to C stay valid while it lives. Raises ValueError at
+    construction for anything decode.c does not compute (the runner then stays eager)."""
+
+    def __init__(self, layers: Sequence[DecodeLayer], shape: DecodeShape) -> None:
+        if library() is None:
+            raise ValueError("native kernels unavailable here")
+        self.shape, self.layers = shape, tuple(layers)
+        self.cache_rows = _check_stack(self.layers, shape)
+        self._structs = (_Layer * len(self.layers))(*map(_layer_struct, self.layers))
+
+    def __call__(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write: Sequence[int],
+        starts: Sequence[int], lengths: Sequence[int],
+    ) -> None:  # fmt: skip
+        """x [B, hidden] (contiguous, the model's dtype) through every layer, in place. Row j
+        is at position lengths[j] - 1, with cos/sin [B, dim] float32 its rotary tables: its
+        key and value go to cache row write[j] and it attends over lengths[j] positions from
+        cache row starts[j]."""
+        s, b = self.shape, x.shape[0]
+        if x.dtype != s.dtype or tuple(x.shape) != (b, s.hidden) or not x.is_contiguous():
+            raise ValueError(f"decode_layers: x {tuple(x.shape)} {x.dtype}")
+        for t in (cos, sin):
+            if t.dtype != torch.float32 or tuple(t.shape) != (b, s.dim) or not t.is_contiguous():
+                raise ValueError(f"decode_layers: rotary tables [{b}, {s.dim}] float32")
+        if not len(write) == len(starts) == len(lengths) == b:
+            raise ValueError("decode_layers: one write row, start and length per row")
+        rows = self.cache_rows
+        if any(n < 1 or a < 0 or a + n > rows for a, n in zip(starts, lengths, strict=True)):
+            raise ValueError("decode_layers: a row attends outside its cache")
+        if any(not 0 <= w < rows for w in write):
+            raise ValueError("decode_layers: a write row outside the cache")
+        ints = (
+            torch.tensor(write, dtype=torch.int64),
+            torch.tensor(starts, dtype=torch.int32),
+            torch.tensor(lengths, dtype=torch.int32),
+        )
+        step = _Step(
+            b, s.hidden, s.heads, s.kv_heads, s.dim, s.inter, rows,
+            int(s.dtype == torch.bfloat16), torch.get_num_threads(), s.eps, s.dim**-0.5,
+            *(t.data_ptr() for t in (cos, sin, *ints)),
+        )  # fmt: skip
+        rc = library().decode_layers(
+            self._structs, len(self.layers), ctypes.byref(step), x.data_ptr()
+        )
+        if rc:
+            raise ValueError(f"decode_layers failed ({rc})")
+
+
+def _check_stack(layers: Sequence[DecodeLayer], s: DecodeShape) -> int:
+    """The caches' row count, once every tensor is checked against the shape."""
+    if s.dtype not in DTYPES or s.dim % 2 or s.dim > MAX_HEAD_DIM or s.heads % s.kv_heads:
+        raise ValueError(f"decode.c computes no {s.dtype}, head_dim {s.dim}")
+    if s.heads // s.kv_heads > MAX_GROUP:  # attend.c's fixed buffers
+        raise ValueError(f"decode.c attends at most {MAX_GROUP} query heads per KV head")
+    qkv = (s.heads + 2 * s.kv_heads) * s.dim
+    linears = {"qkv": (qkv, s.hidden), "o": (s.hidden, s.heads * s.dim),
+               "gate_up": (2 * s.inter, s.hidden), "down": (s.hidden, s.inter)}  # fmt: skip
+    rows = layers[0].k_cache.shape[1] if layers else 0
+    for layer in layers:
+        for name, shape in linears.items():
+            g = getattr(layer, name)
+            if tuple(g.weight.shape) != shape or (g.bias is not None and g.bias.dtype != s.dtype):
+                raise ValueError(f"decode_layers: {name} {tuple(g.weight.shape)}, not {shape}")
+        for t in (layer.input_norm, layer.post_norm, layer.k_cache, layer.v_cache):
+            if t.dtype != s.dtype or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("decode_layers: norms and caches in the model's dtype, contiguous")
+        for cache in (layer.k_cache, layer.v_cache):
+            if tuple(cache.shape) != (s.kv_heads, rows, s.dim):
+                raise ValueError(f"decode_layers: cache {tuple(cache.shape)}")
+    return rows
+
+
+def _lin_struct(g: Gemv) -> _Lin:
+    scales = g.scales.data_ptr() if g.scales is not None else None
+    bias = g.bias.data_ptr() if g.bias is not None else None
+    n, k = g.weight.shape
+    return _Lin(g.weight.data_ptr(), scales, bias, _FORMATS[g.weight.dtype], n, k)
+
+
+def _layer_struct(layer: DecodeLayer) -> _Layer:
+    lins = (_lin_struct(g) for g in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    return _Layer(
+        layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), *lins,
+        layer.k_cache.data_ptr(), layer.v_cache.data_ptr(),
+    )  # fmt: skip

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE, lane_blocks
 from genserve.engine.thread import COMPILE_THREAD
-from genserve.engine.types import ChunkInput, StepInput
+from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model import flex, hardware, kernels, native
 from genserve.model.compiled import WARM_UP_ROWS, build_lone_decode, compile_lone_decode
 from genserve.model.hardware import KernelPolicy, ShapePlan
@@ -95,12 +95,15 @@ class Linear:
         plan = plan or _default_plan(weight)
         quant = kernels.quantize_int8(weight) if quantize else None
         kinds = set(plan.choices) | {plan.invariant}
+        if quant is not None and native.supports(quant.q):
+            kinds.add("gemv")  # it reads the same int8 tensor: decode.c's, at no memory cost
         dense = weight
         if quant is not None and kinds - set(kernels.QUANTIZED):
             dense = quant.dequantize(weight.dtype)
         built = {k: kernels.build(k, dense, bias, quant, batch_hint) for k in sorted(kinds)}
         self.by_bucket = tuple(built[k] for k in plan.choices)
         self.invariant = built[plan.invariant]
+        self.gemv = built.get("gemv")  # what decode.c reads, where the policy built it
         self.pad_single = plan.pad_single
         self.plan = plan
 
@@ -259,6 +262,15 @@ class LlamaRunner:
         self.lone: Any = None  # the compiled lone decode, once compiled (see _compile_lone)
         self.compiled_decode = "off"  # "compiling", "ready" or "failed" with --compile-decode
         self.compiling: threading.Thread | None = None
+        # decode.c's whole-step path per row bucket (0: one row, 1: 2-8), where it measured
+        # faster than eager here (_choose_native_decode)
+        self.native_decode: dict[int, native.DecodeStack] = {}
+        shape = native.DecodeShape(
+            cfg.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
+            cfg.intermediate_size, self.eps, self.dtype,
+        )  # fmt: skip
+        self.native_stack = self._native_stack(shape)
+        self.native_decode = self._choose_native_decode(self.native_stack)
         if compile_decode:
             self._compile_lone(model)
 
@@ -295,6 +307,57 @@ class LlamaRunner:
             span, length, best["sdpa"] * 1e6, best["native"] * 1e6, kind,
         )  # fmt: skip
         return kind
+
+    def _native_stack(self, shape: native.DecodeShape) -> native.DecodeStack | None:
+        """decode.c's stack where every decoder linear has a gemv kernel (the policy chose it
+        for some row count): a step through it runs the small ops between the linears in C."""
+        if self.device.type != "cpu" or self.attention != "sdpa" or native.library() is None:
+            return None
+        layers = []
+        for w, k, v in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            fns = [lin.gemv for lin in (w.qkv, w.o, w.gate_up, w.down)]
+            if any(fn is None for fn in fns):
+                return None
+            layers.append(native.DecodeLayer(w.input_norm, w.post_norm, *fns, k, v))
+        try:
+            return native.DecodeStack(layers, shape)
+        except ValueError as e:
+            log.info("native decode not offered: %s", e)
+            return None
+
+    def _choose_native_decode(
+        self, stack: native.DecodeStack | None
+    ) -> dict[int, native.DecodeStack]:
+        """The row buckets (one row; 2-8, timed at four) where a step of decodes through the
+        stack ran faster than eager here (128 positions each, on lanes that hold no request
+        yet; the best of 3 rounds, interleaved): no machine's numbers are assumed."""
+        kept: dict[int, native.DecodeStack] = {}
+        for b in (0, 1) if stack is not None else ():
+            rows = 1 if b == 0 else min(4, self.num_slots)
+            length = min(128, self.lane_len)
+            if (b == 1 and rows < 2) or length < 2:
+                continue
+            step = StepInput(tuple(
+                ChunkInput(f"warm-{j}", j, (0,), length - 1, True, SamplingParams(), 0)
+                for j in range(rows)
+            ))  # fmt: skip
+            best = {"eager": float("inf"), "native": float("inf")}
+            with torch.inference_mode():
+                for _ in range(3):
+                    for kind in best:
+                        self.native_decode = {b: stack} if kind == "native" else {}
+                        self.execute(step)  # warm: pages, code
+                        t0 = time.perf_counter()
+                        self.execute(step)
+                        best[kind] = min(best[kind], time.perf_counter() - t0)
+            if best["native"] < best["eager"]:
+                kept[b] = stack
+            log.info(
+                "decode step of %d rows: eager %.2f ms, native %.2f ms: %s", rows,
+                best["eager"] * 1e3, best["native"] * 1e3, min(best, key=best.__getitem__),
+            )  # fmt: skip
+        self.native_decode = {}
+        return kept
 
     def _table_of_lane(self, lane: int) -> tuple[int, ...]:
         first = lane * self.lane_blocks
@@ -350,6 +413,8 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
+        if (logits := self._native(step)) is not None:
+            return logits
         if (lone := self._lone(step)) is not None:
             return lone
         self._copy_blocks(step)
@@ -365,6 +430,35 @@ class LlamaRunner:
             x = self._layer(i, layer, x, rot, plan)
         x = self._norm(x[sample_rows], self.final_norm)
         return self.lm_head(x, plan.invariant).float()
+
+    def _native(self, step: StepInput) -> torch.Tensor | None:
+        """The logits through decode.c when every chunk is a free single-token decode whose
+        blocks are one run, in a row bucket where it measured faster, else None. Free rows
+        only: its norms sum in another order than torch's, so a row's bits differ from the
+        eager path's, and a seeded row's must not depend on which path its batch took."""
+        stack = self.native_decode.get(bucket(len(step.chunks)))
+        if stack is None:
+            return None
+        bs = self.block_size
+        write, starts, lengths = [], [], []
+        for c in step.chunks:
+            if len(c.token_ids) != 1 or not c.start or c.adapter is not None:
+                return None
+            if c.num_logit_rows != 1 or self._invariant(c):
+                return None
+            table = self._table(c)
+            run = self._run(table, c.start + 1)
+            if run is None:
+                return None
+            write.append(table[c.start // bs] * bs + c.start % bs)
+            starts.append(run)
+            lengths.append(c.start + 1)
+        self._copy_blocks(step)
+        x = self.embed[torch.tensor([c.token_ids[0] for c in step.chunks])]
+        positions = torch.tensor([[n - 1 for n in lengths]])
+        cos, sin = self.rotary.forward(x[None], positions)
+        stack(x, cos[0].float(), sin[0].float(), write, starts, lengths)
+        return self.lm_head(self._norm(x, self.final_norm)).float()
 
     def _lone(self, step: StepInput) -> torch.Tensor | None:
         """The compiled step's logits when this step is one free decode whose blocks are one

@@ -6,15 +6,22 @@ decode attention (attend.c) must compute SDPA's result."""
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model import kernels, native
 from genserve.model.hardware import row_invariance
+from genserve.model.runner import LlamaRunner
+from tests.tiny_model import SMALL_LLAMA
 from tests.unit.test_hardware import fixed_policy, seeded_logits, tiny_llama
+
+FREE = SamplingParams()
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler to build gemv.c")
@@ -177,3 +184,116 @@ def test_lane_attention_matches_sdpa_over_each_lanes_own_length(dtype) -> None:
         native.attend_lanes(q, keys, values, lanes + 1, lengths, 8, lane)
     with pytest.raises(ValueError, match="int32"):
         native.attend_lanes(q, keys, values, lanes.long(), lengths, 8, lane)
+
+
+class CountingStack:
+    """A runner's decode.c stack that counts the steps it takes."""
+
+    def __init__(self, stack: native.DecodeStack) -> None:
+        self.stack, self.rows = stack, []
+
+    def __call__(self, x: torch.Tensor, *rest) -> None:  # noqa: ANN002
+        self.rows.append(x.shape[0])
+        self.stack(x, *rest)
+
+
+def native_and_eager(model, dtype: torch.dtype, quantization: str):  # noqa: ANN001, ANN201
+    """Two runners on one model and policy (gemv everywhere): one sends every free decode
+    through decode.c, the other none."""
+    policy = fixed_policy(model, dtype, quantization, "gemv")
+    fast = LlamaRunner(model, 4, 64, batch_invariant=False, policy=policy)
+    eager = LlamaRunner(model, 4, 64, batch_invariant=False, policy=policy)
+    assert fast.native_stack is not None
+    counting = CountingStack(fast.native_stack)
+    fast.native_decode, eager.native_decode = {0: counting, 1: counting}, {}
+    return fast, eager, counting
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quantization", "bias", "tol"),
+    [
+        (torch.float32, "none", False, 1e-4),
+        (torch.float32, "int8", True, 1e-4),
+        (torch.bfloat16, "none", True, 0.05),
+        (torch.bfloat16, "int8", False, 0.05),
+    ],
+)
+def test_native_decode_computes_the_eager_paths_logits(dtype, quantization, bias, tol) -> None:
+    """One and three free decodes a step through decode.c, against the eager path on the same
+    weights and kernels (q/k/v/o biases too), with a 4-query-head-over-2 model; the keys and
+    values it writes are what the eager path reads next: the steps alternate between the
+    two paths in one runner and stay close to an eager runner's."""
+    torch.manual_seed(0)
+    cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256, attention_bias=bias)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(dtype)
+    fast, eager, counting = native_and_eager(model, dtype, quantization)
+    g = torch.Generator().manual_seed(3)
+    prompts = {slot: torch.randint(0, 300, (n,), generator=g).tolist() for slot, n in
+               ((0, 5), (2, 11), (3, 1))}  # fmt: skip
+    with torch.inference_mode():
+        for runner in (fast, eager):
+            for slot, ids in prompts.items():
+                runner.execute(StepInput((ChunkInput("p", slot, tuple(ids), 0, True, FREE, 0),)))
+        length = {slot: len(ids) for slot, ids in prompts.items()}
+        for i in range(6):
+            slots = (2,) if i % 3 == 0 else (0, 2, 3)  # one row, then three rows
+            step = StepInput(tuple(
+                ChunkInput(f"d{s}", s, (7 + i,), length[s], True, FREE, 1) for s in slots
+            ))  # fmt: skip
+            if i == 4:  # this one eager in the fast runner: it reads what decode.c wrote
+                fast.native_decode = {}
+            got, want = fast.execute(step), eager.execute(step)
+            fast.native_decode = {0: counting, 1: counting}
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+            for s in slots:
+                length[s] += 1
+    assert counting.rows == [1, 3, 3, 1, 3]  # the other step ran eager
+
+
+def test_only_free_single_token_decodes_in_one_run_take_native_decode() -> None:
+    """A seeded row (its bits must not depend on its batch's path), a prompt chunk beside a
+    decode and a row whose blocks are not one run keep the eager path; free decodes alone
+    take decode.c, one or several a step. (A row under a LoRA adapter keeps it too: the
+    adapters run in the eager path's linears.)"""
+    model = tiny_llama()
+    fast, _, counting = native_and_eager(model, torch.float32, "none")
+    bs = fast.block_size
+    with torch.inference_mode():
+        for slot in range(3):
+            prompt = tuple(range(1, bs + 3))
+            fast.execute(StepInput((ChunkInput("p", slot, prompt, 0, True, FREE, 0),)))
+
+        def decode(slot: int, **kw) -> ChunkInput:  # noqa: ANN003
+            return replace(ChunkInput("d", slot, (4,), bs + 2, True, FREE, 1), **kw)
+
+        table = fast._table_of_lane(0)
+        eager_steps = [
+            (decode(0, params=SamplingParams(seed=5)),),
+            (decode(0), ChunkInput("q", 1, (5, 6), bs + 2, True, FREE, 0)),
+            (decode(0, blocks=(table[1], table[0])),),  # positions bs.. before 0..bs-1
+        ]
+        for chunks in eager_steps:
+            fast.execute(StepInput(chunks))
+        assert counting.rows == []
+        fast.execute(StepInput((decode(0), decode(2))))
+        fast.execute(StepInput((decode(1, start=bs + 3),)))
+    assert counting.rows == [2, 1]
+
+
+def test_the_stack_refuses_rows_that_would_read_or_write_outside_its_cache() -> None:
+    model = tiny_llama()
+    fast, _, _ = native_and_eager(model, torch.float32, "none")
+    stack, rows = fast.native_stack, fast.native_stack.cache_rows
+    x = torch.zeros(1, 128)
+    cos = sin = torch.zeros(1, 32)
+    with pytest.raises(ValueError, match="outside its cache"):
+        stack(x, cos, sin, [0], [rows - 2], [3])
+    with pytest.raises(ValueError, match="write row"):
+        stack(x, cos, sin, [rows], [0], [1])
+    with pytest.raises(ValueError, match="rotary"):
+        stack(x, cos.double(), sin, [0], [0], [1])
+    with pytest.raises(ValueError, match="x"):
+        stack(x.bfloat16(), cos, sin, [0], [0], [1])
+    with pytest.raises(ValueError, match="one write row"):
+        stack(x, cos, sin, [0, 1], [0], [1])
