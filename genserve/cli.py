@@ -104,6 +104,8 @@ SERVE_OPTIONS = (
                  "Run the model in a process of its own (off: a thread of the API's)."),
     ConfigOption("compile_decode", "engine", "compile_decode",
                  "Compile the one-stream decode step at start-up (CPU, Llama family)."),
+    ConfigOption("native_kernels", "engine", "native_kernels",
+                 "Offer genserve's own C kernels where they measure faster (CPU)."),
     ConfigOption("trust_remote_code", "model", "trust_remote_code",
                  "Run code shipped with a model."),
     ConfigOption("allow_pickle", "model", "allow_pickle", "Load .bin/.pt pickle weights."),

@@ -38,6 +38,10 @@ class EngineConfig:
     # faster steps (1.27x at one stream, bf16, 2-core Xeon) for a slower start (+~45 s) and
     # more memory (the weights again, and inductor's prepacked copy).
     compile_decode: bool = False
+    # genserve's own C kernels (model/native.py: gemv, attend.c, decode.c), each used where it
+    # measured faster at start-up; off: torch's kernels only (an operator's way out, should a
+    # C compiler build them wrong on some machine).
+    native_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

@@ -52,10 +52,24 @@ _SIGNATURES = {
 DTYPES = (torch.float32, torch.bfloat16)  # activations and dense weights it takes
 
 
+_SWITCH = {"on": True}  # --no-native-kernels turns it off (set_enabled)
+
+
+def set_enabled(on: bool) -> None:
+    """Offer these kernels or not (`--native-kernels`), before a runner or policy is built:
+    off, library() is None, so nothing here is offered or measured."""
+    if _SWITCH["on"] != on:
+        _SWITCH["on"] = on
+        library.cache_clear()
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use (once per process), or None where they
-    cannot be built here (the reason is logged once)."""
+    cannot be built here or are switched off (the reason is logged once)."""
+    if not _SWITCH["on"]:
+        log.info("native kernels off (--no-native-kernels): torch's kernels only")
+        return None
     if platform.system() != "Linux":  # -fopenmp and -march=native are gcc/clang on Linux
         log.info("native kernels not built: %s", platform.system())
         return None

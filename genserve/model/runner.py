@@ -95,8 +95,10 @@ class Linear:
         plan = plan or _default_plan(weight)
         quant = kernels.quantize_int8(weight) if quantize else None
         kinds = set(plan.choices) | {plan.invariant}
-        if quant is not None and native.supports(quant.q):
-            kinds.add("gemv")  # it reads the same int8 tensor: decode.c's, at no memory cost
+        if (quant is not None or "linear" in kinds) and native.supports(weight):
+            # It reads a tensor this layer holds anyway (the int8 one, or the weight F.linear
+            # reads): decode.c's linear (runner._native_stack), at no memory cost.
+            kinds.add("gemv")
         dense = weight
         if quant is not None and kinds - set(kernels.QUANTIZED):
             dense = quant.dequantize(weight.dtype)
@@ -310,8 +312,11 @@ class LlamaRunner:
 
     def _native_stack(self, shape: native.DecodeShape) -> native.DecodeStack | None:
         """decode.c's stack where every decoder linear has a gemv kernel (the policy chose it
-        for some row count): a step through it runs the small ops between the linears in C."""
-        if self.device.type != "cpu" or self.attention != "sdpa" or native.library() is None:
+        for some row count): a step through it runs the small ops between the linears in C.
+        Not without a policy: such a runner keeps torch's fixed kernels."""
+        if self.policy is None or self.device.type != "cpu" or self.attention != "sdpa":
+            return None
+        if native.library() is None:
             return None
         layers = []
         for w, k, v in zip(self.layers, self.k_cache, self.v_cache, strict=True):

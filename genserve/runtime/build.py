@@ -19,6 +19,7 @@ from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE as BLOCK
 from genserve.engine.kv_blocks import KVCacheManager, PagedShape
 from genserve.engine.process import EngineProcess
 from genserve.engine.thread import EngineThread, passing_thread
+from genserve.model import native
 from genserve.model.grammar import GrammarCompiler, GrammarUnavailable
 from genserve.model.hardware import KernelPolicy, detect, model_specs, policy_for
 from genserve.model.loading import (
@@ -141,6 +142,7 @@ def build_engine(cfg: ServerConfig) -> EngineParts:
     """The model loaded, its worker and engine built, on the thread that will step it (see
     genserve.engine.thread for why). Runs in whichever process will run the engine."""
     mc = cfg.model
+    native.set_enabled(cfg.engine.native_kernels)
     thread = EngineThread()
     try:
         loaded = thread.call(

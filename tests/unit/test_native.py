@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from genserve.cli import SERVE_OPTIONS, build_config
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model import kernels, native
 from genserve.model.hardware import row_invariance
@@ -297,3 +298,26 @@ def test_the_stack_refuses_rows_that_would_read_or_write_outside_its_cache() -> 
         stack(x.bfloat16(), cos, sin, [0], [0], [1])
     with pytest.raises(ValueError, match="one write row"):
         stack(x, cos, sin, [0, 1], [0], [1])
+
+
+def test_switched_off_no_native_kernel_is_offered_measured_or_run() -> None:
+    """--no-native-kernels (an operator's way out): the option reaches the engine's config,
+    and with the switch off no gemv candidate, lane attention or decode.c stack exists, so
+    torch's kernels serve alone; switched on again, they are back."""
+    defaults = {o.name: o.default for o in SERVE_OPTIONS}
+    assert build_config(defaults | {"native_kernels": False}).engine.native_kernels is False
+    assert build_config(defaults).engine.native_kernels is True
+    model = tiny_llama()
+    policy = fixed_policy(model, torch.float32, "none", "linear")  # gemv rides on its weights
+    native.set_enabled(False)
+    try:
+        assert native.library() is None
+        assert "gemv" not in kernels.available(torch.bfloat16, torch.device("cpu"), "int8")
+        runner = LlamaRunner(model, 4, 64, batch_invariant=False, policy=policy)
+        assert runner.native_stack is None and runner.native_decode == {}
+        assert runner.lane_attention == "sdpa"
+    finally:
+        native.set_enabled(True)
+    assert native.library() is not None
+    assert "gemv" in kernels.available(torch.bfloat16, torch.device("cpu"), "int8")
+    assert LlamaRunner(model, 4, 64, batch_invariant=False, policy=policy).native_stack is not None
