@@ -15,12 +15,18 @@
  * attention is attend_lanes. Only the norms' sums run in another order, so a row's result
  * is close to the eager path's, not the same bits: the runner sends free decodes only
  * (never a seeded or --deterministic row, whose bits must not depend on the path).
+ *
+ * The stages between the linears are exported too (glue_*): for a step of more decodes
+ * than gemv serves well (9-64 rows), the runner calls torch's linears (oneDNN's AMX
+ * kernels there) and these stages between them, one call each instead of a dozen ops.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bf16.h"
+#include "vexp.h"
 
 int gemv_i8(const void *x, int x_bf16, const int8_t *w, const float *scales, void *y,
             int y_bf16, int M, int N, int K, int threads);
@@ -34,6 +40,7 @@ int attend_lanes(const void *q, const void *k, const void *v, void *out, const i
 
 enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_I8 = 2 };
 #define MAX_HEAD_DIM 256
+#define MAX_SILU_CHUNK 256 /* SiLU's elements per vectorised pass */
 
 typedef struct { /* one linear: y = x W^T (* scales) (+ bias) */
     const void *w;       /* [n, k] row-major, in `format` */
@@ -69,124 +76,244 @@ static inline void put(void *p, int bf16, size_t i, float v) {
         ((float *)p)[i] = v;
 }
 
-/* y [M, n] (float32, each value as the eager path rounds it) = x [M, k] W^T (+ bias). */
-static int linear(const Lin *L, const void *x, int x_bf16, float *y, int M, const Step *s) {
-    int n = (int)L->n, k = (int)L->k, t = (int)s->threads, rc;
-    if (L->format == FORMAT_I8)
-        rc = gemv_i8(x, x_bf16, (const int8_t *)L->w, L->scales, y, 0, M, n, k, t);
-    else if (L->format == FORMAT_BF16)
-        rc = gemv_bf16(x, x_bf16, (const uint16_t *)L->w, y, 0, M, n, k, t);
-    else
-        rc = gemv_f32(x, x_bf16, (const float *)L->w, y, 0, M, n, k, t);
-    if (rc) return rc;
+/* y [M, n] (the model's dtype) = x [M, k] (the model's dtype) W^T (+ bias): the kernel's
+ * output rounded, then the bias added and rounded again, as the eager path's gemv does. */
+static int linear(const Lin *L, const void *x, void *y, const Step *s) {
+    int n = (int)L->n, k = (int)L->k, t = (int)s->threads, M = (int)s->rows, rc;
     int bf16 = (int)s->bf16;
-    for (size_t i = 0; i < (size_t)M * n; i++) {
-        float v = rnd(y[i], bf16); /* the kernel's output, in the model's dtype */
-        y[i] = L->bias ? rnd(v + get(L->bias, bf16, i % n), bf16) : v;
-    }
+    if (L->format == FORMAT_I8)
+        rc = gemv_i8(x, bf16, (const int8_t *)L->w, L->scales, y, bf16, M, n, k, t);
+    else if (L->format == FORMAT_BF16)
+        rc = gemv_bf16(x, bf16, (const uint16_t *)L->w, y, bf16, M, n, k, t);
+    else
+        rc = gemv_f32(x, bf16, (const float *)L->w, y, bf16, M, n, k, t);
+    if (rc || L->bias == NULL) return rc;
+    for (size_t i = 0; i < (size_t)M * n; i++)
+        put(y, bf16, i, get(y, bf16, i) + get(L->bias, bf16, i % n));
     return 0;
 }
 
-/* transformers' LlamaRMSNorm: normalised in float32, rounded, then times the weight. */
-static void rms_norm(const void *x, const void *w, float *out, const Step *s) {
+/* Rows of the model's dtype as float32 and back, and torch's rounding to it, in loops the
+ * compiler vectorises (no per-element branch on the dtype). */
+static void to_f32(const void *p, int bf16, size_t at, size_t n, float *out) {
+    if (!bf16) {
+        memcpy(out, (const float *)p + at, n * sizeof(float));
+        return;
+    }
+    const uint16_t *h = (const uint16_t *)p + at;
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) out[i] = bf16_to_f32(h[i]);
+}
+
+static void from_f32(void *p, int bf16, size_t at, size_t n, const float *in) {
+    if (!bf16) {
+        memcpy((float *)p + at, in, n * sizeof(float));
+        return;
+    }
+    uint16_t *h = (uint16_t *)p + at;
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) h[i] = f32_to_bf16(in[i]);
+}
+
+static void round_all(float *v, size_t n, int bf16) {
+    if (!bf16) return;
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
+}
+
+/* h = transformers' LlamaRMSNorm of x: normalised in float32, rounded, then times w. `tmp`:
+ * room for two rows of float32. */
+static void norm_rows(const Step *s, const void *x, const void *w, void *h, float *tmp) {
     int bf16 = (int)s->bf16;
     size_t H = (size_t)s->hidden;
+    float *xr = tmp, *wr = tmp + H;
+    to_f32(w, bf16, 0, H, wr);
     for (size_t m = 0; m < (size_t)s->rows; m++) {
+        to_f32(x, bf16, m * H, H, xr);
         float ss = 0.f;
-        for (size_t i = 0; i < H; i++) {
-            float v = get(x, bf16, m * H + i);
-            ss += v * v;
-        }
+#pragma omp simd reduction(+ : ss)
+        for (size_t i = 0; i < H; i++) ss += xr[i] * xr[i];
         float r = 1.f / sqrtf(ss / (float)H + (float)s->eps);
-        for (size_t i = 0; i < H; i++)
-            out[m * H + i] = rnd(get(w, bf16, i) * rnd(get(x, bf16, m * H + i) * r, bf16), bf16);
+#pragma omp simd
+        for (size_t i = 0; i < H; i++) xr[i] *= r;
+        round_all(xr, H, bf16);
+#pragma omp simd
+        for (size_t i = 0; i < H; i++) xr[i] *= wr[i];
+        from_f32(h, bf16, m * H, H, xr);
+    }
+}
+
+/* x += y, in the model's dtype. `tmp`: room for two rows of float32. */
+static void residual(const Step *s, void *x, const void *y, float *tmp) {
+    int bf16 = (int)s->bf16;
+    size_t H = (size_t)s->hidden;
+    float *xr = tmp, *yr = tmp + H;
+    for (size_t m = 0; m < (size_t)s->rows; m++) {
+        to_f32(x, bf16, m * H, H, xr);
+        to_f32(y, bf16, m * H, H, yr);
+#pragma omp simd
+        for (size_t i = 0; i < H; i++) xr[i] += yr[i];
+        from_f32(x, bf16, m * H, H, xr);
     }
 }
 
 /* Rotate-half rotary on `count` heads of one row, in place: x*cos + rotate_half(x)*sin, each
  * product and the sum rounded as torch rounds them (llama_math.rope). */
-static void rotate(float *x, int count, int D, const float *cos, const float *sin, int bf16) {
+static void rotate(void *row, int count, int D, const float *cos, const float *sin, int bf16) {
     int half = D / 2;
-    float tmp[MAX_HEAD_DIM];
-    for (int h = 0; h < count; h++, x += D) {
-        for (int d = 0; d < D; d++) {
-            float other = d < half ? -x[d + half] : x[d - half];
-            float a = rnd(x[d] * cos[d], bf16), b = rnd(other * sin[d], bf16);
-            tmp[d] = rnd(a + b, bf16);
+    float x[MAX_HEAD_DIM], other[MAX_HEAD_DIM], a[MAX_HEAD_DIM], b[MAX_HEAD_DIM];
+    for (int h = 0; h < count; h++) {
+        size_t at = (size_t)h * D;
+        to_f32(row, bf16, at, (size_t)D, x);
+        for (int d = 0; d < half; d++) {
+            other[d] = -x[d + half];
+            other[d + half] = x[d];
         }
-        for (int d = 0; d < D; d++) x[d] = tmp[d];
+#pragma omp simd
+        for (int d = 0; d < D; d++) {
+            a[d] = x[d] * cos[d];
+            b[d] = other[d] * sin[d];
+        }
+        round_all(a, (size_t)D, bf16);
+        round_all(b, (size_t)D, bf16);
+#pragma omp simd
+        for (int d = 0; d < D; d++) a[d] += b[d];
+        from_f32(row, bf16, at, (size_t)D, a);
     }
 }
 
-/* x += y, row by row, in the model's dtype. */
-static void residual(void *x, const float *y, size_t count, int bf16) {
-    for (size_t i = 0; i < count; i++) put(x, bf16, i, get(x, bf16, i) + y[i]);
+/* g[i] *= sigmoid(g[i]): sigmoid from e^-|g| (never overflows). */
+static void silu(float *g, size_t n) {
+    size_t i = 0;
+#ifdef __AVX512F__
+    const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(g + i);
+        __m512 e = exp16(_mm512_sub_ps(zero, _mm512_abs_ps(v)));
+        __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, e));
+        __mmask16 pos = _mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ);
+        _mm512_storeu_ps(g + i, _mm512_mul_ps(v, _mm512_mask_blend_ps(pos, _mm512_mul_ps(e, r), r)));
+    }
+#endif
+    for (; i < n; i++) {
+        float e = exp_nonpositive(-fabsf(g[i])), r = 1.f / (1.f + e);
+        g[i] *= g[i] >= 0.f ? r : e * r;
+    }
 }
 
-typedef struct {
-    float *h, *qkv, *gu, *act, *y;
-    void *q, *att; /* in the model's dtype, as attend_lanes reads and writes them */
+/* From each row's q, k and v (qkv [rows, (heads + 2 kv) * dim], rotated here in place): k and
+ * v into the caches at the row's write row, q into `q` [rows, heads, dim], then each row's
+ * attention over its positions into att [rows, heads * dim]. */
+static int attend(const Step *s, void *k_cache, void *v_cache, void *qkv, void *q, void *att) {
+    int bf16 = (int)s->bf16, D = (int)s->dim, heads = (int)s->heads, kv = (int)s->kv_heads;
+    size_t width = (size_t)(heads + 2 * kv) * D, qw = (size_t)heads * D;
+    size_t esize = bf16 ? 2 : 4;
+    for (size_t m = 0; m < (size_t)s->rows; m++) {
+        char *row = (char *)qkv + m * width * esize;
+        rotate(row, heads + kv, D, s->cos + m * D, s->sin + m * D, bf16); /* q and k */
+        memcpy((char *)q + m * qw * esize, row, qw * esize);
+        for (int g = 0; g < kv; g++) {
+            size_t at = ((size_t)g * s->cache_rows + (size_t)s->write[m]) * D * esize;
+            memcpy((char *)k_cache + at, row + (qw + (size_t)g * D) * esize, D * esize);
+            memcpy((char *)v_cache + at, row + (qw + (size_t)(kv + g) * D) * esize, D * esize);
+        }
+    }
+    return attend_lanes(q, k_cache, v_cache, att, s->starts, s->lengths, (int)s->rows, heads,
+                        kv, D, s->cache_rows, 0, 1, (float)s->scale, bf16, (int)s->threads);
+}
+
+/* act = silu(gate) * up from gu [rows, 2 * inter] (gate, then up), each op rounded as torch
+ * rounds it. */
+static void silu_mul(const Step *s, const void *gu, void *act) {
+    int bf16 = (int)s->bf16;
+    size_t I = (size_t)s->inter;
+    float g[MAX_SILU_CHUNK], u[MAX_SILU_CHUNK];
+    for (size_t m = 0; m < (size_t)s->rows; m++)
+        for (size_t i0 = 0; i0 < I; i0 += MAX_SILU_CHUNK) {
+            size_t n = I - i0 < MAX_SILU_CHUNK ? I - i0 : MAX_SILU_CHUNK;
+            to_f32(gu, bf16, m * 2 * I + i0, n, g);
+            to_f32(gu, bf16, m * 2 * I + I + i0, n, u);
+            silu(g, n);
+            round_all(g, n, bf16);
+#pragma omp simd
+            for (size_t i = 0; i < n; i++) g[i] *= u[i];
+            from_f32(act, bf16, m * I + i0, n, g);
+        }
+}
+
+typedef struct { /* one step's activations, in the model's dtype; tmp: two rows, float32 */
+    void *h, *qkv, *q, *att, *gu, *act, *y;
+    float *tmp;
 } Scratch;
 
-static int attention(const Layer *L, Scratch *b, const Step *s) {
-    int bf16 = (int)s->bf16, D = (int)s->dim, heads = (int)s->heads, kv = (int)s->kv_heads;
-    size_t width = (size_t)(heads + 2 * kv) * D;
-    for (size_t m = 0; m < (size_t)s->rows; m++) {
-        float *row = b->qkv + m * width;
-        rotate(row, heads + kv, D, s->cos + m * D, s->sin + m * D, bf16); /* q and k */
-        for (size_t i = 0; i < (size_t)heads * D; i++) put(b->q, bf16, m * heads * D + i, row[i]);
-        for (int g = 0; g < kv; g++) {
-            size_t at = ((size_t)g * s->cache_rows + (size_t)s->write[m]) * D;
-            const float *k = row + (size_t)(heads + g) * D, *v = row + (size_t)(heads + kv + g) * D;
-            for (int d = 0; d < D; d++) {
-                put(L->k_cache, bf16, at + d, k[d]);
-                put(L->v_cache, bf16, at + d, v[d]);
-            }
-        }
-    }
-    return attend_lanes(b->q, L->k_cache, L->v_cache, b->att, s->starts, s->lengths,
-                        (int)s->rows, heads, kv, D, s->cache_rows, 0, 1, (float)s->scale, bf16,
-                        (int)s->threads);
-}
-
 static int layer(const Layer *L, void *x, Scratch *b, const Step *s) {
-    int bf16 = (int)s->bf16, M = (int)s->rows, rc;
-    size_t H = (size_t)s->hidden, I = (size_t)s->inter;
-    rms_norm(x, L->input_norm, b->h, s);
-    if ((rc = linear(&L->qkv, b->h, 0, b->qkv, M, s))) return rc;
-    if ((rc = attention(L, b, s))) return rc;
-    if ((rc = linear(&L->o, b->att, bf16, b->y, M, s))) return rc;
-    residual(x, b->y, (size_t)M * H, bf16);
-    rms_norm(x, L->post_norm, b->h, s);
-    if ((rc = linear(&L->gate_up, b->h, 0, b->gu, M, s))) return rc;
-    for (size_t m = 0; m < (size_t)M; m++)
-        for (size_t i = 0; i < I; i++) {
-            float g = b->gu[m * 2 * I + i], u = b->gu[m * 2 * I + I + i];
-            b->act[m * I + i] = rnd(rnd(g / (1.f + expf(-g)), bf16) * u, bf16);
-        }
-    if ((rc = linear(&L->down, b->act, 0, b->y, M, s))) return rc;
-    residual(x, b->y, (size_t)M * H, bf16);
+    int rc;
+    norm_rows(s, x, L->input_norm, b->h, b->tmp);
+    if ((rc = linear(&L->qkv, b->h, b->qkv, s))) return rc;
+    if ((rc = attend(s, L->k_cache, L->v_cache, b->qkv, b->q, b->att))) return rc;
+    if ((rc = linear(&L->o, b->att, b->y, s))) return rc;
+    residual(s, x, b->y, b->tmp);
+    norm_rows(s, x, L->post_norm, b->h, b->tmp);
+    if ((rc = linear(&L->gate_up, b->h, b->gu, s))) return rc;
+    silu_mul(s, b->gu, b->act);
+    if ((rc = linear(&L->down, b->act, b->y, s))) return rc;
+    residual(s, x, b->y, b->tmp);
     return 0;
 }
+
+static int shape_ok(const Step *s) { return s->dim <= MAX_HEAD_DIM && s->dim % 2 == 0; }
 
 /* x [rows, hidden] in the model's dtype, updated in place through `count` layers. Returns 0,
  * -1 when memory ran out, -2 for a shape past the fixed buffers (or attend_lanes' codes). */
 int decode_layers(const Layer *layers, int count, const Step *s, void *x) {
     size_t M = (size_t)s->rows, H = (size_t)s->hidden, I = (size_t)s->inter, D = (size_t)s->dim;
     size_t heads = (size_t)s->heads, width = (heads + 2 * (size_t)s->kv_heads) * D;
-    if (D > MAX_HEAD_DIM || D % 2) return -2;
-    size_t floats = M * (H + width + 2 * I + I + H + 2 * heads * D);
-    float *all = (float *)malloc(floats * sizeof(float));
+    if (!shape_ok(s)) return -2;
+    size_t esize = s->bf16 ? 2 : 4;
+    size_t bytes = M * (H + width + 2 * heads * D + 3 * I + H) * esize;
+    char *all = (char *)malloc(bytes + 2 * H * sizeof(float));
     if (all == NULL) return -1;
-    Scratch b = {.h = all};
-    b.qkv = b.h + M * H;
-    b.gu = b.qkv + M * width;
-    b.act = b.gu + M * 2 * I;
-    b.y = b.act + M * I;
-    b.q = b.y + M * H;
-    b.att = (float *)b.q + M * heads * D; /* bf16 uses the first half of each: room for f32 */
+    Scratch b = {.h = all, .tmp = (float *)(all + bytes)};
+    b.qkv = (char *)b.h + M * H * esize;
+    b.q = (char *)b.qkv + M * width * esize;
+    b.att = (char *)b.q + M * heads * D * esize;
+    b.gu = (char *)b.att + M * heads * D * esize;
+    b.act = (char *)b.gu + M * 2 * I * esize;
+    b.y = (char *)b.act + M * I * esize;
     int rc = 0;
     for (int i = 0; i < count && rc == 0; i++) rc = layer(&layers[i], x, &b, s);
     free(all);
     return rc;
+}
+
+/* ---- the stages alone, around torch's linears (runner.py, 9-64 decodes) ---- */
+
+/* h = RMSNorm(x) * w */
+int glue_norm(const Step *s, const void *x, const void *w, void *h) {
+    float *tmp = (float *)malloc(2 * (size_t)s->hidden * sizeof(float));
+    if (tmp == NULL) return -1;
+    norm_rows(s, x, w, h, tmp);
+    free(tmp);
+    return 0;
+}
+
+/* x += y; then h = RMSNorm(x) * w */
+int glue_residual_norm(const Step *s, void *x, const void *y, const void *w, void *h) {
+    float *tmp = (float *)malloc(2 * (size_t)s->hidden * sizeof(float));
+    if (tmp == NULL) return -1;
+    residual(s, x, y, tmp);
+    norm_rows(s, x, w, h, tmp);
+    free(tmp);
+    return 0;
+}
+
+/* qkv (rotated in place) -> the caches and att; q: scratch [rows, heads, dim] */
+int glue_attend(const Step *s, void *k_cache, void *v_cache, void *qkv, void *q, void *att) {
+    return shape_ok(s) ? attend(s, k_cache, v_cache, qkv, q, att) : -2;
+}
+
+/* act = silu(gate) * up */
+int glue_silu_mul(const Step *s, const void *gu, void *act) {
+    silu_mul(s, gu, act);
+    return 0;
 }

@@ -38,13 +38,18 @@ from genserve.model.cpuinfo import read_cpuinfo
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("gemv.c", "attend.c", "decode.c"))
-HEADERS = (Path(__file__).with_name("bf16.h"),)  # part of the build's hash, not compiled alone
+# part of the build's hash, not compiled alone
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("bf16.h", "vexp.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "attend_lanes": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _L, _L, _L, _F, _I, _I],
     "decode_layers": [_P, _I, _P, _P],
+    "glue_norm": [_P, _P, _P, _P],
+    "glue_residual_norm": [_P, _P, _P, _P, _P],
+    "glue_attend": [_P, _P, _P, _P, _P, _P],
+    "glue_silu_mul": [_P, _P, _P],
     "gemv_i8": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I],
     "gemv_bf16": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
     "gemv_f32": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
@@ -280,6 +285,61 @@ class DecodeLayer:
     v_cache: torch.Tensor
 
 
+class DecodeStep:
+    """One step's rows as decode.c reads them: B single-token decodes, row j at position
+    lengths[j] - 1 with cos/sin [B, dim] float32 its rotary tables; its key and value go to
+    cache row write[j], and it attends over lengths[j] positions from cache row starts[j].
+    Checked here against the shape and the caches' rows, so C never reads or writes outside
+    them."""
+
+    __slots__ = ("_keep", "rows", "struct")
+
+    def __init__(
+        self, shape: DecodeShape, cache_rows: int, cos: torch.Tensor, sin: torch.Tensor,
+        write: Sequence[int], starts: Sequence[int], lengths: Sequence[int],
+    ) -> None:  # fmt: skip
+        b = len(write)
+        for t in (cos, sin):
+            if (
+                t.dtype != torch.float32
+                or tuple(t.shape) != (b, shape.dim)
+                or not t.is_contiguous()
+            ):
+                raise ValueError(f"decode step: rotary tables [{b}, {shape.dim}] float32")
+        if not len(starts) == len(lengths) == b:
+            raise ValueError("decode step: one write row, start and length per row")
+        rows = cache_rows
+        if any(n < 1 or a < 0 or a + n > rows for a, n in zip(starts, lengths, strict=True)):
+            raise ValueError("decode step: a row attends outside its cache")
+        if any(not 0 <= w < rows for w in write):
+            raise ValueError("decode step: a write row outside the cache")
+        ints = (
+            torch.tensor(write, dtype=torch.int64),
+            torch.tensor(starts, dtype=torch.int32),
+            torch.tensor(lengths, dtype=torch.int32),
+        )
+        self._keep = (cos, sin, *ints)  # alive while C reads them
+        self.rows = b
+        self.struct = _Step(
+            b, shape.hidden, shape.heads, shape.kv_heads, shape.dim, shape.inter, rows,
+            int(shape.dtype == torch.bfloat16), torch.get_num_threads(), shape.eps,
+            shape.dim**-0.5, *(t.data_ptr() for t in self._keep),
+        )  # fmt: skip
+
+
+def _check_rows(shape: DecodeShape, step: DecodeStep, **tensors: torch.Tensor) -> None:
+    """Each tensor C reads or writes: the model's dtype, contiguous, [rows, width]."""
+    widths = {"x": shape.hidden, "h": shape.hidden, "y": shape.hidden, "act": shape.inter,
+              "qkv": (shape.heads + 2 * shape.kv_heads) * shape.dim, "gu": 2 * shape.inter,
+              "q": shape.heads * shape.dim, "att": shape.heads * shape.dim}  # fmt: skip
+    for name, t in tensors.items():
+        rows, width = step.rows, widths[name]
+        if t.dtype != shape.dtype or t.shape[0] != rows or t.numel() != rows * width:
+            raise ValueError(f"decode.c: {name} {tuple(t.shape)} {t.dtype}, not [{rows}, {width}]")
+        if not t.is_contiguous():
+            raise ValueError(f"decode.c: {name} is not contiguous")
+
+
 class DecodeStack:
     """Every decoder layer of a step of single-token decodes in one C call (decode.c). Holds
     the layers, so the pointers handed to C stay valid while it lives. Raises ValueError at
@@ -292,42 +352,81 @@ class DecodeStack:
         self.cache_rows = _check_stack(self.layers, shape)
         self._structs = (_Layer * len(self.layers))(*map(_layer_struct, self.layers))
 
-    def __call__(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write: Sequence[int],
-        starts: Sequence[int], lengths: Sequence[int],
-    ) -> None:  # fmt: skip
-        """x [B, hidden] (contiguous, the model's dtype) through every layer, in place. Row j
-        is at position lengths[j] - 1, with cos/sin [B, dim] float32 its rotary tables: its
-        key and value go to cache row write[j] and it attends over lengths[j] positions from
-        cache row starts[j]."""
-        s, b = self.shape, x.shape[0]
-        if x.dtype != s.dtype or tuple(x.shape) != (b, s.hidden) or not x.is_contiguous():
-            raise ValueError(f"decode_layers: x {tuple(x.shape)} {x.dtype}")
-        for t in (cos, sin):
-            if t.dtype != torch.float32 or tuple(t.shape) != (b, s.dim) or not t.is_contiguous():
-                raise ValueError(f"decode_layers: rotary tables [{b}, {s.dim}] float32")
-        if not len(write) == len(starts) == len(lengths) == b:
-            raise ValueError("decode_layers: one write row, start and length per row")
-        rows = self.cache_rows
-        if any(n < 1 or a < 0 or a + n > rows for a, n in zip(starts, lengths, strict=True)):
-            raise ValueError("decode_layers: a row attends outside its cache")
-        if any(not 0 <= w < rows for w in write):
-            raise ValueError("decode_layers: a write row outside the cache")
-        ints = (
-            torch.tensor(write, dtype=torch.int64),
-            torch.tensor(starts, dtype=torch.int32),
-            torch.tensor(lengths, dtype=torch.int32),
-        )
-        step = _Step(
-            b, s.hidden, s.heads, s.kv_heads, s.dim, s.inter, rows,
-            int(s.dtype == torch.bfloat16), torch.get_num_threads(), s.eps, s.dim**-0.5,
-            *(t.data_ptr() for t in (cos, sin, *ints)),
-        )  # fmt: skip
+    def __call__(self, step: DecodeStep, x: torch.Tensor) -> None:
+        """x [B, hidden] (contiguous, the model's dtype) through every layer, in place."""
+        _check_rows(self.shape, step, x=x)
         rc = library().decode_layers(
-            self._structs, len(self.layers), ctypes.byref(step), x.data_ptr()
+            self._structs, len(self.layers), ctypes.byref(step.struct), x.data_ptr()
         )
         if rc:
             raise ValueError(f"decode_layers failed ({rc})")
+
+
+class DecodeGlue:
+    """decode.c's stages between a layer's linears, for a runner that calls torch's linears
+    itself (more decodes than gemv serves well): each stage one C call over every row."""
+
+    def __init__(self, shape: DecodeShape, cache_rows: int) -> None:
+        if library() is None:
+            raise ValueError("native kernels unavailable here")
+        _check_stack((), shape)
+        self.shape, self.cache_rows = shape, cache_rows
+
+    def step(
+        self, cos: torch.Tensor, sin: torch.Tensor, write: Sequence[int], starts: Sequence[int],
+        lengths: Sequence[int],
+    ) -> DecodeStep:  # fmt: skip
+        return DecodeStep(self.shape, self.cache_rows, cos, sin, write, starts, lengths)
+
+    def norm(self, st: DecodeStep, x: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> None:
+        """h = RMSNorm(x) * w"""
+        _check_rows(self.shape, st, x=x, h=h)
+        _check_norm(self.shape, w)
+        if library().glue_norm(ctypes.byref(st.struct), x.data_ptr(), w.data_ptr(), h.data_ptr()):
+            raise MemoryError("glue_norm: no memory for a row's float32 copy")
+
+    def residual_norm(
+        self, st: DecodeStep, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, h: torch.Tensor
+    ) -> None:
+        """x += y, then h = RMSNorm(x) * w"""
+        _check_rows(self.shape, st, x=x, y=y, h=h)
+        _check_norm(self.shape, w)
+        rc = library().glue_residual_norm(
+            ctypes.byref(st.struct), x.data_ptr(), y.data_ptr(), w.data_ptr(), h.data_ptr()
+        )
+        if rc:
+            raise MemoryError("glue_residual_norm: no memory for a row's float32 copy")
+
+    def attend(
+        self, st: DecodeStep, k_cache: torch.Tensor, v_cache: torch.Tensor, qkv: torch.Tensor,
+        q: torch.Tensor, att: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Rotary on qkv's q and k (in place), k and v into the caches, att = attention."""
+        _check_rows(self.shape, st, qkv=qkv, q=q, att=att)
+        s = self.shape
+        for cache in (k_cache, v_cache):
+            if (
+                cache.dtype != s.dtype
+                or not cache.is_contiguous()
+                or tuple(cache.shape) != (s.kv_heads, self.cache_rows, s.dim)
+            ):
+                raise ValueError(f"decode.c: cache {tuple(cache.shape)}")
+        rc = library().glue_attend(
+            ctypes.byref(st.struct), k_cache.data_ptr(), v_cache.data_ptr(), qkv.data_ptr(),
+            q.data_ptr(), att.data_ptr(),
+        )  # fmt: skip
+        if rc:
+            raise ValueError(f"glue_attend failed ({rc})")
+
+    def silu_mul(self, st: DecodeStep, gu: torch.Tensor, act: torch.Tensor) -> None:
+        """act = silu(gate) * up, gu being [gate | up]"""
+        _check_rows(self.shape, st, gu=gu, act=act)
+        library().glue_silu_mul(ctypes.byref(st.struct), gu.data_ptr(), act.data_ptr())
+
+
+def _check_norm(s: DecodeShape, w: torch.Tensor) -> None:
+    if w.dtype != s.dtype or not w.is_contiguous() or tuple(w.shape) != (s.hidden,):
+        raise ValueError(f"decode.c: norm weight {tuple(w.shape)} {w.dtype}")
 
 
 def _check_stack(layers: Sequence[DecodeLayer], s: DecodeShape) -> int:

@@ -19,6 +19,7 @@ import inspect
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +55,11 @@ class Runner(Protocol):
     def add_adapter(self, name: str, path: Path) -> None: ...
 
     def remove_adapter(self, name: str) -> None: ...
+
+
+# A decode.c path for a step of free decodes: the rows and their embeddings in, the final
+# norm's output out (LlamaRunner._through_stack, _through_glue).
+NativePath = Callable[[native.DecodeStep, torch.Tensor], torch.Tensor]
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -264,15 +270,17 @@ class LlamaRunner:
         self.lone: Any = None  # the compiled lone decode, once compiled (see _compile_lone)
         self.compiled_decode = "off"  # "compiling", "ready" or "failed" with --compile-decode
         self.compiling: threading.Thread | None = None
-        # decode.c's whole-step path per row bucket (0: one row, 1: 2-8), where it measured
-        # faster than eager here (_choose_native_decode)
-        self.native_decode: dict[int, native.DecodeStack] = {}
-        shape = native.DecodeShape(
+        # decode.c's paths for steps of free decodes, per row bucket (0: one row, 1: 2-8,
+        # 2: 9-64), where one measured faster than eager here (_choose_native_decode): every
+        # layer in one C call (native_stack), or torch's linears with C between them (glue)
+        self.native_shape = native.DecodeShape(
             cfg.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
             cfg.intermediate_size, self.eps, self.dtype,
         )  # fmt: skip
-        self.native_stack = self._native_stack(shape)
-        self.native_decode = self._choose_native_decode(self.native_stack)
+        self.native_decode: dict[int, NativePath] = {}
+        self.native_stack = self._native_stack()
+        self.native_glue = self._native_glue()
+        self.native_decode = self._choose_native_decode()
         if compile_decode:
             self._compile_lone(model)
 
@@ -310,13 +318,25 @@ class LlamaRunner:
         )  # fmt: skip
         return kind
 
-    def _native_stack(self, shape: native.DecodeShape) -> native.DecodeStack | None:
-        """decode.c's stack where every decoder linear has a gemv kernel (the policy chose it
-        for some row count): a step through it runs the small ops between the linears in C.
-        Not without a policy: such a runner keeps torch's fixed kernels."""
-        if self.policy is None or self.device.type != "cpu" or self.attention != "sdpa":
+    def _native_offered(self) -> bool:
+        """decode.c runs on the CPU's per-sequence attention path, with a measured policy (a
+        runner without one keeps torch's fixed kernels), where the library built."""
+        cpu = self.device.type == "cpu" and self.attention == "sdpa"
+        return cpu and self.policy is not None and native.library() is not None
+
+    def _native_glue(self) -> native.DecodeGlue | None:
+        if not self._native_offered():
             return None
-        if native.library() is None:
+        try:
+            return native.DecodeGlue(self.native_shape, self.cache_rows)
+        except ValueError as e:
+            log.info("native decode not offered: %s", e)
+            return None
+
+    def _native_stack(self) -> native.DecodeStack | None:
+        """decode.c's stack where every decoder linear has a gemv kernel (the policy chose it
+        for some row count): a step through it runs the small ops between the linears in C."""
+        if not self._native_offered():
             return None
         layers = []
         for w, k, v in zip(self.layers, self.k_cache, self.v_cache, strict=True):
@@ -325,41 +345,48 @@ class LlamaRunner:
                 return None
             layers.append(native.DecodeLayer(w.input_norm, w.post_norm, *fns, k, v))
         try:
-            return native.DecodeStack(layers, shape)
+            return native.DecodeStack(layers, self.native_shape)
         except ValueError as e:
             log.info("native decode not offered: %s", e)
             return None
 
-    def _choose_native_decode(
-        self, stack: native.DecodeStack | None
-    ) -> dict[int, native.DecodeStack]:
-        """The row buckets (one row; 2-8, timed at four) where a step of decodes through the
-        stack ran faster than eager here (128 positions each, on lanes that hold no request
-        yet; the best of 3 rounds, interleaved): no machine's numbers are assumed."""
-        kept: dict[int, native.DecodeStack] = {}
-        for b in (0, 1) if stack is not None else ():
-            rows = 1 if b == 0 else min(4, self.num_slots)
-            length = min(128, self.lane_len)
-            if (b == 1 and rows < 2) or length < 2:
+    def _choose_native_decode(self) -> dict[int, NativePath]:
+        """Per row bucket (one row; 2-8, timed at four; 9-64, at up to 32), the path that ran
+        a step of decodes fastest here, eager included (128 positions each, on lanes that hold
+        no request yet; the best of 3 rounds, interleaved): no machine's numbers are assumed."""
+        paths: dict[str, NativePath] = {}
+        if self.native_stack is not None:
+            paths["stack"] = self._through_stack
+        if self.native_glue is not None:
+            paths["glue"] = self._through_glue
+        kept: dict[int, NativePath] = {}
+        length = min(128, self.lane_len)
+        for b, rows in ((0, 1), (1, min(4, self.num_slots)), (2, min(32, self.num_slots))):
+            if not paths or bucket(rows) != b or length < 2:
+                continue
+            tried = {"eager": None, **(paths if b < 2 else {"glue": paths.get("glue")})}
+            tried = {k: v for k, v in tried.items() if k == "eager" or v is not None}
+            if len(tried) < 2:
                 continue
             step = StepInput(tuple(
                 ChunkInput(f"warm-{j}", j, (0,), length - 1, True, SamplingParams(), 0)
                 for j in range(rows)
             ))  # fmt: skip
-            best = {"eager": float("inf"), "native": float("inf")}
+            best = dict.fromkeys(tried, float("inf"))
             with torch.inference_mode():
                 for _ in range(3):
-                    for kind in best:
-                        self.native_decode = {b: stack} if kind == "native" else {}
+                    for kind, path in tried.items():
+                        self.native_decode = {b: path} if path is not None else {}
                         self.execute(step)  # warm: pages, code
                         t0 = time.perf_counter()
                         self.execute(step)
                         best[kind] = min(best[kind], time.perf_counter() - t0)
-            if best["native"] < best["eager"]:
-                kept[b] = stack
+            fastest = min(best, key=best.__getitem__)
+            if fastest != "eager":
+                kept[b] = tried[fastest]
             log.info(
-                "decode step of %d rows: eager %.2f ms, native %.2f ms: %s", rows,
-                best["eager"] * 1e3, best["native"] * 1e3, min(best, key=best.__getitem__),
+                "decode step of %d rows: %s: %s", rows,
+                ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in best.items()), fastest,
             )  # fmt: skip
         self.native_decode = {}
         return kept
@@ -441,8 +468,8 @@ class LlamaRunner:
         blocks are one run, in a row bucket where it measured faster, else None. Free rows
         only: its norms sum in another order than torch's, so a row's bits differ from the
         eager path's, and a seeded row's must not depend on which path its batch took."""
-        stack = self.native_decode.get(bucket(len(step.chunks)))
-        if stack is None:
+        path = self.native_decode.get(bucket(len(step.chunks)))
+        if path is None:
             return None
         bs = self.block_size
         write, starts, lengths = [], [], []
@@ -460,10 +487,34 @@ class LlamaRunner:
             lengths.append(c.start + 1)
         self._copy_blocks(step)
         x = self.embed[torch.tensor([c.token_ids[0] for c in step.chunks])]
-        positions = torch.tensor([[n - 1 for n in lengths]])
-        cos, sin = self.rotary.forward(x[None], positions)
-        stack(x, cos[0].float(), sin[0].float(), write, starts, lengths)
-        return self.lm_head(self._norm(x, self.final_norm)).float()
+        cos, sin = self.rotary.forward(x[None], torch.tensor([[n - 1 for n in lengths]]))
+        rows = native.DecodeStep(
+            self.native_shape, self.cache_rows, cos[0].float(), sin[0].float(), write, starts,
+            lengths,
+        )  # fmt: skip
+        return self.lm_head(path(rows, x)).float()
+
+    def _through_stack(self, rows: native.DecodeStep, x: torch.Tensor) -> torch.Tensor:
+        """Every layer in one C call (gemv's linears), then the final norm."""
+        self.native_stack(rows, x)
+        return self._norm(x, self.final_norm)
+
+    def _through_glue(self, rows: native.DecodeStep, x: torch.Tensor) -> torch.Tensor:
+        """torch's linears (the policy's kernels for this many rows) with decode.c's stages
+        between them: one C call each instead of a dozen small ops. Returns the final norm."""
+        g, n = self.native_glue, x.shape[0]
+        h = torch.empty_like(x)
+        q = x.new_empty(n, self.num_heads * self.head_dim)
+        att, act = torch.empty_like(q), x.new_empty(n, self.native_shape.inter)
+        norms = [w.input_norm for w in self.layers] + [self.final_norm]  # each layer's first
+        g.norm(rows, x, norms[0], h)
+        for i, w in enumerate(self.layers):
+            after = norms[i + 1]  # the next layer's, or the final norm
+            g.attend(rows, self.k_cache[i], self.v_cache[i], w.qkv(h), q, att)
+            g.residual_norm(rows, x, w.o(att), w.post_norm, h)
+            g.silu_mul(rows, w.gate_up(h), act)
+            g.residual_norm(rows, x, w.down(act), after, h)
+        return h
 
     def _lone(self, step: StepInput) -> torch.Tensor | None:
         """The compiled step's logits when this step is one free decode whose blocks are one

@@ -187,29 +187,32 @@ def test_lane_attention_matches_sdpa_over_each_lanes_own_length(dtype) -> None:
         native.attend_lanes(q, keys, values, lanes.long(), lengths, 8, lane)
 
 
-class CountingStack:
-    """A runner's decode.c stack that counts the steps it takes."""
+class CountingPath:
+    """One of a runner's decode.c paths that counts the steps it takes."""
 
-    def __init__(self, stack: native.DecodeStack) -> None:
-        self.stack, self.rows = stack, []
+    def __init__(self, path) -> None:  # noqa: ANN001
+        self.path, self.rows = path, []
 
-    def __call__(self, x: torch.Tensor, *rest) -> None:  # noqa: ANN002
+    def __call__(self, rows: native.DecodeStep, x: torch.Tensor) -> torch.Tensor:
         self.rows.append(x.shape[0])
-        self.stack(x, *rest)
+        return self.path(rows, x)
 
 
-def native_and_eager(model, dtype: torch.dtype, quantization: str):  # noqa: ANN001, ANN201
+def native_and_eager(model, dtype: torch.dtype, quantization: str, path: str = "stack"):  # noqa: ANN001, ANN201
     """Two runners on one model and policy (gemv everywhere): one sends every free decode
-    through decode.c, the other none."""
+    through decode.c's `path` (every layer in C, or torch's linears with C between them), the
+    other none."""
     policy = fixed_policy(model, dtype, quantization, "gemv")
     fast = LlamaRunner(model, 4, 64, batch_invariant=False, policy=policy)
     eager = LlamaRunner(model, 4, 64, batch_invariant=False, policy=policy)
-    assert fast.native_stack is not None
-    counting = CountingStack(fast.native_stack)
-    fast.native_decode, eager.native_decode = {0: counting, 1: counting}, {}
+    assert fast.native_stack is not None and fast.native_glue is not None
+    chosen = fast._through_stack if path == "stack" else fast._through_glue
+    counting = CountingPath(chosen)
+    fast.native_decode, eager.native_decode = dict.fromkeys((0, 1, 2), counting), {}
     return fast, eager, counting
 
 
+@pytest.mark.parametrize("path", ["stack", "glue"])
 @pytest.mark.parametrize(
     ("dtype", "quantization", "bias", "tol"),
     [
@@ -219,15 +222,18 @@ def native_and_eager(model, dtype: torch.dtype, quantization: str):  # noqa: ANN
         (torch.bfloat16, "int8", False, 0.05),
     ],
 )
-def test_native_decode_computes_the_eager_paths_logits(dtype, quantization, bias, tol) -> None:
-    """One and three free decodes a step through decode.c, against the eager path on the same
-    weights and kernels (q/k/v/o biases too), with a 4-query-head-over-2 model; the keys and
-    values it writes are what the eager path reads next: the steps alternate between the
-    two paths in one runner and stay close to an eager runner's."""
+def test_native_decode_computes_the_eager_paths_logits(
+    dtype, quantization, bias, tol, path
+) -> None:
+    """One and three free decodes a step through decode.c (every layer in C, or its stages
+    around the policy's linears), against the eager path on the same weights and kernels
+    (q/k/v/o biases too), with a 4-query-head-over-2 model; the keys and values it writes are
+    what the eager path reads next: the steps alternate between the two paths in one runner
+    and stay close to an eager runner's."""
     torch.manual_seed(0)
     cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256, attention_bias=bias)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(dtype)
-    fast, eager, counting = native_and_eager(model, dtype, quantization)
+    fast, eager, counting = native_and_eager(model, dtype, quantization, path)
     g = torch.Generator().manual_seed(3)
     prompts = {slot: torch.randint(0, 300, (n,), generator=g).tolist() for slot, n in
                ((0, 5), (2, 11), (3, 1))}  # fmt: skip
@@ -244,7 +250,7 @@ def test_native_decode_computes_the_eager_paths_logits(dtype, quantization, bias
             if i == 4:  # this one eager in the fast runner: it reads what decode.c wrote
                 fast.native_decode = {}
             got, want = fast.execute(step), eager.execute(step)
-            fast.native_decode = {0: counting, 1: counting}
+            fast.native_decode = dict.fromkeys((0, 1, 2), counting)
             assert got.dtype == torch.float32 and got.shape == want.shape
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
             for s in slots:
@@ -282,22 +288,36 @@ def test_only_free_single_token_decodes_in_one_run_take_native_decode() -> None:
     assert counting.rows == [2, 1]
 
 
-def test_the_stack_refuses_rows_that_would_read_or_write_outside_its_cache() -> None:
+def test_decode_c_refuses_rows_that_would_read_or_write_outside_its_buffers() -> None:
     model = tiny_llama()
     fast, _, _ = native_and_eager(model, torch.float32, "none")
-    stack, rows = fast.native_stack, fast.native_stack.cache_rows
-    x = torch.zeros(1, 128)
+    shape, rows = fast.native_shape, fast.cache_rows
     cos = sin = torch.zeros(1, 32)
+
+    def step(*args, c=cos) -> native.DecodeStep:  # noqa: ANN001, ANN002
+        return native.DecodeStep(shape, rows, c, sin, *args)
+
     with pytest.raises(ValueError, match="outside its cache"):
-        stack(x, cos, sin, [0], [rows - 2], [3])
+        step([0], [rows - 2], [3])
     with pytest.raises(ValueError, match="write row"):
-        stack(x, cos, sin, [rows], [0], [1])
+        step([rows], [0], [1])
     with pytest.raises(ValueError, match="rotary"):
-        stack(x, cos.double(), sin, [0], [0], [1])
-    with pytest.raises(ValueError, match="x"):
-        stack(x.bfloat16(), cos, sin, [0], [0], [1])
+        step([0], [0], [1], c=cos.double())
     with pytest.raises(ValueError, match="one write row"):
-        stack(x, cos, sin, [0, 1], [0], [1])
+        step([0], [0, 1], [1])
+    ok, x = step([0], [0], [1]), torch.zeros(1, 128)
+    with pytest.raises(ValueError, match="x"):
+        fast.native_stack(ok, x.bfloat16())
+    with pytest.raises(ValueError, match="x"):
+        fast.native_stack(ok, torch.zeros(2, 128))  # more rows than the step's
+    glue = fast.native_glue
+    with pytest.raises(ValueError, match="act"):
+        glue.silu_mul(ok, torch.zeros(1, 512), torch.zeros(1, 128))
+    with pytest.raises(ValueError, match="norm weight"):
+        glue.norm(ok, x, torch.ones(64), torch.zeros(1, 128))
+    with pytest.raises(ValueError, match="cache"):
+        q = torch.zeros(1, 128)
+        glue.attend(ok, fast.k_cache[0][:, :8], fast.v_cache[0], torch.zeros(1, 256), q, q)
 
 
 def test_switched_off_no_native_kernel_is_offered_measured_or_run() -> None:
