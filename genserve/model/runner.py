@@ -320,9 +320,11 @@ class LlamaRunner:
 
     def _native_offered(self) -> bool:
         """decode.c runs on the CPU's per-sequence attention path, with a measured policy (a
-        runner without one keeps torch's fixed kernels), where the library built."""
+        runner without one keeps torch's fixed kernels), where the library built; not under
+        --deterministic, where no row is free to take it."""
         cpu = self.device.type == "cpu" and self.attention == "sdpa"
-        return cpu and self.policy is not None and native.library() is not None
+        usable = self.policy is not None and not self.batch_invariant
+        return cpu and usable and native.library() is not None
 
     def _native_glue(self) -> native.DecodeGlue | None:
         if not self._native_offered():

@@ -341,3 +341,6 @@ def test_switched_off_no_native_kernel_is_offered_measured_or_run() -> None:
     assert native.library() is not None
     assert "gemv" in kernels.available(torch.bfloat16, torch.device("cpu"), "int8")
     assert LlamaRunner(model, 4, 64, batch_invariant=False, policy=policy).native_stack is not None
+    # --deterministic: no row is free to take decode.c, so none is built or timed
+    strict = LlamaRunner(model, 4, 64, batch_invariant=True, policy=policy)
+    assert strict.native_stack is None and strict.native_glue is None
