@@ -19,10 +19,6 @@
 #include "bf16.h"
 #include "vexp.h"
 
-static inline float get(const void *p, int bf16, size_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
 /* one row of D keys or values as float32 */
 static inline void row_f32(const void *base, int bf16, size_t at, int D, float *out) {
     if (bf16) {
@@ -121,7 +117,7 @@ static int attend_one(const void *q, const void *k, const void *v, void *out, in
     if (s == NULL) return -1;
     size_t qbase = ((size_t)j * heads + (size_t)h * group) * D;
     for (int i = 0; i < group; i++)
-        for (int d = 0; d < D; d++) qf[i][d] = get(q, bf16, qbase + (size_t)i * D + d) * scale;
+        for (int d = 0; d < D; d++) qf[i][d] = elem_get(q, bf16, qbase + (size_t)i * D + d) * scale;
     size_t cache0 = (size_t)h * rows + lane0; /* row of position 0 in this head's cache */
 #ifdef ATTEND_AVX512
     if (D % 16 == 0) {
@@ -158,13 +154,7 @@ static int attend_one(const void *q, const void *k, const void *v, void *out, in
     for (int i = 0; i < group; i++) {
         size_t o = qbase + (size_t)i * D;
         float inv = 1.f / total[i];
-        for (int d = 0; d < D; d++) {
-            float y = acc[i][d] * inv;
-            if (bf16)
-                ((uint16_t *)out)[o + d] = f32_to_bf16(y);
-            else
-                ((float *)out)[o + d] = y;
-        }
+        for (int d = 0; d < D; d++) elem_put(out, bf16, o + d, acc[i][d] * inv);
     }
     free(s);
     return 0;

@@ -63,19 +63,6 @@ typedef struct { /* the model's shape and one step's rows */
     const int32_t *starts, *lengths; /* [rows]: cache row of position 0, positions attended */
 } Step;
 
-static inline float rnd(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
-
-static inline float get(const void *p, int bf16, size_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void put(void *p, int bf16, size_t i, float v) {
-    if (bf16)
-        ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-
 /* y [M, n] (the model's dtype) = x [M, k] (the model's dtype) W^T (+ bias): the kernel's
  * output rounded, then the bias added and rounded again, as the eager path's gemv does. */
 static int linear(const Lin *L, const void *x, void *y, const Step *s) {
@@ -89,7 +76,7 @@ static int linear(const Lin *L, const void *x, void *y, const Step *s) {
         rc = gemv_f32(x, bf16, (const float *)L->w, y, bf16, M, n, k, t);
     if (rc || L->bias == NULL) return rc;
     for (size_t i = 0; i < (size_t)M * n; i++)
-        put(y, bf16, i, get(y, bf16, i) + get(L->bias, bf16, i % n));
+        elem_put(y, bf16, i, elem_get(y, bf16, i) + elem_get(L->bias, bf16, i % n));
     return 0;
 }
 

@@ -29,13 +29,6 @@
 
 #include "bf16.h"
 
-static inline void store(void *y, int y_bf16, size_t i, float v) {
-    if (y_bf16)
-        ((uint16_t *)y)[i] = f32_to_bf16(v);
-    else
-        ((float *)y)[i] = v;
-}
-
 /* x's rows in float32: a copy when they are bf16 (the caller frees it), else x itself. */
 static const float *rows_f32(const void *x, int x_bf16, size_t count, float **owned) {
     *owned = NULL;
@@ -180,7 +173,7 @@ DEFINE_DOTS(float, f32)
             }                                                                                \
             for (int i = 0; i < take; i++)                                                   \
                 for (int r = 0; r < rows; r++)                                               \
-                    store(y, y_bf16, (size_t)(m + i) * N + n0 + r, acc[i][r] * (SCALE));     \
+                    elem_put(y, y_bf16, (size_t)(m + i) * N + n0 + r, acc[i][r] * (SCALE));     \
             m += take;                                                                       \
         }                                                                                    \
     }                                                                                        \

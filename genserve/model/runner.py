@@ -302,15 +302,12 @@ class LlamaRunner:
         batch = self._lane_batch(spans)
         q = torch.randn(span, self.num_heads, self.head_dim).to(self.dtype)
         out = torch.empty_like(q)
-        best = {"sdpa": float("inf"), "native": float("inf")}
-        with torch.inference_mode():
-            for _ in range(5):
-                for kind in best:
-                    self.lane_attention = kind
-                    self._attend_lanes(0, q, batch, out)  # warm: pages, code
-                    t0 = time.perf_counter()
-                    self._attend_lanes(0, q, batch, out)
-                    best[kind] = min(best[kind], time.perf_counter() - t0)
+
+        def attend(kind: str) -> None:
+            self.lane_attention = kind
+            self._attend_lanes(0, q, batch, out)
+
+        best = _best_times({k: lambda k=k: attend(k) for k in ("sdpa", "native")}, rounds=5)
         kind = min(best, key=best.__getitem__)
         log.info(
             "decode attention over lanes (%d x %d positions): sdpa %.0f us, native %.0f us: %s",
@@ -364,25 +361,21 @@ class LlamaRunner:
         kept: dict[int, NativePath] = {}
         length = min(128, self.lane_len)
         for b, rows in ((0, 1), (1, min(4, self.num_slots)), (2, min(32, self.num_slots))):
-            if not paths or bucket(rows) != b or length < 2:
+            # 9-64 rows: glue only (gemv's linears are slow there: the stack is not timed)
+            offered = {k: v for k, v in paths.items() if b < 2 or k == "glue"}
+            if not offered or bucket(rows) != b or length < 2:
                 continue
-            tried = {"eager": None, **(paths if b < 2 else {"glue": paths.get("glue")})}
-            tried = {k: v for k, v in tried.items() if k == "eager" or v is not None}
-            if len(tried) < 2:
-                continue
+            tried: dict[str, NativePath | None] = {"eager": None, **offered}
             step = StepInput(tuple(
                 ChunkInput(f"warm-{j}", j, (0,), length - 1, True, SamplingParams(), 0)
                 for j in range(rows)
             ))  # fmt: skip
-            best = dict.fromkeys(tried, float("inf"))
-            with torch.inference_mode():
-                for _ in range(3):
-                    for kind, path in tried.items():
-                        self.native_decode = {b: path} if path is not None else {}
-                        self.execute(step)  # warm: pages, code
-                        t0 = time.perf_counter()
-                        self.execute(step)
-                        best[kind] = min(best[kind], time.perf_counter() - t0)
+
+            def run(path: NativePath | None, b: int = b, step: StepInput = step) -> None:
+                self.native_decode = {b: path} if path is not None else {}
+                self.execute(step)
+
+            best = _best_times({k: lambda p=p: run(p) for k, p in tried.items()}, rounds=3)
             fastest = min(best, key=best.__getitem__)
             if fastest != "eager":
                 kept[b] = tried[fastest]
@@ -473,18 +466,12 @@ class LlamaRunner:
         path = self.native_decode.get(bucket(len(step.chunks)))
         if path is None:
             return None
-        bs = self.block_size
         write, starts, lengths = [], [], []
         for c in step.chunks:
-            if len(c.token_ids) != 1 or not c.start or c.adapter is not None:
+            if (found := self._free_decode_run(c)) is None:
                 return None
-            if c.num_logit_rows != 1 or self._invariant(c):
-                return None
-            table = self._table(c)
-            run = self._run(table, c.start + 1)
-            if run is None:
-                return None
-            write.append(table[c.start // bs] * bs + c.start % bs)
+            table, run = found
+            write.extend(self._rows_of(table, c.start, c.start + 1))
             starts.append(run)
             lengths.append(c.start + 1)
         self._copy_blocks(step)
@@ -524,16 +511,25 @@ class LlamaRunner:
         if self.lone is None or len(step.chunks) != 1 or step.copies:
             return None
         c = step.chunks[0]
+        if (found := self._free_decode_run(c)) is None:
+            return None
+        table, run = found
+        token = torch.tensor(c.token_ids, device=self.device)
+        cos, sin = self.rotary.forward(self.embed[token][None], torch.tensor([[c.start]]))
+        write = torch.tensor(self._rows_of(table, c.start, c.start + 1))
+        return self.lone(token, write, cos[0], sin[0], run + c.start + 1, c.start + 1)
+
+    def _free_decode_run(self, c: ChunkInput) -> tuple[tuple[int, ...], int] | None:
+        """(block table, cache row of position 0) when the chunk is one free decode (no
+        adapter, one logits row) whose blocks are one run, as the compiled and decode.c paths
+        read them; else None."""
         if len(c.token_ids) != 1 or not c.start or c.adapter is not None or self._invariant(c):
             return None
         table = self._table(c)
         run = self._run(table, c.start + 1)
         if run is None or c.num_logit_rows != 1:
             return None
-        token = torch.tensor(c.token_ids, device=self.device)
-        cos, sin = self.rotary.forward(self.embed[token][None], torch.tensor([[c.start]]))
-        write = torch.tensor(self._rows_of(table, c.start, c.start + 1))
-        return self.lone(token, write, cos[0], sin[0], run + c.start + 1, c.start + 1)
+        return table, run
 
     def _copy_blocks(self, step: StepInput) -> None:
         """Reused partial blocks (engine/types.py BlockCopy): every layer's rows at once."""
@@ -878,6 +874,20 @@ class LlamaRunner:
         values = self.v_cache[i][:, lo:hi].view(kv, span, lane, dim)[:, :, : d.length]
         o = _grouped_attention(qd, keys.transpose(0, 1), values.transpose(0, 1), d.mask)
         out.index_copy_(0, d.rows, o.index_select(0, d.lanes))
+
+
+def _best_times(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Each run's best time over `rounds` rounds, the runs interleaved, each timed call after
+    an untimed one (warm: pages, code): start-up choices between kernels or paths."""
+    best = dict.fromkeys(runs, float("inf"))
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, run in runs.items():
+                run()
+                t0 = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def _attention_kind(asked: str, device: torch.device) -> str:
