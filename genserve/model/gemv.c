@@ -83,7 +83,12 @@ static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
     for (int l = 0; l < (int)sizeof(T); l++)                                                 \
         _mm_prefetch((const char *)((next) + 4 * (size_t)(k) + l * (64 / sizeof(T))), _MM_HINT_T0);
 
-/* dot4: four weight rows against one row of x. dot4x4: against four rows of x, each weight
+/* The tail (K not a multiple of 16) is called only where there is one: an empty `omp simd`
+ * reduction still combines its private partial sums in a serial chain of 32 scalar adds,
+ * which cost an int8 row as much as its 36 passes of k (perf annotate on the AMX Xeon); the
+ * result is the same bits, the sum plus 0.
+ *
+ * dot4: four weight rows against one row of x. dot4x4: against four rows of x, each weight
  * vector loaded and widened once for the four (a few decodes in one step). Both add the same
  * products in the same order for a row, so a row's result is the same bits either way. */
 #define DEFINE_DOTS(T, SUFFIX)                                                               \
@@ -100,7 +105,7 @@ static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
         }                                                                                    \
         for (int r = 0; r < BLOCK; r++)                                                      \
             out[r] = _mm512_reduce_add_ps(a[r]) +                                            \
-                     dot_##SUFFIX(x + k, w + (size_t)r * K + k, K - k);                      \
+                     (k < K ? dot_##SUFFIX(x + k, w + (size_t)r * K + k, K - k) : 0.f);      \
     }                                                                                        \
     static void dot4x4_##SUFFIX(const float *const x[4], const T *w, const T *next, int K,  \
                                 float out[4][BLOCK]) {                                       \
@@ -119,7 +124,7 @@ static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
         for (int m = 0; m < 4; m++)                                                          \
             for (int r = 0; r < BLOCK; r++)                                                  \
                 out[m][r] = _mm512_reduce_add_ps(a[m][r]) +                                  \
-                            dot_##SUFFIX(x[m] + k, w + (size_t)r * K + k, K - k);            \
+                            (k < K ? dot_##SUFFIX(x[m] + k, w + (size_t)r * K + k, K - k) : 0.f); \
     }
 
 DEFINE_DOTS(int8_t, i8)
