@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -237,9 +238,18 @@ def estimate_bytes(path: str, kind: str, config: ServerConfig) -> int:
     return model_bytes(folder, kind, mc.dtype, on_gpu(mc.device), config.engine)
 
 
+# Device files of NVIDIA's driver, AMD's (ROCm) and WSL2's GPU bridge: without one, torch finds
+# no CUDA device.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
 def on_gpu(device: str) -> bool:
     """Whether --device puts models on a GPU (auto: when CUDA is there, as loading does)."""
     if device == "cpu":
+        return False
+    if device == "auto" and not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
+        # torch.cuda would say no; importing torch to ask held the event loop for 3 s at every
+        # start (open_registry runs on it), /health unanswered meanwhile.
         return False
     import torch
 

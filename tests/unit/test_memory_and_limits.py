@@ -127,3 +127,20 @@ def test_background_work_runs_on_idle_priority_threads() -> None:
         pool.shutdown()
     assert worker == (base + 7, os.SCHED_IDLE)  # the pool's thread was lowered ...
     assert priority() == (base, os.SCHED_OTHER)  # ... and no other thread
+
+
+def test_the_memory_budget_asks_torch_about_cuda_only_where_a_gpu_driver_is(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from genserve.runtime import registry
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: asked.append(1) or True)
+    monkeypatch.setattr(registry, "GPU_DEVICE_FILES", (str(tmp_path / "nvidia0"),))
+    assert registry.on_gpu("auto") is False and asked == []  # no driver: not asked
+    assert registry.on_gpu("cpu") is False
+    assert registry.on_gpu("cuda") is True and asked == [1]  # asked for explicitly: torch says
+    (tmp_path / "nvidia0").touch()
+    assert registry.on_gpu("auto") is True and asked == [1, 1]
