@@ -46,19 +46,50 @@ static inline __m512 load16(const void *base, int bf16, size_t at) {
     return _mm512_loadu_ps((const float *)base + at);
 }
 
-/* s[i * len + t] = q_i . key_t for the group's query heads; each key loaded once. */
+/* r[j] = the sum of v[j]'s 16 lanes, for 16 vectors at once: pairs, quads, then 128-bit
+ * lanes, added in a fixed tree (about 3 instructions a vector, against 9 for one
+ * _mm512_reduce_add_ps). Each r[j] adds only v[j]'s lanes, in an order that does not depend
+ * on the other vectors, so a key's score is the same bits in any block of keys. */
+static inline __m512 sum16x16(const __m512 v[16]) {
+    __m512 w[8], x[4], y[2];
+    for (int j = 0; j < 8; j++) /* per 128-bit lane: [v2j, v2j+1, v2j, v2j+1] partials */
+        w[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]),
+                             _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+    for (int j = 0; j < 4; j++) { /* per lane: the partials of v4j .. v4j+3, in order */
+        __m512d a = _mm512_castps_pd(w[2 * j]), b = _mm512_castps_pd(w[2 * j + 1]);
+        x[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    for (int j = 0; j < 2; j++) /* lanes 0+1 and 2+3 of two quads */
+        y[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * j], x[2 * j + 1], 0x88),
+                             _mm512_shuffle_f32x4(x[2 * j], x[2 * j + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88),
+                         _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+}
+
+/* s[i * len + t] = q_i . key_t for the group's query heads; each key loaded once, its
+ * group's partial sums kept, and summed 16 keys at a time (sum16x16). */
 static void scores_avx512(float qf[][MAX_DIM], const void *k, int bf16, size_t cache0, int len,
                           int group, int D, float *s) {
-    for (int t = 0; t < len; t++) {
-        __m512 a[MAX_GROUP];
-        for (int i = 0; i < group; i++) a[i] = _mm512_setzero_ps();
-        size_t at = (cache0 + t) * D;
-        for (int d = 0; d < D; d += 16) {
-            __m512 kv = load16(k, bf16, at + d);
-            for (int i = 0; i < group; i++)
-                a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qf[i] + d), kv, a[i]);
+    __m512 part[MAX_GROUP][16];
+    for (int t0 = 0; t0 < len; t0 += 16) {
+        int n = len - t0 < 16 ? len - t0 : 16;
+        for (int t = 0; t < 16; t++) {
+            __m512 a[MAX_GROUP];
+            for (int i = 0; i < group; i++) a[i] = _mm512_setzero_ps();
+            if (t < n) { /* past the last key: zeros, summed and not stored */
+                size_t at = (cache0 + t0 + t) * D;
+                for (int d = 0; d < D; d += 16) {
+                    __m512 kv = load16(k, bf16, at + d);
+                    for (int i = 0; i < group; i++)
+                        a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qf[i] + d), kv, a[i]);
+                }
+            }
+            for (int i = 0; i < group; i++) part[i][t] = a[i];
         }
-        for (int i = 0; i < group; i++) s[(size_t)i * len + t] = _mm512_reduce_add_ps(a[i]);
+        __mmask16 keep = (__mmask16)((1u << n) - 1);
+        for (int i = 0; i < group; i++)
+            _mm512_mask_storeu_ps(s + (size_t)i * len + t0, keep, sum16x16(part[i]));
     }
 }
 
