@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from genserve.model import kernels
+from genserve.model import kernels, native
 from genserve.model.cpuinfo import read_cpuinfo
 
 log = logging.getLogger(__name__)
@@ -396,7 +396,10 @@ def cache_key(
 ) -> str:  # fmt: skip
     what = [f.device, f.model, f.flags, f.isa_cap, f.capability, f.threads, torch.__version__]
     what += [str(dtype), quantization, chunk, hint, [asdict(s) for s in specs]]
-    what += [kernels.available(dtype, torch.device(f.device), quantization)]  # new ones: measure
+    offered = kernels.available(dtype, torch.device(f.device), quantization)
+    what += [offered]  # new ones: measure
+    if "gemv" in offered:  # gemv changed (a new release): its times are measured again
+        what += [native.build_id()]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 

@@ -94,6 +94,13 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def build_id() -> str | None:
+    """Names the loaded build (a hash of its sources, compiler and CPU), or None where none is:
+    kernel choices cached against another build are measured again (hardware.cache_key)."""
+    lib = library()
+    return None if lib is None else Path(lib._name).stem
+
+
 def _built(cc: str) -> Path:
     """The shared library for these sources, compiler and CPU: from the cache, else compiled
     into it (through a temporary name and a rename, so a concurrent start never loads half a

@@ -59,6 +59,11 @@ def test_the_choice_is_cached_per_machine_and_shapes(tmp_path: Path) -> None:
     assert again.source == "cache" and again.plans == first.plans and again.tag() == first.tag()
     other = policy_for(small_specs()[:1], torch.float32, "none", CPU, 64, 4, tmp_path)
     assert other.source == "measured"  # other shapes: another entry
+    # another build of genserve's C kernels (new sources): measured again, not read
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hardware.native, "build_id", lambda: "native-0123456789abcdef")
+        rebuilt = policy_for(small_specs(), torch.float32, "none", CPU, 64, 4, tmp_path)
+    assert rebuilt.source == "measured"
     (tmp_path / hardware.CACHE_FILE).write_text("{not json")
     assert policy_for(small_specs(), torch.float32, "none", CPU, 64, 4, tmp_path).plans
 
