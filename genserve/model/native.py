@@ -410,14 +410,7 @@ class DecodeGlue:
     ) -> None:  # fmt: skip
         """Rotary on qkv's q and k (in place), k and v into the caches, att = attention."""
         _check_rows(self.shape, st, qkv=qkv, q=q, att=att)
-        s = self.shape
-        for cache in (k_cache, v_cache):
-            if (
-                cache.dtype != s.dtype
-                or not cache.is_contiguous()
-                or tuple(cache.shape) != (s.kv_heads, self.cache_rows, s.dim)
-            ):
-                raise ValueError(f"decode.c: cache {tuple(cache.shape)}")
+        _check_caches(self.shape, self.cache_rows, k_cache, v_cache)
         rc = library().glue_attend(
             ctypes.byref(st.struct), k_cache.data_ptr(), v_cache.data_ptr(), qkv.data_ptr(),
             q.data_ptr(), att.data_ptr(),
@@ -451,13 +444,24 @@ def _check_stack(layers: Sequence[DecodeLayer], s: DecodeShape) -> int:
             g = getattr(layer, name)
             if tuple(g.weight.shape) != shape or (g.bias is not None and g.bias.dtype != s.dtype):
                 raise ValueError(f"decode_layers: {name} {tuple(g.weight.shape)}, not {shape}")
-        for t in (layer.input_norm, layer.post_norm, layer.k_cache, layer.v_cache):
+        for t in (layer.input_norm, layer.post_norm):
             if t.dtype != s.dtype or not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError("decode_layers: norms and caches in the model's dtype, contiguous")
-        for cache in (layer.k_cache, layer.v_cache):
-            if tuple(cache.shape) != (s.kv_heads, rows, s.dim):
-                raise ValueError(f"decode_layers: cache {tuple(cache.shape)}")
+                raise ValueError("decode_layers: norms in the model's dtype, contiguous")
+        _check_caches(s, rows, layer.k_cache, layer.v_cache)
     return rows
+
+
+def _check_caches(s: DecodeShape, rows: int, *caches: torch.Tensor) -> None:
+    """A layer's caches as decode.c indexes them: [kv_heads, rows, dim] in the model's dtype,
+    contiguous, on the CPU."""
+    for cache in caches:
+        if (
+            cache.dtype != s.dtype
+            or not cache.is_contiguous()
+            or cache.device.type != "cpu"
+            or tuple(cache.shape) != (s.kv_heads, rows, s.dim)
+        ):
+            raise ValueError(f"decode.c: cache {tuple(cache.shape)} {cache.dtype}")
 
 
 def _lin_struct(g: Gemv) -> _Lin:
