@@ -21,6 +21,7 @@
  * kernels there) and these stages between them, one call each instead of a dozen ops.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -108,39 +109,76 @@ static void round_all(float *v, size_t n, int bf16) {
     for (size_t i = 0; i < n; i++) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
 }
 
-/* h = transformers' LlamaRMSNorm of x: normalised in float32, rounded, then times w. `tmp`:
- * room for two rows of float32. */
-static void norm_rows(const Step *s, const void *x, const void *w, void *h, float *tmp) {
-    int bf16 = (int)s->bf16;
-    size_t H = (size_t)s->hidden;
-    float *xr = tmp, *wr = tmp + H;
-    to_f32(w, bf16, 0, H, wr);
-    for (size_t m = 0; m < (size_t)s->rows; m++) {
-        to_f32(x, bf16, m * H, H, xr);
-        float ss = 0.f;
+/* Threads for a row-wise stage: one where the rows are too few to pay for waking the
+ * others (a decode step's 1-8 rows). Each row is computed whole by one thread, in the same
+ * order whatever the count, so a row's bits do not depend on it. */
+#define PARALLEL_ROW_ELEMS 16384
+static int row_threads(const Step *s) {
+    size_t elems = (size_t)s->rows * (size_t)s->hidden;
+    return elems >= PARALLEL_ROW_ELEMS && s->threads > 1 ? (int)s->threads : 1;
+}
+
+/* float32 scratch the row-wise stages need: three rows per thread */
+static size_t tmp_floats(const Step *s) {
+    return 3 * (size_t)s->hidden * (size_t)(s->threads > 1 ? s->threads : 1);
+}
+
+/* x[m] += y[m], in the model's dtype; leaves x[m] as float32 in xr. */
+static void residual_row(int bf16, size_t H, void *x, const void *y, size_t m, float *xr,
+                         float *yr) {
+    to_f32(x, bf16, m * H, H, xr);
+    to_f32(y, bf16, m * H, H, yr);
+#pragma omp simd
+    for (size_t i = 0; i < H; i++) xr[i] += yr[i];
+    from_f32(x, bf16, m * H, H, xr);
+    round_all(xr, H, bf16); /* what was stored: the norm reads x as rounded */
+}
+
+/* h[m] = transformers' LlamaRMSNorm of xr (row m of x as float32): normalised in float32,
+ * rounded, then times wr (the weight as float32). Overwrites xr. */
+static void norm_row(int bf16, size_t H, double eps, float *xr, const float *wr, void *h,
+                     size_t m) {
+    float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-        for (size_t i = 0; i < H; i++) ss += xr[i] * xr[i];
-        float r = 1.f / sqrtf(ss / (float)H + (float)s->eps);
+    for (size_t i = 0; i < H; i++) ss += xr[i] * xr[i];
+    float r = 1.f / sqrtf(ss / (float)H + (float)eps);
 #pragma omp simd
-        for (size_t i = 0; i < H; i++) xr[i] *= r;
-        round_all(xr, H, bf16);
+    for (size_t i = 0; i < H; i++) xr[i] *= r;
+    round_all(xr, H, bf16);
 #pragma omp simd
-        for (size_t i = 0; i < H; i++) xr[i] *= wr[i];
-        from_f32(h, bf16, m * H, H, xr);
+    for (size_t i = 0; i < H; i++) xr[i] *= wr[i];
+    from_f32(h, bf16, m * H, H, xr);
+}
+
+/* With y: x += y first. Then h = RMSNorm(x) * w. `tmp`: tmp_floats(s). */
+static void residual_norm_rows(const Step *s, void *x, const void *y, const void *w, void *h,
+                               float *tmp) {
+    int bf16 = (int)s->bf16, nt = row_threads(s);
+    size_t H = (size_t)s->hidden, M = (size_t)s->rows;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float *xr = tmp + (size_t)omp_get_thread_num() * 3 * H, *yr = xr + H, *wr = yr + H;
+        to_f32(w, bf16, 0, H, wr);
+#pragma omp for schedule(static)
+        for (size_t m = 0; m < M; m++) {
+            if (y != NULL)
+                residual_row(bf16, H, x, y, m, xr, yr);
+            else
+                to_f32(x, bf16, m * H, H, xr);
+            norm_row(bf16, H, s->eps, xr, wr, h, m);
+        }
     }
 }
 
-/* x += y, in the model's dtype. `tmp`: room for two rows of float32. */
+/* x += y, in the model's dtype. `tmp`: tmp_floats(s). */
 static void residual(const Step *s, void *x, const void *y, float *tmp) {
-    int bf16 = (int)s->bf16;
-    size_t H = (size_t)s->hidden;
-    float *xr = tmp, *yr = tmp + H;
-    for (size_t m = 0; m < (size_t)s->rows; m++) {
-        to_f32(x, bf16, m * H, H, xr);
-        to_f32(y, bf16, m * H, H, yr);
-#pragma omp simd
-        for (size_t i = 0; i < H; i++) xr[i] += yr[i];
-        from_f32(x, bf16, m * H, H, xr);
+    int bf16 = (int)s->bf16, nt = row_threads(s);
+    size_t H = (size_t)s->hidden, M = (size_t)s->rows;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        float *xr = tmp + (size_t)omp_get_thread_num() * 3 * H;
+#pragma omp for schedule(static)
+        for (size_t m = 0; m < M; m++) residual_row(bf16, H, x, y, m, xr, xr + H);
     }
 }
 
@@ -188,34 +226,43 @@ static void silu(float *g, size_t n) {
     }
 }
 
-/* From each row's q, k and v (qkv [rows, (heads + 2 kv) * dim], rotated here in place): k and
- * v into the caches at the row's write row, q into `q` [rows, heads, dim], then each row's
- * attention over its positions into att [rows, heads * dim]. */
-static int attend(const Step *s, void *k_cache, void *v_cache, void *qkv, void *q, void *att) {
+/* From each row's q, k and v (qkv [rows, (heads + 2 kv) * dim]): q and k rotated in place,
+ * k and v into the caches at the row's write row, and, where `q` is given, the rotated q
+ * copied into it [rows, heads, dim]. */
+static void rotate_write(const Step *s, void *k_cache, void *v_cache, void *qkv, void *q) {
     int bf16 = (int)s->bf16, D = (int)s->dim, heads = (int)s->heads, kv = (int)s->kv_heads;
+    int nt = row_threads(s);
     size_t width = (size_t)(heads + 2 * kv) * D, qw = (size_t)heads * D;
     size_t esize = bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
     for (size_t m = 0; m < (size_t)s->rows; m++) {
         char *row = (char *)qkv + m * width * esize;
         rotate(row, heads + kv, D, s->cos + m * D, s->sin + m * D, bf16); /* q and k */
-        memcpy((char *)q + m * qw * esize, row, qw * esize);
+        if (q != NULL) memcpy((char *)q + m * qw * esize, row, qw * esize);
         for (int g = 0; g < kv; g++) {
             size_t at = ((size_t)g * s->cache_rows + (size_t)s->write[m]) * D * esize;
             memcpy((char *)k_cache + at, row + (qw + (size_t)g * D) * esize, D * esize);
             memcpy((char *)v_cache + at, row + (qw + (size_t)(kv + g) * D) * esize, D * esize);
         }
     }
-    return attend_lanes(q, k_cache, v_cache, att, s->starts, s->lengths, (int)s->rows, heads,
-                        kv, D, s->cache_rows, 0, 1, (float)s->scale, bf16, (int)s->threads);
+}
+
+/* rotate_write, then each row's attention over its positions into att [rows, heads * dim]. */
+static int attend(const Step *s, void *k_cache, void *v_cache, void *qkv, void *q, void *att) {
+    rotate_write(s, k_cache, v_cache, qkv, q);
+    return attend_lanes(q, k_cache, v_cache, att, s->starts, s->lengths, (int)s->rows,
+                        (int)s->heads, (int)s->kv_heads, (int)s->dim, s->cache_rows, 0, 1,
+                        (float)s->scale, (int)s->bf16, (int)s->threads);
 }
 
 /* act = silu(gate) * up from gu [rows, 2 * inter] (gate, then up), each op rounded as torch
  * rounds it. */
 static void silu_mul(const Step *s, const void *gu, void *act) {
-    int bf16 = (int)s->bf16;
+    int bf16 = (int)s->bf16, nt = row_threads(s);
     size_t I = (size_t)s->inter;
-    float g[MAX_SILU_CHUNK], u[MAX_SILU_CHUNK];
-    for (size_t m = 0; m < (size_t)s->rows; m++)
+#pragma omp parallel for num_threads(nt) if (nt > 1) schedule(static)
+    for (size_t m = 0; m < (size_t)s->rows; m++) {
+        float g[MAX_SILU_CHUNK], u[MAX_SILU_CHUNK];
         for (size_t i0 = 0; i0 < I; i0 += MAX_SILU_CHUNK) {
             size_t n = I - i0 < MAX_SILU_CHUNK ? I - i0 : MAX_SILU_CHUNK;
             to_f32(gu, bf16, m * 2 * I + i0, n, g);
@@ -226,21 +273,21 @@ static void silu_mul(const Step *s, const void *gu, void *act) {
             for (size_t i = 0; i < n; i++) g[i] *= u[i];
             from_f32(act, bf16, m * I + i0, n, g);
         }
+    }
 }
 
-typedef struct { /* one step's activations, in the model's dtype; tmp: two rows, float32 */
+typedef struct { /* one step's activations, in the model's dtype; tmp: tmp_floats */
     void *h, *qkv, *q, *att, *gu, *act, *y;
     float *tmp;
 } Scratch;
 
 static int layer(const Layer *L, void *x, Scratch *b, const Step *s) {
     int rc;
-    norm_rows(s, x, L->input_norm, b->h, b->tmp);
+    residual_norm_rows(s, x, NULL, L->input_norm, b->h, b->tmp);
     if ((rc = linear(&L->qkv, b->h, b->qkv, s))) return rc;
     if ((rc = attend(s, L->k_cache, L->v_cache, b->qkv, b->q, b->att))) return rc;
     if ((rc = linear(&L->o, b->att, b->y, s))) return rc;
-    residual(s, x, b->y, b->tmp);
-    norm_rows(s, x, L->post_norm, b->h, b->tmp);
+    residual_norm_rows(s, x, b->y, L->post_norm, b->h, b->tmp);
     if ((rc = linear(&L->gate_up, b->h, b->gu, s))) return rc;
     silu_mul(s, b->gu, b->act);
     if ((rc = linear(&L->down, b->act, b->y, s))) return rc;
@@ -258,7 +305,7 @@ int decode_layers(const Layer *layers, int count, const Step *s, void *x) {
     if (!shape_ok(s)) return -2;
     size_t esize = s->bf16 ? 2 : 4;
     size_t bytes = M * (H + width + 2 * heads * D + 3 * I + H) * esize;
-    char *all = (char *)malloc(bytes + 2 * H * sizeof(float));
+    char *all = (char *)malloc(bytes + tmp_floats(s) * sizeof(float));
     if (all == NULL) return -1;
     Scratch b = {.h = all, .tmp = (float *)(all + bytes)};
     b.qkv = (char *)b.h + M * H * esize;
@@ -277,19 +324,18 @@ int decode_layers(const Layer *layers, int count, const Step *s, void *x) {
 
 /* h = RMSNorm(x) * w */
 int glue_norm(const Step *s, const void *x, const void *w, void *h) {
-    float *tmp = (float *)malloc(2 * (size_t)s->hidden * sizeof(float));
+    float *tmp = (float *)malloc(tmp_floats(s) * sizeof(float));
     if (tmp == NULL) return -1;
-    norm_rows(s, x, w, h, tmp);
+    residual_norm_rows(s, (void *)x, NULL, w, h, tmp);
     free(tmp);
     return 0;
 }
 
 /* x += y; then h = RMSNorm(x) * w */
 int glue_residual_norm(const Step *s, void *x, const void *y, const void *w, void *h) {
-    float *tmp = (float *)malloc(2 * (size_t)s->hidden * sizeof(float));
+    float *tmp = (float *)malloc(tmp_floats(s) * sizeof(float));
     if (tmp == NULL) return -1;
-    residual(s, x, y, tmp);
-    norm_rows(s, x, w, h, tmp);
+    residual_norm_rows(s, x, y, w, h, tmp);
     free(tmp);
     return 0;
 }
@@ -297,6 +343,13 @@ int glue_residual_norm(const Step *s, void *x, const void *y, const void *w, voi
 /* qkv (rotated in place) -> the caches and att; q: scratch [rows, heads, dim] */
 int glue_attend(const Step *s, void *k_cache, void *v_cache, void *qkv, void *q, void *att) {
     return shape_ok(s) ? attend(s, k_cache, v_cache, qkv, q, att) : -2;
+}
+
+/* qkv's q and k rotated in place, its k and v into the caches (attention left to torch) */
+int glue_rotate_write(const Step *s, void *k_cache, void *v_cache, void *qkv) {
+    if (!shape_ok(s)) return -2;
+    rotate_write(s, k_cache, v_cache, qkv, NULL);
+    return 0;
 }
 
 /* act = silu(gate) * up */

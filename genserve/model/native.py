@@ -50,6 +50,7 @@ _SIGNATURES = {
     "glue_residual_norm": [_P, _P, _P, _P, _P],
     "glue_attend": [_P, _P, _P, _P, _P, _P],
     "glue_silu_mul": [_P, _P, _P],
+    "glue_rotate_write": [_P, _P, _P, _P],
     "gemv_i8": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I],
     "gemv_bf16": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
     "gemv_f32": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
@@ -306,35 +307,65 @@ class DecodeStep:
         write: Sequence[int], starts: Sequence[int], lengths: Sequence[int],
     ) -> None:  # fmt: skip
         b = len(write)
-        for t in (cos, sin):
-            if (
-                t.dtype != torch.float32
-                or tuple(t.shape) != (b, shape.dim)
-                or not t.is_contiguous()
-            ):
-                raise ValueError(f"decode step: rotary tables [{b}, {shape.dim}] float32")
         if not len(starts) == len(lengths) == b:
             raise ValueError("decode step: one write row, start and length per row")
         rows = cache_rows
         if any(n < 1 or a < 0 or a + n > rows for a, n in zip(starts, lengths, strict=True)):
             raise ValueError("decode step: a row attends outside its cache")
-        if any(not 0 <= w < rows for w in write):
-            raise ValueError("decode step: a write row outside the cache")
-        ints = (
-            torch.tensor(write, dtype=torch.int64),
-            torch.tensor(starts, dtype=torch.int32),
-            torch.tensor(lengths, dtype=torch.int32),
-        )
-        self._keep = (cos, sin, *ints)  # alive while C reads them
+        tables = _rotary_tables(shape, cache_rows, cos, sin, torch.tensor(write, dtype=torch.int64))
+        ints = (torch.tensor(starts, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32))
+        self._keep = (*tables, *ints)  # alive while C reads them
         self.rows = b
-        self.struct = _Step(
-            b, shape.hidden, shape.heads, shape.kv_heads, shape.dim, shape.inter, rows,
-            int(shape.dtype == torch.bfloat16), torch.get_num_threads(), shape.eps,
-            shape.dim**-0.5, *(t.data_ptr() for t in self._keep),
-        )  # fmt: skip
+        self.struct = _step_struct(shape, b, rows, *(t.data_ptr() for t in self._keep))
 
 
-def _check_rows(shape: DecodeShape, step: DecodeStep, **tensors: torch.Tensor) -> None:
+class GlueRows:
+    """Rows of any step (prompt chunks too) for the glue's row-wise stages: the norms, the
+    residual and SiLU, which read neither positions nor the cache; with the rotary tables
+    cos/sin [rows, dim] float32 and each row's cache row `write`, rotate_write's too.
+    DecodeGlue.attend refuses these (they say nothing of what a row attends)."""
+
+    __slots__ = ("_keep", "rotary", "rows", "struct")
+
+    def __init__(
+        self, shape: DecodeShape, rows: int, cache_rows: int = 0, cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None, write: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        self.rows, self.rotary = rows, cos is not None
+        self._keep: tuple[torch.Tensor, ...] = ()
+        if cos is not None:
+            if sin is None or write is None or write.shape != (rows,):
+                raise ValueError("glue rows: sin and one write row per row go with cos")
+            self._keep = _rotary_tables(shape, cache_rows, cos, sin, write)
+        ptrs = [t.data_ptr() for t in self._keep] or [None] * 3
+        self.struct = _step_struct(shape, rows, cache_rows, *ptrs, None, None)
+
+
+def _rotary_tables(
+    shape: DecodeShape, cache_rows: int, cos: torch.Tensor, sin: torch.Tensor, write: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cos, sin and write checked: [rows, dim] float32 tables, int64 rows inside the cache."""
+    b = write.shape[0]
+    for t in (cos, sin):
+        if t.dtype != torch.float32 or tuple(t.shape) != (b, shape.dim) or not t.is_contiguous():
+            raise ValueError(f"decode step: rotary tables [{b}, {shape.dim}] float32")
+    write = write.to(torch.int64).contiguous()
+    if b and not (int(write.min()) >= 0 and int(write.max()) < cache_rows):
+        raise ValueError("decode step: a write row outside the cache")
+    return cos, sin, write
+
+
+def _step_struct(shape: DecodeShape, rows: int, cache_rows: int, *pointers: int | None) -> _Step:
+    """decode.c's Step: the shape, the rows and the threads; `pointers`: cos, sin, write,
+    starts and lengths (None where the stages given it read no table)."""
+    bf16 = int(shape.dtype == torch.bfloat16)
+    return _Step(
+        rows, shape.hidden, shape.heads, shape.kv_heads, shape.dim, shape.inter, cache_rows,
+        bf16, torch.get_num_threads(), shape.eps, shape.dim**-0.5, *pointers,
+    )  # fmt: skip
+
+
+def _check_rows(shape: DecodeShape, step: DecodeStep | GlueRows, **tensors: torch.Tensor) -> None:
     """Each tensor C reads or writes: the model's dtype, contiguous, [rows, width]."""
     widths = {"x": shape.hidden, "h": shape.hidden, "y": shape.hidden, "act": shape.inter,
               "qkv": (shape.heads + 2 * shape.kv_heads) * shape.dim, "gu": 2 * shape.inter,
@@ -385,7 +416,16 @@ class DecodeGlue:
     ) -> DecodeStep:  # fmt: skip
         return DecodeStep(self.shape, self.cache_rows, cos, sin, write, starts, lengths)
 
-    def norm(self, st: DecodeStep, x: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> None:
+    def rows(
+        self, n: int, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+        write: torch.Tensor | None = None,
+    ) -> GlueRows:  # fmt: skip
+        """n rows of any step, for the row-wise stages (and rotate_write, given the tables)."""
+        return GlueRows(self.shape, n, self.cache_rows, cos, sin, write)
+
+    def norm(
+        self, st: DecodeStep | GlueRows, x: torch.Tensor, w: torch.Tensor, h: torch.Tensor
+    ) -> None:
         """h = RMSNorm(x) * w"""
         _check_rows(self.shape, st, x=x, h=h)
         _check_norm(self.shape, w)
@@ -393,7 +433,12 @@ class DecodeGlue:
             raise MemoryError("glue_norm: no memory for a row's float32 copy")
 
     def residual_norm(
-        self, st: DecodeStep, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, h: torch.Tensor
+        self,
+        st: DecodeStep | GlueRows,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor,
+        h: torch.Tensor,
     ) -> None:
         """x += y, then h = RMSNorm(x) * w"""
         _check_rows(self.shape, st, x=x, y=y, h=h)
@@ -409,6 +454,8 @@ class DecodeGlue:
         q: torch.Tensor, att: torch.Tensor,
     ) -> None:  # fmt: skip
         """Rotary on qkv's q and k (in place), k and v into the caches, att = attention."""
+        if not isinstance(st, DecodeStep):
+            raise ValueError("decode.c: attention needs a DecodeStep's positions and cache rows")
         _check_rows(self.shape, st, qkv=qkv, q=q, att=att)
         _check_caches(self.shape, self.cache_rows, k_cache, v_cache)
         rc = library().glue_attend(
@@ -418,7 +465,23 @@ class DecodeGlue:
         if rc:
             raise ValueError(f"glue_attend failed ({rc})")
 
-    def silu_mul(self, st: DecodeStep, gu: torch.Tensor, act: torch.Tensor) -> None:
+    def rotate_write(
+        self, st: DecodeStep | GlueRows, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        qkv: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Rotary on qkv's q and k (in place), k and v into the caches at the rows' write rows."""
+        if isinstance(st, GlueRows) and not st.rotary:
+            raise ValueError("decode.c: rotate_write needs the rows' rotary tables")
+        if st.struct.cache_rows != self.cache_rows:
+            raise ValueError("decode.c: rows built for another cache")
+        _check_rows(self.shape, st, qkv=qkv)
+        _check_caches(self.shape, self.cache_rows, k_cache, v_cache)
+        if library().glue_rotate_write(
+            ctypes.byref(st.struct), k_cache.data_ptr(), v_cache.data_ptr(), qkv.data_ptr()
+        ):
+            raise ValueError("glue_rotate_write: a head past decode.c's buffers")
+
+    def silu_mul(self, st: DecodeStep | GlueRows, gu: torch.Tensor, act: torch.Tensor) -> None:
         """act = silu(gate) * up, gu being [gate | up]"""
         _check_rows(self.shape, st, gu=gu, act=act)
         library().glue_silu_mul(ctypes.byref(st.struct), gu.data_ptr(), act.data_ptr())

@@ -8,9 +8,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
+from genserve.model import native
 from genserve.model.lora import AdapterError
 from genserve.model.runner import LlamaRunner
 from tests.tiny_model import SMALL_LLAMA
+from tests.unit.test_hardware import fixed_policy
 
 SMALL = SMALL_LLAMA
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -45,13 +47,19 @@ def chunk(rid, slot, ids, start, adapter=None) -> ChunkInput:
 
 @pytest.mark.parametrize("deterministic", [True, False])  # per-adapter passes, or fused
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])  # the CPU's path, and accelerators'
+@pytest.mark.parametrize("kernels", [None, "linear"])  # with a policy: decode.c's glue too
 def test_rows_with_different_adapters_in_one_step_match_peft(
-    tmp_path: Path, deterministic: bool, attention: str
+    tmp_path: Path, deterministic: bool, attention: str, kernels: str | None
 ) -> None:
     ref_a = make_adapter(tmp_path / "a", seed=1)
     ref_b = make_adapter(tmp_path / "b", seed=2, modules=["q_proj", "v_proj"])
     plain = base()
-    runner = LlamaRunner(plain, 4, 64, batch_invariant=deterministic, attention=attention)
+    policy = fixed_policy(plain, torch.float32, "none", kernels) if kernels else None
+    runner = LlamaRunner(
+        plain, 4, 64, batch_invariant=deterministic, attention=attention, policy=policy
+    )
+    glued = policy is not None and attention == "sdpa" and not deterministic
+    assert (runner.native_glue is not None) == (glued and native.library() is not None)
     runner.add_adapter("a", tmp_path / "a")
     runner.add_adapter("b", tmp_path / "b")
     x, y, z = [5, 6, 7, 8], [9, 10, 11], [12, 13]

@@ -288,6 +288,90 @@ def test_only_free_single_token_decodes_in_one_run_take_native_decode() -> None:
     assert counting.rows == [2, 1]
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
+def test_prompt_chunks_through_the_glue_compute_the_torch_paths_logits(dtype, tol) -> None:
+    """Free steps with prompt chunks (a whole prompt, a later chunk of one, a chunk beside a
+    decode) run decode.c's row-wise stages around torch's linears and attention: their
+    logits and the keys and values they cache stay close to torch's own ops'."""
+    torch.manual_seed(0)
+    cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(dtype)
+    policy = fixed_policy(model, dtype, "none", "linear")
+    glued = LlamaRunner(model, 4, 64, batch_invariant=False, policy=policy)
+    plain = LlamaRunner(model, 4, 64, batch_invariant=False, policy=policy)
+    assert glued.native_glue is not None
+    plain.native_glue, plain.native_decode, glued.native_decode = None, {}, {}
+    calls = []
+    through = glued._glued_prompt
+    glued._glued_prompt = lambda *a: calls.append(a[0].shape[0]) or through(*a)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (40,), generator=g).tolist()
+    steps = [
+        (ChunkInput("a", 0, tuple(ids[:24]), 0, True, FREE, 0),),
+        (ChunkInput("a", 0, tuple(ids[24:]), 24, True, FREE, 0),),
+        (
+            ChunkInput("a", 0, (5,), 40, True, FREE, 1),
+            ChunkInput("b", 1, tuple(ids[:30]), 0, True, SamplingParams(prompt_logprobs=0), 0),
+        ),
+    ]
+    with torch.inference_mode():
+        for chunks in steps:
+            got, want = glued.execute(StepInput(chunks)), plain.execute(StepInput(chunks))
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert calls == [24, 16, 31]
+    for mine, theirs in zip(
+        glued.k_cache + glued.v_cache, plain.k_cache + plain.v_cache, strict=True
+    ):
+        torch.testing.assert_close(mine, theirs, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_glue_bits_do_not_depend_on_how_many_rows_share_the_call(dtype) -> None:
+    """The row-wise stages run on every thread from some rows up: each row is still computed
+    whole by one thread, so its bits are the same in a call of 300 rows as alone."""
+    shape = native.DecodeShape(64, 4, 2, 16, 96, 1e-5, dtype)
+    glue = native.DecodeGlue(shape, 512)
+    g = torch.Generator().manual_seed(2)
+    n = 300  # past decode.c's threshold for threads
+    x, y = (torch.randn(n, 64, generator=g).to(dtype) for _ in range(2))
+    w, gu = torch.randn(64, generator=g).to(dtype), torch.randn(n, 192, generator=g).to(dtype)
+    cos, sin = torch.randn(n, 16, generator=g), torch.randn(n, 16, generator=g)
+    qkv = torch.randn(n, 128, generator=g).to(dtype)
+    write = torch.randperm(512, generator=g)[:n]
+
+    def stages(rows: slice) -> tuple[torch.Tensor, ...]:
+        m = rows.stop - rows.start
+        st = glue.rows(m, cos[rows].contiguous(), sin[rows].contiguous(), write[rows])
+        xs, h, act, q = x[rows].clone(), torch.empty(m, 64, dtype=dtype), None, qkv[rows].clone()
+        glue.residual_norm(st, xs, y[rows].contiguous(), w, h)
+        act = torch.empty(m, 96, dtype=dtype)
+        glue.silu_mul(st, gu[rows].contiguous(), act)
+        k, v = torch.zeros(2, 512, 16, dtype=dtype), torch.zeros(2, 512, 16, dtype=dtype)
+        glue.rotate_write(st, k, v, q)
+        return xs, h, act, q, k[:, write[rows]], v[:, write[rows]]
+
+    together = stages(slice(0, n))
+    alone = [stages(slice(j, j + 1)) for j in range(0, n, 37)]
+    for j, one in zip(range(0, n, 37), alone, strict=True):
+        for all_rows, single in zip(together, one, strict=True):
+            row = all_rows[:, j] if all_rows.dim() == 3 else all_rows[j]
+            assert torch.equal(row, single[:, 0] if single.dim() == 3 else single[0])
+    with pytest.raises(ValueError, match="rotary tables"):
+        glue.rotate_write(glue.rows(n), torch.zeros(2, 512, 16, dtype=dtype),
+                          torch.zeros(2, 512, 16, dtype=dtype), qkv)  # fmt: skip
+    with pytest.raises(ValueError, match="write row"):
+        glue.rows(1, cos[:1], sin[:1], torch.tensor([512]))
+    with pytest.raises(ValueError, match="another cache"):
+        other = native.DecodeGlue(shape, 256).rows(1, cos[:1], sin[:1], torch.tensor([0]))
+        glue.rotate_write(other, torch.zeros(2, 512, 16, dtype=dtype),
+                          torch.zeros(2, 512, 16, dtype=dtype), qkv[:1].clone())  # fmt: skip
+    with pytest.raises(ValueError, match="positions"):
+        glue.attend(glue.rows(1), torch.zeros(2, 512, 16, dtype=dtype),
+                    torch.zeros(2, 512, 16, dtype=dtype), qkv[:1].clone(),
+                    torch.empty(1, 64, dtype=dtype), torch.empty(1, 64, dtype=dtype))  # fmt: skip
+
+
 def test_decode_c_refuses_rows_that_would_read_or_write_outside_its_buffers() -> None:
     model = tiny_llama()
     fast, _, _ = native_and_eager(model, torch.float32, "none")
