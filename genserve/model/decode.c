@@ -18,7 +18,9 @@
  *
  * The stages between the linears are exported too (glue_*): for a step of more decodes
  * than gemv serves well (9-64 rows), the runner calls torch's linears (oneDNN's AMX
- * kernels there) and these stages between them, one call each instead of a dozen ops.
+ * kernels there) and these stages between them, one call each instead of a dozen ops; for
+ * any other free step (prompt chunks), the row-wise ones around torch's linears and SDPA.
+ * Those run on every thread where the rows are many, each row whole on one thread.
  */
 #include <math.h>
 #include <omp.h>

@@ -4,9 +4,9 @@
  * at the memory's read bandwidth. On the 2-core AMX Xeon this project is measured on, torch's
  * own kernels did not: aten._weight_int8pack_mm read int8 weights at 7-10 GB/s, oneDNN and
  * F.linear read bf16 weights at 6-12 GB/s, where one pass summing a large buffer ran at
- * 14-16 GB/s. This file streams each weight row once, four rows at a time, with the next
- * four prefetched, and sums in float32. Which kernel runs for which row count is still
- * measured at start-up (hardware.py): this one is a candidate, kept only where it is faster.
+ * 14-16 GB/s. This file streams each weight row once, four rows at a time, with the block
+ * two ahead prefetched into L2, and sums in float32. Which kernel runs for which row count is
+ * still measured at start-up (hardware.py): a candidate, kept only where it is faster.
  *
  * A row's result never depends on the other rows of the call (each row is summed alone, in
  * the same order), so the kernel is batch-invariant by construction.
