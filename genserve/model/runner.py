@@ -487,9 +487,14 @@ class LlamaRunner:
         return self.lm_head(path(rows, x)).float()
 
     def _through_stack(self, rows: native.DecodeStep, x: torch.Tensor) -> torch.Tensor:
-        """Every layer in one C call (gemv's linears), then the final norm."""
+        """Every layer in one C call (gemv's linears), then the final norm, also decode.c's
+        (torch's rms_norm: 0.09 ms a step at one row under cProfile, 1.5% of an int8 step)."""
         self.native_stack(rows, x)
-        return self._norm(x, self.final_norm)
+        if self.native_glue is None:  # built beside the stack, from the same checks
+            return self._norm(x, self.final_norm)
+        h = torch.empty_like(x)
+        self.native_glue.norm(rows, x, self.final_norm, h)
+        return h
 
     def _through_glue(self, rows: native.DecodeStep, x: torch.Tensor) -> torch.Tensor:
         """torch's linears (the policy's kernels for this many rows) with decode.c's stages
