@@ -489,9 +489,7 @@ class LlamaRunner:
     def _through_stack(self, rows: native.DecodeStep, x: torch.Tensor) -> torch.Tensor:
         """Every layer in one C call (gemv's linears), then the final norm, also decode.c's
         (torch's rms_norm: 0.09 ms a step at one row under cProfile, 1.5% of an int8 step)."""
-        self.native_stack(rows, x)
-        if self.native_glue is None:  # built beside the stack, from the same checks
-            return self._norm(x, self.final_norm)
+        self.native_stack(rows, x)  # the glue exists wherever the stack does (the same checks)
         h = torch.empty_like(x)
         self.native_glue.norm(rows, x, self.final_norm, h)
         return h
