@@ -70,7 +70,6 @@ async def load(rt: Runtime, loader: Loader) -> None:
     """Load the command line's model and everything that depends on it; `rt.ready` at the end.
     A failure is kept in `rt.load_error` (reported on /health and every route)."""
     config = rt.config
-    rt.loop = asyncio.get_running_loop()
     reg = open_registry(rt)
     try:
         served = await asyncio.to_thread(loader, config)
@@ -80,7 +79,7 @@ async def load(rt: Runtime, loader: Loader) -> None:
         return
     served.ref = config.model.ref
     served.settings = reg.adopt(served.id, served.ref, "generate", model_size(served, config))
-    await rt.start_served(served)
+    rt.start_served(served)
     try:
         await serve_adapters(rt, served)
     except Exception as e:  # noqa: BLE001 - an adapter the operator asked for must not be skipped

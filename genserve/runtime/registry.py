@@ -25,7 +25,7 @@ from genserve.runtime.errors import (
     PermissionDenied,
 )
 from genserve.runtime.limits import check_chat_template
-from genserve.runtime.models import ModelSettings, PendingModel, ServedModel
+from genserve.runtime.models import EmbeddingModel, ModelSettings, PendingModel, ServedModel
 
 if TYPE_CHECKING:
     from genserve.runtime.runtime import Runtime
@@ -101,33 +101,38 @@ class ModelRegistry:
         self, model_id: str, path: str, ref: str, kind: str, s: ModelSettings, from_cli: bool
     ) -> None:
         try:
-            await asyncio.to_thread(self._build_and_start, model_id, path, kind, s)
+            built = await asyncio.to_thread(self._build, model_id, path, kind, s)
         except Exception as e:  # noqa: BLE001 - the status says why
             log.warning("loading %s failed: %s", model_id, e)
             failed = replace(self.rt.pending[model_id], status="failed")
             self.rt.pending[model_id] = replace(failed, error=f"{type(e).__name__}: {e}")
             self.used.pop(model_id, None)
             return
+        # No await from here on: a request sees the model either loading or ready, never
+        # both (a card saying ready while unload still found it loading answered 409).
+        if isinstance(built, EmbeddingModel):
+            self.rt.embedders[model_id] = built
+        else:
+            self.rt.start_served(built)
         self.rt.pending.pop(model_id, None)
         if self.store is not None:
             self.store.put(model_id, ref, kind, s.as_dict(), from_cli=from_cli)
         log.info("loaded %s (%s) from %s", model_id, kind, ref)
 
-    def _build_and_start(self, model_id: str, path: str, kind: str, s: ModelSettings) -> None:
+    def _build(
+        self, model_id: str, path: str, kind: str, s: ModelSettings
+    ) -> ServedModel | EmbeddingModel:
         if kind == "embed":
             from genserve.runtime.build import build_embedding_model
 
-            self.rt.embedders[model_id] = build_embedding_model(
-                path, model_id, self.config.model.device
-            )
-            return
+            return build_embedding_model(path, model_id, self.config.model.device)
         from genserve.runtime.build import build_served_model
 
         mc = replace(self.config.model, ref=path, served_name=model_id, lora_modules=())
         served = build_served_model(replace(self.config, model=mc))
         served.settings = s
         served.ref = path
-        self.rt.start_from_thread(served)
+        return served
 
     # -- settings -----------------------------------------------------------------------------
     def update(self, model_id: str, settings: ModelSettings) -> ServedModel:

@@ -6,7 +6,6 @@ which raise domain errors (genserve.runtime.errors) that the API maps to HTTP.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -51,7 +50,6 @@ class Runtime:
     on_adapter_deleted: list[AdapterHook] = field(default_factory=list)
     # Costly per-request work (grammar compiles) at a lower CPU priority than the engine.
     observe: ObserverFactory | None = None  # metrics, set by the API
-    loop: asyncio.AbstractEventLoop | None = None  # set once the lifespan runs
     database: Database | None = None
     registry: ModelRegistry | None = None
     files: FileStore | None = None
@@ -150,18 +148,12 @@ class Runtime:
         return self.fine_tuning
 
     # -- serving -----------------------------------------------------------------------------
-    async def start_served(self, served: ServedModel) -> None:
-        """Start a model's engine and make it visible to requests."""
+    def start_served(self, served: ServedModel) -> None:
+        """Start a model's engine and make it visible to requests (on the event loop)."""
         served.engine.start()
         if self.observe is not None:
             served.engine.observer = self.observe(served.id)
         self.models[served.id] = served
-
-    def start_from_thread(self, served: ServedModel) -> None:
-        """start_served from a loading thread, on the event loop's thread-safe path."""
-        assert self.loop is not None
-        done = asyncio.run_coroutine_threadsafe(self.start_served(served), self.loop)
-        done.result(timeout=60)
 
     async def register_adapter(self, spec: AdapterSpec) -> None:
         """Load a LoRA adapter into its base model's engine and serve it under spec.id."""

@@ -82,6 +82,22 @@ async def test_second_model_loads_while_first_streams(reg_server) -> None:
     assert r.status_code == 200
 
 
+def test_a_model_unloads_the_moment_its_card_says_ready(reg_server) -> None:
+    """No moment where the card says ready but DELETE still finds it loading (409)."""
+    srv, _ = reg_server
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        for round_ in range(3):
+            r = http.post("/v1/models", json={"model": "second", "id": f"quick-{round_}"})
+            assert r.status_code == 202, r.text
+            deadline = time.monotonic() + 60
+            while (card := http.get(f"/v1/models/quick-{round_}").json())["status"] == "loading":
+                assert time.monotonic() < deadline  # polled without a pause, to hit the switch
+            assert card["status"] == "ready", card
+            r = http.delete(f"/v1/models/quick-{round_}")
+            assert r.status_code == 200 and r.json()["deleted"] is True, r.text
+            assert http.get(f"/v1/models/quick-{round_}").status_code == 404
+
+
 @pytest.mark.parametrize("ref", ["../outside", "/etc", "second/../../x", str(Path.home())])
 def test_paths_outside_the_models_dir_are_refused(reg_server, ref: str) -> None:
     srv, _ = reg_server
