@@ -7,6 +7,9 @@
 - `gemv`: genserve's own row-by-row kernel (gemv.c via native.py, built for this CPU), over the int8
   weights when the layer is quantized, else over the weight in the compute dtype. It streams
   the weight once per call, so it is a candidate for the few rows of a decode step.
+- `amx`: genserve's AMX-tile kernel (amx.c), bf16 only, where the CPU has AMX: the weight
+  packed into tiles, streamed once per call for up to 32 rows at a time; a candidate for a
+  batched decode step's 9-64 rows.
 
 Which one runs for which row count is measured at start-up (genserve.model.hardware). With
 `--quantization int8`, `linear` and `onednn` run on the int8 weights dequantized, so every
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 from genserve.model import native
 
-KERNELS = ("linear", "onednn", "int8", "gemv")
+KERNELS = ("linear", "onednn", "int8", "gemv", "amx")
 QUANTIZED = ("int8", "gemv")  # kernels that read the int8 weights themselves, not dequantized
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
@@ -64,6 +67,8 @@ def available(dtype: torch.dtype, device: torch.device, quantization: str) -> tu
         names.insert(0, "int8")
     if device.type == "cpu" and dtype in native.DTYPES and native.library() is not None:
         names.append("gemv")
+        if dtype == torch.bfloat16 and native.amx_ready():
+            names.append("amx")
     return tuple(names)
 
 
@@ -88,6 +93,8 @@ def build(
         if quant is not None:
             return native.Gemv(quant.q, quant.scales, bias)
         return native.Gemv(weight, None, bias)
+    if kind == "amx":
+        return native.Amx(weight, bias)
     raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
 
 

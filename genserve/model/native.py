@@ -6,6 +6,8 @@ through ctypes.
   output channel.
 - `attend.c`: decode attention over the KV lanes (runner.py), measured against SDPA when a
   runner starts.
+- `amx.c`: a bf16 linear kernel on AMX tiles for the 9-64 rows of a batched decode step
+  (and prefill chunks), one more candidate where the CPU has AMX.
 - `decode.c`: every decoder layer of a step of a few free decodes in one call (the glue
   between gemv's linears and attend.c's attention in C), where the runner measured it faster.
 
@@ -37,7 +39,7 @@ from genserve.model.cpuinfo import read_cpuinfo
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("gemv.c", "attend.c", "decode.c"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("gemv.c", "attend.c", "decode.c", "amx.c"))
 # part of the build's hash, not compiled alone
 HEADERS = tuple(Path(__file__).with_name(f) for f in ("bf16.h", "vexp.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -54,6 +56,8 @@ _SIGNATURES = {
     "gemv_i8": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I],
     "gemv_bf16": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
     "gemv_f32": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
+    "amx_init": [],
+    "amx_linear_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
 }
 DTYPES = (torch.float32, torch.bfloat16)  # activations and dense weights it takes
 
@@ -193,6 +197,47 @@ def _multiply(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
     if fn(*args, x.shape[0], n, k, torch.get_num_threads()):
         raise MemoryError("gemv: no memory for the activations' float32 copy")
     return y
+
+
+@functools.cache
+def amx_ready() -> bool:
+    """Whether amx.c's kernel runs here: built with AMX (the CPU has it) and the kernel let
+    this process use the tiles (Linux asks each process to request them)."""
+    lib = library()
+    return lib is not None and lib.amx_init() == 0
+
+
+class Amx:
+    """y = x W^T (+ bias) on AMX tiles for bf16 x [M, K] and a bf16 weight [N, K] with N a
+    multiple of 16 and K of 32, packed here into amx.c's tile layout (a copy)."""
+
+    __slots__ = ("bias", "n", "packed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        n, k = weight.shape
+        if not amx_ready() or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+            raise ValueError(f"the AMX kernel is unavailable for {weight.dtype} here")
+        if n % 16 or k % 32:
+            raise ValueError(f"the AMX kernel needs [16n, 32k] weights, not [{n}, {k}]")
+        # [N/16][K/32][16 pairs of k][16 columns][2]: TDPBF16PS's tiles, one after another
+        tiles = weight.reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4)
+        self.packed = tiles.contiguous()
+        self.n = n
+        self.bias = None if bias is None else bias.contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.packed.shape[1] * 32
+        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"amx: x {tuple(x.shape)} {x.dtype} against weight [{self.n}, {k}]")
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.n, dtype=torch.bfloat16)
+        rc = library().amx_linear_bf16(
+            x.data_ptr(), self.packed.data_ptr(), y.data_ptr(), 1, x.shape[0], self.n, k,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if rc:
+            raise MemoryError("amx: no memory for the rows' padded copy")
+        return y if self.bias is None else y.add_(self.bias)
 
 
 @functools.cache

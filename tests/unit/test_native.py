@@ -428,3 +428,63 @@ def test_switched_off_no_native_kernel_is_offered_measured_or_run() -> None:
     # --deterministic: no row is free to take decode.c, so none is built or timed
     strict = LlamaRunner(model, 4, 64, batch_invariant=True, policy=policy)
     assert strict.native_stack is None and strict.native_glue is None
+
+
+# -- amx.c: the AMX-tile bf16 linear -----------------------------------------------------------
+needs_amx = pytest.mark.skipif(not native.amx_ready(), reason="no AMX tiles on this CPU")
+
+# Rows: one, a tile's worth, past one tile and past a 32-row block, a prefill-like run; columns:
+# one 16-wide block, an odd number of blocks (the last pair single), a real qkv projection.
+AMX_SHAPES = [(1, 16, 32), (5, 48, 64), (16, 960, 576), (17, 48, 96), (33, 32, 64), (70, 64, 128)]
+
+
+@needs_amx
+@pytest.mark.parametrize(("m", "n", "k"), AMX_SHAPES)
+def test_amx_matches_float64_and_keeps_each_rows_bits(m: int, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(m * 31 + n + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    fn = kernels.build("amx", w, bias, None, m)
+    y = fn(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    want = F.linear(x.double(), w.double(), bias.double())
+    # bf16 products summed in float32, the result rounded once to bf16 (and the bias added)
+    assert torch.allclose(y.double(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
+    for i in {0, m // 2, m - 1}:  # a row alone: the same bits as among the m
+        assert torch.equal(fn(x[i : i + 1])[0], y[i])
+
+
+@needs_amx
+def test_amx_is_a_bf16_candidate_and_refuses_what_it_cannot_multiply() -> None:
+    cpu = torch.device("cpu")
+    assert "amx" in kernels.available(torch.bfloat16, cpu, "int8")  # on the dequantized weight
+    assert "amx" not in kernels.available(torch.float32, cpu, "none")
+    with pytest.raises(ValueError, match=r"\[16n, 32k\]"):
+        native.Amx(torch.randn(24, 64).bfloat16())  # 24 outputs: not whole 16-column tiles
+    with pytest.raises(ValueError, match=r"\[16n, 32k\]"):
+        native.Amx(torch.randn(16, 40).bfloat16())
+    with pytest.raises(ValueError, match="unavailable"):
+        native.Amx(torch.randn(16, 32))
+    fn = native.Amx(torch.randn(16, 64).bfloat16())
+    with pytest.raises(ValueError, match="against weight"):
+        fn(torch.randn(2, 32).bfloat16())  # the wrong width would read past x's rows
+    with pytest.raises(ValueError, match="against weight"):
+        fn(torch.randn(2, 64))
+
+
+@needs_amx
+def test_a_seeded_sequence_is_bitwise_the_same_alone_or_batched_on_amx() -> None:
+    """With amx as the invariant kernel (gemv for the 300-token LM head, which is not whole
+    tiles), a seeded row's logits are the same bits alone or beside other prompts and decodes."""
+    model = tiny_llama(torch.bfloat16)
+    policy = fixed_policy(model, torch.bfloat16, "none", "amx")
+    plans = tuple(
+        p if p.out_features % 16 == 0 else replace(p, choices=("gemv",) * 4, invariant="gemv")
+        for p in policy.plans
+    )
+    policy = replace(policy, plans=plans)
+    assert sum(p.invariant == "amx" for p in plans) == 4  # qkv, o, gate_up, down
+    alone = seeded_logits(model, policy, batched=False)
+    together = seeded_logits(model, policy, batched=True)
+    assert [torch.equal(a, b) for a, b in zip(alone, together, strict=True)] == [True] * 5
