@@ -8,6 +8,8 @@ through ctypes.
   runner starts.
 - `amx.c`: a bf16 linear kernel on AMX tiles for the 9-64 rows of a batched decode step
   (and prefill chunks), one more candidate where the CPU has AMX.
+- `sample.c`: temperature, softmax and the inverse-CDF draw of a step's sampled rows
+  (sampler.py's first draw, one row per thread).
 - `decode.c`: every decoder layer of a step of a few free decodes in one call (the glue
   between gemv's linears and attend.c's attention in C), where the runner measured it faster.
 
@@ -39,7 +41,8 @@ from genserve.model.cpuinfo import read_cpuinfo
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("gemv.c", "attend.c", "decode.c", "amx.c"))
+C_FILES = ("gemv.c", "attend.c", "decode.c", "amx.c", "sample.c")
+SOURCES = tuple(Path(__file__).with_name(f) for f in C_FILES)
 # part of the build's hash, not compiled alone
 HEADERS = tuple(Path(__file__).with_name(f) for f in ("bf16.h", "vexp.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -58,6 +61,7 @@ _SIGNATURES = {
     "gemv_f32": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
     "amx_init": [],
     "amx_linear_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
+    "sample_rows": [_P, _L, _I, _I, _P, _P, _P, _P, _P, _I],
 }
 DTYPES = (torch.float32, torch.bfloat16)  # activations and dense weights it takes
 
@@ -238,6 +242,40 @@ class Amx:
         if rc:
             raise MemoryError("amx: no memory for the rows' padded copy")
         return y if self.bias is None else y.add_(self.bias)
+
+
+@dataclass(frozen=True, slots=True)
+class Draws:
+    """sample.c's results: a token per row, and whether it stands (False: the row is drawn
+    again by sampler.py, its nucleus found exactly, or reported there)."""
+
+    tokens: torch.Tensor  # [rows] int64
+    sure: list[bool]
+
+
+def draw_rows(
+    x: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Tensor, top_p: torch.Tensor
+) -> Draws:
+    """Each row of float32 logits x [rows, V] drawn with its own uniform u (float64), after
+    temperature (inv_temperature float32 [rows]); top_p (float64 [rows], 1: none) only
+    decides which tokens stand."""
+    lib = library()
+    rows, vocab = x.shape
+    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1:
+        raise ValueError(f"sample_rows: x {tuple(x.shape)} {x.dtype} on {x.device}")
+    t, u = inv_temperature.float().contiguous(), u.double().contiguous()
+    p = top_p.double().contiguous()
+    if not t.numel() == u.numel() == p.numel() == rows:
+        raise ValueError("sample_rows: one temperature, uniform and top_p per row")
+    tokens = torch.empty(rows, dtype=torch.int32)
+    sure = torch.empty(rows, dtype=torch.int8)
+    rc = lib.sample_rows(
+        x.data_ptr(), x.stride(0), rows, vocab, t.data_ptr(), u.data_ptr(), p.data_ptr(),
+        tokens.data_ptr(), sure.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc:
+        raise MemoryError("sample_rows: no memory for a row's weights")
+    return Draws(tokens.long(), [bool(s) for s in sure.tolist()])
 
 
 @functools.cache

@@ -9,6 +9,11 @@ torch.Generator (one per step; a top_p row whose first draw fell outside its nuc
 second). Every batched op works within a row, so a row's token depends only on its own
 logits and generator, never on the rows beside it (rule 4).
 
+On a CPU with genserve's native kernels built, the first draw of rows without top_k or min_p
+runs in C (sample.c: one row per thread, a few passes over its logits, no torch dispatch);
+the rows it cannot settle (a top_p draw not surely inside its nucleus) take the torch path
+below. A row takes the same path alone or batched: it depends on its own numbers only.
+
 Device: every tensor a step builds lives on the logits' device (penalty counts, logit_bias and
 grammar masks arrive there from the worker); only the uniforms come from the rows' CPU
 generators (a seed draws the same numbers on any device). Results leave the device through
@@ -26,6 +31,7 @@ from typing import Protocol
 import torch
 
 from genserve.engine.types import SamplingParams, TokenLogprob
+from genserve.model import native
 
 NEG_INF = float("-inf")
 GREEDY_BELOW = 1e-5
@@ -516,13 +522,51 @@ def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -
     x, which, finite = _finite(x, which, errors)
     if not which:
         return None
-    params = DrawParams.of([rows[i] for i in which], processed.shape[-1], dev)
     uniforms = torch.tensor([u[i] for i in which], dtype=torch.float64, device=dev)
-    again = _Seconds(rows, dev)
+    tokens, rest = _native_draws(x, [rows[i] for i in which], uniforms)
+    if rest:  # in torch: rows sample.c does not take, and top_p rows it could not settle
+        sub = x if len(rest) == len(which) else x[_index(rest, dev)]
+        mine = [which[j] for j in rest]
+        tokens[_index(rest, dev)] = _torch_draws(sub, rows, mine, u, uniforms[rest], errors)
+    return _Drawn(which, tokens, finite)
+
+
+def _native_draws(
+    x: torch.Tensor, rows: list[SamplingRow], uniforms: torch.Tensor
+) -> tuple[torch.Tensor, list[int]]:
+    """(tokens, the rows still to draw): sample.c's draws where it runs (CPU float32 logits;
+    rows with neither top_k nor min_p), each kept where it stands (see sample.c); -1 and left
+    to torch elsewhere. The same row takes the same path alone or batched: it depends only on
+    the row's own parameters, logits and uniform."""
+    tokens = torch.full((len(rows),), -1, dtype=torch.long, device=x.device)
+    vocab = x.shape[-1]
+    takes = [
+        j for j, r in enumerate(rows) if not (r.params.top_k and r.params.top_k < vocab)
+        and r.params.min_p <= 0.0
+    ]  # fmt: skip
+    if not takes or x.device.type != "cpu" or x.dtype != torch.float32 or not native.library():
+        return tokens, list(range(len(rows)))
+    idx = _index(takes, x.device)
+    sub = x if len(takes) == len(rows) else x[idx]
+    t = torch.tensor([1.0 / rows[j].params.temperature for j in takes], dtype=torch.float32)
+    p = torch.tensor([rows[j].params.top_p for j in takes], dtype=torch.float64)
+    drawn = native.draw_rows(sub.contiguous(), t, uniforms[idx], p)
+    tokens[idx] = drawn.tokens
+    settled = {j for j, ok in zip(takes, drawn.sure, strict=True) if ok}
+    return tokens, [j for j in range(len(rows)) if j not in settled]
+
+
+def _torch_draws(
+    x: torch.Tensor, rows: list[SamplingRow], which: list[int], u: dict[int, float],
+    uniforms: torch.Tensor, errors: RowErrors,
+) -> torch.Tensor:  # fmt: skip
+    """draw_batch over these rows (step rows `which`), or row by row where the batch raised."""
+    again = _Seconds(rows, x.device)
     try:
-        return _Drawn(which, draw_batch(x, params, uniforms, again.of(which)), finite)
+        params = DrawParams.of([rows[i] for i in which], x.shape[-1], x.device)
+        return draw_batch(x, params, uniforms, again.of(which))
     except Exception:  # noqa: BLE001 - redone row by row below, to find the row at fault
-        return _draw_alone(x, rows, which, u, errors, finite, again)
+        return _draw_alone(x, rows, which, u, errors, again)
 
 
 def _finite(
@@ -572,8 +616,8 @@ class _Seconds:
 
 def _draw_alone(
     x: torch.Tensor, rows: list[SamplingRow], which: list[int], u: dict[int, float],
-    errors: RowErrors, finite: torch.Tensor, again: _Seconds,
-) -> _Drawn:  # fmt: skip
+    errors: RowErrors, again: _Seconds,
+) -> torch.Tensor:  # fmt: skip
     """Each row by itself, with the uniforms it already drew: the same tokens as batched."""
     dev = x.device
     out = torch.full((len(which),), -1, dtype=torch.long, device=dev)
@@ -584,7 +628,7 @@ def _draw_alone(
             out[j : j + 1] = draw_batch(x[j : j + 1], params, uniform, again.of([i]))
         except Exception as e:  # noqa: BLE001 - this row's request fails, not the batch
             errors[i] = e
-    return _Drawn(which, out, finite)
+    return out
 
 
 # -- logprobs -------------------------------------------------------------------------------

@@ -43,12 +43,14 @@ def test_the_trimmer_runs_here() -> None:
     trimmer()()  # glibc: malloc_trim(0); elsewhere a no-op; neither raises
 
 
-# Page faults of 10 sampling steps of 32 rows of a 49k vocabulary at top_p 0.95 (the sampler
-# allocates and frees several [32, 49152] float32 tensors a step), in a fresh process, with or
-# without keep_step_allocations.
+# Page faults of 10 sampling steps of 32 rows of a 49k vocabulary at top_p 0.95 (the torch
+# sampler allocates and frees several [32, 49152] float32 tensors a step; sample.c, off here,
+# allocates less), in a fresh process, with or without keep_step_allocations.
 FAULTS = """
 import resource, sys, torch
 from genserve.engine.memory import keep_step_allocations
+from genserve.model import native
+native.set_enabled(False)
 from genserve.engine.types import SamplingParams
 from genserve.model.sampler import SamplingRow, sample
 took = keep_step_allocations() if sys.argv[1] == "keep" else None
