@@ -207,6 +207,9 @@ def _multiply(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None
 def amx_ready() -> bool:
     """Whether amx.c's kernel runs here: built with AMX (the CPU has it) and the kernel let
     this process use the tiles (Linux asks each process to request them)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap not in ("", "ALL", "DEFAULT") and "AMX" not in cap:
+        return False  # oneDNN's cap caps this kernel too: a run can stand for a CPU without AMX
     lib = library()
     return lib is not None and lib.amx_init() == 0
 

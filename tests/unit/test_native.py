@@ -4,6 +4,7 @@ dequantized, for int8), keep a row's bits whatever the other rows of the call, r
 cannot multiply, and leave torch's kernels serving where it cannot be built. The lanes'
 decode attention (attend.c) must compute SDPA's result."""
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -488,3 +489,17 @@ def test_a_seeded_sequence_is_bitwise_the_same_alone_or_batched_on_amx() -> None
     alone = seeded_logits(model, policy, batched=False)
     together = seeded_logits(model, policy, batched=True)
     assert [torch.equal(a, b) for a, b in zip(alone, together, strict=True)] == [True] * 5
+
+
+def test_onednns_isa_cap_hides_the_amx_kernel_too() -> None:
+    """A run with ONEDNN_MAX_CPU_ISA below AMX stands for a CPU without it, for every kernel."""
+    code = "import torch\nfrom genserve.model import kernels, native\n"
+    code += "names = kernels.available(torch.bfloat16, torch.device('cpu'), 'none')\n"
+    code += "print(native.amx_ready(), names)"
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX512_CORE")
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+        check=True, cwd=ROOT,
+    )  # fmt: skip
+    ready, names = done.stdout.strip().split(" ", 1)
+    assert ready == "False" and "amx" not in names and "gemv" in names
