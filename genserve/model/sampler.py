@@ -550,7 +550,10 @@ def _native_draws(
     sub = x if len(takes) == len(rows) else x[idx]
     t = torch.tensor([1.0 / rows[j].params.temperature for j in takes], dtype=torch.float32)
     p = torch.tensor([rows[j].params.top_p for j in takes], dtype=torch.float64)
-    drawn = native.draw_rows(sub.contiguous(), t, uniforms[idx], p)
+    try:
+        drawn = native.draw_rows(sub.contiguous(), t, uniforms[idx], p)
+    except (MemoryError, ValueError):  # no memory for a row's weights: torch draws them all
+        return tokens, list(range(len(rows)))
     tokens[idx] = drawn.tokens
     settled = {j for j, ok in zip(takes, drawn.sure, strict=True) if ok}
     return tokens, [j for j in range(len(rows)) if j not in settled]

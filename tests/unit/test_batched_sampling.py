@@ -329,3 +329,25 @@ def test_sample_sends_rows_without_top_k_or_min_p_to_sample_c(
     rows.append(make_row(0.0, 5))  # greedy: no draw at all
     out = sample(logits_of("peaked", 5), rows)
     assert seen == [2] and not out.errors and min(out.tokens) >= 0
+
+
+@needs_native
+def test_when_sample_c_cannot_run_the_torch_sampler_draws_every_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def rows() -> list[SamplingRow]:
+        return [row(seed=30 + i, top_p=0.9 if i % 2 else 1.0) for i in range(6)]
+
+    logits = logits_of("peaked", 6, seed=8)
+    native.set_enabled(False)
+    try:
+        torch_only = sample(logits, rows()).tokens
+    finally:
+        native.set_enabled(True)
+
+    def no_memory(*_: object) -> None:
+        raise MemoryError("sample_rows: no memory for a row's weights")
+
+    monkeypatch.setattr(native, "draw_rows", no_memory)
+    out = sample(logits, rows())
+    assert not out.errors and out.tokens == torch_only
