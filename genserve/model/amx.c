@@ -145,7 +145,9 @@ int amx_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, i
             for (int m = 0; m < padded; m += 32) {
                 int one = padded - m < 32, rows = M - m < 32 ? M - m : 32;
                 /* the next pair's weights into L2 while this one is summed, once */
-                const char *next = m == 0 && p + AHEAD_PAIRS < pairs ? (const char *)(b0 + 2 * AHEAD_PAIRS * block) : NULL;
+                const char *next = m == 0 && p + AHEAD_PAIRS < pairs
+                                       ? (const char *)(b0 + 2 * AHEAD_PAIRS * block)
+                                       : NULL;
                 tile_block(xs + (size_t)m * K, K, b0, b1, next, kblocks, one, single, out);
                 for (int i = 0; i < rows; i++)
                     put_row(y, y_bf16, (size_t)(m + i) * N + nb * 16, out + i * 32, cols);

@@ -62,6 +62,7 @@ _SIGNATURES = {
     "amx_init": [],
     "amx_linear_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
     "sample_rows": [_P, _L, _I, _I, _P, _P, _P, _P, _P, _I],
+    "nucleus_rows": [_P, _L, _I, _I, _P, _P, _P, _P, _I],
 }
 DTYPES = (torch.float32, torch.bfloat16)  # activations and dense weights it takes
 
@@ -249,36 +250,65 @@ class Amx:
 
 @dataclass(frozen=True, slots=True)
 class Draws:
-    """sample.c's results: a token per row, and whether it stands (False: the row is drawn
-    again by sampler.py, its nucleus found exactly, or reported there)."""
+    """sample.c's first draws: a token per row and its status: STANDS, OUTSIDE (a top_p draw
+    outside its nucleus: drawn again inside it with a second uniform, `redraw_rows`) or
+    CANNOT (no finite logit: sampler.py reports the row)."""
 
     tokens: torch.Tensor  # [rows] int64
-    sure: list[bool]
+    status: list[int]
+
+
+STANDS, OUTSIDE, CANNOT = 1, 0, -1
+
+
+def _sampling_args(
+    x: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = x.shape[0]
+    if library() is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
+        raise ValueError(f"sample_rows: x {tuple(x.shape)} {x.dtype} on {x.device}")
+    if x.stride(1) != 1:
+        raise ValueError("sample_rows: x's rows must be contiguous")
+    t, u, p = inv_temperature.float().contiguous(), u.double().contiguous(), top_p.double()
+    if not t.numel() == u.numel() == p.numel() == rows:
+        raise ValueError("sample_rows: one temperature, uniform and top_p per row")
+    return t, u, p.contiguous()
 
 
 def draw_rows(
     x: torch.Tensor, inv_temperature: torch.Tensor, u: torch.Tensor, top_p: torch.Tensor
 ) -> Draws:
     """Each row of float32 logits x [rows, V] drawn with its own uniform u (float64), after
-    temperature (inv_temperature float32 [rows]); top_p (float64 [rows], 1: none) only
-    decides which tokens stand."""
-    lib = library()
+    temperature (inv_temperature float32 [rows]); top_p (float64 [rows], 1: none) decides
+    which draws stand."""
+    t, u, p = _sampling_args(x, inv_temperature, u, top_p)
     rows, vocab = x.shape
-    if lib is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1:
-        raise ValueError(f"sample_rows: x {tuple(x.shape)} {x.dtype} on {x.device}")
-    t, u = inv_temperature.float().contiguous(), u.double().contiguous()
-    p = top_p.double().contiguous()
-    if not t.numel() == u.numel() == p.numel() == rows:
-        raise ValueError("sample_rows: one temperature, uniform and top_p per row")
     tokens = torch.empty(rows, dtype=torch.int32)
-    sure = torch.empty(rows, dtype=torch.int8)
-    rc = lib.sample_rows(
+    status = torch.empty(rows, dtype=torch.int8)
+    rc = library().sample_rows(
         x.data_ptr(), x.stride(0), rows, vocab, t.data_ptr(), u.data_ptr(), p.data_ptr(),
-        tokens.data_ptr(), sure.data_ptr(), torch.get_num_threads(),
+        tokens.data_ptr(), status.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc:
         raise MemoryError("sample_rows: no memory for a row's weights")
-    return Draws(tokens.long(), [bool(s) for s in sure.tolist()])
+    return Draws(tokens.long(), status.tolist())
+
+
+def redraw_rows(
+    x: torch.Tensor, inv_temperature: torch.Tensor, u2: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Rows whose first draw fell OUTSIDE their nucleus, drawn inside it with second uniforms
+    u2: [rows] int64 tokens (-1 where a row cannot draw)."""
+    t, u2, p = _sampling_args(x, inv_temperature, u2, top_p)
+    rows, vocab = x.shape
+    tokens = torch.empty(rows, dtype=torch.int32)
+    rc = library().nucleus_rows(
+        x.data_ptr(), x.stride(0), rows, vocab, t.data_ptr(), u2.data_ptr(), p.data_ptr(),
+        tokens.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc:
+        raise MemoryError("nucleus_rows: no memory for a row's weights")
+    return tokens.long()
 
 
 @functools.cache

@@ -9,10 +9,10 @@ torch.Generator (one per step; a top_p row whose first draw fell outside its nuc
 second). Every batched op works within a row, so a row's token depends only on its own
 logits and generator, never on the rows beside it (rule 4).
 
-On a CPU with genserve's native kernels built, the first draw of rows without top_k or min_p
-runs in C (sample.c: one row per thread, a few passes over its logits, no torch dispatch);
-the rows it cannot settle (a top_p draw not surely inside its nucleus) take the torch path
-below. A row takes the same path alone or batched: it depends on its own numbers only.
+On a CPU with genserve's native kernels built, rows without top_k or min_p draw in C
+(sample.c: one row per thread, a few passes over its logits, no torch dispatch; the same
+nucleus and the same two uniforms as below); the others take the torch path below. A row
+takes the same path alone or batched: it depends on its own numbers only.
 
 Device: every tensor a step builds lives on the logits' device (penalty counts, logit_bias and
 grammar masks arrive there from the worker); only the uniforms come from the rows' CPU
@@ -523,7 +523,7 @@ def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -
     if not which:
         return None
     uniforms = torch.tensor([u[i] for i in which], dtype=torch.float64, device=dev)
-    tokens, rest = _native_draws(x, [rows[i] for i in which], uniforms)
+    tokens, rest = _native_draws(x, rows, which, uniforms)
     if rest:  # in torch: rows sample.c does not take, and top_p rows it could not settle
         sub = x if len(rest) == len(which) else x[_index(rest, dev)]
         mine = [which[j] for j in rest]
@@ -532,31 +532,41 @@ def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -
 
 
 def _native_draws(
-    x: torch.Tensor, rows: list[SamplingRow], uniforms: torch.Tensor
+    x: torch.Tensor, rows: list[SamplingRow], which: list[int], uniforms: torch.Tensor
 ) -> tuple[torch.Tensor, list[int]]:
     """(tokens, the rows still to draw): sample.c's draws where it runs (CPU float32 logits;
-    rows with neither top_k nor min_p), each kept where it stands (see sample.c); -1 and left
-    to torch elsewhere. The same row takes the same path alone or batched: it depends only on
-    the row's own parameters, logits and uniform."""
-    tokens = torch.full((len(rows),), -1, dtype=torch.long, device=x.device)
+    rows with neither top_k nor min_p), a top_p draw outside its nucleus drawn again inside it
+    there with the row's second uniform; -1 and left to torch elsewhere (and for rows with no
+    finite logit, which torch reports). A row takes the same path alone or batched: it depends
+    only on its own parameters, logits and uniforms. `which`: the rows' indices in the step."""
+    tokens = torch.full((len(which),), -1, dtype=torch.long, device=x.device)
     vocab = x.shape[-1]
     takes = [
-        j for j, r in enumerate(rows) if not (r.params.top_k and r.params.top_k < vocab)
-        and r.params.min_p <= 0.0
+        j for j, i in enumerate(which)
+        if not (rows[i].params.top_k and rows[i].params.top_k < vocab)
+        and rows[i].params.min_p <= 0.0
     ]  # fmt: skip
+    everyone = list(range(len(which)))
     if not takes or x.device.type != "cpu" or x.dtype != torch.float32 or not native.library():
-        return tokens, list(range(len(rows)))
-    idx = _index(takes, x.device)
-    sub = x if len(takes) == len(rows) else x[idx]
-    t = torch.tensor([1.0 / rows[j].params.temperature for j in takes], dtype=torch.float32)
-    p = torch.tensor([rows[j].params.top_p for j in takes], dtype=torch.float64)
+        return tokens, everyone
+    sub = x if len(takes) == len(which) else x[_index(takes, x.device)]
+    sub = sub.contiguous()
+    t = torch.tensor([1.0 / rows[which[j]].params.temperature for j in takes])
+    p = torch.tensor([rows[which[j]].params.top_p for j in takes], dtype=torch.float64)
     try:
-        drawn = native.draw_rows(sub.contiguous(), t, uniforms[idx], p)
+        drawn = native.draw_rows(sub, t, uniforms[takes], p)
+        outside = [k for k, s in enumerate(drawn.status) if s == native.OUTSIDE]
+        if outside:
+            u2 = _Seconds(rows, x.device).of([which[takes[k]] for k in outside])
+            second = u2(list(range(len(outside))))
+            again = native.redraw_rows(sub[outside], t[outside], second, p[outside])
+            drawn.tokens[outside] = again
     except (MemoryError, ValueError):  # no memory for a row's weights: torch draws them all
-        return tokens, list(range(len(rows)))
-    tokens[idx] = drawn.tokens
-    settled = {j for j, ok in zip(takes, drawn.sure, strict=True) if ok}
-    return tokens, [j for j in range(len(rows)) if j not in settled]
+        return tokens, everyone
+    tokens[takes] = drawn.tokens
+    settled = {j for j, s, tok in zip(takes, drawn.status, drawn.tokens.tolist(), strict=True)
+               if s != native.CANNOT and tok >= 0}  # fmt: skip
+    return tokens, [j for j in everyone if j not in settled]
 
 
 def _torch_draws(
