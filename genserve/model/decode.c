@@ -37,6 +37,8 @@ int gemv_bf16(const void *x, int x_bf16, const uint16_t *w, void *y, int y_bf16,
               int K, int threads);
 int gemv_f32(const void *x, int x_bf16, const float *w, void *y, int y_bf16, int M, int N,
              int K, int threads);
+int amx_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, int M, int N,
+                    int K, int threads);
 int attend_lanes(const void *q, const void *k, const void *v, void *out, const int32_t *lanes,
                  const int32_t *lengths, int B, int heads, int kv_heads, int D, int64_t rows,
                  int64_t row0, int64_t lane_len, float scale, int bf16, int threads);
@@ -50,6 +52,8 @@ typedef struct { /* one linear: y = x W^T (* scales) (+ bias) */
     const float *scales; /* int8: one per output row; else NULL */
     const void *bias;    /* [n] in the activations' dtype, or NULL */
     int64_t format, n, k;
+    const uint16_t *tiles; /* the weight in bf16 packed for amx.c, or NULL */
+    int64_t tiles_from;    /* steps of at least this many rows multiply through the tiles */
 } Lin;
 
 typedef struct { /* one decoder layer's weights and cache (fixed while a runner lives) */
@@ -71,7 +75,9 @@ typedef struct { /* the model's shape and one step's rows */
 static int linear(const Lin *L, const void *x, void *y, const Step *s) {
     int n = (int)L->n, k = (int)L->k, t = (int)s->threads, M = (int)s->rows, rc;
     int bf16 = (int)s->bf16;
-    if (L->format == FORMAT_I8)
+    if (L->tiles != NULL && bf16 && M >= L->tiles_from) /* a batch: AMX tiles, as measured */
+        rc = amx_linear_bf16((const uint16_t *)x, L->tiles, y, 1, M, n, k, t);
+    else if (L->format == FORMAT_I8)
         rc = gemv_i8(x, bf16, (const int8_t *)L->w, L->scales, y, bf16, M, n, k, t);
     else if (L->format == FORMAT_BF16)
         rc = gemv_bf16(x, bf16, (const uint16_t *)L->w, y, bf16, M, n, k, t);

@@ -221,6 +221,10 @@ class Amx:
 
     __slots__ = ("bias", "n", "packed")
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.packed.shape[1] * 32
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         n, k = weight.shape
         if not amx_ready() or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
@@ -358,7 +362,10 @@ def attend_lanes(
 
 
 class _Lin(ctypes.Structure):
-    _fields_ = [("w", _P), ("scales", _P), ("bias", _P), ("format", _L), ("n", _L), ("k", _L)]
+    _fields_ = [
+        ("w", _P), ("scales", _P), ("bias", _P), ("format", _L), ("n", _L), ("k", _L),
+        ("tiles", _P), ("tiles_from", _L),
+    ]  # fmt: skip
 
 
 class _Layer(ctypes.Structure):
@@ -407,6 +414,9 @@ class DecodeLayer:
     down: Gemv
     k_cache: torch.Tensor  # [kv_heads, cache_rows, dim]
     v_cache: torch.Tensor
+    # Per linear (qkv, o, gate_up, down): amx.c's packed weight and the rows from which a
+    # step multiplies through it (where the policy measured it faster), or None: gemv always.
+    tiles: tuple[tuple[Amx, int] | None, ...] = (None, None, None, None)
 
 
 class DecodeStep:
@@ -619,10 +629,12 @@ def _check_stack(layers: Sequence[DecodeLayer], s: DecodeShape) -> int:
                "gate_up": (2 * s.inter, s.hidden), "down": (s.hidden, s.inter)}  # fmt: skip
     rows = layers[0].k_cache.shape[1] if layers else 0
     for layer in layers:
-        for name, shape in linears.items():
+        for (name, shape), tile in zip(linears.items(), layer.tiles, strict=True):
             g = getattr(layer, name)
             if tuple(g.weight.shape) != shape or (g.bias is not None and g.bias.dtype != s.dtype):
                 raise ValueError(f"decode_layers: {name} {tuple(g.weight.shape)}, not {shape}")
+            if tile is not None and (s.dtype != torch.bfloat16 or tile[0].shape != shape):
+                raise ValueError(f"decode_layers: {name}'s tiles are not its bf16 weight")
         for t in (layer.input_norm, layer.post_norm):
             if t.dtype != s.dtype or not t.is_contiguous() or t.device.type != "cpu":
                 raise ValueError("decode_layers: norms in the model's dtype, contiguous")
@@ -643,15 +655,17 @@ def _check_caches(s: DecodeShape, rows: int, *caches: torch.Tensor) -> None:
             raise ValueError(f"decode.c: cache {tuple(cache.shape)} {cache.dtype}")
 
 
-def _lin_struct(g: Gemv) -> _Lin:
+def _lin_struct(g: Gemv, tile: tuple[Amx, int] | None) -> _Lin:
     scales = g.scales.data_ptr() if g.scales is not None else None
     bias = g.bias.data_ptr() if g.bias is not None else None
     n, k = g.weight.shape
-    return _Lin(g.weight.data_ptr(), scales, bias, _FORMATS[g.weight.dtype], n, k)
+    tiles, start = (tile[0].packed.data_ptr(), tile[1]) if tile is not None else (None, 0)
+    return _Lin(g.weight.data_ptr(), scales, bias, _FORMATS[g.weight.dtype], n, k, tiles, start)
 
 
 def _layer_struct(layer: DecodeLayer) -> _Layer:
-    lins = (_lin_struct(g) for g in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    gemvs = (layer.qkv, layer.o, layer.gate_up, layer.down)
+    lins = (_lin_struct(g, t) for g, t in zip(gemvs, layer.tiles, strict=True))
     return _Layer(
         layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), *lins,
         layer.k_cache.data_ptr(), layer.v_cache.data_ptr(),

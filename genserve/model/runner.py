@@ -112,6 +112,7 @@ class Linear:
         self.by_bucket = tuple(built[k] for k in plan.choices)
         self.invariant = built[plan.invariant]
         self.gemv = built.get("gemv")  # what decode.c reads, where the policy built it
+        self.tiles = _tiles_from(plan, built.get("amx"))  # and for a batch, where it runs amx
         self.pad_single = plan.pad_single
         self.plan = plan
 
@@ -126,6 +127,21 @@ class Linear:
             # others): a lone row is padded to two, so it samples the same alone or batched.
             return self.invariant(x.repeat(2, 1))[:1]
         return self.invariant(x)
+
+
+BUCKET_FIRST_ROW = (1, 2, 9)  # the fewest rows of each decode bucket (see `bucket`)
+
+
+def _tiles_from(plan: ShapePlan, amx: Any) -> tuple[native.Amx, int] | None:  # noqa: ANN401
+    """amx.c's kernel and the fewest rows from which the policy runs it for every decode bucket
+    up to 9-64 (decode.c's stack then does too), or None."""
+    if not isinstance(amx, native.Amx):
+        return None
+    decode = plan.choices[:3]
+    for b in range(3):
+        if all(c == "amx" for c in decode[b:]):
+            return amx, BUCKET_FIRST_ROW[b]
+    return None
 
 
 def _default_plan(weight: torch.Tensor) -> ShapePlan:
@@ -334,15 +350,18 @@ class LlamaRunner:
 
     def _native_stack(self) -> native.DecodeStack | None:
         """decode.c's stack where every decoder linear has a gemv kernel (the policy chose it
-        for some row count): a step through it runs the small ops between the linears in C."""
+        for some row count): a step through it runs the small ops between the linears in C,
+        its linears on gemv, or on amx.c's tiles from the rows where the policy runs amx."""
         if not self._native_offered():
             return None
         layers = []
         for w, k, v in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            fns = [lin.gemv for lin in (w.qkv, w.o, w.gate_up, w.down)]
+            lins = (w.qkv, w.o, w.gate_up, w.down)
+            fns = [lin.gemv for lin in lins]
             if any(fn is None for fn in fns):
                 return None
-            layers.append(native.DecodeLayer(w.input_norm, w.post_norm, *fns, k, v))
+            tiles = tuple(lin.tiles for lin in lins)
+            layers.append(native.DecodeLayer(w.input_norm, w.post_norm, *fns, k, v, tiles))
         try:
             return native.DecodeStack(layers, self.native_shape)
         except ValueError as e:
@@ -360,9 +379,13 @@ class LlamaRunner:
             paths["glue"] = self._through_glue
         kept: dict[int, NativePath] = {}
         length = min(128, self.lane_len)
+        batches = self.native_stack is not None and all(
+            lin.tiles is not None and lin.tiles[1] <= BUCKET_FIRST_ROW[2]
+            for w in self.layers for lin in (w.qkv, w.o, w.gate_up, w.down)
+        )  # fmt: skip
         for b, rows in ((0, 1), (1, min(4, self.num_slots)), (2, min(32, self.num_slots))):
-            # 9-64 rows: glue only (gemv's linears are slow there: the stack is not timed)
-            offered = {k: v for k, v in paths.items() if b < 2 or k == "glue"}
+            # 9-64 rows: the stack only where its linears run amx there (gemv's are slow)
+            offered = {k: v for k, v in paths.items() if b < 2 or k == "glue" or batches}
             if not offered or bucket(rows) != b or length < 2:
                 continue
             tried: dict[str, NativePath | None] = {"eager": None, **offered}
@@ -487,8 +510,9 @@ class LlamaRunner:
         return self.lm_head(path(rows, x)).float()
 
     def _through_stack(self, rows: native.DecodeStep, x: torch.Tensor) -> torch.Tensor:
-        """Every layer in one C call (gemv's linears), then the final norm, also decode.c's
-        (torch's rms_norm: 0.09 ms a step at one row under cProfile, 1.5% of an int8 step)."""
+        """Every layer in one C call (gemv's linears, amx's for a batch), then the final norm,
+        also decode.c's (torch's rms_norm: 0.09 ms a step at one row under cProfile, 1.5% of
+        an int8 step)."""
         self.native_stack(rows, x)  # the glue exists wherever the stack does (the same checks)
         h = torch.empty_like(x)
         self.native_glue.norm(rows, x, self.final_norm, h)

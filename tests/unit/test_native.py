@@ -199,11 +199,13 @@ class CountingPath:
         return self.path(rows, x)
 
 
-def native_and_eager(model, dtype: torch.dtype, quantization: str, path: str = "stack"):  # noqa: ANN001, ANN201
-    """Two runners on one model and policy (gemv everywhere): one sends every free decode
-    through decode.c's `path` (every layer in C, or torch's linears with C between them), the
-    other none."""
-    policy = fixed_policy(model, dtype, quantization, "gemv")
+def native_and_eager(
+    model, dtype: torch.dtype, quantization: str, path: str = "stack", policy=None
+):  # noqa: ANN001, ANN201
+    """Two runners on one model and policy (gemv everywhere unless given): one sends every free
+    decode through decode.c's `path` (every layer in C, or torch's linears with C between
+    them), the other none."""
+    policy = policy or fixed_policy(model, dtype, quantization, "gemv")
     fast = LlamaRunner(model, 4, 64, batch_invariant=False, policy=policy)
     eager = LlamaRunner(model, 4, 64, batch_invariant=False, policy=policy)
     assert fast.native_stack is not None and fast.native_glue is not None
@@ -234,7 +236,35 @@ def test_native_decode_computes_the_eager_paths_logits(
     torch.manual_seed(0)
     cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256, attention_bias=bias)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(dtype)
-    fast, eager, counting = native_and_eager(model, dtype, quantization, path)
+    check_native_decode(*native_and_eager(model, dtype, quantization, path), tol)
+
+
+@pytest.mark.skipif(not native.amx_ready(), reason="no AMX tiles on this CPU")
+@pytest.mark.parametrize(("quantization", "bias"), [("none", True), ("int8", False)])
+def test_the_stack_multiplies_a_batch_through_amx_tiles_as_the_eager_path(
+    quantization, bias
+) -> None:
+    """With amx chosen from two rows up (gemv for one), decode.c's stack runs a lone decode on
+    gemv and three decodes on amx.c's tiles: both close to the eager path on the same policy."""
+    torch.manual_seed(0)
+    cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256, attention_bias=bias)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(torch.bfloat16)
+    policy = fixed_policy(model, torch.bfloat16, quantization, "gemv")
+    plans = tuple(
+        replace(p, choices=("gemv", "amx", "amx", "amx")) if p.out_features % 16 == 0 else p
+        for p in policy.plans
+    )  # the 300-token LM head is not whole tiles: gemv
+    fast, eager, counting = native_and_eager(
+        model, torch.bfloat16, quantization, policy=replace(policy, plans=plans)
+    )
+    layer = fast.layers[0]
+    assert [lin.tiles[1] for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] == [2] * 4
+    check_native_decode(fast, eager, counting, 0.05)
+
+
+def check_native_decode(fast, eager, counting, tol: float) -> None:  # noqa: ANN001
+    """Prompts in three slots, then six decode steps (one row, three, three, ...) through both
+    runners, the fifth eager in `fast` too: every step's logits close."""
     g = torch.Generator().manual_seed(3)
     prompts = {slot: torch.randint(0, 300, (n,), generator=g).tolist() for slot, n in
                ((0, 5), (2, 11), (3, 1))}  # fmt: skip
