@@ -162,18 +162,25 @@ def test_a_seeded_sequence_is_bitwise_the_same_alone_or_batched_on_gemv(dtype) -
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lane_attention_matches_sdpa_over_each_lanes_own_length(dtype) -> None:
-    """Rows in lanes 0, 3 and 1 of a cache [kv, lanes * lane_len, D], each attending its own
-    number of positions, against SDPA on those positions; 9 query heads over 3 KV heads."""
+@pytest.mark.parametrize(
+    ("kv", "heads", "dim"),
+    [(3, 9, 64), (2, 4, 128), (1, 12, 32)],  # the last: no fixed copy (group 12, 32 dims)
+)
+def test_lane_attention_matches_sdpa_over_each_lanes_own_length(dtype, kv, heads, dim) -> None:
+    """Rows in lanes of a cache [kv, lanes * lane_len, D], each attending its own number of
+    positions, against SDPA on those positions. 40 rows, many shorter than the threads'
+    read-ahead (attend.c's AHEAD), so it runs across tasks; lane 0, 3, 1 first as before."""
     g = torch.Generator().manual_seed(6)
-    kv, heads, dim, lane = 3, 9, 64, 40
-    keys = torch.randn(kv, 4 * lane + 8, dim, generator=g).to(dtype)
-    values = torch.randn(kv, 4 * lane + 8, dim, generator=g).to(dtype)
-    q = torch.randn(3, heads, dim, generator=g).to(dtype)
-    lanes = torch.tensor([0, 3, 1], dtype=torch.int32)
+    lane, rows = 40, 40
+    keys = torch.randn(kv, rows * lane + 8, dim, generator=g).to(dtype)
+    values = torch.randn(kv, rows * lane + 8, dim, generator=g).to(dtype)
+    q = torch.randn(rows, heads, dim, generator=g).to(dtype)
+    rest = [i for i in range(rows) if i not in (0, 3, 1)]
+    lanes = torch.tensor([0, 3, 1, *rest], dtype=torch.int32)
     lengths = torch.tensor([1, 40, 17], dtype=torch.int32)
+    lengths = torch.cat([lengths, torch.randint(1, lane + 1, (rows - 3,), generator=g)]).int()
     out = native.attend_lanes(q, keys, values, lanes, lengths, 8, lane)  # lanes from row 8
-    for j in range(3):
+    for j in range(rows):
         lo = 8 + int(lanes[j]) * lane
         k = keys[:, lo : lo + int(lengths[j])].float()
         v = values[:, lo : lo + int(lengths[j])].float()
@@ -186,6 +193,22 @@ def test_lane_attention_matches_sdpa_over_each_lanes_own_length(dtype) -> None:
         native.attend_lanes(q, keys, values, lanes + 1, lengths, 8, lane)
     with pytest.raises(ValueError, match="int32"):
         native.attend_lanes(q, keys, values, lanes.long(), lengths, 8, lane)
+
+
+def test_lane_attention_is_the_same_bits_for_a_row_alone_or_among_others() -> None:
+    """A task's result does not depend on which thread ran it or what it read ahead."""
+    g = torch.Generator().manual_seed(7)
+    kv, heads, dim, lane, rows = 3, 9, 64, 64, 24
+    keys = torch.randn(kv, rows * lane, dim, generator=g).bfloat16()
+    values = torch.randn(kv, rows * lane, dim, generator=g).bfloat16()
+    q = torch.randn(rows, heads, dim, generator=g).bfloat16()
+    lanes = torch.arange(rows, dtype=torch.int32)
+    lengths = torch.randint(1, lane + 1, (rows,), generator=g).int()
+    together = native.attend_lanes(q, keys, values, lanes, lengths, 0, lane)
+    for j in (0, 5, rows - 1):
+        alone = native.attend_lanes(q[j : j + 1], keys, values, lanes[j : j + 1],
+                                    lengths[j : j + 1], 0, lane)  # fmt: skip
+        assert torch.equal(alone[0], together[j])
 
 
 class CountingPath:
