@@ -107,14 +107,29 @@ static void from_f32(void *p, int bf16, size_t at, size_t n, const float *in) {
         return;
     }
     uint16_t *h = (uint16_t *)p + at;
+    size_t i = 0;
+#ifdef __AVX512BF16__
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(h + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(in + i)));
+#endif
 #pragma omp simd
-    for (size_t i = 0; i < n; i++) h[i] = f32_to_bf16(in[i]);
+    for (size_t t = i; t < n; t++) h[t] = f32_to_bf16(in[t]);
 }
 
+/* Where the CPU has AVX512-BF16, its conversion rounds to nearest even as f32_to_bf16 does
+ * (one instruction against about eight); it reads a subnormal float32 as zero, which only
+ * values below 1e-38 meet. 512 prompt rows' residual and norm: 140 -> 103 us. */
 static void round_all(float *v, size_t n, int bf16) {
     if (!bf16) return;
+    size_t i = 0;
+#ifdef __AVX512BF16__
+    for (; i + 16 <= n; i += 16) {
+        __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v + i));
+        _mm512_storeu_ps(v + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+#endif
 #pragma omp simd
-    for (size_t i = 0; i < n; i++) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
+    for (size_t t = i; t < n; t++) v[t] = bf16_to_f32(f32_to_bf16(v[t]));
 }
 
 /* Threads for a row-wise stage: one where the rows are too few to pay for waking the
@@ -223,7 +238,10 @@ static void silu(float *g, size_t n) {
     for (; i + 16 <= n; i += 16) {
         __m512 v = _mm512_loadu_ps(g + i);
         __m512 e = exp16(_mm512_sub_ps(zero, _mm512_abs_ps(v)));
-        __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, e));
+        /* 1 / (1 + e) from the 14-bit reciprocal and one Newton step (about 1 ulp): the
+         * division was the stage's bottleneck, one a cycle per element */
+        __m512 den = _mm512_add_ps(one, e), r = _mm512_rcp14_ps(den);
+        r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, _mm512_set1_ps(2.f)));
         __mmask16 pos = _mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ);
         _mm512_storeu_ps(g + i, _mm512_mul_ps(v, _mm512_mask_blend_ps(pos, _mm512_mul_ps(e, r), r)));
     }
