@@ -48,7 +48,8 @@ HEADERS = tuple(Path(__file__).with_name(f) for f in ("bf16.h", "vexp.h"))
 # 512-bit vectors where the compiler vectorises plain loops itself (gcc prefers 256 for
 # -march=native on Xeons): decode.c's 512 prompt rows' residual+norm 170 -> 140 us, SiLU
 # 339 -> 262 us (2-core AMX Xeon). Loops written with intrinsics are unaffected.
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-shared", "-fPIC")
+_WIDE = ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()
+FLAGS = ("-O3", "-march=native", *_WIDE, "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
