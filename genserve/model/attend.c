@@ -172,6 +172,42 @@ static inline __attribute__((always_inline)) void scores_avx512(
     }
 }
 
+#ifdef __AVX512BF16__
+/* scores_avx512 for bf16 caches, on AVX512-BF16's pair dot products: the query heads and
+ * keys as stored (no widening), each pair's products exact in float32, summed into float32;
+ * the scale applied to each sum. The same 30 layers x 32 lanes x ~200 positions: 5.5 -> 5.0
+ * ms in cache, 8.4 -> 8.1 ms from memory. */
+static inline __attribute__((always_inline)) void scores_dpbf16(
+    const uint16_t *q, const uint16_t *k, size_t cache0, int len, int group, int D,
+    float scale, float *s, Ahead *ahead) {
+    __m512bh qv[MAX_GROUP][MAX_DIM / 32];
+    for (int i = 0; i < group; i++)
+        for (int c = 0; c < D / 32; c++)
+            qv[i][c] = (__m512bh)_mm512_loadu_si512(q + (size_t)i * D + 32 * c);
+    __m512 part[MAX_GROUP][16], vscale = _mm512_set1_ps(scale);
+    for (int t0 = 0; t0 < len; t0 += 16) {
+        int n = len - t0 < 16 ? len - t0 : 16;
+        for (int t = 0; t < 16; t++) {
+            __m512 a[MAX_GROUP];
+            for (int i = 0; i < group; i++) a[i] = _mm512_setzero_ps();
+            if (t < n) { /* past the last key: zeros, summed and not stored */
+                const uint16_t *row = k + (cache0 + t0 + t) * D;
+                ahead_step(ahead);
+                for (int c = 0; c < D / 32; c++) {
+                    __m512bh kv = (__m512bh)_mm512_loadu_si512(row + 32 * c);
+                    for (int i = 0; i < group; i++) a[i] = _mm512_dpbf16_ps(a[i], qv[i][c], kv);
+                }
+            }
+            for (int i = 0; i < group; i++) part[i][t] = a[i];
+        }
+        __mmask16 keep = (__mmask16)((1u << n) - 1);
+        for (int i = 0; i < group; i++)
+            _mm512_mask_storeu_ps(s + (size_t)i * len + t0, keep,
+                                  _mm512_mul_ps(sum16x16(part[i]), vscale));
+    }
+}
+#endif
+
 /* acc[i] = sum over t of p_i(t) * value_t; each value row loaded once, the group's sums
  * kept in registers where they fit (D = 64: 4 vectors a head). */
 static inline __attribute__((always_inline)) void values_avx512(
@@ -240,6 +276,12 @@ static inline __attribute__((always_inline)) int attend_body(
     size_t qbase = ((size_t)j * heads + (size_t)h * group) * D;
     for (int i = 0; i < group; i++)
         for (int d = 0; d < D; d++) qf[i][d] = elem_get(q, bf16, qbase + (size_t)i * D + d) * scale;
+#ifdef __AVX512BF16__
+    if (bf16 && D % 32 == 0) {
+        scores_dpbf16((const uint16_t *)q + qbase, (const uint16_t *)k, cache0, len, group, D,
+                      scale, s, ahead);
+    } else
+#endif
 #ifdef ATTEND_AVX512
     if (D % 16 == 0) {
         scores_avx512(qf, k, bf16, cache0, len, group, D, s, ahead);
