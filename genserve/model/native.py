@@ -177,8 +177,9 @@ class Gemv:
         self.bias = None if bias is None else bias.contiguous()
         _check_weight(self.weight, self.scales)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = _multiply(x, self.weight, self.scales)
+    def __call__(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        """y in x's dtype, or float32 sums as they are (`float_out`: a model's logits)."""
+        y = _multiply(x, self.weight, self.scales, float_out)
         return y if self.bias is None else y.add_(self.bias)
 
 
@@ -189,20 +190,23 @@ def _check_weight(weight: torch.Tensor, scales: torch.Tensor | None) -> None:
         raise ValueError("int8 weights need one scale per output row")
 
 
-def _multiply(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+def _multiply(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, float_out: bool = False
+) -> torch.Tensor:
     """The C call, on a weight (and float32 scales) already checked and contiguous."""
     lib = library()
     n, k = weight.shape
     if x.dtype not in DTYPES or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
         raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} against weight [{n}, {k}]")
     x = x.contiguous()
-    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32 if float_out else x.dtype)
     bf16 = int(x.dtype == torch.bfloat16)
     if weight.dtype == torch.int8:
         fn, extra = lib.gemv_i8, (scales.data_ptr(),)
     else:
         fn, extra = (lib.gemv_bf16 if weight.dtype == torch.bfloat16 else lib.gemv_f32), ()
-    args = (x.data_ptr(), bf16, weight.data_ptr(), *extra, y.data_ptr(), bf16)
+    y_bf16 = int(y.dtype == torch.bfloat16)
+    args = (x.data_ptr(), bf16, weight.data_ptr(), *extra, y.data_ptr(), y_bf16)
     if fn(*args, x.shape[0], n, k, torch.get_num_threads()):
         raise MemoryError("gemv: no memory for the activations' float32 copy")
     return y
@@ -241,15 +245,16 @@ class Amx:
         self.n = n
         self.bias = None if bias is None else bias.contiguous()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        """y in bf16, or float32 sums as they are (`float_out`: a model's logits)."""
         k = self.packed.shape[1] * 32
         if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
             raise ValueError(f"amx: x {tuple(x.shape)} {x.dtype} against weight [{self.n}, {k}]")
         x = x.contiguous()
-        y = torch.empty(x.shape[0], self.n, dtype=torch.bfloat16)
+        y = torch.empty(x.shape[0], self.n, dtype=torch.float32 if float_out else torch.bfloat16)
         rc = library().amx_linear_bf16(
-            x.data_ptr(), self.packed.data_ptr(), y.data_ptr(), 1, x.shape[0], self.n, k,
-            torch.get_num_threads(),
+            x.data_ptr(), self.packed.data_ptr(), y.data_ptr(), int(not float_out), x.shape[0],
+            self.n, k, torch.get_num_threads(),
         )  # fmt: skip
         if rc:
             raise MemoryError("amx: no memory for the rows' padded copy")

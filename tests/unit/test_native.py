@@ -18,8 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from genserve.cli import SERVE_OPTIONS, build_config
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model import kernels, native
-from genserve.model.hardware import row_invariance
-from genserve.model.runner import LlamaRunner
+from genserve.model.hardware import ShapePlan, row_invariance
+from genserve.model.runner import Linear, LlamaRunner
 from tests.tiny_model import SMALL_LLAMA
 from tests.unit.test_hardware import fixed_policy, seeded_logits, tiny_llama
 
@@ -556,3 +556,25 @@ def test_onednns_isa_cap_hides_the_amx_kernel_too() -> None:
     )  # fmt: skip
     ready, names = done.stdout.strip().split(" ", 1)
     assert ready == "False" and "amx" not in names and "gemv" in names
+
+
+@pytest.mark.parametrize("kind", ["gemv", "amx", "linear"])
+def test_logits_are_float32_sums_not_rounded_to_the_models_dtype(kind) -> None:
+    """A bf16 model's logits from genserve's own kernels are their float32 sums as they are:
+    against a float64 reference they are far closer than the same sums rounded to bf16 (the
+    cast path, which torch's kernels keep)."""
+    if kind == "amx" and not native.amx_ready():
+        pytest.skip("no AMX here")
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 64, generator=g).bfloat16()
+    x = torch.randn(5, 64, generator=g).bfloat16()
+    head = Linear(w, None, 4, ShapePlan(256, 64, (kind,) * 4, kind, False))
+    want = x.double() @ w.double().T
+    for invariant in (False, True):
+        got = head.logits(x, invariant)
+        assert got.dtype == torch.float32
+        err = (got.double() - want).abs().max().item()
+        if kind == "linear":  # torch's bf16 output, cast: a bf16 rounding's error
+            assert err > 1e-3
+        else:
+            assert err < 1e-4
