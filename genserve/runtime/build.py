@@ -138,6 +138,27 @@ def served_model(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _RustDecoder:
+    """The fast tokenizer's own decode, without transformers' wrapper around it (argument
+    conversions, then a clean-up pass this tokenizer does not ask for): the detokenizer
+    decodes twice a token, and at 32 streams the wrapper was 0.4 ms of a 21 ms step."""
+
+    backend: Any
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def token_decoder(tokenizer: Any) -> Any:  # noqa: ANN401 - a transformers tokenizer
+    """What the engine decodes tokens with: the Rust tokenizer where transformers' decode adds
+    nothing to it (a fast tokenizer with no clean-up of spaces), else the tokenizer itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return tokenizer
+    return _RustDecoder(backend)
+
+
 def build_engine(cfg: ServerConfig) -> EngineParts:
     """The model loaded, its worker and engine built, on the thread that will step it (see
     genserve.engine.thread for why). Runs in whichever process will run the engine."""
@@ -168,7 +189,7 @@ def build_engine(cfg: ServerConfig) -> EngineParts:
     _log_cache(loaded, runner, kv, max_len)
     core = EngineCore(
         worker,
-        loaded.tokenizer,
+        token_decoder(loaded.tokenizer),
         num_slots=runner.num_slots,
         token_budget=cfg.engine.max_num_batched_tokens,
         publish=lambda _: None,  # replaced by AsyncEngine.start (or the engine process)

@@ -1,8 +1,11 @@
+import random
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from genserve.engine.detokenizer import IncrementalDetokenizer
+from genserve.runtime.build import token_decoder
 from tests.tiny_model import build_tokenizer
 
 
@@ -57,3 +60,30 @@ def test_unfinished_character_is_flushed_as_replacement(tok) -> None:
     d = IncrementalDetokenizer(tok, [], ())
     text = "".join(d.push(t).text for t in ids[:-1]) + d.flush()
     assert text == tok.decode(ids[:-1])
+
+
+def test_the_engines_decoder_gives_the_tokenizers_text(tok) -> None:
+    """token_decoder skips transformers' wrapper only where it adds nothing: on the bundled
+    starter's tokenizer and the tests' own, its text equals tokenizer.decode's for random ids
+    (special ones included, skipped or not) and streamed; a tokenizer that cleans up spaces
+    keeps its own."""
+    starter = AutoTokenizer.from_pretrained(
+        Path(__file__).parents[2] / "genserve" / "bundled" / "genserve-starter"
+    )
+    rng = random.Random(0)
+    for t in (tok, starter):
+        if t.clean_up_tokenization_spaces:
+            assert token_decoder(t) is t
+            continue
+        dec = token_decoder(t)
+        assert dec is not t
+        for _ in range(500):
+            ids = [rng.randrange(len(t)) for _ in range(rng.randrange(1, 8))]
+            for skip in (True, False):
+                assert dec.decode(ids, skip) == t.decode(ids, skip_special_tokens=skip), ids
+        text = "naïve café ✓ 日本語"
+        d = IncrementalDetokenizer(dec, [], ())
+        pieces = [d.push(i).text for i in t.encode(text)] + [d.flush()]
+        assert "".join(pieces) == t.decode(t.encode(text))
+    starter.clean_up_tokenization_spaces = True
+    assert token_decoder(starter) is starter
