@@ -65,21 +65,34 @@ static void configure(void) {
 /* Rows [m, m + 32) (or 16 when `one`) of x against column blocks b and b + 1 (or b alone when
  * `single`), into out[32][32] float32. */
 #define KBLOCK_BYTES 1024
-/* The next pair's weights are prefetched into L2 while this pair is summed: 30 layers'
- * linears at 32 rows took 7.4 ms so against 8.0 without (one or two pairs ahead alike; four
- * ahead 7.9, into L1 8.8; 2-core AMX Xeon VM). */
-#define AHEAD_PAIRS 1
+/* Into L2, AHEAD_K tiles ahead of the ones being summed in each of the pair's two streams,
+ * running on into the next pair's first tiles, the first time a pair is read: 30 layers'
+ * linears at 32 rows from memory took 9.7 ms so (2, 4 or 8 ahead alike), 10.6 with the next
+ * pair's whole 36 KB fetched a pair ahead (2-core AMX Xeon VM). */
+#define AHEAD_K 4
+static inline void prefetch_tile(const uint16_t *t) {
+    for (int l = 0; l < KBLOCK_BYTES; l += 64) _mm_prefetch((const char *)t + l, _MM_HINT_T1);
+}
 static void tile_block(const uint16_t *x, size_t ldx, const uint16_t *b0, const uint16_t *b1,
-                       const char *next, int kblocks, int one, int single, float *out) {
+                       const char *next, int fetch, int kblocks, int one, int single,
+                       float *out) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int kb = 0; kb < kblocks; kb++) {
         const uint16_t *xa = x + (size_t)kb * 32;
-        if (next != NULL)
-            for (int l = 0; l < 2 * KBLOCK_BYTES; l += 64)
-                _mm_prefetch(next + (size_t)kb * 2 * KBLOCK_BYTES + l, _MM_HINT_T1);
+        if (fetch) {
+            int ahead = kb + AHEAD_K;
+            const uint16_t *n0 = (const uint16_t *)next, *n1 = n0 + (size_t)kblocks * 512;
+            if (ahead < kblocks) {
+                prefetch_tile(b0 + (size_t)ahead * 512);
+                if (!single) prefetch_tile(b1 + (size_t)ahead * 512);
+            } else if (next != NULL) {
+                prefetch_tile(n0 + (size_t)(ahead - kblocks) * 512);
+                prefetch_tile(n1 + (size_t)(ahead - kblocks) * 512);
+            }
+        }
         _tile_loadd(4, xa, ldx * 2);
         _tile_loadd(6, b0 + (size_t)kb * 512, 64);
         _tile_dpbf16ps(0, 4, 6);
@@ -144,11 +157,9 @@ int amx_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, i
             const uint16_t *b0 = w + (size_t)nb * block, *b1 = b0 + block;
             for (int m = 0; m < padded; m += 32) {
                 int one = padded - m < 32, rows = M - m < 32 ? M - m : 32;
-                /* the next pair's weights into L2 while this one is summed, once */
-                const char *next = m == 0 && p + AHEAD_PAIRS < pairs
-                                       ? (const char *)(b0 + 2 * AHEAD_PAIRS * block)
-                                       : NULL;
-                tile_block(xs + (size_t)m * K, K, b0, b1, next, kblocks, one, single, out);
+                const char *next = p + 1 < pairs ? (const char *)(b0 + 2 * block) : NULL;
+                tile_block(xs + (size_t)m * K, K, b0, b1, next, m == 0, kblocks, one, single,
+                           out);
                 for (int i = 0; i < rows; i++)
                     put_row(y, y_bf16, (size_t)(m + i) * N + nb * 16, out + i * 32, cols);
             }
