@@ -65,6 +65,7 @@ _SIGNATURES = {
     "gemv_f32": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
     "amx_init": [],
     "amx_linear_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
+    "amx_attend_causal": [_P, _L, _P, _P, _L, _P, _L, _I, _I, _I, _I, _I, _F, _I],
     "sample_rows": [_P, _L, _I, _I, _P, _P, _P, _P, _P, _I],
     "nucleus_rows": [_P, _L, _I, _I, _P, _P, _P, _P, _I],
 }
@@ -259,6 +260,32 @@ class Amx:
         if rc:
             raise MemoryError("amx: no memory for the rows' padded copy")
         return y if self.bias is None else y.add_(self.bias)
+
+
+AMX_ATTEND_MAX_DIM = 128  # amx.c's PA_MAX_DIM
+
+
+def amx_attend_causal(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
+) -> torch.Tensor:
+    """A prompt chunk's causal attention on AMX tiles (amx.c): q [n, heads, D] bf16, the rows
+    at positions start .. start + n - 1; keys/values [kv_heads, start + n, D] bf16, each head's
+    rows contiguous (a view of a layer's cache is fine). Row i sees positions 0 .. start + i."""
+    n, heads, dim = q.shape
+    kv, end, _ = keys.shape
+    ok = q.dtype == keys.dtype == values.dtype == torch.bfloat16 and end == start + n
+    same = keys.stride() == values.stride() and keys.stride()[1:] == (dim, 1)
+    if not (amx_ready() and ok and same and tuple(values.shape) == tuple(keys.shape)):
+        raise ValueError(f"amx attention: q {tuple(q.shape)} against keys {tuple(keys.shape)}")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    rc = library().amx_attend_causal(
+        q.data_ptr(), heads * dim, keys.data_ptr(), values.data_ptr(), keys.stride(0),
+        out.data_ptr(), heads * dim, n, start, heads, kv, dim, dim**-0.5, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc:
+        raise (MemoryError if rc == -1 else ValueError)(f"amx attention failed ({rc})")
+    return out
 
 
 @dataclass(frozen=True, slots=True)

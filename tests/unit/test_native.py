@@ -578,3 +578,71 @@ def test_logits_are_float32_sums_not_rounded_to_the_models_dtype(kind) -> None:
             assert err > 1e-3
         else:
             assert err < 1e-4
+
+
+needs_amx = pytest.mark.skipif(not native.amx_ready(), reason="no AMX here")
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    ("kv", "heads", "dim", "start", "n"),
+    [
+        (3, 9, 64, 0, 200),
+        (3, 9, 64, 100, 37),
+        (2, 4, 128, 0, 70),
+        (1, 2, 32, 5, 16),
+        (3, 9, 64, 0, 1),
+    ],
+)
+def test_prompt_attention_on_tiles_matches_sdpa(kv, heads, dim, start, n) -> None:
+    """amx.c's causal attention of a prompt chunk at positions start .. start + n - 1 over a
+    view of a cache (rows from an offset), against float32 SDPA under the runner's causal
+    mask: no further from it than bf16 SDPA itself (partial row blocks, groups, 32-128 dims)."""
+    g = torch.Generator().manual_seed(8)
+    rows = start + n + 9
+    kc = torch.randn(kv, rows, dim, generator=g).bfloat16()
+    vc = torch.randn(kv, rows, dim, generator=g).bfloat16()
+    q = torch.randn(n, heads, dim, generator=g).bfloat16()
+    keys, values = kc[:, 3 : 3 + start + n], vc[:, 3 : 3 + start + n]
+    out = native.amx_attend_causal(q, keys, values, start)
+    mask = torch.ones(n, start + n, dtype=torch.bool).tril(start)
+    qt = q.transpose(0, 1)[None]
+    want = F.scaled_dot_product_attention(
+        qt.float(), keys[None].float(), values[None].float(), attn_mask=mask, enable_gqa=True
+    )[0].transpose(0, 1)
+    bf16 = F.scaled_dot_product_attention(
+        qt, keys[None], values[None], attn_mask=mask, enable_gqa=True
+    )[0].transpose(0, 1)
+    err = (out.float() - want).abs().max().item()
+    assert err <= max(2 * (bf16.float() - want).abs().max().item(), 2**-8)
+    with pytest.raises(ValueError, match="amx attention"):  # keys for another length
+        native.amx_attend_causal(q, keys, values, start + 1)
+    with pytest.raises(ValueError, match="amx attention"):
+        native.amx_attend_causal(q.float(), keys, values, start)
+
+
+@needs_amx
+def test_a_bf16_runner_with_tiled_prompt_attention_gives_sdpas_logits() -> None:
+    """The runner's prompt chunks through amx.c's attention (as chosen where it measures
+    faster) give the logits SDPA gives, to bf16's precision, over a prompt and its decodes."""
+    cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256, num_attention_heads=4)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(torch.bfloat16)  # head_dim 32
+    ids = [int(i) for i in torch.randint(3, 300, (40,), generator=torch.Generator().manual_seed(1))]
+
+    def logits(kind: str) -> torch.Tensor:
+        runner = LlamaRunner(model, 2, 128, batch_invariant=False)
+        runner.prompt_attention = kind
+        every_row = SamplingParams(prompt_logprobs=0)
+        first = runner.execute(
+            StepInput((ChunkInput("a", 0, tuple(ids[:24]), 0, False, every_row, 0),))
+        )
+        rest = runner.execute(
+            StepInput((ChunkInput("a", 0, tuple(ids[24:]), 24, True, every_row, 0),))
+        )
+        return torch.cat([first, rest])
+
+    tiles, sdpa = logits("amx"), logits("sdpa")
+    assert tiles.shape == sdpa.shape == (40, 300)
+    torch.testing.assert_close(tiles, sdpa, atol=0.05, rtol=0.05)
+    assert not torch.equal(tiles, sdpa)  # the tiles' path did run
