@@ -1,5 +1,6 @@
-/* genserve's AMX linear kernel: y = x W^T in bf16 for the 9-64 rows of a batched decode step
- * (and a prefill chunk), on CPUs with AMX tiles.
+/* genserve's AMX kernels, on CPUs with AMX tiles: the linear y = x W^T in bf16 for the 9-64
+ * rows of a batched decode step (and a prefill chunk), and, further down, a prompt chunk's
+ * causal attention (amx_attend_causal).
  *
  * Why it exists: at 32 rows a decode step's linears are still a pass over every weight, and
  * should run at the memory's read bandwidth; the multiply is cheap on AMX. oneDNN's
