@@ -87,13 +87,13 @@ static void tile_block(const uint16_t *x, size_t ldx, const uint16_t *b0, const 
         const uint16_t *xa = x + (size_t)kb * 32;
         if (fetch) {
             int ahead = kb + AHEAD_K;
-            const uint16_t *n0 = (const uint16_t *)next, *n1 = n0 + (size_t)kblocks * 512;
             if (ahead < kblocks) {
                 prefetch_tile(b0 + (size_t)ahead * 512);
                 if (!single) prefetch_tile(b1 + (size_t)ahead * 512);
-            } else if (next != NULL) {
-                prefetch_tile(n0 + (size_t)(ahead - kblocks) * 512);
-                prefetch_tile(n1 + (size_t)(ahead - kblocks) * 512);
+            } else if (next != NULL) { /* the next pair's two blocks, one after the other */
+                const uint16_t *n0 = (const uint16_t *)next + (size_t)(ahead - kblocks) * 512;
+                prefetch_tile(n0);
+                prefetch_tile(n0 + (size_t)kblocks * 512);
             }
         }
         _tile_loadd(4, xa, ldx * 2);

@@ -100,9 +100,9 @@ static int ahead_next(Ahead *a) {
         a->ring[a->tail++ % RING] = task;
     }
     int task = a->ring[a->head++ % RING];
-    if (a->base == NULL) {
+    if (a->base == NULL) { /* at rest: the cursor stays so unless it finds a task */
         if (a->at < a->head) a->at = a->head;
-        if (!ahead_enter(a)) a->base = NULL;
+        ahead_enter(a);
     }
     return task;
 }
@@ -145,11 +145,24 @@ static inline __m512 sum16x16(const __m512 v[16]) {
 }
 
 /* s[i * len + t] = q_i . key_t for the group's query heads; each key loaded once, its
- * group's partial sums kept, and summed 16 keys at a time (sum16x16). */
+ * group's partial sums kept, and summed 16 keys at a time (sum16x16). With `dp` (bf16 caches
+ * where the CPU has AVX512-BF16; a constant at each call, so each is its own loop) the keys
+ * and the query heads qb are multiplied as stored by pair dot products, each pair's products
+ * exact in float32, and the scale applied to each sum (30 layers x 32 lanes x ~200 positions:
+ * 5.5 -> 5.0 ms in cache, 8.4 -> 8.1 ms from memory); else the keys are widened and multiplied
+ * by qf, the query heads in float32 already scaled. */
 static inline __attribute__((always_inline)) void scores_avx512(
-    float qf[][MAX_DIM], const void *k, int bf16, size_t cache0, int len, int group, int D,
-    float *s, Ahead *ahead) {
-    __m512 part[MAX_GROUP][16];
+    float qf[][MAX_DIM], const uint16_t *qb, const void *k, int bf16, int dp, size_t cache0,
+    int len, int group, int D, float scale, float *s, Ahead *ahead) {
+#ifdef __AVX512BF16__
+    __m512bh qv[MAX_GROUP][MAX_DIM / 32];
+    for (int i = 0; dp && i < group; i++)
+        for (int c = 0; c < D / 32; c++)
+            qv[i][c] = (__m512bh)_mm512_loadu_si512(qb + (size_t)i * D + 32 * c);
+#else
+    (void)qb;
+#endif
+    __m512 part[MAX_GROUP][16], vscale = _mm512_set1_ps(dp ? scale : 1.f);
     for (int t0 = 0; t0 < len; t0 += 16) {
         int n = len - t0 < 16 ? len - t0 : 16;
         for (int t = 0; t < 16; t++) {
@@ -158,55 +171,30 @@ static inline __attribute__((always_inline)) void scores_avx512(
             if (t < n) { /* past the last key: zeros, summed and not stored */
                 size_t at = (cache0 + t0 + t) * D;
                 ahead_step(ahead);
-                for (int d = 0; d < D; d += 16) {
-                    __m512 kv = load16(k, bf16, at + d);
-                    for (int i = 0; i < group; i++)
-                        a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qf[i] + d), kv, a[i]);
-                }
-            }
-            for (int i = 0; i < group; i++) part[i][t] = a[i];
-        }
-        __mmask16 keep = (__mmask16)((1u << n) - 1);
-        for (int i = 0; i < group; i++)
-            _mm512_mask_storeu_ps(s + (size_t)i * len + t0, keep, sum16x16(part[i]));
-    }
-}
-
 #ifdef __AVX512BF16__
-/* scores_avx512 for bf16 caches, on AVX512-BF16's pair dot products: the query heads and
- * keys as stored (no widening), each pair's products exact in float32, summed into float32;
- * the scale applied to each sum. The same 30 layers x 32 lanes x ~200 positions: 5.5 -> 5.0
- * ms in cache, 8.4 -> 8.1 ms from memory. */
-static inline __attribute__((always_inline)) void scores_dpbf16(
-    const uint16_t *q, const uint16_t *k, size_t cache0, int len, int group, int D,
-    float scale, float *s, Ahead *ahead) {
-    __m512bh qv[MAX_GROUP][MAX_DIM / 32];
-    for (int i = 0; i < group; i++)
-        for (int c = 0; c < D / 32; c++)
-            qv[i][c] = (__m512bh)_mm512_loadu_si512(q + (size_t)i * D + 32 * c);
-    __m512 part[MAX_GROUP][16], vscale = _mm512_set1_ps(scale);
-    for (int t0 = 0; t0 < len; t0 += 16) {
-        int n = len - t0 < 16 ? len - t0 : 16;
-        for (int t = 0; t < 16; t++) {
-            __m512 a[MAX_GROUP];
-            for (int i = 0; i < group; i++) a[i] = _mm512_setzero_ps();
-            if (t < n) { /* past the last key: zeros, summed and not stored */
-                const uint16_t *row = k + (cache0 + t0 + t) * D;
-                ahead_step(ahead);
-                for (int c = 0; c < D / 32; c++) {
-                    __m512bh kv = (__m512bh)_mm512_loadu_si512(row + 32 * c);
-                    for (int i = 0; i < group; i++) a[i] = _mm512_dpbf16_ps(a[i], qv[i][c], kv);
-                }
+                if (dp) {
+                    for (int c = 0; c < D / 32; c++) {
+                        __m512bh kv = (__m512bh)_mm512_loadu_si512((const uint16_t *)k + at + 32 * c);
+                        for (int i = 0; i < group; i++) a[i] = _mm512_dpbf16_ps(a[i], qv[i][c], kv);
+                    }
+                } else
+#endif
+                    for (int d = 0; d < D; d += 16) {
+                        __m512 kv = load16(k, bf16, at + d);
+                        for (int i = 0; i < group; i++)
+                            a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qf[i] + d), kv, a[i]);
+                    }
             }
             for (int i = 0; i < group; i++) part[i][t] = a[i];
         }
         __mmask16 keep = (__mmask16)((1u << n) - 1);
-        for (int i = 0; i < group; i++)
-            _mm512_mask_storeu_ps(s + (size_t)i * len + t0, keep,
-                                  _mm512_mul_ps(sum16x16(part[i]), vscale));
+        for (int i = 0; i < group; i++) {
+            __m512 sums = sum16x16(part[i]);
+            if (dp) sums = _mm512_mul_ps(sums, vscale);
+            _mm512_mask_storeu_ps(s + (size_t)i * len + t0, keep, sums);
+        }
     }
 }
-#endif
 
 /* acc[i] = sum over t of p_i(t) * value_t; each value row loaded once, the group's sums
  * kept in registers where they fit (D = 64: 4 vectors a head). */
@@ -274,17 +262,18 @@ static inline __attribute__((always_inline)) int attend_body(
     float *s = (float *)malloc((size_t)group * len * sizeof(float));
     if (s == NULL) return -1;
     size_t qbase = ((size_t)j * heads + (size_t)h * group) * D;
-    for (int i = 0; i < group; i++)
-        for (int d = 0; d < D; d++) qf[i][d] = elem_get(q, bf16, qbase + (size_t)i * D + d) * scale;
-#ifdef __AVX512BF16__
-    if (bf16 && D % 32 == 0) {
-        scores_dpbf16((const uint16_t *)q + qbase, (const uint16_t *)k, cache0, len, group, D,
-                      scale, s, ahead);
-    } else
+    int dp = 0; /* the pair dot products read the query as stored: no float32 copy */
+#if defined(__AVX512BF16__) && defined(ATTEND_AVX512)
+    dp = bf16 && D % 32 == 0;
 #endif
+    for (int i = 0; i < group && !dp; i++)
+        for (int d = 0; d < D; d++) qf[i][d] = elem_get(q, bf16, qbase + (size_t)i * D + d) * scale;
+    const uint16_t *qb = (const uint16_t *)q + qbase;
 #ifdef ATTEND_AVX512
-    if (D % 16 == 0) {
-        scores_avx512(qf, k, bf16, cache0, len, group, D, s, ahead);
+    if (dp) {
+        scores_avx512(qf, qb, k, bf16, 1, cache0, len, group, D, scale, s, ahead);
+    } else if (D % 16 == 0) {
+        scores_avx512(qf, qb, k, bf16, 0, cache0, len, group, D, scale, s, ahead);
     } else
 #endif
         for (int t = 0; t < len; t++) { /* scores: each key read once for the group */
@@ -374,10 +363,8 @@ int attend_lanes(const void *q, const void *k, const void *v, void *out, const i
             .row0 = (size_t)row0, .lane_len = (size_t)lane_len,
             .row_bytes = (size_t)D * (bf16 ? 2 : 4), .counter = &counter,
         };
-        if (ahead_enter(&a))
+        if (ahead_enter(&a)) /* else the cursor rests (base NULL) */
             for (int i = 0; i < AHEAD; i++) ahead_step(&a);
-        else
-            a.base = NULL;
         for (int task; (task = ahead_next(&a)) >= 0;) {
             int j = task / kv_heads, h = task % kv_heads;
             size_t cache0 = task_row0(&a, task);
