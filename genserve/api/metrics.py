@@ -96,11 +96,18 @@ class Metrics:
 
 
 class RequestObserver:
-    """What AsyncEngine calls for each delta of each request of one model."""
+    """What AsyncEngine calls for each delta of each request of one model. The labelled
+    children are looked up once: `labels()` per token was 14% of the API process's CPU at 32
+    streams, and on a 2-core machine that CPU comes out of the engine's steps."""
 
     def __init__(self, metrics: Metrics, model_id: str) -> None:
         self.m = metrics
         self.model_id = model_id
+        self.ttft = metrics.ttft.labels(model_id)
+        self.itl = metrics.itl.labels(model_id)
+        self.e2e = metrics.e2e.labels(model_id)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model_id)
+        self.generation_tokens = metrics.generation_tokens.labels(model_id)
 
     def on_delta(self, request: Request, delta: TokenDelta) -> None:
         now = time.monotonic()
@@ -108,15 +115,15 @@ class RequestObserver:
         last = self.m._last.get(rid)
         if delta.token_ids:
             if last is None:
-                self.m.ttft.labels(self.model_id).observe(now - request.arrival_time)
+                self.ttft.observe(now - request.arrival_time)
             else:
-                self.m.itl.labels(self.model_id).observe(now - last)
+                self.itl.observe(now - last)
             self.m._last[rid] = now
         if delta.finished:
             self.m._last.pop(rid, None)
-            self.m.e2e.labels(self.model_id).observe(now - request.arrival_time)
-            self.m.prompt_tokens.labels(self.model_id).inc(delta.prompt_tokens)
-            self.m.generation_tokens.labels(self.model_id).inc(delta.completion_tokens)
+            self.e2e.observe(now - request.arrival_time)
+            self.prompt_tokens.inc(delta.prompt_tokens)
+            self.generation_tokens.inc(delta.completion_tokens)
 
     def on_abandon(self, request: Request) -> None:
         self.m._last.pop(request.request_id, None)
