@@ -519,16 +519,42 @@ def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -
         return None
     dev = processed.device
     x = processed if len(which) == len(rows) else processed[_index(which, dev)]
-    x, which, finite = _finite(x, which, errors)
-    if not which:
-        return None
+    if _native_first(x):  # sample.c finds rows with no finite top logit itself (status -1)
+        finite = torch.ones(len(which), dtype=torch.bool)
+    else:
+        x, which, finite = _finite(x, which, errors)
+        if not which:
+            return None
     uniforms = torch.tensor([u[i] for i in which], dtype=torch.float64, device=dev)
     tokens, rest = _native_draws(x, rows, which, uniforms)
+    if rest and _native_first(x):
+        rest = _drop_not_finite(x, which, rest, errors)
     if rest:  # in torch: rows sample.c does not take, and top_p rows it could not settle
         sub = x if len(rest) == len(which) else x[_index(rest, dev)]
         mine = [which[j] for j in rest]
         tokens[_index(rest, dev)] = _torch_draws(sub, rows, mine, u, uniforms[rest], errors)
     return _Drawn(which, tokens, finite)
+
+
+def _native_first(x: torch.Tensor) -> bool:
+    """Whether sample.c draws these logits: the step's rows then skip a pass over the whole
+    [rows, vocab] for their top logits (0.23 ms of a 32-row step), which it takes anyway."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and native.library() is not None
+
+
+def _drop_not_finite(
+    x: torch.Tensor, which: list[int], rest: list[int], errors: RowErrors
+) -> list[int]:
+    """Of the rows left to torch (positions in `which`), those with no finite top logit fail
+    alone (NOT_FINITE), as _finite fails them on an accelerator; the others are returned."""
+    top = x[_index(rest, x.device)].amax(-1)
+    keep = []
+    for j, ok in zip(rest, torch.isfinite(top).tolist(), strict=True):
+        if ok:
+            keep.append(j)
+        else:
+            errors[which[j]] = ValueError(NOT_FINITE)
+    return keep
 
 
 def _native_draws(

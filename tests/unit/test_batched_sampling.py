@@ -217,6 +217,23 @@ def test_a_row_with_no_allowed_token_fails_alone() -> None:
     assert set(out.errors) == {1} and out.tokens[1] == -1 and out.tokens[2:] == alone
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_row_with_a_nan_or_inf_logit_fails_alone_on_either_path(bad: float) -> None:
+    """sample.c finds such rows itself (no pass for the top logits first); the rows it does
+    not take (top_k) are checked before torch draws them. Either way the row fails alone with
+    NOT_FINITE and its neighbours draw what they draw alone."""
+    logits = logits_of("peaked", 4)
+    logits[1, 7] = bad
+    logits[3, 5] = bad
+    rows = [row(seed=0), row(seed=1, top_p=0.9), row(seed=2), row(seed=3, top_k=5)]
+    alone = [sample(logits[i : i + 1], [rows[i]]).tokens[0] for i in (0, 2)]
+    rows = [row(seed=0), row(seed=1, top_p=0.9), row(seed=2), row(seed=3, top_k=5)]
+    out = sample(logits, rows)
+    assert set(out.errors) == {1, 3}
+    assert all(str(out.errors[i]) == sampler.NOT_FINITE for i in (1, 3))
+    assert out.tokens[1] == out.tokens[3] == -1 and [out.tokens[0], out.tokens[2]] == alone
+
+
 def test_rows_redone_alone_after_a_failed_batch_draw_the_same_tokens(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
