@@ -19,6 +19,13 @@ log = logging.getLogger(__name__)
 Frame = dict  # one JSON object sent as `data: ...`
 
 
+def _frame(obj: Frame) -> bytes:
+    """One SSE event, encoded here: sse-starlette passes bytes through, where a str went
+    through its ServerSentEvent (line splitting, a buffer, the encode) for every token. JSON
+    never holds a raw newline, so a frame is one `data:` line."""
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     """OpenAI's CompletionUsage; cached_tokens: prompt tokens served by the prefix cache."""
     return {
@@ -59,12 +66,12 @@ def sse_response(
 ) -> EventSourceResponse:
     """Stream frames; the client going away closes the events, which aborts the requests."""
 
-    async def frames() -> AsyncIterator[str]:
+    async def frames() -> AsyncIterator[bytes]:
         completion_tokens: dict[int, int] = {}
         cached: dict[int, int] = {}
         async with contextlib.aclosing(events):  # type: ignore[type-var]
             for frame in first_frames:
-                yield json.dumps(frame)
+                yield _frame(frame)
             try:
                 async for d in events:
                     assert isinstance(d, ChoiceDelta)
@@ -72,15 +79,15 @@ def sse_response(
                     cached[d.index] = d.delta.cached_tokens
                     frame = to_frame(d)
                     if frame is not None:
-                        yield json.dumps(frame)
+                        yield _frame(frame)
             except DomainError as e:
                 log.error("stream failed: %s", e)
-                yield json.dumps(http_error(e).body())
+                yield _frame(http_error(e).body())
                 return
             finally:  # what was generated counts against the key, even for a client that left
                 spend_tokens(http, prompt_tokens + sum(completion_tokens.values()))
         if usage_frame is not None:
-            yield json.dumps(usage_frame(sum(completion_tokens.values()), cached))
-        yield "[DONE]"
+            yield _frame(usage_frame(sum(completion_tokens.values()), cached))
+        yield b"data: [DONE]\n\n"
 
     return EventSourceResponse(frames(), ping=15, sep="\n")
