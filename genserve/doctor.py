@@ -25,10 +25,10 @@ def run_doctor(
     if device.type == "cpu":
         typer.echo(f"read bandwidth: {hardware.read_bandwidth():.1f} GB/s (256 MiB sum, best of 5)")
     config = AutoConfig.from_pretrained(resolve_model_ref(model))
-    compute = pick_dtype(dtype, device, config)
+    cache = None if remeasure else Path(data_dir) / "cache"
+    compute = pick_dtype(dtype, device, config, cache)
     typer.echo(f"model {model}: dtype {dtype} -> {compute}, quantization {quantization}")
     specs = hardware.model_specs(config, chunk, slots)
-    cache = None if remeasure else Path(data_dir) / "cache"
     policy = hardware.policy_for(specs, compute, quantization, device, chunk, slots, cache)
     typer.echo(f"kernels ({policy.source}, {policy.seconds:.2f}s to measure), us per call:")
     typer.echo(f"  {'shape':>12s} {'kernel':>7s} " + " ".join(f"{b:>9s}" for b in hardware.BUCKETS))

@@ -380,14 +380,20 @@ def policy_for(
         except (KeyError, TypeError, ValueError):
             log.warning("%s: unreadable entry for this machine; measuring again", path)
     policy = measure_policy(specs, dtype, quantization, device, chunk, hint)
+    if path is not None and _quiet("kernels"):
+        _write_cache(path, key, policy.to_json())
+    return policy
+
+
+def _quiet(what: str) -> bool:
+    """Whether a measurement just taken may be cached: not when other processes held the
+    cores (the times may be theirs; used for this run only, measured again at the next start
+    or with `genserve doctor`)."""
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if busy > BUSY_LOAD * (os.cpu_count() or 1):
-        # Other processes held the cores: the times may be theirs, so they are used for this
-        # run only and measured again at the next start (or with `genserve doctor`).
-        log.warning("kernels measured under load (load average %.1f): choice not cached", busy)
-    elif path is not None:
-        _write_cache(path, key, policy)
-    return policy
+        log.warning("%s measured under load (load average %.1f): not cached", what, busy)
+        return False
+    return True
 
 
 def cache_key(
@@ -411,11 +417,11 @@ def _read_cache(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _write_cache(path: Path, key: str, policy: KernelPolicy) -> None:
+def _write_cache(path: Path, key: str, entry: dict) -> None:
     """Merged with what is there, written whole through a temporary file and a rename, so a
     reader never sees half a file. A cache that cannot be written only costs a re-measure."""
     data = _read_cache(path)
-    data[key] = policy.to_json()
+    data[key] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -425,21 +431,39 @@ def _write_cache(path: Path, key: str, policy: KernelPolicy) -> None:
         log.warning("kernel choice not cached (%s): %s", path, e)
 
 
-def auto_dtype(device: torch.device, specs: Sequence[ShapeSpec]) -> torch.dtype:
+def auto_dtype(
+    device: torch.device, specs: Sequence[ShapeSpec], cache_dir: Path | None = None
+) -> torch.dtype:
     """`--dtype auto`: bf16 (fp16 on GPUs without it) on CUDA; on a CPU, bf16 where it has
     bf16 units (AMX, AVX512-BF16) that oneDNN may use and where bf16 kernels are measured
     clearly faster (BF16_GAIN) than fp32 ones on these shapes at decode row counts; tiny
-    models, whose calls cost their overhead, stay fp32. Else fp32."""
+    models, whose calls cost their overhead, stay fp32. Else fp32.
+
+    The choice is cached with the kernels' (per CPU, threads, torch and shapes), and a
+    measurement taken under load is not: two servers started at the same second timed each
+    other's work, and one of them served in fp32 on an AMX CPU."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if not specs or not detect(device).bf16:
+    features = detect(device)
+    if not specs or not features.bf16:
         return torch.float32
     specs = sorted(specs, key=lambda s: -s.out_features * s.in_features)[:2]  # the MLP's
+    f = features
+    what = ["dtype auto", f.device, f.model, f.flags, f.isa_cap, f.threads, torch.__version__]
+    key = hashlib.sha256(json.dumps(what + [asdict(s) for s in specs]).encode()).hexdigest()[:16]
+    path = cache_dir / CACHE_FILE if cache_dir is not None else None
+    entry = _read_cache(path).get(key) if path is not None else None
+    if isinstance(entry, dict) and entry.get("dtype") in ("bfloat16", "float32"):
+        return getattr(torch, entry["dtype"])
     with torch.inference_mode():
         fp32 = sum(_decode_time(s, torch.float32, device) for s in specs)
         bf16 = sum(_decode_time(s, torch.bfloat16, device) for s in specs)
     log.info("dtype auto: decode linears %.0f us in bf16, %.0f us in fp32", bf16, fp32)
-    return torch.bfloat16 if bf16 <= BF16_GAIN * fp32 else torch.float32
+    chosen = torch.bfloat16 if bf16 <= BF16_GAIN * fp32 else torch.float32
+    if path is not None and _quiet("dtype auto"):
+        name = str(chosen).removeprefix("torch.")
+        _write_cache(path, key, {"dtype": name, "bf16_us": round(bf16), "fp32_us": round(fp32)})
+    return chosen
 
 
 def _decode_time(spec: ShapeSpec, dtype: torch.dtype, device: torch.device) -> float:

@@ -152,7 +152,9 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device, config: Any) -> torch.dtype:
+def pick_dtype(
+    dtype: str, device: torch.device, config: Any, cache_dir: Path | None = None
+) -> torch.dtype:
     """`auto` on a CPU: bf16 where the CPU has bf16 units and bf16 kernels are measured
     clearly faster on this model's shapes (genserve.model.hardware.auto_dtype), else fp32;
     models off the fast path stay fp32. On CUDA: the declared half type, else bf16/fp16."""
@@ -164,7 +166,8 @@ def pick_dtype(dtype: str, device: torch.device, config: Any) -> torch.dtype:
     if device.type == "cpu":
         if getattr(config, "model_type", None) not in FAST_PATH_TYPES:
             return torch.float32
-        return hardware.auto_dtype(device, hardware.model_specs(config, 512, 32)[:4])
+        specs = hardware.model_specs(config, 512, 32)[:4]
+        return hardware.auto_dtype(device, specs, cache_dir)
     if not torch.cuda.is_bf16_supported():
         return torch.float16
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -180,6 +183,7 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     name: str | None = None,
+    cache_dir: Path | None = None,  # where `--dtype auto`'s measured choice is kept
 ) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -187,7 +191,7 @@ def load_model(
     safetensors = check_weights(path, allow_pickle)
     dev = pick_device(device)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    torch_dtype = pick_dtype(dtype, dev, config)
+    torch_dtype = pick_dtype(dtype, dev, config, cache_dir)
     tokenizer = load_tokenizer(path, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype, use_safetensors=safetensors, trust_remote_code=trust_remote_code

@@ -168,7 +168,13 @@ def build_engine(cfg: ServerConfig) -> EngineParts:
     try:
         loaded = thread.call(
             lambda: load_model(
-                mc.ref, mc.dtype, mc.device, mc.trust_remote_code, mc.allow_pickle, mc.served_name
+                mc.ref,
+                mc.dtype,
+                mc.device,
+                mc.trust_remote_code,
+                mc.allow_pickle,
+                mc.served_name,
+                Path(cfg.storage.data_dir) / "cache",
             )
         )
         slots, max_len, paged = cache_plan(cfg, loaded)

@@ -1,6 +1,7 @@
 """Kernel choice by measurement: the choice logic on given numbers, the cache file, and the
 numbers of the int8 and bf16 fast path against fp32 on a tiny random Llama."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -66,6 +67,39 @@ def test_the_choice_is_cached_per_machine_and_shapes(tmp_path: Path) -> None:
     assert rebuilt.source == "measured"
     (tmp_path / hardware.CACHE_FILE).write_text("{not json")
     assert policy_for(small_specs(), torch.float32, "none", CPU, 64, 4, tmp_path).plans
+
+
+def test_dtype_auto_is_measured_once_per_machine_and_never_cached_under_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--dtype auto` times bf16 against fp32 kernels; the choice is kept with the kernels',
+    so a later start (on a machine busy with another server's start) reads it, and a choice
+    made under load is not kept."""
+    features = hardware.detect(CPU)
+    monkeypatch.setattr(hardware, "detect", lambda _: dataclasses.replace(features, bf16=True))
+    times = {torch.bfloat16: 100.0, torch.float32: 400.0}
+    timed: list[torch.dtype] = []
+
+    def decode_time(spec: ShapeSpec, dtype: torch.dtype, device: torch.device) -> float:
+        timed.append(dtype)
+        return times[dtype]
+
+    monkeypatch.setattr(hardware, "_decode_time", decode_time)
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    specs = small_specs()
+    assert hardware.auto_dtype(CPU, specs, tmp_path) == torch.bfloat16 and timed
+    entries = json.loads((tmp_path / hardware.CACHE_FILE).read_text()).values()
+    assert {"dtype": "bfloat16", "bf16_us": 200, "fp32_us": 800} in entries
+    timed.clear()
+    times[torch.bfloat16] = 4000.0  # a busy machine's times are not even taken
+    assert hardware.auto_dtype(CPU, specs, tmp_path) == torch.bfloat16 and not timed
+    # other shapes, measured under load: used for this start, not kept
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    other = [ShapeSpec(128, 32, 64)]
+    assert hardware.auto_dtype(CPU, other, tmp_path) == torch.float32 and timed
+    timed.clear()
+    assert hardware.auto_dtype(CPU, other, tmp_path) == torch.float32 and timed  # again
+    assert len(json.loads((tmp_path / hardware.CACHE_FILE).read_text())) == 1
 
 
 def test_a_measured_policy_names_a_plan_for_each_shape_and_bucket() -> None:
