@@ -102,7 +102,6 @@ class RequestObserver:
 
     def __init__(self, metrics: Metrics, model_id: str) -> None:
         self.m = metrics
-        self.model_id = model_id
         self.ttft = metrics.ttft.labels(model_id)
         self.itl = metrics.itl.labels(model_id)
         self.e2e = metrics.e2e.labels(model_id)

@@ -400,12 +400,20 @@ def cache_key(
     f: Features, dtype: torch.dtype, quantization: str, specs: Sequence[ShapeSpec],
     chunk: int, hint: int,
 ) -> str:  # fmt: skip
-    what = [f.device, f.model, f.flags, f.isa_cap, f.capability, f.threads, torch.__version__]
-    what += [str(dtype), quantization, chunk, hint, [asdict(s) for s in specs]]
+    what = _machine(f) + [str(dtype), quantization, chunk, hint, [asdict(s) for s in specs]]
     offered = kernels.available(dtype, torch.device(f.device), quantization)
     what += [offered]  # new ones: measure
     if "gemv" in offered:  # gemv changed (a new release): its times are measured again
         what += [native.build_id()]
+    return _digest(what)
+
+
+def _machine(f: Features) -> list:
+    """What a measurement on this machine depends on, for the cache's keys."""
+    return [f.device, f.model, f.flags, f.isa_cap, f.capability, f.threads, torch.__version__]
+
+
+def _digest(what: list) -> str:
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
@@ -448,9 +456,7 @@ def auto_dtype(
     if not specs or not features.bf16:
         return torch.float32
     specs = sorted(specs, key=lambda s: -s.out_features * s.in_features)[:2]  # the MLP's
-    f = features
-    what = ["dtype auto", f.device, f.model, f.flags, f.isa_cap, f.threads, torch.__version__]
-    key = hashlib.sha256(json.dumps(what + [asdict(s) for s in specs]).encode()).hexdigest()[:16]
+    key = _digest(["dtype auto", *_machine(features), [asdict(s) for s in specs]])
     path = cache_dir / CACHE_FILE if cache_dir is not None else None
     entry = _read_cache(path).get(key) if path is not None else None
     if isinstance(entry, dict) and entry.get("dtype") in ("bfloat16", "float32"):

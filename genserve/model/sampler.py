@@ -519,7 +519,8 @@ def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -
         return None
     dev = processed.device
     x = processed if len(which) == len(rows) else processed[_index(which, dev)]
-    if _native_first(x):  # sample.c finds rows with no finite top logit itself (status -1)
+    native_first = _native_first(x)
+    if native_first:  # sample.c finds rows with no finite top logit itself (status -1)
         finite = torch.ones(len(which), dtype=torch.bool)
     else:
         x, which, finite = _finite(x, which, errors)
@@ -527,7 +528,7 @@ def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -
             return None
     uniforms = torch.tensor([u[i] for i in which], dtype=torch.float64, device=dev)
     tokens, rest = _native_draws(x, rows, which, uniforms)
-    if rest and _native_first(x):
+    if rest and native_first:
         rest = _drop_not_finite(x, which, rest, errors)
     if rest:  # in torch: rows sample.c does not take, and top_p rows it could not settle
         sub = x if len(rest) == len(which) else x[_index(rest, dev)]
