@@ -26,6 +26,9 @@ With --llama-cpp DIR (a llama.cpp tree with llama-server built), the precisions
 llama.cpp-f32, llama.cpp-bf16 and llama.cpp-q8_0 run llama-server on the same weights converted
 to GGUF, under the same load, and each genserve precision is set against its peer (fp32 against
 f32, bf16 and auto against bf16, int8 against q8_0; target: >= 1.0x). See bench/llamacpp.py.
+
+--device cuda (or auto on a machine with a GPU) runs the transformers baselines on the GPU too
+and starts the server with --device cuda: the ratios then compare like with like there.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class BenchConfig:
     long_prompt_tokens: int = 512  # 0: no long-prompt TTFT run
     long_prompt_rounds: int = 5
     llama_cpp: Path | None = None  # a llama.cpp tree: its llama-server precisions can run
+    device: str = "cpu"  # where the baselines run and the server computes: "cpu" or "cuda"
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +226,12 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         help="TTFT of a prompt this long sent alone (one token back), per precision; 0: skip",
     )
     p.add_argument("--long-prompt-rounds", type=int, default=5)
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="baselines and server on this device (auto: cuda where torch sees one)",
+    )
     a = p.parse_args(argv)
     if min(a.prompt_tokens, a.max_tokens, *a.concurrency) < 1:
         p.error("--prompt-tokens, --max-tokens and --concurrency must be positive")
@@ -238,7 +248,16 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         threads=a.threads, precisions=precisions, samplings=samplings,
         bandwidth_gib=a.bandwidth_gib, long_prompt_tokens=max(0, a.long_prompt),
         long_prompt_rounds=max(1, a.long_prompt_rounds), llama_cpp=a.llama_cpp,
+        device=_device(a.device),
     )  # fmt: skip
+
+
+def _device(asked: str) -> str:
+    if asked != "auto":
+        return asked
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _check_llama_cpp(p: argparse.ArgumentParser, root: Path | None, names: tuple[str, ...]) -> None:
@@ -270,36 +289,51 @@ def _rounds(
 
 
 def run_baselines(cfg: BenchConfig, prompts: PromptSet) -> tuple[Rate, Rate]:
-    """transformers in this process, default threads, the same weights the server loads."""
+    """transformers in this process, default threads, the same weights the server loads, on
+    the run's device."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    model = AutoModelForCausalLM.from_pretrained(str(cfg.model_dir), dtype=torch.float32).eval()
+    dev = torch.device(cfg.device)
+    model = AutoModelForCausalLM.from_pretrained(str(cfg.model_dir), dtype=torch.float32)
+    model = model.to(dev).eval()
     with torch.inference_mode():
-        single = torch.tensor(prompts.ids[:1])
+        single = torch.tensor(prompts.ids[:1], device=dev)
         hf_generate(model, single, min(cfg.max_tokens, 4))  # warm-up: kernels, allocator
         gen = hf_generate(model, single, cfg.max_tokens)
         # Warm up the B=32 decode shapes on a short prompt: a second full prefill costs tens of
         # seconds on a small CPU.
-        raw_decode(model, torch.tensor([ids[:8] for ids in prompts.ids[:RAW_BATCH]]), 2)
-        raw = raw_decode(model, torch.tensor(prompts.ids[:RAW_BATCH]), cfg.max_tokens)
+        short = [ids[:8] for ids in prompts.ids[:RAW_BATCH]]
+        raw_decode(model, torch.tensor(short, device=dev), 2)
+        raw = raw_decode(model, torch.tensor(prompts.ids[:RAW_BATCH], device=dev), cfg.max_tokens)
     del model
     gc.collect()  # give the memory back before the server loads its own copy
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     return gen, raw
+
+
+def _synced(device: Any) -> float:
+    """perf_counter once the device's queued work is done (a GPU's kernels run async)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def hf_generate(model: Any, input_ids: Any, new_tokens: int) -> Rate:
     """`generate` as most people call it: greedy, one stream, min_new_tokens to ignore EOS."""
     import torch
 
-    start = time.perf_counter()
+    start = _synced(input_ids.device)
     out = model.generate(
         input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
     )  # fmt: skip
-    seconds = time.perf_counter() - start
+    seconds = _synced(input_ids.device) - start
     tokens = int(out.shape[1] - input_ids.shape[1])
     return Rate(tokens=tokens, seconds=seconds, tok_s=tokens / seconds)
 
@@ -316,11 +350,11 @@ def raw_decode(model: Any, input_ids: Any, steps: int) -> Rate:
     # logits_to_keep=1: the full [32, P, 49152] fp32 logits would be ~800 MB for nothing.
     out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
     next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-    start = time.perf_counter()
+    start = _synced(input_ids.device)
     for _ in range(steps):
         out = model(input_ids=next_ids, cache=cache, use_cache=True)
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-    seconds = time.perf_counter() - start
+    seconds = _synced(input_ids.device) - start
     tokens = int(input_ids.shape[0]) * steps
     return Rate(tokens=tokens, seconds=seconds, tok_s=tokens / seconds)
 
@@ -545,7 +579,8 @@ def start_server(cfg: BenchConfig, precision: str, port: int, log_path: Path) ->
         )  # fmt: skip
     # The same batch limit whatever levels run, so a subset run measures the same server.
     max_batch = max(RAW_BATCH, *cfg.concurrency)
-    extra = [*PRECISION_ARGS[precision], *cfg.server_args]  # the last --dtype given wins
+    # the last --dtype given wins
+    extra = [*PRECISION_ARGS[precision], "--device", cfg.device, *cfg.server_args]
     args = serve_command(cfg.model_dir, port, max_batch, extra)
     server = ServerProcess(args=args, log_path=log_path, env=thread_env(cfg.threads))
     server.start()
@@ -726,6 +761,11 @@ def machine_section(cfg: BenchConfig, report: Report) -> Machine:
     """Print the machine and each precision's one-stream roofline; keep both in the report."""
     machine = describe(cfg.threads, cfg.bandwidth_gib)
     print(machine.line(), flush=True)
+    if cfg.device == "cuda":
+        import torch
+
+        print(f"device: {torch.cuda.get_device_name()} (baselines and server; the roofline"
+              " lines below are the CPU's)", flush=True)  # fmt: skip
     params = parameter_count(cfg.model_dir)
     for precision in cfg.precisions:
         roof = roofline_tok_s(machine, params, precision)

@@ -6,23 +6,24 @@
 # 1. A venv of its own (.venv-gpu, beside the CPU one, which stays untouched) with a CUDA torch
 #    build of the pinned version (pyproject.toml), then genserve from this checkout.
 #    GENSERVE_TORCH_INDEX picks the wheel index (default: PyTorch's cu128); GENSERVE_GPU_VENV
-#    an existing venv to reuse (nothing installed then).
+#    an existing venv to reuse (nothing installed then: genserve runs from this checkout).
 # 2. The model-side unit tests on CUDA: parity with transformers in fp32 and bf16, batch
 #    invariance (fixed-row calls where cuBLAS needs them), fused and per-row LoRA against peft,
 #    penalties / logit_bias / grammar / logprobs on the device, device placement and the one
 #    copy per step (tests/unit/test_on_device.py, test_device_placement.py); on CUDA the
 #    runner attends through FlexAttention (genserve/model/flex.py), compiled on first use;
 #    then the sampler's and LoRA's own unit tests, which run on the CPU in the same
-#    interpreter as a check, and the flex masks' CPU test.
-# 3. `genserve serve --device cuda` on the SmolLM2-135M-shaped random model (bench/), and
-#    bench/throughput.py --server-url at 1 and 32 streams.
+#    interpreter as a check, and the flex masks' CPU test; then the seeded-reproducibility
+#    integration test with its servers on CUDA (GENSERVE_DEVICE=cuda).
+# 3. bench/throughput.py --device cuda: transformers' generate and raw B=32 decode on the GPU,
+#    then `genserve serve --device cuda --dtype auto` on the SmolLM2-135M-shaped random model
+#    at 1 and 32 streams (temperature 0.8, and top_p 0.95) and a 512-token prompt's TTFT.
 # Everything prints to stdout; the exit code is the tests' (the benchmark only reports).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 INDEX="${GENSERVE_TORCH_INDEX:-https://download.pytorch.org/whl/cu128}"
-PORT="${GENSERVE_SMOKE_PORT:-8765}"
 OUT="${OUT:-$ROOT/var/gpu-smoke}"
 mkdir -p "$OUT"
 started=$(date +%s)
@@ -60,28 +61,15 @@ status=0
   tests/unit/test_flex_attention.py \
   2>&1 | tee "$OUT/unit.txt" || status=$?
 
-stamp "server on CUDA: SmolLM2-135M-shaped random model"
-MODEL_DIR=$("$PY" - <<'EOF'
-from bench.common import DEFAULT_MODEL_DIR, ModelSpec, ensure_model_dir
-print(ensure_model_dir(DEFAULT_MODEL_DIR, ModelSpec()))
-EOF
-)
-"$PY" -m genserve.cli serve --model "$MODEL_DIR" --device cuda --port "$PORT" \
-  --embedding-model none --data-dir "$OUT/data" --max-batch-size 32 >"$OUT/server.log" 2>&1 &
-SERVER=$!
-trap 'kill "$SERVER" 2>/dev/null || true' EXIT
-for _ in $(seq 1 180); do
-  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
-  kill -0 "$SERVER" 2>/dev/null || { tail -50 "$OUT/server.log"; exit 1; }
-  sleep 1
-done
-grep -m1 "serving " "$OUT/server.log" || true
+stamp "seeded outputs alone and under load, served on CUDA (fp32, default and --deterministic)"
+GENSERVE_DEVICE=cuda "$PY" -m pytest -q -rxX -p no:cacheprovider \
+  tests/integration/test_reproducibility.py 2>&1 | tee "$OUT/seeds.txt" || status=$?
 
-stamp "bench/throughput.py --server-url, 1 and 32 streams"
-"$PY" bench/throughput.py --server-url "http://127.0.0.1:$PORT" --server-only \
-  --model-dir "$MODEL_DIR" --concurrency 1 32 \
-  --rounds 2 1 --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt" || true
+stamp "bench/throughput.py --device cuda: transformers on the GPU, then genserve --dtype auto"
+# The bench starts the server itself (--device cuda) on the SmolLM2-135M-shaped random model.
+"$PY" bench/throughput.py --device cuda --precisions "${GENSERVE_SMOKE_PRECISIONS:-auto}" \
+  --samplings temp,top_p --concurrency 1 32 --rounds 2 1 --long-prompt 512 \
+  --long-prompt-rounds 3 --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt" || true
 
-kill -TERM "$SERVER"; wait "$SERVER" || true
 stamp "done: tests exit $status; files in $OUT"
 exit "$status"

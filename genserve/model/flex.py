@@ -9,8 +9,9 @@ row sees.
 - A cache row is visible to a query row when the row's block is in the query's sequence's
   table, at a logical position at or before the query's.
 - Blocks shared by several sequences (a prefix-cache hit) hold the same positions in each.
-- The block-sparse form of the mask (`create_block_mask`, tiles of KV_TILE cache rows) lets
-  the kernel skip tiles that none of a query tile's sequences use.
+- The block-sparse form of the mask (tiles of KV_TILE cache rows), read off the block tables
+  rather than evaluated over the pool, lets the kernel skip tiles that none of a query tile's
+  sequences use (StepMasks).
 
 Each query row's result does not depend on the rest of its batch. Its own tiles are always
 visited in cache order. A tile it cannot see adds exact zeros and leaves the running maximum
@@ -32,6 +33,10 @@ import torch
 
 KV_TILE = 128  # cache rows per sparse tile: a multiple of the engine's block sizes (16 default)
 Q_TILE = 128  # query rows per sparse tile
+# The compiled kernel's own tiles (each divides the mask's tiles). Inductor's default for bf16
+# with 64-dim heads on an H100/H200 (128 x 128, 3 stages) asked for 246784 bytes of shared
+# memory with our mask function, over the chip's 232448, and refused to build (2026-12-04).
+GPU_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2}
 
 
 def available() -> bool:
@@ -57,39 +62,93 @@ class FlexMask:
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask
 
 
-def step_mask(
-    spans: Sequence[FlexSpan], block_size: int, cache_rows: int, device: torch.device
-) -> FlexMask:
-    """The step's mask: built on the host as three small tables, copied to the device once
-    (`inv` [sequences, cache blocks]: a block's logical index in each sequence, -1 where the
-    sequence does not hold it; each query row's sequence and position)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+class StepMasks:
+    """Each step's mask, built in work proportional to the blocks the step reads, never to the
+    pool: on a GPU the pool holds millions of rows (what --gpu-memory-fraction leaves), and
+    create_block_mask's dense [rows, pool] evaluation asked for 22 GiB at a 512-row step.
 
-    blocks = -(-cache_rows // block_size)
-    inv = torch.full((len(spans), blocks), -1, dtype=torch.int32)
-    seq_of_row: list[int] = []
-    pos_of_row: list[int] = []
-    for s, sp in enumerate(spans):
-        used = -(-(sp.start + sp.n) // block_size)
-        inv[s, torch.tensor(sp.table[:used], dtype=torch.long)] = torch.arange(
-            used, dtype=torch.int32
+    The tile lists come straight from the block tables (BlockMask.from_kv_blocks): a query
+    tile visits, in cache order, the KV tiles that hold a block of one of its sequences. Inside
+    those tiles the mask function decides row by row; it finds a cache block's column in this
+    step's small table through `_column` [pool blocks], a device tensor kept between steps with
+    -1 everywhere but the blocks this step holds (reset when the next step is built: the
+    stream runs the previous step's kernels first).
+    """
+
+    def __init__(self, block_size: int, cache_rows: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.cache_rows = cache_rows
+        self.device = device
+        self._column = torch.full((-(-cache_rows // block_size),), -1, dtype=torch.int32,
+                                  device=device)  # fmt: skip
+        self._held: torch.Tensor | None = None  # the blocks whose column is set
+
+    def build(self, spans: Sequence[FlexSpan]) -> FlexMask:
+        """The step's mask: `inv` [sequences, blocks held] (a block's logical index in each
+        sequence, -1 where the sequence does not hold it) and each query row's sequence and
+        position, copied to the device once."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        bs = self.block_size
+        used = [sp.table[: -(-(sp.start + sp.n) // bs)] for sp in spans]
+        held = sorted({b for table in used for b in table})
+        column = {b: j for j, b in enumerate(held)}
+        inv = torch.full((len(spans), len(held)), -1, dtype=torch.int32)
+        for s, table in enumerate(used):
+            inv[s, [column[b] for b in table]] = torch.arange(len(table), dtype=torch.int32)
+        seq = [s for s, sp in enumerate(spans) for _ in range(sp.n)]
+        pos = [p for sp in spans for p in range(sp.start, sp.start + sp.n)]
+        self._hold(torch.tensor(held, dtype=torch.long))
+        inv_d = inv.to(self.device, non_blocking=True)
+        seq_d = torch.tensor(seq, dtype=torch.long).to(self.device, non_blocking=True)
+        pos_d = torch.tensor(pos, dtype=torch.int32).to(self.device, non_blocking=True)
+        col_d = self._column
+
+        def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex's signature
+            col = col_d[kv_idx // bs]
+            logical = inv_d[seq_d[q_idx], col.clamp(min=0)]
+            return (col >= 0) & (logical >= 0) & (logical * bs + kv_idx % bs <= pos_d[q_idx])
+
+        counts, indices = self._tiles(spans, used)
+        mask = BlockMask.from_kv_blocks(
+            counts.to(self.device), indices.to(self.device), BLOCK_SIZE=(Q_TILE, KV_TILE),
+            mask_mod=mask_mod, seq_lengths=(len(seq), self.cache_rows),
+        )  # fmt: skip
+        return FlexMask(mask)
+
+    def _hold(self, held: torch.Tensor) -> None:
+        """Columns for this step's blocks; the previous step's set back to -1 first."""
+        if self._held is not None:
+            self._column.index_fill_(0, self._held, -1)
+        held = held.to(self.device, non_blocking=True)
+        self._column.index_copy_(0, held, torch.arange(len(held), dtype=torch.int32,
+                                                       device=self.device))  # fmt: skip
+        self._held = held
+
+    def _tiles(
+        self, spans: Sequence[FlexSpan], used: list[tuple[int, ...]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query tile, the KV tiles its sequences' blocks lie in, ascending:
+        ([1, 1, query tiles] counts, [1, 1, query tiles, pool tiles] indices, padded with 0)."""
+        bs = self.block_size
+        rows = sum(sp.n for sp in spans)
+        per_tile: list[set[int]] = [set() for _ in range(-(-rows // Q_TILE))]
+        row = 0
+        for sp, table in zip(spans, used, strict=True):
+            tiles = {
+                t for b in table for t in range(b * bs // KV_TILE, (b * bs + bs - 1) // KV_TILE + 1)
+            }
+            for q in range(row // Q_TILE, (row + sp.n - 1) // Q_TILE + 1):
+                per_tile[q] |= tiles
+            row += sp.n
+        # flex reads the indices' last dimension as the pool's tile count (one int32 a tile).
+        indices = torch.zeros(
+            (1, 1, len(per_tile), -(-self.cache_rows // KV_TILE)), dtype=torch.int32
         )
-        seq_of_row += [s] * sp.n
-        pos_of_row += range(sp.start, sp.start + sp.n)
-    inv = inv.to(device, non_blocking=True)
-    seq = torch.tensor(seq_of_row, dtype=torch.long).to(device, non_blocking=True)
-    pos = torch.tensor(pos_of_row, dtype=torch.int32).to(device, non_blocking=True)
-    bs = block_size
-
-    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex's signature
-        logical = inv[seq[q_idx], kv_idx // bs]
-        return (logical >= 0) & (logical * bs + kv_idx % bs <= pos[q_idx])
-
-    mask = create_block_mask(
-        mask_mod, None, None, len(seq_of_row), cache_rows, device=device,
-        BLOCK_SIZE=(Q_TILE, KV_TILE),
-    )  # fmt: skip
-    return FlexMask(mask)
+        for q, tiles in enumerate(per_tile):
+            indices[0, 0, q, : len(tiles)] = torch.tensor(sorted(tiles), dtype=torch.int32)
+        counts = torch.tensor([[[len(t) for t in per_tile]]], dtype=torch.int32)
+        return counts, indices
 
 
 def attention_fn(device: torch.device) -> Callable:
@@ -103,7 +162,12 @@ def attention_fn(device: torch.device) -> Callable:
     # (the step's rows do). Its mask functions compile: on this CPU, compiled with static
     # shapes, the unit tests' masks passed; inductor's CPU template failed to build C++ for
     # them with dynamic=True (torch 2.13), which the CPU does not use.
-    return torch.compile(flex_attention)
+    compiled = torch.compile(flex_attention)
+
+    def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return compiled(*args, kernel_options=GPU_KERNEL_OPTIONS, **kwargs)
+
+    return run
 
 
 def _eager(fn: Callable) -> Callable:

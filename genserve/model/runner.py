@@ -293,6 +293,11 @@ class LlamaRunner:
         self.v_cache = [self._cache_layer() for _ in self.layers]
         self.attention = _attention_kind(attention, self.device)
         self._flex = flex.attention_fn(self.device) if self.attention == "flex" else None
+        self._flex_masks = (
+            flex.StepMasks(block_size, self.cache_rows, self.device) if self._flex else None
+        )
+        if self.attention == "flex":
+            self.attention = self._flex_or_sdpa()
         self._buffers: dict[str, torch.Tensor] = {}  # gather scratch (see _gather)
         self.lane_attention = "sdpa"  # or "native" (attend.c), where it measures faster
         self.lane_attention = self._choose_lane_attention()
@@ -740,8 +745,29 @@ class LlamaRunner:
             spans=(), decode=None, lanes=None, lora_rows=lora,
             lora_owner=self._owners(lora, rows) if lora and not invariant else None,
             invariant=invariant,
-            flex_mask=flex.step_mask(spans, self.block_size, self.cache_rows, self.device),
+            flex_mask=self._flex_masks.build(spans),
         )  # fmt: skip
+
+    def _flex_or_sdpa(self) -> str:
+        """flex where its kernels build and run here for a prompt tile and a decode (compiled
+        now, not at the first request); else the per-sequence path, with the reason logged.
+        On an H200 the Triton template's default tiles once asked for more shared memory than
+        the chip has (flex.GPU_KERNEL_OPTIONS); a server must not answer 500s over that."""
+        assert self._flex is not None and self._flex_masks is not None
+        rows = min(flex.Q_TILE, self.cache_len)
+        table = tuple(range(-(-rows // self.block_size)))
+        try:
+            for n in (rows, 1):
+                mask = self._flex_masks.build([flex.FlexSpan(table, 0, n)])
+                q = torch.zeros(n, self.num_heads, self.head_dim, device=self.device,
+                                dtype=self.dtype)  # fmt: skip
+                flex.attend(self._flex, q, self.k_cache[0], self.v_cache[0], mask)
+        except Exception as e:  # noqa: BLE001 - inductor and Triton raise many kinds
+            log.warning("FlexAttention failed on %s (%s): attending per sequence instead",
+                        self.device, str(e).splitlines()[0][:300])  # fmt: skip
+            self._flex = self._flex_masks = None
+            return "sdpa"
+        return "flex"
 
     def _invariant(self, chunk: ChunkInput) -> bool:
         return self.batch_invariant or chunk.params.reproducible

@@ -12,6 +12,11 @@ from genserve.config import EngineConfig
 
 DEFAULT_MAX_LEN = 2048  # per-sequence context when the operator does not say
 FP32 = 4
+# A layer's cache is one tensor [kv_heads, tokens, head_dim]; GPU kernels (FlexAttention's
+# Triton template among them) index it with 32-bit offsets, and refused to build for a
+# 261M-token pool that a tiny model's share of an H200 gave (8.4e9 elements a layer).
+INDEX_LIMIT = 2**31
+SPARE_ROWS = 4096  # rows the runner adds past the pool (warm-up rows), with room to spare
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -42,18 +47,21 @@ def pool_tokens(
     device: DeviceMemory | None = None,
     bytes_per_token: int = 0,
     headroom: int = 0,
+    row_elements: int = 1,
 ) -> int:
     """Tokens of the paged KV pool: --kv-cache-tokens; else, on a GPU (`device`), what fits
     in --gpu-memory-fraction of its memory beside what is already used and `headroom` (the
-    runner's transient copies and a step's activations); else what static slots of max_len
-    for max_batch_size sequences held (the same memory as before paging)."""
+    runner's transient copies and a step's activations), at most what a layer's cache of
+    `row_elements` (kv_heads x head_dim) a token can hold under 32-bit offsets; else what
+    static slots of max_len for max_batch_size sequences held (the same memory as before
+    paging)."""
     if cfg.kv_cache_tokens:
         return cfg.kv_cache_tokens
     if device is None or bytes_per_token <= 0:
         return cfg.max_batch_size * max_len
     used = device.total - device.free
     budget = int(cfg.gpu_memory_fraction * device.total) - used - headroom
-    tokens = budget // bytes_per_token
+    tokens = min(budget // bytes_per_token, INDEX_LIMIT // row_elements - SPARE_ROWS)
     if tokens < max_len:
         raise ValueError(
             f"--gpu-memory-fraction {cfg.gpu_memory_fraction} leaves room for {max(tokens, 0)} "

@@ -248,7 +248,8 @@ def kv_pool_tokens(cfg: ServerConfig, loaded: LoadedModel, max_len: int) -> int:
     )
     activations = cfg.engine.max_num_batched_tokens * width * 4  # fp32 at worst
     per_token = kv_bytes_per_token(c, model.dtype)
-    return pool_tokens(cfg.engine, max_len, device, per_token, weights + activations)
+    row = per_token // (2 * c.num_hidden_layers * model.dtype.itemsize)  # kv_heads x head_dim
+    return pool_tokens(cfg.engine, max_len, device, per_token, weights + activations, row)
 
 
 def kv_manager(runner: Runner, paged: PagedShape, caching: bool, max_len: int) -> KVCacheManager:

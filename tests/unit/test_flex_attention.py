@@ -86,11 +86,8 @@ def test_a_mixed_step_gives_the_per_sequence_paths_logits() -> None:
 def test_the_mask_lets_a_row_see_exactly_its_own_positions() -> None:
     """Two sequences over 2-row blocks: the mask's function, asked row by row."""
     spans = [flex.FlexSpan((3, 0), 1, 2), flex.FlexSpan((1,), 0, 1)]  # rows 0-1: a; row 2: b
-    mask = flex.step_mask(spans, 2, 8, torch.device("cpu")).block_mask
-    seen = torch.zeros(3, 8, dtype=torch.bool)
-    for q in range(3):
-        for kv in range(8):
-            seen[q, kv] = bool(mask.mask_mod(0, 0, torch.tensor(q), torch.tensor(kv)))
+    mask = flex.StepMasks(2, 8, torch.device("cpu")).build(spans).block_mask
+    seen = asked_row_by_row(mask, 3, 8)
     # a: block 3 holds positions 0-1 (cache rows 6-7), block 0 positions 2-3 (rows 0-1).
     # Row 0 is a's position 1, row 1 its position 2; row 2 is b's position 0 (block 1: row 2).
     want = torch.zeros(3, 8, dtype=torch.bool)
@@ -100,8 +97,85 @@ def test_the_mask_lets_a_row_see_exactly_its_own_positions() -> None:
     assert torch.equal(seen, want)
 
 
+def asked_row_by_row(mask, rows: int, cache_rows: int) -> torch.Tensor:  # noqa: ANN001
+    seen = torch.zeros(rows, cache_rows, dtype=torch.bool)
+    for q in range(rows):
+        for kv in range(cache_rows):
+            seen[q, kv] = bool(mask.mask_mod(0, 0, torch.tensor(q), torch.tensor(kv)))
+    return seen
+
+
+def test_a_step_forgets_the_blocks_of_the_step_before() -> None:
+    """The block -> column map is kept between steps: a block the last step held and this
+    one does not is invisible to every row, though the same column is in use again."""
+    masks = flex.StepMasks(2, 8, torch.device("cpu"))
+    masks.build([flex.FlexSpan((3,), 0, 2)])
+    mask = masks.build([flex.FlexSpan((1,), 0, 2)]).block_mask
+    want = torch.zeros(2, 8, dtype=torch.bool)
+    want[0, 2] = True
+    want[1, [2, 3]] = True
+    assert torch.equal(asked_row_by_row(mask, 2, 8), want)
+
+
+def test_the_tiles_visited_are_the_tiles_a_dense_mask_would_keep() -> None:
+    """The tile lists read off the block tables against create_block_mask's, which evaluates
+    the mask at every (row, cache row) of the pool: the same tiles, each query tile's in cache
+    order, for shared and scattered blocks, prompt chunks and decodes, and steps whose rows
+    span several query tiles."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    g = torch.Generator().manual_seed(3)
+    bs, blocks = 16, 96  # 1536 cache rows: 12 KV tiles
+    masks = flex.StepMasks(bs, bs * blocks, torch.device("cpu"))
+    for _ in range(4):
+        perm = torch.randperm(blocks, generator=g).tolist()
+        spans, row = [], 0
+        for _ in range(int(torch.randint(1, 12, (1,), generator=g))):
+            n = int(torch.randint(1, 90, (1,), generator=g))  # a decode or a prompt chunk
+            start = int(torch.randint(0, 40, (1,), generator=g))
+            need = -(-(start + n) // bs)
+            table = tuple(perm[:2]) + tuple(perm[row + 2 : row + need])  # first two shared
+            spans.append(flex.FlexSpan(table[:need], start, n))
+            row += need
+        mask = masks.build(spans).block_mask
+        rows = sum(sp.n for sp in spans)
+        dense = create_block_mask(
+            mask.mask_mod, None, None, rows, bs * blocks, device="cpu",
+            BLOCK_SIZE=(flex.Q_TILE, flex.KV_TILE),
+        )  # fmt: skip
+        assert torch.equal(mask.to_dense(), dense.to_dense())
+        for q in range(mask.kv_num_blocks.shape[-1]):
+            listed = mask.kv_indices[0, 0, q, : mask.kv_num_blocks[0, 0, q]]
+            assert torch.equal(listed, listed.sort().values)
+        held = {b * bs // flex.KV_TILE for sp in spans for b in sp.table}
+        assert int(mask.kv_num_blocks.max()) <= len(held)
+
+
 def test_attention_kind_by_device() -> None:
     assert _attention_kind("auto", torch.device("cpu")) == "sdpa"
     assert _attention_kind("flex", torch.device("cpu")) == "flex"
     with pytest.raises(ValueError, match="attention 'paged'"):
         _attention_kind("paged", torch.device("cpu"))
+
+
+def test_a_flex_that_fails_to_build_leaves_the_runner_on_the_per_sequence_path(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The runner tries flex at load (a prompt tile and a decode); where its kernels do not
+    build (an H200 refused inductor's default tiles for lack of shared memory), it says why
+    and serves through the per-sequence path, with that path's logits."""
+
+    def unbuildable(device: torch.device):  # noqa: ANN202
+        def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise RuntimeError("No valid triton configs. OutOfMemoryError: out of resource")
+
+        return run
+
+    m = model()
+    want = runner(m, "sdpa").execute(StepInput((chunk("a", (3, 1), [5, 6, 7, 8, 9], 0),)))
+    monkeypatch.setattr(flex, "attention_fn", unbuildable)
+    r = runner(m, "flex")
+    assert r.attention == "sdpa"
+    assert "FlexAttention failed on cpu (No valid triton configs" in caplog.text
+    got = r.execute(StepInput((chunk("a", (3, 1), [5, 6, 7, 8, 9], 0),)))
+    torch.testing.assert_close(got, want, **CLOSE)

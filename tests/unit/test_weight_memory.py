@@ -13,6 +13,7 @@ import pytest
 
 from genserve.config import EngineConfig
 from genserve.model.sizing import (
+    SPARE_ROWS,
     DeviceMemory,
     kv_cache_bytes,
     model_bytes,
@@ -100,5 +101,10 @@ def test_a_gpus_kv_pool_takes_what_its_memory_fraction_leaves() -> None:
     assert pool_tokens(engine, 2048) == 32 * 2048  # a CPU: static slots' memory
     with pytest.raises(ValueError, match="gpu-memory-fraction 0.15"):
         pool_tokens(EngineConfig(gpu_memory_fraction=0.15), 2048, gpu, 2**20, 2 * gib)
+    # A tiny model on a big GPU: 2 kv heads x 16 dims a token a layer, 4 layers in bf16 (256
+    # bytes a token) would take 240M tokens; a layer's cache stays under 2^31 elements.
+    tiny = pool_tokens(engine, 2048, gpu, 256, 2 * gib, row_elements=32)
+    assert tiny == 2**31 // 32 - SPARE_ROWS
+    assert (tiny + SPARE_ROWS) * 32 <= 2**31
     with pytest.raises(ValueError):
         EngineConfig(gpu_memory_fraction=0)
