@@ -810,6 +810,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.baselines:
         print("transformers baselines ...", flush=True)
         report.hf_generate, report.hf_raw_decode_b32 = run_baselines(cfg, prompts)
+        # printed now too: a server that fails later must not take these with it
+        print(f"  generate, 1 stream: {report.hf_generate.tok_s:.1f} tok/s; raw B={RAW_BATCH}"
+              f" decode: {report.hf_raw_decode_b32.tok_s:.1f} tok/s", flush=True)  # fmt: skip
     if cfg.server:
         print("server ...", flush=True)
         report.server = run_server(cfg, prompts, report.skipped, long)
