@@ -246,6 +246,10 @@ class AttentionPlan:
     flex_mask: flex.FlexMask | None = None  # the step's mask when every row attends in one call
 
 
+class FlexFailed(RuntimeError):
+    """FlexAttention raised inside a step (its cause says why): the runner falls back."""
+
+
 class LlamaRunner:
     def __init__(
         self,
@@ -297,7 +301,7 @@ class LlamaRunner:
             flex.StepMasks(block_size, self.cache_rows, self.device) if self._flex else None
         )
         if self.attention == "flex":
-            self.attention = self._flex_or_sdpa()
+            self._try_flex()
         self._buffers: dict[str, torch.Tensor] = {}  # gather scratch (see _gather)
         self.lane_attention = "sdpa"  # or "native" (attend.c), where it measures faster
         self.lane_attention = self._choose_lane_attention()
@@ -512,6 +516,15 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
+        try:
+            return self._execute(step)
+        except FlexFailed as e:
+            # A shape the load-time try did not meet (flex recompiles as the step's rows
+            # change). Running the step again is safe: it rewrites the same cache rows.
+            self._drop_flex(e.__cause__ or e)
+            return self._execute(step)
+
+    def _execute(self, step: StepInput) -> torch.Tensor:
         if (logits := self._native(step)) is not None:
             return logits
         if (lone := self._lone(step)) is not None:
@@ -748,7 +761,7 @@ class LlamaRunner:
             flex_mask=self._flex_masks.build(spans),
         )  # fmt: skip
 
-    def _flex_or_sdpa(self) -> str:
+    def _try_flex(self) -> None:
         """flex where its kernels build and run here for a prompt tile and a decode (compiled
         now, not at the first request); else the per-sequence path, with the reason logged.
         On an H200 the Triton template's default tiles once asked for more shared memory than
@@ -763,11 +776,15 @@ class LlamaRunner:
                                 dtype=self.dtype)  # fmt: skip
                 flex.attend(self._flex, q, self.k_cache[0], self.v_cache[0], mask)
         except Exception as e:  # noqa: BLE001 - inductor and Triton raise many kinds
-            log.warning("FlexAttention failed on %s (%s): attending per sequence instead",
-                        self.device, str(e).splitlines()[0][:300])  # fmt: skip
-            self._flex = self._flex_masks = None
-            return "sdpa"
-        return "flex"
+            self._drop_flex(e)
+
+    def _drop_flex(self, why: BaseException) -> None:
+        """The per-sequence path from now on, with the reason logged."""
+        first = (str(why).splitlines() or [type(why).__name__])[0][:300]
+        log.warning("FlexAttention failed on %s (%s): attending per sequence instead",
+                    self.device, first)  # fmt: skip
+        self._flex = self._flex_masks = None
+        self.attention = "sdpa"
 
     def _invariant(self, chunk: ChunkInput) -> bool:
         return self.batch_invariant or chunk.params.reproducible
@@ -954,7 +971,10 @@ class LlamaRunner:
         decodes free to depend on their batch run as one padded call (plan.decode).
         """
         if plan.flex_mask is not None:
-            return flex.attend(self._flex, q, self.k_cache[i], self.v_cache[i], plan.flex_mask)
+            try:
+                return flex.attend(self._flex, q, self.k_cache[i], self.v_cache[i], plan.flex_mask)
+            except Exception as e:  # inductor and Triton raise many kinds
+                raise FlexFailed() from e
         out = torch.empty_like(q)
         if plan.decode is not None:
             self._attend_decodes(i, q, plan.decode, out)

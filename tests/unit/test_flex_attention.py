@@ -179,3 +179,35 @@ def test_a_flex_that_fails_to_build_leaves_the_runner_on_the_per_sequence_path(
     assert "FlexAttention failed on cpu (No valid triton configs" in caplog.text
     got = r.execute(StepInput((chunk("a", (3, 1), [5, 6, 7, 8, 9], 0),)))
     torch.testing.assert_close(got, want, **CLOSE)
+
+
+def test_a_flex_that_fails_inside_a_step_is_dropped_and_the_step_runs_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Flex built at load but fails on a later shape (it recompiles as a step's rows change):
+    that step is answered through the per-sequence path, with its logits, and so are the next
+    ones; the runner says why once."""
+    real = flex.attention_fn
+
+    def fails_after_load(device: torch.device):  # noqa: ANN202
+        fn, calls = real(device), [0]
+
+        def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[0] += 1
+            if calls[0] > 2:  # the load-time try: a prompt tile, then a decode
+                raise RuntimeError("No valid triton configs. OutOfMemoryError: out of resource")
+            return fn(*args, **kwargs)
+
+        return run
+
+    m = model()
+    plain = runner(m, "sdpa")
+    monkeypatch.setattr(flex, "attention_fn", fails_after_load)
+    r = runner(m, "flex")
+    assert r.attention == "flex"
+    prompt = StepInput((chunk("a", (3, 1), [5, 6, 7, 8, 9], 0),))
+    torch.testing.assert_close(r.execute(prompt), plain.execute(prompt), **CLOSE)
+    assert r.attention == "sdpa"
+    assert caplog.text.count("FlexAttention failed on cpu (No valid triton configs") == 1
+    decode = StepInput((chunk("a", (3, 1), [10], 5),))
+    torch.testing.assert_close(r.execute(decode), plain.execute(decode), **CLOSE)
