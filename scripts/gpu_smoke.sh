@@ -61,6 +61,12 @@ status=0
   tests/unit/test_flex_attention.py \
   2>&1 | tee "$OUT/unit.txt" || status=$?
 
+stamp "which part of a step depends on its batch (bench/invariance_probe.py), fp32 and bf16"
+for dt in fp32 bf16; do
+  PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" bench/invariance_probe.py --device cuda \
+    --dtype "$dt" 2>&1 | tee -a "$OUT/invariance.txt" || true
+done
+
 stamp "seeded outputs alone and under load, served on CUDA (fp32, default and --deterministic)"
 GENSERVE_DEVICE=cuda "$PY" -m pytest -q -rxX -p no:cacheprovider \
   tests/integration/test_reproducibility.py 2>&1 | tee "$OUT/seeds.txt" || status=$?

@@ -13,14 +13,16 @@ row sees.
   rather than evaluated over the pool, lets the kernel skip tiles that none of a query tile's
   sequences use (StepMasks).
 
-Each query row's result does not depend on the rest of its batch. Its own tiles are always
-visited in cache order. A tile it cannot see adds exact zeros and leaves the running maximum
-unchanged. So batching cannot change a row's attention (DESIGN rule 4 for the attention part;
-cuBLAS's linears are another matter).
+In the compiled main kernel a query row's result should not depend on the rest of its batch:
+its own tiles are always visited in cache order, and a tile it cannot see adds exact zeros and
+leaves the running maximum unchanged (DESIGN rule 4 for the attention part; cuBLAS's linears
+are another matter). That is why GPU_KERNEL_OPTIONS keeps flex-decoding out. Not yet seen to
+hold on a GPU: bench/invariance_probe.py prints it there.
 
 On the CPU it runs eagerly (torch's reference implementation, dense scores), which is how the
-unit tests check its masks against transformers. Serving on the CPU keeps the runner's own
-path, which is measured faster there.
+unit tests check its masks against transformers. That implementation is not batch-invariant
+for decode rows (its matmuls pick kernels by row count: 2.4e-7 apart, invariance_probe).
+Serving on the CPU keeps the runner's own path, which is measured faster there and is.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ Q_TILE = 128  # query rows per sparse tile
 # The compiled kernel's own tiles (each divides the mask's tiles). Inductor's default for bf16
 # with 64-dim heads on an H100/H200 (128 x 128, 3 stages) asked for 246784 bytes of shared
 # memory with our mask function, over the chip's 232448, and refused to build (2026-12-04).
-GPU_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2}
+# BACKEND TRITON: the main kernel for every step. Under 128 query rows inductor would pick
+# flex-decoding, which splits each row's keys over the chip in a number of parts chosen from
+# the call's shape, so a row's sums would be added in an order that depends on its batch.
+GPU_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2, "BACKEND": "TRITON"}
 
 
 def available() -> bool:
