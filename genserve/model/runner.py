@@ -973,6 +973,8 @@ class LlamaRunner:
         if plan.flex_mask is not None:
             try:
                 return flex.attend(self._flex, q, self.k_cache[i], self.v_cache[i], plan.flex_mask)
+            except torch.OutOfMemoryError:
+                raise  # the device's memory, not flex's kernels: nothing to fall back from
             except Exception as e:  # inductor and Triton raise many kinds
                 raise FlexFailed() from e
         out = torch.empty_like(q)

@@ -211,3 +211,29 @@ def test_a_flex_that_fails_inside_a_step_is_dropped_and_the_step_runs_again(
     assert caplog.text.count("FlexAttention failed on cpu (No valid triton configs") == 1
     decode = StepInput((chunk("a", (3, 1), [10], 5),))
     torch.testing.assert_close(r.execute(decode), plain.execute(decode), **CLOSE)
+
+
+def test_running_out_of_device_memory_in_a_step_keeps_flex(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An out-of-memory error is the device's, not flex's kernels': the step fails as it
+    would on any path, and flex stays for the next one."""
+    real = flex.attention_fn
+
+    def out_of_memory_once(device: torch.device):  # noqa: ANN202
+        fn, calls = real(device), [0]
+
+        def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[0] += 1
+            if calls[0] == 3:  # the first call after the load-time try
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 22 GiB")
+            return fn(*args, **kwargs)
+
+        return run
+
+    m = model()
+    monkeypatch.setattr(flex, "attention_fn", out_of_memory_once)
+    r = runner(m, "flex")
+    prompt = StepInput((chunk("a", (3, 1), [5, 6, 7, 8, 9], 0),))
+    with pytest.raises(torch.OutOfMemoryError):
+        r.execute(prompt)
+    assert r.attention == "flex"
+    torch.testing.assert_close(r.execute(prompt)[0], reference(m, [5, 6, 7, 8, 9]), **CLOSE)
