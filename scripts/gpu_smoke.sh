@@ -13,8 +13,9 @@
 #    copy per step (tests/unit/test_on_device.py, test_device_placement.py); on CUDA the
 #    runner attends through FlexAttention (genserve/model/flex.py), compiled on first use;
 #    then the sampler's and LoRA's own unit tests, which run on the CPU in the same
-#    interpreter as a check, and the flex masks' CPU test; then the seeded-reproducibility
-#    integration test with its servers on CUDA (GENSERVE_DEVICE=cuda).
+#    interpreter as a check, and the flex masks' CPU test; then bench/invariance_probe.py
+#    (which part of a step, if any, makes a row depend on its batch), then the
+#    seeded-reproducibility integration test with its servers on CUDA (GENSERVE_DEVICE=cuda).
 # 3. bench/throughput.py --device cuda: transformers' generate and raw B=32 decode on the GPU,
 #    then `genserve serve --device cuda --dtype auto` on the SmolLM2-135M-shaped random model
 #    at 1 and 32 streams (temperature 0.8, and top_p 0.95) and a 512-token prompt's TTFT.
