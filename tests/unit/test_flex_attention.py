@@ -237,3 +237,77 @@ def test_running_out_of_device_memory_in_a_step_keeps_flex(monkeypatch: pytest.M
         r.execute(prompt)
     assert r.attention == "flex"
     torch.testing.assert_close(r.execute(prompt)[0], reference(m, [5, 6, 7, 8, 9]), **CLOSE)
+
+
+def engine_tokens(model_dir, data_dir, monkeypatch: pytest.MonkeyPatch, attention: str):  # noqa: ANN001, ANN201
+    """Greedy tokens of three requests through a whole in-process engine (prefix cache on,
+    16-token step budget so prompts run in chunks beside decodes; the third request shares
+    the first one's prompt prefix, cached by then), its runner's attention forced."""
+    import threading
+    from dataclasses import replace
+
+    from genserve.config import EngineConfig, ModelConfig, ServerConfig, StorageConfig
+    from genserve.engine.types import Request, SamplingParams
+    from genserve.model import runner as runner_mod
+    from genserve.runtime.build import build_served_model
+
+    monkeypatch.setattr(runner_mod, "_attention_kind", lambda asked, device: attention)
+    cfg = replace(
+        ServerConfig(),
+        model=replace(ModelConfig(), ref=str(model_dir), embedding_model=None),
+        engine=EngineConfig(
+            max_batch_size=4, max_model_len=96, own_process=False, max_num_batched_tokens=16
+        ),  # fmt: skip
+        storage=replace(StorageConfig(), data_dir=str(data_dir)),
+    )
+    core = build_served_model(cfg).engine.core
+    assert core.worker.runner.attention == attention
+    tokens: dict[str, list[int]] = {}
+    cached: dict[str, int] = {}
+    finished: set[str] = set()
+    changed = threading.Condition()
+
+    def publish(deltas) -> None:  # noqa: ANN001
+        with changed:
+            for d in deltas:
+                tokens.setdefault(d.request_id, []).extend(d.token_ids)
+                cached[d.request_id] = max(cached.get(d.request_id, 0), d.cached_tokens)
+                if d.finished:
+                    finished.add(d.request_id)
+            changed.notify_all()
+
+    def wait_for(*ids: str) -> None:
+        with changed:
+            assert changed.wait_for(lambda: finished.issuperset(ids), timeout=120)
+
+    core.publish = publish
+    core.start()
+    try:
+        prefix = list(range(3, 40))  # 37 tokens: two full 16-token blocks to share
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        core.submit(Request("a", prefix + [41, 42], params))
+        core.submit(Request("b", [44, 45, 46, 47, 48], params))
+        wait_for("a", "b")
+        core.submit(Request("c", prefix + [50], params))
+        wait_for("c")
+    finally:
+        core.stop()
+    assert cached.get("c", 0) >= 32  # its prompt's two full blocks came from the cache
+    return tokens
+
+
+def test_a_whole_engine_on_flex_gives_the_per_sequence_paths_tokens(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    """The GPU's attention path end to end, on the CPU (flex's reference implementation):
+    block tables from the engine's allocator, a prefix-cache hit, prompts in chunks beside
+    decodes. Greedy tokens equal the CPU path's. (Untied embeddings: the shared tiny model's
+    tied ones make it repeat its last token whatever it attends to.)"""
+    from tests.tiny_model import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "model", tie_word_embeddings=False)
+    want = engine_tokens(folder, tmp_path / "sdpa", monkeypatch, "sdpa")
+    got = engine_tokens(folder, tmp_path / "flex", monkeypatch, "flex")
+    assert got == want
+    assert all(len(t) == 8 for t in got.values())
+    assert any(len(set(t)) > 1 for t in got.values())  # tokens that depend on what came before
