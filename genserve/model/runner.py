@@ -62,11 +62,16 @@ class Runner(Protocol):
 NativePath = Callable[[native.DecodeStep, torch.Tensor], torch.Tensor]
 
 
-def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+def kv_row_elements(config: Any) -> int:
+    """One token's keys (or values) in one layer: kv_heads x head_dim."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return kv_heads * head_dim
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * elem
+    return 2 * config.num_hidden_layers * kv_row_elements(config) * elem
 
 
 def fast_path_supported(config: Any, max_len: int) -> bool:

@@ -31,7 +31,12 @@ from genserve.model.loading import (
     resolve_model_ref,
 )
 from genserve.model.memory import device_memory
-from genserve.model.runner import Runner, fast_path_supported, kv_bytes_per_token
+from genserve.model.runner import (
+    Runner,
+    fast_path_supported,
+    kv_bytes_per_token,
+    kv_row_elements,
+)
 from genserve.model.sizing import cache_shape, pool_tokens
 from genserve.model.worker import ModelWorker
 from genserve.runtime.engine_main import spawn_engine
@@ -248,8 +253,9 @@ def kv_pool_tokens(cfg: ServerConfig, loaded: LoadedModel, max_len: int) -> int:
     )
     activations = cfg.engine.max_num_batched_tokens * width * 4  # fp32 at worst
     per_token = kv_bytes_per_token(c, model.dtype)
-    row = per_token // (2 * c.num_hidden_layers * model.dtype.itemsize)  # kv_heads x head_dim
-    return pool_tokens(cfg.engine, max_len, device, per_token, weights + activations, row)
+    return pool_tokens(
+        cfg.engine, max_len, device, per_token, weights + activations, kv_row_elements(c)
+    )
 
 
 def kv_manager(runner: Runner, paged: PagedShape, caching: bool, max_len: int) -> KVCacheManager:
