@@ -201,6 +201,10 @@ def _multiply(
         raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} against weight [{n}, {k}]")
     x = x.contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32 if float_out else x.dtype)
+    if x.shape[0] == 0:
+        # No rows: a step whose chunks all end mid-prompt asks the LM head for none, and an
+        # empty float32 x has no data pointer, which the C side read as a failed allocation.
+        return y
     bf16 = int(x.dtype == torch.bfloat16)
     if weight.dtype == torch.int8:
         fn, extra = lib.gemv_i8, (scales.data_ptr(),)

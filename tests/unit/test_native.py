@@ -75,6 +75,18 @@ def test_a_rows_bits_do_not_depend_on_the_other_rows() -> None:
         assert torch.equal(fn(x[5:6])[0], fn(x)[5])  # the sixth row alone, as in 17
 
 
+def test_no_rows_give_no_rows() -> None:
+    """A step whose chunks all end mid-prompt asks the LM head for no rows: an empty x (no data
+    pointer in float32) gives an empty y, in every weight format, not a failed step."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 32, generator=g)
+    quant = kernels.quantize_int8(w)
+    for fn in (native.Gemv(w), native.Gemv(w.bfloat16()), native.Gemv(quant.q, quant.scales)):
+        for dtype in (torch.float32, torch.bfloat16):
+            y = fn(torch.empty(0, 32, dtype=dtype), float_out=True)
+            assert y.shape == (0, 24) and y.dtype == torch.float32
+
+
 def test_through_kernels_build_with_a_bias_and_strided_input() -> None:
     g = torch.Generator().manual_seed(4)
     w, b = torch.randn(24, 32, generator=g), torch.randn(24, generator=g)
