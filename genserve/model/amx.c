@@ -36,6 +36,8 @@
 #include <omp.h>
 #include <unistd.h>
 
+#include "vexp.h"
+
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -77,8 +79,7 @@ static inline void prefetch_tile(const uint16_t *t) {
     for (int l = 0; l < KBLOCK_BYTES; l += 64) _mm_prefetch((const char *)t + l, _MM_HINT_T1);
 }
 static void tile_block(const uint16_t *x, size_t ldx, const uint16_t *b0, const uint16_t *b1,
-                       const char *next, int fetch, int kblocks, int one, int single,
-                       float *out) {
+                       const char *next, int fetch, int kblocks, int one, int single) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -109,6 +110,10 @@ static void tile_block(const uint16_t *x, size_t ldx, const uint16_t *b0, const 
             if (!single) _tile_dpbf16ps(3, 5, 7);
         }
     }
+}
+
+/* tile_block's sums into out[32][32] (the tiles it used as `one` and `single` say). */
+static void store_block(int one, int single, float *out) {
     _tile_stored(0, out, 128);
     if (!single) _tile_stored(1, out + 16, 128);
     if (!one) {
@@ -135,10 +140,56 @@ static inline void put_row(void *y, int y_bf16, size_t at, const float *v, int c
     }
 }
 
-/* x [M, K] bf16, w packed [N/16][K/32][512] bf16, y [M, N] (bf16 when y_bf16), K % 32 == 0,
- * N % 16 == 0. Returns 0, -1 when memory ran out. */
-int amx_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, int M, int N,
-                    int K, int threads) {
+/* A gated MLP's gate and up projections in one weight ([gate; up], each I rows) are packed
+ * with their column blocks interleaved, gate block j then up block j (native.Amx's `glu`),
+ * so that each pair of blocks the kernel walks holds the same 16 features of both: the
+ * features' SiLU(gate) * up can then be taken from the tiles' sums at once (GLU_SILU), and
+ * the [M, 2I] products never go to memory. A 512-row prompt chunk's 3 MB of gate/up sums,
+ * written and read back by the SiLU pass, cost about as much as the multiply (2-core AMX
+ * Xeon VM). GLU_SPLIT writes the two halves where an unpacked weight would have put them. */
+enum { GLU_NONE = 0, GLU_SPLIT = 1, GLU_SILU = 2 };
+
+/* One row's 16 features from a pair's sums (v: 16 gate, then 16 up) as SiLU(gate) * up,
+ * each step rounded to bf16 as decode.c's silu_mul rounds it (the sums first, as a bf16
+ * linear's output is): the same bits as the linear and then glue_silu_mul. */
+static inline void put_silu_row(uint16_t *act, const float *v) {
+    __m512 g = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v))), 16));
+    __m512 u = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v + 16))), 16));
+    __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(silu16(g))), 16));
+    _mm256_storeu_si256((__m256i *)act, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, u)));
+}
+
+/* Row i of a 32 x 32 block of sums (pair p, rows from m) into y as `glu` says. */
+static inline void put_block_row(void *y, int y_bf16, int glu, int N, int p, size_t row,
+                                 const float *v, int cols) {
+    if (glu == GLU_NONE) {
+        put_row(y, y_bf16, row * N + (size_t)p * 32, v, cols);
+    } else if (glu == GLU_SPLIT) { /* N = 2I: gate to column 16p, up to I + 16p */
+        put_row(y, 1, row * N + (size_t)p * 16, v, 16);
+        put_row(y, 1, row * N + (size_t)N / 2 + (size_t)p * 16, v + 16, 16);
+    } else { /* GLU_SILU: y is [M, I] */
+        put_silu_row((uint16_t *)y + row * (size_t)(N / 2) + (size_t)p * 16, v);
+    }
+}
+
+/* A block of sums not yet written: `rows` rows from m of pair p, in out (buffer `buf`). */
+typedef struct {
+    const float *out;
+    int buf, p, m, rows, cols;
+} Held;
+
+static void put_held(const Held *h, void *y, int y_bf16, int glu, int N) {
+    for (int i = 0; i < h->rows; i++)
+        put_block_row(y, y_bf16, glu, N, h->p, (size_t)(h->m + i), h->out + i * 32, h->cols);
+}
+
+/* x [M, K] bf16, w packed [N/16][K/32][512] bf16, y [M, N] (bf16 when y_bf16; [M, N/2] for
+ * GLU_SILU), K % 32 == 0, N % 16 == 0 (% 32 with glu). Returns 0, -1 when memory ran out. */
+static int tiles_linear(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, int M, int N,
+                        int K, int threads, int glu) {
     int padded = (M + 15) / 16 * 16;
     const uint16_t *xs = x;
     uint16_t *owned = NULL;
@@ -153,7 +204,12 @@ int amx_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, i
 #pragma omp parallel num_threads(threads)
     {
         configure();
-        float out[32 * 32];
+        /* Two blocks of sums: the last block's are written out (AVX-512) while the tiles
+         * still multiply this one (the tile instructions go first, and the core runs the
+         * two units side by side); written after them, a 512-row chunk's linears spent a
+         * quarter of their time in the epilogue, the tiles idle (2-core AMX Xeon VM). */
+        float out[2][32 * 32];
+        Held held = {0};
 #pragma omp for schedule(static)
         for (int p = 0; p < pairs; p++) {
             int nb = 2 * p, single = nb + 1 >= nblocks, cols = single ? 16 : 32;
@@ -161,16 +217,30 @@ int amx_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, i
             for (int m = 0; m < padded; m += 32) {
                 int one = padded - m < 32, rows = M - m < 32 ? M - m : 32;
                 const char *next = p + 1 < pairs ? (const char *)(b0 + 2 * block) : NULL;
-                tile_block(xs + (size_t)m * K, K, b0, b1, next, m == 0, kblocks, one, single,
-                           out);
-                for (int i = 0; i < rows; i++)
-                    put_row(y, y_bf16, (size_t)(m + i) * N + nb * 16, out + i * 32, cols);
+                tile_block(xs + (size_t)m * K, K, b0, b1, next, m == 0, kblocks, one, single);
+                put_held(&held, y, y_bf16, glu, N);
+                store_block(one, single, out[held.buf ^ 1]);
+                held = (Held){out[held.buf ^ 1], held.buf ^ 1, p, m, rows, cols};
             }
         }
+        put_held(&held, y, y_bf16, glu, N);
         _tile_release();
     }
     free(owned);
     return 0;
+}
+
+int amx_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, int M, int N,
+                    int K, int threads) {
+    return tiles_linear(x, w, y, y_bf16, M, N, K, threads, GLU_NONE);
+}
+
+/* The interleaved [gate; up] weight (2I outputs): silu != 0 writes act [M, I] = SiLU(gate) *
+ * up, else y [M, 2I] as an unpacked weight's product. Returns -2 where I is not whole pairs. */
+int amx_glu_bf16(const uint16_t *x, const uint16_t *w, void *y, int M, int I, int K,
+                 int threads, int silu) {
+    if (I % 16) return -2;
+    return tiles_linear(x, w, y, 1, M, 2 * I, K, threads, silu ? GLU_SILU : GLU_SPLIT);
 }
 
 /* ---- Causal attention of a prompt chunk on the tiles ----
@@ -186,8 +256,6 @@ int amx_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, i
  *
  * A row's result depends on its own query, the keys and values it sees and nothing else: the
  * same bits in any call (rows of another task or sequence never mix). */
-#include "vexp.h"
-
 #define PA_MAX_DIM 128
 
 /* Keys [0, end) of one head ([end, D] rows of `ld` elements) as S's B tiles: for key block b
@@ -404,6 +472,11 @@ int amx_init(void) { return -2; }
 int amx_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, int M, int N,
                     int K, int threads) {
     (void)x, (void)w, (void)y, (void)y_bf16, (void)M, (void)N, (void)K, (void)threads;
+    return -2;
+}
+int amx_glu_bf16(const uint16_t *x, const uint16_t *w, void *y, int M, int I, int K,
+                 int threads, int silu) {
+    (void)x, (void)w, (void)y, (void)M, (void)I, (void)K, (void)threads, (void)silu;
     return -2;
 }
 int amx_attend_causal(const uint16_t *q, int64_t q_row, const uint16_t *k, const uint16_t *v,

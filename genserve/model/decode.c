@@ -39,6 +39,8 @@ int gemv_f32(const void *x, int x_bf16, const float *w, void *y, int y_bf16, int
              int K, int threads);
 int amx_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, int M, int N,
                     int K, int threads);
+int amx_glu_bf16(const uint16_t *x, const uint16_t *w, void *y, int M, int I, int K,
+                 int threads, int silu);
 int attend_lanes(const void *q, const void *k, const void *v, void *out, const int32_t *lanes,
                  const int32_t *lengths, int B, int heads, int kv_heads, int D, int64_t rows,
                  int64_t row0, int64_t lane_len, float scale, int bf16, int threads);
@@ -54,6 +56,7 @@ typedef struct { /* one linear: y = x W^T (* scales) (+ bias) */
     int64_t format, n, k;
     const uint16_t *tiles; /* the weight in bf16 packed for amx.c, or NULL */
     int64_t tiles_from;    /* steps of at least this many rows multiply through the tiles */
+    int64_t glu;           /* the tiles hold [gate; up] interleaved (amx.c's amx_glu_bf16) */
 } Lin;
 
 typedef struct { /* one decoder layer's weights and cache (fixed while a runner lives) */
@@ -72,10 +75,16 @@ typedef struct { /* the model's shape and one step's rows */
 
 /* y [M, n] (the model's dtype) = x [M, k] (the model's dtype) W^T (+ bias): the kernel's
  * output rounded, then the bias added and rounded again, as the eager path's gemv does. */
+static int tiled(const Lin *L, const Step *s) { /* a batch: AMX tiles, as measured */
+    return L->tiles != NULL && s->bf16 && s->rows >= L->tiles_from;
+}
+
 static int linear(const Lin *L, const void *x, void *y, const Step *s) {
     int n = (int)L->n, k = (int)L->k, t = (int)s->threads, M = (int)s->rows, rc;
     int bf16 = (int)s->bf16;
-    if (L->tiles != NULL && bf16 && M >= L->tiles_from) /* a batch: AMX tiles, as measured */
+    if (tiled(L, s) && L->glu)
+        rc = amx_glu_bf16((const uint16_t *)x, L->tiles, y, M, n / 2, k, t, 0);
+    else if (tiled(L, s))
         rc = amx_linear_bf16((const uint16_t *)x, L->tiles, y, 1, M, n, k, t);
     else if (L->format == FORMAT_I8)
         rc = gemv_i8(x, bf16, (const int8_t *)L->w, L->scales, y, bf16, M, n, k, t);
@@ -234,17 +243,7 @@ static void rotate(void *row, int count, int D, const float *cos, const float *s
 static void silu(float *g, size_t n) {
     size_t i = 0;
 #ifdef __AVX512F__
-    const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        __m512 v = _mm512_loadu_ps(g + i);
-        __m512 e = exp16(_mm512_sub_ps(zero, _mm512_abs_ps(v)));
-        /* 1 / (1 + e) from the 14-bit reciprocal and one Newton step (about 1 ulp): the
-         * division was the stage's bottleneck, one a cycle per element */
-        __m512 den = _mm512_add_ps(one, e), r = _mm512_rcp14_ps(den);
-        r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, _mm512_set1_ps(2.f)));
-        __mmask16 pos = _mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ);
-        _mm512_storeu_ps(g + i, _mm512_mul_ps(v, _mm512_mask_blend_ps(pos, _mm512_mul_ps(e, r), r)));
-    }
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(g + i, silu16(_mm512_loadu_ps(g + i)));
 #endif
     for (; i < n; i++) {
         float e = exp_nonpositive(-fabsf(g[i])), r = 1.f / (1.f + e);
@@ -314,8 +313,15 @@ static int layer(const Layer *L, void *x, Scratch *b, const Step *s) {
     if ((rc = attend(s, L->k_cache, L->v_cache, b->qkv, b->q, b->att))) return rc;
     if ((rc = linear(&L->o, b->att, b->y, s))) return rc;
     residual_norm_rows(s, x, b->y, L->post_norm, b->h, b->tmp);
-    if ((rc = linear(&L->gate_up, b->h, b->gu, s))) return rc;
-    silu_mul(s, b->gu, b->act);
+    const Lin *gu = &L->gate_up;
+    if (tiled(gu, s) && gu->glu && gu->bias == NULL) { /* SiLU(gate) * up from the tiles */
+        rc = amx_glu_bf16((const uint16_t *)b->h, gu->tiles, b->act, (int)s->rows,
+                          (int)s->inter, (int)gu->k, (int)s->threads, 1);
+        if (rc) return rc;
+    } else {
+        if ((rc = linear(gu, b->h, b->gu, s))) return rc;
+        silu_mul(s, b->gu, b->act);
+    }
     if ((rc = linear(&L->down, b->act, b->y, s))) return rc;
     residual(s, x, b->y, b->tmp);
     return 0;

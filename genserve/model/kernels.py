@@ -78,10 +78,12 @@ def build(
     bias: torch.Tensor | None,
     quant: QuantizedWeight | None,
     batch_hint: int,
+    glu: bool = False,
 ) -> Kernel:
     """A callable for one kernel. `weight` is in the compute dtype (already dequantized when
     the layer is quantized; None when only QUANTIZED kernels are built); `quant`, where the
-    layer is quantized, is what `int8` and `gemv` read."""
+    layer is quantized, is what `int8` and `gemv` read. `glu`: the weight is a gated MLP's
+    [gate; up], which `amx` packs so that it can also give SiLU(gate) * up (native.Amx)."""
     if kind == "linear":
         return lambda x: F.linear(x, weight, bias)
     if kind == "onednn":
@@ -94,7 +96,8 @@ def build(
             return native.Gemv(quant.q, quant.scales, bias)
         return native.Gemv(weight, None, bias)
     if kind == "amx":
-        return native.Amx(weight, bias)
+        glu = glu and bias is None and weight.shape[0] % 32 == 0
+        return native.Amx(weight, bias, glu=glu)
     raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
 
 

@@ -65,6 +65,7 @@ _SIGNATURES = {
     "gemv_f32": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
     "amx_init": [],
     "amx_linear_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
+    "amx_glu_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
     "amx_attend_causal": [_P, _L, _P, _P, _L, _P, _L, _I, _I, _I, _I, _I, _F, _I],
     "sample_rows": [_P, _L, _I, _I, _P, _P, _P, _P, _P, _I],
     "nucleus_rows": [_P, _L, _I, _I, _P, _P, _P, _P, _I],
@@ -230,40 +231,75 @@ def amx_ready() -> bool:
 
 class Amx:
     """y = x W^T (+ bias) on AMX tiles for bf16 x [M, K] and a bf16 weight [N, K] with N a
-    multiple of 16 and K of 32, packed here into amx.c's tile layout (a copy)."""
+    multiple of 16 and K of 32, packed here into amx.c's tile layout (a copy).
 
-    __slots__ = ("bias", "n", "packed")
+    `glu`: the weight is a gated MLP's [gate; up] (N = 2I, I a multiple of 16, no bias),
+    packed with each gate column block beside its up block, so that `silu_mul` can give
+    SiLU(gate) * up [M, I] straight from the tiles' sums (amx_glu_bf16). Called, it still
+    gives the [M, 2I] product of the weight as given."""
+
+    __slots__ = ("bias", "glu", "n", "packed")
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.n, self.packed.shape[1] * 32
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, glu: bool = False
+    ) -> None:
         n, k = weight.shape
         if not amx_ready() or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
             raise ValueError(f"the AMX kernel is unavailable for {weight.dtype} here")
         if n % 16 or k % 32:
             raise ValueError(f"the AMX kernel needs [16n, 32k] weights, not [{n}, {k}]")
+        if glu and (n % 32 or bias is not None):
+            raise ValueError(f"gate/up tiles need [32n, 32k] weights and no bias, not [{n}, {k}]")
+        if glu:  # [gate; up] -> gate block 0, up block 0, gate block 1, ... (16 rows each)
+            weight = weight.reshape(2, n // 32, 16, k).transpose(0, 1).reshape(n, k)
         # [N/16][K/32][16 pairs of k][16 columns][2]: TDPBF16PS's tiles, one after another
         tiles = weight.reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4)
         self.packed = tiles.contiguous()
-        self.n = n
+        self.n, self.glu = n, glu
         self.bias = None if bias is None else bias.contiguous()
 
     def __call__(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
         """y in bf16, or float32 sums as they are (`float_out`: a model's logits)."""
-        k = self.packed.shape[1] * 32
-        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
-            raise ValueError(f"amx: x {tuple(x.shape)} {x.dtype} against weight [{self.n}, {k}]")
-        x = x.contiguous()
+        x = self._operand(x)
+        if self.glu:
+            if float_out:
+                raise ValueError("amx: gate/up tiles give bf16 only")
+            return self._glu(x, self.n, silu=False)
         y = torch.empty(x.shape[0], self.n, dtype=torch.float32 if float_out else torch.bfloat16)
         rc = library().amx_linear_bf16(
             x.data_ptr(), self.packed.data_ptr(), y.data_ptr(), int(not float_out), x.shape[0],
-            self.n, k, torch.get_num_threads(),
+            self.n, x.shape[1], torch.get_num_threads(),
         )  # fmt: skip
         if rc:
             raise MemoryError("amx: no memory for the rows' padded copy")
         return y if self.bias is None else y.add_(self.bias)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(x gate^T) * (x up^T) [M, I] in bf16, rounded step by step as decode.c's
+        glue_silu_mul rounds the product's halves: the same bits."""
+        if not self.glu:
+            raise ValueError("amx: silu_mul needs gate/up tiles (glu)")
+        return self._glu(self._operand(x), self.n // 2, silu=True)
+
+    def _operand(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.packed.shape[1] * 32
+        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"amx: x {tuple(x.shape)} {x.dtype} against weight [{self.n}, {k}]")
+        return x.contiguous()
+
+    def _glu(self, x: torch.Tensor, width: int, silu: bool) -> torch.Tensor:
+        y = torch.empty(x.shape[0], width, dtype=torch.bfloat16)
+        rc = library().amx_glu_bf16(
+            x.data_ptr(), self.packed.data_ptr(), y.data_ptr(), x.shape[0], self.n // 2,
+            x.shape[1], torch.get_num_threads(), int(silu),
+        )  # fmt: skip
+        if rc:
+            raise MemoryError("amx: no memory for the rows' padded copy")
+        return y
 
 
 AMX_ATTEND_MAX_DIM = 128  # amx.c's PA_MAX_DIM
@@ -404,7 +440,7 @@ def attend_lanes(
 class _Lin(ctypes.Structure):
     _fields_ = [
         ("w", _P), ("scales", _P), ("bias", _P), ("format", _L), ("n", _L), ("k", _L),
-        ("tiles", _P), ("tiles_from", _L),
+        ("tiles", _P), ("tiles_from", _L), ("glu", _L),
     ]  # fmt: skip
 
 
@@ -653,6 +689,16 @@ class DecodeGlue:
         library().glue_silu_mul(ctypes.byref(st.struct), gu.data_ptr(), act.data_ptr())
 
 
+def silu_mul(gu: torch.Tensor, hidden: int) -> torch.Tensor:
+    """SiLU(gate) * up [rows, I] from gu [rows, 2I] through decode.c's stage alone, with the
+    threads a step of `hidden`-wide rows gives it (hardware.py times a [gate; up] kernel so)."""
+    rows, inter = gu.shape[0], gu.shape[1] // 2
+    shape = DecodeShape(hidden, 1, 1, 2, inter, 1e-6, gu.dtype)
+    act = gu.new_empty(rows, inter)
+    DecodeGlue(shape, 0).silu_mul(GlueRows(shape, rows), gu.contiguous(), act)
+    return act
+
+
 def _check_norm(s: DecodeShape, w: torch.Tensor) -> None:
     if w.dtype != s.dtype or not w.is_contiguous() or tuple(w.shape) != (s.hidden,):
         raise ValueError(f"decode.c: norm weight {tuple(w.shape)} {w.dtype}")
@@ -700,7 +746,10 @@ def _lin_struct(g: Gemv, tile: tuple[Amx, int] | None) -> _Lin:
     bias = g.bias.data_ptr() if g.bias is not None else None
     n, k = g.weight.shape
     tiles, start = (tile[0].packed.data_ptr(), tile[1]) if tile is not None else (None, 0)
-    return _Lin(g.weight.data_ptr(), scales, bias, _FORMATS[g.weight.dtype], n, k, tiles, start)
+    glu = int(tile is not None and tile[0].glu)
+    return _Lin(
+        g.weight.data_ptr(), scales, bias, _FORMATS[g.weight.dtype], n, k, tiles, start, glu
+    )
 
 
 def _layer_struct(layer: DecodeLayer) -> _Layer:

@@ -102,6 +102,7 @@ class Linear:
         batch_hint: int,
         plan: ShapePlan | None = None,
         quantize: bool = False,
+        glu: bool = False,
     ) -> None:
         plan = plan or _default_plan(weight)
         quant = kernels.quantize_int8(weight) if quantize else None
@@ -113,7 +114,7 @@ class Linear:
         dense = weight
         if quant is not None and kinds - set(kernels.QUANTIZED):
             dense = quant.dequantize(weight.dtype)
-        built = {k: kernels.build(k, dense, bias, quant, batch_hint) for k in sorted(kinds)}
+        built = {k: kernels.build(k, dense, bias, quant, batch_hint, glu) for k in sorted(kinds)}
         self.by_bucket = tuple(built[k] for k in plan.choices)
         self.invariant = built[plan.invariant]
         self.gemv = built.get("gemv")  # what decode.c reads, where the policy built it
@@ -132,6 +133,13 @@ class Linear:
             # others): a lone row is padded to two, so it samples the same alone or batched.
             return self.invariant(x.repeat(2, 1))[:1]
         return self.invariant(x)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For a [gate; up] weight (`glu`), a free call's SiLU(gate) * up straight from amx.c's
+        tiles where x's row bucket runs them; None elsewhere (the caller multiplies, then
+        applies SiLU: the same bits)."""
+        kernel = self.by_bucket[bucket(x.shape[0])]
+        return kernel.silu_mul(x) if isinstance(kernel, native.Amx) and kernel.glu else None
 
     def logits(self, x: torch.Tensor, invariant: bool = False) -> torch.Tensor:
         """A model's logits in float32. genserve's own kernels write their float32 sums as they
@@ -179,14 +187,15 @@ class LayerWeights:
 
 
 def _stack_layer(layer: Any, make: Any) -> LayerWeights:
-    """`make(weight, bias)` builds one Linear (the runner's kernels for that shape)."""
+    """`make(weight, bias, glu=False)` builds one Linear (the runner's kernels for that
+    shape; `glu` for the stacked [gate; up])."""
     w = stack_layer(layer)
     return LayerWeights(
         input_norm=w.input_norm,
         qkv=make(w.qkv, w.qkv_bias),
         o=make(w.o, w.o_bias),
         post_norm=w.post_norm,
-        gate_up=make(w.gate_up, None),
+        gate_up=make(w.gate_up, None, glu=True),
         down=make(w.down, w.down_bias),
     )
 
@@ -597,7 +606,7 @@ class LlamaRunner:
             g.attend(rows, self.k_cache[i], self.v_cache[i], qkv, q, att)
             return att
 
-        return self._glued_layers(x, rows, attend, lambda _i, _stack, lin, h: lin(h))
+        return self._glued_layers(x, rows, attend, lambda _i, _stack, lin, h: lin(h), fuse=True)
 
     def _glued_prompt(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan
@@ -618,15 +627,19 @@ class LlamaRunner:
         def project(i: int, stack: str, lin: Linear, h: torch.Tensor) -> torch.Tensor:
             return self._project(i, stack, lin, h, plan)
 
-        return self._glued_layers(x, rows, attend, project)
+        fuse = plan.lora_owner is None and not plan.lora_rows  # no adapter adds to gate/up
+        return self._glued_layers(x, rows, attend, project, fuse)
 
     def _glued_layers(
         self, x: torch.Tensor, rows: native.DecodeStep | native.GlueRows,
         attend: Callable[[int, torch.Tensor], torch.Tensor],
         project: Callable[[int, str, Linear, torch.Tensor], torch.Tensor],
+        fuse: bool,
     ) -> torch.Tensor:  # fmt: skip
         """Every layer: `project` each linear, `attend` from a layer's qkv, and decode.c's
-        row-wise stages between them. Returns every row's final norm."""
+        row-wise stages between them. `fuse`: SiLU(gate) * up may come straight from the
+        gate/up kernel (Linear.silu_mul; nothing is added to the projection). Returns every
+        row's final norm."""
         g = self.native_glue
         h, act = torch.empty_like(x), x.new_empty(x.shape[0], self.native_shape.inter)
         norms = [w.input_norm for w in self.layers] + [self.final_norm]  # each layer's first
@@ -634,7 +647,10 @@ class LlamaRunner:
         for i, w in enumerate(self.layers):
             att = attend(i, project(i, "qkv", w.qkv, h))
             g.residual_norm(rows, x, project(i, "o", w.o, att), w.post_norm, h)
-            g.silu_mul(rows, project(i, "gate_up", w.gate_up, h), act)
+            if (fused := w.gate_up.silu_mul(h) if fuse else None) is not None:
+                act = fused
+            else:
+                g.silu_mul(rows, project(i, "gate_up", w.gate_up, h), act)
             # x += down(act), then the next layer's input norm (after the last: the final norm)
             g.residual_norm(rows, x, project(i, "down", w.down, act), norms[i + 1], h)
         return h
@@ -950,12 +966,12 @@ class LlamaRunner:
     def remove_adapter(self, name: str) -> None:
         self.lora.remove(name)
 
-    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None, glu: bool = False) -> Linear:
         """A base weight through the policy's kernels (and int8 when it quantizes)."""
         p = self.policy
-        plan = p.plan(*weight.shape) if p is not None else None
+        plan = p.plan(*weight.shape, glu=glu) if p is not None else None
         quantize = p is not None and p.quantization == "int8"
-        return Linear(weight, bias, self.num_slots, plan, quantize)
+        return Linear(weight, bias, self.num_slots, plan, quantize, glu)
 
     def _pack(self, weight: torch.Tensor) -> Linear:
         """An adapter's weight: never quantized (a LoRA's few parameters are cheap to read).

@@ -294,6 +294,7 @@ def test_the_stack_multiplies_a_batch_through_amx_tiles_as_the_eager_path(
     )
     layer = fast.layers[0]
     assert [lin.tiles[1] for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] == [2] * 4
+    assert layer.gate_up.tiles[0].glu  # three rows: SiLU(gate) * up straight from the tiles
     check_native_decode(fast, eager, counting, 0.05)
 
 
@@ -537,6 +538,59 @@ def test_amx_is_a_bf16_candidate_and_refuses_what_it_cannot_multiply() -> None:
         fn(torch.randn(2, 32).bfloat16())  # the wrong width would read past x's rows
     with pytest.raises(ValueError, match="against weight"):
         fn(torch.randn(2, 64))
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    ("m", "inter", "k"), [(1, 16, 32), (5, 48, 64), (17, 96, 96), (70, 32, 64)]
+)
+def test_gate_up_tiles_give_the_same_bits_as_the_product_and_then_the_glues_silu(
+    m: int, inter: int, k: int
+) -> None:
+    """[gate; up] packed side by side (glu): called, the product of the weight as given; its
+    silu_mul, decode.c's SiLU(gate) * up of that product to the bit, each row alone too."""
+    g = torch.Generator().manual_seed(m + inter + k)
+    w = torch.randn(2 * inter, k, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g).bfloat16()
+    glu, plain = native.Amx(w, glu=True), native.Amx(w)
+    product = plain(x)
+    assert torch.equal(glu(x), product)
+    act = glu.silu_mul(x)
+    assert act.shape == (m, inter) and act.dtype == torch.bfloat16
+    assert torch.equal(act, native.silu_mul(product, k))
+    gate, up = product.float().chunk(2, dim=-1)
+    torch.testing.assert_close(act.float(), F.silu(gate) * up, atol=0.05, rtol=2**-6)
+    for i in {0, m - 1}:
+        assert torch.equal(glu.silu_mul(x[i : i + 1])[0], act[i])
+
+
+@needs_amx
+def test_gate_up_tiles_refuse_what_they_cannot_pair() -> None:
+    w = torch.randn(96, 64).bfloat16()
+    with pytest.raises(ValueError, match="gate/up tiles"):
+        native.Amx(torch.randn(48, 64).bfloat16(), glu=True)  # halves of 24: not whole tiles
+    with pytest.raises(ValueError, match="gate/up tiles"):
+        native.Amx(w, torch.zeros(96).bfloat16(), glu=True)  # a bias goes before the SiLU
+    with pytest.raises(ValueError, match="needs gate/up tiles"):
+        native.Amx(w).silu_mul(torch.randn(2, 64).bfloat16())
+    with pytest.raises(ValueError, match="bf16 only"):
+        native.Amx(w, glu=True)(torch.randn(2, 64).bfloat16(), float_out=True)
+    with pytest.raises(ValueError, match="against weight"):
+        native.Amx(w, glu=True).silu_mul(torch.randn(2, 32).bfloat16())
+    # what cannot be paired is built unpaired, as any other weight
+    assert not kernels.build("amx", w, torch.zeros(96).bfloat16(), None, 4, glu=True).glu
+    assert kernels.build("amx", w, None, None, 4, glu=True).glu
+
+
+@needs_amx
+def test_a_gate_up_linear_fuses_only_the_buckets_that_run_amx() -> None:
+    w = torch.randn(64, 32).bfloat16()
+    plan = ShapePlan(64, 32, ("gemv", "gemv", "amx", "amx"), "amx", False, glu=True)
+    lin = Linear(w, None, 16, plan, glu=True)
+    x = torch.randn(12, 32).bfloat16()
+    assert lin.silu_mul(x[:4]) is None  # gemv there: the caller multiplies, then SiLU
+    assert torch.equal(lin.silu_mul(x), native.silu_mul(lin(x), 32))
+    assert torch.equal(lin(x), Linear(w, None, 16, plan)(x))  # its product as unpaired
 
 
 @needs_amx
