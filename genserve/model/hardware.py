@@ -97,10 +97,6 @@ class ShapeSpec:
     out_features: int
     in_features: int
     max_rows: int
-    # A gated MLP's stacked [gate; up]: what a step needs of it is SiLU(gate) * up, which
-    # amx.c gives from its tiles (native.Amx.silu_mul) and every other kernel after a pass
-    # of decode.c's SiLU, so each kernel is timed with what it costs there.
-    glu: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +113,6 @@ class ShapePlan:
     # > 0: no kernel kept a row's result whatever the other rows (cuBLAS picks its kernel by
     # row count): invariant calls run in calls of exactly this many rows, the last padded.
     fixed_rows: int = 0
-    glu: bool = False  # timed as [gate; up] with its SiLU (ShapeSpec.glu)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,11 +123,11 @@ class KernelPolicy:
     source: str = "measured"  # or "cache"
     seconds: float = 0.0  # what measuring took
 
-    def plan(self, out_features: int, in_features: int, glu: bool = False) -> ShapePlan | None:
-        """This shape's plan: the one timed as [gate; up] or not, as asked, where both are."""
-        shape = (out_features, in_features)
-        same = [p for p in self.plans if (p.out_features, p.in_features) == shape]
-        return next((p for p in same if p.glu == glu), same[0] if same else None)
+    def plan(self, out_features: int, in_features: int) -> ShapePlan | None:
+        for p in self.plans:
+            if (p.out_features, p.in_features) == (out_features, in_features):
+                return p
+        return None
 
     def summary(self) -> str:
         shapes = "; ".join(
@@ -222,28 +217,13 @@ def candidates(
     for kind in kernels.available(dtype, device, quantization):
         try:
             # Every copy its own weights, the int8 ones too: shared, they were read from cache.
-            fns = [
-                kernels.build(kind, w.clone(), None, _copy(quant), hint, spec.glu)
-                for _ in range(copies)
-            ]
-            fns = [_with_silu(f, spec) for f in fns] if spec.glu else fns
+            fns = [kernels.build(kind, w.clone(), None, _copy(quant), hint) for _ in range(copies)]
             fns[0](torch.zeros(2, spec.in_features, dtype=dtype, device=device))
         except (RuntimeError, ValueError, NotImplementedError) as e:  # not on this build
             log.debug("kernel %s unavailable for %s: %s", kind, spec, e)
             continue
         built[kind] = fns
     return built
-
-
-def _with_silu(fn: kernels.Kernel, spec: ShapeSpec) -> kernels.Kernel:
-    """A [gate; up] kernel as a step runs it: amx.c's SiLU(gate) * up from the tiles, any
-    other the product and then decode.c's SiLU (torch's where the native kernels are off:
-    then amx is too, and every candidate pays the same)."""
-    if isinstance(fn, native.Amx) and fn.glu:
-        return fn.silu_mul
-    if native.library() is None:
-        return fn
-    return lambda x: native.silu_mul(fn(x), spec.in_features)
 
 
 def _copy(quant: kernels.QuantizedWeight | None) -> kernels.QuantizedWeight | None:
@@ -285,9 +265,7 @@ def measure_shape(
     fixed = 0 if invariance[inv][0] else fixed_rows_for(fns[inv][0], x, sizes, hint)
     if fixed:
         pad = False  # every invariant call has `fixed` rows, a lone one too
-    return ShapePlan(
-        spec.out_features, spec.in_features, choices, inv, pad, rounded, fixed, spec.glu
-    )
+    return ShapePlan(spec.out_features, spec.in_features, choices, inv, pad, rounded, fixed)
 
 
 def in_fixed_rows(fn: kernels.Kernel, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -515,7 +493,7 @@ def model_specs(config, chunk: int, sample_rows: int) -> tuple[ShapeSpec, ...]: 
     return (
         ShapeSpec((heads + 2 * kv) * head_dim, hidden, chunk),
         ShapeSpec(hidden, heads * head_dim, chunk),
-        ShapeSpec(2 * inter, hidden, chunk, glu=True),
+        ShapeSpec(2 * inter, hidden, chunk),
         ShapeSpec(hidden, inter, chunk),
         ShapeSpec(config.vocab_size, hidden, sample_rows),
     )

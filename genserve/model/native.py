@@ -484,10 +484,12 @@ class DecodeLayer:
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: Gemv
-    o: Gemv
-    gate_up: Gemv
-    down: Gemv
+    # Each linear's gemv; None where its tiles take every row count (from one row up): the
+    # policy runs amx alone there and the dense weight is not kept for gemv.
+    qkv: Gemv | None
+    o: Gemv | None
+    gate_up: Gemv | None
+    down: Gemv | None
     k_cache: torch.Tensor  # [kv_heads, cache_rows, dim]
     v_cache: torch.Tensor
     # Per linear (qkv, o, gate_up, down): amx.c's packed weight and the rows from which a
@@ -691,7 +693,7 @@ class DecodeGlue:
 
 def silu_mul(gu: torch.Tensor, hidden: int) -> torch.Tensor:
     """SiLU(gate) * up [rows, I] from gu [rows, 2I] through decode.c's stage alone, with the
-    threads a step of `hidden`-wide rows gives it (hardware.py times a [gate; up] kernel so)."""
+    threads a step of `hidden`-wide rows gives it: what Amx.silu_mul gives from its tiles."""
     rows, inter = gu.shape[0], gu.shape[1] // 2
     shape = DecodeShape(hidden, 1, 1, 2, inter, 1e-6, gu.dtype)
     act = gu.new_empty(rows, inter)
@@ -716,16 +718,28 @@ def _check_stack(layers: Sequence[DecodeLayer], s: DecodeShape) -> int:
     rows = layers[0].k_cache.shape[1] if layers else 0
     for layer in layers:
         for (name, shape), tile in zip(linears.items(), layer.tiles, strict=True):
-            g = getattr(layer, name)
-            if tuple(g.weight.shape) != shape or (g.bias is not None and g.bias.dtype != s.dtype):
-                raise ValueError(f"decode_layers: {name} {tuple(g.weight.shape)}, not {shape}")
-            if tile is not None and (s.dtype != torch.bfloat16 or tile[0].shape != shape):
-                raise ValueError(f"decode_layers: {name}'s tiles are not its bf16 weight")
+            _check_linear(name, shape, getattr(layer, name), tile, s.dtype)
         for t in (layer.input_norm, layer.post_norm):
             if t.dtype != s.dtype or not t.is_contiguous() or t.device.type != "cpu":
                 raise ValueError("decode_layers: norms in the model's dtype, contiguous")
         _check_caches(s, rows, layer.k_cache, layer.v_cache)
     return rows
+
+
+def _check_linear(
+    name: str, shape: tuple[int, int], g: Gemv | None, tile: tuple[Amx, int] | None,
+    dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """One linear as decode.c reads it: gemv's weight, or tiles from one row up, or both."""
+    if g is None and (tile is None or tile[1] > 1):
+        raise ValueError(f"decode_layers: {name} has no kernel for a lone row")
+    weight, bias = (g.weight, g.bias) if g is not None else (None, tile[0].bias)  # type: ignore[index]
+    if weight is not None and tuple(weight.shape) != shape:
+        raise ValueError(f"decode_layers: {name} {tuple(weight.shape)}, not {shape}")
+    if bias is not None and bias.dtype != dtype:
+        raise ValueError(f"decode_layers: {name}'s bias is not {dtype}")
+    if tile is not None and (dtype != torch.bfloat16 or tile[0].shape != shape):
+        raise ValueError(f"decode_layers: {name}'s tiles are not its bf16 weight")
 
 
 def _check_caches(s: DecodeShape, rows: int, *caches: torch.Tensor) -> None:
@@ -741,12 +755,16 @@ def _check_caches(s: DecodeShape, rows: int, *caches: torch.Tensor) -> None:
             raise ValueError(f"decode.c: cache {tuple(cache.shape)} {cache.dtype}")
 
 
-def _lin_struct(g: Gemv, tile: tuple[Amx, int] | None) -> _Lin:
+def _lin_struct(g: Gemv | None, tile: tuple[Amx, int] | None) -> _Lin:
+    tiles, start = (tile[0].packed.data_ptr(), tile[1]) if tile is not None else (None, 0)
+    glu = int(tile is not None and tile[0].glu)
+    if g is None:  # tiles from one row up (_check_stack): decode.c never reaches gemv
+        amx = tile[0]  # type: ignore[index]
+        bias = amx.bias.data_ptr() if amx.bias is not None else None
+        return _Lin(None, None, bias, _FORMATS[torch.bfloat16], *amx.shape, tiles, start, glu)
     scales = g.scales.data_ptr() if g.scales is not None else None
     bias = g.bias.data_ptr() if g.bias is not None else None
     n, k = g.weight.shape
-    tiles, start = (tile[0].packed.data_ptr(), tile[1]) if tile is not None else (None, 0)
-    glu = int(tile is not None and tile[0].glu)
     return _Lin(
         g.weight.data_ptr(), scales, bias, _FORMATS[g.weight.dtype], n, k, tiles, start, glu
     )

@@ -417,7 +417,8 @@ class LlamaRunner:
 
     def _native_stack(self) -> native.DecodeStack | None:
         """decode.c's stack where every decoder linear has a gemv kernel (the policy chose it
-        for some row count): a step through it runs the small ops between the linears in C,
+        for some row count) or amx.c's tiles from one row up (the policy runs amx for every
+        row count): a step through it runs the small ops between the linears in C,
         its linears on gemv, or on amx.c's tiles from the rows where the policy runs amx."""
         if not self._native_offered():
             return None
@@ -425,9 +426,10 @@ class LlamaRunner:
         for w, k, v in zip(self.layers, self.k_cache, self.v_cache, strict=True):
             lins = (w.qkv, w.o, w.gate_up, w.down)
             fns = [lin.gemv for lin in lins]
-            if any(fn is None for fn in fns):
-                return None
             tiles = tuple(lin.tiles for lin in lins)
+            pairs = zip(fns, tiles, strict=True)
+            if not all(fn is not None or (t is not None and t[1] <= 1) for fn, t in pairs):
+                return None  # a linear with no kernel decode.c runs for a lone row
             layers.append(native.DecodeLayer(w.input_norm, w.post_norm, *fns, k, v, tiles))
         try:
             return native.DecodeStack(layers, self.native_shape)
@@ -969,7 +971,7 @@ class LlamaRunner:
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None, glu: bool = False) -> Linear:
         """A base weight through the policy's kernels (and int8 when it quantizes)."""
         p = self.policy
-        plan = p.plan(*weight.shape, glu=glu) if p is not None else None
+        plan = p.plan(*weight.shape) if p is not None else None
         quantize = p is not None and p.quantization == "int8"
         return Linear(weight, bias, self.num_slots, plan, quantize, glu)
 

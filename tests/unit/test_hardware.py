@@ -113,19 +113,6 @@ def test_a_measured_policy_names_a_plan_for_each_shape_and_bucket() -> None:
     assert KernelPolicy.from_json(policy.to_json()).plans == policy.plans
 
 
-def test_a_gate_up_shape_is_timed_with_its_silu_and_found_as_such() -> None:
-    """A [gate; up] spec times each kernel with the SiLU a step runs after it (amx.c's from its
-    tiles): its plan says so, and the policy hands it to the gate/up weight, not to another
-    linear of the same shape."""
-    specs = (hardware.ShapeSpec(64, 32, 16), hardware.ShapeSpec(64, 32, 16, glu=True))
-    policy = hardware.measure_policy(specs, torch.bfloat16, "none", CPU, 16, 4)
-    plain, glu = policy.plans
-    assert (plain.glu, glu.glu) == (False, True)
-    assert policy.plan(64, 32) is plain and policy.plan(64, 32, glu=True) is glu
-    assert KernelPolicy(policy.dtype, "none", (plain,)).plan(64, 32, glu=True) is plain
-    assert KernelPolicy.from_json(policy.to_json()).plans == policy.plans
-
-
 NO_AMX = """
 import json, torch
 from genserve.model import hardware

@@ -275,26 +275,35 @@ def test_native_decode_computes_the_eager_paths_logits(
 
 
 @pytest.mark.skipif(not native.amx_ready(), reason="no AMX tiles on this CPU")
-@pytest.mark.parametrize(("quantization", "bias"), [("none", True), ("int8", False)])
+@pytest.mark.parametrize(
+    ("quantization", "bias", "lone"),
+    [("none", True, "gemv"), ("int8", False, "gemv"), ("none", False, "amx")],
+)
 def test_the_stack_multiplies_a_batch_through_amx_tiles_as_the_eager_path(
-    quantization, bias
+    quantization, bias, lone
 ) -> None:
     """With amx chosen from two rows up (gemv for one), decode.c's stack runs a lone decode on
-    gemv and three decodes on amx.c's tiles: both close to the eager path on the same policy."""
+    gemv and three decodes on amx.c's tiles: both close to the eager path on the same policy.
+    With amx for every row count, no gemv is built and the stack runs both on the tiles."""
     torch.manual_seed(0)
     cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256, attention_bias=bias)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(torch.bfloat16)
     policy = fixed_policy(model, torch.bfloat16, quantization, "gemv")
     plans = tuple(
-        replace(p, choices=("gemv", "amx", "amx", "amx")) if p.out_features % 16 == 0 else p
+        replace(p, choices=(lone, "amx", "amx", "amx"), invariant="amx")
+        if p.out_features % 16 == 0
+        else p
         for p in policy.plans
     )  # the 300-token LM head is not whole tiles: gemv
     fast, eager, counting = native_and_eager(
         model, torch.bfloat16, quantization, policy=replace(policy, plans=plans)
     )
     layer = fast.layers[0]
-    assert [lin.tiles[1] for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] == [2] * 4
-    assert layer.gate_up.tiles[0].glu  # three rows: SiLU(gate) * up straight from the tiles
+    lins = (layer.qkv, layer.o, layer.gate_up, layer.down)
+    first = 2 if lone == "gemv" else 1
+    assert [lin.tiles[1] for lin in lins] == [first] * 4
+    assert all((lin.gemv is None) == (lone == "amx") for lin in lins)
+    assert layer.gate_up.tiles[0].glu  # SiLU(gate) * up straight from the tiles
     check_native_decode(fast, eager, counting, 0.05)
 
 
@@ -585,7 +594,7 @@ def test_gate_up_tiles_refuse_what_they_cannot_pair() -> None:
 @needs_amx
 def test_a_gate_up_linear_fuses_only_the_buckets_that_run_amx() -> None:
     w = torch.randn(64, 32).bfloat16()
-    plan = ShapePlan(64, 32, ("gemv", "gemv", "amx", "amx"), "amx", False, glu=True)
+    plan = ShapePlan(64, 32, ("gemv", "gemv", "amx", "amx"), "amx", False)
     lin = Linear(w, None, 16, plan, glu=True)
     x = torch.randn(12, 32).bfloat16()
     assert lin.silu_mul(x[:4]) is None  # gemv there: the caller multiplies, then SiLU
