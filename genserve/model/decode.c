@@ -182,6 +182,38 @@ static void norm_row(int bf16, size_t H, double eps, float *xr, const float *wr,
     from_f32(h, bf16, m * H, H, xr);
 }
 
+#ifdef __AVX512BF16__
+static inline __m512 widen16(__m256i b) { /* 16 bf16 -> float32, exactly */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+/* residual_row then norm_row for a bf16 row of whole vectors, the same operations in the same
+ * order (the same bits), each pass 16 at a time with the conversions in registers: 512
+ * prompt rows' residual and norm took 169 us through the general loops (2-core AMX Xeon). */
+static void residual_norm_row16(size_t H, double eps, uint16_t *x, const uint16_t *y,
+                                const float *wr, uint16_t *h, float *xr) {
+    for (size_t i = 0; i < H; i += 16) {
+        __m512 v = widen16(_mm256_loadu_si256((const __m256i *)(x + i)));
+        if (y != NULL) { /* x += y, stored rounded; the norm reads x as stored */
+            __m256i b = (__m256i)_mm512_cvtneps_pbh(
+                _mm512_add_ps(v, widen16(_mm256_loadu_si256((const __m256i *)(y + i)))));
+            _mm256_storeu_si256((__m256i *)(x + i), b);
+            v = widen16(b);
+        }
+        _mm512_storeu_ps(xr + i, v);
+    }
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (size_t i = 0; i < H; i++) ss += xr[i] * xr[i];
+    __m512 r = _mm512_set1_ps(1.f / sqrtf(ss / (float)H + (float)eps));
+    for (size_t i = 0; i < H; i += 16) {
+        __m512 v = widen16((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(xr + i), r)));
+        v = _mm512_mul_ps(v, _mm512_loadu_ps(wr + i));
+        _mm256_storeu_si256((__m256i *)(h + i), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+#endif
+
 /* With y: x += y first. Then h = RMSNorm(x) * w. `tmp`: tmp_floats(s). */
 static void residual_norm_rows(const Step *s, void *x, const void *y, const void *w, void *h,
                                float *tmp) {
@@ -193,6 +225,14 @@ static void residual_norm_rows(const Step *s, void *x, const void *y, const void
         to_f32(w, bf16, 0, H, wr);
 #pragma omp for schedule(static)
         for (size_t m = 0; m < M; m++) {
+#ifdef __AVX512BF16__
+            if (bf16 && H % 16 == 0) {
+                const uint16_t *ym = y != NULL ? (const uint16_t *)y + m * H : NULL;
+                residual_norm_row16(H, s->eps, (uint16_t *)x + m * H, ym, wr,
+                                    (uint16_t *)h + m * H, xr);
+                continue;
+            }
+#endif
             if (y != NULL)
                 residual_row(bf16, H, x, y, m, xr, yr);
             else
