@@ -377,9 +377,12 @@ typedef struct { /* one step's activations, in the model's dtype; tmp: tmp_float
     float *tmp;
 } Scratch;
 
-static int layer(const Layer *L, void *x, Scratch *b, const Step *s) {
+/* One layer from b->h, its input norm of x (the previous layer's last stage computed it).
+ * Ends with x += down(...) and, where `next_norm` is given, the next layer's input norm into
+ * b->h in the same pass (residual_norm_rows: the same bits as the residual, then the norm of
+ * x as stored, and one parallel region a layer fewer). */
+static int layer(const Layer *L, const void *next_norm, void *x, Scratch *b, const Step *s) {
     int rc;
-    residual_norm_rows(s, x, NULL, L->input_norm, b->h, b->tmp);
     if ((rc = linear(&L->qkv, b->h, b->qkv, s))) return rc;
     if ((rc = attend(s, L->k_cache, L->v_cache, b->qkv, b->q, b->att))) return rc;
     if ((rc = linear(&L->o, b->att, b->y, s))) return rc;
@@ -394,7 +397,10 @@ static int layer(const Layer *L, void *x, Scratch *b, const Step *s) {
         silu_mul(s, b->gu, b->act);
     }
     if ((rc = linear(&L->down, b->act, b->y, s))) return rc;
-    residual(s, x, b->y, b->tmp);
+    if (next_norm != NULL)
+        residual_norm_rows(s, x, b->y, next_norm, b->h, b->tmp);
+    else
+        residual(s, x, b->y, b->tmp);
     return 0;
 }
 
@@ -418,7 +424,9 @@ int decode_layers(const Layer *layers, int count, const Step *s, void *x) {
     b.act = (char *)b.gu + M * 2 * I * esize;
     b.y = (char *)b.act + M * I * esize;
     int rc = 0;
-    for (int i = 0; i < count && rc == 0; i++) rc = layer(&layers[i], x, &b, s);
+    if (count > 0) residual_norm_rows(s, x, NULL, layers[0].input_norm, b.h, b.tmp);
+    for (int i = 0; i < count && rc == 0; i++)
+        rc = layer(&layers[i], i + 1 < count ? layers[i + 1].input_norm : NULL, x, &b, s);
     free(all);
     return rc;
 }
