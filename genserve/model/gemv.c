@@ -26,6 +26,7 @@
 #endif
 
 #define BLOCK 4 /* weight rows per pass: four independent streams and accumulators */
+#define AHEAD 2 /* the block read ahead (PREFETCH, AVX-512 only; GEMV_BODY names it anyway) */
 
 #include "bf16.h"
 
@@ -83,7 +84,6 @@ static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
  * which capped a weight set larger than the caches at 20 GB/s (bf16, one row, 2-core AMX
  * Xeon whose plain sum read 31 GB/s); into L2, two blocks ahead, it read 26.5 GB/s, and
  * int8 weights 22.8 against 17.1 (bench: 640 MB of SmolLM2-shaped weights, one call each). */
-#define AHEAD 2
 #define PREFETCH(T, next, k)                                                                 \
     for (int l = 0; l < (int)sizeof(T); l++)                                                 \
         _mm_prefetch((const char *)((next) + 4 * (size_t)(k) + l * (64 / sizeof(T))), _MM_HINT_T1);

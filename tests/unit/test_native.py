@@ -5,6 +5,8 @@ cannot multiply, and leave torch's kernels serving where it cannot be built. The
 decode attention (attend.c) must compute SDPA's result."""
 
 import os
+import platform
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -159,6 +161,39 @@ def test_a_compile_error_is_reported_and_nothing_half_built_is_loaded(tmp_path) 
     assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-2000:]
     assert "this compiler is broken" in done.stderr
     assert not list((tmp_path / "genserve").glob("*.so"))
+
+
+NO_AVX512 = """
+import torch, torch.nn.functional as F
+from genserve.model import kernels, native
+assert native.library() is not None and not native.amx_ready()
+w = torch.randn(24, 40)
+quant = kernels.quantize_int8(w)
+for fn, ref in ((native.Gemv(w), w), (native.Gemv(w.bfloat16()), w.bfloat16().float()),
+                (native.Gemv(quant.q, quant.scales), quant.dequantize(torch.float32))):
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(fn(x, float_out=True), F.linear(x, ref), atol=1e-4, rtol=1e-4)
+print("OK")
+"""
+
+
+def test_a_cpu_without_avx512_builds_and_runs_the_kernels(tmp_path) -> None:  # noqa: ANN001
+    """The plain loops are what an AVX2-only CPU compiles (gemv.c once named its AVX-512 read-
+    ahead there and the whole library failed to build): here the system's compiler, told to
+    target x86-64-v3 instead of this CPU, builds it, AMX is not offered, and gemv computes."""
+    real = shutil.which("cc") or shutil.which("gcc")
+    if real is None or platform.machine() != "x86_64":
+        pytest.skip("needs an x86-64 C compiler")
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\nexec {real} $(echo "$@" | sed s/-march=native/-march=x86-64-v3/)\n')
+    cc.chmod(0o755)
+    env = dict(os.environ, CC=str(cc), XDG_CACHE_HOME=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", NO_AVX512], env=env, capture_output=True, text=True, timeout=300,
+        check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-2000:]
+    assert list((tmp_path / "genserve").glob("native-*.so"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
