@@ -153,12 +153,8 @@ enum { GLU_NONE = 0, GLU_SPLIT = 1, GLU_SILU = 2 };
  * each step rounded to bf16 as decode.c's silu_mul rounds it (the sums first, as a bf16
  * linear's output is): the same bits as the linear and then glue_silu_mul. */
 static inline void put_silu_row(uint16_t *act, const float *v) {
-    __m512 g = _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v))), 16));
-    __m512 u = _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v + 16))), 16));
-    __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(silu16(g))), 16));
+    __m512 g = round16(_mm512_loadu_ps(v)), u = round16(_mm512_loadu_ps(v + 16));
+    __m512 s = round16(silu16(g));
     _mm256_storeu_si256((__m256i *)act, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, u)));
 }
 

@@ -30,4 +30,16 @@ static inline void elem_put(void *p, int bf16, size_t i, float v) {
     else
         ((float *)p)[i] = v;
 }
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+/* 16 bf16 -> float32, exactly */
+static inline __m512 widen16(__m256i b) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+/* 16 float32 rounded to bf16 as torch rounds (nearest even), kept as float32.
+ * vcvtneps2bf16 reads a subnormal float32 as zero, which only values below 1e-38 meet. */
+static inline __m512 round16(__m512 v) { return widen16((__m256i)_mm512_cvtneps_pbh(v)); }
+#endif
 #endif

@@ -132,10 +132,7 @@ static void round_all(float *v, size_t n, int bf16) {
     if (!bf16) return;
     size_t i = 0;
 #ifdef __AVX512BF16__
-    for (; i + 16 <= n; i += 16) {
-        __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v + i));
-        _mm512_storeu_ps(v + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-    }
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, round16(_mm512_loadu_ps(v + i)));
 #endif
 #pragma omp simd
     for (size_t t = i; t < n; t++) v[t] = bf16_to_f32(f32_to_bf16(v[t]));
@@ -183,10 +180,6 @@ static void norm_row(int bf16, size_t H, double eps, float *xr, const float *wr,
 }
 
 #ifdef __AVX512BF16__
-static inline __m512 widen16(__m256i b) { /* 16 bf16 -> float32, exactly */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-}
-
 /* residual_row then norm_row for a bf16 row of whole vectors, the same operations in the same
  * order (the same bits), each pass 16 at a time with the conversions in registers: 512
  * prompt rows' residual and norm took 169 us through the general loops (2-core AMX Xeon). */
@@ -257,8 +250,6 @@ static void residual(const Step *s, void *x, const void *y, float *tmp) {
 /* Rotate-half rotary on `count` heads of one row, in place: x*cos + rotate_half(x)*sin, each
  * product and the sum rounded as torch rounds them (llama_math.rope). */
 #ifdef __AVX512BF16__
-static inline __m512 round16(__m512 v) { return widen16((__m256i)_mm512_cvtneps_pbh(v)); }
-
 /* rotate's arithmetic for one bf16 head of whole vectors a half (D % 32 == 0), on registers:
  * 16 dims of each half at a time, both read before either is written. The same operations
  * in the same order as the general loop, so the same bits. 32 rows' rotary in a decode step
