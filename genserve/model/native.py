@@ -691,16 +691,6 @@ class DecodeGlue:
         library().glue_silu_mul(ctypes.byref(st.struct), gu.data_ptr(), act.data_ptr())
 
 
-def silu_mul(gu: torch.Tensor, hidden: int) -> torch.Tensor:
-    """SiLU(gate) * up [rows, I] from gu [rows, 2I] through decode.c's stage alone, with the
-    threads a step of `hidden`-wide rows gives it: what Amx.silu_mul gives from its tiles."""
-    rows, inter = gu.shape[0], gu.shape[1] // 2
-    shape = DecodeShape(hidden, 1, 1, 2, inter, 1e-6, gu.dtype)
-    act = gu.new_empty(rows, inter)
-    DecodeGlue(shape, 0).silu_mul(GlueRows(shape, rows), gu.contiguous(), act)
-    return act
-
-
 def _check_norm(s: DecodeShape, w: torch.Tensor) -> None:
     if w.dtype != s.dtype or not w.is_contiguous() or tuple(w.shape) != (s.hidden,):
         raise ValueError(f"decode.c: norm weight {tuple(w.shape)} {w.dtype}")

@@ -649,7 +649,8 @@ class LlamaRunner:
         for i, w in enumerate(self.layers):
             att = attend(i, project(i, "qkv", w.qkv, h))
             g.residual_norm(rows, x, project(i, "o", w.o, att), w.post_norm, h)
-            if (fused := w.gate_up.silu_mul(h) if fuse else None) is not None:
+            fused = w.gate_up.silu_mul(h) if fuse else None
+            if fused is not None:
                 act = fused
             else:
                 g.silu_mul(rows, project(i, "gate_up", w.gate_up, h), act)
