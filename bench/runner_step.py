@@ -20,10 +20,11 @@ import torch
 from common import DEFAULT_MODEL_DIR, ModelSpec, ensure_model_dir
 from transformers import AutoModelForCausalLM
 
+from genserve.engine.kv_blocks import DEFAULT_BLOCK_SIZE
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model.runner import LlamaRunner
 
-BLOCK = 16
+BLOCK = DEFAULT_BLOCK_SIZE  # the engine's, as a server would run
 PROMPT = 128
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
