@@ -42,6 +42,7 @@ Q_TILE = 128  # query rows per sparse tile
 # flex-decoding, which splits each row's keys over the chip in a number of parts chosen from
 # the call's shape, so a row's sums would be added in an order that depends on its batch.
 GPU_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 2, "BACKEND": "TRITON"}
+RECOMPILE_LIMIT = 64  # graphs of flex_attention kept (step shapes; see attention_fn)
 
 
 def available() -> bool:
@@ -98,15 +99,20 @@ class StepMasks:
         used = [sp.table[: -(-(sp.start + sp.n) // bs)] for sp in spans]
         held = sorted({b for table in used for b in table})
         column = {b: j for j, b in enumerate(held)}
-        inv = torch.full((len(spans), len(held)), -1, dtype=torch.int32)
+        # Padded so that no dimension the compiled kernel sees is 1 (the compiler keeps a
+        # graph apart for each size-1 dimension) and the rows fill whole query tiles: fewer
+        # graphs, and no read past a tensor where a tile runs over the step's last row.
+        inv = torch.full((max(2, len(spans)), max(2, len(held))), -1, dtype=torch.int32)
         for s, table in enumerate(used):
             inv[s, [column[b] for b in table]] = torch.arange(len(table), dtype=torch.int32)
         seq = [s for s, sp in enumerate(spans) for _ in range(sp.n)]
         pos = [p for sp in spans for p in range(sp.start, sp.start + sp.n)]
+        rows = len(seq)
+        pad = -(-rows // Q_TILE) * Q_TILE - rows
+        seq_d = torch.tensor(seq + [0] * pad, dtype=torch.long).to(self.device, non_blocking=True)
+        pos_d = torch.tensor(pos + [-1] * pad, dtype=torch.int32).to(self.device, non_blocking=True)
         self._hold(torch.tensor(held, dtype=torch.long))
         inv_d = inv.to(self.device, non_blocking=True)
-        seq_d = torch.tensor(seq, dtype=torch.long).to(self.device, non_blocking=True)
-        pos_d = torch.tensor(pos, dtype=torch.int32).to(self.device, non_blocking=True)
         col_d = self._column
 
         def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex's signature
@@ -117,7 +123,7 @@ class StepMasks:
         counts, indices = self._tiles(spans, used)
         mask = BlockMask.from_kv_blocks(
             counts.to(self.device), indices.to(self.device), BLOCK_SIZE=(Q_TILE, KV_TILE),
-            mask_mod=mask_mod, seq_lengths=(len(seq), self.cache_rows),
+            mask_mod=mask_mod, seq_lengths=(rows, self.cache_rows),
         )  # fmt: skip
         return FlexMask(mask)
 
@@ -163,14 +169,32 @@ def attention_fn(device: torch.device) -> Callable:
 
     if device.type == "cpu":
         return _eager(flex_attention)
-    # dynamic left to the compiler: static at first, a dimension made dynamic once it changes
-    # (the step's rows do). Its mask functions compile: on this CPU, compiled with static
-    # shapes, the unit tests' masks passed; inductor's CPU template failed to build C++ for
-    # them with dynamic=True (torch 2.13), which the CPU does not use.
-    compiled = torch.compile(flex_attention)
+    return compiled_flex()
+
+
+def compiled_flex(backend: str = "inductor") -> Callable:
+    """flex_attention through torch.compile (`backend` "eager" in tests: the same guards and
+    recompiles, no kernels built). Dynamic shapes are left to the compiler: static at first, a
+    dimension made dynamic once it changes (the step's rows do). On this CPU inductor's flex
+    template built C++ for static shapes only (torch 2.13), which the CPU does not serve with."""
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, backend=backend)
+    config = torch._dynamo.config
+    # Each new combination of shapes compiles another graph. Past the compiler's limit (8 by
+    # default) it would call flex_attention uncompiled: the reference implementation, whose
+    # dense scores over a GPU's pool asked for 512 GiB (H200, 2026-12-04). So the limit is
+    # raised, and reaching it raises (the runner then attends per sequence) instead.
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
 
     def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        return compiled(*args, kernel_options=GPU_KERNEL_OPTIONS, **kwargs)
+        before = config.fail_on_recompile_limit_hit
+        config.fail_on_recompile_limit_hit = True  # for this call only: 4 us, not a patch's 32
+        try:
+            return compiled(*args, kernel_options=GPU_KERNEL_OPTIONS, **kwargs)
+        finally:
+            config.fail_on_recompile_limit_hit = before
 
     return run
 

@@ -311,3 +311,68 @@ def test_a_whole_engine_on_flex_gives_the_per_sequence_paths_tokens(
     assert got == want
     assert all(len(t) == 8 for t in got.values())
     assert any(len(set(t)) > 1 for t in got.values())  # tokens that depend on what came before
+
+
+def random_steps(n: int, seed: int, bs: int, blocks: int) -> list[list[flex.FlexSpan]]:
+    """Steps as a server makes them: lone decodes, prompt chunks, decodes beside prompts."""
+    g = torch.Generator().manual_seed(seed)
+    steps = []
+    for _ in range(n):
+        perm = torch.randperm(blocks, generator=g).tolist()
+        spans, used = [], 0
+        for _ in range(int(torch.randint(1, 6, (1,), generator=g))):
+            size = 1 if torch.rand(1, generator=g) < 0.6 else int(torch.randint(2, 200, (1,)))
+            start = int(torch.randint(0, 60, (1,), generator=g))
+            need = -(-(start + size) // bs)
+            spans.append(flex.FlexSpan(tuple(perm[used : used + need]), start, size))
+            used += need
+        steps.append(spans)
+    return steps
+
+
+def compiled_step(fn, masks: flex.StepMasks, spans, kv: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    q = torch.randn(sum(sp.n for sp in spans), 4, 16)
+    return flex.attend(fn, q, kv, kv, masks.build(spans))
+
+
+def test_compiled_flex_stops_recompiling_once_the_step_shapes_have_varied() -> None:
+    """On a GPU flex runs compiled, and each new combination of shapes is another graph; past
+    the compiler's limit it would run the dense reference over the whole pool (512 GiB asked
+    for on an H200). The step's tensors are padded so that a handful of warm-up steps leave
+    nothing to specialise: a run of varied steps afterwards compiles no graph. Checked with
+    the compiler's "eager" backend (the same guards, no kernels)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    bs, blocks = 16, 96
+    masks = flex.StepMasks(bs, bs * blocks, torch.device("cpu"))
+    kv = torch.randn(2, bs * blocks, 16)
+    fn = flex.compiled_flex("eager")
+    at_load = [[flex.FlexSpan(tuple(range(8)), 0, flex.Q_TILE)], [flex.FlexSpan((0,), 0, 1)]]
+    for spans in at_load + random_steps(8, 0, bs, blocks):  # the runner's _try_flex, then work
+        compiled_step(fn, masks, spans, kv)
+    warm = counters["stats"]["unique_graphs"]
+    for spans in random_steps(20, 1, bs, blocks):
+        compiled_step(fn, masks, spans, kv)
+    assert counters["stats"]["unique_graphs"] == warm
+    torch._dynamo.reset()
+
+
+def test_compiled_flex_raises_at_the_recompile_limit_instead_of_running_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the limit is reached anyway, the call raises (the runner then attends per
+    sequence) rather than falling back to the uncompiled reference."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    bs, blocks = 16, 96
+    masks = flex.StepMasks(bs, bs * blocks, torch.device("cpu"))
+    kv = torch.randn(2, bs * blocks, 16)
+    fn = flex.compiled_flex("eager")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    compiled_step(fn, masks, [flex.FlexSpan((0, 1), 0, 20)], kv)
+    with pytest.raises(Exception, match="recompile"):
+        compiled_step(fn, masks, [flex.FlexSpan((0, 1), 20, 1)], kv)
+    assert torch._dynamo.config.fail_on_recompile_limit_hit is False  # set for the call only
+    torch._dynamo.reset()
