@@ -7,7 +7,10 @@ through ctypes.
 - `attend.c`: decode attention over the KV lanes (runner.py), measured against SDPA when a
   runner starts.
 - `amx.c`: a bf16 linear kernel on AMX tiles for the 9-64 rows of a batched decode step
-  (and prefill chunks), one more candidate where the CPU has AMX.
+  (and prefill chunks), one more candidate where the CPU has AMX; and a prompt chunk's
+  causal attention on the tiles.
+- `prompt.c`: the same prompt attention with AVX512-BF16 dot products, for CPUs with those
+  and no AMX (prompt.h: what the two share).
 - `sample.c`: temperature, softmax and the inverse-CDF draw of a step's sampled rows
   (sampler.py's first draw, one row per thread).
 - `decode.c`: every decoder layer of a step of a few free decodes in one call (the glue
@@ -41,10 +44,10 @@ from genserve.model.cpuinfo import read_cpuinfo
 
 log = logging.getLogger(__name__)
 
-C_FILES = ("gemv.c", "attend.c", "decode.c", "amx.c", "sample.c")
+C_FILES = ("gemv.c", "attend.c", "decode.c", "amx.c", "prompt.c", "sample.c")
 SOURCES = tuple(Path(__file__).with_name(f) for f in C_FILES)
 # part of the build's hash, not compiled alone
-HEADERS = tuple(Path(__file__).with_name(f) for f in ("bf16.h", "vexp.h"))
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("bf16.h", "vexp.h", "prompt.h"))
 # 512-bit vectors where the compiler vectorises plain loops itself (gcc prefers 256 for
 # -march=native on Xeons): decode.c's 512 prompt rows' residual+norm 170 -> 140 us, SiLU
 # 339 -> 262 us (2-core AMX Xeon). Loops written with intrinsics are unaffected.
@@ -67,6 +70,8 @@ _SIGNATURES = {
     "amx_linear_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
     "amx_glu_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
     "amx_attend_causal": [_P, _L, _P, _P, _L, _P, _L, _I, _I, _I, _I, _I, _F, _I],
+    "dp_available": [],
+    "dp_attend_causal": [_P, _L, _P, _P, _L, _P, _L, _I, _I, _I, _I, _I, _F, _I],
     "sample_rows": [_P, _L, _I, _I, _P, _P, _P, _P, _P, _I],
     "nucleus_rows": [_P, _L, _I, _I, _P, _P, _P, _P, _I],
 }
@@ -303,6 +308,17 @@ class Amx:
 
 
 AMX_ATTEND_MAX_DIM = 128  # amx.c's PA_MAX_DIM
+DP_ATTEND_DIMS = (32, 64, 128)  # head dims prompt.c takes
+
+
+def dp_ready() -> bool:
+    """Whether prompt.c's AVX512-BF16 attention runs here (built where the CPU has those dot
+    products, and not capped off by ONEDNN_MAX_CPU_ISA: a run can stand for an older CPU)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap not in ("", "ALL", "DEFAULT") and "BF16" not in cap and "AMX" not in cap:
+        return False
+    lib = library()
+    return lib is not None and lib.dp_available() == 1
 
 
 def amx_attend_causal(
@@ -311,20 +327,36 @@ def amx_attend_causal(
     """A prompt chunk's causal attention on AMX tiles (amx.c): q [n, heads, D] bf16, the rows
     at positions start .. start + n - 1; keys/values [kv_heads, start + n, D] bf16, each head's
     rows contiguous (a view of a layer's cache is fine). Row i sees positions 0 .. start + i."""
+    return _attend_causal("amx", q, keys, values, start)
+
+
+def dp_attend_causal(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
+) -> torch.Tensor:
+    """amx_attend_causal's work with AVX512-BF16 dot products (prompt.c), head dims 32, 64
+    or 128."""
+    return _attend_causal("dp", q, keys, values, start)
+
+
+def _attend_causal(
+    kind: str, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
+) -> torch.Tensor:
     n, heads, dim = q.shape
     kv, end, _ = keys.shape
     ok = q.dtype == keys.dtype == values.dtype == torch.bfloat16 and end == start + n
     same = keys.stride() == values.stride() and keys.stride()[1:] == (dim, 1)
-    if not (amx_ready() and ok and same and tuple(values.shape) == tuple(keys.shape)):
-        raise ValueError(f"amx attention: q {tuple(q.shape)} against keys {tuple(keys.shape)}")
+    ready = amx_ready() if kind == "amx" else dp_ready() and dim in DP_ATTEND_DIMS
+    if not (ready and ok and same and tuple(values.shape) == tuple(keys.shape)):
+        raise ValueError(f"{kind} attention: q {tuple(q.shape)} against keys {tuple(keys.shape)}")
     q = q.contiguous()
     out = torch.empty_like(q)
-    rc = library().amx_attend_causal(
+    fn = library().amx_attend_causal if kind == "amx" else library().dp_attend_causal
+    rc = fn(
         q.data_ptr(), heads * dim, keys.data_ptr(), values.data_ptr(), keys.stride(0),
         out.data_ptr(), heads * dim, n, start, heads, kv, dim, dim**-0.5, torch.get_num_threads(),
     )  # fmt: skip
     if rc:
-        raise (MemoryError if rc == -1 else ValueError)(f"amx attention failed ({rc})")
+        raise (MemoryError if rc == -1 else ValueError)(f"{kind} attention failed ({rc})")
     return out
 
 

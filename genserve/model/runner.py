@@ -152,9 +152,11 @@ class Linear:
         return self(x, invariant).float()
 
 
-# Prompt chunks of at least this many rows may take amx.c's attention (one tile of rows);
+# Prompt chunks of at least this many rows may take a prompt kernel (one block of 16 rows:
+# amx.c's tiles or prompt.c's dot products), where the runner measured it faster than SDPA;
 # shorter spans (a decode attending alone) keep SDPA.
 PROMPT_TILE_ROWS = 16
+PROMPT_KERNELS = {"amx": native.amx_attend_causal, "dp": native.dp_attend_causal}
 BUCKET_FIRST_ROW = (1, 2, 9)  # the fewest rows of each decode bucket (see `bucket`)
 
 
@@ -319,7 +321,7 @@ class LlamaRunner:
         self._buffers: dict[str, torch.Tensor] = {}  # gather scratch (see _gather)
         self.lane_attention = "sdpa"  # or "native" (attend.c), where it measures faster
         self.lane_attention = self._choose_lane_attention()
-        self.prompt_attention = "sdpa"  # or "amx" (amx.c), where it measures faster
+        self.prompt_attention = "sdpa"  # or a PROMPT_KERNELS kind, where it measures faster
         self.prompt_attention = self._choose_prompt_attention()
         self.lone: Any = None  # the compiled lone decode, once compiled (see _compile_lone)
         self.compiled_decode = "off"  # "compiling", "ready" or "failed" with --compile-decode
@@ -370,17 +372,15 @@ class LlamaRunner:
         return kind
 
     def _choose_prompt_attention(self) -> str:
-        """SDPA or amx.c's tiles for prompt chunks (spans of PROMPT_TILE_ROWS rows or more),
-        whichever is faster here on one prompt chunk of up to 512 rows (this model's heads,
-        layer 0's cache, the best of 3 rounds each, interleaved). On the 2-core AMX Xeon a
-        512-token prompt's attention took 0.58 ms a layer against SDPA's 0.9, a 128-token one
-        0.07 against 0.1."""
-        usable = self.device.type == "cpu" and self.attention == "sdpa"
-        shape_ok = self.head_dim % 32 == 0 and self.head_dim <= native.AMX_ATTEND_MAX_DIM
-        if not (usable and shape_ok and self.dtype == torch.bfloat16 and native.amx_ready()):
-            return "sdpa"
+        """SDPA or one of genserve's prompt kernels for prompt chunks (spans of
+        PROMPT_TILE_ROWS rows or more): amx.c's tiles or prompt.c's AVX512-BF16 dot products,
+        where they run here, whichever is fastest on one prompt chunk of up to 512 rows (this
+        model's heads, layer 0's cache, the best of 3 rounds each, interleaved). A 512-token
+        prompt's attention took 0.58 ms a layer on amx against SDPA's 0.9 (2-core AMX Xeon),
+        0.71 ms on prompt.c against SDPA's 4.2 (2-core AMD EPYC, Zen 5)."""
+        kinds = [k for k, ready in self._prompt_kernels().items() if ready]
         n = min(512, self.cache_len)
-        if n < PROMPT_TILE_ROWS:
+        if not kinds or n < PROMPT_TILE_ROWS:
             return "sdpa"
         span = ChunkSpan(0, n, (), 0, None, run=0)
         plan = AttentionPlan(torch.empty(0, dtype=torch.long), (span,), None, None, {}, None)
@@ -390,13 +390,23 @@ class LlamaRunner:
             self.prompt_attention = kind
             self._attention(0, q, plan)
 
-        best = _best_times({k: lambda k=k: attend(k) for k in ("sdpa", "amx")}, rounds=3)
+        best = _best_times({k: lambda k=k: attend(k) for k in ("sdpa", *kinds)}, rounds=3)
         kind = min(best, key=best.__getitem__)
-        log.info(
-            "prompt attention (%d rows): sdpa %.0f us, amx %.0f us: %s",
-            n, best["sdpa"] * 1e6, best["amx"] * 1e6, kind,
-        )  # fmt: skip
+        times = ", ".join(f"{k} {t * 1e6:.0f} us" for k, t in best.items())
+        log.info("prompt attention (%d rows): %s: %s", n, times, kind)
         return kind
+
+    def _prompt_kernels(self) -> dict[str, bool]:
+        """genserve's prompt attention kernels and whether each runs for this model here."""
+        cpu_bf16 = (
+            self.device.type == "cpu" and self.attention == "sdpa" and self.dtype == torch.bfloat16
+        )
+        d = self.head_dim
+        return {
+            "amx": cpu_bf16 and d % 32 == 0 and d <= native.AMX_ATTEND_MAX_DIM
+            and native.amx_ready(),
+            "dp": cpu_bf16 and d in native.DP_ATTEND_DIMS and native.dp_ready(),
+        }  # fmt: skip
 
     def _native_offered(self) -> bool:
         """decode.c runs on the CPU's per-sequence attention path, with a measured policy (a
@@ -1007,6 +1017,7 @@ class LlamaRunner:
         if plan.lanes is not None:
             self._attend_lanes(i, q, plan.lanes, out)
         kc, vc = self.k_cache[i], self.v_cache[i]
+        prompt_kernel = PROMPT_KERNELS.get(self.prompt_attention)
         for sp in plan.spans:
             end = sp.start + sp.n
             if sp.run is not None:  # one run of blocks: a view, as SDPA reads any strides
@@ -1014,12 +1025,10 @@ class LlamaRunner:
             else:
                 keys = self._gather(kc, sp.index, "k")[:, :end]
                 values = self._gather(vc, sp.index, "v")[:, :end]
-            if self.prompt_attention == "amx" and sp.n >= PROMPT_TILE_ROWS:
+            if prompt_kernel is not None and sp.n >= PROMPT_TILE_ROWS:
                 # a row sees positions 0 .. its own, as sp.mask says (it is built so)
                 rows = q[sp.row0 : sp.row0 + sp.n]
-                out[sp.row0 : sp.row0 + sp.n] = native.amx_attend_causal(
-                    rows, keys, values, sp.start
-                )
+                out[sp.row0 : sp.row0 + sp.n] = prompt_kernel(rows, keys, values, sp.start)
                 continue
             o = F.scaled_dot_product_attention(
                 q[sp.row0 : sp.row0 + sp.n].transpose(0, 1)[None],

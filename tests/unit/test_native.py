@@ -700,9 +700,30 @@ def test_logits_are_float32_sums_not_rounded_to_the_models_dtype(kind) -> None:
 
 
 needs_amx = pytest.mark.skipif(not native.amx_ready(), reason="no AMX here")
+PROMPT_KINDS = [
+    pytest.param("amx", marks=needs_amx),
+    pytest.param(
+        "dp", marks=pytest.mark.skipif(not native.dp_ready(), reason="no AVX512-BF16 here")
+    ),
+]
 
 
-@needs_amx
+def prompt_kernel(kind: str):  # noqa: ANN201
+    return native.amx_attend_causal if kind == "amx" else native.dp_attend_causal
+
+
+def cache_views(kv: int, heads: int, dim: int, start: int, n: int, seed: int = 8):  # noqa: ANN201
+    """q [n, heads, dim] and views of a layer's cache rows for positions 0 .. start + n - 1
+    (from an offset, as the runner passes them), all bf16."""
+    g = torch.Generator().manual_seed(seed)
+    rows = start + n + 9
+    kc = torch.randn(kv, rows, dim, generator=g).bfloat16()
+    vc = torch.randn(kv, rows, dim, generator=g).bfloat16()
+    q = torch.randn(n, heads, dim, generator=g).bfloat16()
+    return q, kc[:, 3 : 3 + start + n], vc[:, 3 : 3 + start + n]
+
+
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
 @pytest.mark.parametrize(
     ("kv", "heads", "dim", "start", "n"),
     [
@@ -713,17 +734,14 @@ needs_amx = pytest.mark.skipif(not native.amx_ready(), reason="no AMX here")
         (3, 9, 64, 0, 1),
     ],
 )
-def test_prompt_attention_on_tiles_matches_sdpa(kv, heads, dim, start, n) -> None:
-    """amx.c's causal attention of a prompt chunk at positions start .. start + n - 1 over a
-    view of a cache (rows from an offset), against float32 SDPA under the runner's causal
-    mask: no further from it than bf16 SDPA itself (partial row blocks, groups, 32-128 dims)."""
-    g = torch.Generator().manual_seed(8)
-    rows = start + n + 9
-    kc = torch.randn(kv, rows, dim, generator=g).bfloat16()
-    vc = torch.randn(kv, rows, dim, generator=g).bfloat16()
-    q = torch.randn(n, heads, dim, generator=g).bfloat16()
-    keys, values = kc[:, 3 : 3 + start + n], vc[:, 3 : 3 + start + n]
-    out = native.amx_attend_causal(q, keys, values, start)
+def test_prompt_attention_kernels_match_sdpa(kind, kv, heads, dim, start, n) -> None:
+    """amx.c's and prompt.c's causal attention of a prompt chunk at positions start .. start +
+    n - 1 over a view of a cache (rows from an offset), against float32 SDPA under the
+    runner's causal mask: no further from it than bf16 SDPA itself (partial row blocks,
+    groups, 32-128 dims)."""
+    attend = prompt_kernel(kind)
+    q, keys, values = cache_views(kv, heads, dim, start, n)
+    out = attend(q, keys, values, start)
     mask = torch.ones(n, start + n, dtype=torch.bool).tril(start)
     qt = q.transpose(0, 1)[None]
     want = F.scaled_dot_product_attention(
@@ -734,16 +752,39 @@ def test_prompt_attention_on_tiles_matches_sdpa(kv, heads, dim, start, n) -> Non
     )[0].transpose(0, 1)
     err = (out.float() - want).abs().max().item()
     assert err <= max(2 * (bf16.float() - want).abs().max().item(), 2**-8)
-    with pytest.raises(ValueError, match="amx attention"):  # keys for another length
-        native.amx_attend_causal(q, keys, values, start + 1)
-    with pytest.raises(ValueError, match="amx attention"):
-        native.amx_attend_causal(q.float(), keys, values, start)
+    with pytest.raises(ValueError, match=f"{kind} attention"):  # keys for another length
+        attend(q, keys, values, start + 1)
+    with pytest.raises(ValueError, match=f"{kind} attention"):
+        attend(q.float(), keys, values, start)
 
 
-@needs_amx
-def test_a_bf16_runner_with_tiled_prompt_attention_gives_sdpas_logits() -> None:
-    """The runner's prompt chunks through amx.c's attention (as chosen where it measures
-    faster) give the logits SDPA gives, to bf16's precision, over a prompt and its decodes."""
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
+def test_a_prompt_rows_attention_is_the_same_bits_in_any_chunk(kind) -> None:
+    """A row's result depends on its query and the keys it sees alone: rows 100-139 of a
+    140-row prompt give the same bits attended as one chunk, as a later chunk of 40, or one
+    at a time in chunks of 16 (each as its own call)."""
+    attend = prompt_kernel(kind)
+    q, keys, values = cache_views(3, 9, 64, 0, 140)
+    whole = attend(q, keys, values, 0)[100:]
+    later = attend(q[100:].clone(), keys[:, :140], values[:, :140], 100)
+    assert torch.equal(whole, later)
+    for r in range(100, 140 - 16 + 1, 8):
+        part = attend(q[r : r + 16].clone(), keys[:, : r + 16], values[:, : r + 16], r)
+        assert torch.equal(part, whole[r - 100 : r - 100 + 16])
+
+
+@pytest.mark.skipif(not native.dp_ready(), reason="no AVX512-BF16 here")
+def test_prompt_c_refuses_head_dims_it_does_not_take() -> None:
+    q, keys, values = cache_views(1, 2, 96, 0, 20)
+    with pytest.raises(ValueError, match="dp attention"):
+        native.dp_attend_causal(q, keys, values, 0)
+
+
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
+def test_a_bf16_runner_with_a_prompt_kernel_gives_sdpas_logits(kind) -> None:
+    """The runner's prompt chunks through amx.c's or prompt.c's attention (as chosen where it
+    measures faster) give the logits SDPA gives, to bf16's precision, over a prompt and its
+    decodes."""
     cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256, num_attention_heads=4)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(torch.bfloat16)  # head_dim 32
@@ -761,7 +802,7 @@ def test_a_bf16_runner_with_tiled_prompt_attention_gives_sdpas_logits() -> None:
         )
         return torch.cat([first, rest])
 
-    tiles, sdpa = logits("amx"), logits("sdpa")
+    tiles, sdpa = logits(kind), logits("sdpa")
     assert tiles.shape == sdpa.shape == (40, 300)
     torch.testing.assert_close(tiles, sdpa, atol=0.05, rtol=0.05)
     assert not torch.equal(tiles, sdpa)  # the tiles' path did run
