@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,7 @@ def build_engine(cfg: ServerConfig) -> EngineParts:
             type(runner).__name__,
             cfg.engine.batch_invariant,
             getattr(runner, "policy", None),
+            attention_choices(runner),
         ),  # fmt: skip
     )
     return EngineParts(core, info, loaded.tokenizer, loaded.chat_template, grammars)
@@ -307,11 +309,13 @@ def kernel_policy(
 
 
 def fingerprint(
-    loaded: LoadedModel, runner: str, deterministic: bool, policy: KernelPolicy | None = None
-) -> str:
+    loaded: LoadedModel, runner: str, deterministic: bool, policy: KernelPolicy | None = None,
+    attention: Sequence[str] = (),
+) -> str:  # fmt: skip
     """Names the configuration that determines outputs, as OpenAI's system_fingerprint does:
     with measured kernels, which kernel runs which rows (a faster one on another machine
-    sums in another order) and whether the weights are quantized."""
+    sums in another order) and whether the weights are quantized; `attention`: the runner's
+    attention kernels, also chosen by measurement at each start (attention_choices)."""
     import torch
 
     weights = sorted((p.name, p.stat().st_size) for p in loaded.path.glob("*.safetensors"))
@@ -321,8 +325,18 @@ def fingerprint(
     parts.append("deterministic" if deterministic else "plain")
     if policy is not None:
         parts.append(f"kernels-{policy.tag()}")
+    parts.extend(attention)
     digest = hashlib.sha256(repr((parts, weights, loaded.name)).encode()).hexdigest()
     return f"fp_{digest[:10]}"
+
+
+def attention_choices(runner: object) -> tuple[str, ...]:
+    """The attention kernels a runner chose at its start that seeded rows run through
+    (LlamaRunner: flex or per-sequence, and SDPA or genserve's kernels for prompt chunks,
+    measured): a prompt row's bits differ between them, so seeded outputs are promised per
+    choice, and the choice is named. Decode lanes (attend.c or SDPA) serve free rows only."""
+    chosen = ((n, getattr(runner, n, None)) for n in ("attention", "prompt_attention"))
+    return tuple(f"{n}-{v}" for n, v in chosen if isinstance(v, str))
 
 
 def _log_cache(loaded: LoadedModel, runner: Runner, kv: KVCacheManager, max_len: int) -> None:
