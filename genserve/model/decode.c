@@ -39,6 +39,8 @@ int gemv_f32(const void *x, int x_bf16, const float *w, void *y, int y_bf16, int
              int K, int threads);
 int amx_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, int M, int N,
                     int K, int threads);
+int dp_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, int M, int N,
+                   int K, int threads);
 int amx_glu_bf16(const uint16_t *x, const uint16_t *w, void *y, int M, int I, int K,
                  int threads, int silu);
 int attend_lanes(const void *q, const void *k, const void *v, void *out, const int32_t *lanes,
@@ -54,9 +56,10 @@ typedef struct { /* one linear: y = x W^T (* scales) (+ bias) */
     const float *scales; /* int8: one per output row; else NULL */
     const void *bias;    /* [n] in the activations' dtype, or NULL */
     int64_t format, n, k;
-    const uint16_t *tiles; /* the weight in bf16 packed for amx.c, or NULL */
+    const uint16_t *tiles; /* the weight in bf16 packed for amx.c or dp.c, or NULL */
     int64_t tiles_from;    /* steps of at least this many rows multiply through the tiles */
     int64_t glu;           /* the tiles hold [gate; up] interleaved (amx.c's amx_glu_bf16) */
+    int64_t tiles_dp;      /* the tiles are dp.c's (AVX512-BF16 dot products), not AMX's */
 } Lin;
 
 typedef struct { /* one decoder layer's weights and cache (fixed while a runner lives) */
@@ -75,14 +78,16 @@ typedef struct { /* the model's shape and one step's rows */
 
 /* y [M, n] (the model's dtype) = x [M, k] (the model's dtype) W^T (+ bias): the kernel's
  * output rounded, then the bias added and rounded again, as the eager path's gemv does. */
-static int tiled(const Lin *L, const Step *s) { /* a batch: AMX tiles, as measured */
+static int tiled(const Lin *L, const Step *s) { /* a batch: AMX's or dp.c's, as measured */
     return L->tiles != NULL && s->bf16 && s->rows >= L->tiles_from;
 }
 
 static int linear(const Lin *L, const void *x, void *y, const Step *s) {
     int n = (int)L->n, k = (int)L->k, t = (int)s->threads, M = (int)s->rows, rc;
     int bf16 = (int)s->bf16;
-    if (tiled(L, s) && L->glu)
+    if (tiled(L, s) && L->tiles_dp)
+        rc = dp_linear_bf16((const uint16_t *)x, L->tiles, y, 1, M, n, k, t);
+    else if (tiled(L, s) && L->glu)
         rc = amx_glu_bf16((const uint16_t *)x, L->tiles, y, M, n / 2, k, t, 0);
     else if (tiled(L, s))
         rc = amx_linear_bf16((const uint16_t *)x, L->tiles, y, 1, M, n, k, t);

@@ -403,7 +403,7 @@ def cache_key(
     what = _machine(f) + [str(dtype), quantization, chunk, hint, [asdict(s) for s in specs]]
     offered = kernels.available(dtype, torch.device(f.device), quantization)
     what += [offered]  # new ones: measure
-    if "gemv" in offered:  # gemv changed (a new release): its times are measured again
+    if {"gemv", "amx", "dp"} & set(offered):  # genserve's kernels changed: measured again
         what += [native.build_id()]
     return _digest(what)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from genserve.model import native
 
-KERNELS = ("linear", "onednn", "int8", "gemv", "amx")
+KERNELS = ("linear", "onednn", "int8", "gemv", "amx", "dp")
 QUANTIZED = ("int8", "gemv")  # kernels that read the int8 weights themselves, not dequantized
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,6 +69,8 @@ def available(dtype: torch.dtype, device: torch.device, quantization: str) -> tu
         names.append("gemv")
         if dtype == torch.bfloat16 and native.amx_ready():
             names.append("amx")
+        if dtype == torch.bfloat16 and native.dp_ready():
+            names.append("dp")
     return tuple(names)
 
 
@@ -98,6 +100,8 @@ def build(
     if kind == "amx":
         glu = glu and bias is None and weight.shape[0] % 32 == 0
         return native.Amx(weight, bias, glu=glu)
+    if kind == "dp":
+        return native.Dp(weight, bias)
     raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
 
 

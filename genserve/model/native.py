@@ -9,8 +9,9 @@ through ctypes.
 - `amx.c`: a bf16 linear kernel on AMX tiles for the 9-64 rows of a batched decode step
   (and prefill chunks), one more candidate where the CPU has AMX; and a prompt chunk's
   causal attention on the tiles.
-- `prompt.c`: the same prompt attention with AVX512-BF16 dot products, for CPUs with those
-  and no AMX (prompt.h: what the two share).
+- `dp.c`: the same two with AVX512-BF16 dot products, for CPUs with those and no AMX: a
+  bf16 linear for 9-64 rows and a prompt chunk's attention (prompt.h: what the two
+  attentions share).
 - `sample.c`: temperature, softmax and the inverse-CDF draw of a step's sampled rows
   (sampler.py's first draw, one row per thread).
 - `decode.c`: every decoder layer of a step of a few free decodes in one call (the glue
@@ -44,7 +45,7 @@ from genserve.model.cpuinfo import read_cpuinfo
 
 log = logging.getLogger(__name__)
 
-C_FILES = ("gemv.c", "attend.c", "decode.c", "amx.c", "prompt.c", "sample.c")
+C_FILES = ("gemv.c", "attend.c", "decode.c", "amx.c", "dp.c", "sample.c")
 SOURCES = tuple(Path(__file__).with_name(f) for f in C_FILES)
 # part of the build's hash, not compiled alone
 HEADERS = tuple(Path(__file__).with_name(f) for f in ("bf16.h", "vexp.h", "prompt.h"))
@@ -71,6 +72,7 @@ _SIGNATURES = {
     "amx_glu_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
     "amx_attend_causal": [_P, _L, _P, _P, _L, _P, _L, _I, _I, _I, _I, _I, _F, _I],
     "dp_available": [],
+    "dp_linear_bf16": [_P, _P, _P, _I, _I, _I, _I, _I],
     "dp_attend_causal": [_P, _L, _P, _P, _L, _P, _L, _I, _I, _I, _I, _I, _F, _I],
     "sample_rows": [_P, _L, _I, _I, _P, _P, _P, _P, _P, _I],
     "nucleus_rows": [_P, _L, _I, _I, _P, _P, _P, _P, _I],
@@ -307,12 +309,50 @@ class Amx:
         return y
 
 
+class Dp:
+    """y = x W^T (+ bias) with AVX512-BF16 dot products (dp.c) for bf16 x [M, K] and a bf16
+    weight [N, K] with N a multiple of 16 and K even, packed here as amx.c packs it,
+    [N/16][K/2][16 columns][2] (a copy): each 16-column block one stream of k pairs."""
+
+    __slots__ = ("bias", "n", "packed")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.packed.shape[1] * 2
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        n, k = weight.shape
+        if not dp_ready() or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+            raise ValueError(f"the AVX512-BF16 kernel is unavailable for {weight.dtype} here")
+        if n % 16 or k % 2:
+            raise ValueError(f"the AVX512-BF16 kernel needs [16n, 2k] weights, not [{n}, {k}]")
+        self.packed = weight.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+        self.n = n
+        self.bias = None if bias is None else bias.contiguous()
+
+    def __call__(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        """y in bf16, or float32 sums as they are (`float_out`: a model's logits)."""
+        k = self.packed.shape[1] * 2
+        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"dp: x {tuple(x.shape)} {x.dtype} against weight [{self.n}, {k}]")
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.n, dtype=torch.float32 if float_out else torch.bfloat16)
+        if x.shape[0]:
+            rc = library().dp_linear_bf16(
+                x.data_ptr(), self.packed.data_ptr(), y.data_ptr(), int(not float_out),
+                x.shape[0], self.n, k, torch.get_num_threads(),
+            )  # fmt: skip
+            if rc:
+                raise ValueError(f"dp linear failed ({rc})")
+        return y if self.bias is None else y.add_(self.bias)
+
+
 AMX_ATTEND_MAX_DIM = 128  # amx.c's PA_MAX_DIM
-DP_ATTEND_DIMS = (32, 64, 128)  # head dims prompt.c takes
+DP_ATTEND_DIMS = (32, 64, 128)  # head dims dp.c takes
 
 
 def dp_ready() -> bool:
-    """Whether prompt.c's AVX512-BF16 attention runs here (built where the CPU has those dot
+    """Whether dp.c's AVX512-BF16 attention runs here (built where the CPU has those dot
     products, and not capped off by ONEDNN_MAX_CPU_ISA: a run can stand for an older CPU)."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     if cap not in ("", "ALL", "DEFAULT") and "BF16" not in cap and "AMX" not in cap:
@@ -333,7 +373,7 @@ def amx_attend_causal(
 def dp_attend_causal(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
 ) -> torch.Tensor:
-    """amx_attend_causal's work with AVX512-BF16 dot products (prompt.c), head dims 32, 64
+    """amx_attend_causal's work with AVX512-BF16 dot products (dp.c), head dims 32, 64
     or 128."""
     return _attend_causal("dp", q, keys, values, start)
 
@@ -472,7 +512,7 @@ def attend_lanes(
 class _Lin(ctypes.Structure):
     _fields_ = [
         ("w", _P), ("scales", _P), ("bias", _P), ("format", _L), ("n", _L), ("k", _L),
-        ("tiles", _P), ("tiles_from", _L), ("glu", _L),
+        ("tiles", _P), ("tiles_from", _L), ("glu", _L), ("tiles_dp", _L),
     ]  # fmt: skip
 
 
@@ -517,16 +557,17 @@ class DecodeLayer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     # Each linear's gemv; None where its tiles take every row count (from one row up): the
-    # policy runs amx alone there and the dense weight is not kept for gemv.
+    # policy runs amx or dp alone there and the dense weight is not kept for gemv.
     qkv: Gemv | None
     o: Gemv | None
     gate_up: Gemv | None
     down: Gemv | None
     k_cache: torch.Tensor  # [kv_heads, cache_rows, dim]
     v_cache: torch.Tensor
-    # Per linear (qkv, o, gate_up, down): amx.c's packed weight and the rows from which a
-    # step multiplies through it (where the policy measured it faster), or None: gemv always.
-    tiles: tuple[tuple[Amx, int] | None, ...] = (None, None, None, None)
+    # Per linear (qkv, o, gate_up, down): amx.c's or dp.c's packed weight and the rows from
+    # which a step multiplies through it (where the policy measured it faster), or None: gemv
+    # always.
+    tiles: tuple[tuple[Amx | Dp, int] | None, ...] = (None, None, None, None)
 
 
 class DecodeStep:
@@ -749,7 +790,7 @@ def _check_stack(layers: Sequence[DecodeLayer], s: DecodeShape) -> int:
 
 
 def _check_linear(
-    name: str, shape: tuple[int, int], g: Gemv | None, tile: tuple[Amx, int] | None,
+    name: str, shape: tuple[int, int], g: Gemv | None, tile: tuple[Amx | Dp, int] | None,
     dtype: torch.dtype,
 ) -> None:  # fmt: skip
     """One linear as decode.c reads it: gemv's weight, or tiles from one row up, or both."""
@@ -777,18 +818,20 @@ def _check_caches(s: DecodeShape, rows: int, *caches: torch.Tensor) -> None:
             raise ValueError(f"decode.c: cache {tuple(cache.shape)} {cache.dtype}")
 
 
-def _lin_struct(g: Gemv | None, tile: tuple[Amx, int] | None) -> _Lin:
+def _lin_struct(g: Gemv | None, tile: tuple[Amx | Dp, int] | None) -> _Lin:
     tiles, start = (tile[0].packed.data_ptr(), tile[1]) if tile is not None else (None, 0)
-    glu = int(tile is not None and tile[0].glu)
+    dp = int(tile is not None and isinstance(tile[0], Dp))
+    glu = int(tile is not None and not dp and tile[0].glu)  # type: ignore[union-attr]
     if g is None:  # tiles from one row up (_check_stack): decode.c never reaches gemv
-        amx = tile[0]  # type: ignore[index]
-        bias = amx.bias.data_ptr() if amx.bias is not None else None
-        return _Lin(None, None, bias, _FORMATS[torch.bfloat16], *amx.shape, tiles, start, glu)
+        packed = tile[0]  # type: ignore[index]
+        bias = packed.bias.data_ptr() if packed.bias is not None else None
+        fmt = _FORMATS[torch.bfloat16]
+        return _Lin(None, None, bias, fmt, *packed.shape, tiles, start, glu, dp)
     scales = g.scales.data_ptr() if g.scales is not None else None
     bias = g.bias.data_ptr() if g.bias is not None else None
     n, k = g.weight.shape
     return _Lin(
-        g.weight.data_ptr(), scales, bias, _FORMATS[g.weight.dtype], n, k, tiles, start, glu
+        g.weight.data_ptr(), scales, bias, _FORMATS[g.weight.dtype], n, k, tiles, start, glu, dp
     )
 
 

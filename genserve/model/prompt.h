@@ -1,5 +1,5 @@
 /* A prompt chunk's causal attention: the parts amx.c's tiles (amx_attend_causal) and
- * prompt.c's AVX512-BF16 dot products (dp_attend_causal) share. Each KV head's keys and values
+ * dp.c's AVX512-BF16 dot products (dp_attend_causal) share. Each KV head's keys and values
  * are packed once per call into pairs of bf16 along the dimension a product sums over (the
  * layout both TDPBF16PS and VDPBF16PS read); each task (a query head, 16 rows) then takes its
  * rows' scores in float32, the exact softmax of each row, and the product with the values. */

@@ -118,7 +118,8 @@ class Linear:
         self.by_bucket = tuple(built[k] for k in plan.choices)
         self.invariant = built[plan.invariant]
         self.gemv = built.get("gemv")  # what decode.c reads, where the policy built it
-        self.tiles = _tiles_from(plan, built.get("amx"))  # and for a batch, where it runs amx
+        # and for a batch, where it runs amx.c's or dp.c's packed weight
+        self.tiles = _tiles_from(plan, built.get("amx")) or _tiles_from(plan, built.get("dp"))
         self.pad_single = plan.pad_single
         self.plan = plan
 
@@ -147,28 +148,29 @@ class Linear:
         49k vocabulary: the cast was 0.3 ms of a 21 ms step); other kernels' are cast."""
         kernel = self.invariant if invariant else self.by_bucket[bucket(x.shape[0])]
         wrapped = invariant and (self.plan.fixed_rows or (x.shape[0] == 1 and self.pad_single))
-        if isinstance(kernel, native.Amx | native.Gemv) and not wrapped:
+        if isinstance(kernel, native.Amx | native.Dp | native.Gemv) and not wrapped:
             return kernel(x, float_out=True)
         return self(x, invariant).float()
 
 
 # Prompt chunks of at least this many rows may take a prompt kernel (one block of 16 rows:
-# amx.c's tiles or prompt.c's dot products), where the runner measured it faster than SDPA;
+# amx.c's tiles or dp.c's dot products), where the runner measured it faster than SDPA;
 # shorter spans (a decode attending alone) keep SDPA.
 PROMPT_TILE_ROWS = 16
 PROMPT_KERNELS = {"amx": native.amx_attend_causal, "dp": native.dp_attend_causal}
 BUCKET_FIRST_ROW = (1, 2, 9)  # the fewest rows of each decode bucket (see `bucket`)
 
 
-def _tiles_from(plan: ShapePlan, amx: Any) -> tuple[native.Amx, int] | None:  # noqa: ANN401
-    """amx.c's kernel and the fewest rows from which the policy runs it for every decode bucket
-    up to 9-64 (decode.c's stack then does too), or None."""
-    if not isinstance(amx, native.Amx):
+def _tiles_from(plan: ShapePlan, packed: Any) -> tuple[native.Amx | native.Dp, int] | None:  # noqa: ANN401
+    """amx.c's or dp.c's kernel and the fewest rows from which the policy runs it for every
+    decode bucket up to 9-64 (decode.c's stack then does too), or None."""
+    if not isinstance(packed, native.Amx | native.Dp):
         return None
+    kind = "amx" if isinstance(packed, native.Amx) else "dp"
     decode = plan.choices[:3]
     for b in range(3):
-        if all(c == "amx" for c in decode[b:]):
-            return amx, BUCKET_FIRST_ROW[b]
+        if all(c == kind for c in decode[b:]):
+            return packed, BUCKET_FIRST_ROW[b]
     return None
 
 
@@ -373,11 +375,11 @@ class LlamaRunner:
 
     def _choose_prompt_attention(self) -> str:
         """SDPA or one of genserve's prompt kernels for prompt chunks (spans of
-        PROMPT_TILE_ROWS rows or more): amx.c's tiles or prompt.c's AVX512-BF16 dot products,
+        PROMPT_TILE_ROWS rows or more): amx.c's tiles or dp.c's AVX512-BF16 dot products,
         where they run here, whichever is fastest on one prompt chunk of up to 512 rows (this
         model's heads, layer 0's cache, the best of 3 rounds each, interleaved). A 512-token
         prompt's attention took 0.58 ms a layer on amx against SDPA's 0.9 (2-core AMX Xeon),
-        0.71 ms on prompt.c against SDPA's 4.2 (2-core AMD EPYC, Zen 5)."""
+        0.71 ms on dp.c against SDPA's 4.2 (2-core AMD EPYC, Zen 5)."""
         kinds = [k for k, ready in self._prompt_kernels().items() if ready]
         n = min(512, self.cache_len)
         if not kinds or n < PROMPT_TILE_ROWS:
@@ -427,9 +429,9 @@ class LlamaRunner:
 
     def _native_stack(self) -> native.DecodeStack | None:
         """decode.c's stack where every decoder linear has a gemv kernel (the policy chose it
-        for some row count) or amx.c's tiles from one row up (the policy runs amx for every
-        row count): a step through it runs the small ops between the linears in C,
-        its linears on gemv, or on amx.c's tiles from the rows where the policy runs amx."""
+        for some row count) or amx.c's or dp.c's packed weight from one row up (the policy runs
+        it for every row count): a step through it runs the small ops between the linears in
+        C, its linears on gemv, or on the packed weight from the rows where the policy runs it."""
         if not self._native_offered():
             return None
         layers = []
@@ -463,7 +465,7 @@ class LlamaRunner:
             for w in self.layers for lin in (w.qkv, w.o, w.gate_up, w.down)
         )  # fmt: skip
         for b, rows in ((0, 1), (1, min(4, self.num_slots)), (2, min(32, self.num_slots))):
-            # 9-64 rows: the stack only where its linears run amx there (gemv's are slow)
+            # 9-64 rows: the stack only where its linears run amx or dp there (gemv's are slow)
             offered = {k: v for k, v in paths.items() if b < 2 or k == "glue" or batches}
             if not offered or bucket(rows) != b or length < 2:
                 continue

@@ -24,7 +24,7 @@ def test_the_fingerprint_names_the_gpu(monkeypatch, tmp_path) -> None:
 
 
 def test_the_fingerprint_names_the_attention_kernels_a_runner_measured(tmp_path) -> None:
-    """The prompt attention kernel is measured at each start (SDPA, amx.c's or prompt.c's),
+    """The prompt attention kernel is measured at each start (SDPA, amx.c's or dp.c's),
     and a prompt row's bits differ between them: another choice, another fingerprint. The
     decode lanes' kernel serves free rows only and is not named."""
     loaded = SimpleNamespace(path=tmp_path, dtype=torch.bfloat16, name="m",

@@ -25,6 +25,9 @@ from genserve.model.runner import Linear, LlamaRunner
 from tests.tiny_model import SMALL_LLAMA
 from tests.unit.test_hardware import fixed_policy, seeded_logits, tiny_llama
 
+needs_amx = pytest.mark.skipif(not native.amx_ready(), reason="no AMX tiles on this CPU")
+needs_dp = pytest.mark.skipif(not native.dp_ready(), reason="no AVX512-BF16 on this CPU")
+
 FREE = SamplingParams()
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -309,23 +312,30 @@ def test_native_decode_computes_the_eager_paths_logits(
     check_native_decode(*native_and_eager(model, dtype, quantization, path), tol)
 
 
-@pytest.mark.skipif(not native.amx_ready(), reason="no AMX tiles on this CPU")
 @pytest.mark.parametrize(
-    ("quantization", "bias", "lone"),
-    [("none", True, "gemv"), ("int8", False, "gemv"), ("none", False, "amx")],
+    ("quantization", "bias", "kind", "lone"),
+    [
+        pytest.param("none", True, "amx", "gemv", marks=needs_amx),
+        pytest.param("int8", False, "amx", "gemv", marks=needs_amx),
+        pytest.param("none", False, "amx", "amx", marks=needs_amx),
+        pytest.param("none", True, "dp", "gemv", marks=needs_dp),
+        pytest.param("int8", False, "dp", "gemv", marks=needs_dp),
+        pytest.param("none", False, "dp", "dp", marks=needs_dp),
+    ],
 )
-def test_the_stack_multiplies_a_batch_through_amx_tiles_as_the_eager_path(
-    quantization, bias, lone
+def test_the_stack_multiplies_a_batch_through_packed_weights_as_the_eager_path(
+    quantization, bias, kind, lone
 ) -> None:
-    """With amx chosen from two rows up (gemv for one), decode.c's stack runs a lone decode on
-    gemv and three decodes on amx.c's tiles: both close to the eager path on the same policy.
-    With amx for every row count, no gemv is built and the stack runs both on the tiles."""
+    """With amx (or dp) chosen from two rows up (gemv for one), decode.c's stack runs a lone
+    decode on gemv and three decodes on amx.c's tiles (or dp.c's dot products): both close to
+    the eager path on the same policy. With it for every row count, no gemv is built and the
+    stack runs both on the packed weight."""
     torch.manual_seed(0)
     cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256, attention_bias=bias)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(torch.bfloat16)
     policy = fixed_policy(model, torch.bfloat16, quantization, "gemv")
     plans = tuple(
-        replace(p, choices=(lone, "amx", "amx", "amx"), invariant="amx")
+        replace(p, choices=(lone, kind, kind, kind), invariant=kind)
         if p.out_features % 16 == 0
         else p
         for p in policy.plans
@@ -337,8 +347,9 @@ def test_the_stack_multiplies_a_batch_through_amx_tiles_as_the_eager_path(
     lins = (layer.qkv, layer.o, layer.gate_up, layer.down)
     first = 2 if lone == "gemv" else 1
     assert [lin.tiles[1] for lin in lins] == [first] * 4
-    assert all((lin.gemv is None) == (lone == "amx") for lin in lins)
-    assert layer.gate_up.tiles[0].glu  # SiLU(gate) * up straight from the tiles
+    assert all((lin.gemv is None) == (lone == kind) for lin in lins)
+    if kind == "amx":
+        assert layer.gate_up.tiles[0].glu  # SiLU(gate) * up straight from the tiles
     check_native_decode(fast, eager, counting, 0.05)
 
 
@@ -542,7 +553,6 @@ def test_switched_off_no_native_kernel_is_offered_measured_or_run() -> None:
 
 
 # -- amx.c: the AMX-tile bf16 linear -----------------------------------------------------------
-needs_amx = pytest.mark.skipif(not native.amx_ready(), reason="no AMX tiles on this CPU")
 
 # Rows: one, a tile's worth, past one tile and past a 32-row block, a prefill-like run; columns:
 # one 16-wide block, an odd number of blocks (the last pair single), a real qkv projection.
@@ -582,6 +592,70 @@ def test_amx_is_a_bf16_candidate_and_refuses_what_it_cannot_multiply() -> None:
         fn(torch.randn(2, 32).bfloat16())  # the wrong width would read past x's rows
     with pytest.raises(ValueError, match="against weight"):
         fn(torch.randn(2, 64))
+
+
+# -- dp.c: the AVX512-BF16 bf16 linear ----------------------------------------------------------
+# Rows: one, a group's worth (6) and past it, past several groups; columns: one 16-wide block,
+# a panel and a block (4 + 1), a real qkv projection; k: an even number short of a vector.
+DP_SHAPES = [(1, 16, 32), (6, 80, 66), (7, 48, 64), (17, 960, 576), (33, 32, 2), (70, 64, 128)]
+
+
+@needs_dp
+@pytest.mark.parametrize(("m", "n", "k"), DP_SHAPES)
+def test_dp_matches_float64_and_keeps_each_rows_bits(m: int, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(m * 31 + n + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    fn = kernels.build("dp", w, bias, None, m)
+    y = fn(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    want = F.linear(x.double(), w.double(), bias.double())
+    # bf16 products summed in float32, the result rounded once to bf16 (and the bias added)
+    assert torch.allclose(y.double(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
+    sums = native.Dp(w)(x, float_out=True)  # float32 sums as they are: far closer
+    err = (sums.double() - F.linear(x.double(), w.double())).abs().max().item()
+    assert sums.dtype == torch.float32 and err < 1e-4 * max(1.0, k**0.5)
+    for i in {0, m // 2, m - 1}:  # a row alone, and among others: the same bits as among the m
+        assert torch.equal(fn(x[i : i + 1])[0], y[i])
+        assert torch.equal(fn(x[max(0, i - 3) : i + 1])[-1], y[i])
+
+
+@needs_dp
+def test_dp_is_a_bf16_candidate_and_refuses_what_it_cannot_multiply() -> None:
+    cpu = torch.device("cpu")
+    assert "dp" in kernels.available(torch.bfloat16, cpu, "int8")  # on the dequantized weight
+    assert "dp" not in kernels.available(torch.float32, cpu, "none")
+    with pytest.raises(ValueError, match=r"\[16n, 2k\]"):
+        native.Dp(torch.randn(24, 64).bfloat16())  # 24 outputs: not whole 16-column blocks
+    with pytest.raises(ValueError, match=r"\[16n, 2k\]"):
+        native.Dp(torch.randn(16, 33).bfloat16())
+    with pytest.raises(ValueError, match="unavailable"):
+        native.Dp(torch.randn(16, 32))
+    fn = native.Dp(torch.randn(16, 64).bfloat16())
+    with pytest.raises(ValueError, match="against weight"):
+        fn(torch.randn(2, 32).bfloat16())  # the wrong width would read past x's rows
+    with pytest.raises(ValueError, match="against weight"):
+        fn(torch.randn(2, 64))
+    assert fn(torch.empty(0, 64).bfloat16()).shape == (0, 16)
+
+
+@needs_dp
+def test_a_seeded_sequence_is_bitwise_the_same_alone_or_batched_on_dp() -> None:
+    """With dp as the invariant kernel (gemv for the 300-token LM head, which is not whole
+    16-column blocks), a seeded row's logits are the same bits alone or beside other prompts
+    and decodes."""
+    model = tiny_llama(torch.bfloat16)
+    policy = fixed_policy(model, torch.bfloat16, "none", "dp")
+    plans = tuple(
+        p if p.out_features % 16 == 0 else replace(p, choices=("gemv",) * 4, invariant="gemv")
+        for p in policy.plans
+    )
+    policy = replace(policy, plans=plans)
+    assert sum(p.invariant == "dp" for p in plans) == 4  # qkv, o, gate_up, down
+    alone = seeded_logits(model, policy, batched=False)
+    together = seeded_logits(model, policy, batched=True)
+    assert [torch.equal(a, b) for a, b in zip(alone, together, strict=True)] == [True] * 5
 
 
 def glue_silu_mul(gu: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -677,13 +751,15 @@ def test_onednns_isa_cap_hides_the_amx_kernel_too() -> None:
     assert ready == "False" and "amx" not in names and "gemv" in names
 
 
-@pytest.mark.parametrize("kind", ["gemv", "amx", "linear"])
+@pytest.mark.parametrize("kind", ["gemv", "amx", "dp", "linear"])
 def test_logits_are_float32_sums_not_rounded_to_the_models_dtype(kind) -> None:
     """A bf16 model's logits from genserve's own kernels are their float32 sums as they are:
     against a float64 reference they are far closer than the same sums rounded to bf16 (the
     cast path, which torch's kernels keep)."""
     if kind == "amx" and not native.amx_ready():
         pytest.skip("no AMX here")
+    if kind == "dp" and not native.dp_ready():
+        pytest.skip("no AVX512-BF16 here")
     g = torch.Generator().manual_seed(3)
     w = torch.randn(256, 64, generator=g).bfloat16()
     x = torch.randn(5, 64, generator=g).bfloat16()
@@ -699,7 +775,6 @@ def test_logits_are_float32_sums_not_rounded_to_the_models_dtype(kind) -> None:
             assert err < 1e-4
 
 
-needs_amx = pytest.mark.skipif(not native.amx_ready(), reason="no AMX here")
 PROMPT_KINDS = [
     pytest.param("amx", marks=needs_amx),
     pytest.param(
@@ -735,7 +810,7 @@ def cache_views(kv: int, heads: int, dim: int, start: int, n: int, seed: int = 8
     ],
 )
 def test_prompt_attention_kernels_match_sdpa(kind, kv, heads, dim, start, n) -> None:
-    """amx.c's and prompt.c's causal attention of a prompt chunk at positions start .. start +
+    """amx.c's and dp.c's causal attention of a prompt chunk at positions start .. start +
     n - 1 over a view of a cache (rows from an offset), against float32 SDPA under the
     runner's causal mask: no further from it than bf16 SDPA itself (partial row blocks,
     groups, 32-128 dims)."""
@@ -782,7 +857,7 @@ def test_prompt_c_refuses_head_dims_it_does_not_take() -> None:
 
 @pytest.mark.parametrize("kind", PROMPT_KINDS)
 def test_a_bf16_runner_with_a_prompt_kernel_gives_sdpas_logits(kind) -> None:
-    """The runner's prompt chunks through amx.c's or prompt.c's attention (as chosen where it
+    """The runner's prompt chunks through amx.c's or dp.c's attention (as chosen where it
     measures faster) give the logits SDPA gives, to bf16's precision, over a prompt and its
     decodes."""
     cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256, num_attention_heads=4)

@@ -1,19 +1,31 @@
-/* A prompt chunk's causal attention with AVX512-BF16 dot products (VDPBF16PS), for CPUs that
- * have them but no AMX tiles (AMD's Zen 4 and 5, Intel's Cooper Lake).
+/* genserve's AVX512-BF16 kernels (VDPBF16PS: 16 float32 sums each += two bf16 products), for
+ * CPUs that have those dot products but no AMX tiles (AMD's Zen 4 and 5, Intel's Cooper Lake):
+ * the linear y = x W^T for a batched decode step's 9-64 rows, and a prompt chunk's causal
+ * attention. Each is one more candidate, kept where it measures faster (hardware.py for the
+ * linear, the runner for the attention).
  *
- * Why: torch's SDPA (its CPU flash kernel) ran a 512-token prompt's attention at about 30
- * GFLOP/s on a 2-core AMD EPYC (Zen 5): 5.4 ms a layer of this project's benchmark model, 180
- * of a 380 ms prefill, in bf16 and in fp32 alike. The work is the same as amx.c's (prompt.h):
- * each KV head's keys and values packed once per call into bf16 pairs, then per task (a
- * query head, 16 rows) S = Q K^T in float32, the exact softmax of each row, and O = P V.
+ * The linear. Why: oneDNN's bf16 kernel ran a 32-row product of the benchmark model's 3072 x
+ * 576 weight at 0.48 TFLOP/s on a 2-core Zen 5 EPYC, where its 512-row products run at ~0.75.
+ * The weight is packed once (native.Dp) as amx.c packs it, [N/16][K/2][16 columns][2]: each
+ * block of 16 output columns is one stream of 64-byte vectors, a pair of k for its 16 columns
+ * each. A call splits panels of four such blocks (64 columns) between the threads, and runs
+ * every group of up to 6 rows of x through the panel with 24 accumulators (6 rows x 4 blocks):
+ * per pair of k, four weight vectors and six broadcast pairs of x for 24 dot products; the
+ * panel (K x 128 bytes) stays in cache while the row groups go by. A row's sums run over k in
+ * order whatever the call's rows, so the kernel is batch-invariant by construction.
+ *
+ * The prompt attention. Why: torch's SDPA (its CPU flash kernel) ran a 512-token prompt's
+ * attention at about 30 GFLOP/s on the same EPYC: 5.4 ms a layer of this project's benchmark
+ * model, 180 of a 380 ms prefill, in bf16 and in fp32 alike. The work is the same as amx.c's
+ * (prompt.h): each KV head's keys and values packed once per call into bf16 pairs, then per
+ * task (a query head, 16 rows) S = Q K^T in float32, the exact softmax of each row, and O = P V.
  * Here each product is a run of VDPBF16PS: for S, one packed key row (16 keys, a pair of
  * dimensions) against a broadcast pair of each row's query; for O, one packed value row (16
- * dimensions, a pair of keys) against a broadcast pair of each row's weights.
- *
- * A row's result depends on its own query, the keys and values it sees and nothing else: its
- * sums run in the same order (dimension pairs, then key pairs, ascending) in any call, and
- * keys past the ones it sees add exact zeros. Row i (position start + i) sees keys 0 .. start
- * + i, as the runner's causal mask says. */
+ * dimensions, a pair of keys) against a broadcast pair of each row's weights. A row's result
+ * depends on its own query, the keys and values it sees and nothing else: its sums run in the
+ * same order (dimension pairs, then key pairs, ascending) in any call, and keys past the ones
+ * it sees add exact zeros. Row i (position start + i) sees keys 0 .. start + i, as the
+ * runner's causal mask says. */
 #include <stdint.h>
 
 #include "bf16.h"
@@ -23,6 +35,81 @@
 #include <omp.h>
 
 int dp_available(void) { return 1; }
+
+/* ---- The linear ---- */
+
+#define DP_ROWS 6   /* rows of x per group */
+#define DP_BLOCKS 4 /* 16-column blocks per panel */
+
+/* Rows [0, R) of x against column blocks [0, C) of the panel at w (blocks `stride` halves
+ * apart), into y (float32 sums, or bf16 when y_bf16). R, C: constants where inlined. */
+static inline __attribute__((always_inline)) void dp_group(
+    const uint16_t *x, size_t ldx, const uint16_t *w, size_t stride, int K, void *y, size_t ldy,
+    int y_bf16, const int R, const int C) {
+    __m512 acc[DP_ROWS * DP_BLOCKS];
+    for (int j = 0; j < R * C; j++) acc[j] = _mm512_setzero_ps();
+    for (int kp = 0; kp < K / 2; kp++) {
+        __m512bh wv[DP_BLOCKS];
+        for (int c = 0; c < C; c++)
+            wv[c] = (__m512bh)_mm512_loadu_si512(w + c * stride + (size_t)kp * 32);
+        for (int r = 0; r < R; r++) {
+            uint32_t pair;
+            memcpy(&pair, x + r * ldx + 2 * kp, sizeof pair);
+            __m512bh xb = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int c = 0; c < C; c++) acc[r * C + c] = _mm512_dpbf16_ps(acc[r * C + c], xb, wv[c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            if (y_bf16)
+                _mm256_storeu_si256((__m256i *)((uint16_t *)y + r * ldy + c * 16),
+                                    (__m256i)_mm512_cvtneps_pbh(acc[r * C + c]));
+            else
+                _mm512_storeu_ps((float *)y + r * ldy + c * 16, acc[r * C + c]);
+        }
+}
+
+/* dp_group with R and C as constants: 6 x 4 for whole groups and panels, the rest at the
+ * edges. */
+static void dp_group_any(const uint16_t *x, size_t ldx, const uint16_t *w, size_t stride, int K,
+                         void *y, size_t ldy, int y_bf16, int R, int C) {
+#define DP_CASE(r, c)                                                           \
+    case (r) * 8 + (c):                                                         \
+        dp_group(x, ldx, w, stride, K, y, ldy, y_bf16, r, c);                   \
+        return;
+#define DP_ROW(r) DP_CASE(r, 1) DP_CASE(r, 2) DP_CASE(r, 3) DP_CASE(r, 4)
+    switch (R * 8 + C) {
+        DP_ROW(1) DP_ROW(2) DP_ROW(3) DP_ROW(4) DP_ROW(5) DP_ROW(6)
+    }
+#undef DP_ROW
+#undef DP_CASE
+}
+
+/* x [M, K] bf16, w packed [N/16][K/2][16][2] bf16, y [M, N] (bf16 when y_bf16, else float32
+ * sums). Returns 0, or -2 for a shape it does not take. */
+int dp_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, int M, int N,
+                   int K, int threads) {
+    if (M < 1 || N % 16 || K % 2) return -2;
+    size_t stride = (size_t)K * 16, esize = y_bf16 ? 2 : 4;
+    int blocks = N / 16, panels = (blocks + DP_BLOCKS - 1) / DP_BLOCKS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int p = 0; p < panels; p++) {
+        int b0 = p * DP_BLOCKS, c = blocks - b0 < DP_BLOCKS ? blocks - b0 : DP_BLOCKS;
+        const uint16_t *wp = w + (size_t)b0 * stride;
+        /* groups as even as can be (32 rows: 6, 6, 5, 5, 5, 5): a group of few rows has too
+         * few accumulators to hide the dot product's latency */
+        int groups = (M + DP_ROWS - 1) / DP_ROWS;
+        for (int gi = 0, m = 0; gi < groups; gi++) {
+            int r = M / groups + (gi < M % groups);
+            char *yp = (char *)y + ((size_t)m * N + (size_t)b0 * 16) * esize;
+            dp_group_any(x + (size_t)m * K, (size_t)K, wp, stride, K, yp, (size_t)N, y_bf16, r, c);
+            m += r;
+        }
+    }
+    return 0;
+}
+
+/* ---- The prompt attention ---- */
 
 /* Scores of 16 rows (their queries' dimension pairs at q[i], zeros past `rows`) against key
  * block b: s[i * ls + b * 16 + key], float32, unscaled. 16 accumulators, one a row. */
@@ -146,6 +233,12 @@ int dp_attend_causal(const uint16_t *q, int64_t q_row, const uint16_t *k, const 
 }
 #else
 int dp_available(void) { return 0; }
+
+int dp_linear_bf16(const uint16_t *x, const uint16_t *w, void *y, int y_bf16, int M, int N,
+                   int K, int threads) {
+    (void)x, (void)w, (void)y, (void)y_bf16, (void)M, (void)N, (void)K, (void)threads;
+    return -2;
+}
 
 int dp_attend_causal(const uint16_t *q, int64_t q_row, const uint16_t *k, const uint16_t *v,
                      int64_t kv_stride, uint16_t *out, int64_t out_row, int n, int start,
