@@ -388,6 +388,18 @@ def load_client(cfg: BenchConfig, base_url: str) -> aiohttp.ClientSession:
 
 
 async def stream_request(client: aiohttp.ClientSession, body: dict) -> RequestResult:
+    """One streamed completion. Sent again, once, where a kept-alive connection turned out
+    closed before the request went out: llama-server closed one after a one-token stream
+    (2-core EPYC, 2026-12-04), and aiohttp retries only idempotent methods itself."""
+    try:
+        return await _stream_once(client, body)
+    except (aiohttp.ClientOSError, aiohttp.ClientConnectionResetError) as e:
+        if "request body" not in str(e) and "closing transport" not in str(e):
+            raise
+        return await _stream_once(client, body)
+
+
+async def _stream_once(client: aiohttp.ClientSession, body: dict) -> RequestResult:
     state = StreamState(start=time.perf_counter())
     async with client.post("/v1/completions", json=body) as resp:
         if resp.status != 200:
