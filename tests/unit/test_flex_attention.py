@@ -358,9 +358,7 @@ def test_compiled_flex_stops_recompiling_once_the_step_shapes_have_varied() -> N
     torch._dynamo.reset()
 
 
-def test_compiled_flex_raises_at_the_recompile_limit_instead_of_running_the_reference(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_compiled_flex_raises_at_the_recompile_limit_instead_of_running_the_reference() -> None:
     """Where the limit is reached anyway, the call raises (the runner then attends per
     sequence) rather than falling back to the uncompiled reference."""
     import torch._dynamo
@@ -370,9 +368,11 @@ def test_compiled_flex_raises_at_the_recompile_limit_instead_of_running_the_refe
     masks = flex.StepMasks(bs, bs * blocks, torch.device("cpu"))
     kv = torch.randn(2, bs * blocks, 16)
     fn = flex.compiled_flex("eager")
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    compiled_step(fn, masks, [flex.FlexSpan((0, 1), 0, 20)], kv)
-    with pytest.raises(Exception, match="recompile"):
-        compiled_step(fn, masks, [flex.FlexSpan((0, 1), 20, 1)], kv)
+    # config.patch, not monkeypatch: monkeypatch's undo deletes the config entry outright
+    with torch._dynamo.config.patch(recompile_limit=1):
+        compiled_step(fn, masks, [flex.FlexSpan((0, 1), 0, 20)], kv)
+        with pytest.raises(Exception, match="recompile"):
+            compiled_step(fn, masks, [flex.FlexSpan((0, 1), 20, 1)], kv)
     assert torch._dynamo.config.fail_on_recompile_limit_hit is False  # set for the call only
+    assert torch._dynamo.config.recompile_limit == 64  # as compiled_flex left it
     torch._dynamo.reset()
