@@ -100,6 +100,7 @@ HEALTH_SCHEMA = {
         },
         "error": {"type": ["string", "null"]},
         "models": {"type": "object"},
+        "loading": {"type": "array", "items": {"type": "string"}},
     },
     "required": ["status"],
 }
@@ -155,7 +156,10 @@ async def health(request: Request) -> JSONResponse:
         error = "; ".join(f"{mid}: {why}" for mid, why in failed.items())
         return JSONResponse({"status": "engine_failed", "error": error}, status_code=503)
     if rt.ready:
-        body = {"status": "ok", "models": {m.id: _health_of(m) for m in rt.models.values()}}
-        return JSONResponse(body)
+        # loading: models still loading beside those that serve (the default embeddings model
+        # loads once the server is ready; it takes the cores for about a second)
+        loading = sorted(m.id for m in rt.pending.values() if m.status == "loading")
+        models = {m.id: _health_of(m) for m in rt.models.values()}
+        return JSONResponse({"status": "ok", "models": models, "loading": loading})
     status = "failed" if rt.load_error else "loading"
     return JSONResponse({"status": status, "error": rt.load_error}, status_code=503)

@@ -74,10 +74,13 @@ async def test_second_model_loads_while_first_streams(reg_server) -> None:
         await asyncio.sleep(0.2)
         r = await http.post("/v1/models", json={"model": "second"})
         assert r.status_code == 202 and r.json()["status"] == "loading"
+        health = (await http.get("/health")).json()  # the server serves; a model still loads
+        assert health["status"] == "ok" and "second" in health["loading"]
         tokens, reason = await task
     assert (tokens, reason) == (300, "length")  # the stream ran to its end, unbroken
     card = await asyncio.to_thread(wait_status, srv.url, "second")
     assert card["status"] == "ready"
+    assert "second" not in httpx.get(srv.url + "/health").json()["loading"]
     r = httpx.post(srv.url + "/v1/completions", json={"model": "second", "prompt": "x"})
     assert r.status_code == 200
 
