@@ -562,18 +562,25 @@ AMX_SHAPES = [(1, 16, 32), (5, 48, 64), (16, 960, 576), (17, 48, 96), (33, 32, 6
 @needs_amx
 @pytest.mark.parametrize(("m", "n", "k"), AMX_SHAPES)
 def test_amx_matches_float64_and_keeps_each_rows_bits(m: int, n: int, k: int) -> None:
+    _, x, fn, y = packed_linear_against_float64("amx", m, n, k)
+    for i in {0, m // 2, m - 1}:  # a row alone: the same bits as among the m
+        assert torch.equal(fn(x[i : i + 1])[0], y[i])
+
+
+def packed_linear_against_float64(kind: str, m: int, n: int, k: int):  # noqa: ANN201
+    """`kind`'s bf16 linear (with a bias) on random [m, k] rows of a [n, k] weight, checked
+    against float64: (w, x, the kernel, its output)."""
     g = torch.Generator().manual_seed(m * 31 + n + k)
     w = torch.randn(n, k, generator=g).bfloat16()
     x = torch.randn(m, k, generator=g).bfloat16()
     bias = torch.randn(n, generator=g).bfloat16()
-    fn = kernels.build("amx", w, bias, None, m)
+    fn = kernels.build(kind, w, bias, None, m)
     y = fn(x)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     want = F.linear(x.double(), w.double(), bias.double())
     # bf16 products summed in float32, the result rounded once to bf16 (and the bias added)
     assert torch.allclose(y.double(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
-    for i in {0, m // 2, m - 1}:  # a row alone: the same bits as among the m
-        assert torch.equal(fn(x[i : i + 1])[0], y[i])
+    return w, x, fn, y
 
 
 @needs_amx
@@ -603,16 +610,7 @@ DP_SHAPES = [(1, 16, 32), (6, 80, 66), (7, 48, 64), (17, 960, 576), (33, 32, 2),
 @needs_dp
 @pytest.mark.parametrize(("m", "n", "k"), DP_SHAPES)
 def test_dp_matches_float64_and_keeps_each_rows_bits(m: int, n: int, k: int) -> None:
-    g = torch.Generator().manual_seed(m * 31 + n + k)
-    w = torch.randn(n, k, generator=g).bfloat16()
-    x = torch.randn(m, k, generator=g).bfloat16()
-    bias = torch.randn(n, generator=g).bfloat16()
-    fn = kernels.build("dp", w, bias, None, m)
-    y = fn(x)
-    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-    want = F.linear(x.double(), w.double(), bias.double())
-    # bf16 products summed in float32, the result rounded once to bf16 (and the bias added)
-    assert torch.allclose(y.double(), want, rtol=2**-7, atol=2**-7 * want.abs().max().item())
+    w, x, fn, y = packed_linear_against_float64("dp", m, n, k)
     sums = native.Dp(w)(x, float_out=True)  # float32 sums as they are: far closer
     err = (sums.double() - F.linear(x.double(), w.double())).abs().max().item()
     assert sums.dtype == torch.float32 and err < 1e-4 * max(1.0, k**0.5)
