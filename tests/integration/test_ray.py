@@ -104,8 +104,16 @@ def test_official_client_unchanged(ray_url: str) -> None:
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    ends = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    usage = chunks[-1].usage
+    assert usage is not None and ends in (["length"], ["stop"]), (ends, usage)
+    # Unseeded at temperature 1, a random model may sample EOS before max_tokens: exactly
+    # max_tokens (and some text) is owed only when the length ended it.
+    if ends == ["length"]:
+        assert usage.completion_tokens == 12
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        assert usage.completion_tokens <= 12
 
     # Same seed, same text, whichever replica sampled it: the replicas are interchangeable.
     def seeded(i: int) -> tuple[str, str]:
