@@ -187,7 +187,10 @@ def test_a_slow_chat_template_is_refused_when_set(iso: LiveServer) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template"
     assert "too slow" in r.json()["error"]["message"]
     reply = client.chat.completions.create(  # the model's own template still serves
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        extra_body={"ignore_eos": True},  # unseeded: EOS must not end it first
     )
     assert reply.choices[0].finish_reason == "length"
 
