@@ -31,10 +31,12 @@ static inline void row_f32(const void *base, int bf16, size_t at, int D, float *
 }
 
 /* A thread reads its tasks as one stream: a task's keys, then its values, then the next
- * task's keys... Ahead walks the keys' rows AHEAD rows in front of the scores' reads and
- * prefetches each row's key and its value into L2, across the end of a task into the next
- * (which it claims from the shared counter, so the threads still balance as a dynamic
- * schedule does); the values pass then reads from L2 and prefetches nothing.
+ * task's keys... Ahead walks the keys' rows in front of the reads and prefetches each row's
+ * key and its value into L2, across the end of a task into the next (which it claims from
+ * the shared counter, so the threads still balance as a dynamic schedule does). It steps one
+ * row every second key of the scores pass and every second value of the values pass, so the
+ * memory stays busy through both passes at the rate the rows are used; the values pass reads
+ * from L2.
  *
  * Why: a lane's keys are a short stream (a few hundred rows, a few 4 KiB pages), which the
  * hardware prefetcher barely picked up before it ended, and a prefetch a fixed distance
@@ -43,8 +45,13 @@ static inline void row_f32(const void *base, int bf16, size_t at, int D, float *
  * 6.2 ms for a loop that only reads the same rows (2-core AMX Xeon). And two streams at a
  * time: a loop reading each task's keys and values side by side took 6.0 ms where keys then
  * values took 6.9, and prefetching the values with the keys (rather than after them) took
- * this kernel from 9.3-9.5 to 8.4-8.7 ms (24 to 96 rows ahead alike). */
-#define AHEAD 48
+ * this kernel from 9.3-9.5 to 8.4-8.7 ms (24 to 96 rows ahead alike). Stepping only in the
+ * scores pass left the memory idle through each values pass; split between the passes, and
+ * 160 rows ahead rather than 48, a layer of 32 lanes took 0.15-0.17 ms against 0.18-0.20 (up
+ * to 256 positions) and 0.31-0.33 against 0.33-0.36 (up to 528) on the 2-core Zen 5 EPYC
+ * (bench/lane_attention.py, builds alternating; the split alone at 48 rows: 0.17-0.20 against
+ * 0.20-0.22). */
+#define AHEAD 160
 #define RING 64 /* tasks claimed and not yet done, at most */
 
 typedef struct {
@@ -172,7 +179,7 @@ static inline __attribute__((always_inline)) void scores_avx512(
             for (int i = 0; i < group; i++) a[i] = _mm512_setzero_ps();
             if (t < n) { /* past the last key: zeros, summed and not stored */
                 size_t at = (cache0 + t0 + t) * D;
-                ahead_step(ahead);
+                if (t % 2 == 0) ahead_step(ahead); /* the odd ones in the values pass */
 #ifdef __AVX512BF16__
                 if (dp) {
                     for (int c = 0; c < D / 32; c++) {
@@ -200,10 +207,10 @@ static inline __attribute__((always_inline)) void scores_avx512(
 
 /* acc[i] = sum over t of p_i(t) * value_t; each value row loaded once (from L2: Ahead
  * fetched it with its key), the group's sums kept in registers where they fit (D = 64: 4
- * vectors a head). */
+ * vectors a head). Ahead steps at every odd t of the first pass over the dimensions. */
 static inline __attribute__((always_inline)) void values_avx512(
     const void *v, int bf16, size_t cache0, int len, int group, int D, const float *p,
-    float acc[][MAX_DIM]) {
+    float acc[][MAX_DIM], Ahead *ahead) {
     enum { CHUNKS = 4 }; /* 64 dims a pass over the values */
     for (int d0 = 0; d0 < D; d0 += 16 * CHUNKS) {
         int n = (D - d0) / 16 < CHUNKS ? (D - d0) / 16 : CHUNKS;
@@ -212,6 +219,7 @@ static inline __attribute__((always_inline)) void values_avx512(
             for (int c = 0; c < CHUNKS; c++) a[i][c] = _mm512_setzero_ps();
         for (int t = 0; t < len; t++) {
             size_t at = (cache0 + t) * D + d0;
+            if (d0 == 0 && t % 2 == 1) ahead_step(ahead);
             __m512 vv[CHUNKS];
             for (int c = 0; c < n; c++) vv[c] = load16(v, bf16, at + 16 * c);
             for (int i = 0; i < group; i++) {
@@ -279,7 +287,7 @@ static inline __attribute__((always_inline)) int attend_body(
     } else
 #endif
         for (int t = 0; t < len; t++) { /* scores: each key read once for the group */
-            ahead_step(ahead);
+            if (t % 2 == 0) ahead_step(ahead);
             row_f32(k, bf16, (cache0 + t) * D, D, row);
             for (int i = 0; i < group; i++) {
                 float dot = 0.f;
@@ -295,10 +303,11 @@ static inline __attribute__((always_inline)) int attend_body(
     }
 #ifdef ATTEND_AVX512
     if (D % 16 == 0) {
-        values_avx512(v, bf16, cache0, len, group, D, s, acc);
+        values_avx512(v, bf16, cache0, len, group, D, s, acc, ahead);
     } else
 #endif
         for (int t = 0; t < len; t++) { /* values: each read once for the group */
+            if (t % 2 == 1) ahead_step(ahead);
             row_f32(v, bf16, (cache0 + t) * D, D, row);
             for (int i = 0; i < group; i++) {
                 float p = s[(size_t)i * len + t];
