@@ -11,7 +11,7 @@
  * each. A call splits panels of four such blocks (64 columns) between the threads, and runs
  * every group of up to 6 rows of x through the panel with 24 accumulators (6 rows x 4 blocks):
  * per pair of k, four weight vectors and six broadcast pairs of x for 24 dot products; the
- * panel (K x 128 bytes) stays in cache while the row groups go by, and up to 64 rows the next
+ * panel (K x 128 bytes) stays in cache while the row groups go by, and at 9-64 rows the next
  * panel comes into L2 meanwhile (NextPanel). A row's sums run over k in order whatever the
  * call's rows, so the kernel is batch-invariant by construction.
  *
@@ -49,9 +49,10 @@ int dp_available(void) { return 1; }
  * hardware prefetcher fetched no further than the panel's end, so each new panel began with
  * the cores waiting on memory. On the 2-core Zen 5 EPYC, the benchmark model's 30 layers of
  * four linears and its LM head, bf16 weights from memory, builds alternating: 32 rows 14.4-14.9
- * -> 11.5-12.0 ms, 16 rows 10.0-10.5 -> 7.7-8.0 ms (fastest of 15 runs each). Only up to 64
+ * -> 11.5-12.0 ms, 16 rows 10.0-10.5 -> 7.7-8.0 ms (fastest of 15 runs each). Only for 9-64
  * rows: a prompt's many groups keep the cores busy on one panel, and fetching the next ran
- * 512 rows about 5% slower. */
+ * 512 rows about 5% slower; one to eight rows mostly stream the weight, and measured
+ * 0.92-1.06x with it, not clearly better, so they go without. */
 typedef struct {
     const char *at;
     int left, lines, passes, acc; /* lines not yet fetched; acc: lines owed, times passes */
@@ -138,7 +139,7 @@ static void dp_panels(const uint16_t *x, const uint16_t *w, void *y, int y_bf16,
         for (int gi = 0, m = 0; gi < groups; gi++) {
             int r = M / groups + (gi < M % groups);
             char *yp = (char *)y + ((size_t)m * N + (size_t)b0 * 16) * esize;
-            if (next.left > 0 && M <= 64)
+            if (next.left > 0 && M > 8 && M <= 64)
                 dp_group_any_next(x + (size_t)m * K, (size_t)K, wp, stride, K, yp, (size_t)N,
                                   y_bf16, r, c, &next);
             else
