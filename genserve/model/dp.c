@@ -126,12 +126,13 @@ static void dp_panels(const uint16_t *x, const uint16_t *w, void *y, int y_bf16,
     /* groups as even as can be (32 rows: 6, 6, 5, 5, 5, 5): a group of few rows has too few
      * accumulators to hide the dot product's latency */
     int groups = (M + DP_ROWS - 1) / DP_ROWS;
+    int fetch = M > 8 && M <= 64; /* the rows NextPanel pays for */
     for (int p = p0; p < p1; p++) {
         int b0 = p * DP_BLOCKS, c = blocks - b0 < DP_BLOCKS ? blocks - b0 : DP_BLOCKS;
         int b1 = b0 + DP_BLOCKS, c1 = blocks - b1 < DP_BLOCKS ? blocks - b1 : DP_BLOCKS;
         NextPanel next = {
             .at = (const char *)(w + (size_t)b1 * stride),
-            .left = p + 1 < p1 ? (int)((size_t)c1 * stride * sizeof(uint16_t) / 64) : 0,
+            .left = fetch && p + 1 < p1 ? (int)((size_t)c1 * stride * sizeof(uint16_t) / 64) : 0,
             .passes = groups * (K / 2),
         };
         next.lines = next.left;
@@ -139,7 +140,7 @@ static void dp_panels(const uint16_t *x, const uint16_t *w, void *y, int y_bf16,
         for (int gi = 0, m = 0; gi < groups; gi++) {
             int r = M / groups + (gi < M % groups);
             char *yp = (char *)y + ((size_t)m * N + (size_t)b0 * 16) * esize;
-            if (next.left > 0 && M > 8 && M <= 64)
+            if (next.left > 0)
                 dp_group_any_next(x + (size_t)m * K, (size_t)K, wp, stride, K, yp, (size_t)N,
                                   y_bf16, r, c, &next);
             else
