@@ -264,7 +264,11 @@ def test_sigkilled_server_finishes_the_batch_after_restart(
     try:
         # What was recorded before the kill is still there; the rest runs now.
         assert card(live, batch_id)["request_counts"]["completed"] >= 3
-        assert f"resuming batch {batch_id} (in_progress)" in live.log()
+        # The runner resumes batches once every model is served, which can come just after
+        # /health first answers: wait for its line rather than read the log at once.
+        resumed = f"resuming batch {batch_id} (in_progress)"
+        wait_until(lambda: resumed in live.log(), 60)
+        assert resumed in live.log()
         done = wait_done(live, batch_id)
         ids = [x["custom_id"] for x in lines_of(live, done["output_file_id"])]
     finally:
