@@ -269,4 +269,8 @@ def build_lone_decode(
 
 def _one_row_kernel(policy: hardware.KernelPolicy, shape: tuple[int, int]) -> str | None:
     plan = policy.plan(*shape)
-    return plan.choices[0] if plan is not None else None
+    if plan is None:
+        return None
+    # The graph's custom op is gemv.c's float path: where the policy runs its VNNI variant,
+    # the same int8 weights (sums rounded otherwise), the closest form a graph holds.
+    return "gemv" if plan.choices[0] == "vnni" else plan.choices[0]

@@ -33,6 +33,8 @@
 
 int gemv_i8(const void *x, int x_bf16, const int8_t *w, const float *scales, void *y,
             int y_bf16, int M, int N, int K, int threads);
+int gemv_i8_vnni(const void *x, int x_bf16, const int8_t *w, const float *scales, void *y,
+                 int y_bf16, int M, int N, int K, int threads);
 int gemv_bf16(const void *x, int x_bf16, const uint16_t *w, void *y, int y_bf16, int M, int N,
               int K, int threads);
 int gemv_f32(const void *x, int x_bf16, const float *w, void *y, int y_bf16, int M, int N,
@@ -47,7 +49,7 @@ int attend_lanes(const void *q, const void *k, const void *v, void *out, const i
                  const int32_t *lengths, int B, int heads, int kv_heads, int D, int64_t rows,
                  int64_t row0, int64_t lane_len, float scale, int bf16, int threads);
 
-enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_I8 = 2 };
+enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_I8 = 2, FORMAT_I8_VNNI = 3 };
 #define MAX_HEAD_DIM 256
 #define MAX_SILU_CHUNK 256 /* SiLU's elements per vectorised pass */
 
@@ -93,6 +95,8 @@ static int linear(const Lin *L, const void *x, void *y, const Step *s) {
         rc = amx_linear_bf16((const uint16_t *)x, L->tiles, y, 1, M, n, k, t);
     else if (L->format == FORMAT_I8)
         rc = gemv_i8(x, bf16, (const int8_t *)L->w, L->scales, y, bf16, M, n, k, t);
+    else if (L->format == FORMAT_I8_VNNI)
+        rc = gemv_i8_vnni(x, bf16, (const int8_t *)L->w, L->scales, y, bf16, M, n, k, t);
     else if (L->format == FORMAT_BF16)
         rc = gemv_bf16(x, bf16, (const uint16_t *)L->w, y, bf16, M, n, k, t);
     else

@@ -35,7 +35,8 @@ KEEP_GAIN = 0.9
 # bf16 costs precision: `--dtype auto` takes it only where it is clearly faster.
 BF16_GAIN = 0.85
 CACHE_FILE = "kernels.json"
-COLD_MAX_COPIES = 16
+COLD_MAX_COPIES = 16  # copies of a weight timed alone (its model's size not known)
+COLD_MAX_COPIES_STEP = 1024  # of a model's weight: enough to overflow the cache however small
 BUSY_LOAD = 1.5  # load average per core above which a measurement is not cached
 
 
@@ -97,6 +98,10 @@ class ShapeSpec:
     out_features: int
     in_features: int
     max_rows: int
+    # Weights a decode step reads across the whole model (every layer and the LM head), which
+    # decides whether a step finds this one in cache (measure it warm) or in memory (cold);
+    # 0: not known (one shape timed alone).
+    step_weights: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,9 +238,18 @@ def _copy(quant: kernels.QuantizedWeight | None) -> kernels.QuantizedWeight | No
 def cold_copies(spec: ShapeSpec, dtype: torch.dtype) -> int:
     """Copies of a weight that, called in turn, overflow the last-level cache: in a real step
     each layer's weights come from memory, and one weight timed alone would sit in cache
-    (a 3.5 MB bf16 matrix ran 2x faster hot than in a step here)."""
-    size = spec.out_features * spec.in_features * torch.empty((), dtype=dtype).element_size()
-    return max(1, min(COLD_MAX_COPIES, -(-2 * last_level_cache() // size)))
+    (a 3.5 MB bf16 matrix ran 2x faster hot than in a step here). Every copy of a small
+    weight counts: capped at 16, a 960x576 one was timed from the cache (16 copies, 18 MB of a
+    32 MB L3), where a bf16 kernel beat the int8 ones that read half the bytes in a step.
+    One copy where the whole model's step fits in the cache: its steps run warm."""
+    item = torch.empty((), dtype=dtype).element_size()
+    llc = last_level_cache()
+    need = -(-2 * llc // (spec.out_features * spec.in_features * item))
+    if not spec.step_weights:
+        return max(1, min(COLD_MAX_COPIES, need))
+    if spec.step_weights * item <= llc:
+        return 1
+    return max(1, min(COLD_MAX_COPIES_STEP, need))
 
 
 def last_level_cache(path: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
@@ -490,10 +504,11 @@ def model_specs(config, chunk: int, sample_rows: int) -> tuple[ShapeSpec, ...]: 
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     hidden, inter = config.hidden_size, config.intermediate_size
+    layer = ((heads + 2 * kv) * head_dim, hidden), (hidden, heads * head_dim), (2 * inter, hidden)
+    layer += ((hidden, inter),)
+    head = (config.vocab_size, hidden)
+    step = config.num_hidden_layers * sum(o * i for o, i in layer) + head[0] * head[1]
     return (
-        ShapeSpec((heads + 2 * kv) * head_dim, hidden, chunk),
-        ShapeSpec(hidden, heads * head_dim, chunk),
-        ShapeSpec(2 * inter, hidden, chunk),
-        ShapeSpec(hidden, inter, chunk),
-        ShapeSpec(config.vocab_size, hidden, sample_rows),
+        *(ShapeSpec(o, i, chunk, step) for o, i in layer),
+        ShapeSpec(*head, sample_rows, step),
     )

@@ -7,6 +7,9 @@
 - `gemv`: genserve's own row-by-row kernel (gemv.c via native.py, built for this CPU), over the int8
   weights when the layer is quantized, else over the weight in the compute dtype. It streams
   the weight once per call, so it is a candidate for the few rows of a decode step.
+- `vnni`: the same kernel over the int8 weights with AVX512-VNNI integer dot products (each row
+  of x quantized to int16, sums exact), where the CPU has them; a quantized layer's
+  candidate for the same rows as `gemv`.
 - `amx`: genserve's AMX-tile kernel (amx.c), bf16 only, where the CPU has AMX: the weight
   packed into tiles, streamed once per call for up to 32 rows at a time; a candidate for a
   batched decode step's 9-64 rows.
@@ -26,8 +29,9 @@ import torch.nn.functional as F
 
 from genserve.model import native
 
-KERNELS = ("linear", "onednn", "int8", "gemv", "amx", "dp")
-QUANTIZED = ("int8", "gemv")  # kernels that read the int8 weights themselves, not dequantized
+KERNELS = ("linear", "onednn", "int8", "gemv", "vnni", "amx", "dp")
+# kernels that read the int8 weights themselves, not dequantized
+QUANTIZED = ("int8", "gemv", "vnni")
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -67,6 +71,8 @@ def available(dtype: torch.dtype, device: torch.device, quantization: str) -> tu
         names.insert(0, "int8")
     if device.type == "cpu" and dtype in native.DTYPES and native.library() is not None:
         names.append("gemv")
+        if quantization == "int8" and native.vnni_ready():
+            names.append("vnni")
         if dtype == torch.bfloat16 and native.amx_ready():
             names.append("amx")
         if dtype == torch.bfloat16 and native.dp_ready():
@@ -84,7 +90,7 @@ def build(
 ) -> Kernel:
     """A callable for one kernel. `weight` is in the compute dtype (already dequantized when
     the layer is quantized; None when only QUANTIZED kernels are built); `quant`, where the
-    layer is quantized, is what `int8` and `gemv` read. `glu`: the weight is a gated MLP's
+    layer is quantized, is what `int8`, `gemv` and `vnni` read. `glu`: the weight is a gated MLP's
     [gate; up], which `amx` packs so that it can also give SiLU(gate) * up (native.Amx)."""
     if kind == "linear":
         return lambda x: F.linear(x, weight, bias)
@@ -97,6 +103,10 @@ def build(
         if quant is not None:
             return native.Gemv(quant.q, quant.scales, bias)
         return native.Gemv(weight, None, bias)
+    if kind == "vnni":
+        if quant is None:
+            raise ValueError("the vnni kernel needs quantized weights")
+        return native.Gemv(quant.q, quant.scales, bias, vnni=True)
     if kind == "amx":
         glu = glu and bias is None and weight.shape[0] % 32 == 0
         return native.Amx(weight, bias, glu=glu)

@@ -65,6 +65,8 @@ _SIGNATURES = {
     "glue_silu_mul": [_P, _P, _P],
     "glue_rotate_write": [_P, _P, _P, _P],
     "gemv_i8": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I],
+    "gemv_i8_vnni": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I],
+    "gemv_vnni_available": [],
     "gemv_bf16": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
     "gemv_f32": [_P, _I, _P, _P, _I, _I, _I, _I, _I],
     "amx_init": [],
@@ -173,22 +175,32 @@ def supports(weight: torch.Tensor) -> bool:
 class Gemv:
     """y = x W^T (times a scale per output column for int8 weights) (+ bias) for x [M, K] in
     float32 or bf16; y comes back in x's dtype. Holds the weight (contiguous), the scales and
-    the bias, so the pointers handed to C stay valid while it lives."""
+    the bias, so the pointers handed to C stay valid while it lives. `vnni` (int8 weights,
+    where vnni_ready()): x's rows quantized to int16 and summed exactly with VPDPWSSD
+    (gemv.c's gemv_i8_vnni) instead of widened to float32."""
 
-    __slots__ = ("bias", "scales", "weight")
+    __slots__ = ("bias", "scales", "vnni", "weight")
 
     def __init__(
         self, weight: torch.Tensor, scales: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None, vnni: bool = False,
     ) -> None:  # fmt: skip
         self.weight = weight.contiguous()
         self.scales = None if scales is None else scales.to(torch.float32).contiguous()
         self.bias = None if bias is None else bias.contiguous()
+        self.vnni = vnni
         _check_weight(self.weight, self.scales)
+        if vnni and (weight.dtype != torch.int8 or not vnni_ready()):
+            raise ValueError("the VNNI gemv needs int8 weights and a CPU with AVX512-VNNI")
+
+    @property
+    def format(self) -> int:
+        """How decode.c reads the weight (its FORMAT_* codes)."""
+        return _VNNI_FORMAT if self.vnni else _FORMATS[self.weight.dtype]
 
     def __call__(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
         """y in x's dtype, or float32 sums as they are (`float_out`: a model's logits)."""
-        y = _multiply(x, self.weight, self.scales, float_out)
+        y = _multiply(x, self.weight, self.scales, float_out, self.vnni)
         return y if self.bias is None else y.add_(self.bias)
 
 
@@ -200,8 +212,9 @@ def _check_weight(weight: torch.Tensor, scales: torch.Tensor | None) -> None:
 
 
 def _multiply(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, float_out: bool = False
-) -> torch.Tensor:
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, float_out: bool = False,
+    vnni: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """The C call, on a weight (and float32 scales) already checked and contiguous."""
     lib = library()
     n, k = weight.shape
@@ -215,7 +228,7 @@ def _multiply(
         return y
     bf16 = int(x.dtype == torch.bfloat16)
     if weight.dtype == torch.int8:
-        fn, extra = lib.gemv_i8, (scales.data_ptr(),)
+        fn, extra = (lib.gemv_i8_vnni if vnni else lib.gemv_i8), (scales.data_ptr(),)
     else:
         fn, extra = (lib.gemv_bf16 if weight.dtype == torch.bfloat16 else lib.gemv_f32), ()
     y_bf16 = int(y.dtype == torch.bfloat16)
@@ -223,6 +236,16 @@ def _multiply(
     if fn(*args, x.shape[0], n, k, torch.get_num_threads()):
         raise MemoryError("gemv: no memory for the activations' float32 copy")
     return y
+
+
+def vnni_ready() -> bool:
+    """Whether gemv.c's int8 kernel on AVX512-VNNI runs here (built where the CPU has it, and
+    not capped off by ONEDNN_MAX_CPU_ISA: a run can stand for an older CPU)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap not in ("", "ALL", "DEFAULT") and not any(t in cap for t in ("VNNI", "BF16", "AMX")):
+        return False
+    lib = library()
+    return lib is not None and lib.gemv_vnni_available() == 1
 
 
 @functools.cache
@@ -534,6 +557,7 @@ class _Step(ctypes.Structure):
 
 
 _FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+_VNNI_FORMAT = 3  # int8 weights through gemv_i8_vnni
 MAX_HEAD_DIM, MAX_GROUP = 256, 16  # decode.c's and attend.c's fixed buffers
 
 
@@ -830,9 +854,7 @@ def _lin_struct(g: Gemv | None, tile: tuple[Amx | Dp, int] | None) -> _Lin:
     scales = g.scales.data_ptr() if g.scales is not None else None
     bias = g.bias.data_ptr() if g.bias is not None else None
     n, k = g.weight.shape
-    return _Lin(
-        g.weight.data_ptr(), scales, bias, _FORMATS[g.weight.dtype], n, k, tiles, start, glu, dp
-    )
+    return _Lin(g.weight.data_ptr(), scales, bias, g.format, n, k, tiles, start, glu, dp)
 
 
 def _layer_struct(layer: DecodeLayer) -> _Layer:

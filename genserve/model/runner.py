@@ -107,7 +107,8 @@ class Linear:
         plan = plan or _default_plan(weight)
         quant = kernels.quantize_int8(weight) if quantize else None
         kinds = set(plan.choices) | {plan.invariant}
-        if (quant is not None or "linear" in kinds) and native.supports(weight):
+        vnni = "vnni" in plan.choices[:2]  # measured faster for a few rows: decode.c's too
+        if not vnni and (quant is not None or "linear" in kinds) and native.supports(weight):
             # It reads a tensor this layer holds anyway (the int8 one, or the weight F.linear
             # reads): decode.c's linear (runner._native_stack), at no memory cost.
             kinds.add("gemv")
@@ -117,7 +118,8 @@ class Linear:
         built = {k: kernels.build(k, dense, bias, quant, batch_hint, glu) for k in sorted(kinds)}
         self.by_bucket = tuple(built[k] for k in plan.choices)
         self.invariant = built[plan.invariant]
-        self.gemv = built.get("gemv")  # what decode.c reads, where the policy built it
+        # what decode.c reads, where the policy built it
+        self.gemv = built.get("vnni") if vnni else built.get("gemv")
         # and for a batch, where it runs amx.c's or dp.c's packed weight
         self.tiles = _tiles_from(plan, built.get("amx")) or _tiles_from(plan, built.get("dp"))
         self.pad_single = plan.pad_single

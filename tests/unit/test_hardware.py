@@ -102,6 +102,29 @@ def test_dtype_auto_is_measured_once_per_machine_and_never_cached_under_load(
     assert len(json.loads((tmp_path / hardware.CACHE_FILE).read_text())) == 1
 
 
+def test_a_weight_is_timed_from_memory_unless_the_models_whole_step_fits_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decode step of a model larger than the cache reads every weight from memory: a small
+    one is timed in as many copies as overflow the cache twice (16 left a 960x576 bf16 weight
+    in a 32 MiB L3, where a bf16 kernel beat the int8 ones a step runs faster), and a model
+    whose whole step fits in the cache is timed warm, as its steps run."""
+    monkeypatch.setattr(hardware, "last_level_cache", lambda: 32 * 2**20)
+    cfg = LlamaConfig(**{**SMALL_LLAMA, "hidden_size": 576, "intermediate_size": 1536,
+                         "num_hidden_layers": 30, "vocab_size": 49152})  # fmt: skip
+    specs = hardware.model_specs(cfg, 512, 32)
+    sizes = [s.out_features * s.in_features for s in specs]
+    step = 30 * sum(sizes[:4]) + sizes[4]
+    assert {s.step_weights for s in specs} == {step}
+    qkv = specs[0]
+    assert hardware.cold_copies(qkv, torch.bfloat16) == -(-64 * 2**20 // (sizes[0] * 2))
+    assert hardware.cold_copies(qkv, torch.bfloat16) > hardware.COLD_MAX_COPIES
+    alone = dataclasses.replace(qkv, step_weights=0)  # its model unknown: at most 16
+    assert hardware.cold_copies(alone, torch.bfloat16) == hardware.COLD_MAX_COPIES
+    tiny = hardware.model_specs(LlamaConfig(**SMALL_LLAMA), 64, 4)
+    assert all(hardware.cold_copies(s, torch.float32) == 1 for s in tiny)
+
+
 def test_a_measured_policy_names_a_plan_for_each_shape_and_bucket() -> None:
     policy = hardware.measure_policy(small_specs(), torch.float32, "int8", CPU, 64, 4)
     assert [(p.out_features, p.in_features) for p in policy.plans] == [(64, 32), (96, 32)]

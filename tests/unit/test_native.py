@@ -27,6 +27,7 @@ from tests.unit.test_hardware import fixed_policy, seeded_logits, tiny_llama
 
 needs_amx = pytest.mark.skipif(not native.amx_ready(), reason="no AMX tiles on this CPU")
 needs_dp = pytest.mark.skipif(not native.dp_ready(), reason="no AVX512-BF16 on this CPU")
+needs_vnni = pytest.mark.skipif(not native.vnni_ready(), reason="no AVX512-VNNI on this CPU")
 
 FREE = SamplingParams()
 
@@ -101,6 +102,89 @@ def test_through_kernels_build_with_a_bias_and_strided_input() -> None:
     quant = kernels.quantize_int8(w)
     fn8 = kernels.build("gemv", None, b, quant, 4)  # reads the int8 weights only
     assert torch.allclose(fn8(x), F.linear(x, quant.dequantize(torch.float32), b), atol=1e-4)
+
+
+def vnni_reference(x: torch.Tensor, quant: kernels.QuantizedWeight) -> torch.Tensor:
+    """What gemv_i8_vnni computes, step by step in torch: each row of x (as float32) times
+    32767 / its largest magnitude, rounded half to even to int16; the integer products summed
+    exactly (int64); the sum times the row's step and the weight row's scale in float64,
+    rounded to float32, then to x's dtype."""
+    xf = x.float()
+    top = xf.abs().amax(dim=1, keepdim=True)
+    inv = torch.tensor(32767.0) / top  # float32 division, as the C code's
+    q = torch.where(top > 0, torch.round(xf * inv), torch.zeros_like(xf)).to(torch.int64)
+    sums = q @ quant.q.to(torch.int64).T
+    step = top.double() / 32767.0
+    y = (sums.double() * step * quant.scales.double()[None, :]).float()
+    return y.to(x.dtype)
+
+
+@needs_vnni
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (5, 6, 4100), (4, 9, 8300), (6, 33, 575)])
+def test_vnni_int8_is_the_exact_integer_sum_of_int16_rows(dtype, m: int, n: int, k: int) -> None:
+    """The VNNI kernel's result is exactly its definition (vnni_reference), bit for bit, for
+    row counts across its 1-4 row groups, weights whose rows are not whole 4-row blocks or
+    32-wide vectors, and inner widths past one int32 span (4096); and close to the float
+    product of x and the dequantized weights (x's 16-bit rounding only)."""
+    g = torch.Generator().manual_seed(m * 31 + n + k)
+    quant = kernels.quantize_int8(torch.randn(n, k, generator=g))
+    x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+    x[0, 0] = 0.0
+    y = native.Gemv(quant.q, quant.scales, vnni=True)(x)
+    assert y.dtype == dtype and torch.equal(y, vnni_reference(x, quant))
+    want = reference(x, quant.dequantize(torch.float32))
+    tol = 1e-4 if dtype == torch.float32 else 2**-8
+    assert torch.allclose(y.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@needs_vnni
+def test_vnni_int8_sums_the_largest_products_without_overflow() -> None:
+    """Every |x| at its row's largest value and every weight at +-127, 8300 wide: each
+    product is 32767 * 127, and the sum (8300 of them) is far past int32; it must come out
+    exact, as its int64 definition."""
+    k = 8300
+    q = torch.full((8, k), 127, dtype=torch.int8)
+    q[1] = -127
+    quant = kernels.QuantizedWeight(q, torch.ones(8))
+    x = torch.full((2, k), 2.0)
+    y = native.Gemv(quant.q, quant.scales, vnni=True)(x)
+    assert torch.equal(y, vnni_reference(x, quant))
+    assert y[0, 0].item() == pytest.approx(2.0 * 127 * k, rel=1e-6)
+    assert y[0, 1].item() == pytest.approx(-2.0 * 127 * k, rel=1e-6)
+
+
+@needs_vnni
+def test_vnni_rows_keep_their_bits_and_rows_not_finite_take_the_float_path() -> None:
+    """A row's bits do not depend on the others (integer sums); a row with a NaN or an inf has
+    no int16 step and gets the float path's result, leaving its neighbours' bits alone; a row
+    of zeros gives zeros."""
+    g = torch.Generator().manual_seed(11)
+    quant = kernels.quantize_int8(torch.randn(40, 96, generator=g))
+    fn = native.Gemv(quant.q, quant.scales, vnni=True)
+    plain = native.Gemv(quant.q, quant.scales)
+    x = torch.randn(9, 96, generator=g)
+    assert row_invariance(fn, x, [3, 5, 8, 9]) == (True, True)
+    bad = x.clone()
+    bad[2, 5], bad[6, 1], bad[7] = float("nan"), float("inf"), 0.0
+    y = fn(bad)
+    assert torch.equal(y[2].isnan(), plain(bad[2:3])[0].isnan()) and y[2].isnan().all()
+    torch.testing.assert_close(y[6], plain(bad[6:7])[0], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(y[7], torch.zeros(40))
+    for i in (0, 1, 3, 4, 5, 8):
+        assert torch.equal(y[i], fn(x[i : i + 1])[0])
+
+
+def test_vnni_is_an_int8_candidate_where_the_cpu_has_it() -> None:
+    cpu = torch.device("cpu")
+    assert ("vnni" in kernels.available(torch.bfloat16, cpu, "int8")) == native.vnni_ready()
+    assert "vnni" not in kernels.available(torch.bfloat16, cpu, "none")
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="quantized"):
+        kernels.build("vnni", w, None, None, 1)
+    if native.vnni_ready():
+        with pytest.raises(ValueError, match="int8"):
+            native.Gemv(w, None, vnni=True)
 
 
 def test_it_is_a_candidate_for_the_compute_dtypes_it_takes() -> None:
@@ -310,6 +394,21 @@ def test_native_decode_computes_the_eager_paths_logits(
     cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256, attention_bias=bias)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(dtype)
     check_native_decode(*native_and_eager(model, dtype, quantization, path), tol)
+
+
+@needs_vnni
+@pytest.mark.parametrize("path", ["stack", "glue"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_on_vnni_int8_computes_the_eager_paths_logits(dtype, path) -> None:
+    """Where the policy runs the VNNI kernel for a few rows, decode.c's stack reads the int8
+    weights through it too (format 3), and its logits stay close to the eager path's."""
+    torch.manual_seed(0)
+    cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256, attention_bias=True)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(dtype)
+    policy = fixed_policy(model, dtype, "int8", "vnni")
+    fast, eager, counting = native_and_eager(model, dtype, "int8", path, policy=policy)
+    assert all(lin.gemv.vnni for lin in (fast.layers[0].qkv, fast.layers[0].down))
+    check_native_decode(fast, eager, counting, 1e-3 if dtype == torch.float32 else 0.05)
 
 
 @pytest.mark.parametrize(
@@ -747,6 +846,24 @@ def test_onednns_isa_cap_hides_the_amx_kernel_too() -> None:
     )  # fmt: skip
     ready, names = done.stdout.strip().split(" ", 1)
     assert ready == "False" and "amx" not in names and "gemv" in names
+
+
+@pytest.mark.parametrize(("cap", "hidden"), [("AVX512_CORE", True), ("AVX512_CORE_VNNI", False)])
+def test_onednns_isa_cap_below_vnni_hides_the_vnni_kernel(cap: str, hidden: bool) -> None:
+    """ONEDNN_MAX_CPU_ISA=AVX512_CORE stands for a CPU without VNNI (Skylake-SP): no vnni."""
+    if not native.vnni_ready():
+        pytest.skip("no AVX512-VNNI here")
+    code = "import torch\nfrom genserve.model import kernels, native\n"
+    code += "names = kernels.available(torch.bfloat16, torch.device('cpu'), 'int8')\n"
+    code += "print(native.vnni_ready(), names)"
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=cap)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+        check=True, cwd=ROOT,
+    )  # fmt: skip
+    ready, names = done.stdout.strip().split(" ", 1)
+    assert (ready == "False") == hidden and ("'vnni'" in names) == (not hidden)
+    assert "'gemv'" in names
 
 
 @pytest.mark.parametrize("kind", ["gemv", "amx", "dp", "linear"])
