@@ -444,10 +444,16 @@ def _sampling_args(
         raise ValueError(f"sample_rows: x {tuple(x.shape)} {x.dtype} on {x.device}")
     if x.stride(1) != 1:
         raise ValueError("sample_rows: x's rows must be contiguous")
-    t, u, p = inv_temperature.float().contiguous(), u.double().contiguous(), top_p.double()
+    t, u, p = _as(inv_temperature, torch.float32), _as(u, torch.float64), _as(top_p, torch.float64)
     if not t.numel() == u.numel() == p.numel() == rows:
         raise ValueError("sample_rows: one temperature, uniform and top_p per row")
-    return t, u, p.contiguous()
+    return t, u, p
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as a contiguous `dtype` tensor; itself when it is one (a sampled step's common case:
+    no dispatch, which right after a step's weights streamed through the caches costs)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
 
 
 def draw_rows(

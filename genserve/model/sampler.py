@@ -507,7 +507,9 @@ class _Drawn:
 
     which: list[int]  # row indices of the step
     tokens: torch.Tensor  # [len(which)] long
-    finite: torch.Tensor  # [len(which)] bool: False where the row could not draw
+    # [len(which)] bool, False where the row could not draw: read back with the tokens on an
+    # accelerator; None on a CPU, where such rows were reported (errors) before drawing
+    finite: torch.Tensor | None
 
 
 def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -> _Drawn | None:
@@ -521,7 +523,7 @@ def _draw(processed: torch.Tensor, rows: list[SamplingRow], errors: RowErrors) -
     x = processed if len(which) == len(rows) else processed[_index(which, dev)]
     native_first = _native_first(x)
     if native_first:  # sample.c finds rows with no finite top logit itself (status -1)
-        finite = torch.ones(len(which), dtype=torch.bool)
+        finite = None
     else:
         x, which, finite = _finite(x, which, errors)
         if not which:
@@ -566,7 +568,6 @@ def _native_draws(
     there with the row's second uniform; -1 and left to torch elsewhere (and for rows with no
     finite logit, which torch reports). A row takes the same path alone or batched: it depends
     only on its own parameters, logits and uniforms. `which`: the rows' indices in the step."""
-    tokens = torch.full((len(which),), -1, dtype=torch.long, device=x.device)
     vocab = x.shape[-1]
     takes = [
         j for j, i in enumerate(which)
@@ -575,7 +576,7 @@ def _native_draws(
     ]  # fmt: skip
     everyone = list(range(len(which)))
     if not takes or x.device.type != "cpu" or x.dtype != torch.float32 or not native.library():
-        return tokens, everyone
+        return torch.full((len(which),), -1, dtype=torch.long, device=x.device), everyone
     # Every row, the common step: no indexing by a list (each such index or assignment cost
     # ~20 us, a third of a one-row draw).
     whole = len(takes) == len(which)
@@ -592,10 +593,11 @@ def _native_draws(
             again = native.redraw_rows(sub[outside], t[outside], second, p[outside])
             drawn.tokens[outside] = again
     except (MemoryError, ValueError):  # no memory for a row's weights: torch draws them all
-        return tokens, everyone
+        return torch.full((len(which),), -1, dtype=torch.long, device=x.device), everyone
     if whole:
         tokens = drawn.tokens
     else:
+        tokens = torch.full((len(which),), -1, dtype=torch.long, device=x.device)
         tokens[takes] = drawn.tokens
     settled = {j for j, s, tok in zip(takes, drawn.status, drawn.tokens.tolist(), strict=True)
                if s != native.CANNOT and tok >= 0}  # fmt: skip
@@ -617,7 +619,7 @@ def _torch_draws(
 
 def _finite(
     x: torch.Tensor, which: list[int], errors: RowErrors
-) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
     """A row without a finite top logit (all masked, or NaN) cannot draw and fails alone.
 
     On a CPU the flags are read at once (no device to wait for) and such rows leave the batch.
@@ -629,12 +631,12 @@ def _finite(
         return torch.where(finite[:, None], x, 0.0), which, finite
     flags = finite.tolist()
     if all(flags):
-        return x, which, finite
+        return x, which, None
     for i, ok in zip(which, flags, strict=True):
         if not ok:
             errors[i] = ValueError(NOT_FINITE)
     keep = [j for j, ok in enumerate(flags) if ok]
-    return x[keep], [which[j] for j in keep], finite[keep]
+    return x[keep], [which[j] for j in keep], None
 
 
 @dataclass(slots=True)
@@ -697,11 +699,13 @@ class _Results:
 
     def add(self, t: torch.Tensor) -> int:
         """Queue a 1-D tensor; returns its length (its values come back in this order)."""
-        self.parts.append(t.reshape(-1).double())
+        self.parts.append(t.reshape(-1))
         return self.parts[-1].numel()
 
     def fetch(self) -> list[float]:
-        return to_host(torch.cat(self.parts)) if self.parts else []
+        if len(self.parts) == 1:  # the tokens alone (a CPU step without logprobs): no copy
+            return to_host(self.parts[0])
+        return to_host(torch.cat([p.double() for p in self.parts])) if self.parts else []
 
 
 def _queue_logprobs(
@@ -757,24 +761,26 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
         return SampleOutput([], [])
     processed, errors = process(logits, rows)
     dev = logits.device
-    tokens = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
     greedy = [i for i, r in enumerate(rows) if r.greedy]  # no draw
-    if greedy:
-        idx = _index(greedy, dev)
-        top = processed if len(greedy) == len(rows) else processed[idx]
-        tokens.index_copy_(0, idx, top.argmax(-1))
     drawn = _draw(processed, rows, errors)
     if drawn is not None and len(drawn.which) == len(rows):
         tokens = drawn.tokens  # every row drew: nothing to merge
-    elif drawn is not None:
-        tokens.index_copy_(0, _index(drawn.which, dev), drawn.tokens)
+    else:
+        tokens = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
+        if greedy:
+            idx = _index(greedy, dev)
+            top = processed if len(greedy) == len(rows) else processed[idx]
+            tokens.index_copy_(0, idx, top.argmax(-1))
+        if drawn is not None:
+            tokens.index_copy_(0, _index(drawn.which, dev), drawn.tokens)
     results = _Results()
     n_tokens = results.add(tokens)
-    n_finite = results.add(drawn.finite) if drawn is not None else 0
+    has_flags = drawn is not None and drawn.finite is not None
+    n_finite = results.add(drawn.finite) if has_flags else 0
     queued = _queue_logprobs(logits, rows, tokens, errors, results)
     host = results.fetch()
     picked = [int(t) for t in host[:n_tokens]]
-    if drawn is not None:
+    if has_flags:
         for i, ok in zip(drawn.which, host[n_tokens : n_tokens + n_finite], strict=True):
             if not ok and i not in errors:
                 errors[i] = ValueError(NOT_FINITE)
