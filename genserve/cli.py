@@ -96,6 +96,8 @@ SERVE_OPTIONS = (
                  "Reuse cached KV blocks of repeated prompt prefixes."),
     ConfigOption("max_num_batched_tokens", "engine", "max_num_batched_tokens",
                  "Token budget per step."),
+    ConfigOption("stream_interval", "engine", "stream_interval",
+                 "Streamed tokens sent every N (first and last at once); 1: each its own chunk."),
     ConfigOption("max_waiting", "engine", "max_waiting", "Queue bound; beyond it, 429."),
     ConfigOption("fast_path", "engine", "fast_path", "Use the Llama-family runner."),
     ConfigOption("deterministic", "engine", "batch_invariant",

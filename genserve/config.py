@@ -25,6 +25,10 @@ class EngineConfig:
     # starts with the same tokens (same adapter); --no-prefix-caching turns it off.
     prefix_caching: bool = True
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
+    # A streamed answer's tokens are sent on every this many (the first and the last at once);
+    # 1: each token its own chunk, as OpenAI and vLLM send them. An answer that is not
+    # streamed is sent whole when it finishes, whatever this says.
+    stream_interval: int = 1
     max_waiting: int = 256  # bounded queue: beyond this, 429
     fast_path: bool = True  # our Llama-family runner when the architecture allows it
     # --deterministic: no row's numbers depend on its batch. Off, only seeded requests' rows
@@ -56,6 +60,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be >= 16")
         if self.max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,8 @@ def chat_request(
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = sampling_params(body, max_tokens, logprobs)
     messages = plain_messages(body.messages)
-    return ChatRequest(target, messages, sampling, body.n or 1, tools, priority=priority)
+    stream = bool(body.stream)
+    return ChatRequest(target, messages, sampling, body.n or 1, tools, priority, stream)
 
 
 def chat_message(c: ChoiceState) -> dict:

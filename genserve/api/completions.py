@@ -57,7 +57,8 @@ def completion_request(
     sampling = sampling_params(body, body.max_tokens, body.logprobs, echo_lps)
     prompts = prompt_list(body.prompt)
     n, echo = body.n or 1, bool(body.echo)
-    return CompletionRequest(target, prompts, sampling, n, body.best_of, echo, priority)
+    stream = bool(body.stream)
+    return CompletionRequest(target, prompts, sampling, n, body.best_of, echo, priority, stream)
 
 
 @router.post("/v1/completions")

@@ -115,8 +115,10 @@ class RequestObserver:
         if delta.token_ids:
             if last is None:
                 self.ttft.observe(now - request.arrival_time)
-            else:
-                self.itl.observe(now - last)
+            else:  # a delta may carry several tokens (--stream-interval): each its share
+                gap = (now - last) / len(delta.token_ids)
+                for _ in delta.token_ids:
+                    self.itl.observe(gap)
             self.m._last[rid] = now
         if delta.finished:
             self.m._last.pop(rid, None)

@@ -100,7 +100,8 @@ def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
         context = previous.context
     items = input_items(body.input)
     sampling = sampling_params(body, body.max_output_tokens)
-    chat = ChatRequest(target, messages(body.instructions, context + items), sampling, 1, tools)
+    history = messages(body.instructions, context + items)
+    chat = ChatRequest(target, history, sampling, 1, tools, stream=bool(body.stream))
     return Prepared(rt, project, body, chat, items, context)
 
 

@@ -7,9 +7,9 @@ import asyncio
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from genserve.engine.core import STOPPED, AdapterOp
 from genserve.engine.scheduler import QueueFullError
@@ -88,21 +88,31 @@ class GroupStream:
         self.engine = engine
         self.queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self.unfinished = {r.request_id for r in requests}
+        self._failure: RequestFailure | None = None  # raised at the next delta asked for
 
     def __aiter__(self) -> GroupStream:
         return self
 
     async def __anext__(self) -> TokenDelta:
+        if self._failure is not None:
+            self._fail(self._failure)
         if not self.unfinished:
             raise StopAsyncIteration
         delta = await self.queue.get()
         if delta.finished:
             self.unfinished.discard(delta.request_id)
         if delta.finish_reason is FinishReason.ABORT:
-            self.close()
             failure = delta.error or RequestFailure(DROPPED)
-            raise EngineError(failure.message, failure)
+            if not delta.token_ids:
+                self._fail(failure)
+            # Tokens it held (Request.publish_every) go out first, then the error.
+            self._failure = failure
+            return replace(delta, finish_reason=None, error=None)
         return delta
+
+    def _fail(self, failure: RequestFailure) -> NoReturn:
+        self.close()
+        raise EngineError(failure.message, failure)
 
     def close(self) -> None:
         for rid in self.unfinished:

@@ -122,6 +122,10 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = INTERACTIVE  # BACKGROUND: a Batch API request (see engine.scheduler)
     tenant: str = ""  # the caller's project: admission is shared fairly between tenants
+    # How often the engine sends this request's tokens on (engine.core.EngineCore._outbox):
+    # every `publish_every` tokens; 0: when it finishes (an answer sent whole). The first token
+    # and the last always go at once, so time to first token is the same either way.
+    publish_every: int = 1
 
     @property
     def background(self) -> bool:
@@ -186,6 +190,16 @@ class TokenDelta:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def followed_by(self, later: TokenDelta) -> TokenDelta:
+        """This delta and the next of the same request as one: tokens, text and logprobs in
+        order, the counts and the outcome of the later one."""
+        return TokenDelta(
+            self.request_id, self.token_ids + later.token_ids, self.text + later.text,
+            later.finish_reason, later.prompt_tokens, later.completion_tokens,
+            self.logprobs + later.logprobs, self.prompt_logprobs or later.prompt_logprobs,
+            later.error, later.cached_tokens,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

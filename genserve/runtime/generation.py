@@ -79,6 +79,7 @@ class ChatRequest:
     n: int = 1
     tools: ToolsRequest | None = None  # None: no tools given
     priority: int = INTERACTIVE  # engine.types.BACKGROUND for the Batch API's requests
+    stream: bool = True  # False: the answer goes back whole (the engine sends it when done)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,7 @@ class CompletionRequest:
     best_of: int | None = None  # candidates per prompt, the best n returned (None: n)
     echo: bool = False
     priority: int = INTERACTIVE
+    stream: bool = True  # as ChatRequest's
 
 
 GenerationRequest = ChatRequest | CompletionRequest
@@ -302,8 +304,9 @@ async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
     param = "tools" if tools is not None and tools.active else "response_format"
     params = await settle(rt, served, sampling, max_tokens, param)
     admitted = _open(
-        rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages", request.priority
-    )
+        rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages",
+        request.priority, _publish_every(rt, request),
+    )  # fmt: skip
     if tools is None or not tools.active:
         return admitted
     return replace(admitted, tool_format=fmt, forced=tools.choice.mode != "auto")
@@ -373,7 +376,10 @@ async def _admit_completion(rt: Runtime, request: CompletionRequest) -> _Admitte
     longest = max(len(p) for p in prompts)
     check_limits(rt.config, longest, max_tokens, "prompt", served.context_limit)
     params = await settle(rt, served, sampling, max_tokens)
-    admitted = _open(rt, target, "cmpl", prompts, params, n, best_of, "prompt", request.priority)
+    admitted = _open(
+        rt, target, "cmpl", prompts, params, n, best_of, "prompt", request.priority,
+        _publish_every(rt, request),
+    )  # fmt: skip
     if request.echo:
         echoes = tuple(served.tokenizer.decode(p) for p in prompts)
         admitted = replace(admitted, started=replace(admitted.started, echoes=echoes))
@@ -469,6 +475,12 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     return (seed + index * SEED_STRIDE) & SEED_MASK
 
 
+def _publish_every(rt: Runtime, request: GenerationRequest) -> int:
+    """Request.publish_every: the server's --stream-interval for a stream; 0 for an answer
+    sent whole (its tokens reach the API process once, not one wake-up each)."""
+    return rt.config.engine.stream_interval if request.stream else 0
+
+
 def _open(
     rt: Runtime,
     target: Target,
@@ -479,6 +491,7 @@ def _open(
     best_of: int,
     prompt_param: str,
     priority: int = INTERACTIVE,
+    publish_every: int = 1,
 ) -> _Admitted:
     """Submit prompts x best_of sequences to the engine as one group."""
     cid = f"{prefix}-{uuid.uuid4().hex}"
@@ -490,6 +503,7 @@ def _open(
             target.adapter,
             priority=priority,
             tenant=target.project,
+            publish_every=publish_every,
         )
         for p, ids in enumerate(prompts)
         for i in range(best_of)

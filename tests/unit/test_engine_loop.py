@@ -4,6 +4,7 @@ abort, n choices as one stream, and a failed step. The engine thread runs for re
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -101,6 +102,45 @@ def test_n_choices_are_one_group_on_one_stream() -> None:
         mine = [d for d in deltas if d.request_id == rid]
         assert [d.finish_reason for d in mine] == [None, None, FinishReason.LENGTH]
     assert in_flight == 0  # each record forgotten as its request finished
+
+
+@pytest.mark.parametrize(("every", "sizes"), [(1, [1] * 7), (3, [1, 2, 3, 1]), (0, [1, 6])])
+def test_a_request_sends_its_tokens_every_publish_every_and_loses_none(every, sizes) -> None:
+    """Request.publish_every: the first token at once, then every `every` tokens (0: the rest
+    when it finishes), each delta carrying what was held; the tokens, text and counts add up
+    to the same answer however they were grouped."""
+
+    async def body(eng: AsyncEngine):  # noqa: ANN202
+        one = req("s-0", max_tokens=7)
+        one.publish_every = every
+        return await drain(eng.open([one]))
+
+    deltas = run(body, ScriptedWorker())
+    assert [len(d.token_ids) for d in deltas] == sizes
+    assert [d.completion_tokens for d in deltas] == list(itertools.accumulate(sizes))
+    assert [d.finish_reason for d in deltas][-1] is FinishReason.LENGTH
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    assert "".join(d.text for d in deltas) == FakeDecoder().decode([7] * 7)
+
+
+def test_a_failed_step_sends_the_tokens_it_held_with_its_error() -> None:
+    """An answer held until it finishes (publish_every 0) that fails mid-way still gets the
+    tokens it had, in the delta that carries the failure: nothing is lost."""
+
+    async def body(eng: AsyncEngine):  # noqa: ANN202
+        one = req("f-0", max_tokens=50)
+        one.publish_every = 0
+        got = []
+        with pytest.raises(EngineError) as failed:
+            async for d in eng.open([one]):
+                got.append(d)
+        return got, failed.value
+
+    deltas, error = run(body, ScriptedWorker(fail_at=4))
+    assert [len(d.token_ids) for d in deltas] == [1, 2]  # steps 2 and 3 held, step 4 failed
+    assert [d.completion_tokens for d in deltas] == [1, 3]
+    assert all(d.finish_reason is None for d in deltas)  # the tokens, then the error
+    assert "forward pass failed" in str(error)
 
 
 def test_admission_is_whole_group_or_nothing() -> None:
