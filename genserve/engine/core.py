@@ -89,6 +89,11 @@ class Live:
     detok: IncrementalDetokenizer
     held: TokenDelta | None = None  # tokens not sent on yet (Request.publish_every)
 
+    def with_held(self, delta: TokenDelta) -> TokenDelta:
+        """`delta` after what was held (then nothing is): the next one sent carries both."""
+        held, self.held = self.held, None
+        return delta if held is None else held.followed_by(delta)
+
 
 Publish = Callable[[Sequence[TokenDelta]], None]
 
@@ -319,9 +324,7 @@ class EngineCore:
         """The delta to send now (with the tokens held before it), or None: held. Each delta
         sent wakes the API process, and with it the client, on cores the step is using: one
         int8 stream served 1.15x faster sending every fourth token (2-core EPYC, paired)."""
-        if live.held is not None:
-            delta = live.held.followed_by(delta)
-            live.held = None
+        delta = live.with_held(delta)
         every = live.seq.request.publish_every
         due = delta.completion_tokens - len(delta.token_ids) == 0  # the first token: at once
         if delta.finished or due or (every and delta.completion_tokens % every == 0):
@@ -388,8 +391,7 @@ class EngineCore:
         seq = live.seq
         prompt, done = len(seq.request.prompt_token_ids), len(seq.output_ids)
         delta = TokenDelta(seq.request_id, (), "", FinishReason.ABORT, prompt, done, error=error)
-        held, live.held = live.held, None  # what it held goes with it
-        return delta if held is None else held.followed_by(delta)
+        return live.with_held(delta)  # what it held goes with it
 
     def _abort(self, request_id: str, error: RequestFailure | None = None) -> None:
         """Drop a request (client gone, or a failed step); its stream, if any, sees ABORT."""

@@ -486,6 +486,11 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 NOT_FINITE = "no token can be drawn: every logit is -inf or one is NaN"
 
 
+def _undrawn(n: int, device: torch.device) -> torch.Tensor:
+    """n tokens not drawn yet: -1 each, where a row that fails keeps it."""
+    return torch.full((n,), -1, dtype=torch.long, device=device)
+
+
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
@@ -576,7 +581,7 @@ def _native_draws(
     ]  # fmt: skip
     everyone = list(range(len(which)))
     if not takes or x.device.type != "cpu" or x.dtype != torch.float32 or not native.library():
-        return torch.full((len(which),), -1, dtype=torch.long, device=x.device), everyone
+        return _undrawn(len(which), x.device), everyone
     # Every row, the common step: no indexing by a list (each such index or assignment cost
     # ~20 us, a third of a one-row draw).
     whole = len(takes) == len(which)
@@ -593,11 +598,11 @@ def _native_draws(
             again = native.redraw_rows(sub[outside], t[outside], second, p[outside])
             drawn.tokens[outside] = again
     except (MemoryError, ValueError):  # no memory for a row's weights: torch draws them all
-        return torch.full((len(which),), -1, dtype=torch.long, device=x.device), everyone
+        return _undrawn(len(which), x.device), everyone
     if whole:
         tokens = drawn.tokens
     else:
-        tokens = torch.full((len(which),), -1, dtype=torch.long, device=x.device)
+        tokens = _undrawn(len(which), x.device)
         tokens[takes] = drawn.tokens
     settled = {j for j, s, tok in zip(takes, drawn.status, drawn.tokens.tolist(), strict=True)
                if s != native.CANNOT and tok >= 0}  # fmt: skip
@@ -668,7 +673,7 @@ def _draw_alone(
 ) -> torch.Tensor:  # fmt: skip
     """Each row by itself, with the uniforms it already drew: the same tokens as batched."""
     dev = x.device
-    out = torch.full((len(which),), -1, dtype=torch.long, device=dev)
+    out = _undrawn(len(which), dev)
     for j, i in enumerate(which):
         try:
             params = DrawParams.of([rows[i]], x.shape[-1], dev)
@@ -766,7 +771,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
     if drawn is not None and len(drawn.which) == len(rows):
         tokens = drawn.tokens  # every row drew: nothing to merge
     else:
-        tokens = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
+        tokens = _undrawn(len(rows), dev)
         if greedy:
             idx = _index(greedy, dev)
             top = processed if len(greedy) == len(rows) else processed[idx]
