@@ -42,9 +42,9 @@ class DrainingServer:
         if self.edge.draining:
             self._plain_exit(sig, frame)
             return
+        self.edge.draining = True  # before the log line, which tests wait for
         log.info("signal %s: draining (%d in flight, up to %.0fs)", sig, self.edge.in_flight,
                  self.timeout_s)  # fmt: skip
-        self.edge.draining = True
         threading.Thread(target=self._drain, name="genserve-drain", daemon=True).start()
 
     def _drain(self) -> None:

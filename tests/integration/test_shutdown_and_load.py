@@ -30,13 +30,16 @@ async def test_sigterm_finishes_8_streams_refuses_new_and_exits_0(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     srv = start_server(tiny_model_dir, tmp_path, "--max-batch-size", "8")
-    body = {"model": "tiny-llama", "prompt": "a", "max_tokens": 300, "ignore_eos": True}
+    # As long as the tiny model allows (512 positions): the late request must come while the
+    # streams still run, and a fast machine runs 300 tokens at 8 rows in about half a second.
+    body = {"model": "tiny-llama", "prompt": "a", "max_tokens": 500, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=srv.url, timeout=120) as http:
         streams = [asyncio.create_task(stream_text(http, body)) for _ in range(8)]
         while httpx.get(srv.url + "/health").json()["models"]["tiny-llama"]["running"] < 8:
             await asyncio.sleep(0.02)
         srv.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.2)
+        while "draining" not in srv.log():  # the signal handled: new requests are refused
+            await asyncio.sleep(0.01)
         late = await http.post("/v1/completions", json={**body, "max_tokens": 1})
         results = await asyncio.gather(*streams)
     assert late.status_code == 503 and late.json()["error"]["type"] == "service_unavailable_error"
