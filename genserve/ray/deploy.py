@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import logging
@@ -331,12 +332,51 @@ class ServedAdapter:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+SCRATCH_PREFIX = "genserve-replica-"
+
+
+def scratch_dir() -> tuple[str, int]:
+    """A new engine replica's scratch dir (its data dir and the adapters it fetched), and the
+    descriptor of the lock it holds on it while it lives. The dirs whose lock no process
+    holds are removed first: a replica killed (a node's OOM killer, `ray.kill`, a crash)
+    could not remove its own, and each left its adapters' weights in the node's TMPDIR.
+
+    A lock, not a pid: the kernel drops it with its process, whatever pid namespace shares
+    the TMPDIR. The dir gets its name only once locked (a rename), so no sweep meets it
+    unlocked."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{SCRATCH_PREFIX}*"):
+        if _abandoned(old / ".lock"):
+            log.info("removing %s, left by a replica that is gone", old)
+            shutil.rmtree(old, ignore_errors=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{SCRATCH_PREFIX}"))
+    fd = os.open(new / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    final = new.with_name(new.name[1:])
+    new.rename(final)
+    return str(final), fd
+
+
+def _abandoned(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:  # no lock file (another kind of dir), or another user's
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: its replica lives
+        return False
+    finally:
+        os.close(fd)  # (a lock taken here goes with it)
+    return True
+
+
 class EngineReplica(AppReplica):
     async def __init__(self, config: ServerConfig, control: Any, options: RayOptions) -> None:
         from ray import serve
 
         # Under the node's TMPDIR: this replica's own disk, whatever node it lands on.
-        self._scratch = tempfile.mkdtemp(prefix="genserve-replica-")
+        self._scratch, self._scratch_lock = scratch_dir()
         await self._start(engine_config(config, self._scratch), options.log_level)
         self.control = control
         self._checked: dict[str, float] = {}
@@ -400,6 +440,7 @@ class EngineReplica(AppReplica):
             self._reporter.cancel()
         await AppReplica.__del__(self)
         shutil.rmtree(self._scratch, ignore_errors=True)
+        os.close(self._scratch_lock)
 
 
 class ControlReplica(AppReplica):

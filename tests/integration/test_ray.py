@@ -7,6 +7,7 @@ replaced while the client's retries succeed."""
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -16,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from genserve.ray.deploy import SCRATCH_PREFIX, _abandoned
 from tests import ray_cli
 from tests.ray_cli import start_ray_cli
 from tests.server import LiveServer, free_port, wait_until
@@ -181,3 +183,9 @@ def test_replica_killed_under_load_is_replaced_and_retries_succeed(ray_url: str)
         return len(seen - {victim}) == 2
 
     wait_until(two_live_replicas, timeout=60, every=0.25)
+    # The replacement removed what the killed replica could not: its scratch dir (its data dir
+    # and fetched adapters), which a killed replica left in the node's TMPDIR.
+    dirs = list(Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"))
+    locked = [d for d in dirs if (d / ".lock").exists() and not _abandoned(d / ".lock")]
+    assert len(locked) == 2, dirs  # the two live replicas'
+    assert not [d for d in dirs if _abandoned(d / ".lock")], dirs
