@@ -148,9 +148,15 @@ def test_fine_tuned_model_served_by_engine_replicas_through_multiplexing(ray_url
     assert {replica_of(api, model=ft, prompt=f"{i} +") for i in range(6)} == {holder}
     assert len(set(concurrently(lambda i: replica_of(api, prompt=f"b{i}"), 16))) == 2
     assert api.models.delete(ft).deleted
-    time.sleep(5.5)  # engine replicas re-check a held adapter every 5 s
-    with pytest.raises(openai.NotFoundError):
-        api.completions.create(model=ft, prompt="x", max_tokens=1)
+
+    def refused() -> bool:  # engine replicas re-check a held adapter every 5 s
+        try:
+            api.completions.create(model=ft, prompt="x", max_tokens=1)
+        except openai.NotFoundError:
+            return True
+        return False
+
+    wait_until(refused, timeout=60, every=0.5)
 
 
 def test_replica_killed_under_load_is_replaced_and_retries_succeed(ray_url: str) -> None:
