@@ -29,6 +29,7 @@ from genserve.runtime.errors import (
     PermissionDenied,
     Unavailable,
 )
+from genserve.runtime.json_text import field_name
 from genserve.storage.space import is_disk_full
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,7 @@ def http_error(exc: DomainError) -> APIError:
 
 def _validation_param(loc: tuple) -> str | None:
     # loc is ("body", "messages", 0, "content"): OpenAI names the field as "messages.[0].content"
-    parts = [p for p in loc if p not in ("body", "query", "path")]
-    if not parts:
-        return None
-    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in parts)
+    return field_name([p for p in loc if p not in ("body", "query", "path")])
 
 
 def validation_error(errors: Sequence[Any]) -> APIError:

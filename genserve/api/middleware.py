@@ -18,10 +18,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from genserve.api.auth import Caller, KeyStore
-from genserve.api.errors import APIError
+from genserve.api.errors import APIError, bad_request
 from genserve.logs import printable
+from genserve.runtime.json_text import field_name, lone_surrogate_at
 
 log = logging.getLogger("genserve.access")
+BODY_METHODS = ("POST", "PUT", "PATCH")
+# A \uD800-\uDFFF escape: the only way a JSON body can carry a surrogate (raw, one is not UTF-8).
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 # A client's x-request-id is echoed and logged: anything beyond these characters is replaced.
 REQUEST_ID = re.compile(r"[\w.:@/+=-]{1,128}")
 Linger = Callable[[], Awaitable[None]] | None
@@ -110,6 +114,10 @@ class EdgeMiddleware:
         self.state.in_flight += 1
         body = self._body(scope, receive)
         try:
+            if scope["method"] in BODY_METHODS and not is_upload(scope):
+                body, err = await self._checked_text(body)
+                if err is not None:
+                    return await self._reply(send, err, extra, scope)
             await self.app(scope, body, self._with_headers(send, extra, scope))
         except BodyTooLarge:
             await self._reply(send, too_large(self.state.max_body), extra, scope)
@@ -120,6 +128,43 @@ class EdgeMiddleware:
             await self._reply(send, err, extra, scope, lambda: self._linger(receive))
         finally:
             self.state.in_flight -= 1
+
+    @staticmethod
+    async def _checked_text(receive):  # noqa: ANN001, ANN205
+        """The body read whole (FastAPI reads it whole anyway; the size limit holds) and handed
+        on as it came, or the 400 for a lone surrogate in any of its strings or keys.
+
+        Why here: JSON can spell one (`"\\ud800"`), it decodes to a str no tokenizer, JSON
+        encoder or database takes, and each field a check missed answered 500 (a model id
+        echoed in a 404, tool arguments, metadata, an id looked up in SQLite: 25 requests in
+        one sweep). One look at every JSON body covers the fields to come too; a body without
+        a surrogate escape is only searched for one."""
+        messages, chunks = [], []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        data = b"".join(chunks)
+        err = None
+        if SURROGATE_ESCAPE.search(data):
+            try:
+                at = lone_surrogate_at(json.loads(data))
+            except ValueError:
+                at = None  # not JSON: the route answers that
+            if at is not None:
+                where = field_name(at)
+                what = f"`{where}`" if where else "the body"
+                msg = f"{what} holds a lone surrogate (an unpaired \\u escape), which is not text"
+                err = bad_request(msg, param=where)
+
+        async def replayed():  # noqa: ANN202 - then the client's disconnect, as it comes
+            return messages.pop(0) if messages else await receive()
+
+        return replayed, err
 
     def _body(self, scope, receive):  # noqa: ANN001, ANN202
         if is_upload(scope):

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from genserve.api.limits import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS
 from genserve.runtime.generation import Message
+from genserve.runtime.json_text import is_text
 from genserve.runtime.tools import ToolCall
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
@@ -36,10 +37,8 @@ def check_stop(v: str | list[str] | None) -> str | list[str] | None:
 
 def no_lone_surrogate(value: str) -> str:
     """JSON can spell a lone surrogate (`"\\ud800"`); it is no text a tokenizer can read."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("holds a lone surrogate (an unpaired \\u escape)") from None
+    if not is_text(value):
+        raise ValueError("holds a lone surrogate (an unpaired \\u escape)")
     return value
 
 
@@ -85,7 +84,9 @@ class SamplingDefaults(BaseModel):
     max_tokens: Annotated[int, Field(ge=1)] | None = None  # None: the route's default
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None  # vLLM's
+    # vLLM's, bounded below: a repeated token's positive logit is divided by it, and 1e-300
+    # (0 in float32) made infinities, so that no token could be drawn (a 500).
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=2.0)] | None = None
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
 

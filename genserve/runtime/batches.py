@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from genserve.runtime.json_text import field_name, lone_surrogate_at
 from genserve.storage.batches import (
     ACTIVE,
     BatchRecord,
@@ -92,6 +93,10 @@ def _check_line(n: int, text: str, endpoint: str) -> BatchLine | LineError:
         return LineError("invalid_json_line", f"line {n} is not valid JSON: {e}", n)
     if not isinstance(item, dict):
         return LineError("invalid_json_line", f"line {n} must be a JSON object", n)
+    if (at := lone_surrogate_at(item)) is not None:  # it failed the whole batch in SQLite
+        where = field_name(at)
+        msg = f"line {n}: `{where}` holds a lone surrogate (an unpaired \\u escape), not text"
+        return LineError("invalid_json_line", msg, n, where)
     custom_id = item.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         msg = f"line {n}: `custom_id` must be a non-empty string"

@@ -248,22 +248,28 @@ def test_seeded_batch_output_equals_online(srv: LiveServer) -> None:
         assert batched["system_fingerprint"] == online.system_fingerprint
 
 
+LINES = 200
+
+
 def test_sigkilled_server_finishes_the_batch_after_restart(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     logs, data = tmp_path_factory.mktemp("kill-logs"), tmp_path_factory.mktemp("kill-data")
     live = serve(tiny_model_dir, logs, data)
     try:
-        lines = [chat_line(i, max_tokens=8, ignore_eos=True) for i in range(40)]
+        # Enough work that the kill comes mid-batch: 40 lines of 8 tokens all finished before
+        # it on a quiet 2-core EPYC, and nothing was left to resume.
+        lines = [chat_line(i, max_tokens=24, ignore_eos=True) for i in range(LINES)]
         batch_id = create(live, lines)["id"]
-        wait_until(lambda: card(live, batch_id)["request_counts"]["completed"] >= 3, 120)
+        wait_until(lambda: card(live, batch_id)["request_counts"]["completed"] >= 3, 120, 0.02)
     finally:
         os.kill(live.proc.pid, signal.SIGKILL)  # mid-batch: no drain, no shutdown hook
         live.proc.wait()
     live = serve(tiny_model_dir, logs, data)
     try:
         # What was recorded before the kill is still there; the rest runs now.
-        assert card(live, batch_id)["request_counts"]["completed"] >= 3
+        before = card(live, batch_id)
+        assert before["status"] == "in_progress" and before["request_counts"]["completed"] >= 3
         # The runner resumes batches once every model is served, which can come just after
         # /health first answers: wait for its line rather than read the log at once.
         resumed = f"resuming batch {batch_id} (in_progress)"
@@ -274,8 +280,8 @@ def test_sigkilled_server_finishes_the_batch_after_restart(
     finally:
         live.stop()
     assert done["status"] == "completed"
-    assert done["request_counts"] == {"total": 40, "completed": 40, "failed": 0}
-    assert sorted(ids) == sorted(f"req-{i}" for i in range(40))  # each exactly once
+    assert done["request_counts"] == {"total": LINES, "completed": LINES, "failed": 0}
+    assert sorted(ids) == sorted(f"req-{i}" for i in range(LINES))  # each exactly once
 
 
 def test_cli_creates_follows_lists_and_shows(srv: LiveServer, tmp_path: Path) -> None:

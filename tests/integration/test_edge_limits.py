@@ -287,16 +287,65 @@ def test_a_header_that_is_not_utf8_is_400(edge: LiveServer) -> None:
             '{"model": "tiny-llama", "messages": [{"role": "user", "content": "\\ud800"}]}',
             "messages.[0].content",
         ),
+        # Each of these answered 500 (a bad-input sweep): the id echoed in the 404, tool
+        # arguments and descriptions at the tokenizer, metadata in the response's JSON, an id
+        # looked up in SQLite, a key.
+        ("/v1/completions", '{"model": "\\ud800", "prompt": "hi"}', "model"),
+        (
+            "/v1/chat/completions",
+            '{"model": "tiny-llama", "messages": [{"role": "assistant", "content": null,'
+            ' "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f",'
+            ' "arguments": "\\ud800"}}]}]}',
+            "messages.[0].tool_calls.[0].function.arguments",
+        ),
+        (
+            "/v1/responses",
+            '{"model": "tiny-llama", "input": "hi", "metadata": {"a": "x\\udfff"}}',
+            "metadata.a",
+        ),
+        (
+            "/v1/responses",
+            '{"model": "tiny-llama", "input": "hi", "previous_response_id": "\\ud800"}',
+            "previous_response_id",
+        ),
+        ("/tokenize", '{"model": "tiny-llama", "prompt": "\\ud800"}', "prompt"),
+        (
+            "/v1/chat/completions",
+            '{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "tools":'
+            ' [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",'
+            ' "properties": {"\\ud800": {"type": "string"}}}}}]}',
+            "tools.[0].function.parameters.properties.\\ud800",
+        ),
     ],
-    ids=["completion", "chat"],
+    ids=[
+        "completion",
+        "chat",
+        "model",
+        "tool-arguments",
+        "metadata",
+        "previous-id",
+        "tokenize",
+        "key",
+    ],  # fmt: skip
 )
-def test_a_lone_surrogate_in_a_prompt_is_400(
+def test_a_lone_surrogate_anywhere_in_a_body_is_400(
     edge: LiveServer, path: str, body: str, param: str
 ) -> None:
     r = post(edge, path, content=body.encode(), headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert_valid(r.json(), "ErrorResponse")
     assert r.json()["error"]["param"] == param
+    assert "lone surrogate" in r.json()["error"]["message"]
+
+
+def test_a_surrogate_pair_is_text_and_is_answered(edge: LiveServer) -> None:
+    """An escaped pair (an emoji, as json.dumps writes it by default) is text, not refused."""
+    body = '{"model": "tiny-llama", "prompt": "smile \\ud83d\\ude00", "max_tokens": 2}'
+    r = post(
+        edge, "/v1/completions", content=body.encode(), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] > 2
 
 
 def test_the_training_worker_gets_no_api_keys(api: openai.OpenAI, edge: LiveServer) -> None:

@@ -260,6 +260,7 @@ def test_max_completion_tokens(client: openai.OpenAI) -> None:
         ({"suffix": "x"}, "suffix"),
         ({"extra_body": {"min_p": 1.5}}, "min_p"),
         ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+        ({"extra_body": {"repetition_penalty": 1e-300}}, "repetition_penalty"),  # was a 500
         ({"extra_body": {"min_tokens": 30}}, None),
     ],
 )

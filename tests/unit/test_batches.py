@@ -55,6 +55,25 @@ def test_parse_lines_names_every_bad_line() -> None:
     assert parse_lines(b"\n", URL)[1][0].code == "empty_file"
 
 
+def raw_line(custom_id: str, content: str) -> str:
+    """A line as text, so that its strings can hold JSON escapes json.dumps would not write."""
+    body = f'{{"model": "m", "messages": [{{"role": "user", "content": "{content}"}}]}}'
+    return f'{{"custom_id": "{custom_id}", "method": "POST", "url": "{URL}", "body": {body}}}'
+
+
+def test_a_lone_surrogate_anywhere_in_a_line_fails_it_before_any_runs() -> None:
+    """Such a string failed the whole batch in SQLite while it ran, losing what had finished."""
+    texts = [raw_line("c1", "hi"), raw_line("\\ud800", "hi"), raw_line("c3", "\\udc00"),
+             raw_line("c4", "\\ud83d\\ude00")]  # fmt: skip
+    lines, errors = parse_lines("\n".join(texts).encode(), URL)
+    assert [x.custom_id for x in lines] == ["c1", "c4"]  # an escaped pair is text
+    assert [(e.line, e.code, e.param) for e in errors] == [
+        (2, "invalid_json_line", "custom_id"),
+        (3, "invalid_json_line", "body.messages.[0].content"),
+    ]
+    assert all("lone surrogate" in e.message for e in errors)
+
+
 class Handler:
     """Answers each line with its index; line 3 is a 400; the first `full` calls say the
     engine is full; calls after the first `answer` hang (requests in flight)."""

@@ -43,6 +43,7 @@ def http(tmp_path: Path):  # noqa: ANN201
         ({"top_p": 0}, "top_p"),
         ({"min_p": 1.5}, "min_p"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty"),
         ({"presence_penalty": -3}, "presence_penalty"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"top_k": -2}, "top_k"),
