@@ -105,7 +105,7 @@ def _item(item: dict[str, Any], where: str) -> dict[str, Any]:
         call_id, name = _text(item, "call_id", where), _text(item, "name", where)
         arguments = _text(item, "arguments", where)
         return {
-            "id": item.get("id") or new_id("fc"), "type": "function_call", "call_id": call_id,
+            "id": _item_id(item, "fc", where), "type": "function_call", "call_id": call_id,
             "name": name, "arguments": arguments, "status": "completed",
         }  # fmt: skip
     if kind == "function_call_output":
@@ -113,10 +113,21 @@ def _item(item: dict[str, Any], where: str) -> dict[str, Any]:
         if not isinstance(output, str):
             raise bad_request(f"{where}.output must be a string", "input")
         return {
-            "id": item.get("id") or new_id("fco"), "type": "function_call_output",
+            "id": _item_id(item, "fco", where), "type": "function_call_output",
             "call_id": _text(item, "call_id", where), "output": output, "status": "completed",
         }  # fmt: skip
     raise bad_request(f"{where}: input items of type `{kind}` are not supported", "input")
+
+
+def _item_id(item: dict[str, Any], prefix: str, where: str) -> str:
+    """The client's id for an item (a string, as OpenAI's schema has it: it is listed back as
+    `first_id`), or a new one."""
+    given = item.get("id")
+    if given is None or given == "":
+        return new_id(prefix)
+    if not isinstance(given, str):
+        raise bad_request(f"{where}.id must be a string", "input")
+    return given
 
 
 def _message_item(item: dict[str, Any], where: str) -> dict[str, Any]:
@@ -129,7 +140,7 @@ def _message_item(item: dict[str, Any], where: str) -> dict[str, Any]:
     if role == "assistant":
         content |= {"annotations": [], "logprobs": []}
     return {
-        "id": item.get("id") or new_id("msg"), "type": "message", "role": role,
+        "id": _item_id(item, "msg", where), "type": "message", "role": role,
         "content": [content], "status": "completed",
     }  # fmt: skip
 

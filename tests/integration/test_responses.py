@@ -187,6 +187,8 @@ def test_item_list_input_and_store_false(client: openai.OpenAI) -> None:
     [
         ({"input": []}, "input"),
         ({"input": [{"type": "image_generation_call"}]}, "input"),
+        # stored, then listed back as first_id: a string, as OpenAI's schema has it
+        ({"input": [{"role": "user", "content": "hi", "id": {"x": [1]}}]}, "input"),
         ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
