@@ -104,6 +104,9 @@ def envelope(s: Started) -> dict:
 
 def stream_chat(http: Request, body: ChatCompletionRequest, started: Started, events):  # noqa: ANN001, ANN201
     base = {**envelope(started), "object": "chat.completion.chunk"}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if include_usage:  # OpenAI: "all other chunks will also include a usage field" (null)
+        base["usage"] = None
     name = namer(started.token_text, body.return_tokens_as_token_ids)
     # OpenAI opens every choice with a role-only delta.
     first = [
@@ -131,8 +134,6 @@ def stream_chat(http: Request, body: ChatCompletionRequest, started: Started, ev
         choice = {"index": d.index, "delta": delta, "logprobs": logprobs}
         choice["finish_reason"] = d.finish_reason
         return {**base, "choices": [choice]}
-
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def usage_frame(completion_tokens: int, cached: dict[int, int]) -> dict:
         counts = usage(started.prompt_tokens, completion_tokens, started.cached_tokens(cached))

@@ -129,6 +129,9 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     """pydantic's errors -> the 400 that names the first one's field (the Batch API validates
     its lines' bodies with the same schemas, so their errors read as online ones do)."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":  # its loc is the offset: ("body", 1) read "[1]"
+        why = (first.get("ctx") or {}).get("error", "")
+        return bad_request(f"the body is not valid JSON: {why or first.get('msg')}")
     param = _validation_param(tuple(first.get("loc", ())))
     message = str(first.get("msg", "invalid request"))
     if param:

@@ -113,6 +113,9 @@ class Runtime:
         for item in self.listing(project):
             if item.id == model_id:
                 return item
+        # At start-up the model is listed once loaded: until then a 503 the client retries
+        # (the generation routes say the same), not a 404 it does not.
+        self.require_ready()
         raise ModelNotFound(model_id)
 
     # -- readiness ---------------------------------------------------------------------------

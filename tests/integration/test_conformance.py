@@ -52,6 +52,9 @@ def test_completion_stream_chunks(http: httpx.Client, model_id: str) -> None:
         if e["choices"] and e["choices"][0]["finish_reason"] is not None:
             assert_valid(e, "CreateCompletionResponse")  # the final chunk, strictly
     assert events[-2]["usage"]["completion_tokens"] >= 1
+    # Not `"usage": null` in the others, as chat's chunks have it: the spec's prose asks for it
+    # (the stream options are chat's), its CreateCompletionResponse refuses a null usage.
+    assert all("usage" not in e for e in events[:-2])
 
 
 def test_chat_bodies(http: httpx.Client, model_id: str) -> None:
@@ -75,6 +78,8 @@ def test_chat_stream_chunks(http: httpx.Client, model_id: str) -> None:
     assert len(events) > 3
     for e in events[:-1]:
         assert_valid(e, "CreateChatCompletionStreamResponse")
+    assert events[-2]["usage"]["completion_tokens"] >= 1 and events[-2]["choices"] == []
+    assert all("usage" in e and e["usage"] is None for e in events[:-2])  # as the last test's
 
 
 @pytest.mark.parametrize(

@@ -362,3 +362,11 @@ def test_the_training_worker_gets_no_api_keys(api: openai.OpenAI, edge: LiveServ
         assert b"GENSERVE_ADMIN_KEYS" not in environ and KEY.encode() not in environ
     finally:
         api.fine_tuning.jobs.cancel(job.id)
+
+
+def test_a_body_that_is_not_json_is_400_naming_no_field(edge: LiveServer) -> None:
+    r = post(edge, "/v1/completions", content=b"{bad", headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert_valid(r.json(), "ErrorResponse")
+    error = r.json()["error"]
+    assert error["param"] is None and error["message"].startswith("the body is not valid JSON")

@@ -22,6 +22,10 @@ def test_health_is_503_while_loading_and_when_load_failed() -> None:
         r = http.post("/v1/completions", json={"model": "m", "prompt": "x"})
         assert r.status_code == 503 and r.headers["retry-after"]
         assert_valid(r.json(), "ErrorResponse")
+        # The model's card too: a 503 the official client retries, not a 404 it does not.
+        r = http.get("/v1/models/m")
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert_valid(r.json(), "ErrorResponse")
         release.set()
         for _ in range(100):
             r = http.get("/health")
