@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,21 +157,34 @@ class ModelRegistry:
             if self.rt.pending[model_id].status == "loading":
                 raise Conflict(f"`{model_id}` is still loading", "model", "model_loading")
             self.rt.pending.pop(model_id)
+            self._release_id(model_id)
         elif model_id in self.rt.embedders:
-            await asyncio.to_thread(self.rt.embedders.pop(model_id).batcher.stop)
+            embedder = self.rt.embedders.pop(model_id)
+            await self._stopped(model_id, embedder.batcher.stop)
         elif model_id in self.rt.models:
-            await self._unload_generator(model_id)
+            for adapter in [a for a in self.rt.adapters.values() if a.base == model_id]:
+                await self.rt.unregister_adapter(adapter.id)
+            await self._stopped(model_id, self.rt.models.pop(model_id).stop)
         else:
             raise ModelNotFound(model_id)
+
+    async def _stopped(self, model_id: str, stop: Callable[[], None]) -> None:
+        """Stop a model already taken off the served ones. Its id is free from here: a load
+        under it may begin while this one stops, and keeps its own budget entry and record
+        (they were popped after the stop, and a reload's budget was lost: 13 models served
+        where 12 filled it). Its memory counts until it is stopped."""
+        stopping = f"{model_id}\0stopping"
+        self.used[stopping] = self.used.pop(model_id, 0)
+        self._release_id(model_id)
+        try:
+            await asyncio.to_thread(stop)
+        finally:
+            self.used.pop(stopping, None)
+
+    def _release_id(self, model_id: str) -> None:
         self.used.pop(model_id, None)
         if self.store is not None:
             self.store.delete(model_id)
-
-    async def _unload_generator(self, model_id: str) -> None:
-        for adapter in [a for a in self.rt.adapters.values() if a.base == model_id]:
-            await self.rt.unregister_adapter(adapter.id)
-        served = self.rt.models.pop(model_id)
-        await asyncio.to_thread(served.stop)
 
     # -- start ----------------------------------------------------------------------------------
     async def restore(self) -> None:
