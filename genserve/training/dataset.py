@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from genserve.runtime.json_text import is_text
+
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 5  # line errors named in one message
 IGNORE = -100  # label of a token that carries no loss (the convention of HF's loss)
@@ -73,10 +75,8 @@ class Summary:
 
 def _text(where: str, value: str) -> str:
     """A JSON string that is text: a lone surrogate (`\\ud800`) cannot be tokenized."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{where} holds a lone surrogate (an unpaired \\u escape)") from None
+    if not is_text(value):
+        raise ValueError(f"{where} holds a lone surrogate (an unpaired \\u escape)")
     return value
 
 
