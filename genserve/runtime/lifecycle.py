@@ -164,6 +164,7 @@ async def start_fine_tuning(rt: Runtime) -> None:
         rt.files = files
         rt.fine_tuning = manager
         rt.on_adapter_deleted.append(manager.on_adapter_deleted)
+        rt.on_model_served.append(manager.on_model_served)
         await manager.start(resume=config.training.enabled)
     except Exception as e:  # noqa: BLE001 - reported by every files/jobs route
         log.exception("fine-tuning storage failed to start")

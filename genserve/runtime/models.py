@@ -109,6 +109,7 @@ class PendingModel:
     ref: str
     status: str = "loading"  # "loading" | "failed"
     error: str | None = None
+    aliases: tuple[str, ...] = ()  # taken while it loads: two loads may not claim one name
 
 
 @dataclass(frozen=True, slots=True)

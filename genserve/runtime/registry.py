@@ -80,7 +80,8 @@ class ModelRegistry:
         kind = kind or guess_kind(path)
         need = estimate_bytes(path, kind, self.config)
         self.check_budget(model_id, need)
-        pending = PendingModel(model_id, int(time.time()), kind, ref)
+        aliases = tuple(settings.aliases)
+        pending = PendingModel(model_id, int(time.time()), kind, ref, aliases=aliases)
         self.rt.pending[model_id] = pending
         self.used[model_id] = need
         task = asyncio.create_task(self._load(model_id, path, ref, kind, settings, from_cli))
@@ -119,6 +120,8 @@ class ModelRegistry:
         if self.store is not None:
             self.store.put(model_id, ref, kind, s.as_dict(), from_cli=from_cli)
         log.info("loaded %s (%s) from %s", model_id, kind, ref)
+        if not isinstance(built, EmbeddingModel):
+            await self.rt.announce_served(model_id)  # its fine-tuned models, served again
 
     def _build(
         self, model_id: str, path: str, kind: str, s: ModelSettings
@@ -213,25 +216,46 @@ class ModelRegistry:
 def check_settings(rt: Runtime, served: ServedModel, s: ModelSettings) -> None:
     if s.max_context is not None and not 16 <= s.max_context <= served.max_len:
         raise InvalidRequest(f"max_context must be in [16, {served.max_len}]", "max_context")
-    for alias in s.aliases:
-        taken = alias in rt.models or alias in rt.adapters or alias in rt.embedders
-        other = any(alias in m.settings.aliases for m in rt.models.values() if m is not served)
-        if taken or other:
-            raise Conflict(f"alias {alias!r} is already a model id or alias", "aliases")
+    check_aliases(rt, served.id, s.aliases)
     if s.chat_template is not None:
         check_chat_template(served.tokenizer, s.chat_template)
 
 
 def check_new_names(rt: Runtime, model_id: str, aliases: list[str]) -> None:
-    """A model being registered may not take a name in use: its id must not be another
-    model's alias, nor an alias any model id, adapter or alias (409, as PATCH answers)."""
-    if any(model_id in m.settings.aliases for m in rt.models.values()):
-        raise Conflict(f"`{model_id}` is already an alias of a model", "id", "model_exists")
+    """A model being registered may not take a name in use: its id must not be an adapter's
+    or another model's alias, nor its aliases any name in use (409, as PATCH answers)."""
+    if model_id in rt.adapters or model_id in aliases_in_use(rt, except_of=model_id):
+        raise Conflict(f"`{model_id}` is already a model id or alias", "id", "model_exists")
+    check_aliases(rt, model_id, aliases)
+
+
+def check_aliases(rt: Runtime, model_id: str, aliases: list[str]) -> None:
+    """`model_id`'s aliases: each named once, none another name in use, the names of models
+    still loading included (two loads claiming one name both loaded, and the alias then
+    resolved to whichever came first)."""
+    if len(set(aliases)) != len(aliases):
+        raise InvalidRequest("an alias is listed twice", "aliases")
+    taken = ids_in_use(rt) | aliases_in_use(rt, except_of=model_id)
     for alias in aliases:
-        taken = alias == model_id or alias in rt.models or alias in rt.adapters
-        taken = taken or alias in rt.embedders or alias in rt.pending
-        if taken or any(alias in m.settings.aliases for m in rt.models.values()):
+        if alias == model_id or alias in taken:
             raise Conflict(f"alias {alias!r} is already a model id or alias", "aliases")
+
+
+def ids_in_use(rt: Runtime) -> set[str]:
+    loading = {p.id for p in rt.pending.values() if p.status == "loading"}
+    return {*rt.models, *rt.adapters, *rt.embedders, *loading}
+
+
+def aliases_in_use(rt: Runtime, except_of: str) -> set[str]:
+    """Every alias of a served or loading model but `except_of`."""
+    served = (a for m in rt.models.values() if m.id != except_of for a in m.settings.aliases)
+    loading = (
+        a
+        for p in rt.pending.values()
+        if p.status == "loading" and p.id != except_of
+        for a in p.aliases
+    )
+    return {*served, *loading}
 
 
 def guess_kind(path: str) -> str:

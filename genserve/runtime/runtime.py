@@ -6,6 +6,7 @@ which raise domain errors (genserve.runtime.errors) that the API maps to HTTP.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -34,7 +35,9 @@ if TYPE_CHECKING:  # types only: these modules import the runtime's models thems
     from genserve.storage.files import FileStore
     from genserve.training.manager import JobManager, Launcher
 
+log = logging.getLogger(__name__)
 AdapterHook = Callable[[str], Awaitable[None]]
+ModelHook = Callable[[str], Awaitable[None]]
 ObserverFactory = Callable[[str], Observer]  # model id -> what sees its engine's deltas
 
 
@@ -48,6 +51,7 @@ class Runtime:
     ready: bool = False
     load_error: str | None = None
     on_adapter_deleted: list[AdapterHook] = field(default_factory=list)
+    on_model_served: list[ModelHook] = field(default_factory=list)  # model id, once loaded
     # Costly per-request work (grammar compiles) at a lower CPU priority than the engine.
     observe: ObserverFactory | None = None  # metrics, set by the API
     database: Database | None = None
@@ -157,6 +161,14 @@ class Runtime:
         if self.observe is not None:
             served.engine.observer = self.observe(served.id)
         self.models[served.id] = served
+
+    async def announce_served(self, model_id: str) -> None:
+        """Tell whoever serves things on top of a model (fine-tuned adapters) it is loaded."""
+        for hook in self.on_model_served:
+            try:
+                await hook(model_id)
+            except Exception:  # noqa: BLE001 - the model itself is served; say what is not
+                log.exception("serving what depends on %s failed", model_id)
 
     async def register_adapter(self, spec: AdapterSpec) -> None:
         """Load a LoRA adapter into its base model's engine and serve it under spec.id."""

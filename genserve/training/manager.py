@@ -154,6 +154,7 @@ class Serving(Protocol):
     models it trains on, and a way to serve what it trained."""
 
     models: dict[str, ServedModel]
+    adapters: dict[str, AdapterSpec]
 
     async def register_adapter(self, spec: AdapterSpec) -> None: ...
 
@@ -216,11 +217,17 @@ class JobManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def on_model_served(self, model_id: str) -> None:
+        """A base model was loaded (through the registry, at start-up or later): serve the
+        fine-tuned models trained on it that are not served (they were restored before it
+        loaded, unloaded with it, or finished while it was not loaded)."""
+        for job in self.jobs.served_adapters():
+            if job.model == model_id and job.fine_tuned_model not in self.services.adapters:
+                await self._serve_again(job)
+
     async def _serve_again(self, job: JobRecord) -> None:
-        if job.model not in self.services.models:
-            log.warning(
-                "not serving %s: its base %s is not served", job.fine_tuned_model, job.model
-            )
+        if job.model not in self.services.models:  # on_model_served serves it when it loads
+            log.info("%s is served once its base %s is loaded", job.fine_tuned_model, job.model)
             return
         try:
             await self.services.register_adapter(self._adapter_spec(job, job.fine_tuned_model))
@@ -476,11 +483,15 @@ class JobManager:
     async def _succeed(self, job: JobRecord, finished: Finished) -> None:
         model_id = fine_tuned_model_id(job)
         self.jobs.add_event(job.id, f"New fine-tuned model created: {model_id}")
-        try:
-            await self.services.register_adapter(self._adapter_spec(job, model_id))
-        except Exception as e:  # noqa: BLE001 - trained and saved; serving it is a separate matter
-            log.exception("job %s: could not serve %s", job.id, model_id)
-            self.jobs.add_event(job.id, f"The model could not be served yet: {e}", level="warn")
+        if job.model not in self.services.models:  # unloaded while it trained
+            later = f"The base model {job.model} is not loaded; {model_id} is served once it is"
+            self._note(job.id, later, level="warn")
+        else:
+            try:
+                await self.services.register_adapter(self._adapter_spec(job, model_id))
+            except Exception as e:  # noqa: BLE001 - trained and saved; serving is another matter
+                log.exception("job %s: could not serve %s", job.id, model_id)
+                self._note(job.id, f"The model could not be served yet: {e}", level="warn")
         fields = {"fine_tuned_model": model_id, "trained_tokens": finished.trained_tokens}
         try:
             results = await asyncio.to_thread(self._write_results, job)
@@ -492,6 +503,8 @@ class JobManager:
             fields["result_files"] = (results.id,)
         if self.jobs.transition(job.id, "succeeded", ("running",), **fields):
             self.jobs.add_event(job.id, "The job has successfully completed")
+            if model_id not in self.services.adapters and job.model in self.services.models:
+                await self.on_model_served(job.model)  # its base came back meanwhile
         elif results is not None:  # cancelled meanwhile: the job keeps no results
             self.files.delete(results.id)
 

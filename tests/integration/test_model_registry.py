@@ -138,6 +138,32 @@ def test_put_patch_defaults_aliases_and_context(reg_server) -> None:
     assert clash.status_code in (404, 409)
 
 
+def test_names_claimed_by_a_loading_model_are_taken(reg_server) -> None:
+    """A loading model's id and aliases are names in use: a second load, or a PATCH, claiming
+    one is a 409 (both loaded before, and the alias resolved to whichever came first)."""
+    srv, _ = reg_server
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        r = http.post(
+            "/v1/models", json={"model": "second", "id": "q1", "settings": {"aliases": ["q2"]}}
+        )
+        assert r.status_code == 202, r.text
+        clash = http.post("/v1/models", json={"model": "second", "id": "q2"})  # q1's alias
+        assert clash.status_code == 409 and clash.json()["error"]["param"] == "id", clash.text
+        for aliases in (["q2"], ["q1"]):  # loading or loaded: q1's names stay q1's
+            r = http.patch("/v1/models/tiny-llama", json={"aliases": aliases})
+            assert r.status_code == 409 and r.json()["error"]["param"] == "aliases", r.text
+        twice = http.patch("/v1/models/tiny-llama", json={"aliases": ["z", "z"]})
+        assert twice.status_code == 400 and twice.json()["error"]["param"] == "aliases"
+        assert wait_status(srv.url, "q1")["status"] == "ready"
+        r = http.post("/v1/completions", json={"model": "q2", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] in ("q1", "q2"), r.text
+        assert http.delete("/v1/models/q1").status_code == 200
+        # Released with the model: the names are free again.
+        r = http.patch("/v1/models/tiny-llama", json={"aliases": ["main", "q2"]})
+        assert r.status_code == 200, r.text
+        assert http.patch("/v1/models/tiny-llama", json={"aliases": ["main"]}).status_code == 200
+
+
 def test_registry_and_settings_survive_a_restart(
     reg_server, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
