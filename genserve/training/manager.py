@@ -299,11 +299,13 @@ class JobManager:
         ):
             if file_id is None:
                 continue
-            path = self.files.path(file_id)
-            if self.files.get(file_id) is None or not path.exists():
-                raise _FileProblem(f"file {file_id} no longer exists", param)
+            gone = _FileProblem(f"file {file_id} no longer exists", param)
+            if self.files.get(file_id) is None:
+                raise gone
             try:
-                checked = dataset.check_file(path)
+                checked = dataset.check_file(self.files.path(file_id))
+            except FileNotFoundError:  # deleted meanwhile: say so, not the server's path
+                raise gone from None
             except dataset.DatasetError as e:
                 raise _FileProblem(str(e), param) from e
             summary = summary or checked
