@@ -101,18 +101,31 @@ def test_official_client_retries_after_429(small_server: LiveServer) -> None:
     """The client's own retry honours Retry-After and succeeds once the slot frees."""
     # Enough retries (Retry-After: 1 s each) to outlast the two blockers on a loaded machine.
     client = openai.OpenAI(base_url=small_server.url + "/v1", api_key="x", max_retries=30)
-    blocker = {"model": "tiny-llama", "prompt": "a", "max_tokens": 200, "ignore_eos": True}
+    blocker = {"model": "tiny-llama", "prompt": "a", "max_tokens": 400, "ignore_eos": True}
 
-    async def scenario() -> list:
-        async with httpx.AsyncClient(base_url=small_server.url, timeout=120) as http:
-            busy = [asyncio.create_task(http.post("/v1/completions", json=blocker)) for _ in (1, 2)]
-            await asyncio.sleep(0.3)
+    async def scenario():  # noqa: ANN202
+        async with (
+            httpx.AsyncClient(base_url=small_server.url, timeout=120) as http,
+            # A stream's headers come once it is admitted: then the slot and the queue are
+            # taken, and stay so while the blockers run (the second waits for the first).
+            http.stream("POST", "/v1/completions", json={**blocker, "stream": True}) as one,
+            http.stream("POST", "/v1/completions", json={**blocker, "stream": True}) as two,
+        ):
+            assert one.status_code == two.status_code == 200
+            # Read as they come: a blocker stalled on a full socket would hold its slot.
+            bodies = [asyncio.create_task(stream.aread()) for stream in (one, two)]
             r = await asyncio.to_thread(
-                client.completions.create, model="tiny-llama", prompt="b", max_tokens=2
+                client.completions.with_raw_response.create,
+                model="tiny-llama",
+                prompt="b",
+                max_tokens=2,
             )
-            await asyncio.gather(*busy)
+            for body in await asyncio.gather(*bodies):
+                assert "data: [DONE]" in body.decode()
             return r
 
-    r = asyncio.run(scenario())
+    raw = asyncio.run(scenario())
+    assert raw.retries_taken >= 1  # it was refused at first, and retried by itself
+    r = raw.parse()
     assert r.choices[0].text is not None
     assert json.loads(r.model_dump_json())["usage"]["completion_tokens"] >= 1
