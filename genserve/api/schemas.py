@@ -119,6 +119,9 @@ class SamplingFields(SamplingDefaults):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[int]]
+    # 0 scores a prompt (with echo and logprobs: the prompt's own logprobs), as OpenAI's spec
+    # allows here; chat keeps its minimum of 1.
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None

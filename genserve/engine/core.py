@@ -336,6 +336,8 @@ class EngineCore:
         live = self.live[seq.request_id]
         if sampled.error is not None:
             return self._failed(live, sampled.error)
+        if seq.request.params.max_tokens == 0:
+            return self._scored(live)
         seq.output_ids.append(sampled.token_id)
         try:
             reason, text = self._outcome(live, sampled)
@@ -360,6 +362,20 @@ class EngineCore:
         if reason is not None:
             self._release(live)
         return self._outbox(live, delta)
+
+    def _scored(self, live: Live) -> TokenDelta:
+        """max_tokens 0: the prompt was run for its logprobs; the token drawn after it is
+        dropped, and the request ends with none generated."""
+        seq = live.seq
+        prompt_lps = ()
+        if seq.request.params.prompt_logprobs is not None:
+            prompt_lps = tuple(self.worker.prompt_logprobs(seq.request_id) or ())
+        delta = TokenDelta(
+            seq.request_id, (), "", FinishReason.LENGTH, len(seq.request.prompt_token_ids), 0,
+            prompt_logprobs=prompt_lps, cached_tokens=seq.num_cached or 0,
+        )  # fmt: skip
+        self._release(live)
+        return delta
 
     def _outcome(self, live: Live, sampled: SampledToken) -> tuple[FinishReason | None, str]:
         """Why the sequence ends with this token (None: it goes on), and the text to send."""

@@ -372,7 +372,7 @@ async def _admit_completion(rt: Runtime, request: CompletionRequest) -> _Admitte
     if sampling.logprobs is None and best_of > n:
         # best_of ranks candidates by cumulative logprob, so it needs them even when not shown.
         sampling = replace(sampling, logprobs=0)
-    max_tokens = sampling.max_tokens or COMPLETION_MAX_TOKENS
+    max_tokens = COMPLETION_MAX_TOKENS if sampling.max_tokens is None else sampling.max_tokens
     longest = max(len(p) for p in prompts)
     check_limits(rt.config, longest, max_tokens, "prompt", served.context_limit)
     params = await settle(rt, served, sampling, max_tokens)

@@ -174,6 +174,34 @@ def test_completion_logprobs_and_echo(client: openai.OpenAI, http: httpx.Client)
     assert c.logprobs.text_offset[n_prompt] == len(prompt)
 
 
+def test_max_tokens_zero_scores_the_prompt(client: openai.OpenAI, http: httpx.Client) -> None:
+    """OpenAI's spec allows max_tokens 0 on completions: with echo and logprobs it scores a
+    prompt (the prompt's logprobs, nothing generated), as evaluation harnesses ask."""
+    prompts = ["import os", "def f(x):"]
+    kw = dict(model="tiny-llama", prompt=prompts, logprobs=1, echo=True)
+    # (The first token's logprob is null, as OpenAI and vLLM send it; the spec's schema
+    # says number, so no schema check here.)
+    scored = client.completions.create(max_tokens=0, **kw)
+    one = client.completions.create(max_tokens=1, temperature=0, **kw)
+    assert scored.usage.completion_tokens == 0
+    for prompt, c, ref in zip(prompts, scored.choices, one.choices, strict=True):
+        n_prompt = len(token_ids(http, prompt))
+        assert c.text == prompt and c.finish_reason == "length"
+        assert c.logprobs.tokens == ref.logprobs.tokens[:n_prompt]
+        lps, ref_lps = c.logprobs.token_logprobs, ref.logprobs.token_logprobs[:n_prompt]
+        assert len(lps) == n_prompt and lps[0] is None
+        assert all(math.isclose(a, b) for a, b in zip(lps[1:], ref_lps[1:], strict=True))
+    bare = client.completions.create(model="tiny-llama", prompt="x", max_tokens=0)
+    assert bare.choices[0].text == "" and bare.usage.completion_tokens == 0
+    chunks = list(client.completions.create(stream=True, max_tokens=0, **{**kw, "prompt": "ab"}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == "ab"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError):  # chat keeps its minimum of 1
+        client.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "x"}], max_tokens=0
+        )
+
+
 def test_best_of_returns_highest_cumulative_logprob(client: openai.OpenAI) -> None:
     kw = dict(model="tiny-llama", prompt="a", max_tokens=6, seed=11, extra_body=IGNORE_EOS)
     three = client.completions.create(n=3, logprobs=0, **kw)
