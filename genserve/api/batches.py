@@ -24,7 +24,7 @@ from genserve.api.chat import chat_completion, chat_request
 from genserve.api.completions import completion_request, text_completion
 from genserve.api.embeddings import EmbeddingRequest, embeddings
 from genserve.api.errors import APIError, bad_request, http_error, validation_error
-from genserve.api.files import get_record
+from genserve.api.files import expiry_seconds, get_record
 from genserve.api.models import runtime_of
 from genserve.api.responses import prepare, respond
 from genserve.api.responses_wire import ResponsesRequest
@@ -126,7 +126,14 @@ class CreateBatchRequest(BaseModel):
     metadata: (
         Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None
     ) = None
-    output_expires_after: dict[str, Any] | None = None  # accepted; files here do not expire
+    output_expires_after: dict[str, Any] | None = None  # for the output and error files
+
+    def output_expires_s(self) -> int | None:
+        policy = self.output_expires_after
+        if policy is None:
+            return None
+        param = "output_expires_after"
+        return expiry_seconds(policy.get("anchor"), policy.get("seconds"), param)
 
 
 def batch_card(b: BatchRecord, p: Progress) -> dict:
@@ -206,6 +213,7 @@ async def create_batch(body: CreateBatchRequest, request: Request) -> dict:
     runner = batch_runner(request)
     who = principal(request)
     check_create(runner, body, who)
+    body.output_expires_s()  # checked before anything is created
     now = int(time.time())
     batch = runner.create(
         BatchRecord(
@@ -217,6 +225,7 @@ async def create_batch(body: CreateBatchRequest, request: Request) -> dict:
             created_at=now,
             expires_at=now + COMPLETION_WINDOWS[body.completion_window],
             metadata=body.metadata,
+            output_expires_s=body.output_expires_s(),
         )
     )
     return card_of(runner, batch)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, BinaryIO, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -48,7 +48,7 @@ def file_not_found(file_id: str, param: str = "file_id") -> APIError:
 
 
 def file_card(record: FileRecord) -> dict:
-    return {
+    card = {
         "id": record.id,
         "object": "file",
         "bytes": record.bytes,
@@ -57,6 +57,37 @@ def file_card(record: FileRecord) -> dict:
         "purpose": record.purpose,
         "status": "processed",  # checked at upload: a stored file is always usable
     }
+    if record.expires_at is not None:
+        card["expires_at"] = record.expires_at
+    return card
+
+
+# OpenAI's bounds on expires_after.seconds (FileExpirationAfter): an hour to 30 days.
+EXPIRY_SECONDS = (3600, 2_592_000)
+
+
+def expiry_seconds(anchor: object, seconds: object, param: str = "expires_after") -> int:
+    """The seconds of an expiration policy ({"anchor": "created_at", "seconds": n}), or 400."""
+    low, high = EXPIRY_SECONDS
+    if anchor != "created_at":
+        raise bad_request(f"`{param}.anchor` must be created_at", param)
+    number = seconds if isinstance(seconds, int) and not isinstance(seconds, bool) else None
+    if isinstance(seconds, str) and seconds.isdigit():  # a multipart field is text
+        number = int(seconds)
+    if number is None or not low <= number <= high:
+        raise bad_request(f"`{param}.seconds` must be an integer in [{low}, {high}]", param)
+    return number
+
+
+def _form_expiry(form) -> int | None:  # noqa: ANN001 - starlette's FormData
+    """expires_after as the official client sends it in a multipart body (flattened as
+    expires_after[anchor] and expires_after[seconds]); None when absent."""
+    anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        if "expires_after" in form:
+            raise bad_request("`expires_after` needs anchor and seconds", "expires_after")
+        return None
+    return expiry_seconds(anchor, seconds)
 
 
 def get_record(
@@ -99,6 +130,7 @@ class Upload:
     limit: int
     project: str
     quotas: QuotaConfig
+    expires_after_s: int | None = None  # its expiration policy, if it has one
 
 
 def _store_upload(store: FileStore, src: BinaryIO, name: str, purpose: str, up: Upload):
@@ -111,7 +143,7 @@ def _store_upload(store: FileStore, src: BinaryIO, name: str, purpose: str, up: 
     try:
         if purpose == "fine-tune":
             check_file(staged.path)
-        return store.commit(staged, name, purpose, up.project, quota)
+        return store.commit(staged, name, purpose, up.project, quota, up.expires_after_s)
     except DatasetError as e:
         raise bad_request(str(e), param="file", code="invalid_file_format") from None
     except QuotaExceededError as e:
@@ -133,6 +165,7 @@ async def upload_file(request: Request) -> dict:
         if purpose not in PURPOSES:
             raise bad_request(f"`purpose` must be one of {', '.join(PURPOSES)}", param="purpose")
         name = upload.filename or "upload"
+        up = replace(up, expires_after_s=_form_expiry(form))
         record = await asyncio.to_thread(_store_upload, store, upload.file, name, purpose, up)
     return file_card(record)
 

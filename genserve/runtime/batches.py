@@ -359,7 +359,11 @@ class BatchRunner:
         def store() -> str:
             staged = self.files.stage(io.BytesIO(data), max_bytes=len(data))
             try:
-                return self.files.commit(staged, name, OUTPUT_PURPOSE, batch.project).id
+                expiry = batch.output_expires_s
+                record = self.files.commit(
+                    staged, name, OUTPUT_PURPOSE, batch.project, expires_after_s=expiry
+                )
+                return record.id
             finally:
                 self.files.discard(staged)
 

@@ -98,6 +98,8 @@ async def load(rt: Runtime, loader: Loader) -> None:
 
 
 async def shutdown(rt: Runtime) -> None:
+    for chore in rt.chores:
+        chore.cancel()
     if rt.batches is not None:  # before the engines: no batch request fails for their stop
         await rt.batches.stop()
     await stop_fine_tuning(rt)  # the training worker first: its job resumes on restart
@@ -156,6 +158,7 @@ async def start_fine_tuning(rt: Runtime) -> None:
         rt.database = rt.database or open_database(data_dir)
         files = FileStore(rt.database, data_dir / "files")
         files.sweep()
+        rt.chores.append(asyncio.create_task(expire_files(files)))
         threads = config.training.threads
         manager = JobManager(
             JobStore(rt.database), files, rt, data_dir, threads, rt.training_launcher,
@@ -169,6 +172,20 @@ async def start_fine_tuning(rt: Runtime) -> None:
     except Exception as e:  # noqa: BLE001 - reported by every files/jobs route
         log.exception("fine-tuning storage failed to start")
         rt.storage_error = f"{type(e).__name__}: {e}"
+
+
+EXPIRY_SWEEP_S = 60.0  # files past their expires_after are invisible at once; bytes go here
+
+
+async def expire_files(files: FileStore) -> None:
+    """Delete expired files' rows and bytes, every minute while the server runs."""
+    while True:
+        await asyncio.sleep(EXPIRY_SWEEP_S)
+        try:
+            if gone := await asyncio.to_thread(files.delete_expired):
+                log.info("deleted %d expired files", gone)
+        except Exception:  # noqa: BLE001 - a failed sweep is tried again at the next one
+            log.exception("deleting expired files failed")
 
 
 async def start_batches(rt: Runtime) -> None:

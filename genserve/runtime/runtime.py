@@ -6,6 +6,7 @@ which raise domain errors (genserve.runtime.errors) that the API maps to HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Runtime:
     training_launcher: Launcher | None = None  # None: a local subprocess (Ray sets its own)
     batch_handler: BatchHandler | None = None  # runs one batch line; set by the API
     batches: BatchRunner | None = None  # the Batch API's runner, once storage is up
+    chores: list[asyncio.Task] = field(default_factory=list)  # periodic; cancelled at shutdown
 
     # -- names -------------------------------------------------------------------------------
     def resolve_alias(self, model_id: str) -> str:

@@ -62,6 +62,7 @@ class BatchRecord:
     output_file_id: str | None = None
     error_file_id: str | None = None
     times: dict[str, int] = field(default_factory=dict)  # in_progress_at, ... as they happen
+    output_expires_s: int | None = None  # the output and error files expire this long after
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,7 @@ def _batch(row) -> BatchRecord:
         errors=errors,
         output_file_id=row["output_file_id"],
         error_file_id=row["error_file_id"],
+        output_expires_s=row["output_expires_s"],
         times={k: row[k] for k in STAMPS.values() if row[k] is not None},
     )
 
@@ -112,12 +114,13 @@ class BatchStore:
     def create(self, batch: BatchRecord) -> BatchRecord:
         self.db.execute(
             "INSERT INTO batches (id, project, endpoint, input_file_id, completion_window,"
-            " metadata, status, created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            " metadata, status, created_at, expires_at, output_expires_s)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
             (
                 batch.id, batch.project, batch.endpoint, batch.input_file_id,
                 batch.completion_window,
                 None if batch.metadata is None else json.dumps(batch.metadata),
-                batch.status, batch.created_at, batch.expires_at,
+                batch.status, batch.created_at, batch.expires_at, batch.output_expires_s,
             ),
         )  # fmt: skip
         return batch

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_NAME = "genserve.db"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 DEFAULT_PROJECT = "default"  # the owner of rows written before projects existed
 # The columns a database of an older version lacks beyond SCHEMA's CREATE ... IF NOT EXISTS,
 # by the version that brought them: (table, column, declaration). A column already there is
@@ -28,6 +28,8 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
         ("jobs", "project", f"TEXT NOT NULL DEFAULT '{DEFAULT_PROJECT}'"),
     ),
     4: (),  # the batches and batch_results tables: new, so SCHEMA's CREATE makes them
+    # OpenAI's expires_after on uploads, and a batch's output_expires_after for its files.
+    5: (("files", "expires_at", "INTEGER"), ("batches", "output_expires_s", "INTEGER")),
 }
 
 SCHEMA = """
@@ -39,7 +41,8 @@ CREATE TABLE IF NOT EXISTS files (
   bytes INTEGER NOT NULL,
   sha256 TEXT NOT NULL,
   created_at INTEGER NOT NULL,
-  project TEXT NOT NULL DEFAULT 'default'
+  project TEXT NOT NULL DEFAULT 'default',
+  expires_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS jobs (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -106,7 +109,8 @@ CREATE TABLE IF NOT EXISTS batches (
   failed_at INTEGER,
   expired_at INTEGER,
   cancelling_at INTEGER,
-  cancelled_at INTEGER
+  cancelled_at INTEGER,
+  output_expires_s INTEGER
 );
 CREATE INDEX IF NOT EXISTS batches_by_project ON batches (project, seq);
 -- One row per finished request: the primary key is what makes a custom_id appear once in the
@@ -178,7 +182,7 @@ class Database:
         for v, columns in sorted(MIGRATIONS.items()):
             for table, column, decl in columns if version < v else ():
                 have = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
+                if have and column not in have:  # no table yet: SCHEMA's CREATE makes it whole
                     steps.append(f"ALTER TABLE {table} ADD COLUMN {column} {decl};")
         return "".join(steps)
 

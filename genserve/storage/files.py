@@ -49,6 +49,7 @@ class FileRecord:
     sha256: str
     created_at: int
     project: str = DEFAULT_PROJECT  # the owner: other projects never see it
+    expires_at: int | None = None  # gone from then on (OpenAI's expires_after); None: kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +75,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# A file not yet expired; the query's next argument is the time now.
+LIVE = "(expires_at IS NULL OR expires_at > ?)"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
 def _record(row) -> FileRecord:
     return FileRecord(
         row["id"], row["filename"], row["purpose"], row["bytes"], row["sha256"],
-        row["created_at"], row["project"],
+        row["created_at"], row["project"], row["expires_at"],
     )  # fmt: skip
 
 
@@ -88,9 +97,18 @@ class FileStore:
         root.mkdir(parents=True, exist_ok=True)
 
     def sweep(self) -> None:
-        """Staged uploads left by a crash were never answered: they can go."""
+        """Staged uploads left by a crash were never answered: they can go; so can files
+        past their expiry."""
         for part in self.root.glob(f"*{STAGING_SUFFIX}"):
             part.unlink(missing_ok=True)
+        self.delete_expired()
+
+    def delete_expired(self) -> int:
+        """Delete the files whose expiry has passed (already invisible); how many went."""
+        rows = self.db.query(
+            "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?", (_now(),)
+        )
+        return sum(self.delete(row["id"]) for row in rows)
 
     def stage(self, src: BinaryIO, max_bytes: int) -> StagedUpload:
         """Copy src to a staging file, refusing more than max_bytes. Blocking: run in a thread."""
@@ -118,11 +136,14 @@ class FileStore:
         purpose: str,
         project: str = DEFAULT_PROJECT,
         quota: FileQuota | None = None,
+        expires_after_s: int | None = None,
     ) -> FileRecord:
         """Make the upload visible to `project`; QuotaExceededError if it would not fit."""
+        now = int(time.time())
+        expires_at = None if expires_after_s is None else now + expires_after_s
         record = FileRecord(
-            new_id("file"), filename, purpose, staged.bytes, staged.sha256, int(time.time()),
-            project,
+            new_id("file"), filename, purpose, staged.bytes, staged.sha256, now, project,
+            expires_at,
         )  # fmt: skip
         final = self.path(record.id)
         os.replace(staged.path, final)
@@ -133,10 +154,10 @@ class FileStore:
                 if quota is not None:
                     _check_quota(cur, project, record.bytes, quota)
                 cur.execute(
-                    "INSERT INTO files (id, filename, purpose, bytes, sha256, created_at, project)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO files (id, filename, purpose, bytes, sha256, created_at, project,"
+                    " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (record.id, filename, purpose, record.bytes, record.sha256,
-                     record.created_at, project),
+                     record.created_at, project, expires_at),
                 )  # fmt: skip
         except BaseException:
             final.unlink(missing_ok=True)
@@ -150,7 +171,8 @@ class FileStore:
         return self.root / file_id
 
     def get(self, file_id: str) -> FileRecord | None:
-        rows = self.db.query("SELECT * FROM files WHERE id = ?", (file_id,))
+        """The file, unless it is missing or has expired (its bytes go at the next sweep)."""
+        rows = self.db.query(f"SELECT * FROM files WHERE id = ? AND {LIVE}", (file_id, _now()))
         return _record(rows[0]) if rows else None
 
     def list(
@@ -162,7 +184,7 @@ class FileStore:
         project: str = DEFAULT_PROJECT,
     ) -> FilePage:
         """One project's files; another project's id as `after` is a cursor to nothing."""
-        where, args = ["project = ?"], [project]
+        where, args = ["project = ?", LIVE], [project, _now()]
         if purpose:
             where.append("purpose = ?")
             args.append(purpose)
@@ -193,7 +215,8 @@ class FileStore:
 
 def _check_quota(cur, project: str, adding: int, quota: FileQuota) -> None:  # noqa: ANN001
     count, total = cur.execute(
-        "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM files WHERE project = ?", (project,)
+        f"SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM files WHERE project = ? AND {LIVE}",
+        (project, _now()),
     ).fetchone()
     if count + 1 > quota.max_files:
         raise QuotaExceededError(

@@ -305,3 +305,27 @@ def test_cli_creates_follows_lists_and_shows(srv: LiveServer, tmp_path: Path) ->
     assert batch_id in cli("list").output
     assert json.loads(cli("show", batch_id).output)["status"] == "completed"
     assert cli("cancel", batch_id).exit_code == 1  # it has ended: the error is shown
+
+
+def test_output_expires_after_reaches_the_output_and_error_files(srv: LiveServer) -> None:
+    client = api(srv)
+    lines = [chat_line(i) for i in range(3)]
+    lines[1]["body"]["temperature"] = 5  # one error line: an error file too
+    f = client.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    policy = {"anchor": "created_at", "seconds": 7200}
+    batch = client.batches.create(
+        input_file_id=f.id, endpoint=CHAT, completion_window="24h", output_expires_after=policy
+    )
+    done = wait_done(srv, batch.id)
+    assert done["status"] == "completed", done
+    for file_id in (done["output_file_id"], done["error_file_id"]):
+        out = client.files.retrieve(file_id)
+        assert out.expires_at == out.created_at + 7200
+    assert client.files.retrieve(f.id).expires_at is None  # the input keeps its own policy
+    for bad in ({"anchor": "created_at", "seconds": 10}, {"anchor": "x", "seconds": 7200}, {}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.batches.create(
+                input_file_id=f.id, endpoint=CHAT, completion_window="24h",
+                output_expires_after=bad,
+            )  # fmt: skip
+        assert caught.value.body["param"] == "output_expires_after"

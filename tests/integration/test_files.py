@@ -136,3 +136,31 @@ def test_malformed_requests(files_server: LiveServer) -> None:
     ]:
         r = httpx.request(method, url + path)
         assert r.status_code == 404 and r.json()["error"]["param"] == "file_id"
+
+
+def test_expires_after_sets_expires_at(api: openai.OpenAI, files_server: LiveServer) -> None:
+    """OpenAI's expiration policy, sent as the official client sends it (multipart fields
+    expires_after[anchor] and expires_after[seconds]); once it passes the file is gone (the
+    clock's side is tests/unit/test_file_expiry.py)."""
+    policy = {"anchor": "created_at", "seconds": 3600}
+    raw = api.files.with_raw_response.create(
+        file=("a.jsonl", GOOD), purpose="fine-tune", expires_after=policy
+    )
+    assert_valid(raw.http_response.json(), "OpenAIFile")
+    card = raw.parse()
+    assert card.expires_at == card.created_at + 3600
+    assert api.files.retrieve(card.id).expires_at == card.expires_at
+    plain = api.files.create(file=("b.jsonl", GOOD), purpose="fine-tune")
+    assert plain.expires_at is None  # kept until deleted
+    url = files_server.url + "/v1/files"
+    for fields in (
+        {"expires_after[anchor]": "created_at", "expires_after[seconds]": "59"},
+        {"expires_after[anchor]": "created_at", "expires_after[seconds]": "2592001"},
+        {"expires_after[anchor]": "created_at", "expires_after[seconds]": "1e4"},
+        {"expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"},
+        {"expires_after[seconds]": "3600"},
+        {"expires_after": "3600"},
+    ):
+        r = httpx.post(url, data={"purpose": "user_data", **fields}, files={"file": ("x", b"x")})
+        assert r.status_code == 400, (fields, r.text)
+        assert r.json()["error"]["param"] == "expires_after", r.text

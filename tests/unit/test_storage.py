@@ -118,7 +118,7 @@ def test_a_version_1_database_gains_result_files_and_keeps_its_jobs(tmp_path: Pa
     assert jobs.transition("ftjob-new", "succeeded", ("running",), result_files=("file-r",))
     assert jobs.get("ftjob-new").result_files == ("file-r",)
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == db_mod.SCHEMA_VERSION == 4  # through every migration since
+    assert version == db_mod.SCHEMA_VERSION == 5  # through every migration since
 
 
 # The files and jobs tables as genserve wrote them at schema version 2, before projects.
@@ -161,6 +161,7 @@ def test_a_version_2_database_gives_its_rows_to_the_default_project(tmp_path: Pa
     db = open_database(tmp_path)
     files, jobs = FileStore(db, tmp_path / "files"), JobStore(db)
     assert files.get("file-old").project == "default"
+    assert files.get("file-old").expires_at is None  # (version 5's column) kept for good
     assert jobs.get("ftjob-old").project == "default"
     assert [f.id for f in files.list(None, 10, project="default").data] == ["file-old"]
     assert files.list(None, 10, project="key-a").data == []
@@ -172,7 +173,7 @@ def test_a_version_2_database_gives_its_rows_to_the_default_project(tmp_path: Pa
     db.close()
     reopened = JobStore(open_database(tmp_path))
     assert reopened.get("ftjob-a").project == "key-a"
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 4
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 5
 
 
 def test_files_are_scoped_to_their_project_and_within_quota(files: FileStore) -> None:
@@ -196,3 +197,37 @@ def test_files_are_scoped_to_their_project_and_within_quota(files: FileStore) ->
     assert sorted(p.name for p in files.root.iterdir()) == sorted(
         f.id for p in ("key-a", "key-b") for f in files.list(None, 10, project=p).data
     )  # refused uploads left no bytes behind
+
+
+def test_a_version_4_database_gains_the_expiry_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    from genserve.storage import db as db_mod
+    from genserve.storage.batches import BatchRecord, BatchStore
+
+    v4 = db_mod.SCHEMA.replace(",\n  expires_at INTEGER\n", "\n")
+    v4 = v4.replace(",\n  output_expires_s INTEGER\n", "\n")
+    assert "expires_at INTEGER\n" not in v4 and "output_expires_s" not in v4
+    path = tmp_path / db_mod.DB_NAME
+    conn = sqlite3.connect(path)
+    conn.executescript(f"{v4} PRAGMA user_version=4;")
+    conn.execute(
+        "INSERT INTO batches (id, project, endpoint, input_file_id, completion_window, status,"
+        " created_at, expires_at) VALUES ('batch_old', 'default', '/v1/completions', 'file-x',"
+        " '24h', 'in_progress', 5, 86405)"
+    )
+    conn.commit()
+    conn.close()
+
+    db = open_database(tmp_path)
+    batches = BatchStore(db)
+    assert batches.get("batch_old").output_expires_s is None
+    new = BatchRecord(
+        "batch_new", "default", "/v1/completions", "file-y", "24h", 6, 7, output_expires_s=3600
+    )
+    batches.create(new)
+    assert batches.get("batch_new").output_expires_s == 3600
+    staged = FileStore(db, tmp_path / "files")
+    record = staged.commit(staged.stage(io.BytesIO(b"x"), 1), "x", "batch", expires_after_s=3600)
+    assert staged.get(record.id).expires_at == record.created_at + 3600
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 5
