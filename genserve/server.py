@@ -7,9 +7,14 @@ import threading
 import time
 
 from genserve.config import ServerConfig
+from genserve.engine.types import FailureKind, RequestFailure
 from genserve.runtime import heap
 
 log = logging.getLogger(__name__)
+CUT_GRACE_S = 2.0  # after the drain timeout, for cut requests to send their error and end
+CUT = RequestFailure(
+    "the server is shutting down and its drain timeout passed; retry", FailureKind.UNAVAILABLE
+)
 
 
 class DrainingServer:
@@ -31,6 +36,7 @@ class DrainingServer:
         )  # fmt: skip
         self.server = uvicorn.Server(uv)
         self.edge = app.state.edge
+        self.runtime = app.state.runtime
         self.timeout_s = config.security.drain_timeout_s
         self._plain_exit = self.server.handle_exit
         self.server.handle_exit = self._on_signal
@@ -48,12 +54,21 @@ class DrainingServer:
         threading.Thread(target=self._drain, name="genserve-drain", daemon=True).start()
 
     def _drain(self) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        while self.edge.in_flight > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self._wait_idle(self.timeout_s)
         if self.edge.in_flight:
             log.warning("drain timeout: %d requests still running are cut", self.edge.in_flight)
+            for served in list(self.runtime.models.values()):
+                served.engine.cut(CUT)
+            self._wait_idle(CUT_GRACE_S)  # their error events and [DONE] go out
         self.server.should_exit = True
+        # uvicorn would otherwise wait for every open connection, a stream included, however
+        # long it runs: what is still open now (an upload, say) is dropped.
+        self.server.force_exit = self.edge.in_flight > 0
+
+    def _wait_idle(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.edge.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def serve(config: ServerConfig, log_level: str = "info") -> None:

@@ -153,6 +153,19 @@ class AsyncEngine:
             # What it never saw (or a thread that did not exit in time) ends here too.
             self._loop.call_soon_threadsafe(self._fail_open, STOPPED)
 
+    def cut(self, error: RequestFailure) -> None:
+        """End every request in flight now with `error`; the engine itself stays up (SIGTERM's
+        drain timeout passed: streams end with an error event, not a dropped connection).
+        Callable from any thread."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._cut, error)
+
+    def _cut(self, error: RequestFailure) -> None:
+        held = list(self._flights)
+        self._fail_open(error)
+        for rid in held:
+            self.core.abort(rid)
+
     def _fail_open(self, error: RequestFailure) -> None:
         for rid, flight in list(self._flights.items()):
             prompt = len(flight.request.prompt_token_ids)

@@ -47,6 +47,31 @@ async def test_sigterm_finishes_8_streams_refuses_new_and_exits_0(
     assert srv.proc.wait(timeout=60) == 0
 
 
+async def test_drain_timeout_cuts_a_running_stream_with_an_error_event(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Past --drain-timeout a stream still running ends with an error event (not a dropped
+    connection), and the process exits 0 at once: uvicorn alone waited for the stream."""
+    srv = start_server(tiny_model_dir, tmp_path, "--drain-timeout", "0", "--max-batch-size", "1")
+    body = {"model": "tiny-llama", "prompt": "a", "max_tokens": 500, "ignore_eos": True}
+    events = []
+    async with (
+        httpx.AsyncClient(base_url=srv.url, timeout=120) as http,
+        http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r,
+    ):
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 1:
+                    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(timeout=15) == 0
+    last = httpx.Response(200, content=events[-1]).json()
+    assert last["error"]["type"] == "service_unavailable_error", events[-3:]
+    assert "drain timeout" in last["error"]["message"]
+    assert len(events) < 400  # cut, not run to its 500 tokens
+    assert "drain timeout: 1 requests still running are cut" in srv.log()
+
+
 @pytest.fixture()
 def small(tiny_model_dir: Path, tmp_path: Path):
     srv = start_server(tiny_model_dir, tmp_path, "--max-batch-size", "4", "--max-waiting", "2")
