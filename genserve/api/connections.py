@@ -84,17 +84,19 @@ class GuardMixin:
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # its 503 is on its way; what it sends is not read
-        waiting = self.between_requests()
-        if waiting and self._deadline is None:
-            self._arm()  # the first byte of a new request on a kept-alive connection
+        if self.between_requests():
+            if self._deadline is None:
+                self._arm()  # the first byte of a new request on a kept-alive connection
+            # Counted before the parser sees them: whole headers in one read (a 70 kB header
+            # in one packet) were parsed, and answered, before they could be counted.
+            self._header_bytes += _head_part(data)
+            if self._header_bytes > self.guard.limits.max_header_bytes:
+                self._close_with(431, "Request Header Fields Too Large", "headers_too_large")
+                return
         before = self.cycle
         super().data_received(data)  # type: ignore[misc]
         if self.cycle is not before:  # a request's headers are complete: its task runs
             self._disarm()
-        elif waiting:
-            self._header_bytes += len(data)
-            if self._header_bytes > self.guard.limits.max_header_bytes:
-                self._close_with(431, "Request Header Fields Too Large", "headers_too_large")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -131,6 +133,13 @@ class GuardMixin:
         # Closed after a grace: closing a socket with unread request bytes sends a reset, which
         # could destroy the 503 before the client reads it.
         self.loop.call_later(REFUSED_GRACE_S, self.transport.close)
+
+
+def _head_part(data: bytes) -> int:
+    """How much of `data` is request line and headers: up to their blank line, if it is here
+    (the body after it is not theirs)."""
+    end = data.find(b"\r\n\r\n")
+    return len(data) if end < 0 else end + 4
 
 
 def guarded_protocol(limits: ConnectionConfig) -> type[asyncio.Protocol]:

@@ -251,6 +251,22 @@ def test_beyond_the_cap_with_every_connection_busy_is_503(edge: LiveServer) -> N
     wait_until(lambda: _healthy(edge), 30)
 
 
+def test_headers_over_the_limit_are_431_even_in_one_read(edge: LiveServer) -> None:
+    """--max-header-bytes (64 KiB here) holds for headers that arrive in one packet too (they
+    were parsed and answered before being counted); a body after them is not counted."""
+    for size in (70_000, 200_000):
+        sock = socket.create_connection(("127.0.0.1", edge.port), timeout=30)
+        with sock:
+            sock.sendall(f"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: {'a' * size}\r\n\r\n".encode())
+            head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 431"), head[:200]
+        assert b"headers_too_large" in head
+    r = httpx.get(edge.url + "/health", headers={"x-pad": "a" * 60_000}, timeout=30)
+    assert r.status_code == 200, r.text
+    big_body = {"model": "tiny-llama", "prompt": "a", "max_tokens": 1, "user": "u" * 100_000}
+    assert post(edge, "/v1/completions", json=big_body).status_code == 200
+
+
 def _healthy(edge: LiveServer) -> bool:
     try:
         return httpx.get(edge.url + "/health", timeout=10).status_code == 200
