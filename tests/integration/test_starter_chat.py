@@ -4,6 +4,7 @@ beside `genserve-starter`, and it changes what the model answers."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -64,3 +65,26 @@ def test_adapter_answers_differently_from_the_base(starter_server: LiveServer) -
     base = _greedy(starter_server, "genserve-starter")
     assert chat != base
     assert chat == _greedy(starter_server, "genserve-starter-chat")  # seeded greedy: repeatable
+
+
+def readme_block(after_heading: str) -> str:
+    """The first ```python block of the README after a heading, as a user would copy it."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    section = text[text.index(after_heading) :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```", start)]
+
+
+def test_the_readme_tool_call_example_runs_as_written(starter_server: LiveServer) -> None:
+    """Run against the default model, as a user pasting it would (it once ended in a 400: the
+    model called tools until max_tokens, and the follow-up overflowed the context)."""
+    import openai
+
+    client = openai.OpenAI(base_url=starter_server.url + "/v1", api_key="x", max_retries=0)
+    printed: list[tuple] = []
+    scope = {"client": client, "print": lambda *a, **_: printed.append(a)}
+    exec(readme_block("### Tool calls"), scope)  # noqa: S102 - the README's own example
+    name, arguments = printed[0]
+    assert name == "get_weather" and set(arguments) == {"city", "unit"}
+    assert scope["r"].choices[0].finish_reason == "tool_calls"
+    assert len(printed) == 2  # the follow-up answered
