@@ -87,6 +87,9 @@ def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
     apply_defaults(body, target.served.settings.defaults)
     if body.background:
         raise bad_request("background responses are not supported", "background")
+    if body.conversation is not None:  # silently dropped, the app would lose its state
+        msg = "conversations are not supported; chain responses with previous_response_id"
+        raise bad_request(msg, "conversation")
     body.response_format = body.format_()
     tools = tools_request(
         tool_defs(body.tools), tool_choice(body.tool_choice),
@@ -305,7 +308,12 @@ def close_all(st: StreamState, status: str) -> list[dict]:
 
 # -- stored responses -------------------------------------------------------------------------
 @router.get("/v1/responses/{response_id}")
-async def retrieve_response(response_id: str, request: Request) -> JSONResponse:
+async def retrieve_response(
+    response_id: str, request: Request, stream: bool = False
+) -> JSONResponse:
+    if stream:  # OpenAI replays a background response's events; none runs here
+        msg = "streaming a stored response needs a background response, not supported here"
+        raise bad_request(msg, "stream")
     found = store_of(runtime_of(request)).get(response_id, principal(request).project)
     if found is None:
         raise not_found(response_id)

@@ -71,6 +71,7 @@ class ResponsesRequest(SamplingFields):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     background: bool | None = None
+    conversation: str | dict[str, Any] | None = None  # refused: no Conversations API here
 
     def format_(self) -> ResponseFormat | None:
         fmt = self.text.format if self.text is not None else None
@@ -211,7 +212,7 @@ def tools_echo(tools: Sequence[FunctionTool] | None) -> list[dict]:
             "name": t.name,
             "description": t.description,
             "parameters": t.parameters or EMPTY_PARAMETERS,
-            "strict": bool(t.strict),
+            "strict": t.strict is not False,  # the Responses API's default is strict
         }  # fmt: skip
         for t in tools or ()
     ]

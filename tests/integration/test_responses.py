@@ -193,6 +193,9 @@ def test_item_list_input_and_store_false(client: openai.OpenAI) -> None:
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
         ({"background": True}, "background"),
+        # No Conversations API: its state would be silently lost
+        ({"conversation": "conv_123"}, "conversation"),
+        ({"conversation": {"id": "conv_123"}}, "conversation"),
         ({"text": {"format": {"type": "json_schema", "name": "s",
                               "schema": {"type": "array", "uniqueItems": True}}}},
          "response_format"),
@@ -203,6 +206,17 @@ def test_bad_requests_are_400(server: LiveServer, extra: dict, param: str) -> No
     r = httpx.post(server.url + "/v1/responses", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"].startswith(param)
+
+
+def test_retrieve_with_stream_is_400_and_tools_echo_strict(
+    server: LiveServer, client: openai.OpenAI
+) -> None:
+    loose = {k: v for k, v in TOOL.items() if k != "strict"}
+    r = client.responses.create(model=MODEL, input="x", max_output_tokens=2, tools=[loose])
+    assert r.tools[0].strict is True  # the Responses API's default
+    with pytest.raises(openai.BadRequestError) as caught:  # it was an empty stream
+        client.responses.retrieve(r.id, stream=True)
+    assert caught.value.body["param"] == "stream"
 
 
 def test_stored_per_project_and_across_restarts(
