@@ -22,6 +22,7 @@ from sse_starlette import EventSourceResponse
 
 from genserve.api.auth import principal
 from genserve.api.errors import APIError, bad_request, http_error
+from genserve.api.logprobs import TokenIds, namer
 from genserve.api.models import runtime_of
 from genserve.api.responses_wire import (
     Envelope,
@@ -29,6 +30,7 @@ from genserve.api.responses_wire import (
     call_item,
     call_status,
     input_items,
+    logprob_entries,
     message_item,
     messages,
     new_id,
@@ -37,6 +39,7 @@ from genserve.api.responses_wire import (
     tool_choice,
     tool_defs,
     usage,
+    wants_logprobs,
 )
 from genserve.api.sampling import apply_defaults, sampling_params
 from genserve.api.stream import first_event, spend_tokens
@@ -51,6 +54,7 @@ from genserve.runtime.generation import (
     generate,
 )
 from genserve.runtime.runtime import Runtime
+from genserve.runtime.tokens import TokenText
 from genserve.runtime.tools import ToolCall
 from genserve.storage.responses import ResponseStore, StoredResponse
 
@@ -80,6 +84,13 @@ class Prepared:
     items: list[dict[str, Any]]  # this request's input items
     context: list[dict[str, Any]]  # the chain's items before them
 
+    def namer(self) -> TokenText | TokenIds | None:
+        """What names the output's tokens in its logprobs; None when none were asked for."""
+        if self.request.sampling.logprobs is None:
+            return None
+        served = self.request.target.served
+        return namer(served.token_text, self.body.return_tokens_as_token_ids)
+
 
 def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
     """400/404s before anything runs: the model, tools, the chain, the input items."""
@@ -102,7 +113,7 @@ def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
             raise not_found(body.previous_response_id, "previous_response_id")
         context = previous.context
     items = input_items(body.input)
-    sampling = sampling_params(body, body.max_output_tokens)
+    sampling = sampling_params(body, body.max_output_tokens, wants_logprobs(body))
     history = messages(body.instructions, context + items)
     chat = ChatRequest(target, history, sampling, 1, tools, stream=bool(body.stream))
     return Prepared(rt, project, body, chat, items, context)
@@ -115,7 +126,7 @@ async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tupl
     s, choice = done.started, done.choices[0]
     status = "incomplete" if choice.finish_reason == "length" else "completed"
     use = usage(s.prompt_tokens, done.completion_tokens, done.cached_tokens)
-    obj = response_object(envelope(s, p.body), status, output_items(choice), use)
+    obj = response_object(envelope(s, p.body), status, output_items(choice, p.namer()), use)
     save(p, obj)
     return obj, s.prompt_tokens + done.completion_tokens
 
@@ -154,10 +165,13 @@ class StreamState:
     """Where a streamed response is: its output items so far and the open one."""
 
     env: Envelope
+    name: TokenText | TokenIds | None = None  # names tokens in logprobs, when asked for
     seq: int = 0
     output: list[dict] = field(default_factory=list)
     text_id: str | None = None  # the message item being written
     text: list[str] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)  # the open message's, so far
+    unsent: list[dict] = field(default_factory=list)  # of those, not yet in a delta event
     calls: dict[int, tuple[str, ToolCall]] = field(default_factory=dict)  # index -> item, call
 
     def event(self, kind: str, **fields: Any) -> dict:  # noqa: ANN401
@@ -169,7 +183,7 @@ class StreamState:
 async def stream(
     http: Request, prepared: Prepared, started: Started, events
 ) -> AsyncIterator[dict]:  # noqa: ANN001
-    st = StreamState(envelope(started, prepared.body))
+    st = StreamState(envelope(started, prepared.body), prepared.namer())
     completion_tokens, reason, cached = 0, None, 0
     async with contextlib.aclosing(events):
         yield st.event("response.created", response=response_object(st.env, "in_progress", []))
@@ -199,9 +213,12 @@ async def stream(
 
 def step(st: StreamState, d: ChoiceDelta) -> list[dict]:
     out = []
+    if not d.calls:  # a call's tokens are its arguments, not the text's
+        st.unsent += logprob_entries(d.delta.logprobs, st.name)
     if d.text:
         out += open_text(st)
         st.text.append(d.text)
+        st.logprobs += st.unsent
         out.append(
             st.event(
                 "response.output_text.delta",
@@ -209,9 +226,10 @@ def step(st: StreamState, d: ChoiceDelta) -> list[dict]:
                 output_index=len(st.output),
                 content_index=0,
                 delta=d.text,
-                logprobs=[],
+                logprobs=st.unsent,
             )  # fmt: skip
         )
+        st.unsent = []
     for c in d.calls:
         if c.id is not None:
             out += close_text(st, "completed")
@@ -253,13 +271,14 @@ def close_text(st: StreamState, status: str) -> list[dict]:
     if st.text_id is None:
         return []
     text, item_id, index = "".join(st.text), st.text_id, len(st.output)
-    item = message_item(item_id, text, status)
+    logprobs, st.logprobs, st.unsent = st.logprobs + st.unsent, [], []
+    item = message_item(item_id, text, status, logprobs)
     st.output.append(item)
     st.text_id, st.text = None, []
     return [
         st.event(
             "response.output_text.done", item_id=item_id, output_index=index,
-            content_index=0, text=text, logprobs=[],
+            content_index=0, text=text, logprobs=logprobs,
         ),
         st.event(
             "response.content_part.done", item_id=item_id, output_index=index,

@@ -14,9 +14,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from genserve.api.errors import bad_request
+from genserve.api.logprobs import TokenIds, chat_logprobs
 from genserve.api.schemas import FunctionName, JsonSchemaFormat, ResponseFormat, SamplingFields
 from genserve.api.tools import EMPTY_PARAMETERS
+from genserve.engine.types import TokenLogprob
 from genserve.runtime.generation import ChoiceState, Message
+from genserve.runtime.tokens import TokenText
 from genserve.runtime.tools import ToolCall, ToolChoice, ToolDef
 
 SYSTEM_ROLES = ("system", "developer")
@@ -71,6 +74,8 @@ class ResponsesRequest(SamplingFields):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     background: bool | None = None
+    include: list[str] | None = None  # of OpenAI's values, only output text logprobs apply
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     conversation: str | dict[str, Any] | None = None  # refused: no Conversations API here
 
     def format_(self) -> ResponseFormat | None:
@@ -219,8 +224,8 @@ def tools_echo(tools: Sequence[FunctionTool] | None) -> list[dict]:
 
 
 # -- output -----------------------------------------------------------------------------------
-def message_item(item_id: str, text: str, status: str) -> dict:
-    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def message_item(item_id: str, text: str, status: str, logprobs: Sequence[dict] = ()) -> dict:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs)}
     return {
         "id": item_id, "type": "message", "role": "assistant", "status": status,
         "content": [part] if status != "in_progress" else [],
@@ -234,15 +239,43 @@ def call_item(item_id: str, call: ToolCall, status: str) -> dict:
     }  # fmt: skip
 
 
-def output_items(choice: ChoiceState) -> list[dict]:
-    """The text (when there is any, or nothing else) and then each call."""
+def output_items(choice: ChoiceState, name: TokenText | TokenIds | None = None) -> list[dict]:
+    """The text (when there is any, or nothing else) and then each call; the text's token
+    logprobs when asked (`name` names the tokens)."""
     text = "".join(choice.text)
     status = "incomplete" if choice.finish_reason == "length" else "completed"
     out = []
     if text or not choice.tool_calls:
-        out.append(message_item(new_id("msg"), text, status))
+        lps = logprob_entries(choice.logprobs, name)
+        out.append(message_item(new_id("msg"), text, status, lps))
     out += [call_item(new_id("fc"), c, call_status(c)) for c in choice.tool_calls]
     return out
+
+
+# include's values (OpenAI's Includable); only the text's logprobs mean anything here, the
+# others name tools this server does not have.
+INCLUDABLE = (
+    "message.output_text.logprobs", "code_interpreter_call.outputs",
+    "computer_call_output.output.image_url", "file_search_call.results",
+    "message.input_image.image_url", "reasoning.encrypted_content",
+    "web_search_call.action.sources",
+)  # fmt: skip
+LOGPROBS = "message.output_text.logprobs"
+
+
+def wants_logprobs(body: ResponsesRequest) -> int | None:
+    """How many top logprobs each output token carries (None: no logprobs); 400 for an
+    `include` value OpenAI does not know."""
+    for i, value in enumerate(body.include or ()):
+        if value not in INCLUDABLE:
+            raise bad_request(f"include[{i}]: unknown value {value!r}", "include")
+    if LOGPROBS in (body.include or ()):
+        return body.top_logprobs or 0
+    return None
+
+
+def logprob_entries(lps: Sequence[TokenLogprob], name: TokenText | TokenIds | None) -> list:
+    return chat_logprobs(lps, name)["content"] if name is not None and lps else []
 
 
 def call_status(call: ToolCall) -> str:
@@ -304,6 +337,7 @@ def response_object(
         "tool_choice": _choice_echo(body.tool_choice),
         "tools": tools_echo(body.tools),
         "truncation": "disabled",
+        "top_logprobs": body.top_logprobs,
         "metadata": body.metadata or {},
     }
     if usage_ is not None:  # the schema has no null usage: absent until there is one

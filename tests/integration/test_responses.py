@@ -219,6 +219,26 @@ def test_retrieve_with_stream_is_400_and_tools_echo_strict(
     assert caught.value.body["param"] == "stream"
 
 
+def test_output_text_logprobs_when_included(server: LiveServer, client: openai.OpenAI) -> None:
+    kw = dict(model=MODEL, input="Say x", max_output_tokens=6, top_logprobs=2)
+    kw["extra_body"] = {"seed": 3}
+    kw["include"] = ["message.output_text.logprobs"]
+    r = client.responses.create(**kw)
+    part = r.output[0].content[0]
+    assert len(part.logprobs) == r.usage.output_tokens == 6 and r.top_logprobs == 2
+    # (their tokens may name special tokens the text leaves out: a random model's choice)
+    assert all(lp.logprob <= 0 and len(lp.top_logprobs) == 2 for lp in part.logprobs)
+    streamed = list(client.responses.create(stream=True, **kw))
+    deltas = [lp for e in streamed if e.type == "response.output_text.delta" for lp in e.logprobs]
+    done = streamed[-1].response  # response.incomplete: max_output_tokens was reached
+    assert [lp.token for lp in deltas] == [lp.token for lp in part.logprobs]  # same seed
+    assert [lp.token for lp in done.output[0].content[0].logprobs] == [lp.token for lp in deltas]
+    plain = client.responses.create(model=MODEL, input="x", max_output_tokens=2)
+    assert plain.output[0].content[0].logprobs == []  # not asked for
+    r = httpx.post(server.url + "/v1/responses", json={**kw, "include": ["bogus"]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "include"
+
+
 def test_stored_per_project_and_across_restarts(
     tiny_model_dir, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
