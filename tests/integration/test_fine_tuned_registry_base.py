@@ -85,6 +85,8 @@ def test_fine_tuned_model_follows_its_registry_loaded_base(
             assert http.get(f"/v1/models/{ft}").status_code == 404
             load_base(http)  # and back with it
             assert wait_until(lambda: answers(http, ft))
+            taken = http.post("/v1/models", json={"model": BASE, "id": ft})  # an adapter's id
+            assert taken.status_code == 409 and taken.json()["error"]["param"] == "id"
         srv.stop()
 
         srv = start_server(tiny_model_dir, tmp, *args)  # restored before its base loads
