@@ -17,6 +17,8 @@ import pytest
 from tests.conformance import assert_valid
 from tests.server import LiveServer, start_server
 from tests.tiny_model import build_tiny_model
+from tests.tool_models import PAINT, TINT, responses_tool
+from tests.tool_models import SCHEMAS as PYDANTIC_SCHEMAS
 
 MODEL = "tiny-llama"
 WEATHER = {
@@ -239,3 +241,49 @@ def test_langchain_bind_tools_required(server: LiveServer) -> None:
     msg = llm.bind_tools([get_time], tool_choice="required").invoke("what time is it in Oslo?")
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_time"
     assert isinstance(msg.tool_calls[0]["args"]["zone"], str)
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", "named"])
+async def test_pydantic_tools_with_refs_call_by_their_own_schemas(
+    aclient: openai.AsyncOpenAI, choice: str
+) -> None:
+    """`pydantic_function_tool` writes Enum fields and nested models as `$defs` + `$ref`; both
+    tools here define a `Color` (other values each). They were refused 400 (the refs no longer
+    resolved once nested in the call grammar); each call must match its own tool's schema."""
+    tool_choice = {"auto": "auto", "required": "required"}.get(
+        choice, {"type": "function", "function": {"name": "Tint"}}
+    )
+    kw = dict(
+        model=MODEL, messages=MESSAGES, tools=[PAINT, TINT], tool_choice=tool_choice, n=4,
+        temperature=1.0, max_tokens=120, parallel_tool_calls=False,
+    )  # fmt: skip
+    replies = [await aclient.chat.completions.create(seed=s, **kw) for s in range(3)]
+    calls = [c for r in replies for ch in r.choices for c in ch.message.tool_calls or ()]
+    assert choice == "auto" or len(calls) == 12
+    for call in calls:
+        assert choice != "named" or call.function.name == "Tint"
+        jsonschema.validate(
+            json.loads(call.function.arguments), PYDANTIC_SCHEMAS[call.function.name]
+        )
+    if choice == "required":
+        assert {c.function.name for c in calls} == {"Paint", "Tint"}
+    if choice != "auto":  # streamed, the same seed joins into the same call
+        streamed, reason = await streamed_calls(aclient, seed=0, **{**kw, "n": 1})
+        first = replies[0].choices[0].message.tool_calls[0].function
+        assert reason == "tool_calls" and streamed[0]["arguments"] == first.arguments
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_responses_tools_with_refs_call_by_their_own_schemas(
+    client: openai.OpenAI, named: bool
+) -> None:
+    choice = {"type": "function", "name": "Paint"} if named else "required"
+    for seed in range(4):
+        r = client.responses.create(
+            model=MODEL, input="Paint it", tools=[responses_tool(PAINT), responses_tool(TINT)],
+            tool_choice=choice, max_output_tokens=120, parallel_tool_calls=False,
+            extra_body={"seed": seed},
+        )  # fmt: skip
+        (call,) = [item for item in r.output if item.type == "function_call"]
+        assert not named or call.name == "Paint"
+        jsonschema.validate(json.loads(call.arguments), PYDANTIC_SCHEMAS[call.name])
