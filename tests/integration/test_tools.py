@@ -287,3 +287,132 @@ def test_responses_tools_with_refs_call_by_their_own_schemas(
         (call,) = [item for item in r.output if item.type == "function_call"]
         assert not named or call.name == "Paint"
         jsonschema.validate(json.loads(call.arguments), PYDANTIC_SCHEMAS[call.name])
+
+
+# -- the deprecated `functions` / `function_call` -----------------------------------------------
+FUNCTIONS = [
+    {"name": "get_weather", "parameters": WEATHER},
+    {"name": "get_time", "parameters": TIME},
+]
+
+
+async def test_functions_answer_one_function_call_streamed_and_not(
+    aclient: openai.AsyncOpenAI,
+) -> None:
+    """They were ignored (plain text came back). Now: message.function_call, finish_reason
+    "function_call", no tool_calls, and one call only (a second one streamed would have joined
+    its arguments to the first's, which then would not parse)."""
+    kw = dict(
+        model=MODEL, messages=MESSAGES, functions=FUNCTIONS,
+        function_call={"name": "get_weather"}, temperature=1.0, max_tokens=130,
+    )  # fmt: skip
+    for seed in range(8):
+        r = await aclient.chat.completions.create(seed=seed, **kw)
+        c = r.choices[0]
+        assert c.finish_reason == "function_call" and c.message.tool_calls is None
+        assert c.message.content is None and c.message.function_call.name == "get_weather"
+        jsonschema.validate(json.loads(c.message.function_call.arguments), WEATHER)
+        name, args, reason = None, "", None
+        async for chunk in await aclient.chat.completions.create(seed=seed, stream=True, **kw):
+            delta = chunk.choices[0].delta
+            assert delta.tool_calls is None
+            reason = chunk.choices[0].finish_reason or reason
+            if delta.function_call is not None:
+                name = name or delta.function_call.name
+                args += delta.function_call.arguments or ""
+        assert (name, args, reason) == (
+            "get_weather",
+            c.message.function_call.arguments,
+            "function_call",
+        )
+
+
+async def test_functions_bodies_and_chunks_validate_against_openai_schemas(
+    server: LiveServer,
+) -> None:
+    body = {
+        "model": MODEL, "messages": MESSAGES, "functions": FUNCTIONS, "function_call": "auto",
+        "seed": 5, "max_tokens": 130, "n": 4,
+    }  # fmt: skip
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        r = await http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200
+        assert_valid(r.json(), "CreateChatCompletionResponse")
+        forced = {**body, "function_call": {"name": "get_time"}, "n": 1, "stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=forced) as s:
+            lines = [line async for line in s.aiter_lines() if line.startswith("data: ")]
+    for c in r.json()["choices"]:
+        assert "tool_calls" not in c["message"] and c["finish_reason"] != "tool_calls"
+        assert ("function_call" in c["message"]) == (c["finish_reason"] == "function_call")
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    for chunk in chunks:
+        assert_valid(chunk, "CreateChatCompletionStreamResponse")
+    assert chunks[-1]["choices"][0]["finish_reason"] == "function_call"
+
+
+def test_function_call_none_returns_no_call(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, functions=FUNCTIONS, function_call="none", seed=1, n=4,
+        max_tokens=40,
+    )  # fmt: skip
+    for c in r.choices:
+        assert c.message.function_call is None and c.finish_reason in ("stop", "length")
+
+
+def test_function_turns_in_the_history_reach_the_prompt(client: openai.OpenAI) -> None:
+    call = {"name": "get_time", "arguments": '{"zone":"UTC"}'}
+    messages = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "function_call": call},
+        {"role": "function", "name": "get_time", "content": '{"time": "12:00"}'},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, functions=FUNCTIONS, max_tokens=1
+    )
+    short = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, functions=FUNCTIONS, max_tokens=1
+    )
+    assert r.usage.prompt_tokens > short.usage.prompt_tokens + 10
+
+
+@pytest.mark.parametrize(
+    "extra,param,words",
+    [
+        ({"functions": FUNCTIONS, "tools": TOOLS}, "functions", "tools"),
+        ({"functions": FUNCTIONS, "tool_choice": "auto"}, "functions", "tool_choice"),
+        ({"function_call": "auto", "tools": TOOLS}, "function_call", "tools"),
+        ({"functions": FUNCTIONS, "function_call": {"name": "nope"}}, "function_call", "nope"),
+        ({"function_call": {"name": "get_time"}}, "function_call", "functions"),
+        ({"functions": []}, "functions", ""),
+    ],
+)
+def test_bad_functions_are_400_naming_the_param(
+    client: openai.OpenAI, extra: dict, param: str, words: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=5, extra_body=extra
+        )
+    assert e.value.param is not None and e.value.param.startswith(param), e.value.param
+    assert words in e.value.message
+
+
+def test_langchain_functions_round_trip(server: LiveServer) -> None:
+    """Older LangChain code: bind(functions=..., function_call=...), then the result sent back
+    as a FunctionMessage."""
+    from langchain_core.messages import FunctionMessage, HumanMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model=MODEL, base_url=server.url + "/v1", api_key="unused", max_tokens=120,
+        seed=7, max_retries=0,
+    )  # fmt: skip
+    ask = HumanMessage("what time is it in Oslo?")
+    fn = FUNCTIONS[1]
+    msg = llm.bind(functions=[fn], function_call={"name": "get_time"}).invoke([ask])
+    call = msg.additional_kwargs["function_call"]
+    assert call["name"] == "get_time" and not msg.tool_calls
+    jsonschema.validate(json.loads(call["arguments"]), TIME)
+    result = FunctionMessage(name="get_time", content='{"time": "12:00"}')
+    answer = llm.bind(functions=[fn]).invoke([ask, msg, result])
+    assert isinstance(answer.content, str)
