@@ -35,9 +35,18 @@ from genserve.runtime.runtime import Runtime
 router = APIRouter()
 
 
+# The field a role's turn must carry (OpenAI's 400 names it): what links a result to its call.
+REQUIRED_BY_ROLE = {"tool": "tool_call_id", "function": "name"}
+
+
 def check_chat_body(body: ChatCompletionRequest) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
+    for i, m in enumerate(body.messages):
+        field = REQUIRED_BY_ROLE.get(m.role)
+        if field is not None and getattr(m, field) is None:
+            why = f"messages with role '{m.role}' must have a '{field}'"
+            raise bad_request(f"Missing parameter '{field}': {why}.", f"messages.[{i}].{field}")
 
 
 def chat_request(

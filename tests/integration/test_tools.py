@@ -185,6 +185,24 @@ def test_history_with_tool_results_is_accepted(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize(
+    "turn,field",
+    [
+        ({"role": "tool", "content": '{"temp": 21}'}, "tool_call_id"),
+        ({"role": "function", "content": '{"temp": 21}'}, "name"),
+    ],
+)
+def test_a_result_turn_without_its_link_is_400_naming_it(
+    client: openai.OpenAI, turn: dict, field: str
+) -> None:
+    """It was accepted (the result rendered as answering no call); OpenAI's 400 names it."""
+    messages = [*MESSAGES, {"role": "assistant", "content": "checking"}, turn]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5)
+    assert e.value.param == f"messages.[2].{field}"
+    assert e.value.body["type"] == "invalid_request_error" and field in e.value.message
+
+
+@pytest.mark.parametrize(
     "extra,param,words",
     [
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", "name"),
