@@ -12,7 +12,14 @@ from genserve.api.models import runtime_of
 from genserve.api.sampling import apply_defaults, sampling_params
 from genserve.api.schemas import ChatCompletionRequest, plain_messages
 from genserve.api.stream import first_event, spend_tokens, sse_response, usage
-from genserve.api.tools import chat_choice, delta_calls, message_calls, tool_def, tools_request
+from genserve.api.tools import (
+    chat_tools,
+    delta_calls,
+    delta_function_call,
+    is_legacy,
+    message_calls,
+    message_function_call,
+)
 from genserve.engine.types import INTERACTIVE
 from genserve.runtime.generation import (
     ChatRequest,
@@ -28,9 +35,18 @@ from genserve.runtime.runtime import Runtime
 router = APIRouter()
 
 
+# The field a role's turn must carry (OpenAI's 400 names it): what links a result to its call.
+REQUIRED_BY_ROLE = {"tool": "tool_call_id", "function": "name"}
+
+
 def check_chat_body(body: ChatCompletionRequest) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
+    for i, m in enumerate(body.messages):
+        field = REQUIRED_BY_ROLE.get(m.role)
+        if field is not None and getattr(m, field) is None:
+            why = f"messages with role '{m.role}' must have a '{field}'"
+            raise bad_request(f"Missing parameter '{field}': {why}.", f"messages.[{i}].{field}")
 
 
 def chat_request(
@@ -40,12 +56,7 @@ def chat_request(
     target = rt.get(body.model, project)
     apply_defaults(body, target.served.settings.defaults)
     check_chat_body(body)
-    tools = tools_request(
-        [tool_def(t) for t in body.tools or ()],
-        chat_choice(body.tool_choice),
-        body.parallel_tool_calls,
-        body.response_format,
-    )
+    tools = chat_tools(body)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = sampling_params(body, max_tokens, logprobs)
@@ -54,14 +65,23 @@ def chat_request(
     return ChatRequest(target, messages, sampling, body.n or 1, tools, priority, stream)
 
 
-def chat_message(c: ChoiceState) -> dict:
-    """OpenAI's assistant message: content null when the turn is only tool calls."""
+def chat_message(c: ChoiceState, legacy: bool = False) -> dict:
+    """OpenAI's assistant message: content null when the turn is only tool calls (`legacy`:
+    the request used `functions`, so its call is `function_call`)."""
     text = "".join(c.text)
     message = {"role": "assistant", "content": text, "refusal": None}
     if c.tool_calls:
         message["content"] = text or None
-        message["tool_calls"] = message_calls(c.tool_calls)
+        if legacy:
+            message["function_call"] = message_function_call(c.tool_calls)
+        else:
+            message["tool_calls"] = message_calls(c.tool_calls)
     return message
+
+
+def finish_reason(reason: str | None, legacy: bool) -> str | None:
+    """A call ends a `functions` request with "function_call", as OpenAI's did."""
+    return "function_call" if legacy and reason == "tool_calls" else reason
 
 
 @router.post("/v1/chat/completions")
@@ -81,12 +101,13 @@ def chat_completion(body: ChatCompletionRequest, done: Collected) -> dict:
     """OpenAI's chat.completion object for a collected answer."""
     s = done.started
     name = namer(s.token_text, body.return_tokens_as_token_ids)
+    legacy = is_legacy(body)
     choices = [
         {
             "index": c.index,
-            "message": chat_message(c),
+            "message": chat_message(c, legacy),
             "logprobs": chat_logprobs(c.logprobs, name) if body.logprobs else None,
-            "finish_reason": c.finish_reason,
+            "finish_reason": finish_reason(c.finish_reason, legacy),
         }
         for c in done.choices
     ]
@@ -124,15 +145,19 @@ def stream_chat(http: Request, body: ChatCompletionRequest, started: Started, ev
         for i in range(started.choices)
     ]
 
+    legacy = is_legacy(body)
+
     def frame(d: ChoiceDelta) -> dict | None:
         if not d.text and d.finish_reason is None and not d.delta.logprobs and not d.calls:
             return None
         delta: dict = {"content": d.text} if d.text or d.delta.logprobs else {}
-        if d.calls:
+        if d.calls and legacy:
+            delta["function_call"] = delta_function_call(d.calls)
+        elif d.calls:
             delta["tool_calls"] = delta_calls(d.calls)
         logprobs = chat_logprobs(d.delta.logprobs, name) if body.logprobs else None
         choice = {"index": d.index, "delta": delta, "logprobs": logprobs}
-        choice["finish_reason"] = d.finish_reason
+        choice["finish_reason"] = finish_reason(d.finish_reason, legacy)
         return {**base, "choices": [choice]}
 
     def usage_frame(completion_tokens: int, cached: dict[int, int]) -> dict:

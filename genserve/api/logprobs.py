@@ -46,7 +46,7 @@ def completion_logprobs(
         piece = text(token_id)[0]
         tokens.append(piece)
         token_logprobs.append(None if lp is None else lp.logprob)
-        top.append(None if lp is None else {text(t)[0]: v for t, v in lp.top})
+        top.append(None if lp is None else completion_top(lp, text))
         offsets.append(offset)
         offset += len(piece)
     return {
@@ -55,3 +55,13 @@ def completion_logprobs(
         "top_logprobs": top,
         "text_offset": offsets,
     }
+
+
+def completion_top(lp: TokenLogprob, text: TokenText | TokenIds) -> dict[str, float]:
+    """One position's `top_logprobs`: the k most likely tokens and the token itself (sampled,
+    or the prompt's when echoed), as OpenAI and vLLM send them: up to k+1 entries."""
+    out = {text(t)[0]: v for t, v in lp.top}
+    if all(t != lp.token_id for t, _ in lp.top):
+        # setdefault: a token whose text another top token shares keeps that one's entry
+        out.setdefault(text(lp.token_id)[0], lp.logprob)
+    return out

@@ -195,11 +195,13 @@ class ChatToolCall(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # "function": the deprecated turn that answers a `function_call` (it names the function)
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ChatToolCall] | None = None  # an assistant turn's calls
     tool_call_id: str | None = None  # a tool turn: the call it answers
+    function_call: CalledFunction | None = None  # a deprecated assistant turn's one call
 
     @field_validator("content")
     @classmethod
@@ -216,17 +218,25 @@ class ChatMessage(BaseModel):
 
 
 def plain_messages(messages: list[ChatMessage]) -> tuple[Message, ...]:
-    return tuple(
-        Message(
-            m.role,
-            m.text(),
-            tuple(
-                ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ()
-            ),
-            m.tool_call_id,
-        )
-        for m in messages
-    )
+    """The wire's turns as the runtime's. A deprecated `function_call` is a tool call, and the
+    `function` turn after it that call's result: both get the id the wire never gave them."""
+    out, call_id = [], None
+    for i, m in enumerate(messages):
+        calls = [ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ()]
+        if m.function_call is not None:
+            call_id = legacy_call_id(i)
+            calls.append(ToolCall(call_id, m.function_call.name, m.function_call.arguments))
+        if m.role == "function":
+            out.append(Message("tool", m.text(), tool_call_id=call_id or legacy_call_id(i)))
+            continue
+        out.append(Message(m.role, m.text(), tuple(calls), m.tool_call_id))
+    return tuple(out)
+
+
+def legacy_call_id(index: int) -> str:
+    """A deprecated call's id, from its turn's place: the same history renders the same prompt
+    (the prefix cache), and nine alphanumerics is what Mistral's templates insist on."""
+    return f"fn{index:07d}"
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -237,6 +247,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoiceMode | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # Deprecated in favor of tools / tool_choice, still served (api/tools.py::chat_tools).
+    functions: Annotated[list[FunctionDef], Field(min_length=1, max_length=128)] | None = None
+    function_call: Literal["none", "auto"] | FunctionRef | None = None
 
 
 class ModelSettingsBody(BaseModel):

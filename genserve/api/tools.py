@@ -1,19 +1,37 @@
 """The wire's `tools` and `tool_choice` -> runtime.tools.ToolsRequest, checked once; tool calls
--> OpenAI's JSON (chat's message and delta shapes). Chat completions and Responses share it."""
+-> OpenAI's JSON (chat's message and delta shapes). Chat completions and Responses share it.
+
+Chat's deprecated `functions` / `function_call` (which OpenAI still serves, and older LangChain
+sends) are the same request: tools of type function and a tool_choice, at most one call, that
+comes back as `message.function_call` with finish_reason "function_call"."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from genserve.api.errors import bad_request
-from genserve.api.schemas import ChatTool, NamedToolChoice, ResponseFormat
+from genserve.api.schemas import (
+    ChatCompletionRequest,
+    ChatTool,
+    FunctionDef,
+    FunctionRef,
+    NamedToolChoice,
+    ResponseFormat,
+)
 from genserve.runtime.tools import CallDelta, ToolCall, ToolChoice, ToolDef, ToolsRequest
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
+TOOLS_PARAMS = ("tools", "tool_choice")
+LEGACY_PARAMS = ("functions", "function_call")
+
+
 def tool_def(tool: ChatTool) -> ToolDef:
-    fn = tool.function
+    return function_def(tool.function)
+
+
+def function_def(fn: FunctionDef) -> ToolDef:
     return ToolDef(fn.name, fn.description, fn.parameters or EMPTY_PARAMETERS, fn.strict)
 
 
@@ -22,24 +40,61 @@ def tools_request(
     choice: ToolChoice | None,
     parallel: bool | None,
     response_format: ResponseFormat | None = None,
+    params: tuple[str, str] = TOOLS_PARAMS,
 ) -> ToolsRequest | None:
-    """None when no tools are given; 400s for a choice that names what is not there."""
+    """None when no tools are given; 400s for a choice that names what is not there.
+    `params`: what the body calls the tools and the choice (its errors name them)."""
+    tools_param, choice_param = params
     if not tools:
         if choice is not None and choice.mode not in ("none", "auto"):
-            raise bad_request("`tool_choice` requires `tools`", "tool_choice")
+            raise bad_request(f"`{choice_param}` requires `{tools_param}`", choice_param)
         return None
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
-        raise bad_request("tool names must be unique", "tools")
+        raise bad_request(f"the names in `{tools_param}` must be unique", tools_param)
     picked = choice or ToolChoice("auto")
     if picked.name is not None and picked.name not in names:
-        msg = f"tool_choice names `{picked.name}`, which is not in `tools`"
-        raise bad_request(msg, "tool_choice")
+        msg = f"{choice_param} names `{picked.name}`, which is not in `{tools_param}`"
+        raise bad_request(msg, choice_param)
     req = ToolsRequest(tuple(tools), picked, parallel is not False)
     if req.active and response_format is not None and response_format.type != "text":
         msg = "response_format cannot be combined with tools unless tool_choice is 'none'"
         raise bad_request(msg, "response_format")
     return req
+
+
+def chat_tools(body: ChatCompletionRequest) -> ToolsRequest | None:
+    """A chat body's tools: `tools` / `tool_choice`, or the legacy `functions` /
+    `function_call`; a body mixing the two is a 400 naming the legacy field."""
+    if not is_legacy(body):
+        return tools_request(
+            [tool_def(t) for t in body.tools or ()],
+            chat_choice(body.tool_choice),
+            body.parallel_tool_calls,
+            body.response_format,
+        )
+    if body.tools is not None or body.tool_choice is not None:
+        param = "functions" if body.functions is not None else "function_call"
+        msg = f"`{param}` (deprecated) cannot be combined with `tools` or `tool_choice`"
+        raise bad_request(msg, param)
+    functions = [function_def(f) for f in body.functions or ()]
+    choice = legacy_choice(body.function_call)
+    # One call at most: a function_call answer has room for no more.
+    return tools_request(functions, choice, False, body.response_format, LEGACY_PARAMS)
+
+
+def is_legacy(body: ChatCompletionRequest) -> bool:
+    """The body uses `functions` / `function_call`: the answer speaks that dialect too."""
+    return body.functions is not None or body.function_call is not None
+
+
+def legacy_choice(call: str | FunctionRef | None) -> ToolChoice | None:
+    """function_call: "none" | "auto" | {"name": ...}."""
+    if call is None:
+        return None
+    if isinstance(call, FunctionRef):
+        return ToolChoice("function", call.name)
+    return ToolChoice(call)
 
 
 def chat_choice(choice: str | NamedToolChoice | None) -> ToolChoice | None:
@@ -70,4 +125,20 @@ def delta_calls(calls: Sequence[CallDelta]) -> list[dict]:
             out.append({"index": c.index, "id": c.id, "type": "function", "function": fn})
         else:
             out.append({"index": c.index, "function": {"arguments": c.arguments}})
+    return out
+
+
+def message_function_call(calls: Sequence[ToolCall]) -> dict:
+    """The legacy answer's one call (the grammar allowed no second)."""
+    return {"name": calls[0].name, "arguments": calls[0].arguments}
+
+
+def delta_function_call(calls: Sequence[CallDelta]) -> dict:
+    """The legacy stream's call: {name, arguments ""} first, then argument fragments; one
+    step's pieces merged into one delta."""
+    out: dict = {}
+    for c in calls:
+        if c.name is not None:
+            out["name"] = c.name
+        out["arguments"] = out.get("arguments", "") + c.arguments
     return out

@@ -113,33 +113,78 @@ def args_key(fmt: str) -> str:
     return "parameters" if fmt == LLAMA3_JSON else "arguments"
 
 
-def call_schema(tool: ToolDef, fmt: str) -> dict:
+def call_schema(name: str, arguments: dict, fmt: str) -> dict:
     """One call object: the name first (so it streams first), then the arguments."""
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.name}, args_key(fmt): dict(tool.parameters)},
+        "properties": {"name": {"const": name}, args_key(fmt): arguments},
         "required": ["name", args_key(fmt)],
         "additionalProperties": False,
     }
 
 
-def _json_rule(schema: dict) -> str:
+def calls_schema(tools: Sequence[ToolDef], fmt: str) -> tuple[dict, dict]:
+    """The schema of one call to any of `tools`, and the `$defs` the grammar's root must carry.
+
+    Nested under `arguments`, a tool's own refs (`#/$defs/Color`, what pydantic writes for an
+    Enum or a nested model) would point at the wrapper's root, where nothing is. A tool whose
+    parameters hold local refs therefore moves whole into the root's `$defs` under a key of its
+    own, its refs rebased there: two tools' `$defs` of the same name never meet."""
+    calls, defs = [], {}
+    for i, tool in enumerate(tools):
+        params = dict(tool.parameters)
+        key = f"tool{i}"
+        rebased = _rebase_refs(params, f"#/$defs/{key}")
+        if rebased != params:  # it holds a local ref
+            defs[key] = rebased
+            params = {"$ref": f"#/$defs/{key}"}
+        calls.append(call_schema(tool.name, params, fmt))
+    return (calls[0] if len(calls) == 1 else {"anyOf": calls}), defs
+
+
+# Keywords whose values are JSON instances, not schemas: a "$ref" key in them is data.
+_INSTANCE_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# Keywords whose values map names (which may be any string, "$ref" too) to schemas.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions"})
+
+
+def _rebase_refs(node: Any, base: str) -> Any:  # noqa: ANN401 - any part of a JSON schema
+    """A copy of a schema whose local refs (`#` and `#/...`) point under `base` instead of the
+    root; other refs (anchors, URIs) are left as they are."""
+    if isinstance(node, list):
+        return [_rebase_refs(n, base) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for k, v in node.items():
+        if k == "$ref" and isinstance(v, str) and (v == "#" or v.startswith("#/")):
+            out[k] = base + v[1:]
+        elif k in _INSTANCE_KEYWORDS:
+            out[k] = v
+        elif k in _SCHEMA_MAPS and isinstance(v, dict):
+            out[k] = {name: _rebase_refs(s, base) for name, s in v.items()}
+        else:
+            out[k] = _rebase_refs(v, base)
+    return out
+
+
+def _json_rule(schema: dict, defs: dict) -> str:
     body = {"x-guidance": COMPACT_JSON, **schema}
+    if defs:
+        body["$defs"] = defs
     return "%json " + json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
 def tool_grammar(req: ToolsRequest, fmt: str) -> GrammarSpec:
     """The Lark grammar every output of this request must match (tools active)."""
-    tools = req.callable()
-    one = call_schema(tools[0], fmt) if len(tools) == 1 else None
-    call = one or {"anyOf": [call_schema(t, fmt) for t in tools]}
+    call, defs = calls_schema(req.callable(), fmt)
     forced = req.choice.mode != "auto"
     lines = ["%llguidance {}"]
     if fmt == MISTRAL:
         array = {"type": "array", "items": call, "minItems": 1}
         if not req.parallel:
             array["maxItems"] = 1
-        body = _json_rule(array)
+        body = _json_rule(array, defs)
         lines += (
             [f'start: "[TOOL_CALLS]" {body}']
             if forced
@@ -151,12 +196,12 @@ def tool_grammar(req: ToolsRequest, fmt: str) -> GrammarSpec:
     elif fmt == LLAMA3_JSON:
         more = ' (";" call)*' if req.parallel else ""
         lines += [f"start: calls{' | FREE' if not forced else ''}", f"calls: call{more}"]
-        lines += [f"call: {_json_rule(call)}", "FREE: /([^{](.|\\n)*)?/"]
+        lines += [f"call: {_json_rule(call, defs)}", "FREE: /([^{](.|\\n)*)?/"]
     else:
         more = ' ("\\n" "<tool_call>" body)*' if req.parallel else ""
         first = '"<tool_call>" body' if forced else "trig body"
         lines += [f"start: {first}{more}" + ("" if forced else " | TEXT")]
-        lines += [f'body: "\\n" {_json_rule(call)} "\\n</tool_call>"']
+        lines += [f'body: "\\n" {_json_rule(call, defs)} "\\n</tool_call>"']
         if not forced:
             lines += ['trig[lazy]: TEXT "<tool_call>"']
     if not forced or fmt == LLAMA3_JSON:

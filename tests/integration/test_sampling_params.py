@@ -174,6 +174,29 @@ def test_completion_logprobs_and_echo(client: openai.OpenAI, http: httpx.Client)
     assert c.logprobs.text_offset[n_prompt] == len(prompt)
 
 
+def test_completion_top_logprobs_hold_the_token_itself(client: openai.OpenAI) -> None:
+    """OpenAI and vLLM send up to logprobs+1 entries: the top k and the sampled (or echoed
+    prompt) token; it was left out where it was not among the top k (most positions of a random
+    model's prompt, and of its samples at temperature 1), streamed or not."""
+    kw = dict(
+        model="tiny-llama", prompt="import os\nimport sys", max_tokens=16, logprobs=2,
+        temperature=1.0, seed=3, extra_body={**IGNORE_EOS, "return_tokens_as_token_ids": True},
+    )  # fmt: skip
+    lp = client.completions.create(echo=True, **kw).choices[0].logprobs
+    columns = [(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:])]  # [0]: None
+    for chunk in client.completions.create(stream=True, **kw):
+        c = chunk.choices[0].logprobs
+        columns += [(c.tokens, c.token_logprobs, c.top_logprobs)] if c else []
+    positions = [p for col in columns for p in zip(*col, strict=True)]
+    sizes = []
+    for token, value, top in positions:
+        assert math.isclose(top[token], value, abs_tol=1e-6)
+        if len(top) == 3:  # the token is not among the top 2: it is the least likely entry
+            assert value <= min(top.values()) + 1e-6
+        sizes.append(len(top))
+    assert set(sizes) == {2, 3}
+
+
 def test_max_tokens_zero_scores_the_prompt(client: openai.OpenAI, http: httpx.Client) -> None:
     """OpenAI's spec allows max_tokens 0 on completions: with echo and logprobs it scores a
     prompt (the prompt's logprobs, nothing generated), as evaluation harnesses ask."""

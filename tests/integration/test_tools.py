@@ -17,6 +17,8 @@ import pytest
 from tests.conformance import assert_valid
 from tests.server import LiveServer, start_server
 from tests.tiny_model import build_tiny_model
+from tests.tool_models import PAINT, TINT, responses_tool
+from tests.tool_models import SCHEMAS as PYDANTIC_SCHEMAS
 
 MODEL = "tiny-llama"
 WEATHER = {
@@ -183,6 +185,24 @@ def test_history_with_tool_results_is_accepted(client: openai.OpenAI) -> None:
 
 
 @pytest.mark.parametrize(
+    "turn,field",
+    [
+        ({"role": "tool", "content": '{"temp": 21}'}, "tool_call_id"),
+        ({"role": "function", "content": '{"temp": 21}'}, "name"),
+    ],
+)
+def test_a_result_turn_without_its_link_is_400_naming_it(
+    client: openai.OpenAI, turn: dict, field: str
+) -> None:
+    """It was accepted (the result rendered as answering no call); OpenAI's 400 names it."""
+    messages = [*MESSAGES, {"role": "assistant", "content": "checking"}, turn]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5)
+    assert e.value.param == f"messages.[2].{field}"
+    assert e.value.body["type"] == "invalid_request_error" and field in e.value.message
+
+
+@pytest.mark.parametrize(
     "extra,param,words",
     [
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", "name"),
@@ -239,3 +259,178 @@ def test_langchain_bind_tools_required(server: LiveServer) -> None:
     msg = llm.bind_tools([get_time], tool_choice="required").invoke("what time is it in Oslo?")
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_time"
     assert isinstance(msg.tool_calls[0]["args"]["zone"], str)
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", "named"])
+async def test_pydantic_tools_with_refs_call_by_their_own_schemas(
+    aclient: openai.AsyncOpenAI, choice: str
+) -> None:
+    """`pydantic_function_tool` writes Enum fields and nested models as `$defs` + `$ref`; both
+    tools here define a `Color` (other values each). They were refused 400 (the refs no longer
+    resolved once nested in the call grammar); each call must match its own tool's schema."""
+    tool_choice = {"auto": "auto", "required": "required"}.get(
+        choice, {"type": "function", "function": {"name": "Tint"}}
+    )
+    kw = dict(
+        model=MODEL, messages=MESSAGES, tools=[PAINT, TINT], tool_choice=tool_choice, n=4,
+        temperature=1.0, max_tokens=120, parallel_tool_calls=False,
+    )  # fmt: skip
+    replies = [await aclient.chat.completions.create(seed=s, **kw) for s in range(3)]
+    calls = [c for r in replies for ch in r.choices for c in ch.message.tool_calls or ()]
+    assert choice == "auto" or len(calls) == 12
+    for call in calls:
+        assert choice != "named" or call.function.name == "Tint"
+        jsonschema.validate(
+            json.loads(call.function.arguments), PYDANTIC_SCHEMAS[call.function.name]
+        )
+    if choice == "required":
+        assert {c.function.name for c in calls} == {"Paint", "Tint"}
+    if choice != "auto":  # streamed, the same seed joins into the same call
+        streamed, reason = await streamed_calls(aclient, seed=0, **{**kw, "n": 1})
+        first = replies[0].choices[0].message.tool_calls[0].function
+        assert reason == "tool_calls" and streamed[0]["arguments"] == first.arguments
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_responses_tools_with_refs_call_by_their_own_schemas(
+    client: openai.OpenAI, named: bool
+) -> None:
+    choice = {"type": "function", "name": "Paint"} if named else "required"
+    for seed in range(4):
+        r = client.responses.create(
+            model=MODEL, input="Paint it", tools=[responses_tool(PAINT), responses_tool(TINT)],
+            tool_choice=choice, max_output_tokens=120, parallel_tool_calls=False,
+            extra_body={"seed": seed},
+        )  # fmt: skip
+        (call,) = [item for item in r.output if item.type == "function_call"]
+        assert not named or call.name == "Paint"
+        jsonschema.validate(json.loads(call.arguments), PYDANTIC_SCHEMAS[call.name])
+
+
+# -- the deprecated `functions` / `function_call` -----------------------------------------------
+FUNCTIONS = [
+    {"name": "get_weather", "parameters": WEATHER},
+    {"name": "get_time", "parameters": TIME},
+]
+
+
+async def test_functions_answer_one_function_call_streamed_and_not(
+    aclient: openai.AsyncOpenAI,
+) -> None:
+    """They were ignored (plain text came back). Now: message.function_call, finish_reason
+    "function_call", no tool_calls, and one call only (a second one streamed would have joined
+    its arguments to the first's, which then would not parse)."""
+    kw = dict(
+        model=MODEL, messages=MESSAGES, functions=FUNCTIONS,
+        function_call={"name": "get_weather"}, temperature=1.0, max_tokens=130,
+    )  # fmt: skip
+    for seed in range(8):
+        r = await aclient.chat.completions.create(seed=seed, **kw)
+        c = r.choices[0]
+        assert c.finish_reason == "function_call" and c.message.tool_calls is None
+        assert c.message.content is None and c.message.function_call.name == "get_weather"
+        jsonschema.validate(json.loads(c.message.function_call.arguments), WEATHER)
+        name, args, reason = None, "", None
+        async for chunk in await aclient.chat.completions.create(seed=seed, stream=True, **kw):
+            delta = chunk.choices[0].delta
+            assert delta.tool_calls is None
+            reason = chunk.choices[0].finish_reason or reason
+            if delta.function_call is not None:
+                name = name or delta.function_call.name
+                args += delta.function_call.arguments or ""
+        assert (name, args, reason) == (
+            "get_weather",
+            c.message.function_call.arguments,
+            "function_call",
+        )
+
+
+async def test_functions_bodies_and_chunks_validate_against_openai_schemas(
+    server: LiveServer,
+) -> None:
+    body = {
+        "model": MODEL, "messages": MESSAGES, "functions": FUNCTIONS, "function_call": "auto",
+        "seed": 5, "max_tokens": 130, "n": 4,
+    }  # fmt: skip
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        r = await http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200
+        assert_valid(r.json(), "CreateChatCompletionResponse")
+        forced = {**body, "function_call": {"name": "get_time"}, "n": 1, "stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=forced) as s:
+            lines = [line async for line in s.aiter_lines() if line.startswith("data: ")]
+    for c in r.json()["choices"]:
+        assert "tool_calls" not in c["message"] and c["finish_reason"] != "tool_calls"
+        assert ("function_call" in c["message"]) == (c["finish_reason"] == "function_call")
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    for chunk in chunks:
+        assert_valid(chunk, "CreateChatCompletionStreamResponse")
+    assert chunks[-1]["choices"][0]["finish_reason"] == "function_call"
+
+
+def test_function_call_none_returns_no_call(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, functions=FUNCTIONS, function_call="none", seed=1, n=4,
+        max_tokens=40,
+    )  # fmt: skip
+    for c in r.choices:
+        assert c.message.function_call is None and c.finish_reason in ("stop", "length")
+
+
+def test_function_turns_in_the_history_reach_the_prompt(client: openai.OpenAI) -> None:
+    call = {"name": "get_time", "arguments": '{"zone":"UTC"}'}
+    messages = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "function_call": call},
+        {"role": "function", "name": "get_time", "content": '{"time": "12:00"}'},
+    ]
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, functions=FUNCTIONS, max_tokens=1
+    )
+    short = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, functions=FUNCTIONS, max_tokens=1
+    )
+    assert r.usage.prompt_tokens > short.usage.prompt_tokens + 10
+
+
+@pytest.mark.parametrize(
+    "extra,param,words",
+    [
+        ({"functions": FUNCTIONS, "tools": TOOLS}, "functions", "tools"),
+        ({"functions": FUNCTIONS, "tool_choice": "auto"}, "functions", "tool_choice"),
+        ({"function_call": "auto", "tools": TOOLS}, "function_call", "tools"),
+        ({"functions": FUNCTIONS, "function_call": {"name": "nope"}}, "function_call", "nope"),
+        ({"function_call": {"name": "get_time"}}, "function_call", "functions"),
+        ({"functions": []}, "functions", ""),
+    ],
+)
+def test_bad_functions_are_400_naming_the_param(
+    client: openai.OpenAI, extra: dict, param: str, words: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=5, extra_body=extra
+        )
+    assert e.value.param is not None and e.value.param.startswith(param), e.value.param
+    assert words in e.value.message
+
+
+def test_langchain_functions_round_trip(server: LiveServer) -> None:
+    """Older LangChain code: bind(functions=..., function_call=...), then the result sent back
+    as a FunctionMessage."""
+    from langchain_core.messages import FunctionMessage, HumanMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model=MODEL, base_url=server.url + "/v1", api_key="unused", max_tokens=120,
+        seed=7, max_retries=0,
+    )  # fmt: skip
+    ask = HumanMessage("what time is it in Oslo?")
+    fn = FUNCTIONS[1]
+    msg = llm.bind(functions=[fn], function_call={"name": "get_time"}).invoke([ask])
+    call = msg.additional_kwargs["function_call"]
+    assert call["name"] == "get_time" and not msg.tool_calls
+    jsonschema.validate(json.loads(call["arguments"]), TIME)
+    result = FunctionMessage(name="get_time", content='{"time": "12:00"}')
+    answer = llm.bind(functions=[fn]).invoke([ask, msg, result])
+    assert isinstance(answer.content, str)

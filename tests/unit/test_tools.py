@@ -119,3 +119,66 @@ def test_random_walks_of_the_grammar_parse(compiler, fmt: str, mode: str) -> Non
             args = json.loads(call.arguments)
             if call.name == "get_weather":
                 jsonschema.validate(args, PARAMS)
+
+
+# Draft 7's `definitions`, as older generators write them.
+LEGACY = {
+    "definitions": {"Color": {"enum": ["blue", "black"]}},
+    "type": "object",
+    "properties": {"color": {"$ref": "#/definitions/Color"}},
+    "required": ["color"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("mode", ["required", "function"])
+def test_refs_to_each_tools_own_defs_hold_in_the_grammar(compiler, fmt: str, mode: str) -> None:
+    """Nested under `arguments`, `#/$defs/Color` pointed at nothing (the grammar was refused);
+    three tools each with a `Color` of other values: every call matches its own tool's."""
+    import jsonschema
+    import numpy as np
+
+    from tests.tool_models import SCHEMAS
+
+    tok, gc = compiler
+    schemas = {**SCHEMAS, "legacy": LEGACY}
+    tools = tuple(ToolDef(name, None, params) for name, params in schemas.items())
+    name = "Tint" if mode == "function" else None
+    spec = tool_grammar(ToolsRequest(tools, ToolChoice(mode, name), parallel=True), fmt)
+    seen = set()
+    for seed in range(30):
+        matcher, rng, out = gc.matcher(spec), random.Random(seed), []
+        while not matcher.done and len(out) < 400:
+            token = int(rng.choice(np.flatnonzero(matcher.allowed_bits())))
+            if token == tok.eos_token_id:
+                break
+            matcher.advance(token)
+            out.append(token)
+        _, _, calls = feed_all(fmt, tok.decode(out), [], forced=True)
+        assert calls
+        for call in calls:
+            assert mode == "required" or call.name == "Tint"
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+            seen.add(call.name)
+    assert mode == "function" or seen == set(schemas)
+
+
+def test_only_refs_move_with_a_tool_not_data_that_looks_like_one() -> None:
+    from genserve.runtime.tools import calls_schema
+
+    params = {
+        "$defs": {"N": {"type": "integer"}},
+        "type": "object",
+        "properties": {
+            "$ref": {"$ref": "#/$defs/N"},  # a property named "$ref"
+            "tag": {"const": {"$ref": "#/$defs/N"}, "default": {"$ref": "#"}},
+        },
+    }
+    call, defs = calls_schema([ToolDef("f", None, params)], HERMES)
+    assert call["properties"]["arguments"] == {"$ref": "#/$defs/tool0"}
+    moved = defs["tool0"]["properties"]
+    assert moved["$ref"] == {"$ref": "#/$defs/tool0/$defs/N"}
+    assert moved["tag"] == params["properties"]["tag"]
+    plain, none = calls_schema([ToolDef("g", None, PARAMS)], HERMES)
+    assert plain["properties"]["arguments"] == PARAMS and none == {}
