@@ -133,7 +133,8 @@ def validation_error(errors: Sequence[Any]) -> APIError:
         why = (first.get("ctx") or {}).get("error", "")
         return bad_request(f"the body is not valid JSON: {why or first.get('msg')}")
     param = _validation_param(tuple(first.get("loc", ())))
-    message = str(first.get("msg", "invalid request"))
+    # pydantic prefixes a validator's own words with "Value error, ": they read as written.
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if param:
         message = f"{param}: {message}"
     return bad_request(message, param=param)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from genserve.api.limits import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS
 from genserve.runtime.generation import Message
@@ -203,6 +203,17 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None  # a tool turn: the call it answers
     function_call: CalledFunction | None = None  # a deprecated assistant turn's one call
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, v: object) -> object:
+        """A part that is not text (an image, audio, a file) is refused by its type: checked
+        against the text part alone, it read "Input should be a valid string"."""
+        for part in v if isinstance(v, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind is not None and kind != "text":
+                raise ValueError(f"content parts of type {kind!r} are not supported: text only")
+        return v
+
     @field_validator("content")
     @classmethod
     def _content(cls, v: str | list[TextPart] | None) -> str | list[TextPart] | None:
@@ -250,6 +261,24 @@ class ChatCompletionRequest(SamplingFields):
     # Deprecated in favor of tools / tool_choice, still served (api/tools.py::chat_tools).
     functions: Annotated[list[FunctionDef], Field(min_length=1, max_length=128)] | None = None
     function_call: Literal["none", "auto"] | FunctionRef | None = None
+    # OpenAI's, for what this server does not do: refused (400) rather than ignored, so an app
+    # that depends on them learns at once (text-only output, no audio, no web search).
+    modalities: list[str] | None = None
+    audio: dict | None = None
+    web_search_options: dict | None = None
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(m != "text" for m in v):
+            raise ValueError("only text output is served: modalities may hold 'text' alone")
+        return v
+
+    @field_validator("audio", "web_search_options")
+    @classmethod
+    def _unsupported(cls, v: dict | None, info: ValidationInfo) -> None:
+        if v is not None:
+            raise ValueError(f"{info.field_name} is not supported by this server")
 
 
 class ModelSettingsBody(BaseModel):

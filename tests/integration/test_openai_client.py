@@ -131,7 +131,7 @@ def test_unknown_model_raises_not_found(client: openai.OpenAI) -> None:
         ({"temperature": 2.5}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"n": 0}, "n"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),  # 0 scores a prompt (test_sampling_params)
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ],
 )
@@ -148,6 +148,32 @@ def test_context_length_exceeded(client: openai.OpenAI, model_id: str) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model_id, prompt="x", max_tokens=100_000)
     assert e.value.code == "context_length_exceeded"
+
+
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+
+
+@pytest.mark.parametrize(
+    "kwargs,param,words",
+    [
+        (
+            {"messages": [{"role": "user", "content": [IMAGE_PART]}]},
+            "messages.[0].content",
+            "content parts of type 'image_url' are not supported",
+        ),
+        ({"modalities": ["text", "audio"]}, "modalities", "only text output is served"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio is not supported"),
+        ({"web_search_options": {}}, "web_search_options", "web_search_options is not"),
+    ],
+)  # fmt: skip
+def test_what_is_not_served_is_a_400_saying_so(
+    client: openai.OpenAI, model_id: str, kwargs: dict, param: str, words: str
+) -> None:
+    """Images, audio and web search are refused by name, never dropped in silence."""
+    body = {"messages": [{"role": "user", "content": "x"}], **kwargs}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_id, max_tokens=2, **body)
+    assert e.value.param == param and e.value.body["message"].startswith(f"{param}: {words}")
 
 
 def test_unsupported_feature_is_refused_not_ignored(client: openai.OpenAI, model_id: str) -> None:
