@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.conformance import assert_valid
-from tests.server import LiveServer, start_server
+from tests.server import LiveServer, start_server, wait_until
 
 ENV_KEY = "gs-env-key-for-tests"
 EXEMPT = {"/health", "/metrics", "/"}
@@ -150,6 +150,19 @@ def test_metrics_and_request_ids(server: LiveServer) -> None:
         assert len(httpx.get(server.url + path).headers["x-request-id"]) >= 16
     echoed = httpx.get(server.url + "/v1/models", headers={"x-request-id": "abc-123"})
     assert echoed.headers["x-request-id"] == "abc-123"
+
+
+def test_the_access_log_repeats_the_request_id(server: LiveServer, keyed) -> None:
+    """The id a response carries is in its access line: routed answers and those the edge
+    gives itself (a 401, before any route) alike."""
+    httpx.get(server.url + "/v1/models", headers={"x-request-id": "my-req-1"})
+    wait_until(lambda: "genserve.access: GET /v1/models 200 request_id=my-req-1" in server.log(),
+               timeout=10)  # fmt: skip
+    srv, _ = keyed
+    r = httpx.get(srv.url + "/v1/models", headers={"x-request-id": "my-req-2"})
+    assert r.status_code == 401 and r.headers["x-request-id"] == "my-req-2"
+    wait_until(lambda: "genserve.access: GET /v1/models 401 request_id=my-req-2" in srv.log(),
+               timeout=10)  # fmt: skip
 
 
 def test_no_prompt_text_in_logs(server: LiveServer) -> None:
