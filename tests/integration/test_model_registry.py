@@ -138,6 +138,34 @@ def test_put_patch_defaults_aliases_and_context(reg_server) -> None:
     assert clash.status_code in (404, 409)
 
 
+def test_set_changes_the_defaults_it_names_and_keeps_the_rest(reg_server) -> None:
+    """`genserve models set --default` and PATCH merge defaults key by key (a null removes
+    one); PUT replaces them."""
+    from typer.testing import CliRunner
+
+    from genserve.cli import app
+
+    srv, _ = reg_server
+    url = srv.url + "/v1/models/tiny-llama"
+    before = httpx.get(url).json()["settings"]
+    try:
+        r = httpx.put(url, json={**before, "defaults": {"temperature": 0.2, "max_tokens": 256}})
+        assert r.status_code == 200, r.text
+        args = ["models", "set", "tiny-llama", "--default", "max_tokens=16"]
+        run = CliRunner().invoke(app, [*args, "--base-url", srv.url + "/v1"])
+        assert run.exit_code == 0, run.output
+        defaults = httpx.get(url).json()["settings"]["defaults"]
+        assert defaults == {"temperature": 0.2, "max_tokens": 16}
+        r = httpx.patch(url, json={"defaults": {"temperature": None, "seed": 7}})
+        assert r.json()["settings"]["defaults"] == {"max_tokens": 16, "seed": 7}
+        r = httpx.put(url, json={**before, "defaults": {"top_p": 0.5}})
+        assert r.json()["settings"]["defaults"] == {"top_p": 0.5}
+        r = httpx.patch(url, json={"defaults": None})
+        assert r.json()["settings"]["defaults"] == {}
+    finally:
+        httpx.put(url, json=before)
+
+
 def test_names_claimed_by_a_loading_model_are_taken(reg_server) -> None:
     """A loading model's id and aliases are names in use: a second load, or a PATCH, claiming
     one is a 409 (both loaded before, and the alias resolved to whichever came first)."""
