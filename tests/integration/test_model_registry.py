@@ -101,6 +101,31 @@ def test_a_model_unloads_the_moment_its_card_says_ready(reg_server) -> None:
             assert http.get(f"/v1/models/quick-{round_}").status_code == 404
 
 
+def model_series(url: str, model_id: str) -> list[str]:
+    text = httpx.get(url + "/metrics").text
+    return [line for line in text.splitlines() if f'model_name="{model_id}"' in line]
+
+
+def test_unloading_a_model_removes_its_metrics(reg_server) -> None:
+    """Every series of an unloaded model leaves /metrics, histograms and counters too; one
+    loaded again under its id counts afresh."""
+    srv, _ = reg_server
+    for round_ in range(2):
+        r = httpx.post(srv.url + "/v1/models", json={"model": "second", "id": "metered"})
+        assert r.status_code == 202, r.text
+        assert wait_status(srv.url, "metered")["status"] == "ready"
+        body = {"model": "metered", "prompt": "x", "max_tokens": 2}
+        assert httpx.post(srv.url + "/v1/completions", json=body).status_code == 200
+        series = model_series(srv.url, "metered")
+        assert any(s.startswith("genserve:e2e_request_latency_seconds_count") for s in series)
+        assert any(s.startswith("genserve:generation_tokens_total") for s in series)
+        count = 'genserve:e2e_request_latency_seconds_count{model_name="metered"} 1.0'
+        assert count in series, (round_, series)  # the first load's request is not counted
+        assert httpx.delete(srv.url + "/v1/models/metered").status_code == 200
+        assert model_series(srv.url, "metered") == []
+        assert model_series(srv.url, "tiny-llama")  # the other model's stay
+
+
 @pytest.mark.parametrize("ref", ["../outside", "/etc", "second/../../x", str(Path.home())])
 def test_paths_outside_the_models_dir_are_refused(reg_server, ref: str) -> None:
     srv, _ = reg_server
