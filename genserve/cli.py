@@ -13,7 +13,7 @@ from typing import Annotated, Any, get_type_hints
 import typer
 
 from genserve.batch_cli import batch_app
-from genserve.config import ServerConfig
+from genserve.config import ServerConfig, drop_secret_env
 from genserve.models_cli import models_app
 from genserve.training.cli import finetune_app
 
@@ -197,6 +197,7 @@ def serve(
         config = build_config(options)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    drop_secret_env(os.environ)  # read into the config: no child process inherits them
     if not config.security.auth_enabled:
         warn_unauthenticated(config)
     if ray:

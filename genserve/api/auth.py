@@ -11,7 +11,6 @@ a slow password hash guards low-entropy secrets, which these are not.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import math
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from genserve.api.errors import APIError
+from genserve.config import hash_key
 
 KEY_PREFIX = "gs-"
 ROLES = ("admin", "member")
@@ -66,10 +66,6 @@ class Principal:
 
 # Without keys (loopback only) the one caller runs the server: it is its admin.
 LOCAL_PRINCIPAL = Principal("local", DEFAULT_PROJECT, "admin")
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
