@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
@@ -12,7 +13,7 @@ from typing import Annotated, Any, get_type_hints
 import typer
 
 from genserve.batch_cli import batch_app
-from genserve.config import DEFAULT_MODEL, ServerConfig
+from genserve.config import ServerConfig, drop_secret_env
 from genserve.models_cli import models_app
 from genserve.training.cli import finetune_app
 
@@ -181,7 +182,7 @@ def serve(
     replicas_per_node: Annotated[
         int | None, typer.Option(help="With --ray: at most this many engine replicas on one node.")
     ] = None,
-    **options: Any,  # one per SERVE_OPTIONS entry: see serve_signature
+    **options: Any,  # one per SERVE_OPTIONS entry: see command_signature
 ) -> None:
     """Serve a model with the OpenAI-compatible API.
 
@@ -196,6 +197,7 @@ def serve(
         config = build_config(options)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    drop_secret_env(os.environ)  # read into the config: no child process inherits them
     if not config.security.auth_enabled:
         warn_unauthenticated(config)
     if ray:
@@ -210,15 +212,16 @@ def serve(
     run_server(config, log_level.lower())
 
 
-def serve_signature() -> inspect.Signature:
-    """serve's own parameters, then one option per SERVE_OPTIONS entry, typed and defaulted by
-    its config field: what typer reads to build the command (and --help)."""
+def command_signature(fn: Any, names: tuple[str, ...]) -> inspect.Signature:  # noqa: ANN401
+    """One option per SERVE_OPTIONS entry named, typed and defaulted by its config field, then
+    `fn`'s own parameters: what typer reads to build the command (and --help). Every command
+    taking an option of `serve` declares it here, so that its default cannot drift."""
     own = [
         p
-        for p in inspect.signature(serve).parameters.values()
+        for p in inspect.signature(fn).parameters.values()
         if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
     ]
-    hints = get_type_hints(serve, include_extras=True)
+    hints = get_type_hints(fn, include_extras=True)
     own = [p.replace(annotation=hints[p.name]) for p in own]
     generated = [
         inspect.Parameter(
@@ -226,12 +229,18 @@ def serve_signature() -> inspect.Signature:
             annotation=Annotated[o.type, typer.Option(help=o.help)],
         )
         for o in SERVE_OPTIONS
+        if o.name in names
     ]  # fmt: skip
     return inspect.Signature([*generated, *own])
 
 
-serve.__signature__ = serve_signature()  # type: ignore[attr-defined]
-serve.__annotations__ = {p.name: p.annotation for p in serve.__signature__.parameters.values()}
+def generated_options(fn: Any, names: Iterable[str]) -> None:  # noqa: ANN401
+    """`fn` (whose `**options` take them) seen by typer with those options of `serve`."""
+    fn.__signature__ = command_signature(fn, tuple(names))
+    fn.__annotations__ = {p.name: p.annotation for p in fn.__signature__.parameters.values()}
+
+
+generated_options(serve, (o.name for o in SERVE_OPTIONS))
 app.command(context_settings=SERVE_ENV)(serve)
 
 
@@ -246,19 +255,22 @@ def warn_unauthenticated(config: ServerConfig) -> None:
         log.info("no API key set: serving on loopback only")
 
 
-def build_config(options: dict[str, Any]) -> ServerConfig:
-    """`serve`'s options (and GENSERVE_API_KEYS, GENSERVE_ADMIN_KEYS) -> the validated config:
-    each option sets the field SERVE_OPTIONS names; every field it leaves keeps its default."""
+def build_config(options: dict[str, Any], keys: bool = True) -> ServerConfig:
+    """Options of `serve` (and, with `keys`, GENSERVE_API_KEYS, GENSERVE_ADMIN_KEYS) -> the
+    validated config: each option given sets the field SERVE_OPTIONS names; every field left
+    keeps its default."""
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
     for o in SERVE_OPTIONS:
-        value = PARSE.get(o.name, lambda v: v)(options[o.name])
-        (sections.setdefault(o.section, {}) if o.section else top)[o.field] = value
-    security = sections.setdefault("security", {})
-    security["api_keys"], security["admin_keys"] = (
-        env_list(E + "API_KEYS"),
-        env_list(E + "ADMIN_KEYS"),
-    )
+        if o.name in options:
+            value = PARSE.get(o.name, lambda v: v)(options[o.name])
+            (sections.setdefault(o.section, {}) if o.section else top)[o.field] = value
+    if keys:
+        security = sections.setdefault("security", {})
+        security["api_keys"], security["admin_keys"] = (
+            env_list(E + "API_KEYS"),
+            env_list(E + "ADMIN_KEYS"),
+        )
     nested = {name: replace(getattr(DEFAULTS, name), **fields) for name, fields in sections.items()}
     return replace(DEFAULTS, **top, **nested)
 
@@ -268,21 +280,30 @@ def env_list(name: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in os.environ.get(name, "").split(",") if k.strip())
 
 
-@app.command()
+# doctor's options are serve's: the same defaults, so that plain `genserve doctor` shows what
+# plain `genserve serve` decides (doctor's own `--dtype auto` once showed bf16 kernels that a
+# default server, float32, never runs).
+DOCTOR_OPTIONS = ("model", "dtype", "quantization", "device", "max_batch_size",
+                  "max_num_batched_tokens", "native_kernels", "data_dir")  # fmt: skip
+
+
 def doctor(
-    model: Annotated[str, typer.Option(help="Whose weight shapes to measure.")] = DEFAULT_MODEL,
-    dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16")] = "auto",
-    quantization: Annotated[str, typer.Option(help="none|int8")] = "none",
-    data_dir: Annotated[str, typer.Option(envvar=E + "DATA_DIR")] = "var/genserve",
-    max_batch_size: Annotated[int, typer.Option(help="As `serve`'s.")] = 32,
-    max_num_batched_tokens: Annotated[int, typer.Option(help="As `serve`'s.")] = 512,
     remeasure: Annotated[bool, typer.Option(help="Measure again; do not read the cache.")] = False,
+    **options: Any,  # one per DOCTOR_OPTIONS entry: see command_signature
 ) -> None:
-    """CPU/GPU features, read bandwidth, and the precision and kernels chosen here."""
+    """CPU/GPU features, read bandwidth, and the precision and kernels `serve` with the same
+    options chooses here."""
     from genserve.doctor import run_doctor
 
-    run_doctor(model, dtype, quantization, data_dir, max_batch_size, max_num_batched_tokens,
-               remeasure)  # fmt: skip
+    try:
+        config = build_config(options, keys=False)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    run_doctor(config, remeasure)
+
+
+generated_options(doctor, DOCTOR_OPTIONS)
+app.command(context_settings=SERVE_ENV)(doctor)
 
 
 keys_app = typer.Typer(

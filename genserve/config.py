@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import re
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field, replace
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 TOOL_CALL_FORMATS = ("auto", "hermes", "llama3_json", "mistral")
 DEFAULT_MODEL = "genserve-starter"
+# GENSERVE_API_KEYS, GENSERVE_ADMIN_KEYS, GENSERVE_API_KEY_FILE, and any GENSERVE_ secret.
+SECRET_ENV = re.compile(r"GENSERVE_\w*(KEYS?|KEY_FILE|SECRETS?|TOKEN|PASSWORD)", re.IGNORECASE)
+
+
+def is_secret_env(name: str) -> bool:
+    """A variable naming a key, secret, token or password: no child process gets it."""
+    return SECRET_ENV.fullmatch(name) is not None
+
+
+def hash_key(key: str) -> str:
+    """How the server keeps and compares an API key: its SHA-256 hex digest."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def drop_secret_env(environ: MutableMapping[str, str]) -> None:
+    """The secret variables out of `environ` (os.environ, once the config has read them).
+    Every process the server starts inherits its environment, whoever starts it: the engine
+    and the grammar helper (multiprocessing takes no environment of its own), the training
+    worker, the compilers its kernels build with. None of them answers the API, and each
+    one's environment is readable in /proc/<pid>/environ. (The server's own there keeps what
+    it started with: no process can change that.)"""
+    for name in [k for k in environ if is_secret_env(k)]:
+        del environ[name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +188,15 @@ class SecurityConfig:
         for digest in self.api_key_hashes + self.admin_key_hashes:
             if len(digest) != 64 or digest.strip("0123456789abcdef"):
                 raise ValueError("a key hash must be a SHA-256 hex digest")
+
+    def hashed(self) -> SecurityConfig:
+        """The same keys, the plaintext ones as their digests: for a process that only
+        compares them (a Ray replica) or never sees a request (the engine process)."""
+        return replace(
+            self, api_keys=(), admin_keys=(),
+            api_key_hashes=self.api_key_hashes + tuple(map(hash_key, self.api_keys)),
+            admin_key_hashes=self.admin_key_hashes + tuple(map(hash_key, self.admin_keys)),
+        )  # fmt: skip
 
     @property
     def auth_enabled(self) -> bool:

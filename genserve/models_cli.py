@@ -67,7 +67,11 @@ def load(
 def set_settings(
     model_id: str,
     default: Annotated[
-        list[str] | None, typer.Option(help="A sampling default, NAME=JSON (repeatable).")
+        list[str] | None,
+        typer.Option(
+            help="A sampling default, NAME=JSON (repeatable); the others stay. NAME=null "
+            "removes one."
+        ),
     ] = None,
     alias: Annotated[list[str] | None, typer.Option(help="An alias (repeatable).")] = None,
     max_context: Annotated[int | None, typer.Option(help="Tokens per request.")] = None,

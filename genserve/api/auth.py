@@ -11,7 +11,6 @@ a slow password hash guards low-entropy secrets, which these are not.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import math
@@ -26,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from genserve.api.errors import APIError
+from genserve.config import hash_key
 
 KEY_PREFIX = "gs-"
 ROLES = ("admin", "member")
+WINDOW_S = 60.0  # rate limits count per minute, in a sliding window
 DEFAULT_PROJECT = "default"  # unauthenticated callers, key-file keys made before projects
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -66,10 +67,6 @@ class Principal:
 
 # Without keys (loopback only) the one caller runs the server: it is its admin.
 LOCAL_PRINCIPAL = Principal("local", DEFAULT_PROJECT, "admin")
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,19 +141,44 @@ class KeyFile:
 
 @dataclass(slots=True)
 class Window:
-    """What one key spent in the last minute: request times and (time, tokens) pairs."""
+    """What one key spent in the last minute: request times and (time, tokens) pairs, oldest
+    first. Each leaves the window WINDOW_S after it was counted."""
 
     requests: deque = field(default_factory=deque)
     tokens: deque = field(default_factory=deque)
 
     def trim(self, now: float) -> None:
-        while self.requests and now - self.requests[0] >= 60:
+        while self.requests and now - self.requests[0] >= WINDOW_S:
             self.requests.popleft()
-        while self.tokens and now - self.tokens[0][0] >= 60:
+        while self.tokens and now - self.tokens[0][0] >= WINDOW_S:
             self.tokens.popleft()
 
     def token_sum(self) -> int:
         return sum(n for _, n in self.tokens)
+
+    def requests_reset(self, now: float) -> float:
+        """Seconds until every request counted has left: the limit back to its initial state
+        (OpenAI's x-ratelimit-reset-requests)."""
+        return WINDOW_S - (now - self.requests[-1]) if self.requests else 0.0
+
+    def tokens_reset(self, now: float) -> float:
+        return WINDOW_S - (now - self.tokens[-1][0]) if self.tokens else 0.0
+
+    def requests_room(self, now: float, rpm: int) -> float:
+        """Seconds until fewer than `rpm` requests are counted: a 429's Retry-After. The
+        oldest one's leaving is enough, unless the key file lowered `rpm` meanwhile."""
+        over = len(self.requests) - rpm
+        return WINDOW_S - (now - self.requests[over]) if over >= 0 else 0.0
+
+    def tokens_room(self, now: float, tpm: int) -> float:
+        """Seconds until fewer than `tpm` tokens are counted: when the oldest entries, as many
+        as it takes, have left (the oldest alone may not be enough)."""
+        left, last_out = self.token_sum(), None
+        for t, n in self.tokens:
+            if left < tpm:
+                break
+            left, last_out = left - n, t
+        return 0.0 if last_out is None else WINDOW_S - (now - last_out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,11 +254,13 @@ class KeyStore:
         w = self._windows.setdefault(r.id, Window())
         w.trim(now)
         if r.rpm is not None and len(w.requests) >= r.rpm:
-            raise over_limit("requests", r.rpm, 60 - (now - w.requests[0]), self._headers(r, w))
+            raise over_limit(
+                "requests", r.rpm, w.requests_room(now, r.rpm), limit_headers(r, w, now)
+            )
         if r.tpm is not None and w.token_sum() >= r.tpm:
-            raise over_limit("tokens", r.tpm, 60 - (now - w.tokens[0][0]), self._headers(r, w))
+            raise over_limit("tokens", r.tpm, w.tokens_room(now, r.tpm), limit_headers(r, w, now))
         w.requests.append(now)
-        return self._headers(r, w)
+        return limit_headers(r, w, now)
 
     def spend(self, caller: Caller | None, tokens: int) -> None:
         if caller is not None and caller.record is not None and caller.record.tpm is not None:
@@ -244,18 +268,29 @@ class KeyStore:
                 (time.monotonic(), tokens)
             )
 
-    @staticmethod
-    def _headers(r: KeyRecord, w: Window) -> dict[str, str]:
-        h = {}
-        if r.rpm is not None:
-            h["x-ratelimit-limit-requests"] = str(r.rpm)
-            h["x-ratelimit-remaining-requests"] = str(max(r.rpm - len(w.requests), 0))
-            h["x-ratelimit-reset-requests"] = "60s"
-        if r.tpm is not None:
-            h["x-ratelimit-limit-tokens"] = str(r.tpm)
-            h["x-ratelimit-remaining-tokens"] = str(max(r.tpm - w.token_sum(), 0))
-            h["x-ratelimit-reset-tokens"] = "60s"
-        return h
+
+def limit_headers(r: KeyRecord, w: Window, now: float) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for a key's window as of `now`."""
+    h = {}
+    if r.rpm is not None:
+        h["x-ratelimit-limit-requests"] = str(r.rpm)
+        h["x-ratelimit-remaining-requests"] = str(max(r.rpm - len(w.requests), 0))
+        h["x-ratelimit-reset-requests"] = duration(w.requests_reset(now))
+    if r.tpm is not None:
+        h["x-ratelimit-limit-tokens"] = str(r.tpm)
+        h["x-ratelimit-remaining-tokens"] = str(max(r.tpm - w.token_sum(), 0))
+        h["x-ratelimit-reset-tokens"] = duration(w.tokens_reset(now))
+    return h
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's format for a reset time: "20ms", "1s", "54.2s", "6m0s" (to the millisecond)."""
+    ms = max(0, round(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms" if ms else "0s"
+    minutes, ms = divmod(ms, 60_000)
+    secs = f"{ms / 1000:.3f}".rstrip("0").rstrip(".")
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 def principal(request: Any) -> Principal:

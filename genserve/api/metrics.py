@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -86,10 +87,21 @@ class Metrics:
         self.generation_tokens = Counter(
             PREFIX + "generation_tokens", "Tokens generated", label, registry=self.registry
         )
+        # Every metric labelled by model: an unloaded model's series leave them all (forget).
+        self.by_model = (self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens)
         self._last: dict[str, float] = {}
 
     def observer(self, model_id: str) -> RequestObserver:
         return RequestObserver(self, model_id)
+
+    def forget(self, model_id: str) -> None:
+        """An unloaded model's series leave /metrics (its gauges already do: they are read
+        from the served models). Adapters have none of their own: their requests count under
+        their base model's name. Its in-flight requests end on the children its observer
+        holds, which are no longer collected."""
+        for metric in self.by_model:
+            with contextlib.suppress(KeyError):  # none yet: it served no request
+                metric.remove(model_id)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

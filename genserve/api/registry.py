@@ -24,10 +24,19 @@ def to_settings(body: ModelSettingsBody | None, base: ModelSettings | None = Non
     current = (base or ModelSettings()).as_dict()
     given = body.model_dump(exclude_unset=True) if body is not None else {}
     if "defaults" in given:
-        given["defaults"] = {k: v for k, v in (given["defaults"] or {}).items() if v is not None}
+        given["defaults"] = merged_defaults(current["defaults"], given["defaults"])
     if "aliases" in given and given["aliases"] is None:
         given["aliases"] = []
     return ModelSettings(**{**current, **given})
+
+
+def merged_defaults(current: dict, given: dict | None) -> dict:
+    """Serving defaults patched key by key, as a JSON merge patch (RFC 7396) does: a PATCH
+    naming max_tokens keeps the temperature it leaves out; null removes a default, and
+    `"defaults": null` all of them. A PUT's `current` is empty: what it names is all there is."""
+    if given is None:
+        return {}
+    return {k: v for k, v in {**current, **given}.items() if v is not None}
 
 
 router = APIRouter()

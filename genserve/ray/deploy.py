@@ -205,14 +205,7 @@ def hashed_keys(config: ServerConfig) -> ServerConfig:
     """GENSERVE_API_KEYS / GENSERVE_ADMIN_KEYS as their SHA-256 digests: a deployment's init
     arguments are stored by Ray and shown by its state API and dashboard, so plaintext keys
     must not be among them (the replicas only ever compare hashes)."""
-    from genserve.api.auth import hash_key
-
-    sec = config.security
-    return _replace(config, security=_replace(
-        sec, api_keys=(), admin_keys=(),
-        api_key_hashes=sec.api_key_hashes + tuple(hash_key(k) for k in sec.api_keys),
-        admin_key_hashes=sec.admin_key_hashes + tuple(hash_key(k) for k in sec.admin_keys),
-    ))  # fmt: skip
+    return _replace(config, security=config.security.hashed())
 
 
 def engine_config(config: ServerConfig, scratch: str) -> ServerConfig:

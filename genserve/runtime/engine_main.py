@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from genserve import logs
@@ -40,7 +41,9 @@ def spawn_engine(cfg: ServerConfig, build: Callable[[ServerConfig], Any]) -> Eng
     server was healthy after ~15 s, ~4 of them the API process's imports before it started
     the child, on a 2-core EPYC)."""
     level = logging.getLogger().getEffectiveLevel()
-    child = EngineProcess(engine_main, build, cfg, level)
+    # Hashed: the engine never checks a key, and plaintext ones pickled down its pipe would
+    # sit in its memory (its environment has none either: genserve.config.drop_secret_env).
+    child = EngineProcess(engine_main, build, replace(cfg, security=cfg.security.hashed()), level)
     child.spawn()
     return child
 

@@ -167,7 +167,7 @@ class ModelRegistry:
         elif model_id in self.rt.models:
             for adapter in [a for a in self.rt.adapters.values() if a.base == model_id]:
                 await self.rt.unregister_adapter(adapter.id)
-            await self._stopped(model_id, self.rt.models.pop(model_id).stop)
+            await self._stopped(model_id, self.rt.take_served(model_id).stop)
         else:
             raise ModelNotFound(model_id)
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from genserve.config import ServerConfig
 from genserve.engine.client import Observer
@@ -39,7 +39,15 @@ if TYPE_CHECKING:  # types only: these modules import the runtime's models thems
 log = logging.getLogger(__name__)
 AdapterHook = Callable[[str], Awaitable[None]]
 ModelHook = Callable[[str], Awaitable[None]]
-ObserverFactory = Callable[[str], Observer]  # model id -> what sees its engine's deltas
+
+
+class MetricsSink(Protocol):
+    """Per-model metrics (genserve.api.metrics.Metrics): a served model's engine reports to
+    its observer; an unloaded model's series are forgotten."""
+
+    def observer(self, model_id: str) -> Observer: ...
+
+    def forget(self, model_id: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -54,7 +62,7 @@ class Runtime:
     on_adapter_deleted: list[AdapterHook] = field(default_factory=list)
     on_model_served: list[ModelHook] = field(default_factory=list)  # model id, once loaded
     # Costly per-request work (grammar compiles) at a lower CPU priority than the engine.
-    observe: ObserverFactory | None = None  # metrics, set by the API
+    metrics: MetricsSink | None = None  # set by the API
     database: Database | None = None
     registry: ModelRegistry | None = None
     files: FileStore | None = None
@@ -160,9 +168,18 @@ class Runtime:
     def start_served(self, served: ServedModel) -> None:
         """Start a model's engine and make it visible to requests (on the event loop)."""
         served.engine.start()
-        if self.observe is not None:
-            served.engine.observer = self.observe(served.id)
+        if self.metrics is not None:
+            served.engine.observer = self.metrics.observer(served.id)
         self.models[served.id] = served
+
+    def take_served(self, model_id: str) -> ServedModel:
+        """Take a model off the served ones, and its series off the metrics, at once (on the
+        event loop): a model loaded under the same id while this one stops counts afresh,
+        and its series are not the ones removed."""
+        served = self.models.pop(model_id)
+        if self.metrics is not None:
+            self.metrics.forget(model_id)
+        return served
 
     async def announce_served(self, model_id: str) -> None:
         """Tell whoever serves things on top of a model (fine-tuned adapters) it is loaded."""

@@ -18,7 +18,6 @@ import errno
 import io
 import logging
 import os
-import re
 import secrets
 import signal
 import sys
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from genserve.config import is_secret_env
 from genserve.runtime.models import AdapterSpec, ServedModel
 from genserve.storage.files import FileRecord, FileStore
 from genserve.storage.jobs import ACTIVE, TERMINAL, JobError, JobRecord, JobStore
@@ -111,16 +111,10 @@ class WorkerProcess(Protocol):
 Launcher = Callable[[Path, int], Awaitable[WorkerProcess]]  # (spec path, torch threads)
 
 
-# GENSERVE_API_KEYS, GENSERVE_ADMIN_KEYS, GENSERVE_API_KEY_FILE, and any GENSERVE_ secret.
-SECRET_ENV = re.compile(r"GENSERVE_\w*(KEYS?|KEY_FILE|SECRETS?|TOKEN|PASSWORD)", re.IGNORECASE)
-
-
-def is_secret_env(name: str) -> bool:
-    """A worker trains, it never answers the API: it gets none of the server's keys."""
-    return SECRET_ENV.fullmatch(name) is not None
-
-
 def worker_env(threads: int) -> dict[str, str]:
+    """A worker trains, it never answers the API: it gets none of the server's keys (`serve`
+    dropped them from its environment already; a server built otherwise, or a Ray task's
+    node, may still hold them)."""
     env = {k: v for k, v in os.environ.items() if not is_secret_env(k)}
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
     return env

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from tests.conformance import assert_valid
@@ -378,6 +379,62 @@ def test_the_training_worker_gets_no_api_keys(api: openai.OpenAI, edge: LiveServ
         assert b"GENSERVE_ADMIN_KEYS" not in environ and KEY.encode() not in environ
     finally:
         api.fine_tuning.jobs.cancel(job.id)
+
+
+def command_line(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # exited since it was listed
+        return ""
+
+
+def test_no_child_process_gets_api_keys(edge: LiveServer) -> None:
+    """The engine process, the grammar helper and whatever else the server started: none has
+    the server's keys in its environment (multiprocessing passes on the parent's whole)."""
+
+    def helper_ready() -> dict | None:
+        health = httpx.get(edge.url + "/health").json()
+        return health if health["models"]["tiny-llama"]["grammar"] == "ready" else None
+
+    engine_pid = wait_until(helper_ready)["models"]["tiny-llama"]["engine_pid"]
+    children = psutil.Process(edge.proc.pid).children(recursive=True)
+    spawned = [c.pid for c in children if "spawn_main" in command_line(c)]
+    assert engine_pid in spawned and len(spawned) >= 2, spawned  # the engine, the helper
+    for child in children:
+        try:
+            environ = Path(f"/proc/{child.pid}/environ").read_bytes()
+        except FileNotFoundError:  # a short-lived one (a compiler) that has exited since
+            continue
+        assert b"GENSERVE_MAX_FILE_BYTES" in environ, child  # the server's env, inherited
+        assert b"GENSERVE_ADMIN_KEYS" not in environ and KEY.encode() not in environ, child
+
+
+def memory_holds(pid: int, needle: bytes, chunk: int = 16 << 20) -> bool:
+    """Whether `needle` is anywhere in a process's writable memory (heap, stacks, anonymous
+    maps), read through /proc/<pid>/mem (this process is its ancestor)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("rw"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            for at in range(start, end, chunk):  # chunks overlap by the needle's length
+                try:
+                    mem.seek(at)
+                    data = mem.read(min(chunk + len(needle), end - at))
+                except OSError:  # a guard page, or a map gone since
+                    break
+                if needle in data:
+                    return True
+    return False
+
+
+def test_the_engine_process_holds_no_api_key(edge: LiveServer) -> None:
+    """The config sent to the engine process carries the keys hashed: their plaintext is
+    nowhere in its memory (with the same test, the server's own holds it: the check works)."""
+    health = httpx.get(edge.url + "/health").json()
+    assert memory_holds(edge.proc.pid, KEY.encode())
+    assert not memory_holds(health["models"]["tiny-llama"]["engine_pid"], KEY.encode())
 
 
 def test_a_body_that_is_not_json_is_400_naming_no_field(edge: LiveServer) -> None:

@@ -101,6 +101,31 @@ def test_a_model_unloads_the_moment_its_card_says_ready(reg_server) -> None:
             assert http.get(f"/v1/models/quick-{round_}").status_code == 404
 
 
+def model_series(url: str, model_id: str) -> list[str]:
+    text = httpx.get(url + "/metrics").text
+    return [line for line in text.splitlines() if f'model_name="{model_id}"' in line]
+
+
+def test_unloading_a_model_removes_its_metrics(reg_server) -> None:
+    """Every series of an unloaded model leaves /metrics, histograms and counters too; one
+    loaded again under its id counts afresh."""
+    srv, _ = reg_server
+    for round_ in range(2):
+        r = httpx.post(srv.url + "/v1/models", json={"model": "second", "id": "metered"})
+        assert r.status_code == 202, r.text
+        assert wait_status(srv.url, "metered")["status"] == "ready"
+        body = {"model": "metered", "prompt": "x", "max_tokens": 2}
+        assert httpx.post(srv.url + "/v1/completions", json=body).status_code == 200
+        series = model_series(srv.url, "metered")
+        assert any(s.startswith("genserve:e2e_request_latency_seconds_count") for s in series)
+        assert any(s.startswith("genserve:generation_tokens_total") for s in series)
+        count = 'genserve:e2e_request_latency_seconds_count{model_name="metered"} 1.0'
+        assert count in series, (round_, series)  # the first load's request is not counted
+        assert httpx.delete(srv.url + "/v1/models/metered").status_code == 200
+        assert model_series(srv.url, "metered") == []
+        assert model_series(srv.url, "tiny-llama")  # the other model's stay
+
+
 @pytest.mark.parametrize("ref", ["../outside", "/etc", "second/../../x", str(Path.home())])
 def test_paths_outside_the_models_dir_are_refused(reg_server, ref: str) -> None:
     srv, _ = reg_server
@@ -136,6 +161,34 @@ def test_put_patch_defaults_aliases_and_context(reg_server) -> None:
     assert bad.status_code == 400
     clash = httpx.patch(srv.url + "/v1/models/second", json={"aliases": ["main"]})
     assert clash.status_code in (404, 409)
+
+
+def test_set_changes_the_defaults_it_names_and_keeps_the_rest(reg_server) -> None:
+    """`genserve models set --default` and PATCH merge defaults key by key (a null removes
+    one); PUT replaces them."""
+    from typer.testing import CliRunner
+
+    from genserve.cli import app
+
+    srv, _ = reg_server
+    url = srv.url + "/v1/models/tiny-llama"
+    before = httpx.get(url).json()["settings"]
+    try:
+        r = httpx.put(url, json={**before, "defaults": {"temperature": 0.2, "max_tokens": 256}})
+        assert r.status_code == 200, r.text
+        args = ["models", "set", "tiny-llama", "--default", "max_tokens=16"]
+        run = CliRunner().invoke(app, [*args, "--base-url", srv.url + "/v1"])
+        assert run.exit_code == 0, run.output
+        defaults = httpx.get(url).json()["settings"]["defaults"]
+        assert defaults == {"temperature": 0.2, "max_tokens": 16}
+        r = httpx.patch(url, json={"defaults": {"temperature": None, "seed": 7}})
+        assert r.json()["settings"]["defaults"] == {"max_tokens": 16, "seed": 7}
+        r = httpx.put(url, json={**before, "defaults": {"top_p": 0.5}})
+        assert r.json()["settings"]["defaults"] == {"top_p": 0.5}
+        r = httpx.patch(url, json={"defaults": None})
+        assert r.json()["settings"]["defaults"] == {}
+    finally:
+        httpx.put(url, json=before)
 
 
 def test_names_claimed_by_a_loading_model_are_taken(reg_server) -> None:

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.conformance import assert_valid
-from tests.server import LiveServer, start_server
+from tests.server import LiveServer, start_server, wait_until
 
 ENV_KEY = "gs-env-key-for-tests"
 EXEMPT = {"/health", "/metrics", "/"}
@@ -83,6 +83,14 @@ def test_official_client_with_a_key(keyed) -> None:
         openai.OpenAI(base_url=srv.url + "/v1", api_key="nope").models.list()
 
 
+def reset_seconds(text: str) -> float:
+    """An x-ratelimit-reset-* value in OpenAI's format ("20ms", "54.2s", "6m0s"), in seconds."""
+    found = re.fullmatch(r"(?:(\d+)m)?(\d+(?:\.\d+)?)(ms|s)", text)
+    assert found, text
+    minutes, value, unit = found.groups()
+    return int(minutes or 0) * 60 + float(value) / (1000 if unit == "ms" else 1)
+
+
 def test_requests_per_minute_limit(keyed) -> None:
     srv, keys = keyed
     headers = {"Authorization": f"Bearer {keys['limited']}"}
@@ -90,17 +98,29 @@ def test_requests_per_minute_limit(keyed) -> None:
     assert [r.status_code for r in codes] == [200, 200, 200, 429]
     assert codes[0].headers["x-ratelimit-limit-requests"] == "3"
     assert codes[2].headers["x-ratelimit-remaining-requests"] == "0"
-    assert int(codes[3].headers["retry-after"]) >= 1
+    retry = int(codes[3].headers["retry-after"])
+    assert retry >= 1
     assert codes[3].json()["error"]["code"] == "rate_limit_exceeded"
+    # The time left until the window is empty again: the third request's minute, begun a
+    # moment ago (no longer a constant 60s); Retry-After, whole seconds, when the first's ends.
+    reset = reset_seconds(codes[3].headers["x-ratelimit-reset-requests"])
+    assert 0 < reset < 60 and retry - 1 <= reset <= retry + 1
 
 
 def test_tokens_per_minute_limit(keyed) -> None:
     srv, keys = keyed
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key=keys["frugal"], max_retries=0)
-    client.completions.create(model="tiny-llama", prompt="hello there", max_tokens=12)
+    first = client.completions.with_raw_response.create(
+        model="tiny-llama", prompt="hello there", max_tokens=12
+    )
+    assert first.headers["x-ratelimit-reset-tokens"] == "0s"  # none spent before it
     with pytest.raises(openai.RateLimitError) as e:
         client.completions.create(model="tiny-llama", prompt="x", max_tokens=1)
     assert e.value.response.headers["x-ratelimit-remaining-tokens"] == "0"
+    # One request spent them all: the limit resets when its minute ends, as Retry-After says.
+    reset = reset_seconds(e.value.response.headers["x-ratelimit-reset-tokens"])
+    assert 0 < reset < 60
+    assert 0 <= int(e.value.response.headers["retry-after"]) - reset < 1.001
 
 
 @pytest.mark.parametrize(
@@ -150,6 +170,19 @@ def test_metrics_and_request_ids(server: LiveServer) -> None:
         assert len(httpx.get(server.url + path).headers["x-request-id"]) >= 16
     echoed = httpx.get(server.url + "/v1/models", headers={"x-request-id": "abc-123"})
     assert echoed.headers["x-request-id"] == "abc-123"
+
+
+def test_the_access_log_repeats_the_request_id(server: LiveServer, keyed) -> None:
+    """The id a response carries is in its access line: routed answers and those the edge
+    gives itself (a 401, before any route) alike."""
+    httpx.get(server.url + "/v1/models", headers={"x-request-id": "my-req-1"})
+    wait_until(lambda: "genserve.access: GET /v1/models 200 request_id=my-req-1" in server.log(),
+               timeout=10)  # fmt: skip
+    srv, _ = keyed
+    r = httpx.get(srv.url + "/v1/models", headers={"x-request-id": "my-req-2"})
+    assert r.status_code == 401 and r.headers["x-request-id"] == "my-req-2"
+    wait_until(lambda: "genserve.access: GET /v1/models 401 request_id=my-req-2" in srv.log(),
+               timeout=10)  # fmt: skip
 
 
 def test_no_prompt_text_in_logs(server: LiveServer) -> None:

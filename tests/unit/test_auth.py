@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from genserve.api.auth import KeyFile, KeyStore, Principal
+from genserve.api.auth import KeyFile, KeyStore, Principal, Window, duration
 from genserve.api.errors import APIError
 
 
@@ -85,3 +85,25 @@ def test_keys_cli_creates_and_lists_project_and_role(tmp_path: Path) -> None:
         app, ["keys", "create", "--name", "x", "--role", "root", "--key-file", path]
     )
     assert bad.exit_code != 0 and len(KeyFile(Path(path)).load()) == 1
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (0.02, "20ms"), (1, "1s"), (54.2, "54.2s"), (59.9996, "1m0s"), (360, "6m0s"),
+     (90.25, "1m30.25s")],
+)  # fmt: skip
+def test_reset_times_read_as_openais(seconds: float, text: str) -> None:
+    assert duration(seconds) == text
+
+
+def test_a_window_resets_when_its_newest_entry_leaves_and_has_room_sooner() -> None:
+    w = Window()
+    w.requests.extend([0.0, 20.0, 40.0])
+    w.tokens.extend([(0.0, 3), (20.0, 12), (40.0, 1)])
+    assert w.requests_reset(50.0) == 50.0  # the request at 40 leaves at 100
+    assert w.requests_room(50.0, 3) == 10.0  # the one at 0 leaves at 60: room for one more
+    assert w.requests_room(50.0, 2) == 30.0  # a limit lowered since: two must leave
+    assert w.tokens_reset(50.0) == 50.0
+    # 16 tokens against 10: the 3 at 0 leaving leaves 13, still over; the 12 at 20 must go too.
+    assert w.tokens_room(50.0, 10) == 30.0
+    assert w.tokens_room(50.0, 20) == 0.0  # under the limit already
