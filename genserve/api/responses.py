@@ -213,7 +213,7 @@ async def stream(
 
 def step(st: StreamState, d: ChoiceDelta) -> list[dict]:
     out = []
-    if not d.calls:  # a call's tokens are its arguments, not the text's
+    if st.name is not None and not d.calls:  # a call's tokens are its arguments, not text
         st.unsent += logprob_entries(d.delta.logprobs, st.name)
     if d.text:
         out += open_text(st)
