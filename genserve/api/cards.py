@@ -21,6 +21,8 @@ def served_card(m: ServedModel) -> dict:
         "kind": "generate",
         "ref": m.ref,
         "max_context": m.context_limit,
+        "max_model_len": m.context_limit,  # vLLM's name for it, which its clients read
+        "root": m.ref,  # vLLM's: where the weights came from
         "settings": m.settings.as_dict(),
     }
 

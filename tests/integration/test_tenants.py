@@ -184,6 +184,7 @@ def test_members_get_403_on_base_models_and_the_admin_manages_them(srv: LiveServ
     with http(srv, ADMIN) as admin:
         r = admin.patch(f"/v1/models/{MODEL}", json={"max_context": 64})
         assert r.status_code == 200 and r.json()["max_context"] == 64
+        assert r.json()["max_model_len"] == 64  # vLLM's name, which its clients read
         r = admin.put(f"/v1/models/{MODEL}", json={})
         assert r.status_code == 200 and r.json()["max_context"] == 128
         assert admin.post("/v1/models", json={"model": "second"}).status_code == 202
