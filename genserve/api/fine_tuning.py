@@ -27,6 +27,7 @@ from genserve.training.manager import (
     JobFinishedError,
     JobManager,
     JobRequest,
+    checkpoint_model_id,
     fine_tuned_model_id,
 )
 
@@ -165,7 +166,7 @@ def checkpoint_card(ckpt: CheckpointRecord, job: JobRecord) -> dict:
         "object": "fine_tuning.job.checkpoint",
         "id": ckpt.id,
         "created_at": ckpt.created_at,
-        "fine_tuned_model_checkpoint": f"{fine_tuned_model_id(job)}:ckpt-step-{ckpt.step}",
+        "fine_tuned_model_checkpoint": checkpoint_model_id(fine_tuned_model_id(job), ckpt.step),
         "fine_tuning_job_id": job.id,
         "metrics": metrics,
         "step_number": ckpt.step,

@@ -25,6 +25,7 @@ class AdapterSpec:
     created: int
     owned_by: str = "genserve"
     project: str | None = None  # a fine-tuned model's owner; None: shared (operator's adapters)
+    checkpoint_of: str | None = None  # a checkpoint's model: the fine-tuned model it belongs to
 
     def visible_to(self, project: str) -> bool:
         return self.project is None or self.project == project

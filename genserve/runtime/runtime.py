@@ -205,7 +205,14 @@ class Runtime:
         return spec
 
     async def delete_adapter(self, adapter_id: str) -> None:
-        """Unserve a fine-tuned model and tell whoever keeps its files (the job manager)."""
+        """Unserve a fine-tuned model, its checkpoints with it, and tell whoever keeps its
+        files (the job manager). A checkpoint alone is not deleted: it goes with its model."""
+        spec = self.adapters.get(adapter_id)
+        if spec is not None and spec.checkpoint_of is not None:
+            msg = f"a checkpoint is deleted with its fine-tuned model: delete {spec.checkpoint_of}"
+            raise InvalidRequest(msg, "model")
         await self.unregister_adapter(adapter_id)
+        for ckpt in [a.id for a in self.adapters.values() if a.checkpoint_of == adapter_id]:
+            await self.unregister_adapter(ckpt)
         for hook in self.on_adapter_deleted:
             await hook(adapter_id)

@@ -57,6 +57,15 @@ SPACE_MAX_WAIT_S = 30.0
 DISK_FULL_CODE = "insufficient_storage"  # a worker's Failed.code when its disk filled up
 
 
+# OpenAI keeps (and serves) the checkpoints of a job's last three epochs.
+CHECKPOINTS_SERVED = 3
+
+
+def checkpoint_model_id(model_id: str, step: int) -> str:
+    """A checkpoint's model: "ft:<base>:<suffix>:<job>:ckpt-step-<step>", as OpenAI names it."""
+    return f"{model_id}:ckpt-step-{step}"
+
+
 class JobFinishedError(ValueError):
     """The job has already ended; there is nothing left to cancel."""
 
@@ -227,6 +236,17 @@ class JobManager:
             await self.services.register_adapter(self._adapter_spec(job, job.fine_tuned_model))
         except Exception:  # noqa: BLE001 - one bad adapter must not stop the server starting
             log.exception("could not serve %s again", job.fine_tuned_model)
+            return
+        await self._serve_checkpoints(job, job.fine_tuned_model)
+
+    async def _serve_checkpoints(self, job: JobRecord, model_id: str) -> None:
+        """The job's last CHECKPOINTS_SERVED checkpoints, each a model of its own (OpenAI's
+        `fine_tuned_model_checkpoint`, usable as a model: pick the epoch that validated best)."""
+        for spec in self._checkpoint_specs(job, model_id):
+            try:
+                await self.services.register_adapter(spec)
+            except Exception:  # noqa: BLE001 - the model itself is served; a checkpoint is extra
+                log.exception("could not serve %s", spec.id)
 
     # --- requests -------------------------------------------------------------------------
 
@@ -488,6 +508,8 @@ class JobManager:
             except Exception as e:  # noqa: BLE001 - trained and saved; serving is another matter
                 log.exception("job %s: could not serve %s", job.id, model_id)
                 self._note(job.id, f"The model could not be served yet: {e}", level="warn")
+            else:
+                await self._serve_checkpoints(job, model_id)
         fields = {"fine_tuned_model": model_id, "trained_tokens": finished.trained_tokens}
         try:
             results = await asyncio.to_thread(self._write_results, job)
@@ -511,6 +533,20 @@ class JobManager:
         data = results_csv(self.jobs.metrics(job.id)).encode()
         staged = self.files.stage(io.BytesIO(data), max_bytes=len(data))
         return self.files.commit(staged, RESULTS_FILENAME, "fine-tune-results", job.project)
+
+    def _checkpoint_specs(self, job: JobRecord, model_id: str) -> list[AdapterSpec]:
+        newest = self.jobs.checkpoints(job.id, None, CHECKPOINTS_SERVED).data
+        return [
+            AdapterSpec(
+                checkpoint_model_id(model_id, c.step),
+                job.model,
+                Path(c.path),
+                c.created_at,
+                project=job.project,
+                checkpoint_of=model_id,
+            )  # fmt: skip
+            for c in newest
+        ]
 
     def _adapter_spec(self, job: JobRecord, model_id: str) -> AdapterSpec:
         created = job.finished_at or int(time.time())

@@ -189,6 +189,31 @@ def test_finished_model_is_served_at_once(finished_job: dict, api: openai.OpenAI
     assert reply.model == model_id and reply.choices[0].message.content is not None
 
 
+def test_checkpoints_are_models_too(finished_job: dict, api: openai.OpenAI) -> None:
+    """OpenAI's fine_tuned_model_checkpoint names a model one can call (to pick the epoch
+    that validated best); it goes with its fine-tuned model, not alone."""
+    model_id = finished_job["fine_tuned_model"]
+    names = [c.fine_tuned_model_checkpoint for c in api.fine_tuning.jobs.checkpoints.list(
+        finished_job["id"]).data]  # fmt: skip
+    assert names == [f"{model_id}:ckpt-step-20", f"{model_id}:ckpt-step-10"]
+    listed = [m.id for m in api.models.list()]
+    prompt = [{"role": "user", "content": "What is 3 + 3?"}]
+
+    def greedy(model: str) -> str:
+        r = api.chat.completions.create(model=model, messages=prompt, max_tokens=8, temperature=0)
+        assert r.model == model
+        return r.choices[0].message.content
+
+    for name in names:
+        assert name in listed and api.models.retrieve(name).model_extra["parent"] == MODEL
+    # The last checkpoint holds the final weights; the first epoch's answers differently.
+    assert greedy(names[0]) == greedy(model_id)
+    assert greedy(names[1]) != greedy(model_id)
+    with pytest.raises(openai.BadRequestError) as err:
+        api.models.delete(names[1])
+    assert "deleted with its fine-tuned model" in err.value.body["message"]
+
+
 def test_list_pages_events_and_cancel_of_finished_job(
     finished_job: dict, api: openai.OpenAI, ft_server: LiveServer
 ) -> None:
@@ -339,6 +364,10 @@ def test_restarted_server_resumes_its_job_and_serves_adapters_again(
     api = client_for(servers.live)
     served = [m.id for m in api.models.list()]
     assert kept in served and deleted not in served  # served again; deleted stays deleted
+    # With it its last three checkpoints (of six: one an epoch), as OpenAI keeps them.
+    assert {f"{kept}:ckpt-step-{step}" for step in (240, 200, 160)} <= set(served)
+    assert f"{kept}:ckpt-step-120" not in served
+    assert not [m for m in served if m.startswith(deleted)]  # its checkpoints went with it
     done = wait_finished(servers.live, job.id)
     assert done["status"] == "succeeded", done["error"]
     messages = [e.message for e in all_events(api, job.id)]
