@@ -203,6 +203,7 @@ class _Admitted:
 async def generate(rt: Runtime, request: GenerationRequest) -> AsyncIterator[Event]:
     """Started, then ChoiceDelta events of every choice in arrival order. Closing the iterator
     (a client gone) aborts what is still running; an engine failure raises a domain error."""
+    await rt.ensure_loaded(request.target)
     if isinstance(request, ChatRequest):
         admitted = await _admit_chat(rt, request)
     else:

@@ -72,6 +72,9 @@ class Runtime:
     batch_handler: BatchHandler | None = None  # runs one batch line; set by the API
     batches: BatchRunner | None = None  # the Batch API's runner, once storage is up
     chores: list[asyncio.Task] = field(default_factory=list)  # periodic; cancelled at shutdown
+    # Adapters registered lazily (checkpoints): listed and routable, loaded into their engine
+    # on first use. None: not loaded yet; a task: loading.
+    unloaded: dict[str, asyncio.Task | None] = field(default_factory=dict)
 
     # -- names -------------------------------------------------------------------------------
     def resolve_alias(self, model_id: str) -> str:
@@ -189,18 +192,49 @@ class Runtime:
             except Exception:  # noqa: BLE001 - the model itself is served; say what is not
                 log.exception("serving what depends on %s failed", model_id)
 
-    async def register_adapter(self, spec: AdapterSpec) -> None:
-        """Load a LoRA adapter into its base model's engine and serve it under spec.id."""
+    async def register_adapter(self, spec: AdapterSpec, lazy: bool = False) -> None:
+        """Load a LoRA adapter into its base model's engine and serve it under spec.id
+        (`lazy`: served now, loaded by the first request that uses it)."""
         base = self.models.get(spec.base)
         if base is None:
             raise ModelNotFound(spec.base)
-        await base.engine.add_adapter(spec.id, spec.path)
+        if lazy:
+            self.unloaded[spec.id] = None
+        else:
+            await base.engine.add_adapter(spec.id, spec.path)
         self.adapters[spec.id] = spec
+
+    async def ensure_loaded(self, target: Target) -> None:
+        """A lazily registered adapter, loaded before its first request (one load however
+        many requests wait for it; a failed one is tried again by the next request)."""
+        if target.adapter is None or target.adapter not in self.unloaded:
+            return
+        spec = self.adapters[target.adapter]
+        loading = self.unloaded[spec.id]
+        if loading is None:
+            loading = asyncio.ensure_future(target.served.engine.add_adapter(spec.id, spec.path))
+            self.unloaded[spec.id] = loading
+        try:
+            await asyncio.shield(loading)
+        except Exception as e:
+            if self.unloaded.get(spec.id) is loading:
+                self.unloaded[spec.id] = None
+            raise Unavailable(f"`{spec.id}` could not be loaded: {e}", "model") from e
+        if self.unloaded.get(spec.id) is loading:
+            del self.unloaded[spec.id]
 
     async def unregister_adapter(self, adapter_id: str) -> AdapterSpec:
         spec = self.adapters.pop(adapter_id, None)
         if spec is None:
             raise ModelNotFound(adapter_id)
+        loading = self.unloaded.pop(adapter_id, False)
+        if loading is None:
+            return spec  # never loaded: nothing in the engine
+        if loading is not False:  # loading: let it end, then take it out
+            try:
+                await loading
+            except Exception:  # noqa: BLE001 - its load failed: nothing to take out
+                return spec
         await self.models[spec.base].engine.remove_adapter(adapter_id)
         return spec
 

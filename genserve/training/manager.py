@@ -159,7 +159,7 @@ class Serving(Protocol):
     models: dict[str, ServedModel]
     adapters: dict[str, AdapterSpec]
 
-    async def register_adapter(self, spec: AdapterSpec) -> None: ...
+    async def register_adapter(self, spec: AdapterSpec, lazy: bool = False) -> None: ...
 
 
 class JobManager:
@@ -243,8 +243,8 @@ class JobManager:
         """The job's last CHECKPOINTS_SERVED checkpoints, each a model of its own (OpenAI's
         `fine_tuned_model_checkpoint`, usable as a model: pick the epoch that validated best)."""
         for spec in self._checkpoint_specs(job, model_id):
-            try:
-                await self.services.register_adapter(spec)
+            try:  # lazily: a checkpoint costs memory only once it is used
+                await self.services.register_adapter(spec, lazy=True)
             except Exception:  # noqa: BLE001 - the model itself is served; a checkpoint is extra
                 log.exception("could not serve %s", spec.id)
 
