@@ -10,7 +10,7 @@ from genserve.api.errors import bad_request
 from genserve.api.logprobs import chat_logprobs, namer
 from genserve.api.models import runtime_of
 from genserve.api.sampling import apply_defaults, sampling_params
-from genserve.api.schemas import ChatCompletionRequest, plain_messages
+from genserve.api.schemas import ChatCompletionRequest, ChatMessage, plain_messages
 from genserve.api.stream import first_event, spend_tokens, sse_response, usage
 from genserve.api.tools import (
     chat_tools,
@@ -42,11 +42,20 @@ REQUIRED_BY_ROLE = {"tool": "tool_call_id", "function": "name"}
 def check_chat_body(body: ChatCompletionRequest) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
-    for i, m in enumerate(body.messages):
+    check_messages(body.messages)
+
+
+def check_messages(messages: list[ChatMessage]) -> None:
+    """What links turns together: a result names its call, an assistant turn holds its calls
+    in one dialect (chat and /tokenize check the same)."""
+    for i, m in enumerate(messages):
         field = REQUIRED_BY_ROLE.get(m.role)
         if field is not None and getattr(m, field) is None:
             why = f"messages with role '{m.role}' must have a '{field}'"
             raise bad_request(f"Missing parameter '{field}': {why}.", f"messages.[{i}].{field}")
+        if m.tool_calls and m.function_call is not None:
+            msg = "a message holds either `tool_calls` or the deprecated `function_call`"
+            raise bad_request(msg, f"messages.[{i}].function_call")
 
 
 def chat_request(

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from genserve.api.auth import principal
+from genserve.api.chat import check_messages
 from genserve.api.errors import bad_request
 from genserve.api.models import runtime_of
 from genserve.api.schemas import ChatMessage, plain_messages
@@ -39,6 +40,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     served = runtime_of(request).get(body.model, principal(request).project).served
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of `prompt` and `messages`", "prompt")
+    check_messages(body.messages or [])  # what chat would refuse is not counted either
     ids = await off_loop(token_ids, served, body)  # a 3.9 MB prompt took ~3 s
     return {"count": len(ids), "max_model_len": served.max_len, "tokens": ids}
 

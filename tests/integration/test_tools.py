@@ -202,6 +202,25 @@ def test_a_result_turn_without_its_link_is_400_naming_it(
     assert e.value.body["type"] == "invalid_request_error" and field in e.value.message
 
 
+def test_a_turn_with_both_call_dialects_and_tokenize_are_checked_alike(
+    client: openai.OpenAI, server: LiveServer
+) -> None:
+    """An assistant turn holding tool_calls and function_call is OpenAI's 400; /tokenize
+    refuses what chat refuses (it counted a result turn with no call id)."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    both = {
+        "role": "assistant",
+        "tool_calls": [call],
+        "function_call": {"name": "f", "arguments": "{}"},
+    }
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[*MESSAGES, both], max_tokens=2)
+    assert e.value.param == "messages.[1].function_call"
+    unlinked = [*MESSAGES, {"role": "tool", "content": "21"}]
+    r = httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": unlinked})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.[1].tool_call_id"
+
+
 @pytest.mark.parametrize(
     "extra,param,words",
     [
