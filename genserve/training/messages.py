@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -29,6 +29,8 @@ class WorkerSpec(BaseModel):
     resume_dir: str | None = None  # a checkpoint folder to continue from
     threads: int = 1
     device: str = "auto"  # the server's --device: auto trains on a GPU when there is one
+    method: Literal["supervised", "dpo"] = "supervised"  # a spec written before DPO: supervised
+    beta: float = 0.1  # dpo only: how far the policy may move from the reference
 
 
 # --- what the worker tells the manager, one JSON line each -----------------------------------
