@@ -20,8 +20,6 @@ from genserve.training.dataset import IGNORE
 if TYPE_CHECKING:  # the trainer imports this module: the type alone goes the other way
     from genserve.training.trainer import Batch
 
-DEFAULT_BETA = 0.1  # what "auto" means; the value the DPO paper and TRL start from
-
 
 @dataclass(frozen=True, slots=True)
 class PairScores:

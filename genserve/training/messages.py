@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+DEFAULT_BETA = 0.1  # DPO's beta when a job says "auto": where the DPO paper and TRL start
+
 
 class WorkerSpec(BaseModel):
     """Everything one run of the worker needs; persisted as <job-dir>/spec.json."""
@@ -30,7 +32,7 @@ class WorkerSpec(BaseModel):
     threads: int = 1
     device: str = "auto"  # the server's --device: auto trains on a GPU when there is one
     method: Literal["supervised", "dpo"] = "supervised"  # a spec written before DPO: supervised
-    beta: float = 0.1  # dpo only: how far the policy may move from the reference
+    beta: float = DEFAULT_BETA  # dpo only: how strongly the policy is held to the reference
 
 
 # --- what the worker tells the manager, one JSON line each -----------------------------------
