@@ -42,7 +42,12 @@ CHECKPOINT_METRICS = (
     "valid_mean_token_accuracy",
     "full_valid_loss",
     "full_valid_mean_token_accuracy",
+    # A DPO job's accuracies: the share of pairs whose preferred output has the higher reward.
+    "train_mean_reward_accuracy",
+    "valid_mean_reward_accuracy",
+    "full_valid_mean_reward_accuracy",
 )
+SHARED_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
 def _auto_or(kind: type, low: float, high: float, value: Any) -> Any:
@@ -86,8 +91,21 @@ class Hyperparameters(BaseModel):
         return _auto_or(float, 0, 100, v)
 
 
+class DPOHyperparameters(Hyperparameters):
+    beta: Any = "auto"
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, v: Any) -> Any:
+        return _auto_or(float, 0, 2, v)
+
+
 class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters | None = None
+
+
+class DPOMethod(BaseModel):
+    hyperparameters: DPOHyperparameters | None = None
 
 
 class Method(BaseModel):
@@ -95,6 +113,7 @@ class Method(BaseModel):
 
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
+    dpo: DPOMethod | None = None
 
 
 class CreateJobRequest(BaseModel):
@@ -118,11 +137,17 @@ class CreateJobRequest(BaseModel):
 # --- wire shapes -----------------------------------------------------------------------------
 
 
+def method_card(job: JobRecord) -> dict:
+    """OpenAI's `method`: its type, and under it the hyperparameters it trains with."""
+    return {"type": job.method, job.method: {"hyperparameters": job.hyperparameters}}
+
+
 def job_card(job: JobRecord, worker_pid: int | None = None) -> dict:
     error = None
     if job.error is not None:
         error = {"code": job.error.code, "message": job.error.message, "param": job.error.param}
-    hyper = job.hyperparameters
+    # The top-level (deprecated) field holds the hyperparameters every method shares.
+    hyper = {k: v for k, v in job.hyperparameters.items() if k in SHARED_HYPERPARAMETERS}
     return {
         "id": job.id,
         "object": "fine_tuning.job",
@@ -141,7 +166,7 @@ def job_card(job: JobRecord, worker_pid: int | None = None) -> dict:
         "integrations": None,
         "seed": job.seed,
         "estimated_finish": None,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "method": method_card(job),
         "metadata": job.metadata,
         # Extension: the training worker's process id while one runs (for operators).
         "x_genserve_worker_pid": worker_pid,
@@ -202,20 +227,32 @@ def check_training_file(files: FileStore, file_id: str | None, param: str, who: 
         )
 
 
-def requested_hyperparameters(body: CreateJobRequest) -> dict[str, Any]:
-    method = body.method
-    if method is not None and method.type != "supervised":
+def requested_method(body: CreateJobRequest) -> tuple[str, dict[str, Any]]:
+    """(method type, its hyperparameters as asked, "auto" where not given)."""
+    method = body.method or Method(type="supervised")
+    if method.type == "reinforcement":
         raise bad_request(
-            f"method `{method.type}` is not supported; use `supervised`", "method.type"
+            "method `reinforcement` is not supported; use `supervised` or `dpo`", "method.type"
         )
-    nested = method.supervised.hyperparameters if method and method.supervised else None
+    other = "dpo" if method.type == "supervised" else "supervised"
+    if getattr(method, other) is not None:
+        raise bad_request(
+            f"`method.{other}` was given for a `{method.type}` job; put its settings in "
+            f"`method.{method.type}`",
+            f"method.{other}",
+        )
+    settings = getattr(method, method.type)
+    nested = settings.hyperparameters if settings is not None else None
     if nested is not None and body.hyperparameters is not None:
         raise bad_request(
-            "give hyperparameters either in `method.supervised` or at the top level, not both",
+            f"give hyperparameters either in `method.{method.type}` or at the top level, not both",
             "hyperparameters",
         )
-    chosen = nested or body.hyperparameters or Hyperparameters()
-    return chosen.model_dump()
+    default = DPOHyperparameters() if method.type == "dpo" else Hyperparameters()
+    chosen = (nested or body.hyperparameters or default).model_dump()
+    if method.type == "dpo":
+        chosen.setdefault("beta", "auto")  # the top-level field has no beta
+    return method.type, chosen
 
 
 def check_job_quota(manager: JobManager, who: Principal, config: ServerConfig) -> None:
@@ -245,6 +282,7 @@ async def create_job(body: CreateJobRequest, request: Request) -> dict:
         raise bad_request("integrations are not supported by this server", "integrations")
     check_training_file(manager.files, body.training_file, "training_file", who)
     check_training_file(manager.files, body.validation_file, "validation_file", who)
+    method, hyperparameters = requested_method(body)
     # No await from the count to the insert: two requests cannot both take the last place.
     check_job_quota(manager, who, config)
     job = manager.create(
@@ -254,9 +292,10 @@ async def create_job(body: CreateJobRequest, request: Request) -> dict:
             validation_file=body.validation_file,
             suffix=body.suffix,
             seed=body.seed,
-            hyperparameters=requested_hyperparameters(body),
+            hyperparameters=hyperparameters,
             metadata=body.metadata,
             project=who.project,
+            method=method,
         )
     )
     return job_card(job)

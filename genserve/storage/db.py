@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_NAME = "genserve.db"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 DEFAULT_PROJECT = "default"  # the owner of rows written before projects existed
 # The columns a database of an older version lacks beyond SCHEMA's CREATE ... IF NOT EXISTS,
 # by the version that brought them: (table, column, declaration). A column already there is
@@ -30,6 +30,8 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
     4: (),  # the batches and batch_results tables: new, so SCHEMA's CREATE makes them
     # OpenAI's expires_after on uploads, and a batch's output_expires_after for its files.
     5: (("files", "expires_at", "INTEGER"), ("batches", "output_expires_s", "INTEGER")),
+    # A job's fine-tuning method (OpenAI's method.type); jobs from before DPO were supervised.
+    6: (("jobs", "method", "TEXT NOT NULL DEFAULT 'supervised'"),),
 }
 
 SCHEMA = """
@@ -63,6 +65,7 @@ CREATE TABLE IF NOT EXISTS jobs (
   crashes INTEGER NOT NULL DEFAULT 0,
   adapter_deleted INTEGER NOT NULL DEFAULT 0,
   project TEXT NOT NULL DEFAULT 'default',
+  method TEXT NOT NULL DEFAULT 'supervised',
   result_files TEXT
 );
 CREATE TABLE IF NOT EXISTS job_events (

@@ -30,7 +30,7 @@ class JobRecord:
     validation_file: str | None
     suffix: str | None
     seed: int
-    hyperparameters: dict[str, Any]  # n_epochs, batch_size, learning_rate_multiplier
+    hyperparameters: dict[str, Any]  # n_epochs, batch_size, learning_rate_multiplier (+ beta)
     created_at: int
     status: str = "validating_files"
     metadata: dict[str, str] | None = None
@@ -42,6 +42,7 @@ class JobRecord:
     adapter_deleted: bool = False
     result_files: tuple[str, ...] = ()  # file ids: the step metrics CSV once it succeeded
     project: str = DEFAULT_PROJECT  # the owner: the job, its files and its model are its own
+    method: str = "supervised"  # OpenAI's method.type: supervised | dpo
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ def _job(row) -> JobRecord:
         adapter_deleted=bool(row["adapter_deleted"]),
         result_files=tuple(_loads(row["result_files"]) or ()),
         project=row["project"],
+        method=row["method"],
     )
 
 
@@ -133,8 +135,8 @@ class JobStore:
     def create(self, job: JobRecord) -> JobRecord:
         self.db.execute(
             "INSERT INTO jobs (id, model, training_file, validation_file, suffix, seed,"
-            " hyperparameters, metadata, status, created_at, project)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " hyperparameters, metadata, status, created_at, project, method)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 job.id,
                 job.model,
@@ -147,6 +149,7 @@ class JobStore:
                 job.status,
                 job.created_at,
                 job.project,
+                job.method,
             ),
         )
         return job

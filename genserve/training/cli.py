@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 import typer
@@ -69,8 +69,11 @@ def _fail(e: APIFailure) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _hyperparameters(epochs: int | None, batch_size: int | None, lr: float | None) -> dict:
+def _hyperparameters(
+    epochs: int | None, batch_size: int | None, lr: float | None, beta: float | None = None
+) -> dict:
     chosen = {"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier": lr}
+    chosen["beta"] = beta
     return {k: v for k, v in chosen.items() if v is not None}
 
 
@@ -93,6 +96,11 @@ def create(
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: auto).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (default: auto).")] = None,
     learning_rate_multiplier: Annotated[float | None, typer.Option()] = None,
+    method: Annotated[
+        Literal["supervised", "dpo"],
+        typer.Option(help="dpo trains on preference pairs (input, preferred_output, ...)."),
+    ] = "supervised",
+    beta: Annotated[float | None, typer.Option(help="dpo only (default: auto, 0.1).")] = None,
     seed: Annotated[int | None, typer.Option(help="Same seed, same losses.")] = None,
     follow: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = True,
     base_url: BaseUrl = DEFAULT_URL,
@@ -104,10 +112,10 @@ def create(
         body: dict[str, Any] = {"model": model, "training_file": upload(client, file)}
         if validation_file is not None:
             body["validation_file"] = upload(client, validation_file)
-        hyper = _hyperparameters(epochs, batch_size, learning_rate_multiplier)
+        hyper = _hyperparameters(epochs, batch_size, learning_rate_multiplier, beta)
         body |= {"suffix": suffix, "seed": seed}
-        if hyper:
-            body["method"] = {"type": "supervised", "supervised": {"hyperparameters": hyper}}
+        if hyper or method != "supervised":
+            body["method"] = {"type": method, method: {"hyperparameters": hyper}}
         job = client.call(
             "POST", "/fine_tuning/jobs", json={k: v for k, v in body.items() if v is not None}
         )

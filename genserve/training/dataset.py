@@ -1,16 +1,18 @@
 """Fine-tuning data: JSONL checks with line numbers, and examples -> token ids + loss labels.
 
-Two formats, as OpenAI accepts them: chat (`{"messages": [...]}`, roles system/user/assistant,
+Three formats, as OpenAI accepts them: chat (`{"messages": [...]}`, roles system/user/assistant,
 string content, at least one assistant message; an assistant message may carry `weight` 0 to
-be shown but not learned) and completion (`{"prompt": str, "completion": str}`). One file uses
-one format. Loss is taken on assistant turns / on the completion only.
+be shown but not learned) and completion (`{"prompt": str, "completion": str}`) train with the
+supervised method; preference (`{"input": {"messages": [...]}, "preferred_output": [one
+assistant message], "non_preferred_output": [one]}`) trains with DPO. One file uses one format.
+Loss is taken on assistant turns / on the completion / on each output only.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -47,7 +49,19 @@ class CompletionExample:
     completion: str
 
 
-Example = ChatExample | CompletionExample
+@dataclass(frozen=True, slots=True)
+class PreferenceExample:
+    """A DPO pair: a conversation and two assistant replies to it, the first preferred."""
+
+    messages: tuple[Message, ...]  # the input: context only, never learned
+    preferred: str
+    non_preferred: str
+
+
+Example = ChatExample | CompletionExample | PreferenceExample
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
+# Which formats each fine-tuning method trains on (a job's files must hold one of them).
+METHOD_FORMATS = {"supervised": ("chat", "completion"), "dpo": ("preference",)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +84,7 @@ class DatasetError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Summary:
     examples: int
-    format: str  # "chat" | "completion"
+    format: str  # "chat" | "completion" | "preference"
 
 
 def _text(where: str, value: str) -> str:
@@ -80,8 +94,8 @@ def _text(where: str, value: str) -> str:
     return value
 
 
-def _message(i: int, raw: Any) -> Message:
-    where = f"messages[{i}]"
+def _message(i: int, raw: Any, field: str = "messages") -> Message:
+    where = f"{field}[{i}]"
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be an object")
     role, content = raw.get("role"), raw.get("content")
@@ -108,6 +122,47 @@ def _chat(raw: Any) -> ChatExample:
     return ChatExample(messages)
 
 
+def _output(obj: dict, key: str) -> str:
+    """A preference output: OpenAI trains on one assistant reply, the conversation's last."""
+    raw = obj.get(key)
+    if not isinstance(raw, list) or len(raw) != 1 or not isinstance(raw[0], dict):
+        raise ValueError(f"`{key}` must be a list of exactly one assistant message")
+    role, content = raw[0].get("role"), raw[0].get("content")
+    if role != "assistant":
+        raise ValueError(f"`{key}[0].role` must be assistant, got {role!r}")
+    if not isinstance(content, str) or not content:
+        raise ValueError(f"`{key}[0].content` must be a non-empty string")
+    return _text(f"`{key}[0].content`", content)
+
+
+def _preference_input(raw: Any) -> tuple[Message, ...]:
+    if not isinstance(raw, dict):
+        raise ValueError("`input` must be an object holding `messages`")
+    messages = raw.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("`input.messages` must be a non-empty list")
+    tools = raw.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError("`input.tools` must be a list")
+    if tools:  # the prompt would have to render them as serving does; refused, not dropped
+        raise ValueError("`input.tools`: training with tools is not supported; leave it empty")
+    if not isinstance(raw.get("parallel_tool_calls", False), bool):
+        raise ValueError("`input.parallel_tool_calls` must be true or false")
+    return tuple(_message(i, m, "input.messages") for i, m in enumerate(messages))
+
+
+def _preference(obj: dict) -> PreferenceExample:
+    missing = [f"`{k}`" for k in PREFERENCE_KEYS if k not in obj]
+    if missing:
+        raise ValueError(f"a preference example needs {', '.join(missing)} too")
+    messages = _preference_input(obj["input"])
+    preferred = _output(obj, "preferred_output")
+    non_preferred = _output(obj, "non_preferred_output")
+    if preferred == non_preferred:
+        raise ValueError("`preferred_output` and `non_preferred_output` are the same reply")
+    return PreferenceExample(messages, preferred, non_preferred)
+
+
 def parse_example(text: str) -> Example:
     """One JSONL line -> an example; ValueError says what is wrong with it."""
     try:
@@ -118,6 +173,8 @@ def parse_example(text: str) -> Example:
         raise ValueError("JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError("each line must be a JSON object")
+    if any(k in obj for k in PREFERENCE_KEYS):
+        return _preference(obj)
     if "messages" in obj:
         return _chat(obj["messages"])
     prompt, completion = obj.get("prompt"), obj.get("completion")
@@ -127,11 +184,37 @@ def parse_example(text: str) -> Example:
         if not completion:
             raise ValueError("`completion` must not be empty")
         return CompletionExample(_text("`prompt`", prompt), _text("`completion`", completion))
-    raise ValueError("expected `messages` (chat format) or `prompt` and `completion`")
+    raise ValueError(
+        "expected `messages` (chat format), `prompt` and `completion`, or `input`, "
+        "`preferred_output` and `non_preferred_output` (preference format)"
+    )
 
 
 def _kind(example: Example) -> str:
+    if isinstance(example, PreferenceExample):
+        return "preference"
     return "chat" if isinstance(example, ChatExample) else "completion"
+
+
+def method_mismatch(method: str, fmt: str, param: str) -> str | None:
+    """Why a file of `fmt` examples cannot train a `method` job; None when it can."""
+    if fmt in METHOD_FORMATS[method]:
+        return None
+    if method == "dpo":
+        return (
+            f"{param} holds {fmt} examples; a dpo job trains on preference examples "
+            '({"input": {"messages": [...]}, "preferred_output": [...], '
+            '"non_preferred_output": [...]})'
+        )
+    return (
+        f"{param} holds preference examples, which train with method dpo; a {method} job "
+        "needs chat or prompt/completion examples"
+    )
+
+
+def read_format(examples: list[Example]) -> str:
+    """The format of a file's examples (read_examples has checked they share one)."""
+    return _kind(examples[0])
 
 
 def bounded_lines(f: BinaryIO, cap: int = MAX_LINE_BYTES) -> Iterator[bytes | None]:
@@ -227,6 +310,27 @@ class Encoded:
     def trained_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
 
+    @property
+    def learnable(self) -> bool:
+        return self.trained_tokens > 0
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedPair:
+    """A preference example as two sequences: the same prompt, each output as its completion."""
+
+    chosen: Encoded
+    rejected: Encoded
+
+    @property
+    def truncated(self) -> bool:
+        return self.chosen.truncated or self.rejected.truncated
+
+    @property
+    def learnable(self) -> bool:
+        # DPO compares the two outputs: with either side cut away there is nothing to compare.
+        return self.chosen.learnable and self.rejected.learnable
+
 
 class TemplateError(ValueError):
     """The chat template cannot render these messages turn by turn."""
@@ -279,7 +383,9 @@ def chat_segments(tokenizer: Any, template: str, example: ChatExample) -> list[t
     return [(text, learned) for text, learned in pieces if text]
 
 
-def encode(tokenizer: Any, template: str, example: Example, max_len: int) -> Encoded:
+def encode(
+    tokenizer: Any, template: str, example: ChatExample | CompletionExample, max_len: int
+) -> Encoded:
     """Token ids and labels, cut to max_len tokens. Pieces are tokenized one by one, as the
     server tokenizes a prompt and then appends what the model generates."""
     if isinstance(example, CompletionExample):
@@ -299,3 +405,25 @@ def encode(tokenizer: Any, template: str, example: Example, max_len: int) -> Enc
         ids += piece
         labels += piece if learned else [IGNORE] * len(piece)
     return Encoded(ids[:max_len], labels[:max_len], len(ids) > max_len)
+
+
+def encode_pair(
+    tokenizer: Any, template: str, example: PreferenceExample, max_len: int
+) -> EncodedPair:
+    """Each output encoded as the one learned assistant turn after the input conversation (its
+    assistant turns shown, not learned), exactly as a supervised chat example is."""
+    context = tuple(replace(m, weight=0) if m.role == "assistant" else m for m in example.messages)
+
+    def side(reply: str) -> Encoded:
+        chat = ChatExample((*context, Message("assistant", reply)))
+        return encode(tokenizer, template, chat, max_len)
+
+    return EncodedPair(side(example.preferred), side(example.non_preferred))
+
+
+def encode_row(
+    tokenizer: Any, template: str, example: Example, max_len: int
+) -> Encoded | EncodedPair:
+    if isinstance(example, PreferenceExample):
+        return encode_pair(tokenizer, template, example, max_len)
+    return encode(tokenizer, template, example, max_len)

@@ -34,6 +34,7 @@ from genserve.storage.jobs import ACTIVE, TERMINAL, JobError, JobRecord, JobStor
 from genserve.storage.space import is_disk_full
 from genserve.training import dataset
 from genserve.training.messages import (
+    DEFAULT_BETA,
     Checkpointed,
     Failed,
     Finished,
@@ -82,6 +83,7 @@ class JobRequest:
     hyperparameters: dict[str, Any]  # each value an int/float or "auto"
     metadata: dict[str, str] | None = None
     project: str = "default"  # of the key that asked: the job, its files and model are its own
+    method: str = "supervised"  # or "dpo": hyperparameters then carry beta too
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +95,15 @@ class Outcome:
     returncode: int
 
 
-def resolve_hyperparameters(requested: dict[str, Any], examples: int) -> dict[str, Any]:
-    """ "auto" -> numbers: 3 epochs, 1 example per batch per 50 (1..8), multiplier 1."""
+def resolve_hyperparameters(
+    requested: dict[str, Any], examples: int, method: str = "supervised"
+) -> dict[str, Any]:
+    """ "auto" -> numbers: 3 epochs, 1 example per batch per 50 (1..8), multiplier 1; for dpo,
+    beta 0.1 (an example is then a preference pair)."""
     auto_batch = min(8, max(1, round(examples / 50)))
     pick = {"n_epochs": AUTO_EPOCHS, "batch_size": auto_batch, "learning_rate_multiplier": 1.0}
+    if method == "dpo":
+        pick["beta"] = DEFAULT_BETA
     return {k: pick[k] if requested.get(k, "auto") == "auto" else requested[k] for k in pick}
 
 
@@ -263,6 +270,7 @@ class JobManager:
             created_at=int(time.time()),
             metadata=request.metadata,
             project=request.project,
+            method=request.method,
         )
         self.jobs.create(job)
         self._note(job.id, f"Validating training file: {job.training_file}")
@@ -299,7 +307,7 @@ class JobManager:
         except _FileProblem as e:
             self._fail(job_id, JobError(e.code, str(e), e.param))
             return
-        hyper = resolve_hyperparameters(job.hyperparameters, summary.examples)
+        hyper = resolve_hyperparameters(job.hyperparameters, summary.examples, job.method)
         self.jobs.set_hyperparameters(job_id, hyper)
         if self.jobs.transition(job_id, "queued", ("validating_files",)):
             self.jobs.add_event(job_id, "Files validated, moving job to queued state")
@@ -322,6 +330,8 @@ class JobManager:
                 raise gone from None
             except dataset.DatasetError as e:
                 raise _FileProblem(str(e), param) from e
+            if problem := dataset.method_mismatch(job.method, checked.format, param):
+                raise _FileProblem(problem, param)
             summary = summary or checked
         return summary
 
@@ -466,6 +476,8 @@ class JobManager:
             resume_dir=str(job_dir / "checkpoints" / Path(ckpt.path).name) if ckpt else None,
             threads=self.threads,
             device=self.device,
+            method=job.method,
+            beta=hyper.get("beta", DEFAULT_BETA),
         )
         path = job_dir / "spec.json"
         tmp = path.with_suffix(".json.tmp")
@@ -530,7 +542,7 @@ class JobManager:
         """OpenAI's step_metrics.csv, as a file of purpose fine-tune-results, owned by the
         job's project (outside its quota: the job was admitted, its results must not fail it).
         Blocking."""
-        data = results_csv(self.jobs.metrics(job.id)).encode()
+        data = results_csv(self.jobs.metrics(job.id), job.method).encode()
         staged = self.files.stage(io.BytesIO(data), max_bytes=len(data))
         return self.files.commit(staged, RESULTS_FILENAME, "fine-tune-results", job.project)
 
@@ -563,15 +575,22 @@ RESULTS_COLUMNS = (
     "valid_loss",
     "valid_mean_token_accuracy",
 )
-_FROM_EVENT = {"train_accuracy": "train_mean_token_accuracy"}
+# A DPO job's accuracy is the share of pairs whose preferred output has the higher reward.
+DPO_RESULTS_COLUMNS = (*RESULTS_COLUMNS[:-1], "valid_mean_reward_accuracy")
+_FROM_EVENT = {
+    "supervised": {"train_accuracy": "train_mean_token_accuracy"},
+    "dpo": {"train_accuracy": "train_mean_reward_accuracy"},
+}
 
 
-def results_csv(metrics: list[dict[str, Any]]) -> str:
+def results_csv(metrics: list[dict[str, Any]], method: str = "supervised") -> str:
+    columns = DPO_RESULTS_COLUMNS if method == "dpo" else RESULTS_COLUMNS
+    renamed = _FROM_EVENT[method]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(RESULTS_COLUMNS)
+    writer.writerow(columns)
     for data in metrics:
-        writer.writerow([_cell(data.get(_FROM_EVENT.get(c, c))) for c in RESULTS_COLUMNS])
+        writer.writerow([_cell(data.get(renamed.get(c, c))) for c in columns])
     return out.getvalue()
 
 

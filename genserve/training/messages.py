@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+DEFAULT_BETA = 0.1  # DPO's beta when a job says "auto": where the DPO paper and TRL start
 
 
 class WorkerSpec(BaseModel):
@@ -29,6 +31,8 @@ class WorkerSpec(BaseModel):
     resume_dir: str | None = None  # a checkpoint folder to continue from
     threads: int = 1
     device: str = "auto"  # the server's --device: auto trains on a GPU when there is one
+    method: Literal["supervised", "dpo"] = "supervised"  # a spec written before DPO: supervised
+    beta: float = DEFAULT_BETA  # dpo only: how strongly the policy is held to the reference
 
 
 # --- what the worker tells the manager, one JSON line each -----------------------------------

@@ -1,5 +1,7 @@
-"""LoRA fine-tuning with peft: the worker's body. On a GPU when the server's --device finds one
-(bf16 autocast where it has bf16), else on the CPU with the worker's share of torch threads.
+"""LoRA fine-tuning with peft: the worker's body. Supervised (cross-entropy on the learned
+tokens) or DPO (genserve.training.dpo: preference pairs against the adapter-free reference).
+On a GPU when the server's --device finds one (bf16 autocast where it has bf16), else on the
+CPU with the worker's share of torch threads.
 
 Reproducible by construction: the seed sets the LoRA initialisation, each epoch shuffles with
 its own generator (seed + epoch), dropout is 0 and the learning rate is a pure function of the
@@ -17,6 +19,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +28,14 @@ from genserve.training.dataset import (
     IGNORE,
     DatasetError,
     Encoded,
+    EncodedPair,
     TemplateError,
-    encode,
+    encode_row,
+    method_mismatch,
     read_examples,
+    read_format,
 )
+from genserve.training.dpo import PairScores, pair_scores
 from genserve.training.messages import (
     Checkpointed,
     Finished,
@@ -48,6 +55,7 @@ FAMILY_TARGETS = {
     "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
 }
 Emit = Callable[[Message], None]
+Row = Encoded | EncodedPair  # one supervised example, or one preference pair
 
 
 class TrainingDataError(ValueError):
@@ -115,12 +123,13 @@ class Run:
     spec: WorkerSpec
     model: object  # peft PeftModel
     optimizer: torch.optim.Optimizer
-    rows: list[Encoded]
-    valid: list[Encoded]
+    rows: list[Row]
+    valid: list[Row]
     pad_id: int
     total_steps: int
     emit: Emit
     place: Placement
+    objective: Objective
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +140,7 @@ class Scores:
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    rows: list[Encoded]  # examples with at least one token to learn
+    rows: list[Row]  # examples with at least one token to learn (on both sides of a pair)
     truncated: int  # examples cut to max_len
     skipped: int  # examples left with nothing to learn once cut
 
@@ -139,10 +148,17 @@ class Data:
 def load_data(spec: WorkerSpec, tokenizer, path: str, param: str) -> Data:
     try:
         examples = read_examples(Path(path))
-        encoded = [encode(tokenizer, spec.chat_template, e, spec.max_len) for e in examples]
-    except (DatasetError, TemplateError, OSError) as e:
+    except (DatasetError, OSError) as e:
         raise TrainingDataError(str(e), param) from e
-    rows = [e for e in encoded if e.trained_tokens]
+    # The manager checked this before queueing the job; the file is read again here, so the
+    # worker never trains one method on the other's data.
+    if problem := method_mismatch(spec.method, read_format(examples), param):
+        raise TrainingDataError(problem, param)
+    try:
+        encoded = [encode_row(tokenizer, spec.chat_template, e, spec.max_len) for e in examples]
+    except TemplateError as e:
+        raise TrainingDataError(str(e), param) from e
+    rows = [e for e in encoded if e.learnable]
     if not rows:
         raise TrainingDataError(
             f"no example in {param} has a token to learn within {spec.max_len} tokens", param
@@ -229,15 +245,100 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def train_step(model, optimizer, batch: Batch, lr: float, place: Placement) -> Scores:
+def _descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    """One optimizer step on `loss` at learning rate `lr`."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with place.compute():
-        loss_sum, count, correct = forward(model, batch)
-    (loss_sum / max(count, 1)).backward()
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(model, optimizer, batch: Batch, lr: float, place: Placement) -> Scores:
+    with place.compute():
+        loss_sum, count, correct = forward(model, batch)
+    _descend(optimizer, loss_sum / max(count, 1), lr)
     return Scores(float(loss_sum.detach()) / max(count, 1), correct / max(count, 1))
+
+
+# --- what a method trains --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One optimizer step's outcome: its scores for the metrics event, the tokens it read."""
+
+    scores: dict[str, float]
+    tokens: int
+
+
+class Objective(Protocol):
+    """How a method turns a batch of rows into one optimizer step, and scores validation."""
+
+    def step(self, run: Run, rows: list[Row], lr: float) -> Step: ...
+
+    def validate(self, run: Run) -> dict[str, float]: ...
+
+
+class Supervised:
+    """Cross-entropy on each example's learned tokens (assistant turns, completions)."""
+
+    def step(self, run: Run, rows: list[Row], lr: float) -> Step:
+        batch = collate(rows, run.pad_id).to(run.place.device)
+        scores = train_step(run.model, run.optimizer, batch, lr, run.place)
+        metrics = {"train_loss": scores.loss, "train_mean_token_accuracy": scores.accuracy}
+        return Step(metrics, batch.tokens)
+
+    def validate(self, run: Run) -> dict[str, float]:
+        return validation_scores(run)
+
+
+def pair_batch(pairs: list[EncodedPair], pad_id: int) -> Batch:
+    """n pairs as 2n rows, the preferred outputs first (the order dpo_loss reads)."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+
+
+def _pair_metrics(prefix: str, scores: PairScores) -> dict[str, float]:
+    n = max(scores.pairs, 1)
+    return {
+        f"{prefix}_loss": float(scores.loss.detach()) / n,
+        # The share of pairs whose preferred output the model now rewards more than the other.
+        f"{prefix}_mean_reward_accuracy": scores.correct / n,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Preference:
+    """DPO on preference pairs (genserve.training.dpo)."""
+
+    beta: float
+
+    def step(self, run: Run, rows: list[Row], lr: float) -> Step:
+        batch = pair_batch(rows, run.pad_id).to(run.place.device)
+        with run.place.compute():
+            scores = pair_scores(run.model, batch, self.beta)
+        _descend(run.optimizer, scores.loss / max(scores.pairs, 1), lr)
+        metrics = _pair_metrics("train", scores)
+        metrics["train_mean_reward_margin"] = scores.margin / max(scores.pairs, 1)
+        return Step(metrics, batch.tokens)
+
+    def validate(self, run: Run) -> dict[str, float]:
+        run.model.eval()
+        loss, correct, count, size = 0.0, 0, 0, run.spec.batch_size
+        with torch.no_grad(), run.place.compute():
+            for i in range(0, len(run.valid), size):
+                batch = pair_batch(run.valid[i : i + size], run.pad_id).to(run.place.device)
+                scores = pair_scores(run.model, batch, self.beta)
+                loss, correct = loss + float(scores.loss), correct + scores.correct
+                count += scores.pairs
+        run.model.train()
+        whole = _pair_metrics("valid", PairScores(torch.tensor(loss), correct, 0.0, count))
+        # Computed on the whole validation set, so the "full_" numbers are these same ones.
+        return whole | {f"full_{k}": v for k, v in whole.items()}
+
+
+def objective_for(spec: WorkerSpec) -> Objective:
+    return Preference(spec.beta) if spec.method == "dpo" else Supervised()
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -300,7 +401,7 @@ def train(spec: WorkerSpec, emit: Emit) -> Finished:
     if spec.resume_dir:
         progress = load_checkpoint(model, optimizer, Path(spec.resume_dir))
     total = math.ceil(len(rows) / spec.batch_size) * spec.n_epochs
-    run = Run(spec, model, optimizer, rows, valid, pad_id, total, emit, place)
+    run = Run(spec, model, optimizer, rows, valid, pad_id, total, emit, place, objective_for(spec))
     emit(Started(total, len(rows), len(valid), data.truncated, progress.step, data.skipped,
                  str(place.device), place.precision))  # fmt: skip
     for epoch in range(progress.epoch, spec.n_epochs):
@@ -320,19 +421,12 @@ def run_epoch(run: Run, epoch: int, progress: Progress) -> Progress:
     batches = [order[i : i + bs] for i in range(0, len(order), bs)]
     step, tokens, data = progress.step, progress.trained_tokens, {}
     for j, indices in enumerate(batches):
-        batch = collate([run.rows[i] for i in indices], run.pad_id).to(run.place.device)
         lr = spec.learning_rate * (1 - step / run.total_steps)  # linear decay, from the step
-        scores = train_step(run.model, run.optimizer, batch, lr, run.place)
-        step, tokens = step + 1, tokens + batch.tokens
-        data = {
-            "step": step,
-            "train_loss": scores.loss,
-            "train_mean_token_accuracy": scores.accuracy,
-            "total_steps": run.total_steps,
-            "epoch": epoch + 1,
-        }
+        done = run.objective.step(run, [run.rows[i] for i in indices], lr)
+        step, tokens = step + 1, tokens + done.tokens
+        data = {"step": step, **done.scores, "total_steps": run.total_steps, "epoch": epoch + 1}
         if j == len(batches) - 1 and run.valid:
-            data.update(validation_scores(run))
+            data.update(run.objective.validate(run))
         run.emit(Metrics(step, data))
     progress = Progress(epoch + 1, step, tokens)
     folder = Path(spec.out_dir) / "checkpoints" / f"step-{step}"

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         emit(train(spec, emit))
     except TrainingDataError as e:
-        emit(Failed("invalid_training_file", str(e), e.param))
+        emit(Failed(f"invalid_{e.param}", str(e), e.param))
         return 1
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -252,7 +252,7 @@ def test_refusals_name_their_param(api: openai.OpenAI, ft_server: LiveServer) ->
     refused(openai.NotFoundError, "model", model="no-such-model")
     refused(openai.BadRequestError, "training_file", training_file=other)
     refused(openai.BadRequestError, "hyperparameters.n_epochs", hyperparameters={"n_epochs": 0})
-    refused(openai.BadRequestError, "method.type", method={"type": "dpo"})
+    refused(openai.BadRequestError, "method.type", method={"type": "reinforcement"})
     refused(openai.BadRequestError, "suffix", suffix="has:colon")
     for path in ("", "/events", "/checkpoints"):
         r = httpx.get(f"{ft_server.url}/v1/fine_tuning/jobs/ftjob-nope{path}")

@@ -118,7 +118,7 @@ def test_a_version_1_database_gains_result_files_and_keeps_its_jobs(tmp_path: Pa
     assert jobs.transition("ftjob-new", "succeeded", ("running",), result_files=("file-r",))
     assert jobs.get("ftjob-new").result_files == ("file-r",)
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == db_mod.SCHEMA_VERSION == 5  # through every migration since
+    assert version == db_mod.SCHEMA_VERSION == 6  # through every migration since
 
 
 # The files and jobs tables as genserve wrote them at schema version 2, before projects.
@@ -173,7 +173,7 @@ def test_a_version_2_database_gives_its_rows_to_the_default_project(tmp_path: Pa
     db.close()
     reopened = JobStore(open_database(tmp_path))
     assert reopened.get("ftjob-a").project == "key-a"
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 5
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 6
 
 
 def test_files_are_scoped_to_their_project_and_within_quota(files: FileStore) -> None:
@@ -230,4 +230,28 @@ def test_a_version_4_database_gains_the_expiry_columns(tmp_path: Path) -> None:
     staged = FileStore(db, tmp_path / "files")
     record = staged.commit(staged.stage(io.BytesIO(b"x"), 1), "x", "batch", expires_after_s=3600)
     assert staged.get(record.id).expires_at == record.created_at + 3600
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 5
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 6
+
+
+def test_a_version_5_database_gains_the_job_method(tmp_path: Path) -> None:
+    import sqlite3
+
+    from genserve.storage import db as db_mod
+
+    v5 = db_mod.SCHEMA.replace("\n  method TEXT NOT NULL DEFAULT 'supervised',", "")
+    assert "method" not in v5
+    path = tmp_path / db_mod.DB_NAME
+    conn = sqlite3.connect(path)
+    conn.executescript(f"{v5} PRAGMA user_version=5;")
+    conn.execute(
+        "INSERT INTO jobs (id, model, training_file, seed, hyperparameters, status, created_at)"
+        " VALUES ('ftjob-old', 'm', 'file-x', 1, '{}', 'succeeded', 5)"
+    )
+    conn.commit()
+    conn.close()
+
+    jobs = JobStore(open_database(tmp_path))
+    assert jobs.get("ftjob-old").method == "supervised"  # every job before DPO was
+    jobs.create(JobRecord("ftjob-dpo", "m", "f", None, None, 1, {"beta": 0.1}, 6, method="dpo"))
+    assert jobs.get("ftjob-dpo").method == "dpo"
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 6
