@@ -33,6 +33,10 @@ class DrainingServer:
             http=guarded_protocol(conn),  # header deadline and connection cap: see its module
             timeout_keep_alive=conn.keep_alive_s,  # type: ignore[arg-type] - used as a float
             h11_max_incomplete_event_size=conn.max_header_bytes,  # if h11 is the parser
+            # Once the drain has run its course, what uvicorn still waits for (an upload, say)
+            # is cancelled after this, and the lifespan's shutdown (engines, jobs) still runs:
+            # without it uvicorn waited for every open connection, however long.
+            timeout_graceful_shutdown=int(CUT_GRACE_S),
         )  # fmt: skip
         self.server = uvicorn.Server(uv)
         self.edge = app.state.edge
@@ -61,9 +65,6 @@ class DrainingServer:
                 served.engine.cut(CUT)
             self._wait_idle(CUT_GRACE_S)  # their error events and [DONE] go out
         self.server.should_exit = True
-        # uvicorn would otherwise wait for every open connection, a stream included, however
-        # long it runs: what is still open now (an upload, say) is dropped.
-        self.server.force_exit = self.edge.in_flight > 0
 
     def _wait_idle(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

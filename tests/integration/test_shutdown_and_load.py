@@ -72,6 +72,28 @@ async def test_drain_timeout_cuts_a_running_stream_with_an_error_event(
     assert "drain timeout: 1 requests still running are cut" in srv.log()
 
 
+def test_a_stalled_upload_does_not_hold_the_shutdown(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """An upload that stops sending mid-body is cut a few seconds after the drain timeout,
+    and the lifespan's shutdown still runs (uvicorn alone waited for it forever)."""
+    import socket
+    import time
+
+    srv = start_server(tiny_model_dir, tmp_path, "--drain-timeout", "1")
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    with sock:
+        sock.sendall(
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+        )  # and never the rest
+        time.sleep(0.5)  # the route is reading the body: a request in flight
+        signalled = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=30) == 0
+    assert time.monotonic() - signalled < 10
+    assert "drain timeout: 1 requests still running are cut" in srv.log()
+    assert "Application shutdown complete" in srv.log()  # the engines were stopped in order
+
+
 @pytest.fixture()
 def small(tiny_model_dir: Path, tmp_path: Path):
     srv = start_server(tiny_model_dir, tmp_path, "--max-batch-size", "4", "--max-waiting", "2")
