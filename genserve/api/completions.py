@@ -123,7 +123,10 @@ def stream_completion(http: Request, body: Body, started: Started, events):  # n
     n = started.n
     offsets = [0] * started.choices
     first = []
-    if body.echo:  # the prompt comes back first, as one chunk per choice
+    # With logprobs, a choice's echo waits for its first delta, which brings the prompt's
+    # logprobs (sent up front, it had none: a streamed prompt score was empty).
+    echo_later = set(range(started.choices)) if body.echo and body.logprobs is not None else set()
+    if body.echo and not echo_later:  # the prompt comes back first, as one chunk per choice
         for i in range(started.choices):
             text = started.echoes[i // n]
             offsets[i] = len(text)
@@ -132,14 +135,21 @@ def stream_completion(http: Request, body: Body, started: Started, events):  # n
     name = namer(started.token_text, body.return_tokens_as_token_ids)
 
     def frame(d: ChoiceDelta) -> dict | None:
-        if not d.text and d.finish_reason is None and not d.delta.logprobs:
+        lead = d.index in echo_later
+        if not lead and not d.text and d.finish_reason is None and not d.delta.logprobs:
             return None
+        text, ids, lps = d.text, list(d.delta.token_ids), list(d.delta.logprobs)
+        if lead:
+            echo_later.discard(d.index)
+            prompt = started.prompts[d.index // n]
+            scored = list(d.delta.prompt_logprobs)
+            scored = scored if len(scored) == len(prompt) else [None] * len(prompt)  # aborted
+            text, ids, lps = started.echoes[d.index // n] + text, [*prompt, *ids], scored + lps
         logprobs = None
         if body.logprobs is not None:
-            ids = d.delta.token_ids
-            logprobs = completion_logprobs(d.delta.logprobs, ids, name, offsets[d.index])
-        offsets[d.index] += len(d.text)
-        choice = {"index": d.index, "text": d.text, "logprobs": logprobs}
+            logprobs = completion_logprobs(lps, ids, name, offsets[d.index])
+        offsets[d.index] += len(text)
+        choice = {"index": d.index, "text": text, "logprobs": logprobs}
         choice["finish_reason"] = d.finish_reason
         return {**base, "choices": [choice]}
 

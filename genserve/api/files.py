@@ -72,7 +72,7 @@ def expiry_seconds(anchor: object, seconds: object, param: str = "expires_after"
     if anchor != "created_at":
         raise bad_request(f"`{param}.anchor` must be created_at", param)
     number = seconds if isinstance(seconds, int) and not isinstance(seconds, bool) else None
-    if isinstance(seconds, str) and seconds.isdigit():  # a multipart field is text
+    if isinstance(seconds, str) and seconds.isascii() and seconds.isdigit():  # multipart: text
         number = int(seconds)
     if number is None or not low <= number <= high:
         raise bad_request(f"`{param}.seconds` must be an integer in [{low}, {high}]", param)

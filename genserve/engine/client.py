@@ -161,9 +161,12 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._cut, error)
 
     def _cut(self, error: RequestFailure) -> None:
-        held = list(self._flights)
-        self._fail_open(error)
+        # Batch API requests are not cut: the batch runner stops them at shutdown without
+        # recording a result, and they run again after a restart (cut, they were failures).
+        held = [rid for rid, f in self._flights.items() if not f.request.background]
         for rid in held:
+            prompt = len(self._flights[rid].request.prompt_token_ids)
+            self._dispatch([TokenDelta(rid, (), "", FinishReason.ABORT, prompt, 0, error=error)])
             self.core.abort(rid)
 
     def _fail_open(self, error: RequestFailure) -> None:

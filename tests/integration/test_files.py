@@ -157,6 +157,8 @@ def test_expires_after_sets_expires_at(api: openai.OpenAI, files_server: LiveSer
         {"expires_after[anchor]": "created_at", "expires_after[seconds]": "59"},
         {"expires_after[anchor]": "created_at", "expires_after[seconds]": "2592001"},
         {"expires_after[anchor]": "created_at", "expires_after[seconds]": "1e4"},
+        # Digits to str.isdigit, not to int(): a 500 before
+        {"expires_after[anchor]": "created_at", "expires_after[seconds]": "³⁶⁰⁰"},
         {"expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"},
         {"expires_after[seconds]": "3600"},
         {"expires_after": "3600"},

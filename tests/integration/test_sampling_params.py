@@ -219,6 +219,11 @@ def test_max_tokens_zero_scores_the_prompt(client: openai.OpenAI, http: httpx.Cl
     chunks = list(client.completions.create(stream=True, max_tokens=0, **{**kw, "prompt": "ab"}))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == "ab"
     assert chunks[-1].choices[0].finish_reason == "length"
+    # Streamed, the prompt's logprobs come with its echo (they were never sent).
+    whole = client.completions.create(max_tokens=0, **{**kw, "prompt": "ab"}).choices[0].logprobs
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == whole.tokens
+    assert [v for lp in streamed for v in lp.token_logprobs] == whole.token_logprobs
     with pytest.raises(openai.BadRequestError):  # chat keeps its minimum of 1
         client.chat.completions.create(
             model="tiny-llama", messages=[{"role": "user", "content": "x"}], max_tokens=0

@@ -205,6 +205,30 @@ def test_stopping_the_engine_fails_open_streams_as_unavailable() -> None:
     assert run(body, ScriptedWorker()).failure.kind is FailureKind.UNAVAILABLE
 
 
+def test_a_cut_ends_interactive_requests_and_leaves_batch_ones_running() -> None:
+    """SIGTERM's drain timeout cuts what clients wait on; a Batch API request runs on (the
+    batch runner stops it at shutdown without a result, and it runs again after a restart:
+    cut, it was recorded as a 503 failure and never retried)."""
+    from genserve.engine.types import BACKGROUND, RequestFailure
+
+    async def body(eng: AsyncEngine):  # noqa: ANN202
+        online = eng.open([req("online", max_tokens=MAX_LEN - 10)])
+        batch_req = req("batch", max_tokens=50)
+        batch_req.priority = BACKGROUND
+        batch = eng.open([batch_req])
+        await anext(online)
+        eng.cut(RequestFailure("drain timeout", FailureKind.UNAVAILABLE))
+        with pytest.raises(EngineError) as cut:
+            await drain(online)
+        finished = await drain(batch)
+        return cut.value, finished
+
+    cut, finished = run(body, ScriptedWorker())
+    assert cut.failure.kind is FailureKind.UNAVAILABLE
+    assert finished[-1].finish_reason is FinishReason.LENGTH and finished[-1].error is None
+    assert sum(len(d.token_ids) for d in finished) == 50
+
+
 class FakeTokenizer(FakeDecoder):
     def encode(self, text: str) -> list[int]:
         return [ord(c) - ord("a") for c in text]  # FakeDecoder reads them back
