@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -325,7 +326,7 @@ class JobManager:
             if self.files.get(file_id) is None:
                 raise gone
             try:
-                checked = dataset.check_file(self.files.path(file_id))
+                checked = dataset.check_file(self._snapshot(job, param, file_id))
             except FileNotFoundError:  # deleted meanwhile: say so, not the server's path
                 raise gone from None
             except dataset.DatasetError as e:
@@ -334,6 +335,29 @@ class JobManager:
                 raise _FileProblem(problem, param)
             summary = summary or checked
         return summary
+
+    def _snapshot(self, job: JobRecord, param: str, file_id: str) -> Path:
+        """The job's own link to a file's bytes, checked and then trained on: the upload may
+        be deleted once the job has it (OpenAI's jobs go on), and the worker reads what was
+        checked. A hard link, so no copy (a copy where links are refused)."""
+        snap = self._data_path(job, param)
+        snap.parent.mkdir(parents=True, exist_ok=True)
+        snap.unlink(missing_ok=True)
+        try:
+            os.link(self.files.path(file_id), snap)
+        except FileNotFoundError:
+            raise
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(self.files.path(file_id), snap)
+        return snap
+
+    def _data_path(self, job: JobRecord, param: str) -> Path:
+        return self.root / job.id / "data" / f"{param}.jsonl"
+
+    def _train_path(self, job: JobRecord, param: str, file_id: str) -> str:
+        """The snapshot; a job validated before snapshots existed reads the upload itself."""
+        snap = self._data_path(job, param)
+        return str(snap if snap.exists() else self.files.path(file_id))
 
     def _fail(self, job_id: str, error: JobError) -> None:
         if self.jobs.transition(job_id, "failed", ACTIVE, error=error):
@@ -464,8 +488,12 @@ class JobManager:
             job_id=job.id,
             base_path=str(base.path),
             chat_template=base.chat_template,
-            train_file=str(self.files.path(job.training_file)),
-            valid_file=str(self.files.path(job.validation_file)) if job.validation_file else None,
+            train_file=self._train_path(job, "training_file", job.training_file),
+            valid_file=(
+                self._train_path(job, "validation_file", job.validation_file)
+                if job.validation_file
+                else None
+            ),
             n_epochs=hyper["n_epochs"],
             batch_size=hyper["batch_size"],
             learning_rate=BASE_LEARNING_RATE * hyper["learning_rate_multiplier"],

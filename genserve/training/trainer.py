@@ -148,8 +148,10 @@ class Data:
 def load_data(spec: WorkerSpec, tokenizer, path: str, param: str) -> Data:
     try:
         examples = read_examples(Path(path))
-    except (DatasetError, OSError) as e:
+    except DatasetError as e:
         raise TrainingDataError(str(e), param) from e
+    except OSError as e:  # its words, not the server's path
+        raise TrainingDataError(f"{param} could not be read: {e.strerror}", param) from e
     # The manager checked this before queueing the job; the file is read again here, so the
     # worker never trains one method on the other's data.
     if problem := method_mismatch(spec.method, read_format(examples), param):

@@ -261,6 +261,21 @@ def test_refusals_name_their_param(api: openai.OpenAI, ft_server: LiveServer) ->
         api.fine_tuning.jobs.cancel("ftjob-nope")
 
 
+def test_a_job_trains_on_after_its_upload_is_deleted(
+    api: openai.OpenAI, ft_server: LiveServer
+) -> None:
+    """Once validated, the job holds its own link to the data (OpenAI's jobs go on when the
+    upload is deleted; here the worker failed with the server's file path)."""
+    file_id = upload(api, training_data(8))
+    job = api.fine_tuning.jobs.create(
+        model=MODEL, training_file=file_id, hyperparameters={"n_epochs": 1, "batch_size": 4}
+    )
+    wait_until(lambda: raw_job(ft_server, job.id)["status"] != "validating_files", every=0.02)
+    assert api.files.delete(file_id).deleted
+    done = wait_finished(ft_server, job.id)
+    assert done["status"] == "succeeded", done["error"]
+
+
 def test_cancel_stops_the_worker(api: openai.OpenAI, ft_server: LiveServer) -> None:
     job = api.fine_tuning.jobs.create(
         model=MODEL, training_file=upload(api), hyperparameters={"n_epochs": 50}
