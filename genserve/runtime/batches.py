@@ -19,11 +19,14 @@ import contextlib
 import io
 import json
 import logging
+import os
 import secrets
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from genserve.runtime.json_text import field_name, lone_surrogate_at
@@ -203,9 +206,32 @@ class BatchRunner:
         self._writer.shutdown(wait=True)  # a commit under way completes
 
     def create(self, batch: BatchRecord) -> BatchRecord:
+        self._hold_input(batch)
         self.store.create(batch)
         self._launch(batch.id)
         return batch
+
+    def _held_input(self, batch_id: str) -> Path:
+        return self.files.root.parent / "batch-inputs" / f"{batch_id}.jsonl"
+
+    def _hold_input(self, batch: BatchRecord) -> None:
+        """The batch's own hard link to its input, read again on a resume: the upload may be
+        deleted while the batch runs (without it, a restart then failed the batch and lost
+        what had finished). A copy where links are refused."""
+        held = self._held_input(batch.id)
+        held.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(self.files.path(batch.input_file_id), held)
+        except FileNotFoundError:
+            return  # deleted already: _lines says so
+        except OSError:
+            shutil.copyfile(self.files.path(batch.input_file_id), held)
+
+    def _release_input(self, batch_id: str) -> None:
+        """Once the batch has ended (not when the server stops: it resumes from the link)."""
+        current = self.store.get(batch_id)
+        if current is not None and current.status not in ACTIVE:
+            self._held_input(batch_id).unlink(missing_ok=True)
 
     def cancel(self, batch_id: str) -> BatchRecord:
         """Stop starting requests now; the task aborts those in flight and writes the files."""
@@ -242,6 +268,7 @@ class BatchRunner:
         finally:
             self._tasks.pop(batch_id, None)
             self._cancel.pop(batch_id, None)
+            self._release_input(batch_id)
 
     async def _run(self, batch_id: str) -> None:
         batch = self.store.get(batch_id)
@@ -264,8 +291,10 @@ class BatchRunner:
 
     async def _lines(self, batch: BatchRecord) -> list[BatchLine] | None:
         """Parse the input (again, on a resume); a malformed or deleted file fails the batch."""
+        held = self._held_input(batch.id)  # absent for a batch created before links were kept
+        path = held if held.exists() else self.files.path(batch.input_file_id)
         try:
-            data = await asyncio.to_thread(self.files.path(batch.input_file_id).read_bytes)
+            data = await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
             data, errors = None, [LineError("file_not_found", "the input file was deleted")]
         if data is not None:

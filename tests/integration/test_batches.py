@@ -260,8 +260,12 @@ def test_sigkilled_server_finishes_the_batch_after_restart(
         # Enough work that the kill comes mid-batch: 40 lines of 8 tokens all finished before
         # it on a quiet 2-core EPYC, and nothing was left to resume.
         lines = [chat_line(i, max_tokens=24, ignore_eos=True) for i in range(LINES)]
-        batch_id = create(live, lines)["id"]
+        created = create(live, lines)
+        batch_id = created["id"]
         wait_until(lambda: card(live, batch_id)["request_counts"]["completed"] >= 3, 120, 0.02)
+        # The upload may go while the batch runs: it resumes from its own link to the bytes
+        # (it failed on the restart, losing what had finished).
+        assert api(live).files.delete(created["input_file_id"]).deleted
     finally:
         os.kill(live.proc.pid, signal.SIGKILL)  # mid-batch: no drain, no shutdown hook
         live.proc.wait()
@@ -282,6 +286,7 @@ def test_sigkilled_server_finishes_the_batch_after_restart(
     assert done["status"] == "completed"
     assert done["request_counts"] == {"total": LINES, "completed": LINES, "failed": 0}
     assert sorted(ids) == sorted(f"req-{i}" for i in range(LINES))  # each exactly once
+    assert not (data / "batch-inputs" / f"{batch_id}.jsonl").exists()  # released at the end
 
 
 def test_cli_creates_follows_lists_and_shows(srv: LiveServer, tmp_path: Path) -> None:
