@@ -28,6 +28,9 @@ def test_chat(client: openai.OpenAI, model_id: str) -> None:
     assert msg.role == "assistant"
     assert isinstance(msg.content, str)
     assert r.usage.completion_tokens <= 6
+    # The details OpenAI always sends, zeros included (clients read them without a check)
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    assert r.usage.prompt_tokens_details.audio_tokens == 0
 
 
 def test_max_tokens_reached_gives_length(client: openai.OpenAI, model_id: str) -> None:
