@@ -108,7 +108,7 @@ class FileStore:
         rows = self.db.query(
             "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?", (_now(),)
         )
-        return sum(self.delete(row["id"]) for row in rows)
+        return sum(self.delete(row["id"], expired=True) for row in rows)
 
     def stage(self, src: BinaryIO, max_bytes: int) -> StagedUpload:
         """Copy src to a staging file, refusing more than max_bytes. Blocking: run in a thread."""
@@ -201,11 +201,14 @@ class FileStore:
         rows = self.db.query(sql, (*args, limit + 1))
         return FilePage([_record(r) for r in rows[:limit]], len(rows) > limit)
 
-    def delete(self, file_id: str, project: str | None = None) -> bool:
-        """Delete the file (only if `project` owns it, when given)."""
+    def delete(self, file_id: str, project: str | None = None, expired: bool = False) -> bool:
+        """Delete the file (only if `project` owns it, when given); an expired one only when
+        asked (`expired`: the sweep), as to everyone else it no longer exists."""
         sql, args = "DELETE FROM files WHERE id = ?", (file_id,)
         if project is not None:
             sql, args = sql + " AND project = ?", (file_id, project)
+        if not expired:
+            sql, args = f"{sql} AND {LIVE}", (*args, _now())
         # The row goes first: a crash in between leaves an orphan file, never a row without bytes.
         if not self.db.execute(sql, args):
             return False

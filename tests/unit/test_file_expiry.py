@@ -37,6 +37,7 @@ def test_an_expired_file_is_gone_then_swept(
     with pytest.raises(QuotaExceededError):
         put(store, b"fourth", quota=FileQuota(max_files=2, max_bytes=100))
     assert store.path(brief.id).exists()  # bytes stay until the sweep
+    assert not store.delete(brief.id)  # to DELETE /v1/files it is gone: 404, as GET says
     assert store.delete_expired() == 1
     assert not store.path(brief.id).exists() and store.path(kept.id).exists()
     assert store.delete_expired() == 0
