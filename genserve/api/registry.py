@@ -61,7 +61,9 @@ async def register_model(body: RegisterModelRequest, request: Request) -> JSONRe
 async def replace_settings(model_id: str, body: ModelSettingsBody, request: Request) -> dict:
     """Replace a model's serving defaults, chat template, aliases and maximum context."""
     require_admin(request, "change a model's settings")
-    return served_card(runtime_of(request).model_registry().update(model_id, to_settings(body)))
+    rt = runtime_of(request)
+    model_id = rt.resolve_alias(model_id)  # as GET resolves it
+    return served_card(rt.model_registry().update(model_id, to_settings(body)))
 
 
 @router.patch("/v1/models/{model_id:path}", responses=CONFLICT)
@@ -69,6 +71,7 @@ async def patch_settings(model_id: str, body: ModelSettingsBody, request: Reques
     """Change some of them; what the body leaves out stays."""
     require_admin(request, "change a model's settings")
     rt = runtime_of(request)
+    model_id = rt.resolve_alias(model_id)  # as GET resolves it
     served = rt.models.get(model_id)
     if served is None:
         raise model_not_found(model_id)

@@ -35,8 +35,10 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
         # As OpenAI sends them, zeros included: clients read e.g. details.reasoning_tokens.
         "prompt_tokens_details": {"cached_tokens": cached_tokens, "audio_tokens": 0},
         "completion_tokens_details": {
-            "reasoning_tokens": 0, "audio_tokens": 0,
-            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
         },  # fmt: skip
     }
 

@@ -210,6 +210,10 @@ def test_names_claimed_by_a_loading_model_are_taken(reg_server) -> None:
         assert wait_status(srv.url, "q1")["status"] == "ready"
         r = http.post("/v1/completions", json={"model": "q2", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200 and r.json()["model"] in ("q1", "q2"), r.text
+        # An alias reaches its model's settings as GET reaches its card (PATCH was a 404)
+        r = http.patch("/v1/models/q2", json={"max_context": 64})
+        assert r.status_code == 200 and r.json()["id"] == "q1", r.text
+        assert http.get("/v1/models/q1").json()["max_context"] == 64
         assert http.delete("/v1/models/q1").status_code == 200
         # Released with the model: the names are free again.
         r = http.patch("/v1/models/tiny-llama", json={"aliases": ["main", "q2"]})
