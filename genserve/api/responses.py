@@ -36,14 +36,13 @@ from genserve.api.responses_wire import (
     new_id,
     output_items,
     response_object,
-    tool_choice,
     tool_defs,
     usage,
     wants_logprobs,
 )
 from genserve.api.sampling import apply_defaults, sampling_params
 from genserve.api.stream import first_event, spend_tokens
-from genserve.api.tools import tools_request
+from genserve.api.tools import named_choice, tools_request
 from genserve.runtime.errors import DomainError, Unavailable
 from genserve.runtime.generation import (
     ChatRequest,
@@ -103,7 +102,7 @@ def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
         raise bad_request(msg, "conversation")
     body.response_format = body.format_()
     tools = tools_request(
-        tool_defs(body.tools), tool_choice(body.tool_choice),
+        tool_defs(body.tools), named_choice(body.tool_choice),
         body.parallel_tool_calls, body.response_format,
     )  # fmt: skip
     context: list[dict[str, Any]] = []

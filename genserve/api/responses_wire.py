@@ -20,7 +20,7 @@ from genserve.api.tools import EMPTY_PARAMETERS
 from genserve.engine.types import TokenLogprob
 from genserve.runtime.generation import ChoiceState, Message
 from genserve.runtime.tokens import TokenText
-from genserve.runtime.tools import ToolCall, ToolChoice, ToolDef
+from genserve.runtime.tools import ToolCall, ToolDef
 
 SYSTEM_ROLES = ("system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -200,14 +200,6 @@ def tool_defs(tools: Sequence[FunctionTool] | None) -> list[ToolDef]:
             raise bad_request(f"tools[{i}].name is required", "tools")
         out.append(ToolDef(t.name, t.description, t.parameters or EMPTY_PARAMETERS, t.strict))
     return out
-
-
-def tool_choice(choice: str | FunctionChoice | None) -> ToolChoice | None:
-    if choice is None:
-        return None
-    if isinstance(choice, FunctionChoice):
-        return ToolChoice("function", choice.name)
-    return ToolChoice(choice)
 
 
 def tools_echo(tools: Sequence[FunctionTool] | None) -> list[dict]:

@@ -8,17 +8,22 @@ comes back as `message.function_call` with finish_reason "function_call"."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from genserve.api.errors import bad_request
 from genserve.api.schemas import (
     ChatCompletionRequest,
     ChatTool,
     FunctionDef,
-    FunctionRef,
     NamedToolChoice,
     ResponseFormat,
 )
 from genserve.runtime.tools import CallDelta, ToolCall, ToolChoice, ToolDef, ToolsRequest
+
+
+class HasName(Protocol):
+    name: str
+
 
 EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -78,7 +83,7 @@ def chat_tools(body: ChatCompletionRequest) -> ToolsRequest | None:
         msg = f"`{param}` (deprecated) cannot be combined with `tools` or `tool_choice`"
         raise bad_request(msg, param)
     functions = [function_def(f) for f in body.functions or ()]
-    choice = legacy_choice(body.function_call)
+    choice = named_choice(body.function_call)
     # One call at most: a function_call answer has room for no more.
     return tools_request(functions, choice, False, body.response_format, LEGACY_PARAMS)
 
@@ -88,22 +93,19 @@ def is_legacy(body: ChatCompletionRequest) -> bool:
     return body.functions is not None or body.function_call is not None
 
 
-def legacy_choice(call: str | FunctionRef | None) -> ToolChoice | None:
-    """function_call: "none" | "auto" | {"name": ...}."""
-    if call is None:
+def named_choice(choice: str | HasName | None) -> ToolChoice | None:
+    """A mode ("none", "auto", "required") or one function by name: the legacy
+    function_call's {"name"} and Responses' {"type": "function", "name"}."""
+    if choice is None:
         return None
-    if isinstance(call, FunctionRef):
-        return ToolChoice("function", call.name)
-    return ToolChoice(call)
+    if isinstance(choice, str):
+        return ToolChoice(choice)
+    return ToolChoice("function", choice.name)
 
 
 def chat_choice(choice: str | NamedToolChoice | None) -> ToolChoice | None:
     """Chat's tool_choice: a mode, or {"type": "function", "function": {"name": ...}}."""
-    if choice is None:
-        return None
-    if isinstance(choice, NamedToolChoice):
-        return ToolChoice("function", choice.function.name)
-    return ToolChoice(choice)
+    return named_choice(choice.function if isinstance(choice, NamedToolChoice) else choice)
 
 
 def message_calls(calls: Sequence[ToolCall]) -> list[dict]:

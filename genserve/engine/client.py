@@ -164,16 +164,18 @@ class AsyncEngine:
         # Batch API requests are not cut: the batch runner stops them at shutdown without
         # recording a result, and they run again after a restart (cut, they were failures).
         held = [rid for rid, f in self._flights.items() if not f.request.background]
+        self._fail(held, error)
         for rid in held:
-            prompt = len(self._flights[rid].request.prompt_token_ids)
-            self._dispatch([TokenDelta(rid, (), "", FinishReason.ABORT, prompt, 0, error=error)])
             self.core.abort(rid)
 
     def _fail_open(self, error: RequestFailure) -> None:
-        for rid, flight in list(self._flights.items()):
-            prompt = len(flight.request.prompt_token_ids)
-            delta = TokenDelta(rid, (), "", FinishReason.ABORT, prompt, 0, error=error)
-            self._dispatch([delta])
+        self._fail(list(self._flights), error)
+
+    def _fail(self, request_ids: list[str], error: RequestFailure) -> None:
+        """End these requests' streams with `error` (their records leave with the delta)."""
+        for rid in request_ids:
+            prompt = len(self._flights[rid].request.prompt_token_ids)
+            self._dispatch([TokenDelta(rid, (), "", FinishReason.ABORT, prompt, 0, error=error)])
 
     @property
     def pid(self) -> int:

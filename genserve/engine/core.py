@@ -344,10 +344,7 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001 - a detokenizer failure ends this request alone
             log.warning("request %s failed while detokenizing: %r", seq.request_id, e)
             return self._failed(live, RequestFailure(f"detokenizing failed: {e!r}"))
-        params = seq.request.params
-        prompt_lps = ()
-        if len(seq.output_ids) == 1 and params.prompt_logprobs is not None:
-            prompt_lps = tuple(self.worker.prompt_logprobs(seq.request_id) or ())
+        prompt_lps = self._prompt_logprobs(seq) if len(seq.output_ids) == 1 else ()
         delta = TokenDelta(
             seq.request_id,
             (sampled.token_id,),
@@ -367,15 +364,18 @@ class EngineCore:
         """max_tokens 0: the prompt was run for its logprobs; the token drawn after it is
         dropped, and the request ends with none generated."""
         seq = live.seq
-        prompt_lps = ()
-        if seq.request.params.prompt_logprobs is not None:
-            prompt_lps = tuple(self.worker.prompt_logprobs(seq.request_id) or ())
         delta = TokenDelta(
             seq.request_id, (), "", FinishReason.LENGTH, len(seq.request.prompt_token_ids), 0,
-            prompt_logprobs=prompt_lps, cached_tokens=seq.num_cached or 0,
+            prompt_logprobs=self._prompt_logprobs(seq), cached_tokens=seq.num_cached or 0,
         )  # fmt: skip
         self._release(live)
         return delta
+
+    def _prompt_logprobs(self, seq: Seq) -> tuple:
+        """The prompt's logprobs, sent with a request's first delta when it asked for them."""
+        if seq.request.params.prompt_logprobs is None:
+            return ()
+        return tuple(self.worker.prompt_logprobs(seq.request_id) or ())
 
     def _outcome(self, live: Live, sampled: SampledToken) -> tuple[FinishReason | None, str]:
         """Why the sequence ends with this token (None: it goes on), and the text to send."""

@@ -19,9 +19,7 @@ import contextlib
 import io
 import json
 import logging
-import os
 import secrets
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -217,15 +215,9 @@ class BatchRunner:
     def _hold_input(self, batch: BatchRecord) -> None:
         """The batch's own hard link to its input, read again on a resume: the upload may be
         deleted while the batch runs (without it, a restart then failed the batch and lost
-        what had finished). A copy where links are refused."""
-        held = self._held_input(batch.id)
-        held.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(self.files.path(batch.input_file_id), held)
-        except FileNotFoundError:
-            return  # deleted already: _lines says so
-        except OSError:
-            shutil.copyfile(self.files.path(batch.input_file_id), held)
+        what had finished)."""
+        with contextlib.suppress(FileNotFoundError):  # deleted already: _lines says so
+            self.files.hold(batch.input_file_id, self._held_input(batch.id))
 
     def _release_input(self, batch_id: str) -> None:
         """Once the batch has ended (not when the server stops: it resumes from the link)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,20 @@ class FileStore:
 
     def discard(self, staged: StagedUpload) -> None:
         staged.path.unlink(missing_ok=True)
+
+    def hold(self, file_id: str, dest: Path) -> Path:
+        """A link of dest to the file's bytes that outlives a delete of the file (a job's or a
+        batch's input): a hard link, a copy where the filesystem refuses links.
+        FileNotFoundError if the file is gone already."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.unlink(missing_ok=True)
+        try:
+            os.link(self.path(file_id), dest)
+        except FileNotFoundError:
+            raise
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(self.path(file_id), dest)
+        return dest
 
     def path(self, file_id: str) -> Path:
         return self.root / file_id

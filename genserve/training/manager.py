@@ -19,7 +19,6 @@ import io
 import logging
 import os
 import secrets
-import shutil
 import signal
 import sys
 import time
@@ -339,17 +338,8 @@ class JobManager:
     def _snapshot(self, job: JobRecord, param: str, file_id: str) -> Path:
         """The job's own link to a file's bytes, checked and then trained on: the upload may
         be deleted once the job has it (OpenAI's jobs go on), and the worker reads what was
-        checked. A hard link, so no copy (a copy where links are refused)."""
-        snap = self._data_path(job, param)
-        snap.parent.mkdir(parents=True, exist_ok=True)
-        snap.unlink(missing_ok=True)
-        try:
-            os.link(self.files.path(file_id), snap)
-        except FileNotFoundError:
-            raise
-        except OSError:  # a filesystem without hard links
-            shutil.copyfile(self.files.path(file_id), snap)
-        return snap
+        checked."""
+        return self.files.hold(file_id, self._data_path(job, param))
 
     def _data_path(self, job: JobRecord, param: str) -> Path:
         return self.root / job.id / "data" / f"{param}.jsonl"
