@@ -146,7 +146,7 @@ SERVE_OPTIONS = (
     ConfigOption("max_file_bytes_per_project", "quotas", "max_file_bytes",
                  "Quota: bytes of one project's files."),
     ConfigOption("max_jobs_per_project", "quotas", "max_active_jobs",
-                 "Quota: one project's fine-tuning jobs validating, queued or running."),
+                 "Quota: one project's unfinished fine-tuning jobs (paused ones too)."),
     ConfigOption("queue_retry_after", None, "retry_after_s",
                  "Retry-After seconds on the 429 of a full queue."),
 )  # fmt: skip

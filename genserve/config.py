@@ -214,7 +214,7 @@ class QuotaConfig:
 
     max_files: int = 1000  # stored files, the jobs' result files included
     max_file_bytes: int = 10 * GIB  # their bytes together
-    max_active_jobs: int = 8  # fine-tuning jobs validating, queued or running
+    max_active_jobs: int = 8  # unfinished fine-tuning jobs, paused ones too
     retry_after_s: int = 60  # Retry-After on a quota's 429
 
     def __post_init__(self) -> None:

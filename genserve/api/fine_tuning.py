@@ -1,4 +1,4 @@
-"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, events, checkpoints.
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume, events, checkpoints.
 
 The routes check what a request names (the base model, the files) and hand the job to the
 JobManager (genserve.training.manager), which trains it in a worker process and serves the
@@ -27,6 +27,7 @@ from genserve.training.manager import (
     JobFinishedError,
     JobManager,
     JobRequest,
+    JobStateError,
     checkpoint_model_id,
     fine_tuned_model_id,
 )
@@ -260,8 +261,8 @@ def check_job_quota(manager: JobManager, who: Principal, config: ServerConfig) -
     active = manager.jobs.count_active(who.project)
     if active >= limit:
         raise quota_exceeded(
-            f"this project has {active} fine-tuning jobs validating, queued or running, its "
-            f"quota of {limit}; wait for one to finish or cancel one",
+            f"this project has {active} unfinished fine-tuning jobs (validating, queued, "
+            f"running or paused), its quota of {limit}; wait for one to finish or cancel one",
             config.quotas,
         )
 
@@ -327,6 +328,33 @@ async def cancel_job(job_id: str, request: Request) -> dict:
         job = await manager.cancel(job_id)
     except JobFinishedError as e:
         raise bad_request(str(e), "fine_tuning_job_id", "job_already_finished") from None
+    return job_card(job)
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/pause")
+async def pause_job(job_id: str, request: Request) -> dict:
+    """A running job saves its state before its next step and stops (`pausing`, then
+    `paused`); a queued one is paused at once. Its worker's CPU goes to other work meanwhile."""
+    manager = job_manager(request)
+    get_job(manager, job_id, principal(request))
+    try:
+        job = await manager.pause(job_id)
+    except JobFinishedError as e:
+        raise bad_request(str(e), "fine_tuning_job_id", "job_already_finished") from None
+    except JobStateError as e:
+        raise bad_request(str(e), "fine_tuning_job_id", "invalid_job_state") from None
+    return job_card(job, manager.worker_pid(job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/resume")
+async def resume_job(job_id: str, request: Request) -> dict:
+    """A paused job is queued again and continues from where it paused."""
+    manager = job_manager(request)
+    get_job(manager, job_id, principal(request))
+    try:
+        job = await manager.resume(job_id)
+    except JobStateError as e:
+        raise bad_request(str(e), "fine_tuning_job_id", "invalid_job_state") from None
     return job_card(job)
 
 

@@ -10,7 +10,9 @@ from typing import Any, Generic, TypeVar
 
 from genserve.storage.db import DEFAULT_PROJECT, Database, new_id
 
-ACTIVE = ("validating_files", "queued", "running")
+# Unfinished: cancel and failure reach these, and a project's job quota counts them (a paused
+# job keeps its data and checkpoints, and may be resumed at any time).
+ACTIVE = ("validating_files", "queued", "running", "pausing", "paused")
 TERMINAL = ("succeeded", "failed", "cancelled")
 T = TypeVar("T")
 
@@ -165,7 +167,7 @@ class JobStore:
         return Page(*self._page("jobs", "project = ?", (project,), after, limit, _job))
 
     def count_active(self, project: str) -> int:
-        """The project's jobs that are validating, queued or running (its quota counts them)."""
+        """The project's unfinished jobs (its quota counts them)."""
         marks = ",".join("?" * len(ACTIVE))
         sql = f"SELECT COUNT(*) FROM jobs WHERE project = ? AND status IN ({marks})"
         return self.db.query(sql, (project, *ACTIVE))[0][0]

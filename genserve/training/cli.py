@@ -1,4 +1,4 @@
-"""`genserve finetune create|list|show|cancel`: the fine-tuning API from a terminal.
+"""`genserve finetune create|list|show|cancel|pause|resume`: the fine-tuning API from a terminal.
 
 Plain HTTP (httpx) against any server with OpenAI's fine-tuning routes; the base URL and key
 default to OPENAI_BASE_URL and OPENAI_API_KEY, as the openai client's do.
@@ -139,7 +139,7 @@ def follow_job(client: Client, job_id: str, poll_s: float = 1.0) -> dict:
             for event in _new_events(client, job_id, seen):
                 _show(bar, task, event)
             job = client.call("GET", f"/fine_tuning/jobs/{job_id}")
-            if job["status"] in TERMINAL:
+            if job["status"] in (*TERMINAL, "paused"):  # a paused job waits for `resume`
                 break
             time.sleep(poll_s)
         for event in _new_events(client, job_id, seen):
@@ -228,8 +228,24 @@ def show(
 @finetune_app.command("cancel")
 def cancel(job_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "") -> None:
     """Cancel a job that has not finished."""
+    _act(job_id, "cancel", base_url, api_key)
+
+
+@finetune_app.command("pause")
+def pause(job_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Pause a queued or running job: it saves its state and stops until resumed."""
+    _act(job_id, "pause", base_url, api_key)
+
+
+@finetune_app.command("resume")
+def resume(job_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Queue a paused job again: it continues from where it paused."""
+    _act(job_id, "resume", base_url, api_key)
+
+
+def _act(job_id: str, action: str, base_url: str, api_key: str) -> None:
     try:
-        job = _client(base_url, api_key).call("POST", f"/fine_tuning/jobs/{job_id}/cancel")
+        job = _client(base_url, api_key).call("POST", f"/fine_tuning/jobs/{job_id}/{action}")
     except APIFailure as e:
         raise _fail(e) from None
     console.print(f"{job['id']}: {job['status']}")

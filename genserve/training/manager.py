@@ -1,8 +1,11 @@
 """The job state machine, in the server's event loop: validate, queue, train, serve.
 
-validating_files -> queued -> running -> succeeded | failed, and cancelled from any of the
-first three. One job trains at a time, in a worker process (genserve.training.worker; under
-Ray Serve, launched as a Ray task: genserve.ray.training). The
+validating_files -> queued -> running -> succeeded | failed, and cancelled from any state
+before those. A queued job pauses at once; a running one goes `pausing` -> `paused`: its worker
+(SIGUSR1) saves its state before its next step and exits, and a resumed job is queued again and
+continues from that state (a Ray task cannot be signalled: it is cancelled and its job resumes
+from its last checkpoint). One job trains at a time, in a worker process
+(genserve.training.worker; under Ray Serve, launched as a Ray task: genserve.ray.training). The
 database is the truth: a job found `running` at start-up was cut off by the server's death and
 resumes from its last checkpoint; a worker that dies without a result (a crash, a SIGKILL) is
 restarted from the last checkpoint up to MAX_CRASHES times, after which the job fails with an
@@ -16,6 +19,7 @@ import contextlib
 import csv
 import errno
 import io
+import json
 import logging
 import os
 import secrets
@@ -35,11 +39,13 @@ from genserve.storage.space import is_disk_full
 from genserve.training import dataset
 from genserve.training.messages import (
     DEFAULT_BETA,
+    PAUSE_DIR,
     Checkpointed,
     Failed,
     Finished,
     Message,
     Metrics,
+    Paused,
     Started,
     WorkerSpec,
     dump,
@@ -71,6 +77,10 @@ class JobFinishedError(ValueError):
     """The job has already ended; there is nothing left to cancel."""
 
 
+class JobStateError(ValueError):
+    """The job is not in a state the request applies to (resume a job that is not paused)."""
+
+
 @dataclass(frozen=True, slots=True)
 class JobRequest:
     """A validated POST /v1/fine_tuning/jobs: files exist, the model is served."""
@@ -93,6 +103,7 @@ class Outcome:
     finished: Finished | None
     failed: Failed | None
     returncode: int
+    paused: Paused | None = None
 
 
 def resolve_hyperparameters(
@@ -202,6 +213,8 @@ class JobManager:
         self._runner = asyncio.create_task(self._run_forever())
         if not resume:
             return
+        for job in self.jobs.with_status("pausing"):  # the server stopped before its worker did
+            self._mark_paused(job.id, None)
         for job in self.jobs.with_status("validating_files"):
             self._spawn(self._until_stored(job.id, self._validate))
         for job in self.jobs.with_status("queued", "running"):
@@ -289,6 +302,48 @@ class JobManager:
             if proc is not None:
                 await _terminate(proc)
         return self.jobs.get(job_id)
+
+    async def pause(self, job_id: str) -> JobRecord:
+        """A queued job pauses at once; a running one is asked to stop before its next step
+        (`pausing`; the runner marks it `paused` when its worker has exited). Pausing a
+        paused or pausing job changes nothing."""
+        job = self._get(job_id)
+        if job.status in TERMINAL:
+            raise JobFinishedError(f"Job {job_id} has already {job.status}; it cannot be paused")
+        if job.status == "validating_files":
+            raise JobStateError(f"Job {job_id} is validating its files; pause it once it is queued")
+        if self.jobs.transition(job_id, "paused", ("queued",)):
+            self._note(job_id, "Fine-tuning job paused")
+        elif self.jobs.transition(job_id, "pausing", ("running",)):
+            self._note(job_id, "Pausing: the job saves its state and stops")
+            proc = self._procs.get(job_id)
+            if proc is not None:  # none yet: _run_worker sees `pausing` once it has started
+                await _ask_to_pause(proc)
+        return self.jobs.get(job_id)
+
+    async def resume(self, job_id: str) -> JobRecord:
+        """A paused job goes back to the queue; it continues from where it paused."""
+        job = self._get(job_id)
+        if not self.jobs.transition(job_id, "queued", ("paused",)):
+            raise JobStateError(f"Job {job_id} is {job.status}, not paused; it cannot be resumed")
+        self._note(job_id, f"Fine-tuning job resumed; it continues from {self._resume_point(job)}")
+        self._queue.put_nowait(job_id)
+        return self.jobs.get(job_id)
+
+    def _get(self, job_id: str) -> JobRecord:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return job
+
+    def _mark_paused(self, job_id: str, paused: Paused | None) -> None:
+        if not self.jobs.transition(job_id, "paused", ("pausing",)):
+            return  # cancelled meanwhile
+        if paused is not None:
+            self._note(job_id, f"Fine-tuning job paused after step {paused.step}")
+        else:  # it stopped before it could save: it resumes from its last checkpoint
+            where = self._resume_point(job_id)
+            self._note(job_id, f"Fine-tuning job paused; it resumes from {where}")
 
     def worker_pid(self, job_id: str) -> int | None:
         proc = self._procs.get(job_id)
@@ -410,27 +465,37 @@ class JobManager:
     async def _run_job(self, job_id: str) -> None:
         while True:
             job = self.jobs.get(job_id)
+            if job.status == "pausing":  # paused while the disk was full
+                self._mark_paused(job_id, None)
+                return
             base = self.services.models.get(job.model)
             if base is None:
                 msg = f"the base model {job.model} is not served by this server"
                 self._fail(job_id, JobError("model_not_available", msg, "model"))
                 return
             if not self.jobs.transition(job_id, "running", ("queued", "running")):
-                return  # cancelled while it waited
-            outcome = await self._run_worker(job, base)
-            if self._stopping or self.jobs.get(job_id).status != "running":
-                return  # the server stops (the job resumes later) or the job was cancelled
-            if outcome.finished is not None:
-                await self._succeed(job, outcome.finished)
+                return  # cancelled or paused while it waited
+            if await self._settle(job, await self._run_worker(job, base)):
                 return
-            if outcome.failed is not None:
-                failed = outcome.failed
-                if failed.code == DISK_FULL_CODE:  # not the job's fault: it resumes later
-                    raise OSError(errno.ENOSPC, failed.message)
-                self._fail(job_id, JobError(failed.code, failed.message, failed.param))
-                return
-            if not self._survive_crash(job_id, outcome.returncode):
-                return
+
+    async def _settle(self, job: JobRecord, outcome: Outcome) -> bool:
+        """Act on how a worker run ended; False when the job runs again (after a crash)."""
+        status = self.jobs.get(job.id).status
+        if self._stopping or status not in ("running", "pausing"):
+            return True  # the server stops (the job resumes later) or the job was cancelled
+        if outcome.finished is not None:  # done, even if a pause came too late
+            await self._succeed(job, outcome.finished)
+            return True
+        if outcome.failed is not None:
+            failed = outcome.failed
+            if failed.code == DISK_FULL_CODE:  # not the job's fault: it resumes later
+                raise OSError(errno.ENOSPC, failed.message)
+            self._fail(job.id, JobError(failed.code, failed.message, failed.param))
+            return True
+        if status == "pausing":
+            self._mark_paused(job.id, outcome.paused)
+            return True
+        return not self._survive_crash(job.id, outcome.returncode)
 
     def _survive_crash(self, job_id: str, returncode: int) -> bool:
         crashes = self.jobs.count_crash(job_id)
@@ -443,9 +508,26 @@ class JobManager:
         self.jobs.add_event(job_id, f"{what}; resuming from {where}", level="warn")
         return True
 
-    def _resume_point(self, job_id: str) -> str:
-        ckpt = self.jobs.last_checkpoint(job_id)
-        return f"the checkpoint at step {ckpt.step}" if ckpt else "the start (no checkpoint yet)"
+    def _resume_point(self, job: JobRecord | str) -> str:
+        job = self._get(job) if isinstance(job, str) else job
+        where = self._resume_from(job)
+        if where is None:
+            return "the start (no checkpoint yet)"
+        step, folder = where
+        return f"the {'pause' if folder.name == PAUSE_DIR else 'checkpoint'} at step {step}"
+
+    def _resume_from(self, job: JobRecord) -> tuple[int, Path] | None:
+        """(step, folder) the next run starts from: the last checkpoint, or the state a pause
+        saved after it."""
+        job_dir = self.root / job.id
+        best = None
+        if (ckpt := self.jobs.last_checkpoint(job.id)) is not None:
+            # By folder name under this job's dir: the data dir may have moved since.
+            best = (ckpt.step, job_dir / "checkpoints" / Path(ckpt.path).name)
+        paused = _saved_step(job_dir / PAUSE_DIR)
+        if paused is not None and (best is None or paused > best[0]):
+            best = (paused, job_dir / PAUSE_DIR)
+        return best
 
     async def _run_worker(self, job: JobRecord, base: ServedModel) -> Outcome:
         spec_path = self._write_spec(job, base)
@@ -454,26 +536,30 @@ class JobManager:
         where = getattr(proc, "where", None)
         if where:
             self.jobs.add_event(job.id, f"Training {where}")
-        if self.jobs.get(job.id).status != "running":
+        status = self.jobs.get(job.id).status
+        if status == "pausing":  # paused while it was being started
+            await _ask_to_pause(proc)
+        elif status != "running":
             await _terminate(proc)  # cancelled while it was being started
-        finished = failed = None
+        finished = failed = paused = None
         try:
             async for line in proc.stdout:
                 message = self._read(job.id, line)
                 finished = message if isinstance(message, Finished) else finished
                 failed = message if isinstance(message, Failed) else failed
+                paused = message if isinstance(message, Paused) else paused
             returncode = await proc.wait()
         finally:
             if proc.returncode is None:  # cancelled (server stopping): do not leave it behind
                 await _terminate(proc)
             self._procs.pop(job.id, None)
-        return Outcome(finished, failed, returncode)
+        return Outcome(finished, failed, returncode, paused)
 
     def _write_spec(self, job: JobRecord, base: ServedModel) -> Path:
         job_dir = self.root / job.id
         job_dir.mkdir(parents=True, exist_ok=True)
         hyper = job.hyperparameters
-        ckpt = self.jobs.last_checkpoint(job.id)
+        resume = self._resume_from(job)
         spec = WorkerSpec(
             job_id=job.id,
             base_path=str(base.path),
@@ -490,8 +576,7 @@ class JobManager:
             seed=job.seed,
             max_len=base.max_len,
             out_dir=str(job_dir),
-            # By folder name under this job's dir: the data dir may have moved since.
-            resume_dir=str(job_dir / "checkpoints" / Path(ckpt.path).name) if ckpt else None,
+            resume_dir=str(resume[1]) if resume else None,
             threads=self.threads,
             device=self.device,
             method=job.method,
@@ -549,7 +634,7 @@ class JobManager:
             results = None
         else:
             fields["result_files"] = (results.id,)
-        if self.jobs.transition(job.id, "succeeded", ("running",), **fields):
+        if self.jobs.transition(job.id, "succeeded", ("running", "pausing"), **fields):
             self.jobs.add_event(job.id, "The job has successfully completed")
             if model_id not in self.services.adapters and job.model in self.services.models:
                 await self.on_model_served(job.model)  # its base came back meanwhile
@@ -623,6 +708,25 @@ class _FileProblem(ValueError):
         super().__init__(message)
         self.param = param
         self.code = f"invalid_{param}"
+
+
+async def _ask_to_pause(proc: WorkerProcess) -> None:
+    """SIGUSR1: the worker saves its state before its next step and exits. A worker that
+    cannot take a signal (a Ray task) is stopped; its job resumes from its last checkpoint."""
+    send = getattr(proc, "send_signal", None)
+    if send is None:
+        await _terminate(proc)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        send(signal.SIGUSR1)
+
+
+def _saved_step(folder: Path) -> int | None:
+    """The step a saved state (a pause's) holds, or None when there is none whole."""
+    try:
+        return int(json.loads((folder / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 async def _terminate(proc: WorkerProcess) -> None:

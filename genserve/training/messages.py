@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 DEFAULT_BETA = 0.1  # DPO's beta when a job says "auto": where the DPO paper and TRL start
+PAUSE_DIR = "paused"  # under a job's out_dir: the state its last pause saved (one, replaced)
 
 
 class WorkerSpec(BaseModel):
@@ -71,14 +72,25 @@ class Finished:
 
 
 @dataclass(frozen=True, slots=True)
+class Paused:
+    """The run stopped on request (POST .../pause) after `step`, its state saved in `path`
+    (not one of the job's checkpoints: a resume point between them)."""
+
+    step: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     code: str
     message: str
     param: str | None = None
 
 
-Message = Started | Metrics | Checkpointed | Finished | Failed
-KINDS: dict[str, type] = {c.__name__: c for c in (Started, Metrics, Checkpointed, Finished, Failed)}
+Message = Started | Metrics | Checkpointed | Finished | Paused | Failed
+KINDS: dict[str, type] = {
+    c.__name__: c for c in (Started, Metrics, Checkpointed, Finished, Paused, Failed)
+}
 
 
 def dump(message: Message) -> str:

@@ -6,7 +6,9 @@ CPU with the worker's share of torch threads.
 Reproducible by construction: the seed sets the LoRA initialisation, each epoch shuffles with
 its own generator (seed + epoch), dropout is 0 and the learning rate is a pure function of the
 step. A checkpoint holds the adapter, the optimizer state (safetensors, no pickle) and the step,
-so a run resumed from it computes the same losses the uninterrupted run would have.
+so a run resumed from it computes the same losses the uninterrupted run would have. A pause
+(the worker's SIGUSR1) saves the same state between two steps of an epoch, with how many of the
+epoch's batches are done, and ends the run; resumed, it skips those batches.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ from genserve.training.dataset import (
 )
 from genserve.training.dpo import PairScores, pair_scores
 from genserve.training.messages import (
+    PAUSE_DIR,
     Checkpointed,
     Finished,
     Message,
     Metrics,
+    Paused,
     Started,
     WorkerSpec,
 )
@@ -71,6 +75,11 @@ class Progress:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     trained_tokens: int = 0
+    batches_done: int = 0  # of the epoch after `epoch`: > 0 only in a pause's state
+
+
+class RunPaused(Exception):  # noqa: N818 - not an error: the run stopped where it was asked to
+    """Raised out of the epoch loop once a pause's state is saved and announced."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +139,7 @@ class Run:
     emit: Emit
     place: Placement
     objective: Objective
+    pause_requested: Callable[[], bool] = lambda: False
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,7 +394,10 @@ def load_checkpoint(model, optimizer, folder: Path) -> Progress:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def train(spec: WorkerSpec, emit: Emit) -> Finished:
+def train(
+    spec: WorkerSpec, emit: Emit, pause_requested: Callable[[], bool] = lambda: False
+) -> Finished:
+    """The whole run; raises RunPaused when `pause_requested` turned true before its end."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_path)
@@ -403,7 +416,10 @@ def train(spec: WorkerSpec, emit: Emit) -> Finished:
     if spec.resume_dir:
         progress = load_checkpoint(model, optimizer, Path(spec.resume_dir))
     total = math.ceil(len(rows) / spec.batch_size) * spec.n_epochs
-    run = Run(spec, model, optimizer, rows, valid, pad_id, total, emit, place, objective_for(spec))
+    run = Run(
+        spec, model, optimizer, rows, valid, pad_id, total, emit, place, objective_for(spec),
+        pause_requested,
+    )  # fmt: skip
     emit(Started(total, len(rows), len(valid), data.truncated, progress.step, data.skipped,
                  str(place.device), place.precision))  # fmt: skip
     for epoch in range(progress.epoch, spec.n_epochs):
@@ -417,12 +433,17 @@ def train(spec: WorkerSpec, emit: Emit) -> Finished:
 
 
 def run_epoch(run: Run, epoch: int, progress: Progress) -> Progress:
-    """One pass over the shuffled data, a metrics message per step, a checkpoint at the end."""
+    """One pass over the shuffled data (the batches a pause left undone, when resumed from
+    one), a metrics message per step, a checkpoint at the end."""
     spec, bs = run.spec, run.spec.batch_size
     order = epoch_order(len(run.rows), spec.seed, epoch)
     batches = [order[i : i + bs] for i in range(0, len(order), bs)]
     step, tokens, data = progress.step, progress.trained_tokens, {}
     for j, indices in enumerate(batches):
+        if j < progress.batches_done:
+            continue
+        if run.pause_requested():
+            pause(run, Progress(epoch, step, tokens, j))
         lr = spec.learning_rate * (1 - step / run.total_steps)  # linear decay, from the step
         done = run.objective.step(run, [run.rows[i] for i in indices], lr)
         step, tokens = step + 1, tokens + done.tokens
@@ -436,6 +457,14 @@ def run_epoch(run: Run, epoch: int, progress: Progress) -> Progress:
     save_checkpoint(run.model, run.optimizer, progress, folder)
     run.emit(Checkpointed(step, epoch + 1, str(folder), data))
     return progress
+
+
+def pause(run: Run, progress: Progress) -> None:
+    """Save the run's state between two steps, say so, and end the run."""
+    folder = Path(run.spec.out_dir) / PAUSE_DIR
+    save_checkpoint(run.model, run.optimizer, progress, folder)
+    run.emit(Paused(progress.step, str(folder)))
+    raise RunPaused(progress.step)
 
 
 def validation_scores(run: Run) -> dict[str, float]:

@@ -15,6 +15,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TextIO
 
@@ -65,6 +66,15 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
+def _pause_on_signal() -> threading.Event:
+    """SIGUSR1 (the manager's pause) sets the event; the run stops before its next step. Set
+    before torch is imported: until then SIGUSR1 would kill the worker (the job would resume
+    from its last checkpoint instead)."""
+    requested = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda _sig, _frame: requested.set())
+    return requested
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genserve.training.worker")
     parser.add_argument("--spec", required=True, type=Path)
@@ -72,14 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     spec = WorkerSpec.model_validate_json(args.spec.read_text())
     emit = _channel()
     _die_with_parent()
+    pause = _pause_on_signal()
 
     import torch
 
-    from genserve.training.trainer import TrainingDataError, train
+    from genserve.training.trainer import RunPaused, TrainingDataError, train
 
     torch.set_num_threads(spec.threads)
     try:
-        emit(train(spec, emit))
+        emit(train(spec, emit, pause.is_set))
+    except RunPaused:
+        return 0  # the Paused message said where; the manager marks the job paused
     except TrainingDataError as e:
         emit(Failed(f"invalid_{e.param}", str(e), e.param))
         return 1
