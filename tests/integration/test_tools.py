@@ -553,3 +553,68 @@ def test_a_forced_responses_call_cut_before_its_arguments_is_an_incomplete_item(
     assert [(i.type, i.name, i.arguments) for i in final.output] == [
         ("function_call", "get_weather", "")
     ]
+
+
+# -- a choice without tools, and choices pydantic could not name --------------------------------
+ONLY_WITH_TOOLS = "is only allowed when '{}' are specified"
+
+
+def post_error(server: LiveServer, path: str, body: dict) -> dict:
+    """OpenAI's error shape, with a 400."""
+    r = httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    return error
+
+
+@pytest.mark.parametrize(
+    "extra,param,words",
+    [
+        # OpenAI refuses every tool_choice without tools, "none" too (api/tools.py says why)
+        *[({"tool_choice": v}, "tool_choice", ONLY_WITH_TOOLS.format("tools"))
+          for v in ("none", "auto", "required", NAMED)],
+        ({"tools": [], "tool_choice": "auto"}, "tool_choice", ONLY_WITH_TOOLS.format("tools")),
+        *[({"function_call": v}, "function_call", ONLY_WITH_TOOLS.format("functions"))
+          for v in ("none", "auto", {"name": "get_time"})],
+        # the legacy dialect's own names, not the tools'
+        ({"functions": FUNCTIONS, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "w", "schema": WEATHER}}}, "response_format", "`functions`"),
+        # one param and one message, not pydantic's per-member `function_call.literal[...]`
+        ({"functions": FUNCTIONS, "function_call": "sometimes"}, "function_call",
+         "invalid value 'sometimes': expected 'none' or 'auto', or an object naming a function"),
+        ({"functions": FUNCTIONS, "function_call": 3}, "function_call", "expected 'none' or"),
+        ({"functions": FUNCTIONS, "function_call": {"nam": "x"}}, "function_call", "name"),
+        ({"functions": FUNCTIONS, "function_call": {"name": "a b"}}, "function_call", "pattern"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice",
+         "expected 'none', 'auto' or 'required', or an object naming a function"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice", "function"),
+    ],
+)  # fmt: skip
+def test_choice_errors_name_the_param_alone(
+    client: openai.OpenAI, server: LiveServer, extra: dict, param: str, words: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=5, extra_body=extra
+        )
+    assert e.value.param == param and words in e.value.message, e.value.message
+    assert "`tools`" not in e.value.message or param != "response_format"
+    post_error(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 5, **extra})
+
+
+def test_responses_take_auto_and_none_without_tools_and_refuse_the_rest(
+    client: openai.OpenAI, server: LiveServer
+) -> None:
+    """A Response echoes tool_choice ("auto" by default) beside its tools, [] too: what it
+    echoes is taken back; a choice no tool can meet is not."""
+    for mode in ("auto", "none"):
+        r = client.responses.create(model=MODEL, input="x", tool_choice=mode, max_output_tokens=2)
+        assert r.tool_choice == mode and r.tools == []
+    for choice in ("required", {"type": "function", "name": "get_time"}):
+        error = post_error(server, "/v1/responses", {"input": "x", "tool_choice": choice})
+        assert error["param"] == "tool_choice"
+        assert ONLY_WITH_TOOLS.format("tools") in error["message"]
+    error = post_error(server, "/v1/responses", {"input": "x", "tool_choice": "sometimes"})
+    assert error["param"] == "tool_choice" and "expected 'none', 'auto'" in error["message"]
