@@ -42,7 +42,7 @@ from genserve.api.responses_wire import (
 )
 from genserve.api.sampling import apply_defaults, sampling_params
 from genserve.api.stream import first_event, spend_tokens
-from genserve.api.tools import named_choice, tools_request
+from genserve.api.tools import RESPONSES_PARAMS, named_choice, tools_request
 from genserve.runtime.errors import DomainError, Unavailable
 from genserve.runtime.generation import (
     ChatRequest,
@@ -103,7 +103,7 @@ def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
     body.response_format = body.format_()
     tools = tools_request(
         tool_defs(body.tools), named_choice(body.tool_choice),
-        body.parallel_tool_calls, body.response_format,
+        body.parallel_tool_calls, body.response_format, RESPONSES_PARAMS,
     )  # fmt: skip
     context: list[dict[str, Any]] = []
     if body.previous_response_id is not None:

@@ -15,7 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from genserve.api.errors import bad_request
 from genserve.api.logprobs import TokenIds, chat_logprobs
-from genserve.api.schemas import FunctionName, JsonSchemaFormat, ResponseFormat, SamplingFields
+from genserve.api.schemas import (
+    FunctionName,
+    JsonSchemaFormat,
+    OneChoice,
+    ResponseFormat,
+    SamplingFields,
+)
 from genserve.api.tools import EMPTY_PARAMETERS
 from genserve.engine.types import TokenLogprob
 from genserve.runtime.generation import ChoiceState, Message
@@ -68,7 +74,9 @@ class ResponsesRequest(SamplingFields):
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
     text: TextParam | None = None
     tools: list[FunctionTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    tool_choice: Annotated[
+        Literal["none", "auto", "required"] | FunctionChoice | None, OneChoice
+    ] = None
     parallel_tool_calls: bool | None = None
     store: bool | None = True
     previous_response_id: str | None = None

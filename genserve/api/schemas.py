@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
 
 from genserve.api.limits import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS
 from genserve.runtime.generation import Message
@@ -179,6 +188,31 @@ class NamedToolChoice(BaseModel):
 ToolChoiceMode = Literal["none", "auto", "required"]
 
 
+def _one_choice(value: object, handler: ValidatorFunctionWrapHandler) -> object:
+    """A choice field (a mode, or an object naming a function) refused with one error naming
+    the field: pydantic's error names each member of the union it tried, which made the 400's
+    param `function_call.literal['none','auto']`."""
+    try:
+        return handler(value)
+    except ValidationError as e:
+        raise ValueError(_choice_error(value, e.errors())) from None
+
+
+def _choice_error(value: object, errors: list[dict]) -> str:
+    """What is wrong with a choice: inside its object form, else which modes there are."""
+    if isinstance(value, dict):
+        inner = next((err for err in errors if len(err["loc"]) > 1), None)
+        if inner is not None:  # loc: (the member's model, its field...)
+            return f"{'.'.join(map(str, inner['loc'][1:]))}: {inner['msg']}"
+    modes = next((err["ctx"]["expected"] for err in errors if err["type"] == "literal_error"), "")
+    shown = f"value {value!r}" if isinstance(value, str) else f"type ({type(value).__name__})"
+    return f"invalid {shown}: expected {modes}, or an object naming a function"
+
+
+# A choice field: its errors name the field alone (see `_one_choice`).
+OneChoice = WrapValidator(_one_choice)
+
+
 class CalledFunction(BaseModel):
     name: str
     arguments: str
@@ -256,11 +290,11 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[ChatTool] | None = None
-    tool_choice: ToolChoiceMode | NamedToolChoice | None = None
+    tool_choice: Annotated[ToolChoiceMode | NamedToolChoice | None, OneChoice] = None
     parallel_tool_calls: bool | None = None
     # Deprecated in favor of tools / tool_choice, still served (api/tools.py::chat_tools).
     functions: Annotated[list[FunctionDef], Field(min_length=1, max_length=128)] | None = None
-    function_call: Literal["none", "auto"] | FunctionRef | None = None
+    function_call: Annotated[Literal["none", "auto"] | FunctionRef | None, OneChoice] = None
     # OpenAI's, for what this server does not do: refused (400) rather than ignored, so an app
     # that depends on them learns at once (text-only output, no audio, no web search).
     modalities: list[str] | None = None

@@ -8,6 +8,7 @@ comes back as `message.function_call` with finish_reason "function_call"."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from genserve.api.errors import bad_request
@@ -28,8 +29,25 @@ class HasName(Protocol):
 EMPTY_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-TOOLS_PARAMS = ("tools", "tool_choice")
-LEGACY_PARAMS = ("functions", "function_call")
+@dataclass(frozen=True, slots=True)
+class ToolParams:
+    """What a body calls its tools and its choice (its errors name them), and the choice
+    modes it takes without tools."""
+
+    tools: str = "tools"
+    choice: str = "tool_choice"
+    without_tools: tuple[str, ...] = ()
+
+
+# Chat (and the legacy dialect): OpenAI answers 400 to a tool_choice sent without tools, "none"
+# too, though its spec calls "none" the default then. Refused here alike: an app that works
+# against OpenAI never sends one, and one that does learns it here as it would there.
+CHAT_PARAMS = ToolParams()
+LEGACY_PARAMS = ToolParams("functions", "function_call")
+# Responses: every Response echoes `tool_choice` ("auto" when none was sent) beside its
+# `tools`, [] too, so "auto" and "none" without tools are what it says it ran with and are
+# taken; "required" or a named function cannot be met and are refused.
+RESPONSES_PARAMS = ToolParams(without_tools=("none", "auto"))
 
 
 def tool_def(tool: ChatTool) -> ToolDef:
@@ -45,14 +63,17 @@ def tools_request(
     choice: ToolChoice | None,
     parallel: bool | None,
     response_format: ResponseFormat | None = None,
-    params: tuple[str, str] = TOOLS_PARAMS,
+    params: ToolParams = CHAT_PARAMS,
 ) -> ToolsRequest | None:
-    """None when no tools are given; 400s for a choice that names what is not there.
-    `params`: what the body calls the tools and the choice (its errors name them)."""
-    tools_param, choice_param = params
+    """None when no tools are given; 400s for a choice that names what is not there."""
+    tools_param, choice_param = params.tools, params.choice
     if not tools:
-        if choice is not None and choice.mode not in ("none", "auto"):
-            raise bad_request(f"`{choice_param}` requires `{tools_param}`", choice_param)
+        if choice is not None and choice.mode not in params.without_tools:
+            msg = (
+                f"Invalid value for '{choice_param}': '{choice_param}' is only allowed "
+                f"when '{tools_param}' are specified."
+            )
+            raise bad_request(msg, choice_param)
         return None
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
@@ -63,7 +84,10 @@ def tools_request(
         raise bad_request(msg, choice_param)
     req = ToolsRequest(tuple(tools), picked, parallel is not False)
     if req.active and response_format is not None and response_format.type != "text":
-        msg = "response_format cannot be combined with tools unless tool_choice is 'none'"
+        msg = (
+            f"response_format cannot be combined with `{tools_param}` unless "
+            f"`{choice_param}` is 'none'"
+        )
         raise bad_request(msg, "response_format")
     return req
 

@@ -198,6 +198,10 @@ class _Admitted:
     index: dict[str, int]  # request id -> choice index
     tool_format: str | None = None  # set when the output may hold tool calls
     forced: bool = False  # tool_choice required or named: the whole output is calls
+    tool_names: tuple[str, ...] = ()  # the functions its calls may name
+
+    def parser(self, fmt: str) -> ToolCallParser:
+        return ToolCallParser(fmt, self.forced, self.tool_names)
 
 
 async def generate(rt: Runtime, request: GenerationRequest) -> AsyncIterator[Event]:
@@ -217,9 +221,7 @@ async def generate(rt: Runtime, request: GenerationRequest) -> AsyncIterator[Eve
             if admitted.tool_format is None:
                 yield ChoiceDelta(index, d.text, reason, d)
                 continue
-            parser = parsers.setdefault(
-                index, ToolCallParser(admitted.tool_format, admitted.forced)
-            )
+            parser = parsers.setdefault(index, admitted.parser(admitted.tool_format))
             yield tool_delta(parser, index, reason, d)
     except EngineError as e:
         raise failure_error(e) from e
@@ -234,7 +236,8 @@ def tool_delta(
     tool ends with "tool_calls" (OpenAI's reason), one cut short keeps "length"."""
     content, calls = parser.feed(d.text)
     if reason is not None:
-        content += parser.finish()
+        held, cut = parser.finish()
+        content, calls = content + held, calls + cut
         if parser.calls and reason == "stop":
             reason = "tool_calls"
     return ChoiceDelta(index, content, reason, d, tuple(calls))
@@ -310,7 +313,8 @@ async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
     )  # fmt: skip
     if tools is None or not tools.active:
         return admitted
-    return replace(admitted, tool_format=fmt, forced=tools.choice.mode != "auto")
+    names = tuple(t.name for t in tools.callable())
+    return replace(admitted, tool_format=fmt, forced=tools.choice.mode != "auto", tool_names=names)
 
 
 async def check_tool_schemas(rt: Runtime, served: ServedModel, tools: ToolsRequest) -> None:

@@ -218,6 +218,8 @@ def trigger(fmt: str) -> str:
 _CALL_HEAD = re.compile(
     r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*'
 )
+# How a call object opens: the grammar writes compact JSON, the name first.
+_NAME_OPEN = '{"name":"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +251,7 @@ class ToolCallParser:
 
     fmt: str
     forced: bool  # tool_choice required/named: the whole output is calls
+    names: tuple[str, ...] = ()  # the functions it may call (names a call cut in its head)
     text: str = ""
     content_sent: int = 0
     region: int | None = None  # where calls begin, once known
@@ -259,9 +262,13 @@ class ToolCallParser:
         content = self._content(final=False)
         return content, self._call_deltas() if self.region is not None else []
 
-    def finish(self) -> str:
-        """Content still held back when the output ends (a prefix of the trigger, after all)."""
-        return self._content(final=True)
+    def finish(self) -> tuple[str, list[CallDelta]]:
+        """What the output's end releases: content still held back (a prefix of the trigger,
+        after all), and a call cut before its arguments began (max_tokens): OpenAI answers it
+        with its name and empty arguments, as it answers one cut inside them. Without it the
+        answer was empty, the call's markup hidden."""
+        content = self._content(final=True)
+        return content, self._cut_head()
 
     def tool_calls(self) -> list[ToolCall]:
         return [ToolCall(c.id, c.name, self._args(c)[0]) for c in self.calls]
@@ -292,8 +299,7 @@ class ToolCallParser:
                 out += self._more_args(len(self.calls) - 1, region)
                 if not self.calls[-1].done:
                     return out
-            pos = self.calls[-1].start + self._args(self.calls[-1])[1] if self.calls else 0
-            head = _CALL_HEAD.search(region, pos)
+            head = _CALL_HEAD.search(region, self._calls_end())
             if head is None:
                 return out
             name = json.loads(f'"{head.group(1)}"')
@@ -308,9 +314,51 @@ class ToolCallParser:
         call.sent = len(args)
         return [CallDelta(index, arguments=fresh)] if fresh else []
 
+    def _cut_head(self) -> list[CallDelta]:
+        """The call whose head (markup, `{"name":...`) was begun but not finished, named by
+        the one function its written part can still become; none when several can."""
+        if self.region is None or (self.calls and not self.calls[-1].done):
+            return []
+        region = self.text[self.region :]
+        brace = region.find("{", self._calls_end())
+        if brace < 0 and self.calls:  # after a call, only a `{` commits to another
+            return []
+        name = _head_name(region[brace:] if brace >= 0 else "", self.names)
+        if name is None:
+            return []
+        self.calls.append(_Call(new_call_id(), name, len(region), done=True))
+        return [CallDelta(len(self.calls) - 1, self.calls[-1].id, name)]
+
+    def _calls_end(self) -> int:
+        """Where the last call's arguments end in the call region (0 before any call)."""
+        return self.calls[-1].start + self._args(self.calls[-1])[1] if self.calls else 0
+
     def _args(self, call: _Call) -> tuple[str, int]:
         args, length, _ = _value(self.text[self.region or 0 :], call.start)
         return args, length
+
+
+def _head_name(head: str, names: Sequence[str]) -> str | None:
+    """The one name in `names` that a call object's written beginning (`{"name":"get_w`, or
+    less) can still become; None if none or several can."""
+    written = _written_name(head)
+    if written is None:
+        return None
+    text, closed = written
+    # Function names are plain (`^[a-zA-Z0-9_-]{1,64}$`): JSON writes them as they are.
+    fits = [n for n in names if (n == text if closed else n.startswith(text))]
+    return fits[0] if len(fits) == 1 else None
+
+
+def _written_name(head: str) -> tuple[str, bool] | None:
+    """The name a call object's beginning holds so far and whether its string is closed;
+    None: not the beginning of a call object."""
+    if len(head) <= len(_NAME_OPEN):
+        return ("", False) if _NAME_OPEN.startswith(head) else None
+    if not head.startswith(_NAME_OPEN):
+        return None
+    end = _string_end(head, len(_NAME_OPEN) - 1)
+    return (head[len(_NAME_OPEN) : end], True) if end >= 0 else (head[len(_NAME_OPEN) :], False)
 
 
 def _held(text: str, trig: str, fmt: str) -> int:

@@ -453,3 +453,168 @@ def test_langchain_functions_round_trip(server: LiveServer) -> None:
     result = FunctionMessage(name="get_time", content='{"time": "12:00"}')
     answer = llm.bind(functions=[fn]).invoke([ask, msg, result])
     assert isinstance(answer.content, str)
+
+
+# -- a forced call cut by max_tokens before its arguments begin ---------------------------------
+# The tiny tokenizer spends more than 8 tokens on `<tool_call>\n{"name":"get_weather",
+# "arguments":`: each of these ends a forced call in its markup or its head.
+HEAD_CUTS = (1, 4, 8)
+FORCED = {
+    # one tool: "required" can call only it
+    "required": dict(tools=TOOLS[:1], tool_choice="required"),
+    # two tools whose names share "get_": the choice names the one
+    "named": dict(tools=TOOLS, tool_choice=NAMED),
+    "function_call": dict(functions=FUNCTIONS, function_call={"name": "get_weather"}),
+}
+
+
+async def streamed_function_call(aclient: openai.AsyncOpenAI, **kw) -> tuple[list[dict], str]:
+    """A legacy stream's one call, as streamed_calls gives the calls of a tools stream."""
+    calls: list[dict] = []
+    reason = None
+    async for chunk in await aclient.chat.completions.create(stream=True, **kw):
+        choice = chunk.choices[0]
+        reason = choice.finish_reason or reason
+        fn = choice.delta.function_call
+        if fn is not None and fn.name:
+            calls.append({"id": None, "name": fn.name, "arguments": ""})
+        if fn is not None:
+            calls[-1]["arguments"] += fn.arguments or ""
+    return calls, reason
+
+
+@pytest.mark.parametrize("choice", list(FORCED))
+@pytest.mark.parametrize("max_tokens", HEAD_CUTS)
+async def test_a_forced_call_cut_before_its_arguments_comes_back_named(
+    aclient: openai.AsyncOpenAI, choice: str, max_tokens: int
+) -> None:
+    """It vanished: an empty message, the call's markup only in the logprobs. OpenAI answers
+    the call as far as it was written, its name and its (here empty) arguments, with
+    finish_reason "length"; streamed alike."""
+    kw = dict(model=MODEL, messages=MESSAGES, max_tokens=max_tokens, seed=4, **FORCED[choice])
+    r = await aclient.chat.completions.create(logprobs=True, **kw)
+    c = r.choices[0]
+    written = "".join(t.token for t in c.logprobs.content)
+    assert '"arguments"' not in written  # cut before them, as this test means to
+    assert c.finish_reason == "length" and c.message.content is None
+    if choice == "function_call":
+        assert c.message.tool_calls is None
+        got = [(c.message.function_call.name, c.message.function_call.arguments)]
+        streamed, reason = await streamed_function_call(aclient, **kw)
+    else:
+        assert c.message.tool_calls[0].id.startswith("call_")
+        got = [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+        streamed, reason = await streamed_calls(aclient, **kw)
+    assert got == [("get_weather", "")]
+    assert [(x["name"], x["arguments"]) for x in streamed] == got and reason == "length"
+
+
+async def test_a_forced_call_cut_inside_its_arguments_still_shows_them(
+    aclient: openai.AsyncOpenAI,
+) -> None:
+    """What already held, kept: a call cut inside its arguments shows the part written."""
+    kw = dict(model=MODEL, messages=MESSAGES, seed=4, **FORCED["named"])
+    whole = await aclient.chat.completions.create(max_tokens=100, logprobs=True, **kw)
+    tokens = [t.token for t in whole.choices[0].logprobs.content]
+    # The same seed again, cut one token after its arguments open.
+    cut = next(i for i in range(len(tokens)) if '"arguments":{' in "".join(tokens[:i])) + 1
+    r = await aclient.chat.completions.create(max_tokens=cut, **kw)
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "length" and call.function.name == "get_weather"
+    assert call.function.arguments.startswith("{")
+    assert (
+        whole.choices[0]
+        .message.tool_calls[0]
+        .function.arguments.startswith(call.function.arguments)
+    )
+    streamed, reason = await streamed_calls(aclient, max_tokens=cut, **kw)
+    assert streamed[0]["arguments"] == call.function.arguments and reason == "length"
+
+
+@pytest.mark.parametrize("max_tokens", HEAD_CUTS)
+def test_a_forced_responses_call_cut_before_its_arguments_is_an_incomplete_item(
+    client: openai.OpenAI, server: LiveServer, max_tokens: int
+) -> None:
+    """Responses: the function_call item with what was written, the response incomplete for
+    max_output_tokens (it was one empty message)."""
+    kw = dict(
+        model=MODEL, input="What is the weather in Paris?", tools=[responses_tool(TOOLS[0])],
+        tool_choice="required", max_output_tokens=max_tokens, extra_body={"seed": 4},
+    )  # fmt: skip
+    r = client.responses.create(**kw)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert [(i.type, i.name, i.arguments, i.status) for i in r.output] == [
+        ("function_call", "get_weather", "", "incomplete")
+    ]
+    final = None
+    for event in client.responses.create(stream=True, **kw):
+        final = getattr(event, "response", final)
+    assert final.status == "incomplete"
+    assert [(i.type, i.name, i.arguments) for i in final.output] == [
+        ("function_call", "get_weather", "")
+    ]
+
+
+# -- a choice without tools, and choices pydantic could not name --------------------------------
+ONLY_WITH_TOOLS = "is only allowed when '{}' are specified"
+
+
+def post_error(server: LiveServer, path: str, body: dict) -> dict:
+    """OpenAI's error shape, with a 400."""
+    r = httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    return error
+
+
+@pytest.mark.parametrize(
+    "extra,param,words",
+    [
+        # OpenAI refuses every tool_choice without tools, "none" too (api/tools.py says why)
+        *[({"tool_choice": v}, "tool_choice", ONLY_WITH_TOOLS.format("tools"))
+          for v in ("none", "auto", "required", NAMED)],
+        ({"tools": [], "tool_choice": "auto"}, "tool_choice", ONLY_WITH_TOOLS.format("tools")),
+        *[({"function_call": v}, "function_call", ONLY_WITH_TOOLS.format("functions"))
+          for v in ("none", "auto", {"name": "get_time"})],
+        # the legacy dialect's own names, not the tools'
+        ({"functions": FUNCTIONS, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "w", "schema": WEATHER}}}, "response_format", "`functions`"),
+        # one param and one message, not pydantic's per-member `function_call.literal[...]`
+        ({"functions": FUNCTIONS, "function_call": "sometimes"}, "function_call",
+         "invalid value 'sometimes': expected 'none' or 'auto', or an object naming a function"),
+        ({"functions": FUNCTIONS, "function_call": 3}, "function_call", "expected 'none' or"),
+        ({"functions": FUNCTIONS, "function_call": {"nam": "x"}}, "function_call", "name"),
+        ({"functions": FUNCTIONS, "function_call": {"name": "a b"}}, "function_call", "pattern"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice",
+         "expected 'none', 'auto' or 'required', or an object naming a function"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice", "function"),
+    ],
+)  # fmt: skip
+def test_choice_errors_name_the_param_alone(
+    client: openai.OpenAI, server: LiveServer, extra: dict, param: str, words: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=5, extra_body=extra
+        )
+    assert e.value.param == param and words in e.value.message, e.value.message
+    assert "`tools`" not in e.value.message or param != "response_format"
+    post_error(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 5, **extra})
+
+
+def test_responses_take_auto_and_none_without_tools_and_refuse_the_rest(
+    client: openai.OpenAI, server: LiveServer
+) -> None:
+    """A Response echoes tool_choice ("auto" by default) beside its tools, [] too: what it
+    echoes is taken back; a choice no tool can meet is not."""
+    for mode in ("auto", "none"):
+        r = client.responses.create(model=MODEL, input="x", tool_choice=mode, max_output_tokens=2)
+        assert r.tool_choice == mode and r.tools == []
+    for choice in ("required", {"type": "function", "name": "get_time"}):
+        error = post_error(server, "/v1/responses", {"input": "x", "tool_choice": choice})
+        assert error["param"] == "tool_choice"
+        assert ONLY_WITH_TOOLS.format("tools") in error["message"]
+    error = post_error(server, "/v1/responses", {"input": "x", "tool_choice": "sometimes"})
+    assert error["param"] == "tool_choice" and "expected 'none', 'auto'" in error["message"]

@@ -45,8 +45,10 @@ TEXTS = {
 }
 
 
-def feed_all(fmt: str, text: str, cuts: list[int], forced: bool = False):
-    parser = ToolCallParser(fmt, forced)
+def feed_all(
+    fmt: str, text: str, cuts: list[int], forced: bool = False, names: tuple[str, ...] = ()
+):
+    parser = ToolCallParser(fmt, forced, names)
     content, args = "", {}
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     for piece in pieces:
@@ -54,8 +56,10 @@ def feed_all(fmt: str, text: str, cuts: list[int], forced: bool = False):
         content += c
         for d in calls:
             args[d.index] = args.get(d.index, "") + d.arguments
-    content += parser.finish()
-    return content, args, parser.tool_calls()
+    held, calls = parser.finish()
+    for d in calls:
+        args[d.index] = args.get(d.index, "") + d.arguments
+    return content + held, args, parser.tool_calls()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -71,6 +75,51 @@ def test_any_split_gives_the_same_calls(fmt: str) -> None:
         content, args, calls = feed_all(fmt, text, cuts)
         assert content == whole_content
         assert [args[i] for i in range(len(calls))] == [c.arguments for c in whole]
+
+
+# The forced outputs: markup and calls from the first character.
+FORCED = {fmt: text.removeprefix("hi ") for fmt, text in TEXTS.items()}
+NAMES = tuple(t.name for t in TOOLS)
+
+
+def args_at(fmt: str, text: str, call: int) -> int:
+    """Where call `call`'s arguments begin in `text`."""
+    key = '"parameters":' if fmt == LLAMA3_JSON else '"arguments":'
+    at = -1
+    for _ in range(call + 1):
+        at = text.index(key, at + 1)
+    return at + len(key)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_forced_call_cut_before_its_arguments_keeps_its_name(fmt: str) -> None:
+    """max_tokens can end a forced call in its markup or its `{"name":...` head: it vanished
+    (nothing but hidden markup). It comes back named, its arguments empty, once the written
+    part of the name fits one function only."""
+    text = FORCED[fmt]
+    first, second = text.index('"name":"g') + 9, text.index('"name":"n') + 9
+    for end in range(1, args_at(fmt, text, 0)):
+        _, args, calls = feed_all(fmt, text[:end], [], forced=True, names=("get_weather",))
+        assert [(c.name, c.arguments) for c in calls] == [("get_weather", "")], text[:end]
+        assert args == {0: ""}
+        # Between two functions, only a name written far enough says which.
+        _, _, calls = feed_all(fmt, text[:end], [], forced=True, names=NAMES)
+        assert [c.name for c in calls] == (["get_weather"] if end >= first else [])
+    # The second call of a parallel answer: named once its `{` and enough of it are written.
+    for end in range(args_at(fmt, text, 0) + 1, args_at(fmt, text, 1)):
+        _, _, calls = feed_all(fmt, text[:end], [], forced=True, names=NAMES)
+        assert [c.name for c in calls][1:] == (["noop"] if end >= second else []), text[:end]
+    _, _, whole = feed_all(fmt, text, [], forced=True, names=NAMES)
+    assert [c.name for c in whole] == ["get_weather", "noop"]
+
+
+def test_an_auto_call_cut_in_its_head_is_named_once_the_trigger_is_whole() -> None:
+    text = TEXTS[HERMES]
+    for end in range(1, args_at(HERMES, text, 0)):
+        content, _, calls = feed_all(HERMES, text[:end], [], names=("get_weather",))
+        whole_trigger = "<tool_call>" in text[:end]
+        assert [c.name for c in calls] == (["get_weather"] if whole_trigger else [])
+        assert content == (text[:3] if whole_trigger else text[:end])
 
 
 def test_text_that_only_looks_like_a_trigger_is_content() -> None:
@@ -119,6 +168,11 @@ def test_random_walks_of_the_grammar_parse(compiler, fmt: str, mode: str) -> Non
             args = json.loads(call.arguments)
             if call.name == "get_weather":
                 jsonschema.validate(args, PARAMS)
+        if mode == "function":  # cut anywhere (max_tokens), the named call is still there
+            for end in range(1, len(out)):
+                text = tok.decode(out[:end])
+                _, _, cut = feed_all(fmt, text, [], forced=True, names=("get_weather",))
+                assert cut and cut[0].name == "get_weather", text
 
 
 # Draft 7's `definitions`, as older generators write them.
