@@ -96,6 +96,7 @@ def chat_tools(body: ChatCompletionRequest) -> ToolsRequest | None:
     """A chat body's tools: `tools` / `tool_choice`, or the legacy `functions` /
     `function_call`; a body mixing the two is a 400 naming the legacy field."""
     if not is_legacy(body):
+        check_chat_tools(body)
         return tools_request(
             [tool_def(t) for t in body.tools or ()],
             chat_choice(body.tool_choice),
@@ -110,6 +111,24 @@ def chat_tools(body: ChatCompletionRequest) -> ToolsRequest | None:
     choice = named_choice(body.function_call)
     # One call at most: a function_call answer has room for no more.
     return tools_request(functions, choice, False, body.response_format, LEGACY_PARAMS)
+
+
+def check_chat_tools(body: ChatCompletionRequest) -> None:
+    """OpenAI's 400s for chat's tools that Responses take: an empty `tools` (apps that send
+    one fail there, and some servers answer it as "no tools", others not) and a
+    `parallel_tool_calls` without tools."""
+    if body.tools is not None and not body.tools:
+        msg = (
+            "Invalid 'tools': empty array. Expected an array with minimum length 1, "
+            "but got an empty array instead."
+        )
+        raise bad_request(msg, "tools")
+    if not body.tools and body.parallel_tool_calls is not None:
+        msg = (
+            "Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only allowed "
+            "when 'tools' are specified."
+        )
+        raise bad_request(msg, "parallel_tool_calls")
 
 
 def is_legacy(body: ChatCompletionRequest) -> bool:

@@ -575,7 +575,11 @@ def post_error(server: LiveServer, path: str, body: dict) -> dict:
         # OpenAI refuses every tool_choice without tools, "none" too (api/tools.py says why)
         *[({"tool_choice": v}, "tool_choice", ONLY_WITH_TOOLS.format("tools"))
           for v in ("none", "auto", "required", NAMED)],
-        ({"tools": [], "tool_choice": "auto"}, "tool_choice", ONLY_WITH_TOOLS.format("tools")),
+        # an empty tools array is OpenAI's 400 of its own, with or without a choice
+        *[({"tools": [], **more}, "tools", "Invalid 'tools': empty array")
+          for more in ({}, {"tool_choice": "auto"})],
+        ({"parallel_tool_calls": False}, "parallel_tool_calls",
+         "'parallel_tool_calls' is only allowed when 'tools' are specified"),
         *[({"function_call": v}, "function_call", ONLY_WITH_TOOLS.format("functions"))
           for v in ("none", "auto", {"name": "get_time"})],
         # the legacy dialect's own names, not the tools'
