@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -301,6 +302,7 @@ class JobManager:
             proc = self._procs.get(job_id)
             if proc is not None:
                 await _terminate(proc)
+            self._release_inputs(job_id)
         return self.jobs.get(job_id)
 
     async def pause(self, job_id: str) -> JobRecord:
@@ -367,6 +369,8 @@ class JobManager:
         if self.jobs.transition(job_id, "queued", ("validating_files",)):
             self.jobs.add_event(job_id, "Files validated, moving job to queued state")
             self._queue.put_nowait(job_id)
+        else:  # cancelled while its files were checked: the links came after its release
+            self._release_inputs(job_id)
 
     def _check_files(self, job: JobRecord) -> dataset.Summary:
         summary = None
@@ -408,6 +412,13 @@ class JobManager:
         if self.jobs.transition(job_id, "failed", ACTIVE, error=error):
             self.jobs.add_event(job_id, f"Fine-tuning job failed: {error.message}", level="error")
             log.warning("job %s failed: %s", job_id, error.message)
+            self._release_inputs(job_id)
+
+    def _release_inputs(self, job_id: str) -> None:
+        """An ended job's own links to its data, and what a pause saved: nothing reads them
+        again, and a link kept the bytes of a deleted upload on disk for good."""
+        for name in ("data", PAUSE_DIR):
+            shutil.rmtree(self.root / job_id / name, ignore_errors=True)
 
     # --- queued -> running -> succeeded | failed ------------------------------------------
 
@@ -636,6 +647,7 @@ class JobManager:
             fields["result_files"] = (results.id,)
         if self.jobs.transition(job.id, "succeeded", ("running", "pausing"), **fields):
             self.jobs.add_event(job.id, "The job has successfully completed")
+            self._release_inputs(job.id)
             if model_id not in self.services.adapters and job.model in self.services.models:
                 await self.on_model_served(job.model)  # its base came back meanwhile
         elif results is not None:  # cancelled meanwhile: the job keeps no results

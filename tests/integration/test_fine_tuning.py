@@ -160,6 +160,8 @@ def test_job_succeeds_with_metrics_and_checkpoints(
     for folder in ("adapter", "checkpoints/step-10", "checkpoints/step-20"):
         assert (job_dir / folder / "adapter_config.json").exists()
         assert (job_dir / folder / "adapter_model.safetensors").exists()
+    # Its own links to its data went with its end: a deleted upload's bytes leave the disk.
+    assert (job_dir / "spec.json").exists() and not (job_dir / "data").exists()
 
 
 def test_result_file_holds_the_step_metrics(finished_job: dict, api: openai.OpenAI) -> None:
