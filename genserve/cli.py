@@ -13,6 +13,7 @@ from typing import Annotated, Any, get_type_hints
 import typer
 
 from genserve.batch_cli import batch_app
+from genserve.completions_cli import completions_app
 from genserve.config import ServerConfig, drop_secret_env
 from genserve.models_cli import models_app
 from genserve.training.cli import finetune_app
@@ -315,6 +316,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(models_app, name="models")
 app.add_typer(batch_app, name="batch")
+app.add_typer(completions_app, name="completions")
 KeyFileOpt = Annotated[
     str, typer.Option("--key-file", envvar=E + "API_KEY_FILE", help="The key file.")
 ]

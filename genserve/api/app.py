@@ -24,6 +24,7 @@ from genserve.api import (
     playground,
     registry,
     responses,
+    stored_completions,
     tokenize,
 )
 from genserve.api.auth import KeyStore
@@ -67,6 +68,7 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
     app.include_router(embeddings.router)
     app.include_router(completions.router)
     app.include_router(chat.router)
+    app.include_router(stored_completions.router)
     app.include_router(responses.router)
     app.include_router(tokenize.router)
     app.include_router(files.router)

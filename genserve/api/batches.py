@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from genserve.api.auth import Principal, principal
 from genserve.api.chat import chat_completion, chat_request
@@ -28,7 +28,7 @@ from genserve.api.files import expiry_seconds, get_record
 from genserve.api.models import runtime_of
 from genserve.api.responses import prepare, respond
 from genserve.api.responses_wire import ResponsesRequest
-from genserve.api.schemas import ChatCompletionRequest, CompletionRequest
+from genserve.api.schemas import ChatCompletionRequest, CompletionRequest, Metadata
 from genserve.engine.types import BACKGROUND
 from genserve.runtime.batches import (
     COMPLETION_WINDOWS,
@@ -123,9 +123,7 @@ class CreateBatchRequest(BaseModel):
     input_file_id: str
     endpoint: str
     completion_window: str
-    metadata: (
-        Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None
-    ) = None
+    metadata: Metadata | None = None
     output_expires_after: dict[str, Any] | None = None  # for the output and error files
 
     def output_expires_s(self) -> int | None:

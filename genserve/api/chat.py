@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from genserve.api import stored_completions as stored
 from genserve.api.auth import principal
 from genserve.api.errors import bad_request
 from genserve.api.logprobs import chat_logprobs, namer
@@ -95,15 +96,24 @@ def finish_reason(reason: str | None, legacy: bool) -> str | None:
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    rt = runtime_of(request)
-    events = generate(rt, chat_request(rt, principal(request).project, body))
+    rt, project = runtime_of(request), principal(request).project
+    events = generate(rt, chat_request(rt, project, body))
+
+    def keep(done: Collected) -> dict:
+        obj = chat_completion(body, done)
+        if body.store:
+            stored.save(rt, project, body, obj)
+        return obj
+
     if body.stream:
         started = await first_event(events)
+        if body.store:
+            events = stored.kept(events, started, keep)
         return stream_chat(request, body, started, events)
     done = await collect(events, request.is_disconnected)
     s = done.started
     spend_tokens(request, s.prompt_tokens + done.completion_tokens)
-    return JSONResponse(chat_completion(body, done))
+    return JSONResponse(keep(done))
 
 
 def chat_completion(body: ChatCompletionRequest, done: Collected) -> dict:

@@ -20,6 +20,7 @@ from genserve.api.auth import Principal, principal
 from genserve.api.errors import APIError, bad_request, model_not_found
 from genserve.api.files import get_record, quota_exceeded
 from genserve.api.models import runtime_of
+from genserve.api.schemas import Metadata
 from genserve.config import ServerConfig
 from genserve.storage.files import FileStore
 from genserve.storage.jobs import CheckpointRecord, EventRecord, JobRecord
@@ -130,9 +131,7 @@ class CreateJobRequest(BaseModel):
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
     integrations: list[dict[str, Any]] | None = None
-    metadata: (
-        Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None
-    ) = None
+    metadata: Metadata | None = None
 
 
 # --- wire shapes -----------------------------------------------------------------------------

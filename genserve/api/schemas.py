@@ -31,6 +31,11 @@ MAX_N = 16
 LogitBias = Annotated[
     dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS)
 ]
+# OpenAI's Metadata: up to 16 pairs, keys of at most 64 characters, values of at most 512.
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+    Field(max_length=16),
+]
 
 
 def check_stop(v: str | list[str] | None) -> str | list[str] | None:
@@ -292,6 +297,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: Annotated[ToolChoiceMode | NamedToolChoice | None, OneChoice] = None
     parallel_tool_calls: bool | None = None
+    # Stored chat completions (api/stored_completions.py): kept for listing, and as data.
+    store: bool | None = None
+    metadata: Metadata | None = None
     # Deprecated in favor of tools / tool_choice, still served (api/tools.py::chat_tools).
     functions: Annotated[list[FunctionDef], Field(min_length=1, max_length=128)] | None = None
     function_call: Annotated[Literal["none", "auto"] | FunctionRef | None, OneChoice] = None

@@ -254,12 +254,12 @@ async def collect(
     async with contextlib.aclosing(events):  # type: ignore[type-var]
         started = await anext(events)
         assert isinstance(started, Started)
-        choices = [ChoiceState(i) for i in range(started.choices)]
+        gathered = Gathering(started)
 
         async def run() -> None:
             async for d in events:
                 assert isinstance(d, ChoiceDelta)
-                choices[d.index].add(d)
+                gathered.add(d)
 
         task = asyncio.create_task(run())
         try:
@@ -275,9 +275,27 @@ async def collect(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         task.result()
-    chosen = pick_best(choices, len(started.prompts), started.best_of, started.n)
-    cached = started.cached_tokens({c.index: c.cached_tokens for c in choices})
-    return Collected(started, chosen, sum(c.completion_tokens for c in choices), cached)
+    return gathered.result()
+
+
+@dataclass(slots=True)
+class Gathering:
+    """A group's choices as their deltas arrive (collect's; a stored stream's too)."""
+
+    started: Started
+    choices: list[ChoiceState] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.choices = [ChoiceState(i) for i in range(self.started.choices)]
+
+    def add(self, d: ChoiceDelta) -> None:
+        self.choices[d.index].add(d)
+
+    def result(self) -> Collected:
+        s, choices = self.started, self.choices
+        chosen = pick_best(choices, len(s.prompts), s.best_of, s.n)
+        cached = s.cached_tokens({c.index: c.cached_tokens for c in choices})
+        return Collected(s, chosen, sum(c.completion_tokens for c in choices), cached)
 
 
 def pick_best(

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_NAME = "genserve.db"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 DEFAULT_PROJECT = "default"  # the owner of rows written before projects existed
 # The columns a database of an older version lacks beyond SCHEMA's CREATE ... IF NOT EXISTS,
 # by the version that brought them: (table, column, declaration). A column already there is
@@ -32,6 +32,7 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
     5: (("files", "expires_at", "INTEGER"), ("batches", "output_expires_s", "INTEGER")),
     # A job's fine-tuning method (OpenAI's method.type); jobs from before DPO were supervised.
     6: (("jobs", "method", "TEXT NOT NULL DEFAULT 'supervised'"),),
+    7: (),  # the chat_completions table (stored chat completions): new, SCHEMA's CREATE makes it
 }
 
 SCHEMA = """
@@ -139,6 +140,17 @@ CREATE TABLE IF NOT EXISTS responses (
   context TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS responses_by_project ON responses (project, seq);
+-- Stored chat completions (storage/completions.py).
+CREATE TABLE IF NOT EXISTS chat_completions (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT UNIQUE NOT NULL,
+  project TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  model TEXT NOT NULL,
+  body TEXT NOT NULL,
+  messages TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chat_completions_by_project ON chat_completions (project, seq);
 """
 # After the migrations: they may index columns an old database only has once migrated.
 INDEXES = """
