@@ -24,6 +24,7 @@ from genserve.api import (
     playground,
     registry,
     responses,
+    scoring,
     stored_completions,
     tokenize,
 )
@@ -66,6 +67,7 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(registry.router)
     app.include_router(embeddings.router)
+    app.include_router(scoring.router)
     app.include_router(completions.router)
     app.include_router(chat.router)
     app.include_router(stored_completions.router)

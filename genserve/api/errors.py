@@ -121,8 +121,11 @@ def http_error(exc: DomainError) -> APIError:
 
 
 def _validation_param(loc: tuple) -> str | None:
-    # loc is ("body", "messages", 0, "content"): OpenAI names the field as "messages.[0].content"
-    return field_name([p for p in loc if p not in ("body", "query", "path")])
+    # loc is ("body", "messages", 0, "content"): OpenAI names the field as "messages.[0].content".
+    # Only the first part says where the field was sent: a body field may be named `query`.
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+        loc = loc[1:]
+    return field_name(list(loc))
 
 
 def validation_error(errors: Sequence[Any]) -> APIError:

@@ -44,13 +44,17 @@ class HTTPRequest:
 
     def json_model(self) -> str | None:
         """The `model` field of a JSON body, or None (not JSON, no such field, unreadable)."""
+        model = self.json_field("model")
+        return model if isinstance(model, str) else None
+
+    def json_field(self, name: str) -> Any:  # noqa: ANN401 - whatever the body holds
+        """A top-level field of a JSON POST body; None where there is none or no JSON."""
         if self.method != "POST" or b"json" not in (self.header(b"content-type") or b""):
             return None
         try:
-            model = json.loads(self.body).get("model")
+            return json.loads(self.body).get(name)
         except (ValueError, AttributeError):
             return None
-        return model if isinstance(model, str) else None
 
 
 @dataclass(frozen=True, slots=True)

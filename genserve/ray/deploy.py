@@ -497,19 +497,32 @@ def edge_limits(config: ServerConfig) -> EdgeLimits:
 
 
 def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
-    """Models are fixed per deployment under Ray: loading one at run time on one replica would
-    leave the others without it. Listing, reading and deleting fine-tuned models work."""
+    """What a deployment cannot serve coherently, refused up front with a 400:
+    - base models are fixed per deployment: loading one at run time on one replica would leave
+      the others without it (listing, reading and deleting fine-tuned models work);
+    - the Batch API and stored chat completions: each engine replica has a store of its own,
+      so a batch would not find its input file (it is the control replica's) and a stored
+      completion would be listed by one replica in N."""
+    if req.path.startswith("/v1/batches"):
+        return _refused("the Batch API is not served under Ray Serve yet; run it on one node")
+    if req.path.startswith("/v1/chat/completions") and (
+        req.method != "POST" or req.path != "/v1/chat/completions" or req.json_field("store")
+    ):
+        return _refused("stored chat completions are not served under Ray Serve yet", "store")
     if not req.path.startswith("/v1/models") or req.method in ("GET", "HEAD"):
         return None
     model = req.path.removeprefix("/v1/models").lstrip("/")
     if req.method == "DELETE" and model.startswith("ft:"):
         return None
-    return bad_request(
+    return _refused(
         "registering, changing or unloading base models at run time is not supported under "
         "Ray Serve; redeploy with --model instead",
         "model",
-        "unsupported_on_ray",
     )
+
+
+def _refused(message: str, param: str | None = None) -> APIError:
+    return bad_request(message, param, "unsupported_on_ray")
 
 
 class Edge:

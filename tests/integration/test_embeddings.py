@@ -106,3 +106,80 @@ def test_generation_model_is_not_an_embedder_and_vice_versa(emb_server: LiveServ
     assert r.status_code == 400
     r = httpx.post(emb_server.url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert r.status_code == 400
+
+
+QUERY = "How do I bake bread at home?"
+DOCS = [
+    "The stock market fell sharply on Tuesday.",
+    "Mix flour, water, yeast and salt, let the dough rise, then bake it in a hot oven.",
+    "Cats sleep for most of the day.",
+]
+
+
+def test_rerank_orders_documents_by_cosine_of_their_embeddings(emb_server: LiveServer) -> None:
+    """vLLM's /v1/rerank (Jina/Cohere shape) over the embeddings model: the recipe first, each
+    score the cosine of the embeddings /v1/embeddings gives."""
+    vectors = [
+        d["embedding"]
+        for d in httpx.post(
+            emb_server.url + "/v1/embeddings", json={"model": MODEL, "input": [QUERY, *DOCS]}
+        ).json()["data"]
+    ]
+    expected = sorted(
+        ((i, cosine(vectors[0], v)) for i, v in enumerate(vectors[1:])), key=lambda p: -p[1]
+    )
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        r = httpx.post(
+            emb_server.url + path, json={"model": MODEL, "query": QUERY, "documents": DOCS}
+        ).json()
+        assert [x["index"] for x in r["results"]] == [i for i, _ in expected]
+        assert r["results"][0]["index"] == 1 and r["results"][0]["document"]["text"] == DOCS[1]
+        for got, (_, score) in zip(r["results"], expected, strict=True):
+            assert got["relevance_score"] == pytest.approx(score, abs=1e-5)
+        assert r["model"] == MODEL and r["usage"]["total_tokens"] > 0
+    top = httpx.post(
+        emb_server.url + "/v1/rerank",
+        json={"model": MODEL, "query": QUERY, "documents": [{"text": d} for d in DOCS],
+              "top_n": 1, "return_documents": False},
+    ).json()  # fmt: skip
+    assert top["results"] == [{"index": 1, "relevance_score": r["results"][0]["relevance_score"]}]
+
+
+def test_score_pairs_one_text_with_many_or_two_lists(emb_server: LiveServer) -> None:
+    one = httpx.post(
+        emb_server.url + "/v1/score", json={"model": MODEL, "text_1": QUERY, "text_2": DOCS}
+    ).json()
+    assert one["object"] == "list" and [d["index"] for d in one["data"]] == [0, 1, 2]
+    scores = [d["score"] for d in one["data"]]
+    assert max(scores) == scores[1]
+    zipped = httpx.post(
+        emb_server.url + "/score",
+        json={"model": MODEL, "text_1": [QUERY, QUERY], "text_2": DOCS[:2]},
+    ).json()
+    assert [d["score"] for d in zipped["data"]] == pytest.approx(scores[:2], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/score", {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, "text_1"),
+        ("/v1/score", {"text_1": "a", "text_2": []}, "text_2"),
+        ("/v1/score", {"text_1": "", "text_2": "b"}, "text_1"),
+        ("/v1/rerank", {"query": "q", "documents": []}, "documents"),
+        ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, "top_n"),
+        ("/v1/rerank", {"query": "", "documents": ["a"]}, "query"),
+        ("/v1/rerank", {"query": "q", "documents": [{"txt": "a"}]}, "documents"),
+    ],
+)
+def test_bad_score_and_rerank_requests_are_400(
+    emb_server: LiveServer, path: str, body: dict, param: str
+) -> None:
+    r = httpx.post(emb_server.url + path, json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"] or "").startswith(param), r.json()
+
+
+def test_score_needs_an_embeddings_model(emb_server: LiveServer) -> None:
+    body = {"model": "tiny-llama", "query": "q", "documents": ["a"]}
+    r = httpx.post(emb_server.url + "/v1/rerank", json=body)
+    assert r.status_code == 400 and "not an embeddings model" in r.json()["error"]["message"]

@@ -104,6 +104,24 @@ def test_runtime_model_registration_is_refused_but_ft_deletion_is_not() -> None:
     assert unsupported_on_ray(request("/v1/chat/completions", {"model": "x"})) is None
 
 
+def test_what_needs_one_store_is_refused_under_ray() -> None:
+    """Each engine replica has a store of its own: a batch would miss its input file, a
+    stored completion would be listed by one replica in N."""
+    refused = [
+        request("/v1/batches", {"input_file_id": "file-1"}),
+        request("/v1/batches/batch_1", method="GET"),
+        request("/v1/chat/completions", {"model": "x", "store": True}),
+        request("/v1/chat/completions", method="GET"),
+        request("/v1/chat/completions/chatcmpl-1", {"metadata": {}}),
+        request("/v1/chat/completions/chatcmpl-1/messages", method="GET"),
+    ]
+    for req in refused:
+        err = unsupported_on_ray(req)
+        assert err is not None and err.status == 400 and err.code == "unsupported_on_ray", req
+    for kept in ({"model": "x"}, {"model": "x", "store": False}):
+        assert unsupported_on_ray(request("/v1/chat/completions", kept)) is None
+
+
 class FakeStream:
     def __init__(self, items: list, error: Exception | None) -> None:
         self.items = items
