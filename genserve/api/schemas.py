@@ -114,6 +114,8 @@ class SamplingFields(SamplingDefaults):
     ignore_eos: bool | None = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     return_tokens_as_token_ids: bool | None = False
+    include_stop_str_in_output: bool | None = False  # the matched stop string ends the text
+    skip_special_tokens: bool | None = True  # False: special tokens' text is in the output
     response_format: ResponseFormat | None = None  # OpenAI's on chat; vLLM's on completions
 
 

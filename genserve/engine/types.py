@@ -97,6 +97,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the sampled token's and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token (echo + logprobs)
     grammar: GrammarSpec | None = None
+    # vLLM's detokenizing controls: a matched stop string (or a stop token's text) is kept at
+    # the end of the output; special tokens' text (<|im_end|>, ...) is dropped from it.
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     @property
     def reproducible(self) -> bool:
