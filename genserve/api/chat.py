@@ -11,8 +11,14 @@ from genserve.api.errors import bad_request
 from genserve.api.logprobs import chat_logprobs, namer
 from genserve.api.models import runtime_of
 from genserve.api.sampling import apply_defaults, sampling_params
-from genserve.api.schemas import ChatCompletionRequest, ChatMessage, plain_messages
+from genserve.api.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    TemplateFields,
+    plain_messages,
+)
 from genserve.api.stream import first_event, spend_tokens, sse_response, usage
+from genserve.api.structured import RESPONSE_FORMAT, Constraint, output_constraint
 from genserve.api.tools import (
     chat_tools,
     delta_calls,
@@ -28,10 +34,12 @@ from genserve.runtime.generation import (
     ChoiceState,
     Collected,
     Started,
+    TemplateOptions,
     collect,
     generate,
 )
 from genserve.runtime.runtime import Runtime
+from genserve.runtime.tools import ToolsRequest
 
 router = APIRouter()
 
@@ -67,12 +75,47 @@ def chat_request(
     apply_defaults(body, target.served.settings.defaults)
     check_chat_body(body)
     tools = chat_tools(body)
+    constraint = output_constraint(body)
+    check_constraint_tools(constraint, tools)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    sampling = sampling_params(body, max_tokens, logprobs)
+    grammar = constraint.spec if constraint else None
+    sampling = sampling_params(body, max_tokens, logprobs, grammar=grammar)
     messages = plain_messages(body.messages)
     stream = bool(body.stream)
-    return ChatRequest(target, messages, sampling, body.n or 1, tools, priority, stream)
+    return ChatRequest(
+        target, messages, sampling, body.n or 1, tools, priority, stream,
+        template_options(body, body.messages),
+        constraint.param if constraint else RESPONSE_FORMAT,
+    )  # fmt: skip
+
+
+def check_constraint_tools(constraint: Constraint | None, tools: ToolsRequest | None) -> None:
+    """Active tools constrain the output with their own grammar: a second one cannot hold too.
+    (response_format's own 400 comes from api/tools.py.)"""
+    if constraint is None or constraint.param == RESPONSE_FORMAT:
+        return
+    if tools is not None and tools.active:
+        msg = f"`{constraint.param}` cannot be combined with tools unless tool_choice is 'none'"
+        raise bad_request(msg, constraint.param)
+
+
+def template_options(body: TemplateFields, messages: list[ChatMessage]) -> TemplateOptions:
+    """vLLM's chat-template controls, checked as vLLM checks them: a final message left open
+    for the model to continue takes no generation prompt, and must be the assistant's."""
+    keep_open = body.continue_final_message
+    if keep_open and body.add_generation_prompt:
+        msg = "`continue_final_message` and `add_generation_prompt` cannot both be true"
+        raise bad_request(msg, "continue_final_message")
+    if keep_open and (not messages or messages[-1].role != "assistant"):
+        msg = "`continue_final_message` continues the last message, which must be the assistant's"
+        raise bad_request(msg, "messages")
+    prompt = body.add_generation_prompt
+    documents = tuple(body.documents) if body.documents is not None else None
+    return TemplateOptions(
+        not keep_open if prompt is None else prompt, keep_open,
+        dict(body.chat_template_kwargs or {}), documents,
+    )  # fmt: skip
 
 
 def chat_message(c: ChoiceState, legacy: bool = False) -> dict:

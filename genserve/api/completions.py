@@ -12,6 +12,7 @@ from genserve.api.models import runtime_of
 from genserve.api.sampling import apply_defaults, sampling_params
 from genserve.api.schemas import CompletionRequest as Body
 from genserve.api.stream import first_event, spend_tokens, sse_response, usage
+from genserve.api.structured import RESPONSE_FORMAT, output_constraint
 from genserve.engine.types import INTERACTIVE
 from genserve.runtime.generation import (
     ChoiceDelta,
@@ -54,11 +55,16 @@ def completion_request(
     apply_defaults(body, target.served.settings.defaults)
     check_completion_body(body)
     echo_lps = body.logprobs if body.echo else None
-    sampling = sampling_params(body, body.max_tokens, body.logprobs, echo_lps)
+    constraint = output_constraint(body)
+    grammar = constraint.spec if constraint else None
+    sampling = sampling_params(body, body.max_tokens, body.logprobs, echo_lps, grammar)
     prompts = prompt_list(body.prompt)
     n, echo = body.n or 1, bool(body.echo)
     stream = bool(body.stream)
-    return CompletionRequest(target, prompts, sampling, n, body.best_of, echo, priority, stream)
+    return CompletionRequest(
+        target, prompts, sampling, n, body.best_of, echo, priority, stream,
+        constraint.param if constraint else RESPONSE_FORMAT,
+    )  # fmt: skip
 
 
 @router.post("/v1/completions")

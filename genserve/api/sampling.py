@@ -68,8 +68,10 @@ def sampling_params(
     max_tokens: int | None,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
+    grammar: GrammarSpec | None = None,
 ) -> SamplingParams:
-    """The record; a field the body leaves null keeps the record's default."""
+    """The record; a field the body leaves null keeps the record's default. `grammar`: the
+    constraint the route settled (api/structured.py), else the body's response_format's."""
     given = {}
     for name in SHARED:
         value = getattr(body, name)
@@ -80,7 +82,7 @@ def sampling_params(
         max_tokens=max_tokens,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
-        grammar=grammar_spec(body.response_format),
+        grammar=grammar if grammar is not None else grammar_spec(body.response_format),
     )
 
 

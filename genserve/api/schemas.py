@@ -6,7 +6,7 @@ fields (top_k, min_p, ignore_eos, ...) are declared here with their own bounds.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -85,6 +85,69 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: one constraint on the output (api/structured.py enforces
+    it). A key genserve does not know is refused, never ignored: a misspelt constraint would
+    otherwise give free text."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict | str | None = Field(default=None, alias="json")  # a schema, or its JSON text
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None  # Lark (llguidance's dialect) or GBNF/EBNF
+    json_object: bool | None = None
+    # vLLM's options. Kept: what genserve always does (compact JSON, one backend, no fallback).
+    disable_any_whitespace: bool | None = None
+    disable_fallback: bool | None = None
+    # Refused when set (api/structured.py): genserve cannot do what they ask.
+    disable_additional_properties: bool | None = None
+    whitespace_pattern: str | None = None
+    structural_tag: str | dict | None = None
+
+
+class StructuredOutputFields(BaseModel):
+    """vLLM's constraints on the output, in both of its spellings: `structured_outputs` and
+    the older top-level `guided_*` fields (chat and completions)."""
+
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None  # refused when set, as whitespace_pattern
+    guided_decoding_backend: str | None = None  # ignored: llguidance is the one backend
+
+
+# chat_template_kwargs that would replace what genserve passes the template (the turns, the
+# tools) or change what apply_chat_template returns (token ids, tensors) instead of text.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "messages", "conversation", "tools", "documents", "chat_template",
+        "add_generation_prompt", "continue_final_message", "tokenize", "padding", "truncation",
+        "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+        "tokenizer_kwargs", "sanitize_control_tokens",
+    }
+)  # fmt: skip
+
+
+class TemplateFields(BaseModel):
+    """vLLM's chat-template controls (chat and /tokenize)."""
+
+    add_generation_prompt: bool | None = None  # None: true, unless continue_final_message
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
+    documents: list[dict[str, str]] | None = None  # for templates that render RAG documents
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = sorted(RESERVED_TEMPLATE_KWARGS.intersection(v or {}))
+        if taken:
+            raise ValueError(f"may not set {', '.join(taken)}: use the request's own fields")
+        return v
+
+
 class SamplingDefaults(BaseModel):
     """The sampling fields a model's serving defaults may set (PUT /v1/models/{id}), declared
     once: requests inherit them (SamplingFields)."""
@@ -128,10 +191,12 @@ class SamplingFields(SamplingDefaults):
     ignore_eos: bool | None = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     return_tokens_as_token_ids: bool | None = False
+    include_stop_str_in_output: bool | None = False  # the matched stop string ends the text
+    skip_special_tokens: bool | None = True  # False: special tokens' text is in the output
     response_format: ResponseFormat | None = None  # OpenAI's on chat; vLLM's on completions
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, StructuredOutputFields):
     prompt: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[int]]
     # 0 scores a prompt (with echo and logprobs: the prompt's own logprobs), as OpenAI's spec
     # allows here; chat keeps its minimum of 1.
@@ -289,7 +354,7 @@ def legacy_call_id(index: int) -> str:
     return f"fn{index:07d}"
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, StructuredOutputFields, TemplateFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False

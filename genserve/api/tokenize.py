@@ -8,24 +8,26 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from genserve.api.auth import principal
-from genserve.api.chat import check_messages
+from genserve.api.chat import check_messages, template_options
 from genserve.api.errors import bad_request
 from genserve.api.models import runtime_of
-from genserve.api.schemas import ChatMessage, plain_messages
-from genserve.runtime.generation import render_chat
+from genserve.api.schemas import ChatMessage, TemplateFields, plain_messages
+from genserve.runtime.generation import TemplateOptions, render_chat
 from genserve.runtime.limits import off_loop
 
 router = APIRouter()
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(TemplateFields):
+    """`messages` are rendered with chat's template controls (add_generation_prompt, ...), so
+    the count is the prompt chat would run."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(BaseModel):
@@ -41,13 +43,16 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of `prompt` and `messages`", "prompt")
     check_messages(body.messages or [])  # what chat would refuse is not counted either
-    ids = await off_loop(token_ids, served, body)  # a 3.9 MB prompt took ~3 s
+    options = TemplateOptions()
+    if body.messages is not None:
+        options = template_options(body, body.messages)
+    ids = await off_loop(token_ids, served, body, options)  # a 3.9 MB prompt took ~3 s
     return {"count": len(ids), "max_model_len": served.max_len, "tokens": ids}
 
 
-def token_ids(served, body: TokenizeRequest) -> list[int]:  # noqa: ANN001 - ServedModel
+def token_ids(served, body: TokenizeRequest, options: TemplateOptions) -> list[int]:  # noqa: ANN001
     if body.messages is not None:
-        text = render_chat(served, plain_messages(body.messages), body.add_generation_prompt)
+        text = render_chat(served, plain_messages(body.messages), options)
         return served.tokenizer.encode(text, add_special_tokens=False)
     return served.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
 

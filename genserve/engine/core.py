@@ -266,9 +266,13 @@ class EngineCore:
             self._reject(request, RequestFailure(f"the request could not start: {e}"))
             return
         seq = self.scheduler.add(request)
+        self.live[request.request_id] = Live(seq, self._detokenizer(request))
+
+    def _detokenizer(self, request: Request) -> IncrementalDetokenizer:
+        p = request.params
         tail = request.prompt_token_ids[-5:]
-        self.live[request.request_id] = Live(
-            seq, IncrementalDetokenizer(self.decoder, tail, request.params.stop)
+        return IncrementalDetokenizer(
+            self.decoder, tail, p.stop, p.include_stop_str_in_output, p.skip_special_tokens
         )
 
     def _reject(self, request: Request, error: RequestFailure) -> None:
@@ -383,8 +387,10 @@ class EngineCore:
         params = seq.request.params
         eos = token in self.worker.eos_ids and not params.ignore_eos
         if eos or token in params.stop_token_ids:
-            # The stop token's own text is not part of the answer; held-back text is.
-            return FinishReason.STOP, live.detok.flush()
+            # The stop token's own text is not part of the answer unless asked for (vLLM's
+            # include_stop_str_in_output; a special token's is still skipped); held-back text is.
+            text = live.detok.push(token).text if params.include_stop_str_in_output else ""
+            return FinishReason.STOP, text + live.detok.flush()
         out = live.detok.push(token)
         if out.stopped:
             return FinishReason.STOP, out.text

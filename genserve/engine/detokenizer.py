@@ -5,6 +5,10 @@ some tokenizers change a token's text by what precedes it. So we decode a short 
 previous tokens plus the new ones and emit only the text beyond what the window alone gives,
 holding back an incomplete character (U+FFFD) until its last byte arrives. Text that could be
 the start of a stop string is held back too, so a stop string is never half-sent.
+
+vLLM's two detokenizing controls live here too: `include_stop` keeps a matched stop string at
+the end of the text (the cut moves past it), and `skip_special` (on by default) drops special
+tokens' text from every decode.
 """
 
 from __future__ import annotations
@@ -36,23 +40,24 @@ class StopMatcher:
     character stop strings took 4.6 s). `work` counts state moves, for tests.
     """
 
-    __slots__ = ("stops", "_fail", "_state", "_fed", "work")
+    __slots__ = ("stops", "matched", "_fail", "_state", "_fed", "work")
 
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = stops
+        self.matched: str | None = None  # the stop string of the match feed last reported
         self._fail = [_failure(s) for s in stops]
         self._state = [0] * len(stops)
         self._fed = 0  # characters fed so far
         self.work = 0
 
     def feed(self, text: str) -> int | None:
-        """Feed more text; the index (in all text fed) where the earliest match starts."""
+        """Feed more text; the index (in all text fed) where the earliest match starts (the
+        first such stop in `stops` order at a tie), its stop string then in `matched`."""
         first: int | None = None
         for k, stop in enumerate(self.stops):
             end = self._advance(k, stop, text)
-            if end is not None:
-                start = end - len(stop) + 1
-                first = start if first is None else min(first, start)
+            if end is not None and (first is None or end - len(stop) + 1 < first):
+                first, self.matched = end - len(stop) + 1, stop
         self._fed += len(text)
         return first
 
@@ -93,13 +98,17 @@ class IncrementalDetokenizer:
     decoder: Decoder
     prompt_tail: list[int]  # the prompt's last tokens, context for the first output token
     stop: tuple[str, ...] = ()
+    include_stop: bool = False  # a matched stop string stays at the end of the text
+    skip_special: bool = True  # special tokens' text is left out
     _ids: list[int] = field(default_factory=list)
     _prefix: int = 0  # start of the decode window in _ids
     _read: int = 0  # end of what has been turned into text
     _text: str = ""  # all text decoded so far (sent or held back)
     _sent: int = 0  # characters of _text already sent
     _stops: StopMatcher | None = None
-    _cut: int | None = None  # where the first stop string starts in _text, once found
+    # Where the text ends once a stop string is found: where it starts in _text (its end, with
+    # include_stop).
+    _cut: int | None = None
 
     def __post_init__(self) -> None:
         self._ids = list(self.prompt_tail[-CONTEXT_TOKENS:])
@@ -108,10 +117,8 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> DetokenizeResult:
         self._ids.append(token_id)
-        prefix_text = self.decoder.decode(
-            self._ids[self._prefix : self._read], skip_special_tokens=True
-        )
-        full = self.decoder.decode(self._ids[self._prefix :], skip_special_tokens=True)
+        prefix_text = self.decoder.decode(self._ids[self._prefix : self._read], self.skip_special)
+        full = self.decoder.decode(self._ids[self._prefix :], self.skip_special)
         if full.endswith(REPLACEMENT) or len(full) <= len(prefix_text):
             return self._emit(final=False)  # incomplete character: wait for more bytes
         self._add_text(full[len(prefix_text) :])
@@ -122,15 +129,20 @@ class IncrementalDetokenizer:
         """At the end of generation: everything not yet sent, up to any stop string, including
         a character whose bytes never completed (as U+FFFD, as a whole decode would give)."""
         if self._read < len(self._ids):
-            prefix_text = self.decoder.decode(self._ids[self._prefix : self._read], True)
-            full = self.decoder.decode(self._ids[self._prefix :], True)
+            prefix_text = self.decoder.decode(
+                self._ids[self._prefix : self._read], self.skip_special
+            )
+            full = self.decoder.decode(self._ids[self._prefix :], self.skip_special)
             self._add_text(full[len(prefix_text) :])
             self._read = len(self._ids)
         return self._emit(final=True).text
 
     def _add_text(self, text: str) -> None:
         if self._stops is not None and self._cut is None:
-            self._cut = self._stops.feed(text)
+            start = self._stops.feed(text)
+            if start is not None and self.include_stop:
+                start += len(self._stops.matched or "")
+            self._cut = start
         self._text += text
 
     def _emit(self, final: bool) -> DetokenizeResult:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,12 @@ class FinishReason(enum.StrEnum):
 JSON_OBJECT = "json_object"
 JSON_SCHEMA = "json_schema"
 LARK = "lark"  # a Lark grammar (llguidance's dialect): tool calls
+# A caller's own constraint (vLLM's structured_outputs / guided_* fields), its text in `text`:
+REGEX = "regex"  # a regular expression (Rust's regex syntax) the whole output matches
+CHOICE = "choice"  # exactly one of a list of strings, given as the list's JSON text
+GRAMMAR = "grammar"  # a context-free grammar: Lark (llguidance's dialect) or GBNF/EBNF
+TEXT_KINDS = (REGEX, CHOICE, GRAMMAR)
+KINDS = (JSON_OBJECT, JSON_SCHEMA, LARK, *TEXT_KINDS)
 # How every JSON grammar is generated (response_format and tool calls alike): compact JSON
 # only, since with free whitespace a random or weak model can emit blanks forever.
 COMPACT_JSON = {
@@ -38,18 +44,21 @@ class UnsupportedSchemaError(ValueError):
 class GrammarSpec:
     """What a request's output must match; hashable, so compiled grammars are cached by it."""
 
-    kind: str  # "json_object" | "json_schema" | "lark"
+    kind: str  # one of KINDS
     schema_json: str | None = None  # JSON text of the schema, for kind "json_schema"
     lark: str | None = None  # the grammar's text, for kind "lark"
+    text: str | None = None  # the caller's regex, choices (JSON) or grammar: TEXT_KINDS
 
     def __post_init__(self) -> None:
         if (self.kind == LARK) != isinstance(self.lark, str):
             raise ValueError("a lark grammar needs its text, and only it")
+        if (self.kind in TEXT_KINDS) != isinstance(self.text, str):
+            raise ValueError(f"`text` is for the kinds {TEXT_KINDS}, and each needs it")
         if self.kind == JSON_OBJECT and self.schema_json is not None:
             raise ValueError("a json_object grammar takes no schema")
         if self.kind == JSON_SCHEMA and not isinstance(self.schema_json, str):
             raise ValueError("a json_schema grammar needs the schema's JSON text")
-        if self.kind not in (JSON_OBJECT, JSON_SCHEMA, LARK):
+        if self.kind not in KINDS:
             raise ValueError(f"unknown grammar kind {self.kind!r}")
 
     @classmethod
@@ -59,6 +68,19 @@ class GrammarSpec:
     @classmethod
     def lark_grammar(cls, text: str) -> GrammarSpec:
         return cls(LARK, lark=text)
+
+    @classmethod
+    def regex(cls, pattern: str) -> GrammarSpec:
+        return cls(REGEX, text=pattern)
+
+    @classmethod
+    def choice(cls, options: Sequence[str]) -> GrammarSpec:
+        """Kept as JSON text: the spec stays hashable, and the compiler quotes each option."""
+        return cls(CHOICE, text=json.dumps(list(options), ensure_ascii=False))
+
+    @classmethod
+    def grammar(cls, text: str) -> GrammarSpec:
+        return cls(GRAMMAR, text=text)
 
     @classmethod
     def json_schema(cls, schema: Mapping[str, Any]) -> GrammarSpec:
@@ -97,6 +119,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the sampled token's and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token (echo + logprobs)
     grammar: GrammarSpec | None = None
+    # vLLM's detokenizing controls: a matched stop string (or a stop token's text) is kept at
+    # the end of the output; special tokens' text (<|im_end|>, ...) is dropped from it.
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     @property
     def reproducible(self) -> bool:

@@ -1,4 +1,5 @@
-"""Grammar-constrained decoding for `response_format`: any JSON object, or a JSON schema.
+"""Grammar-constrained decoding for `response_format` (any JSON object, or a JSON schema), tool
+calls (a Lark grammar) and vLLM's structured outputs (a schema, a regex, a choice, a grammar).
 
 The API edge turns `response_format` into a `GrammarSpec` and calls `GrammarCompiler.validate`
 (an `UnsupportedSchemaError` becomes a 400); the engine asks `GrammarCompiler.matcher` for one
@@ -44,10 +45,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from genserve.engine.types import (  # noqa: F401 - re-exported
+    CHOICE,
     COMPACT_JSON,
+    GRAMMAR,
     JSON_OBJECT,
     JSON_SCHEMA,
     LARK,
+    REGEX,
     GrammarSpec,
     UnsupportedSchemaError,
 )
@@ -441,8 +445,12 @@ class GrammarUnavailable:
         return True
 
 
+# What an error calls each kind's source (the API puts the request field beside it).
+_WHAT = {LARK: "tool grammar", REGEX: "regex", CHOICE: "choice", GRAMMAR: "grammar"}
+
+
 def _what(spec: GrammarSpec) -> str:
-    return "tool grammar" if spec.kind == LARK else "response_format schema"
+    return _WHAT.get(spec.kind, "response_format schema")
 
 
 def _grammar_text(spec: GrammarSpec) -> str:
@@ -462,8 +470,31 @@ def _grammar(spec: GrammarSpec) -> str:
 
     if spec.kind == LARK:
         return llguidance.LLMatcher.grammar_from_lark(spec.lark or "")
+    if spec.kind == REGEX:
+        return llguidance.LLMatcher.grammar_from_regex(spec.text or "")
+    if spec.kind in (CHOICE, GRAMMAR):
+        lark = _choice_lark(spec.text) if spec.kind == CHOICE else _lark(spec.text)
+        return llguidance.LLMatcher.grammar_from_lark(lark)
     text = _ANY_OBJECT if spec.kind == JSON_OBJECT else _checked(spec.schema_json)
     return llguidance.LLMatcher.grammar_from_json_schema(text, overrides=_JSON_OPTIONS)
+
+
+def _choice_lark(options_json: str | None) -> str:
+    """One alternative per option, each a JSON-quoted literal (Lark reads JSON's escapes), so
+    an option is matched exactly whatever characters it holds."""
+    options = json.loads(options_json or "[]")
+    return "start: " + " | ".join(json.dumps(o) for o in options)
+
+
+def _lark(grammar: str | None) -> str:
+    """A caller's grammar as Lark: GBNF/EBNF (`root ::= ...`, as vLLM's xgrammar backend reads
+    it) is converted by llguidance's own converter; Lark passes through."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return any_to_lark(grammar or "")
+    except Exception as exc:  # noqa: BLE001 - its parse errors are plain Exceptions
+        raise ValueError(f"cannot read it as Lark or GBNF: {exc}") from exc
 
 
 def _checked(schema_json: str | None) -> str:

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from genserve.config import ServerConfig
 from genserve.engine.client import AsyncEngine, ContextLengthError, EngineError, GroupStream
@@ -72,6 +73,16 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class TemplateOptions:
+    """How the chat template renders the turns: vLLM's chat-template controls."""
+
+    add_generation_prompt: bool = True  # open the assistant's turn after the messages
+    continue_final_message: bool = False  # leave the last (assistant) turn open to continue it
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # more variables for the template
+    documents: tuple[Mapping[str, str], ...] | None = None  # for templates that render them
+
+
+@dataclass(frozen=True, slots=True)
 class ChatRequest:
     target: Target
     messages: tuple[Message, ...]
@@ -80,6 +91,8 @@ class ChatRequest:
     tools: ToolsRequest | None = None  # None: no tools given
     priority: int = INTERACTIVE  # engine.types.BACKGROUND for the Batch API's requests
     stream: bool = True  # False: the answer goes back whole (the engine sends it when done)
+    template: TemplateOptions = field(default_factory=TemplateOptions)
+    grammar_param: str = "response_format"  # the body field sampling.grammar came from
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +105,7 @@ class CompletionRequest:
     echo: bool = False
     priority: int = INTERACTIVE
     stream: bool = True  # as ChatRequest's
+    grammar_param: str = "response_format"  # as ChatRequest's
 
 
 GenerationRequest = ChatRequest | CompletionRequest
@@ -316,14 +330,16 @@ async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
     target, served = request.target, request.target.served
     check_group(served.engine, request.n, "n")
     fmt = detect_format(served.template, rt.config.model.tool_call_format)
-    prompt = await off_loop(chat_prompt, served, request.messages, request.tools, fmt)
+    prompt = await off_loop(
+        chat_prompt, served, request.messages, request.tools, fmt, request.template
+    )
     max_tokens = request.sampling.max_tokens or max(served.context_limit - len(prompt), 1)
     check_limits(rt.config, len(prompt), max_tokens, "messages", served.context_limit)
     sampling, tools = request.sampling, request.tools
     if tools is not None and tools.active:
         await check_tool_schemas(rt, served, tools)
         sampling = replace(sampling, grammar=tool_grammar(tools, fmt))
-    param = "tools" if tools is not None and tools.active else "response_format"
+    param = "tools" if tools is not None and tools.active else request.grammar_param
     params = await settle(rt, served, sampling, max_tokens, param)
     admitted = _open(
         rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages",
@@ -349,17 +365,20 @@ async def check_tool_schemas(rt: Runtime, served: ServedModel, tools: ToolsReque
 def render_chat(
     served: ServedModel,
     messages: Sequence[Message],
-    generation_prompt: bool,
+    options: TemplateOptions,
     tools: ToolsRequest | None = None,
     fmt: str = "hermes",
 ) -> str:
     plain, extra = template_messages(served.template, messages, tools, fmt)
+    if options.documents is not None:
+        extra = {**extra, "documents": [dict(d) for d in options.documents]}
     render = lambda: served.tokenizer.apply_chat_template(  # noqa: E731
         plain,
         chat_template=served.template,
         tokenize=False,
-        add_generation_prompt=generation_prompt,
-        **extra,
+        add_generation_prompt=options.add_generation_prompt,
+        continue_final_message=options.continue_final_message,
+        **{**options.kwargs, **extra},  # the API refused kwargs that would replace these
     )
     try:
         # Call it off the event loop: it can be slow (a template with nested loops).
@@ -376,8 +395,9 @@ def chat_prompt(
     messages: Sequence[Message],
     tools: ToolsRequest | None = None,
     fmt: str = "hermes",
+    options: TemplateOptions | None = None,
 ) -> list[int]:
-    text = render_chat(served, messages, True, tools, fmt)
+    text = render_chat(served, messages, options or TemplateOptions(), tools, fmt)
     check_prompt_bytes(text, served.max_token_bytes, served.context_limit, "messages")
     # The template writes any BOS itself; adding special tokens again would double it.
     return served.tokenizer.encode(text, add_special_tokens=False)
@@ -398,7 +418,7 @@ async def _admit_completion(rt: Runtime, request: CompletionRequest) -> _Admitte
     max_tokens = COMPLETION_MAX_TOKENS if sampling.max_tokens is None else sampling.max_tokens
     longest = max(len(p) for p in prompts)
     check_limits(rt.config, longest, max_tokens, "prompt", served.context_limit)
-    params = await settle(rt, served, sampling, max_tokens)
+    params = await settle(rt, served, sampling, max_tokens, request.grammar_param)
     admitted = _open(
         rt, target, "cmpl", prompts, params, n, best_of, "prompt", request.priority,
         _publish_every(rt, request),
@@ -488,7 +508,9 @@ async def check_grammar(
     try:
         await served.grammars.check(spec)
     except UnsupportedSchemaError as e:
-        raise InvalidRequest(str(e), param) from e
+        # A schema from guided_json / structured_outputs.json: its message names that field.
+        message = str(e).replace("response_format schema", f"{param} schema")
+        raise InvalidRequest(message, param) from e
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

@@ -14,8 +14,8 @@ def tok(tmp_path_factory: pytest.TempPathFactory):
     return build_tokenizer(Path(tmp_path_factory.mktemp("tok")))
 
 
-def stream(tok, text: str, stop=()) -> tuple[str, bool]:
-    d = IncrementalDetokenizer(tok, [], tuple(stop))
+def stream(tok, text: str, stop=(), include_stop: bool = False) -> tuple[str, bool]:
+    d = IncrementalDetokenizer(tok, [], tuple(stop), include_stop)
     out, stopped = [], False
     for t in tok.encode(text):
         r = d.push(t)
@@ -53,6 +53,33 @@ def test_text_that_only_looks_like_a_stop_start_is_released(tok) -> None:
 
 def test_earliest_of_several_stops_wins(tok) -> None:
     assert stream(tok, "one two three", ["three", "two"]) == ("one ", True)
+
+
+def test_include_stop_keeps_the_stop_string_and_cuts_after_it(tok) -> None:
+    """vLLM's include_stop_str_in_output: the text ends with the stop string, and nothing that
+    was decoded after it (the same token may carry more) is sent."""
+    assert stream(tok, "the quick brown fox jumps", ["ck bro"], True) == ("the quick bro", True)
+    assert stream(tok, "one two three", ["three", "two"], True) == ("one two", True)
+    assert stream(tok, "abc ab", ["abx"], True) == ("abc ab", False)
+
+
+def test_special_tokens_are_skipped_unless_asked_for(tok) -> None:
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
+    assert tok.convert_tokens_to_ids("<|im_start|>") in ids
+    for skip in (True, False):
+        d = IncrementalDetokenizer(tok, [], (), skip_special=skip)
+        text = "".join(d.push(t).text for t in ids) + d.flush()
+        assert text == tok.decode(ids, skip_special_tokens=skip)
+    assert "<|im_end|>" in tok.decode(ids, skip_special_tokens=False)
+    # A stop string can be a special token's text once that text is in the output.
+    d = IncrementalDetokenizer(tok, [], ("<|im_end|>",), True, skip_special=False)
+    pieces = []
+    for t in ids:
+        r = d.push(t)
+        pieces.append(r.text)
+        if r.stopped:
+            break
+    assert "".join(pieces) == "<|im_start|>user\nhi<|im_end|>"
 
 
 def test_unfinished_character_is_flushed_as_replacement(tok) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -152,6 +153,56 @@ def test_json_object_random_runs_that_finish_are_objects(compiler, tokenizer):
         tokens = sample_under_mask(matcher, vocab(tokenizer), seed)
         if matcher.done:  # free-form JSON may legitimately run past the cap
             assert isinstance(json.loads(tokenizer.decode(tokens)), dict)
+
+
+def run_to_end(compiler, tokenizer, spec: GrammarSpec, seed: int) -> str:
+    """A flat random model under the mask until the grammar is complete or EOS is drawn."""
+    matcher = compiler.matcher(spec)
+    tokens = sample_under_mask(matcher, vocab(tokenizer), seed)
+    eos = tokenizer.eos_token_id
+    assert matcher.done or tokens[-1] == eos, f"seed {seed}: not finished"
+    return tokenizer.decode([t for t in tokens if t != eos])
+
+
+def test_a_regex_constrains_the_whole_output(compiler, tokenizer):
+    spec = GrammarSpec.regex(r"[a-z]{2,5}-[0-9]{3}( ok)?")
+    outputs = {run_to_end(compiler, tokenizer, spec, seed) for seed in range(30)}
+    assert all(re.fullmatch(r"[a-z]{2,5}-[0-9]{3}( ok)?", o) for o in outputs), outputs
+    assert len(outputs) > 10
+
+
+def test_a_choice_gives_exactly_one_option_whatever_its_characters(compiler, tokenizer):
+    options = ["yes", "no way", 'say "hi"\\n', "日本 😀", "a/b|c"]
+    spec = GrammarSpec.choice(options)
+    outputs = {run_to_end(compiler, tokenizer, spec, seed) for seed in range(40)}
+    assert outputs == set(options)
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        'start: NUM "+" NUM\nNUM: /[0-9]{1,3}/',  # Lark
+        'root ::= num "+" num\nnum ::= [0-9] | [0-9] [0-9]',  # GBNF, as vLLM's xgrammar reads
+    ],
+)
+def test_a_grammar_in_lark_or_gbnf_constrains_the_output(compiler, tokenizer, grammar):
+    spec = GrammarSpec.grammar(grammar)
+    for seed in range(10):
+        assert re.fullmatch(r"[0-9]{1,3}\+[0-9]{1,3}", run_to_end(compiler, tokenizer, spec, seed))
+
+
+@pytest.mark.parametrize(
+    ("spec", "word"),
+    [
+        (GrammarSpec.regex("(unclosed"), "regex"),
+        (GrammarSpec.grammar("start: undefined_rule"), "grammar"),
+        (GrammarSpec.grammar("root ::= ("), "grammar"),
+    ],
+)
+def test_a_bad_regex_or_grammar_is_refused_saying_which(compiler, spec, word):
+    with pytest.raises(UnsupportedSchemaError) as e:
+        compiler.validate(spec)
+    assert str(e.value).startswith(word) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(
