@@ -87,6 +87,9 @@ SERVE_OPTIONS = (
     ConfigOption("device", "model", "device", "auto|cpu|cuda"),
     ConfigOption("tool_call_format", "model", "tool_call_format",
                  "auto (from the chat template)|hermes|llama3_json|mistral"),
+    ConfigOption("reasoning_parser", "model", "reasoning_parser",
+                 "auto (where the chat template knows </think>)|none|think "
+                 "(deepseek_r1, qwen3: the same)"),
     ConfigOption("max_batch_size", "engine", "max_batch_size", "Sequences decoded together."),
     ConfigOption("max_model_len", "engine", "max_model_len",
                  "Context per sequence (default: model's, max 2048)."),

@@ -11,6 +11,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 TOOL_CALL_FORMATS = ("auto", "hermes", "llama3_json", "mistral")
+# How a reasoning model's thinking is told from its answer (genserve/runtime/reasoning.py);
+# deepseek_r1 and qwen3 are vLLM's names for the same <think> tags.
+REASONING_PARSERS = ("auto", "none", "think", "deepseek_r1", "qwen3")
 DEFAULT_MODEL = "genserve-starter"
 # GENSERVE_API_KEYS, GENSERVE_ADMIN_KEYS, GENSERVE_API_KEY_FILE, and any GENSERVE_ secret.
 SECRET_ENV = re.compile(r"GENSERVE_\w*(KEYS?|KEY_FILE|SECRETS?|TOKEN|PASSWORD)", re.IGNORECASE)
@@ -109,8 +112,15 @@ class ModelConfig:
     quantization: str = "none"
     # The syntax tool calls are written in (genserve/runtime/tools.py); auto: from the template
     tool_call_format: str = "auto"
+    # auto: split <think>...</think> off chat answers where the chat template knows the tag
+    reasoning_parser: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"reasoning_parser must be one of {REASONING_PARSERS}, "
+                f"got {self.reasoning_parser!r}"
+            )
         if self.tool_call_format not in TOOL_CALL_FORMATS:
             raise ValueError(
                 f"tool_call_format must be one of {TOOL_CALL_FORMATS}, "

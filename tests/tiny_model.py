@@ -33,7 +33,12 @@ def corpus() -> list[str]:
     return [textwrap.dedent(inspect.getdoc(m) or "") for m in (json_mod, textwrap, inspect, Path)]
 
 
-def build_tokenizer(folder: Path, vocab_size: int = 512, chat_template: str | None = CHATML):
+def build_tokenizer(
+    folder: Path,
+    vocab_size: int = 512,
+    chat_template: str | None = CHATML,
+    extra_tokens: tuple[str, ...] = (),  # whole tokens of their own (a reasoning model's tags)
+):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -51,16 +56,23 @@ def build_tokenizer(folder: Path, vocab_size: int = 512, chat_template: str | No
     )
     if chat_template:
         fast.chat_template = chat_template
+    if extra_tokens:
+        fast.add_tokens(list(extra_tokens))
     fast.save_pretrained(folder)
     return fast
 
 
-def build_tiny_model(folder: Path, chat_template: str | None = CHATML, **overrides) -> Path:
+def build_tiny_model(
+    folder: Path,
+    chat_template: str | None = CHATML,
+    extra_tokens: tuple[str, ...] = (),
+    **overrides,
+) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(folder, chat_template=chat_template)
+    tok = build_tokenizer(folder, chat_template=chat_template, extra_tokens=extra_tokens)
     cfg = dict(
         hidden_size=64,
         num_hidden_layers=2,

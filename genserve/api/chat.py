@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -118,11 +120,15 @@ def template_options(body: TemplateFields, messages: list[ChatMessage]) -> Templ
     )  # fmt: skip
 
 
-def chat_message(c: ChoiceState, legacy: bool = False) -> dict:
+def chat_message(c: ChoiceState, legacy: bool = False, thinking: Thinking | None = None) -> dict:
     """OpenAI's assistant message: content null when the turn is only tool calls (`legacy`:
-    the request used `functions`, so its call is `function_call`)."""
+    the request used `functions`, so its call is `function_call`); a reasoning model's
+    thinking in vLLM's `reasoning` and, as DeepSeek's API and older vLLM name it,
+    `reasoning_content`."""
     text = "".join(c.text)
     message = {"role": "assistant", "content": text, "refusal": None}
+    if thinking is not None:
+        message.update(thinking.fields("".join(c.reasoning) or None))
     if c.tool_calls:
         message["content"] = text or None
         if legacy:
@@ -130,6 +136,22 @@ def chat_message(c: ChoiceState, legacy: bool = False) -> dict:
         else:
             message["tool_calls"] = message_calls(c.tool_calls)
     return message
+
+
+@dataclass(frozen=True, slots=True)
+class Thinking:
+    """How an answer shows a reasoning model's thinking: its fields, or their nulls when the
+    request said include_reasoning: false."""
+
+    include: bool
+
+    def fields(self, text: str | None) -> dict[str, str | None]:
+        text = text if self.include else None
+        return {"reasoning": text, "reasoning_content": text}
+
+
+def thinking_of(body: ChatCompletionRequest, started: Started) -> Thinking | None:
+    return Thinking(body.include_reasoning) if started.reasoning else None
 
 
 def finish_reason(reason: str | None, legacy: bool) -> str | None:
@@ -163,11 +185,11 @@ def chat_completion(body: ChatCompletionRequest, done: Collected) -> dict:
     """OpenAI's chat.completion object for a collected answer."""
     s = done.started
     name = namer(s.token_text, body.return_tokens_as_token_ids)
-    legacy = is_legacy(body)
+    legacy, thinking = is_legacy(body), thinking_of(body, s)
     choices = [
         {
             "index": c.index,
-            "message": chat_message(c, legacy),
+            "message": chat_message(c, legacy, thinking),
             "logprobs": chat_logprobs(c.logprobs, name) if body.logprobs else None,
             "finish_reason": finish_reason(c.finish_reason, legacy),
         }
@@ -177,7 +199,12 @@ def chat_completion(body: ChatCompletionRequest, done: Collected) -> dict:
         **envelope(s),
         "object": "chat.completion",
         "choices": choices,
-        "usage": usage(s.prompt_tokens, done.completion_tokens, done.cached_tokens),
+        "usage": usage(
+            s.prompt_tokens,
+            done.completion_tokens,
+            done.cached_tokens,
+            sum(c.reasoning_tokens for c in done.choices),
+        ),  # fmt: skip
     }
 
 
@@ -207,12 +234,20 @@ def stream_chat(http: Request, body: ChatCompletionRequest, started: Started, ev
         for i in range(started.choices)
     ]
 
-    legacy = is_legacy(body)
+    legacy, thinking = is_legacy(body), thinking_of(body, started)
+    reasoning_tokens: dict[int, int] = {}
 
     def frame(d: ChoiceDelta) -> dict | None:
-        if not d.text and d.finish_reason is None and not d.delta.logprobs and not d.calls:
+        reasoning_tokens[d.index] = d.reasoning_tokens
+        shown = d.reasoning if thinking is not None and thinking.include else ""
+        if (
+            not d.text and not shown and d.finish_reason is None and not d.delta.logprobs
+            and not d.calls
+        ):  # fmt: skip
             return None
         delta: dict = {"content": d.text} if d.text or d.delta.logprobs else {}
+        if shown:
+            delta.update(thinking.fields(shown))
         if d.calls and legacy:
             delta["function_call"] = delta_function_call(d.calls)
         elif d.calls:
@@ -223,7 +258,10 @@ def stream_chat(http: Request, body: ChatCompletionRequest, started: Started, ev
         return {**base, "choices": [choice]}
 
     def usage_frame(completion_tokens: int, cached: dict[int, int]) -> dict:
-        counts = usage(started.prompt_tokens, completion_tokens, started.cached_tokens(cached))
+        counts = usage(
+            started.prompt_tokens, completion_tokens, started.cached_tokens(cached),
+            sum(reasoning_tokens.values()),
+        )  # fmt: skip
         return {**base, "choices": [], "usage": counts}
 
     usage_fn = usage_frame if include_usage else None

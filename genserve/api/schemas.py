@@ -362,6 +362,9 @@ class ChatCompletionRequest(SamplingFields, StructuredOutputFields, TemplateFiel
     tools: list[ChatTool] | None = None
     tool_choice: Annotated[ToolChoiceMode | NamedToolChoice | None, OneChoice] = None
     parallel_tool_calls: bool | None = None
+    # vLLM's: false leaves a reasoning model's thinking out of the answer (it is still
+    # generated, and still kept apart from the content).
+    include_reasoning: bool = True
     # Stored chat completions (api/stored_completions.py): kept for listing, and as data.
     store: bool | None = None
     metadata: Metadata | None = None

@@ -26,8 +26,11 @@ def _frame(obj: Frame) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """OpenAI's CompletionUsage; cached_tokens: prompt tokens served by the prefix cache."""
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0
+) -> dict:
+    """OpenAI's CompletionUsage; cached_tokens: prompt tokens served by the prefix cache;
+    reasoning_tokens: of the completion's, a reasoning model's thinking."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -35,7 +38,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
         # As OpenAI sends them, zeros included: clients read e.g. details.reasoning_tokens.
         "prompt_tokens_details": {"cached_tokens": cached_tokens, "audio_tokens": 0},
         "completion_tokens_details": {
-            "reasoning_tokens": 0,
+            "reasoning_tokens": reasoning_tokens,
             "audio_tokens": 0,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0,

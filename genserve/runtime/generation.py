@@ -30,6 +30,7 @@ from genserve.engine.types import (
     TokenLogprob,
     UnsupportedSchemaError,
 )
+from genserve.runtime import reasoning
 from genserve.runtime.errors import (
     ClientGone,
     DomainError,
@@ -46,6 +47,7 @@ from genserve.runtime.limits import (
     with_deadline,
 )
 from genserve.runtime.models import ServedModel, Target
+from genserve.runtime.reasoning import ReasoningSplitter
 from genserve.runtime.runtime import Runtime
 from genserve.runtime.tokens import TokenText
 from genserve.runtime.tools import (
@@ -125,6 +127,7 @@ class Started:
     best_of: int  # sequences generated per prompt (choices in the stream: prompts x best_of)
     token_text: TokenText  # names tokens in logprobs
     echoes: tuple[str, ...] = ()  # each prompt's text, when the request asked for echo
+    reasoning: bool = False  # choices carry the thinking apart (a reasoning model's chat)
 
     @property
     def prompt_tokens(self) -> int:
@@ -154,6 +157,8 @@ class ChoiceDelta:
     finish_reason: str | None
     delta: TokenDelta
     calls: tuple[CallDelta, ...] = ()
+    reasoning: str = ""  # a reasoning model's thinking (runtime/reasoning.py), apart from text
+    reasoning_tokens: int = 0  # of the choice's tokens so far, those of its thinking
 
 
 Event = Started | ChoiceDelta
@@ -172,10 +177,14 @@ class ChoiceState:
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
     cached_tokens: int = 0  # of its prompt, served by the prefix cache
     tool_calls: list[ToolCall] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    reasoning_tokens: int = 0
 
     def add(self, cd: ChoiceDelta) -> None:
         d = cd.delta
         self.text.append(cd.text)
+        self.reasoning.append(cd.reasoning)
+        self.reasoning_tokens = cd.reasoning_tokens
         self.cached_tokens = d.cached_tokens or self.cached_tokens
         self.finish_reason = cd.finish_reason or self.finish_reason
         self.completion_tokens = d.completion_tokens
@@ -213,9 +222,68 @@ class _Admitted:
     tool_format: str | None = None  # set when the output may hold tool calls
     forced: bool = False  # tool_choice required or named: the whole output is calls
     tool_names: tuple[str, ...] = ()  # the functions its calls may name
+    thinking: Thinking | None = None  # a reasoning model's chat: where its thinking is
 
-    def parser(self, fmt: str) -> ToolCallParser:
-        return ToolCallParser(fmt, self.forced, self.tool_names)
+    def choice_text(self) -> ChoiceText:
+        tools = None
+        if self.tool_format is not None:
+            tools = ToolCallParser(self.tool_format, self.forced, self.tool_names)
+        splitter = None if self.thinking is None else self.thinking.splitter()
+        end_id = None if self.thinking is None else self.thinking.end_id
+        return ChoiceText(splitter, tools, end_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Thinking:
+    """Where a reasoning model's thinking starts (the prompt's end says), and the token that
+    closes it where that is one token (what counts the thinking's tokens exactly)."""
+
+    prompt_tail: str
+    end_id: int | None
+
+    def splitter(self) -> ReasoningSplitter:
+        return ReasoningSplitter.for_prompt(self.prompt_tail)
+
+
+@dataclass(slots=True)
+class ChoiceText:
+    """One choice's text on its way out: the thinking split off (reasoning models), then tool
+    calls parsed from the answer (requests with tools)."""
+
+    splitter: ReasoningSplitter | None
+    tools: ToolCallParser | None
+    end_id: int | None
+    tokens: int = 0  # of the choice so far
+    reasoning_tokens: int = 0
+
+    def delta(self, index: int, reason: str | None, d: TokenDelta) -> ChoiceDelta:
+        thinking, answer = self._split(d, reason is not None)
+        if self.tools is None:
+            return ChoiceDelta(index, answer, reason, d, (), thinking, self.reasoning_tokens)
+        content, calls = self.tools.feed(answer)
+        if reason is not None:
+            held, cut = self.tools.finish()
+            content, calls = content + held, calls + cut
+            if self.tools.calls and reason == "stop":
+                reason = "tool_calls"
+        return ChoiceDelta(index, content, reason, d, tuple(calls), thinking, self.reasoning_tokens)
+
+    def _split(self, d: TokenDelta, last: bool) -> tuple[str, str]:
+        if self.splitter is None:
+            return "", d.text
+        thinking_before = not self.splitter.done
+        thinking, answer = self.splitter.feed(d.text)
+        if last:
+            more_thinking, more_answer = self.splitter.finish()
+            thinking, answer = thinking + more_thinking, answer + more_answer
+        ids = d.token_ids
+        if thinking_before and self.splitter.inside:  # every token so far was thinking...
+            upto = len(ids)
+            if self.splitter.done and self.end_id in ids:  # ...up to the closing tag's
+                upto = ids.index(self.end_id) + 1
+            self.reasoning_tokens = self.tokens + upto
+        self.tokens += len(ids)
+        return thinking, answer
 
 
 async def generate(rt: Runtime, request: GenerationRequest) -> AsyncIterator[Event]:
@@ -226,35 +294,22 @@ async def generate(rt: Runtime, request: GenerationRequest) -> AsyncIterator[Eve
         admitted = await _admit_chat(rt, request)
     else:
         admitted = await _admit_completion(rt, request)
-    parsers: dict[int, ToolCallParser] = {}
+    plain = admitted.tool_format is None and admitted.thinking is None
+    texts: dict[int, ChoiceText] = {}
     try:
         yield admitted.started
         async for d in admitted.stream:
             reason = d.finish_reason.value if d.finish_reason else None
             index = admitted.index[d.request_id]
-            if admitted.tool_format is None:
+            if plain:
                 yield ChoiceDelta(index, d.text, reason, d)
                 continue
-            parser = parsers.setdefault(index, admitted.parser(admitted.tool_format))
-            yield tool_delta(parser, index, reason, d)
+            text = texts.get(index) or texts.setdefault(index, admitted.choice_text())
+            yield text.delta(index, reason, d)
     except EngineError as e:
         raise failure_error(e) from e
     finally:
         admitted.stream.close()
-
-
-def tool_delta(
-    parser: ToolCallParser, index: int, reason: str | None, d: TokenDelta
-) -> ChoiceDelta:
-    """One step's text split into content and call pieces; a finished choice that called a
-    tool ends with "tool_calls" (OpenAI's reason), one cut short keeps "length"."""
-    content, calls = parser.feed(d.text)
-    if reason is not None:
-        held, cut = parser.finish()
-        content, calls = content + held, calls + cut
-        if parser.calls and reason == "stop":
-            reason = "tool_calls"
-    return ChoiceDelta(index, content, reason, d, tuple(calls))
 
 
 Disconnected = Callable[[], Awaitable[bool]]
@@ -345,10 +400,23 @@ async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
         rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages",
         request.priority, _publish_every(rt, request),
     )  # fmt: skip
+    if (thinking := _thinking(rt, served, prompt)) is not None:
+        started = replace(admitted.started, reasoning=True)
+        admitted = replace(admitted, started=started, thinking=thinking)
     if tools is None or not tools.active:
         return admitted
     names = tuple(t.name for t in tools.callable())
     return replace(admitted, tool_format=fmt, forced=tools.choice.mode != "auto", tool_names=names)
+
+
+def _thinking(rt: Runtime, served: ServedModel, prompt: list[int]) -> Thinking | None:
+    """A reasoning model's chat: where its thinking starts, and its closing token's id."""
+    if not reasoning.active(served.template, rt.config.model.reasoning_parser):
+        return None
+    tok = served.tokenizer
+    end_id = tok.convert_tokens_to_ids(reasoning.CLOSE)
+    one_token = isinstance(end_id, int) and tok.decode([end_id]) == reasoning.CLOSE
+    return Thinking(tok.decode(prompt[-8:]), end_id if one_token else None)
 
 
 async def check_tool_schemas(rt: Runtime, served: ServedModel, tools: ToolsRequest) -> None:

@@ -1,0 +1,166 @@
+"""Reasoning models on a live server with the official client: the thinking (`<think>...`)
+comes apart from the answer as vLLM's `reasoning` / `reasoning_content`, streamed or not, with
+usage counting its tokens; where the template opens the thinking itself (DeepSeek-R1's), the
+output starts inside it; `enable_thinking: false` leaves it all answer; `include_reasoning:
+false` leaves it out; a model whose template knows no thinking is untouched. The tiny random
+model is held to a text by a Lark grammar (vLLM's structured outputs; `<think>` there names the
+tag's own token), which is what makes it think."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.server import LiveServer, start_server
+from tests.tiny_model import build_tiny_model
+
+TAGS = ("<think>", "</think>")  # one token each, as in Qwen3's and DeepSeek-R1's vocabularies
+TURNS = (
+    "{% for message in messages %}"
+    "{% set content = message['content'] %}"
+    "{% if message['role'] == 'assistant' %}{% set content = content.split('</think>')[-1] %}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}"
+    "{% endfor %}"
+)
+# Qwen3's shape: the model opens the thinking; enable_thinking false closes an empty one.
+QWEN3 = TURNS + (
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
+)
+# DeepSeek-R1's shape: the generation prompt opens it.
+R1 = TURNS + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+ASK = [{"role": "user", "content": "Is it?"}]
+NO_THINKING = {"enable_thinking": False}
+
+
+def thinking_server(root: Path, name: str, template: str) -> LiveServer:
+    model = build_tiny_model(root / name, chat_template=template, extra_tokens=TAGS)
+    logs = root / f"{name}-logs"
+    logs.mkdir()
+    return start_server(model, logs, "--max-model-len", "256")
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
+    srv = thinking_server(tmp_path_factory.mktemp("qwen3"), "thinker", QWEN3)
+    yield srv
+    srv.stop()
+
+
+def client(srv: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+
+
+def forced(lark: str, **extra) -> dict:  # noqa: ANN003
+    return {"structured_outputs": {"grammar": f"start: {lark}"}, "seed": 1, **extra}
+
+
+THINKS = r'<think> "\nI think so.\n" </think> "\n\nYes"'
+
+
+def model_id(srv: LiveServer) -> str:
+    return client(srv).models.list().data[0].id
+
+
+def test_thinking_comes_apart_from_the_answer(qwen3: LiveServer) -> None:
+    api, model = client(qwen3), model_id(qwen3)
+    r = api.chat.completions.create(
+        model=model, messages=ASK, max_tokens=40, logprobs=True,
+        extra_body=forced(THINKS),
+    )  # fmt: skip
+    message = r.choices[0].message.model_dump()
+    assert message["content"] == "Yes" and r.choices[0].finish_reason == "stop"
+    assert message["reasoning_content"] == message["reasoning"] == "I think so.\n"
+    tokens = [t.token for t in r.choices[0].logprobs.content]
+    assert r.usage.completion_tokens_details.reasoning_tokens == tokens.index("</think>") + 1
+    assert r.usage.completion_tokens == len(tokens)
+
+
+def test_streamed_thinking_arrives_as_reasoning_deltas(qwen3: LiveServer) -> None:
+    api, model = client(qwen3), model_id(qwen3)
+    chunks = list(
+        api.chat.completions.create(
+            model=model, messages=ASK, max_tokens=40, stream=True,
+            stream_options={"include_usage": True},
+            extra_body=forced(THINKS),
+        )
+    )  # fmt: skip
+    deltas = [c.choices[0].delta.model_dump() for c in chunks if c.choices]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "I think so.\n"
+    assert "".join(d.get("reasoning") or "" for d in deltas) == "I think so.\n"
+    assert "".join(d.get("content") or "" for d in deltas) == "Yes"
+    # The thinking comes before the answer, never inside a content delta.
+    first_answer = next(i for i, d in enumerate(deltas) if d.get("content"))
+    assert not any(d.get("reasoning") for d in deltas[first_answer:])
+    usage = chunks[-1].usage
+    assert 0 < usage.completion_tokens_details.reasoning_tokens < usage.completion_tokens
+
+
+def test_without_thinking_and_without_showing_it(qwen3: LiveServer) -> None:
+    api, model = client(qwen3), model_id(qwen3)
+    # enable_thinking false: the template closes an empty thought, so the output is all answer
+    # (a tag written in it is the answer's own text).
+    plain = api.chat.completions.create(
+        model=model, messages=ASK, max_tokens=40,
+        extra_body=forced('"Yes " <think> "no" </think>', chat_template_kwargs=NO_THINKING),
+    )  # fmt: skip
+    assert plain.choices[0].message.content == "Yes <think>no</think>"
+    assert plain.choices[0].message.model_dump()["reasoning"] is None
+    assert plain.usage.completion_tokens_details.reasoning_tokens == 0
+    hidden = api.chat.completions.create(
+        model=model, messages=ASK, max_tokens=40,
+        extra_body=forced('<think> "secret" </think> "Yes"', include_reasoning=False),
+    )  # fmt: skip
+    message = hidden.choices[0].message.model_dump()
+    assert message["content"] == "Yes" and message["reasoning"] is None
+    assert message["reasoning_content"] is None
+
+
+def test_earlier_thinking_is_not_sent_back(qwen3: LiveServer) -> None:
+    """The template strips an earlier turn's thinking, as Qwen3's does: a conversation that
+    carries it back counts the same prompt as one that does not."""
+    api, model = client(qwen3), model_id(qwen3)
+    turns = [*ASK, {"role": "assistant", "content": "<think>hmm</think>Yes"}, *ASK]
+    without = [*ASK, {"role": "assistant", "content": "Yes"}, *ASK]
+    counts = [
+        api.chat.completions.create(model=model, messages=m, max_tokens=1).usage.prompt_tokens
+        for m in (turns, without)
+    ]
+    assert counts[0] == counts[1]
+
+
+def test_a_template_that_opens_the_thinking(tmp_path: Path) -> None:
+    srv = thinking_server(tmp_path, "r1", R1)
+    try:
+        api = client(srv)
+        r = api.chat.completions.create(
+            model=model_id(srv), messages=ASK, max_tokens=40,
+            extra_body=forced(r'"Let me see." </think> "\n\nNo"'),
+        )  # fmt: skip
+        message = r.choices[0].message.model_dump()
+        assert message["reasoning"] == "Let me see." and message["content"] == "No"
+        cut = api.chat.completions.create(
+            model=model_id(srv), messages=ASK, max_tokens=3,
+            extra_body=forced(r'"Let me see." </think> "\n\nNo"'),
+        )  # fmt: skip
+        message = cut.choices[0].message.model_dump()
+        assert cut.choices[0].finish_reason == "length"
+        assert message["content"] == "" and message["reasoning"]  # all thinking, cut short
+    finally:
+        srv.stop()
+
+
+def test_a_model_without_thinking_is_untouched(server: LiveServer) -> None:
+    body = {
+        "model": "tiny-llama", "messages": ASK, "max_tokens": 30,
+        "structured_outputs": {"regex": r"<think>a</think>b"},
+    }  # fmt: skip
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    message = r["choices"][0]["message"]
+    assert message["content"] == "<think>a</think>b"
+    assert "reasoning" not in message and "reasoning_content" not in message
