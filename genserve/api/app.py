@@ -29,6 +29,7 @@ from genserve.api import (
     tokenize,
 )
 from genserve.api.auth import KeyStore
+from genserve.api.http_metrics import HttpMetrics, RouteLabels
 from genserve.api.metrics import Metrics
 from genserve.api.middleware import EdgeMiddleware, EdgeState
 from genserve.config import ServerConfig
@@ -64,23 +65,28 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
     app.state.edge = edge_state(config)
     app.add_middleware(EdgeMiddleware, state=app.state.edge)
     errors.install(app)
-    app.include_router(models.router)
-    app.include_router(registry.router)
-    app.include_router(embeddings.router)
-    app.include_router(scoring.router)
-    app.include_router(completions.router)
-    app.include_router(chat.router)
-    app.include_router(stored_completions.router)
-    app.include_router(responses.router)
-    app.include_router(tokenize.router)
-    app.include_router(files.router)
-    app.include_router(fine_tuning.router)
-    app.include_router(batches.router)
-    app.include_router(playground.router)
+    for router in ROUTERS:
+        app.include_router(router)
     app.add_api_route("/health", health, methods=["GET"], responses=HEALTH_RESPONSES)
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
     install_openapi(app)
+    # Added last, so outermost: the edge's own refusals are counted too.
+    app.add_middleware(HttpMetrics, metrics=app.state.metrics, labels=route_labels(app))
     return app
+
+
+ROUTERS = (
+    models.router, registry.router, embeddings.router, scoring.router, completions.router,
+    chat.router, stored_completions.router, responses.router, tokenize.router, files.router,
+    fine_tuning.router, batches.router, playground.router,
+)  # fmt: skip
+
+
+def route_labels(app: FastAPI) -> RouteLabels:
+    """The app's own routes (docs, /health, /metrics), then the included routers' routes:
+    FastAPI lists an included router as one entry without a path (RouteLabels skips it), so
+    they are read from the routers themselves, none of which has a prefix."""
+    return RouteLabels([*app.routes, *(r for router in ROUTERS for r in router.routes)])
 
 
 def install_openapi(app: FastAPI) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from genserve.engine.types import (
     FinishReason,
     Request,
     RequestFailure,
+    RequestTimes,
     SampledToken,
     StepInput,
     TokenDelta,
@@ -96,6 +98,11 @@ class Live:
 
 
 Publish = Callable[[Sequence[TokenDelta]], None]
+
+
+def _times(seq: Seq, reason: FinishReason | None) -> RequestTimes | None:
+    """A request's phases once it has ended (with the delta that says so), else None."""
+    return None if reason is None else seq.times(time.monotonic())
 
 
 def unloaded(model: str) -> RequestFailure:
@@ -348,7 +355,9 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001 - a detokenizer failure ends this request alone
             log.warning("request %s failed while detokenizing: %r", seq.request_id, e)
             return self._failed(live, RequestFailure(f"detokenizing failed: {e!r}"))
-        prompt_lps = self._prompt_logprobs(seq) if len(seq.output_ids) == 1 else ()
+        first = len(seq.output_ids) == 1
+        if first:
+            seq.first_token_at = time.monotonic()
         delta = TokenDelta(
             seq.request_id,
             (sampled.token_id,),
@@ -357,8 +366,9 @@ class EngineCore:
             len(seq.request.prompt_token_ids),
             len(seq.output_ids),
             logprobs=(sampled.logprob,) if sampled.logprob is not None else (),
-            prompt_logprobs=prompt_lps,
+            prompt_logprobs=self._prompt_logprobs(seq) if first else (),
             cached_tokens=seq.num_cached or 0,
+            times=_times(seq, reason),
         )
         if reason is not None:
             self._release(live)
@@ -371,6 +381,7 @@ class EngineCore:
         delta = TokenDelta(
             seq.request_id, (), "", FinishReason.LENGTH, len(seq.request.prompt_token_ids), 0,
             prompt_logprobs=self._prompt_logprobs(seq), cached_tokens=seq.num_cached or 0,
+            times=_times(seq, FinishReason.LENGTH),
         )  # fmt: skip
         self._release(live)
         return delta

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from genserve.engine.kv_blocks import KVCacheManager
-from genserve.engine.types import BlockCopy, Request
+from genserve.engine.types import BlockCopy, Request, RequestTimes
 
 # Blocks per slot when no pool is given (unit tests of batching alone): never the bound.
 UNBOUNDED_BLOCKS_PER_SLOT = 4096
@@ -49,10 +50,22 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_cached: int | None = None  # prompt tokens the prefix cache served at first admission
     preemptions: int = 0
+    # When it entered the queue, was first admitted, and got its first token (engine clock):
+    # its phases for /metrics, taken once each, never per token.
+    queued_at: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    def times(self, now: float) -> RequestTimes:
+        """Its phases as it ends at `now` (one never scheduled, or without a token, has spent
+        nothing in the phases it did not reach)."""
+        scheduled = self.scheduled_at or now
+        first = self.first_token_at or now
+        return RequestTimes(scheduled - self.queued_at, first - scheduled, now - first)
 
     @property
     def num_tokens(self) -> int:
@@ -255,6 +268,7 @@ class Scheduler:
         seq.num_computed = cached
         if seq.num_cached is None:  # what the client is told: its first admission's
             seq.num_cached = cached
+            seq.scheduled_at = time.monotonic()  # vLLM's queue time ends at the first too
         seq.slot = self.slots.take(slot)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)

@@ -199,6 +199,22 @@ class SampledToken:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestTimes:
+    """The phases of a request that ended (stop or length), in seconds, as vLLM splits them:
+    measured by the engine on its own clock, since a monotonic clock means nothing in another
+    process. Sent once, with the request's last delta: no cost per token."""
+
+    queued_s: float  # the engine received it -> first scheduled
+    prefill_s: float  # first scheduled -> first token (a preemption meanwhile included)
+    decode_s: float  # first token -> last token
+
+    @property
+    def inference_s(self) -> float:
+        """First scheduled -> last token: the time it spent running."""
+        return self.prefill_s + self.decode_s
+
+
+@dataclass(frozen=True, slots=True)
 class TokenDelta:
     """What one engine step produced for one request: new tokens and the text they complete."""
 
@@ -212,6 +228,7 @@ class TokenDelta:
     prompt_logprobs: tuple[TokenLogprob | None, ...] = ()  # once, first delta, when asked for
     error: RequestFailure | None = None  # with finish_reason ABORT: why the engine ended it
     cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
+    times: RequestTimes | None = None  # on the last delta of a request that ended normally
 
     @property
     def finished(self) -> bool:
@@ -224,7 +241,7 @@ class TokenDelta:
             self.request_id, self.token_ids + later.token_ids, self.text + later.text,
             later.finish_reason, later.prompt_tokens, later.completion_tokens,
             self.logprobs + later.logprobs, self.prompt_logprobs or later.prompt_logprobs,
-            later.error, later.cached_tokens,
+            later.error, later.cached_tokens, later.times,
         )  # fmt: skip
 
 

@@ -623,6 +623,8 @@ def _open(
     ]
     stream = open_group(rt, target.served.engine, requests, prompt_param)
     served = target.served
+    if rt.metrics is not None:
+        rt.metrics.admitted(served.id, n, len(prompts))
     started = Started(
         cid, int(time.time()), target.id, served.fingerprint,
         tuple(tuple(p) for p in prompts), n, best_of, served.token_text,

@@ -43,9 +43,12 @@ ModelHook = Callable[[str], Awaitable[None]]
 
 class MetricsSink(Protocol):
     """Per-model metrics (genserve.api.metrics.Metrics): a served model's engine reports to
-    its observer; an unloaded model's series are forgotten."""
+    its observer; the generation service reports each call it admits (its n, once per prompt);
+    an unloaded model's series are forgotten."""
 
     def observer(self, model_id: str) -> Observer: ...
+
+    def admitted(self, model_id: str, n: int, prompts: int) -> None: ...
 
     def forget(self, model_id: str) -> None: ...
 

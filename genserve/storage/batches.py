@@ -18,6 +18,7 @@ from genserve.storage.jobs import Page
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+STATUSES = (*ACTIVE, *TERMINAL)
 # The timestamp column each status sets when a batch enters it.
 STAMPS = {
     "in_progress": "in_progress_at",
@@ -143,6 +144,11 @@ class BatchStore:
         sql = f"SELECT * FROM batches WHERE {where} ORDER BY seq DESC LIMIT ?"
         rows = self.db.query(sql, (*args, limit + 1))
         return Page([_batch(r) for r in rows[:limit]], len(rows) > limit)
+
+    def count_by_status(self) -> dict[str, int]:
+        """Every project's batches by status (/metrics): one grouped count."""
+        rows = self.db.query("SELECT status, COUNT(*) FROM batches GROUP BY status")
+        return {status: count for status, count in rows}
 
     def with_status(self, *statuses: str) -> list[BatchRecord]:
         marks = ",".join("?" * len(statuses))
