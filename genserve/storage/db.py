@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_NAME = "genserve.db"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 DEFAULT_PROJECT = "default"  # the owner of rows written before projects existed
 # The columns a database of an older version lacks beyond SCHEMA's CREATE ... IF NOT EXISTS,
 # by the version that brought them: (table, column, declaration). A column already there is
@@ -32,6 +32,12 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
     5: (("files", "expires_at", "INTEGER"), ("batches", "output_expires_s", "INTEGER")),
     # A job's fine-tuning method (OpenAI's method.type); jobs from before DPO were supervised.
     6: (("jobs", "method", "TEXT NOT NULL DEFAULT 'supervised'"),),
+    # Background responses: a response's status (NULL for one stored before: it had ended), and
+    # whether it ran in the background; their events are a new table (response_events).
+    7: (
+        ("responses", "status", "TEXT"),
+        ("responses", "background", "INTEGER NOT NULL DEFAULT 0"),
+    ),
 }
 
 SCHEMA = """
@@ -136,14 +142,27 @@ CREATE TABLE IF NOT EXISTS responses (
   created_at INTEGER NOT NULL,
   body TEXT NOT NULL,
   input_items TEXT NOT NULL,
-  context TEXT NOT NULL
+  context TEXT NOT NULL,
+  status TEXT,
+  background INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS responses_by_project ON responses (project, seq);
+-- A background response's stream events, kept so that a client can resume its stream (and
+-- replay it once the response has ended); deleted with their response.
+CREATE TABLE IF NOT EXISTS response_events (
+  response_id TEXT NOT NULL,
+  seq INTEGER NOT NULL,
+  type TEXT NOT NULL,
+  data TEXT NOT NULL,
+  PRIMARY KEY (response_id, seq)
+);
 """
 # After the migrations: they may index columns an old database only has once migrated.
 INDEXES = """
 CREATE INDEX IF NOT EXISTS files_by_project ON files (project, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_project ON jobs (project, seq);
+CREATE INDEX IF NOT EXISTS responses_running ON responses (status)
+  WHERE status IN ('queued', 'in_progress');
 """
 
 
