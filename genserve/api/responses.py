@@ -62,6 +62,7 @@ from genserve.storage.responses import RUNNING, ResponseStore, StoredResponse
 __all__ = ["StreamState", "close_all", "router", "step"]  # the events' module, re-exported
 log = logging.getLogger(__name__)
 router = APIRouter()
+MAX_SEQ = 2**62  # a sequence number past any stream's, within SQLite's integers
 
 
 def not_found(response_id: str, param: str = "response_id") -> APIError:
@@ -282,7 +283,10 @@ async def frames_of(frames: Iterable[Frame]) -> AsyncIterator[Frame]:
 # -- stored responses -------------------------------------------------------------------------
 @router.get("/v1/responses/{response_id}")
 async def retrieve_response(
-    response_id: str, request: Request, stream: bool = False, starting_after: int | None = None
+    response_id: str,
+    request: Request,
+    stream: bool = False,
+    starting_after: Annotated[int, Query(ge=-1, le=MAX_SEQ)] | None = None,
 ) -> Response:
     """The Response object (a running one as it stands); with `stream`, a background
     response's events after `starting_after`, then the live ones until it ends."""

@@ -232,8 +232,10 @@ def test_what_cannot_be_cancelled_or_resumed_is_a_400(srv: LiveServer) -> None:
         client.responses.create(model=MODEL, input="x", background=True, store=False)
     assert caught.value.body["param"] == "store"
     with http(srv) as h:
-        r = h.get(f"/v1/responses/{done.id}", params={"stream": "true", "starting_after": "x"})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "starting_after"
+        for bad in ("x", str(10**30)):
+            params = {"stream": "true", "starting_after": bad}
+            r = h.get(f"/v1/responses/{done.id}", params=params)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "starting_after"
         r = h.post("/v1/responses/input_tokens", json={"input": "x"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"
         r = h.post("/v1/responses/input_tokens", json={"model": MODEL, "tools": [{"type": "x"}]})
