@@ -32,6 +32,7 @@ from genserve.api.auth import KeyStore
 from genserve.api.http_metrics import HttpMetrics, RouteLabels
 from genserve.api.metrics import Metrics
 from genserve.api.middleware import EdgeMiddleware, EdgeState
+from genserve.api.responses_background import BackgroundResponses
 from genserve.config import ServerConfig
 from genserve.runtime import lifecycle
 from genserve.runtime.lifecycle import Loader
@@ -53,6 +54,7 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
             yield
         finally:
             task.cancel()
+            await app.state.background.stop()  # what the drain left fails, stored while it can
             await lifecycle.shutdown(rt)
 
     app = FastAPI(title="genserve", version=__version__, lifespan=lifespan)
@@ -63,6 +65,7 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
     rt.metrics = app.state.metrics
     rt.batch_handler = batches.batch_handler(rt)
     app.state.edge = edge_state(config)
+    app.state.background = BackgroundResponses(app.state.edge)
     app.add_middleware(EdgeMiddleware, state=app.state.edge)
     errors.install(app)
     for router in ROUTERS:

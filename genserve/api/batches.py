@@ -66,6 +66,8 @@ async def _completion(rt: Runtime, project: str, raw: dict[str, Any]) -> BatchRe
 async def _response(rt: Runtime, project: str, raw: dict[str, Any]) -> BatchReply:
     body = ResponsesRequest.model_validate(raw)
     _no_stream(body.stream)
+    if body.background:  # a batch line is already run apart from any request
+        raise bad_request("`background` is not supported in a batch", "background")
     prepared = prepare(rt, project, body)
     prepared.request = replace(prepared.request, priority=BACKGROUND)
     reply, _ = await respond(prepared)

@@ -1,37 +1,38 @@
-"""/v1/responses: create (plain or streamed with OpenAI's typed events), retrieve, delete,
-input_items. A response runs through runtime.generation.generate as a ChatRequest, the path chat
-completions take (sampling, grammar, tool-call parsing); this module only maps the wire.
+"""/v1/responses: create (plain, streamed with OpenAI's typed events, or in the background),
+retrieve (or follow a background one's events), cancel, delete, input_items, input_tokens. A
+response runs through runtime.generation.generate as a ChatRequest, the path chat completions
+take (sampling, grammar, tool-call parsing); this module only maps the wire.
 
 Stored responses (`store`, the default) live in the SQLite store of their project
 (storage/responses.py) and survive restarts; `previous_response_id` continues from one: its
-whole context (earlier inputs and outputs) comes before the new input.
+whole context (earlier inputs and outputs) comes before the new input. Background responses
+(`background: true`) run on in this process apart from their request (responses_background.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from genserve.api.auth import principal
 from genserve.api.errors import APIError, bad_request, http_error
 from genserve.api.logprobs import TokenIds, namer
 from genserve.api.models import runtime_of
+from genserve.api.responses_background import BackgroundResponses, Frame, Run, follow, replay
+from genserve.api.responses_events import StreamState, advance, close_all, step
 from genserve.api.responses_wire import (
     Envelope,
+    InputTokensRequest,
+    ResponseInputs,
     ResponsesRequest,
-    call_item,
-    call_status,
     input_items,
-    logprob_entries,
-    message_item,
     messages,
     new_id,
     output_items,
@@ -51,14 +52,17 @@ from genserve.runtime.generation import (
     Started,
     collect,
     generate,
+    render_prompt,
 )
 from genserve.runtime.runtime import Runtime
 from genserve.runtime.tokens import TokenText
-from genserve.runtime.tools import ToolCall
-from genserve.storage.responses import ResponseStore, StoredResponse
+from genserve.runtime.tools import ToolsRequest
+from genserve.storage.responses import RUNNING, ResponseStore, StoredResponse
 
+__all__ = ["StreamState", "close_all", "router", "step"]  # the events' module, re-exported
 log = logging.getLogger(__name__)
 router = APIRouter()
+MAX_SEQ = 2**62  # a sequence number past any stream's, within SQLite's integers
 
 
 def not_found(response_id: str, param: str = "response_id") -> APIError:
@@ -70,6 +74,10 @@ def store_of(rt: Runtime) -> ResponseStore:
     if rt.database is None:
         raise Unavailable("response storage is unavailable: the database did not open")
     return ResponseStore(rt.database)
+
+
+def background_of(http: Request) -> BackgroundResponses:
+    return http.app.state.background
 
 
 @dataclass(slots=True)
@@ -91,31 +99,60 @@ class Prepared:
         return namer(served.token_text, self.body.return_tokens_as_token_ids)
 
 
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """What a body's prompt is made of, checked: its tools, the chain's items, its own."""
+
+    tools: ToolsRequest | None
+    context: list[dict[str, Any]]
+    items: list[dict[str, Any]]
+
+    def history(self, instructions: str | None) -> tuple:
+        return messages(instructions, self.context + self.items)
+
+
+def inputs(rt: Runtime, project: str, body: ResponseInputs) -> Inputs:
+    """400/404s naming the field: tools, the chain, the input items."""
+    if body.conversation is not None:  # silently dropped, the app would lose its state
+        msg = "conversations are not supported; chain responses with previous_response_id"
+        raise bad_request(msg, "conversation")
+    tools = tools_request(
+        tool_defs(body.tools), named_choice(body.tool_choice),
+        body.parallel_tool_calls, body.format_(), RESPONSES_PARAMS,
+    )  # fmt: skip
+    context = chain(rt, project, body.previous_response_id)
+    items = input_items(body.input) if body.input is not None else []
+    return Inputs(tools, context, items)
+
+
+def chain(rt: Runtime, project: str, previous_id: str | None) -> list[dict[str, Any]]:
+    """The items a continuation sees before its own; one whose response still runs has no
+    output yet to continue from (a 400, as a client racing its background response needs)."""
+    if previous_id is None:
+        return []
+    previous = store_of(rt).get(previous_id, project)
+    if previous is None:
+        raise not_found(previous_id, "previous_response_id")
+    if previous.status in RUNNING:
+        msg = f"Response '{previous_id}' is still {previous.status}: continue it once it has ended."
+        raise bad_request(msg, "previous_response_id")
+    return previous.context
+
+
 def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
     """400/404s before anything runs: the model, tools, the chain, the input items."""
     target = rt.get(body.model, project)
     apply_defaults(body, target.served.settings.defaults)
-    if body.background:
-        raise bad_request("background responses are not supported", "background")
-    if body.conversation is not None:  # silently dropped, the app would lose its state
-        msg = "conversations are not supported; chain responses with previous_response_id"
-        raise bad_request(msg, "conversation")
+    if body.background and body.store is False:  # it is polled and resumed from the store
+        raise bad_request("a background response must be stored: drop `store: false`", "store")
     body.response_format = body.format_()
-    tools = tools_request(
-        tool_defs(body.tools), named_choice(body.tool_choice),
-        body.parallel_tool_calls, body.response_format, RESPONSES_PARAMS,
-    )  # fmt: skip
-    context: list[dict[str, Any]] = []
-    if body.previous_response_id is not None:
-        previous = store_of(rt).get(body.previous_response_id, project)
-        if previous is None:
-            raise not_found(body.previous_response_id, "previous_response_id")
-        context = previous.context
-    items = input_items(body.input)
+    given = inputs(rt, project, body)
     sampling = sampling_params(body, body.max_output_tokens, wants_logprobs(body))
-    history = messages(body.instructions, context + items)
-    chat = ChatRequest(target, history, sampling, 1, tools, stream=bool(body.stream))
-    return Prepared(rt, project, body, chat, items, context)
+    history = given.history(body.instructions)
+    # A background response's deltas come as they are made, streamed or not: polls see them.
+    stream = bool(body.stream or body.background)
+    chat = ChatRequest(target, history, sampling, 1, given.tools, stream=stream)
+    return Prepared(rt, project, body, chat, given.items, given.context)
 
 
 async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tuple[dict, int]:
@@ -133,6 +170,8 @@ async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tupl
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request):
     prepared = prepare(runtime_of(request), principal(request).project, body)
+    if body.background:
+        return await start_background(request, prepared)
     if body.stream:
         events = generate(prepared.rt, prepared.request)
         started = await first_event(events)
@@ -159,40 +198,17 @@ def save(p: Prepared, obj: dict) -> None:
 
 
 # -- streaming --------------------------------------------------------------------------------
-@dataclass(slots=True)
-class StreamState:
-    """Where a streamed response is: its output items so far and the open one."""
-
-    env: Envelope
-    name: TokenText | TokenIds | None = None  # names tokens in logprobs, when asked for
-    seq: int = 0
-    output: list[dict] = field(default_factory=list)
-    text_id: str | None = None  # the message item being written
-    text: list[str] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)  # the open message's, so far
-    unsent: list[dict] = field(default_factory=list)  # of those, not yet in a delta event
-    calls: dict[int, tuple[str, ToolCall]] = field(default_factory=dict)  # index -> item, call
-
-    def event(self, kind: str, **fields: Any) -> dict:  # noqa: ANN401
-        data = {"type": kind, **fields, "sequence_number": self.seq}
-        self.seq += 1
-        return {"event": kind, "data": json.dumps(data)}
-
-
 async def stream(
     http: Request, prepared: Prepared, started: Started, events
 ) -> AsyncIterator[dict]:  # noqa: ANN001
     st = StreamState(envelope(started, prepared.body), prepared.namer())
-    completion_tokens, reason, cached = 0, None, 0
     async with contextlib.aclosing(events):
         yield st.event("response.created", response=response_object(st.env, "in_progress", []))
         yield st.event("response.in_progress", response=response_object(st.env, "in_progress", []))
         try:
             async for d in events:
                 assert isinstance(d, ChoiceDelta)
-                completion_tokens, reason = d.delta.completion_tokens, d.finish_reason or reason
-                cached = d.delta.cached_tokens or cached
-                for frame in step(st, d):
+                for frame in advance(st, d):
                     yield frame
         except DomainError as e:
             log.error("response stream failed: %s", e)
@@ -200,149 +216,118 @@ async def stream(
             yield st.event("error", code=err.code, message=err.message, param=err.param)
             return
         finally:
-            spend_tokens(http, started.prompt_tokens + completion_tokens)
-    status = "incomplete" if reason == "length" else "completed"
-    for frame in close_all(st, status):
+            spend_tokens(http, started.prompt_tokens + st.completion_tokens)
+    for frame in close_all(st, st.status):
         yield frame
-    use = usage(started.prompt_tokens, completion_tokens, cached)
-    obj = response_object(st.env, status, st.output, use)
+    use = usage(started.prompt_tokens, st.completion_tokens, st.cached_tokens)
+    obj = response_object(st.env, st.status, st.output, use)
     save(prepared, obj)
-    yield st.event(f"response.{status}", response=obj)
+    yield st.event(f"response.{st.status}", response=obj)
 
 
-def step(st: StreamState, d: ChoiceDelta) -> list[dict]:
-    out = []
-    if st.name is not None and not d.calls:  # a call's tokens are its arguments, not text
-        st.unsent += logprob_entries(d.delta.logprobs, st.name)
-    if d.text:
-        out += open_text(st)
-        st.text.append(d.text)
-        st.logprobs += st.unsent
-        out.append(
-            st.event(
-                "response.output_text.delta",
-                item_id=st.text_id,
-                output_index=len(st.output),
-                content_index=0,
-                delta=d.text,
-                logprobs=st.unsent,
-            )  # fmt: skip
-        )
-        st.unsent = []
-    for c in d.calls:
-        if c.id is not None:
-            out += close_text(st, "completed")
-            out += open_call(st, c.index, ToolCall(c.id, c.name or "", ""))
-        if c.arguments:
-            item_id, call = st.calls[c.index]
-            grown = ToolCall(call.id, call.name, call.arguments + c.arguments)
-            st.calls[c.index] = (item_id, grown)
-            out.append(
-                st.event(
-                    "response.function_call_arguments.delta",
-                    item_id=item_id,
-                    output_index=len(st.output),
-                    delta=c.arguments,
-                )  # fmt: skip
-            )
-    return out
+# -- background -------------------------------------------------------------------------------
+async def start_background(http: Request, p: Prepared) -> Response:
+    """Admit it (its 400s and 429s answer this request), store it `queued`, run it apart from
+    this request; answer the queued Response object, or follow its events when streamed."""
+    store = store_of(p.rt)  # a 503 before anything runs when there is nowhere to keep it
+    events = generate(p.rt, p.request)
+    started = await first_event(events)
+    st = StreamState(envelope(started, p.body), p.namer())
+    context = p.context + p.items
+    run = Run(st, store, started.prompt_tokens, context, lambda n: spend_tokens(http, n))
+    row = StoredResponse(st.env.id, p.project, st.env.created_at, run.snapshot(), p.items, context)
+    try:
+        store.put(row, run.begin())
+    except BaseException:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+    background_of(http).start(run, events)
+    if p.body.stream:  # the client leaving ends only its own following, not the run
+        return EventSourceResponse(follow(run, -1), sep="\n")
+    return JSONResponse(run.snapshot())
 
 
-def open_text(st: StreamState) -> list[dict]:
-    if st.text_id is not None:
-        return []
-    st.text_id = new_id("msg")
-    index = len(st.output)
-    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-    return [
-        st.event(
-            "response.output_item.added", output_index=index,
-            item=message_item(st.text_id, "", "in_progress"),
-        ),
-        st.event(
-            "response.content_part.added", item_id=st.text_id, output_index=index,
-            content_index=0, part=part,
-        ),
-    ]  # fmt: skip
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(response_id: str, request: Request) -> JSONResponse:
+    """Cancel a background response that runs; again, and it answers the cancelled one.
+    One that ended otherwise, or that was not created in the background, is a 400."""
+    store, project = store_of(runtime_of(request)), principal(request).project
+    found = stored(store, response_id, project)
+    if not found.background:
+        msg = "Cannot cancel a synchronous response: only responses created with "
+        raise bad_request(msg + "`background: true` can be cancelled.", "response_id")
+    run = background_of(request).live(response_id)
+    if run is not None:
+        await background_of(request).cancel(run)
+        found = stored(store, response_id, project)
+    if found.status in RUNNING:  # nothing runs it here any more (its end was not stored)
+        store.update(response_id, found.body | {"status": "cancelled"})
+        found = stored(store, response_id, project)
+    if found.status != "cancelled":
+        raise bad_request(f"Cannot cancel a {found.status} response.", "response_id")
+    return JSONResponse(found.body)
 
 
-def close_text(st: StreamState, status: str) -> list[dict]:
-    if st.text_id is None:
-        return []
-    text, item_id, index = "".join(st.text), st.text_id, len(st.output)
-    logprobs, st.logprobs, st.unsent = st.logprobs + st.unsent, [], []
-    item = message_item(item_id, text, status, logprobs)
-    st.output.append(item)
-    st.text_id, st.text = None, []
-    return [
-        st.event(
-            "response.output_text.done", item_id=item_id, output_index=index,
-            content_index=0, text=text, logprobs=logprobs,
-        ),
-        st.event(
-            "response.content_part.done", item_id=item_id, output_index=index,
-            content_index=0, part=item["content"][0],
-        ),
-        st.event("response.output_item.done", output_index=index, item=item),
-    ]  # fmt: skip
+def stored(store: ResponseStore, response_id: str, project: str) -> StoredResponse:
+    found = store.get(response_id, project)
+    if found is None:
+        raise not_found(response_id)
+    return found
 
 
-def open_call(st: StreamState, index: int, call: ToolCall) -> list[dict]:
-    out = close_call(st)
-    item_id = new_id("fc")
-    st.calls[index] = (item_id, call)
-    item = call_item(item_id, call, "in_progress")
-    return [*out, st.event("response.output_item.added", output_index=len(st.output), item=item)]
-
-
-def close_call(st: StreamState) -> list[dict]:
-    """Closes the call being written (only the last one can be open)."""
-    open_ = [i for i, (item_id, _) in st.calls.items() if not _closed(st, item_id)]
-    if not open_:
-        return []
-    item_id, call = st.calls[open_[-1]]
-    index = len(st.output)
-    item = call_item(item_id, call, call_status(call))
-    st.output.append(item)
-    return [
-        st.event(
-            "response.function_call_arguments.done", item_id=item_id, output_index=index,
-            name=call.name, arguments=call.arguments,
-        ),
-        st.event("response.output_item.done", output_index=index, item=item),
-    ]  # fmt: skip
-
-
-def _closed(st: StreamState, item_id: str) -> bool:
-    return any(item["id"] == item_id for item in st.output)
-
-
-def close_all(st: StreamState, status: str) -> list[dict]:
-    out = close_text(st, status) + close_call(st)
-    if not st.output:  # an empty answer is still one (empty) message, as OpenAI sends it
-        out += open_text(st) + close_text(st, status)
-    return out
+async def frames_of(frames: Iterable[Frame]) -> AsyncIterator[Frame]:
+    for frame in frames:
+        yield frame
 
 
 # -- stored responses -------------------------------------------------------------------------
 @router.get("/v1/responses/{response_id}")
 async def retrieve_response(
-    response_id: str, request: Request, stream: bool = False
-) -> JSONResponse:
-    if stream:  # OpenAI replays a background response's events; none runs here
-        msg = "streaming a stored response needs a background response, not supported here"
+    response_id: str,
+    request: Request,
+    stream: bool = False,
+    starting_after: Annotated[int, Query(ge=-1, le=MAX_SEQ)] | None = None,
+) -> Response:
+    """The Response object (a running one as it stands); with `stream`, a background
+    response's events after `starting_after`, then the live ones until it ends."""
+    store = store_of(runtime_of(request))
+    found = stored(store, response_id, principal(request).project)
+    run = background_of(request).live(response_id) if found.background else None
+    if not stream:
+        return JSONResponse(run.snapshot() if run is not None else found.body)
+    if not found.background:  # its events were sent once, to its caller, and not kept
+        msg = "only a response created with `background: true` can be streamed again"
         raise bad_request(msg, "stream")
-    found = store_of(runtime_of(request)).get(response_id, principal(request).project)
-    if found is None:
-        raise not_found(response_id)
-    return JSONResponse(found.body)
+    after = -1 if starting_after is None else starting_after
+    events = follow(run, after) if run is not None else frames_of(replay(store, response_id, after))
+    return EventSourceResponse(events, sep="\n")
 
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, request: Request) -> JSONResponse:
-    if not store_of(runtime_of(request)).delete(response_id, principal(request).project):
+    """A background response still running is cancelled first (its run would write it)."""
+    store, project = store_of(runtime_of(request)), principal(request).project
+    stored(store, response_id, project)
+    run = background_of(request).live(response_id)
+    if run is not None:
+        await background_of(request).cancel(run)
+    if not store.delete(response_id, project):
         raise not_found(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
+
+@router.post("/v1/responses/input_tokens")
+async def count_input_tokens(body: InputTokensRequest, request: Request) -> JSONResponse:
+    """The prompt a Responses body would run, counted: the same items, chain and tools,
+    rendered by the same template call as generation."""
+    if body.model is None:
+        raise bad_request("`model` is required: it names the tokenizer and template", "model")
+    rt, project = runtime_of(request), principal(request).project
+    target = rt.get(body.model, project)
+    given = inputs(rt, project, body)
+    history = given.history(body.instructions)
+    prompt, _ = await render_prompt(rt, target.served, history, given.tools)
+    return JSONResponse({"object": "response.input_tokens", "input_tokens": len(prompt)})
 
 
 @router.get("/v1/responses/{response_id}/input_items")

@@ -65,25 +65,21 @@ class FunctionChoice(BaseModel):
     name: FunctionName
 
 
-class ResponsesRequest(SamplingFields):
-    """POST /v1/responses. The shared sampling fields (temperature, top_p, seed and vLLM's
-    extensions) come from SamplingFields; `response_format` is set from `text.format`."""
+class ResponseInputs(BaseModel):
+    """What makes a response's prompt (and its output's shape): the fields that
+    /v1/responses/input_tokens takes too."""
 
-    input: str | list[dict[str, Any]]
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[dict[str, Any]] | None = None
     instructions: str | None = None
-    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
     text: TextParam | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: Annotated[
         Literal["none", "auto", "required"] | FunctionChoice | None, OneChoice
     ] = None
     parallel_tool_calls: bool | None = None
-    store: bool | None = True
     previous_response_id: str | None = None
-    metadata: dict[str, str] | None = None
-    background: bool | None = None
-    include: list[str] | None = None  # of OpenAI's values, only output text logprobs apply
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     conversation: str | dict[str, Any] | None = None  # refused: no Conversations API here
 
     def format_(self) -> ResponseFormat | None:
@@ -94,6 +90,27 @@ class ResponsesRequest(SamplingFields):
             return ResponseFormat(type="json_object")
         schema = JsonSchemaFormat(name=fmt.name, schema=fmt.schema_, strict=fmt.strict)
         return ResponseFormat(type="json_schema", json_schema=schema)
+
+
+class ResponsesRequest(ResponseInputs, SamplingFields):
+    """POST /v1/responses. The shared sampling fields (temperature, top_p, seed and vLLM's
+    extensions) come from SamplingFields; `response_format` is set from `text.format`."""
+
+    input: str | list[dict[str, Any]]
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    store: bool | None = True
+    metadata: dict[str, str] | None = None
+    background: bool | None = None
+    include: list[str] | None = None  # of OpenAI's values, only output text logprobs apply
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+
+class InputTokensRequest(ResponseInputs):
+    """POST /v1/responses/input_tokens: a Responses body whose prompt is counted, not run.
+    OpenAI's schema lets `model` be null; here it names the tokenizer and template, so a
+    missing one is a 400."""
+
+    model: str | None = None
 
 
 # -- ids --------------------------------------------------------------------------------------
@@ -312,8 +329,9 @@ def response_object(
     status: str,
     output: list[dict],
     usage_: dict | None = None,
-    finish_reason: str | None = None,
+    error: dict | None = None,
 ) -> dict:
+    """OpenAI's Response object; `error` ({code, message}) for a failed one."""
     body = env.body
     incomplete = status == "incomplete"
     obj = {
@@ -321,8 +339,9 @@ def response_object(
         "object": "response",
         "created_at": env.created_at,
         "status": status,
+        "background": body.background is True,
         "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
-        "error": None,
+        "error": error,
         "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
         "instructions": body.instructions,
         "max_output_tokens": body.max_output_tokens,

@@ -384,10 +384,7 @@ def pick_best(
 async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
     target, served = request.target, request.target.served
     check_group(served.engine, request.n, "n")
-    fmt = detect_format(served.template, rt.config.model.tool_call_format)
-    prompt = await off_loop(
-        chat_prompt, served, request.messages, request.tools, fmt, request.template
-    )
+    prompt, fmt = await render_prompt(rt, served, request.messages, request.tools, request.template)
     max_tokens = request.sampling.max_tokens or max(served.context_limit - len(prompt), 1)
     check_limits(rt.config, len(prompt), max_tokens, "messages", served.context_limit)
     sampling, tools = request.sampling, request.tools
@@ -417,6 +414,20 @@ def _thinking(rt: Runtime, served: ServedModel, prompt: list[int]) -> Thinking |
     end_id = tok.convert_tokens_to_ids(reasoning.CLOSE)
     one_token = isinstance(end_id, int) and tok.decode([end_id]) == reasoning.CLOSE
     return Thinking(tok.decode(prompt[-8:]), end_id if one_token else None)
+
+
+async def render_prompt(
+    rt: Runtime,
+    served: ServedModel,
+    messages: Sequence[Message],
+    tools: ToolsRequest | None,
+    options: TemplateOptions | None = None,
+) -> tuple[list[int], str]:
+    """The prompt's token ids, rendered by the chat template with the tools off the event
+    loop, and the tool-call format it speaks: what a chat request runs, and what
+    /v1/responses/input_tokens counts (one path, so the count is the prompt's)."""
+    fmt = detect_format(served.template, rt.config.model.tool_call_format)
+    return await off_loop(chat_prompt, served, messages, tools, fmt, options), fmt
 
 
 async def check_tool_schemas(rt: Runtime, served: ServedModel, tools: ToolsRequest) -> None:

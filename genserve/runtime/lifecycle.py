@@ -26,6 +26,7 @@ from genserve.storage.db import open_database
 from genserve.storage.files import FileStore
 from genserve.storage.jobs import JobStore
 from genserve.storage.models import ModelStore
+from genserve.storage.responses import ResponseStore
 from genserve.training.manager import JobManager
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ async def load(rt: Runtime, loader: Loader) -> None:
     A failure is kept in `rt.load_error` (reported on /health and every route)."""
     config = rt.config
     reg = open_registry(rt)
+    fail_unfinished_responses(rt)  # before any route may start one
     try:
         served = await asyncio.to_thread(loader, config)
     except Exception as e:  # noqa: BLE001 - reported on /health and every route
@@ -118,6 +120,26 @@ def open_registry(rt: Runtime) -> ModelRegistry:
         log.exception("model registry storage failed; registrations will not persist")
     rt.registry = ModelRegistry(rt, rt.config, store)
     return rt.registry
+
+
+RESTARTED = "the server stopped before this response finished; create it again"
+
+
+def fail_unfinished_responses(rt: Runtime) -> None:
+    """Background responses a server left queued or in progress (killed, or crashed: a
+    SIGTERM's drain ends them itself) fail with RESTARTED rather than stay in progress for
+    ever. Not run again: a client may have read some of their events already, which a new
+    generation would contradict."""
+    if rt.database is None:
+        return
+    try:
+        failed = ResponseStore(rt.database).fail_unfinished(RESTARTED)
+    except Exception:  # noqa: BLE001 - the model still serves; their polls say in_progress
+        log.exception("marking unfinished background responses failed did not work")
+        return
+    if failed:
+        log.warning("%d background responses left unfinished are failed: %s", len(failed),
+                    ", ".join(failed))  # fmt: skip
 
 
 def model_size(served: ServedModel, config: ServerConfig) -> int:

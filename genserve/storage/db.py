@@ -32,7 +32,14 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
     5: (("files", "expires_at", "INTEGER"), ("batches", "output_expires_s", "INTEGER")),
     # A job's fine-tuning method (OpenAI's method.type); jobs from before DPO were supervised.
     6: (("jobs", "method", "TEXT NOT NULL DEFAULT 'supervised'"),),
-    7: (),  # the chat_completions table (stored chat completions): new, SCHEMA's CREATE makes it
+    # Background responses: a response's status (NULL for one stored before: it had ended), and
+    # whether it ran in the background. New tables need no column here (SCHEMA's CREATE makes
+    # them): response_events (a background response's stream) and chat_completions (stored
+    # chat completions).
+    7: (
+        ("responses", "status", "TEXT"),
+        ("responses", "background", "INTEGER NOT NULL DEFAULT 0"),
+    ),
 }
 
 SCHEMA = """
@@ -137,7 +144,9 @@ CREATE TABLE IF NOT EXISTS responses (
   created_at INTEGER NOT NULL,
   body TEXT NOT NULL,
   input_items TEXT NOT NULL,
-  context TEXT NOT NULL
+  context TEXT NOT NULL,
+  status TEXT,
+  background INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS responses_by_project ON responses (project, seq);
 -- Stored chat completions (storage/completions.py).
@@ -151,11 +160,22 @@ CREATE TABLE IF NOT EXISTS chat_completions (
   messages TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS chat_completions_by_project ON chat_completions (project, seq);
+-- A background response's stream events, kept so that a client can resume its stream (and
+-- replay it once the response has ended); deleted with their response.
+CREATE TABLE IF NOT EXISTS response_events (
+  response_id TEXT NOT NULL,
+  seq INTEGER NOT NULL,
+  type TEXT NOT NULL,
+  data TEXT NOT NULL,
+  PRIMARY KEY (response_id, seq)
+);
 """
 # After the migrations: they may index columns an old database only has once migrated.
 INDEXES = """
 CREATE INDEX IF NOT EXISTS files_by_project ON files (project, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_project ON jobs (project, seq);
+CREATE INDEX IF NOT EXISTS responses_running ON responses (status)
+  WHERE status IN ('queued', 'in_progress');
 """
 
 

@@ -1,17 +1,31 @@
 """Stored Responses (`store: true`): the response object, its input items, and the context a
-`previous_response_id` continues from, in the `responses` table, per project.
+`previous_response_id` continues from, in the `responses` table, per project; a background
+response's stream events in `response_events`.
 
 The context is the whole conversation up to and including this response's output (the chain's
 earlier inputs and outputs, then this one's), kept with the row so that continuing a chain is
 one read however long it is. A response of another project reads as missing.
+
+A background response is written when it is created (status `queued`) and again as it changes;
+its events are written in batches while it runs (EVENTS_FLUSH_EVERY) and the rest with its end.
+A server that stops without finishing one (a crash, a kill) leaves it `queued`/`in_progress`:
+`fail_unfinished` marks it failed at the next start.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from genserve.storage.db import Database
+
+RUNNING = ("queued", "in_progress")
+# A running response's events reach the table in batches of this many: fewer writes (each one
+# is an fsync) for a window of events a crash loses. Its runner writes a batch before any
+# client can read its last event, so a client has seen at most this many events past the last
+# one written; the `response.failed` event a restart adds takes a sequence number past them.
+EVENTS_FLUSH_EVERY = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,20 +37,70 @@ class StoredResponse:
     input_items: list[dict]  # this request's input, each with its id
     context: list[dict]  # every item a continuation sees, this response's output last
 
+    @property
+    def background(self) -> bool:
+        return self.body.get("background") is True
+
+    @property
+    def status(self) -> str:
+        return self.body.get("status", "completed")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One stream event of a background response: its SSE event name and its JSON."""
+
+    seq: int
+    type: str
+    data: str
+
 
 class ResponseStore:
     def __init__(self, db: Database) -> None:
-        self.db = db  # the table is in storage/db.py's SCHEMA
+        self.db = db  # the tables are in storage/db.py's SCHEMA
 
-    def put(self, r: StoredResponse) -> None:
-        self.db.execute(
-            "INSERT INTO responses (id, project, created_at, body, input_items, context)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                r.id, r.project, r.created_at, json.dumps(r.body),
-                json.dumps(r.input_items), json.dumps(r.context),
-            ),
-        )  # fmt: skip
+    def put(self, r: StoredResponse, events: Sequence[StoredEvent] = ()) -> None:
+        with self.db.transaction() as cur:
+            cur.execute(
+                "INSERT INTO responses (id, project, created_at, body, input_items, context,"
+                " status, background) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    r.id, r.project, r.created_at, json.dumps(r.body),
+                    json.dumps(r.input_items), json.dumps(r.context), r.status, r.background,
+                ),
+            )  # fmt: skip
+            _insert_events(cur, r.id, events)
+
+    def update(
+        self,
+        response_id: str,
+        body: dict,
+        context: list[dict] | None = None,
+        events: Sequence[StoredEvent] = (),
+    ) -> None:
+        """A background response's new state (and, once it has ended, its context), with the
+        events not written yet, in one transaction."""
+        with self.db.transaction() as cur:
+            cur.execute(
+                "UPDATE responses SET body = ?, status = ? WHERE id = ?",
+                (json.dumps(body), body["status"], response_id),
+            )
+            if context is not None:
+                sql = "UPDATE responses SET context = ? WHERE id = ?"
+                cur.execute(sql, (json.dumps(context), response_id))
+            _insert_events(cur, response_id, events)
+
+    def add_events(self, response_id: str, events: Sequence[StoredEvent]) -> None:
+        with self.db.transaction() as cur:
+            _insert_events(cur, response_id, events)
+
+    def events_after(self, response_id: str, seq: int) -> list[StoredEvent]:
+        rows = self.db.query(
+            "SELECT seq, type, data FROM response_events WHERE response_id = ? AND seq > ?"
+            " ORDER BY seq",
+            (response_id, seq),
+        )
+        return [StoredEvent(row["seq"], row["type"], row["data"]) for row in rows]
 
     def get(self, response_id: str, project: str) -> StoredResponse | None:
         rows = self.db.query(
@@ -51,5 +115,38 @@ class ResponseStore:
         )  # fmt: skip
 
     def delete(self, response_id: str, project: str) -> bool:
-        sql = "DELETE FROM responses WHERE id = ? AND project = ?"
-        return self.db.execute(sql, (response_id, project)) > 0
+        with self.db.transaction() as cur:
+            sql = "DELETE FROM responses WHERE id = ? AND project = ?"
+            gone = cur.execute(sql, (response_id, project)).rowcount > 0
+            if gone:
+                cur.execute("DELETE FROM response_events WHERE response_id = ?", (response_id,))
+        return gone
+
+    def fail_unfinished(self, message: str) -> list[str]:
+        """Mark every response still queued or in progress failed (nothing runs them any
+        more: call it at start-up, before any is created), ending its events with
+        `response.failed`; their ids."""
+        with self.db.transaction() as cur:
+            rows = cur.execute(
+                "SELECT id, body FROM responses WHERE status IN (?, ?)", RUNNING
+            ).fetchall()
+            for row in rows:
+                body = json.loads(row["body"])
+                body |= {"status": "failed", "error": {"code": "server_error", "message": message}}
+                last = cur.execute(
+                    "SELECT MAX(seq) FROM response_events WHERE response_id = ?", (row["id"],)
+                ).fetchone()[0]
+                seq = (-1 if last is None else last) + EVENTS_FLUSH_EVERY
+                data = {"type": "response.failed", "response": body, "sequence_number": seq}
+                sql = "UPDATE responses SET body = ?, status = 'failed' WHERE id = ?"
+                cur.execute(sql, (json.dumps(body), row["id"]))
+                event = StoredEvent(seq, "response.failed", json.dumps(data))
+                _insert_events(cur, row["id"], [event])
+        return [row["id"] for row in rows]
+
+
+def _insert_events(cur, response_id: str, events: Sequence[StoredEvent]) -> None:  # noqa: ANN001
+    cur.executemany(
+        "INSERT INTO response_events (response_id, seq, type, data) VALUES (?, ?, ?, ?)",
+        [(response_id, e.seq, e.type, e.data) for e in events],
+    )

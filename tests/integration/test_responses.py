@@ -192,7 +192,6 @@ def test_item_list_input_and_store_false(client: openai.OpenAI) -> None:
         ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
-        ({"background": True}, "background"),
         # No Conversations API: its state would be silently lost
         ({"conversation": "conv_123"}, "conversation"),
         ({"conversation": {"id": "conv_123"}}, "conversation"),

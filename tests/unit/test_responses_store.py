@@ -83,3 +83,35 @@ def test_streamed_text_then_calls_make_well_formed_events() -> None:
     assert st.output[1]["arguments"] == '{"a":1}' and st.output[1]["status"] == "completed"
     args_events = [e for e in data if e["type"].startswith("response.function_call_arguments")]
     assert {e["output_index"] for e in args_events} == {1}
+
+
+def test_a_background_response_left_running_fails_past_every_event_a_client_saw(
+    tmp_path: Path,
+) -> None:
+    """Its events reach the store in batches of EVENTS_FLUSH_EVERY, so a client may have read
+    up to that many past the last one stored: the restart's response.failed comes after them
+    all, and a cursor anywhere in between still gets it. Deleting it takes its events too."""
+    import json
+
+    from genserve.storage.responses import EVENTS_FLUSH_EVERY, StoredEvent
+
+    store = ResponseStore(open_database(tmp_path))
+    body = {"id": "resp_bg", "status": "in_progress", "background": True, "error": None}
+    events = [StoredEvent(i, "response.created", json.dumps({"n": i})) for i in range(3)]
+    store.put(StoredResponse("resp_bg", "p1", 1, body, [], []), events)
+    done = {"id": "resp_done", "status": "completed", "background": True}
+    store.put(StoredResponse("resp_done", "p1", 1, done, [], []))
+
+    assert store.fail_unfinished("the server stopped") == ["resp_bg"]
+    failed = store.get("resp_bg", "p1")
+    assert failed.status == "failed" and failed.background
+    assert failed.body["error"] == {"code": "server_error", "message": "the server stopped"}
+    last_seen = 2 + EVENTS_FLUSH_EVERY - 1  # the most a client can have read
+    (end,) = store.events_after("resp_bg", last_seen)
+    assert end.type == "response.failed" and end.seq == last_seen + 1
+    assert json.loads(end.data)["response"]["status"] == "failed"
+    assert [e.seq for e in store.events_after("resp_bg", 0)] == [1, 2, end.seq]
+    assert store.get("resp_done", "p1").status == "completed"  # ended: untouched
+    assert store.fail_unfinished("again") == []  # once
+
+    assert store.delete("resp_bg", "p1") and store.events_after("resp_bg", -1) == []

@@ -255,3 +255,35 @@ def test_a_version_5_database_gains_the_job_method(tmp_path: Path) -> None:
     jobs.create(JobRecord("ftjob-dpo", "m", "f", None, None, 1, {"beta": 0.1}, 6, method="dpo"))
     assert jobs.get("ftjob-dpo").method == "dpo"
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 7
+
+
+def test_a_version_6_database_keeps_its_stored_responses(tmp_path: Path) -> None:
+    """Responses stored before background ones existed read as ended, synchronous ones; the
+    restart sweep leaves them alone."""
+    import json
+    import sqlite3
+
+    from genserve.storage import db as db_mod
+    from genserve.storage.responses import ResponseStore
+
+    v6 = db_mod.SCHEMA.replace(",\n  status TEXT,\n  background INTEGER NOT NULL DEFAULT 0", "")
+    v6 = v6[: v6.index("-- A background response's stream events")]
+    assert "background" not in v6 and "response_events" not in v6
+    path = tmp_path / db_mod.DB_NAME
+    conn = sqlite3.connect(path)
+    conn.executescript(f"{v6} PRAGMA user_version=6;")
+    body = {"id": "resp_old", "status": "completed", "output": []}
+    conn.execute(
+        "INSERT INTO responses (id, project, created_at, body, input_items, context)"
+        " VALUES ('resp_old', 'default', 5, ?, '[]', '[]')",
+        (json.dumps(body),),
+    )
+    conn.commit()
+    conn.close()
+
+    store = ResponseStore(open_database(tmp_path))
+    old = store.get("resp_old", "default")
+    assert old is not None and old.status == "completed" and not old.background
+    assert store.fail_unfinished("restarted") == []
+    assert store.events_after("resp_old", -1) == []
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 7

@@ -1,0 +1,220 @@
+"""Background responses (`background: true`): generation that runs on in the server, apart from
+the HTTP request that started it.
+
+A run is a task on the event loop. It turns the generation's deltas into the same typed events
+a stream sends (api/responses_events.py), keeps them all in memory while it runs (for the
+clients following it, from any sequence number), and writes them to the store in batches
+(storage/responses.py: EVENTS_FLUSH_EVERY), with the response's state as it changes: `queued`
+once admitted, `in_progress` from its first token, then `completed`, `incomplete`, `failed`
+(with its `error`) or `cancelled`. Once it has ended, its events are read from the store:
+they stay as long as the response does (DELETE removes both).
+
+Cancelling a run (POST .../cancel, DELETE, the server's shutdown) cancels its task: leaving
+the generation's events aborts the engine's requests, as a client leaving a stream does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from genserve.api.middleware import EdgeState
+from genserve.api.responses_events import (
+    StreamState,
+    advance,
+    close_all,
+    close_call,
+    close_text,
+)
+from genserve.api.responses_wire import response_object, usage
+from genserve.runtime.errors import DomainError, InvalidRequest, Overloaded
+from genserve.runtime.generation import ChoiceDelta, Event
+from genserve.storage.responses import EVENTS_FLUSH_EVERY, ResponseStore, StoredEvent
+
+log = logging.getLogger(__name__)
+Frame = dict  # one SSE event: {"event": its type, "data": its JSON}
+CANCELLED = "cancelled"  # Run.stop for a cancel; any other value is the failure's message
+SHUTDOWN = "the server shut down before this response finished; create it again"
+INTERNAL = "the server had an error while generating this response"
+
+
+@dataclass(slots=True)
+class Run:
+    """One background response while it runs. `events[i]` is the event numbered i."""
+
+    st: StreamState
+    store: ResponseStore
+    prompt_tokens: int
+    context: list[dict]  # the chain's items and this input: its output joins them at the end
+    on_end: Callable[[int], None]  # called once, with the tokens it cost
+    status: str = "queued"
+    events: list[Frame] = field(default_factory=list)
+    flushed: int = 0  # events[:flushed] are in the store
+    done: bool = False
+    stop: str | None = None  # why it was stopped: CANCELLED, or a failure's message
+    task: asyncio.Task | None = None
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # its task has begun
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def id(self) -> str:
+        return self.st.env.id
+
+    def snapshot(self) -> dict:
+        """The Response object as it stands: what polling it answers."""
+        return response_object(self.st.env, self.status, list(self.st.output))
+
+    def begin(self) -> list[StoredEvent]:
+        """Its first events (response.created, response.queued), to store with its row."""
+        obj = self.snapshot()
+        self.publish(
+            [
+                self.st.event("response.created", response=obj),
+                self.st.event("response.queued", response=obj),
+            ]
+        )
+        return self.unflushed()
+
+    def publish(self, frames: Sequence[Frame]) -> None:
+        self.events += frames
+        if len(self.events) - self.flushed >= EVENTS_FLUSH_EVERY:
+            # Before any follower reads the last of them (they run after this returns).
+            self.store.add_events(self.id, self.unflushed())
+        self.wake.set()
+        self.wake = asyncio.Event()
+
+    def unflushed(self) -> list[StoredEvent]:
+        start, self.flushed = self.flushed, len(self.events)
+        frames = self.events[start:]
+        return [StoredEvent(start + i, f["event"], f["data"]) for i, f in enumerate(frames)]
+
+    def take(self, d: ChoiceDelta) -> None:
+        """One generation step; the first one means the engine has started on it."""
+        if self.status == "queued":
+            self.status = "in_progress"
+            self.publish([self.st.event("response.in_progress", response=self.snapshot())])
+            self.store.update(self.id, self.snapshot(), events=self.unflushed())
+        self.publish(advance(self.st, d))
+
+    async def consume(self, events: AsyncIterator[Event]) -> None:
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for d in events:
+                assert isinstance(d, ChoiceDelta)
+                self.take(d)
+
+    def end(self, status: str, error: dict | None = None) -> None:
+        """Its last state, stored with the events not stored yet. A cancelled one sends no
+        more events (OpenAI's stream has none for it): its output closes where it stopped."""
+        try:
+            if status in ("completed", "incomplete"):
+                frames = close_all(self.st, self.st.status)
+            else:  # cut short: its open item is incomplete, and no output is none
+                frames = close_text(self.st, "incomplete") + close_call(self.st)
+            use = usage(self.prompt_tokens, self.st.completion_tokens, self.st.cached_tokens)
+            obj = response_object(self.st.env, status, self.st.output, use, error)
+            if status != CANCELLED:
+                self.publish([*frames, self.st.event(f"response.{status}", response=obj)])
+            self.status = status
+            context = self.context + obj["output"]
+            self.store.update(self.id, obj, context, self.unflushed())
+        except Exception:  # noqa: BLE001 - the store failed: followers must still be let go
+            log.exception("background response %s: storing its end failed", self.id)
+        finally:
+            self.done = True
+            self.wake.set()
+            self.on_end(self.prompt_tokens + self.st.completion_tokens)
+
+
+async def follow(run: Run, after: int) -> AsyncIterator[Frame]:
+    """A running response's events numbered after `after`, then each as it comes, to its end."""
+    i = max(after + 1, 0)
+    while True:
+        wake = run.wake  # taken before reading: an event published meanwhile sets this one
+        while i < len(run.events):
+            yield run.events[i]
+            i += 1
+        if run.done:
+            return
+        await wake.wait()
+
+
+def replay(store: ResponseStore, response_id: str, after: int) -> list[Frame]:
+    """An ended response's stored events numbered after `after`."""
+    return [{"event": e.type, "data": e.data} for e in store.events_after(response_id, after)]
+
+
+def failure(e: DomainError) -> dict:
+    """A Response's `error` (OpenAI's ResponseError codes) for what ended its generation."""
+    if isinstance(e, InvalidRequest):
+        return {"code": "invalid_prompt", "message": e.message}
+    if isinstance(e, Overloaded):
+        return {"code": "rate_limit_exceeded", "message": e.message}
+    return {"code": "server_error", "message": e.message}
+
+
+class BackgroundResponses:
+    """The runs of this process, by response id, while they run.
+
+    Each counts as a request in flight (EdgeState.in_flight) until it ends: SIGTERM's drain
+    (genserve/server.py) waits for it as for a stream, and past --drain-timeout the engine's
+    cut fails it. A user who asked for it expects it finished, and rerunning it after the
+    restart would contradict the events a client has already read."""
+
+    def __init__(self, edge: EdgeState) -> None:
+        self.edge = edge
+        self.runs: dict[str, Run] = {}
+
+    def start(self, run: Run, events: AsyncIterator[Event]) -> None:
+        self.runs[run.id] = run
+        self.edge.in_flight += 1
+        run.task = asyncio.create_task(self._drive(run, events), name=f"background {run.id}")
+
+    def live(self, response_id: str) -> Run | None:
+        return self.runs.get(response_id)
+
+    async def cancel(self, run: Run, why: str = CANCELLED) -> None:
+        """Stop a run and wait for its end to be stored (a second call waits the same)."""
+        run.stop = run.stop or why
+        assert run.task is not None
+        # A task cancelled before its first step never runs, and would never end the run
+        # (nor close its events, which aborts the engine's requests): let it begin first.
+        await run.started.wait()
+        run.task.cancel()
+        await asyncio.wait({run.task})
+
+    async def stop(self) -> None:
+        """At shutdown: whatever still runs (past the drain) fails, saying so."""
+        for run in list(self.runs.values()):
+            await self.cancel(run, SHUTDOWN)
+
+    async def _drive(self, run: Run, events: AsyncIterator[Event]) -> None:
+        run.started.set()
+        try:
+            await run.consume(events)
+        except asyncio.CancelledError:
+            if run.stop is None:  # not ours (the loop is closing): end it as a shutdown
+                run.stop = SHUTDOWN
+            else:  # ours, and handled here: the task itself ends normally
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            end_stopped(run)
+        except DomainError as e:
+            log.error("background response %s failed: %s", run.id, e)
+            run.end("failed", failure(e))
+        except Exception:  # noqa: BLE001 - a bug here must not leave it in progress
+            log.exception("background response %s failed", run.id)
+            run.end("failed", {"code": "server_error", "message": INTERNAL})
+        else:
+            run.end(run.st.status)
+        finally:
+            self.runs.pop(run.id, None)
+            self.edge.in_flight -= 1
+
+
+def end_stopped(run: Run) -> None:
+    if run.stop == CANCELLED:
+        run.end(CANCELLED)
+    else:
+        run.end("failed", {"code": "server_error", "message": run.stop or SHUTDOWN})
