@@ -321,40 +321,34 @@ async def retrieve_job(job_id: str, request: Request) -> dict:
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 async def cancel_job(job_id: str, request: Request) -> dict:
-    manager = job_manager(request)
-    get_job(manager, job_id, principal(request))
-    try:
-        job = await manager.cancel(job_id)
-    except JobFinishedError as e:
-        raise bad_request(str(e), "fine_tuning_job_id", "job_already_finished") from None
-    return job_card(job)
+    return await _change(request, job_id, "cancel")
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/pause")
 async def pause_job(job_id: str, request: Request) -> dict:
     """A running job saves its state before its next step and stops (`pausing`, then
     `paused`); a queued one is paused at once. Its worker's CPU goes to other work meanwhile."""
-    manager = job_manager(request)
-    get_job(manager, job_id, principal(request))
-    try:
-        job = await manager.pause(job_id)
-    except JobFinishedError as e:
-        raise bad_request(str(e), "fine_tuning_job_id", "job_already_finished") from None
-    except JobStateError as e:
-        raise bad_request(str(e), "fine_tuning_job_id", "invalid_job_state") from None
-    return job_card(job, manager.worker_pid(job_id))
+    return await _change(request, job_id, "pause")
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/resume")
 async def resume_job(job_id: str, request: Request) -> dict:
     """A paused job is queued again and continues from where it paused."""
+    return await _change(request, job_id, "resume")
+
+
+async def _change(request: Request, job_id: str, action: str) -> dict:
+    """One of the manager's cancel / pause / resume on a job of the caller's project; what
+    the job's state does not allow is a 400 naming the job."""
     manager = job_manager(request)
     get_job(manager, job_id, principal(request))
     try:
-        job = await manager.resume(job_id)
+        job = await getattr(manager, action)(job_id)
+    except JobFinishedError as e:
+        raise bad_request(str(e), "fine_tuning_job_id", "job_already_finished") from None
     except JobStateError as e:
         raise bad_request(str(e), "fine_tuning_job_id", "invalid_job_state") from None
-    return job_card(job)
+    return job_card(job, manager.worker_pid(job_id))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")

@@ -14,6 +14,7 @@ import pytest
 from tests.integration.test_fine_tuning import (
     DATA,
     MODEL,
+    Servers,
     all_events,
     client_for,
     raw_job,
@@ -21,20 +22,10 @@ from tests.integration.test_fine_tuning import (
     upload,
     wait_finished,
 )
-from tests.server import LiveServer, start_server, wait_until
+from tests.server import LiveServer, wait_until
 
 EXAMPLES, EPOCHS = 100, 2
 STEPS = EXAMPLES * EPOCHS  # batch 1: long epochs, so the pause most likely lands inside one
-
-
-class Servers:
-    def __init__(self, model: Path, logs: Path, data_dir: Path) -> None:
-        self.args = (model, logs, "--data-dir", str(data_dir), "--max-model-len", "128")
-        self.live = start_server(*self.args)
-
-    def restart(self) -> None:
-        self.live.stop()
-        self.live = start_server(*self.args)
 
 
 @pytest.fixture(scope="module")
