@@ -161,7 +161,9 @@ async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tupl
     done = await collect(generate(p.rt, p.request), disconnected)
     s, choice = done.started, done.choices[0]
     status = "incomplete" if choice.finish_reason == "length" else "completed"
-    use = usage(s.prompt_tokens, done.completion_tokens, done.cached_tokens)
+    use = usage(
+        s.prompt_tokens, done.completion_tokens, done.cached_tokens, choice.reasoning_tokens
+    )
     obj = response_object(envelope(s, p.body), status, output_items(choice, p.namer()), use)
     save(p, obj)
     return obj, s.prompt_tokens + done.completion_tokens
@@ -219,7 +221,7 @@ async def stream(
             spend_tokens(http, started.prompt_tokens + st.completion_tokens)
     for frame in close_all(st, st.status):
         yield frame
-    use = usage(started.prompt_tokens, st.completion_tokens, st.cached_tokens)
+    use = usage(started.prompt_tokens, st.completion_tokens, st.cached_tokens, st.reasoning_tokens)
     obj = response_object(st.env, st.status, st.output, use)
     save(prepared, obj)
     yield st.event(f"response.{st.status}", response=obj)

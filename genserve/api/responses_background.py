@@ -113,7 +113,10 @@ class Run:
                 frames = close_all(self.st, self.st.status)
             else:  # cut short: its open item is incomplete, and no output is none
                 frames = close_text(self.st, "incomplete") + close_call(self.st)
-            use = usage(self.prompt_tokens, self.st.completion_tokens, self.st.cached_tokens)
+            st = self.st
+            use = usage(
+                self.prompt_tokens, st.completion_tokens, st.cached_tokens, st.reasoning_tokens
+            )
             obj = response_object(self.st.env, status, self.st.output, use, error)
             if status != CANCELLED:
                 self.publish([*frames, self.st.event(f"response.{status}", response=obj)])

@@ -16,6 +16,7 @@ from genserve.api.responses_wire import (
     logprob_entries,
     message_item,
     new_id,
+    reasoning_item,
 )
 from genserve.runtime.generation import ChoiceDelta
 from genserve.runtime.tokens import TokenText
@@ -36,6 +37,9 @@ class StreamState:
     unsent: list[dict] = field(default_factory=list)  # of those, not yet in a delta event
     calls: dict[int, tuple[str, ToolCall]] = field(default_factory=dict)  # index -> item, call
     completion_tokens: int = 0  # so far
+    reasoning_tokens: int = 0  # of those, a reasoning model's thinking
+    thought_id: str | None = None  # the reasoning item being written
+    thought: list[str] = field(default_factory=list)
     cached_tokens: int = 0  # of the prompt, served by the prefix cache
     reason: str | None = None  # the finish reason, once there is one
 
@@ -54,12 +58,15 @@ def advance(st: StreamState, d: ChoiceDelta) -> list[dict]:
     """One generation step: what it adds to the counts, and its events."""
     st.completion_tokens, st.reason = d.delta.completion_tokens, d.finish_reason or st.reason
     st.cached_tokens = d.delta.cached_tokens or st.cached_tokens
+    st.reasoning_tokens = d.reasoning_tokens
     return step(st, d)
 
 
 def step(st: StreamState, d: ChoiceDelta) -> list[dict]:
     """The events one generation step makes."""
-    out = []
+    out = think(st, d.reasoning)
+    if d.text or d.calls:
+        out += close_thought(st, "completed")
     if st.name is not None and not d.calls:  # a call's tokens are its arguments, not text
         st.unsent += logprob_entries(d.delta.logprobs, st.name)
     if d.text:
@@ -94,6 +101,40 @@ def step(st: StreamState, d: ChoiceDelta) -> list[dict]:
                 )  # fmt: skip
             )
     return out
+
+
+def think(st: StreamState, text: str) -> list[dict]:
+    """A reasoning model's thinking: its item opened once, then a delta a piece."""
+    if not text:
+        return []
+    out = []
+    if st.thought_id is None:
+        st.thought_id = new_id("rs")
+        item = reasoning_item(st.thought_id, "", "in_progress")
+        out.append(st.event("response.output_item.added", output_index=len(st.output), item=item))
+    st.thought.append(text)
+    out.append(
+        st.event(
+            "response.reasoning_text.delta", item_id=st.thought_id,
+            output_index=len(st.output), content_index=0, delta=text,
+        )
+    )  # fmt: skip
+    return out
+
+
+def close_thought(st: StreamState, status: str) -> list[dict]:
+    if st.thought_id is None or _closed(st, st.thought_id):
+        return []
+    text, index = "".join(st.thought), len(st.output)
+    item = reasoning_item(st.thought_id, text, status)
+    st.output.append(item)
+    return [
+        st.event(
+            "response.reasoning_text.done", item_id=st.thought_id, output_index=index,
+            content_index=0, text=text,
+        ),
+        st.event("response.output_item.done", output_index=index, item=item),
+    ]  # fmt: skip
 
 
 def open_text(st: StreamState) -> list[dict]:
@@ -166,7 +207,8 @@ def _closed(st: StreamState, item_id: str) -> bool:
 
 
 def close_all(st: StreamState, status: str) -> list[dict]:
-    out = close_text(st, status) + close_call(st)
-    if not st.output:  # an empty answer is still one (empty) message, as OpenAI sends it
+    out = close_thought(st, status) + close_text(st, status) + close_call(st)
+    if not any(item["type"] != "reasoning" for item in st.output):
+        # An empty answer is still one (empty) message, as OpenAI sends it.
         out += open_text(st) + close_text(st, status)
     return out

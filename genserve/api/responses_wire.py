@@ -147,6 +147,8 @@ def _item(item: dict[str, Any], where: str) -> dict[str, Any]:
             "id": _item_id(item, "fco", where), "type": "function_call_output",
             "call_id": _text(item, "call_id", where), "output": output, "status": "completed",
         }  # fmt: skip
+    if kind == "reasoning":  # an earlier output sent back, as OpenAI asks clients to do
+        return {**item, "id": _item_id(item, "rs", where), "type": "reasoning"}
     raise bad_request(f"{where}: input items of type `{kind}` are not supported", "input")
 
 
@@ -197,7 +199,8 @@ def _text(item: dict[str, Any], key: str, where: str) -> str:
 
 
 def messages(instructions: str | None, items: Sequence[dict[str, Any]]) -> tuple[Message, ...]:
-    """Items -> chat messages: a function_call joins the assistant turn before it."""
+    """Items -> chat messages: a function_call joins the assistant turn before it; earlier
+    thinking (reasoning items) is not shown again, as reasoning models' templates drop it."""
     out: list[Message] = [Message("system", instructions)] if instructions else []
     for item in items:
         kind = item["type"]
@@ -256,12 +259,22 @@ def call_item(item_id: str, call: ToolCall, status: str) -> dict:
     }  # fmt: skip
 
 
+def reasoning_item(item_id: str, text: str, status: str) -> dict:
+    """A reasoning model's thinking, as OpenAI's Reasoning item carries raw thinking (its
+    `content` of reasoning_text; no summary is made here)."""
+    content = [{"type": "reasoning_text", "text": text}] if status != "in_progress" else []
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
+
+
 def output_items(choice: ChoiceState, name: TokenText | TokenIds | None = None) -> list[dict]:
-    """The text (when there is any, or nothing else) and then each call; the text's token
-    logprobs when asked (`name` names the tokens)."""
+    """A reasoning model's thinking first, then the text (when there is any, or nothing
+    else) and each call; the text's token logprobs when asked (`name` names the tokens)."""
     text = "".join(choice.text)
     status = "incomplete" if choice.finish_reason == "length" else "completed"
     out = []
+    if thought := "".join(choice.reasoning):
+        thought_status = status if not text and not choice.tool_calls else "completed"
+        out.append(reasoning_item(new_id("rs"), thought, thought_status))
     if text or not choice.tool_calls:
         lps = logprob_entries(choice.logprobs, name)
         out.append(message_item(new_id("msg"), text, status, lps))
@@ -314,12 +327,14 @@ class Envelope:
     body: ResponsesRequest
 
 
-def usage(input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> dict:
+def usage(
+    input_tokens: int, output_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0
+) -> dict:
     return {
         "input_tokens": input_tokens,
         "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
         "output_tokens": output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": input_tokens + output_tokens,
     }
 

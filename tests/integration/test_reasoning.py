@@ -134,25 +134,28 @@ def test_earlier_thinking_is_not_sent_back(qwen3: LiveServer) -> None:
     assert counts[0] == counts[1]
 
 
-def test_a_template_that_opens_the_thinking(tmp_path: Path) -> None:
-    srv = thinking_server(tmp_path, "r1", R1)
-    try:
-        api = client(srv)
-        r = api.chat.completions.create(
-            model=model_id(srv), messages=ASK, max_tokens=40,
-            extra_body=forced(r'"Let me see." </think> "\n\nNo"'),
-        )  # fmt: skip
-        message = r.choices[0].message.model_dump()
-        assert message["reasoning"] == "Let me see." and message["content"] == "No"
-        cut = api.chat.completions.create(
-            model=model_id(srv), messages=ASK, max_tokens=3,
-            extra_body=forced(r'"Let me see." </think> "\n\nNo"'),
-        )  # fmt: skip
-        message = cut.choices[0].message.model_dump()
-        assert cut.choices[0].finish_reason == "length"
-        assert message["content"] == "" and message["reasoning"]  # all thinking, cut short
-    finally:
-        srv.stop()
+@pytest.fixture(scope="module")
+def r1(tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
+    srv = thinking_server(tmp_path_factory.mktemp("r1"), "r1", R1)
+    yield srv
+    srv.stop()
+
+
+def test_a_template_that_opens_the_thinking(r1: LiveServer) -> None:
+    api = client(r1)
+    r = api.chat.completions.create(
+        model=model_id(r1), messages=ASK, max_tokens=40,
+        extra_body=forced(r'"Let me see." </think> "\n\nNo"'),
+    )  # fmt: skip
+    message = r.choices[0].message.model_dump()
+    assert message["reasoning"] == "Let me see." and message["content"] == "No"
+    cut = api.chat.completions.create(
+        model=model_id(r1), messages=ASK, max_tokens=3,
+        extra_body=forced(r'"Let me see." </think> "\n\nNo"'),
+    )  # fmt: skip
+    message = cut.choices[0].message.model_dump()
+    assert cut.choices[0].finish_reason == "length"
+    assert message["content"] == "" and message["reasoning"]  # all thinking, cut short
 
 
 def test_a_model_without_thinking_is_untouched(server: LiveServer) -> None:
@@ -164,3 +167,39 @@ def test_a_model_without_thinking_is_untouched(server: LiveServer) -> None:
     message = r["choices"][0]["message"]
     assert message["content"] == "<think>a</think>b"
     assert "reasoning" not in message and "reasoning_content" not in message
+
+
+def test_responses_carry_the_thinking_as_a_reasoning_item(r1: LiveServer) -> None:
+    """/v1/responses: a `reasoning` item (its reasoning_text) before the message, streamed as
+    response.reasoning_text events; sent back as input, or continued from, it is accepted.
+    The R1-shaped template opens the thinking, so the random model's text starts as thought
+    (what follows a </think> it happens to draw is the answer)."""
+    api, model = client(r1), model_id(r1)
+    r = api.responses.create(model=model, input="Is it?", max_output_tokens=6)
+    assert [item.type for item in r.output] == ["reasoning", "message"]
+    thought = r.output[0].content[0].text
+    assert thought and r.output[0].summary == []
+    assert 0 < r.usage.output_tokens_details.reasoning_tokens <= r.usage.output_tokens == 6
+    events = list(
+        api.responses.create(
+            model=model, input="Is it?", max_output_tokens=6, stream=True,
+            extra_body={"seed": 3},
+        )
+    )  # fmt: skip
+    types = [e.type for e in events]
+    deltas = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    done = events[-1].response
+    assert [item.type for item in done.output] == ["reasoning", "message"]
+    assert deltas == done.output[0].content[0].text and deltas
+    assert types.index("response.reasoning_text.done") < types.index("response.output_item.done")
+    assert 0 < done.usage.output_tokens_details.reasoning_tokens <= 6
+    follow = api.responses.create(
+        model=model, input="And now?", previous_response_id=r.id, max_output_tokens=2
+    )
+    sent_back = api.responses.create(
+        model=model, max_output_tokens=2,
+        input=[{"role": "user", "content": "Is it?"}, r.output[0].model_dump(),
+               r.output[1].model_dump(), {"role": "user", "content": "And now?"}],
+    )  # fmt: skip
+    # The same conversation either way: the earlier thinking is not part of the prompt.
+    assert follow.usage.input_tokens == sent_back.usage.input_tokens
