@@ -5,12 +5,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 from genserve.config import ServerConfig
 from genserve.engine.types import FailureKind, RequestFailure
 from genserve.runtime import heap
+from genserve.storage import lock
 
 log = logging.getLogger(__name__)
+# How long a new server waits for the one holding its data dir to exit (a rolling restart,
+# where the old one drains its requests first) before it gives up.
+DATA_DIR_WAIT_S = 30.0
 CUT_GRACE_S = 2.0  # after the drain timeout, for cut requests to send their error and end
 CUT = RequestFailure(
     "the server is shutting down and its drain timeout passed; retry", FailureKind.UNAVAILABLE
@@ -73,6 +78,11 @@ class DrainingServer:
 
 
 def serve(config: ServerConfig, log_level: str = "info") -> None:
+    try:  # before anything loads: a second server on one data dir would corrupt its jobs
+        data_lock = lock.hold(Path(config.storage.data_dir), DATA_DIR_WAIT_S)
+    except lock.DataDirBusy as e:
+        log.error("%s", e)
+        raise SystemExit(1) from None
     loader = None
     if config.engine.own_process:  # first: it loads while this process imports the app
         from genserve.runtime.lifecycle import EarlyEngineLoader
@@ -87,6 +97,7 @@ def serve(config: ServerConfig, log_level: str = "info") -> None:
     finally:
         if loader is not None:
             loader.discard()
+        data_lock.close()
     heap.before_exit()
 
 
