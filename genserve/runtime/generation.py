@@ -223,6 +223,7 @@ class _Admitted:
     forced: bool = False  # tool_choice required or named: the whole output is calls
     tool_names: tuple[str, ...] = ()  # the functions its calls may name
     thinking: Thinking | None = None  # a reasoning model's chat: where its thinking is
+    grammar_param: str = "response_format"  # the body field its grammar came from
 
     def choice_text(self) -> ChoiceText:
         tools = None
@@ -307,7 +308,7 @@ async def generate(rt: Runtime, request: GenerationRequest) -> AsyncIterator[Eve
             text = texts.get(index) or texts.setdefault(index, admitted.choice_text())
             yield text.delta(index, reason, d)
     except EngineError as e:
-        raise failure_error(e) from e
+        raise failure_error(e, admitted.grammar_param) from e
     finally:
         admitted.stream.close()
 
@@ -397,6 +398,7 @@ async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
         rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages",
         request.priority, _publish_every(rt, request),
     )  # fmt: skip
+    admitted = replace(admitted, grammar_param=param)
     if (thinking := _thinking(rt, served, prompt)) is not None:
         started = replace(admitted.started, reasoning=True)
         admitted = replace(admitted, started=started, thinking=thinking)
@@ -502,6 +504,7 @@ async def _admit_completion(rt: Runtime, request: CompletionRequest) -> _Admitte
         rt, target, "cmpl", prompts, params, n, best_of, "prompt", request.priority,
         _publish_every(rt, request),
     )  # fmt: skip
+    admitted = replace(admitted, grammar_param=request.grammar_param)
     if request.echo:
         echoes = tuple(served.tokenizer.decode(p) for p in prompts)
         admitted = replace(admitted, started=replace(admitted.started, echoes=echoes))
@@ -658,12 +661,14 @@ def open_group(
         ) from e
 
 
-def failure_error(exc: EngineError) -> DomainError:
-    """The engine ended one request: the caller's input was at fault (a schema past the
-    grammar's limits), its model went away, or something broke inside."""
+def failure_error(exc: EngineError, grammar_param: str = "response_format") -> DomainError:
+    """The engine ended one request: the caller's input was at fault (a grammar past its
+    limits: named as the field it came from, which only this side knows), its model went
+    away, or something broke inside."""
     f = exc.failure
     if f.kind is FailureKind.INVALID:
-        return InvalidRequest(f.message, f.param)
+        param = grammar_param if f.param == "response_format" else f.param
+        return InvalidRequest(f.message.replace("response_format", param), param)
     if f.kind is FailureKind.UNAVAILABLE:
         return Unavailable(f.message)
     return Internal(f.message)

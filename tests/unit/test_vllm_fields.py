@@ -198,3 +198,19 @@ def test_template_kwargs_may_not_replace_what_genserve_passes(key: str) -> None:
         chat(chat_template_kwargs={key: 1})
     assert e.value.errors()[0]["loc"] == ("chat_template_kwargs",)
     assert key in str(e.value)
+
+
+def test_a_grammar_that_fails_mid_decode_names_the_field_it_came_from() -> None:
+    """The engine only knows a grammar ran past its limits; the 400 names the body's field
+    (a guided_regex, a tool's schema), not always response_format."""
+    from genserve.engine.client import EngineError
+    from genserve.engine.types import FailureKind, RequestFailure
+    from genserve.runtime.errors import InvalidRequest
+    from genserve.runtime.generation import failure_error
+
+    failure = RequestFailure("response_format grammar ran out of fuel", FailureKind.INVALID,
+                             "response_format")  # fmt: skip
+    err = failure_error(EngineError("x", failure), "guided_regex")
+    assert isinstance(err, InvalidRequest) and err.param == "guided_regex"
+    assert "guided_regex grammar ran out of fuel" in err.message
+    assert failure_error(EngineError("x", failure)).param == "response_format"
