@@ -16,6 +16,7 @@ from genserve.api import (
     batches,
     chat,
     completions,
+    conversations,
     embeddings,
     errors,
     files,
@@ -80,8 +81,8 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
 
 ROUTERS = (
     models.router, registry.router, embeddings.router, scoring.router, completions.router,
-    chat.router, stored_completions.router, responses.router, tokenize.router, files.router,
-    fine_tuning.router, batches.router, playground.router,
+    chat.router, stored_completions.router, responses.router, conversations.router,
+    tokenize.router, files.router, fine_tuning.router, batches.router, playground.router,
 )  # fmt: skip
 
 

@@ -5,8 +5,10 @@ take (sampling, grammar, tool-call parsing); this module only maps the wire.
 
 Stored responses (`store`, the default) live in the SQLite store of their project
 (storage/responses.py) and survive restarts; `previous_response_id` continues from one: its
-whole context (earlier inputs and outputs) comes before the new input. Background responses
-(`background: true`) run on in this process apart from their request (responses_background.py).
+whole context (earlier inputs and outputs) comes before the new input. `conversation` runs one in
+a conversation instead (api/conversations.py): its items come first, and the response's input
+and output join them once it has ended. Background responses (`background: true`) run on in this
+process apart from their request (responses_background.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from genserve.api.auth import principal
+from genserve.api.conversations import context_of, join
 from genserve.api.errors import APIError, bad_request, http_error
 from genserve.api.logprobs import TokenIds, namer
 from genserve.api.models import runtime_of
@@ -89,7 +92,8 @@ class Prepared:
     body: ResponsesRequest
     request: ChatRequest
     items: list[dict[str, Any]]  # this request's input items
-    context: list[dict[str, Any]]  # the chain's items before them
+    context: list[dict[str, Any]]  # the chain's (or the conversation's) items before them
+    conversation: str | None  # the conversation it runs in: its turn joins it at the end
 
     def namer(self) -> TokenText | TokenIds | None:
         """What names the output's tokens in its logprobs; None when none were asked for."""
@@ -101,28 +105,33 @@ class Prepared:
 
 @dataclass(frozen=True, slots=True)
 class Inputs:
-    """What a body's prompt is made of, checked: its tools, the chain's items, its own."""
+    """What a body's prompt is made of, checked: its tools, the chain's (or conversation's)
+    items, its own."""
 
     tools: ToolsRequest | None
     context: list[dict[str, Any]]
     items: list[dict[str, Any]]
+    conversation: str | None
 
     def history(self, instructions: str | None) -> tuple:
         return messages(instructions, self.context + self.items)
 
 
 def inputs(rt: Runtime, project: str, body: ResponseInputs) -> Inputs:
-    """400/404s naming the field: tools, the chain, the input items."""
-    if body.conversation is not None:  # silently dropped, the app would lose its state
-        msg = "conversations are not supported; chain responses with previous_response_id"
-        raise bad_request(msg, "conversation")
+    """400/404s naming the field: tools, the chain or the conversation, the input items."""
+    conversation = body.conversation_id()
+    if conversation is not None and body.previous_response_id is not None:
+        msg = "`conversation` and `previous_response_id` cannot be used together: a response "
+        raise bad_request(msg + "continues either a conversation or a chain", "conversation")
     tools = tools_request(
         tool_defs(body.tools), named_choice(body.tool_choice),
         body.parallel_tool_calls, body.format_(), RESPONSES_PARAMS,
     )  # fmt: skip
     context = chain(rt, project, body.previous_response_id)
     items = input_items(body.input) if body.input is not None else []
-    return Inputs(tools, context, items)
+    if conversation is not None:
+        context = context_of(rt, project, conversation, items)
+    return Inputs(tools, context, items, conversation)
 
 
 def chain(rt: Runtime, project: str, previous_id: str | None) -> list[dict[str, Any]]:
@@ -152,7 +161,7 @@ def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
     # A background response's deltas come as they are made, streamed or not: polls see them.
     stream = bool(body.stream or body.background)
     chat = ChatRequest(target, history, sampling, 1, given.tools, stream=stream)
-    return Prepared(rt, project, body, chat, given.items, given.context)
+    return Prepared(rt, project, body, chat, given.items, given.context, given.conversation)
 
 
 async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tuple[dict, int]:
@@ -188,6 +197,10 @@ def envelope(s: Started, body: ResponsesRequest) -> Envelope:
 
 
 def save(p: Prepared, obj: dict) -> None:
+    """A response that ended with an output: its turn joins its conversation (with `store:
+    false` too: the conversation is a store the caller asked for), and it is kept if asked."""
+    if p.conversation is not None:
+        join(p.rt, p.project, p.conversation, p.items + obj["output"])
     if p.body.store is False:
         return
     if p.rt.database is None:  # answered anyway; retrieving it will say why not
@@ -237,6 +250,8 @@ async def start_background(http: Request, p: Prepared) -> Response:
     st = StreamState(envelope(started, p.body), p.namer())
     context = p.context + p.items
     run = Run(st, store, started.prompt_tokens, context, lambda n: spend_tokens(http, n))
+    if (conversation := p.conversation) is not None:
+        run.on_output = lambda output: join(p.rt, p.project, conversation, p.items + output)
     row = StoredResponse(st.env.id, p.project, st.env.created_at, run.snapshot(), p.items, context)
     try:
         store.put(row, run.begin())

@@ -50,6 +50,9 @@ class Run:
     prompt_tokens: int
     context: list[dict]  # the chain's items and this input: its output joins them at the end
     on_end: Callable[[int], None]  # called once, with the tokens it cost
+    # Called with its output once it has completed or is incomplete (not when it failed or
+    # was cancelled): its conversation's turn.
+    on_output: Callable[[list[dict]], None] | None = None
     status: str = "queued"
     events: list[Frame] = field(default_factory=list)
     flushed: int = 0  # events[:flushed] are in the store
@@ -123,6 +126,8 @@ class Run:
             self.status = status
             context = self.context + obj["output"]
             self.store.update(self.id, obj, context, self.unflushed())
+            if status in ("completed", "incomplete") and self.on_output is not None:
+                self.on_output(obj["output"])
         except Exception:  # noqa: BLE001 - the store failed: followers must still be let go
             log.exception("background response %s: storing its end failed", self.id)
         finally:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from genserve.api.errors import bad_request
+from genserve.api.errors import APIError, bad_request
 from genserve.api.logprobs import TokenIds, chat_logprobs
 from genserve.api.schemas import (
     FunctionName,
@@ -80,7 +80,16 @@ class ResponseInputs(BaseModel):
     ] = None
     parallel_tool_calls: bool | None = None
     previous_response_id: str | None = None
-    conversation: str | dict[str, Any] | None = None  # refused: no Conversations API here
+    conversation: str | dict[str, Any] | None = None  # its id, or {"id": ...}
+
+    def conversation_id(self) -> str | None:
+        """The conversation's id, from either of the shapes OpenAI takes; 400 for another."""
+        value = self.conversation
+        if isinstance(value, dict):
+            value = value.get("id")
+            if not isinstance(value, str):
+                raise bad_request("conversation.id must be a string", "conversation")
+        return value
 
     def format_(self) -> ResponseFormat | None:
         fmt = self.text.format if self.text is not None else None
@@ -119,13 +128,19 @@ def new_id(prefix: str) -> str:
 
 
 # -- input items ------------------------------------------------------------------------------
-def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The request's input as stored items (ids given), checked; 400 naming `input`."""
+def input_items(value: str | list[dict[str, Any]], param: str = "input") -> list[dict[str, Any]]:
+    """The request's input as stored items (ids given), checked; 400 naming `param` (the
+    Conversations API checks its `items` with the same rules)."""
     if isinstance(value, str):
         value = [{"type": "message", "role": "user", "content": value}]
     if not value:
-        raise bad_request("input must not be empty", "input")
-    return [_item(item, f"input[{i}]") for i, item in enumerate(value)]
+        raise bad_request(f"{param} must not be empty", param)
+    return [_item(item, f"{param}[{i}]") for i, item in enumerate(value)]
+
+
+def _bad(where: str, message: str) -> APIError:
+    """A 400 about an item; `where` (`input[2].content`) starts with the field it names."""
+    return bad_request(f"{where}{message}", where.partition("[")[0])
 
 
 def _item(item: dict[str, Any], where: str) -> dict[str, Any]:
@@ -142,14 +157,14 @@ def _item(item: dict[str, Any], where: str) -> dict[str, Any]:
     if kind == "function_call_output":
         output = item.get("output")
         if not isinstance(output, str):
-            raise bad_request(f"{where}.output must be a string", "input")
+            raise _bad(where, ".output must be a string")
         return {
             "id": _item_id(item, "fco", where), "type": "function_call_output",
             "call_id": _text(item, "call_id", where), "output": output, "status": "completed",
         }  # fmt: skip
     if kind == "reasoning":  # an earlier output sent back, as OpenAI asks clients to do
         return {**item, "id": _item_id(item, "rs", where), "type": "reasoning"}
-    raise bad_request(f"{where}: input items of type `{kind}` are not supported", "input")
+    raise _bad(where, f": input items of type `{kind}` are not supported")
 
 
 def _item_id(item: dict[str, Any], prefix: str, where: str) -> str:
@@ -159,14 +174,14 @@ def _item_id(item: dict[str, Any], prefix: str, where: str) -> str:
     if given is None or given == "":
         return new_id(prefix)
     if not isinstance(given, str):
-        raise bad_request(f"{where}.id must be a string", "input")
+        raise _bad(where, ".id must be a string")
     return given
 
 
 def _message_item(item: dict[str, Any], where: str) -> dict[str, Any]:
     role = item.get("role")
     if role not in ("user", "assistant", *SYSTEM_ROLES):
-        raise bad_request(f"{where}.role must be user, assistant, system or developer", "input")
+        raise _bad(where, ".role must be user, assistant, system or developer")
     part = "output_text" if role == "assistant" else "input_text"
     text = _content_text(item.get("content"), f"{where}.content")
     content: dict[str, Any] = {"type": part, "text": text}
@@ -182,11 +197,11 @@ def _content_text(content: Any, where: str) -> str:  # noqa: ANN401 - wire JSON
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise bad_request(f"{where} must be a string or a list of text parts", "input")
+        raise _bad(where, " must be a string or a list of text parts")
     texts = []
     for part in content:
         if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS:
-            raise bad_request(f"{where}: only text parts are supported", "input")
+            raise _bad(where, ": only text parts are supported")
         texts.append(str(part.get("text", "")))
     return "".join(texts)
 
@@ -194,7 +209,7 @@ def _content_text(content: Any, where: str) -> str:  # noqa: ANN401 - wire JSON
 def _text(item: dict[str, Any], key: str, where: str) -> str:
     value = item.get(key)
     if not isinstance(value, str):
-        raise bad_request(f"{where}.{key} must be a string", "input")
+        raise _bad(where, f".{key} must be a string")
     return value
 
 
@@ -364,6 +379,7 @@ def response_object(
         "output": output,
         "parallel_tool_calls": body.parallel_tool_calls is not False,
         "previous_response_id": body.previous_response_id,
+        "conversation": _conversation_echo(body),
         "store": body.store is not False,
         "temperature": body.temperature if body.temperature is not None else 1.0,
         "top_p": body.top_p if body.top_p is not None else 1.0,
@@ -377,6 +393,11 @@ def response_object(
     if usage_ is not None:  # the schema has no null usage: absent until there is one
         obj["usage"] = usage_
     return obj
+
+
+def _conversation_echo(body: ResponsesRequest) -> dict | None:
+    conversation_id = body.conversation_id()  # checked before the response ran
+    return None if conversation_id is None else {"id": conversation_id}
 
 
 def _format_echo(body: ResponsesRequest) -> dict:

@@ -500,11 +500,16 @@ def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
     """What a deployment cannot serve coherently, refused up front with a 400:
     - base models are fixed per deployment: loading one at run time on one replica would leave
       the others without it (listing, reading and deleting fine-tuned models work);
-    - the Batch API and stored chat completions: each engine replica has a store of its own,
-      so a batch would not find its input file (it is the control replica's) and a stored
-      completion would be listed by one replica in N."""
+    - the Batch API, stored chat completions and conversations: each engine replica has a
+      store of its own, so a batch would not find its input file (it is the control
+      replica's), a stored completion would be listed by one replica in N, and a response in a
+      conversation would see the items of the replica it landed on only."""
     if req.path.startswith("/v1/batches"):
         return _refused("the Batch API is not served under Ray Serve yet; run it on one node")
+    if req.path == "/v1/conversations" or req.path.startswith("/v1/conversations/"):
+        return _refused("conversations are not served under Ray Serve yet; run them on one node")
+    if req.path.startswith("/v1/responses") and req.json_field("conversation") is not None:
+        return _refused("conversations are not served under Ray Serve yet", "conversation")
     if req.path.startswith("/v1/chat/completions") and (
         req.method != "POST" or req.path != "/v1/chat/completions" or req.json_field("store")
     ):

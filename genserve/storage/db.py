@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_NAME = "genserve.db"
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 DEFAULT_PROJECT = "default"  # the owner of rows written before projects existed
 # The columns a database of an older version lacks beyond SCHEMA's CREATE ... IF NOT EXISTS,
 # by the version that brought them: (table, column, declaration). A column already there is
@@ -40,6 +40,9 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
         ("responses", "status", "TEXT"),
         ("responses", "background", "INTEGER NOT NULL DEFAULT 0"),
     ),
+    # Conversations: the conversations and conversation_items tables, new (SCHEMA's CREATE
+    # makes them), so no column to add.
+    8: (),
 }
 
 SCHEMA = """
@@ -169,6 +172,23 @@ CREATE TABLE IF NOT EXISTS response_events (
   data TEXT NOT NULL,
   PRIMARY KEY (response_id, seq)
 );
+-- Conversations (storage/conversations.py): a conversation's items in the order they came (seq);
+-- an item's id is unique within its conversation, as it is read and deleted by it.
+CREATE TABLE IF NOT EXISTS conversations (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT UNIQUE NOT NULL,
+  project TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  metadata TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conversation_items (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  conversation_id TEXT NOT NULL,
+  id TEXT NOT NULL,
+  item TEXT NOT NULL,
+  UNIQUE (conversation_id, id)
+);
+CREATE INDEX IF NOT EXISTS conversation_items_in_order ON conversation_items (conversation_id, seq);
 """
 # After the migrations: they may index columns an old database only has once migrated.
 INDEXES = """

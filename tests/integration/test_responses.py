@@ -192,9 +192,9 @@ def test_item_list_input_and_store_false(client: openai.OpenAI) -> None:
         ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
-        # No Conversations API: its state would be silently lost
-        ({"conversation": "conv_123"}, "conversation"),
-        ({"conversation": {"id": "conv_123"}}, "conversation"),
+        # A conversation's id, as a string or {"id": ...}; never with previous_response_id
+        ({"conversation": {"id": 123}}, "conversation"),
+        ({"conversation": "conv_123", "previous_response_id": "resp_1"}, "conversation"),
         ({"text": {"format": {"type": "json_schema", "name": "s",
                               "schema": {"type": "array", "uniqueItems": True}}}},
          "response_format"),

@@ -1,6 +1,6 @@
 """Property-based fuzzing of our own OpenAPI document with schemathesis: whatever it sends to
-the generation, models, files, fine-tuning and batch routes, no 5xx and no response that breaks
-the schema we publish."""
+the generation, conversations, models, files, fine-tuning and batch routes, no 5xx and no
+response that breaks the schema we publish."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from schemathesis.specs.openapi.checks import (
 from tests.server import LiveServer, start_server
 
 ROUTES = (
-    r"^/(v1/(completions|chat/completions|responses|models|files|fine_tuning|batches)"
+    r"^/(v1/(completions|chat/completions|responses|conversations|models|files|fine_tuning"
+    r"|batches)"
     r"|tokenize|detokenize)"
 )
 CHECKS = [

@@ -122,6 +122,27 @@ def test_what_needs_one_store_is_refused_under_ray() -> None:
         assert unsupported_on_ray(request("/v1/chat/completions", kept)) is None
 
 
+def test_conversations_are_refused_under_ray() -> None:
+    """A conversation's items would live in the store of one engine replica of N: a response
+    landing on another would run without them."""
+    refused = [
+        request("/v1/conversations", {"items": []}),
+        request("/v1/conversations/conv_1", method="GET"),
+        request("/v1/conversations/conv_1", method="DELETE"),
+        request("/v1/conversations/conv_1/items", {"items": []}),
+        request("/v1/conversations/conv_1/items/msg_1", method="GET"),
+        request("/v1/responses", {"model": "x", "input": "hi", "conversation": "conv_1"}),
+        request("/v1/responses", {"model": "x", "input": "hi", "conversation": {"id": "c"}}),
+        request("/v1/responses/input_tokens", {"model": "x", "conversation": "conv_1"}),
+    ]
+    for req in refused:
+        err = unsupported_on_ray(req)
+        assert err is not None and err.status == 400 and err.code == "unsupported_on_ray", req
+    assert unsupported_on_ray(request("/v1/responses", {"model": "x", "input": "hi"})) is None
+    assert unsupported_on_ray(request("/v1/responses", {"conversation": None})) is None
+    assert unsupported_on_ray(request("/v1/conversationsx", method="GET")) is None
+
+
 class FakeStream:
     def __init__(self, items: list, error: Exception | None) -> None:
         self.items = items
