@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from genserve.api.auth import principal
 from genserve.api.errors import APIError, bad_request
 from genserve.api.models import runtime_of
+from genserve.api.pages import listing
 from genserve.api.responses_wire import INCLUDABLE, LOGPROBS, input_items, new_id
 from genserve.api.schemas import Metadata
-from genserve.api.stored_completions import listing
 from genserve.runtime.errors import Unavailable
 from genserve.runtime.runtime import Runtime
 from genserve.storage.conversations import ConversationStore, StoredConversation

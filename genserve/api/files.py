@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from genserve.api.auth import Principal, principal
 from genserve.api.errors import APIError, bad_request
 from genserve.api.models import runtime_of
+from genserve.api.pages import listing
 from genserve.config import QuotaConfig
 from genserve.storage.files import (
     CHUNK,
@@ -179,16 +180,7 @@ async def list_files(
     after: str | None = None,
 ) -> dict:
     page = file_store(request).list(purpose, limit, order, after, principal(request).project)
-    data = [file_card(r) for r in page.data]
-    # OpenAI's schema makes first_id/last_id required strings: "" stands for "no page".
-    first, last = (data[0]["id"], data[-1]["id"]) if data else ("", "")
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": first,
-        "last_id": last,
-        "has_more": page.has_more,
-    }
+    return listing([file_card(r) for r in page.data], page.has_more)
 
 
 @router.get("/v1/files/{file_id}")

@@ -20,6 +20,7 @@ from genserve.api.auth import Principal, principal
 from genserve.api.errors import APIError, bad_request, model_not_found
 from genserve.api.files import get_record, quota_exceeded
 from genserve.api.models import runtime_of
+from genserve.api.pages import listing
 from genserve.api.schemas import Metadata
 from genserve.config import ServerConfig
 from genserve.storage.files import FileStore
@@ -375,11 +376,4 @@ async def list_checkpoints(
     job = get_job(manager, job_id, principal(request))
     page = manager.jobs.checkpoints(job_id, after, limit)
     data = [checkpoint_card(c, job) for c in page.data]
-    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": first,
-        "last_id": last,
-        "has_more": page.has_more,
-    }
+    return listing(data, page.has_more, empty=None)

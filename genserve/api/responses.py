@@ -28,6 +28,7 @@ from genserve.api.conversations import context_of, join
 from genserve.api.errors import APIError, bad_request, http_error
 from genserve.api.logprobs import TokenIds, namer
 from genserve.api.models import runtime_of
+from genserve.api.pages import after_id, listing
 from genserve.api.responses_background import BackgroundResponses, Frame, Run, follow, replay
 from genserve.api.responses_events import StreamState, advance, close_all, step
 from genserve.api.responses_wire import (
@@ -359,18 +360,5 @@ async def list_input_items(
     if found is None:
         raise not_found(response_id)
     items = found.input_items if order == "asc" else found.input_items[::-1]
-    if after is not None:
-        ids = [item["id"] for item in items]
-        if after not in ids:
-            raise bad_request(f"no input item `{after}` in this response", "after")
-        items = items[ids.index(after) + 1 :]
-    page = items[:limit]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": page,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-            "has_more": len(items) > limit,
-        }
-    )
+    items = after_id(items, after, "input item")
+    return JSONResponse(listing(items[:limit], len(items) > limit, empty=None))

@@ -19,8 +19,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from genserve.api.auth import principal
-from genserve.api.errors import APIError, bad_request
+from genserve.api.errors import APIError
 from genserve.api.models import runtime_of
+from genserve.api.pages import after_id, listing
 from genserve.api.schemas import ChatCompletionRequest, Metadata
 from genserve.runtime.errors import Unavailable
 from genserve.runtime.generation import ChoiceDelta, Collected, Event, Gathering, Started
@@ -149,12 +150,7 @@ async def list_messages(
     order: Literal["asc", "desc"] = "asc",
 ) -> JSONResponse:
     messages = _get(request, completion_id).messages
-    messages = messages if order == "asc" else messages[::-1]
-    if after is not None:
-        ids = [m["id"] for m in messages]
-        if after not in ids:
-            raise bad_request(f"no message `{after}` in this chat completion", "after")
-        messages = messages[ids.index(after) + 1 :]
+    messages = after_id(messages if order == "asc" else messages[::-1], after, "message")
     return JSONResponse(listing(messages[:limit], len(messages) > limit))
 
 
@@ -163,14 +159,3 @@ def _get(request: Request, completion_id: str) -> StoredCompletion:
     if found is None:
         raise not_found(completion_id)
     return found
-
-
-def listing(data: list[dict], has_more: bool) -> dict:
-    # The schema wants strings for first_id/last_id; an empty page has "" (as /v1/files does).
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else "",
-        "last_id": data[-1]["id"] if data else "",
-        "has_more": has_more,
-    }
