@@ -114,9 +114,11 @@ def template_options(body: TemplateFields, messages: list[ChatMessage]) -> Templ
         raise bad_request(msg, "messages")
     prompt = body.add_generation_prompt
     documents = tuple(body.documents) if body.documents is not None else None
+    kwargs = dict(body.chat_template_kwargs or {})
+    if body.reasoning_effort is not None:  # the kwargs' own value, where they set one, wins
+        kwargs.setdefault("reasoning_effort", body.reasoning_effort)
     return TemplateOptions(
-        not keep_open if prompt is None else prompt, keep_open,
-        dict(body.chat_template_kwargs or {}), documents,
+        not keep_open if prompt is None else prompt, keep_open, kwargs, documents,
     )  # fmt: skip
 
 

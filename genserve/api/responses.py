@@ -161,7 +161,9 @@ def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
     history = given.history(body.instructions)
     # A background response's deltas come as they are made, streamed or not: polls see them.
     stream = bool(body.stream or body.background)
-    chat = ChatRequest(target, history, sampling, 1, given.tools, stream=stream)
+    chat = ChatRequest(
+        target, history, sampling, 1, given.tools, stream=stream, template=body.template()
+    )
     return Prepared(rt, project, body, chat, given.items, given.context, given.conversation)
 
 
@@ -344,7 +346,7 @@ async def count_input_tokens(body: InputTokensRequest, request: Request) -> JSON
     target = rt.get(body.model, project)
     given = inputs(rt, project, body)
     history = given.history(body.instructions)
-    prompt, _ = await render_prompt(rt, target.served, history, given.tools)
+    prompt, _ = await render_prompt(rt, target.served, history, given.tools, body.template())
     return JSONResponse({"object": "response.input_tokens", "input_tokens": len(prompt)})
 
 

@@ -24,7 +24,7 @@ from genserve.api.schemas import (
 )
 from genserve.api.tools import EMPTY_PARAMETERS
 from genserve.engine.types import TokenLogprob
-from genserve.runtime.generation import ChoiceState, Message
+from genserve.runtime.generation import ChoiceState, Message, TemplateOptions
 from genserve.runtime.tokens import TokenText
 from genserve.runtime.tools import ToolCall, ToolDef
 
@@ -65,6 +65,16 @@ class FunctionChoice(BaseModel):
     name: FunctionName
 
 
+class ReasoningParam(BaseModel):
+    """OpenAI's `reasoning`: the effort reaches the chat template (as chat's reasoning_effort
+    does); no summary is made here, so `summary` is taken and changes nothing."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class ResponseInputs(BaseModel):
     """What makes a response's prompt (and its output's shape): the fields that
     /v1/responses/input_tokens takes too."""
@@ -81,6 +91,12 @@ class ResponseInputs(BaseModel):
     parallel_tool_calls: bool | None = None
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None  # its id, or {"id": ...}
+    reasoning: ReasoningParam | None = None
+
+    def template(self) -> TemplateOptions:
+        """What the chat template is given beyond the messages: the reasoning effort."""
+        effort = self.reasoning.effort if self.reasoning is not None else None
+        return TemplateOptions(kwargs={"reasoning_effort": effort} if effort else {})
 
     def conversation_id(self) -> str | None:
         """The conversation's id, from either of the shapes OpenAI takes; 400 for another."""
@@ -389,6 +405,7 @@ def response_object(
         "truncation": "disabled",
         "top_logprobs": body.top_logprobs,
         "metadata": body.metadata or {},
+        "reasoning": body.reasoning.model_dump() if body.reasoning is not None else None,
     }
     if usage_ is not None:  # the schema has no null usage: absent until there is one
         obj["usage"] = usage_

@@ -138,6 +138,9 @@ class TemplateFields(BaseModel):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
     documents: list[dict[str, str]] | None = None  # for templates that render RAG documents
+    # OpenAI's; handed to the template as `reasoning_effort` (gpt-oss's reads it), as vLLM
+    # does. A template that does not read it ignores it.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
 
     @field_validator("chat_template_kwargs")
     @classmethod

@@ -203,3 +203,35 @@ def test_responses_carry_the_thinking_as_a_reasoning_item(r1: LiveServer) -> Non
     )  # fmt: skip
     # The same conversation either way: the earlier thinking is not part of the prompt.
     assert follow.usage.input_tokens == sent_back.usage.input_tokens
+
+
+def test_reasoning_effort_reaches_the_template(tmp_path: Path) -> None:
+    """Chat's reasoning_effort and Responses' reasoning.effort are the template's
+    `reasoning_effort` (gpt-oss's template reads it), as vLLM hands it over."""
+    template = R1.replace(
+        "{% if add_generation_prompt %}",
+        "{% if reasoning_effort is defined %}{{ 'effort: ' + reasoning_effort + '\\n' }}{% endif %}"
+        "{% if add_generation_prompt %}",
+    )
+    srv = thinking_server(tmp_path, "effort", template)
+    try:
+        api, model = client(srv), model_id(srv)
+
+        def chat_prompt(**kw) -> int:  # noqa: ANN003
+            r = api.chat.completions.create(model=model, messages=ASK, max_tokens=1, **kw)
+            return r.usage.prompt_tokens
+
+        plain, high = chat_prompt(), chat_prompt(reasoning_effort="high")
+        assert high > plain
+        r = api.responses.create(
+            model=model, input="Is it?", max_output_tokens=1, reasoning={"effort": "high"}
+        )
+        assert r.usage.input_tokens == high and r.reasoning.effort == "high"
+        counted = api.responses.input_tokens.count(
+            model=model, input="Is it?", reasoning={"effort": "high"}
+        )
+        assert counted.input_tokens == high
+        with pytest.raises(openai.BadRequestError):
+            chat_prompt(reasoning_effort="extreme")
+    finally:
+        srv.stop()
