@@ -125,7 +125,22 @@ def _validation_param(loc: tuple) -> str | None:
     # Only the first part says where the field was sent: a body field may be named `query`.
     if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
         loc = loc[1:]
-    return field_name(list(loc))
+    kept = [p for i, p in enumerate(loc) if not _union_tag(p, loc[i - 1] if i else None)]
+    return field_name(kept)
+
+
+SCALAR_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "none", "any"})
+
+
+def _union_tag(part: object, before: object) -> bool:
+    """Whether a loc part is pydantic's name for the member of a union the error came from
+    ("str", "list[str]", "constrained-str", "dict[any,any]", a model's class name such as
+    "Document"): not a field the caller sent, so not part of OpenAI's `param` ("text_1", not
+    "text_1.constrained-str"). Field names are snake_case; a metadata key is the caller's own
+    word, whatever its spelling, and stays."""
+    if not isinstance(part, str) or before == "metadata":
+        return False
+    return part in SCALAR_TAGS or "[" in part or "-" in part or part[:1].isupper()
 
 
 def validation_error(errors: Sequence[Any]) -> APIError:

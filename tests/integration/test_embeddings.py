@@ -179,6 +179,25 @@ def test_bad_score_and_rerank_requests_are_400(
     assert (r.json()["error"]["param"] or "").startswith(param), r.json()
 
 
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/rerank", {"query": "q", "documents": [1]}, "documents.[0]"),
+        ("/v1/rerank", {"query": "q", "documents": [{"text": ""}]}, "documents.[0]"),
+        ("/v1/score", {"text_1": {"a": 1}, "text_2": "b"}, "text_1"),
+        ("/v1/score", {"text_1": "a", "text_2": [["b"]]}, "text_2"),
+    ],
+)
+def test_a_wrong_type_in_a_union_field_names_the_field_alone(
+    emb_server: LiveServer, path: str, body: dict, param: str
+) -> None:
+    """A field that takes a text or a list (or an object) names itself in `param`, not the
+    union member pydantic tried first ("documents.[0].constrained-str" before)."""
+    r = httpx.post(emb_server.url + path, json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
 def test_score_needs_an_embeddings_model(emb_server: LiveServer) -> None:
     body = {"model": "tiny-llama", "query": "q", "documents": ["a"]}
     r = httpx.post(emb_server.url + "/v1/rerank", json=body)

@@ -297,6 +297,23 @@ def test_template_controls_that_cannot_hold_are_400s(
     assert e.value.param == param
 
 
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"guided_json": [1]}, "guided_json"),
+        ({"structured_outputs": {"json": 5}}, "structured_outputs.json"),
+    ],
+)
+def test_a_wrong_type_for_a_schema_names_the_field(
+    client: openai.OpenAI, extra: dict, param: str
+) -> None:
+    """A schema is an object or its JSON text: the 400 names the field, not the union member
+    pydantic tried ("guided_json.dict[any,any]" before)."""
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, **extra)
+    assert e.value.param == param
+
+
 def test_chat_template_kwargs_reach_the_template(client: openai.OpenAI) -> None:
     r = chat(client, chat_template_kwargs={"enable_thinking": True})
     by_hand = complete(client, RENDERED_USER + "<|im_start|>assistant\n<think>\n")
