@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from genserve.api.auth import principal
+from genserve.api.chat import check_constraint_tools
 from genserve.api.conversations import context_of, join
 from genserve.api.errors import APIError, bad_request, http_error
 from genserve.api.logprobs import TokenIds, namer
@@ -47,6 +48,7 @@ from genserve.api.responses_wire import (
 )
 from genserve.api.sampling import apply_defaults, sampling_params
 from genserve.api.stream import first_event, spend_tokens
+from genserve.api.structured import RESPONSE_FORMAT, output_constraint
 from genserve.api.tools import RESPONSES_PARAMS, named_choice, tools_request
 from genserve.runtime.errors import DomainError, Unavailable
 from genserve.runtime.generation import (
@@ -157,13 +159,18 @@ def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
         raise bad_request("a background response must be stored: drop `store: false`", "store")
     body.response_format = body.format_()
     given = inputs(rt, project, body)
-    sampling = sampling_params(body, body.max_output_tokens, wants_logprobs(body))
+    constraint = output_constraint(body)  # text.format, or vLLM's fields as on chat
+    check_constraint_tools(constraint, given.tools)
+    grammar = constraint.spec if constraint is not None else None
+    sampling = sampling_params(body, body.max_output_tokens, wants_logprobs(body), grammar=grammar)
     history = given.history(body.instructions)
     # A background response's deltas come as they are made, streamed or not: polls see them.
     stream = bool(body.stream or body.background)
     chat = ChatRequest(
-        target, history, sampling, 1, given.tools, stream=stream, template=body.template()
-    )
+        target, history, sampling, 1, given.tools, stream=stream, template=body.template(),
+        grammar_param=constraint.param if constraint is not None else RESPONSE_FORMAT,
+        prompt_param="input",
+    )  # fmt: skip
     return Prepared(rt, project, body, chat, given.items, given.context, given.conversation)
 
 
@@ -284,7 +291,8 @@ async def cancel_response(response_id: str, request: Request) -> JSONResponse:
         store.update(response_id, found.body | {"status": "cancelled"})
         found = stored(store, response_id, project)
     if found.status != "cancelled":
-        raise bad_request(f"Cannot cancel a {found.status} response.", "response_id")
+        article = "an" if found.status[0] in "aeiou" else "a"  # an incomplete one
+        raise bad_request(f"Cannot cancel {article} {found.status} response.", "response_id")
     return JSONResponse(found.body)
 
 
@@ -346,7 +354,9 @@ async def count_input_tokens(body: InputTokensRequest, request: Request) -> JSON
     target = rt.get(body.model, project)
     given = inputs(rt, project, body)
     history = given.history(body.instructions)
-    prompt, _ = await render_prompt(rt, target.served, history, given.tools, body.template())
+    prompt, _ = await render_prompt(
+        rt, target.served, history, given.tools, body.template(), "input"
+    )
     return JSONResponse({"object": "response.input_tokens", "input_tokens": len(prompt)})
 
 

@@ -21,6 +21,7 @@ from genserve.api.schemas import (
     OneChoice,
     ResponseFormat,
     SamplingFields,
+    StructuredOutputFields,
 )
 from genserve.api.tools import EMPTY_PARAMETERS
 from genserve.engine.types import TokenLogprob
@@ -117,9 +118,10 @@ class ResponseInputs(BaseModel):
         return ResponseFormat(type="json_schema", json_schema=schema)
 
 
-class ResponsesRequest(ResponseInputs, SamplingFields):
+class ResponsesRequest(ResponseInputs, SamplingFields, StructuredOutputFields):
     """POST /v1/responses. The shared sampling fields (temperature, top_p, seed and vLLM's
-    extensions) come from SamplingFields; `response_format` is set from `text.format`."""
+    extensions) come from SamplingFields; `response_format` is set from `text.format`; vLLM's
+    structured outputs are taken as on chat (one constraint at most, text.format included)."""
 
     input: str | list[dict[str, Any]]
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None

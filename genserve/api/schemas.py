@@ -31,6 +31,11 @@ MAX_N = 16
 LogitBias = Annotated[
     dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS)
 ]
+# vLLM's choice constraint, as long as the grammar library takes: its parser's rows hold 2,000
+# items, so 2,000 options are refused when compiled, and 100k ended in a Rust panic (an
+# assertion below 65,536 symbols) quoted in the 400. Refused here first, naming the field.
+MAX_CHOICES = 1999
+Choices = Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
 # OpenAI's Metadata: up to 16 pairs, keys of at most 64 characters, values of at most 512.
 Metadata = Annotated[
     dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
@@ -94,7 +99,7 @@ class StructuredOutputs(BaseModel):
 
     json_: dict | str | None = Field(default=None, alias="json")  # a schema, or its JSON text
     regex: str | None = None
-    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    choice: Choices | None = None
     grammar: str | None = None  # Lark (llguidance's dialect) or GBNF/EBNF
     json_object: bool | None = None
     # vLLM's options. Kept: what genserve always does (compact JSON, one backend, no fallback).
@@ -113,7 +118,7 @@ class StructuredOutputFields(BaseModel):
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict | str | None = None
     guided_regex: str | None = None
-    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_choice: Choices | None = None
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None  # refused when set, as whitespace_pattern
     guided_decoding_backend: str | None = None  # ignored: llguidance is the one backend

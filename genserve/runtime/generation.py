@@ -95,6 +95,7 @@ class ChatRequest:
     stream: bool = True  # False: the answer goes back whole (the engine sends it when done)
     template: TemplateOptions = field(default_factory=TemplateOptions)
     grammar_param: str = "response_format"  # the body field sampling.grammar came from
+    prompt_param: str = "messages"  # the body field the prompt came from (Responses: input)
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,9 +386,11 @@ def pick_best(
 async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
     target, served = request.target, request.target.served
     check_group(served.engine, request.n, "n")
-    prompt, fmt = await render_prompt(rt, served, request.messages, request.tools, request.template)
+    prompt, fmt = await render_prompt(
+        rt, served, request.messages, request.tools, request.template, request.prompt_param
+    )
     max_tokens = request.sampling.max_tokens or max(served.context_limit - len(prompt), 1)
-    check_limits(rt.config, len(prompt), max_tokens, "messages", served.context_limit)
+    check_limits(rt.config, len(prompt), max_tokens, request.prompt_param, served.context_limit)
     sampling, tools = request.sampling, request.tools
     if tools is not None and tools.active:
         await check_tool_schemas(rt, served, tools)
@@ -395,7 +398,7 @@ async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
     param = "tools" if tools is not None and tools.active else request.grammar_param
     params = await settle(rt, served, sampling, max_tokens, param)
     admitted = _open(
-        rt, target, "chatcmpl", [prompt], params, request.n, request.n, "messages",
+        rt, target, "chatcmpl", [prompt], params, request.n, request.n, request.prompt_param,
         request.priority, _publish_every(rt, request),
     )  # fmt: skip
     admitted = replace(admitted, grammar_param=param)
@@ -424,12 +427,14 @@ async def render_prompt(
     messages: Sequence[Message],
     tools: ToolsRequest | None,
     options: TemplateOptions | None = None,
+    param: str = "messages",
 ) -> tuple[list[int], str]:
     """The prompt's token ids, rendered by the chat template with the tools off the event
     loop, and the tool-call format it speaks: what a chat request runs, and what
-    /v1/responses/input_tokens counts (one path, so the count is the prompt's)."""
+    /v1/responses/input_tokens counts (one path, so the count is the prompt's). `param`:
+    the body field its 400s name (Responses' `input`)."""
     fmt = detect_format(served.template, rt.config.model.tool_call_format)
-    return await off_loop(chat_prompt, served, messages, tools, fmt, options), fmt
+    return await off_loop(chat_prompt, served, messages, tools, fmt, options, param), fmt
 
 
 async def check_tool_schemas(rt: Runtime, served: ServedModel, tools: ToolsRequest) -> None:
@@ -449,6 +454,7 @@ def render_chat(
     options: TemplateOptions,
     tools: ToolsRequest | None = None,
     fmt: str = "hermes",
+    param: str = "messages",
 ) -> str:
     plain, extra = template_messages(served.template, messages, tools, fmt)
     if options.documents is not None:
@@ -466,9 +472,9 @@ def render_chat(
         return with_deadline(render, TEMPLATE_RENDER_S)
     except TemplateTimeout as e:
         msg = f"the chat template did not render these messages within {TEMPLATE_RENDER_S:g}s"
-        raise InvalidRequest(msg, "messages") from e
+        raise InvalidRequest(msg, param) from e
     except Exception as e:  # noqa: BLE001 - template errors (e.g. role order) are the caller's
-        raise InvalidRequest(f"the chat template rejected these messages: {e}", "messages") from e
+        raise InvalidRequest(f"the chat template rejected these messages: {e}", param) from e
 
 
 def chat_prompt(
@@ -477,9 +483,10 @@ def chat_prompt(
     tools: ToolsRequest | None = None,
     fmt: str = "hermes",
     options: TemplateOptions | None = None,
+    param: str = "messages",
 ) -> list[int]:
-    text = render_chat(served, messages, options or TemplateOptions(), tools, fmt)
-    check_prompt_bytes(text, served.max_token_bytes, served.context_limit, "messages")
+    text = render_chat(served, messages, options or TemplateOptions(), tools, fmt, param)
+    check_prompt_bytes(text, served.max_token_bytes, served.context_limit, param)
     # The template writes any BOS itself; adding special tokens again would double it.
     return served.tokenizer.encode(text, add_special_tokens=False)
 

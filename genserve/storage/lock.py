@@ -8,11 +8,13 @@ however it ends, so a killed server leaves no stale lock behind.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import time
 from pathlib import Path
 from typing import IO
 
+log = logging.getLogger(__name__)
 LOCK_NAME = "genserve.lock"
 POLL_S = 0.25
 
@@ -27,11 +29,16 @@ def hold(data_dir: Path, wait_s: float) -> IO[str]:
     data_dir.mkdir(parents=True, exist_ok=True)
     f = (data_dir / LOCK_NAME).open("a+")
     deadline = time.monotonic() + wait_s
+    told = False
     while True:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
+            if not told and wait_s > 0:  # a start that seems to hang says why, once
+                log.warning("%s is in use by another genserve (%s): waiting up to %.0f s "
+                            "for it to exit", data_dir, _holder(f), wait_s)  # fmt: skip
+                told = True
             if time.monotonic() >= deadline:
                 holder = _holder(f)
                 f.close()

@@ -187,6 +187,7 @@ def test_item_list_input_and_store_false(client: openai.OpenAI) -> None:
     [
         ({"input": []}, "input"),
         ({"input": [{"type": "image_generation_call"}]}, "input"),
+        ({"input": "word " * 3000}, "input"),  # past the context: the field is `input` here
         # stored, then listed back as first_id: a string, as OpenAI's schema has it
         ({"input": [{"role": "user", "content": "hi", "id": {"x": [1]}}]}, "input"),
         ({"tools": [{"type": "web_search"}]}, "tools"),
@@ -205,6 +206,9 @@ def test_bad_requests_are_400(server: LiveServer, extra: dict, param: str) -> No
     r = httpx.post(server.url + "/v1/responses", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"].startswith(param)
+    if "tools" not in extra and "tool_choice" not in extra and "text" not in extra:
+        counted = httpx.post(server.url + "/v1/responses/input_tokens", json=body, timeout=60)
+        assert counted.status_code == 400 and counted.json()["error"]["param"] == param
 
 
 def test_retrieve_with_stream_is_400_and_tools_echo_strict(

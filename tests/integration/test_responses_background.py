@@ -224,7 +224,8 @@ def test_what_cannot_be_cancelled_or_resumed_is_a_400(srv: LiveServer) -> None:
     assert caught.value.body["param"] == "stream"
     done = finished(client, client.responses.create(
         model=MODEL, input="x", max_output_tokens=2, background=True).id)  # fmt: skip
-    with pytest.raises(openai.BadRequestError, match=f"Cannot cancel a {done.status} response"):
+    article = "an" if done.status == "incomplete" else "a"
+    with pytest.raises(openai.BadRequestError, match=f"Cannot cancel {article} {done.status} "):
         client.responses.cancel(done.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.cancel("resp_unknown")

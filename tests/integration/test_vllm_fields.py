@@ -387,3 +387,21 @@ def test_skip_special_tokens_false_shows_special_tokens(
     assert shown == "<|im_start|>" * 3
     text = chat_text(client, max_tokens=3, skip_special_tokens=False, **forced)
     assert text == "<|im_start|>" * 3
+
+
+def test_responses_take_structured_outputs_as_chat_does(client: openai.OpenAI) -> None:
+    """/v1/responses took vLLM's fields and ignored them (random text came back); they hold
+    its output as on chat, and one of them beside text.format is a 400 naming it."""
+    model = client.models.list().data[0].id
+    for extra in ({"structured_outputs": {"choice": ["red", "blue"]}},
+                  {"guided_regex": "(red|blue)"}):  # fmt: skip
+        r = client.responses.create(
+            model=model, input="A colour?", max_output_tokens=8, extra_body=extra
+        )
+        assert r.output_text in ("red", "blue")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(
+            model=model, input="x", max_output_tokens=8, text={"format": {"type": "json_object"}},
+            extra_body={"guided_regex": "a"},
+        )  # fmt: skip
+    assert caught.value.body["param"] == "guided_regex"

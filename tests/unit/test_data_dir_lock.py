@@ -72,6 +72,7 @@ def test_serve_exits_when_its_data_dir_is_taken(
             server.serve(config)  # refuses before it loads anything
         assert caught.value.code == 1
         assert f"in use by another genserve (pid {proc.pid})" in caplog.text
+        assert "waiting up to 0 s for it to exit" in caplog.text  # said while it waited
     finally:
         proc.kill()
         proc.wait()

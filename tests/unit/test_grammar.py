@@ -393,3 +393,11 @@ def test_the_grammar_helper_leaves_when_the_server_it_was_started_for_is_gone() 
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_the_longest_choice_list_the_api_takes_compiles(compiler: GrammarCompiler) -> None:
+    from genserve.api.schemas import MAX_CHOICES
+
+    spec = GrammarSpec.choice([f"label {i}" for i in range(MAX_CHOICES)])
+    compiler.validate(spec)  # raises (a 400 at the edge) when it cannot be enforced
+    assert compiler.compiled(spec)

@@ -214,3 +214,22 @@ def test_a_grammar_that_fails_mid_decode_names_the_field_it_came_from() -> None:
     assert isinstance(err, InvalidRequest) and err.param == "guided_regex"
     assert "guided_regex grammar ran out of fuel" in err.message
     assert failure_error(EngineError("x", failure)).param == "response_format"
+
+
+@pytest.mark.parametrize("field", ["structured_outputs", "guided_choice"])
+def test_a_choice_list_past_its_cap_is_a_400_naming_the_field(field: str) -> None:
+    """One option past the cap is refused (100k ended in the grammar library's panic, quoted
+    in the 400); the cap's count is a choice grammar (test_grammar compiles one that long)."""
+    from genserve.api.errors import validation_error
+    from genserve.api.schemas import MAX_CHOICES
+
+    def body(n: int) -> dict:
+        options = [f"label {i}" for i in range(n)]
+        value = {"choice": options} if field == "structured_outputs" else options
+        return {"model": "m", "prompt": "x", field: value}
+
+    with pytest.raises(ValidationError) as caught:
+        CompletionRequest.model_validate(body(MAX_CHOICES + 1))
+    assert validation_error(caught.value.errors()).param.startswith(field)
+    constraint = output_constraint(CompletionRequest.model_validate(body(MAX_CHOICES)))
+    assert constraint.spec.kind == "choice"
