@@ -181,8 +181,31 @@ def _item(item: dict[str, Any], where: str) -> dict[str, Any]:
             "call_id": _text(item, "call_id", where), "output": output, "status": "completed",
         }  # fmt: skip
     if kind == "reasoning":  # an earlier output sent back, as OpenAI asks clients to do
-        return {**item, "id": _item_id(item, "rs", where), "type": "reasoning"}
+        return _reasoning_item(item, where)
     raise _bad(where, f": input items of type `{kind}` are not supported")
+
+
+def _reasoning_item(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """A reasoning item as OpenAI's schema has it: summary parts of summary_text, content
+    parts of reasoning_text, each with its text (what is kept; not shown to the model)."""
+    out: dict[str, Any] = {"id": _item_id(item, "rs", where), "type": "reasoning"}
+    for key, part_type in (("summary", "summary_text"), ("content", "reasoning_text")):
+        parts = item.get(key, [] if key == "summary" else None)
+        if parts is None:
+            continue
+        if not isinstance(parts, list) or not all(_is_part(p, part_type) for p in parts):
+            msg = f"{where}.{key} must be a list of {{'type': '{part_type}', 'text': ...}} parts"
+            raise bad_request(msg, "input")
+        out[key] = [{"type": part_type, "text": p["text"]} for p in parts]
+    return out
+
+
+def _is_part(part: Any, part_type: str) -> bool:  # noqa: ANN401 - wire JSON
+    return (
+        isinstance(part, dict)
+        and part.get("type") == part_type
+        and isinstance(part.get("text"), str)
+    )
 
 
 def _item_id(item: dict[str, Any], prefix: str, where: str) -> str:

@@ -188,6 +188,9 @@ def test_item_list_input_and_store_false(client: openai.OpenAI) -> None:
         ({"input": []}, "input"),
         ({"input": [{"type": "image_generation_call"}]}, "input"),
         ({"input": "word " * 3000}, "input"),  # past the context: the field is `input` here
+        ({"input": [{"type": "reasoning", "summary": "x"}]}, "input"),
+        ({"input": [{"type": "reasoning", "content": [{"type": "reasoning_text", "text": 5}]}]},
+         "input"),
         # stored, then listed back as first_id: a string, as OpenAI's schema has it
         ({"input": [{"role": "user", "content": "hi", "id": {"x": [1]}}]}, "input"),
         ({"tools": [{"type": "web_search"}]}, "tools"),
