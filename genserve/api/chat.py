@@ -89,6 +89,7 @@ def chat_request(
         target, messages, sampling, body.n or 1, tools, priority, stream,
         template_options(body, body.messages),
         constraint.param if constraint else RESPONSE_FORMAT,
+        truncate_prompt_tokens=body.truncate_prompt_tokens,
     )  # fmt: skip
 
 

@@ -63,7 +63,7 @@ def completion_request(
     stream = bool(body.stream)
     return CompletionRequest(
         target, prompts, sampling, n, body.best_of, echo, priority, stream,
-        constraint.param if constraint else RESPONSE_FORMAT,
+        constraint.param if constraint else RESPONSE_FORMAT, body.truncate_prompt_tokens,
     )  # fmt: skip
 
 

@@ -204,7 +204,21 @@ class SamplingFields(SamplingDefaults):
     response_format: ResponseFormat | None = None  # OpenAI's on chat; vLLM's on completions
 
 
-class CompletionRequest(SamplingFields, StructuredOutputFields):
+class PromptFields(BaseModel):
+    """vLLM's: keep only the prompt's last N tokens (-1: as many as the context holds), so a
+    prompt too long for the model still runs on its end (chat and completions)."""
+
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("must be at least 1, or -1 for the model's context")
+        return v
+
+
+class CompletionRequest(SamplingFields, StructuredOutputFields, PromptFields):
     prompt: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[int]]
     # 0 scores a prompt (with echo and logprobs: the prompt's own logprobs), as OpenAI's spec
     # allows here; chat keeps its minimum of 1.
@@ -362,7 +376,7 @@ def legacy_call_id(index: int) -> str:
     return f"fn{index:07d}"
 
 
-class ChatCompletionRequest(SamplingFields, StructuredOutputFields, TemplateFields):
+class ChatCompletionRequest(SamplingFields, StructuredOutputFields, TemplateFields, PromptFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False

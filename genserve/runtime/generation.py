@@ -96,6 +96,7 @@ class ChatRequest:
     template: TemplateOptions = field(default_factory=TemplateOptions)
     grammar_param: str = "response_format"  # the body field sampling.grammar came from
     prompt_param: str = "messages"  # the body field the prompt came from (Responses: input)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last N tokens (-1: context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,7 @@ class CompletionRequest:
     priority: int = INTERACTIVE
     stream: bool = True  # as ChatRequest's
     grammar_param: str = "response_format"  # as ChatRequest's
+    truncate_prompt_tokens: int | None = None  # as ChatRequest's, each prompt
 
 
 GenerationRequest = ChatRequest | CompletionRequest
@@ -389,6 +391,7 @@ async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
     prompt, fmt = await render_prompt(
         rt, served, request.messages, request.tools, request.template, request.prompt_param
     )
+    prompt = truncated(prompt, request.truncate_prompt_tokens, served.context_limit)
     max_tokens = request.sampling.max_tokens or max(served.context_limit - len(prompt), 1)
     check_limits(rt.config, len(prompt), max_tokens, request.prompt_param, served.context_limit)
     sampling, tools = request.sampling, request.tools
@@ -495,6 +498,8 @@ def chat_prompt(
 async def _admit_completion(rt: Runtime, request: CompletionRequest) -> _Admitted:
     target, served = request.target, request.target.served
     prompts = await off_loop(prompt_ids, served, request.prompts)
+    keep = request.truncate_prompt_tokens
+    prompts = [truncated(p, keep, served.context_limit) for p in prompts]
     n = request.n
     best_of = request.best_of or n
     group_param = "best_of" if request.best_of else ("n" if len(prompts) == 1 else "prompt")
@@ -516,6 +521,15 @@ async def _admit_completion(rt: Runtime, request: CompletionRequest) -> _Admitte
         echoes = tuple(served.tokenizer.decode(p) for p in prompts)
         admitted = replace(admitted, started=replace(admitted.started, echoes=echoes))
     return admitted
+
+
+def truncated(ids: list[int], keep: int | None, context: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (-1: the context's
+    worth), cut from the start so the end a prompt leads up to stays."""
+    if keep is None:
+        return ids
+    keep = context if keep == -1 else keep
+    return list(ids[-keep:]) if len(ids) > keep else ids
 
 
 def prompt_ids(served: ServedModel, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:

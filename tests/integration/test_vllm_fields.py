@@ -405,3 +405,33 @@ def test_responses_take_structured_outputs_as_chat_does(client: openai.OpenAI) -
             extra_body={"guided_regex": "a"},
         )  # fmt: skip
     assert caught.value.body["param"] == "guided_regex"
+
+
+def test_truncate_prompt_tokens_keeps_the_prompt_s_end(
+    client: openai.OpenAI, srv: LiveServer
+) -> None:
+    """vLLM's truncate_prompt_tokens: only the prompt's last N tokens run (usage counts them,
+    echo shows them); on chat too; 0 or below -1 is a 400."""
+    model = client.models.list().data[0].id
+    prompt = "The quick brown fox jumps over the lazy dog. " * 4
+    tokens = httpx.post(srv.url + "/tokenize", json={"model": model, "prompt": prompt}).json()
+    tail = httpx.post(
+        srv.url + "/detokenize", json={"model": model, "tokens": tokens["tokens"][-5:]}
+    ).json()["prompt"]
+    cut = client.completions.create(
+        model=model, prompt=prompt, max_tokens=1, echo=True,
+        extra_body={"truncate_prompt_tokens": 5},
+    )  # fmt: skip
+    assert tokens["count"] > 5 and cut.usage.prompt_tokens == 5
+    assert prompt.endswith(tail) and cut.choices[0].text.startswith(tail)  # the end runs
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=1,
+        extra_body={"truncate_prompt_tokens": 4},
+    )  # fmt: skip
+    assert chat.usage.prompt_tokens == 4
+    for bad in (0, -2):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(
+                model=model, prompt="x", max_tokens=1, extra_body={"truncate_prompt_tokens": bad}
+            )
+        assert caught.value.body["param"] == "truncate_prompt_tokens"
