@@ -22,26 +22,13 @@ from genserve.training.cli import (
     BaseUrl,
     Client,
     console,
+    fail,
+    parse_metadata,
 )
 
 batch_app = typer.Typer(help="Run files of requests with the Batch API, through the HTTP API.")
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/embeddings")
-
-
-def _fail(e: APIFailure) -> typer.Exit:
-    console.print(f"[red]error[/red] {e}")
-    return typer.Exit(1)
-
-
-def _metadata(items: list[str]) -> dict[str, str] | None:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"--metadata wants KEY=VALUE, got {item!r}")
-        pairs[key] = value
-    return pairs or None
 
 
 def upload(client: Client, path: Path) -> str:
@@ -72,7 +59,7 @@ def create(
             "endpoint": endpoint,
             "completion_window": "24h",
         }
-        if (meta := _metadata(metadata or [])) is not None:
+        if (meta := parse_metadata(metadata or [])) is not None:
             body["metadata"] = meta
         batch = client.call("POST", "/batches", json=body)
         console.print(f"created {batch['id']} ({batch['status']})")
@@ -81,7 +68,7 @@ def create(
             if output is not None:
                 download(client, batch, output)
     except APIFailure as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     if batch["status"] in ("failed", "expired", "cancelled"):
         raise typer.Exit(1)
 
@@ -147,7 +134,7 @@ def list_batches(
     try:
         page = Client(base_url, api_key).call("GET", "/batches", params={"limit": limit})
     except APIFailure as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     table = Table()
     table.add_column("id", no_wrap=True, min_width=30)
     for name in ("endpoint", "status", "done", "created"):
@@ -166,7 +153,7 @@ def show(batch_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "") -
     try:
         batch = Client(base_url, api_key).call("GET", f"/batches/{batch_id}")
     except APIFailure as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     console.print_json(json.dumps(batch))
 
 
@@ -176,5 +163,5 @@ def cancel(batch_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "")
     try:
         batch = Client(base_url, api_key).call("POST", f"/batches/{batch_id}/cancel")
     except APIFailure as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     console.print(f"{batch['id']}: {batch['status']}")

@@ -19,8 +19,15 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
-from genserve.batch_cli import _fail, _metadata
-from genserve.training.cli import DEFAULT_URL, APIFailure, ApiKey, BaseUrl, Client
+from genserve.training.cli import (
+    DEFAULT_URL,
+    APIFailure,
+    ApiKey,
+    BaseUrl,
+    Client,
+    fail,
+    parse_metadata,
+)
 
 completions_app = typer.Typer(help="Stored chat completions (store: true), through the HTTP API.")
 PAGE = 100
@@ -88,11 +95,11 @@ def export(
     api_key: ApiKey = "",
 ) -> None:
     """Write stored chat completions (the first choice of each) as a fine-tuning file."""
-    client, match = Client(base_url, api_key), _metadata(metadata or []) or {}
+    client, match = Client(base_url, api_key), parse_metadata(metadata or []) or {}
     try:
         with output.open("w") if output is not None else contextlib.nullcontext(sys.stdout) as out:
             written, skipped = export_to(out, client, model, match, include_cut)
     except APIFailure as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     note = f", {skipped} cut by max_tokens left out" if skipped else ""
     typer.echo(f"{written} examples{note}", err=True)  # stderr: stdout may be the file

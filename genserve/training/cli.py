@@ -64,9 +64,21 @@ def _client(base_url: str, api_key: str) -> Client:
     return Client(base_url, api_key)
 
 
-def _fail(e: APIFailure) -> typer.Exit:
+def fail(e: APIFailure) -> typer.Exit:
+    """An API failure, printed; the exit to raise (the CLIs share it)."""
     console.print(f"[red]error[/red] {e}")
     return typer.Exit(1)
+
+
+def parse_metadata(items: list[str]) -> dict[str, str] | None:
+    """`--metadata KEY=VALUE` options -> OpenAI's metadata (None when none was given)."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--metadata wants KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs or None
 
 
 def _hyperparameters(
@@ -123,7 +135,7 @@ def create(
         if follow:
             job = follow_job(client, job["id"])
     except APIFailure as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     if job["status"] in ("failed", "cancelled"):
         raise typer.Exit(1)
 
@@ -190,7 +202,7 @@ def list_jobs(
     try:
         page = _client(base_url, api_key).call("GET", "/fine_tuning/jobs", params={"limit": limit})
     except APIFailure as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     table = Table()
     table.add_column("id", no_wrap=True, min_width=30)  # ids are what the other commands take
     for name in ("model", "status", "fine-tuned model", "created"):
@@ -216,7 +228,7 @@ def show(
         job = client.call("GET", f"/fine_tuning/jobs/{job_id}")
         page = client.call("GET", f"/fine_tuning/jobs/{job_id}/events", params={"limit": events})
     except APIFailure as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     console.print_json(json.dumps(job))
     for event in reversed(page["data"]):
         console.print(
@@ -247,5 +259,5 @@ def _act(job_id: str, action: str, base_url: str, api_key: str) -> None:
     try:
         job = _client(base_url, api_key).call("POST", f"/fine_tuning/jobs/{job_id}/{action}")
     except APIFailure as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     console.print(f"{job['id']}: {job['status']}")

@@ -122,6 +122,10 @@ def status(manager: JobManager, job_id: str) -> str:
     return manager.jobs.get(job_id).status
 
 
+def messages(manager: JobManager, job_id: str) -> list[str]:
+    return [e.message for e in manager.jobs.events(job_id, None, 100).data]
+
+
 @pytest.mark.asyncio
 async def test_a_pause_as_the_worker_finishes_leaves_the_job_succeeded(tmp_path: Path) -> None:
     done = Finished(trained_tokens=3, adapter_dir=str(tmp_path))
@@ -156,8 +160,9 @@ async def test_a_worker_without_the_signal_is_stopped_and_paused_at_its_checkpoi
     await until(lambda: launcher.workers)
     await manager.pause(job_id)
     await until(lambda: status(manager, job_id) == "paused")
-    events = [e.message for e in manager.jobs.events(job_id, None, 100).data]
-    assert "Fine-tuning job paused; it resumes from the start (no checkpoint yet)" in events
+    assert "Fine-tuning job paused; it resumes from the start (no checkpoint yet)" in messages(
+        manager, job_id
+    )
     assert launcher.workers[0].returncode == -9
     await manager.stop()
 
@@ -170,8 +175,7 @@ async def test_a_signalled_pause_is_recorded_and_a_restart_keeps_it(tmp_path: Pa
     await until(lambda: launcher.workers)
     await manager.pause(job_id)
     await until(lambda: status(manager, job_id) == "paused")
-    events = [e.message for e in manager.jobs.events(job_id, None, 100).data]
-    assert "Fine-tuning job paused after step 2" in events
+    assert "Fine-tuning job paused after step 2" in messages(manager, job_id)
     await manager.stop()
     again = JobManager(manager.jobs, manager.files, Serving(), tmp_path, 1, launch=launcher)
     await again.start()
