@@ -110,6 +110,7 @@ def test_b_cannot_reach_a_job(srv: LiveServer, a_job: dict) -> None:
     with http(srv, B) as b:
         for method, path in (
             ("GET", ""), ("GET", "/events"), ("GET", "/checkpoints"), ("POST", "/cancel"),
+            ("POST", "/pause"), ("POST", "/resume"),
         ):  # fmt: skip
             r = b.request(method, f"/v1/fine_tuning/jobs/{job_id}{path}")
             missing = b.request(method, f"/v1/fine_tuning/jobs/ftjob-nope{path}")
