@@ -169,7 +169,7 @@ def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
     chat = ChatRequest(
         target, history, sampling, 1, given.tools, stream=stream, template=body.template(),
         grammar_param=constraint.param if constraint is not None else RESPONSE_FORMAT,
-        prompt_param="input",
+        prompt_param="input", drop_turns=body.truncation == "auto",
     )  # fmt: skip
     return Prepared(rt, project, body, chat, given.items, given.context, given.conversation)
 
@@ -354,8 +354,10 @@ async def count_input_tokens(body: InputTokensRequest, request: Request) -> JSON
     target = rt.get(body.model, project)
     given = inputs(rt, project, body)
     history = given.history(body.instructions)
+    # What it would run: with truncation "auto", what fits beside one new token.
+    room = target.served.context_limit - 1 if body.truncation == "auto" else None
     prompt, _ = await render_prompt(
-        rt, target.served, history, given.tools, body.template(), "input"
+        rt, target.served, history, given.tools, body.template(), "input", room
     )
     return JSONResponse({"object": "response.input_tokens", "input_tokens": len(prompt)})
 

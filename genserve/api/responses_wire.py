@@ -93,6 +93,8 @@ class ResponseInputs(BaseModel):
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None  # its id, or {"id": ...}
     reasoning: ReasoningParam | None = None
+    # "auto": a prompt past the context drops its oldest turns (OpenAI's truncation strategy)
+    truncation: Literal["auto", "disabled"] | None = None
 
     def template(self) -> TemplateOptions:
         """What the chat template is given beyond the messages: the reasoning effort."""
@@ -427,7 +429,7 @@ def response_object(
         "text": {"format": _format_echo(body)},
         "tool_choice": _choice_echo(body.tool_choice),
         "tools": tools_echo(body.tools),
-        "truncation": "disabled",
+        "truncation": body.truncation or "disabled",
         "top_logprobs": body.top_logprobs,
         "metadata": body.metadata or {},
         "reasoning": body.reasoning.model_dump() if body.reasoning is not None else None,

@@ -97,6 +97,7 @@ class ChatRequest:
     grammar_param: str = "response_format"  # the body field sampling.grammar came from
     prompt_param: str = "messages"  # the body field the prompt came from (Responses: input)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last N tokens (-1: context)
+    drop_turns: bool = False  # Responses' truncation "auto": the oldest turns go to fit
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,9 +389,11 @@ def pick_best(
 async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
     target, served = request.target, request.target.served
     check_group(served.engine, request.n, "n")
+    room = served.context_limit - (request.sampling.max_tokens or 1)
     prompt, fmt = await render_prompt(
-        rt, served, request.messages, request.tools, request.template, request.prompt_param
-    )
+        rt, served, request.messages, request.tools, request.template, request.prompt_param,
+        room if request.drop_turns else None,
+    )  # fmt: skip
     prompt = truncated(prompt, request.truncate_prompt_tokens, served.context_limit)
     max_tokens = request.sampling.max_tokens or max(served.context_limit - len(prompt), 1)
     check_limits(rt.config, len(prompt), max_tokens, request.prompt_param, served.context_limit)
@@ -431,13 +434,64 @@ async def render_prompt(
     tools: ToolsRequest | None,
     options: TemplateOptions | None = None,
     param: str = "messages",
+    room: int | None = None,
 ) -> tuple[list[int], str]:
     """The prompt's token ids, rendered by the chat template with the tools off the event
     loop, and the tool-call format it speaks: what a chat request runs, and what
     /v1/responses/input_tokens counts (one path, so the count is the prompt's). `param`:
-    the body field its 400s name (Responses' `input`)."""
+    the body field its 400s name (Responses' `input`). `room`: the tokens the prompt may take,
+    its oldest turns dropped to fit (Responses' truncation "auto"); None: all of it."""
     fmt = detect_format(served.template, rt.config.model.tool_call_format)
-    return await off_loop(chat_prompt, served, messages, tools, fmt, options, param), fmt
+
+    async def render(turns: Sequence[Message]) -> list[int]:
+        return await off_loop(chat_prompt, served, turns, tools, fmt, options, param)
+
+    if room is None:
+        return await render(messages), fmt
+    return await fit_turns(render, messages, room), fmt
+
+
+async def fit_turns(
+    render: Callable[[Sequence[Message]], Awaitable[list[int]]],
+    messages: Sequence[Message],
+    room: int,
+) -> list[int]:
+    """OpenAI's truncation "auto": the prompt with as few of the oldest turns dropped as make
+    it fit in `room` tokens. Whole turns go (a cut falls before a user message, so no tool
+    result loses its call), the instructions (the leading system and developer messages)
+    stay. Where the last turn alone does not fit either, the whole prompt's own refusal."""
+    whole, refusal = await _rendered(render, messages)
+    if whole is not None and len(whole) <= room:
+        return whole
+    head = 0
+    while head < len(messages) and messages[head].role in ("system", "developer"):
+        head += 1
+    cuts = [i for i in range(head + 1, len(messages)) if messages[i].role == "user"]
+    lo, hi, best = 0, len(cuts) - 1, None
+    while lo <= hi:  # the fewest turns dropped: a shorter conversation renders shorter
+        mid = (lo + hi) // 2
+        fitted, _ = await _rendered(render, [*messages[:head], *messages[cuts[mid] :]])
+        if fitted is not None and len(fitted) <= room:
+            best, hi = fitted, mid - 1
+        else:
+            lo = mid + 1
+    if best is not None:
+        return best
+    if whole is None:
+        raise refusal  # type: ignore[misc] - set where whole is not
+    return whole  # too long: check_limits answers its 400
+
+
+async def _rendered(
+    render: Callable[[Sequence[Message]], Awaitable[list[int]]], messages: Sequence[Message]
+) -> tuple[list[int] | None, InvalidRequest | None]:
+    """The rendered prompt, or None and the refusal of a text too long to tokenize."""
+    try:
+        return await render(messages), None
+    except InvalidRequest as e:
+        if e.code != "context_length_exceeded":
+            raise
+        return None, e
 
 
 async def check_tool_schemas(rt: Runtime, served: ServedModel, tools: ToolsRequest) -> None:
