@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from genserve.model.hardware import KernelPolicy, ShapePlan
 from genserve.model.llama_math import Rotation, rms_norm, rope, stack_layer
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
 from genserve.model.memory import huge_pages, return_freed_memory
+from genserve.model.threads import ThreadGovernor, running_on
 
 log = logging.getLogger(__name__)
 
@@ -338,9 +340,13 @@ class LlamaRunner:
             cfg.intermediate_size, self.eps, self.dtype,
         )  # fmt: skip
         self.native_decode: dict[int, NativePath] = {}
+        self.threads: ThreadGovernor | None = None  # set once the paths are chosen
         self.native_stack = self._native_stack()
         self.native_glue = self._native_glue()
         self.native_decode = self._choose_native_decode()
+        # The threads those steps run on, chosen as they run (model/threads.py).
+        adapt = os.environ.get("GENSERVE_ADAPT_THREADS", "1") != "0"
+        self.threads = ThreadGovernor() if adapt and self.native_decode else None
         if compile_decode:
             self._compile_lone(model)
 
@@ -581,7 +587,8 @@ class LlamaRunner:
         blocks are one run, in a row bucket where it measured faster, else None. Free rows
         only: its norms sum in another order than torch's, so a row's bits differ from the
         eager path's, and a seeded row's must not depend on which path its batch took."""
-        path = self.native_decode.get(bucket(len(step.chunks)))
+        key = bucket(len(step.chunks))
+        path = self.native_decode.get(key)
         if path is None:
             return None
         write, starts, lengths = [], [], []
@@ -595,6 +602,16 @@ class LlamaRunner:
         self._copy_blocks(step)
         x = self.embed[torch.tensor([c.token_ids[0] for c in step.chunks])]
         cos, sin = self.rotary.forward(x[None], torch.tensor([[n - 1 for n in lengths]]))
+        if self.threads is None:
+            return self._native_logits(path, x, cos, sin, write, starts, lengths)
+        count = self.threads.pick(key)
+        with running_on(count):
+            began = time.perf_counter()
+            logits = self._native_logits(path, x, cos, sin, write, starts, lengths)
+            self.threads.record(key, count, time.perf_counter() - began)
+        return logits
+
+    def _native_logits(self, path, x, cos, sin, write, starts, lengths) -> torch.Tensor:  # noqa: ANN001
         rows = native.DecodeStep(
             self.native_shape, self.cache_rows, cos[0].float(), sin[0].float(), write, starts,
             lengths,
