@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse
 from genserve.api import stored_completions as stored
 from genserve.api.auth import principal
 from genserve.api.errors import bad_request
-from genserve.api.logprobs import chat_logprobs, namer
+from genserve.api.logprobs import chat_logprobs, namer, prompt_logprobs
 from genserve.api.models import runtime_of
-from genserve.api.sampling import apply_defaults, sampling_params
+from genserve.api.sampling import apply_defaults, check_prompt_logprobs, sampling_params
 from genserve.api.schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -53,6 +53,7 @@ REQUIRED_BY_ROLE = {"tool": "tool_call_id", "function": "name"}
 def check_chat_body(body: ChatCompletionRequest) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
+    check_prompt_logprobs(body.prompt_logprobs, body.stream)
     check_messages(body.messages)
 
 
@@ -82,7 +83,7 @@ def chat_request(
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
     grammar = constraint.spec if constraint else None
-    sampling = sampling_params(body, max_tokens, logprobs, grammar=grammar)
+    sampling = sampling_params(body, max_tokens, logprobs, body.prompt_logprobs, grammar)
     messages = plain_messages(body.messages)
     stream = bool(body.stream)
     return ChatRequest(
@@ -198,7 +199,7 @@ def chat_completion(body: ChatCompletionRequest, done: Collected) -> dict:
         }
         for c in done.choices
     ]
-    return {
+    obj = {
         **envelope(s),
         "object": "chat.completion",
         "choices": choices,
@@ -209,6 +210,10 @@ def chat_completion(body: ChatCompletionRequest, done: Collected) -> dict:
             sum(c.reasoning_tokens for c in done.choices),
         ),  # fmt: skip
     }
+    if body.prompt_logprobs is not None:  # vLLM's, at the top: the choices share one prompt
+        scored = done.choices[0].prompt_logprobs if done.choices else ()
+        obj["prompt_logprobs"] = prompt_logprobs(scored, s.prompts[0], name, body.prompt_logprobs)
+    return obj
 
 
 def envelope(s: Started) -> dict:

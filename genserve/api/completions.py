@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from genserve.api.auth import principal
 from genserve.api.errors import bad_request
-from genserve.api.logprobs import completion_logprobs, namer
+from genserve.api.logprobs import completion_logprobs, namer, prompt_logprobs
 from genserve.api.models import runtime_of
-from genserve.api.sampling import apply_defaults, sampling_params
+from genserve.api.sampling import apply_defaults, check_prompt_logprobs, sampling_params
 from genserve.api.schemas import CompletionRequest as Body
 from genserve.api.stream import first_event, spend_tokens, sse_response, usage
 from genserve.api.structured import RESPONSE_FORMAT, output_constraint
-from genserve.engine.types import INTERACTIVE
+from genserve.engine.types import INTERACTIVE, TokenLogprob
 from genserve.runtime.generation import (
     ChoiceDelta,
     ChoiceState,
@@ -36,6 +39,7 @@ def check_completion_body(body: Body) -> None:
         raise bad_request("`best_of` must be at least `n`", "best_of")
     if body.stream and best_of > (body.n or 1):
         raise bad_request("`best_of` cannot be used with `stream`", "best_of")
+    check_prompt_logprobs(body.prompt_logprobs, body.stream)
 
 
 def prompt_list(prompt) -> tuple[str | tuple[int, ...], ...]:  # noqa: ANN001 - wire union
@@ -54,10 +58,10 @@ def completion_request(
     target = rt.get(body.model, project)
     apply_defaults(body, target.served.settings.defaults)
     check_completion_body(body)
-    echo_lps = body.logprobs if body.echo else None
     constraint = output_constraint(body)
     grammar = constraint.spec if constraint else None
-    sampling = sampling_params(body, body.max_tokens, body.logprobs, echo_lps, grammar)
+    scored = prompt_scoring(body)
+    sampling = sampling_params(body, body.max_tokens, body.logprobs, scored, grammar)
     prompts = prompt_list(body.prompt)
     n, echo = body.n or 1, bool(body.echo)
     stream = bool(body.stream)
@@ -65,6 +69,13 @@ def completion_request(
         target, prompts, sampling, n, body.best_of, echo, priority, stream,
         constraint.param if constraint else RESPONSE_FORMAT, body.truncate_prompt_tokens,
     )  # fmt: skip
+
+
+def prompt_scoring(body: Body) -> int | None:
+    """How many alternatives the engine keeps per prompt token: echo's logprobs column and
+    vLLM's prompt_logprobs share one scoring, the larger k (each shows its own k)."""
+    echoed = body.logprobs if body.echo else None
+    return max((k for k in (echoed, body.prompt_logprobs) if k is not None), default=None)
 
 
 @router.post("/v1/completions")
@@ -108,20 +119,29 @@ def completion_choice(
 ) -> dict:
     text = "".join(c.text)
     prefix = s.echoes[index // s.n] if body.echo else ""
+    name = namer(s.token_text, body.return_tokens_as_token_ids)
     logprobs = None
     if body.logprobs is not None:
         ids, lps = list(c.token_ids), list(c.logprobs)
         if body.echo:
-            ids, lps = [*prompt, *ids], [*c.prompt_logprobs, *lps]
-        logprobs = completion_logprobs(
-            lps, ids, namer(s.token_text, body.return_tokens_as_token_ids), 0
-        )
-    return {
+            ids, lps = [*prompt, *ids], [*top_k(c.prompt_logprobs, body.logprobs), *lps]
+        logprobs = completion_logprobs(lps, ids, name, 0)
+    choice = {
         "index": index,
         "text": prefix + text,
         "logprobs": logprobs,
         "finish_reason": c.finish_reason,
     }
+    if body.prompt_logprobs is not None:  # vLLM's, per choice
+        k = body.prompt_logprobs
+        choice["prompt_logprobs"] = prompt_logprobs(c.prompt_logprobs, prompt, name, k)
+    return choice
+
+
+def top_k(lps: Sequence[TokenLogprob | None], k: int) -> list[TokenLogprob | None]:
+    """Prompt logprobs with k alternatives each, where prompt_logprobs had the engine keep
+    more for echo's column."""
+    return [lp if lp is None or len(lp.top) <= k else replace(lp, top=lp.top[:k]) for lp in lps]
 
 
 def stream_completion(http: Request, body: Body, started: Started, events):  # noqa: ANN001, ANN201
@@ -148,7 +168,7 @@ def stream_completion(http: Request, body: Body, started: Started, events):  # n
         if lead:
             echo_later.discard(d.index)
             prompt = started.prompts[d.index // n]
-            scored = list(d.delta.prompt_logprobs)
+            scored = top_k(d.delta.prompt_logprobs, body.logprobs or 0)
             scored = scored if len(scored) == len(prompt) else [None] * len(prompt)  # aborted
             text, ids, lps = started.echoes[d.index // n] + text, [*prompt, *ids], scored + lps
         logprobs = None

@@ -34,6 +34,35 @@ def chat_logprobs(lps: Sequence[TokenLogprob], text: TokenText | TokenIds) -> di
     return {"content": content, "refusal": None}
 
 
+# vLLM's stand-in for -inf, which JSON cannot spell (its clamp_prompt_logprobs).
+LOWEST_LOGPROB = -9999.0
+
+
+def prompt_logprobs(
+    lps: Sequence[TokenLogprob | None], prompt: Sequence[int], text: TokenText | TokenIds, k: int
+) -> list[dict[str, dict] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, null for the first (it has no context),
+    else {token id: {logprob, rank, decoded_token}} for the prompt's token and the k most
+    likely. A prompt cut short (an aborted request) has nulls where it was not scored."""
+    if len(lps) != len(prompt):
+        lps = [None] * len(prompt)
+
+    def entry(token_id: int, logprob: float, rank: int | None) -> dict:
+        value = max(logprob, LOWEST_LOGPROB)
+        return {"logprob": value, "rank": rank, "decoded_token": text(token_id)[0]}
+
+    out: list[dict[str, dict] | None] = []
+    for lp in lps:
+        if lp is None:
+            out.append(None)
+            continue
+        scored = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
+        for rank, (t, v) in enumerate(lp.top[:k], start=1):
+            scored.setdefault(str(t), entry(t, v, rank))
+        out.append(scored)
+    return out
+
+
 def completion_logprobs(
     lps: Sequence[TokenLogprob | None],
     token_ids: Sequence[int],

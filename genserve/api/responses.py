@@ -48,7 +48,7 @@ from genserve.api.responses_wire import (
 )
 from genserve.api.sampling import apply_defaults, sampling_params
 from genserve.api.stream import first_event, spend_tokens
-from genserve.api.structured import RESPONSE_FORMAT, output_constraint
+from genserve.api.structured import RESPONSE_FORMAT, Constraint, output_constraint
 from genserve.api.tools import RESPONSES_PARAMS, named_choice, tools_request
 from genserve.runtime.errors import DomainError, Unavailable
 from genserve.runtime.generation import (
@@ -151,8 +151,31 @@ def chain(rt: Runtime, project: str, previous_id: str | None) -> list[dict[str, 
     return previous.context
 
 
+TEXT_FORMAT = "text.format"  # the field Responses' response_format is built from
+
+
+def named_as_text_format(e: APIError) -> APIError:
+    """A 400 about the response_format built from `text.format`, named as OpenAI's Responses
+    name it: `text.format` (its schema: `text.format.schema`), never chat's field (which a
+    Responses body does not have: its response_format is always text.format's)."""
+    schema = f"{RESPONSE_FORMAT}.json_schema.schema"
+    if (e.param or "").startswith(RESPONSE_FORMAT):
+        e.param = f"{TEXT_FORMAT}.schema" if schema in e.message else TEXT_FORMAT
+    e.message = e.message.replace(schema, f"{TEXT_FORMAT}.schema")
+    e.message = e.message.replace(RESPONSE_FORMAT, TEXT_FORMAT)
+    e.args = (e.message,)
+    return e
+
+
 def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
     """400/404s before anything runs: the model, tools, the chain, the input items."""
+    try:
+        return _prepare(rt, project, body)
+    except APIError as e:
+        raise named_as_text_format(e) from None
+
+
+def _prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
     target = rt.get(body.model, project)
     apply_defaults(body, target.served.settings.defaults)
     if body.background and body.store is False:  # it is polled and resumed from the store
@@ -168,10 +191,18 @@ def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
     stream = bool(body.stream or body.background)
     chat = ChatRequest(
         target, history, sampling, 1, given.tools, stream=stream, template=body.template(),
-        grammar_param=constraint.param if constraint is not None else RESPONSE_FORMAT,
+        grammar_param=grammar_param(constraint),
         prompt_param="input", drop_turns=body.truncation == "auto",
     )  # fmt: skip
     return Prepared(rt, project, body, chat, given.items, given.context, given.conversation)
+
+
+def grammar_param(constraint: Constraint | None) -> str:
+    """The field the runtime's 400s about the grammar name (a schema the grammar library
+    refuses, one past its limits while running): text.format, or vLLM's field it came from."""
+    if constraint is None or constraint.param == RESPONSE_FORMAT:
+        return TEXT_FORMAT
+    return constraint.param
 
 
 async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tuple[dict, int]:
@@ -352,7 +383,10 @@ async def count_input_tokens(body: InputTokensRequest, request: Request) -> JSON
         raise bad_request("`model` is required: it names the tokenizer and template", "model")
     rt, project = runtime_of(request), principal(request).project
     target = rt.get(body.model, project)
-    given = inputs(rt, project, body)
+    try:
+        given = inputs(rt, project, body)
+    except APIError as e:
+        raise named_as_text_format(e) from None
     history = given.history(body.instructions)
     # What it would run: with truncation "auto", what fits beside one new token.
     room = target.served.context_limit - 1 if body.truncation == "auto" else None

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from genserve.api.errors import APIError, bad_request
 from genserve.api.logprobs import TokenIds, chat_logprobs
@@ -40,7 +40,7 @@ class TextFormat(BaseModel):
     name: str | None = None
     description: str | None = None
     schema_: dict | None = Field(default=None, alias="schema")
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class TextParam(BaseModel):
@@ -56,7 +56,7 @@ class FunctionTool(BaseModel):
     name: FunctionName | None = None
     description: str | None = None
     parameters: dict | None = None
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class FunctionChoice(BaseModel):
@@ -89,7 +89,7 @@ class ResponseInputs(BaseModel):
     tool_choice: Annotated[
         Literal["none", "auto", "required"] | FunctionChoice | None, OneChoice
     ] = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None  # its id, or {"id": ...}
     reasoning: ReasoningParam | None = None
@@ -127,9 +127,9 @@ class ResponsesRequest(ResponseInputs, SamplingFields, StructuredOutputFields):
 
     input: str | list[dict[str, Any]]
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
-    store: bool | None = True
+    store: StrictBool | None = True
     metadata: dict[str, str] | None = None
-    background: bool | None = None
+    background: StrictBool | None = None
     include: list[str] | None = None  # of OpenAI's values, only output text logprobs apply
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 

@@ -44,16 +44,27 @@ def _stop(value: str | list[str]) -> tuple[str, ...]:
 CONVERT: dict[str, Callable[[Any], Any]] = {
     "stop": _stop,
     "stop_token_ids": tuple,
+    "allowed_token_ids": tuple,
+    "bad_words": tuple,
     "top_k": lambda k: max(k, 0),  # vLLM's -1 and 0 both mean "off"
     "logit_bias": parse_logit_bias,
 }
 # Fields each route sets itself: their wire meaning differs between chat and completions.
 PER_ROUTE = ("max_tokens", "logprobs", "prompt_logprobs", "grammar")
+# Fields no body sets: the runtime settles them from the model (bad_words, tokenized).
+SETTLED = ("bad_words_token_ids",)
 SHARED = tuple(
     f.name
     for f in fields(SamplingParams)
     if f.name in SamplingFields.model_fields and f.name not in PER_ROUTE
 )
+
+
+def check_prompt_logprobs(k: int | None, stream: bool | None) -> None:
+    """vLLM's check: a stream has no place for the prompt's logprobs (chat and completions)."""
+    if k is not None and stream:
+        msg = "`prompt_logprobs` are not available when `stream` is true"
+        raise bad_request(msg, "prompt_logprobs")
 
 
 def apply_defaults(body: SamplingFields, defaults: dict[str, Any]) -> None:

@@ -1,7 +1,9 @@
 """OpenAI wire models for requests, with OpenAI's bounds.
 
 Unknown fields are ignored, as vLLM does, so newer clients keep working; vLLM's extension
-fields (top_k, min_p, ignore_eos, ...) are declared here with their own bounds.
+fields (top_k, min_p, ignore_eos, ...) are declared here with their own bounds. Booleans are
+StrictBool in every request model under api/ (tests/unit/test_strict_booleans.py walks them):
+OpenAI answers 400 for "true", "yes" or 1, which pydantic's lax mode took as true.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
@@ -36,6 +39,15 @@ LogitBias = Annotated[
 # assertion below 65,536 symbols) quoted in the 400. Refused here first, naming the field.
 MAX_CHOICES = 1999
 Choices = Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+# vLLM's bad_words: each is tokenized per request (twice), so their number and length are
+# bounded; a word of spaces alone has no tokens to ban.
+MAX_BAD_WORDS = 1024
+BadWords = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=512, pattern=r"\S")]],
+    Field(max_length=MAX_BAD_WORDS),
+]
+# vLLM's allowed_token_ids; empty is a 400, as vLLM's (no token could be drawn).
+AllowedIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 # OpenAI's Metadata: up to 16 pairs, keys of at most 64 characters, values of at most 512.
 Metadata = Annotated[
     dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
@@ -71,7 +83,7 @@ def _texts(value: object) -> None:
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class JsonSchemaFormat(BaseModel):
@@ -80,7 +92,7 @@ class JsonSchemaFormat(BaseModel):
     name: str | None = None
     description: str | None = None
     schema_: dict | None = Field(default=None, alias="schema")
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class ResponseFormat(BaseModel):
@@ -101,12 +113,12 @@ class StructuredOutputs(BaseModel):
     regex: str | None = None
     choice: Choices | None = None
     grammar: str | None = None  # Lark (llguidance's dialect) or GBNF/EBNF
-    json_object: bool | None = None
+    json_object: StrictBool | None = None
     # vLLM's options. Kept: what genserve always does (compact JSON, one backend, no fallback).
-    disable_any_whitespace: bool | None = None
-    disable_fallback: bool | None = None
+    disable_any_whitespace: StrictBool | None = None
+    disable_fallback: StrictBool | None = None
     # Refused when set (api/structured.py): genserve cannot do what they ask.
-    disable_additional_properties: bool | None = None
+    disable_additional_properties: StrictBool | None = None
     whitespace_pattern: str | None = None
     structural_tag: str | dict | None = None
 
@@ -139,8 +151,8 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 class TemplateFields(BaseModel):
     """vLLM's chat-template controls (chat and /tokenize)."""
 
-    add_generation_prompt: bool | None = None  # None: true, unless continue_final_message
-    continue_final_message: bool = False
+    add_generation_prompt: StrictBool | None = None  # None: true, unless continue_final_message
+    continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None  # more variables for the template
     documents: list[dict[str, str]] | None = None  # for templates that render RAG documents
     # OpenAI's; handed to the template as `reasoning_effort` (gpt-oss's reads it), as vLLM
@@ -190,25 +202,36 @@ class SamplingFields(SamplingDefaults):
 
     model: str
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     logit_bias: LogitBias | None = None
     user: str | None = None
     # vLLM extensions
     min_tokens: Annotated[int, Field(ge=0)] | None = None
-    ignore_eos: bool | None = False
+    ignore_eos: StrictBool | None = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    return_tokens_as_token_ids: bool | None = False
-    include_stop_str_in_output: bool | None = False  # the matched stop string ends the text
-    skip_special_tokens: bool | None = True  # False: special tokens' text is in the output
+    allowed_token_ids: AllowedIds | None = None
+    bad_words: BadWords | None = None  # words the output may not spell (their token sequences)
+    return_tokens_as_token_ids: StrictBool | None = False
+    include_stop_str_in_output: StrictBool | None = False  # the matched stop string ends the text
+    skip_special_tokens: StrictBool | None = True  # False: special tokens' text is in the output
     response_format: ResponseFormat | None = None  # OpenAI's on chat; vLLM's on completions
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, v: list[str] | None) -> list[str] | None:
+        _texts(v)
+        return v
 
 
 class PromptFields(BaseModel):
-    """vLLM's: keep only the prompt's last N tokens (-1: as many as the context holds), so a
-    prompt too long for the model still runs on its end (chat and completions)."""
+    """vLLM's prompt controls (chat and completions): keep only the prompt's last N tokens
+    (-1: as many as the context holds), so a prompt too long for the model still runs on its
+    end; score each prompt token with the k most likely beside it (`prompt_logprobs`, up to
+    vLLM's default max_logprobs; a stream cannot carry them, as on vLLM)."""
 
     truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
     @field_validator("truncate_prompt_tokens")
     @classmethod
@@ -223,7 +246,7 @@ class CompletionRequest(SamplingFields, StructuredOutputFields, PromptFields):
     # 0 scores a prompt (with echo and logprobs: the prompt's own logprobs), as OpenAI's spec
     # allows here; chat keeps its minimum of 1.
     max_tokens: Annotated[int, Field(ge=0)] | None = None
-    echo: bool | None = False
+    echo: StrictBool | None = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     suffix: str | None = None
@@ -256,7 +279,7 @@ class FunctionDef(BaseModel):
     name: FunctionName
     description: str | None = None
     parameters: dict | None = None  # a JSON schema; None: no arguments
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class ChatTool(BaseModel):
@@ -379,16 +402,16 @@ def legacy_call_id(index: int) -> str:
 class ChatCompletionRequest(SamplingFields, StructuredOutputFields, TemplateFields, PromptFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool | None = False
+    logprobs: StrictBool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[ChatTool] | None = None
     tool_choice: Annotated[ToolChoiceMode | NamedToolChoice | None, OneChoice] = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     # vLLM's: false leaves a reasoning model's thinking out of the answer (it is still
     # generated, and still kept apart from the content).
-    include_reasoning: bool = True
+    include_reasoning: StrictBool = True
     # Stored chat completions (api/stored_completions.py): kept for listing, and as data.
-    store: bool | None = None
+    store: StrictBool | None = None
     metadata: Metadata | None = None
     # Deprecated in favor of tools / tool_choice, still served (api/tools.py::chat_tools).
     functions: Annotated[list[FunctionDef], Field(min_length=1, max_length=128)] | None = None

@@ -14,7 +14,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from genserve.api.auth import principal
 from genserve.api.embeddings import MAX_INPUTS, token_lists
@@ -46,7 +46,7 @@ class RerankRequest(BaseModel):
     query: Text
     documents: Annotated[list[Text | Document], Field(min_length=1, max_length=MAX_INPUTS - 1)]
     top_n: Annotated[int, Field(ge=0)] | None = None  # 0 or none: every document
-    return_documents: bool = True
+    return_documents: StrictBool = True
 
 
 def cosine(a: list[float], b: list[float]) -> float:

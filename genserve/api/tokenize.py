@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from genserve.api.auth import principal
 from genserve.api.chat import check_messages, template_options
@@ -27,7 +27,7 @@ class TokenizeRequest(TemplateFields):
     model: str
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
 
 
 class DetokenizeRequest(BaseModel):

@@ -116,6 +116,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), one per token, sorted
+    # vLLM's: only these ids may be drawn (None: any); bad_words' token sequences may not be
+    # generated. The runtime tokenizes bad_words into bad_words_token_ids (settle()); the
+    # engine reads only the ids.
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     logprobs: int | None = None  # None: none; k: the sampled token's and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token (echo + logprobs)
     grammar: GrammarSpec | None = None
@@ -165,6 +171,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # the token's rank in its distribution (1: the most likely), when known
 
 
 class FailureKind(enum.StrEnum):

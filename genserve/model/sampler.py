@@ -1,7 +1,7 @@
 """Pure sampling over a batch with per-row parameters: (logits, rows) -> tokens (+ logprobs).
 
 A pipeline of small functions, each with OpenAI's or vLLM's definition of its parameter:
-logit_bias -> penalties -> masks (min_tokens, grammar) -> greedy or
+logit_bias -> bans (min_tokens, bad_words, allowed_token_ids) -> penalties -> grammar -> greedy or
 temperature -> min_p -> top_k -> top_p -> draw. Temperature, min_p, top_k, top_p and the
 inverse-CDF draw run for all sampled rows of a step in a few batched tensor ops, none of which
 sorts a vocabulary; only the uniform numbers are drawn per row, from the row's own
@@ -50,7 +50,9 @@ class SamplingRow:
 
     params: SamplingParams
     generator: torch.Generator | None = None
-    suppress: tuple[int, ...] = ()  # token ids that may not be drawn (EOS before min_tokens)
+    # token ids that may not be drawn this step: EOS before min_tokens, a bad word's last token
+    suppress: tuple[int, ...] = ()
+    allowed: torch.Tensor | None = None  # [V] bool: the only ids that may be drawn
     counts: torch.Tensor | None = None  # [V] how often each token was generated so far
     seen: torch.Tensor | None = None  # [V] bool: in the prompt or generated so far
     constraint: Constraint | None = None  # a grammar: what may come next
@@ -119,9 +121,27 @@ def apply_penalties(row: torch.Tensor, r: SamplingRow) -> None:
         row.copy_(torch.where(r.seen, penalized, row))
 
 
+def apply_bans(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Suppressed ids (EOS before min_tokens, bad words' last tokens) to -inf, then every id
+    outside a row's allowed_token_ids: one indexed write and one masked fill for the batch,
+    whatever the number of ids. -inf stays -inf through the penalties that follow."""
+    banned = [(i, t) for i, r in enumerate(rows) for t in r.suppress]
+    if banned:
+        which, ids = zip(*banned, strict=True)
+        at = (_index(list(which), logits.device), _index(list(ids), logits.device))
+        logits.index_put_(at, torch.tensor(NEG_INF, dtype=logits.dtype, device=logits.device))
+    limited = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if not limited:
+        return
+    allowed = torch.stack([rows[i].allowed for i in limited])
+    if len(limited) == len(rows):
+        logits.masked_fill_(~allowed, NEG_INF)
+        return
+    idx = _index(limited, logits.device)
+    logits[idx] = logits[idx].masked_fill(~allowed, NEG_INF)
+
+
 def apply_masks(row: torch.Tensor, r: SamplingRow) -> None:
-    if r.suppress:
-        row[list(r.suppress)] = NEG_INF
     if r.constraint is not None:
         r.constraint.apply(row)
 
@@ -130,25 +150,33 @@ def _changes_logits(r: SamplingRow) -> bool:
     p = r.params
     penalized = r.counts is not None and bool(p.presence_penalty or p.frequency_penalty)
     repeated = r.seen is not None and p.repetition_penalty != 1.0
-    return bool(p.logit_bias or penalized or repeated or r.suppress or r.constraint is not None)
+    banned = bool(r.suppress) or r.allowed is not None
+    return bool(p.logit_bias or penalized or repeated or banned or r.constraint is not None)
+
+
+def _batched(out: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """What runs for every row of a step in a few ops: logit_bias, then the bans."""
+    apply_logit_bias(out, rows)
+    apply_bans(out, rows)
 
 
 def process(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, RowErrors]:
-    """Bias, penalties and masks on a copy; a row whose processing raises is reported in the
-    errors (by row index) and the others go on (a grammar past its limits fails one request)."""
+    """Bias, bans, penalties and masks on a copy; a row whose processing raises is reported in
+    the errors (by row index) and the others go on (a grammar past its limits fails one
+    request)."""
     errors: RowErrors = {}
     if not any(_changes_logits(r) for r in rows):
         return logits, errors  # nothing to change: no copy (nothing downstream writes to it)
     out = logits.clone()
     try:
-        apply_logit_bias(out, rows)
-        biased = True
+        _batched(out, rows)
+        batched = True
     except Exception:  # noqa: BLE001 - redone row by row below, to find the row at fault
-        out, biased = logits.clone(), False
+        out, batched = logits.clone(), False
     for i, r in enumerate(rows):
         try:
-            if not biased:
-                apply_logit_bias(out[i : i + 1], [r])
+            if not batched:
+                _batched(out[i : i + 1], [r])
             apply_penalties(out[i], r)
             apply_masks(out[i], r)
         except Exception as e:  # noqa: BLE001 - this row's request fails, not the batch
@@ -686,13 +714,15 @@ def _draw_alone(
 
 # -- logprobs -------------------------------------------------------------------------------
 def token_logprob(raw_row: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    """From the model's own distribution (vLLM's default): before bias, penalties, masks."""
+    """From the model's own distribution (vLLM's default): before bias, penalties, masks.
+    With its rank (a prompt token's, for vLLM's prompt_logprobs): 1 + the ids more likely."""
     logprobs = raw_row.float().log_softmax(-1)
     top: tuple[tuple[int, float], ...] = ()
     if k:
         values, ids = logprobs.topk(k)
         top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token, float(logprobs[token]), top)
+    value = logprobs[token]
+    return TokenLogprob(token, float(value), top, int((logprobs > value).sum()) + 1)
 
 
 @dataclass(slots=True)

@@ -41,6 +41,8 @@ class RequestState:
     grammar: Any = None  # genserve.model.grammar.GrammarMatcher
     prompt_logprobs: list[TokenLogprob | None] | None = None
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias, built once
+    allowed: torch.Tensor | None = None  # [V] bool, allowed_token_ids, built once
+    generated: list[int] | None = None  # the tokens so far, kept where bad_words read them
 
 
 class ModelWorker:
@@ -121,6 +123,8 @@ class ModelWorker:
         suppress: tuple[int, ...] = ()
         if chunk.num_generated < p.min_tokens:
             suppress = self.eos_ids + p.stop_token_ids
+        if state.generated is not None:
+            suppress += bad_word_bans(p.bad_words_token_ids, state.generated)
         return SamplingRow(
             p,
             generator=state.generator,
@@ -129,6 +133,7 @@ class ModelWorker:
             seen=state.seen,
             constraint=state.grammar,
             bias=state.bias,
+            allowed=state.allowed,
         )
 
     def _record(self, chunk: ChunkInput, token: int, logprob: TokenLogprob | None) -> SampledToken:
@@ -137,6 +142,8 @@ class ModelWorker:
             state.counts[token] += 1
         if state.seen is not None:
             state.seen[token] = True
+        if state.generated is not None:
+            state.generated.append(token)
         done = False
         if state.grammar is not None and token not in self.eos_ids:
             try:
@@ -193,7 +200,24 @@ def request_state(request: Request, vocab_size: int, device: torch.device) -> Re
         state.prompt_logprobs = [None]  # the first prompt token has no context
     if p.logit_bias:
         state.bias = bias_tensors(p.logit_bias, device)
+    if p.allowed_token_ids is not None:
+        state.allowed = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        state.allowed[list(p.allowed_token_ids)] = True
+    if p.bad_words_token_ids:
+        state.generated = []
     return state
+
+
+def bad_word_bans(words: tuple[tuple[int, ...], ...], generated: list[int]) -> tuple[int, ...]:
+    """vLLM's bad_words: a word's last token is banned where the tokens before it are the
+    last ones generated (the prompt does not count); a one-token word is banned always. A
+    loop over the words, never the vocabulary."""
+    out = []
+    for ids in words:
+        before = len(ids) - 1
+        if before <= len(generated) and tuple(generated[len(generated) - before :]) == ids[:-1]:
+            out.append(ids[-1])
+    return tuple(out)
 
 
 def failure_of(exc: Exception) -> RequestFailure:

@@ -651,11 +651,31 @@ async def settle(
     for token, _ in sampling.logit_bias:
         if not 0 <= token < vocab:
             raise InvalidRequest(f"logit_bias token {token} is not in [0, {vocab})", "logit_bias")
+    if any(not 0 <= t < vocab for t in sampling.allowed_token_ids or ()):
+        msg = f"allowed_token_ids must be in [0, {vocab})"
+        raise InvalidRequest(msg, "allowed_token_ids")
     if sampling.min_tokens > max_tokens:
         raise InvalidRequest("min_tokens must be in [0, max_tokens]")
     if sampling.grammar is not None:
         await check_grammar(served, sampling.grammar, grammar_param)
-    return replace(sampling, max_tokens=max_tokens)
+    banned = await off_loop(bad_words_ids, served, sampling.bad_words) if sampling.bad_words else ()
+    return replace(sampling, max_tokens=max_tokens, bad_words_token_ids=banned)
+
+
+def bad_words_ids(served: ServedModel, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's bad_words as token sequences: each word as it starts a text and, where that
+    spells it with other tokens of the same count, as it follows a space (a word is tokenized
+    differently at the start and mid-text; vLLM's update_from_tokenizer keeps both)."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        plain = tuple(served.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = tuple(served.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        out.append(plain)
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            out.append(spaced)
+    if any(not 0 <= t < served.vocab_size for ids in out for t in ids):
+        raise InvalidRequest("bad_words hold tokens outside the model's vocabulary", "bad_words")
+    return tuple(out)
 
 
 async def check_grammar(

@@ -39,3 +39,50 @@ def test_gpt2_streams_and_repeats_with_seed(gpt2_dir: Path, tmp_path: Path) -> N
         assert "gpt2: BatchedHFRunner" in server.log()
     finally:
         server.stop()
+
+
+def test_gpt2_keeps_vllm_s_token_restrictions(gpt2_dir: Path, tmp_path: Path) -> None:
+    """allowed_token_ids and bad_words hold on the generic runner too (the sampler is shared),
+    with n > 1 and a seed that repeats; prompt_logprobs score the prompt there as well."""
+    server = start_server(gpt2_dir, tmp_path, "--max-batch-size", "4")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        allowed = [300, 301, 302]
+        extra = {
+            "allowed_token_ids": allowed,
+            "ignore_eos": True,
+            "return_tokens_as_token_ids": True,
+        }
+        kw = dict(model="tiny-gpt2", prompt="Hello", max_tokens=8, n=2, seed=5, logprobs=0)
+        first = client.completions.create(**kw, extra_body=extra)
+        ids = [[int(t.split(":")[1]) for t in c.logprobs.tokens] for c in first.choices]
+        assert all(len(c) == 8 and set(c) <= set(allowed) for c in ids)
+        again = client.completions.create(**kw, extra_body=extra)
+        assert [[int(t.split(":")[1]) for t in c.logprobs.tokens] for c in again.choices] == ids
+        # "of" is one token of its own: banned, it never comes, though it is allowed.
+        word, other = (server_tokens(server, w) for w in ("of", "is"))
+        assert len(word) == 1 and len(other) == 1
+        banned = {**extra, "allowed_token_ids": [word[0], other[0]], "bad_words": ["of"]}
+        out = client.completions.create(**kw, extra_body=banned)
+        for c in out.choices:
+            assert {int(t.split(":")[1]) for t in c.logprobs.tokens} == {other[0]}
+        scored = (
+            client.completions.create(
+                model="tiny-gpt2",
+                prompt="Hello there",
+                max_tokens=1,
+                extra_body={"prompt_logprobs": 1},
+            )
+            .choices[0]
+            .model_extra["prompt_logprobs"]
+        )
+        assert scored[0] is None and len(scored) > 1 and all(1 <= len(e) <= 2 for e in scored[1:])
+    finally:
+        server.stop()
+
+
+def server_tokens(server, text: str) -> list[int]:  # noqa: ANN001 - a LiveServer
+    import httpx
+
+    body = {"model": "tiny-gpt2", "prompt": text, "add_special_tokens": False}
+    return httpx.post(server.url + "/tokenize", json=body, timeout=30).json()["tokens"]

@@ -201,7 +201,10 @@ def test_item_list_input_and_store_false(client: openai.OpenAI) -> None:
         ({"conversation": "conv_123", "previous_response_id": "resp_1"}, "conversation"),
         ({"text": {"format": {"type": "json_schema", "name": "s",
                               "schema": {"type": "array", "uniqueItems": True}}}},
-         "response_format"),
+         "text.format"),
+        # OpenAI names Responses' own field, never chat's response_format
+        ({"text": {"format": {"type": "json_schema", "name": "s"}}}, "text.format.schema"),
+        ({"text": {"format": {"type": "json_object"}}, "tools": [TOOL]}, "text.format"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_400(server: LiveServer, extra: dict, param: str) -> None:

@@ -435,3 +435,123 @@ def test_truncate_prompt_tokens_keeps_the_prompt_s_end(
                 model=model, prompt="x", max_tokens=1, extra_body={"truncate_prompt_tokens": bad}
             )
         assert caught.value.body["param"] == "truncate_prompt_tokens"
+
+
+# -- allowed_token_ids, bad_words, prompt_logprobs ---------------------------------------------
+ALLOWED = [300, 301, 302]  # ordinary merges of the tiny tokenizer (no special token)
+
+
+def drawn_ids(choice) -> list[int]:  # noqa: ANN001 - a completions choice
+    """The choice's token ids, read from return_tokens_as_token_ids' names."""
+    return [int(t.split(":", 1)[1]) for t in choice.logprobs.tokens]
+
+
+def test_allowed_token_ids_hold_every_choice_and_a_seed_repeats(client: openai.OpenAI) -> None:
+    """Before, allowed_token_ids was ignored: the random model drew from all 512 ids."""
+    extra = {"allowed_token_ids": ALLOWED, "return_tokens_as_token_ids": True, "ignore_eos": True}
+    kw = dict(model=MODEL, prompt="Once", max_tokens=12, n=3, seed=11, logprobs=0)
+    first = client.completions.create(**kw, extra_body=extra)
+    ids = [drawn_ids(c) for c in first.choices]
+    assert all(len(c) == 12 and set(c) <= set(ALLOWED) for c in ids)
+    assert len({t for c in ids for t in c}) > 1  # drawn among them, not one forced id
+    again = client.completions.create(**kw, extra_body=extra)
+    assert [drawn_ids(c) for c in again.choices] == ids
+    greedy = chat(client, max_tokens=6, temperature=0, logprobs=True, **extra)
+    names = [t.token for t in greedy.choices[0].logprobs.content]
+    assert names and {int(n.split(":")[1]) for n in names} <= set(ALLOWED)
+
+
+def word_ids(srv: LiveServer, text: str) -> list[int]:
+    body = {"model": MODEL, "prompt": text, "add_special_tokens": False}
+    return httpx.post(srv.url + "/tokenize", json=body, timeout=30).json()["tokens"]
+
+
+def holds(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i : i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+def test_bad_words_are_never_generated(srv: LiveServer, client: openai.OpenAI) -> None:
+    """A word the greedy output spells (as its tokens, mid-text) is banned: the output goes
+    another way. Before, bad_words was ignored and the same text came back."""
+    extra = {"return_tokens_as_token_ids": True, "ignore_eos": True}
+    kw = dict(model=MODEL, prompt="Once upon", max_tokens=24, temperature=0, logprobs=0)
+    plain = drawn_ids(client.completions.create(**kw, extra_body=extra).choices[0])
+    text = httpx.post(srv.url + "/detokenize", json={"model": MODEL, "tokens": plain}).json()
+    words = [w for w in text["prompt"].split() if w.isascii() and w.isalnum()]
+    banned = next(
+        w
+        for w in words
+        if any(len(p) > 1 and holds(plain, p) for p in (word_ids(srv, w), word_ids(srv, " " + w)))
+    )  # a multi-token word: its last token is banned only after the others
+    out = client.completions.create(**kw, extra_body={**extra, "bad_words": [banned]})
+    ids = drawn_ids(out.choices[0])
+    assert ids != plain
+    assert not holds(ids, word_ids(srv, banned)) and not holds(ids, word_ids(srv, " " + banned))
+
+
+def test_prompt_logprobs_score_the_chat_prompt_as_vllm_does(
+    srv: LiveServer, client: openai.OpenAI
+) -> None:
+    """vLLM's top-level prompt_logprobs on chat (per choice on completions): null first, then
+    {token id: {logprob, rank, decoded_token}} for the prompt's token and the k most likely.
+    Before, chat ignored the field and returned none."""
+    r = chat(client, max_tokens=2, prompt_logprobs=2)
+    scored = r.model_extra["prompt_logprobs"]
+    assert len(scored) == r.usage.prompt_tokens and scored[0] is None
+    prompt = word_ids(srv, RENDERED_USER + "<|im_start|>assistant\n")
+    for token, entry in zip(prompt[1:], scored[1:], strict=True):
+        assert str(token) in entry and 2 <= len(entry) <= 3
+        ranks = sorted(e["rank"] for e in entry.values())
+        assert ranks[:2] == [1, 2] and all(e["logprob"] <= 0 for e in entry.values())
+        assert entry[str(token)]["decoded_token"] is not None
+    done = client.completions.create(
+        model=MODEL, prompt="Once upon", max_tokens=1, extra_body={"prompt_logprobs": 0}
+    )
+    per_choice = done.choices[0].model_extra["prompt_logprobs"]
+    assert per_choice[0] is None and all(len(e) == 1 for e in per_choice[1:])
+    assert [int(next(iter(e))) for e in per_choice[1:]] == word_ids(srv, "Once upon")[1:]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+        ({"bad_words": [" "]}, "bad_words"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ],
+)
+def test_restrictions_that_cannot_hold_are_400s(srv: LiveServer, extra: dict, param: str) -> None:
+    for route, body in (("chat/completions", {"messages": USER}), ("completions", {"prompt": "x"})):
+        r = httpx.post(
+            f"{srv.url}/v1/{route}", json={"model": MODEL, "max_tokens": 2, **body, **extra}
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"].startswith(param), r.text
+
+
+# -- strict booleans (OpenAI's 400 for "true", "yes" or 1) -------------------------------------
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("chat/completions", {"messages": USER, "stream": "yes"}, "stream"),
+        ("chat/completions", {"messages": USER, "logprobs": 1}, "logprobs"),
+        ("chat/completions", {"messages": USER, "stream": True,
+                              "stream_options": {"include_usage": "true"}},
+         "stream_options.include_usage"),
+        ("completions", {"prompt": "x", "echo": "true"}, "echo"),
+        ("completions", {"prompt": "x", "ignore_eos": 0}, "ignore_eos"),
+        ("responses", {"input": "x", "store": "false"}, "store"),
+        ("responses", {"input": "x", "text": {"format": {"type": "json_schema", "name": "s",
+                       "schema": {"type": "object"}, "strict": "yes"}}}, "text.format.strict"),
+    ],
+)  # fmt: skip
+def test_a_boolean_given_as_a_string_or_number_is_a_400(
+    srv: LiveServer, route: str, body: dict, param: str
+) -> None:
+    """pydantic's lax mode took "yes" for true (a stream came back); OpenAI answers 400."""
+    r = httpx.post(f"{srv.url}/v1/{route}", json={"model": MODEL, "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error

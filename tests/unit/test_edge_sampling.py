@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from genserve.api.app import create_app
 from genserve.api.errors import APIError
-from genserve.api.sampling import PER_ROUTE, SHARED, grammar_spec, sampling_params
+from genserve.api.sampling import PER_ROUTE, SETTLED, SHARED, grammar_spec, sampling_params
 from genserve.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -69,7 +69,7 @@ def test_a_bad_serving_default_is_refused_naming_its_param(http: TestClient) -> 
 
 def test_each_sampling_field_is_declared_once_in_the_record_and_once_on_the_wire() -> None:
     record = {f.name for f in fields(SamplingParams)}
-    assert record == set(SHARED) | set(PER_ROUTE)
+    assert record == set(SHARED) | set(PER_ROUTE) | set(SETTLED)
     # The serving defaults are the requests' own declarations, not a copy of them.
     for name in SamplingDefaults.model_fields:
         assert SamplingFields.model_fields[name] is not None
