@@ -113,6 +113,8 @@ SERVE_OPTIONS = (
                  "Compile the one-stream decode step at start-up (CPU, Llama family)."),
     ConfigOption("native_kernels", "engine", "native_kernels",
                  "Offer genserve's own C kernels where they measure faster (CPU)."),
+    ConfigOption("adaptive_threads", "engine", "adaptive_threads",
+                 "Run decode steps on one core fewer while that measures faster (CPU)."),
     ConfigOption("trust_remote_code", "model", "trust_remote_code",
                  "Run code shipped with a model."),
     ConfigOption("allow_pickle", "model", "allow_pickle", "Load .bin/.pt pickle weights."),

@@ -75,6 +75,9 @@ class EngineConfig:
     # measured faster at start-up; off: torch's kernels only (an operator's way out, should a
     # C compiler build them wrong on some machine).
     native_kernels: bool = True
+    # Free decode steps run on every core, or on one fewer where that measures faster as they
+    # run (another process taking a core stalls every thread of a step: model/threads.py).
+    adaptive_threads: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

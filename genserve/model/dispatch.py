@@ -24,6 +24,7 @@ def make_runner(
     policy: KernelPolicy | None = None,
     paged: PagedShape | None = None,
     compile_decode: bool = False,
+    adaptive_threads: bool = True,
 ) -> Runner:
     """LlamaRunner where it applies (hand-written, fastest measured), else BatchedHFRunner
     (transformers' modules, our batched attention and KV slots), else HFRunner (one sequence
@@ -34,11 +35,12 @@ def make_runner(
         log.info("model type %s: LlamaRunner (the hand-written Llama-family path)", kind)
         if paged is None:
             return LlamaRunner(
-                model, num_slots, max_len, batch_invariant, policy, compile_decode=compile_decode
-            )
+                model, num_slots, max_len, batch_invariant, policy,
+                compile_decode=compile_decode, adaptive_threads=adaptive_threads,
+            )  # fmt: skip
         return LlamaRunner(
             model, paged.max_seqs, max_len, batch_invariant, policy, paged.num_blocks,
-            paged.block_size, compile_decode,
+            paged.block_size, compile_decode, adaptive_threads=adaptive_threads,
         )  # fmt: skip
     reason = unsupported_reason(model)
     if reason is None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -284,6 +283,7 @@ class LlamaRunner:
         block_size: int = DEFAULT_BLOCK_SIZE,
         compile_decode: bool = False,  # a lone free decode as one compiled graph (compiled.py)
         attention: str = "auto",  # "flex" (model/flex.py), "sdpa", or "auto": by device
+        adaptive_threads: bool = True,  # free decode steps' threads chosen as they run
     ) -> None:
         cfg = model.config
         self.batch_invariant = batch_invariant
@@ -345,8 +345,8 @@ class LlamaRunner:
         self.native_glue = self._native_glue()
         self.native_decode = self._choose_native_decode()
         # The threads those steps run on, chosen as they run (model/threads.py).
-        adapt = os.environ.get("GENSERVE_ADAPT_THREADS", "1") != "0"
-        self.threads = ThreadGovernor() if adapt and self.native_decode else None
+        if adaptive_threads and self.native_decode:
+            self.threads = ThreadGovernor()
         if compile_decode:
             self._compile_lone(model)
 

@@ -21,14 +21,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-EXPLORE = 64  # steps between two steps on another thread count
+EXPLORE = 32  # steps before another thread count runs one step
+SLOWEST_EXPLORE = 512  # ... after many that it lost by far (its steps cost a lot then)
+FAR = 1.5  # lost by far: its step took this many times the chosen count's time
 CHOSEN_WEIGHT = 0.1  # a chosen count's moving average: steps come often, each noisy
-PROBE_WEIGHT = 0.5  # another count's: its few steps must move its figure quickly
+PROBE_WEIGHT = 0.7  # another count's: its few steps must move its figure quickly
 MARGIN = 0.95  # another count is chosen once its time is below this share of the chosen's
 
 
 def counts(most: int) -> tuple[int, ...]:
-    """The thread counts worth comparing: all of them, or one left to whatever else runs."""
+    """The thread counts compared: all of them, and one fewer (a core left to whatever else
+    runs)."""
     return (most, most - 1) if most > 1 else (most,)
 
 
@@ -36,14 +39,17 @@ def counts(most: int) -> tuple[int, ...]:
 class Bucket:
     """One row bucket's figures: seconds a step, moving average, per thread count."""
 
+    chosen: int
     seconds: dict[int, float] = field(default_factory=dict)
-    chosen: int = 0
-    steps: int = 0
-    probe: int = 0  # which other count the next exploring step runs
+    interval: int = EXPLORE  # steps between two steps on the other count
+    wait: int = EXPLORE  # steps left until the next
 
 
 class ThreadGovernor:
-    """Thread counts for free decode steps, per row bucket (see the module's docstring)."""
+    """Thread counts for free decode steps, per row bucket (see the module's docstring). While
+    the other count keeps losing by far (a core taken by another process: a step on every
+    core then took 2-8x one on a core fewer), it is tried ever less often, down to once in
+    SLOWEST_EXPLORE steps, so trying it costs about 1% whatever the machine does."""
 
     def __init__(self, most: int | None = None) -> None:
         self.counts = counts(most if most is not None else torch.get_num_threads())
@@ -51,24 +57,27 @@ class ThreadGovernor:
 
     def pick(self, key: int) -> int:
         b = self.buckets.setdefault(key, Bucket(chosen=self.counts[0]))
-        b.steps += 1
-        unmeasured = [n for n in self.counts if n not in b.seconds]
-        if unmeasured:
-            return unmeasured[0]
-        if b.steps % EXPLORE:
-            return b.chosen
-        others = [n for n in self.counts if n != b.chosen]
-        b.probe = (b.probe + 1) % len(others) if others else 0
-        return others[b.probe] if others else b.chosen
+        for n in self.counts:
+            if n not in b.seconds:
+                return n
+        b.wait -= 1
+        return self._other(b) if b.wait <= 0 else b.chosen
 
     def record(self, key: int, threads: int, seconds: float) -> None:
         b = self.buckets[key]
         last = b.seconds.get(threads)
+        if threads != b.chosen and last is not None:  # a step on the other count
+            far = seconds > FAR * b.seconds[b.chosen]
+            b.interval = min(2 * b.interval, SLOWEST_EXPLORE) if far else EXPLORE
+            b.wait = b.interval
         weight = CHOSEN_WEIGHT if threads == b.chosen else PROBE_WEIGHT
         b.seconds[threads] = seconds if last is None else last + weight * (seconds - last)
-        best = min(b.seconds, key=b.seconds.__getitem__)
-        if best != b.chosen and b.seconds[best] < MARGIN * b.seconds.get(b.chosen, float("inf")):
-            b.chosen = best
+        other = self._other(b)
+        if other in b.seconds and b.seconds[other] < MARGIN * b.seconds[b.chosen]:
+            b.chosen, b.interval, b.wait = other, EXPLORE, EXPLORE
+
+    def _other(self, b: Bucket) -> int:
+        return next((n for n in self.counts if n != b.chosen), b.chosen)
 
     def chosen(self) -> dict[int, int]:
         """Each bucket's thread count now (for the log and /metrics)."""

@@ -57,11 +57,12 @@ class ModelWorker:
         policy: KernelPolicy | None = None,  # measured kernels (genserve.model.hardware)
         paged: PagedShape | None = None,  # the KV block pool, on runners that page their cache
         compile_decode: bool = False,  # LlamaRunner: a lone decode as one compiled graph
+        adaptive_threads: bool = True,  # LlamaRunner: decode steps' threads chosen as they run
     ) -> None:
         self.loaded = loaded
         self.runner: Runner = make_runner(
             loaded.model, num_slots, max_len, fast_path, batch_invariant, policy, paged,
-            compile_decode,
+            compile_decode, adaptive_threads,
         )  # fmt: skip
         if isinstance(self.runner, LlamaRunner):  # it holds its own copies of the weights
             self.runner.free_source_weights(loaded.model)

@@ -191,6 +191,7 @@ def build_engine(cfg: ServerConfig) -> EngineParts:
                 loaded, slots, max_len, cfg.engine.fast_path, cfg.engine.batch_invariant,
                 grammars, kernel_policy(loaded, cfg, paged.max_seqs, max_len), paged,
                 compile_decode=cfg.engine.compile_decode,
+                adaptive_threads=cfg.engine.adaptive_threads,
             )
         )  # fmt: skip
     except BaseException:

@@ -1,0 +1,116 @@
+"""The thread governor (model/threads.py), fed step times as a machine would give them: all
+cores fastest when nothing else runs, one core fewer while another process takes one, and
+back again; trying the other count costs little while it loses by far. And a LlamaRunner's
+free decode steps run through it, their logits the same on either count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genserve.engine.types import ChunkInput, SamplingParams, StepInput
+from genserve.model import native
+from genserve.model.threads import EXPLORE, SLOWEST_EXPLORE, ThreadGovernor, counts, running_on
+
+QUIET = {2: 4.0, 1: 5.5}  # ms a step: every core, one fewer
+BUSY = {2: 16.0, 1: 6.5}  # another process on a core: the barriers wait for it
+
+
+def run(g: ThreadGovernor, times: dict[int, float], steps: int, key: int = 0) -> list[int]:
+    """`steps` steps at these times; the thread count each ran on."""
+    ran = []
+    for _ in range(steps):
+        n = g.pick(key)
+        g.record(key, n, times[n] / 1e3)
+        ran.append(n)
+    return ran
+
+
+def test_counts() -> None:
+    assert counts(1) == (1,)
+    assert counts(2) == (2, 1)
+    assert counts(16) == (16, 15)
+
+
+def test_a_single_core_never_changes() -> None:
+    g = ThreadGovernor(1)
+    assert set(run(g, {1: 3.0}, 200)) == {1}
+
+
+def test_quiet_keeps_every_core_and_tries_the_other_rarely() -> None:
+    g = ThreadGovernor(2)
+    ran = run(g, QUIET, 10 * EXPLORE)
+    assert g.chosen() == {0: 2}
+    assert ran.count(1) <= 10 + 1  # each count once to start, then one step in EXPLORE
+
+
+def test_busy_moves_to_one_core_fewer_and_back() -> None:
+    g = ThreadGovernor(2)
+    run(g, QUIET, 5 * EXPLORE)
+    ran = run(g, BUSY, 50)
+    assert g.chosen() == {0: 1}
+    assert ran[-30:].count(2) <= 1  # it left the stalled count within a few steps
+    run(g, QUIET, 2 * SLOWEST_EXPLORE)
+    assert g.chosen() == {0: 2}  # the other count is tried again, found faster, chosen
+
+
+def test_trying_a_count_that_loses_by_far_backs_off() -> None:
+    g = ThreadGovernor(2)
+    run(g, BUSY, 100)
+    ran = run(g, BUSY, 4 * SLOWEST_EXPLORE)
+    # Stalled steps (2.5x) are tried ever less often: about once in SLOWEST_EXPLORE at last.
+    assert ran.count(2) <= 4 + 6
+    assert g.chosen() == {0: 1}
+
+
+def test_buckets_are_apart() -> None:
+    g = ThreadGovernor(2)
+    run(g, BUSY, 60, key=0)
+    run(g, QUIET, 60, key=2)
+    assert g.chosen() == {0: 1, 2: 2}
+
+
+def test_running_on_restores_the_count() -> None:
+    before = torch.get_num_threads()
+    with running_on(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), running_on(1):
+        raise RuntimeError("a step that fails")
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: no native decode path")
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_runner_free_decodes_on_either_count_agree(quantization: str) -> None:
+    """A free decode step goes through the governor, and both counts give its row the same
+    logits (each row is summed by one thread in one order whatever the count): the governor
+    changes speed, never tokens."""
+    from genserve.model.runner import LlamaRunner
+    from tests.unit.test_hardware import fixed_policy, tiny_llama
+
+    model = tiny_llama()
+    policy = fixed_policy(model, torch.float32, quantization, "gemv")
+    runner = LlamaRunner(model, 2, 64, batch_invariant=False, policy=policy)
+    assert runner.native_stack is not None
+    runner.native_decode = dict.fromkeys((0, 1, 2), runner._through_stack)
+    free = SamplingParams(temperature=0.8)
+
+    class Fixed:
+        def __init__(self, n: int) -> None:
+            self.n, self.seen = n, []
+
+        def pick(self, key: int) -> int:
+            return self.n
+
+        def record(self, key: int, threads: int, seconds: float) -> None:
+            self.seen.append((key, threads))
+
+    out = {}
+    with torch.inference_mode():
+        runner.execute(StepInput((ChunkInput("a", 0, tuple(range(3, 20)), 0, True, free, 0),)))
+        for n in (2, 1):  # the same position again: it rewrites the same cache row
+            runner.threads = Fixed(n)
+            out[n] = runner.execute(StepInput((ChunkInput("a", 0, (7,), 17, True, free, 1),)))
+            assert runner.threads.seen == [(0, n)]
+    assert torch.equal(out[1], out[2])
