@@ -94,6 +94,22 @@ class GrammarSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ThinkFirst:
+    """A reasoning model's grammar waits for its thinking (vLLM's behaviour with a reasoning
+    parser): no mask until the closing tag's token `end_id` is sampled, and the grammar's
+    matcher starts at the token after it, so the tags never reach it. `open_id` None: the
+    prompt opened the thinking (DeepSeek-R1's template). Else the model may open it: its first
+    token may be `open_id` (the opening tag's) besides what the grammar allows (Qwen3's)."""
+
+    end_id: int
+    open_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.end_id < 0 or (self.open_id is not None and self.open_id < 0):
+            raise ValueError("token ids are not negative")
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Per-request decoding controls, with OpenAI's and vLLM's meanings; temperature 0 is greedy.
 
@@ -125,6 +141,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the sampled token's and the top k
     prompt_logprobs: int | None = None  # the same for every prompt token (echo + logprobs)
     grammar: GrammarSpec | None = None
+    think_first: ThinkFirst | None = None  # the grammar applies after the thinking (reasoning)
     # vLLM's detokenizing controls: a matched stop string (or a stop token's text) is kept at
     # the end of the output; special tokens' text (<|im_end|>, ...) is dropped from it.
     include_stop_str_in_output: bool = False

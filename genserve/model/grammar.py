@@ -53,6 +53,7 @@ from genserve.engine.types import (  # noqa: F401 - re-exported
     LARK,
     REGEX,
     GrammarSpec,
+    ThinkFirst,
     UnsupportedSchemaError,
 )
 
@@ -410,6 +411,49 @@ class GrammarMatcher:
         # library bug): the request it belongs to ends, the others go on.
         if self._inner.is_error():
             raise GrammarLimitError(f"grammar matcher failed: {_short(self._inner.get_error())}")
+
+
+class ThinkingGate:
+    """A reasoning request's matcher behind its thinking (ThinkFirst): no mask while the model
+    thinks; the closing tag's token ends the thinking and the matcher starts at the next one.
+
+    The tags never reach the matcher, which matters: llguidance reads every added token as a
+    special one (Qwen3's `<think>`/`</think>` are added but not special), so no JSON or regex
+    grammar ever allows them; a grammar from the first token left such a model no way to
+    think. Not thread-safe: the engine loop owns it, as it owns the matcher."""
+
+    def __init__(self, matcher: GrammarMatcher, spec: ThinkFirst) -> None:
+        self.matcher = matcher
+        self.spec = spec
+        self.thinking = spec.open_id is None  # the prompt opened it: the output starts inside
+        self._first = True  # no token sampled yet
+
+    def apply(self, logits_row: torch.Tensor) -> None:
+        """The grammar's mask once the thinking is over; on the first token of an output that
+        may open it, the opening tag stays allowed beside the grammar's tokens."""
+        if self.thinking:
+            return
+        open_id = self.spec.open_id
+        if not self._first or open_id is None:
+            self.matcher.apply(logits_row)
+            return
+        keep = logits_row[open_id].clone()
+        self.matcher.apply(logits_row)
+        logits_row[open_id] = keep
+
+    def advance(self, token_id: int) -> None:
+        """The sampled token: it moves the thinking along, or the matcher once it is over."""
+        first, self._first = self._first, False
+        if self.thinking:
+            self.thinking = token_id != self.spec.end_id
+        elif first and token_id == self.spec.open_id:
+            self.thinking = True
+        else:
+            self.matcher.advance(token_id)
+
+    @property
+    def done(self) -> bool:
+        return not self.thinking and self.matcher.done
 
 
 class GrammarLimitError(RuntimeError):

@@ -22,7 +22,7 @@ from genserve.engine.types import (
     TokenLogprob,
 )
 from genserve.model.dispatch import make_runner
-from genserve.model.grammar import GrammarLimitError
+from genserve.model.grammar import GrammarLimitError, ThinkingGate
 from genserve.model.hardware import KernelPolicy
 from genserve.model.loading import LoadedModel
 from genserve.model.runner import LlamaRunner, Runner
@@ -79,8 +79,11 @@ class ModelWorker:
 
     def start(self, request: Request) -> None:
         state = request_state(request, self.vocab_size, self.device)
-        if request.params.grammar is not None:
-            state.grammar = self.grammars.matcher(request.params.grammar)
+        p = request.params
+        if p.grammar is not None:
+            state.grammar = self.grammars.matcher(p.grammar)
+            if p.think_first is not None:  # a reasoning model thinks before its answer
+                state.grammar = ThinkingGate(state.grammar, p.think_first)
         self._state[request.request_id] = state
 
     def add_adapter(self, name: str, path: Path) -> None:
@@ -132,7 +135,7 @@ class ModelWorker:
             suppress=suppress,
             counts=state.counts,
             seen=state.seen,
-            constraint=state.grammar,
+            constraint=_constraint(state.grammar),
             bias=state.bias,
             allowed=state.allowed,
         )
@@ -219,6 +222,14 @@ def bad_word_bans(words: tuple[tuple[int, ...], ...], generated: list[int]) -> t
         if before <= len(generated) and tuple(generated[len(generated) - before :]) == ids[:-1]:
             out.append(ids[-1])
     return tuple(out)
+
+
+def _constraint(grammar: Any) -> Any:  # noqa: ANN401 - a GrammarMatcher or a ThinkingGate
+    """No constraint while a reasoning model thinks: the row keeps the sampler's unmasked
+    path, as a request without a grammar does."""
+    if isinstance(grammar, ThinkingGate) and grammar.thinking:
+        return None
+    return grammar
 
 
 def failure_of(exc: Exception) -> RequestFailure:

@@ -26,6 +26,7 @@ from genserve.engine.types import (
     GrammarSpec,
     Request,
     SamplingParams,
+    ThinkFirst,
     TokenDelta,
     TokenLogprob,
     UnsupportedSchemaError,
@@ -245,9 +246,13 @@ class Thinking:
 
     prompt_tail: str
     end_id: int | None
+    open_id: int | None = None
 
     def splitter(self) -> ReasoningSplitter:
         return ReasoningSplitter.for_prompt(self.prompt_tail)
+
+    def think_first(self, spec: GrammarSpec | None) -> ThinkFirst | None:
+        return reasoning.think_first(self.prompt_tail, spec, self.open_id, self.end_id)
 
 
 @dataclass(slots=True)
@@ -403,12 +408,15 @@ async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
         sampling = replace(sampling, grammar=tool_grammar(tools, fmt))
     param = "tools" if tools is not None and tools.active else request.grammar_param
     params = await settle(rt, served, sampling, max_tokens, param)
+    thinking = _thinking(rt, served, prompt)
+    if thinking is not None:  # its grammar (if any) waits for the thinking
+        params = replace(params, think_first=thinking.think_first(params.grammar))
     admitted = _open(
         rt, target, "chatcmpl", [prompt], params, request.n, request.n, request.prompt_param,
         request.priority, _publish_every(rt, request),
     )  # fmt: skip
     admitted = replace(admitted, grammar_param=param)
-    if (thinking := _thinking(rt, served, prompt)) is not None:
+    if thinking is not None:
         started = replace(admitted.started, reasoning=True)
         admitted = replace(admitted, started=started, thinking=thinking)
     if tools is None or not tools.active:
@@ -418,13 +426,20 @@ async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
 
 
 def _thinking(rt: Runtime, served: ServedModel, prompt: list[int]) -> Thinking | None:
-    """A reasoning model's chat: where its thinking starts, and its closing token's id."""
+    """A reasoning model's chat: where its thinking starts, and its tags' token ids."""
     if not reasoning.active(served.template, rt.config.model.reasoning_parser):
         return None
+    tail = served.tokenizer.decode(prompt[-8:])
+    return Thinking(tail, _tag_id(served, reasoning.CLOSE), _tag_id(served, reasoning.OPEN))
+
+
+def _tag_id(served: ServedModel, tag: str) -> int | None:
+    """The tag's token id where it is one token the model can sample, else None."""
     tok = served.tokenizer
-    end_id = tok.convert_tokens_to_ids(reasoning.CLOSE)
-    one_token = isinstance(end_id, int) and tok.decode([end_id]) == reasoning.CLOSE
-    return Thinking(tok.decode(prompt[-8:]), end_id if one_token else None)
+    tid = tok.convert_tokens_to_ids(tag)
+    if not isinstance(tid, int) or not 0 <= tid < served.vocab_size:
+        return None
+    return tid if tok.decode([tid]) == tag else None
 
 
 async def render_prompt(

@@ -7,11 +7,18 @@ generation prompt opens `<think>` itself (DeepSeek-R1's) has the output begin in
 thinking; otherwise there is thinking only if the output opens the tag (Qwen3's, which with
 `enable_thinking: false` closes an empty one in the prompt, so the output is all answer). Text
 that may be the start of a tag is held back until the next piece tells.
+
+A grammar on the answer (response_format, vLLM's structured outputs, tool calls) waits for the
+thinking, as vLLM's does with a reasoning parser (`think_first`): the model thinks freely, and
+the grammar constrains what follows the closing tag, or all of the output where the prompt
+closed the thinking.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from genserve.engine.types import GRAMMAR, GrammarSpec, ThinkFirst
 
 OPEN, CLOSE = "<think>", "</think>"
 MODES = ("auto", "none", "think")
@@ -31,6 +38,31 @@ def active(template: str | None, mode: str) -> bool:
 def opened_by(prompt_tail: str) -> bool:
     """Whether the prompt's end opens the thinking (the output then begins inside it)."""
     return prompt_tail.rstrip().endswith(OPEN)
+
+
+def closed_by(prompt_tail: str) -> bool:
+    """Whether the prompt's end closes the thinking (Qwen3's `enable_thinking: false`)."""
+    return prompt_tail.rstrip().endswith(CLOSE)
+
+
+def think_first(
+    prompt_tail: str, spec: GrammarSpec | None, open_id: int | None, end_id: int | None
+) -> ThinkFirst | None:
+    """How a reasoning model's grammar waits for its thinking; None: it applies from the first
+    token, as on any model. `open_id`/`end_id`: the tags' token ids, None where a tag is not
+    one token (a tag of several tokens cannot switch the grammar on at a token boundary)."""
+    if spec is None or end_id is None or closed_by(prompt_tail) or spells_thinking(spec):
+        return None
+    if opened_by(prompt_tail):
+        return ThinkFirst(end_id)
+    # The model may open the thinking itself: its first token is the opening tag, or the answer.
+    return None if open_id is None else ThinkFirst(end_id, open_id)
+
+
+def spells_thinking(spec: GrammarSpec) -> bool:
+    """A caller's own grammar that writes the closing tag (its token, `</think>` in Lark)
+    constrains the thinking too, so it applies from the first token."""
+    return spec.kind == GRAMMAR and CLOSE in (spec.text or "")
 
 
 @dataclass(slots=True)

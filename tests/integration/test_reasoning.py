@@ -4,13 +4,17 @@ usage counting its tokens; where the template opens the thinking itself (DeepSee
 output starts inside it; `enable_thinking: false` leaves it all answer; `include_reasoning:
 false` leaves it out; a model whose template knows no thinking is untouched. The tiny random
 model is held to a text by a Lark grammar (vLLM's structured outputs; `<think>` there names the
-tag's own token), which is what makes it think."""
+tag's own token), which is what makes it think; a grammar that writes the tags holds the
+thinking too. A schema (response_format, structured outputs, a forced tool call) waits for the
+thinking instead, as vLLM's does: there logit_bias and a frequency penalty make it think."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -235,3 +239,86 @@ def test_reasoning_effort_reaches_the_template(tmp_path: Path) -> None:
             chat_prompt(reasoning_effort="extreme")
     finally:
         srv.stop()
+
+
+# -- a grammar on the answer waits for the thinking (vLLM's behaviour with a reasoning parser) --
+ANSWER = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
+JSON_ANSWER = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}
+
+
+def token_id(srv: LiveServer, text: str) -> int:
+    body = {"model": model_id(srv), "prompt": text, "add_special_tokens": False}
+    (tid,) = httpx.post(srv.url + "/tokenize", json=body, timeout=30).json()["tokens"]
+    return tid
+
+
+def thinks_first(srv: LiveServer) -> dict:
+    """Greedy sampling that makes the random model think: `x` (which the schema forbids) wins
+    until the frequency penalty takes it below `</think>`; where the output may open the
+    thinking, `<think>` beats the grammar's `{` at the first token. No grammar spells this."""
+    bias = {token_id(srv, "x"): 100, token_id(srv, "</think>"): 90, token_id(srv, "<think>"): 50}
+    return {"temperature": 0, "frequency_penalty": 2.0, "logit_bias": bias}
+
+
+def test_a_json_answer_follows_free_thinking(qwen3: LiveServer) -> None:
+    r = client(qwen3).chat.completions.create(
+        model=model_id(qwen3), messages=ASK, max_tokens=40, response_format=JSON_ANSWER,
+        **thinks_first(qwen3),
+    )  # fmt: skip
+    message = r.choices[0].message.model_dump()
+    # The thinking holds what the schema forbids: the grammar was off while the model thought.
+    assert message["reasoning"] and set(message["reasoning"]) == {"x"}
+    jsonschema.validate(json.loads(message["content"]), ANSWER)
+    assert r.choices[0].finish_reason == "stop"
+    assert 0 < r.usage.completion_tokens_details.reasoning_tokens < r.usage.completion_tokens
+
+
+def test_a_template_that_opens_the_thinking_streams_it_before_the_json(r1: LiveServer) -> None:
+    chunks = list(
+        client(r1).chat.completions.create(
+            model=model_id(r1), messages=ASK, max_tokens=40, stream=True,
+            extra_body={"structured_outputs": {"json": ANSWER}}, **thinks_first(r1),
+        )
+    )  # fmt: skip
+    deltas = [c.choices[0].delta.model_dump() for c in chunks if c.choices]
+    thought = "".join(d.get("reasoning") or "" for d in deltas)
+    assert thought and set(thought) == {"x"}
+    jsonschema.validate(json.loads("".join(d.get("content") or "" for d in deltas)), ANSWER)
+
+
+def test_cut_while_thinking_there_is_no_answer(r1: LiveServer) -> None:
+    r = client(r1).chat.completions.create(
+        model=model_id(r1), messages=ASK, max_tokens=3, response_format=JSON_ANSWER,
+        **thinks_first(r1),
+    )  # fmt: skip
+    message = r.choices[0].message.model_dump()
+    assert r.choices[0].finish_reason == "length"
+    assert message["reasoning"] == "xxx" and not message["content"]
+
+
+def test_with_thinking_closed_the_grammar_holds_from_the_first_token(qwen3: LiveServer) -> None:
+    r = client(qwen3).chat.completions.create(
+        model=model_id(qwen3), messages=ASK, max_tokens=40, response_format=JSON_ANSWER,
+        extra_body={"chat_template_kwargs": NO_THINKING}, **thinks_first(qwen3),
+    )  # fmt: skip
+    message = r.choices[0].message.model_dump()
+    assert message["reasoning"] is None
+    jsonschema.validate(json.loads(message["content"]), ANSWER)
+
+
+def test_a_forced_tool_call_follows_the_thinking(qwen3: LiveServer) -> None:
+    tool = {"type": "function", "function": {"name": "answer", "parameters": ANSWER}}
+    r = client(qwen3).chat.completions.create(
+        model=model_id(qwen3), messages=ASK, max_tokens=60, tools=[tool],
+        tool_choice="required", parallel_tool_calls=False, **thinks_first(qwen3),
+    )  # fmt: skip
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert set(choice.message.model_dump()["reasoning"]) == {"x"}
+    (call,) = choice.message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), ANSWER)
