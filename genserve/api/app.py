@@ -28,6 +28,7 @@ from genserve.api import (
     scoring,
     stored_completions,
     tokenize,
+    uploads,
 )
 from genserve.api.auth import KeyStore
 from genserve.api.http_metrics import HttpMetrics, RouteLabels
@@ -82,7 +83,8 @@ def create_app(config: ServerConfig, loader: Loader | None = None) -> FastAPI:
 ROUTERS = (
     models.router, registry.router, embeddings.router, scoring.router, completions.router,
     chat.router, stored_completions.router, responses.router, conversations.router,
-    tokenize.router, files.router, fine_tuning.router, batches.router, playground.router,
+    tokenize.router, files.router, uploads.router, fine_tuning.router, batches.router,
+    playground.router,
 )  # fmt: skip
 
 

@@ -10,7 +10,7 @@ one, and a project's files together stay within ServerConfig.quotas (429 `quota_
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Annotated, BinaryIO, Literal
 
@@ -30,6 +30,7 @@ from genserve.storage.files import (
     FileStore,
     FileTooLargeError,
     QuotaExceededError,
+    StagedUpload,
 )
 from genserve.training.dataset import DatasetError, check_file
 
@@ -134,19 +135,24 @@ class Upload:
     expires_after_s: int | None = None  # its expiration policy, if it has one
 
 
-def _store_upload(store: FileStore, src: BinaryIO, name: str, purpose: str, up: Upload):
-    """Stage, check and commit an upload. Blocking (disk, fsync): runs in a thread."""
+def store_upload(
+    store: FileStore, src: BinaryIO, name: str, purpose: str, up: Upload,
+    check: Callable[[StagedUpload], None] = lambda _: None, param: str = "file",
+) -> FileRecord:  # fmt: skip
+    """Stage, check (`check`, then a fine-tune file's lines) and commit an upload; 400s name
+    `param`. Blocking (disk, fsync): runs in a thread."""
     try:
         staged = store.stage(src, up.limit)
     except FileTooLargeError:
         raise too_large(up.limit) from None
     quota = FileQuota(up.quotas.max_files, up.quotas.max_file_bytes)
     try:
+        check(staged)
         if purpose == "fine-tune":
             check_file(staged.path)
         return store.commit(staged, name, purpose, up.project, quota, up.expires_after_s)
     except DatasetError as e:
-        raise bad_request(str(e), param="file", code="invalid_file_format") from None
+        raise bad_request(str(e), param=param, code="invalid_file_format") from None
     except QuotaExceededError as e:
         raise quota_exceeded(str(e), up.quotas) from None
     finally:
@@ -167,7 +173,7 @@ async def upload_file(request: Request) -> dict:
             raise bad_request(f"`purpose` must be one of {', '.join(PURPOSES)}", param="purpose")
         name = upload.filename or "upload"
         up = replace(up, expires_after_s=_form_expiry(form))
-        record = await asyncio.to_thread(_store_upload, store, upload.file, name, purpose, up)
+        record = await asyncio.to_thread(store_upload, store, upload.file, name, purpose, up)
     return file_card(record)
 
 

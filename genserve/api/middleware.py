@@ -280,8 +280,12 @@ def log_access(scope, status: int, rid: str) -> None:  # noqa: ANN001 - an ASGI 
 
 
 def is_upload(scope) -> bool:  # noqa: ANN001
-    """/v1/files takes multipart uploads, bounded by their own (larger) limit."""
-    return scope["path"].startswith("/v1/files")
+    """/v1/files and an upload's parts take multipart bodies, bounded by their own (larger)
+    limit."""
+    path = scope["path"]
+    return path.startswith("/v1/files") or (
+        path.startswith("/v1/uploads/") and path.endswith("/parts")
+    )
 
 
 def too_large(limit: int) -> APIError:

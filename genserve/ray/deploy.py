@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from genserve.api.errors import APIError, bad_request
+from genserve.api.middleware import is_upload
 from genserve.config import ServerConfig
 from genserve.ray.bridge import (
     HTTPRequest,
@@ -72,7 +73,7 @@ ENGINE, CONTROL, EDGE = "engine", "control", "edge"
 REPLICA_HEADER = b"x-genserve-replica"
 READY_TIMEOUT_S = 900.0  # a replica that has not loaded its model by then is replaced
 ADAPTER_RECHECK_S = 5.0  # how stale an engine replica's view of a deleted adapter may be
-CONTROL_PREFIXES = ("/v1/files", "/v1/fine_tuning", "/v1/models")
+CONTROL_PREFIXES = ("/v1/files", "/v1/uploads", "/v1/fine_tuning", "/v1/models")
 UPLOAD_SLACK = 2**20  # multipart framing around an upload's bytes
 
 
@@ -554,7 +555,7 @@ class EdgeApp:
             return await lifespan(receive, send)
         if scope["type"] != "http":
             return None
-        upload = scope["path"].startswith("/v1/files")
+        upload = is_upload(scope)
         limit = self.limits.max_upload_bytes if upload else self.limits.max_request_bytes
         body = await read_body(receive, limit)
         if body is None:

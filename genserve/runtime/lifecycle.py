@@ -27,6 +27,7 @@ from genserve.storage.files import FileStore
 from genserve.storage.jobs import JobStore
 from genserve.storage.models import ModelStore
 from genserve.storage.responses import ResponseStore
+from genserve.storage.uploads import UploadStore
 from genserve.training.manager import JobManager
 
 log = logging.getLogger(__name__)
@@ -180,13 +181,15 @@ async def start_fine_tuning(rt: Runtime) -> None:
         rt.database = rt.database or open_database(data_dir)
         files = FileStore(rt.database, data_dir / "files")
         files.sweep()
-        rt.chores.append(asyncio.create_task(expire_files(files)))
+        uploads = UploadStore(rt.database, data_dir / "uploads")
+        uploads.sweep()
+        rt.chores.append(asyncio.create_task(expire_files(files, uploads)))
         threads = config.training.threads
         manager = JobManager(
             JobStore(rt.database), files, rt, data_dir, threads, rt.training_launcher,
             device=config.training.device or config.model.device,
         )  # fmt: skip
-        rt.files = files
+        rt.files, rt.uploads = files, uploads
         rt.fine_tuning = manager
         rt.on_adapter_deleted.append(manager.on_adapter_deleted)
         rt.on_model_served.append(manager.on_model_served)
@@ -199,13 +202,15 @@ async def start_fine_tuning(rt: Runtime) -> None:
 EXPIRY_SWEEP_S = 60.0  # files past their expires_after are invisible at once; bytes go here
 
 
-async def expire_files(files: FileStore) -> None:
-    """Delete expired files' rows and bytes, every minute while the server runs."""
+async def expire_files(files: FileStore, uploads: UploadStore) -> None:
+    """Delete expired files' rows and bytes, and the parts of uploads that ended or expired,
+    every minute while the server runs."""
     while True:
         await asyncio.sleep(EXPIRY_SWEEP_S)
         try:
             if gone := await asyncio.to_thread(files.delete_expired):
                 log.info("deleted %d expired files", gone)
+            await asyncio.to_thread(uploads.sweep)
         except Exception:  # noqa: BLE001 - a failed sweep is tried again at the next one
             log.exception("deleting expired files failed")
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # types only: these modules import the runtime's models thems
     from genserve.runtime.registry import ModelRegistry
     from genserve.storage.db import Database
     from genserve.storage.files import FileStore
+    from genserve.storage.uploads import UploadStore
     from genserve.training.manager import JobManager, Launcher
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Runtime:
     database: Database | None = None
     registry: ModelRegistry | None = None
     files: FileStore | None = None
+    uploads: UploadStore | None = None  # files sent in parts (set with files)
     fine_tuning: JobManager | None = None
     storage_error: str | None = None  # why files and jobs are unavailable
     training_launcher: Launcher | None = None  # None: a local subprocess (Ray sets its own)
@@ -164,6 +166,11 @@ class Runtime:
             reason = self.storage_error or "storage is not configured"
             raise Unavailable(f"file storage is unavailable: {reason}")
         return self.files
+
+    def upload_store(self) -> UploadStore:
+        self.file_store()  # unavailable while loading or when storage failed, as files say
+        assert self.uploads is not None  # set together with files
+        return self.uploads
 
     def job_manager(self) -> JobManager:
         self.file_store()  # unavailable while loading or when storage failed, as files say

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_NAME = "genserve.db"
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 DEFAULT_PROJECT = "default"  # the owner of rows written before projects existed
 # The columns a database of an older version lacks beyond SCHEMA's CREATE ... IF NOT EXISTS,
 # by the version that brought them: (table, column, declaration). A column already there is
@@ -43,6 +43,8 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
     # Conversations: the conversations and conversation_items tables, new (SCHEMA's CREATE
     # makes them), so no column to add.
     8: (),
+    # Uploads (OpenAI's Uploads API): the uploads and upload_parts tables, new.
+    9: (),
 }
 
 SCHEMA = """
@@ -189,6 +191,30 @@ CREATE TABLE IF NOT EXISTS conversation_items (
   UNIQUE (conversation_id, id)
 );
 CREATE INDEX IF NOT EXISTS conversation_items_in_order ON conversation_items (conversation_id, seq);
+-- Uploads (storage/uploads.py): a file sent in parts; status pending, completing, completed or
+-- cancelled (expired: pending past expires_at); file_id once it became a File.
+CREATE TABLE IF NOT EXISTS uploads (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT UNIQUE NOT NULL,
+  project TEXT NOT NULL,
+  filename TEXT NOT NULL,
+  purpose TEXT NOT NULL,
+  bytes INTEGER NOT NULL,
+  mime_type TEXT NOT NULL,
+  status TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL,
+  file_id TEXT,
+  file_expires_s INTEGER
+);
+CREATE TABLE IF NOT EXISTS upload_parts (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT UNIQUE NOT NULL,
+  upload_id TEXT NOT NULL,
+  bytes INTEGER NOT NULL,
+  created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS upload_parts_of ON upload_parts (upload_id);
 """
 # After the migrations: they may index columns an old database only has once migrated.
 INDEXES = """

@@ -165,6 +165,12 @@ class FileStore:
             raise
         return record
 
+    def check_room(self, project: str, adding: int, quota: FileQuota) -> None:
+        """QuotaExceededError now where a file of `adding` bytes would not fit (an upload
+        in parts is told before its parts are sent; its commit checks again)."""
+        with self.db.transaction() as cur:
+            _check_quota(cur, project, adding, quota)
+
     def discard(self, staged: StagedUpload) -> None:
         staged.path.unlink(missing_ok=True)
 
