@@ -29,6 +29,7 @@ from genserve.api import (
     stored_completions,
     tokenize,
     uploads,
+    usage,
 )
 from genserve.api.auth import KeyStore
 from genserve.api.http_metrics import HttpMetrics, RouteLabels
@@ -84,7 +85,7 @@ ROUTERS = (
     models.router, registry.router, embeddings.router, scoring.router, completions.router,
     chat.router, stored_completions.router, responses.router, conversations.router,
     tokenize.router, files.router, uploads.router, fine_tuning.router, batches.router,
-    playground.router,
+    usage.router, playground.router,
 )  # fmt: skip
 
 

@@ -42,6 +42,7 @@ from genserve.runtime.errors import DomainError, NotReady, Overloaded
 from genserve.runtime.generation import collect, generate
 from genserve.runtime.runtime import Runtime
 from genserve.storage.batches import BatchRecord, Progress, new_batch_id
+from genserve.storage.usage import Used
 
 router = APIRouter()
 
@@ -99,7 +100,10 @@ async def handle(rt: Runtime, call: BatchCall) -> BatchReply:
     """One line, answered as its online call would be: 200 and its body, or the error's
     status and OpenAI's error body. A full engine or a model still loading is retried."""
     try:
-        return await ROUTES[call.endpoint](rt, call.project, call.body)
+        reply = await ROUTES[call.endpoint](rt, call.project, call.body)
+        if rt.usage is not None:  # a batch's lines count for its project, under no key
+            rt.usage.add(batch_used(call.endpoint, reply), call.project, None, batch=True)
+        return reply
     except ValidationError as e:
         err = validation_error(e.errors())
     except (Overloaded, NotReady) as e:
@@ -109,6 +113,15 @@ async def handle(rt: Runtime, call: BatchCall) -> BatchReply:
     except APIError as e:
         err = e
     return BatchReply(err.status, err.body())
+
+
+def batch_used(endpoint: str, reply: BatchReply) -> Used:
+    """A line's usage record, from its answer (cached tokens where its usage names them)."""
+    usage = reply.body.get("usage") or {}
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    kind = "embeddings" if endpoint == "/v1/embeddings" else "completions"
+    return Used(kind, str(reply.body.get("model", "")), reply.input_tokens, reply.output_tokens,
+                int(details.get("cached_tokens") or 0))  # fmt: skip
 
 
 def batch_handler(rt: Runtime) -> Callable[[BatchCall], Awaitable[BatchReply]]:

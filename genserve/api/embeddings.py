@@ -12,8 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from genserve.api.auth import principal
 from genserve.api.errors import bad_request
 from genserve.api.models import runtime_of
+from genserve.api.stream import account
 from genserve.runtime.models import EmbeddingModel
 from genserve.runtime.runtime import Runtime
+from genserve.storage.usage import Used
 
 router = APIRouter()
 MAX_INPUTS = 2048
@@ -63,7 +65,9 @@ def encode(vector: list[float], fmt: str) -> list[float] | str:
 
 @router.post("/v1/embeddings")
 async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict:
-    return await embeddings(runtime_of(request), principal(request).project, body)
+    answer = await embeddings(runtime_of(request), principal(request).project, body)
+    account(request, Used("embeddings", answer["model"], answer["usage"]["prompt_tokens"]))
+    return answer
 
 
 async def embeddings(rt: Runtime, project: str, body: EmbeddingRequest) -> dict:

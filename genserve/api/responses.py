@@ -47,7 +47,7 @@ from genserve.api.responses_wire import (
     wants_logprobs,
 )
 from genserve.api.sampling import apply_defaults, sampling_params
-from genserve.api.stream import first_event, spend_tokens
+from genserve.api.stream import account, first_event, used
 from genserve.api.structured import RESPONSE_FORMAT, Constraint, output_constraint
 from genserve.api.tools import RESPONSES_PARAMS, named_choice, tools_request
 from genserve.runtime.errors import DomainError, Unavailable
@@ -64,6 +64,7 @@ from genserve.runtime.runtime import Runtime
 from genserve.runtime.tokens import TokenText
 from genserve.runtime.tools import ToolsRequest
 from genserve.storage.responses import RUNNING, ResponseStore, StoredResponse
+from genserve.storage.usage import Used
 
 __all__ = ["StreamState", "close_all", "router", "step"]  # the events' module, re-exported
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ def grammar_param(constraint: Constraint | None) -> str:
     return constraint.param
 
 
-async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tuple[dict, int]:
+async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tuple[dict, Used]:
     """Run a prepared response to its end and store it (when asked): (the Response object,
     the tokens it cost). What the route answers; callers without HTTP (batches) use it too."""
     done = await collect(generate(p.rt, p.request), disconnected)
@@ -216,7 +217,7 @@ async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tupl
     )
     obj = response_object(envelope(s, p.body), status, output_items(choice, p.namer()), use)
     save(p, obj)
-    return obj, s.prompt_tokens + done.completion_tokens
+    return obj, used(done)
 
 
 @router.post("/v1/responses")
@@ -228,8 +229,8 @@ async def create_response(body: ResponsesRequest, request: Request):
         events = generate(prepared.rt, prepared.request)
         started = await first_event(events)
         return EventSourceResponse(stream(request, prepared, started, events), sep="\n")
-    obj, tokens = await respond(prepared, request.is_disconnected)
-    spend_tokens(request, tokens)
+    obj, cost = await respond(prepared, request.is_disconnected)
+    account(request, cost)
     return JSONResponse(obj)
 
 
@@ -272,7 +273,8 @@ async def stream(
             yield st.event("error", code=err.code, message=err.message, param=err.param)
             return
         finally:
-            spend_tokens(http, started.prompt_tokens + st.completion_tokens)
+            account(http, Used("completions", started.model, started.prompt_tokens,
+                               st.completion_tokens, st.cached_tokens))  # fmt: skip
     for frame in close_all(st, st.status):
         yield frame
     use = usage(started.prompt_tokens, st.completion_tokens, st.cached_tokens, st.reasoning_tokens)
@@ -290,7 +292,7 @@ async def start_background(http: Request, p: Prepared) -> Response:
     started = await first_event(events)
     st = StreamState(envelope(started, p.body), p.namer())
     context = p.context + p.items
-    run = Run(st, store, started.prompt_tokens, context, lambda n: spend_tokens(http, n))
+    run = Run(st, store, started.prompt_tokens, context, lambda cost: account(http, cost))
     if (conversation := p.conversation) is not None:
         run.on_output = lambda output: join(p.rt, p.project, conversation, p.items + output)
     row = StoredResponse(st.env.id, p.project, st.env.created_at, run.snapshot(), p.items, context)

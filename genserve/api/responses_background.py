@@ -33,6 +33,7 @@ from genserve.api.responses_wire import response_object, usage
 from genserve.runtime.errors import DomainError, InvalidRequest, Overloaded
 from genserve.runtime.generation import ChoiceDelta, Event
 from genserve.storage.responses import EVENTS_FLUSH_EVERY, ResponseStore, StoredEvent
+from genserve.storage.usage import Used
 
 log = logging.getLogger(__name__)
 Frame = dict  # one SSE event: {"event": its type, "data": its JSON}
@@ -49,7 +50,7 @@ class Run:
     store: ResponseStore
     prompt_tokens: int
     context: list[dict]  # the chain's items and this input: its output joins them at the end
-    on_end: Callable[[int], None]  # called once, with the tokens it cost
+    on_end: Callable[[Used], None]  # called once, with the tokens it cost
     # Called with its output once it has completed or is incomplete (not when it failed or
     # was cancelled): its conversation's turn.
     on_output: Callable[[list[dict]], None] | None = None
@@ -133,7 +134,9 @@ class Run:
         finally:
             self.done = True
             self.wake.set()
-            self.on_end(self.prompt_tokens + self.st.completion_tokens)
+            st = self.st
+            self.on_end(Used("completions", st.env.model, self.prompt_tokens,
+                             st.completion_tokens, st.cached_tokens))  # fmt: skip
 
 
 async def follow(run: Run, after: int) -> AsyncIterator[Frame]:

@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Request as HTTPRequest
 from sse_starlette import EventSourceResponse
 
+from genserve.api.auth import principal
 from genserve.api.errors import http_error
 from genserve.runtime.errors import DomainError
-from genserve.runtime.generation import ChoiceDelta, Event, Started
+from genserve.runtime.generation import ChoiceDelta, Collected, Event, Started
+from genserve.storage.usage import Used
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,24 @@ def usage(
     }
 
 
-def spend_tokens(http: HTTPRequest, tokens: int) -> None:
-    """Count a finished request's tokens against its API key's tokens-per-minute."""
+def account(http: HTTPRequest, used: Used) -> None:
+    """A finished request's tokens: against its API key's tokens-per-minute, and in the usage
+    ledger (its project, key and model; /v1/organization/usage/...)."""
     edge = http.app.state.edge
     caller = http.scope.get("state", {}).get("caller")
     if edge.keys is not None and caller is not None:
-        (edge.limits or edge.keys).spend(caller, tokens)
+        (edge.limits or edge.keys).spend(caller, used.input_tokens + used.output_tokens)
+    ledger = http.app.state.runtime.usage
+    if ledger is not None:
+        who = principal(http)
+        ledger.add(used, who.project, who.key_id)
+
+
+def used(done: Collected) -> Used:
+    """A collected generation's usage record."""
+    s = done.started
+    return Used("completions", s.model, s.prompt_tokens, done.completion_tokens,
+                done.cached_tokens)  # fmt: skip
 
 
 async def first_event(events: AsyncIterator[Event]) -> Started:
@@ -68,11 +82,13 @@ async def first_event(events: AsyncIterator[Event]) -> Started:
 def sse_response(
     http: HTTPRequest,
     events: AsyncIterator[Event],
+    model: str,
     prompt_tokens: int,
     first_frames: list[Frame],
     to_frame: Callable[[ChoiceDelta], Frame | None],
     # (completion tokens, each choice's cached prompt tokens) -> the usage frame
     usage_frame: Callable[[int, dict[int, int]], Frame] | None,
+    served_from_cache: Callable[[dict[int, int]], int] = lambda c: 0,  # Started.cached_tokens
 ) -> EventSourceResponse:
     """Stream frames; the client going away closes the events, which aborts the requests."""
 
@@ -95,7 +111,8 @@ def sse_response(
                 yield _frame(http_error(e).body())
                 return
             finally:  # what was generated counts against the key, even for a client that left
-                spend_tokens(http, prompt_tokens + sum(completion_tokens.values()))
+                total, hits = sum(completion_tokens.values()), served_from_cache(cached)
+                account(http, Used("completions", model, prompt_tokens, total, hits))
         if usage_frame is not None:
             yield _frame(usage_frame(sum(completion_tokens.values()), cached))
         yield b"data: [DONE]\n\n"

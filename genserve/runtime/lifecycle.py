@@ -28,6 +28,7 @@ from genserve.storage.jobs import JobStore
 from genserve.storage.models import ModelStore
 from genserve.storage.responses import ResponseStore
 from genserve.storage.uploads import UploadStore
+from genserve.storage.usage import FLUSH_S, UsageLedger
 from genserve.training.manager import JobManager
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ async def start_fine_tuning(rt: Runtime) -> None:
             device=config.training.device or config.model.device,
         )  # fmt: skip
         rt.files, rt.uploads = files, uploads
+        rt.usage = UsageLedger(rt.database)
+        rt.chores.append(asyncio.create_task(flush_usage(rt.usage)))
         rt.fine_tuning = manager
         rt.on_adapter_deleted.append(manager.on_adapter_deleted)
         rt.on_model_served.append(manager.on_model_served)
@@ -223,8 +226,23 @@ async def start_batches(rt: Runtime) -> None:
     await rt.batches.start()
 
 
+async def flush_usage(usage: UsageLedger) -> None:
+    """Write the usage counted in memory to the store every FLUSH_S seconds."""
+    while True:
+        await asyncio.sleep(FLUSH_S)
+        try:
+            await asyncio.to_thread(usage.flush)
+        except Exception:  # noqa: BLE001 - kept in memory, written at the next flush
+            log.exception("writing token usage failed")
+
+
 async def stop_fine_tuning(rt: Runtime) -> None:
     if rt.fine_tuning is not None:
         await rt.fine_tuning.stop()
+    if rt.usage is not None:
+        try:
+            rt.usage.flush()  # the requests drained before this: their counts are whole
+        except Exception:  # noqa: BLE001 - the store may be what failed
+            log.exception("writing token usage at shutdown failed")
     if rt.database is not None:
         rt.database.close()

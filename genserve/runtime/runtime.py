@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # types only: these modules import the runtime's models thems
     from genserve.storage.db import Database
     from genserve.storage.files import FileStore
     from genserve.storage.uploads import UploadStore
+    from genserve.storage.usage import UsageLedger
     from genserve.training.manager import JobManager, Launcher
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Runtime:
     registry: ModelRegistry | None = None
     files: FileStore | None = None
     uploads: UploadStore | None = None  # files sent in parts (set with files)
+    usage: UsageLedger | None = None  # tokens per minute, project, key and model
     fine_tuning: JobManager | None = None
     storage_error: str | None = None  # why files and jobs are unavailable
     training_launcher: Launcher | None = None  # None: a local subprocess (Ray sets its own)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_NAME = "genserve.db"
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 DEFAULT_PROJECT = "default"  # the owner of rows written before projects existed
 # The columns a database of an older version lacks beyond SCHEMA's CREATE ... IF NOT EXISTS,
 # by the version that brought them: (table, column, declaration). A column already there is
@@ -45,6 +45,8 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
     8: (),
     # Uploads (OpenAI's Uploads API): the uploads and upload_parts tables, new.
     9: (),
+    # Token usage per minute (storage/usage.py): the usage table, new.
+    10: (),
 }
 
 SCHEMA = """
@@ -215,6 +217,21 @@ CREATE TABLE IF NOT EXISTS upload_parts (
   created_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS upload_parts_of ON upload_parts (upload_id);
+-- Token usage (storage/usage.py): one row per minute, kind, project, key ('' for a batch's
+-- lines), model and batch flag, added to as requests end.
+CREATE TABLE IF NOT EXISTS usage (
+  minute INTEGER NOT NULL,
+  kind TEXT NOT NULL,
+  project TEXT NOT NULL,
+  key_id TEXT NOT NULL,
+  model TEXT NOT NULL,
+  batch INTEGER NOT NULL,
+  input_tokens INTEGER NOT NULL,
+  output_tokens INTEGER NOT NULL,
+  cached_tokens INTEGER NOT NULL,
+  requests INTEGER NOT NULL,
+  PRIMARY KEY (minute, kind, project, key_id, model, batch)
+);
 """
 # After the migrations: they may index columns an old database only has once migrated.
 INDEXES = """

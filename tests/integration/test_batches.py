@@ -9,18 +9,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from genserve.api.auth import env_principal
 from tests.conformance import assert_valid
 from tests.server import LiveServer, start_server, wait_until
 
 MODEL = "tiny-llama"
 EMBEDDER = "all-MiniLM-L6-v2"
 A, B = "sk-a", "sk-b"  # two member keys: two projects
+ADMIN = "sk-batch-admin"  # reads the usage API
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 CHAT = "/v1/chat/completions"
 
@@ -45,7 +48,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def serve(tiny_model_dir: Path, logs: Path, data_dir: Path, *extra: str) -> LiveServer:
-    env = {"GENSERVE_API_KEYS": f"{A},{B}"}
+    env = {"GENSERVE_API_KEYS": f"{A},{B}", "GENSERVE_ADMIN_KEYS": ADMIN}
     # 16 slots: a quarter of them (4) run batch work.
     args = ("--max-batch-size", "16", "--max-model-len", "128", "--data-dir", str(data_dir))
     return start_server(tiny_model_dir, logs, *args, *extra, env=env)
@@ -210,7 +213,18 @@ def test_embeddings_batch(srv: LiveServer) -> None:
         assert len(x["response"]["body"]["data"]) == 2
 
 
+def batch_usage(srv: LiveServer) -> tuple[int, int, int]:
+    """The usage API's batch totals for A's project: (input, output, requests)."""
+    params = {"start_time": int(time.time()) - 3600, "batch": "true", "group_by": "project_id"}
+    page = raw(srv, ADMIN).get("/v1/organization/usage/completions", params=params).json()
+    mine = [r for b in page["data"] for r in b["results"]
+            if r["project_id"] == env_principal(A, "member").project]  # fmt: skip
+    return tuple(sum(r[k] for r in mine) for k in ("input_tokens", "output_tokens",
+                                                   "num_model_requests"))  # fmt: skip
+
+
 def test_responses_batch(srv: LiveServer) -> None:
+    before = batch_usage(srv)
     lines = [
         {"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
          "body": {"model": MODEL, "input": f"Say {i}.", "max_output_tokens": 4}}
@@ -218,8 +232,14 @@ def test_responses_batch(srv: LiveServer) -> None:
     ]  # fmt: skip
     done = wait_done(srv, create(srv, lines, "/v1/responses")["id"])
     assert done["status"] == "completed" and done["request_counts"]["completed"] == 2
+    spent = [0, 0, 0]
     for x in lines_of(srv, done["output_file_id"]):
         assert_valid(x["response"]["body"], "Response")
+        use = x["response"]["body"]["usage"]
+        spent = [spent[0] + use["input_tokens"], spent[1] + use["output_tokens"], spent[2] + 1]
+    # The usage API counts each line as a batch request of its project, with its own usage.
+    after = batch_usage(srv)
+    assert [a - b for a, b in zip(after, before, strict=True)] == spent
 
 
 def test_another_projects_batch_is_not_found(srv: LiveServer) -> None:
