@@ -8,29 +8,18 @@ quotas 429; a pending upload's parts survive a restart."""
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import openai
 import pytest
 
 from tests.conformance import assert_valid
+from tests.integration.test_tenants import training_data
 from tests.server import LiveServer, start_server
 
 A, B = "sk-up-a", "sk-up-b"
 MAX_FILE = 256 * 1024
 QUOTA = 400 * 1024  # a project's files together
-
-
-def training_data(n: int) -> bytes:
-    lines = []
-    for i in range(n):
-        messages = [
-            {"role": "user", "content": f"What is {i} + {i}?"},
-            {"role": "assistant", "content": f"{2 * i}"},
-        ]
-        lines.append(json.dumps({"messages": messages}))
-    return ("\n".join(lines) + "\n").encode()
 
 
 def start(tiny_model_dir: Path, root: Path) -> LiveServer:
