@@ -16,10 +16,14 @@ in one order whatever the count, and no seed promises their bits.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger(__name__)
 
 EXPLORE = 32  # steps before another thread count runs one step
 SLOWEST_EXPLORE = 512  # ... after many that it lost by far (its steps cost a lot then)
@@ -27,6 +31,7 @@ FAR = 1.5  # lost by far: its step took this many times the chosen count's time
 CHOSEN_WEIGHT = 0.1  # a chosen count's moving average: steps come often, each noisy
 PROBE_WEIGHT = 0.7  # another count's: its few steps must move its figure quickly
 MARGIN = 0.95  # another count is chosen once its time is below this share of the chosen's
+LOG_EVERY_S = 60.0
 
 
 def counts(most: int) -> tuple[int, ...]:
@@ -43,6 +48,8 @@ class Bucket:
     seconds: dict[int, float] = field(default_factory=dict)
     interval: int = EXPLORE  # steps between two steps on the other count
     wait: int = EXPLORE  # steps left until the next
+    switches: int = 0  # changes of `chosen` since the last log line
+    logged: float = float("-inf")  # time.monotonic() of that line
 
 
 class ThreadGovernor:
@@ -65,6 +72,7 @@ class ThreadGovernor:
 
     def record(self, key: int, threads: int, seconds: float) -> None:
         b = self.buckets[key]
+        was = b.chosen
         last = b.seconds.get(threads)
         if threads != b.chosen and last is not None:  # a step on the other count
             far = seconds > FAR * b.seconds[b.chosen]
@@ -75,6 +83,20 @@ class ThreadGovernor:
         other = self._other(b)
         if other in b.seconds and b.seconds[other] < MARGIN * b.seconds[b.chosen]:
             b.chosen, b.interval, b.wait = other, EXPLORE, EXPLORE
+        if b.chosen != was:
+            self._changed(key, b)
+
+    def _changed(self, key: int, b: Bucket) -> None:
+        """One log line a bucket a minute at most: a machine whose load comes and goes would
+        otherwise log every switch."""
+        b.switches += 1
+        now = time.monotonic()
+        if now - b.logged < LOG_EVERY_S:
+            return
+        ms = ", ".join(f"{n} threads {s * 1e3:.2f} ms" for n, s in sorted(b.seconds.items()))
+        log.info("decode steps of row bucket %d now on %d threads (%s; %d switches since the "
+                 "last line)", key, b.chosen, ms, b.switches)  # fmt: skip
+        b.logged, b.switches = now, 0
 
     def _other(self, b: Bucket) -> int:
         return next((n for n in self.counts if n != b.chosen), b.chosen)

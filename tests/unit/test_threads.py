@@ -114,3 +114,13 @@ def test_runner_free_decodes_on_either_count_agree(quantization: str) -> None:
             out[n] = runner.execute(StepInput((ChunkInput("a", 0, (7,), 17, True, free, 1),)))
             assert runner.threads.seen == [(0, n)]
     assert torch.equal(out[1], out[2])
+
+
+def test_a_switch_is_logged_once_a_minute_at_most(caplog: pytest.LogCaptureFixture) -> None:
+    g = ThreadGovernor(2)
+    with caplog.at_level("INFO", logger="genserve.model.threads"):
+        for _ in range(3):  # load comes and goes: three switches each way
+            run(g, QUIET, 2 * SLOWEST_EXPLORE)
+            run(g, BUSY, 60)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "now on 1 threads" in lines[0], lines
