@@ -51,8 +51,9 @@ CONVERT: dict[str, Callable[[Any], Any]] = {
 }
 # Fields each route sets itself: their wire meaning differs between chat and completions.
 PER_ROUTE = ("max_tokens", "logprobs", "prompt_logprobs", "grammar")
-# Fields no body sets: the runtime settles them from the model (bad_words, tokenized).
-SETTLED = ("bad_words_token_ids",)
+# Fields no body sets: the runtime settles them from the model (bad_words, tokenized; where
+# a reasoning model's grammar starts, from its template and prompt).
+SETTLED = ("bad_words_token_ids", "think_first")
 SHARED = tuple(
     f.name
     for f in fields(SamplingParams)

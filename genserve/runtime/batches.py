@@ -157,7 +157,19 @@ def result_line(custom_id: str, reply: BatchReply) -> str:
         "response": response,
         "error": None,
     }
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    return jsonl_line(record)
+
+
+# Characters that str.splitlines() (and some JSONL readers) take as line breaks and that JSON
+# lets a string hold raw (the others are control characters json escapes): a generated text's
+# U+0085 split an output line in two for a client reading `.text.splitlines()`. Escaped, each
+# line stays one line.
+LINE_BREAKS = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
+def jsonl_line(record: dict) -> str:
+    """One JSONL line: UTF-8 as it is, but no character any reader splits lines at."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).translate(LINE_BREAKS)
 
 
 # -- the runner -------------------------------------------------------------------------------

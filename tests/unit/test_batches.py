@@ -17,6 +17,7 @@ from genserve.runtime.batches import (
     BatchReply,
     BatchRunner,
     parse_lines,
+    result_line,
 )
 from genserve.storage.batches import BatchRecord, BatchStore, new_batch_id
 from genserve.storage.db import open_database
@@ -191,3 +192,13 @@ async def test_a_batch_past_its_window_expires_with_what_finished(tmp_path: Path
     BatchRunner(store, files, handler).create(past)
     done = await finished(store, batch.id)
     assert done.status == "expired" and "expired_at" in done.times and handler.calls == []
+
+
+def test_an_output_line_holds_no_character_a_reader_splits_lines_at() -> None:
+    """A generated text with U+0085 (NEL) or U+2028 stays on its line: `.splitlines()`, which
+    clients read a JSONL file with, split such a line in two (a live batch's output did)."""
+    text = "a\x85b\u2028c\u2029d é \x1c"
+    line = result_line("x", BatchReply(200, {"choices": [{"message": {"content": text}}]}))
+    assert len(line.splitlines()) == 1
+    assert json.loads(line)["response"]["body"]["choices"][0]["message"]["content"] == text
+    assert "é" in line  # UTF-8 as it is otherwise
