@@ -565,6 +565,13 @@ class LlamaRunner:
             return logits
         if (lone := self._lone(step)) is not None:
             return lone
+        if self.threads is None or any(self._invariant(c) for c in step.chunks):
+            return self._eager(step)  # a seeded row's bits may not depend on the thread count
+        with running_on(self.threads.latest):  # as the timed decode steps found best now
+            return self._eager(step)
+
+    def _eager(self, step: StepInput) -> torch.Tensor:
+        """A step through torch's layers (the glued stages for free prompt rows)."""
         self._copy_blocks(step)
         tokens, positions, sample_rows = self._flatten(step)
         plan = self._plan(step, positions)

@@ -61,6 +61,10 @@ class ThreadGovernor:
     def __init__(self, most: int | None = None) -> None:
         self.counts = counts(most if most is not None else torch.get_num_threads())
         self.buckets: dict[int, Bucket] = {}
+        # The count the last timed step's bucket runs on: what the other steps (prompt
+        # chunks, which come too seldom to be timed against each other) take, since a core
+        # taken from them stalls their barriers alike.
+        self.latest = self.counts[0]
 
     def pick(self, key: int) -> int:
         b = self.buckets.setdefault(key, Bucket(chosen=self.counts[0]))
@@ -85,6 +89,7 @@ class ThreadGovernor:
             b.chosen, b.interval, b.wait = other, EXPLORE, EXPLORE
         if b.chosen != was:
             self._changed(key, b)
+        self.latest = b.chosen
 
     def _changed(self, key: int, b: Bucket) -> None:
         """One log line a bucket a minute at most: a machine whose load comes and goes would

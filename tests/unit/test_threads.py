@@ -124,3 +124,31 @@ def test_a_switch_is_logged_once_a_minute_at_most(caplog: pytest.LogCaptureFixtu
             run(g, BUSY, 60)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "now on 1 threads" in lines[0], lines
+
+
+def test_other_steps_take_the_latest_choice_unless_a_row_is_seeded() -> None:
+    """Prompt chunks are not timed against each other (too few): they run on the count the
+    decode steps chose last, as a core taken stalls them alike; a seeded row's step keeps
+    every core, its bits promised whatever the load."""
+    from genserve.model.runner import LlamaRunner
+    from tests.unit.test_hardware import tiny_llama
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one core: nothing to choose")
+    runner = LlamaRunner(tiny_llama(), 2, 64, batch_invariant=False)
+    runner.threads = ThreadGovernor(torch.get_num_threads())
+    runner.threads.latest = 1
+    seen: list[int] = []
+    eager = runner._eager
+
+    def watched(step: StepInput) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return eager(step)
+
+    runner._eager = watched
+    prompt = tuple(range(3, 20))
+    with torch.inference_mode():
+        runner.execute(StepInput((ChunkInput("a", 0, prompt, 0, True, SamplingParams(), 0),)))
+        seeded = SamplingParams(seed=3)
+        runner.execute(StepInput((ChunkInput("b", 1, prompt, 0, True, seeded, 0),)))
+    assert seen == [1, torch.get_num_threads()]
