@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 EXPLORE = 32  # steps before another thread count runs one step
 SLOWEST_EXPLORE = 512  # ... after many that it lost by far (its steps cost a lot then)
 FAR = 1.5  # lost by far: its step took this many times the chosen count's time
-EASED = 0.85  # the chosen count's time fell below this share of it then: try the other soon
 CHOSEN_WEIGHT = 0.1  # a chosen count's moving average: steps come often, each noisy
 PROBE_WEIGHT = 0.7  # another count's: its few steps must move its figure quickly
 MARGIN = 0.95  # another count is chosen once its time is below this share of the chosen's
@@ -49,7 +48,6 @@ class Bucket:
     seconds: dict[int, float] = field(default_factory=dict)
     interval: int = EXPLORE  # steps between two steps on the other count
     wait: int = EXPLORE  # steps left until the next
-    at_probe: float = float("inf")  # the chosen count's time when the other was last tried
     switches: int = 0  # changes of `chosen` since the last log line
     logged: float = float("-inf")  # time.monotonic() of that line
 
@@ -83,13 +81,9 @@ class ThreadGovernor:
         if threads != b.chosen and last is not None:  # a step on the other count
             far = seconds > FAR * b.seconds[b.chosen]
             b.interval = min(2 * b.interval, SLOWEST_EXPLORE) if far else EXPLORE
-            b.wait, b.at_probe = b.interval, b.seconds[b.chosen]
+            b.wait = b.interval
         weight = CHOSEN_WEIGHT if threads == b.chosen else PROBE_WEIGHT
         b.seconds[threads] = seconds if last is None else last + weight * (seconds - last)
-        if threads == b.chosen and b.seconds[threads] < EASED * b.at_probe:
-            # The chosen count got faster than when the other lost: whatever held a core may
-            # have let go, so the other is tried again soon, not after a long back-off.
-            b.interval, b.wait, b.at_probe = EXPLORE, min(b.wait, EXPLORE), b.seconds[threads]
         other = self._other(b)
         if other in b.seconds and b.seconds[other] < MARGIN * b.seconds[b.chosen]:
             b.chosen, b.interval, b.wait = other, EXPLORE, EXPLORE

@@ -152,16 +152,3 @@ def test_other_steps_take_the_latest_choice_unless_a_row_is_seeded() -> None:
         seeded = SamplingParams(seed=3)
         runner.execute(StepInput((ChunkInput("b", 1, prompt, 0, True, seeded, 0),)))
     assert seen == [1, torch.get_num_threads()]
-
-
-def test_when_the_load_goes_the_other_count_is_tried_soon() -> None:
-    """After a long busy spell (the other count backed off to SLOWEST_EXPLORE), the chosen
-    count's own steps getting faster (its core no longer shared) bring the other back within
-    a few EXPLOREs, not a whole back-off."""
-    g = ThreadGovernor(2)
-    run(g, QUIET, 5 * EXPLORE)
-    busy = {2: 16.0, 1: 8.0}  # one core fewer is slowed too, less
-    run(g, busy, 4 * SLOWEST_EXPLORE)
-    assert g.chosen() == {0: 1} and g.buckets[0].interval == SLOWEST_EXPLORE
-    ran = run(g, QUIET, 3 * EXPLORE)
-    assert g.chosen() == {0: 2} and ran[-16:].count(2) >= 15  # back within 3 EXPLOREs
