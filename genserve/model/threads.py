@@ -48,6 +48,7 @@ class Bucket:
     seconds: dict[int, float] = field(default_factory=dict)
     interval: int = EXPLORE  # steps between two steps on the other count
     wait: int = EXPLORE  # steps left until the next
+    warmed: bool = False  # the other count ran one step uncounted: the next is its try
     switches: int = 0  # changes of `chosen` since the last log line
     logged: float = float("-inf")  # time.monotonic() of that line
 
@@ -74,10 +75,22 @@ class ThreadGovernor:
         b.wait -= 1
         return self._other(b) if b.wait <= 0 else b.chosen
 
+    def _warming(self, b: Bucket, threads: int) -> bool:
+        """The first step of a try on the other count, not counted: a thread that slept while
+        the count was lower wakes in it (and its caches are cold), which made every core look
+        slower than it was on an idle machine."""
+        if threads == b.chosen or b.warmed:
+            b.warmed = False
+            return False
+        b.warmed, b.wait = True, 1  # the next step tries it again, counted
+        return True
+
     def record(self, key: int, threads: int, seconds: float) -> None:
         b = self.buckets[key]
         was = b.chosen
         last = b.seconds.get(threads)
+        if last is not None and self._warming(b, threads):
+            return
         if threads != b.chosen and last is not None:  # a step on the other count
             far = seconds > FAR * b.seconds[b.chosen]
             b.interval = min(2 * b.interval, SLOWEST_EXPLORE) if far else EXPLORE

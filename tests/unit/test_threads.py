@@ -41,7 +41,7 @@ def test_quiet_keeps_every_core_and_tries_the_other_rarely() -> None:
     g = ThreadGovernor(2)
     ran = run(g, QUIET, 10 * EXPLORE)
     assert g.chosen() == {0: 2}
-    assert ran.count(1) <= 10 + 1  # each count once to start, then one step in EXPLORE
+    assert ran.count(1) <= 2 * 10 + 1  # once to start, then two steps (a try) in EXPLORE
 
 
 def test_busy_moves_to_one_core_fewer_and_back() -> None:
@@ -49,7 +49,7 @@ def test_busy_moves_to_one_core_fewer_and_back() -> None:
     run(g, QUIET, 5 * EXPLORE)
     ran = run(g, BUSY, 50)
     assert g.chosen() == {0: 1}
-    assert ran[-30:].count(2) <= 1  # it left the stalled count within a few steps
+    assert ran[-30:].count(2) <= 2  # it left the stalled count within a few steps
     run(g, QUIET, 2 * SLOWEST_EXPLORE)
     assert g.chosen() == {0: 2}  # the other count is tried again, found faster, chosen
 
@@ -152,3 +152,17 @@ def test_other_steps_take_the_latest_choice_unless_a_row_is_seeded() -> None:
         seeded = SamplingParams(seed=3)
         runner.execute(StepInput((ChunkInput("b", 1, prompt, 0, True, seeded, 0),)))
     assert seen == [1, torch.get_num_threads()]
+
+
+def test_a_try_waking_a_sleeping_thread_is_not_held_against_it() -> None:
+    """The first step on more threads pays for waking the one that slept (3x here): it is not
+    counted, so an idle machine goes back to every core."""
+    g = ThreadGovernor(2)
+    run(g, BUSY, 100)
+    assert g.chosen() == {0: 1}
+    before = 1
+    for _ in range(2 * SLOWEST_EXPLORE):
+        n = g.pick(0)
+        g.record(0, n, QUIET[n] / 1e3 * (3 if n > before else 1))
+        before = n
+    assert g.chosen() == {0: 2}
