@@ -36,7 +36,7 @@ from genserve.model.hardware import KernelPolicy, ShapePlan
 from genserve.model.llama_math import Rotation, rms_norm, rope, stack_layer
 from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
 from genserve.model.memory import huge_pages, return_freed_memory
-from genserve.model.threads import ThreadGovernor, running_on
+from genserve.model.threads import OtherLoad, ThreadGovernor, running_on
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ class LlamaRunner:
         self.native_decode = self._choose_native_decode()
         # The threads those steps run on, chosen as they run (model/threads.py).
         if adaptive_threads and self.native_decode:
-            self.threads = ThreadGovernor()
+            self.threads = ThreadGovernor(load=OtherLoad())
         if compile_decode:
             self._compile_lone(model)
 

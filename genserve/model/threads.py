@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -29,7 +31,7 @@ EXPLORE = 32  # steps before another thread count runs one step
 SLOWEST_EXPLORE = 512  # ... after many that it lost by far (its steps cost a lot then)
 FAR = 1.5  # lost by far: its step took this many times the chosen count's time
 CHOSEN_WEIGHT = 0.1  # a chosen count's moving average: steps come often, each noisy
-PROBE_WEIGHT = 0.7  # another count's: its few steps must move its figure quickly
+PROBE_WEIGHT = 1.0  # another count's: its latest try is its figure (an old one is stale)
 MARGIN = 0.95  # another count is chosen once its time is below this share of the chosen's
 LOG_EVERY_S = 60.0
 
@@ -38,6 +40,49 @@ def counts(most: int) -> tuple[int, ...]:
     """The thread counts compared: all of them, and one fewer (a core left to whatever else
     runs)."""
     return (most, most - 1) if most > 1 else (most,)
+
+
+class OtherLoad:
+    """How many cores other processes keep busy now: the machine's busy time (/proc/stat)
+    less this process's own (os.times), over the last WINDOW_S. Linux only; None elsewhere.
+
+    Why: on the 2-core Zen 5 VM, with one process spinning in another session, a step tried
+    on both cores took 1.2 s (its barrier waited for the scheduler to give the spinner's core
+    back), and a few such tries a minute cost more than the whole stream gained. So a try on
+    more threads waits until the cores it needs are free of other work."""
+
+    WINDOW_S = 0.25
+
+    def __init__(
+        self, stat: Path = Path("/proc/stat"), clock: Callable[[], float] = time.monotonic,
+        own: Callable[[], float] = lambda: sum(os.times()[:2]),  # this process's CPU seconds
+    ) -> None:  # fmt: skip
+        self.stat, self.clock, self.own = stat, clock, own
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._last = self._sample()  # wall, machine busy, own (s)
+        self._cores: float | None = None
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        try:
+            fields = self.stat.read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        ticks = [int(f) for f in fields]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle, iowait
+        return self.clock(), (sum(ticks[:8]) - idle) / self.tick, self.own()
+
+    def others(self) -> float | None:
+        """Cores busy with other processes' work since the window before, or None."""
+        now = self._sample()
+        if now is None:
+            return None
+        last = self._last
+        if last is None or now[0] - last[0] >= self.WINDOW_S:  # else the last window's figure
+            if last is not None:
+                wall = now[0] - last[0]
+                self._cores = max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / wall)
+            self._last = now
+        return self._cores
 
 
 @dataclass(slots=True)
@@ -59,9 +104,11 @@ class ThreadGovernor:
     core then took 2-8x one on a core fewer), it is tried ever less often, down to once in
     SLOWEST_EXPLORE steps, so trying it costs about 1% whatever the machine does."""
 
-    def __init__(self, most: int | None = None) -> None:
+    def __init__(self, most: int | None = None, load: OtherLoad | None = None) -> None:
         self.counts = counts(most if most is not None else torch.get_num_threads())
         self.buckets: dict[int, Bucket] = {}
+        self.load = load  # None: tries are never held back for other processes' work
+        self.cores = os.cpu_count() or self.counts[0]
         # The count the last timed step's bucket runs on: what the other steps (prompt
         # chunks, which come too seldom to be timed against each other) take, since a core
         # taken from them stalls their barriers alike.
@@ -73,7 +120,19 @@ class ThreadGovernor:
             if n not in b.seconds:
                 return n
         b.wait -= 1
-        return self._other(b) if b.wait <= 0 else b.chosen
+        if b.wait > 0:
+            return b.chosen
+        other = self._other(b)
+        if other > b.chosen and not self._room_for(other):
+            b.wait = EXPLORE  # other work holds the cores it needs: ask again later
+            return b.chosen
+        return other
+
+    def _room_for(self, threads: int) -> bool:
+        """Whether other processes leave `threads` cores to this one (half a core of theirs
+        is the API process and its client, or noise)."""
+        busy = self.load.others() if self.load is not None else None
+        return busy is None or busy <= self.cores - threads + 0.5
 
     def _warming(self, b: Bucket, threads: int) -> bool:
         """The first step of a try on the other count, not counted: a thread that slept while
@@ -95,6 +154,9 @@ class ThreadGovernor:
             far = seconds > FAR * b.seconds[b.chosen]
             b.interval = min(2 * b.interval, SLOWEST_EXPLORE) if far else EXPLORE
             b.wait = b.interval
+            log.debug("bucket %d: %d threads tried, %.2f ms against %d threads' %.2f ms; next "
+                      "try in %d steps", key, threads, seconds * 1e3, b.chosen,
+                      b.seconds[b.chosen] * 1e3, b.interval)  # fmt: skip
         weight = CHOSEN_WEIGHT if threads == b.chosen else PROBE_WEIGHT
         b.seconds[threads] = seconds if last is None else last + weight * (seconds - last)
         other = self._other(b)

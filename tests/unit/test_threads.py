@@ -5,12 +5,21 @@ free decode steps run through it, their logits the same on either count."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model import native
-from genserve.model.threads import EXPLORE, SLOWEST_EXPLORE, ThreadGovernor, counts, running_on
+from genserve.model.threads import (
+    EXPLORE,
+    SLOWEST_EXPLORE,
+    OtherLoad,
+    ThreadGovernor,
+    counts,
+    running_on,
+)
 
 QUIET = {2: 4.0, 1: 5.5}  # ms a step: every core, one fewer
 BUSY = {2: 16.0, 1: 6.5}  # another process on a core: the barriers wait for it
@@ -166,3 +175,48 @@ def test_a_try_waking_a_sleeping_thread_is_not_held_against_it() -> None:
         g.record(0, n, QUIET[n] / 1e3 * (3 if n > before else 1))
         before = n
     assert g.chosen() == {0: 2}
+
+
+class Load:
+    """Other processes' cores, as a test sets them."""
+
+    def __init__(self, busy: float | None) -> None:
+        self.busy = busy
+
+    def others(self) -> float | None:
+        return self.busy
+
+
+def test_more_threads_are_not_tried_while_other_work_holds_the_cores() -> None:
+    """A try on every core while another process spins took 1.2 s on the Zen 5 VM: it waits
+    until the machine has the cores free, then goes back at once."""
+    load = Load(1.0)
+    g = ThreadGovernor(2, load)
+    g.cores = 2
+    run(g, BUSY, 100)
+    assert g.chosen() == {0: 1}
+    assert run(g, BUSY, 4 * SLOWEST_EXPLORE).count(2) == 0  # never tried meanwhile
+    load.busy = 0.2  # the API process and its client: half a core is not a held core
+    ran = run(g, QUIET, 3 * EXPLORE)
+    assert g.chosen() == {0: 2} and ran[-EXPLORE:].count(2) >= EXPLORE - 2
+    load.busy = None  # unknown (not Linux): tried as without a load reading
+    assert ThreadGovernor(2, load).pick(0) == 2
+
+
+def test_other_load_reads_the_machine_less_this_process(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    clock, own = [100.0], [5.0]
+
+    def cpu(busy_ticks: int, idle_ticks: int) -> None:  # user, nice, system, idle, iowait...
+        stat.write_text(f"cpu  {busy_ticks} 0 0 {idle_ticks} 0 0 0 0 0 0\ncpu0 1 2 3 4\n")
+
+    cpu(1000, 5000)
+    load = OtherLoad(stat, clock=lambda: clock[0], own=lambda: own[0])
+    tick = load.tick
+    clock[0] += 2.0  # two seconds: this process used 1.5 s of CPU, the machine 3.5 s
+    own[0] += 1.5
+    cpu(1000 + int(3.5 * tick), 5000 + int(0.5 * tick))
+    assert load.others() == pytest.approx(1.0)  # another process held one core
+    clock[0] += 0.1  # within the window: the last figure
+    assert load.others() == pytest.approx(1.0)
+    assert OtherLoad(tmp_path / "nothing").others() is None  # no /proc/stat: unknown
