@@ -138,7 +138,7 @@ class ThreadGovernor:
         """The first step of a try on the other count, not counted: a thread that slept while
         the count was lower wakes in it (and its caches are cold), which made every core look
         slower than it was on an idle machine."""
-        if threads == b.chosen or b.warmed:
+        if threads <= b.chosen or b.warmed:  # fewer threads wake none
             b.warmed = False
             return False
         b.warmed, b.wait = True, 1  # the next step tries it again, counted
