@@ -567,7 +567,7 @@ class LlamaRunner:
             return lone
         if self.threads is None or any(self._invariant(c) for c in step.chunks):
             return self._eager(step)  # a seeded row's bits may not depend on the thread count
-        with running_on(self.threads.latest):  # as the timed decode steps found best now
+        with running_on(self.threads.untimed()):  # a core fewer while another holds one
             return self._eager(step)
 
     def _eager(self, step: StepInput) -> torch.Tensor:

@@ -109,10 +109,6 @@ class ThreadGovernor:
         self.buckets: dict[int, Bucket] = {}
         self.load = load  # None: tries are never held back for other processes' work
         self.cores = os.cpu_count() or self.counts[0]
-        # The count the last timed step's bucket runs on: what the other steps (prompt
-        # chunks, which come too seldom to be timed against each other) take, since a core
-        # taken from them stalls their barriers alike.
-        self.latest = self.counts[0]
 
     def pick(self, key: int) -> int:
         b = self.buckets.setdefault(key, Bucket(chosen=self.counts[0]))
@@ -127,6 +123,13 @@ class ThreadGovernor:
             b.wait = EXPLORE  # other work holds the cores it needs: ask again later
             return b.chosen
         return other
+
+    def untimed(self) -> int:
+        """The count for steps not timed against each other (prompt chunks: too few, each
+        its own size): one core fewer while other processes hold one, else every core. Not
+        the decode steps' choice: one row is bound by the memory, where a core fewer costs
+        little, a prompt by the multiplies, where it costs half."""
+        return self.counts[0] if self._room_for(self.counts[0]) else self.counts[-1]
 
     def _room_for(self, threads: int) -> bool:
         """Whether other processes leave `threads` cores to this one (half a core of theirs
@@ -164,7 +167,6 @@ class ThreadGovernor:
             b.chosen, b.interval, b.wait = other, EXPLORE, EXPLORE
         if b.chosen != was:
             self._changed(key, b)
-        self.latest = b.chosen
 
     def _changed(self, key: int, b: Bucket) -> None:
         """One log line a bucket a minute at most: a machine whose load comes and goes would

@@ -135,18 +135,18 @@ def test_a_switch_is_logged_once_a_minute_at_most(caplog: pytest.LogCaptureFixtu
     assert len(lines) == 1 and "now on 1 threads" in lines[0], lines
 
 
-def test_other_steps_take_the_latest_choice_unless_a_row_is_seeded() -> None:
-    """Prompt chunks are not timed against each other (too few): they run on the count the
-    decode steps chose last, as a core taken stalls them alike; a seeded row's step keeps
-    every core, its bits promised whatever the load."""
+def test_other_steps_leave_a_core_while_another_process_holds_one_unless_seeded() -> None:
+    """Prompt chunks are not timed against each other (too few): they run on a core fewer
+    while other processes hold a core, as a core taken stalls them alike; a seeded row's step
+    keeps every core, its bits promised whatever the load."""
     from genserve.model.runner import LlamaRunner
     from tests.unit.test_hardware import tiny_llama
 
     if torch.get_num_threads() < 2:
         pytest.skip("one core: nothing to choose")
     runner = LlamaRunner(tiny_llama(), 2, 64, batch_invariant=False)
-    runner.threads = ThreadGovernor(torch.get_num_threads())
-    runner.threads.latest = 1
+    runner.threads = ThreadGovernor(torch.get_num_threads(), Load(1.0))
+    runner.threads.cores = torch.get_num_threads()
     seen: list[int] = []
     eager = runner._eager
 
@@ -156,11 +156,14 @@ def test_other_steps_take_the_latest_choice_unless_a_row_is_seeded() -> None:
 
     runner._eager = watched
     prompt = tuple(range(3, 20))
+    free, seeded = SamplingParams(), SamplingParams(seed=3)
     with torch.inference_mode():
-        runner.execute(StepInput((ChunkInput("a", 0, prompt, 0, True, SamplingParams(), 0),)))
-        seeded = SamplingParams(seed=3)
+        runner.execute(StepInput((ChunkInput("a", 0, prompt, 0, True, free, 0),)))
         runner.execute(StepInput((ChunkInput("b", 1, prompt, 0, True, seeded, 0),)))
-    assert seen == [1, torch.get_num_threads()]
+        runner.threads.load = Load(0.1)  # the other process has gone: every core again
+        runner.execute(StepInput((ChunkInput("c", 0, prompt, 0, True, free, 0),)))
+    every = torch.get_num_threads()
+    assert seen == [every - 1, every, every]
 
 
 def test_a_try_waking_a_sleeping_thread_is_not_held_against_it() -> None:
