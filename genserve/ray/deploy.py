@@ -504,9 +504,13 @@ def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
     - the Batch API, stored chat completions and conversations: each engine replica has a
       store of its own, so a batch would not find its input file (it is the control
       replica's), a stored completion would be listed by one replica in N, and a response in a
-      conversation would see the items of the replica it landed on only."""
+      conversation would see the items of the replica it landed on only; and the usage API
+      (each engine replica counts its own requests in its own store: a report would hold one
+      replica's share)."""
     if req.path.startswith("/v1/batches"):
         return _refused("the Batch API is not served under Ray Serve yet; run it on one node")
+    if req.path.startswith("/v1/organization/usage"):  # each replica counts its own requests
+        return _refused("the usage API is not served under Ray Serve yet; see /metrics")
     if req.path == "/v1/conversations" or req.path.startswith("/v1/conversations/"):
         return _refused("conversations are not served under Ray Serve yet; run them on one node")
     if req.path.startswith("/v1/responses") and req.json_field("conversation") is not None:

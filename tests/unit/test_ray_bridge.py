@@ -114,6 +114,7 @@ def test_what_needs_one_store_is_refused_under_ray() -> None:
         request("/v1/chat/completions", method="GET"),
         request("/v1/chat/completions/chatcmpl-1", {"metadata": {}}),
         request("/v1/chat/completions/chatcmpl-1/messages", method="GET"),
+        request("/v1/organization/usage/completions", method="GET"),
     ]
     for req in refused:
         err = unsupported_on_ray(req)
