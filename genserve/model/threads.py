@@ -2,10 +2,10 @@
 
 Why: a decode step's kernels meet at a barrier after every linear (some 150 a step), so a
 core that another process takes for a moment stops every thread of the step until it is given
-back. On a 2-core machine with two niced test runs beside it, one int8 stream on both cores
-fell to 10-25 tok/s while the same server on one thread kept 100-116: the scheduler's slices
-are milliseconds, the barriers tens of microseconds apart. On an idle machine both cores are
-faster. Which is faster depends on what else runs at the moment, so it is measured as it
+back. On the 2-core Zen 5 VM, beside one process spinning in another session, one int8 stream
+on both cores fell to 1-5 tok/s, while on one core it kept 100-130 (bench/contention.py): the
+scheduler's slices are milliseconds, the barriers tens of microseconds apart. On an idle
+machine both cores are faster. Which is faster depends on what else runs at the moment, so it is measured as it
 runs: each row bucket keeps a moving average of its step time per thread count, runs the
 fastest, and every EXPLORE steps runs one step on another count to keep that one's figure
 current. A wrong choice corrects itself within a few steps, since the chosen count is timed
@@ -108,7 +108,9 @@ class ThreadGovernor:
         self.counts = counts(most if most is not None else torch.get_num_threads())
         self.buckets: dict[int, Bucket] = {}
         self.load = load  # None: tries are never held back for other processes' work
-        self.cores = os.cpu_count() or self.counts[0]
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or self.counts[0]
+        )
 
     def pick(self, key: int) -> int:
         b = self.buckets.setdefault(key, Bucket(chosen=self.counts[0]))
@@ -184,7 +186,7 @@ class ThreadGovernor:
         return next((n for n in self.counts if n != b.chosen), b.chosen)
 
     def chosen(self) -> dict[int, int]:
-        """Each bucket's thread count now (for the log and /metrics)."""
+        """Each bucket's thread count now."""
         return {k: b.chosen for k, b in self.buckets.items()}
 
 
