@@ -5,12 +5,12 @@ core that another process takes for a moment stops every thread of the step unti
 back. On the 2-core Zen 5 VM, beside one process spinning in another session, one int8 stream
 on both cores fell to 1-5 tok/s, while on one core it kept 100-130 (bench/contention.py): the
 scheduler's slices are milliseconds, the barriers tens of microseconds apart. On an idle
-machine both cores are faster. Which is faster depends on what else runs at the moment, so it is measured as it
-runs: each row bucket keeps a moving average of its step time per thread count, runs the
-fastest, and every EXPLORE steps runs one step on another count to keep that one's figure
-current. A wrong choice corrects itself within a few steps, since the chosen count is timed
-on every step. Free rows only (LlamaRunner._native): their kernels sum each row on one thread
-in one order whatever the count, and no seed promises their bits.
+machine both cores are faster. Which is faster depends on what else runs at the moment, so
+it is measured as it runs: each row bucket keeps a moving average of its step time per
+thread count, runs the faster, and now and then runs a step on the other count to keep that
+one's figure current. A wrong choice corrects itself within a few steps, since the chosen
+count is timed on every step. Free rows only (LlamaRunner._native): their kernels sum each
+row on one thread in one order whatever the count, and no seed promises their bits.
 """
 
 from __future__ import annotations
