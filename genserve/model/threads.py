@@ -108,8 +108,10 @@ class ThreadGovernor:
         self.counts = counts(most if most is not None else torch.get_num_threads())
         self.buckets: dict[int, Bucket] = {}
         self.load = load  # None: tries are never held back for other processes' work
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or self.counts[0]
+        self.cores = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or self.counts[0])
         )
 
     def pick(self, key: int) -> int:
