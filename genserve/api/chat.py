@@ -19,7 +19,7 @@ from genserve.api.schemas import (
     TemplateFields,
     plain_messages,
 )
-from genserve.api.stream import account, first_event, sse_response, usage, used
+from genserve.api.stream import account, collected_use, first_event, sse_response, usage
 from genserve.api.structured import RESPONSE_FORMAT, Constraint, output_constraint
 from genserve.api.tools import (
     chat_tools,
@@ -180,7 +180,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             events = stored.kept(events, started, keep)
         return stream_chat(request, body, started, events)
     done = await collect(events, request.is_disconnected)
-    account(request, used(done))
+    account(request, collected_use(done))
     return JSONResponse(keep(done))
 
 
@@ -272,5 +272,4 @@ def stream_chat(http: Request, body: ChatCompletionRequest, started: Started, ev
         return {**base, "choices": [], "usage": counts}
 
     usage_fn = usage_frame if include_usage else None
-    return sse_response(http, events, started.model, started.prompt_tokens, first, frame,
-                        usage_fn, started.cached_tokens)  # fmt: skip
+    return sse_response(http, events, started, first, frame, usage_fn)

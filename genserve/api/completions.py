@@ -14,7 +14,7 @@ from genserve.api.logprobs import completion_logprobs, namer, prompt_logprobs
 from genserve.api.models import runtime_of
 from genserve.api.sampling import apply_defaults, check_prompt_logprobs, sampling_params
 from genserve.api.schemas import CompletionRequest as Body
-from genserve.api.stream import account, first_event, sse_response, usage, used
+from genserve.api.stream import account, collected_use, first_event, sse_response, usage
 from genserve.api.structured import RESPONSE_FORMAT, output_constraint
 from genserve.engine.types import INTERACTIVE, TokenLogprob
 from genserve.runtime.generation import (
@@ -86,7 +86,7 @@ async def create_completion(body: Body, request: Request):
         started = await first_event(events)
         return stream_completion(request, body, started, events)
     done = await collect(events, request.is_disconnected)
-    account(request, used(done))
+    account(request, collected_use(done))
     return JSONResponse(text_completion(body, done))
 
 
@@ -185,5 +185,4 @@ def stream_completion(http: Request, body: Body, started: Started, events):  # n
         return {**base, "choices": [], "usage": counts}
 
     usage_fn = usage_frame if include_usage else None
-    return sse_response(http, events, started.model, started.prompt_tokens, first, frame,
-                        usage_fn, started.cached_tokens)  # fmt: skip
+    return sse_response(http, events, started, first, frame, usage_fn)

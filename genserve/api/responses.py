@@ -47,7 +47,7 @@ from genserve.api.responses_wire import (
     wants_logprobs,
 )
 from genserve.api.sampling import apply_defaults, sampling_params
-from genserve.api.stream import account, first_event, used
+from genserve.api.stream import account, collected_use, first_event, used
 from genserve.api.structured import RESPONSE_FORMAT, Constraint, output_constraint
 from genserve.api.tools import RESPONSES_PARAMS, named_choice, tools_request
 from genserve.runtime.errors import DomainError, Unavailable
@@ -217,7 +217,7 @@ async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tupl
     )
     obj = response_object(envelope(s, p.body), status, output_items(choice, p.namer()), use)
     save(p, obj)
-    return obj, used(done)
+    return obj, collected_use(done)
 
 
 @router.post("/v1/responses")
@@ -273,8 +273,7 @@ async def stream(
             yield st.event("error", code=err.code, message=err.message, param=err.param)
             return
         finally:
-            account(http, Used("completions", started.model, started.prompt_tokens,
-                               st.completion_tokens, st.cached_tokens))  # fmt: skip
+            account(http, used(started, st.completion_tokens, st.cached_tokens))
     for frame in close_all(st, st.status):
         yield frame
     use = usage(started.prompt_tokens, st.completion_tokens, st.cached_tokens, st.reasoning_tokens)

@@ -61,11 +61,14 @@ def account(http: HTTPRequest, used: Used) -> None:
         ledger.add(used, who.project, who.key_id)
 
 
-def used(done: Collected) -> Used:
-    """A collected generation's usage record."""
-    s = done.started
-    return Used("completions", s.model, s.prompt_tokens, done.completion_tokens,
-                done.cached_tokens)  # fmt: skip
+def used(started: Started, completion_tokens: int, cached_tokens: int = 0) -> Used:
+    """A generation's usage record: its prompt's tokens, and what it generated."""
+    return Used("completions", started.model, started.prompt_tokens, completion_tokens,
+                cached_tokens)  # fmt: skip
+
+
+def collected_use(done: Collected) -> Used:
+    return used(done.started, done.completion_tokens, done.cached_tokens)
 
 
 async def first_event(events: AsyncIterator[Event]) -> Started:
@@ -82,13 +85,11 @@ async def first_event(events: AsyncIterator[Event]) -> Started:
 def sse_response(
     http: HTTPRequest,
     events: AsyncIterator[Event],
-    model: str,
-    prompt_tokens: int,
+    started: Started,
     first_frames: list[Frame],
     to_frame: Callable[[ChoiceDelta], Frame | None],
     # (completion tokens, each choice's cached prompt tokens) -> the usage frame
     usage_frame: Callable[[int, dict[int, int]], Frame] | None,
-    served_from_cache: Callable[[dict[int, int]], int] = lambda c: 0,  # Started.cached_tokens
 ) -> EventSourceResponse:
     """Stream frames; the client going away closes the events, which aborts the requests."""
 
@@ -111,8 +112,8 @@ def sse_response(
                 yield _frame(http_error(e).body())
                 return
             finally:  # what was generated counts against the key, even for a client that left
-                total, hits = sum(completion_tokens.values()), served_from_cache(cached)
-                account(http, Used("completions", model, prompt_tokens, total, hits))
+                total = sum(completion_tokens.values())
+                account(http, used(started, total, started.cached_tokens(cached)))
         if usage_frame is not None:
             yield _frame(usage_frame(sum(completion_tokens.values()), cached))
         yield b"data: [DONE]\n\n"

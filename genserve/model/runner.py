@@ -619,6 +619,7 @@ class LlamaRunner:
         return logits
 
     def _native_logits(self, path, x, cos, sin, write, starts, lengths) -> torch.Tensor:  # noqa: ANN001
+        """Built inside the step's thread count: decode.c's Step takes it when made."""
         rows = native.DecodeStep(
             self.native_shape, self.cache_rows, cos[0].float(), sin[0].float(), write, starts,
             lengths,

@@ -73,15 +73,16 @@ class OtherLoad:
 
     def others(self) -> float | None:
         """Cores busy with other processes' work since the window before, or None."""
+        last = self._last
+        if last is not None and self.clock() - last[0] < self.WINDOW_S:
+            return self._cores  # the last window's figure: /proc/stat is read once a window
         now = self._sample()
         if now is None:
             return None
-        last = self._last
-        if last is None or now[0] - last[0] >= self.WINDOW_S:  # else the last window's figure
-            if last is not None:
-                wall = now[0] - last[0]
-                self._cores = max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / wall)
-            self._last = now
+        if last is not None:
+            wall = now[0] - last[0]
+            self._cores = max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / wall)
+        self._last = now
         return self._cores
 
 
