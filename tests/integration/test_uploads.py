@@ -223,3 +223,27 @@ def test_a_pending_upload_survives_a_restart(tiny_model_dir: Path, tmp_path: Pat
         assert not parts_dir.exists()  # a completed upload's parts are gone
     finally:
         live.stop()
+
+
+def test_a_client_leaving_mid_part_stores_nothing(srv: LiveServer) -> None:
+    """A part whose body stops half way (the client went away) is not kept: the upload's
+    bytes stay free for the part sent again, and the server answers the next request."""
+    import socket
+
+    client = api(srv)
+    up = client.uploads.create(bytes=4096, filename="cut.bin", mime_type="application/octet-stream",
+                               purpose="user_data")  # fmt: skip
+    boundary = "cutcutcut"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"; filename=\"d\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            f"POST /v1/uploads/{up.id}/parts HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {A}\r\nContent-Length: {len(head) + 4096 + 64}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode()
+            + head
+            + b"x" * 1000
+        )  # half a part, then gone
+    done = client.uploads.complete(up.id, part_ids=parts(client, up.id, b"y" * 4096))
+    assert client.files.content(done.file.id).read() == b"y" * 4096
