@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from genserve.api.auth import principal, require_admin
 from genserve.api.cards import pending_card, served_card
-from genserve.api.errors import ErrorResponse, model_not_found
+from genserve.api.errors import APIError, ErrorResponse, model_not_found
 from genserve.api.models import runtime_of
 from genserve.api.schemas import ModelSettingsBody, RegisterModelRequest
 from genserve.runtime.models import ModelSettings
@@ -83,6 +83,8 @@ async def delete_model(model_id: str, request: Request) -> dict:
     """Unload a model (admin keys), or delete a fine-tuned one (its adapter): its project's
     keys may; another project's is not found, as OpenAI answers for a model one does not own."""
     rt = runtime_of(request)
+    if (target := rt.resolve_alias(model_id)) != model_id:
+        raise alias_not_deletable(model_id, target)
     spec = rt.adapter(model_id, principal(request).project)
     loaded = model_id in rt.models or model_id in rt.pending or model_id in rt.embedders
     if spec is None and (model_id in rt.adapters or model_id.startswith("ft:") and not loaded):
@@ -94,3 +96,13 @@ async def delete_model(model_id: str, request: Request) -> dict:
     else:
         await rt.delete_adapter(model_id)
     return {"id": model_id, "object": "model", "deleted": True}
+
+
+def alias_not_deletable(alias: str, model_id: str) -> APIError:
+    """DELETE names models by id only: unloading a model through one of its aliases would take
+    every other name with it, which a caller who only knew the alias may not expect."""
+    msg = (
+        f"`{alias}` is an alias of `{model_id}`: unload the model by its id, or drop the alias "
+        f"with PATCH /v1/models/{model_id} and its remaining `aliases`."
+    )
+    return APIError(400, msg, "model", "model_is_alias")

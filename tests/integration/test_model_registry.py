@@ -151,6 +151,13 @@ def test_put_patch_defaults_aliases_and_context(reg_server) -> None:
     a = httpx.post(srv.url + "/v1/completions", json={"model": "main", "prompt": "x"}).json()
     b = httpx.post(srv.url + "/v1/completions", json={"model": "tiny-llama", "prompt": "x"}).json()
     assert a["usage"]["completion_tokens"] <= 3 and a["choices"] == b["choices"]  # greedy
+    # DELETE names a model by its id: through an alias it is a 400 that says which model it
+    # would have unloaded, and nothing is unloaded (it was a bare 404).
+    by_alias = httpx.delete(srv.url + "/v1/models/main")
+    assert by_alias.status_code == 400, by_alias.text
+    err = by_alias.json()["error"]
+    assert err["code"] == "model_is_alias" and "tiny-llama" in err["message"]
+    assert httpx.get(srv.url + "/v1/models/tiny-llama").json()["status"] == "ready"
     r = httpx.patch(srv.url + "/v1/models/tiny-llama", json={"max_context": 32})
     assert r.json()["settings"]["defaults"] == {"temperature": 0, "max_tokens": 3}
     too_long = httpx.post(
