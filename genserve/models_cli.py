@@ -46,13 +46,20 @@ def show(model_id: str, base_url: BaseUrl = DEFAULT_URL, api_key: ApiKey = "") -
 def load(
     ref: Annotated[str, typer.Argument(help="Folder in the models dir, bundled name or hub id.")],
     model_id: Annotated[str | None, typer.Option("--id", help="Its id in the API.")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="A LoRA adapter's base model (default: from its config).")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until it is ready or failed.")] = True,
     base_url: BaseUrl = DEFAULT_URL,
     api_key: ApiKey = "",
 ) -> None:
-    """Register and load a model (POST /v1/models)."""
+    """Register and load a model, or a LoRA adapter folder on a served model (POST /v1/models)."""
     client = Client(base_url, api_key)
-    body = {"model": ref, **({"id": model_id} if model_id else {})}
+    body = {
+        "model": ref,
+        **({"id": model_id} if model_id else {}),
+        **({"base": base} if base else {}),
+    }
     card = _run(lambda: client.call("POST", "/models", json=body))
     path = f"/models/{card['id']}"
     while wait and card.get("status") == "loading":

@@ -7,16 +7,19 @@ delete it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from genserve.api.auth import principal, require_admin
-from genserve.api.cards import pending_card, served_card
-from genserve.api.errors import APIError, ErrorResponse, model_not_found
+from genserve.api.cards import adapter_card, pending_card, served_card
+from genserve.api.errors import APIError, ErrorResponse, bad_request, model_not_found
 from genserve.api.models import runtime_of
 from genserve.api.schemas import ModelSettingsBody, RegisterModelRequest
 from genserve.runtime.models import ModelSettings
+from genserve.runtime.registry import ModelRegistry
 
 
 def to_settings(body: ModelSettingsBody | None, base: ModelSettings | None = None) -> ModelSettings:
@@ -53,8 +56,21 @@ async def register_model(body: RegisterModelRequest, request: Request) -> JSONRe
     require_admin(request, "register models")
     registry = runtime_of(request).model_registry()
     model_id = body.id or Path(body.model).name
+    if body.kind == "lora" or body.kind is None and registry.is_adapter_ref(body.model):
+        return JSONResponse(await register_lora(registry, model_id, body))
+    if body.base is not None:
+        raise bad_request("`base` names the model a LoRA adapter goes on", "base")
     pending = registry.register(model_id, body.model, body.kind, to_settings(body.settings))
     return JSONResponse(pending_card(pending), status_code=202)
+
+
+async def register_lora(registry: ModelRegistry, model_id: str, body: RegisterModelRequest) -> dict:
+    """A LoRA folder: served at once on its base (200, its card); its settings are its base's."""
+    if body.settings is not None:
+        msg = "an adapter takes its base model's settings: set them on the base"
+        raise bad_request(msg, "settings")
+    spec = await registry.register_lora(model_id, body.model, body.base)
+    return {**adapter_card(spec), "status": "ready", "kind": "lora"}
 
 
 @router.put("/v1/models/{model_id:path}", responses=CONFLICT)
@@ -106,3 +122,47 @@ def alias_not_deletable(alias: str, model_id: str) -> APIError:
         f"with PATCH /v1/models/{model_id} and its remaining `aliases`."
     )
     return APIError(400, msg, "model", "model_is_alias")
+
+
+# -- vLLM's runtime LoRA routes ----------------------------------------------------------------
+class LoadLoraBody(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter; the path must lie inside the models directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\w.:/-]+$")]
+    lora_path: Annotated[str, Field(min_length=1, max_length=512)]
+    load_inplace: StrictBool = False  # replace an adapter already served under the name
+    base_model_name: str | None = None  # genserve's: which served model (default: as POST)
+
+
+class UnloadLoraBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=128)]
+    lora_int_id: int | None = None  # vLLM's; names are unique here
+
+
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+async def load_lora_adapter(body: LoadLoraBody, request: Request) -> PlainTextResponse:
+    """What vLLM answers (a line of text), for its users' scripts: POST /v1/models does the
+    same with a model card."""
+    require_admin(request, "load adapters")
+    rt = runtime_of(request)
+    served = rt.adapters.get(body.lora_name)
+    if served is not None and served.project is None and body.load_inplace:
+        await rt.delete_adapter(body.lora_name)
+    registry = rt.model_registry()
+    await registry.register_lora(body.lora_name, body.lora_path, body.base_model_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+async def unload_lora_adapter(body: UnloadLoraBody, request: Request) -> PlainTextResponse:
+    require_admin(request, "unload adapters")
+    rt = runtime_of(request)
+    spec = rt.adapters.get(body.lora_name)
+    if spec is None or spec.project is not None:  # a project's fine-tuned model: DELETE it
+        raise model_not_found(body.lora_name)
+    await rt.delete_adapter(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

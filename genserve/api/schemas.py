@@ -454,5 +454,8 @@ class RegisterModelRequest(BaseModel):
 
     model: Annotated[str, Field(min_length=1, max_length=512)]  # the ref
     id: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\w.:/-]+$")] | None = None
-    kind: Literal["generate", "embed"] | None = None
+    # None: from the folder (a peft adapter_config.json is a LoRA adapter; else config.json's
+    # architectures)
+    kind: Literal["generate", "embed", "lora"] | None = None
     settings: ModelSettingsBody | None = None
+    base: Annotated[str, Field(min_length=1, max_length=128)] | None = None  # a LoRA's model

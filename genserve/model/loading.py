@@ -82,10 +82,7 @@ def resolve_api_ref(ref: str, models_dir: Path) -> Path:
     directory: `outside/evil` is models_dir/outside/evil or the hub's `outside/evil`, and
     nothing else. Symlinks are followed, and must stay inside models_dir too.
     """
-    root = models_dir.resolve()
-    target = (root / ref).resolve()  # an absolute ref replaces root: refused just below
-    if not target.is_relative_to(root):
-        raise OutsideModelsDirError(f"{ref!r} is outside the models directory")
+    root, target = _inside(ref, models_dir)
     if target.is_dir():
         _check_links(target, root, ref)
         if not (target / "config.json").is_file():
@@ -94,6 +91,33 @@ def resolve_api_ref(ref: str, models_dir: Path) -> Path:
     if HUB_ID.match(ref) and not target.exists():
         return _download(ref)
     raise ModelLoadError(f"no model folder {ref!r} in the models directory")
+
+
+def resolve_api_adapter(ref: str, models_dir: Path) -> Path:
+    """The LoRA adapter folder (peft's adapter_config.json) a ref sent through the API names,
+    inside `models_dir` only, by the rules of resolve_api_ref (no hub download: an adapter
+    is served from files the operator put there)."""
+    root, target = _inside(ref, models_dir)
+    if not target.is_dir():
+        raise ModelLoadError(f"no adapter folder {ref!r} in the models directory")
+    _check_links(target, root, ref)
+    if not (target / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{ref!r} has no adapter_config.json: not a peft LoRA folder")
+    return target
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """A peft adapter (adapter_config.json) rather than a whole model (config.json)."""
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def _inside(ref: str, models_dir: Path) -> tuple[Path, Path]:
+    """(the models dir, the path `ref` names), refused when it resolves outside the dir."""
+    root = models_dir.resolve()
+    target = (root / ref).resolve()  # an absolute ref replaces root: refused here
+    if not target.is_relative_to(root):
+        raise OutsideModelsDirError(f"{ref!r} is outside the models directory")
+    return root, target
 
 
 def _check_links(folder: Path, root: Path, ref: str) -> None:

@@ -519,6 +519,8 @@ def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
         req.method != "POST" or req.path != "/v1/chat/completions" or req.json_field("store")
     ):
         return _refused("stored chat completions are not served under Ray Serve yet", "store")
+    if req.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        return _refused("adapters are served at run time only on one node; use --lora-modules")
     if not req.path.startswith("/v1/models") or req.method in ("GET", "HEAD"):
         return None
     model = req.path.removeprefix("/v1/models").lstrip("/")

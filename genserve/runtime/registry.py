@@ -26,13 +26,20 @@ from genserve.runtime.errors import (
     PermissionDenied,
 )
 from genserve.runtime.limits import check_chat_template
-from genserve.runtime.models import EmbeddingModel, ModelSettings, PendingModel, ServedModel
+from genserve.runtime.models import (
+    AdapterSpec,
+    EmbeddingModel,
+    ModelSettings,
+    PendingModel,
+    ServedModel,
+)
 
 if TYPE_CHECKING:
     from genserve.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 GIB = 2**30
+LORA = "lora"  # a record's kind for a LoRA adapter registered through the API
 
 
 class ModelRegistry:
@@ -44,6 +51,9 @@ class ModelRegistry:
         self.budget = budget_bytes(config.model.memory_budget_gb, config.model.device)
         self.used: dict[str, int] = {}  # model id -> estimated bytes
         self._tasks: set[asyncio.Task] = set()
+        self._adapters_loading: set[str] = set()
+        rt.on_model_served.append(self.serve_saved_adapters)
+        rt.on_adapter_deleted.append(self.forget_adapter)
 
     # -- references ---------------------------------------------------------------------------
     def check_ref(self, ref: str) -> str:
@@ -88,6 +98,80 @@ class ModelRegistry:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return pending
+
+    # -- LoRA adapters ----------------------------------------------------------------------
+    async def register_lora(self, model_id: str, ref: str, base: str | None) -> AdapterSpec:
+        """Serve a peft LoRA folder of the models directory beside its base model, now and
+        after a restart (its record names the base). Adapters load in milliseconds: the
+        answer waits for it, and a folder that does not fit the base is a 400 here."""
+        self.check_new_id(model_id)
+        path = self.check_adapter_ref(ref)
+        spec = AdapterSpec(model_id, pick_base(self.rt, path, base), path, int(time.time()))
+        self._adapters_loading.add(model_id)
+        try:
+            await self.rt.register_adapter(spec)
+        except DomainError:
+            raise
+        except Exception as e:  # noqa: BLE001 - what loading it said: the folder's fault
+            msg = f"{ref!r} cannot be served on `{spec.base}`: {e}"
+            raise InvalidRequest(msg, "model", "invalid_adapter") from None
+        finally:
+            self._adapters_loading.discard(model_id)
+        if self.store is not None:
+            self.store.put(model_id, ref, LORA, {"base": spec.base}, from_cli=False)
+        log.info("serving adapter %s (%s) on %s", model_id, ref, spec.base)
+        return spec
+
+    def check_new_id(self, model_id: str) -> None:
+        taken = ids_in_use(self.rt) | aliases_in_use(self.rt, except_of="") | self._adapters_loading
+        if model_id in taken:
+            raise Conflict(f"`{model_id}` is already a model id or alias", "id", "model_exists")
+
+    def check_adapter_ref(self, ref: str) -> Path:
+        from genserve.model.loading import (
+            ModelLoadError,
+            OutsideModelsDirError,
+            resolve_api_adapter,
+        )
+
+        try:
+            return resolve_api_adapter(ref, self.models_dir)
+        except OutsideModelsDirError as e:
+            raise PermissionDenied(str(e), "model", "forbidden_path") from None
+        except ModelLoadError as e:
+            raise InvalidRequest(str(e), "model") from None
+
+    def is_adapter_ref(self, ref: str) -> bool:
+        """Whether a ref names an adapter folder inside the models directory (whatever else
+        it names is checked by the model's own path)."""
+        from genserve.model.loading import is_adapter_folder
+
+        target = (self.models_dir / ref).resolve()
+        return target.is_relative_to(self.models_dir) and is_adapter_folder(target)
+
+    async def serve_saved_adapters(self, base: str | None = None) -> None:
+        """The adapters registered through the API before a restart (or before their base was
+        unloaded), once their base is served; `base`: only those on it."""
+        if self.store is None:
+            return
+        for record in self.store.all():
+            on = record.settings.get("base") if record.kind == LORA else None
+            if on is None or on not in self.rt.models or record.id in self.rt.adapters:
+                continue
+            if base is not None and on != base:
+                continue
+            try:
+                path = self.check_adapter_ref(record.ref)
+                spec = AdapterSpec(record.id, on, path, record.created_at)
+                await self.rt.register_adapter(spec)
+            except Exception:  # noqa: BLE001 - one bad adapter must not stop the others
+                log.exception("could not serve adapter %s again", record.id)
+
+    async def forget_adapter(self, adapter_id: str) -> None:
+        """DELETE of an adapter registered here: not served again after a restart."""
+        record = self.store.get(adapter_id) if self.store is not None else None
+        if record is not None and record.kind == LORA:
+            self.store.delete(adapter_id)
 
     def check_budget(self, model_id: str, need: int) -> None:
         used = sum(v for k, v in self.used.items() if k != model_id)
@@ -197,11 +281,14 @@ class ModelRegistry:
         for record in self.store.all():
             if record.from_cli or record.id in self.rt.models or record.id in self.rt.embedders:
                 continue
+            if record.kind == LORA:  # served once its base is (serve_saved_adapters)
+                continue
             settings = ModelSettings(**record.settings)
             try:
                 self.register(record.id, record.ref, record.kind, settings)
             except DomainError as e:
                 log.error("cannot restore %s: %s", record.id, e.message)
+        await self.serve_saved_adapters()  # those whose base the command line loaded
 
     def adopt(self, model_id: str, ref: str, kind: str, size: int) -> ModelSettings:
         """A model the command line loaded: count its memory, restore its saved settings."""
@@ -311,3 +398,29 @@ def budget_bytes(gib: float | None, device: str = "cpu") -> int:
     import psutil
 
     return int(psutil.virtual_memory().total * 0.8)
+
+
+def pick_base(rt: Runtime, adapter: Path, base: str | None) -> str:
+    """The served model an adapter goes on: the one named, else the one its
+    adapter_config.json's base_model_name_or_path names (a served id, ref or folder name),
+    else the only generative model served."""
+    import json
+
+    if base is not None:
+        base = rt.resolve_alias(base)
+        if base not in rt.models:
+            raise InvalidRequest(f"no base model `{base}` is served", "base", "model_not_found")
+        return base
+    try:
+        named = json.loads((adapter / "adapter_config.json").read_text())
+        wanted = str(named.get("base_model_name_or_path") or "")
+    except (OSError, ValueError, AttributeError):
+        wanted = ""
+    names = Path(wanted).name
+    for served in rt.models.values():
+        if wanted and wanted in (served.id, served.ref) or names and names == served.path.name:
+            return served.id
+    if len(rt.models) == 1:
+        return next(iter(rt.models))
+    msg = "name the model this adapter goes on with `base`: "
+    raise InvalidRequest(msg + f"its base_model_name_or_path {wanted!r} is none served", "base")
