@@ -114,7 +114,10 @@ def is_adapter_folder(folder: Path) -> bool:
 def _inside(ref: str, models_dir: Path) -> tuple[Path, Path]:
     """(the models dir, the path `ref` names), refused when it resolves outside the dir."""
     root = models_dir.resolve()
-    target = (root / ref).resolve()  # an absolute ref replaces root: refused here
+    try:
+        target = (root / ref).resolve()  # an absolute ref replaces root: refused here
+    except (ValueError, OSError) as e:  # a NUL byte, a link loop
+        raise ModelLoadError(f"{ref!r} is not a usable path: {e}") from None
     if not target.is_relative_to(root):
         raise OutsideModelsDirError(f"{ref!r} is outside the models directory")
     return root, target

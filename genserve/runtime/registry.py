@@ -146,7 +146,10 @@ class ModelRegistry:
         it names is checked by the model's own path)."""
         from genserve.model.loading import is_adapter_folder
 
-        target = (self.models_dir / ref).resolve()
+        try:
+            target = (self.models_dir / ref).resolve()
+        except (ValueError, OSError):  # a NUL byte, a link loop: the model's path says so
+            return False
         return target.is_relative_to(self.models_dir) and is_adapter_folder(target)
 
     async def serve_saved_adapters(self, base: str | None = None) -> None:

@@ -99,6 +99,8 @@ def test_vllm_routes_load_replace_and_unload(server: LiveServer, models_root: Pa
         ({"model": "/etc", "kind": "lora"}, 403, "model", "outside the models directory"),
         ({"model": "empty", "kind": "lora"}, 400, "model", "adapter_config.json"),
         ({"model": "nothing-here", "kind": "lora"}, 400, "model", "no adapter folder"),
+        ({"model": "a\u0000b", "kind": "lora"}, 400, "model", "not a usable path"),
+        ({"model": "a\u0000b"}, 400, "model", "not a usable path"),
         ({"model": "pickled"}, 400, "model", "pickle"),
         ({"model": "prefix"}, 400, "model", "only LoRA"),
         ({"model": "a0", "base": "no-such"}, 400, "base", "no-such"),
