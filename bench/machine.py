@@ -36,6 +36,8 @@ class Machine:
     def weight_bytes(self, precision: str) -> float:
         if precision.startswith("llama.cpp-"):  # llama.cpp-q8_0: a GGUF format
             return WEIGHT_BYTES[precision.removeprefix("llama.cpp-")]
+        if precision == "transformers-serve":  # served from the fp32 folder
+            return WEIGHT_BYTES["fp32"]
         precision = precision.split("-")[0]  # fp32-nocache: fp32 weights
         if precision == "auto":
             fast_bf16 = {"amx_bf16", "avx512_bf16"} & set(self.features)

@@ -26,6 +26,8 @@ With --llama-cpp DIR (a llama.cpp tree with llama-server built), the precisions
 llama.cpp-f32, llama.cpp-bf16 and llama.cpp-q8_0 run llama-server on the same weights converted
 to GGUF, under the same load, and each genserve precision is set against its peer (fp32 against
 f32, bf16 and auto against bf16, int8 against q8_0; target: >= 1.0x). See bench/llamacpp.py.
+The precision transformers-serve runs `transformers serve --continuous-batching` on the fp32
+weights, set against fp32 (bench/hf_serve.py).
 
 --device cuda (or auto on a machine with a GPU) runs the transformers baselines on the GPU too
 and starts the server with --device cuda: the ratios then compare like with like there.
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import hf_serve
 import llamacpp
 from common import (
     DEFAULT_MODEL_DIR,
@@ -84,7 +87,8 @@ PRECISION_ARGS = {
     "int8": ("--dtype", "auto", "--quantization", "int8"),
 }
 KNOWN_PRECISIONS = {**PRECISION_ARGS, **{p: (f"llama-server {f} GGUF",)
-                                         for p, f in llamacpp.FORMATS.items()}}  # fmt: skip
+                                         for p, f in llamacpp.FORMATS.items()},
+                    hf_serve.NAME: ("transformers serve --continuous-batching",)}  # fmt: skip
 SAMPLINGS = {
     "greedy": {"temperature": 0},
     "temp": {"temperature": 0.8},
@@ -116,6 +120,7 @@ class BenchConfig:
     long_prompt_rounds: int = 5
     llama_cpp: Path | None = None  # a llama.cpp tree: its llama-server precisions can run
     device: str = "cpu"  # where the baselines run and the server computes: "cpu" or "cuda"
+    unknown_fields: tuple[str, ...] = ()  # request fields the server under test refuses
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,11 +371,12 @@ def request_body(
     cfg: BenchConfig, model_id: str, prompts: PromptSet, i: int, n: int, sampling: str = "greedy"
 ) -> dict:
     prompt: str | list[int] = prompts.texts[i] if cfg.prompt_format == "text" else prompts.ids[i]
-    return {
+    body = {
         "model": model_id, "prompt": prompt, "max_tokens": n, **SAMPLINGS[sampling],
         "stream": True, "stream_options": {"include_usage": True},
         "ignore_eos": True,  # vLLM-style extra field: every request does the same work
     }  # fmt: skip
+    return {k: v for k, v in body.items() if k not in cfg.unknown_fields}
 
 
 def load_client(cfg: BenchConfig, base_url: str) -> aiohttp.ClientSession:
@@ -570,6 +576,8 @@ def run_precision(
     cfg: BenchConfig, prompts: PromptSet, precision: str, long: PromptSet | None = None
 ) -> list[LevelResult]:
     port = free_port()
+    if precision == hf_serve.NAME:
+        cfg = replace(cfg, unknown_fields=hf_serve.UNKNOWN_FIELDS)
     with tempfile.TemporaryDirectory(prefix="genserve-bench-") as tmp:
         server = start_server(cfg, precision, port, Path(tmp) / "server.log")
         try:
@@ -581,6 +589,9 @@ def run_precision(
 
 
 def start_server(cfg: BenchConfig, precision: str, port: int, log_path: Path) -> ServerProcess:
+    if precision == hf_serve.NAME:
+        env = thread_env(cfg.threads)
+        return hf_serve.start(cfg.model_dir, port, cfg.device, env, log_path)
     if precision in llamacpp.FORMATS:
         assert cfg.llama_cpp is not None  # parse_args refuses these without it
         # Each slot holds the longest request it will see: a level's, or the long prompt's.
@@ -665,7 +676,8 @@ def _peer_ratios(report: Report) -> list[Ratio]:
     """Each genserve precision against llama.cpp on its weight format, sampled as clients do,
     at one stream and at the most streams run, when both ran."""
     ratios = []
-    for precision, peer in llamacpp.PEERS.items():
+    pairs = [*llamacpp.PEERS.items(), *hf_serve.PEERS.items()]
+    for precision, peer in pairs:
         for sampling in ("top_p", "temp"):
             ours, theirs = _levels(report, precision, sampling), _levels(report, peer, sampling)
             if ours and theirs:
