@@ -53,10 +53,13 @@ from genserve.ray.bridge import (
 from genserve.ray.shared import (
     Admission,
     ControlLimits,
+    ForwardedLedger,
     MetricsBoard,
     admit_here,
     merge_metrics,
+    record_usage_here,
     report_metrics_forever,
+    send_usage_forever,
     spend_here,
 )
 from genserve.ray.transfer import Folder, pack, unpack
@@ -65,6 +68,7 @@ from genserve.runtime.errors import DomainError
 if TYPE_CHECKING:
     from genserve.api.auth import KeyRecord
     from genserve.runtime.models import AdapterSpec
+    from genserve.storage.usage import UsageRow
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,10 @@ ENGINE, CONTROL, EDGE = "engine", "control", "edge"
 REPLICA_HEADER = b"x-genserve-replica"
 READY_TIMEOUT_S = 900.0  # a replica that has not loaded its model by then is replaced
 ADAPTER_RECHECK_S = 5.0  # how stale an engine replica's view of a deleted adapter may be
-CONTROL_PREFIXES = ("/v1/files", "/v1/uploads", "/v1/fine_tuning", "/v1/models")
+# The usage API reads the shared store, where every engine replica's counts end up.
+CONTROL_PREFIXES = (
+    "/v1/files", "/v1/uploads", "/v1/fine_tuning", "/v1/models", "/v1/organization/usage",
+)  # fmt: skip
 UPLOAD_SLACK = 2**20  # multipart framing around an upload's bytes
 
 
@@ -377,6 +384,11 @@ class EngineReplica(AppReplica):
         self.app.state.edge.limits = ControlLimits(control)
         render = self.app.state.metrics.render
         self._reporter = asyncio.create_task(report_metrics_forever(control, self.name, render))
+        self._usage: ForwardedLedger | None = None
+        if self.runtime.usage is not None:  # its requests count on the control replica
+            self._usage = ForwardedLedger(self.runtime.usage.db)
+            self.runtime.usage = self._usage
+            self._sender = asyncio.create_task(send_usage_forever(control, self._usage))
 
         async def load(model_id: str) -> ServedAdapter:
             return await self._load_adapter(model_id)
@@ -432,9 +444,23 @@ class EngineReplica(AppReplica):
     async def __del__(self) -> None:
         if hasattr(self, "_reporter"):
             self._reporter.cancel()
+        if hasattr(self, "_sender"):
+            self._sender.cancel()
         await AppReplica.__del__(self)
+        await self._send_last_usage()
         shutil.rmtree(self._scratch, ignore_errors=True)
         os.close(self._scratch_lock)
+
+    async def _send_last_usage(self) -> None:
+        """What the requests drained at shutdown counted (the control replica may be going
+        too: then those counts are lost, as a crash loses an unflushed minute on one node)."""
+        usage: ForwardedLedger | None = getattr(self, "_usage", None)
+        if usage is None:
+            return
+        try:
+            await usage.send(self.control)
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s could not send its last token usage: %s", self.name, e)
 
 
 class ControlReplica(AppReplica):
@@ -472,6 +498,10 @@ class ControlReplica(AppReplica):
     def report_metrics(self, replica: str, text: str) -> None:
         self.board.report(replica, text)
 
+    def record_usage(self, rows: list[UsageRow]) -> None:
+        """An engine replica's token usage, for the usage API (answered here)."""
+        record_usage_here(self.runtime.usage, rows)
+
     def metrics_texts(self) -> dict[str, str]:
         """Every live replica's metrics, this one's included."""
         return {**self.board.texts(), self.name: self.app.state.metrics.render().decode()}
@@ -504,13 +534,9 @@ def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
     - the Batch API, stored chat completions and conversations: each engine replica has a
       store of its own, so a batch would not find its input file (it is the control
       replica's), a stored completion would be listed by one replica in N, and a response in a
-      conversation would see the items of the replica it landed on only; and the usage API
-      (each engine replica counts its own requests in its own store: a report would hold one
-      replica's share)."""
+      conversation would see the items of the replica it landed on only."""
     if req.path.startswith("/v1/batches"):
         return _refused("the Batch API is not served under Ray Serve yet; run it on one node")
-    if req.path.startswith("/v1/organization/usage"):  # each replica counts its own requests
-        return _refused("the usage API is not served under Ray Serve yet; see /metrics")
     if req.path == "/v1/conversations" or req.path.startswith("/v1/conversations/"):
         return _refused("conversations are not served under Ray Serve yet; run them on one node")
     if req.path.startswith("/v1/responses") and req.json_field("conversation") is not None:

@@ -114,13 +114,14 @@ def test_what_needs_one_store_is_refused_under_ray() -> None:
         request("/v1/chat/completions", method="GET"),
         request("/v1/chat/completions/chatcmpl-1", {"metadata": {}}),
         request("/v1/chat/completions/chatcmpl-1/messages", method="GET"),
-        request("/v1/organization/usage/completions", method="GET"),
     ]
     for req in refused:
         err = unsupported_on_ray(req)
         assert err is not None and err.status == 400 and err.code == "unsupported_on_ray", req
     for kept in ({"model": "x"}, {"model": "x", "store": False}):
         assert unsupported_on_ray(request("/v1/chat/completions", kept)) is None
+    # every engine replica sends its counts to the control replica, which answers the report
+    assert unsupported_on_ray(request("/v1/organization/usage/completions", method="GET")) is None
 
 
 def test_conversations_are_refused_under_ray() -> None:
@@ -212,9 +213,11 @@ async def test_edge_routes_fine_tuned_models_by_multiplexed_id() -> None:
     await drive(edge, "/v1/completions", {"model": "tiny"})
     await drive(edge, "/v1/fine_tuning/jobs", {"model": "tiny"})
     await drive(edge, "/v1/models", method="GET")
+    await drive(edge, "/v1/organization/usage/embeddings", method="GET")
     ids = [o["multiplexed_model_id"] for o in engine.options_seen]
     assert ids == ["ft:tiny:x:ftjob-1", ""]
-    assert len(control.options_seen) == 2  # jobs and the model list go to the control replica
+    # jobs, the model list and the usage report go to the control replica
+    assert len(control.options_seen) == 3
 
 
 async def test_edge_streams_the_reply_and_drops_the_replicas_request_id() -> None:
