@@ -173,6 +173,67 @@ def test_usage_of_both_replicas_in_one_report(ray_url: str) -> None:
     wait_until(lambda: usage_totals(ray_url) == want, timeout=30, every=0.25)
 
 
+def test_stored_responses_are_found_by_every_replica(ray_url: str) -> None:
+    """Each replica's own store is scratch: stored responses live in the control replica's,
+    so whichever replica answers a GET, a chain or a DELETE finds them."""
+    api = client_for(ray_url)
+
+    def create(i: int) -> tuple[str, str]:
+        raw = api.responses.with_raw_response.create(
+            model=MODEL, input=f"note {i}", max_output_tokens=4, temperature=0
+        )
+        return raw.parse().id, raw.headers[REPLICA]
+
+    with ThreadPoolExecutor(8) as pool:
+        created = list(pool.map(create, range(12)))
+    assert len({r for _, r in created}) == 2, created  # both replicas stored some
+
+    def read(i: int) -> tuple[str, str]:
+        response_id = created[i % len(created)][0]
+        raw = api.responses.with_raw_response.retrieve(response_id)
+        assert raw.parse().id == response_id
+        return response_id, raw.headers[REPLICA]
+
+    with ThreadPoolExecutor(8) as pool:
+        reads = list(pool.map(read, range(24)))
+    stored_by = dict(created)
+    assert any(stored_by[i] != r for i, r in reads), (
+        reads
+    )  # found by a replica that did not store it
+    items = api.responses.input_items.list(created[0][0])
+    assert [i.type for i in items.data] == ["message"]
+
+    # A chain whose links land on either replica: each continues from the one before.
+    first = api.responses.create(model=MODEL, input="a", max_output_tokens=4)
+    previous, hops = first.id, []
+    while len(set(hops)) < 2 and len(hops) < 16:  # until both replicas took a link
+        raw = api.responses.with_raw_response.create(
+            model=MODEL, input=f"and {len(hops)}", previous_response_id=previous,
+            max_output_tokens=4,
+        )  # fmt: skip
+        previous = raw.parse().id
+        hops.append(raw.headers[REPLICA])
+    assert len(set(hops)) == 2, hops
+    tokens = api.responses.input_tokens.count(model=MODEL, input="x", previous_response_id=previous)
+    alone = api.responses.input_tokens.count(model=MODEL, input="x")
+    assert tokens.input_tokens > alone.input_tokens  # the whole chain comes before it
+
+    for response_id, _ in created:
+        assert api.responses.delete(response_id) is None
+    with ThreadPoolExecutor(8) as pool:  # gone for every replica
+        missing = list(pool.map(lambda i: gone(api, created[i % len(created)][0]), range(12)))
+    assert all(missing)
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.responses.create(model=MODEL, input="x", background=True)
+    assert refused.value.code == "unsupported_on_ray"
+
+
+def gone(api: openai.OpenAI, response_id: str) -> bool:
+    with pytest.raises(openai.NotFoundError):
+        api.responses.retrieve(response_id)
+    return True
+
+
 def fine_tune(api: openai.OpenAI) -> tuple[str, str]:
     return ray_cli.fine_tune(api, MODEL, "ray", 24, {"n_epochs": 1}, timeout=120, every=0.25)
 

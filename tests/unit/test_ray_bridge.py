@@ -145,6 +145,25 @@ def test_conversations_are_refused_under_ray() -> None:
     assert unsupported_on_ray(request("/v1/conversationsx", method="GET")) is None
 
 
+def test_stored_responses_are_served_but_background_ones_are_refused_under_ray() -> None:
+    """Stored responses live in the control replica's store (genserve/ray/records.py); a
+    background one runs on the replica that started it, which a cancel or a live stream
+    landing on another would not reach."""
+    err = unsupported_on_ray(request("/v1/responses", {"model": "x", "background": True}))
+    assert err is not None and err.code == "unsupported_on_ray" and err.param == "background"
+    served = [
+        request("/v1/responses", {"model": "x", "input": "hi", "store": True}),
+        request("/v1/responses", {"model": "x", "input": "hi", "background": False}),
+        request("/v1/responses", {"model": "x", "previous_response_id": "resp_1"}),
+        request("/v1/responses/resp_1", method="GET"),
+        request("/v1/responses/resp_1", method="DELETE"),
+        request("/v1/responses/resp_1/input_items", method="GET"),
+        request("/v1/responses/resp_1/cancel", {}),
+    ]
+    for req in served:
+        assert unsupported_on_ray(req) is None, req
+
+
 class FakeStream:
     def __init__(self, items: list, error: Exception | None) -> None:
         self.items = items
