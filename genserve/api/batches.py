@@ -69,7 +69,7 @@ async def _response(rt: Runtime, project: str, raw: dict[str, Any]) -> BatchRepl
     _no_stream(body.stream)
     if body.background:  # a batch line is already run apart from any request
         raise bad_request("`background` is not supported in a batch", "background")
-    prepared = prepare(rt, project, body)
+    prepared = await prepare(rt, project, body)
     prepared.request = replace(prepared.request, priority=BACKGROUND)
     reply, _ = await respond(prepared)
     use = reply.get("usage") or {}

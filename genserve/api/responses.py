@@ -63,7 +63,13 @@ from genserve.runtime.generation import (
 from genserve.runtime.runtime import Runtime
 from genserve.runtime.tokens import TokenText
 from genserve.runtime.tools import ToolsRequest
-from genserve.storage.responses import RUNNING, ResponseStore, StoredResponse
+from genserve.storage.responses import (
+    RUNNING,
+    LocalResponses,
+    ResponseRecords,
+    ResponseStore,
+    StoredResponse,
+)
 from genserve.storage.usage import Used
 
 __all__ = ["StreamState", "close_all", "router", "step"]  # the events' module, re-exported
@@ -77,10 +83,20 @@ def not_found(response_id: str, param: str = "response_id") -> APIError:
 
 
 def store_of(rt: Runtime) -> ResponseStore:
+    """This process's store: where a background response's run writes as it goes."""
     rt.require_ready()
     if rt.database is None:
         raise Unavailable("response storage is unavailable: the database did not open")
     return ResponseStore(rt.database)
+
+
+def records_of(rt: Runtime) -> ResponseRecords:
+    """Where stored responses are read and written: this process's store, or the one the
+    runtime was given (a Ray engine replica's: the control replica's, genserve/ray/records.py)."""
+    if rt.responses is not None:
+        rt.require_ready()
+        return rt.responses
+    return LocalResponses(store_of(rt))
 
 
 def background_of(http: Request) -> BackgroundResponses:
@@ -121,7 +137,7 @@ class Inputs:
         return messages(instructions, self.context + self.items)
 
 
-def inputs(rt: Runtime, project: str, body: ResponseInputs) -> Inputs:
+async def inputs(rt: Runtime, project: str, body: ResponseInputs) -> Inputs:
     """400/404s naming the field: tools, the chain or the conversation, the input items."""
     conversation = body.conversation_id()
     if conversation is not None and body.previous_response_id is not None:
@@ -131,19 +147,19 @@ def inputs(rt: Runtime, project: str, body: ResponseInputs) -> Inputs:
         tool_defs(body.tools), named_choice(body.tool_choice),
         body.parallel_tool_calls, body.format_(), RESPONSES_PARAMS,
     )  # fmt: skip
-    context = chain(rt, project, body.previous_response_id)
+    context = await chain(rt, project, body.previous_response_id)
     items = input_items(body.input) if body.input is not None else []
     if conversation is not None:
         context = context_of(rt, project, conversation, items)
     return Inputs(tools, context, items, conversation)
 
 
-def chain(rt: Runtime, project: str, previous_id: str | None) -> list[dict[str, Any]]:
+async def chain(rt: Runtime, project: str, previous_id: str | None) -> list[dict[str, Any]]:
     """The items a continuation sees before its own; one whose response still runs has no
     output yet to continue from (a 400, as a client racing its background response needs)."""
     if previous_id is None:
         return []
-    previous = store_of(rt).get(previous_id, project)
+    previous = await records_of(rt).get(previous_id, project)
     if previous is None:
         raise not_found(previous_id, "previous_response_id")
     if previous.status in RUNNING:
@@ -168,21 +184,21 @@ def named_as_text_format(e: APIError) -> APIError:
     return e
 
 
-def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
+async def prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
     """400/404s before anything runs: the model, tools, the chain, the input items."""
     try:
-        return _prepare(rt, project, body)
+        return await _prepare(rt, project, body)
     except APIError as e:
         raise named_as_text_format(e) from None
 
 
-def _prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
+async def _prepare(rt: Runtime, project: str, body: ResponsesRequest) -> Prepared:
     target = rt.get(body.model, project)
     apply_defaults(body, target.served.settings.defaults)
     if body.background and body.store is False:  # it is polled and resumed from the store
         raise bad_request("a background response must be stored: drop `store: false`", "store")
     body.response_format = body.format_()
-    given = inputs(rt, project, body)
+    given = await inputs(rt, project, body)
     constraint = output_constraint(body)  # text.format, or vLLM's fields as on chat
     check_constraint_tools(constraint, given.tools)
     grammar = constraint.spec if constraint is not None else None
@@ -216,13 +232,13 @@ async def respond(p: Prepared, disconnected: Disconnected | None = None) -> tupl
         s.prompt_tokens, done.completion_tokens, done.cached_tokens, choice.reasoning_tokens
     )
     obj = response_object(envelope(s, p.body), status, output_items(choice, p.namer()), use)
-    save(p, obj)
+    await save(p, obj)
     return obj, collected_use(done)
 
 
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request):
-    prepared = prepare(runtime_of(request), principal(request).project, body)
+    prepared = await prepare(runtime_of(request), principal(request).project, body)
     if body.background:
         return await start_background(request, prepared)
     if body.stream:
@@ -238,18 +254,19 @@ def envelope(s: Started, body: ResponsesRequest) -> Envelope:
     return Envelope(new_id("resp"), s.created, s.model, body)
 
 
-def save(p: Prepared, obj: dict) -> None:
+async def save(p: Prepared, obj: dict) -> None:
     """A response that ended with an output: its turn joins its conversation (with `store:
     false` too: the conversation is a store the caller asked for), and it is kept if asked."""
     if p.conversation is not None:
         join(p.rt, p.project, p.conversation, p.items + obj["output"])
     if p.body.store is False:
         return
-    if p.rt.database is None:  # answered anyway; retrieving it will say why not
+    if p.rt.responses is None and p.rt.database is None:
+        # answered anyway; retrieving it will say why not
         log.warning("response %s not stored: the database did not open", obj["id"])
         return
     context = p.context + p.items + obj["output"]
-    store_of(p.rt).put(
+    await records_of(p.rt).put(
         StoredResponse(obj["id"], p.project, obj["created_at"], obj, p.items, context)
     )
 
@@ -278,7 +295,7 @@ async def stream(
         yield frame
     use = usage(started.prompt_tokens, st.completion_tokens, st.cached_tokens, st.reasoning_tokens)
     obj = response_object(st.env, st.status, st.output, use)
-    save(prepared, obj)
+    await save(prepared, obj)
     yield st.event(f"response.{st.status}", response=obj)
 
 
@@ -286,6 +303,9 @@ async def stream(
 async def start_background(http: Request, p: Prepared) -> Response:
     """Admit it (its 400s and 429s answer this request), store it `queued`, run it apart from
     this request; answer the queued Response object, or follow its events when streamed."""
+    if p.rt.responses is not None:  # its run, its cancel and its live events are this process's
+        msg = "background responses are not served under Ray Serve yet; run them on one node"
+        raise bad_request(msg, "background", "unsupported_on_ray")
     store = store_of(p.rt)  # a 503 before anything runs when there is nowhere to keep it
     events = generate(p.rt, p.request)
     started = await first_event(events)
@@ -310,26 +330,26 @@ async def start_background(http: Request, p: Prepared) -> Response:
 async def cancel_response(response_id: str, request: Request) -> JSONResponse:
     """Cancel a background response that runs; again, and it answers the cancelled one.
     One that ended otherwise, or that was not created in the background, is a 400."""
-    store, project = store_of(runtime_of(request)), principal(request).project
-    found = stored(store, response_id, project)
+    store, project = records_of(runtime_of(request)), principal(request).project
+    found = await stored(store, response_id, project)
     if not found.background:
         msg = "Cannot cancel a synchronous response: only responses created with "
         raise bad_request(msg + "`background: true` can be cancelled.", "response_id")
     run = background_of(request).live(response_id)
     if run is not None:
         await background_of(request).cancel(run)
-        found = stored(store, response_id, project)
+        found = await stored(store, response_id, project)
     if found.status in RUNNING:  # nothing runs it here any more (its end was not stored)
-        store.update(response_id, found.body | {"status": "cancelled"})
-        found = stored(store, response_id, project)
+        await store.update(response_id, project, found.body | {"status": "cancelled"})
+        found = await stored(store, response_id, project)
     if found.status != "cancelled":
         article = "an" if found.status[0] in "aeiou" else "a"  # an incomplete one
         raise bad_request(f"Cannot cancel {article} {found.status} response.", "response_id")
     return JSONResponse(found.body)
 
 
-def stored(store: ResponseStore, response_id: str, project: str) -> StoredResponse:
-    found = store.get(response_id, project)
+async def stored(store: ResponseRecords, response_id: str, project: str) -> StoredResponse:
+    found = await store.get(response_id, project)
     if found is None:
         raise not_found(response_id)
     return found
@@ -350,8 +370,8 @@ async def retrieve_response(
 ) -> Response:
     """The Response object (a running one as it stands); with `stream`, a background
     response's events after `starting_after`, then the live ones until it ends."""
-    store = store_of(runtime_of(request))
-    found = stored(store, response_id, principal(request).project)
+    store, project = records_of(runtime_of(request)), principal(request).project
+    found = await stored(store, response_id, project)
     run = background_of(request).live(response_id) if found.background else None
     if not stream:
         return JSONResponse(run.snapshot() if run is not None else found.body)
@@ -359,19 +379,21 @@ async def retrieve_response(
         msg = "only a response created with `background: true` can be streamed again"
         raise bad_request(msg, "stream")
     after = -1 if starting_after is None else starting_after
-    events = follow(run, after) if run is not None else frames_of(replay(store, response_id, after))
-    return EventSourceResponse(events, sep="\n")
+    if run is not None:
+        return EventSourceResponse(follow(run, after), sep="\n")
+    ended = await store.events_after(response_id, project, after)
+    return EventSourceResponse(frames_of(replay(ended)), sep="\n")
 
 
 @router.delete("/v1/responses/{response_id}")
 async def delete_response(response_id: str, request: Request) -> JSONResponse:
     """A background response still running is cancelled first (its run would write it)."""
-    store, project = store_of(runtime_of(request)), principal(request).project
-    stored(store, response_id, project)
+    store, project = records_of(runtime_of(request)), principal(request).project
+    await stored(store, response_id, project)
     run = background_of(request).live(response_id)
     if run is not None:
         await background_of(request).cancel(run)
-    if not store.delete(response_id, project):
+    if not await store.delete(response_id, project):
         raise not_found(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
@@ -385,7 +407,7 @@ async def count_input_tokens(body: InputTokensRequest, request: Request) -> JSON
     rt, project = runtime_of(request), principal(request).project
     target = rt.get(body.model, project)
     try:
-        given = inputs(rt, project, body)
+        given = await inputs(rt, project, body)
     except APIError as e:
         raise named_as_text_format(e) from None
     history = given.history(body.instructions)
@@ -405,7 +427,7 @@ async def list_input_items(
     order: Literal["asc", "desc"] = "desc",
     after: str | None = None,
 ) -> JSONResponse:
-    found = store_of(runtime_of(request)).get(response_id, principal(request).project)
+    found = await records_of(runtime_of(request)).get(response_id, principal(request).project)
     if found is None:
         raise not_found(response_id)
     items = found.input_items if order == "asc" else found.input_items[::-1]

@@ -152,9 +152,9 @@ async def follow(run: Run, after: int) -> AsyncIterator[Frame]:
         await wake.wait()
 
 
-def replay(store: ResponseStore, response_id: str, after: int) -> list[Frame]:
-    """An ended response's stored events numbered after `after`."""
-    return [{"event": e.type, "data": e.data} for e in store.events_after(response_id, after)]
+def replay(events: Sequence[StoredEvent]) -> list[Frame]:
+    """An ended response's stored events, as frames."""
+    return [{"event": e.type, "data": e.data} for e in events]
 
 
 def failure(e: DomainError) -> dict:

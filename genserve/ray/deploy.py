@@ -15,8 +15,9 @@
   that node, so the store never moves. Each training run is a Ray task (genserve.ray.training)
   on whichever node has the CPUs; its inputs and results travel through Ray's object store.
 - No filesystem is shared: engine replicas get a private scratch data dir (under their node's
-  TMPDIR) and fetch an adapter's files from the control replica into it. Rate limits and
-  /metrics are kept once for the deployment through the control replica (genserve.ray.shared).
+  TMPDIR) and fetch an adapter's files from the control replica into it. Rate limits,
+  /metrics and token usage are kept once for the deployment through the control replica
+  (genserve.ray.shared), and so are stored Responses (genserve.ray.records).
 """
 
 from __future__ import annotations
@@ -50,21 +51,27 @@ from genserve.ray.bridge import (
     read_body,
     reply_error,
 )
+from genserve.ray.records import RemoteResponses, ResponseCall, answer
 from genserve.ray.shared import (
     Admission,
     ControlLimits,
+    ForwardedLedger,
     MetricsBoard,
     admit_here,
     merge_metrics,
+    record_usage_here,
     report_metrics_forever,
+    send_usage_forever,
     spend_here,
 )
 from genserve.ray.transfer import Folder, pack, unpack
 from genserve.runtime.errors import DomainError
+from genserve.storage.responses import ResponseStore
 
 if TYPE_CHECKING:
     from genserve.api.auth import KeyRecord
     from genserve.runtime.models import AdapterSpec
+    from genserve.storage.usage import UsageRow
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +79,12 @@ APP_NAME = "genserve"
 ENGINE, CONTROL, EDGE = "engine", "control", "edge"
 REPLICA_HEADER = b"x-genserve-replica"
 READY_TIMEOUT_S = 900.0  # a replica that has not loaded its model by then is replaced
+LAST_USAGE_SEND_S = 0.5  # an engine replica's last send of token usage, at shutdown
 ADAPTER_RECHECK_S = 5.0  # how stale an engine replica's view of a deleted adapter may be
-CONTROL_PREFIXES = ("/v1/files", "/v1/uploads", "/v1/fine_tuning", "/v1/models")
+# The usage API reads the shared store, where every engine replica's counts end up.
+CONTROL_PREFIXES = (
+    "/v1/files", "/v1/uploads", "/v1/fine_tuning", "/v1/models", "/v1/organization/usage",
+)  # fmt: skip
 UPLOAD_SLACK = 2**20  # multipart framing around an upload's bytes
 
 
@@ -375,8 +386,14 @@ class EngineReplica(AppReplica):
         self.control = control
         self._checked: dict[str, float] = {}
         self.app.state.edge.limits = ControlLimits(control)
+        self.runtime.responses = RemoteResponses(control)  # stored where every replica finds it
         render = self.app.state.metrics.render
         self._reporter = asyncio.create_task(report_metrics_forever(control, self.name, render))
+        self._usage: ForwardedLedger | None = None
+        if self.runtime.usage is not None:  # its requests count on the control replica
+            self._usage = ForwardedLedger(self.runtime.usage.db)
+            self.runtime.usage = self._usage
+            self._sender = asyncio.create_task(send_usage_forever(control, self._usage))
 
         async def load(model_id: str) -> ServedAdapter:
             return await self._load_adapter(model_id)
@@ -432,9 +449,25 @@ class EngineReplica(AppReplica):
     async def __del__(self) -> None:
         if hasattr(self, "_reporter"):
             self._reporter.cancel()
+        if hasattr(self, "_sender"):
+            self._sender.cancel()
         await AppReplica.__del__(self)
+        await self._send_last_usage()
         shutil.rmtree(self._scratch, ignore_errors=True)
         os.close(self._scratch_lock)
+
+    async def _send_last_usage(self) -> None:
+        """What the requests drained at shutdown counted (the control replica may be going
+        too: then those counts are lost, as a crash loses an unflushed minute on one node)."""
+        usage: ForwardedLedger | None = getattr(self, "_usage", None)
+        if usage is None:
+            return
+        try:
+            # Bounded: a handle's call to a control replica already stopped waits for a new
+            # one that never comes, and would hold this replica's shutdown.
+            await asyncio.wait_for(usage.send(self.control), LAST_USAGE_SEND_S)
+        except Exception as e:  # noqa: BLE001 - a timeout too
+            log.warning("%s could not send its last token usage: %r", self.name, e)
 
 
 class ControlReplica(AppReplica):
@@ -472,6 +505,20 @@ class ControlReplica(AppReplica):
     def report_metrics(self, replica: str, text: str) -> None:
         self.board.report(replica, text)
 
+    async def response_call(self, call: ResponseCall) -> Any:  # noqa: ANN401 - per operation
+        """An engine replica's operation on stored responses, in the one shared store (on a
+        thread: each is a SQLite transaction, and this replica's loop serves every other)."""
+        if self.runtime.database is None:
+            raise RuntimeError(
+                f"the control replica's store did not open: {self.runtime.storage_error}"
+            )
+        store = ResponseStore(self.runtime.database)
+        return await asyncio.to_thread(answer, store, call)
+
+    def record_usage(self, rows: list[UsageRow]) -> None:
+        """An engine replica's token usage, for the usage API (answered here)."""
+        record_usage_here(self.runtime.usage, rows)
+
     def metrics_texts(self) -> dict[str, str]:
         """Every live replica's metrics, this one's included."""
         return {**self.board.texts(), self.name: self.app.state.metrics.render().decode()}
@@ -504,15 +551,17 @@ def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
     - the Batch API, stored chat completions and conversations: each engine replica has a
       store of its own, so a batch would not find its input file (it is the control
       replica's), a stored completion would be listed by one replica in N, and a response in a
-      conversation would see the items of the replica it landed on only; and the usage API
-      (each engine replica counts its own requests in its own store: a report would hold one
-      replica's share)."""
+      conversation would see the items of the replica it landed on only;
+    - background responses: their run lives on the engine replica that started it, and a
+      cancel or a live stream landing on another would not reach it (stored responses
+      themselves are kept in the control replica's store: genserve/ray/records.py)."""
     if req.path.startswith("/v1/batches"):
         return _refused("the Batch API is not served under Ray Serve yet; run it on one node")
-    if req.path.startswith("/v1/organization/usage"):  # each replica counts its own requests
-        return _refused("the usage API is not served under Ray Serve yet; see /metrics")
     if req.path == "/v1/conversations" or req.path.startswith("/v1/conversations/"):
         return _refused("conversations are not served under Ray Serve yet; run them on one node")
+    if req.path == "/v1/responses" and req.method == "POST" and req.json_field("background"):
+        # its run, its cancel and its live events belong to the engine replica it started on
+        return _refused("background responses are not served under Ray Serve yet", "background")
     if req.path.startswith("/v1/responses") and req.json_field("conversation") is not None:
         return _refused("conversations are not served under Ray Serve yet", "conversation")
     if req.path.startswith("/v1/chat/completions") and (

@@ -1,5 +1,6 @@
 """What the replicas of a Ray deployment share through the control replica, since each runs its
-own copy of the app: one rate-limit window per key, and the metrics of every replica.
+own copy of the app: one rate-limit window per key, the metrics of every replica, and the
+token usage the usage API reports.
 
 - Rate limits: an engine replica verifies the key itself, then asks the control replica (one
   replica, pinned) to count the request in the key's window (`ControlLimits.admit`), so a key
@@ -7,6 +8,10 @@ own copy of the app: one rate-limit window per key, and the metrics of every rep
 - Metrics: each replica reports its Prometheus text to the control replica every
   METRICS_REPORT_S; the edge answers /metrics with all of them merged, each sample labelled
   with its replica. A replica gone quiet for METRICS_STALE_S is dropped from the merge.
+- Usage: an engine replica counts its requests' tokens in memory as one node does
+  (`ForwardedLedger`), and every USAGE_SEND_S sends the counts to the control replica, whose
+  ledger writes them to the shared store; the usage API is answered there. A failed send keeps
+  its counts for the next one, as a failed flush does.
 
 No Ray import here: the control replica's handle is passed in.
 """
@@ -26,11 +31,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from genserve.api.auth import Caller, KeyRecord, KeyStore, Principal
 from genserve.api.errors import APIError
+from genserve.storage.usage import UsageLedger, UsageRow, as_rows
 
 log = logging.getLogger(__name__)
 
 METRICS_REPORT_S = 1.0  # how stale the edge's /metrics may be
 METRICS_STALE_S = 30.0  # a replica not heard from for this long is gone
+USAGE_SEND_S = 1.0  # how far the usage API may lag an engine replica's requests
 REPLICA_LABEL = "replica"
 
 
@@ -145,3 +152,47 @@ def merge_metrics(texts: dict[str, str]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(list(families.values())))
     return generate_latest(registry)
+
+
+# --- usage -----------------------------------------------------------------------------------
+
+
+class ForwardedLedger(UsageLedger):
+    """An engine replica's usage ledger: requests add to it as on one node; its counts go to
+    the control replica (`send`), never to the replica's scratch store."""
+
+    def flush(self) -> int:
+        """Nothing to write here: the periodic flush and the one at shutdown leave the counts
+        in memory for `send` (the replica's own store is scratch, read by no usage report)."""
+        return 0
+
+    async def send(self, control: Any) -> int:  # noqa: ANN401 - a Serve deployment handle
+        """Hand the counts gathered since the last send to the control replica; how many rows.
+        A send that fails (or is cancelled) keeps them for the next one."""
+        rows = as_rows(self.take())
+        if not rows:
+            return 0
+        try:
+            await control.record_usage.remote(rows)
+        except BaseException:
+            self.merge(rows)
+            raise
+        return len(rows)
+
+
+def record_usage_here(ledger: UsageLedger | None, rows: list[UsageRow]) -> None:
+    """On the control replica: an engine replica's counts join this ledger's, written at its
+    next flush (every FLUSH_S, and before any usage report is read)."""
+    if ledger is None:  # the sender keeps its counts and tries again
+        raise RuntimeError("the control replica has no usage store (its storage failed)")
+    ledger.merge(rows)
+
+
+async def send_usage_forever(control: Any, ledger: ForwardedLedger) -> None:  # noqa: ANN401
+    """An engine replica's background task: its usage to the control replica, periodically."""
+    while True:
+        await asyncio.sleep(USAGE_SEND_S)
+        try:
+            await ledger.send(control)
+        except Exception as e:  # noqa: BLE001 - control restarting: kept for the next send
+            log.warning("could not send token usage to the control replica: %s", e)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # types only: these modules import the runtime's models thems
     from genserve.runtime.registry import ModelRegistry
     from genserve.storage.db import Database
     from genserve.storage.files import FileStore
+    from genserve.storage.responses import ResponseRecords
     from genserve.storage.uploads import UploadStore
     from genserve.storage.usage import UsageLedger
     from genserve.training.manager import JobManager, Launcher
@@ -73,6 +74,9 @@ class Runtime:
     files: FileStore | None = None
     uploads: UploadStore | None = None  # files sent in parts (set with files)
     usage: UsageLedger | None = None  # tokens per minute, project, key and model
+    # Stored responses kept elsewhere (a Ray engine replica's: the control replica's store);
+    # None: this process's database.
+    responses: ResponseRecords | None = None
     fine_tuning: JobManager | None = None
     storage_error: str | None = None  # why files and jobs are unavailable
     training_launcher: Launcher | None = None  # None: a local subprocess (Ray sets its own)

@@ -10,6 +10,11 @@ A background response is written when it is created (status `queued`) and again 
 its events are written in batches while it runs (EVENTS_FLUSH_EVERY) and the rest with its end.
 A server that stops without finishing one (a crash, a kill) leaves it `queued`/`in_progress`:
 `fail_unfinished` marks it failed at the next start.
+
+The API's handlers reach the store through `ResponseRecords`, awaited: on one node (and on a
+Ray deployment's control replica) `LocalResponses` calls this store directly, as before; a Ray
+engine replica's implementation awaits the control replica's store instead
+(genserve/ray/records.py), so a response stored by one replica is found by every other.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from genserve.storage.db import Database
 
@@ -143,6 +149,45 @@ class ResponseStore:
                 event = StoredEvent(seq, "response.failed", json.dumps(data))
                 _insert_events(cur, row["id"], [event])
         return [row["id"] for row in rows]
+
+
+class ResponseRecords(Protocol):
+    """Stored responses as the API's handlers use them. Every call names the caller's project:
+    a response of another project reads as missing, wherever the store is."""
+
+    async def get(self, response_id: str, project: str) -> StoredResponse | None: ...
+
+    async def put(self, r: StoredResponse, events: Sequence[StoredEvent] = ()) -> None: ...
+
+    async def update(self, response_id: str, project: str, body: dict) -> None: ...
+
+    async def delete(self, response_id: str, project: str) -> bool: ...
+
+    async def events_after(self, response_id: str, project: str, seq: int) -> list[StoredEvent]: ...
+
+
+class LocalResponses:
+    """ResponseRecords over this process's store, called on the event loop as the handlers
+    always have (each call is one short SQLite transaction). The handlers read a response of
+    their project before they update it or read its events: those two need no check here."""
+
+    def __init__(self, store: ResponseStore) -> None:
+        self.store = store
+
+    async def get(self, response_id: str, project: str) -> StoredResponse | None:
+        return self.store.get(response_id, project)
+
+    async def put(self, r: StoredResponse, events: Sequence[StoredEvent] = ()) -> None:
+        self.store.put(r, events)
+
+    async def update(self, response_id: str, project: str, body: dict) -> None:
+        self.store.update(response_id, body)
+
+    async def delete(self, response_id: str, project: str) -> bool:
+        return self.store.delete(response_id, project)
+
+    async def events_after(self, response_id: str, project: str, seq: int) -> list[StoredEvent]:
+        return self.store.events_after(response_id, seq)
 
 
 def _insert_events(cur, response_id: str, events: Sequence[StoredEvent]) -> None:  # noqa: ANN001

@@ -76,10 +76,26 @@ class UsageLedger:
             c.cached_tokens += used.cached_tokens
             c.requests += 1
 
-    def flush(self) -> int:
-        """Add the counts gathered since the last flush to the table; how many rows."""
+    def take(self) -> dict[Key, Counts]:
+        """The counts gathered since the last take, removed from memory."""
         with self._lock:
             pending, self._pending = self._pending, {}
+        return pending
+
+    def merge(self, rows: Sequence[UsageRow]) -> None:
+        """Add counts gathered elsewhere (a failed flush's, another replica's) to memory: the
+        next flush writes them with what came meanwhile."""
+        with self._lock:
+            for row in rows:
+                mine = self._pending.setdefault(row.key, Counts())
+                mine.input_tokens += row.counts.input_tokens
+                mine.output_tokens += row.counts.output_tokens
+                mine.cached_tokens += row.counts.cached_tokens
+                mine.requests += row.counts.requests
+
+    def flush(self) -> int:
+        """Add the counts gathered since the last flush to the table; how many rows."""
+        pending = self.take()
         if not pending:
             return 0
         try:
@@ -98,13 +114,7 @@ class UsageLedger:
                          c.input_tokens, c.output_tokens, c.cached_tokens, c.requests),
                     )  # fmt: skip
         except BaseException:
-            with self._lock:  # kept for the next flush, added to what came meanwhile
-                for k, c in pending.items():
-                    mine = self._pending.setdefault(k, Counts())
-                    mine.input_tokens += c.input_tokens
-                    mine.output_tokens += c.output_tokens
-                    mine.cached_tokens += c.cached_tokens
-                    mine.requests += c.requests
+            self.merge(as_rows(pending))  # kept for the next flush
             raise
         return len(pending)
 
@@ -131,3 +141,7 @@ def _row(r) -> UsageRow:  # noqa: ANN001 - a sqlite3.Row
               bool(r["batch"]))  # fmt: skip
     return UsageRow(key, Counts(r["input_tokens"], r["output_tokens"], r["cached_tokens"],
                                 r["requests"]))  # fmt: skip
+
+
+def as_rows(pending: dict[Key, Counts]) -> list[UsageRow]:
+    return [UsageRow(k, c) for k, c in pending.items()]

@@ -1,8 +1,9 @@
 """genserve on Ray Serve: a local Ray (3 CPUs, small object store) started here, 2 engine
 replicas behind the edge. Requests spread over both (the x-genserve-replica header), the
-official client works unchanged, a fine-tuned model trained through the API (as a Ray task) is
-served by the engine replicas through Serve's multiplexing, and a replica killed under load is
-replaced while the client's retries succeed."""
+official client works unchanged, the usage API reports both replicas' requests in one report,
+a fine-tuned model trained through the API (as a Ray task) is served by the engine replicas
+through Serve's multiplexing, and a replica killed under load is replaced while the client's
+retries succeed."""
 
 from __future__ import annotations
 
@@ -129,6 +130,108 @@ def test_official_client_unchanged(ray_url: str) -> None:
     assert len({text for text, _ in results}) == 1
     with pytest.raises(openai.NotFoundError):
         api.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+
+
+def usage_totals(url: str) -> tuple[int, int, int]:
+    """(requests, input tokens, output tokens) of the last hour's completions, as the usage API
+    reports them (no keys here: the local caller is the admin)."""
+    params = {"start_time": int(time.time()) - 3600, "bucket_width": "1d"}
+    got = httpx.get(url + "/v1/organization/usage/completions", params=params, timeout=30)
+    assert got.status_code == 200, got.text
+    assert got.headers[REPLICA].startswith("control#")  # the one store that has them all
+    rows = [r for b in got.json()["data"] for r in b["results"]]
+    return tuple(sum(r[k] for r in rows) for k in ("num_model_requests", "input_tokens",
+                                                    "output_tokens"))  # fmt: skip
+
+
+def test_usage_of_both_replicas_in_one_report(ray_url: str) -> None:
+    api = client_for(ray_url)
+    last: list[tuple] = []
+
+    def settled() -> tuple | None:  # what earlier tests counted has all been sent
+        last.append(usage_totals(ray_url))
+        return last[-1] if len(last) > 1 and last[-1] == last[-2] else None
+
+    before = wait_until(settled, timeout=30, every=1.5)  # 1.5 s > USAGE_SEND_S
+
+    def one(i: int) -> tuple[str, int, int]:
+        raw = api.completions.with_raw_response.create(
+            model=MODEL, prompt=f"usage {i}:", max_tokens=4
+        )
+        usage = raw.parse().usage
+        return raw.headers[REPLICA], usage.prompt_tokens, usage.completion_tokens
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(16)))
+    assert len({r for r, _, _ in answers}) == 2, answers  # both replicas counted some
+    want = (
+        before[0] + len(answers),
+        before[1] + sum(i for _, i, _ in answers),
+        before[2] + sum(o for _, _, o in answers),
+    )
+    # Each engine replica sends its counts every USAGE_SEND_S: the report has them soon.
+    wait_until(lambda: usage_totals(ray_url) == want, timeout=30, every=0.25)
+
+
+def test_stored_responses_are_found_by_every_replica(ray_url: str) -> None:
+    """Each replica's own store is scratch: stored responses live in the control replica's,
+    so whichever replica answers a GET, a chain or a DELETE finds them."""
+    api = client_for(ray_url)
+
+    def create(i: int) -> tuple[str, str]:
+        raw = api.responses.with_raw_response.create(
+            model=MODEL, input=f"note {i}", max_output_tokens=4, temperature=0
+        )
+        return raw.parse().id, raw.headers[REPLICA]
+
+    with ThreadPoolExecutor(8) as pool:
+        created = list(pool.map(create, range(12)))
+    assert len({r for _, r in created}) == 2, created  # both replicas stored some
+
+    def read(i: int) -> tuple[str, str]:
+        response_id = created[i % len(created)][0]
+        raw = api.responses.with_raw_response.retrieve(response_id)
+        assert raw.parse().id == response_id
+        return response_id, raw.headers[REPLICA]
+
+    with ThreadPoolExecutor(8) as pool:
+        reads = list(pool.map(read, range(24)))
+    stored_by = dict(created)
+    assert any(stored_by[i] != r for i, r in reads), (
+        reads
+    )  # found by a replica that did not store it
+    items = api.responses.input_items.list(created[0][0])
+    assert [i.type for i in items.data] == ["message"]
+
+    # A chain whose links land on either replica: each continues from the one before.
+    first = api.responses.create(model=MODEL, input="a", max_output_tokens=4)
+    previous, hops = first.id, []
+    while len(set(hops)) < 2 and len(hops) < 16:  # until both replicas took a link
+        raw = api.responses.with_raw_response.create(
+            model=MODEL, input=f"and {len(hops)}", previous_response_id=previous,
+            max_output_tokens=4,
+        )  # fmt: skip
+        previous = raw.parse().id
+        hops.append(raw.headers[REPLICA])
+    assert len(set(hops)) == 2, hops
+    tokens = api.responses.input_tokens.count(model=MODEL, input="x", previous_response_id=previous)
+    alone = api.responses.input_tokens.count(model=MODEL, input="x")
+    assert tokens.input_tokens > alone.input_tokens  # the whole chain comes before it
+
+    for response_id, _ in created:
+        assert api.responses.delete(response_id) is None
+    with ThreadPoolExecutor(8) as pool:  # gone for every replica
+        missing = list(pool.map(lambda i: gone(api, created[i % len(created)][0]), range(12)))
+    assert all(missing)
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.responses.create(model=MODEL, input="x", background=True)
+    assert refused.value.code == "unsupported_on_ray"
+
+
+def gone(api: openai.OpenAI, response_id: str) -> bool:
+    with pytest.raises(openai.NotFoundError):
+        api.responses.retrieve(response_id)
+    return True
 
 
 def fine_tune(api: openai.OpenAI) -> tuple[str, str]:

@@ -114,13 +114,14 @@ def test_what_needs_one_store_is_refused_under_ray() -> None:
         request("/v1/chat/completions", method="GET"),
         request("/v1/chat/completions/chatcmpl-1", {"metadata": {}}),
         request("/v1/chat/completions/chatcmpl-1/messages", method="GET"),
-        request("/v1/organization/usage/completions", method="GET"),
     ]
     for req in refused:
         err = unsupported_on_ray(req)
         assert err is not None and err.status == 400 and err.code == "unsupported_on_ray", req
     for kept in ({"model": "x"}, {"model": "x", "store": False}):
         assert unsupported_on_ray(request("/v1/chat/completions", kept)) is None
+    # every engine replica sends its counts to the control replica, which answers the report
+    assert unsupported_on_ray(request("/v1/organization/usage/completions", method="GET")) is None
 
 
 def test_conversations_are_refused_under_ray() -> None:
@@ -142,6 +143,25 @@ def test_conversations_are_refused_under_ray() -> None:
     assert unsupported_on_ray(request("/v1/responses", {"model": "x", "input": "hi"})) is None
     assert unsupported_on_ray(request("/v1/responses", {"conversation": None})) is None
     assert unsupported_on_ray(request("/v1/conversationsx", method="GET")) is None
+
+
+def test_stored_responses_are_served_but_background_ones_are_refused_under_ray() -> None:
+    """Stored responses live in the control replica's store (genserve/ray/records.py); a
+    background one runs on the replica that started it, which a cancel or a live stream
+    landing on another would not reach."""
+    err = unsupported_on_ray(request("/v1/responses", {"model": "x", "background": True}))
+    assert err is not None and err.code == "unsupported_on_ray" and err.param == "background"
+    served = [
+        request("/v1/responses", {"model": "x", "input": "hi", "store": True}),
+        request("/v1/responses", {"model": "x", "input": "hi", "background": False}),
+        request("/v1/responses", {"model": "x", "previous_response_id": "resp_1"}),
+        request("/v1/responses/resp_1", method="GET"),
+        request("/v1/responses/resp_1", method="DELETE"),
+        request("/v1/responses/resp_1/input_items", method="GET"),
+        request("/v1/responses/resp_1/cancel", {}),
+    ]
+    for req in served:
+        assert unsupported_on_ray(req) is None, req
 
 
 class FakeStream:
@@ -212,9 +232,11 @@ async def test_edge_routes_fine_tuned_models_by_multiplexed_id() -> None:
     await drive(edge, "/v1/completions", {"model": "tiny"})
     await drive(edge, "/v1/fine_tuning/jobs", {"model": "tiny"})
     await drive(edge, "/v1/models", method="GET")
+    await drive(edge, "/v1/organization/usage/embeddings", method="GET")
     ids = [o["multiplexed_model_id"] for o in engine.options_seen]
     assert ids == ["ft:tiny:x:ftjob-1", ""]
-    assert len(control.options_seen) == 2  # jobs and the model list go to the control replica
+    # jobs, the model list and the usage report go to the control replica
+    assert len(control.options_seen) == 3
 
 
 async def test_edge_streams_the_reply_and_drops_the_replicas_request_id() -> None:
