@@ -11,13 +11,18 @@ bench/throughput.py does), against a live server with prefix caching on, it prin
 2. chats whose history grows 60 tokens a turn: TTFT of each of 6 turns, the median over 5
    chats (6th / 1st);
 3. 16 concurrent requests sharing a new system prompt (never seen before, so the first one
-   computes it): p50 TTFT, then the same against a server started with --no-prefix-caching.
+   computes it): p50 TTFT, then the same against a server started with --no-prefix-caching;
+4. decode speed of --streams streams whose prompts share a cached system prompt against as
+   many whose prompts share nothing, rounds alternating (each stream's tokens after its
+   first over the time they took, so the prefill each side saved or paid is left out).
 
 Requests sample as clients do (temperature 0.8, top_p 0.95). A request asks for one token, so
 its latency is its TTFT (prefill plus one sampled token, no stream parsing). Prompts go to
 /v1/completions as text (the random model has no chat template); every word is one or a few
 tokens, so a prompt is an exact number of tokens and a prefix of text is a prefix of tokens.
-Targets (issue 16): warm <= 0.2x cold; 6th turn <= 1.2x 1st; 16 concurrent p50 <= 0.5x.
+Targets (issue 16): warm <= 0.2x cold; 6th turn <= 1.2x 1st; 16 concurrent p50 <= 0.5x;
+and a shared prompt must not slow the decodes that follow it: >= 0.95x (a prefix read from
+another slot's blocks once kept every step holding it off decode.c's path).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from common import (
 SAMPLING = {"temperature": 0.8, "top_p": 0.95, "max_tokens": 1}
 MODEL = "smollm2-135m-random"
 TARGET_WARM, TARGET_TURN, TARGET_CONCURRENT = 0.2, 1.2, 0.5
+TARGET_SHARED_DECODE = 0.95
+DECODE_TOKENS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +120,58 @@ async def concurrent_part(http: httpx.AsyncClient, t: Texts, n: int) -> float:
     return percentile([r.seconds for r in results], 50)
 
 
+async def decode_rate(http: httpx.AsyncClient, prompt: str) -> float:
+    """One streamed request's tokens after its first, per second of the time they took."""
+    body = {"model": MODEL, "prompt": prompt, **SAMPLING, "max_tokens": DECODE_TOKENS,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    first = last = None
+    tokens = 0
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                last = time.perf_counter()
+                first = first or last
+                tokens += 1
+    assert first is not None and last is not None and tokens > 1, "no tokens streamed"
+    return (tokens - 1) / (last - first)
+
+
+async def shared_decode_part(
+    http: httpx.AsyncClient, t: Texts, streams: int, rounds: int
+) -> list[str]:
+    """Per-stream decode speed, prompts sharing a cached system prompt against prompts of
+    the same length sharing nothing (each round's prompts new, so nothing else is cached)."""
+    rates: dict[str, list[float]] = {"shared": [], "unshared": []}
+    for k in range(rounds):
+        for kind in ("shared", "unshared") if k % 2 == 0 else ("unshared", "shared"):
+            n = len(t.questions)
+            ask = [t.questions[(k * streams + i) % n] + f" {k} {i}" for i in range(streams)]
+            if kind == "shared":
+                await timed(http, t.fresh_system + "warm")  # cached, held by no stream
+                prompts = [t.fresh_system + q for q in ask]
+            else:  # the system prompt's words rotated per stream and round: no common prefix
+                words = t.fresh_system.split(" ")
+                turn = [" ".join(words[i + 1 :] + words[: i + 1]) for i in range(streams)]
+                pairs = enumerate(zip(turn, ask, strict=True))
+                prompts = [f"{k} {i} {w}{q}" for i, (w, q) in pairs]
+            got = await asyncio.gather(*(decode_rate(http, p) for p in prompts))
+            rates[kind].append(sum(got) / len(got))
+    shared, unshared = (percentile(rates[k], 50) for k in ("shared", "unshared"))
+    return [
+        f"{streams} streams decoding {DECODE_TOKENS} tokens: {shared:.1f} tok/s each when their "
+        f"prompts share a cached system prompt, {unshared:.1f} when they share nothing "
+        f"(rounds: {', '.join(f'{r:.0f}' for r in rates['shared'])} / "
+        f"{', '.join(f'{r:.0f}' for r in rates['unshared'])})",
+        verdict_at_least("shared / unshared", shared / unshared, TARGET_SHARED_DECODE),
+    ]
+
+
+def verdict_at_least(name: str, value: float, target: float) -> str:
+    ok = "meets" if value >= target else "MISSES"
+    return f"  {name}: {value:.2f}x ({ok} the target >= {target}x)"
+
+
 def verdict(name: str, value: float, target: float) -> str:
     ok = "meets" if value <= target else "MISSES"
     return f"  {name}: {value:.2f}x ({ok} the target <= {target}x)"
@@ -164,12 +223,22 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--chats", type=int, default=5, help="chats whose per-turn TTFT is the median")
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--streams", type=int, default=4, help="decoding streams of part 4")
+    p.add_argument("--decode-rounds", type=int, default=4, help="rounds of part 4, each side")
+    p.add_argument("--decode-only", action="store_true", help="part 4 only")
     args = p.parse_args()
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     if note := busy_warning():
         print(note)
     ensure_model_dir(args.model_dir, ModelSpec())
     t = make_texts(args.model_dir, args.system_tokens, args.turn_tokens, args.turns, args.chats)
+
+    def decoding(http: httpx.AsyncClient):  # noqa: ANN202 - a coroutine
+        return shared_decode_part(http, t, args.streams, args.decode_rounds)
+
+    if args.decode_only:
+        print("\n".join(run_server(args, [], decoding)), flush=True)  # type: ignore[arg-type]
+        return
 
     async def with_cache(http: httpx.AsyncClient) -> tuple[list[str], float]:
         lines = await system_prompt_part(http, t)
@@ -185,6 +254,7 @@ def main() -> None:
           f"system prompt: TTFT p50 {cached_p50 * 1000:.0f} ms with prefix caching, "
           f"{plain_p50 * 1000:.0f} ms without")  # fmt: skip
     print(verdict("with / without", cached_p50 / plain_p50, TARGET_CONCURRENT))
+    print("\n".join(run_server(args, [], decoding)), flush=True)  # type: ignore[arg-type]
     print(f"load average after the run: {os.getloadavg()[0]:.2f}")
 
 

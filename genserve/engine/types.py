@@ -315,13 +315,18 @@ class ChunkInput:
 
 @dataclass(frozen=True, slots=True)
 class BlockCopy:
-    """Copy the first `rows` positions of KV block `src` into block `dst` before the step runs:
-    a cached partial block reused by a sequence that goes on writing past it (the source may
-    be read by others, so it is never written)."""
+    """Copy the first `rows` positions of KV blocks from `src` on into blocks from `dst` on
+    before the step runs: a cached partial block reused by a sequence that goes on writing past
+    it (the source may be read by others, so it is never written), or a run of `blocks` cached
+    full blocks brought into a new sequence's own lane (engine/kv_blocks.py)."""
 
     src: int
     dst: int
     rows: int
+    blocks: int = 1  # consecutive blocks from src (and from dst): rows spans them all
+
+    def sources(self) -> range:
+        return range(self.src, self.src + self.blocks)
 
 
 @dataclass(frozen=True, slots=True)

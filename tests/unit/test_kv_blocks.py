@@ -272,3 +272,43 @@ def test_a_chats_next_turn_takes_its_lanes_partial_block_over_without_a_copy() -
     again = s.add(req("again", 12, seed=3))
     step(s)
     assert again.num_cached == 0
+
+
+def test_a_prefix_cached_in_another_lane_is_copied_into_the_sequences_own() -> None:
+    """b shares a's 3-block prompt while a still runs in lane 0. Read where it lies, b's blocks
+    would not be one run (no decode.c step for any batch holding b); it gets the first blocks
+    of its own lane instead, filled by one copy from a's, whose blocks are held until the copy
+    is made. The partial tail after them is copied too, and b's own blocks are one run."""
+    kv = KVCacheManager(num_blocks=32, block_size=4, lanes=4)  # lanes of 8 blocks
+    prompt = tokens(14)  # 3 full blocks, 2 tokens in a fourth
+    kv.admit("a", BASE, prompt, cache_limit=13, lane=0)
+    kv.register("a", prompt, 14)
+    assert kv.tables["a"].blocks == [0, 1, 2, 3]
+    assert kv.admit("b", BASE, prompt + [99, 98], cache_limit=15, lane=2) == 12
+    b = kv.tables["b"].blocks
+    assert b == [16, 17, 18, 19]  # lane 2 from its start: one run
+    (copy,) = kv.take_copies()
+    assert (copy.src, copy.dst, copy.rows, copy.blocks) == (0, 16, 12, 3)
+    assert [kv.pool.blocks[i].ref_count for i in (0, 1, 2)] == [2, 2, 2]  # a's, and the copy's
+    kv.copied([copy])
+    assert [kv.pool.blocks[i].ref_count for i in (0, 1, 2)] == [1, 1, 1]
+    # b's next full block registers after a's prefix: a third prompt finds a's blocks and b's.
+    longer = prompt + [99, 98, 97, 96, 95, 94]
+    assert kv.grow("b", 20) and kv.tables["b"].blocks == [16, 17, 18, 19, 20]
+    kv.register("b", longer, 20)
+    kv.free("a")
+    assert kv.admit("c", BASE, longer + [1], cache_limit=20, lane=1) == 20
+    assert kv.tables["c"].blocks[:5] == list(range(8, 13))
+    copies = kv.take_copies()
+    assert [(c.src, c.dst, c.blocks) for c in copies] == [(0, 8, 3), (19, 11, 2)]
+
+
+def test_a_prefix_stays_where_it_lies_when_the_lane_is_not_free() -> None:
+    kv = KVCacheManager(num_blocks=32, block_size=4, lanes=4)
+    prompt = tokens(12)
+    kv.admit("a", BASE, prompt, cache_limit=11, lane=0)
+    kv.register("a", prompt, 12)
+    kv.admit("x", BASE, tokens(4, 500), cache_limit=0)  # no lane: a lane's last block
+    kv.admit("squatter", BASE, tokens(4, 900), cache_limit=0, lane=3)  # holds block 24
+    assert kv.admit("b", BASE, prompt + [7], cache_limit=12, lane=3) == 12
+    assert kv.tables["b"].blocks[:3] == [0, 1, 2] and kv.take_copies() == ()  # read in lane 0

@@ -129,3 +129,30 @@ def test_a_copied_partial_block_gives_the_same_logits_as_computing_it() -> None:
     out = runner.execute(step)
     torch.testing.assert_close(out[0], reference(m, prompt + more), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out[1], reference(m, prompt + [4]), atol=1e-4, rtol=1e-4)
+
+
+def test_a_prefix_copied_into_a_lane_gives_the_same_logits_and_decodes_natively() -> None:
+    """a computed its prompt in lane 0 (blocks 0..2 of 4); b shares its first 2 blocks,
+    brought into the start of b's own lane 2 by one two-block copy (as KVCacheManager admits
+    a prefix cached in another lane), so b computes only its tail. Its logits are
+    transformers', a's blocks are untouched, and from then on b's blocks are one run: its
+    decodes, beside a's, take decode.c's step where the runner measured it."""
+    m = model()
+    runner = LlamaRunner(m, 4, 16, batch_invariant=False, num_blocks=16, block_size=4)
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 300, (11,), generator=g).tolist()
+    runner.execute(StepInput((chunk("a", (0, 1, 2), prompt, 0),)))
+    tail = [7, 8, 9]
+    step = StepInput(
+        (chunk("b", (8, 9, 10), tail, 8), chunk("a", (0, 1, 2), [4], 11)),
+        copies=(BlockCopy(0, 8, 8, 2),),
+    )
+    out = runner.execute(step)
+    torch.testing.assert_close(out[0], reference(m, prompt[:8] + tail), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], reference(m, prompt + [4]), atol=1e-4, rtol=1e-4)
+    decodes = StepInput((chunk("a", (0, 1, 2, 3), [5], 12), chunk("b", (8, 9, 10), [6], 11)))
+    assert all(runner._free_decode_run(c) is not None for c in decodes.chunks)  # both one run
+    out = runner.execute(decodes)
+    torch.testing.assert_close(out[0], reference(m, prompt + [4, 5]), atol=1e-4, rtol=1e-4)
+    want_b = reference(m, prompt[:8] + tail + [6])
+    torch.testing.assert_close(out[1], want_b, atol=1e-4, rtol=1e-4)
