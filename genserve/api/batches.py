@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from genserve.api.auth import Principal, principal
 from genserve.api.chat import chat_completion, chat_request
@@ -28,7 +28,7 @@ from genserve.api.files import expiry_seconds, get_record
 from genserve.api.models import runtime_of
 from genserve.api.responses import prepare, respond
 from genserve.api.responses_wire import ResponsesRequest
-from genserve.api.schemas import ChatCompletionRequest, CompletionRequest, Metadata
+from genserve.api.schemas import ChatCompletionRequest, CompletionRequest, Metadata, WireModel
 from genserve.engine.types import BACKGROUND
 from genserve.runtime.batches import (
     COMPLETION_WINDOWS,
@@ -132,7 +132,7 @@ def batch_handler(rt: Runtime) -> Callable[[BatchCall], Awaitable[BatchReply]]:
 
 
 # -- wire shapes ------------------------------------------------------------------------------
-class CreateBatchRequest(BaseModel):
+class CreateBatchRequest(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     input_file_id: str

@@ -19,14 +19,14 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from genserve.api.auth import principal
 from genserve.api.errors import APIError, bad_request
 from genserve.api.models import runtime_of
 from genserve.api.pages import listing
 from genserve.api.responses_wire import INCLUDABLE, LOGPROBS, input_items, new_id
-from genserve.api.schemas import Metadata
+from genserve.api.schemas import Metadata, WireModel
 from genserve.runtime.errors import Unavailable
 from genserve.runtime.runtime import Runtime
 from genserve.storage.conversations import ConversationStore, StoredConversation
@@ -84,20 +84,20 @@ def join(rt: Runtime, project: str, conversation_id: str, items: Sequence[dict])
 
 
 # --- the routes ------------------------------------------------------------------------------
-class CreateBody(BaseModel):
+class CreateBody(WireModel):
     model_config = ConfigDict(extra="forbid")
 
     metadata: Metadata | None = None
     items: Annotated[list[dict[str, Any]], Field(max_length=MAX_ITEMS)] | None = None
 
 
-class UpdateBody(BaseModel):
+class UpdateBody(WireModel):
     model_config = ConfigDict(extra="forbid")
 
     metadata: Metadata | None
 
 
-class ItemsBody(BaseModel):
+class ItemsBody(WireModel):
     model_config = ConfigDict(extra="forbid")
 
     items: Annotated[list[dict[str, Any]], Field(max_length=MAX_ITEMS)]

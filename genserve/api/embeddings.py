@@ -7,11 +7,12 @@ import struct
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from genserve.api.auth import principal
 from genserve.api.errors import bad_request
 from genserve.api.models import runtime_of
+from genserve.api.schemas import WireModel
 from genserve.api.stream import account
 from genserve.runtime.models import EmbeddingModel
 from genserve.runtime.runtime import Runtime
@@ -21,7 +22,7 @@ router = APIRouter()
 MAX_INPUTS = 2048
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genserve.runtime.errors import (
@@ -150,12 +150,83 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     if first.get("type") == "json_invalid":  # its loc is the offset: ("body", 1) read "[1]"
         why = (first.get("ctx") or {}).get("error", "")
         return bad_request(f"the body is not valid JSON: {why or first.get('msg')}")
+    first, one_of = _reported(list(errors) or [first])
     param = _validation_param(tuple(first.get("loc", ())))
+    if one_of or first.get("type") in EXPECTED_TYPES:
+        expected = _one_of(one_of) if one_of else EXPECTED_TYPES[first["type"]]
+        where = f"'{param}'" if param else "the request body"
+        got = json_type(first.get("input"))
+        return bad_request(
+            f"Invalid type for {where}: expected {expected}, but got {got} instead.", param
+        )
     # pydantic prefixes a validator's own words with "Value error, ": they read as written.
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
     if param:
         message = f"{param}: {message}"
     return bad_request(message, param=param)
+
+
+# pydantic's type errors -> the JSON type the field takes, in OpenAI's words ("Invalid type for
+# 'n': expected an integer, but got a string instead.").
+EXPECTED_TYPES = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "a string",
+    "bool_type": "a boolean",
+    "bool_parsing": "a boolean",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+
+
+def json_type(value: object) -> str:
+    """The JSON type of a value the caller sent, as OpenAI's type errors name it."""
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a decimal number"),
+             (str, "a string"), (list | tuple, "an array"), (dict, "an object"))  # fmt: skip
+    return next((name for kind, name in kinds if isinstance(value, kind)), "an object")
+
+
+def _one_of(kinds: list[str]) -> str:
+    return kinds[0] if len(kinds) == 1 else f"one of {', '.join(kinds[:-1])} or {kinds[-1]}"
+
+
+def _reported(errors: list[Any]) -> tuple[Any, list[str]]:
+    """The error a 400 reports, and the types a union field takes when the value's own type
+    matched none of them. pydantic lists one error per member of a union; the one reported is
+    the member that got furthest (for `prompt: [1, "a"]`, list[int] at [1], not str at the
+    top), so that `param` and the message point at the item that is wrong."""
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    at = next((i for i, p in enumerate(loc) if _union_tag(p, loc[i - 1] if i else None)), None)
+    if at is None:
+        return first, []
+    same = [e for e in errors if _member(tuple(e["loc"]), at) and tuple(e["loc"][:at]) == loc[:at]]
+    if all(len(e["loc"]) == at + 1 and e["type"] in EXPECTED_TYPES for e in same):
+        return first, list(dict.fromkeys(EXPECTED_TYPES[e["type"]] for e in same))
+    members: dict[object, list[Any]] = {}
+    for e in same:
+        members.setdefault(e["loc"][at], []).append(e)
+    return min(members.values(), key=_member_rank)[0], []
+
+
+def _member(loc: tuple, at: int) -> bool:
+    """Whether an error's loc names a member of a union at `at` (the union's own errors)."""
+    return len(loc) > at and _union_tag(loc[at], loc[at - 1] if at else None)
+
+
+def _member_rank(errors: list[Any]) -> tuple:
+    """Fewer type errors first (a value of the right type but out of bounds beats a wrong
+    type), then fewer errors, then the deepest and furthest item reached."""
+    reached = [p for p in errors[0]["loc"] if isinstance(p, int)]
+    wrong_types = sum(e["type"] in EXPECTED_TYPES for e in errors)
+    return (wrong_types, len(errors), -len(reached), [-p for p in reached])
 
 
 async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -199,6 +270,8 @@ async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 
 class ErrorDetail(BaseModel):
+    model_config = ConfigDict(strict=True)  # as every model under api/ (test_strict_booleans)
+
     message: str
     type: str
     param: str | None
@@ -206,6 +279,8 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     error: ErrorDetail
 
 

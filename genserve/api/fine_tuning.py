@@ -14,14 +14,14 @@ import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from genserve.api.auth import Principal, principal
 from genserve.api.errors import APIError, bad_request, model_not_found
 from genserve.api.files import get_record, quota_exceeded
 from genserve.api.models import runtime_of
 from genserve.api.pages import listing
-from genserve.api.schemas import Metadata
+from genserve.api.schemas import Metadata, WireModel
 from genserve.config import ServerConfig
 from genserve.storage.files import FileStore
 from genserve.storage.jobs import CheckpointRecord, EventRecord, JobRecord
@@ -57,20 +57,21 @@ def _auto_or(kind: type, low: float, high: float, value: Any) -> Any:
     """The string "auto", or a number in [low, high] (ints) or (low, high] (floats).
 
     One validator rather than a union, so that an error names the field and nothing else.
+    An integer is a JSON integer: 3.0 is refused, as on every other integer field (WireModel).
     """
     if value == "auto":
         return value
     number_ok = isinstance(value, int | float) and not isinstance(value, bool)
     if kind is int:
-        if number_ok and float(value).is_integer() and low <= value <= high:
-            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            return value
         raise ValueError(f'must be "auto" or an integer from {low} to {high}')
     if number_ok and low < value <= high:
         return float(value)
     raise ValueError(f'must be "auto" or a number above {low} and at most {high}')
 
 
-class Hyperparameters(BaseModel):
+class Hyperparameters(WireModel):
     # A misspelt hyperparameter is refused (400 naming it) rather than silently not applied.
     model_config = ConfigDict(extra="forbid")
 
@@ -103,15 +104,15 @@ class DPOHyperparameters(Hyperparameters):
         return _auto_or(float, 0, 2, v)
 
 
-class SupervisedMethod(BaseModel):
+class SupervisedMethod(WireModel):
     hyperparameters: Hyperparameters | None = None
 
 
-class DPOMethod(BaseModel):
+class DPOMethod(WireModel):
     hyperparameters: DPOHyperparameters | None = None
 
 
-class Method(BaseModel):
+class Method(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["supervised", "dpo", "reinforcement"]
@@ -119,7 +120,7 @@ class Method(BaseModel):
     dpo: DPOMethod | None = None
 
 
-class CreateJobRequest(BaseModel):
+class CreateJobRequest(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import ConfigDict, Field, StrictBool
 
 from genserve.api.errors import APIError, bad_request
 from genserve.api.logprobs import TokenIds, chat_logprobs
@@ -22,6 +22,7 @@ from genserve.api.schemas import (
     ResponseFormat,
     SamplingFields,
     StructuredOutputFields,
+    WireModel,
 )
 from genserve.api.tools import EMPTY_PARAMETERS
 from genserve.engine.types import TokenLogprob
@@ -33,7 +34,7 @@ SYSTEM_ROLES = ("system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
 
 
-class TextFormat(BaseModel):
+class TextFormat(WireModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     type: Literal["text", "json_schema", "json_object"]
@@ -43,13 +44,13 @@ class TextFormat(BaseModel):
     strict: StrictBool | None = None
 
 
-class TextParam(BaseModel):
+class TextParam(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     format: TextFormat | None = None
 
 
-class FunctionTool(BaseModel):
+class FunctionTool(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     type: str  # only "function" is served; others are refused by name
@@ -59,14 +60,14 @@ class FunctionTool(BaseModel):
     strict: StrictBool | None = None
 
 
-class FunctionChoice(BaseModel):
+class FunctionChoice(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["function"]
     name: FunctionName
 
 
-class ReasoningParam(BaseModel):
+class ReasoningParam(WireModel):
     """OpenAI's `reasoning`: the effort reaches the chat template (as chat's reasoning_effort
     does); no summary is made here, so `summary` is taken and changes nothing."""
 
@@ -76,7 +77,7 @@ class ReasoningParam(BaseModel):
     summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-class ResponseInputs(BaseModel):
+class ResponseInputs(WireModel):
     """What makes a response's prompt (and its output's shape): the fields that
     /v1/responses/input_tokens takes too."""
 
@@ -245,7 +246,10 @@ def _content_text(content: Any, where: str) -> str:  # noqa: ANN401 - wire JSON
     for part in content:
         if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS:
             raise _bad(where, ": only text parts are supported")
-        texts.append(str(part.get("text", "")))
+        text = part.get("text", "")
+        if not isinstance(text, str):  # as strict as the typed fields (WireModel): 5 is no text
+            raise _bad(where, ": a text part's text must be a string")
+        texts.append(text)
     return "".join(texts)
 
 

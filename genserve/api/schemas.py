@@ -1,9 +1,12 @@
 """OpenAI wire models for requests, with OpenAI's bounds.
 
 Unknown fields are ignored, as vLLM does, so newer clients keep working; vLLM's extension
-fields (top_k, min_p, ignore_eos, ...) are declared here with their own bounds. Booleans are
-StrictBool in every request model under api/ (tests/unit/test_strict_booleans.py walks them):
-OpenAI answers 400 for "true", "yes" or 1, which pydantic's lax mode took as true.
+fields (top_k, min_p, ignore_eos, ...) are declared here with their own bounds.
+
+Every request model under api/ is a WireModel, validated in pydantic's strict mode
+(tests/unit/test_strict_booleans.py walks them): OpenAI answers 400 for "true" or 1 where a
+boolean goes, "2" or 2.0 where an integer goes, "0.5" where a number goes and 7 where a string
+goes, all of which pydantic's lax mode took and converted. An integer is taken for a number.
 """
 
 from __future__ import annotations
@@ -82,11 +85,19 @@ def _texts(value: object) -> None:
             _texts(item)
 
 
-class StreamOptions(BaseModel):
+class WireModel(BaseModel):
+    """A request body (or a part of one): strict, as OpenAI is about JSON types. Strictness is
+    per model in pydantic (a nested model keeps its own mode), so every model of a body derives
+    from this one. Query parameters are not bodies: they still parse from a URL's text."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class StreamOptions(WireModel):
     include_usage: StrictBool = False
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     name: str | None = None
@@ -95,14 +106,14 @@ class JsonSchemaFormat(BaseModel):
     strict: StrictBool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputs(BaseModel):
+class StructuredOutputs(WireModel):
     """vLLM's `structured_outputs`: one constraint on the output (api/structured.py enforces
     it). A key genserve does not know is refused, never ignored: a misspelt constraint would
     otherwise give free text."""
@@ -123,7 +134,7 @@ class StructuredOutputs(BaseModel):
     structural_tag: str | dict | None = None
 
 
-class StructuredOutputFields(BaseModel):
+class StructuredOutputFields(WireModel):
     """vLLM's constraints on the output, in both of its spellings: `structured_outputs` and
     the older top-level `guided_*` fields (chat and completions)."""
 
@@ -148,7 +159,7 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 )  # fmt: skip
 
 
-class TemplateFields(BaseModel):
+class TemplateFields(WireModel):
     """vLLM's chat-template controls (chat and /tokenize)."""
 
     add_generation_prompt: StrictBool | None = None  # None: true, unless continue_final_message
@@ -168,7 +179,7 @@ class TemplateFields(BaseModel):
         return v
 
 
-class SamplingDefaults(BaseModel):
+class SamplingDefaults(WireModel):
     """The sampling fields a model's serving defaults may set (PUT /v1/models/{id}), declared
     once: requests inherit them (SamplingFields)."""
 
@@ -224,7 +235,7 @@ class SamplingFields(SamplingDefaults):
         return v
 
 
-class PromptFields(BaseModel):
+class PromptFields(WireModel):
     """vLLM's prompt controls (chat and completions): keep only the prompt's last N tokens
     (-1: as many as the context holds), so a prompt too long for the model still runs on its
     end; score each prompt token with the k most likely beside it (`prompt_logprobs`, up to
@@ -265,7 +276,7 @@ class CompletionRequest(SamplingFields, StructuredOutputFields, PromptFields):
         return None if v is None else no_lone_surrogate(v)
 
 
-class TextPart(BaseModel):
+class TextPart(WireModel):
     type: Literal["text"]
     text: str
 
@@ -273,7 +284,7 @@ class TextPart(BaseModel):
 FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 
 
-class FunctionDef(BaseModel):
+class FunctionDef(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     name: FunctionName
@@ -282,18 +293,18 @@ class FunctionDef(BaseModel):
     strict: StrictBool | None = None
 
 
-class ChatTool(BaseModel):
+class ChatTool(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["function"]
     function: FunctionDef
 
 
-class FunctionRef(BaseModel):
+class FunctionRef(WireModel):
     name: FunctionName
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["function"]
@@ -328,12 +339,12 @@ def _choice_error(value: object, errors: list[dict]) -> str:
 OneChoice = WrapValidator(_one_choice)
 
 
-class CalledFunction(BaseModel):
+class CalledFunction(WireModel):
     name: str
     arguments: str
 
 
-class ChatToolCall(BaseModel):
+class ChatToolCall(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     id: str
@@ -341,7 +352,7 @@ class ChatToolCall(BaseModel):
     function: CalledFunction
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     # "function": the deprecated turn that answers a `function_call` (it names the function)
@@ -436,7 +447,7 @@ class ChatCompletionRequest(SamplingFields, StructuredOutputFields, TemplateFiel
             raise ValueError(f"{info.field_name} is not supported by this server")
 
 
-class ModelSettingsBody(BaseModel):
+class ModelSettingsBody(WireModel):
     """PUT /v1/models/{id} (all of it) and PATCH (what it names)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -447,7 +458,7 @@ class ModelSettingsBody(BaseModel):
     max_context: Annotated[int, Field(ge=16)] | None = None
 
 
-class RegisterModelRequest(BaseModel):
+class RegisterModelRequest(WireModel):
     """POST /v1/models: load a model from a ref, under an id."""
 
     model_config = ConfigDict(extra="forbid")

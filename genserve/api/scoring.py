@@ -14,19 +14,20 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import ConfigDict, Field, StrictBool
 
 from genserve.api.auth import principal
 from genserve.api.embeddings import MAX_INPUTS, token_lists
 from genserve.api.errors import bad_request
 from genserve.api.models import runtime_of
+from genserve.api.schemas import WireModel
 from genserve.runtime.models import EmbeddingModel
 
 router = APIRouter()
 Text = Annotated[str, Field(min_length=1)]
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -35,11 +36,11 @@ class ScoreRequest(BaseModel):
     text_2: Text | Annotated[list[Text], Field(min_length=1)]
 
 
-class Document(BaseModel):
+class Document(WireModel):
     text: Text
 
 
-class RerankRequest(BaseModel):
+class RerankRequest(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str

@@ -22,7 +22,7 @@ from genserve.api.auth import principal
 from genserve.api.errors import APIError
 from genserve.api.models import runtime_of
 from genserve.api.pages import after_id, listing
-from genserve.api.schemas import ChatCompletionRequest, Metadata
+from genserve.api.schemas import ChatCompletionRequest, Metadata, WireModel
 from genserve.runtime.errors import Unavailable
 from genserve.runtime.generation import ChoiceDelta, Collected, Event, Gathering, Started
 from genserve.runtime.runtime import Runtime
@@ -87,7 +87,7 @@ async def kept(
 # --- the routes ------------------------------------------------------------------------------
 
 
-class UpdateBody(BaseModel):
+class UpdateBody(WireModel):
     model_config = ConfigDict(extra="forbid")
 
     metadata: Metadata | None

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import ConfigDict, Field, StrictBool
 
 from genserve.api.auth import principal
 from genserve.api.chat import check_messages, template_options
 from genserve.api.errors import bad_request
 from genserve.api.models import runtime_of
-from genserve.api.schemas import ChatMessage, TemplateFields, plain_messages
+from genserve.api.schemas import ChatMessage, TemplateFields, WireModel, plain_messages
 from genserve.runtime.generation import TemplateOptions, render_chat
 from genserve.runtime.limits import off_loop
 
@@ -30,7 +30,7 @@ class TokenizeRequest(TemplateFields):
     add_special_tokens: StrictBool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(WireModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str

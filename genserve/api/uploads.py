@@ -12,7 +12,7 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import ConfigDict, Field, StrictInt
 from starlette.datastructures import UploadFile
 
 from genserve.api.auth import principal
@@ -28,6 +28,7 @@ from genserve.api.files import (
     too_large,
 )
 from genserve.api.models import runtime_of
+from genserve.api.schemas import WireModel
 from genserve.storage.files import FileQuota, QuotaExceededError, StagedUpload
 from genserve.storage.uploads import (
     PartsError,
@@ -41,14 +42,14 @@ router = APIRouter()
 MAX_PENDING = 32  # uploads a project may have taking parts at once (their parts are on disk)
 
 
-class ExpiresAfter(BaseModel):
+class ExpiresAfter(WireModel):
     model_config = ConfigDict(extra="forbid")
 
     anchor: str
     seconds: int
 
 
-class CreateUpload(BaseModel):
+class CreateUpload(WireModel):
     model_config = ConfigDict(extra="forbid")
 
     filename: Annotated[str, Field(min_length=1, max_length=512)]
@@ -58,7 +59,7 @@ class CreateUpload(BaseModel):
     expires_after: ExpiresAfter | None = None  # the File's, once completed
 
 
-class CompleteUpload(BaseModel):
+class CompleteUpload(WireModel):
     model_config = ConfigDict(extra="forbid")
 
     part_ids: list[str]

@@ -372,9 +372,20 @@ class Gathering:
 
     def result(self) -> Collected:
         s, choices = self.started, self.choices
+        share_prompt_logprobs(choices, s.best_of)
         chosen = pick_best(choices, len(s.prompts), s.best_of, s.n)
         cached = s.cached_tokens({c.index: c.cached_tokens for c in choices})
         return Collected(s, chosen, sum(c.completion_tokens for c in choices), cached)
+
+
+def share_prompt_logprobs(choices: list[ChoiceState], best_of: int) -> None:
+    """Each prompt's logprobs, scored by one of its sequences (_sequence_params), given to
+    all of them: a choice shows its prompt's, whichever of them best_of keeps."""
+    for start in range(0, len(choices), best_of):
+        group = choices[start : start + best_of]
+        scored = next((c.prompt_logprobs for c in group if c.prompt_logprobs), ())
+        for c in group:
+            c.prompt_logprobs = c.prompt_logprobs or scored
 
 
 def pick_best(
@@ -413,7 +424,7 @@ async def _admit_chat(rt: Runtime, request: ChatRequest) -> _Admitted:
         params = replace(params, think_first=thinking.think_first(params.grammar))
     admitted = _open(
         rt, target, "chatcmpl", [prompt], params, request.n, request.n, request.prompt_param,
-        request.priority, _publish_every(rt, request),
+        request.priority, request.stream,
     )  # fmt: skip
     admitted = replace(admitted, grammar_param=param)
     if thinking is not None:
@@ -583,7 +594,7 @@ async def _admit_completion(rt: Runtime, request: CompletionRequest) -> _Admitte
     params = await settle(rt, served, sampling, max_tokens, request.grammar_param)
     admitted = _open(
         rt, target, "cmpl", prompts, params, n, best_of, "prompt", request.priority,
-        _publish_every(rt, request),
+        request.stream,
     )  # fmt: skip
     admitted = replace(admitted, grammar_param=request.grammar_param)
     if request.echo:
@@ -712,10 +723,21 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     return (seed + index * SEED_STRIDE) & SEED_MASK
 
 
-def _publish_every(rt: Runtime, request: GenerationRequest) -> int:
+def _publish_every(rt: Runtime, stream: bool) -> int:
     """Request.publish_every: the server's --stream-interval for a stream; 0 for an answer
     sent whole (its tokens reach the API process once, not one wake-up each)."""
-    return rt.config.engine.stream_interval if request.stream else 0
+    return rt.config.engine.stream_interval if stream else 0
+
+
+def _sequence_params(params: SamplingParams, index: int, stream: bool) -> SamplingParams:
+    """The params of a prompt's index-th sequence: its own seed and, in an answer sent whole,
+    prompt logprobs scored by the first sequence alone. The prompt is the same for all of
+    them, so n scorings were n full prefills of every prompt row's logits (none of them
+    from the prefix cache) for one result; Gathering.result shares it. A stream sends each
+    choice's echo with its first delta, so there every sequence scores the prompt."""
+    shared = params.prompt_logprobs is not None and index > 0 and not stream
+    scored = None if shared else params.prompt_logprobs
+    return replace(params, seed=choice_seed(params.seed, index), prompt_logprobs=scored)
 
 
 def _open(
@@ -728,7 +750,7 @@ def _open(
     best_of: int,
     prompt_param: str,
     priority: int = INTERACTIVE,
-    publish_every: int = 1,
+    stream: bool = True,
 ) -> _Admitted:
     """Submit prompts x best_of sequences to the engine as one group."""
     cid = f"{prefix}-{uuid.uuid4().hex}"
@@ -736,11 +758,11 @@ def _open(
         Request(
             f"{cid}-{p * best_of + i}",
             list(ids),
-            replace(params, seed=choice_seed(params.seed, i)),
+            _sequence_params(params, i, stream),
             target.adapter,
             priority=priority,
             tenant=target.project,
-            publish_every=publish_every,
+            publish_every=_publish_every(rt, stream),
         )
         for p, ids in enumerate(prompts)
         for i in range(best_of)

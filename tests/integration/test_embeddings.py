@@ -183,16 +183,18 @@ def test_bad_score_and_rerank_requests_are_400(
     "path,body,param",
     [
         ("/v1/rerank", {"query": "q", "documents": [1]}, "documents.[0]"),
-        ("/v1/rerank", {"query": "q", "documents": [{"text": ""}]}, "documents.[0]"),
+        ("/v1/rerank", {"query": "q", "documents": [{"text": ""}]}, "documents.[0].text"),
         ("/v1/score", {"text_1": {"a": 1}, "text_2": "b"}, "text_1"),
-        ("/v1/score", {"text_1": "a", "text_2": [["b"]]}, "text_2"),
+        ("/v1/score", {"text_1": "a", "text_2": [["b"]]}, "text_2.[0]"),
     ],
 )
 def test_a_wrong_type_in_a_union_field_names_the_field_alone(
     emb_server: LiveServer, path: str, body: dict, param: str
 ) -> None:
     """A field that takes a text or a list (or an object) names itself in `param`, not the
-    union member pydantic tried first ("documents.[0].constrained-str" before)."""
+    union member pydantic tried first ("documents.[0].constrained-str" before). Where the
+    value matched a member's type (a list, an object), the item inside it that is wrong is
+    named, as for any nested field (api/errors.py::_reported)."""
     r = httpx.post(emb_server.url + path, json={"model": MODEL, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()

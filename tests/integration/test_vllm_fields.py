@@ -512,6 +512,24 @@ def test_prompt_logprobs_score_the_chat_prompt_as_vllm_does(
     assert [int(next(iter(e))) for e in per_choice[1:]] == word_ids(srv, "Once upon")[1:]
 
 
+def test_prompt_logprobs_of_n_choices_are_the_one_prompts(client: openai.OpenAI) -> None:
+    """n choices share one prompt: it is scored once (tests/unit/test_prompt_logprobs_once.py
+    counts the scorings) and every choice of a completion shows that one scoring, the same as
+    a single choice's; chat's, at the top, is the same as with n=1."""
+    one = chat(client, max_tokens=2, prompt_logprobs=2).model_extra["prompt_logprobs"]
+    three = chat(client, max_tokens=2, prompt_logprobs=2, n=3)
+    assert len(three.choices) == 3 and three.model_extra["prompt_logprobs"] == one
+    body = {"model": MODEL, "prompt": "Once upon", "max_tokens": 2}
+    alone = client.completions.create(**body, extra_body={"prompt_logprobs": 1})
+    shared = client.completions.create(**body, n=3, extra_body={"prompt_logprobs": 1})
+    expected = alone.choices[0].model_extra["prompt_logprobs"]
+    assert [c.model_extra["prompt_logprobs"] for c in shared.choices] == [expected] * 3
+    # best_of keeps whichever candidate is likeliest, not the one that scored the prompt.
+    best = client.completions.create(**body, best_of=3, logprobs=1, echo=True, temperature=1)
+    echoed = best.choices[0].logprobs.token_logprobs[: len(expected)]
+    assert echoed[0] is None and all(isinstance(lp, float) for lp in echoed[1:])
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [

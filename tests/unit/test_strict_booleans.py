@@ -1,6 +1,7 @@
-"""Every boolean of a request body is strict: OpenAI answers 400 for "true", "yes" or 1, where
-pydantic's lax mode took them (`stream: "yes"` streamed). Query parameters are not bodies:
-they still parse "true" from a URL."""
+"""Every boolean, integer, number and string of a request body is strict: OpenAI answers 400
+for "true", "yes" or 1 where a boolean goes, where pydantic's lax mode took them (`stream:
+"yes"` streamed); tests/unit/test_strict_numbers.py has the numbers and strings. Query
+parameters are not bodies: they still parse "true" from a URL."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ import importlib
 import inspect
 import pkgutil
 import typing
+from typing import Annotated
 
 import pytest
 from fastapi import FastAPI, Query
 from fastapi.testclient import TestClient
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, StrictBool, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic.types import Strict
 
 import genserve.api
 from genserve.api.errors import APIError, install, validation_error
 from genserve.api.responses import named_as_text_format
-from genserve.api.schemas import ChatCompletionRequest, CompletionRequest
+from genserve.api.schemas import ChatCompletionRequest, CompletionRequest, WireModel
 from genserve.api.structured import RESPONSE_FORMAT
 
 
@@ -34,26 +36,56 @@ def request_models() -> list[type[BaseModel]]:
     return list(found.values())
 
 
-def lax_bools(annotation: object, metadata: list) -> bool:
-    """Whether a bool in this annotation is taken laxly (no Strict marker beside it)."""
-    if annotation is bool:
-        return not any(isinstance(m, Strict) and m.strict for m in metadata)
+SCALARS = (bool, int, float, str)
+
+
+def lax_scalars(annotation: object, metadata: list, strict: bool, kinds: tuple = SCALARS) -> bool:
+    """Whether a scalar of `kinds` in this annotation is taken laxly: its model is not strict
+    and no Strict marker stands beside it, or a Strict(False) marker undoes the model's mode."""
+    if annotation in kinds:
+        markers = [m.strict for m in metadata if isinstance(m, Strict)]
+        return not (markers[-1] if markers else strict)
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Annotated:
-        return lax_bools(args[0], list(args[1:]))
-    return any(lax_bools(a, []) for a in args)
+        return lax_scalars(args[0], [*metadata, *args[1:]], strict, kinds)
+    return any(lax_scalars(a, [], strict, kinds) for a in args)
 
 
-def lax_fields(model: type[BaseModel]) -> list[str]:
+def lax_fields(model: type[BaseModel], kinds: tuple = SCALARS) -> list[str]:
     fields: dict[str, FieldInfo] = model.model_fields
-    return [n for n, f in fields.items() if lax_bools(f.annotation, list(f.metadata))]
+    strict = bool(model.model_config.get("strict"))
+    return [
+        n for n, f in fields.items() if lax_scalars(f.annotation, list(f.metadata), strict, kinds)
+    ]
 
 
 def test_no_request_model_takes_a_boolean_laxly() -> None:
     models = request_models()
     assert len(models) > 20  # the walk found the wire's models
-    lax = {m.__name__: lax_fields(m) for m in models if lax_fields(m)}
+    lax = {m.__name__: lax_fields(m, (bool,)) for m in models if lax_fields(m, (bool,))}
     assert lax == {}
+
+
+def test_no_request_model_takes_a_number_or_a_string_laxly() -> None:
+    """A field added later as a plain `int` on a model that is not a WireModel fails here."""
+    lax = {m.__name__: lax_fields(m) for m in request_models() if lax_fields(m)}
+    assert lax == {}
+
+
+def test_the_walk_sees_a_lax_field() -> None:
+    class Lax(BaseModel):
+        n: Annotated[int, Field(ge=1)] | None = None
+        stop: str | list[str] | None = None
+        flag: StrictBool = False
+
+    class Undone(WireModel):
+        n: Annotated[int, Strict(False)] = 1
+
+    assert (lax_fields(Lax), lax_fields(Undone), lax_fields(WireModel)) == (
+        ["n", "stop"],
+        ["n"],
+        [],
+    )
 
 
 @pytest.mark.parametrize("value", ["yes", "true", 1, 0, "1"])
