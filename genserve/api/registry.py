@@ -11,13 +11,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import ConfigDict, Field, StrictBool
 
 from genserve.api.auth import principal, require_admin
 from genserve.api.cards import adapter_card, pending_card, served_card
 from genserve.api.errors import APIError, ErrorResponse, bad_request, model_not_found
 from genserve.api.models import runtime_of
-from genserve.api.schemas import ModelSettingsBody, RegisterModelRequest
+from genserve.api.schemas import ModelSettingsBody, RegisterModelRequest, WireModel
 from genserve.runtime.models import ModelSettings
 from genserve.runtime.registry import ModelRegistry
 
@@ -125,7 +125,7 @@ def alias_not_deletable(alias: str, model_id: str) -> APIError:
 
 
 # -- vLLM's runtime LoRA routes ----------------------------------------------------------------
-class LoadLoraBody(BaseModel):
+class LoadLoraBody(WireModel):
     """vLLM's POST /v1/load_lora_adapter; the path must lie inside the models directory."""
 
     model_config = ConfigDict(extra="forbid")
@@ -136,7 +136,7 @@ class LoadLoraBody(BaseModel):
     base_model_name: str | None = None  # genserve's: which served model (default: as POST)
 
 
-class UnloadLoraBody(BaseModel):
+class UnloadLoraBody(WireModel):
     model_config = ConfigDict(extra="forbid")
 
     lora_name: Annotated[str, Field(min_length=1, max_length=128)]
