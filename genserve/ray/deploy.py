@@ -17,7 +17,8 @@
 - No filesystem is shared: engine replicas get a private scratch data dir (under their node's
   TMPDIR) and fetch an adapter's files from the control replica into it. Rate limits,
   /metrics and token usage are kept once for the deployment through the control replica
-  (genserve.ray.shared), and so are stored Responses (genserve.ray.records).
+  (genserve.ray.shared), and so are stored Responses and stored chat completions
+  (genserve.ray.records).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from genserve.ray.bridge import (
     read_body,
     reply_error,
 )
-from genserve.ray.records import RemoteResponses, ResponseCall, answer
+from genserve.ray.records import RemoteCompletions, RemoteResponses, StoreCall, Stores, answer
 from genserve.ray.shared import (
     Admission,
     ControlLimits,
@@ -66,7 +67,6 @@ from genserve.ray.shared import (
 )
 from genserve.ray.transfer import Folder, pack, unpack
 from genserve.runtime.errors import DomainError
-from genserve.storage.responses import ResponseStore
 
 if TYPE_CHECKING:
     from genserve.api.auth import KeyRecord
@@ -386,7 +386,9 @@ class EngineReplica(AppReplica):
         self.control = control
         self._checked: dict[str, float] = {}
         self.app.state.edge.limits = ControlLimits(control)
-        self.runtime.responses = RemoteResponses(control)  # stored where every replica finds it
+        # Stored where every replica finds them: the control replica's store.
+        self.runtime.responses = RemoteResponses(control)
+        self.runtime.completions = RemoteCompletions(control)
         render = self.app.state.metrics.render
         self._reporter = asyncio.create_task(report_metrics_forever(control, self.name, render))
         self._usage: ForwardedLedger | None = None
@@ -505,15 +507,15 @@ class ControlReplica(AppReplica):
     def report_metrics(self, replica: str, text: str) -> None:
         self.board.report(replica, text)
 
-    async def response_call(self, call: ResponseCall) -> Any:  # noqa: ANN401 - per operation
-        """An engine replica's operation on stored responses, in the one shared store (on a
-        thread: each is a SQLite transaction, and this replica's loop serves every other)."""
+    async def store_call(self, call: StoreCall) -> Any:  # noqa: ANN401 - per operation
+        """An engine replica's operation on stored responses, chat completions or
+        conversations, in the one shared store (on a thread: each is a SQLite transaction, and
+        this replica's loop serves every other)."""
         if self.runtime.database is None:
             raise RuntimeError(
                 f"the control replica's store did not open: {self.runtime.storage_error}"
             )
-        store = ResponseStore(self.runtime.database)
-        return await asyncio.to_thread(answer, store, call)
+        return await asyncio.to_thread(answer, Stores.over(self.runtime.database), call)
 
     def record_usage(self, rows: list[UsageRow]) -> None:
         """An engine replica's token usage, for the usage API (answered here)."""
@@ -548,13 +550,13 @@ def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
     """What a deployment cannot serve coherently, refused up front with a 400:
     - base models are fixed per deployment: loading one at run time on one replica would leave
       the others without it (listing, reading and deleting fine-tuned models work);
-    - the Batch API, stored chat completions and conversations: each engine replica has a
-      store of its own, so a batch would not find its input file (it is the control
-      replica's), a stored completion would be listed by one replica in N, and a response in a
+    - the Batch API and conversations: each engine replica has a store of its own, so a
+      batch would not find its input file (it is the control replica's), and a response in a
       conversation would see the items of the replica it landed on only;
     - background responses: their run lives on the engine replica that started it, and a
-      cancel or a live stream landing on another would not reach it (stored responses
-      themselves are kept in the control replica's store: genserve/ray/records.py)."""
+      cancel or a live stream landing on another would not reach it.
+    Stored responses and stored chat completions are served: they are kept in the control
+    replica's store (genserve/ray/records.py)."""
     if req.path.startswith("/v1/batches"):
         return _refused("the Batch API is not served under Ray Serve yet; run it on one node")
     if req.path == "/v1/conversations" or req.path.startswith("/v1/conversations/"):
@@ -564,10 +566,6 @@ def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
         return _refused("background responses are not served under Ray Serve yet", "background")
     if req.path.startswith("/v1/responses") and req.json_field("conversation") is not None:
         return _refused("conversations are not served under Ray Serve yet", "conversation")
-    if req.path.startswith("/v1/chat/completions") and (
-        req.method != "POST" or req.path != "/v1/chat/completions" or req.json_field("store")
-    ):
-        return _refused("stored chat completions are not served under Ray Serve yet", "store")
     if req.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         return _refused("adapters are served at run time only on one node; use --lora-modules")
     if not req.path.startswith("/v1/models") or req.method in ("GET", "HEAD"):

@@ -1,6 +1,7 @@
 """genserve on Ray Serve: a local Ray (3 CPUs, small object store) started here, 2 engine
 replicas behind the edge. Requests spread over both (the x-genserve-replica header), the
 official client works unchanged, the usage API reports both replicas' requests in one report,
+stored responses and stored chat completions are found by every replica,
 a fine-tuned model trained through the API (as a Ray task) is served by the engine replicas
 through Serve's multiplexing, and a replica killed under load is replaced while the client's
 retries succeed."""
@@ -226,6 +227,63 @@ def test_stored_responses_are_found_by_every_replica(ray_url: str) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         api.responses.create(model=MODEL, input="x", background=True)
     assert refused.value.code == "unsupported_on_ray"
+
+
+def test_stored_chat_completions_are_found_by_every_replica(ray_url: str) -> None:
+    """Stored chat completions live in the control replica's store: stored through either
+    replica, each lists, reads, relabels and deletes them all."""
+    api = client_for(ray_url)
+    tag = f"t{time.monotonic_ns()}"  # this test's completions only, whatever else is stored
+
+    def create(i: int) -> tuple[str, str]:
+        raw = api.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": f"note {i}"}], max_tokens=4,
+            store=True, metadata={"run": tag, "half": str(i % 2)},
+        )  # fmt: skip
+        return raw.parse().id, raw.headers[REPLICA]
+
+    with ThreadPoolExecutor(8) as pool:
+        created = dict(pool.map(create, range(12)))
+    assert len(set(created.values())) == 2, created  # both replicas stored some
+
+    def listed(i: int) -> tuple[set[str], str]:
+        raw = api.chat.completions.with_raw_response.list(metadata={"run": tag}, limit=100)
+        return {c.id for c in raw.parse().data}, raw.headers[REPLICA]
+
+    lists = concurrently(listed, 12)
+    assert {r for _, r in lists} == set(created.values())  # listed from either replica
+    assert all(ids == set(created) for ids, _ in lists), lists
+    halves = api.chat.completions.list(metadata={"run": tag, "half": "0"}, limit=100)
+    assert len(halves.data) == 6
+
+    def relabel(i: int) -> str:
+        completion_id = list(created)[i]
+        raw = api.chat.completions.with_raw_response.update(
+            completion_id, metadata={"run": tag, "done": "yes"}
+        )
+        assert raw.parse().metadata == {"run": tag, "done": "yes"}
+        got = api.chat.completions.retrieve(completion_id)
+        assert got.metadata == {"run": tag, "done": "yes"} and got.id == completion_id
+        messages = api.chat.completions.messages.list(completion_id)
+        assert [m.content for m in messages.data] == [f"note {i}"]
+        return raw.headers[REPLICA]
+
+    assert len(set(concurrently(relabel, 12))) == 2  # relabelled through both replicas
+    done = api.chat.completions.list(metadata={"done": "yes", "run": tag}, limit=100)
+    assert {c.id for c in done.data} == set(created)
+
+    for completion_id in created:
+        assert api.chat.completions.delete(completion_id).deleted
+    with ThreadPoolExecutor(8) as pool:  # gone for every replica
+        missing = list(pool.map(lambda c: completion_gone(api, c), list(created) * 2))
+    assert all(missing)
+    assert api.chat.completions.list(metadata={"run": tag}).data == []
+
+
+def completion_gone(api: openai.OpenAI, completion_id: str) -> bool:
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.retrieve(completion_id)
+    return True
 
 
 def gone(api: openai.OpenAI, response_id: str) -> bool:
