@@ -25,7 +25,7 @@ from sse_starlette import EventSourceResponse
 
 from genserve.api.auth import principal
 from genserve.api.chat import check_constraint_tools
-from genserve.api.conversations import context_of, join
+from genserve.api.conversations import context_of, join, join_here
 from genserve.api.errors import APIError, bad_request, http_error
 from genserve.api.logprobs import TokenIds, namer
 from genserve.api.models import runtime_of
@@ -63,6 +63,7 @@ from genserve.runtime.generation import (
 from genserve.runtime.runtime import Runtime
 from genserve.runtime.tokens import TokenText
 from genserve.runtime.tools import ToolsRequest
+from genserve.storage.conversations import ConversationStore
 from genserve.storage.responses import (
     RUNNING,
     LocalResponses,
@@ -150,7 +151,7 @@ async def inputs(rt: Runtime, project: str, body: ResponseInputs) -> Inputs:
     context = await chain(rt, project, body.previous_response_id)
     items = input_items(body.input) if body.input is not None else []
     if conversation is not None:
-        context = context_of(rt, project, conversation, items)
+        context = await context_of(rt, project, conversation, items)
     return Inputs(tools, context, items, conversation)
 
 
@@ -258,7 +259,7 @@ async def save(p: Prepared, obj: dict) -> None:
     """A response that ended with an output: its turn joins its conversation (with `store:
     false` too: the conversation is a store the caller asked for), and it is kept if asked."""
     if p.conversation is not None:
-        join(p.rt, p.project, p.conversation, p.items + obj["output"])
+        await join(p.rt, p.project, p.conversation, p.items + obj["output"])
     if p.body.store is False:
         return
     if p.rt.responses is None and p.rt.database is None:
@@ -312,8 +313,11 @@ async def start_background(http: Request, p: Prepared) -> Response:
     st = StreamState(envelope(started, p.body), p.namer())
     context = p.context + p.items
     run = Run(st, store, started.prompt_tokens, context, lambda cost: account(http, cost))
-    if (conversation := p.conversation) is not None:
-        run.on_output = lambda output: join(p.rt, p.project, conversation, p.items + output)
+    if (conversation := p.conversation) is not None:  # its end is stored synchronously
+        conversations = ConversationStore(store.db)
+        run.on_output = lambda output: join_here(
+            conversations, p.project, conversation, p.items + output
+        )
     row = StoredResponse(st.env.id, p.project, st.env.created_at, run.snapshot(), p.items, context)
     try:
         store.put(row, run.begin())

@@ -17,8 +17,8 @@
 - No filesystem is shared: engine replicas get a private scratch data dir (under their node's
   TMPDIR) and fetch an adapter's files from the control replica into it. Rate limits,
   /metrics and token usage are kept once for the deployment through the control replica
-  (genserve.ray.shared), and so are stored Responses and stored chat completions
-  (genserve.ray.records).
+  (genserve.ray.shared), and so are stored Responses, stored chat completions and
+  conversations (genserve.ray.records).
 """
 
 from __future__ import annotations
@@ -52,7 +52,14 @@ from genserve.ray.bridge import (
     read_body,
     reply_error,
 )
-from genserve.ray.records import RemoteCompletions, RemoteResponses, StoreCall, Stores, answer
+from genserve.ray.records import (
+    RemoteCompletions,
+    RemoteConversations,
+    RemoteResponses,
+    StoreCall,
+    Stores,
+    answer,
+)
 from genserve.ray.shared import (
     Admission,
     ControlLimits,
@@ -389,6 +396,7 @@ class EngineReplica(AppReplica):
         # Stored where every replica finds them: the control replica's store.
         self.runtime.responses = RemoteResponses(control)
         self.runtime.completions = RemoteCompletions(control)
+        self.runtime.conversations = RemoteConversations(control)
         render = self.app.state.metrics.render
         self._reporter = asyncio.create_task(report_metrics_forever(control, self.name, render))
         self._usage: ForwardedLedger | None = None
@@ -550,22 +558,17 @@ def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
     """What a deployment cannot serve coherently, refused up front with a 400:
     - base models are fixed per deployment: loading one at run time on one replica would leave
       the others without it (listing, reading and deleting fine-tuned models work);
-    - the Batch API and conversations: each engine replica has a store of its own, so a
-      batch would not find its input file (it is the control replica's), and a response in a
-      conversation would see the items of the replica it landed on only;
+    - the Batch API: a batch runs apart from any request, against its input file in the
+      control replica's store;
     - background responses: their run lives on the engine replica that started it, and a
       cancel or a live stream landing on another would not reach it.
-    Stored responses and stored chat completions are served: they are kept in the control
-    replica's store (genserve/ray/records.py)."""
+    Stored responses, stored chat completions and conversations are served: they are kept in
+    the control replica's store (genserve/ray/records.py)."""
     if req.path.startswith("/v1/batches"):
         return _refused("the Batch API is not served under Ray Serve yet; run it on one node")
-    if req.path == "/v1/conversations" or req.path.startswith("/v1/conversations/"):
-        return _refused("conversations are not served under Ray Serve yet; run them on one node")
     if req.path == "/v1/responses" and req.method == "POST" and req.json_field("background"):
         # its run, its cancel and its live events belong to the engine replica it started on
         return _refused("background responses are not served under Ray Serve yet", "background")
-    if req.path.startswith("/v1/responses") and req.json_field("conversation") is not None:
-        return _refused("conversations are not served under Ray Serve yet", "conversation")
     if req.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         return _refused("adapters are served at run time only on one node; use --lora-modules")
     if not req.path.startswith("/v1/models") or req.method in ("GET", "HEAD"):

@@ -1,7 +1,7 @@
 """genserve on Ray Serve: a local Ray (3 CPUs, small object store) started here, 2 engine
 replicas behind the edge. Requests spread over both (the x-genserve-replica header), the
 official client works unchanged, the usage API reports both replicas' requests in one report,
-stored responses and stored chat completions are found by every replica,
+stored responses, stored chat completions and conversations are found by every replica,
 a fine-tuned model trained through the API (as a Ray task) is served by the engine replicas
 through Serve's multiplexing, and a replica killed under load is replaced while the client's
 retries succeed."""
@@ -278,6 +278,50 @@ def test_stored_chat_completions_are_found_by_every_replica(ray_url: str) -> Non
         missing = list(pool.map(lambda c: completion_gone(api, c), list(created) * 2))
     assert all(missing)
     assert api.chat.completions.list(metadata={"run": tag}).data == []
+
+
+def test_a_conversation_is_shared_by_every_replica(ray_url: str) -> None:
+    """A conversation's items live in the control replica's store: responses run in it on
+    either replica each see the turns before them, and either replica lists them in order."""
+    api = client_for(ray_url)
+    ada = {"type": "message", "role": "user", "content": "My name is Ada."}
+    conv = api.conversations.create(items=[ada], metadata={"topic": "names"})
+    turns: list[list[str]] = []  # each response's output item ids
+    hops: list[str] = []
+    while len(set(hops)) < 2 and len(hops) < 16:  # until both replicas ran a turn
+        before = api.responses.input_tokens.count(model=MODEL, input="x", conversation=conv.id)
+        raw = api.responses.with_raw_response.create(
+            model=MODEL, input=f"turn {len(hops)}", conversation=conv.id, max_output_tokens=4,
+        )  # fmt: skip
+        turns.append([item.id for item in raw.parse().output])
+        hops.append(raw.headers[REPLICA])
+        after = api.responses.input_tokens.count(model=MODEL, input="x", conversation=conv.id)
+        assert after.input_tokens > before.input_tokens  # the turn joined it, for every replica
+    assert len(set(hops)) == 2, hops
+
+    def listed(_: int) -> tuple[list[str], list[str], str]:
+        raw = api.conversations.items.with_raw_response.list(conv.id, order="asc", limit=100)
+        items = raw.parse().data
+        said = [i.content[0].text for i in items if i.type == "message" and i.role == "user"]
+        return [i.id for i in items], said, raw.headers[REPLICA]
+
+    lists = concurrently(listed, 12)
+    assert {r for _, _, r in lists} == set(hops)  # listed from either replica
+    ids, said, _ = lists[0]
+    assert all(got[:2] == (ids, said) for got in lists), lists
+    assert said == ["My name is Ada.", *(f"turn {i}" for i in range(len(turns)))]
+    at = 1  # after Ada's item: each turn's input, then its output
+    for output in turns:
+        assert ids[at + 1 : at + 1 + len(output)] == output, (ids, turns)
+        at += 1 + len(output)
+    assert at == len(ids)
+    assert api.conversations.retrieve(conv.id).metadata == {"topic": "names"}
+    assert api.conversations.delete(conv.id).deleted
+    for _ in range(4):  # gone for every replica
+        with pytest.raises(openai.NotFoundError):
+            api.conversations.items.list(conv.id)
+        with pytest.raises(openai.NotFoundError):
+            api.responses.create(model=MODEL, input="x", conversation=conv.id)
 
 
 def completion_gone(api: openai.OpenAI, completion_id: str) -> bool:

@@ -1,4 +1,5 @@
-"""Stored responses and chat completions under Ray without a cluster (genserve/ray/records.py):
+"""Stored responses, chat completions and conversations under Ray without a cluster
+(genserve/ray/records.py):
 an engine replica's handlers read and write the control replica's store through an awaited
 handle; the control side answers a whitelist of operations per kind of call, each scoped to the
 caller's project; a call that fails in transit is a 503 the client may retry."""
@@ -16,7 +17,9 @@ from genserve.api.responses import chain, records_of
 from genserve.config import ServerConfig
 from genserve.ray.records import (
     CompletionCall,
+    ConversationCall,
     RemoteCompletions,
+    RemoteConversations,
     RemoteResponses,
     ResponseCall,
     StoreCall,
@@ -26,6 +29,7 @@ from genserve.ray.records import (
 from genserve.runtime.errors import Unavailable
 from genserve.runtime.runtime import Runtime
 from genserve.storage.completions import CompletionQuery, StoredCompletion
+from genserve.storage.conversations import ItemPage, StoredConversation
 from genserve.storage.db import open_database
 from genserve.storage.responses import StoredEvent, StoredResponse
 
@@ -199,3 +203,90 @@ async def test_a_chat_completion_is_saved_and_read_through_the_remote_records(
     got = control.stores.completions.get("chatcmpl-1", "p")
     assert got is not None and got.body["metadata"] == {"k": "v"}
     assert [m["content"] for m in got.messages] == ["hi"]
+
+
+# --- conversations ---------------------------------------------------------------------------
+
+
+def msg(item_id: str) -> dict:
+    return {"id": item_id, "type": "message", "role": "user", "content": [], "status": "completed"}
+
+
+def item_ids(items: list[dict]) -> list[str]:
+    return [i["id"] for i in items]
+
+
+async def test_a_conversation_is_shared_by_every_replica(control: FakeControl) -> None:
+    one, other = RemoteConversations(control), RemoteConversations(control)
+    await one.create(StoredConversation("conv_1", "p", 1, {"k": "v"}), [msg("m0")])
+    assert await other.get("conv_1", "p") == StoredConversation("conv_1", "p", 1, {"k": "v"})
+    assert await other.append("conv_1", "p", [msg("m1"), msg("m2")])
+    assert await one.append("conv_1", "p", [msg("m3")])
+    assert item_ids(await other.items("conv_1", "p")) == ["m0", "m1", "m2", "m3"]
+    assert await one.taken("conv_1", "p", ["m2", "mx"]) == ["m2"]
+    page = await other.page("conv_1", "p", "m0", 2, False)
+    assert page is not None and item_ids(page.items) == ["m1", "m2"] and page.has_more
+    page = await one.page("conv_1", "p", None, 10, True)
+    assert page is not None and item_ids(page.items) == ["m3", "m2", "m1", "m0"]
+    assert await one.page("conv_1", "p", "nope", 10, True) is None
+    assert (await other.item("conv_1", "p", "m1")) == msg("m1")
+    assert await one.delete_item("conv_1", "p", "m1")
+    assert await other.item("conv_1", "p", "m1") is None
+    assert await other.set_metadata("conv_1", "p", {"k": "w"})
+    assert (await one.get("conv_1", "p")).metadata == {"k": "w"}  # type: ignore[union-attr]
+    assert await one.delete("conv_1", "p")
+    assert await other.get("conv_1", "p") is None
+    assert not await other.append("conv_1", "p", [msg("m4")])  # deleted while one ran
+
+
+async def test_another_projects_caller_cannot_reach_a_conversation(control: FakeControl) -> None:
+    records = RemoteConversations(control)
+    await records.create(StoredConversation("conv_1", "p", 1, {"k": "v"}), [msg("m0")])
+    assert await records.get("conv_1", "q") is None
+    assert await records.items("conv_1", "q") == []
+    assert await records.taken("conv_1", "q", ["m0"]) == []
+    assert await records.page("conv_1", "q", None, 10, False) == ItemPage([], False)
+    assert await records.item("conv_1", "q", "m0") is None
+    assert not await records.delete_item("conv_1", "q", "m0")
+    assert not await records.append("conv_1", "q", [msg("planted")])
+    assert not await records.set_metadata("conv_1", "q", {"k": "stolen"})
+    assert not await records.delete("conv_1", "q")
+    kept = await records.get("conv_1", "p")
+    assert kept is not None and kept.metadata == {"k": "v"}
+    assert item_ids(await records.items("conv_1", "p")) == ["m0"]
+
+
+def test_the_control_side_answers_only_whitelisted_conversation_calls(
+    control: FakeControl,
+) -> None:
+    stores = control.stores
+    for op in ("_cursor", "__init__", "db", "get_item"):
+        with pytest.raises(ValueError):
+            answer(stores, ConversationCall(op, "p"))
+    theirs = StoredConversation("conv_x", "q", 1, {})
+    with pytest.raises(ValueError):  # a conversation under another project than the caller's
+        answer(stores, ConversationCall("create", "p", "conv_x", theirs))
+    with pytest.raises(ValueError):
+        answer(stores, ConversationCall("set_metadata", "p", "conv_x"))  # no metadata
+    assert stores.conversations.get("conv_x", "q") is None
+
+
+async def test_a_response_in_a_conversation_reads_and_joins_the_control_replicas_store(
+    control: FakeControl,
+) -> None:
+    """The handlers' path: a runtime given remote records reads a conversation's items as a
+    response's context, and appends its turn there."""
+    from genserve.api.conversations import context_of, join, records_of
+
+    rt = Runtime(ServerConfig(), ready=True, conversations=RemoteConversations(control))
+    assert records_of(rt) is rt.conversations
+    await rt.conversations.create(StoredConversation("conv_1", "p", 1, {}), [msg("m0")])
+    assert item_ids(await context_of(rt, "p", "conv_1", [msg("m1")])) == ["m0"]
+    with pytest.raises(APIError) as e:  # an input item the conversation has: 400
+        await context_of(rt, "p", "conv_1", [msg("m0")])
+    assert e.value.status == 400
+    with pytest.raises(APIError) as e:  # another project's: not found
+        await context_of(rt, "q", "conv_1", [])
+    assert e.value.status == 404 and e.value.param == "conversation"
+    await join(rt, "p", "conv_1", [msg("m1"), msg("out")])
+    assert item_ids(control.stores.conversations.items("conv_1")) == ["m0", "m1", "out"]
