@@ -18,7 +18,9 @@
   TMPDIR) and fetch an adapter's files from the control replica into it. Rate limits,
   /metrics and token usage are kept once for the deployment through the control replica
   (genserve.ray.shared), and so are stored Responses, stored chat completions and
-  conversations (genserve.ray.records).
+  conversations (genserve.ray.records). A background response runs on the engine replica that
+  started it and writes its state and events to that store as it goes; another replica reads
+  them there, and records a cancel there for the running one to see.
 """
 
 from __future__ import annotations
@@ -559,16 +561,11 @@ def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
     - base models are fixed per deployment: loading one at run time on one replica would leave
       the others without it (listing, reading and deleting fine-tuned models work);
     - the Batch API: a batch runs apart from any request, against its input file in the
-      control replica's store;
-    - background responses: their run lives on the engine replica that started it, and a
-      cancel or a live stream landing on another would not reach it.
-    Stored responses, stored chat completions and conversations are served: they are kept in
-    the control replica's store (genserve/ray/records.py)."""
+      control replica's store.
+    Stored responses (background ones too), stored chat completions and conversations are
+    served: they are kept in the control replica's store (genserve/ray/records.py)."""
     if req.path.startswith("/v1/batches"):
         return _refused("the Batch API is not served under Ray Serve yet; run it on one node")
-    if req.path == "/v1/responses" and req.method == "POST" and req.json_field("background"):
-        # its run, its cancel and its live events belong to the engine replica it started on
-        return _refused("background responses are not served under Ray Serve yet", "background")
     if req.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         return _refused("adapters are served at run time only on one node; use --lora-modules")
     if not req.path.startswith("/v1/models") or req.method in ("GET", "HEAD"):

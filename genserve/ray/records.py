@@ -11,8 +11,9 @@ per kind of call, each scoped to the caller's project as on one node (a row of a
 reads as missing, and cannot be written, updated or deleted; a conversation of another project
 has no items). A call is a typed dataclass (`ResponseCall`, `CompletionCall`,
 `ConversationCall`) naming its operation and carrying only what that operation needs.
-Background responses are not stored this way: under Ray the edge refuses them (their run, its
-cancel and its live events belong to one replica).
+A background response runs on the engine replica that started it and writes its state and
+events here as it goes; a cancel asked through another replica is recorded here
+(`request_cancel`) and read by the running one (`cancel_requested`).
 
 No Ray import here: the control replica's handle is passed in.
 """
@@ -58,8 +59,9 @@ class ResponseCall:
     project: str  # the caller's, as the engine replica authenticated it
     response_id: str = ""
     row: StoredResponse | None = None  # put
-    events: tuple[StoredEvent, ...] = ()  # put
+    events: tuple[StoredEvent, ...] = ()  # put, update, add_events
     body: dict | None = None  # update
+    context: list[dict] | None = None  # update, once a background response has ended
     after: int = -1  # events_after
 
 
@@ -118,27 +120,57 @@ def _response_put(store: ResponseStore, call: ResponseCall) -> None:
     store.put(call.row, call.events)
 
 
+def _response_owned(store: ResponseStore, call: ResponseCall) -> bool:
+    """Whether the caller's project has the response (another project's reads as missing; a
+    deleted one takes no more writes from the run that still ends it)."""
+    return store.get(call.response_id, call.project) is not None
+
+
 def _response_update(store: ResponseStore, call: ResponseCall) -> bool:
+    """Whether a cancel of it was asked: a running background response learns it as it
+    writes (False when it is not the caller's, or was deleted)."""
     if call.body is None or not isinstance(call.body.get("status"), str):
         raise ValueError("an update carries the response's body, with its status")
-    if store.get(call.response_id, call.project) is None:  # another project's: untouched
+    if not _response_owned(store, call):
         return False
-    store.update(call.response_id, call.body)
-    return True
+    store.update(call.response_id, call.body, call.context, call.events)
+    return store.cancel_requested(call.response_id)
+
+
+def _response_add_events(store: ResponseStore, call: ResponseCall) -> bool:
+    """As `_response_update`: whether a cancel of it was asked."""
+    if not _response_owned(store, call):
+        return False
+    store.add_events(call.response_id, call.events)
+    return store.cancel_requested(call.response_id)
 
 
 def _response_events(store: ResponseStore, call: ResponseCall) -> list[StoredEvent]:
-    if store.get(call.response_id, call.project) is None:
+    if not _response_owned(store, call):
         return []
     return store.events_after(call.response_id, call.after)
+
+
+def _request_cancel(store: ResponseStore, call: ResponseCall) -> bool:
+    if not _response_owned(store, call):
+        return False
+    store.request_cancel(call.response_id)
+    return True
+
+
+def _cancel_requested(store: ResponseStore, call: ResponseCall) -> bool:
+    return _response_owned(store, call) and store.cancel_requested(call.response_id)
 
 
 RESPONSE_OPS: dict[str, Callable[[ResponseStore, ResponseCall], Any]] = {
     "get": lambda store, call: store.get(call.response_id, call.project),
     "put": _response_put,
     "update": _response_update,
+    "add_events": _response_add_events,
     "delete": lambda store, call: store.delete(call.response_id, call.project),
     "events_after": _response_events,
+    "request_cancel": _request_cancel,
+    "cancel_requested": _cancel_requested,
 }
 
 
@@ -287,14 +319,36 @@ class RemoteResponses(Remote):
     async def put(self, r: StoredResponse, events: Sequence[StoredEvent] = ()) -> None:
         await self._call(ResponseCall("put", r.project, r.id, row=r, events=tuple(events)))
 
-    async def update(self, response_id: str, project: str, body: dict) -> None:
-        await self._call(ResponseCall("update", project, response_id, body=body))
+    async def update(
+        self,
+        response_id: str,
+        project: str,
+        body: dict,
+        context: list[dict] | None = None,
+        events: Sequence[StoredEvent] = (),
+    ) -> bool:
+        call = ResponseCall(
+            "update", project, response_id, events=tuple(events), body=body, context=context
+        )
+        return await self._call(call)
+
+    async def add_events(
+        self, response_id: str, project: str, events: Sequence[StoredEvent]
+    ) -> bool:
+        call = ResponseCall("add_events", project, response_id, events=tuple(events))
+        return await self._call(call)
 
     async def delete(self, response_id: str, project: str) -> bool:
         return await self._call(ResponseCall("delete", project, response_id))
 
     async def events_after(self, response_id: str, project: str, seq: int) -> list[StoredEvent]:
         return await self._call(ResponseCall("events_after", project, response_id, after=seq))
+
+    async def request_cancel(self, response_id: str, project: str) -> None:
+        await self._call(ResponseCall("request_cancel", project, response_id))
+
+    async def cancel_requested(self, response_id: str, project: str) -> bool:
+        return await self._call(ResponseCall("cancel_requested", project, response_id))
 
 
 class RemoteCompletions(Remote):

@@ -134,15 +134,14 @@ def test_conversations_are_served_under_ray() -> None:
         assert unsupported_on_ray(req) is None, req
 
 
-def test_stored_responses_are_served_but_background_ones_are_refused_under_ray() -> None:
+def test_stored_and_background_responses_are_served_under_ray() -> None:
     """Stored responses live in the control replica's store (genserve/ray/records.py); a
-    background one runs on the replica that started it, which a cancel or a live stream
-    landing on another would not reach."""
-    err = unsupported_on_ray(request("/v1/responses", {"model": "x", "background": True}))
-    assert err is not None and err.code == "unsupported_on_ray" and err.param == "background"
+    background one runs on the replica that started it and writes its state there, where the
+    others read it and ask for its cancel."""
     served = [
         request("/v1/responses", {"model": "x", "input": "hi", "store": True}),
         request("/v1/responses", {"model": "x", "input": "hi", "background": False}),
+        request("/v1/responses", {"model": "x", "input": "hi", "background": True}),
         request("/v1/responses", {"model": "x", "previous_response_id": "resp_1"}),
         request("/v1/responses/resp_1", method="GET"),
         request("/v1/responses/resp_1", method="DELETE"),

@@ -80,7 +80,11 @@ async def test_another_projects_caller_cannot_reach_a_response(control: FakeCont
     await records.put(row("resp_1"), [StoredEvent(0, "response.created", "{}")])
     assert await records.get("resp_1", "q") is None
     assert await records.events_after("resp_1", "q", -1) == []
-    await records.update("resp_1", "q", {"status": "cancelled"})
+    assert not await records.update("resp_1", "q", {"status": "cancelled"})
+    assert not await records.add_events("resp_1", "q", [StoredEvent(1, "planted", "{}")])
+    await records.request_cancel("resp_1", "q")
+    assert not await records.cancel_requested("resp_1", "q")
+    assert not await records.cancel_requested("resp_1", "p")  # nothing was recorded
     assert not await records.delete("resp_1", "q")
     kept = await records.get("resp_1", "p")
     assert kept is not None and kept.status == "completed"  # the update did not touch it
