@@ -168,10 +168,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     rt, project = runtime_of(request), principal(request).project
     events = generate(rt, chat_request(rt, project, body))
 
-    def keep(done: Collected) -> dict:
+    async def keep(done: Collected) -> dict:
         obj = chat_completion(body, done)
         if body.store:
-            stored.save(rt, project, body, obj)
+            await stored.save(rt, project, body, obj)
         return obj
 
     if body.stream:
@@ -181,7 +181,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return stream_chat(request, body, started, events)
     done = await collect(events, request.is_disconnected)
     account(request, collected_use(done))
-    return JSONResponse(keep(done))
+    return JSONResponse(await keep(done))
 
 
 def chat_completion(body: ChatCompletionRequest, done: Collected) -> dict:

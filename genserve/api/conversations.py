@@ -6,7 +6,8 @@ call), listed, read and deleted by id. Another project's key gets 404, as for a 
 `conversation` on /v1/responses (api/responses.py) runs a response with the conversation's items
 before its input (`context_of`) and, once the response has ended, appends its input and output
 (`join`). Items are checked by the rules of a response's input (responses_wire.input_items),
-with its 400s, naming `items`.
+with its 400s, naming `items`. The handlers reach the store through an awaited
+`ConversationRecords` (`records_of`): this process's store, or under Ray the control replica's.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from genserve.api.responses_wire import INCLUDABLE, LOGPROBS, input_items, new_i
 from genserve.api.schemas import Metadata, WireModel
 from genserve.runtime.errors import Unavailable
 from genserve.runtime.runtime import Runtime
-from genserve.storage.conversations import ConversationStore, StoredConversation
+from genserve.storage.conversations import (
+    ConversationRecords,
+    ConversationStore,
+    LocalConversations,
+    StoredConversation,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -43,11 +49,15 @@ def not_found(conversation_id: str, param: str = "conversation_id") -> APIError:
     return APIError(404, msg, param, "not_found")
 
 
-def store_of(rt: Runtime) -> ConversationStore:
+def records_of(rt: Runtime) -> ConversationRecords:
+    """Where conversations are read and written: this process's store, or the one the runtime
+    was given (a Ray engine replica's: the control replica's, genserve/ray/records.py)."""
     rt.require_ready()
+    if rt.conversations is not None:
+        return rt.conversations
     if rt.database is None:
         raise Unavailable("conversation storage is unavailable: the database did not open")
-    return ConversationStore(rt.database)
+    return LocalConversations(ConversationStore(rt.database))
 
 
 def unique(items: Sequence[dict], taken: Collection[str], param: str) -> None:
@@ -61,25 +71,39 @@ def unique(items: Sequence[dict], taken: Collection[str], param: str) -> None:
 
 
 # --- a response in a conversation ------------------------------------------------------------
-def context_of(rt: Runtime, project: str, conversation_id: str, items: Sequence[dict]) -> list:
+async def context_of(
+    rt: Runtime, project: str, conversation_id: str, items: Sequence[dict]
+) -> list[dict]:
     """What a response in the conversation sees before its input: every item, oldest first.
     404 for a conversation the project does not have; 400 for an input item whose id the
     conversation has (appending it would make two)."""
-    store = store_of(rt)
-    if store.get(conversation_id, project) is None:
+    records = records_of(rt)
+    if await records.get(conversation_id, project) is None:
         raise not_found(conversation_id, "conversation")
-    context = store.items(conversation_id)
+    context = await records.items(conversation_id, project)
     unique(items, [item["id"] for item in context], "input")
     return context
 
 
-def join(rt: Runtime, project: str, conversation_id: str, items: Sequence[dict]) -> None:
+async def join(rt: Runtime, project: str, conversation_id: str, items: Sequence[dict]) -> None:
     """A response's input and output, appended once it has ended with an output (completed or
     incomplete); nothing when the conversation was deleted meanwhile."""
-    if rt.database is None:  # answered anyway, as an unstored response is
+    if rt.conversations is None and rt.database is None:  # answered anyway, as unstored
         log.warning("conversation %s: turn not kept, the database did not open", conversation_id)
         return
-    if not ConversationStore(rt.database).append(conversation_id, project, items):
+    joined(await records_of(rt).append(conversation_id, project, items), conversation_id)
+
+
+def join_here(
+    store: ConversationStore, project: str, conversation_id: str, items: Sequence[dict]
+) -> None:
+    """`join` for a background response's run, whose end is stored synchronously in this
+    process's store (background responses run on one node only)."""
+    joined(store.append(conversation_id, project, items), conversation_id)
+
+
+def joined(appended: bool, conversation_id: str) -> None:
+    if not appended:
         log.info("conversation %s was deleted while a response ran in it", conversation_id)
 
 
@@ -125,12 +149,14 @@ def shown(item: dict, logprobs: bool) -> dict:
     return {**item, "content": parts}
 
 
-def found(request: Request, conversation_id: str) -> tuple[ConversationStore, StoredConversation]:
-    store = store_of(runtime_of(request))
-    conversation = store.get(conversation_id, principal(request).project)
+async def found(
+    request: Request, conversation_id: str
+) -> tuple[ConversationRecords, StoredConversation]:
+    records = records_of(runtime_of(request))
+    conversation = await records.get(conversation_id, principal(request).project)
     if conversation is None:
         raise not_found(conversation_id)
-    return store, conversation
+    return records, conversation
 
 
 @router.post("/v1/conversations")
@@ -139,13 +165,13 @@ async def create_conversation(body: CreateBody, request: Request) -> JSONRespons
     unique(items, (), "items")
     project = principal(request).project
     made = StoredConversation(new_id("conv"), project, int(time.time()), body.metadata or {})
-    store_of(runtime_of(request)).create(made, items)
+    await records_of(runtime_of(request)).create(made, items)
     return JSONResponse(made.body())
 
 
 @router.get("/v1/conversations/{conversation_id}")
 async def retrieve_conversation(conversation_id: str, request: Request) -> JSONResponse:
-    return JSONResponse(found(request, conversation_id)[1].body())
+    return JSONResponse((await found(request, conversation_id))[1].body())
 
 
 @router.post("/v1/conversations/{conversation_id}")
@@ -153,9 +179,9 @@ async def update_conversation(
     conversation_id: str, body: UpdateBody, request: Request
 ) -> JSONResponse:
     """Only the metadata changes (OpenAI's rule): replaced whole; null clears it."""
-    store, conversation = found(request, conversation_id)
+    records, conversation = await found(request, conversation_id)
     metadata = body.metadata or {}
-    if not store.set_metadata(conversation_id, conversation.project, metadata):
+    if not await records.set_metadata(conversation_id, conversation.project, metadata):
         raise not_found(conversation_id)  # deleted meanwhile
     return JSONResponse(dataclasses.replace(conversation, metadata=metadata).body())
 
@@ -163,8 +189,8 @@ async def update_conversation(
 @router.delete("/v1/conversations/{conversation_id}")
 async def delete_conversation(conversation_id: str, request: Request) -> JSONResponse:
     """The conversation and its items; the responses run in it stay."""
-    store, conversation = found(request, conversation_id)
-    if not store.delete(conversation_id, conversation.project):
+    records, conversation = await found(request, conversation_id)
+    if not await records.delete(conversation_id, conversation.project):
         raise not_found(conversation_id)
     return JSONResponse({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
 
@@ -172,10 +198,12 @@ async def delete_conversation(conversation_id: str, request: Request) -> JSONRes
 @router.post("/v1/conversations/{conversation_id}/items")
 async def add_items(conversation_id: str, body: ItemsBody, request: Request) -> JSONResponse:
     logprobs = wants_logprobs(request)
-    store, conversation = found(request, conversation_id)
+    records, conversation = await found(request, conversation_id)
+    project = conversation.project
     items = input_items(body.items, "items")
-    unique(items, store.taken(conversation_id, [item["id"] for item in items]), "items")
-    if not store.append(conversation_id, conversation.project, items):
+    taken = await records.taken(conversation_id, project, [item["id"] for item in items])
+    unique(items, taken, "items")
+    if not await records.append(conversation_id, project, items):
         raise not_found(conversation_id)  # deleted meanwhile
     return JSONResponse(listing([shown(item, logprobs) for item in items], False))
 
@@ -189,8 +217,8 @@ async def list_items(
     order: Literal["asc", "desc"] = "desc",
 ) -> JSONResponse:
     logprobs = wants_logprobs(request)
-    store, _ = found(request, conversation_id)
-    page = store.page(conversation_id, after, limit, order == "desc")
+    records, conversation = await found(request, conversation_id)
+    page = await records.page(conversation_id, conversation.project, after, limit, order == "desc")
     if page is None:
         raise bad_request(f"no item `{after}` in this conversation", "after")
     return JSONResponse(listing([shown(item, logprobs) for item in page.items], page.has_more))
@@ -199,8 +227,8 @@ async def list_items(
 @router.get("/v1/conversations/{conversation_id}/items/{item_id}")
 async def retrieve_item(conversation_id: str, item_id: str, request: Request) -> JSONResponse:
     logprobs = wants_logprobs(request)
-    store, _ = found(request, conversation_id)
-    item = store.item(conversation_id, item_id)
+    records, conversation = await found(request, conversation_id)
+    item = await records.item(conversation_id, conversation.project, item_id)
     if item is None:
         raise item_not_found(item_id)
     return JSONResponse(shown(item, logprobs))
@@ -209,8 +237,8 @@ async def retrieve_item(conversation_id: str, item_id: str, request: Request) ->
 @router.delete("/v1/conversations/{conversation_id}/items/{item_id}")
 async def delete_item(conversation_id: str, item_id: str, request: Request) -> JSONResponse:
     """Answers the conversation, as OpenAI's does."""
-    store, conversation = found(request, conversation_id)
-    if not store.delete_item(conversation_id, item_id):
+    records, conversation = await found(request, conversation_id)
+    if not await records.delete_item(conversation_id, conversation.project, item_id):
         raise item_not_found(item_id)
     return JSONResponse(conversation.body())
 

@@ -13,9 +13,11 @@ process apart from their request (responses_background.py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -25,12 +27,20 @@ from sse_starlette import EventSourceResponse
 
 from genserve.api.auth import principal
 from genserve.api.chat import check_constraint_tools
-from genserve.api.conversations import context_of, join
+from genserve.api.conversations import context_of, join, join_here
 from genserve.api.errors import APIError, bad_request, http_error
 from genserve.api.logprobs import TokenIds, namer
 from genserve.api.models import runtime_of
 from genserve.api.pages import after_id, listing
-from genserve.api.responses_background import BackgroundResponses, Frame, Run, follow, replay
+from genserve.api.responses_background import (
+    BackgroundResponses,
+    ForwardedWrites,
+    Frame,
+    Run,
+    RunStore,
+    follow,
+    replay,
+)
 from genserve.api.responses_events import StreamState, advance, close_all, step
 from genserve.api.responses_wire import (
     Envelope,
@@ -63,6 +73,7 @@ from genserve.runtime.generation import (
 from genserve.runtime.runtime import Runtime
 from genserve.runtime.tokens import TokenText
 from genserve.runtime.tools import ToolsRequest
+from genserve.storage.conversations import ConversationStore
 from genserve.storage.responses import (
     RUNNING,
     LocalResponses,
@@ -76,6 +87,12 @@ __all__ = ["StreamState", "close_all", "router", "step"]  # the events' module, 
 log = logging.getLogger(__name__)
 router = APIRouter()
 MAX_SEQ = 2**62  # a sequence number past any stream's, within SQLite's integers
+# Under Ray, for a background response that runs on another replica: how often its stored
+# state is read, how long a cancel waits for its end to be stored, and how long a stream
+# waits for a new event before it takes the run as gone with its replica.
+POLL_S = 0.5
+CANCEL_WAIT_S = 10.0
+STALE_S = 60.0
 
 
 def not_found(response_id: str, param: str = "response_id") -> APIError:
@@ -101,6 +118,12 @@ def records_of(rt: Runtime) -> ResponseRecords:
 
 def background_of(http: Request) -> BackgroundResponses:
     return http.app.state.background
+
+
+def elsewhere(rt: Runtime) -> bool:
+    """Whether the store is shared with other replicas (under Ray), so that a background
+    response stored as running may run on another one."""
+    return rt.responses is not None
 
 
 @dataclass(slots=True)
@@ -150,7 +173,7 @@ async def inputs(rt: Runtime, project: str, body: ResponseInputs) -> Inputs:
     context = await chain(rt, project, body.previous_response_id)
     items = input_items(body.input) if body.input is not None else []
     if conversation is not None:
-        context = context_of(rt, project, conversation, items)
+        context = await context_of(rt, project, conversation, items)
     return Inputs(tools, context, items, conversation)
 
 
@@ -258,7 +281,7 @@ async def save(p: Prepared, obj: dict) -> None:
     """A response that ended with an output: its turn joins its conversation (with `store:
     false` too: the conversation is a store the caller asked for), and it is kept if asked."""
     if p.conversation is not None:
-        join(p.rt, p.project, p.conversation, p.items + obj["output"])
+        await join(p.rt, p.project, p.conversation, p.items + obj["output"])
     if p.body.store is False:
         return
     if p.rt.responses is None and p.rt.database is None:
@@ -303,27 +326,54 @@ async def stream(
 async def start_background(http: Request, p: Prepared) -> Response:
     """Admit it (its 400s and 429s answer this request), store it `queued`, run it apart from
     this request; answer the queued Response object, or follow its events when streamed."""
-    if p.rt.responses is not None:  # its run, its cancel and its live events are this process's
-        msg = "background responses are not served under Ray Serve yet; run them on one node"
-        raise bad_request(msg, "background", "unsupported_on_ray")
-    store = store_of(p.rt)  # a 503 before anything runs when there is nowhere to keep it
+    records = records_of(p.rt)  # a 503 before anything runs when there is nowhere to keep it
     events = generate(p.rt, p.request)
     started = await first_event(events)
     st = StreamState(envelope(started, p.body), p.namer())
     context = p.context + p.items
-    run = Run(st, store, started.prompt_tokens, context, lambda cost: account(http, cost))
-    if (conversation := p.conversation) is not None:
-        run.on_output = lambda output: join(p.rt, p.project, conversation, p.items + output)
+    run = Run(
+        st, run_store(http, p, st.env.id), started.prompt_tokens, context,
+        lambda cost: account(http, cost),
+    )  # fmt: skip
+    if isinstance(run.store, ForwardedWrites):
+        run.settle = run.store.settle
+    run.on_output = joins(p, run.store)
     row = StoredResponse(st.env.id, p.project, st.env.created_at, run.snapshot(), p.items, context)
     try:
-        store.put(row, run.begin())
+        await records.put(row, run.begin())
     except BaseException:
         await events.aclose()  # type: ignore[attr-defined]
+        if run.settle is not None:
+            await run.settle()
         raise
     background_of(http).start(run, events)
     if p.body.stream:  # the client leaving ends only its own following, not the run
         return EventSourceResponse(follow(run, -1), sep="\n")
     return JSONResponse(run.snapshot())
+
+
+def run_store(http: Request, p: Prepared, response_id: str) -> RunStore:
+    """Where a run writes: this process's store, or under Ray the control replica's (its
+    writes forwarded in order; a cancel asked through another replica cancels it here)."""
+    if p.rt.responses is None:
+        return store_of(p.rt)
+    background = background_of(http)
+    return ForwardedWrites(
+        p.rt.responses, p.project, response_id, lambda: background.cancel_id(response_id)
+    )
+
+
+def joins(p: Prepared, store: RunStore) -> Callable[[list[dict]], None] | None:
+    """A run's conversation turn, appended once it has ended with an output: in this
+    process's store as its end is, or under Ray after its forwarded writes."""
+    if (conversation := p.conversation) is None:
+        return None
+    if isinstance(store, ForwardedWrites):
+        return lambda output: store.later(
+            lambda: join(p.rt, p.project, conversation, p.items + output)
+        )
+    conversations = ConversationStore(store_of(p.rt).db)
+    return lambda output: join_here(conversations, p.project, conversation, p.items + output)
 
 
 @router.post("/v1/responses/{response_id}/cancel")
@@ -339,7 +389,9 @@ async def cancel_response(response_id: str, request: Request) -> JSONResponse:
     if run is not None:
         await background_of(request).cancel(run)
         found = await stored(store, response_id, project)
-    if found.status in RUNNING:  # nothing runs it here any more (its end was not stored)
+    elif found.status in RUNNING and elsewhere(runtime_of(request)):
+        found = await cancel_elsewhere(store, response_id, project)
+    if found.status in RUNNING:  # nothing runs it any more (its end was not stored)
         await store.update(response_id, project, found.body | {"status": "cancelled"})
         found = await stored(store, response_id, project)
     if found.status != "cancelled":
@@ -358,6 +410,41 @@ async def stored(store: ResponseRecords, response_id: str, project: str) -> Stor
 async def frames_of(frames: Iterable[Frame]) -> AsyncIterator[Frame]:
     for frame in frames:
         yield frame
+
+
+async def cancel_elsewhere(
+    store: ResponseRecords, response_id: str, project: str
+) -> StoredResponse:
+    """Under Ray, a run on another replica: ask for its cancel through the store, which that
+    replica reads every CANCEL_CHECK_S, and wait for its end to be stored. One still running
+    after CANCEL_WAIT_S is answered as it stands (its replica is likely gone)."""
+    await store.request_cancel(response_id, project)
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while True:
+        found = await stored(store, response_id, project)
+        if found.status not in RUNNING or time.monotonic() >= deadline:
+            return found
+        await asyncio.sleep(POLL_S)
+
+
+async def polled(
+    store: ResponseRecords, response_id: str, project: str, after: int
+) -> AsyncIterator[Frame]:
+    """A background response that runs on another replica (under Ray): its events as they are
+    stored, read every POLL_S until its stored status is final. The status is read before the
+    events: its last events are stored with its final status, so none is missed. Ends after
+    STALE_S without a new event (its replica is likely gone), as a cut stream."""
+    fresh = time.monotonic()
+    while True:
+        found = await store.get(response_id, project)
+        events = await store.events_after(response_id, project, after)
+        for frame in replay(events):
+            yield frame
+        if events:
+            after, fresh = events[-1].seq, time.monotonic()
+        if found is None or found.status not in RUNNING or time.monotonic() - fresh > STALE_S:
+            return
+        await asyncio.sleep(POLL_S)
 
 
 # -- stored responses -------------------------------------------------------------------------
@@ -381,6 +468,8 @@ async def retrieve_response(
     after = -1 if starting_after is None else starting_after
     if run is not None:
         return EventSourceResponse(follow(run, after), sep="\n")
+    if found.status in RUNNING:  # it runs on another replica (under Ray)
+        return EventSourceResponse(polled(store, response_id, project, after), sep="\n")
     ended = await store.events_after(response_id, project, after)
     return EventSourceResponse(frames_of(replay(ended)), sep="\n")
 
@@ -389,10 +478,12 @@ async def retrieve_response(
 async def delete_response(response_id: str, request: Request) -> JSONResponse:
     """A background response still running is cancelled first (its run would write it)."""
     store, project = records_of(runtime_of(request)), principal(request).project
-    await stored(store, response_id, project)
+    found = await stored(store, response_id, project)
     run = background_of(request).live(response_id)
     if run is not None:
         await background_of(request).cancel(run)
+    elif found.background and found.status in RUNNING and elsewhere(runtime_of(request)):
+        await cancel_elsewhere(store, response_id, project)
     if not await store.delete(response_id, project):
         raise not_found(response_id)
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})

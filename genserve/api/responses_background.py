@@ -11,6 +11,12 @@ they stay as long as the response does (DELETE removes both).
 
 Cancelling a run (POST .../cancel, DELETE, the server's shutdown) cancels its task: leaving
 the generation's events aborts the engine's requests, as a client leaving a stream does.
+
+Under Ray a run lives on the engine replica that started it, and its store is the control
+replica's: `ForwardedWrites` sends its writes there in order from a task of its own (the run
+never waits on a round trip), and reads every CANCEL_CHECK_S whether a cancel was asked
+through another replica (storage/responses.py `request_cancel`). Another replica answers a GET
+from the stored state, and a stream by polling the stored events (api/responses.py).
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from genserve.api.middleware import EdgeState
 from genserve.api.responses_events import (
@@ -32,7 +40,7 @@ from genserve.api.responses_events import (
 from genserve.api.responses_wire import response_object, usage
 from genserve.runtime.errors import DomainError, InvalidRequest, Overloaded
 from genserve.runtime.generation import ChoiceDelta, Event
-from genserve.storage.responses import EVENTS_FLUSH_EVERY, ResponseStore, StoredEvent
+from genserve.storage.responses import EVENTS_FLUSH_EVERY, ResponseRecords, StoredEvent
 from genserve.storage.usage import Used
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,23 @@ Frame = dict  # one SSE event: {"event": its type, "data": its JSON}
 CANCELLED = "cancelled"  # Run.stop for a cancel; any other value is the failure's message
 SHUTDOWN = "the server shut down before this response finished; create it again"
 INTERNAL = "the server had an error while generating this response"
+CANCEL_CHECK_S = 1.0  # how soon a run under Ray sees a cancel asked through another replica
+Write = Callable[[], Awaitable[object]]
+
+
+class RunStore(Protocol):
+    """Where a run writes as it goes, synchronously: this process's ResponseStore, or under
+    Ray a ForwardedWrites."""
+
+    def add_events(self, response_id: str, events: Sequence[StoredEvent]) -> None: ...
+
+    def update(
+        self,
+        response_id: str,
+        body: dict,
+        context: list[dict] | None = None,
+        events: Sequence[StoredEvent] = (),
+    ) -> None: ...
 
 
 @dataclass(slots=True)
@@ -47,13 +72,16 @@ class Run:
     """One background response while it runs. `events[i]` is the event numbered i."""
 
     st: StreamState
-    store: ResponseStore
+    store: RunStore
     prompt_tokens: int
     context: list[dict]  # the chain's items and this input: its output joins them at the end
     on_end: Callable[[Used], None]  # called once, with the tokens it cost
     # Called with its output once it has completed or is incomplete (not when it failed or
     # was cancelled): its conversation's turn.
     on_output: Callable[[list[dict]], None] | None = None
+    # Awaited once it has ended, before it stops counting as in flight: its writes all sent
+    # (under Ray, ForwardedWrites.settle).
+    settle: Callable[[], Awaitable[None]] | None = None
     status: str = "queued"
     events: list[Frame] = field(default_factory=list)
     flushed: int = 0  # events[:flushed] are in the store
@@ -186,6 +214,11 @@ class BackgroundResponses:
     def live(self, response_id: str) -> Run | None:
         return self.runs.get(response_id)
 
+    async def cancel_id(self, response_id: str) -> None:
+        run = self.live(response_id)
+        if run is not None:
+            await self.cancel(run)
+
     async def cancel(self, run: Run, why: str = CANCELLED) -> None:
         """Stop a run and wait for its end to be stored (a second call waits the same)."""
         run.stop = run.stop or why
@@ -220,6 +253,13 @@ class BackgroundResponses:
         else:
             run.end(run.st.status)
         finally:
+            await self._settle(run)
+
+    async def _settle(self, run: Run) -> None:
+        try:
+            if run.settle is not None:  # shielded: a second cancel must not lose its end
+                await asyncio.shield(run.settle())
+        finally:
             self.runs.pop(run.id, None)
             self.edge.in_flight -= 1
 
@@ -229,3 +269,72 @@ def end_stopped(run: Run) -> None:
         run.end(CANCELLED)
     else:
         run.end("failed", {"code": "server_error", "message": run.stop or SHUTDOWN})
+
+
+class ForwardedWrites:
+    """A background run's writes under Ray (a RunStore): the run makes them synchronously, as
+    to its own store; they reach the control replica's store in order, one at a time, from a
+    task of their own. Each write answers whether a replica that does not run it asked to
+    cancel it, and the same task asks too when CANCEL_CHECK_S pass without one (a queued or a
+    slow run); it is then cancelled here (`on_cancel`)."""
+
+    def __init__(
+        self, records: ResponseRecords, project: str, response_id: str, on_cancel: Write
+    ) -> None:
+        self.records, self.project, self.response_id = records, project, response_id
+        self.on_cancel = on_cancel
+        self.queue: asyncio.Queue[Write | None] = asyncio.Queue()
+        self.check_at = time.monotonic() + CANCEL_CHECK_S
+        self.cancelling: asyncio.Task | None = None
+        self.task = asyncio.create_task(self._send_all(), name=f"writes of {response_id}")
+
+    def add_events(self, response_id: str, events: Sequence[StoredEvent]) -> None:
+        events = list(events)
+        self.later(lambda: self._check(self.records.add_events(response_id, self.project, events)))
+
+    def update(
+        self,
+        response_id: str,
+        body: dict,
+        context: list[dict] | None = None,
+        events: Sequence[StoredEvent] = (),
+    ) -> None:
+        events = list(events)
+        self.later(
+            lambda: self._check(
+                self.records.update(response_id, self.project, body, context, events)
+            )
+        )
+
+    def later(self, write: Write) -> None:
+        """A write sent after those before it (its conversation's turn, too)."""
+        self.queue.put_nowait(write)
+
+    async def settle(self) -> None:
+        """Once the run has ended: every write sent (or failed, with a warning)."""
+        self.queue.put_nowait(None)
+        await self.task
+
+    async def _send_all(self) -> None:
+        while True:
+            try:
+                wait = max(self.check_at - time.monotonic(), 0.0)
+                write = await asyncio.wait_for(self.queue.get(), wait)
+            except TimeoutError:
+                write = self._check_cancel
+            if write is None:
+                return
+            try:
+                await write()
+            except Exception as e:  # noqa: BLE001 - the run goes on; this write is lost
+                log.warning("background response %s: a write failed: %s", self.response_id, e)
+
+    async def _check_cancel(self) -> None:
+        await self._check(self.records.cancel_requested(self.response_id, self.project))
+
+    async def _check(self, asked: Awaitable[bool]) -> None:
+        """A write or a question, answered with whether a cancel was asked."""
+        self.check_at = time.monotonic() + CANCEL_CHECK_S
+        if await asked and self.cancelling is None:
+            # Not awaited: the cancel waits for the run's end, whose writes wait for this task.
+            self.cancelling = asyncio.create_task(self.on_cancel())

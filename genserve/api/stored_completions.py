@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -26,7 +26,13 @@ from genserve.api.schemas import ChatCompletionRequest, Metadata, WireModel
 from genserve.runtime.errors import Unavailable
 from genserve.runtime.generation import ChoiceDelta, Collected, Event, Gathering, Started
 from genserve.runtime.runtime import Runtime
-from genserve.storage.completions import CompletionQuery, CompletionStore, StoredCompletion
+from genserve.storage.completions import (
+    CompletionQuery,
+    CompletionRecords,
+    CompletionStore,
+    LocalCompletions,
+    StoredCompletion,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -37,26 +43,30 @@ def not_found(completion_id: str) -> APIError:
     return APIError(404, msg, "completion_id", "not_found")
 
 
-def store_of(rt: Runtime) -> CompletionStore:
+def records_of(rt: Runtime) -> CompletionRecords:
+    """Where stored completions are read and written: this process's store, or the one the
+    runtime was given (a Ray engine replica's: the control replica's, genserve/ray/records.py)."""
     rt.require_ready()
+    if rt.completions is not None:
+        return rt.completions
     if rt.database is None:
         raise Unavailable("completion storage is unavailable: the database did not open")
-    return CompletionStore(rt.database)
+    return LocalCompletions(CompletionStore(rt.database))
 
 
 # --- storing ---------------------------------------------------------------------------------
 
 
-def save(rt: Runtime, project: str, body: ChatCompletionRequest, obj: dict) -> None:
+async def save(rt: Runtime, project: str, body: ChatCompletionRequest, obj: dict) -> None:
     """Keep an answered completion (the caller checked `store`); a database that did not open
     loses it with a warning, the answer itself is unaffected."""
-    if rt.database is None:
+    if rt.completions is None and rt.database is None:
         log.warning("chat completion %s not stored: the database did not open", obj["id"])
         return
     obj = {**obj, "metadata": body.metadata or {}}
     messages = [stored_message(f"{obj['id']}-{i}", m) for i, m in enumerate(body.messages)]
     record = StoredCompletion(obj["id"], project, obj["created"], obj["model"], obj, messages)
-    CompletionStore(rt.database).put(record)
+    await records_of(rt).put(record)
 
 
 def stored_message(message_id: str, message: BaseModel) -> dict[str, Any]:
@@ -71,7 +81,7 @@ def stored_message(message_id: str, message: BaseModel) -> dict[str, Any]:
 
 
 async def kept(
-    events: AsyncIterator[Event], started: Started, done: Callable[[Collected], None]
+    events: AsyncIterator[Event], started: Started, done: Callable[[Collected], Awaitable[object]]
 ) -> AsyncIterator[Event]:
     """A stream's events passed through, gathered on the way; `done` gets the whole answer
     once they end (not when the stream fails or the client leaves: nothing whole to keep)."""
@@ -81,7 +91,7 @@ async def kept(
             assert isinstance(d, ChoiceDelta)
             gathering.add(d)
             yield d
-    done(gathering.result())
+    await done(gathering.result())
 
 
 # --- the routes ------------------------------------------------------------------------------
@@ -114,29 +124,30 @@ async def list_completions(
         principal(request).project, model, metadata_filter(request), after, limit,
         order == "desc",
     )  # fmt: skip
-    page, more = store_of(runtime_of(request)).list(query)
+    page, more = await records_of(runtime_of(request)).list(query)
     data = [c.body for c in page]
     return JSONResponse(listing(data, more))
 
 
 @router.get("/v1/chat/completions/{completion_id}")
 async def retrieve_completion(completion_id: str, request: Request) -> JSONResponse:
-    return JSONResponse(_get(request, completion_id).body)
+    return JSONResponse((await _get(request, completion_id)).body)
 
 
 @router.post("/v1/chat/completions/{completion_id}")
 async def update_completion(completion_id: str, body: UpdateBody, request: Request) -> JSONResponse:
     """Only the metadata may change (OpenAI's rule); null clears it."""
-    store = store_of(runtime_of(request))
+    records = records_of(runtime_of(request))
     project = principal(request).project
-    if not store.set_metadata(completion_id, project, body.metadata or {}):
+    if not await records.set_metadata(completion_id, project, body.metadata or {}):
         raise not_found(completion_id)
-    return JSONResponse(_get(request, completion_id).body)
+    return JSONResponse((await _get(request, completion_id)).body)
 
 
 @router.delete("/v1/chat/completions/{completion_id}")
 async def delete_completion(completion_id: str, request: Request) -> JSONResponse:
-    if not store_of(runtime_of(request)).delete(completion_id, principal(request).project):
+    records = records_of(runtime_of(request))
+    if not await records.delete(completion_id, principal(request).project):
         raise not_found(completion_id)
     return JSONResponse({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
 
@@ -149,13 +160,14 @@ async def list_messages(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     order: Literal["asc", "desc"] = "asc",
 ) -> JSONResponse:
-    messages = _get(request, completion_id).messages
+    messages = (await _get(request, completion_id)).messages
     messages = after_id(messages if order == "asc" else messages[::-1], after, "message")
     return JSONResponse(listing(messages[:limit], len(messages) > limit))
 
 
-def _get(request: Request, completion_id: str) -> StoredCompletion:
-    found = store_of(runtime_of(request)).get(completion_id, principal(request).project)
+async def _get(request: Request, completion_id: str) -> StoredCompletion:
+    records = records_of(runtime_of(request))
+    found = await records.get(completion_id, principal(request).project)
     if found is None:
         raise not_found(completion_id)
     return found

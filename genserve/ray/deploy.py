@@ -17,7 +17,10 @@
 - No filesystem is shared: engine replicas get a private scratch data dir (under their node's
   TMPDIR) and fetch an adapter's files from the control replica into it. Rate limits,
   /metrics and token usage are kept once for the deployment through the control replica
-  (genserve.ray.shared), and so are stored Responses (genserve.ray.records).
+  (genserve.ray.shared), and so are stored Responses, stored chat completions and
+  conversations (genserve.ray.records). A background response runs on the engine replica that
+  started it and writes its state and events to that store as it goes; another replica reads
+  them there, and records a cancel there for the running one to see.
 """
 
 from __future__ import annotations
@@ -51,7 +54,14 @@ from genserve.ray.bridge import (
     read_body,
     reply_error,
 )
-from genserve.ray.records import RemoteResponses, ResponseCall, answer
+from genserve.ray.records import (
+    RemoteCompletions,
+    RemoteConversations,
+    RemoteResponses,
+    StoreCall,
+    Stores,
+    answer,
+)
 from genserve.ray.shared import (
     Admission,
     ControlLimits,
@@ -66,7 +76,6 @@ from genserve.ray.shared import (
 )
 from genserve.ray.transfer import Folder, pack, unpack
 from genserve.runtime.errors import DomainError
-from genserve.storage.responses import ResponseStore
 
 if TYPE_CHECKING:
     from genserve.api.auth import KeyRecord
@@ -386,7 +395,10 @@ class EngineReplica(AppReplica):
         self.control = control
         self._checked: dict[str, float] = {}
         self.app.state.edge.limits = ControlLimits(control)
-        self.runtime.responses = RemoteResponses(control)  # stored where every replica finds it
+        # Stored where every replica finds them: the control replica's store.
+        self.runtime.responses = RemoteResponses(control)
+        self.runtime.completions = RemoteCompletions(control)
+        self.runtime.conversations = RemoteConversations(control)
         render = self.app.state.metrics.render
         self._reporter = asyncio.create_task(report_metrics_forever(control, self.name, render))
         self._usage: ForwardedLedger | None = None
@@ -505,15 +517,15 @@ class ControlReplica(AppReplica):
     def report_metrics(self, replica: str, text: str) -> None:
         self.board.report(replica, text)
 
-    async def response_call(self, call: ResponseCall) -> Any:  # noqa: ANN401 - per operation
-        """An engine replica's operation on stored responses, in the one shared store (on a
-        thread: each is a SQLite transaction, and this replica's loop serves every other)."""
+    async def store_call(self, call: StoreCall) -> Any:  # noqa: ANN401 - per operation
+        """An engine replica's operation on stored responses, chat completions or
+        conversations, in the one shared store (on a thread: each is a SQLite transaction, and
+        this replica's loop serves every other)."""
         if self.runtime.database is None:
             raise RuntimeError(
                 f"the control replica's store did not open: {self.runtime.storage_error}"
             )
-        store = ResponseStore(self.runtime.database)
-        return await asyncio.to_thread(answer, store, call)
+        return await asyncio.to_thread(answer, Stores.over(self.runtime.database), call)
 
     def record_usage(self, rows: list[UsageRow]) -> None:
         """An engine replica's token usage, for the usage API (answered here)."""
@@ -548,26 +560,12 @@ def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
     """What a deployment cannot serve coherently, refused up front with a 400:
     - base models are fixed per deployment: loading one at run time on one replica would leave
       the others without it (listing, reading and deleting fine-tuned models work);
-    - the Batch API, stored chat completions and conversations: each engine replica has a
-      store of its own, so a batch would not find its input file (it is the control
-      replica's), a stored completion would be listed by one replica in N, and a response in a
-      conversation would see the items of the replica it landed on only;
-    - background responses: their run lives on the engine replica that started it, and a
-      cancel or a live stream landing on another would not reach it (stored responses
-      themselves are kept in the control replica's store: genserve/ray/records.py)."""
+    - the Batch API: a batch runs apart from any request, against its input file in the
+      control replica's store.
+    Stored responses (background ones too), stored chat completions and conversations are
+    served: they are kept in the control replica's store (genserve/ray/records.py)."""
     if req.path.startswith("/v1/batches"):
         return _refused("the Batch API is not served under Ray Serve yet; run it on one node")
-    if req.path == "/v1/conversations" or req.path.startswith("/v1/conversations/"):
-        return _refused("conversations are not served under Ray Serve yet; run them on one node")
-    if req.path == "/v1/responses" and req.method == "POST" and req.json_field("background"):
-        # its run, its cancel and its live events belong to the engine replica it started on
-        return _refused("background responses are not served under Ray Serve yet", "background")
-    if req.path.startswith("/v1/responses") and req.json_field("conversation") is not None:
-        return _refused("conversations are not served under Ray Serve yet", "conversation")
-    if req.path.startswith("/v1/chat/completions") and (
-        req.method != "POST" or req.path != "/v1/chat/completions" or req.json_field("store")
-    ):
-        return _refused("stored chat completions are not served under Ray Serve yet", "store")
     if req.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         return _refused("adapters are served at run time only on one node; use --lora-modules")
     if not req.path.startswith("/v1/models") or req.method in ("GET", "HEAD"):

@@ -32,6 +32,8 @@ from genserve.runtime.models import (
 if TYPE_CHECKING:  # types only: these modules import the runtime's models themselves
     from genserve.runtime.batches import BatchHandler, BatchRunner
     from genserve.runtime.registry import ModelRegistry
+    from genserve.storage.completions import CompletionRecords
+    from genserve.storage.conversations import ConversationRecords
     from genserve.storage.db import Database
     from genserve.storage.files import FileStore
     from genserve.storage.responses import ResponseRecords
@@ -74,9 +76,11 @@ class Runtime:
     files: FileStore | None = None
     uploads: UploadStore | None = None  # files sent in parts (set with files)
     usage: UsageLedger | None = None  # tokens per minute, project, key and model
-    # Stored responses kept elsewhere (a Ray engine replica's: the control replica's store);
-    # None: this process's database.
+    # Stored responses, chat completions and conversations kept elsewhere (a Ray engine
+    # replica's: the control replica's store); None: this process's database.
     responses: ResponseRecords | None = None
+    completions: CompletionRecords | None = None
+    conversations: ConversationRecords | None = None
     fine_tuning: JobManager | None = None
     storage_error: str | None = None  # why files and jobs are unavailable
     training_launcher: Launcher | None = None  # None: a local subprocess (Ray sets its own)

@@ -4,12 +4,18 @@ answered, the request's messages and the metadata, in the `chat_completions` tab
 OpenAI keeps them for distillation and evals; here they are what a fine-tuning file can be made
 from (one project's answers, filtered by model and metadata). A completion of another project
 reads as missing.
+
+The API's handlers reach the store through `CompletionRecords`, awaited: on one node (and on a
+Ray deployment's control replica) `LocalCompletions` calls this store directly; a Ray engine
+replica's implementation awaits the control replica's store (genserve/ray/records.py), so a
+completion stored through one replica is listed by every other.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Protocol
 
 from genserve.storage.db import Database
 
@@ -105,6 +111,48 @@ class CompletionStore:
     def delete(self, completion_id: str, project: str) -> bool:
         sql = "DELETE FROM chat_completions WHERE id = ? AND project = ?"
         return self.db.execute(sql, (completion_id, project)) > 0
+
+
+class CompletionRecords(Protocol):
+    """Stored completions as the API's handlers use them; every call is scoped to a project
+    (the query's, for a listing)."""
+
+    async def put(self, c: StoredCompletion) -> None: ...
+
+    async def get(self, completion_id: str, project: str) -> StoredCompletion | None: ...
+
+    async def list(self, q: CompletionQuery) -> tuple[list[StoredCompletion], bool]: ...
+
+    async def set_metadata(
+        self, completion_id: str, project: str, metadata: dict[str, str]
+    ) -> bool: ...
+
+    async def delete(self, completion_id: str, project: str) -> bool: ...
+
+
+class LocalCompletions:
+    """CompletionRecords over this process's store, called on the event loop as the handlers
+    always have (each call is a short SQLite read or write)."""
+
+    def __init__(self, store: CompletionStore) -> None:
+        self.store = store
+
+    async def put(self, c: StoredCompletion) -> None:
+        self.store.put(c)
+
+    async def get(self, completion_id: str, project: str) -> StoredCompletion | None:
+        return self.store.get(completion_id, project)
+
+    async def list(self, q: CompletionQuery) -> tuple[list[StoredCompletion], bool]:
+        return self.store.list(q)
+
+    async def set_metadata(
+        self, completion_id: str, project: str, metadata: dict[str, str]
+    ) -> bool:
+        return self.store.set_metadata(completion_id, project, metadata)
+
+    async def delete(self, completion_id: str, project: str) -> bool:
+        return self.store.delete(completion_id, project)
 
 
 def _stored(row) -> StoredCompletion:  # noqa: ANN001 - a sqlite3.Row

@@ -8,6 +8,11 @@ conversation, so that it can be read and deleted by id: the routes refuse a dupl
 400 as OpenAI does, and one that collides at append time anyway (two responses of one
 conversation ending with the same client-chosen id) is given a new id rather than lose the
 turn. A conversation of another project reads as missing.
+
+The API's handlers reach the store through `ConversationRecords`, awaited: on one node (and on
+a Ray deployment's control replica) `LocalConversations` calls this store directly; a Ray engine
+replica's implementation awaits the control replica's store (genserve/ray/records.py), so a
+conversation's items are the same whichever replica a response in it runs on.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from genserve.storage.db import Database
 
@@ -140,6 +146,79 @@ class ConversationStore:
     def delete_item(self, conversation_id: str, item_id: str) -> bool:
         sql = "DELETE FROM conversation_items WHERE conversation_id = ? AND id = ?"
         return self.db.execute(sql, (conversation_id, item_id)) > 0
+
+
+class ConversationRecords(Protocol):
+    """Conversations as the API's handlers use them. Every call names the caller's project: a
+    conversation of another project reads as missing and its items as none, wherever the store
+    is."""
+
+    async def create(self, c: StoredConversation, items: Sequence[dict]) -> None: ...
+
+    async def get(self, conversation_id: str, project: str) -> StoredConversation | None: ...
+
+    async def set_metadata(
+        self, conversation_id: str, project: str, metadata: dict[str, str]
+    ) -> bool: ...
+
+    async def delete(self, conversation_id: str, project: str) -> bool: ...
+
+    async def append(self, conversation_id: str, project: str, items: Sequence[dict]) -> bool: ...
+
+    async def items(self, conversation_id: str, project: str) -> list[dict]: ...
+
+    async def taken(self, conversation_id: str, project: str, ids: Sequence[str]) -> list[str]: ...
+
+    async def page(
+        self, conversation_id: str, project: str, after: str | None, limit: int, descending: bool
+    ) -> ItemPage | None: ...
+
+    async def item(self, conversation_id: str, project: str, item_id: str) -> dict | None: ...
+
+    async def delete_item(self, conversation_id: str, project: str, item_id: str) -> bool: ...
+
+
+class LocalConversations:
+    """ConversationRecords over this process's store, called on the event loop as the handlers
+    always have. The handlers read a conversation of their project before they read or change
+    its items: those calls need no check here."""
+
+    def __init__(self, store: ConversationStore) -> None:
+        self.store = store
+
+    async def create(self, c: StoredConversation, items: Sequence[dict]) -> None:
+        self.store.create(c, items)
+
+    async def get(self, conversation_id: str, project: str) -> StoredConversation | None:
+        return self.store.get(conversation_id, project)
+
+    async def set_metadata(
+        self, conversation_id: str, project: str, metadata: dict[str, str]
+    ) -> bool:
+        return self.store.set_metadata(conversation_id, project, metadata)
+
+    async def delete(self, conversation_id: str, project: str) -> bool:
+        return self.store.delete(conversation_id, project)
+
+    async def append(self, conversation_id: str, project: str, items: Sequence[dict]) -> bool:
+        return self.store.append(conversation_id, project, items)
+
+    async def items(self, conversation_id: str, project: str) -> list[dict]:
+        return self.store.items(conversation_id)
+
+    async def taken(self, conversation_id: str, project: str, ids: Sequence[str]) -> list[str]:
+        return self.store.taken(conversation_id, ids)
+
+    async def page(
+        self, conversation_id: str, project: str, after: str | None, limit: int, descending: bool
+    ) -> ItemPage | None:
+        return self.store.page(conversation_id, after, limit, descending)
+
+    async def item(self, conversation_id: str, project: str, item_id: str) -> dict | None:
+        return self.store.item(conversation_id, item_id)
+
+    async def delete_item(self, conversation_id: str, project: str, item_id: str) -> bool:
+        return self.store.delete_item(conversation_id, item_id)
 
 
 def _insert_items(cur, conversation_id: str, items: Sequence[dict]) -> None:  # noqa: ANN001

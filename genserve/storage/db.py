@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 DB_NAME = "genserve.db"
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 DEFAULT_PROJECT = "default"  # the owner of rows written before projects existed
 # The columns a database of an older version lacks beyond SCHEMA's CREATE ... IF NOT EXISTS,
 # by the version that brought them: (table, column, declaration). A column already there is
@@ -47,6 +47,9 @@ MIGRATIONS: dict[int, tuple[tuple[str, str, str], ...]] = {
     9: (),
     # Token usage per minute (storage/usage.py): the usage table, new.
     10: (),
+    # Cancels asked of a background response that runs on another Ray replica: the
+    # response_cancels table, new.
+    11: (),
 }
 
 SCHEMA = """
@@ -175,6 +178,11 @@ CREATE TABLE IF NOT EXISTS response_events (
   type TEXT NOT NULL,
   data TEXT NOT NULL,
   PRIMARY KEY (response_id, seq)
+);
+-- A cancel asked of a background response by a Ray replica that does not run it: the replica
+-- that runs it reads this and stops it (storage/responses.py); deleted with its response.
+CREATE TABLE IF NOT EXISTS response_cancels (
+  response_id TEXT PRIMARY KEY
 );
 -- Conversations (storage/conversations.py): a conversation's items in the order they came (seq);
 -- an item's id is unique within its conversation, as it is read and deleted by it.

@@ -9,7 +9,9 @@ one read however long it is. A response of another project reads as missing.
 A background response is written when it is created (status `queued`) and again as it changes;
 its events are written in batches while it runs (EVENTS_FLUSH_EVERY) and the rest with its end.
 A server that stops without finishing one (a crash, a kill) leaves it `queued`/`in_progress`:
-`fail_unfinished` marks it failed at the next start.
+`fail_unfinished` marks it failed at the next start. Under Ray a background response runs on
+the engine replica that started it; a cancel landing on another replica is recorded
+(`request_cancel`) for the running one to read (`cancel_requested`) and act on.
 
 The API's handlers reach the store through `ResponseRecords`, awaited: on one node (and on a
 Ray deployment's control replica) `LocalResponses` calls this store directly, as before; a Ray
@@ -126,7 +128,16 @@ class ResponseStore:
             gone = cur.execute(sql, (response_id, project)).rowcount > 0
             if gone:
                 cur.execute("DELETE FROM response_events WHERE response_id = ?", (response_id,))
+                cur.execute("DELETE FROM response_cancels WHERE response_id = ?", (response_id,))
         return gone
+
+    def request_cancel(self, response_id: str) -> None:
+        sql = "INSERT INTO response_cancels (response_id) VALUES (?) ON CONFLICT DO NOTHING"
+        self.db.execute(sql, (response_id,))
+
+    def cancel_requested(self, response_id: str) -> bool:
+        sql = "SELECT 1 FROM response_cancels WHERE response_id = ?"
+        return bool(self.db.query(sql, (response_id,)))
 
     def fail_unfinished(self, message: str) -> list[str]:
         """Mark every response still queued or in progress failed (nothing runs them any
@@ -153,17 +164,34 @@ class ResponseStore:
 
 class ResponseRecords(Protocol):
     """Stored responses as the API's handlers use them. Every call names the caller's project:
-    a response of another project reads as missing, wherever the store is."""
+    a response of another project reads as missing, wherever the store is. `update` and
+    `add_events` answer whether a cancel of the response was asked through another replica
+    (under Ray: a running background response learns it as it writes; on one node, never)."""
 
     async def get(self, response_id: str, project: str) -> StoredResponse | None: ...
 
     async def put(self, r: StoredResponse, events: Sequence[StoredEvent] = ()) -> None: ...
 
-    async def update(self, response_id: str, project: str, body: dict) -> None: ...
+    async def update(
+        self,
+        response_id: str,
+        project: str,
+        body: dict,
+        context: list[dict] | None = None,
+        events: Sequence[StoredEvent] = (),
+    ) -> bool: ...
+
+    async def add_events(
+        self, response_id: str, project: str, events: Sequence[StoredEvent]
+    ) -> bool: ...
 
     async def delete(self, response_id: str, project: str) -> bool: ...
 
     async def events_after(self, response_id: str, project: str, seq: int) -> list[StoredEvent]: ...
+
+    async def request_cancel(self, response_id: str, project: str) -> None: ...
+
+    async def cancel_requested(self, response_id: str, project: str) -> bool: ...
 
 
 class LocalResponses:
@@ -180,14 +208,34 @@ class LocalResponses:
     async def put(self, r: StoredResponse, events: Sequence[StoredEvent] = ()) -> None:
         self.store.put(r, events)
 
-    async def update(self, response_id: str, project: str, body: dict) -> None:
-        self.store.update(response_id, body)
+    async def update(
+        self,
+        response_id: str,
+        project: str,
+        body: dict,
+        context: list[dict] | None = None,
+        events: Sequence[StoredEvent] = (),
+    ) -> bool:
+        self.store.update(response_id, body, context, events)
+        return False  # a cancel here reaches the run directly
+
+    async def add_events(
+        self, response_id: str, project: str, events: Sequence[StoredEvent]
+    ) -> bool:
+        self.store.add_events(response_id, events)
+        return False
 
     async def delete(self, response_id: str, project: str) -> bool:
         return self.store.delete(response_id, project)
 
     async def events_after(self, response_id: str, project: str, seq: int) -> list[StoredEvent]:
         return self.store.events_after(response_id, seq)
+
+    async def request_cancel(self, response_id: str, project: str) -> None:
+        self.store.request_cancel(response_id)
+
+    async def cancel_requested(self, response_id: str, project: str) -> bool:
+        return self.store.cancel_requested(response_id)
 
 
 def _insert_events(cur, response_id: str, events: Sequence[StoredEvent]) -> None:  # noqa: ANN001

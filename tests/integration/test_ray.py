@@ -1,6 +1,7 @@
 """genserve on Ray Serve: a local Ray (3 CPUs, small object store) started here, 2 engine
 replicas behind the edge. Requests spread over both (the x-genserve-replica header), the
 official client works unchanged, the usage API reports both replicas' requests in one report,
+stored responses, stored chat completions and conversations are found by every replica,
 a fine-tuned model trained through the API (as a Ray task) is served by the engine replicas
 through Serve's multiplexing, and a replica killed under load is replaced while the client's
 retries succeed."""
@@ -12,7 +13,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import openai
@@ -27,6 +30,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 MODEL = "tiny-llama"
+T = TypeVar("T")
 REPLICA = "x-genserve-replica"
 pytestmark = [
     pytest.mark.timeout(240),
@@ -205,12 +209,15 @@ def test_stored_responses_are_found_by_every_replica(ray_url: str) -> None:
 
     # A chain whose links land on either replica: each continues from the one before.
     first = api.responses.create(model=MODEL, input="a", max_output_tokens=4)
+
+    def link(n: int, previous: str):  # noqa: ANN202 - the raw response
+        return api.responses.with_raw_response.create(
+            model=MODEL, input=f"and {n}", previous_response_id=previous, max_output_tokens=4
+        )
+
     previous, hops = first.id, []
     while len(set(hops)) < 2 and len(hops) < 16:  # until both replicas took a link
-        raw = api.responses.with_raw_response.create(
-            model=MODEL, input=f"and {len(hops)}", previous_response_id=previous,
-            max_output_tokens=4,
-        )  # fmt: skip
+        raw = beside_filler(api, len(hops) % 2 == 1, partial(link, len(hops), previous))
         previous = raw.parse().id
         hops.append(raw.headers[REPLICA])
     assert len(set(hops)) == 2, hops
@@ -223,9 +230,194 @@ def test_stored_responses_are_found_by_every_replica(ray_url: str) -> None:
     with ThreadPoolExecutor(8) as pool:  # gone for every replica
         missing = list(pool.map(lambda i: gone(api, created[i % len(created)][0]), range(12)))
     assert all(missing)
-    with pytest.raises(openai.BadRequestError) as refused:
-        api.responses.create(model=MODEL, input="x", background=True)
-    assert refused.value.code == "unsupported_on_ray"
+
+
+def test_background_responses_are_followed_and_cancelled_through_every_replica(
+    ray_url: str,
+) -> None:
+    """A background response runs on the replica that started it and writes its state and
+    events to the control replica's store: the other replica streams them to the end, reads
+    its result, and cancels or deletes one that runs (its runner sees the cancel)."""
+    api = client_for(ray_url)
+
+    def create(i: int) -> tuple[str, str]:
+        raw = api.responses.with_raw_response.create(
+            model=MODEL, input=f"bg {i}", background=True, max_output_tokens=48, temperature=0
+        )
+        made = raw.parse()
+        assert made.status in ("queued", "in_progress")
+        return made.id, raw.headers[REPLICA]
+
+    with ThreadPoolExecutor(6) as pool:
+        created = list(pool.map(create, range(6)))
+    assert len({r for _, r in created}) == 2, created  # both replicas run some
+    runner = dict(created)
+
+    def streamed(i: int) -> tuple[str, str, list[dict]]:
+        response_id = created[i % len(created)][0]
+        raw = api.responses.with_raw_response.retrieve(response_id, stream=True)
+        return response_id, raw.headers[REPLICA], [e.model_dump() for e in raw.parse()]
+
+    with ThreadPoolExecutor(8) as pool:
+        streams = list(pool.map(streamed, range(12)))
+    assert any(runner[i] != r for i, r, _ in streams), streams  # followed from the other one
+    for response_id, _, events in streams:
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert events[0]["type"] == "response.created"
+        assert events[-1]["type"] in ("response.completed", "response.incomplete")
+        final = api.responses.retrieve(response_id)  # from either replica: its stored end
+        assert final.status == events[-1]["response"]["status"]
+        assert final.output_text == "".join(
+            e["delta"] for e in events if e["type"] == "response.output_text.delta"
+        )
+
+    crossed = []
+    for attempt in range(10):  # until a cancel lands on the replica that does not run it
+        raw = api.responses.with_raw_response.create(
+            model=MODEL, input=f"long {attempt}", background=True, max_output_tokens=200,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        made, ran_on = raw.parse(), raw.headers[REPLICA]
+        cancel = api.responses.with_raw_response.cancel(made.id)
+        assert cancel.parse().status == "cancelled"
+        if cancel.headers[REPLICA] != ran_on:
+            crossed.append(made.id)
+            break
+    assert crossed, "every cancel landed on the replica that ran its response"
+    for _ in range(4):  # cancelled for every replica; its stream has no completion
+        assert api.responses.retrieve(crossed[0]).status == "cancelled"
+        events = [e.type for e in api.responses.retrieve(crossed[0], stream=True)]
+        assert "response.completed" not in events and "response.incomplete" not in events
+
+    doomed = api.responses.create(
+        model=MODEL, input="doomed", background=True, max_output_tokens=200,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert api.responses.delete(doomed.id) is None  # a running one: cancelled, then deleted
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(lambda _: gone(api, doomed.id), range(4)))
+
+
+def test_stored_chat_completions_are_found_by_every_replica(ray_url: str) -> None:
+    """Stored chat completions live in the control replica's store: stored through either
+    replica, each lists, reads, relabels and deletes them all."""
+    api = client_for(ray_url)
+    tag = f"t{time.monotonic_ns()}"  # this test's completions only, whatever else is stored
+
+    def create(i: int) -> tuple[str, str]:
+        raw = api.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": f"note {i}"}], max_tokens=4,
+            store=True, metadata={"run": tag, "half": str(i % 2)},
+        )  # fmt: skip
+        return raw.parse().id, raw.headers[REPLICA]
+
+    with ThreadPoolExecutor(8) as pool:
+        created = dict(pool.map(create, range(12)))
+    assert len(set(created.values())) == 2, created  # both replicas stored some
+
+    def listed(i: int) -> tuple[set[str], str]:
+        raw = api.chat.completions.with_raw_response.list(metadata={"run": tag}, limit=100)
+        return {c.id for c in raw.parse().data}, raw.headers[REPLICA]
+
+    lists = concurrently(listed, 12)
+    assert {r for _, r in lists} == set(created.values())  # listed from either replica
+    assert all(ids == set(created) for ids, _ in lists), lists
+    halves = api.chat.completions.list(metadata={"run": tag, "half": "0"}, limit=100)
+    assert len(halves.data) == 6
+
+    def relabel(i: int) -> str:
+        completion_id = list(created)[i]
+        raw = api.chat.completions.with_raw_response.update(
+            completion_id, metadata={"run": tag, "done": "yes"}
+        )
+        assert raw.parse().metadata == {"run": tag, "done": "yes"}
+        got = api.chat.completions.retrieve(completion_id)
+        assert got.metadata == {"run": tag, "done": "yes"} and got.id == completion_id
+        messages = api.chat.completions.messages.list(completion_id)
+        assert [m.content for m in messages.data] == [f"note {i}"]
+        return raw.headers[REPLICA]
+
+    assert len(set(concurrently(relabel, 12))) == 2  # relabelled through both replicas
+    done = api.chat.completions.list(metadata={"done": "yes", "run": tag}, limit=100)
+    assert {c.id for c in done.data} == set(created)
+
+    for completion_id in created:
+        assert api.chat.completions.delete(completion_id).deleted
+    with ThreadPoolExecutor(8) as pool:  # gone for every replica
+        missing = list(pool.map(lambda c: completion_gone(api, c), list(created) * 2))
+    assert all(missing)
+    assert api.chat.completions.list(metadata={"run": tag}).data == []
+
+
+def test_a_conversation_is_shared_by_every_replica(ray_url: str) -> None:
+    """A conversation's items live in the control replica's store: responses run in it on
+    either replica each see the turns before them, and either replica lists them in order."""
+    api = client_for(ray_url)
+    ada = {"type": "message", "role": "user", "content": "My name is Ada."}
+    conv = api.conversations.create(items=[ada], metadata={"topic": "names"})
+    turns: list[list[str]] = []  # each response's output item ids
+
+    def turn(n: int):  # noqa: ANN202 - the raw response
+        return api.responses.with_raw_response.create(
+            model=MODEL, input=f"turn {n}", conversation=conv.id, max_output_tokens=4
+        )
+
+    hops: list[str] = []
+    while len(set(hops)) < 2 and len(hops) < 16:  # until both replicas ran a turn
+        before = api.responses.input_tokens.count(model=MODEL, input="x", conversation=conv.id)
+        raw = beside_filler(api, len(hops) % 2 == 1, partial(turn, len(hops)))
+        turns.append([item.id for item in raw.parse().output])
+        hops.append(raw.headers[REPLICA])
+        after = api.responses.input_tokens.count(model=MODEL, input="x", conversation=conv.id)
+        assert after.input_tokens > before.input_tokens  # the turn joined it, for every replica
+    assert len(set(hops)) == 2, hops
+
+    def listed(_: int) -> tuple[list[str], list[str], str]:
+        raw = api.conversations.items.with_raw_response.list(conv.id, order="asc", limit=100)
+        items = raw.parse().data
+        said = [i.content[0].text for i in items if i.type == "message" and i.role == "user"]
+        return [i.id for i in items], said, raw.headers[REPLICA]
+
+    lists = concurrently(listed, 12)
+    assert {r for _, _, r in lists} == set(hops)  # listed from either replica
+    ids, said, _ = lists[0]
+    assert all(got[:2] == (ids, said) for got in lists), lists
+    assert said == ["My name is Ada.", *(f"turn {i}" for i in range(len(turns)))]
+    at = 1  # after Ada's item: each turn's input, then its output
+    for output in turns:
+        assert ids[at + 1 : at + 1 + len(output)] == output, (ids, turns)
+        at += 1 + len(output)
+    assert at == len(ids)
+    assert api.conversations.retrieve(conv.id).metadata == {"topic": "names"}
+    assert api.conversations.delete(conv.id).deleted
+    for _ in range(4):  # gone for every replica
+        with pytest.raises(openai.NotFoundError):
+            api.conversations.items.list(conv.id)
+        with pytest.raises(openai.NotFoundError):
+            api.responses.create(model=MODEL, input="x", conversation=conv.id)
+
+
+def beside_filler(api: openai.OpenAI, filled: bool, call: Callable[[], T]) -> T:
+    """call(), with (when `filled`) another request under way: Serve sends a request to the
+    less busy of two replicas, and idle ones may tie the same way every time, so that one
+    after another, calls land on one replica only; alternating busy and idle spreads them."""
+    if not filled:
+        return call()
+    with ThreadPoolExecutor(1) as pool:
+        filler = pool.submit(
+            api.completions.create, model=MODEL, prompt="filler", max_tokens=48,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        time.sleep(0.2)  # routed and running before the call
+        got = call()
+        filler.result()
+    return got
+
+
+def completion_gone(api: openai.OpenAI, completion_id: str) -> bool:
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.retrieve(completion_id)
+    return True
 
 
 def gone(api: openai.OpenAI, response_id: str) -> bool:

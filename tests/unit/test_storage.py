@@ -118,7 +118,7 @@ def test_a_version_1_database_gains_result_files_and_keeps_its_jobs(tmp_path: Pa
     assert jobs.transition("ftjob-new", "succeeded", ("running",), result_files=("file-r",))
     assert jobs.get("ftjob-new").result_files == ("file-r",)
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == db_mod.SCHEMA_VERSION == 10  # through every migration since
+    assert version == db_mod.SCHEMA_VERSION == 11  # through every migration since
 
 
 # The files and jobs tables as genserve wrote them at schema version 2, before projects.
@@ -173,7 +173,7 @@ def test_a_version_2_database_gives_its_rows_to_the_default_project(tmp_path: Pa
     db.close()
     reopened = JobStore(open_database(tmp_path))
     assert reopened.get("ftjob-a").project == "key-a"
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 10
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 11
 
 
 def test_files_are_scoped_to_their_project_and_within_quota(files: FileStore) -> None:
@@ -230,7 +230,7 @@ def test_a_version_4_database_gains_the_expiry_columns(tmp_path: Path) -> None:
     staged = FileStore(db, tmp_path / "files")
     record = staged.commit(staged.stage(io.BytesIO(b"x"), 1), "x", "batch", expires_after_s=3600)
     assert staged.get(record.id).expires_at == record.created_at + 3600
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 10
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 11
 
 
 def test_a_version_5_database_gains_the_job_method(tmp_path: Path) -> None:
@@ -254,7 +254,7 @@ def test_a_version_5_database_gains_the_job_method(tmp_path: Path) -> None:
     assert jobs.get("ftjob-old").method == "supervised"  # every job before DPO was
     jobs.create(JobRecord("ftjob-dpo", "m", "f", None, None, 1, {"beta": 0.1}, 6, method="dpo"))
     assert jobs.get("ftjob-dpo").method == "dpo"
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 10
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 11
 
 
 def test_a_version_6_database_keeps_its_stored_responses(tmp_path: Path) -> None:
@@ -286,4 +286,4 @@ def test_a_version_6_database_keeps_its_stored_responses(tmp_path: Path) -> None
     assert old is not None and old.status == "completed" and not old.background
     assert store.fail_unfinished("restarted") == []
     assert store.events_after("resp_old", -1) == []
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 10
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 11
