@@ -75,6 +75,7 @@ from genserve.ray.shared import (
     spend_here,
 )
 from genserve.ray.transfer import Folder, pack, unpack
+from genserve.runtime.batches import BatchCall, BatchReply
 from genserve.runtime.errors import DomainError
 
 if TYPE_CHECKING:
@@ -90,9 +91,11 @@ REPLICA_HEADER = b"x-genserve-replica"
 READY_TIMEOUT_S = 900.0  # a replica that has not loaded its model by then is replaced
 LAST_USAGE_SEND_S = 0.5  # an engine replica's last send of token usage, at shutdown
 ADAPTER_RECHECK_S = 5.0  # how stale an engine replica's view of a deleted adapter may be
-# The usage API reads the shared store, where every engine replica's counts end up.
+# The usage API reads the shared store, where every engine replica's counts end up; batches
+# are kept there too (their lines run on the engine replicas: EngineBatches).
 CONTROL_PREFIXES = (
-    "/v1/files", "/v1/uploads", "/v1/fine_tuning", "/v1/models", "/v1/organization/usage",
+    "/v1/batches", "/v1/files", "/v1/uploads", "/v1/fine_tuning", "/v1/models",
+    "/v1/organization/usage",
 )  # fmt: skip
 UPLOAD_SLACK = 2**20  # multipart framing around an upload's bytes
 
@@ -291,6 +294,7 @@ class AppReplica:
         config: ServerConfig,
         log_level: str,
         launcher: Any = None,  # noqa: ANN401
+        batch_handler: Any = None,  # noqa: ANN401 - runs a batch's lines elsewhere
     ) -> None:
         from genserve.api.app import create_app
 
@@ -298,6 +302,8 @@ class AppReplica:
         self.app = create_app(config)
         self.runtime = self.app.state.runtime
         self.runtime.training_launcher = launcher
+        if batch_handler is not None:  # before the lifespan: it starts the batch runner
+            self.runtime.batch_handler = batch_handler
         self._lifespan = contextlib.AsyncExitStack()
         await self._lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
         await wait_ready(self.runtime)
@@ -413,6 +419,18 @@ class EngineReplica(AppReplica):
         held = options.max_adapters_per_replica
         self.load_adapter = serve.multiplexed(max_num_models_per_replica=held)(load)
 
+    async def batch_call(self, call: BatchCall) -> BatchReply:
+        """One line of a batch the control replica runs (EngineBatches): answered here as its
+        online call would be, its tokens counted for its project like a line on one node."""
+        from ray import serve
+
+        from genserve.api.batches import handle
+
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self._ensure_adapter(model_id)
+        return await handle(self.runtime, call)
+
     async def handle_http(self, req: HTTPRequest):  # noqa: ANN201 - an async generator
         from ray import serve
 
@@ -493,7 +511,7 @@ class ControlReplica(AppReplica):
         launcher = functools.partial(
             launch_ray_task, gpus=training.num_gpus, resources=training.custom
         )
-        await self._start(control_config(config), options.log_level, launcher)
+        await self._start(control_config(config), options.log_level, launcher, EngineBatches())
         self.board = MetricsBoard()
 
     def resolve_adapter(self, model_id: str) -> Any:
@@ -536,6 +554,44 @@ class ControlReplica(AppReplica):
         return {**self.board.texts(), self.name: self.app.state.metrics.render().decode()}
 
 
+class EngineBatches:
+    """The control replica's batch handler: it keeps the batches (their files are in its
+    store) and sends each line to an engine replica, through Serve's router and, for a
+    fine-tuned model, its multiplexing, as the edge sends a request."""
+
+    def __init__(self) -> None:
+        self._engine: Any = None
+
+    def engine(self) -> Any:  # noqa: ANN401 - a Serve deployment handle
+        # Looked up on first use: the engine deployment is built after this one (it takes
+        # this replica's handle), and a batch resumed at start-up waits for it here.
+        if self._engine is None:
+            from ray import serve
+
+            self._engine = serve.get_deployment_handle(ENGINE, APP_NAME)
+        return self._engine
+
+    async def __call__(self, call: BatchCall) -> BatchReply:
+        from ray.exceptions import RayError, RayTaskError
+        from ray.serve.exceptions import RayServeException
+
+        model = call.body.get("model")
+        adapter = model if isinstance(model, str) and model.startswith("ft:") else ""
+        try:
+            handle = self.engine().options(multiplexed_model_id=adapter)
+            return await handle.batch_call.remote(call)
+        except (RayError, RayServeException, ValueError) as e:
+            # A replica that died or is not up yet: the line runs again later, as a line that
+            # met a full engine does; a bug in the replica's code fails it (RayTaskError).
+            if isinstance(e, RayTaskError):
+                log.exception("batch line failed on an engine replica")
+                body = {"error": {"message": "the server had an error", "type": "server_error",
+                                  "param": None, "code": None}}  # fmt: skip
+                return BatchReply(500, body)
+            log.warning("batch line will be retried: %s", e)
+            return BatchReply(503, {}, retry=True)
+
+
 @dataclass(frozen=True, slots=True)
 class ShippedAdapter:
     spec: AdapterSpec  # its path is the control replica's: the receiver sets its own
@@ -559,13 +615,11 @@ def edge_limits(config: ServerConfig) -> EdgeLimits:
 def unsupported_on_ray(req: HTTPRequest) -> APIError | None:
     """What a deployment cannot serve coherently, refused up front with a 400:
     - base models are fixed per deployment: loading one at run time on one replica would leave
-      the others without it (listing, reading and deleting fine-tuned models work);
-    - the Batch API: a batch runs apart from any request, against its input file in the
-      control replica's store.
+      the others without it (listing, reading and deleting fine-tuned models work), and so
+      are adapters loaded from a path (vLLM's routes; fine-tuned ones are served).
     Stored responses (background ones too), stored chat completions and conversations are
-    served: they are kept in the control replica's store (genserve/ray/records.py)."""
-    if req.path.startswith("/v1/batches"):
-        return _refused("the Batch API is not served under Ray Serve yet; run it on one node")
+    served: they are kept in the control replica's store (genserve/ray/records.py); so are
+    batches, whose lines the engine replicas run (EngineBatches)."""
     if req.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         return _refused("adapters are served at run time only on one node; use --lora-modules")
     if not req.path.startswith("/v1/models") or req.method in ("GET", "HEAD"):

@@ -1,10 +1,10 @@
 """genserve on Ray Serve: a local Ray (3 CPUs, small object store) started here, 2 engine
 replicas behind the edge. Requests spread over both (the x-genserve-replica header), the
 official client works unchanged, the usage API reports both replicas' requests in one report,
-stored responses, stored chat completions and conversations are found by every replica,
-a fine-tuned model trained through the API (as a Ray task) is served by the engine replicas
-through Serve's multiplexing, and a replica killed under load is replaced while the client's
-retries succeed."""
+stored responses, stored chat completions and conversations are found by every replica, a
+batch runs its lines on the engine replicas, a fine-tuned model trained through the API (as a
+Ray task) is served by the engine replicas through Serve's multiplexing, and a replica killed
+under load is replaced while the client's retries succeed."""
 
 from __future__ import annotations
 
@@ -428,6 +428,44 @@ def gone(api: openai.OpenAI, response_id: str) -> bool:
 
 def fine_tune(api: openai.OpenAI) -> tuple[str, str]:
     return ray_cli.fine_tune(api, MODEL, "ray", 24, {"n_epochs": 1}, timeout=120, every=0.25)
+
+
+def test_a_batch_runs_on_the_engine_replicas_from_the_control_replicas_store(
+    ray_url: str,
+) -> None:
+    """The input file and the batch are the control replica's; each line runs on an engine
+    replica (EngineBatches) and answers what the same request answers online."""
+    import json
+
+    api = client_for(ray_url)
+    bodies = [
+        {"model": MODEL, "prompt": f"batch line {i}:", "max_tokens": 4, "temperature": 0}
+        for i in range(8)
+    ]
+    lines = [
+        {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions", "body": b}
+        for i, b in enumerate(bodies)
+    ]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    f = api.files.create(file=("batch.jsonl", data), purpose="batch")
+    batch = api.batches.create(
+        input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
+    )
+    done = wait_until(
+        lambda: (b := api.batches.retrieve(batch.id)).status in ("completed", "failed") and b,
+        timeout=120,
+        every=0.5,
+    )
+    assert done.status == "completed", done
+    assert done.request_counts.completed == 8 and done.request_counts.failed == 0
+    out = [json.loads(x) for x in api.files.content(done.output_file_id).text.splitlines()]
+    by_id = {o["custom_id"]: o["response"] for o in out}
+    assert sorted(by_id) == sorted(line["custom_id"] for line in lines)
+    for i, body in enumerate(bodies):
+        answer = by_id[f"req-{i}"]
+        assert answer["status_code"] == 200, answer
+        online = api.completions.create(**body)  # --deterministic: greedy, the same text
+        assert answer["body"]["choices"][0]["text"] == online.choices[0].text
 
 
 def test_fine_tuned_model_served_by_engine_replicas_through_multiplexing(ray_url: str) -> None:

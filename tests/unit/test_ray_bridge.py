@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from genserve.config import ServerConfig, StorageConfig
 from genserve.ray.bridge import HTTPRequest, ResponseStart, call_app
 from genserve.ray.deploy import (
+    CONTROL_PREFIXES,
     EdgeApp,
     EdgeLimits,
     RayOptions,
@@ -104,15 +105,17 @@ def test_runtime_model_registration_is_refused_but_ft_deletion_is_not() -> None:
     assert unsupported_on_ray(request("/v1/chat/completions", {"model": "x"})) is None
 
 
-def test_the_batch_api_is_refused_under_ray() -> None:
-    """Each engine replica has a store of its own: a batch would miss its input file."""
-    refused = [
+def test_the_batch_api_goes_to_the_control_replica_under_ray() -> None:
+    """Batches are kept where their input files are (the control replica's store), and their
+    lines run on the engine replicas (deploy.EngineBatches)."""
+    served = [
         request("/v1/batches", {"input_file_id": "file-1"}),
         request("/v1/batches/batch_1", method="GET"),
+        request("/v1/batches/batch_1/cancel", {}),
     ]
-    for req in refused:
-        err = unsupported_on_ray(req)
-        assert err is not None and err.status == 400 and err.code == "unsupported_on_ray", req
+    for req in served:
+        assert unsupported_on_ray(req) is None, req
+        assert req.path.startswith(CONTROL_PREFIXES), req
     # every engine replica sends its counts to the control replica, which answers the report
     assert unsupported_on_ray(request("/v1/organization/usage/completions", method="GET")) is None
 
