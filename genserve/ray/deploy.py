@@ -580,7 +580,7 @@ class EngineBatches:
         try:
             handle = self.engine().options(multiplexed_model_id=adapter)
             return await handle.batch_call.remote(call)
-        except (RayError, RayServeException, ValueError) as e:
+        except (RayError, RayServeException) as e:
             # A replica that died or is not up yet: the line runs again later, as a line that
             # met a full engine does; a bug in the replica's code fails it (RayTaskError).
             if isinstance(e, RayTaskError):
