@@ -149,10 +149,11 @@ async def load_lora_adapter(body: LoadLoraBody, request: Request) -> PlainTextRe
     same with a model card."""
     require_admin(request, "load adapters")
     rt = runtime_of(request)
+    registry = rt.model_registry()
     served = rt.adapters.get(body.lora_name)
     if served is not None and served.project is None and body.load_inplace:
+        registry.check_adapter_ref(body.lora_path)  # a bad path leaves the served one alone
         await rt.delete_adapter(body.lora_name)
-    registry = rt.model_registry()
     await registry.register_lora(body.lora_name, body.lora_path, body.base_model_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 

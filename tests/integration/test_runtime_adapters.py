@@ -81,6 +81,9 @@ def test_vllm_routes_load_replace_and_unload(server: LiveServer, models_root: Pa
     first = greedy(server.url, "v")
     twice = httpx.post(server.url + "/v1/load_lora_adapter", json=load, timeout=60)
     assert twice.status_code == 409 and twice.json()["error"]["param"] == "id", twice.text
+    bad = {"lora_name": "v", "lora_path": "empty", "load_inplace": True}
+    assert httpx.post(server.url + "/v1/load_lora_adapter", json=bad).status_code == 400
+    assert greedy(server.url, "v") == first  # a bad replacement leaves it served
     swap = {"lora_name": "v", "lora_path": "a1", "load_inplace": True}
     assert httpx.post(server.url + "/v1/load_lora_adapter", json=swap, timeout=60).is_success
     assert greedy(server.url, "v") != first  # a1's weights now
