@@ -778,11 +778,13 @@ class LlamaRunner:
             if sp.n == 1 and sp.start > 0 and not self._invariant(c)
         ]  # fmt: skip
         laned, gathered = self._split_by_lane(pooled)
-        if len(laned) == 1:
+        if len(laned) == 1 and self.lane_attention != "native":
             # Alone, it reads its lane as a span (one SDPA call over the view per layer, not two
             # bmm per KV head): one stream decoded 11% faster (server A/B, fp32, 2-core EPYC:
-            # 22.6, 23.3, 23.8 against 22.1, 20.3, 20.2 tok/s). Free rows only: a seeded row
-            # never pools, so its result does not depend on this.
+            # 22.6, 23.3, 23.8 against 22.1, 20.3, 20.2 tok/s). Where attend.c reads the lanes
+            # (measured faster at start-up) a lone one goes there too: a stream the eager path
+            # serves (an adapter's) spent a fifth of its step in SDPA. Free rows only: a
+            # seeded row never pools, so its result does not depend on this.
             laned = {}
         lanes, decode = self._lane_batch(laned), self._decode_batch(gathered)
         batched = {sp.row0 for sp in gathered} | {sp.row0 for sp in laned.values()}

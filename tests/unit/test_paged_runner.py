@@ -95,18 +95,26 @@ def test_decodes_read_in_place_from_their_lanes_beside_gathered_ones(attention: 
     assert later.spans[0].run == 5 * 4 and later.spans[0].index is None
 
 
-def test_a_lone_laned_decode_reads_its_lane_as_one_span() -> None:
-    """One stream: the decode is a span over its lane's view (SDPA), no lane batch, and its
+@pytest.mark.parametrize("attention", ["sdpa", "native"])
+def test_a_lone_laned_decode_reads_its_lane_in_place(attention: str) -> None:
+    """One stream: with SDPA reading the lanes, the decode is a span over its lane's view (one
+    SDPA call, no lane batch); where attend.c reads them, a lane batch of one. Either way its
     logits are transformers'."""
+    if attention == "native" and native.library() is None:
+        pytest.skip("no C compiler to build attend.c")
     m = model()
     runner = LlamaRunner(m, 4, 16, batch_invariant=False, num_blocks=16, block_size=4)
+    runner.lane_attention = attention
     ids = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(3)).tolist()
     table = (4, 5, 6)  # lane 1, from its start
     runner.execute(StepInput((chunk("a", table, ids, 0),)))
     step = StepInput((chunk("a", table, [7], 9),))
     plan = runner._plan(step, None)
-    assert plan.lanes is None and plan.decode is None
-    assert len(plan.spans) == 1 and plan.spans[0].run == 4 * 4
+    assert plan.decode is None
+    if attention == "sdpa":
+        assert plan.lanes is None and len(plan.spans) == 1 and plan.spans[0].run == 4 * 4
+    else:
+        assert plan.lanes is not None and plan.lanes.first == 1 and plan.spans == ()
     out = runner.execute(step)
     torch.testing.assert_close(out[0], reference(m, ids + [7]), atol=1e-4, rtol=1e-4)
 
