@@ -274,3 +274,19 @@ def tree_rss(proc: psutil.Process) -> int:
         with contextlib.suppress(psutil.Error):
             total += child.memory_info().rss
     return total
+
+
+async def streamed_decode_rate(http: httpx.AsyncClient, body: dict) -> float:
+    """One streamed completion's tokens after its first, per second of the time they took
+    (the prefill the request paid or saved left out). `body` asks for a stream."""
+    first = last = None
+    tokens = 0
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                last = time.perf_counter()
+                first = first or last
+                tokens += 1
+    assert first is not None and last is not None and tokens > 1, "no tokens streamed"
+    return (tokens - 1) / (last - first)

@@ -12,9 +12,9 @@ rows take the eager path, not decode.c's stack, so a stream through one is slowe
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -26,6 +26,7 @@ from common import (
     ensure_model_dir,
     free_port,
     serve_command,
+    streamed_decode_rate,
 )
 from costs import ADAPTERS, make_adapters
 
@@ -37,20 +38,12 @@ def decode_rate(url: str, model: str, max_tokens: int, i: int) -> float:
         "model": model, "prompt": f"{i} hello there " * 10, "max_tokens": max_tokens,
         "temperature": 0.8, "top_p": 0.95, "ignore_eos": True, "stream": True,
     }  # fmt: skip
-    first = last = None
-    tokens = 0
-    with (
-        httpx.Client(timeout=600, trust_env=False) as http,
-        http.stream("POST", url + "/v1/completions", json=body) as r,
-    ):
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                last = time.perf_counter()
-                first = first or last
-                tokens += 1
-    assert first is not None and last is not None and tokens > 1, "no tokens streamed"
-    return (tokens - 1) / (last - first)
+
+    async def one() -> float:
+        async with httpx.AsyncClient(base_url=url, timeout=600, trust_env=False) as http:
+            return await streamed_decode_rate(http, body)
+
+    return asyncio.run(one())
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ from common import (
     free_port,
     percentile,
     serve_command,
+    streamed_decode_rate,
     thread_env,
 )
 
@@ -124,17 +125,7 @@ async def decode_rate(http: httpx.AsyncClient, prompt: str) -> float:
     """One streamed request's tokens after its first, per second of the time they took."""
     body = {"model": MODEL, "prompt": prompt, **SAMPLING, "max_tokens": DECODE_TOKENS,
             "ignore_eos": True, "stream": True}  # fmt: skip
-    first = last = None
-    tokens = 0
-    async with http.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                last = time.perf_counter()
-                first = first or last
-                tokens += 1
-    assert first is not None and last is not None and tokens > 1, "no tokens streamed"
-    return (tokens - 1) / (last - first)
+    return await streamed_decode_rate(http, body)
 
 
 async def shared_decode_part(
