@@ -129,3 +129,20 @@ def test_a_bad_vllm_load_is_a_4xx(server: LiveServer) -> None:
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_path", r.text
     unknown = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x"})
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "lora_path"
+    bad = [
+        ({"lora_name": "x" * 10_000, "lora_path": "a0"}, "lora_name"),  # huge
+        ({"lora_name": 7, "lora_path": "a0"}, "lora_name"),  # not a string
+        ({"lora_name": "x", "lora_path": "a0", "load_inplace": "yes"}, "load_inplace"),
+    ]
+    for body, param in bad:
+        r = httpx.post(server.url + "/v1/load_lora_adapter", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    raw = httpx.post(
+        server.url + "/v1/load_lora_adapter", content=b"{not json",
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    assert raw.status_code == 400
+    assert set(raw.json()["error"]) == {"message", "type", "param", "code"}
+    # Nothing of it registered, and the base still answers.
+    assert {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]} == {"tiny-llama"}
+    assert greedy(server.url, "tiny-llama")

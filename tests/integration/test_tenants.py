@@ -169,6 +169,9 @@ def test_members_get_403_on_base_models_and_the_admin_manages_them(srv: LiveServ
         ("PATCH", f"/v1/models/{MODEL}", {"defaults": {"max_tokens": 1}}),
         ("PUT", f"/v1/models/{MODEL}", {"chat_template": "{{ 'hijacked' }}"}),
         ("DELETE", f"/v1/models/{MODEL}", None),
+        # vLLM's adapter routes: an adapter is served to every project, as a base model is
+        ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "second"}),
+        ("POST", "/v1/unload_lora_adapter", {"lora_name": "x"}),
     )
     with http(srv, A) as member:
         for method, path, body in attempts:
