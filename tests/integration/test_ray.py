@@ -8,6 +8,7 @@ under load is replaced while the client's retries succeed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -216,8 +217,8 @@ def test_stored_responses_are_found_by_every_replica(ray_url: str) -> None:
         )
 
     previous, hops = first.id, []
-    while len(set(hops)) < 2 and len(hops) < 16:  # until both replicas took a link
-        raw = beside_filler(api, len(hops) % 2 == 1, partial(link, len(hops), previous))
+    while len(set(hops)) < 2 and len(hops) < 8:  # until both replicas took a link
+        raw = elsewhere(ray_url, hops, partial(link, len(hops), previous))
         previous = raw.parse().id
         hops.append(raw.headers[REPLICA])
     assert len(set(hops)) == 2, hops
@@ -363,9 +364,9 @@ def test_a_conversation_is_shared_by_every_replica(ray_url: str) -> None:
         )
 
     hops: list[str] = []
-    while len(set(hops)) < 2 and len(hops) < 16:  # until both replicas ran a turn
+    while len(set(hops)) < 2 and len(hops) < 8:  # until both replicas ran a turn
         before = api.responses.input_tokens.count(model=MODEL, input="x", conversation=conv.id)
-        raw = beside_filler(api, len(hops) % 2 == 1, partial(turn, len(hops)))
+        raw = elsewhere(ray_url, hops, partial(turn, len(hops)))
         turns.append([item.id for item in raw.parse().output])
         hops.append(raw.headers[REPLICA])
         after = api.responses.input_tokens.count(model=MODEL, input="x", conversation=conv.id)
@@ -397,21 +398,23 @@ def test_a_conversation_is_shared_by_every_replica(ray_url: str) -> None:
             api.responses.create(model=MODEL, input="x", conversation=conv.id)
 
 
-def beside_filler(api: openai.OpenAI, filled: bool, call: Callable[[], T]) -> T:
-    """call(), with (when `filled`) another request under way: Serve sends a request to the
-    less busy of two replicas, and idle ones may tie the same way every time, so that one
-    after another, calls land on one replica only; alternating busy and idle spreads them."""
-    if not filled:
+def elsewhere(url: str, hops: list[str], call: Callable[[], T]) -> T:
+    """call(), sent where none of `hops` went while they all went to one replica: streams held
+    open there until it has more of them than the other, so that Serve, which sends a request
+    to the less busy of two replicas, sends this one to the other. Idle replicas may tie the
+    same way every time, and alternating one filler was not enough (16 links on one replica)."""
+    if len(set(hops)) != 1:
         return call()
-    with ThreadPoolExecutor(1) as pool:
-        filler = pool.submit(
-            api.completions.create, model=MODEL, prompt="filler", max_tokens=48,
-            extra_body={"ignore_eos": True},
-        )  # fmt: skip
-        time.sleep(0.2)  # routed and running before the call
-        got = call()
-        filler.result()
-    return got
+    body = {"model": MODEL, "prompt": "filler", "max_tokens": 200, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with contextlib.ExitStack() as held, httpx.Client(base_url=url, timeout=60) as http:
+        there = 0
+        for _ in range(6):
+            r = held.enter_context(http.stream("POST", "/v1/completions", json=body))
+            there += 1 if r.headers[REPLICA] == hops[0] else -1
+            if there > 0:
+                break
+        return call()
 
 
 def completion_gone(api: openai.OpenAI, completion_id: str) -> bool:
