@@ -49,7 +49,9 @@ int attend_lanes(const void *q, const void *k, const void *v, void *out, const i
                  const int32_t *lengths, int B, int heads, int kv_heads, int D, int64_t rows,
                  int64_t row0, int64_t lane_len, float scale, int bf16, int threads);
 
-enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_I8 = 2, FORMAT_I8_VNNI = 3 };
+/* FORMAT_DP: w is dp.c's packed bf16 weight, for the rows below the tiles' (dp for a lone row
+ * beside amx for more, where the policy measured it so: the AMX Xeon) */
+enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_I8 = 2, FORMAT_I8_VNNI = 3, FORMAT_DP = 4 };
 #define MAX_HEAD_DIM 256
 #define MAX_SILU_CHUNK 256 /* SiLU's elements per vectorised pass */
 
@@ -93,6 +95,10 @@ static int linear(const Lin *L, const void *x, void *y, const Step *s) {
         rc = amx_glu_bf16((const uint16_t *)x, L->tiles, y, M, n / 2, k, t, 0);
     else if (tiled(L, s))
         rc = amx_linear_bf16((const uint16_t *)x, L->tiles, y, 1, M, n, k, t);
+    else if (L->format == FORMAT_DP && bf16)
+        rc = dp_linear_bf16((const uint16_t *)x, (const uint16_t *)L->w, y, 1, M, n, k, t);
+    else if (L->format == FORMAT_DP)
+        return -2; /* dp.c multiplies bf16 rows only (native.py's checks keep this away) */
     else if (L->format == FORMAT_I8)
         rc = gemv_i8(x, bf16, (const int8_t *)L->w, L->scales, y, bf16, M, n, k, t);
     else if (L->format == FORMAT_I8_VNNI)

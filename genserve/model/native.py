@@ -564,6 +564,7 @@ class _Step(ctypes.Structure):
 
 _FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 _VNNI_FORMAT = 3  # int8 weights through gemv_i8_vnni
+_DP_FORMAT = 4  # bf16 weights packed for dp.c (a Dp's), below a linear's tiles
 MAX_HEAD_DIM, MAX_GROUP = 256, 16  # decode.c's and attend.c's fixed buffers
 
 
@@ -586,12 +587,13 @@ class DecodeLayer:
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    # Each linear's gemv; None where its tiles take every row count (from one row up): the
-    # policy runs amx or dp alone there and the dense weight is not kept for gemv.
-    qkv: Gemv | None
-    o: Gemv | None
-    gate_up: Gemv | None
-    down: Gemv | None
+    # Each linear's kernel below its tiles' rows: gemv, or dp.c's packed weight (where the
+    # policy runs dp for a lone row and amx for more); None where its tiles take every row
+    # count (from one row up): the policy runs amx or dp alone there and keeps no gemv.
+    qkv: Gemv | Dp | None
+    o: Gemv | Dp | None
+    gate_up: Gemv | Dp | None
+    down: Gemv | Dp | None
     k_cache: torch.Tensor  # [kv_heads, cache_rows, dim]
     v_cache: torch.Tensor
     # Per linear (qkv, o, gate_up, down): amx.c's or dp.c's packed weight and the rows from
@@ -820,13 +822,16 @@ def _check_stack(layers: Sequence[DecodeLayer], s: DecodeShape) -> int:
 
 
 def _check_linear(
-    name: str, shape: tuple[int, int], g: Gemv | None, tile: tuple[Amx | Dp, int] | None,
+    name: str, shape: tuple[int, int], g: Gemv | Dp | None, tile: tuple[Amx | Dp, int] | None,
     dtype: torch.dtype,
 ) -> None:  # fmt: skip
-    """One linear as decode.c reads it: gemv's weight, or tiles from one row up, or both."""
+    """One linear as decode.c reads it: gemv's weight (or dp.c's packed one), or tiles from
+    one row up, or both."""
     if g is None and (tile is None or tile[1] > 1):
         raise ValueError(f"decode_layers: {name} has no kernel for a lone row")
-    weight, bias = (g.weight, g.bias) if g is not None else (None, tile[0].bias)  # type: ignore[index]
+    if isinstance(g, Dp) and (dtype != torch.bfloat16 or g.shape != shape):
+        raise ValueError(f"decode_layers: {name}'s dp weight is not its bf16 weight")
+    weight, bias = (g.weight, g.bias) if isinstance(g, Gemv) else (None, (g or tile[0]).bias)  # type: ignore[index,union-attr]
     if weight is not None and tuple(weight.shape) != shape:
         raise ValueError(f"decode_layers: {name} {tuple(weight.shape)}, not {shape}")
     if bias is not None and bias.dtype != dtype:
@@ -848,10 +853,13 @@ def _check_caches(s: DecodeShape, rows: int, *caches: torch.Tensor) -> None:
             raise ValueError(f"decode.c: cache {tuple(cache.shape)} {cache.dtype}")
 
 
-def _lin_struct(g: Gemv | None, tile: tuple[Amx | Dp, int] | None) -> _Lin:
+def _lin_struct(g: Gemv | Dp | None, tile: tuple[Amx | Dp, int] | None) -> _Lin:
     tiles, start = (tile[0].packed.data_ptr(), tile[1]) if tile is not None else (None, 0)
     dp = int(tile is not None and isinstance(tile[0], Dp))
     glu = int(tile is not None and not dp and tile[0].glu)  # type: ignore[union-attr]
+    if isinstance(g, Dp):  # dp.c's packed weight below the tiles' rows
+        bias = g.bias.data_ptr() if g.bias is not None else None
+        return _Lin(g.packed.data_ptr(), None, bias, _DP_FORMAT, *g.shape, tiles, start, glu, dp)
     if g is None:  # tiles from one row up (_check_stack): decode.c never reaches gemv
         packed = tile[0]  # type: ignore[index]
         bias = packed.bias.data_ptr() if packed.bias is not None else None

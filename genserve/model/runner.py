@@ -119,10 +119,12 @@ class Linear:
         built = {k: kernels.build(k, dense, bias, quant, batch_hint, glu) for k in sorted(kinds)}
         self.by_bucket = tuple(built[k] for k in plan.choices)
         self.invariant = built[plan.invariant]
-        # what decode.c reads, where the policy built it
-        self.gemv = built.get("vnni") if vnni else built.get("gemv")
-        # and for a batch, where it runs amx.c's or dp.c's packed weight
+        # what decode.c reads for a batch, where the policy runs amx.c's or dp.c's packed weight
         self.tiles = _tiles_from(plan, built.get("amx")) or _tiles_from(plan, built.get("dp"))
+        # and below those rows: dp.c's packed weight where the policy runs it for a lone row
+        # (beside amx from two rows up: the AMX Xeon), else gemv's, where the policy built it
+        gemv = built.get("vnni") if vnni else built.get("gemv")
+        self.few = built["dp"] if plan.choices[0] == "dp" else gemv
         self.pad_single = plan.pad_single
         self.plan = plan
 
@@ -444,16 +446,17 @@ class LlamaRunner:
             return None
 
     def _native_stack(self) -> native.DecodeStack | None:
-        """decode.c's stack where every decoder linear has a gemv kernel (the policy chose it
-        for some row count) or amx.c's or dp.c's packed weight from one row up (the policy runs
-        it for every row count): a step through it runs the small ops between the linears in
-        C, its linears on gemv, or on the packed weight from the rows where the policy runs it."""
+        """decode.c's stack where every decoder linear has a kernel for a few rows (gemv's
+        weight, or dp.c's where the policy runs dp for one row) or amx.c's or dp.c's packed
+        weight from one row up (the policy runs it for every row count): a step through it
+        runs the small ops between the linears in C, its linears on that few-row kernel, or on
+        the packed weight from the rows where the policy runs it."""
         if not self._native_offered():
             return None
         layers = []
         for w, k, v in zip(self.layers, self.k_cache, self.v_cache, strict=True):
             lins = (w.qkv, w.o, w.gate_up, w.down)
-            fns = [lin.gemv for lin in lins]
+            fns = [lin.few for lin in lins]
             tiles = tuple(lin.tiles for lin in lins)
             pairs = zip(fns, tiles, strict=True)
             if not all(fn is not None or (t is not None and t[1] <= 1) for fn, t in pairs):

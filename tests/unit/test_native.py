@@ -407,7 +407,7 @@ def test_native_decode_on_vnni_int8_computes_the_eager_paths_logits(dtype, path)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(dtype)
     policy = fixed_policy(model, dtype, "int8", "vnni")
     fast, eager, counting = native_and_eager(model, dtype, "int8", path, policy=policy)
-    assert all(lin.gemv.vnni for lin in (fast.layers[0].qkv, fast.layers[0].down))
+    assert all(lin.few.vnni for lin in (fast.layers[0].qkv, fast.layers[0].down))
     check_native_decode(fast, eager, counting, 1e-3 if dtype == torch.float32 else 0.05)
 
 
@@ -420,6 +420,7 @@ def test_native_decode_on_vnni_int8_computes_the_eager_paths_logits(dtype, path)
         pytest.param("none", True, "dp", "gemv", marks=needs_dp),
         pytest.param("int8", False, "dp", "gemv", marks=needs_dp),
         pytest.param("none", False, "dp", "dp", marks=needs_dp),
+        pytest.param("none", True, "amx", "dp", marks=(needs_amx, needs_dp)),
     ],
 )
 def test_the_stack_multiplies_a_batch_through_packed_weights_as_the_eager_path(
@@ -428,7 +429,8 @@ def test_the_stack_multiplies_a_batch_through_packed_weights_as_the_eager_path(
     """With amx (or dp) chosen from two rows up (gemv for one), decode.c's stack runs a lone
     decode on gemv and three decodes on amx.c's tiles (or dp.c's dot products): both close to
     the eager path on the same policy. With it for every row count, no gemv is built and the
-    stack runs both on the packed weight."""
+    stack runs both on the packed weight. With dp for one row and amx from two (the AMX
+    Xeon's choice), the lone decode runs on dp.c's packed weight."""
     torch.manual_seed(0)
     cfg = dict(SMALL_LLAMA, hidden_size=128, intermediate_size=256, attention_bias=bias)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(torch.bfloat16)
@@ -444,9 +446,10 @@ def test_the_stack_multiplies_a_batch_through_packed_weights_as_the_eager_path(
     )
     layer = fast.layers[0]
     lins = (layer.qkv, layer.o, layer.gate_up, layer.down)
-    first = 2 if lone == "gemv" else 1
+    first = 2 if lone != kind else 1
     assert [lin.tiles[1] for lin in lins] == [first] * 4
-    assert all((lin.gemv is None) == (lone == kind) for lin in lins)
+    few = {"gemv": native.Gemv, "dp": native.Dp, "amx": type(None)}[lone]
+    assert all(type(lin.few) is few for lin in lins)
     if kind == "amx":
         assert layer.gate_up.tiles[0].glu  # SiLU(gate) * up straight from the tiles
     check_native_decode(fast, eager, counting, 0.05)
