@@ -9,6 +9,7 @@ a small JSON file under the data dir, so a restart on the same machine does not 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -37,6 +38,11 @@ BF16_GAIN = 0.85
 CACHE_FILE = "kernels.json"
 COLD_MAX_COPIES = 16  # copies of a weight timed alone (its model's size not known)
 COLD_MAX_COPIES_STEP = 1024  # of a model's weight: enough to overflow the cache however small
+# Bumped when how kernels are timed changes, so that choices timed the old way are timed again
+# (2: whether a model's step fits the cache is measured, not read off the reported size).
+TIMING_METHOD = 2
+CACHE_SPEEDUP = 1.5  # a buffer read this much faster warm than past the cache sits in it
+COLD_PROBE_MIB = 1024  # the largest buffer read to time a pass past the cache
 BUSY_LOAD = 1.5  # load average per core above which a measurement is not cached
 
 
@@ -241,15 +247,37 @@ def cold_copies(spec: ShapeSpec, dtype: torch.dtype) -> int:
     (a 3.5 MB bf16 matrix ran 2x faster hot than in a step here). Every copy of a small
     weight counts: capped at 16, a 960x576 one was timed from the cache (16 copies, 18 MB of a
     32 MB L3), where a bf16 kernel beat the int8 ones that read half the bytes in a step.
-    One copy where the whole model's step fits in the cache: its steps run warm."""
+    One copy where the whole model's step fits in the cache, as measured: its steps run warm."""
     item = torch.empty((), dtype=dtype).element_size()
-    llc = last_level_cache()
-    need = -(-2 * llc // (spec.out_features * spec.in_features * item))
+    llc, size = last_level_cache(), spec.out_features * spec.in_features * item
     if not spec.step_weights:
-        return max(1, min(COLD_MAX_COPIES, need))
-    if spec.step_weights * item <= llc:
+        return max(1, min(COLD_MAX_COPIES, -(-2 * llc // size)))
+    step = spec.step_weights * item
+    if cache_holds(step):
         return 1
-    return max(1, min(COLD_MAX_COPIES_STEP, need))
+    # as many bytes as a step reads (the cache did not hold them), at most twice the cache
+    return max(1, min(COLD_MAX_COPIES_STEP, -(-min(2 * llc, step) // size)))
+
+
+@functools.lru_cache(maxsize=8)
+def cache_holds(nbytes: int) -> bool:
+    """Whether `nbytes` read again and again come from the cache: no larger than the last-level
+    cache Linux reports, and summed warm at least CACHE_SPEEDUP times as fast as a buffer past
+    it. A VM may report its host's whole cache (480 MiB on the AMX Xeon) while its own share
+    read a 270 MB model at memory speed, where timing its weights warm picked bf16 kernels
+    over the int8 ones that a step, reading half the bytes from memory, runs faster."""
+    llc = last_level_cache()
+    if nbytes > llc:
+        return False
+    mib = max(1, nbytes >> 20)
+    warm = read_bandwidth(mib, repeats=5)
+    memory = read_bandwidth(min(COLD_PROBE_MIB, max(4 * mib, 2 * (llc >> 20))), repeats=3)
+    fits = warm >= CACHE_SPEEDUP * memory
+    log.info(
+        "%d MiB of weights read warm at %.1f GB/s, past the cache at %.1f: %s", mib, warm,
+        memory, "in cache" if fits else "from memory",
+    )  # fmt: skip
+    return fits
 
 
 def last_level_cache(path: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
@@ -415,6 +443,7 @@ def cache_key(
     chunk: int, hint: int,
 ) -> str:  # fmt: skip
     what = _machine(f) + [str(dtype), quantization, chunk, hint, [asdict(s) for s in specs]]
+    what += [TIMING_METHOD]
     offered = kernels.available(dtype, torch.device(f.device), quantization)
     what += [offered]  # new ones: measure
     if {"gemv", "amx", "dp"} & set(offered):  # genserve's kernels changed: measured again

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -102,8 +103,24 @@ def test_dtype_auto_is_measured_once_per_machine_and_never_cached_under_load(
     assert len(json.loads((tmp_path / hardware.CACHE_FILE).read_text())) == 1
 
 
+@pytest.fixture
+def cache_probe(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """hardware.read_bandwidth as a cache would answer it: 100 GB/s for a buffer of up to 8
+    MiB, 20 past it; the sizes asked for are listed. cache_holds forgets earlier answers."""
+    asked: list[int] = []
+
+    def bandwidth(mib: int, repeats: int = 5) -> float:
+        asked.append(mib)
+        return 100.0 if mib <= 8 else 20.0
+
+    monkeypatch.setattr(hardware, "read_bandwidth", bandwidth)
+    hardware.cache_holds.cache_clear()
+    yield asked
+    hardware.cache_holds.cache_clear()
+
+
 def test_a_weight_is_timed_from_memory_unless_the_models_whole_step_fits_the_cache(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, cache_probe: list[int]
 ) -> None:
     """A decode step of a model larger than the cache reads every weight from memory: a small
     one is timed in as many copies as overflow the cache twice (16 left a 960x576 bf16 weight
@@ -121,8 +138,28 @@ def test_a_weight_is_timed_from_memory_unless_the_models_whole_step_fits_the_cac
     assert hardware.cold_copies(qkv, torch.bfloat16) > hardware.COLD_MAX_COPIES
     alone = dataclasses.replace(qkv, step_weights=0)  # its model unknown: at most 16
     assert hardware.cold_copies(alone, torch.bfloat16) == hardware.COLD_MAX_COPIES
+    assert cache_probe == []  # larger than the cache: nothing to measure
     tiny = hardware.model_specs(LlamaConfig(**SMALL_LLAMA), 64, 4)
     assert all(hardware.cold_copies(s, torch.float32) == 1 for s in tiny)
+    assert cache_probe == [1, 64]  # measured once: warm, then past the 32 MiB cache
+
+
+def test_a_reported_cache_that_reads_at_memory_speed_times_weights_cold(
+    monkeypatch: pytest.MonkeyPatch, cache_probe: list[int]
+) -> None:
+    """A VM that reports its host's 480 MiB cache, where the 270 MB bench model reads at
+    memory speed warm: its weights are timed cold, each among copies as large as the step it
+    runs in; where the step is read faster warm, it is timed warm."""
+    monkeypatch.setattr(hardware, "last_level_cache", lambda: 480 * 2**20)
+    cfg = LlamaConfig(**{**SMALL_LLAMA, "hidden_size": 576, "intermediate_size": 1536,
+                         "num_hidden_layers": 30, "vocab_size": 49152})  # fmt: skip
+    qkv = hardware.model_specs(cfg, 512, 32)[0]
+    assert qkv.step_weights * 2 < 480 * 2**20  # it would fit, as reported
+    size = qkv.out_features * qkv.in_features * 2
+    assert hardware.cold_copies(qkv, torch.bfloat16) == -(-qkv.step_weights * 2 // size)
+    assert cache_probe[0] == qkv.step_weights * 2 >> 20 and cache_probe[1] == 1024
+    small = dataclasses.replace(qkv, step_weights=4 * 2**20)  # 8 MB: read faster warm
+    assert hardware.cold_copies(small, torch.bfloat16) == 1
 
 
 def test_a_measured_policy_names_a_plan_for_each_shape_and_bucket() -> None:
