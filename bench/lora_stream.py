@@ -5,8 +5,9 @@
 On the SmolLM2-135M-shaped random model, with a random rank-8 adapter on every projection
 (bench/costs.py's), one server: requests of --max-tokens tokens (EOS ignored, temperature 0.8,
 top_p 0.95) alternate between the base and the adapter; each request's decode speed is its
-tokens after the first over the time they took. Prints both and their ratio (an adapter's
-rows take the eager path, not decode.c's stack, so a stream through one is slower).
+tokens after the first over the time they took. Prints both and their ratio (decode.c's stack
+adds an adapter's rank-r products beside the base model's linears, so a stream through one
+reads its few extra weights too).
 """
 
 from __future__ import annotations

@@ -64,6 +64,13 @@ typedef struct { /* one linear: y = x W^T (* scales) (+ bias) */
     int64_t tiles_from;    /* steps of at least this many rows multiply through the tiles */
     int64_t glu;           /* the tiles hold [gate; up] interleaved (amx.c's amx_glu_bf16) */
     int64_t tiles_dp;      /* the tiles are dp.c's (AVX512-BF16 dot products), not AMX's */
+    /* The loaded LoRA adapters' products for this projection, side by side (runner.py's
+     * LoraSet fused stack), float32: a [rank, k], bt = B^T [rank, lora_n], owner [rank] (the
+     * adapter each rank column belongs to); they add to y's columns lora_lo.. lora_lo +
+     * lora_n. rank 0: none. */
+    const float *lora_a, *lora_bt;
+    const int32_t *lora_owner;
+    int64_t lora_rank, lora_lo, lora_n;
 } Lin;
 
 typedef struct { /* one decoder layer's weights and cache (fixed while a runner lives) */
@@ -78,6 +85,7 @@ typedef struct { /* the model's shape and one step's rows */
     const float *cos, *sin;          /* [rows, dim]: transformers' tables at each row's position */
     const int64_t *write;            /* [rows]: cache row of each row's new key and value */
     const int32_t *starts, *lengths; /* [rows]: cache row of position 0, positions attended */
+    const int32_t *owners;           /* [rows]: each row's adapter (-1: none), or NULL */
 } Step;
 
 /* y [M, n] (the model's dtype) = x [M, k] (the model's dtype) W^T (+ bias): the kernel's
@@ -112,6 +120,8 @@ static int linear(const Lin *L, const void *x, void *y, const Step *s) {
         elem_put(y, bf16, i, elem_get(y, bf16, i) + elem_get(L->bias, bf16, i % n));
     return 0;
 }
+
+static int has_lora(const Lin *L, const Step *s) { return L->lora_rank > 0 && s->owners; }
 
 /* Rows of the model's dtype as float32 and back, and torch's rounding to it, in loops the
  * compiler vectorises (no per-element branch on the dtype). */
@@ -378,6 +388,46 @@ static void silu_mul(const Step *s, const void *gu, void *act) {
     }
 }
 
+/* y[m, lo:lo + n] += B (A x[m]) over the rank columns of row m's own adapter (owners[m]),
+ * as LoraSet.apply_fused computes it (runner.py): in float32, each row's sum added into y
+ * rounding once, as torch adds a float32 product into a bf16 y. An adapter's few rank
+ * columns cost a row about as much as its norms: one thread, no parallel region. */
+static int lora_add(const Lin *L, const void *x, void *y, const Step *s) {
+    if (!has_lora(L, s)) return 0;
+    int bf16 = (int)s->bf16;
+    size_t K = (size_t)L->k, R = (size_t)L->lora_rank, W = (size_t)L->lora_n;
+    float *xf = (float *)malloc((K + R + W) * sizeof(float));
+    if (xf == NULL) return -1;
+    float *low = xf + K, *delta = low + R;
+    for (size_t m = 0; m < (size_t)s->rows; m++) {
+        int32_t o = s->owners[m];
+        int any = 0;
+        for (size_t j = 0; j < R && o >= 0; j++) any |= L->lora_owner[j] == o;
+        if (!any) continue;
+        to_f32(x, bf16, m * K, K, xf);
+        memset(delta, 0, W * sizeof(float));
+        for (size_t j = 0; j < R; j++) {
+            if (L->lora_owner[j] != o) continue;
+            const float *a = L->lora_a + j * K, *bt = L->lora_bt + j * W;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (size_t k = 0; k < K; k++) acc += a[k] * xf[k];
+#pragma omp simd
+            for (size_t i = 0; i < W; i++) delta[i] += bt[i] * acc;
+        }
+        size_t at = m * (size_t)L->n + (size_t)L->lora_lo;
+        for (size_t i = 0; i < W; i++) elem_put(y, bf16, at + i, elem_get(y, bf16, at + i) + delta[i]);
+    }
+    free(xf);
+    return 0;
+}
+
+/* y = x W^T (+ bias), then the rows' adapters' products */
+static int project(const Lin *L, const void *x, void *y, const Step *s) {
+    int rc = linear(L, x, y, s);
+    return rc ? rc : lora_add(L, x, y, s);
+}
+
 typedef struct { /* one step's activations, in the model's dtype; tmp: tmp_floats */
     void *h, *qkv, *q, *att, *gu, *act, *y;
     float *tmp;
@@ -389,20 +439,21 @@ typedef struct { /* one step's activations, in the model's dtype; tmp: tmp_float
  * x as stored, and one parallel region a layer fewer). */
 static int layer(const Layer *L, const void *next_norm, void *x, Scratch *b, const Step *s) {
     int rc;
-    if ((rc = linear(&L->qkv, b->h, b->qkv, s))) return rc;
+    if ((rc = project(&L->qkv, b->h, b->qkv, s))) return rc;
     if ((rc = attend(s, L->k_cache, L->v_cache, b->qkv, b->q, b->att))) return rc;
-    if ((rc = linear(&L->o, b->att, b->y, s))) return rc;
+    if ((rc = project(&L->o, b->att, b->y, s))) return rc;
     residual_norm_rows(s, x, b->y, L->post_norm, b->h, b->tmp);
     const Lin *gu = &L->gate_up;
-    if (tiled(gu, s) && gu->glu && gu->bias == NULL) { /* SiLU(gate) * up from the tiles */
+    if (tiled(gu, s) && gu->glu && gu->bias == NULL && !has_lora(gu, s)) {
+        /* SiLU(gate) * up from the tiles (nothing adds to gate/up before the SiLU) */
         rc = amx_glu_bf16((const uint16_t *)b->h, gu->tiles, b->act, (int)s->rows,
                           (int)s->inter, (int)gu->k, (int)s->threads, 1);
         if (rc) return rc;
     } else {
-        if ((rc = linear(gu, b->h, b->gu, s))) return rc;
+        if ((rc = project(gu, b->h, b->gu, s))) return rc;
         silu_mul(s, b->gu, b->act);
     }
-    if ((rc = linear(&L->down, b->act, b->y, s))) return rc;
+    if ((rc = project(&L->down, b->act, b->y, s))) return rc;
     if (next_norm != NULL)
         residual_norm_rows(s, x, b->y, next_norm, b->h, b->tmp);
     else

@@ -58,6 +58,8 @@ class FusedStack:
     b: Linear  # [out.stop - out.start, total rank]
     owner: torch.Tensor  # [total rank]: index of the adapter each rank column belongs to
     out: slice
+    a_raw: torch.Tensor  # the two matrices unpacked, float32 on the CPU (decode.c reads them)
+    b_raw: torch.Tensor
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +163,7 @@ class LoraSet:
     # 2-6 in float32 (Zen 5), 120 of them a step; the delta is added into y rounding once.
     dtype: torch.dtype | None = None
     order: list[str] = field(default_factory=list)  # adapter -> index, for the fused path
+    version: int = 0  # counts the changes to the loaded set (what was fused from it is stale)
     _fused: dict[tuple[int, str], FusedStack | None] = field(default_factory=dict)
 
     def add(self, adapter: Adapter) -> None:
@@ -174,6 +177,7 @@ class LoraSet:
     def _changed(self) -> None:
         self.order = sorted(self.adapters)
         self._fused = {}
+        self.version += 1
 
     def apply(
         self,
@@ -201,7 +205,7 @@ class LoraSet:
     ) -> None:
         """The same for all rows in four ops whatever the number of adapters (`owner` is each
         row's adapter index, -1 for none): fewer, larger ops than one pass per adapter."""
-        fused = self._fused_stack(layer, stack)
+        fused = self.fused(layer, stack)
         if fused is None:
             return
         low = fused.a(self._rows(h)) * (owner[:, None] == fused.owner[None, :])
@@ -210,7 +214,8 @@ class LoraSet:
     def _rows(self, h: torch.Tensor) -> torch.Tensor:
         return h if self.dtype is None or h.dtype == self.dtype else h.to(self.dtype)
 
-    def _fused_stack(self, layer: int, stack: str) -> FusedStack | None:
+    def fused(self, layer: int, stack: str) -> FusedStack | None:
+        """Every loaded adapter's LoRA for one projection of one layer, side by side."""
         key = (layer, stack)
         if key not in self._fused:
             self._fused[key] = self._fuse(layer, stack)
@@ -239,4 +244,6 @@ class LoraSet:
             self.make_linear(b_all),
             torch.tensor(owner, device=self.device),
             slice(lo, hi),
+            a_all,
+            b_all,
         )

@@ -542,6 +542,8 @@ class _Lin(ctypes.Structure):
     _fields_ = [
         ("w", _P), ("scales", _P), ("bias", _P), ("format", _L), ("n", _L), ("k", _L),
         ("tiles", _P), ("tiles_from", _L), ("glu", _L), ("tiles_dp", _L),
+        ("lora_a", _P), ("lora_bt", _P), ("lora_owner", _P), ("lora_rank", _L),
+        ("lora_lo", _L), ("lora_n", _L),
     ]  # fmt: skip
 
 
@@ -559,6 +561,7 @@ class _Step(ctypes.Structure):
         )),
         ("eps", ctypes.c_double), ("scale", ctypes.c_double),
         ("cos", _P), ("sin", _P), ("write", _P), ("starts", _P), ("lengths", _P),
+        ("owners", _P),
     ]  # fmt: skip
 
 
@@ -579,6 +582,31 @@ class DecodeShape:
     inter: int
     eps: float
     dtype: torch.dtype  # the activations', norms' and caches' dtype
+
+
+@dataclass(frozen=True, slots=True)
+class LinLora:
+    """The loaded adapters' LoRA for one projection of one layer, side by side, as decode.c
+    adds it to a row of its own adapter: a [rank, k] and bt = B^T [rank, n] in float32, owner
+    [rank] int32 (the adapter index of each rank column), adding to the projection's outputs
+    lo .. lo + n."""
+
+    a: torch.Tensor
+    bt: torch.Tensor
+    owner: torch.Tensor
+    lo: int
+
+    def check(self, name: str, shape: tuple[int, int]) -> None:
+        rank, (out, k) = self.a.shape[0], shape
+        ok = (
+            all(t.dtype == torch.float32 and t.is_contiguous() for t in (self.a, self.bt))
+            and self.owner.dtype == torch.int32 and self.owner.is_contiguous()
+            and tuple(self.a.shape) == (rank, k) and self.bt.shape[0] == rank
+            and tuple(self.owner.shape) == (rank,)
+            and self.lo >= 0 and self.lo + self.bt.shape[1] <= out
+        )  # fmt: skip
+        if not ok:
+            raise ValueError(f"decode_layers: {name}'s LoRA does not fit [{out}, {k}]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,23 +637,28 @@ class DecodeStep:
     Checked here against the shape and the caches' rows, so C never reads or writes outside
     them."""
 
-    __slots__ = ("_keep", "rows", "struct")
+    __slots__ = ("_keep", "owners", "rows", "struct")
 
     def __init__(
         self, shape: DecodeShape, cache_rows: int, cos: torch.Tensor, sin: torch.Tensor,
         write: Sequence[int], starts: Sequence[int], lengths: Sequence[int],
+        owners: Sequence[int] | None = None,
     ) -> None:  # fmt: skip
+        """`owners`: each row's adapter index in the stack's LoRA (-1: none), or None."""
         b = len(write)
-        if not len(starts) == len(lengths) == b:
-            raise ValueError("decode step: one write row, start and length per row")
+        if not len(starts) == len(lengths) == b or (owners is not None and len(owners) != b):
+            raise ValueError("decode step: one write row, start, length (and owner) per row")
         rows = cache_rows
         if any(n < 1 or a < 0 or a + n > rows for a, n in zip(starts, lengths, strict=True)):
             raise ValueError("decode step: a row attends outside its cache")
         tables = _rotary_tables(shape, cache_rows, cos, sin, torch.tensor(write, dtype=torch.int64))
         ints = (torch.tensor(starts, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32))
+        self.owners = None if owners is None else torch.tensor(owners, dtype=torch.int32)
         self._keep = (*tables, *ints)  # alive while C reads them
         self.rows = b
-        self.struct = _step_struct(shape, b, rows, *(t.data_ptr() for t in self._keep))
+        ptrs = [t.data_ptr() for t in self._keep]
+        own = None if self.owners is None else self.owners.data_ptr()
+        self.struct = _step_struct(shape, b, rows, *ptrs, own)
 
 
 class GlueRows:
@@ -647,7 +680,7 @@ class GlueRows:
                 raise ValueError("glue rows: sin and one write row per row go with cos")
             self._keep = _rotary_tables(shape, cache_rows, cos, sin, write)
         ptrs = [t.data_ptr() for t in self._keep] or [None] * 3
-        self.struct = _step_struct(shape, rows, cache_rows, *ptrs, None, None)
+        self.struct = _step_struct(shape, rows, cache_rows, *ptrs, None, None, None)
 
 
 def _rotary_tables(
@@ -666,7 +699,7 @@ def _rotary_tables(
 
 def _step_struct(shape: DecodeShape, rows: int, cache_rows: int, *pointers: int | None) -> _Step:
     """decode.c's Step: the shape, the rows and the threads; `pointers`: cos, sin, write,
-    starts and lengths (None where the stages given it read no table)."""
+    starts, lengths and owners (None where the stages given it read no table)."""
     bf16 = int(shape.dtype == torch.bfloat16)
     return _Step(
         rows, shape.hidden, shape.heads, shape.kv_heads, shape.dim, shape.inter, cache_rows,
@@ -699,14 +732,45 @@ class DecodeStack:
         self.cache_rows = _check_stack(self.layers, shape)
         self._structs = (_Layer * len(self.layers))(*map(_layer_struct, self.layers))
 
-    def __call__(self, step: DecodeStep, x: torch.Tensor) -> None:
-        """x [B, hidden] (contiguous, the model's dtype) through every layer, in place."""
+    def with_lora(self, lora: Sequence[Sequence[LinLora | None]]) -> StackLora:
+        """The layers again with each projection's LoRA (per layer: qkv, o, gate_up, down),
+        for steps whose rows name their adapters (DecodeStep's owners)."""
+        if len(lora) != len(self.layers):
+            raise ValueError("decode_layers: one LoRA entry per layer")
+        names = ("qkv", "o", "gate_up", "down")
+        s = self.shape
+        widths = ((s.heads + 2 * s.kv_heads) * s.dim, s.hidden, 2 * s.inter, s.hidden)
+        ins = (s.hidden, s.heads * s.dim, s.hidden, s.inter)
+        for per_layer in lora:
+            for name, ll, out, k in zip(names, per_layer, widths, ins, strict=True):
+                if ll is not None:
+                    ll.check(name, (out, k))
+        structs = (_Layer * len(self.layers))(
+            *(_layer_struct(layer, ll) for layer, ll in zip(self.layers, lora, strict=True))
+        )
+        return StackLora(structs, tuple(tuple(x) for x in lora))
+
+    def __call__(self, step: DecodeStep, x: torch.Tensor, lora: StackLora | None = None) -> None:
+        """x [B, hidden] (contiguous, the model's dtype) through every layer, in place; with
+        `lora`, each row of step's owners adds its adapter's products."""
         _check_rows(self.shape, step, x=x)
+        if step.owners is not None and lora is None:
+            raise ValueError("decode_layers: rows name adapters, and no LoRA was given")
+        structs = lora.structs if lora is not None else self._structs
         rc = library().decode_layers(
-            self._structs, len(self.layers), ctypes.byref(step.struct), x.data_ptr()
+            structs, len(self.layers), ctypes.byref(step.struct), x.data_ptr()
         )
         if rc:
             raise ValueError(f"decode_layers failed ({rc})")
+
+
+@dataclass(frozen=True, slots=True)
+class StackLora:
+    """decode.c's layers with the adapters' LoRA (DecodeStack.with_lora); holds the tensors
+    whose pointers they carry."""
+
+    structs: ctypes.Array
+    keep: tuple
 
 
 class DecodeGlue:
@@ -853,27 +917,39 @@ def _check_caches(s: DecodeShape, rows: int, *caches: torch.Tensor) -> None:
             raise ValueError(f"decode.c: cache {tuple(cache.shape)} {cache.dtype}")
 
 
-def _lin_struct(g: Gemv | Dp | None, tile: tuple[Amx | Dp, int] | None) -> _Lin:
+def _lin_struct(
+    g: Gemv | Dp | None, tile: tuple[Amx | Dp, int] | None, lora: LinLora | None = None
+) -> _Lin:
     tiles, start = (tile[0].packed.data_ptr(), tile[1]) if tile is not None else (None, 0)
     dp = int(tile is not None and isinstance(tile[0], Dp))
     glu = int(tile is not None and not dp and tile[0].glu)  # type: ignore[union-attr]
+    adds = _lora_fields(lora)
     if isinstance(g, Dp):  # dp.c's packed weight below the tiles' rows
         bias = g.bias.data_ptr() if g.bias is not None else None
-        return _Lin(g.packed.data_ptr(), None, bias, _DP_FORMAT, *g.shape, tiles, start, glu, dp)
+        fmt = _DP_FORMAT
+        return _Lin(g.packed.data_ptr(), None, bias, fmt, *g.shape, tiles, start, glu, dp, *adds)
     if g is None:  # tiles from one row up (_check_stack): decode.c never reaches gemv
         packed = tile[0]  # type: ignore[index]
         bias = packed.bias.data_ptr() if packed.bias is not None else None
         fmt = _FORMATS[torch.bfloat16]
-        return _Lin(None, None, bias, fmt, *packed.shape, tiles, start, glu, dp)
+        return _Lin(None, None, bias, fmt, *packed.shape, tiles, start, glu, dp, *adds)
     scales = g.scales.data_ptr() if g.scales is not None else None
     bias = g.bias.data_ptr() if g.bias is not None else None
     n, k = g.weight.shape
-    return _Lin(g.weight.data_ptr(), scales, bias, g.format, n, k, tiles, start, glu, dp)
+    return _Lin(g.weight.data_ptr(), scales, bias, g.format, n, k, tiles, start, glu, dp, *adds)
 
 
-def _layer_struct(layer: DecodeLayer) -> _Layer:
+def _lora_fields(lora: LinLora | None) -> tuple:
+    if lora is None:
+        return (None, None, None, 0, 0, 0)
+    ptrs = (lora.a.data_ptr(), lora.bt.data_ptr(), lora.owner.data_ptr())
+    return (*ptrs, lora.a.shape[0], lora.lo, lora.bt.shape[1])
+
+
+def _layer_struct(layer: DecodeLayer, lora: Sequence[LinLora | None] | None = None) -> _Layer:
     gemvs = (layer.qkv, layer.o, layer.gate_up, layer.down)
-    lins = (_lin_struct(g, t) for g, t in zip(gemvs, layer.tiles, strict=True))
+    adds = lora if lora is not None else (None,) * 4
+    lins = (_lin_struct(g, t, a) for g, t, a in zip(gemvs, layer.tiles, adds, strict=True))
     return _Layer(
         layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), *lins,
         layer.k_cache.data_ptr(), layer.v_cache.data_ptr(),

@@ -34,7 +34,7 @@ from genserve.model import flex, hardware, kernels, native
 from genserve.model.compiled import WARM_UP_ROWS, build_lone_decode, compile_lone_decode
 from genserve.model.hardware import KernelPolicy, ShapePlan
 from genserve.model.llama_math import Rotation, rms_norm, rope, stack_layer
-from genserve.model.lora import AdapterError, BaseShape, LoraSet, load_adapter
+from genserve.model.lora import AdapterError, BaseShape, FusedStack, LoraSet, load_adapter
 from genserve.model.memory import huge_pages, return_freed_memory
 from genserve.model.threads import OtherLoad, ThreadGovernor, running_on
 
@@ -177,6 +177,16 @@ def _tiles_from(plan: ShapePlan, packed: Any) -> tuple[native.Amx | native.Dp, i
         if all(c == kind for c in decode[b:]):
             return packed, BUCKET_FIRST_ROW[b]
     return None
+
+
+def _lin_lora(fused: FusedStack | None) -> native.LinLora | None:
+    """One projection's fused LoRA as decode.c reads it (B transposed: a row's sum runs
+    along the outputs)."""
+    if fused is None:
+        return None
+    owner = fused.owner.to("cpu", torch.int32).contiguous()
+    a, bt = fused.a_raw.float().contiguous(), fused.b_raw.float().t().contiguous()
+    return native.LinLora(a, bt, owner, fused.out.start)
 
 
 def _lora_plan(weight: torch.Tensor) -> ShapePlan:
@@ -352,6 +362,7 @@ class LlamaRunner:
         self.native_decode: dict[int, NativePath] = {}
         self.threads: ThreadGovernor | None = None  # set once the paths are chosen
         self.native_stack = self._native_stack()
+        self._stack_lora: tuple[int, native.StackLora] | None = None  # (LoraSet.version, ...)
         self.native_glue = self._native_glue()
         self.native_decode = self._choose_native_decode()
         # The threads those steps run on, chosen as they run (model/threads.py).
@@ -611,40 +622,56 @@ class LlamaRunner:
             return None
         write, starts, lengths = [], [], []
         for c in step.chunks:
-            if (found := self._free_decode_run(c)) is None:
+            if (found := self._free_decode_run(c, adapter_ok=True)) is None:
                 return None
             table, run = found
             write.extend(self._rows_of(table, c.start, c.start + 1))
             starts.append(run)
             lengths.append(c.start + 1)
+        # each row's adapter (LoraSet.order's index, -1 for none): its LoRA is added in C too
+        order = self.lora.order
+        owners = [-1 if c.adapter is None else order.index(c.adapter) for c in step.chunks]
+        rows = (starts, lengths, owners if max(owners) >= 0 else None)
         self._copy_blocks(step)
         x = self.embed[torch.tensor([c.token_ids[0] for c in step.chunks])]
         cos, sin = self.rotary.forward(x[None], torch.tensor([[n - 1 for n in lengths]]))
         if self.threads is None:
-            return self._native_logits(path, x, cos, sin, write, starts, lengths)
+            return self._native_logits(path, x, cos, sin, write, *rows)
         count = self.threads.pick(key)
         with running_on(count):
             began = time.perf_counter()
-            logits = self._native_logits(path, x, cos, sin, write, starts, lengths)
+            logits = self._native_logits(path, x, cos, sin, write, *rows)
             self.threads.record(key, count, time.perf_counter() - began)
         return logits
 
-    def _native_logits(self, path, x, cos, sin, write, starts, lengths) -> torch.Tensor:  # noqa: ANN001
+    def _native_logits(self, path, x, cos, sin, write, starts, lengths, owners) -> torch.Tensor:  # noqa: ANN001
         """Built inside the step's thread count: decode.c's Step takes it when made."""
         rows = native.DecodeStep(
             self.native_shape, self.cache_rows, cos[0].float(), sin[0].float(), write, starts,
-            lengths,
+            lengths, owners,
         )  # fmt: skip
         return self.lm_head.logits(path(rows, x))
 
     def _through_stack(self, rows: native.DecodeStep, x: torch.Tensor) -> torch.Tensor:
-        """Every layer in one C call (gemv's linears, amx's for a batch), then the final norm,
-        also decode.c's (torch's rms_norm: 0.09 ms a step at one row under cProfile, 1.5% of
-        an int8 step)."""
-        self.native_stack(rows, x)  # the glue exists wherever the stack does (the same checks)
+        """Every layer in one C call (gemv's linears, amx's for a batch; the rows' adapters'
+        LoRA too), then the final norm, also decode.c's (torch's rms_norm: 0.09 ms a step at
+        one row under cProfile, 1.5% of an int8 step)."""
+        lora = self._lora_for_stack() if rows.owners is not None else None
+        self.native_stack(rows, x, lora)  # the glue exists wherever the stack does
         h = torch.empty_like(x)
         self.native_glue.norm(rows, x, self.final_norm, h)
         return h
+
+    def _lora_for_stack(self) -> native.StackLora:
+        """decode.c's layers with the loaded adapters' LoRA, made again when the set changed.
+        An adapter's row took the eager path before (gemv's linears one call each): a rank-8
+        adapter streamed at 0.38-0.47x of its base (Zen 5)."""
+        if self._stack_lora is None or self._stack_lora[0] != self.lora.version:
+            stacks = ("qkv", "o", "gate_up", "down")
+            layers = range(len(self.layers))
+            lora = [[_lin_lora(self.lora.fused(i, s)) for s in stacks] for i in layers]
+            self._stack_lora = (self.lora.version, self.native_stack.with_lora(lora))
+        return self._stack_lora[1]
 
     def _through_glue(self, rows: native.DecodeStep, x: torch.Tensor) -> torch.Tensor:
         """torch's linears (the policy's kernels for this many rows) with decode.c's stages
@@ -658,7 +685,15 @@ class LlamaRunner:
             g.attend(rows, self.k_cache[i], self.v_cache[i], qkv, q, att)
             return att
 
-        return self._glued_layers(x, rows, attend, lambda _i, _stack, lin, h: lin(h), fuse=True)
+        owner = None if rows.owners is None else rows.owners.to(self.device, torch.long)
+
+        def project(i: int, stack: str, lin: Linear, h: torch.Tensor) -> torch.Tensor:
+            y = lin(h)
+            if owner is not None:
+                self.lora.apply_fused(i, stack, h, y, owner)
+            return y
+
+        return self._glued_layers(x, rows, attend, project, fuse=owner is None)
 
     def _glued_prompt(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan
@@ -722,11 +757,16 @@ class LlamaRunner:
         write = torch.tensor(self._rows_of(table, c.start, c.start + 1))
         return self.lone(token, write, cos[0], sin[0], run + c.start + 1, c.start + 1)
 
-    def _free_decode_run(self, c: ChunkInput) -> tuple[tuple[int, ...], int] | None:
-        """(block table, cache row of position 0) when the chunk is one free decode (no
-        adapter, one logits row) whose blocks are one run, as the compiled and decode.c paths
-        read them; else None."""
-        if len(c.token_ids) != 1 or not c.start or c.adapter is not None or self._invariant(c):
+    def _free_decode_run(
+        self, c: ChunkInput, adapter_ok: bool = False
+    ) -> tuple[tuple[int, ...], int] | None:
+        """(block table, cache row of position 0) when the chunk is one free decode (of no
+        adapter unless `adapter_ok`: decode.c's paths add LoRA, the compiled step does not; one
+        logits row) whose blocks are one run, as the compiled and decode.c paths read them;
+        else None."""
+        if len(c.token_ids) != 1 or not c.start or self._invariant(c):
+            return None
+        if c.adapter is not None and not adapter_ok:
             return None
         table = self._table(c)
         run = self._run(table, c.start + 1)

@@ -485,8 +485,8 @@ def check_native_decode(fast, eager, counting, tol: float) -> None:  # noqa: ANN
 def test_only_free_single_token_decodes_in_one_run_take_native_decode() -> None:
     """A seeded row (its bits must not depend on its batch's path), a prompt chunk beside a
     decode and a row whose blocks are not one run keep the eager path; free decodes alone
-    take decode.c, one or several a step. (A row under a LoRA adapter keeps it too: the
-    adapters run in the eager path's linears.)"""
+    take decode.c, one or several a step. (Rows under LoRA adapters take it too:
+    test_lora.py.)"""
     model = tiny_llama()
     fast, _, counting = native_and_eager(model, torch.float32, "none")
     bs = fast.block_size
