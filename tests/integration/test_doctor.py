@@ -14,8 +14,11 @@ from genserve.config import ServerConfig
 def doctor(model: Path, data_dir: Path, **env: str) -> str:
     cmd = [sys.executable, "-m", "genserve.cli", "doctor", "--model", str(model),
            "--data-dir", str(data_dir)]  # fmt: skip
+    # serve's own environment only as given here: a run under GENSERVE_DTYPE=auto (the whole
+    # suite in bf16) still asks the defaults test about a default server
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("GENSERVE_")}
     done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+        cmd, capture_output=True, text=True, timeout=300, env={**inherited, **env}
     )
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -213,7 +213,10 @@ def test_max_tokens_zero_scores_the_prompt(client: openai.OpenAI, http: httpx.Cl
         assert c.logprobs.tokens == ref.logprobs.tokens[:n_prompt]
         lps, ref_lps = c.logprobs.token_logprobs, ref.logprobs.token_logprobs[:n_prompt]
         assert len(lps) == n_prompt and lps[0] is None
-        assert all(math.isclose(a, b) for a, b in zip(lps[1:], ref_lps[1:], strict=True))
+        # Close, not equal: unseeded rows may be batched otherwise in the two calls, and in
+        # bf16 (GENSERVE_DTYPE=auto) a batch's kernels round a row's sums otherwise.
+        pairs = zip(lps[1:], ref_lps[1:], strict=True)
+        assert all(math.isclose(a, b, rel_tol=1e-2) for a, b in pairs)
     bare = client.completions.create(model="tiny-llama", prompt="x", max_tokens=0)
     assert bare.choices[0].text == "" and bare.usage.completion_tokens == 0
     chunks = list(client.completions.create(stream=True, max_tokens=0, **{**kw, "prompt": "ab"}))
