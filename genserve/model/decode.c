@@ -390,33 +390,61 @@ static void silu_mul(const Step *s, const void *gu, void *act) {
 
 /* y[m, lo:lo + n] += B (A x[m]) over the rank columns of row m's own adapter (owners[m]),
  * as LoraSet.apply_fused computes it (runner.py): in float32, each row's sum added into y
- * rounding once, as torch adds a float32 product into a bf16 y. An adapter's few rank
- * columns cost a row about as much as its norms: one thread, no parallel region. */
+ * rounding once, as torch adds a float32 product into a bf16 y. Two passes, each reading an
+ * adapter's matrices once for every row of the step (they stay in cache across the rows):
+ * the rank-r sums of each row (rows split over the threads), then B's products by blocks of
+ * y's columns (the blocks split over the threads). A row's sums run in the same order
+ * whatever the threads or the other rows, so its result does not depend on them. A step of
+ * few rows runs on one thread: an adapter's rank columns then cost a row about as much as
+ * its norms, less than waking the other threads. */
+#define LORA_COLS 256       /* y's columns per block of the second pass */
+#define LORA_PARALLEL 131072 /* multiply-adds from which a pass runs on every thread */
 static int lora_add(const Lin *L, const void *x, void *y, const Step *s) {
     if (!has_lora(L, s)) return 0;
     int bf16 = (int)s->bf16;
-    size_t K = (size_t)L->k, R = (size_t)L->lora_rank, W = (size_t)L->lora_n;
-    float *xf = (float *)malloc((K + R + W) * sizeof(float));
+    size_t M = (size_t)s->rows, K = (size_t)L->k, R = (size_t)L->lora_rank, W = (size_t)L->lora_n;
+    float *xf = (float *)malloc(M * (K + R) * sizeof(float));
     if (xf == NULL) return -1;
-    float *low = xf + K, *delta = low + R;
-    for (size_t m = 0; m < (size_t)s->rows; m++) {
+    float *low = xf + M * K; /* [M][R]: row m's rank sums, 0 outside its adapter's columns */
+    const int32_t *own = L->lora_owner;
+    int t = M * R * (K + W) >= LORA_PARALLEL && s->threads > 1 ? (int)s->threads : 1;
+#pragma omp parallel for num_threads(t) schedule(static)
+    for (size_t m = 0; m < M; m++) {
         int32_t o = s->owners[m];
-        int any = 0;
-        for (size_t j = 0; j < R && o >= 0; j++) any |= L->lora_owner[j] == o;
-        if (!any) continue;
-        to_f32(x, bf16, m * K, K, xf);
-        memset(delta, 0, W * sizeof(float));
+        float *lm = low + m * R, *xm = xf + m * K;
+        memset(lm, 0, R * sizeof(float));
+        if (o < 0) continue;
+        to_f32(x, bf16, m * K, K, xm);
         for (size_t j = 0; j < R; j++) {
-            if (L->lora_owner[j] != o) continue;
-            const float *a = L->lora_a + j * K, *bt = L->lora_bt + j * W;
+            if (own[j] != o) continue;
+            const float *a = L->lora_a + j * K;
             float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-            for (size_t k = 0; k < K; k++) acc += a[k] * xf[k];
-#pragma omp simd
-            for (size_t i = 0; i < W; i++) delta[i] += bt[i] * acc;
+            for (size_t k = 0; k < K; k++) acc += a[k] * xm[k];
+            lm[j] = acc;
         }
-        size_t at = m * (size_t)L->n + (size_t)L->lora_lo;
-        for (size_t i = 0; i < W; i++) elem_put(y, bf16, at + i, elem_get(y, bf16, at + i) + delta[i]);
+    }
+    size_t blocks = (W + LORA_COLS - 1) / LORA_COLS;
+#pragma omp parallel for num_threads(t) schedule(static)
+    for (size_t cb = 0; cb < blocks; cb++) {
+        size_t c0 = cb * LORA_COLS, n = W - c0 < LORA_COLS ? W - c0 : LORA_COLS;
+        float d[LORA_COLS];
+        for (size_t m = 0; m < M; m++) {
+            int32_t o = s->owners[m];
+            int any = 0;
+            for (size_t j = 0; j < R && o >= 0; j++) any |= own[j] == o;
+            if (!any) continue;
+            memset(d, 0, n * sizeof(float));
+            for (size_t j = 0; j < R; j++) {
+                if (own[j] != o) continue;
+                const float *bt = L->lora_bt + j * W + c0;
+                float v = low[m * R + j];
+#pragma omp simd
+                for (size_t i = 0; i < n; i++) d[i] += bt[i] * v;
+            }
+            size_t at = m * (size_t)L->n + (size_t)L->lora_lo + c0;
+            for (size_t i = 0; i < n; i++) elem_put(y, bf16, at + i, elem_get(y, bf16, at + i) + d[i]);
+        }
     }
     free(xf);
     return 0;

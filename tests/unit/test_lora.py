@@ -14,6 +14,7 @@ from genserve.model.lora import AdapterError
 from genserve.model.runner import LlamaRunner
 from tests.tiny_model import SMALL_LLAMA
 from tests.unit.test_hardware import fixed_policy
+from tests.unit.test_native import CountingPath
 
 SMALL = SMALL_LLAMA
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -88,8 +89,6 @@ def test_decodes_under_adapters_through_decode_c_match_peft(tmp_path: Path, path
     row's own adapter's LoRA in C; the glue after torch's linears), beside a base row, alone,
     and after the loaded set changed (an adapter removed, another loaded: the indices move):
     the logits are peft's."""
-    from tests.unit.test_native import CountingPath
-
     refs = {"a": make_adapter(tmp_path / "a", 1), "b": make_adapter(tmp_path / "b", 2, ["v_proj"])}
     refs["c"] = make_adapter(tmp_path / "c", 3, ["o_proj", "down_proj", "up_proj"])
     plain = base()
@@ -119,6 +118,33 @@ def test_decodes_under_adapters_through_decode_c_match_peft(tmp_path: Path, path
     assert not torch.allclose(out[0], last_logits(plain, ids[2]), atol=1e-3)  # c mattered
 
 
+def test_many_adapter_rows_in_the_stack_match_peft_whatever_the_threads(tmp_path: Path) -> None:
+    """24 decodes a step, under two adapters and none: enough multiply-adds that decode.c
+    splits the adapters' products over the threads (by rows, then by blocks of columns);
+    each row's logits are still peft's."""
+    shape = {"hidden_size": 128, "intermediate_size": 512}
+    refs = {
+        "a": make_adapter(tmp_path / "a", 1, **shape),
+        "b": make_adapter(tmp_path / "b", 2, **shape),
+    }
+    plain = base(**shape)
+    policy = fixed_policy(plain, torch.float32, "none", "gemv")
+    runner = LlamaRunner(plain, 24, 32, batch_invariant=False, policy=policy)
+    for name in refs:
+        runner.add_adapter(name, tmp_path / name)
+    counting = CountingPath(runner._through_stack)
+    runner.native_decode = dict.fromkeys((0, 1, 2), counting)
+    owner = {s: ("a", "b", None)[s % 3] for s in range(24)}
+    ids = {s: [5 + s, 6, 7 + s % 5] for s in range(24)}
+    prefill([runner], {s: (ids[s], owner[s]) for s in ids})
+    step = StepInput(tuple(chunk(f"d{s}", s, [9], 3, owner[s]) for s in range(24)))
+    out = runner.execute(step)
+    for s in range(24):
+        ref = refs[owner[s]] if owner[s] else plain
+        torch.testing.assert_close(out[s], last_logits(ref, [*ids[s], 9]), atol=1e-4, rtol=1e-4)
+    assert counting.rows == [24]
+
+
 @pytest.mark.skipif(not native.amx_ready(), reason="no AMX tiles on this CPU")
 def test_adapter_rows_in_the_stack_on_amx_tiles_stay_close_to_the_eager_path(
     tmp_path: Path,
@@ -139,8 +165,6 @@ def test_adapter_rows_in_the_stack_on_amx_tiles_stay_close_to_the_eager_path(
     assert fast.native_stack is not None and fast.layers[0].gate_up.tiles[0].glu
     for runner in (fast, eager):
         runner.add_adapter("a", tmp_path / "a")
-    from tests.unit.test_native import CountingPath
-
     counting = CountingPath(fast._through_stack)
     fast.native_decode, eager.native_decode = dict.fromkeys((0, 1, 2), counting), {}
     ids = {0: [5, 6, 7, 8], 1: [9, 10, 11]}
