@@ -579,13 +579,29 @@ def run_precision(
     if precision == hf_serve.NAME:
         cfg = replace(cfg, unknown_fields=hf_serve.UNKNOWN_FIELDS)
     with tempfile.TemporaryDirectory(prefix="genserve-bench-") as tmp:
-        server = start_server(cfg, precision, port, Path(tmp) / "server.log")
+        log_path = Path(tmp) / "server.log"
+        server = start_server(cfg, precision, port, log_path)
         try:
             base_url = f"http://127.0.0.1:{port}"
             _wait_or_refused(server, base_url, cfg.health_timeout_s)
+            if precision in PRECISION_ARGS:
+                print(f"  {precision} kernels {kernels_line(log_path)}", flush=True)
             return _drive_with_log(cfg, base_url, prompts, server, precision, long)
         finally:
             server.stop()
+
+
+def kernels_line(log_path: Path) -> str:
+    """What the server logged at start-up of its kernels against plain F.linear (measured on
+    this machine in this run, or read from its cache): on a CPU without AMX, e.g.
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE, no chosen kernel may be slower than linear."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "kernels " in line and "against F.linear" in line:
+            summary = line.split(": ", 1)[-1]
+            return summary[summary.index("against F.linear") :] + (
+                " (cached)" if "(cache)" in line else ""
+            )
+    return "against F.linear: not logged (no kernel policy on this device)"
 
 
 def start_server(cfg: BenchConfig, precision: str, port: int, log_path: Path) -> ServerProcess:

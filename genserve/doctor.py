@@ -53,3 +53,4 @@ def print_policy(policy: KernelPolicy) -> None:
             tail = inv if kind == p.invariant else ""
             typer.echo(f"  {p.out_features:>5d}x{p.in_features:<6d} {kind:>7s} {cells}{tail}")
     typer.echo("(* the kernel chosen for that bucket; 'invariant' runs seeded/deterministic rows)")
+    typer.echo(policy.against_linear())

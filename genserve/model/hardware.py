@@ -149,6 +149,26 @@ class KernelPolicy:
         )
         return f"{self.dtype} quant={self.quantization} [{shapes}] ({self.source})"
 
+    def against_linear(self) -> str:
+        """The chosen kernels' times against plain F.linear's, as measured: the largest ratio
+        over every shape and row bucket (at most 1.00x: never slower than linear), or why
+        there is none."""
+        ratios = [
+            (p.times_us[c][b] / p.times_us["linear"][b], f"{p.out_features}x{p.in_features}")
+            for p in self.plans
+            if "linear" in p.times_us and all(c in p.times_us for c in p.choices)
+            for b, c in enumerate(p.choices)
+            if p.times_us["linear"][b] > 0
+        ]
+        if not ratios:
+            return "against F.linear: not timed (cached before times were kept, or no linear)"
+        worst, shape = max(ratios)
+        fastest = min(r for r, _ in ratios)
+        return (
+            f"against F.linear: the chosen kernels take {fastest:.2f}-{worst:.2f}x its time "
+            f"(worst {shape}) over {len(ratios)} shape-buckets"
+        )
+
     def tag(self) -> str:
         """Names what decides the numbers (DESIGN rule 4 holds per system_fingerprint)."""
         what = [(self.dtype, self.quantization)]

@@ -304,8 +304,8 @@ def kernel_policy(
         specs, loaded.dtype, mc.quantization, loaded.device, chunk, slots,
         Path(cfg.storage.data_dir) / "cache",
     )  # fmt: skip
-    log.info("kernels %s: %s, %.2fs", detect(loaded.device).line(), policy.summary(),
-             policy.seconds)  # fmt: skip
+    log.info("kernels %s: %s, %.2fs; %s", detect(loaded.device).line(), policy.summary(),
+             policy.seconds, policy.against_linear())  # fmt: skip
     return policy
 
 

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from genserve.engine.types import ChunkInput, SamplingParams, StepInput
 from genserve.model import hardware, kernels
-from genserve.model.hardware import KernelPolicy, ShapeSpec, choose, policy_for
+from genserve.model.hardware import KernelPolicy, ShapePlan, ShapeSpec, choose, policy_for
 from genserve.model.runner import LlamaRunner
 from tests.tiny_model import SMALL_LLAMA
 
@@ -369,3 +369,20 @@ def seeded_logits(model, policy: KernelPolicy, batched: bool) -> list[torch.Tens
         xs = ChunkInput("x", 5, (7 + step,), len(x) + step, True, seeded, 0)
         out.append(r.execute(StepInput((*dec, xs)))[-1])
     return out
+
+
+def test_the_policy_reports_its_chosen_kernels_against_plain_linear() -> None:
+    """The start-up log line, `genserve doctor` and the bench print how the chosen kernels'
+    measured times compare with plain F.linear's (issue 14: never slower on any machine)."""
+    times = {"linear": [10.0, 20.0, 40.0, 80.0], "gemv": [5.0, 25.0, 50.0, 90.0],
+             "amx": [12.0, 22.0, 20.0, 40.0]}  # fmt: skip
+    plan = ShapePlan(64, 32, ("gemv", "linear", "amx", "amx"), "amx", False, times)
+    policy = KernelPolicy("bfloat16", "none", (plan,), "test")
+    assert policy.against_linear() == (
+        "against F.linear: the chosen kernels take 0.50-1.00x its time (worst 64x32) over 4 "
+        "shape-buckets"
+    )
+    slower = dataclasses.replace(plan, choices=("amx",) * 4)
+    assert "0.50-1.20x" in dataclasses.replace(policy, plans=(slower,)).against_linear()
+    untimed = dataclasses.replace(policy, plans=(dataclasses.replace(plan, times_us={}),))
+    assert "not timed" in untimed.against_linear()
