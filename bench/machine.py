@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from genserve.model.hardware import cap_allows_bf16
+
 FEATURES = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx2")
 # Bytes per weight of each precision the throughput bench can ask for. "auto" computes in
 # bf16 where the CPU has AMX or AVX512-BF16 (issue 14), fp32 elsewhere. llama.cpp's GGUF
@@ -39,8 +41,9 @@ class Machine:
         if precision == "transformers-serve":  # served from the fp32 folder
             return WEIGHT_BYTES["fp32"]
         precision = precision.split("-")[0]  # fp32-nocache: fp32 weights
-        if precision == "auto":
-            fast_bf16 = {"amx_bf16", "avx512_bf16"} & set(self.features)
+        if precision == "auto":  # bf16 where the units are there and oneDNN may use them
+            cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+            fast_bf16 = {"amx_bf16", "avx512_bf16"} & set(self.features) and cap_allows_bf16(cap)
             return WEIGHT_BYTES["bf16" if fast_bf16 else "fp32"]
         return WEIGHT_BYTES[precision]
 

@@ -77,10 +77,10 @@ def detect(device: torch.device | str = "cpu") -> Features:
     hw_bf16 = "amx_bf16" in has or "avx512_bf16" in has
     capability = torch.backends.cpu.get_cpu_capability()
     threads = torch.get_num_threads()
-    return Features("cpu", model, has, cap, capability, threads, hw_bf16 and _cap_allows_bf16(cap))
+    return Features("cpu", model, has, cap, capability, threads, hw_bf16 and cap_allows_bf16(cap))
 
 
-def _cap_allows_bf16(cap: str) -> bool:
+def cap_allows_bf16(cap: str) -> bool:
     """ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (e.g. AVX512_CORE, AVX2) hides bf16 units."""
     return cap in ("", "ALL", "DEFAULT") or any(t in cap for t in ("BF16", "AMX", "AVX10"))
 
